@@ -1,0 +1,140 @@
+"""The device-memory interface every backend implements.
+
+A backend owns exact allocations on one device and can digest them *where they are*: the host
+backend reads its emulated memory in place; the CUDA backend runs kernels over VRAM and copies
+back only the 32-byte digests. Nothing above this layer ever sees a raw pointer.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from typing_extensions import Buffer
+from typing import Final
+
+from vram_residency.errors import IntegrityViolation, InvalidInput
+from vram_residency.formats.tree import HashResult
+
+__all__ = ["ALIGNMENT", "Backend", "DeviceBuffer", "check_range"]
+
+#: Allocations are rounded up to this many bytes (cudaMalloc's guarantee, kept on every backend
+#: so that kernels can use 16-byte vector loads on any shard).
+ALIGNMENT: Final = 256
+
+_MAX_OFFSET: Final = (1 << 63) - 1
+
+
+def check_range(size: int, offset: int, n: int) -> None:
+    """Bounds and overflow check of ``[offset, offset + n)`` against a buffer of ``size`` bytes.
+
+    Python integers do not overflow, but the values travel on to 64-bit driver calls: reject
+    anything that would not fit, and anything negative.
+    """
+    for name, v in (("offset", offset), ("length", n)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidInput(f"{name} must be an integer")
+        if v < 0 or v > _MAX_OFFSET:
+            raise InvalidInput(f"{name} out of range: {v}")
+    if offset + n > size:
+        raise InvalidInput(f"range [{offset}, {offset + n}) exceeds buffer of {size} bytes")
+
+
+class DeviceBuffer(abc.ABC):
+    """One exact allocation of ``size`` usable bytes on ``device``.
+
+    ``write`` and ``read`` are bounds- and overflow-checked. ``close`` zeroes the memory, then
+    frees it; it is idempotent, and every other method raises IntegrityViolation after it.
+    """
+
+    def __init__(self, size: int, device: int) -> None:
+        self._size = size
+        self._device = device
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def device(self) -> int:
+        return self._device
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise IntegrityViolation("device buffer used after it was freed")
+
+    def write(self, offset: int, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        check_range(self._size, offset, len(view))
+        self._check_open()
+        if len(view):
+            self._write(offset, view)
+
+    def read(self, offset: int, n: int) -> bytes:
+        check_range(self._size, offset, n)
+        self._check_open()
+        return self._read(offset, n) if n else b""
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._free()
+
+    @abc.abstractmethod
+    def _write(self, offset: int, view: memoryview) -> None: ...
+
+    @abc.abstractmethod
+    def _read(self, offset: int, n: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def _free(self) -> None:
+        """Zero every byte, then release the memory."""
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<{type(self).__name__} {self._size} bytes on device {self._device}, {state}>"
+
+
+class Backend(abc.ABC):
+    """Device memory on one device: exact allocations, memory info, policy check, digests."""
+
+    #: ``"host"`` or ``"cuda"``.
+    name: str
+    #: True when device memory is emulated (host backend); shown wherever the backend is shown.
+    emulated: bool
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+
+    @abc.abstractmethod
+    def allocate(self, size: int) -> DeviceBuffer:
+        """An exact allocation of ``size`` bytes (1 <= size), zero-filled or not; never pooled,
+        never managed or host memory. Raises InsufficientVram or CudaAllocationFailed, both
+        retriable, and leaves nothing allocated on failure."""
+
+    @abc.abstractmethod
+    def mem_info(self) -> tuple[int, int]:
+        """``(free, total)`` bytes on the device."""
+
+    @abc.abstractmethod
+    def check_policy(self, buf: DeviceBuffer) -> None:
+        """Raise PolicyViolation unless ``buf`` is plain device memory on this device."""
+
+    @abc.abstractmethod
+    def hash(self, buf: DeviceBuffer, algorithm: str, length: int | None = None) -> HashResult:
+        """Digest and unit digests of the first ``length`` bytes (default: all) of ``buf``,
+        computed from the device memory itself."""
+
+    def describe(self) -> str:
+        """One human line: what this backend is (and that it is an emulation, where it is)."""
+        return self.name
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release backend resources (streams, modules, staging buffers)."""

@@ -1,0 +1,1 @@
+"""The ``vram-residency`` command line."""

@@ -1,0 +1,169 @@
+"""Digest algorithms on the host: ``sha256-tree-v1`` (``specs/sha256-tree-v1.md``) and ``blake3``.
+
+Besides the digest of a whole shard, every algorithm here defines *unit digests*: one 32-byte
+digest per aligned 1 MiB unit of the shard (the last unit may be shorter). They are kept on the
+host at seal time (32 bytes per MiB, 0.003% of the shard) and let a mismatch be narrowed down to
+the units that changed without keeping any copy of the shard.
+
+- ``sha256-tree-v1``: a unit digest is the root of the unit's own subtree of 256 leaves. Aligned
+  power-of-two subtrees are exact subtrees of the spec's tree (RFC 6962 shape), so the shard's
+  root is the same tree reduction applied to the unit digests: one pass gives both.
+- ``blake3``: a unit digest is the standard BLAKE3 hash of the unit's bytes taken as a message of
+  its own. (A GPU computes it from the unit's chaining-value subtree with one extra root
+  compression.)
+
+Every backend must produce these values bit for bit; the host functions here are the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Final
+
+import blake3 as _blake3
+
+from vram_residency.errors import InvalidInput
+
+__all__ = [
+    "ALGORITHMS",
+    "BLAKE3",
+    "DIGEST_SIZE",
+    "LEAF_SIZE",
+    "SHA256_TREE_V1",
+    "UNIT_SIZE",
+    "HashResult",
+    "check_algorithm",
+    "digest",
+    "hash_units",
+    "reduce_sha256_tree",
+    "unit_count",
+]
+
+SHA256_TREE_V1: Final = "sha256-tree-v1"
+BLAKE3: Final = "blake3"
+ALGORITHMS: Final = (SHA256_TREE_V1, BLAKE3)
+
+DIGEST_SIZE: Final = 32
+LEAF_SIZE: Final = 4096
+#: Localization granularity: a power-of-two multiple of the leaf size (256 leaves).
+UNIT_SIZE: Final = 1 << 20
+_LEAVES_PER_UNIT: Final = UNIT_SIZE // LEAF_SIZE
+
+_NAME = SHA256_TREE_V1.encode("ascii")
+
+
+def check_algorithm(name: object) -> str:
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        raise InvalidInput(f"unknown digest algorithm {name!r}; expected one of {ALGORITHMS}")
+    return name
+
+
+def unit_count(n: int) -> int:
+    """Number of localization units of an ``n``-byte shard (at least one, as for the tree)."""
+    return max(1, -(-n // UNIT_SIZE))
+
+
+@dataclass(frozen=True, slots=True)
+class HashResult:
+    """Digest of a whole shard and its per-unit digests (``32 * unit_count(n)`` bytes)."""
+
+    digest: bytes
+    unit_digests: bytes
+
+    def unit(self, i: int) -> bytes:
+        return self.unit_digests[32 * i : 32 * i + 32]
+
+
+def _leaf(chunk: memoryview | bytes) -> bytes:
+    h = hashlib.sha256(chunk)
+    h.update(b"\x00")
+    return h.digest()
+
+
+def _parent(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(left + right + b"\x01").digest()
+
+
+def _reduce(nodes: list[bytes]) -> bytes:
+    # Pair neighbours from the left; an unpaired last node moves up unchanged (spec step 4).
+    while len(nodes) > 1:
+        nxt = [_parent(nodes[i], nodes[i + 1]) for i in range(0, len(nodes) - 1, 2)]
+        if len(nodes) % 2:
+            nxt.append(nodes[-1])
+        nodes = nxt
+    return nodes[0]
+
+
+def _finalize_sha256_tree(root: bytes, n: int) -> bytes:
+    return hashlib.sha256(root + n.to_bytes(8, "little") + _NAME + b"\x02").digest()
+
+
+def reduce_sha256_tree(unit_digests: Sequence[bytes] | bytes, n: int) -> bytes:
+    """The ``sha256-tree-v1`` digest of an ``n``-byte message from its unit digests."""
+    if isinstance(unit_digests, (bytes, bytearray, memoryview)):
+        raw = bytes(unit_digests)
+        units = [raw[i : i + 32] for i in range(0, len(raw), 32)]
+    else:
+        units = list(unit_digests)
+    if len(units) != unit_count(n):
+        raise InvalidInput("unit digest count does not match the message length")
+    return _finalize_sha256_tree(_reduce(units), n)
+
+
+def _sha256_unit(view: memoryview) -> bytes:
+    if len(view) == 0:
+        return _leaf(b"")
+    base = hashlib.sha256()
+    leaves = []
+    for off in range(0, len(view), LEAF_SIZE):
+        # copy() of a fresh context skips OpenSSL 3's per-call algorithm fetch.
+        h = base.copy()
+        h.update(view[off : off + LEAF_SIZE])
+        h.update(b"\x00")
+        leaves.append(h.digest())
+    return _reduce(leaves)
+
+
+def _blake3_unit(view: memoryview) -> bytes:
+    return _blake3.blake3(view).digest()
+
+
+def _workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def hash_units(data: memoryview | bytes | bytearray, algorithm: str, *, threads: int | None = None) -> HashResult:
+    """Digest and unit digests of ``data`` on the host, using every core by default."""
+    algorithm = check_algorithm(algorithm)
+    view = memoryview(data).cast("B")
+    n = len(view)
+    from vram_residency.formats import _native
+
+    if algorithm == SHA256_TREE_V1 and _native.available():
+        units = _native.sha256_tree_units(view, threads or _workers())
+        return HashResult(reduce_sha256_tree(units, n), units)
+    unit_fn = _sha256_unit if algorithm == SHA256_TREE_V1 else _blake3_unit
+    offsets = range(0, max(n, 1), UNIT_SIZE)
+    workers = threads or _workers()
+    if workers > 1 and len(offsets) > 1:
+        # hashlib and blake3 release the GIL on large buffers, so threads scale.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            units = list(pool.map(lambda o: unit_fn(view[o : o + UNIT_SIZE]), offsets))
+    else:
+        units = [unit_fn(view[o : o + UNIT_SIZE]) for o in offsets]
+    if algorithm == SHA256_TREE_V1:
+        dig = reduce_sha256_tree(units, n)
+    else:
+        hasher = _blake3.blake3(max_threads=workers if n >= 1 << 24 else 1)
+        hasher.update(view)
+        dig = hasher.digest()
+    return HashResult(dig, b"".join(units))
+
+
+def digest(data: memoryview | bytes | bytearray, algorithm: str = SHA256_TREE_V1) -> bytes:
+    """The 32-byte digest of ``data`` under ``algorithm``."""
+    return hash_units(data, algorithm).digest
