@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import abc
 import threading
-from typing_extensions import Buffer
 from typing import Final
+
+from typing_extensions import Buffer
 
 from vram_residency.errors import IntegrityViolation, InvalidInput
 from vram_residency.formats.tree import HashResult

@@ -46,9 +46,9 @@ def token_bytes(token: str | bytes) -> bytes:
     return raw
 
 
-def derive_key(ikm: bytes, info: bytes, length: int = 32) -> bytes:
-    """HKDF-SHA256 with no salt (RFC 5869's default of HashLen zero bytes)."""
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
+def derive_key(ikm: bytes, info: bytes, length: int = 32, *, salt: bytes | None = None) -> bytes:
+    """HKDF-SHA256; the project's keys use no salt (RFC 5869's default of HashLen zero bytes)."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 
 def hmac_sha256(key: bytes, message: bytes) -> bytes:
@@ -84,7 +84,7 @@ class SecretKey:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str | tuple[object, ...]:
         raise TypeError("SecretKey cannot be pickled")
 
     def __eq__(self, other: object) -> bool:

@@ -58,9 +58,12 @@ class SealFields:
                 _check_int(name, value, _U64)
         if (self.shard_index is None) != (self.total_shards is None):
             raise InvalidInput("shard_index and total_shards must be given together")
-        if self.shard_index is not None and self.total_shards is not None:
-            if self.total_shards < 1 or self.shard_index >= self.total_shards:
-                raise InvalidInput("shard_index must be < total_shards, and total_shards >= 1")
+        if (
+            self.shard_index is not None
+            and self.total_shards is not None
+            and (self.total_shards < 1 or self.shard_index >= self.total_shards)
+        ):
+            raise InvalidInput("shard_index must be < total_shards, and total_shards >= 1")
 
 
 def _check_int(name: str, value: object, limit: int) -> None:

@@ -136,7 +136,9 @@ def _workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def hash_units(data: memoryview | bytes | bytearray, algorithm: str, *, threads: int | None = None) -> HashResult:
+def hash_units(
+    data: memoryview | bytes | bytearray, algorithm: str, *, threads: int | None = None
+) -> HashResult:
     """Digest and unit digests of ``data`` on the host, using every core by default."""
     algorithm = check_algorithm(algorithm)
     view = memoryview(data).cast("B")
@@ -144,8 +146,8 @@ def hash_units(data: memoryview | bytes | bytearray, algorithm: str, *, threads:
     from vram_residency.formats import _native
 
     if algorithm == SHA256_TREE_V1 and _native.available():
-        units = _native.sha256_tree_units(view, threads or _workers())
-        return HashResult(reduce_sha256_tree(units, n), units)
+        packed = _native.sha256_tree_units(view, threads or _workers())
+        return HashResult(reduce_sha256_tree(packed, n), packed)
     unit_fn = _sha256_unit if algorithm == SHA256_TREE_V1 else _blake3_unit
     offsets = range(0, max(n, 1), UNIT_SIZE)
     workers = threads or _workers()

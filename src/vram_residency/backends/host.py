@@ -1,0 +1,136 @@
+"""The host backend: device memory *emulated* in host RAM.
+
+It exists so that the library, its tests and the worker service run on machines without a GPU.
+It never claims to be VRAM: ``emulated`` is True and ``describe()`` says so, and everything that
+shows a backend (CLI, service, metrics, seal-time logs) shows that line.
+
+Each buffer is an anonymous private mapping: pages come zero-filled from the kernel, are only
+committed when written, and go back to the kernel on ``close()`` (after being zeroed, as the CUDA
+backend does before cuMemFree).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+from vram_residency.backends.base import ALIGNMENT, Backend, DeviceBuffer
+from vram_residency.errors import InsufficientVram, IntegrityViolation, InvalidInput, PolicyViolation
+from vram_residency.formats.tree import HashResult, hash_units
+
+__all__ = ["HostBackend", "HostBuffer"]
+
+_ZERO_CHUNK = 16 << 20
+
+
+def _round_up(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def _default_capacity() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    # Half of physical RAM: an emulation must not be able to push the host into swap or the OOM
+    # killer on its own.
+    return max(ALIGNMENT, total // 2)
+
+
+class HostBuffer(DeviceBuffer):
+    def __init__(self, backend: HostBackend, size: int, reserved: int) -> None:
+        super().__init__(size, backend.device)
+        self._backend = backend
+        self._reserved = reserved
+        self._map = mmap.mmap(-1, reserved, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    def _write(self, offset: int, view: memoryview) -> None:
+        self._map[offset : offset + len(view)] = view
+
+    def _read(self, offset: int, n: int) -> bytes:
+        return self._map[offset : offset + n]
+
+    def view(self, length: int | None = None) -> memoryview:
+        """The emulated device memory itself, in place (no copy). Host backend only: this is what
+        lets a CPU executor run on the very bytes that were verified."""
+        self._check_open()
+        n = self._size if length is None else length
+        return memoryview(self._map)[:n]
+
+    def _free(self) -> None:
+        zeros = bytes(min(_ZERO_CHUNK, self._reserved))
+        for off in range(0, self._reserved, _ZERO_CHUNK):
+            end = min(off + _ZERO_CHUNK, self._reserved)
+            self._map[off:end] = zeros[: end - off]
+        try:
+            self._map.close()
+        except BufferError as exc:
+            # A view exported by view() is still alive: the memory is zeroed but cannot be
+            # unmapped yet; the mapping is released when the last view goes away.
+            raise IntegrityViolation("host buffer freed while a view of it is still in use") from exc
+        finally:
+            self._backend._release(self._reserved)
+
+
+class HostBackend(Backend):
+    name = "host"
+    emulated = True
+
+    def __init__(self, device: int = 0, capacity_bytes: int | None = None) -> None:
+        if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+            raise InvalidInput("device must be a non-negative integer")
+        if capacity_bytes is None:
+            capacity_bytes = _default_capacity()
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+            raise InvalidInput("capacity_bytes must be a positive integer")
+        super().__init__(device)
+        self._capacity = capacity_bytes
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def allocate(self, size: int) -> HostBuffer:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidInput("allocation size must be a positive integer")
+        reserved = _round_up(size)
+        with self._lock:
+            available = self._capacity - self._used
+            if reserved > available:
+                raise InsufficientVram(reserved, available)
+            self._used += reserved
+        try:
+            return HostBuffer(self, size, reserved)
+        except (OSError, MemoryError) as exc:
+            self._release(reserved)
+            raise InsufficientVram(
+                reserved, self.mem_info()[0], f"host emulation could not map memory: {exc}"
+            ) from exc
+
+    def _release(self, reserved: int) -> None:
+        with self._lock:
+            self._used -= reserved
+
+    def mem_info(self) -> tuple[int, int]:
+        with self._lock:
+            return self._capacity - self._used, self._capacity
+
+    def check_policy(self, buf: DeviceBuffer) -> None:
+        if not isinstance(buf, HostBuffer) or buf._backend is not self:
+            raise PolicyViolation("buffer does not belong to this backend")
+        if buf.closed:
+            raise IntegrityViolation("buffer was freed")
+
+    def hash(self, buf: DeviceBuffer, algorithm: str, length: int | None = None) -> HashResult:
+        self.check_policy(buf)
+        assert isinstance(buf, HostBuffer)
+        view = buf.view(length)
+        try:
+            return hash_units(view, algorithm)
+        finally:
+            view.release()
+
+    def describe(self) -> str:
+        return (
+            f"host (EMULATION: 'device' memory is ordinary host RAM, not VRAM; "
+            f"capacity {self._capacity} bytes)"
+        )

@@ -1,0 +1,484 @@
+"""``VramManager``: seal model bytes into device memory and verify them where they are."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from typing_extensions import Buffer
+
+from vram_residency.backends.base import Backend, DeviceBuffer
+from vram_residency.errors import (
+    ConfigError,
+    CudaAllocationFailed,
+    InsufficientVram,
+    IntegrityViolation,
+    InvalidInput,
+    NotSealed,
+    PolicyViolation,
+    SealVerificationFailed,
+    VramError,
+)
+from vram_residency.formats.keys import SecretKey
+from vram_residency.formats.seal import SealFields, seal_key, seal_message, verify_tag
+from vram_residency.formats.tree import SHA256_TREE_V1, UNIT_SIZE, HashResult, check_algorithm
+from vram_residency.shard import SealedShard
+
+__all__ = ["AuditSink", "TensorSpan", "VramManager"]
+
+log = logging.getLogger("vram_residency")
+
+BackendName = Literal["auto", "cuda", "host"]
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_DEFAULT_MAX_MODEL_BYTES = 100 * 2**30
+
+
+class AuditSink(Protocol):
+    """What the manager needs of an audit log (``vram_residency.audit.AuditLog`` is one)."""
+
+    def emit(self, event_type: str, *, critical: bool | None = None, **fields: Any) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpan:
+    """A named byte range of a shard (a tensor of a safetensors/GGUF file or a framework)."""
+
+    name: str
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class _Entry:
+    shard: SealedShard
+    buf: DeviceBuffer
+    tag: bytes
+    unit_digests: bytes
+    tensors: tuple[TensorSpan, ...] = ()
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    source: Any = None
+
+
+def _open_backend(
+    backend: str, device: int, capacity_bytes: int | None, allow_integrated: bool
+) -> Backend:
+    from vram_residency.backends.host import HostBackend
+
+    if backend == "host":
+        return HostBackend(device, capacity_bytes)
+    if backend not in ("auto", "cuda"):
+        raise ConfigError(f"backend must be 'auto', 'cuda' or 'host', not {backend!r}")
+    try:
+        from vram_residency.backends.cuda import open_backend as open_cuda
+    except ImportError as exc:
+        if backend == "cuda":
+            raise ConfigError(f"backend='cuda' requested but the CUDA backend cannot load: {exc}") from None
+        return HostBackend(device, capacity_bytes)
+    try:
+        return open_cuda(device, allow_integrated=allow_integrated)
+    except ConfigError as exc:
+        if backend == "cuda":
+            raise
+        log.info("no usable GPU (%s); using the host emulation backend", exc)
+        return HostBackend(device, capacity_bytes)
+
+
+def _merge_ranges(units: Sequence[int], n: int) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for u in units:
+        start, end = u * UNIT_SIZE, min((u + 1) * UNIT_SIZE, n)
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
+    if n == 0 and not ranges and units:
+        ranges.append((0, 0))
+    return ranges
+
+
+def _check_opt_int(name: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InvalidInput(f"{name} must be a non-negative integer or None")
+
+
+class VramManager:
+    """Seals model shards into device memory and verifies them on the device.
+
+    ``backend`` is ``"auto"`` (CUDA when a usable GPU is present, else the host emulation),
+    ``"cuda"`` or ``"host"``; ``.backend`` says which is in use. The manager is a context manager;
+    ``close()`` zeroes and frees every shard.
+    """
+
+    def __init__(
+        self,
+        worker_token: str | bytes,
+        device: int = 0,
+        *,
+        backend: BackendName = "auto",
+        worker_id: str = "",
+        capacity_bytes: int | None = None,
+        max_model_bytes: int = _DEFAULT_MAX_MODEL_BYTES,
+        audit: AuditSink | None = None,
+        allow_integrated: bool = False,
+    ) -> None:
+        # Derive the key first: a bad token must fail before any device is touched.
+        self._key: SecretKey = seal_key(worker_token)
+        if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+            raise ConfigError("device must be a non-negative integer")
+        if not isinstance(worker_id, str):
+            raise ConfigError("worker_id must be a string")
+        if isinstance(max_model_bytes, bool) or not isinstance(max_model_bytes, int) or max_model_bytes <= 0:
+            raise ConfigError("max_model_bytes must be a positive integer")
+        if capacity_bytes is not None and backend == "cuda":
+            raise ConfigError("capacity_bytes applies to the host backend only")
+        self._device = device
+        self._worker_id = worker_id
+        self._max_model_bytes = max_model_bytes
+        self._audit = audit
+        try:
+            self._backend: Backend = _open_backend(backend, device, capacity_bytes, allow_integrated)
+        except InvalidInput as exc:
+            raise ConfigError(str(exc)) from None
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """``"cuda"`` or ``"host"``: the backend in use."""
+        return self._backend.name
+
+    @property
+    def backend_description(self) -> str:
+        return self._backend.describe()
+
+    @property
+    def device(self) -> int:
+        return self._device
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker_id
+
+    @property
+    def max_model_bytes(self) -> int:
+        return self._max_model_bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"VramManager(backend={self.backend!r}, device={self._device}, "
+            f"worker_id={self._worker_id!r}, shards={len(self._entries)})"
+        )
+
+    # -- audit --------------------------------------------------------------------------------
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._audit is not None:
+            self._audit.emit(event, worker_id=self._worker_id, **fields)
+
+    # -- capacity -----------------------------------------------------------------------------
+    def available_vram(self) -> int:
+        self._check_open()
+        return self._backend.mem_info()[0]
+
+    def total_vram(self) -> int:
+        self._check_open()
+        return self._backend.mem_info()[1]
+
+    def shards(self) -> list[SealedShard]:
+        with self._lock:
+            return [e.shard for e in self._entries.values()]
+
+    # -- sealing ------------------------------------------------------------------------------
+    def seal_model(
+        self,
+        model_bytes: Buffer,
+        device: int | None = None,
+        *,
+        model_ref: str | None = None,
+        shard_index: int | None = None,
+        total_shards: int | None = None,
+        expected_digest: str | None = None,
+        digest_algorithm: str = SHA256_TREE_V1,
+    ) -> SealedShard:
+        """Copy ``model_bytes`` into device memory, digest what landed there, and seal it."""
+        if isinstance(model_bytes, str):
+            raise InvalidInput("model_bytes must be bytes-like, not str")
+        try:
+            view = memoryview(model_bytes).cast("B")
+        except TypeError:
+            raise InvalidInput(
+                f"model_bytes must support the buffer protocol, not {type(model_bytes).__name__}"
+            ) from None
+        except ValueError as exc:  # e.g. a non-contiguous buffer
+            raise InvalidInput(f"model_bytes must be a contiguous buffer: {exc}") from None
+        try:
+            return self._seal_into(
+                len(view),
+                lambda buf: buf.write(0, view),
+                device=device,
+                model_ref=model_ref,
+                shard_index=shard_index,
+                total_shards=total_shards,
+                expected_digest=expected_digest,
+                digest_algorithm=digest_algorithm,
+            )
+        finally:
+            view.release()
+
+    def _validate_seal_args(
+        self,
+        size: int,
+        device: int | None,
+        model_ref: str | None,
+        shard_index: int | None,
+        total_shards: int | None,
+        expected_digest: str | None,
+        digest_algorithm: str,
+    ) -> str | None:
+        self._check_open()
+        if size <= 0:
+            raise InvalidInput("model is empty: nothing to seal")
+        if size > self._max_model_bytes:
+            raise InvalidInput(f"model of {size} bytes exceeds max_model_bytes ({self._max_model_bytes})")
+        if device is not None and (isinstance(device, bool) or device != self._device):
+            raise InvalidInput(f"device {device!r} is not this manager's device ({self._device})")
+        if model_ref is not None and (not isinstance(model_ref, str) or not model_ref):
+            raise InvalidInput("model_ref must be a non-empty string or None")
+        _check_opt_int("shard_index", shard_index)
+        _check_opt_int("total_shards", total_shards)
+        if (shard_index is None) != (total_shards is None):
+            raise InvalidInput("shard_index and total_shards must be given together")
+        if shard_index is not None and total_shards is not None and shard_index >= total_shards:
+            raise InvalidInput(f"shard_index {shard_index} must be < total_shards {total_shards}")
+        check_algorithm(digest_algorithm)
+        if expected_digest is None:
+            return None
+        if not isinstance(expected_digest, str) or not _HEX64.fullmatch(expected_digest):
+            raise InvalidInput("expected_digest must be 64 hex characters")
+        return expected_digest.lower()
+
+    def _seal_into(
+        self,
+        size: int,
+        fill: Callable[[DeviceBuffer], None],
+        *,
+        device: int | None = None,
+        model_ref: str | None = None,
+        shard_index: int | None = None,
+        total_shards: int | None = None,
+        expected_digest: str | None = None,
+        digest_algorithm: str = SHA256_TREE_V1,
+        tensors: Sequence[TensorSpan] = (),
+        source: Any = None,
+        buffer: DeviceBuffer | None = None,
+    ) -> SealedShard:
+        """The one sealing path: allocate (or take ``buffer``), ``fill`` it, digest the device
+        memory, compare, tag, register. Any failure frees what was allocated."""
+        expected = self._validate_seal_args(
+            size, device, model_ref, shard_index, total_shards, expected_digest, digest_algorithm
+        )
+        buf = buffer if buffer is not None else self._allocate(size)
+        try:
+            self._backend.check_policy(buf)
+            fill(buf)
+            result = self._backend.hash(buf, digest_algorithm, size)
+            actual = result.digest.hex()
+            if expected is not None and not hmac.compare_digest(actual, expected):
+                raise InvalidInput(
+                    f"digest of the bytes in device memory ({actual}) does not match expected_digest "
+                    f"({expected}); nothing was sealed"
+                )
+            fields = SealFields(
+                shard_id=f"shard-{secrets.token_hex(16)}",
+                gpu_device=self._device,
+                vram_bytes=size,
+                digest_algorithm=digest_algorithm,
+                digest=actual,
+                sealed_at_ns=time.time_ns(),
+                worker_id=self._worker_id,
+                model_ref=model_ref,
+                shard_index=shard_index,
+                total_shards=total_shards,
+            )
+            tag = self._key.tag(seal_message(fields))
+            shard = SealedShard._from_fields(fields, tag)
+            entry = _Entry(shard, buf, tag, result.unit_digests, tuple(tensors), source=source)
+            with self._lock:
+                self._check_open()
+                self._entries[shard.shard_id] = entry
+        except BaseException as exc:
+            buf.close()
+            if isinstance(exc, PolicyViolation):
+                self._emit("PolicyViolation", critical=True, reason=str(exc), vram_bytes=size)
+            raise
+        self._emit(
+            "VramSealed",
+            shard_id=shard.shard_id,
+            vram_bytes=size,
+            digest=shard.digest,
+            digest_algorithm=digest_algorithm,
+            model_ref=model_ref,
+            backend=self.backend,
+        )
+        return shard
+
+    def _allocate(self, size: int) -> DeviceBuffer:
+        free = self._backend.mem_info()[0]
+        try:
+            if size > free:
+                raise InsufficientVram(size, free)
+            buf = self._backend.allocate(size)
+        except (InsufficientVram, CudaAllocationFailed) as exc:
+            self._emit("VramAllocationFailed", requested_bytes=size, reason=str(exc), backend=self.backend)
+            raise
+        self._emit("VramAllocated", vram_bytes=size, backend=self.backend)
+        return buf
+
+    # -- verification -------------------------------------------------------------------------
+    def _entry(self, shard: SealedShard) -> _Entry:
+        if not isinstance(shard, SealedShard):
+            raise InvalidInput(f"expected a SealedShard, not {type(shard).__name__}")
+        with self._lock:
+            self._check_open()
+            entry = self._entries.get(shard.shard_id)
+        if entry is None:
+            raise NotSealed(f"shard {shard.shard_id!r} is not sealed by this manager")
+        return entry
+
+    def verify_sealed(self, shard: SealedShard) -> None:
+        """Check the seal's tag, then recompute the digest from device memory.
+
+        Raises ``SealVerificationFailed`` (with ``corrupted_ranges`` and, where known,
+        ``corrupted_tensors``) on any mismatch; ``NotSealed`` for an unknown shard."""
+        entry = self._entry(shard)
+        with entry.lock:
+            if entry.buf.closed:
+                raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
+            self._verify_entry(shard, entry)
+
+    def _verify_entry(self, shard: SealedShard, entry: _Entry) -> HashResult:
+        fields = shard.fields()
+        # Both the presented shard and our own record must carry the tag of these exact fields:
+        # a shard object edited in memory fails here, before any device work.
+        tag_ok = verify_tag(self._key, fields, entry.tag) and hmac.compare_digest(shard._signature, entry.tag)
+        if not tag_ok:
+            exc = SealVerificationFailed(
+                f"seal tag of shard {shard.shard_id} does not match its fields",
+                shard_id=shard.shard_id,
+                tag_valid=False,
+            )
+            self._emit(
+                "SealVerificationFailed",
+                critical=True,
+                shard_id=shard.shard_id,
+                reason="tag mismatch",
+                expected_digest=entry.shard.digest,
+                actual_digest="",
+                corrupted_ranges=[],
+            )
+            raise exc
+        sealed = entry.shard
+        start = time.perf_counter_ns()
+        result = self._backend.hash(entry.buf, sealed.digest_algorithm, sealed.vram_bytes)
+        elapsed_ns = time.perf_counter_ns() - start
+        actual = result.digest.hex()
+        if not hmac.compare_digest(actual, sealed.digest):
+            ranges = self._locate(entry, result)
+            tensors = [
+                t.name for t in entry.tensors if any(t.start < e and s < t.end for s, e in ranges)
+            ]
+            self._emit(
+                "SealVerificationFailed",
+                critical=True,
+                shard_id=sealed.shard_id,
+                reason="digest mismatch",
+                expected_digest=sealed.digest,
+                actual_digest=actual,
+                corrupted_ranges=[list(r) for r in ranges],
+                corrupted_tensors=tensors,
+            )
+            where = ", ".join(f"[{s}, {e})" for s, e in ranges[:8]) + (" ..." if len(ranges) > 8 else "")
+            named = f"; tensors: {', '.join(tensors[:8])}" if tensors else ""
+            raise SealVerificationFailed(
+                f"shard {sealed.shard_id}: digest of device memory changed "
+                f"(expected {sealed.digest}, got {actual}); changed bytes in {where}{named}",
+                shard_id=sealed.shard_id,
+                expected_digest=sealed.digest,
+                actual_digest=actual,
+                corrupted_ranges=ranges,
+                corrupted_tensors=tensors,
+            )
+        self._emit(
+            "SealVerified",
+            shard_id=sealed.shard_id,
+            vram_bytes=sealed.vram_bytes,
+            digest_algorithm=sealed.digest_algorithm,
+            duration_ns=elapsed_ns,
+        )
+        return result
+
+    @staticmethod
+    def _locate(entry: _Entry, result: HashResult) -> list[tuple[int, int]]:
+        old, new = entry.unit_digests, result.unit_digests
+        if len(old) != len(new):
+            raise IntegrityViolation("unit digest count changed between seal and verify")
+        changed = [i for i in range(len(old) // 32) if old[32 * i : 32 * i + 32] != new[32 * i : 32 * i + 32]]
+        return _merge_ranges(changed, entry.shard.vram_bytes)
+
+    # -- release ------------------------------------------------------------------------------
+    def deallocate(self, shard: SealedShard) -> None:
+        """Zero and free the shard's device memory and forget its seal."""
+        entry = self._entry(shard)
+        with entry.lock:
+            with self._lock:
+                if self._entries.get(shard.shard_id) is not entry:
+                    raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
+                del self._entries[shard.shard_id]
+            entry.buf.close()
+        self._emit("VramDeallocated", shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
+
+    def close(self) -> None:
+        """Zero and free every shard, then release the backend. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            entries = list(self._entries.values())
+            self._entries.clear()
+            self._closed = True
+        errors: list[BaseException] = []
+        for entry in entries:
+            with entry.lock:
+                try:
+                    entry.buf.close()
+                except VramError as exc:  # keep freeing the rest; report afterwards
+                    errors.append(exc)
+            self._emit("VramDeallocated", shard_id=entry.shard.shard_id, vram_bytes=entry.shard.vram_bytes)
+        self._backend.close()
+        if errors:
+            raise errors[0]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NotSealed("manager is closed")
+
+    def __enter__(self) -> VramManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Last resort only: device memory must not outlive a forgotten manager.
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):  # nothing can be reported from a finalizer
+                self.close()
+
