@@ -1,11 +1,55 @@
-"""Entry point of the ``vram-residency`` command."""
+"""Entry point of the ``vram-residency`` command.
+
+Each subcommand lives in its own module under ``vram_residency.cli`` with two functions:
+``register(subparsers) -> None`` adds its parser and sets ``func`` (taking the parsed namespace and
+returning an exit code). Adding a command is one line in ``_COMMANDS``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import logging
 import sys
+
+from vram_residency import __version__
+from vram_residency.errors import VramError
+
+_COMMANDS = [
+    "vram_residency.cli.digest",
+    "vram_residency.cli.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vram-residency",
+        description="Keep model weights resident in VRAM, sealed, and verified on the GPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"vram-residency {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug information")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    print("vram-residency: command line not built yet", args, file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        rc: int = args.func(args)
+    except VramError as exc:
+        print(f"vram-residency: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

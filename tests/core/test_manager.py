@@ -1,0 +1,252 @@
+"""VramManager on the host backend: sealing, verification, validation, capacity, release."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from vram_residency import (
+    ConfigError,
+    InsufficientVram,
+    InvalidInput,
+    NotSealed,
+    SealedShard,
+    SealVerificationFailed,
+    VramError,
+    VramManager,
+    check_seal_record,
+)
+from vram_residency import errors as E
+from vram_residency.formats import digest
+from vram_residency.formats.tree import UNIT_SIZE
+from vram_residency.testing import flip_bit
+
+TOKEN = "test-worker-token-0123456789abcdef"
+CAP = 64 << 20
+
+
+@pytest.fixture
+def mgr() -> Iterator[VramManager]:
+    with VramManager(TOKEN, backend="host", worker_id="w-1", capacity_bytes=CAP, max_model_bytes=32 << 20) as m:
+        yield m
+
+
+def test_backend_is_labelled_emulation(mgr: VramManager) -> None:
+    assert mgr.backend == "host"
+    assert "EMULATION" in mgr.backend_description
+
+
+def test_auto_picks_a_working_backend(gpu_present: bool) -> None:
+    with VramManager(TOKEN, capacity_bytes=CAP) as m:
+        # Without a GPU (CI), auto must fall back to the emulation instead of failing.
+        assert m.backend == ("cuda" if gpu_present else "host")
+
+
+@pytest.mark.parametrize("algorithm", ["sha256-tree-v1", "blake3"])
+def test_seal_then_verify(mgr: VramManager, algorithm: str) -> None:
+    data = os.urandom(3 * UNIT_SIZE + 123)
+    shard = mgr.seal_model(data, model_ref="m@1", shard_index=0, total_shards=2, digest_algorithm=algorithm)
+    assert shard.digest == digest(data, algorithm).hex()
+    assert shard.shard_id.startswith("shard-") and len(shard.shard_id) == 38
+    assert shard.vram_bytes == len(data)
+    assert shard.worker_id == "w-1"
+    assert shard.sealed_at.tzinfo is not None
+    mgr.verify_sealed(shard)
+    assert mgr.shards() == [shard]
+
+
+def test_seal_accepts_buffer_protocol_objects(mgr: VramManager) -> None:
+    arr = np.arange(10_000, dtype=np.float32)
+    s1 = mgr.seal_model(arr)
+    s2 = mgr.seal_model(memoryview(arr.tobytes()))
+    s3 = mgr.seal_model(bytearray(arr.tobytes()))
+    assert s1.digest == s2.digest == s3.digest
+
+
+def test_secret_parts_never_shown(mgr: VramManager) -> None:
+    shard = mgr.seal_model(b"x" * 1000)
+    text = repr(shard) + str(shard) + repr(mgr)
+    assert shard._signature.hex() not in text
+    assert TOKEN not in text
+    assert "_signature" not in text
+    # Equality ignores the private tag.
+    assert shard == dataclasses.replace(shard, _signature=b"\0" * 32)
+
+
+def test_flip_detected_and_located(mgr: VramManager) -> None:
+    data = os.urandom(5 * UNIT_SIZE)
+    shard = mgr.seal_model(data)
+    flip_bit(mgr, shard, 8 * (2 * UNIT_SIZE + 77) + 3)
+    with pytest.raises(SealVerificationFailed) as info:
+        mgr.verify_sealed(shard)
+    exc = info.value
+    assert exc.fatal and not exc.retriable
+    assert exc.corrupted_ranges == [(2 * UNIT_SIZE, 3 * UNIT_SIZE)]
+    assert exc.expected_digest == shard.digest
+    assert exc.actual_digest != shard.digest
+    # Flip it back: the original seal verifies again.
+    flip_bit(mgr, shard, 8 * (2 * UNIT_SIZE + 77) + 3)
+    mgr.verify_sealed(shard)
+
+
+def test_adjacent_units_merge_into_one_range(mgr: VramManager) -> None:
+    shard = mgr.seal_model(os.urandom(4 * UNIT_SIZE + 5))
+    flip_bit(mgr, shard, 8 * (UNIT_SIZE + 1))
+    flip_bit(mgr, shard, 8 * (2 * UNIT_SIZE + 1))
+    flip_bit(mgr, shard, 8 * (4 * UNIT_SIZE + 4))
+    with pytest.raises(SealVerificationFailed) as info:
+        mgr.verify_sealed(shard)
+    assert info.value.corrupted_ranges == [(UNIT_SIZE, 3 * UNIT_SIZE), (4 * UNIT_SIZE, 4 * UNIT_SIZE + 5)]
+
+
+def test_tampered_shard_fields_fail(mgr: VramManager) -> None:
+    shard = mgr.seal_model(b"a" * 5000)
+    forged = dataclasses.replace(shard, model_ref="other")
+    with pytest.raises(SealVerificationFailed) as info:
+        mgr.verify_sealed(forged)
+    assert info.value.tag_valid is False
+    assert info.value.corrupted_ranges == []
+
+
+def test_other_manager_cannot_verify(mgr: VramManager) -> None:
+    shard = mgr.seal_model(b"a" * 5000)
+    with VramManager("another-token-0123456789abcdef", backend="host", capacity_bytes=CAP) as other:
+        with pytest.raises(NotSealed):
+            other.verify_sealed(shard)
+    with pytest.raises(SealVerificationFailed):
+        check_seal_record(shard.record(), "another-token-0123456789abcdef")
+
+
+def test_seal_record_roundtrip(mgr: VramManager) -> None:
+    shard = mgr.seal_model(b"a" * 5000, model_ref="m")
+    rec = shard.record()
+    assert rec["signature"] == shard._signature.hex()
+    again = check_seal_record(rec, TOKEN)
+    assert again == shard
+    rec["vram_bytes"] += 1
+    with pytest.raises(SealVerificationFailed):
+        check_seal_record(rec, TOKEN)
+    with pytest.raises(InvalidInput):
+        check_seal_record({"format": "seal-v1"}, TOKEN)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "data"),
+    [
+        ({}, b""),
+        ({}, b"x" * ((32 << 20) + 1)),
+        ({"device": 1}, b"x"),
+        ({"device": True}, b"x"),
+        ({"model_ref": ""}, b"x"),
+        ({"model_ref": 5}, b"x"),
+        ({"shard_index": 2, "total_shards": 2}, b"x"),
+        ({"shard_index": 0}, b"x"),
+        ({"shard_index": -1, "total_shards": 2}, b"x"),
+        ({"expected_digest": "zz"}, b"x"),
+        ({"digest_algorithm": "md5"}, b"x"),
+        ({"expected_digest": "0" * 64}, b"x"),
+    ],
+)
+def test_invalid_input_leaves_nothing(mgr: VramManager, kwargs: dict[str, object], data: bytes) -> None:
+    free = mgr.available_vram()
+    with pytest.raises(InvalidInput):
+        mgr.seal_model(data, **kwargs)  # type: ignore[arg-type]
+    assert mgr.available_vram() == free
+    assert mgr.shards() == []
+
+
+@pytest.mark.parametrize("bad", ["text", 12, None, object(), [1, 2]])
+def test_wrong_types(mgr: VramManager, bad: object) -> None:
+    with pytest.raises(InvalidInput):
+        mgr.seal_model(bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        mgr.verify_sealed(bad)  # type: ignore[arg-type]
+
+
+def test_expected_digest_match_and_case(mgr: VramManager) -> None:
+    data = os.urandom(9000)
+    shard = mgr.seal_model(data, expected_digest=digest(data).hex().upper())
+    assert shard.digest == digest(data).hex()
+
+
+@pytest.mark.parametrize("token", ["", "short", b"", 123])
+def test_bad_tokens(token: object) -> None:
+    with pytest.raises(ConfigError):
+        VramManager(token, backend="host")  # type: ignore[arg-type]
+
+
+def test_bad_config() -> None:
+    with pytest.raises(ConfigError):
+        VramManager(TOKEN, backend="tpu")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        VramManager(TOKEN, device=-1, backend="host")
+    with pytest.raises(ConfigError):
+        VramManager(TOKEN, backend="host", capacity_bytes=0)
+    with pytest.raises(ConfigError):
+        VramManager(TOKEN, backend="host", max_model_bytes=0)
+
+
+def test_insufficient_vram(mgr: VramManager) -> None:
+    mgr.seal_model(b"x" * (30 << 20))
+    mgr.seal_model(b"y" * (30 << 20))
+    free = mgr.available_vram()
+    with pytest.raises(InsufficientVram) as info:
+        mgr.seal_model(b"x" * (31 << 20))
+    assert info.value.retriable and not info.value.fatal
+    assert info.value.needed == 31 << 20
+    assert info.value.available == free
+    assert mgr.available_vram() == free
+
+
+def test_capacity_and_deallocate(mgr: VramManager) -> None:
+    assert mgr.total_vram() == CAP
+    shard = mgr.seal_model(b"x" * 1000)
+    assert mgr.available_vram() == CAP - 1024  # rounded up to 256-byte alignment
+    mgr.deallocate(shard)
+    assert mgr.available_vram() == CAP
+    with pytest.raises(NotSealed):
+        mgr.verify_sealed(shard)
+    with pytest.raises(NotSealed):
+        mgr.deallocate(shard)
+
+
+def test_close_frees_and_zeroes() -> None:
+    m = VramManager(TOKEN, backend="host", capacity_bytes=CAP)
+    shard = m.seal_model(b"\xff" * 10_000)
+    buf = m._entry(shard).buf
+    m.close()
+    assert buf.closed
+    m.close()  # idempotent
+    with pytest.raises(NotSealed):
+        m.verify_sealed(shard)
+    with pytest.raises(VramError):
+        m.seal_model(b"x")
+
+
+def test_error_classification() -> None:
+    assert E.InsufficientVram(1, 0).retriable
+    assert E.CudaAllocationFailed("x").retriable
+    for cls in (E.SealVerificationFailed, E.IntegrityViolation, E.PolicyViolation):
+        assert cls("x").fatal
+        assert not cls("x").retriable
+    for cls in (E.InvalidInput, E.NotSealed, E.ConfigError):
+        assert not cls("x").fatal and not cls("x").retriable
+
+
+def test_flip_bit_bounds(mgr: VramManager) -> None:
+    shard = mgr.seal_model(b"x" * 10)
+    with pytest.raises(InvalidInput):
+        flip_bit(mgr, shard, 80)
+    with pytest.raises(InvalidInput):
+        flip_bit(mgr, shard, -1)
+
+
+def test_shards_list_is_snapshot(mgr: VramManager) -> None:
+    a = mgr.seal_model(b"a" * 100)
+    b = mgr.seal_model(b"b" * 100)
+    assert {s.shard_id for s in mgr.shards()} == {a.shard_id, b.shard_id}
+    assert isinstance(mgr.shards()[0], SealedShard)
