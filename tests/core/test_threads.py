@@ -1,0 +1,71 @@
+"""Concurrent seal, verify and deallocate from many threads keep the manager consistent."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+
+from vram_residency import NotSealed, VramManager
+
+TOKEN = "thread-token-0123456789abcdef"
+
+
+def test_concurrent_seal_verify_deallocate() -> None:
+    cap = 256 << 20
+    with VramManager(TOKEN, backend="host", capacity_bytes=cap) as mgr:
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(16)
+
+        def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                barrier.wait()
+                mine = []
+                for _ in range(20):
+                    mine.append(mgr.seal_model(os.urandom(rng.randrange(1, 600_000))))
+                    for s in rng.sample(mine, min(3, len(mine))):
+                        mgr.verify_sealed(s)
+                    if rng.random() < 0.5:
+                        victim = mine.pop(rng.randrange(len(mine)))
+                        mgr.deallocate(victim)
+                # Other threads' shards may vanish under us: only NotSealed is acceptable.
+                for s in mgr.shards():
+                    try:
+                        mgr.verify_sealed(s)
+                    except NotSealed:
+                        pass
+                for s in mine:
+                    mgr.deallocate(s)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert mgr.shards() == []
+        assert mgr.available_vram() == cap
+
+
+def test_double_deallocate_race() -> None:
+    with VramManager(TOKEN, backend="host", capacity_bytes=64 << 20) as mgr:
+        shard = mgr.seal_model(b"z" * 100_000)
+        outcomes: list[str] = []
+
+        def free() -> None:
+            try:
+                mgr.deallocate(shard)
+                outcomes.append("freed")
+            except NotSealed:
+                outcomes.append("not-sealed")
+
+        ts = [threading.Thread(target=free) for _ in range(8)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert sorted(outcomes) == ["freed"] + ["not-sealed"] * 7
+        assert mgr.available_vram() == 64 << 20
