@@ -36,7 +36,7 @@ def _uv() -> Path:
 
 
 def _sync(cuda: bool) -> None:
-    cmd = [str(_uv()), "sync", "--locked", "--quiet"]
+    cmd = [str(_uv()), "sync", "--locked", "--quiet", "--extra", "example"]
     if cuda:
         cmd += ["--extra", "cuda"]
     env = dict(os.environ, UV_PROJECT_ENVIRONMENT=str(VENV))
