@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+from hatchling.builders.hooks.plugin.interface import BuildHookInterface  # type: ignore[import-not-found,unused-ignore]
 
 _PKG_DIR = Path("src", "vram_residency", "formats")
 _DIST_PATH = "vram_residency/formats/_treehash.so"
@@ -52,7 +52,7 @@ def _platform_tag() -> str:
     raise RuntimeError("no platform tag")
 
 
-class NativeTreeHashHook(BuildHookInterface):  # type: ignore[type-arg]
+class NativeTreeHashHook(BuildHookInterface):  # type: ignore[misc,type-arg,unused-ignore]
     PLUGIN_NAME = "custom"
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
@@ -74,8 +74,10 @@ class NativeTreeHashHook(BuildHookInterface):  # type: ignore[type-arg]
             dest = Path(self._tmp, native.LIBRARY_NAME)
         err = native.compile_library(source, dest)
         if err:
-            self._warn(f"building without the native sha256-tree-v1 library ({err}); the slower "
-                       "pure-Python path will be used")
+            self._warn(
+                f"building without the native sha256-tree-v1 library ({err}); the slower "
+                "pure-Python path will be used"
+            )
             return
         if version != "editable":
             build_data["force_include"][str(dest)] = _DIST_PATH

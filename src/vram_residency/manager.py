@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import os
 import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from typing_extensions import Buffer
 
@@ -31,6 +32,12 @@ from vram_residency.formats.keys import SecretKey
 from vram_residency.formats.seal import SealFields, seal_key, seal_message, verify_tag
 from vram_residency.formats.tree import SHA256_TREE_V1, UNIT_SIZE, HashResult, check_algorithm
 from vram_residency.shard import SealedShard
+
+if TYPE_CHECKING:
+    from vram_residency.sources.layout import FileFormat
+    from vram_residency.sources.manifest import Manifest
+    from vram_residency.sources.model import SealedModel
+    from vram_residency.sources.repair import RepairReport
 
 __all__ = ["AuditSink", "TensorSpan", "VramManager"]
 
@@ -342,6 +349,114 @@ class VramManager:
             raise
         self._emit("VramAllocated", vram_bytes=size, backend=self.backend)
         return buf
+
+    # -- files, tensors, repair (implemented in vram_residency.sources) ------------------------
+    def seal_file(
+        self,
+        path: str | os.PathLike[str],
+        device: int | None = None,
+        *,
+        format: FileFormat = "auto",
+        model_ref: str | None = None,
+        shard_index: int | None = None,
+        total_shards: int | None = None,
+        expected_digest: str | None = None,
+        manifest: Manifest | str | os.PathLike[str] | None = None,
+        digest_algorithm: str = SHA256_TREE_V1,
+        progress: Callable[[int], None] | None = None,
+        staging_bytes: int | None = None,
+        staging_buffers: int | None = None,
+    ) -> SealedShard:
+        """Stream a file (raw, safetensors or GGUF) into device memory and seal it as one shard.
+
+        Host memory stays bounded (``staging_bytes``, 128 MiB by default, 256 MiB at most). The
+        shard's tensor index maps tensor names to their byte ranges in the file. A file that
+        cannot be opened or parsed, or whose digest differs from ``expected_digest`` or the
+        ``manifest``, raises ``InvalidInput`` with nothing left allocated. ``progress`` is called
+        with each number of bytes copied."""
+        from vram_residency.sources.files import seal_file
+
+        return seal_file(
+            self,
+            path,
+            device=device,
+            format=format,
+            model_ref=model_ref,
+            shard_index=shard_index,
+            total_shards=total_shards,
+            expected_digest=expected_digest,
+            manifest=manifest,
+            digest_algorithm=digest_algorithm,
+            progress=progress,
+            staging_bytes=staging_bytes,
+            staging_buffers=staging_buffers,
+        )
+
+    def seal_files(
+        self,
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        device: int | None = None,
+        *,
+        model_name: str | None = None,
+        format: FileFormat = "auto",
+        manifest: Manifest | str | os.PathLike[str] | None = None,
+        digest_algorithm: str = SHA256_TREE_V1,
+        progress: Callable[[int], None] | None = None,
+        staging_bytes: int | None = None,
+        staging_buffers: int | None = None,
+    ) -> SealedModel:
+        """Seal a multi-file model (a directory or ``*.safetensors.index.json`` of a sharded
+        checkpoint, or a list of files in order) as one ``vram-model-v1`` model: one shard per
+        file, all bound to a model_ref that covers every file's name, size and digest in order.
+        All or nothing."""
+        from vram_residency.sources.files import seal_files
+
+        return seal_files(
+            self,
+            paths,
+            device=device,
+            model_name=model_name,
+            format=format,
+            manifest=manifest,
+            digest_algorithm=digest_algorithm,
+            progress=progress,
+            staging_bytes=staging_bytes,
+            staging_buffers=staging_buffers,
+        )
+
+    def seal_tensors(
+        self,
+        tensors: Any,
+        device: int | None = None,
+        *,
+        model_name: str | None = None,
+        digest_algorithm: str = SHA256_TREE_V1,
+    ) -> SealedModel:
+        """Seal tensors where they already are, without copying: an ``nn.Module``'s parameters and
+        buffers, a mapping of names to tensors, or a sequence of tensors (CUDA array interface or
+        DLPack; CPU memory on the host backend). The framework keeps owning that memory; see
+        :mod:`vram_residency.sources.tensors` for what adopting cannot promise."""
+        from vram_residency.sources.tensors import seal_tensors
+
+        return seal_tensors(
+            self, tensors, device=device, model_name=model_name, digest_algorithm=digest_algorithm
+        )
+
+    def verify_model(self, model: SealedModel) -> None:
+        """Check that ``model``'s parts still bind to its model_ref, then verify every shard."""
+        model.check_binding()
+        for shard in model.shards:
+            self.verify_sealed(shard)
+
+    def repair(
+        self, shard: SealedShard, source: str | os.PathLike[str] | Buffer | None = None
+    ) -> RepairReport:
+        """Re-copy only the damaged 1 MiB units of ``shard`` from ``source`` (by default the file
+        it was sealed from), each checked against its sealed unit digest before it is written,
+        then verify the shard against its original seal and audit ``ShardRepaired``."""
+        from vram_residency.sources.repair import repair
+
+        return repair(self, shard, source)
 
     # -- verification -------------------------------------------------------------------------
     def _entry(self, shard: SealedShard) -> _Entry:

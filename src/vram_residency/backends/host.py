@@ -11,15 +11,18 @@ backend does before cuMemFree).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
+
+from typing_extensions import Buffer
 
 from vram_residency.backends.base import ALIGNMENT, Backend, DeviceBuffer
 from vram_residency.errors import InsufficientVram, IntegrityViolation, InvalidInput, PolicyViolation
 from vram_residency.formats.tree import HashResult, hash_units
 
-__all__ = ["HostBackend", "HostBuffer"]
+__all__ = ["AdoptedHostBuffer", "HostBackend", "HostBuffer"]
 
 _ZERO_CHUNK = 16 << 20
 
@@ -73,6 +76,29 @@ class HostBuffer(DeviceBuffer):
             self._backend._release(self._reserved)
 
 
+class AdoptedHostBuffer(HostBuffer):
+    """Host memory owned by someone else (a numpy array, a CPU tensor), seen in place.
+
+    It stands in for adopted VRAM on machines without a GPU: reads, writes and digests go to the
+    owner's memory itself; ``close()`` forgets it without zeroing or freeing it, because the owner
+    still uses it. It takes nothing from the emulated capacity."""
+
+    def __init__(self, backend: HostBackend, view: memoryview) -> None:
+        DeviceBuffer.__init__(self, len(view), backend.device)
+        self._backend = backend
+        self._reserved = 0
+        self._map = view  # type: ignore[assignment]  # a memoryview slices and assigns like the mmap
+
+    def _read(self, offset: int, n: int) -> bytes:
+        return bytes(self._map[offset : offset + n])
+
+    def _free(self) -> None:
+        # Not ours to zero or free. Releasing our view fails only while a view() of it is alive;
+        # the reference then simply goes away with the last of those.
+        with contextlib.suppress(BufferError):
+            self._map.release()  # type: ignore[attr-defined]
+
+
 class HostBackend(Backend):
     name = "host"
     emulated = True
@@ -105,6 +131,25 @@ class HostBackend(Backend):
             raise InsufficientVram(
                 reserved, self.mem_info()[0], f"host emulation could not map memory: {exc}"
             ) from exc
+
+    def adopt(self, memory: Buffer) -> AdoptedHostBuffer:
+        """Wrap host memory that someone else owns, without copying it (the host counterpart of
+        adopting a framework's VRAM). It must be writable and C-contiguous, like device memory."""
+        try:
+            view = memoryview(memory)
+        except TypeError:
+            raise InvalidInput(f"cannot adopt {type(memory).__name__}: no buffer protocol") from None
+        if view.readonly:
+            raise InvalidInput("cannot adopt read-only memory")
+        if not view.c_contiguous:
+            raise InvalidInput("cannot adopt non-contiguous memory")
+        try:
+            view = view.cast("B") if (view.format, view.ndim) != ("B", 1) else view
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"cannot adopt this buffer as bytes: {exc}") from None
+        if not len(view):
+            raise InvalidInput("cannot adopt an empty buffer")
+        return AdoptedHostBuffer(self, view)
 
     def _release(self, reserved: int) -> None:
         with self._lock:

@@ -54,6 +54,8 @@ def hash_file(path: Path, algorithm: str = SHA256_TREE_V1, *, show_progress: boo
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.manifest:
+        return _run_manifest(args)
     rc = 0
     for name in args.files:
         try:
@@ -66,8 +68,26 @@ def _run(args: argparse.Namespace) -> int:
     return rc
 
 
+def _run_manifest(args: argparse.Namespace) -> int:
+    # All files or none: a manifest that silently lacks an unreadable file would be worse than
+    # no manifest. Errors propagate (InvalidInput -> exit 1 with the message).
+    from vram_residency.cli.manifest import make_manifest
+
+    manifest = make_manifest(args.files, args.manifest, [args.algorithm], None)
+    for entry in manifest.files:
+        print(f"{entry.digests[args.algorithm]}  {args.algorithm}  {entry.name}")
+    print(f"wrote manifest {args.manifest}", file=sys.stderr)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("digest", help="print the digest of files (streamed; any size)")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("-a", "--algorithm", choices=ALGORITHMS, default=SHA256_TREE_V1)
+    p.add_argument(
+        "--manifest",
+        metavar="OUT",
+        help="also write a manifest of the files' and the model's digests to OUT "
+        "(both algorithms: the 'manifest' command)",
+    )
     p.set_defaults(func=_run)

@@ -18,6 +18,9 @@ from vram_residency.errors import VramError
 _COMMANDS = [
     "vram_residency.cli.digest",
     "vram_residency.cli.demo",
+    "vram_residency.cli.seal",
+    "vram_residency.cli.manifest",
+    "vram_residency.cli.serve",
 ]
 
 

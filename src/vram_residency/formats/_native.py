@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Final
 
@@ -36,6 +37,9 @@ LDLIBS: Final = ("-ldl",)  # dlopen is in libc since glibc 2.34; older glibc nee
 
 _lib: ctypes.CDLL | None = None
 _state: str | None = None  # None: not tried yet; "" loaded; otherwise why not
+# ctypes drops the GIL inside treehash_init, so two first callers could otherwise both store the
+# C function pointers at once.
+_load_lock = threading.Lock()
 
 
 def compile_library(source: Path, dest: Path, *, cc: str | None = None) -> str | None:
@@ -44,7 +48,9 @@ def compile_library(source: Path, dest: Path, *, cc: str | None = None) -> str |
     Never raises for a missing or failing compiler: a machine with only python3 and pip must
     still build and install the package (the pure-Python path then runs).
     """
-    compiler = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = (
+        cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    )
     if not compiler:
         return "no C compiler found (set CC or install cc/gcc/clang)"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +114,9 @@ def unavailable_reason() -> str | None:
     """``None`` when the native path is usable, otherwise a short explanation."""
     global _state
     if _state is None:
-        _state = _load()
+        with _load_lock:
+            if _state is None:
+                _state = _load()
     return _state or None
 
 

@@ -1,0 +1,580 @@
+#!/usr/bin/env python3
+"""GPU benchmark of the CUDA backend, in one run on one machine (issue 3).
+
+Measures, in the same run: the hardware limits (HBM read, device-to-device copy, pinned and
+pageable host-to-device), the starting design's verify path (copy the shard to the host, then
+one hashlib.sha256), multi-threaded CPU hashing; then seal (from pinned and from pageable host
+memory) and verify throughput per algorithm at 1 MiB, 64 MiB, 1 GiB and 16 GiB, the latency of
+verifying a 1 MiB shard, and the extra VRAM used while hashing. Targets are reported as ratios
+against limits measured here. Writes gpu-DATE.json, gpu-DATE.md and gpu-DATE.png to --out.
+
+    PYTHONPATH=src python3 bench/gpu_bench.py --out /tmp/results [--tune] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vram_residency.backends.cuda import CudaBackend, open_backend
+from vram_residency.backends.cuda._driver import check, driver
+from vram_residency.backends.cuda._staging import PinnedHostBuffer
+from vram_residency.formats.tree import BLAKE3, SHA256_TREE_V1, hash_units
+
+MiB = 1 << 20
+GiB = 1 << 30
+ALGS = (SHA256_TREE_V1, BLAKE3)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+class Events:
+    """CUDA-event timing on one stream of the backend's context."""
+
+    def __init__(self, backend: CudaBackend) -> None:
+        drv = driver()
+        backend._activate()
+        self.stream = check(drv.cuStreamCreate(1), "cuStreamCreate")
+        self.e0 = check(drv.cuEventCreate(0), "cuEventCreate")
+        self.e1 = check(drv.cuEventCreate(0), "cuEventCreate")
+
+    def time(self, enqueue: Callable[[Any], None], reps: int) -> float:
+        drv = driver()
+        enqueue(self.stream)
+        check(drv.cuStreamSynchronize(self.stream), "sync")
+        out = []
+        for _ in range(reps):
+            check(drv.cuEventRecord(self.e0, self.stream), "record")
+            enqueue(self.stream)
+            check(drv.cuEventRecord(self.e1, self.stream), "record")
+            check(drv.cuEventSynchronize(self.e1), "sync")
+            out.append(float(check(drv.cuEventElapsedTime(self.e0, self.e1), "elapsed")) / 1e3)
+        return statistics.median(out)
+
+
+def fill_random(dst: np.ndarray, seed: int = 1) -> None:
+    """Non-zero, non-repeating-per-MiB bytes: a 64 MiB random block tiled, each tile perturbed."""
+    rng = np.random.default_rng(seed)
+    block = rng.integers(0, 256, size=min(64 * MiB, len(dst)), dtype=np.uint8)
+    for i, off in enumerate(range(0, len(dst), len(block))):
+        m = min(len(block), len(dst) - off)
+        np.copyto(dst[off : off + m], block[:m])
+        dst[off] ^= np.uint8(i & 0xFF)
+
+
+# -- limits and baselines ---------------------------------------------------------------------------
+
+
+def measure_limits(backend: CudaBackend, pinned: PinnedHostBuffer, pageable: np.ndarray) -> dict[str, float]:
+    import torch
+
+    out: dict[str, float] = {}
+    dev = torch.device(f"cuda:{backend.device}")
+    n = 4 * GiB
+    x = torch.empty(n // 4, dtype=torch.float32, device=dev).uniform_()
+    y = torch.empty_like(x)
+    torch.cuda.synchronize()
+
+    def t_torch(fn: Callable[[], Any], reps: int = 10) -> float:
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(float(a.elapsed_time(b)) / 1e3)
+        return statistics.median(ts)
+
+    def read() -> None:
+        x.sum()
+
+    def copy() -> None:
+        y.copy_(x)
+
+    out["hbm_read_GBps"] = n / t_torch(read) / 1e9
+    out["d2d_copy_GBps"] = 2 * n / t_torch(copy) / 1e9
+    x.resize_(0)
+    y.resize_(0)
+    torch.cuda.empty_cache()
+
+    ev = Events(backend)
+    size = GiB
+    buf = backend.allocate(size)
+    drv = driver()
+    try:
+        h2d = ev.time(lambda s: check(drv.cuMemcpyHtoDAsync(buf._ptr, pinned.address, size, s), "h2d"), 5)
+        out["h2d_pinned_GBps"] = size / h2d / 1e9
+        d2h = ev.time(lambda s: check(drv.cuMemcpyDtoHAsync(pinned.address, buf._ptr, size, s), "d2h"), 5)
+        out["d2h_pinned_GBps"] = size / d2h / 1e9
+        addr = int(pageable.ctypes.data)
+        t, _ = median_time(lambda: check(drv.cuMemcpyHtoD(buf._ptr, addr, size), "h2d pageable"), 3)
+        out["h2d_pageable_GBps"] = size / t / 1e9
+        host = np.empty(size, dtype=np.uint8)
+        host[::4096] = 1  # touch every page so the copy does not measure page faults
+        hptr = int(host.ctypes.data)
+        t, _ = median_time(lambda: check(drv.cuMemcpyDtoH(hptr, buf._ptr, size), "d2h pageable"), 3)
+        out["d2h_pageable_GBps"] = size / t / 1e9
+    finally:
+        buf.close()
+    return out
+
+
+def measure_baselines(backend: CudaBackend, pageable: np.ndarray) -> dict[str, float]:
+    out: dict[str, float] = {}
+    size = GiB
+    view = pageable[:size].data
+    # The starting design's verify: copy the whole shard to the host, then hash it on one core.
+    buf = backend.allocate(size)
+    try:
+        buf.write(0, view)
+
+        def original() -> None:
+            hashlib.sha256(buf.read(0, size)).digest()
+
+        t, _ = median_time(original, 2, warmup=0)
+        out["starting_design_verify_GBps"] = size / t / 1e9
+    finally:
+        buf.close()
+    t, _ = median_time(lambda: hashlib.sha256(view).digest(), 2, warmup=0)
+    out["cpu_sha256_1thread_GBps"] = size / t / 1e9
+    threads = 16
+    piece = 64 * MiB
+
+    def sha_threads() -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda o: hashlib.sha256(view[o : o + piece]).digest(), range(0, size, piece)))
+
+    t, _ = median_time(sha_threads, 3)
+    out["cpu_sha256_16threads_GBps"] = size / t / 1e9
+    t, _ = median_time(lambda: hash_units(view, SHA256_TREE_V1, threads=threads), 2)
+    out["cpu_sha256_tree_16threads_GBps"] = size / t / 1e9
+    t, _ = median_time(lambda: hash_units(view, BLAKE3, threads=threads), 2)
+    out["cpu_blake3_units_16threads_GBps"] = size / t / 1e9
+    return out
+
+
+# -- the backend ------------------------------------------------------------------------------------
+
+
+def reps_for(size: int) -> int:
+    return 50 if size <= MiB else 20 if size <= 64 * MiB else 5 if size <= GiB else 3
+
+
+def measure_one(
+    backend: CudaBackend,
+    pinned: PinnedHostBuffer,
+    pageable: np.ndarray,
+    size: int,
+    alg: str,
+    check_host: bool,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"algorithm": alg, "size": size}
+    buf = backend.allocate(size)
+    try:
+        free_before = backend.mem_info()[0]
+        reps = reps_for(size)
+        src_pinned = pinned.view[:size]
+        src_pageable = pageable[:size].data
+        sealed = backend.write_and_hash(buf, src_pinned, alg)
+        t, _ = median_time(lambda: backend.write_and_hash(buf, src_pinned, alg), reps)
+        row["seal_pinned_GBps"] = size / t / 1e9
+        again = backend.write_and_hash(buf, src_pageable, alg)
+        t, _ = median_time(lambda: backend.write_and_hash(buf, src_pageable, alg), reps)
+        row["seal_pageable_GBps"] = size / t / 1e9
+        assert again == sealed, "seal from pinned and pageable memory disagree"
+        dev: list[float] = []
+
+        def verify() -> None:
+            assert backend.digest(buf, alg) == sealed.digest
+            dev.append(backend.last_device_seconds)
+
+        t, _ = median_time(verify, max(reps, 10) if size <= GiB else reps)
+        row["verify_GBps"] = size / t / 1e9
+        row["verify_device_GBps"] = size / statistics.median(dev) / 1e9
+        row["verify_median_us"] = t * 1e6
+        if size <= MiB:
+            _, lat = median_time(verify, 200)
+            lat.sort()
+            row["verify_latency_us"] = {"median": statistics.median(lat) * 1e6, "p99": lat[197] * 1e6}
+        t, _ = median_time(lambda: backend.hash(buf, alg), reps)
+        row["hash_with_units_GBps"] = size / t / 1e9
+        row["extra_vram_scratch_bytes"] = backend._scratch_size
+        row["extra_vram_measured_bytes"] = max(0, free_before - backend.mem_info()[0])
+        row["extra_vram_fraction"] = row["extra_vram_scratch_bytes"] / size
+        if check_host:
+            want = hash_units(src_pageable, alg, threads=16)
+            row["bit_identical_to_host"] = want == sealed
+            assert want == sealed, f"{alg} at {size} bytes differs from the host reference"
+    finally:
+        buf.close()
+    log(
+        f"{alg:15s} {size / MiB:8.0f} MiB  seal pinned {row['seal_pinned_GBps']:7.1f} GB/s  "
+        f"pageable {row['seal_pageable_GBps']:6.1f}  verify {row['verify_GBps']:8.1f} GB/s "
+        f"(device {row['verify_device_GBps']:8.1f})  with units {row['hash_with_units_GBps']:8.1f}"
+    )
+    return row
+
+
+def tune(backend: CudaBackend, pinned: PinnedHostBuffer, size: int) -> list[dict[str, Any]]:
+    """Device throughput of the kernel variants (pipe balancing, occupancy) on one shard."""
+    # Pipe-balancing variant (a bit mask, see sha256_tree.cu / blake3.cu) x minimum resident
+    # blocks (a register cap) x prefetch of the next message block.
+    sha = [(0, 1), (1, 1), (1, 3), (1, 4), (33, 1), (33, 4), (3, 4)]
+    b3 = [(0, 4, 1), (1, 4, 1), (1, 4, 0), (1, 3, 1), (1, 2, 1), (2, 4, 1)]
+    configs: list[tuple[str, dict[str, str]]] = [
+        ("sha256_tree", {"VR_SHA_VARIANT": str(v), "VR_SHA_MIN_BLOCKS": str(mb)}) for v, mb in sha
+    ] + [
+        ("blake3", {"VR_B3_VARIANT": str(v), "VR_B3_MIN_BLOCKS": str(mb), "VR_B3_PREFETCH": str(pf)})
+        for v, mb, pf in b3
+    ]
+    buf = backend.allocate(size)
+    rows = []
+    try:
+        for off in range(0, size, pinned.size):  # the tuning shard may be larger than the source
+            buf.write(off, pinned.view[: min(pinned.size, size - off)])
+        ref = {alg: backend.digest(buf, alg) for alg in ALGS}
+        for source, defines in configs:
+            alg = SHA256_TREE_V1 if source == "sha256_tree" else BLAKE3
+            other = open_backend(backend.device, kernel_defines={source: defines})
+            try:
+                view = other.adopt(buf._ptr, size)
+                assert other.digest(view, alg) == ref[alg], f"variant {defines} gives a different digest"
+                dev = []
+                for _ in range(5):
+                    other.digest(view, alg)
+                    dev.append(other.last_device_seconds)
+                units = []
+                for _ in range(3):
+                    other.hash(view, alg)
+                    units.append(other.last_device_seconds)
+                view.close()
+            finally:
+                other.close()
+            row = {
+                "algorithm": alg,
+                "defines": defines,
+                "digest_device_GBps": size / statistics.median(dev) / 1e9,
+                "units_device_GBps": size / statistics.median(units) / 1e9,
+            }
+            log(f"tune {alg:15s} {defines}  digest {row['digest_device_GBps']:7.1f} GB/s  "
+                f"with units {row['units_device_GBps']:7.1f} GB/s")
+            rows.append(row)
+    finally:
+        buf.close()
+    return rows
+
+
+def _seal_time(be: CudaBackend, src: memoryview) -> float:
+    try:
+        buf = be.allocate(len(src))
+        t, _ = median_time(lambda: be.write_and_hash(buf, src, SHA256_TREE_V1), 3)
+        buf.close()
+        return t
+    finally:
+        be.close()
+
+
+def tune_staging(pinned: PinnedHostBuffer, pageable: np.ndarray) -> list[dict[str, Any]]:
+    """Seal from pageable memory under other staging settings, and the cost of pinning the
+    caller's memory in place (cuMemHostRegister) instead of copying it."""
+    size = min(GiB, len(pageable))
+    src = pageable[:size].data
+    rows: list[dict[str, Any]] = []
+    settings = ((8, 64 * MiB, 2), (16, 64 * MiB, 2), (16, 32 * MiB, 4), (16, 128 * MiB, 2))
+    for threads, staging, count in settings:
+        be = open_backend(0, copy_threads=threads, staging_bytes=staging, staging_buffers=count)
+        t = _seal_time(be, src)
+        row: dict[str, Any] = {"copy_threads": threads, "staging_bytes": staging, "staging_buffers": count}
+        row["seal_GBps"] = size / t / 1e9
+        log(f"staging {row}")
+        rows.append(row)
+    drv = driver()
+    be = open_backend(0)
+    try:
+        buf = be.allocate(size)
+        addr = int(pageable.ctypes.data)
+        aligned = -(-addr // 4096) * 4096
+        n = (size - (aligned - addr)) // 4096 * 4096
+
+        def register_copy() -> None:
+            check(drv.cuMemHostRegister(aligned, n, 0), "cuMemHostRegister")
+            check(drv.cuMemcpyHtoD(buf._ptr, aligned, n), "h2d")
+            check(drv.cuMemHostUnregister(aligned), "cuMemHostUnregister")
+
+        def register_only() -> None:
+            check(drv.cuMemHostRegister(aligned, n, 0), "cuMemHostRegister")
+            check(drv.cuMemHostUnregister(aligned), "cuMemHostUnregister")
+
+        t, _ = median_time(register_copy, 3)
+        t2, _ = median_time(register_only, 3)
+        rows.append({"method": "cuMemHostRegister + copy + unregister", "GBps": n / t / 1e9,
+                     "register_unregister_GBps": n / t2 / 1e9})
+        log(f"staging {rows[-1]}")
+        buf.close()
+    finally:
+        be.close()
+    return rows
+
+
+class ClockSampler:
+    """nvidia-smi sampling of the SM clock and power draw while a block runs."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._proc: Any = None
+
+    def __enter__(self) -> ClockSampler:
+        import shutil
+        import subprocess
+
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            self._proc = subprocess.Popen(
+                [smi, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "250"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        out, _ = self._proc.communicate(timeout=10)
+        for line in out.splitlines():
+            try:
+                mhz, watts = (float(x) for x in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((mhz, watts))
+
+    def summary(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        mhz = sorted(s[0] for s in self.samples)
+        watts = sorted(s[1] for s in self.samples)
+        return {"samples": len(mhz), "sm_mhz_median": statistics.median(mhz), "sm_mhz_min": mhz[0],
+                "sm_mhz_max": mhz[-1], "power_w_median": statistics.median(watts), "power_w_max": watts[-1]}
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    lim, rows = result["limits"], result["gpu"]
+
+    def best(alg: str, key: str, min_size: int) -> float:
+        vals = [r[key] for r in rows if r["algorithm"] == alg and r["size"] >= min_size]
+        return min(vals) if vals else float("nan")
+
+    out = []
+    for alg, goal in ((SHA256_TREE_V1, 1000.0), (BLAKE3, 2000.0)):
+        v = best(alg, "verify_GBps", GiB)
+        out.append({
+            "target": f"verify {alg}, shards >= 1 GiB", "value": v, "unit": "GB/s", "goal": goal,
+            "ratio_to_goal": v / goal, "ratio_to_hbm_read": v / lim["hbm_read_GBps"], "met": v >= goal,
+        })
+    for alg in ALGS:
+        for src, frac in (("pinned", 0.9), ("pageable", 0.5)):
+            v = best(alg, f"seal_{src}_GBps", GiB)
+            ratio = v / lim["h2d_pinned_GBps"]
+            out.append({
+                "target": f"seal {alg} from {src} memory, shards >= 1 GiB", "value": v, "unit": "GB/s",
+                "goal": frac, "ratio_to_h2d_pinned": ratio, "met": ratio >= frac,
+            })
+    for r in rows:
+        if r["size"] == MiB:
+            v = r["verify_latency_us"]["median"]
+            out.append({"target": f"verify latency, 1 MiB shard, {r['algorithm']}", "value": v, "unit": "us",
+                        "goal": 200.0, "met": v <= 200.0})
+    worst = max(r["extra_vram_fraction"] for r in rows)
+    out.append({"target": "extra VRAM while hashing, any shard", "value": worst, "unit": "fraction of shard",
+                "goal": 0.01, "met": worst <= 0.01})
+    return out
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    lim, base = result["limits"], result["baselines"]
+    lines = [
+        f"# GPU benchmark, {result['date']}",
+        "",
+        f"Device: {result['device']} ({result['arch']}, {result['multiprocessors']} SMs), driver "
+        f"{result['driver_version']}, cuda-bindings {result['cuda_bindings']}, NVRTC {result['nvrtc']}; "
+        f"host {result['host_cpus']} CPUs. One run of `bench/gpu_bench.py`; medians of repeated runs.",
+        "",
+        "## Limits and baselines measured in this run",
+        "",
+        "| what | GB/s |",
+        "| --- | ---: |",
+    ]
+    for k, v in {**lim, **base}.items():
+        lines.append(f"| {k.removesuffix('_GBps').replace('_', ' ')} | {v:,.1f} |")
+    lines += [
+        "",
+        "## Seal and verify (GB/s; verify = digest recomputed from VRAM, nothing copied back)",
+        "",
+        "| algorithm | shard | seal pinned | seal pageable | verify (wall) | verify (device) "
+        "| hash + unit digests | extra VRAM |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["gpu"]:
+        size = f"{r['size'] // GiB} GiB" if r["size"] >= GiB else f"{r['size'] // MiB} MiB"
+        lines.append(
+            f"| {r['algorithm']} | {size} | {r['seal_pinned_GBps']:,.1f} | {r['seal_pageable_GBps']:,.1f} "
+            f"| {r['verify_GBps']:,.1f} | {r['verify_device_GBps']:,.1f} | {r['hash_with_units_GBps']:,.1f} "
+            f"| {r['extra_vram_fraction'] * 100:.4f}% |"
+        )
+    lines += ["", "## Targets", "", "| target | value | goal | ratio | met |"]
+    lines += ["| --- | ---: | ---: | --- | --- |"]
+    for t in result["targets"]:
+        ratios = [f"{k.removeprefix('ratio_to_')}: {v:.3f}" for k, v in t.items() if k.startswith("ratio")]
+        ratio = ", ".join(ratios)
+        lines.append(f"| {t['target']} | {t['value']:,.4g} {t['unit']} | {t['goal']} | {ratio} "
+                     f"| {'yes' if t['met'] else 'NO'} |")
+    if result.get("tuning"):
+        lines += ["", "## Kernel variants (device time, one shard)", ""]
+        lines += ["| algorithm | defines | digest GB/s | with unit digests GB/s |"]
+        lines += ["| --- | --- | ---: | ---: |"]
+        for r in result["tuning"]:
+            d = " ".join(f"{k}={v}" for k, v in r["defines"].items())
+            lines.append(
+                f"| {r['algorithm']} | {d} | {r['digest_device_GBps']:,.1f} | {r['units_device_GBps']:,.1f} |"
+            )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    rows = result["gpu"]
+    sizes = sorted({r["size"] for r in rows})
+    styles = {SHA256_TREE_V1: "-", BLAKE3: "--"}
+    for alg in ALGS:
+        for key, label, color in (
+            ("verify_GBps", "verify", "tab:blue"),
+            ("seal_pinned_GBps", "seal from pinned", "tab:green"),
+            ("seal_pageable_GBps", "seal from pageable", "tab:orange"),
+        ):
+            ys = [next(r[key] for r in rows if r["algorithm"] == alg and r["size"] == s) for s in sizes]
+            xs = [s / MiB for s in sizes]
+            ax.plot(xs, ys, styles[alg], marker="o", color=color, label=f"{label}, {alg}")
+    lim, base = result["limits"], result["baselines"]
+    for value, label, color in (
+        (lim["hbm_read_GBps"], "HBM read", "black"),
+        (lim["h2d_pinned_GBps"], "host-to-device, pinned", "tab:green"),
+        (lim["h2d_pageable_GBps"], "host-to-device, pageable", "tab:orange"),
+        (base["cpu_sha256_16threads_GBps"], "CPU SHA-256, 16 threads", "tab:purple"),
+        (base["starting_design_verify_GBps"], "starting design's verify", "tab:red"),
+    ):
+        ax.axhline(value, color=color, linestyle=":", linewidth=1.2)
+        ax.text(sizes[0] / MiB, value * 1.05, f"{label} ({value:,.1f} GB/s)", fontsize=8, color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("shard size (MiB)")
+    ax.set_ylabel("throughput (GB/s)")
+    ax.set_title(f"vram-residency CUDA backend, {result['device']}, {result['date']}")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--date", default=dt.date.today().isoformat())
+    ap.add_argument("--tune", action="store_true", help="also time the kernel variants")
+    ap.add_argument("--quick", action="store_true", help="sizes up to 1 GiB only")
+    ap.add_argument("--device", type=int, default=0)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    backend = open_backend(args.device)
+    backend.warm_up()
+    sizes = [MiB, 64 * MiB, GiB] + ([] if args.quick else [16 * GiB])
+    biggest = max(sizes)
+    log(f"device: {backend.describe()}; filling {biggest / GiB:.0f} GiB of pinned and pageable host memory")
+    pinned = backend.pinned_host_buffer(biggest)
+    fill_random(pinned.array)
+    pageable = np.empty(biggest, dtype=np.uint8)
+    np.copyto(pageable, pinned.array)
+
+    drv = driver()
+    import cuda.bindings
+
+    from vram_residency.backends.cuda._compile import nvrtc_version
+
+    result: dict[str, Any] = {
+        "date": args.date,
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": backend.device_name,
+        "arch": backend.arch,
+        "multiprocessors": backend.multiprocessors,
+        "total_memory_bytes": backend.total_memory,
+        "driver_version": int(check(drv.cuDriverGetVersion(), "cuDriverGetVersion")),
+        "cuda_bindings": cuda.bindings.__version__,
+        "nvrtc": "{}.{}".format(*nvrtc_version()),
+        "host_cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+    log("limits ...")
+    result["limits"] = measure_limits(backend, pinned, pageable)
+    log(json.dumps(result["limits"]))
+    log("baselines ...")
+    result["baselines"] = measure_baselines(backend, pageable)
+    log(json.dumps(result["baselines"]))
+    if args.tune:
+        with ClockSampler() as clocks:
+            result["tuning"] = tune(backend, pinned, 4 * GiB)
+        result["sm_clock_during_tuning"] = clocks.summary()
+        result["staging_tuning"] = tune_staging(pinned, pageable)
+    log("seal and verify ...")
+    with ClockSampler() as clocks:
+        result["gpu"] = [measure_one(backend, pinned, pageable, s, a, True) for s in sizes for a in ALGS]
+    result["sm_clock_during_seal_verify"] = clocks.summary()
+    result["targets"] = targets(result)
+    pinned.close()
+    backend.close()
+
+    stem = args.out / f"gpu-{args.date}"
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, Path(f"{stem}.md"))
+    write_plot(result, Path(f"{stem}.png"))
+    log("")
+    log(Path(f"{stem}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The audit trail (hash-chained, HMAC-signed JSON Lines) and the worker lifecycle.
+
+The manager and the service use::
+
+    log = AuditLog(path, token=token, worker_id=worker_id)
+    log.emit(VRAM_SEALED, shard_id=..., ...)        # -> AuditRecord; critical ones are synced
+    lifecycle = WorkerLifecycle(log, worker_id, on_incident=page_someone)
+    lifecycle.report_failure(exc)                   # fatal errors: Stopped + SecurityIncident
+
+and ``verify_log(paths, token)`` checks a log offline.
+"""
+
+from vram_residency.audit.errors import (
+    AuditLogCorrupt,
+    AuditWriteFailed,
+    IllegalTransition,
+    WorkerNotReady,
+    WorkerStopped,
+)
+from vram_residency.audit.events import (
+    CRITICAL_EVENTS,
+    INTEGRITY_VIOLATION,
+    LOG_RECOVERED,
+    POLICY_VIOLATION,
+    SEAL_VERIFICATION_FAILED,
+    SEAL_VERIFIED,
+    SECURITY_INCIDENT,
+    SHARD_REPAIRED,
+    VRAM_ALLOCATED,
+    VRAM_ALLOCATION_FAILED,
+    VRAM_DEALLOCATED,
+    VRAM_SEALED,
+    WORKER_STATE_CHANGED,
+    error_fields,
+    is_critical,
+)
+from vram_residency.audit.files import chain_order, rotated_paths
+from vram_residency.audit.lifecycle import Incident, WorkerLifecycle, WorkerState
+from vram_residency.audit.log import DEFAULT_AUDIT_PATH, AuditLog, LogRecovery
+from vram_residency.audit.record import GENESIS_HASH, AuditRecord, canonical_bytes
+from vram_residency.audit.verify import VerifyBreak, VerifyReport, verify_log
+
+__all__ = [
+    "CRITICAL_EVENTS",
+    "DEFAULT_AUDIT_PATH",
+    "GENESIS_HASH",
+    "INTEGRITY_VIOLATION",
+    "LOG_RECOVERED",
+    "POLICY_VIOLATION",
+    "SEAL_VERIFICATION_FAILED",
+    "SEAL_VERIFIED",
+    "SECURITY_INCIDENT",
+    "SHARD_REPAIRED",
+    "VRAM_ALLOCATED",
+    "VRAM_ALLOCATION_FAILED",
+    "VRAM_DEALLOCATED",
+    "VRAM_SEALED",
+    "WORKER_STATE_CHANGED",
+    "AuditLog",
+    "AuditLogCorrupt",
+    "AuditRecord",
+    "AuditWriteFailed",
+    "IllegalTransition",
+    "Incident",
+    "LogRecovery",
+    "VerifyBreak",
+    "VerifyReport",
+    "WorkerLifecycle",
+    "WorkerNotReady",
+    "WorkerState",
+    "WorkerStopped",
+    "canonical_bytes",
+    "chain_order",
+    "error_fields",
+    "is_critical",
+    "rotated_paths",
+    "verify_log",
+]

@@ -1,0 +1,270 @@
+"""Offline verification of an audit log (one file or a rotation set).
+
+Checks, record by record in chain order: the line is complete and well formed; its ``hash`` is
+the SHA-256 of its canonical body; its ``hmac`` verifies under the audit key of the given token;
+its ``prev_hash`` is the previous record's hash (``GENESIS_HASH`` for the very first); its
+``seq`` is one more than the previous one. The first failure is reported with the file, the
+record's index in that file (0-based line number), its position in the whole set, and a reason.
+
+What each check catches: an **edited** record fails its hash (or its HMAC, if the editor
+recomputed the hash); a **deleted**, **reordered** or **inserted** record breaks the next link
+(an inserted record forged with the right links fails its HMAC); a record signed with **another
+token** fails its HMAC. Records cut from the **end** leave no broken link; the signed head file
+catches that (the log must reach the head's ``(seq, hash)``), as long as the head file itself is
+there. A missing head is reported as a warning, or as a break with ``require_head=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from vram_residency.audit.files import default_head_path, split_rotation
+from vram_residency.audit.record import (
+    GENESIS_HASH,
+    AuditRecord,
+    MacKey,
+    RecordFormatError,
+    audit_key,
+    check_record,
+    head_message,
+    parse_line,
+)
+
+__all__ = ["VerifyBreak", "VerifyReport", "iter_records", "verify_log"]
+
+TORN_REASON = "torn record: the last line is incomplete (a crash during a write)"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyBreak:
+    """The first record that failed verification."""
+
+    file: str
+    index: int  # 0-based record (line) index within ``file``
+    position: int  # 0-based index across the whole set, in chain order
+    reason: str
+    seq: int | None = None  # the record's own seq, when it could be parsed
+    record_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    files: tuple[str, ...]
+    records: int  # records that verified before the first break (all of them when ok)
+    last_seq: int | None
+    last_hash: str
+    first_break: VerifyBreak | None
+    torn_tail: bool  # the break is a torn last line of the last file, i.e. a crash
+    head_checked: bool
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.first_break is None
+
+    @property
+    def ok_until_torn(self) -> bool:
+        """Everything verifies, except possibly a torn last record left by a crash."""
+        return self.first_break is None or self.torn_tail
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        yield from f
+
+
+def iter_records(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[Path, int, AuditRecord | None]]:
+    """Parse records without verifying them (for ``audit show``): (file, index, record or None
+    for a line that is not a record)."""
+    for p in paths:
+        path = Path(p)
+        for index, line in enumerate(_lines(path)):
+            try:
+                rec, _ = parse_line(line.rstrip(b"\n"))
+            except RecordFormatError:
+                yield path, index, None
+                continue
+            yield path, index, rec
+
+
+def _read_head(path: Path, key: MacKey) -> tuple[tuple[int, str] | None, str | None]:
+    """((seq, hash) or None, problem or None). An empty or missing head is (None, None)."""
+    try:
+        raw = path.read_bytes().strip()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"head file {path} unreadable: {exc.strerror}"
+    if not raw:
+        return None, None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+        seq, hash_hex, mac = obj["seq"], obj["hash"], bytes.fromhex(obj["hmac"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, f"head file {path} is malformed"
+    if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(hash_hex, str):
+        return None, f"head file {path} is malformed"
+    if not key.verify(head_message(seq, hash_hex), mac):
+        return None, f"head file {path} is not signed by this token's audit key"
+    return (seq, hash_hex), None
+
+
+def verify_log(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    token: str | bytes | MacKey,
+    *,
+    head: str | os.PathLike[str] | Literal["auto"] | None = "auto",
+    require_head: bool = False,
+    require_genesis: bool = True,
+) -> VerifyReport:
+    """Verify a log or a rotation set given in chain order (see ``files.chain_order``).
+
+    ``token`` is the worker token (or its audit key). ``head="auto"`` uses
+    ``<active>.head`` when the last path is an active file (not a numbered rotated one);
+    ``None`` skips the head. ``require_genesis=False`` verifies a set whose older files were
+    archived away: the first record may then link to any hash.
+    """
+    files = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+    key = audit_key(token)
+    warnings: list[str] = []
+
+    head_path: Path | None
+    if head == "auto":
+        head_path = None
+        if files and split_rotation(files[-1])[1] is None:
+            head_path = default_head_path(files[-1])
+    elif head is None:
+        head_path = None
+    else:
+        head_path = Path(head)
+
+    head_val: tuple[int, str] | None = None
+    head_problem: str | None = None
+    if head_path is not None:
+        head_val, head_problem = _read_head(head_path, key)
+        if head_val is None and head_problem is None:
+            msg = f"no head file at {head_path}: records cut from the end of the log cannot be detected"
+            if require_head:
+                head_problem = msg
+            else:
+                warnings.append(msg)
+    elif require_head:
+        head_problem = "no head file given: records cut from the end of the log cannot be detected"
+
+    prev_hash: str | None = GENESIS_HASH if require_genesis else None
+    prev_seq: int | None = None
+    position = 0
+    good = 0
+    head_seen = False
+    last_file = files[-1] if files else None
+
+    def report(brk: VerifyBreak | None, torn: bool = False) -> VerifyReport:
+        return VerifyReport(
+            files=tuple(str(f) for f in files),
+            records=good,
+            last_seq=prev_seq,
+            last_hash=prev_hash if prev_hash is not None else GENESIS_HASH,
+            first_break=brk,
+            torn_tail=torn,
+            head_checked=head_val is not None,
+            warnings=tuple(warnings),
+        )
+
+    if head_problem is not None:
+        # A head that is present but forged or unreadable is itself evidence of tampering.
+        return report(VerifyBreak(file=str(head_path or ""), index=0, position=0, reason=head_problem))
+
+    for path in files:
+        try:
+            for index, line in enumerate(_lines(path)):
+                seq: int | None = None
+                rid: str | None = None
+                reason: str | None = None
+                torn = False
+                if not line.endswith(b"\n"):
+                    reason, torn = TORN_REASON, path == last_file
+                else:
+                    try:
+                        rec, canon = parse_line(line[:-1])
+                    except RecordFormatError as exc:
+                        reason = f"malformed record: {exc}"
+                    else:
+                        seq, rid = rec.seq, rec.id
+                        reason = _check(key, rec, canon, prev_hash, prev_seq, require_genesis)
+                        if reason is None and head_val is not None and rec.seq == head_val[0]:
+                            if rec.hash != head_val[1]:
+                                reason = "record differs from the one the signed head names"
+                            head_seen = True
+                if reason is not None:
+                    where = VerifyBreak(
+                        file=str(path), index=index, position=position, reason=reason, seq=seq, record_id=rid
+                    )
+                    return report(where, torn=torn)
+                prev_hash, prev_seq = rec.hash, rec.seq
+                position += 1
+                good += 1
+        except OSError as exc:
+            return report(
+                VerifyBreak(
+                    file=str(path), index=0, position=position, reason=f"file unreadable: {exc.strerror}"
+                )
+            )
+
+    if head_val is not None and not head_seen:
+        head_seq = head_val[0]
+        if prev_seq is None or prev_seq < head_seq:
+            end = str(last_file) if last_file is not None else ""
+            at = prev_seq if prev_seq is not None else -1
+            return report(
+                VerifyBreak(
+                    file=end,
+                    index=_count_lines(last_file) if last_file is not None else 0,
+                    position=position,
+                    reason=(
+                        f"the log ends at seq {at} but the signed head names seq {head_seq}: "
+                        "records were removed from the end"
+                    ),
+                )
+            )
+        # The head names a record before the files given (a partial set): nothing to compare.
+        warnings.append("the signed head names a record outside the files given; not compared")
+    return report(None)
+
+
+def _check(
+    key: MacKey,
+    rec: AuditRecord,
+    canon: bytes,
+    prev_hash: str | None,
+    prev_seq: int | None,
+    require_genesis: bool,
+) -> str | None:
+    """Why one parsed record fails (own hash and HMAC first, then its links), or None."""
+    problem = check_record(key, rec, canon)
+    if problem is not None:
+        return problem
+    if prev_hash is not None and rec.prev_hash != prev_hash:
+        if prev_seq is None:
+            return "the first record does not link to the genesis hash (are older rotated files missing?)"
+        return (
+            "broken link: prev_hash is not the previous record's hash "
+            "(a record was deleted, reordered or inserted here)"
+        )
+    if prev_seq is not None and rec.seq != prev_seq + 1:
+        return f"seq {rec.seq} where {prev_seq + 1} was expected"
+    if prev_seq is None and require_genesis and rec.seq != 0:
+        return f"the first record has seq {rec.seq}, not 0"
+    return None
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0

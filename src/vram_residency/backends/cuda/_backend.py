@@ -1,0 +1,720 @@
+"""The CUDA backend: exact VRAM allocations through the driver API, a VRAM-only pointer policy,
+copies through bounded pinned staging, and digests computed by kernels over the device memory.
+
+Only 32-byte digests cross back to the host when hashing: unit digests (one per MiB) for seals
+and localization, and for a plain verify nothing but the root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final
+
+import numpy as np
+from typing_extensions import Buffer
+
+from vram_residency.backends.base import ALIGNMENT, Backend, DeviceBuffer, check_range
+from vram_residency.backends.cuda import _driver
+from vram_residency.backends.cuda._driver import check, driver, request_error
+from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
+from vram_residency.backends.cuda._staging import (
+    PinnedHostBuffer,
+    default_copy_threads,
+    host_address,
+    parallel_copy,
+)
+from vram_residency.errors import (
+    ConfigError,
+    CudaAllocationFailed,
+    InsufficientVram,
+    IntegrityViolation,
+    InvalidInput,
+    PolicyViolation,
+)
+from vram_residency.formats.tree import (
+    BLAKE3,
+    LEAF_SIZE,
+    SHA256_TREE_V1,
+    UNIT_SIZE,
+    HashResult,
+    check_algorithm,
+    unit_count,
+)
+
+__all__ = ["CudaBackend", "CudaBuffer", "device_count"]
+
+_THREADS: Final = 256  # per block: 256 leaves (sha256-tree-v1) or 256 x 4 chunks (blake3) per unit
+_GROUP: Final = 256  # nodes reduced per block above the units
+_DIRECT_COPY_LIMIT: Final = 1 << 20  # below this, one plain copy beats staging
+_SOURCES: Final = {SHA256_TREE_V1: "sha256_tree", BLAKE3: "blake3"}
+_TREE_NAME: Final = SHA256_TREE_V1.encode("ascii")
+
+
+def device_count() -> int:
+    """Number of CUDA devices visible to this process (ConfigError when there is no driver)."""
+    _driver.init()
+    return int(check(driver().cuDeviceGetCount(), "cuDeviceGetCount"))
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pointer_info(ptr: int) -> tuple[int, bool, int, int, int]:
+    """(memory type, managed, device ordinal, allocation start, allocation size) of an address.
+
+    cuPointerGetAttributes answers for any address, with memory type 0 for memory CUDA does not
+    know (ordinary pageable memory), where cuPointerGetAttribute would report an API error.
+    """
+    drv = driver()
+    attr = drv.CUpointer_attribute
+    which = [
+        attr.CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+        attr.CU_POINTER_ATTRIBUTE_IS_MANAGED,
+        attr.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+        attr.CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+        attr.CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+    ]
+    values = check(drv.cuPointerGetAttributes(len(which), which, ptr), "cuPointerGetAttributes")
+
+    def num(v: Any) -> int:
+        try:
+            return int(v)
+        except (TypeError, ValueError):  # an attribute CUDA left unset for unknown memory
+            return 0
+
+    mtype, managed, ordinal, start, length = (num(v) for v in values)
+    return mtype, bool(managed), ordinal, start, length
+
+
+class CudaBuffer(DeviceBuffer):
+    """An exact allocation in VRAM (or, when adopted, someone else's device memory).
+
+    Owned buffers are zeroed and freed by ``close``; adopted ones are only forgotten: their memory
+    belongs to whoever allocated it (a framework tensor, say).
+    """
+
+    def __init__(self, backend: CudaBackend, ptr: int, size: int, capacity: int, *, owned: bool) -> None:
+        super().__init__(size, backend.device)
+        self._backend = backend
+        self._ptr = ptr
+        self._capacity = capacity
+        self._owned = owned
+
+    @property
+    def adopted(self) -> bool:
+        """True when the memory was adopted, not allocated, by this backend."""
+        return not self._owned
+
+    @property
+    def capacity(self) -> int:
+        """Bytes actually reserved: ``size`` rounded up to the 256-byte allocation granularity."""
+        return self._capacity
+
+    def _write(self, offset: int, view: memoryview) -> None:
+        with self._lock:
+            self._check_open()
+            self._backend._copy_in(self._ptr + offset, view)
+
+    def _read(self, offset: int, n: int) -> bytes:
+        with self._lock:
+            self._check_open()
+            return self._backend._copy_out(self._ptr + offset, n)
+
+    def _free(self) -> None:
+        self._backend._release(self)
+
+
+class CudaBackend(Backend):
+    """Device memory on one CUDA device, through the driver API (cuda-bindings) and NVRTC.
+
+    Options: ``allow_integrated`` accepts integrated GPUs, whose memory is host memory (refused by
+    default); ``staging_bytes`` and ``staging_buffers`` bound the pinned staging pool (2 x 64 MiB);
+    ``copy_threads`` host threads fill staging buffers from pageable memory; ``kernel_defines``
+    maps a kernel source (``"sha256_tree"``, ``"blake3"``) to extra preprocessor definitions, for
+    tuning runs only.
+    """
+
+    name = "cuda"
+    emulated = False
+
+    def __init__(
+        self,
+        device: int = 0,
+        *,
+        allow_integrated: bool = False,
+        staging_bytes: int = 64 << 20,
+        staging_buffers: int = 2,
+        copy_threads: int | None = None,
+        kernel_defines: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        if not _is_int(device) or device < 0:
+            raise ConfigError(f"CUDA device must be a non-negative integer, not {device!r}")
+        if not _is_int(staging_bytes) or staging_bytes < UNIT_SIZE or staging_bytes % UNIT_SIZE:
+            raise ConfigError("staging_bytes must be a positive multiple of 1 MiB")
+        if not _is_int(staging_buffers) or not 1 <= staging_buffers <= 8:
+            raise ConfigError("staging_buffers must be between 1 and 8")
+        count = device_count()
+        if count == 0:
+            raise request_error("no CUDA GPU is visible to this process")
+        if device >= count:
+            raise request_error(f"device {device} does not exist ({count} CUDA device(s) visible)")
+        super().__init__(device)
+        drv = driver()
+        attr = drv.CUdevice_attribute
+        self._closed = False
+        self._allow_integrated = bool(allow_integrated)
+        self._cudev = check(drv.cuDeviceGet(device), "cuDeviceGet")
+        self._ctx = check(drv.cuDevicePrimaryCtxRetain(self._cudev), "cuDevicePrimaryCtxRetain")
+        try:
+            self._activate()
+            raw_name = check(drv.cuDeviceGetName(96, self._cudev), "cuDeviceGetName")
+            self.device_name = bytes(raw_name).split(b"\x00", 1)[0].decode(errors="replace")
+            major = self._attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            minor = self._attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+            self.compute_capability = (major, minor)
+            self.arch = f"sm_{major}{minor}"
+            self.integrated = bool(self._attribute(attr.CU_DEVICE_ATTRIBUTE_INTEGRATED))
+            self.multiprocessors = self._attribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            self.total_memory = int(check(drv.cuDeviceTotalMem(self._cudev), "cuDeviceTotalMem"))
+            non_blocking = int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)
+            self._stream = check(drv.cuStreamCreate(non_blocking), "cuStreamCreate")
+            self._copy_stream = check(drv.cuStreamCreate(non_blocking), "cuStreamCreate")
+            no_timing = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+            self._xfer_event = check(drv.cuEventCreate(no_timing), "cuEventCreate")
+            self._t0 = check(drv.cuEventCreate(0), "cuEventCreate")
+            self._t1 = check(drv.cuEventCreate(0), "cuEventCreate")
+        except BaseException:
+            drv.cuDevicePrimaryCtxRelease(self._cudev)
+            raise
+        self._kernel_defines = {k: dict(v) for k, v in (kernel_defines or {}).items()}
+        self._modules: dict[str, Module] = {}
+        self._staging_bytes = staging_bytes
+        self._staging_count = staging_buffers
+        self._staging: list[tuple[PinnedHostBuffer, Any]] = []
+        self._copy_threads = copy_threads or default_copy_threads()
+        self._copy_pool: ThreadPoolExecutor | None = None
+        self._scratch_ptr = 0
+        self._scratch_size = 0
+        self._results: PinnedHostBuffer | None = None
+        self._lock = threading.RLock()  # kernels, scratch and result buffers
+        self._staging_lock = threading.Lock()
+        self._live: weakref.WeakSet[CudaBuffer] = weakref.WeakSet()
+        #: Device time of the last hash's kernels in seconds (CUDA events), for benchmarks.
+        self.last_device_seconds = 0.0
+        #: sha256-tree-v1 shards of at most this many units run eight blocks per unit (see
+        #: sha256_tree_units_split): one block per unit would leave most SMs idle.
+        self.split_max_units = max(1, self.multiprocessors // 2)
+
+    # -- basics ----------------------------------------------------------------------------------
+
+    def _attribute(self, which: Any) -> int:
+        return int(check(driver().cuDeviceGetAttribute(which, self._cudev), "cuDeviceGetAttribute"))
+
+    def _activate(self) -> None:
+        # Driver calls act on the calling thread's current context; callers come from any thread.
+        if self._closed:
+            raise ConfigError("the CUDA backend is closed")
+        check(driver().cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+
+    def _sync(self, stream: Any, what: str) -> None:
+        check(driver().cuStreamSynchronize(stream), what)
+
+    def describe(self) -> str:
+        gib = self.total_memory / (1 << 30)
+        kind = ", integrated" if self.integrated else ""
+        return f"cuda: {self.device_name} (device {self.device}, {self.arch}, {gib:.0f} GiB{kind})"
+
+    def mem_info(self) -> tuple[int, int]:
+        self._activate()
+        free, total = check(driver().cuMemGetInfo(), "cuMemGetInfo")
+        free, total = int(free), int(total)
+        if free > total:
+            raise IntegrityViolation("cuMemGetInfo reported more free memory than the total")
+        return free, total
+
+    # -- allocation ------------------------------------------------------------------------------
+
+    def allocate(self, size: int) -> CudaBuffer:
+        if not _is_int(size):
+            raise InvalidInput("allocation size must be an integer")
+        if size < 1:
+            raise InvalidInput(f"allocation size must be at least 1 byte, not {size}")
+        capacity = -(-size // ALIGNMENT) * ALIGNMENT
+        self._activate()
+        if capacity > self.total_memory:
+            raise InsufficientVram(size, self.mem_info()[0])
+        drv = driver()
+        err, dptr = drv.cuMemAlloc(capacity)
+        if err != drv.CUresult.CUDA_SUCCESS:
+            if _driver.error_name(err) == "CUDA_ERROR_OUT_OF_MEMORY":
+                raise InsufficientVram(size, self.mem_info()[0])
+            raise CudaAllocationFailed(f"cuMemAlloc of {capacity} bytes failed: {_driver.error_name(err)}")
+        ptr = int(dptr)
+        try:
+            # Zero-filled, so that a read before any write never shows earlier contents.
+            check(drv.cuMemsetD8Async(ptr, 0, capacity, self._stream), "cuMemsetD8Async")
+            self._sync(self._stream, "zeroing a new allocation")
+        except BaseException:
+            drv.cuMemFree(ptr)
+            raise
+        buf = CudaBuffer(self, ptr, size, capacity, owned=True)
+        self._live.add(buf)
+        return buf
+
+    def adopt(self, ptr: int, size: int) -> CudaBuffer:
+        """Wrap ``size`` bytes of existing device memory at ``ptr`` (a framework tensor, say) after
+        the policy check. Closing the result never zeroes or frees that memory."""
+        self.check_pointer(ptr, size)
+        if ptr % 16:
+            raise InvalidInput("adopted device memory must be 16-byte aligned (the kernels load 16 bytes)")
+        buf = CudaBuffer(self, ptr, size, size, owned=False)
+        self._live.add(buf)
+        return buf
+
+    def _release(self, buf: CudaBuffer) -> None:
+        self._live.discard(buf)
+        if not buf._owned:
+            return
+        drv = driver()
+        check(drv.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        try:
+            check(drv.cuMemsetD8Async(buf._ptr, 0, buf._capacity, self._stream), "zeroing before free")
+            self._sync(self._stream, "zeroing before free")
+        finally:
+            check(drv.cuMemFree(buf._ptr), "cuMemFree")
+
+    # -- policy ----------------------------------------------------------------------------------
+
+    def check_policy(self, buf: DeviceBuffer) -> None:
+        if not isinstance(buf, CudaBuffer) or buf._backend is not self:
+            raise PolicyViolation("buffer does not belong to this CUDA backend")
+        buf._check_open()
+        self.check_pointer(buf._ptr, buf.size)
+
+    def check_pointer(self, ptr: int, size: int) -> None:
+        """Raise PolicyViolation unless ``[ptr, ptr + size)`` is plain device memory (not host,
+        pinned, mapped or managed memory) inside one allocation on this backend's device."""
+        if not _is_int(ptr) or not _is_int(size):
+            raise InvalidInput("pointer and size must be integers")
+        if ptr <= 0 or size < 1 or ptr + size > 1 << 64:
+            raise InvalidInput("pointer range out of bounds")
+        if self.integrated and not self._allow_integrated:
+            raise PolicyViolation(
+                f"device {self.device} is an integrated GPU: its memory is host memory, not VRAM "
+                "(pass allow_integrated=True to accept that)"
+            )
+        self._activate()
+        drv = driver()
+        mtype, managed, ordinal, start, length = _pointer_info(ptr)
+        if mtype == 0:
+            raise PolicyViolation("memory is not known to CUDA: ordinary (pageable) host memory, not VRAM")
+        if mtype != int(drv.CUmemorytype.CU_MEMORYTYPE_DEVICE):
+            raise PolicyViolation("memory is host memory (pinned or mapped), not VRAM")
+        if managed:
+            raise PolicyViolation("memory is managed (unified) memory, which the driver may move to the host")
+        if ordinal != self.device:
+            raise PolicyViolation(f"memory is on device {ordinal}, not on device {self.device}")
+        if ptr < start or ptr + size > start + length:
+            raise PolicyViolation("range extends past the end of its device allocation")
+
+    # -- copies ----------------------------------------------------------------------------------
+
+    def _is_pinned(self, addr: int, n: int) -> bool:
+        mtype, _, _, start, length = _pointer_info(addr)
+        return mtype == int(driver().CUmemorytype.CU_MEMORYTYPE_HOST) and addr + n <= start + length
+
+    def _staging_pool(self) -> list[tuple[PinnedHostBuffer, Any]]:
+        if not self._staging:
+            drv = driver()
+            no_timing = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+            for _ in range(self._staging_count):
+                pinned = PinnedHostBuffer(self._staging_bytes)
+                self._staging.append((pinned, check(drv.cuEventCreate(no_timing), "cuEventCreate")))
+            if self._copy_threads > 1:
+                self._copy_pool = ThreadPoolExecutor(self._copy_threads, thread_name_prefix="vram-stage")
+        return self._staging
+
+    def _copy_in(self, dst: int, view: memoryview, on_chunk: Callable[[int], None] | None = None) -> None:
+        """Host to device, ``len(view)`` bytes to device address ``dst``. ``on_chunk(done)`` runs
+        after each chunk's copy is queued, with ``done`` bytes queued so far."""
+        self._activate()
+        drv = driver()
+        n = len(view)
+        addr, src = host_address(view)
+        step = self._staging_bytes
+        if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
+            # Small copies go straight through; pinned bytes need no staging.
+            for off in range(0, n, step):
+                m = min(step, n - off)
+                check(drv.cuMemcpyHtoDAsync(dst + off, addr + off, m, self._copy_stream), "cuMemcpyHtoDAsync")
+                if on_chunk is not None:
+                    on_chunk(off + m)
+            self._sync(self._copy_stream, "host-to-device copy")
+            return
+        with self._staging_lock:
+            pool = self._staging_pool()
+            for i, off in enumerate(range(0, n, step)):
+                pinned, done = pool[i % len(pool)]
+                check(drv.cuEventSynchronize(done), "waiting for a staging buffer")
+                m = min(step, n - off)
+                parallel_copy(self._copy_pool, pinned.array, src[off : off + m])
+                check(
+                    drv.cuMemcpyHtoDAsync(dst + off, pinned.address, m, self._copy_stream),
+                    "cuMemcpyHtoDAsync",
+                )
+                check(drv.cuEventRecord(done, self._copy_stream), "cuEventRecord")
+                if on_chunk is not None:
+                    on_chunk(off + m)
+            self._sync(self._copy_stream, "host-to-device copy")
+
+    def _copy_out(self, src: int, n: int) -> bytes:
+        self._activate()
+        out = bytearray(n)
+        addr, _keep = host_address(memoryview(out))
+        check(driver().cuMemcpyDtoHAsync(addr, src, n, self._copy_stream), "cuMemcpyDtoHAsync")
+        self._sync(self._copy_stream, "device-to-host copy")
+        return bytes(out)
+
+    def pinned_host_buffer(self, size: int) -> PinnedHostBuffer:
+        """Page-locked host memory of ``size`` bytes; writes from it skip staging."""
+        self._activate()
+        return PinnedHostBuffer(size)
+
+    # -- digests ---------------------------------------------------------------------------------
+
+    def _module(self, algorithm: str) -> Module:
+        source = _SOURCES[algorithm]
+        mod = self._modules.get(source)
+        if mod is None:
+            mod = Module(source, self.arch, self._kernel_defines.get(source))
+            self._modules[source] = mod
+        return mod
+
+    def warm_up(self, algorithms: Sequence[str] = (SHA256_TREE_V1, BLAKE3)) -> None:
+        """Compile and load the kernels now rather than at the first hash (about a second each)."""
+        with self._lock:
+            self._activate()
+            for alg in algorithms:
+                self._module(check_algorithm(alg))
+
+    def _scratch(self, nbytes: int) -> int:
+        # One growing device buffer for unit digests and tree levels: 32 to 64 bytes per MiB of
+        # shard plus a little (well under the 1% budget), reused so that hashing allocates nothing
+        # in the steady state.
+        if nbytes > self._scratch_size:
+            drv = driver()
+            if self._scratch_ptr:
+                check(drv.cuMemFree(self._scratch_ptr), "cuMemFree")
+                self._scratch_ptr, self._scratch_size = 0, 0
+            size = -(-nbytes // 4096) * 4096
+            err, dptr = drv.cuMemAlloc(size)
+            if err != drv.CUresult.CUDA_SUCCESS:
+                if _driver.error_name(err) == "CUDA_ERROR_OUT_OF_MEMORY":
+                    free = self.mem_info()[0]
+                    raise InsufficientVram(size, free, "insufficient VRAM for digest scratch space")
+                raise _driver.map_error(err, "cuMemAlloc (digest scratch)")
+            self._scratch_ptr, self._scratch_size = int(dptr), size
+        return self._scratch_ptr
+
+    def _result_buffer(self, nbytes: int) -> PinnedHostBuffer:
+        if self._results is None or self._results.size < nbytes:
+            if self._results is not None:
+                self._results.close()
+            self._results = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)))
+        return self._results
+
+    def hash(self, buf: DeviceBuffer, algorithm: str, length: int | None = None) -> HashResult:
+        return self._hash_buffer(buf, algorithm, length, units=True)[1]  # type: ignore[return-value]
+
+    def digest(self, buf: DeviceBuffer, algorithm: str, length: int | None = None) -> bytes:
+        """The digest alone (the verify path): no unit digests are copied back, and for blake3 the
+        chunk layer is hashed once instead of twice (unit digests need a second set of counters)."""
+        return self._hash_buffer(buf, algorithm, length, units=False)[0]
+
+    def _hash_buffer(
+        self, buf: DeviceBuffer, algorithm: str, length: int | None, *, units: bool
+    ) -> tuple[bytes, HashResult | None]:
+        algorithm = check_algorithm(algorithm)
+        if not isinstance(buf, CudaBuffer) or buf._backend is not self:
+            raise InvalidInput("buffer does not belong to this CUDA backend")
+        n = buf.size if length is None else length
+        check_range(buf.size, 0, n)
+        with buf._lock:
+            buf._check_open()
+            with self._lock:
+                self._activate()
+                job = _HashJob(self, algorithm, buf._ptr, n, units)
+                job.launch_units(0, job.units)
+                return job.finish()
+
+    def write_and_hash(self, buf: DeviceBuffer, data: Buffer, algorithm: str) -> HashResult:
+        """Seal path: copy ``data`` to the start of ``buf`` and return the digest and unit digests
+        of those bytes. Hashing of each staged chunk's units starts as soon as its copy lands, so
+        copying and hashing overlap."""
+        algorithm = check_algorithm(algorithm)
+        if not isinstance(buf, CudaBuffer) or buf._backend is not self:
+            raise InvalidInput("buffer does not belong to this CUDA backend")
+        view = memoryview(data).cast("B")
+        n = len(view)
+        check_range(buf.size, 0, n)
+        drv = driver()
+        with buf._lock:
+            buf._check_open()
+            with self._lock:
+                self._activate()
+                job = _HashJob(self, algorithm, buf._ptr, n, True)
+                launched = 0
+
+                def on_chunk(done: int) -> None:
+                    nonlocal launched
+                    ready = job.units if done >= n else done // UNIT_SIZE
+                    if ready > launched:
+                        check(drv.cuEventRecord(self._xfer_event, self._copy_stream), "cuEventRecord")
+                        check(drv.cuStreamWaitEvent(self._stream, self._xfer_event, 0), "cuStreamWaitEvent")
+                        job.launch_units(launched, ready)
+                        launched = ready
+
+                if n:
+                    self._copy_in(buf._ptr, view, on_chunk)
+                if launched < job.units:
+                    job.launch_units(launched, job.units)
+                result = job.finish()[1]
+                assert result is not None
+                return result
+
+    def sha256_messages(self, messages: Sequence[bytes]) -> list[bytes]:
+        """Plain SHA-256 of each message, computed by the same device SHA-256 core as the tree
+        kernels (a test entry: NIST's CAVP vectors check the device code through it)."""
+        if not messages:
+            return []
+        with self._lock:
+            self._activate()
+            drv = driver()
+            mod = self._module(SHA256_TREE_V1)
+            offs, off = [], 0
+            for m in messages:
+                offs.append(off)
+                off += len(m)
+            blob = b"".join(messages) or b"\x00"
+            meta = np.array(offs + [len(m) for m in messages], dtype=np.uint64).tobytes()
+            count = len(messages)
+            sizes = (len(blob), len(meta), 32 * count)
+            ptrs: list[int] = []
+            try:
+                for s in sizes:
+                    ptrs.append(int(check(drv.cuMemAlloc(-(-s // 256) * 256), "cuMemAlloc")))
+                for p, data in ((ptrs[0], blob), (ptrs[1], meta)):
+                    addr, _k = host_address(memoryview(data))
+                    check(drv.cuMemcpyHtoD(p, addr, len(data)), "cuMemcpyHtoD")
+                args: list[Arg] = [
+                    (U64, ptrs[0]),
+                    (U64, ptrs[1]),
+                    (U64, ptrs[1] + 8 * count),
+                    (U32, count),
+                    (U64, ptrs[2]),
+                ]
+                fn = mod.function("sha256_messages")
+                launch(fn, -(-count // 64), 64, self._stream, args, what="sha256_messages")
+                self._sync(self._stream, "sha256_messages")
+                out = self._copy_out(ptrs[2], 32 * count)
+            finally:
+                for p in ptrs:
+                    drv.cuMemFree(p)
+            return [out[32 * i : 32 * i + 32] for i in range(count)]
+
+    def _reduce_nodes(self, algorithm: str, nodes: bytes) -> bytes:
+        """Test entry: the tree kernels' reduction of ``len(nodes) // 32`` >= 2 nodes to the root
+        node (sha256-tree-v1: R; blake3: the digest, ROOT on the final parent)."""
+        algorithm = check_algorithm(algorithm)
+        count = len(nodes) // 32
+        if count < 2 or len(nodes) % 32:
+            raise InvalidInput("need at least two 32-byte nodes")
+        with self._lock:
+            self._activate()
+            drv = driver()
+            mod = self._module(algorithm)
+            level = 32 * -(-count // _GROUP)
+            base = self._scratch(len(nodes) + 2 * level + 32)
+            addr, _keep = host_address(memoryview(nodes))
+            check(drv.cuMemcpyHtoD(base, addr, len(nodes)), "cuMemcpyHtoD")
+            ping = base + len(nodes)
+            root = _reduce_chain(self, mod, algorithm, base, count, ping, ping + level, ping + 2 * level)
+            self._sync(self._stream, "tree reduction")
+            return self._copy_out(root, 32)
+
+    # -- teardown --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Zero and free every buffer still allocated, then release streams, modules, staging and
+        the device context. Idempotent."""
+        if self._closed:
+            return
+        for buf in list(self._live):
+            buf.close()
+        with self._lock, self._staging_lock:
+            drv = driver()
+            drv.cuCtxSetCurrent(self._ctx)
+            drv.cuStreamSynchronize(self._stream)
+            drv.cuStreamSynchronize(self._copy_stream)
+            if self._scratch_ptr:
+                drv.cuMemFree(self._scratch_ptr)
+                self._scratch_ptr, self._scratch_size = 0, 0
+            if self._results is not None:
+                self._results.close()
+                self._results = None
+            for pinned, ev in self._staging:
+                pinned.close()
+                drv.cuEventDestroy(ev)
+            self._staging.clear()
+            if self._copy_pool is not None:
+                self._copy_pool.shutdown()
+                self._copy_pool = None
+            for mod in self._modules.values():
+                mod.unload()
+            self._modules.clear()
+            for ev in (self._xfer_event, self._t0, self._t1):
+                drv.cuEventDestroy(ev)
+            drv.cuStreamDestroy(self._stream)
+            drv.cuStreamDestroy(self._copy_stream)
+            drv.cuDevicePrimaryCtxRelease(self._cudev)
+            self._closed = True
+
+    def __enter__(self) -> CudaBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _HashJob:
+    """One digest computation: unit kernels over [0, n) (possibly launched chunk by chunk), then
+    the reduction of unit values to the root, all on the backend's compute stream."""
+
+    def __init__(self, backend: CudaBackend, algorithm: str, ptr: int, n: int, units: bool) -> None:
+        self.b = backend
+        self.algorithm = algorithm
+        self.ptr = ptr
+        self.n = n
+        self.want_units = units
+        self.units = unit_count(n)
+        self.mod = backend._module(algorithm)
+        u = self.units
+        # Small sha256-tree-v1 shards: eight blocks per unit instead of one, so that a 1 MiB
+        # verify runs on eight SMs rather than one (sha256_tree_units_split).
+        self.split = algorithm == SHA256_TREE_V1 and u <= backend.split_max_units
+        groups = -(-u // _GROUP)
+        # Scratch layout: unit values | unit digests (blake3) or subtree nodes (split) | two tree
+        # levels | root. At most 64 bytes per MiB of shard plus a few hundred bytes.
+        self.cv = 0
+        self.unit_digests = 32 * u
+        extra = 32 * u if algorithm == BLAKE3 else (256 * u if self.split else 0)
+        self.ping = self.unit_digests + extra
+        self.pong = self.ping + 32 * groups
+        self.root = self.pong + 32 * groups
+        base = backend._scratch(self.root + 32)
+        self.cv += base
+        self.unit_digests += base
+        self.sub = self.unit_digests
+        self.ping += base
+        self.pong += base
+        self.root += base
+        drv = driver()
+        check(drv.cuEventRecord(backend._t0, backend._stream), "cuEventRecord")
+
+    def _launch(self, name: str, grid: int, args: Sequence[Arg], block: int = _THREADS) -> None:
+        launch(self.mod.function(name), grid, block, self.b._stream, args, what=name)
+
+    def launch_units(self, first: int, end: int) -> None:
+        if end <= first:
+            return
+        data, n = (U64, self.ptr), (U64, self.n)
+        if self.algorithm == SHA256_TREE_V1:
+            if self.split:
+                args = [data, n, (U64, first), (U64, self.sub)]
+                self._launch("sha256_tree_units_split", 8 * (end - first), args, block=32)
+            else:
+                self._launch("sha256_tree_units", end - first, [data, n, (U64, first), (U64, self.cv)])
+            return
+        unit_out = self.unit_digests if self.want_units else 0
+        if self.want_units and self.units > 1:
+            # Unit 0 shares the tree's counters (one pass, two tops); later units need both sets.
+            if first == 0:
+                self._launch("blake3_units", 1, [data, n, (U64, 0), (U64, self.cv), (U64, unit_out)])
+                first = 1
+            if end > first:
+                self._launch(
+                    "blake3_units_standalone",
+                    end - first,
+                    [data, n, (U64, first), (U64, self.cv), (U64, unit_out)],
+                )
+            return
+        self._launch("blake3_units", end - first, [data, n, (U64, first), (U64, self.cv), (U64, unit_out)])
+
+    def _join_split(self) -> None:
+        """Split mode: reduce each unit's eight subtree nodes to its unit digest."""
+        last_len = self.n - (self.units - 1) * UNIT_SIZE
+        last_leaves = max(1, -(-last_len // LEAF_SIZE))
+        count = 8 * (self.units - 1) + -(-last_leaves // 32)
+        args: list[Arg] = [(U64, self.sub), (U32, count), (U32, 8), (U64, self.cv)]
+        self._launch("sha256_tree_reduce", self.units, args, block=32)
+
+    def _reduce(self) -> int:
+        """Device address of the 32-byte root node (sha256-tree-v1: R; blake3: the digest)."""
+        if self.units == 1:
+            return self.cv
+        return _reduce_chain(
+            self.b, self.mod, self.algorithm, self.cv, self.units, self.ping, self.pong, self.root
+        )
+
+    def finish(self) -> tuple[bytes, HashResult | None]:
+        b, drv = self.b, driver()
+        if self.split:
+            self._join_split()
+        root_dev = self._reduce()
+        check(drv.cuEventRecord(b._t1, b._stream), "cuEventRecord")
+        nunits = 32 * self.units if self.want_units else 0
+        host = b._result_buffer(32 + nunits)
+        check(drv.cuMemcpyDtoHAsync(host.address, root_dev, 32, b._stream), "cuMemcpyDtoHAsync")
+        if nunits:
+            src = self.cv if self.algorithm == SHA256_TREE_V1 else self.unit_digests
+            check(drv.cuMemcpyDtoHAsync(host.address + 32, src, nunits, b._stream), "cuMemcpyDtoHAsync")
+        b._sync(b._stream, "digest kernels")
+        ms = check(drv.cuEventElapsedTime(b._t0, b._t1), "cuEventElapsedTime")
+        b.last_device_seconds = float(ms) / 1e3
+        root = bytes(host.view[:32])
+        if self.algorithm == SHA256_TREE_V1:
+            # Spec step 5: D = SHA-256(R || LE64(n) || "sha256-tree-v1" || 0x02).
+            digest = hashlib.sha256(root + self.n.to_bytes(8, "little") + _TREE_NAME + b"\x02").digest()
+        else:
+            digest = root
+        if not self.want_units:
+            return digest, None
+        return digest, HashResult(digest, bytes(host.view[32 : 32 + nunits]))
+
+
+def _reduce_chain(
+    b: CudaBackend, mod: Module, algorithm: str, src: int, count: int, ping: int, pong: int, dst: int
+) -> int:
+    """Reduce ``count`` >= 2 nodes at ``src`` to one at ``dst``: groups of 256 per block per launch,
+    alternating between the two level buffers (each with room for ceil(count / 256) nodes). For
+    blake3 the last launch sets ROOT on the final parent."""
+    blake = algorithm == BLAKE3
+    fn = mod.function("blake3_reduce" if blake else "sha256_tree_reduce")
+
+    def args(s: int, c: int, last: bool, d: int) -> list[Arg]:
+        # blake3_reduce(in, count, root, out); sha256_tree_reduce(in, count, group, out)
+        return [(U64, s), (U32, c), (U32, (1 if last else 0) if blake else _GROUP), (U64, d)]
+
+    level = 0
+    while count > _GROUP:
+        grid = -(-count // _GROUP)
+        out = ping if level % 2 == 0 else pong
+        launch(fn, grid, _THREADS, b._stream, args(src, count, False, out), what="tree reduction")
+        src, count, level = out, grid, level + 1
+    launch(fn, 1, _THREADS, b._stream, args(src, count, True, dst), what="tree reduction")
+    return dst

@@ -1,0 +1,97 @@
+"""Pinned (page-locked) host memory: staging buffers for copies into VRAM, and host-side arrays
+that callers may fill directly (for example by reading a file into them).
+
+DMA engines read only pinned memory. A copy from ordinary (pageable) memory makes the driver copy
+through its own small staging area first, which the starting design measured at about 8 GB/s
+against 55 GB/s pinned. So writes go through a bounded pool of our own pinned buffers (by default
+two of 64 MiB): while the copy engine moves one buffer to the device, host threads fill the other.
+Bytes that are already pinned are copied directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import numpy.typing as npt
+
+from vram_residency.backends.cuda._driver import check, driver
+
+__all__ = ["PinnedHostBuffer", "host_address", "parallel_copy"]
+
+
+class PinnedHostBuffer:
+    """``size`` bytes of page-locked host memory (cuMemHostAlloc), freed by ``close``.
+
+    ``array`` is a writable NumPy view and ``view`` a memoryview of the same bytes; both become
+    invalid once the buffer is closed, so keep them no longer than the buffer.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError("pinned buffer size must be positive")
+        self.size = size
+        self._ptr: int | None = int(check(driver().cuMemHostAlloc(size, 0), "cuMemHostAlloc"))
+        raw = (ctypes.c_ubyte * size).from_address(self._ptr)
+        self.array: npt.NDArray[np.uint8] = np.ctypeslib.as_array(raw)
+        self.view = memoryview(raw).cast("B")
+
+    @property
+    def address(self) -> int:
+        if self._ptr is None:
+            raise ValueError("pinned buffer is closed")
+        return self._ptr
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            ptr, self._ptr = self._ptr, None
+            self.view.release()
+            driver().cuMemFreeHost(ptr)
+
+    def __enter__(self) -> PinnedHostBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # At interpreter shutdown the driver may already be gone.
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def host_address(view: memoryview) -> tuple[int, npt.NDArray[np.uint8]]:
+    """The address of a contiguous byte view, and the NumPy array that keeps it alive."""
+    arr = np.frombuffer(view, dtype=np.uint8)
+    return int(arr.ctypes.data), arr
+
+
+def parallel_copy(
+    pool: ThreadPoolExecutor | None,
+    dst: npt.NDArray[np.uint8],
+    src: npt.NDArray[np.uint8],
+    piece: int = 8 << 20,
+) -> None:
+    """dst[:] = src, split across the pool's threads (NumPy releases the GIL while copying)."""
+    n = len(src)
+    if pool is None or n <= piece:
+        np.copyto(dst[:n], src)
+        return
+    futures = [
+        pool.submit(np.copyto, dst[off : min(off + piece, n)], src[off : min(off + piece, n)])
+        for off in range(0, n, piece)
+    ]
+    for f in futures:
+        f.result()
+
+
+def default_copy_threads() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cpus))

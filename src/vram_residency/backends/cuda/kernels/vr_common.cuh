@@ -1,0 +1,73 @@
+// Shared by the kernel sources: types and single-instruction primitives, __host__ __device__ so
+// that the CPU harness runs the same code. NVRTC receives this file as a named header.
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned char u8;
+
+#ifndef VR_HD
+#define VR_HD __host__ __device__ __forceinline__
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Primitive operations: one instruction each on the device.
+
+VR_HD u32 vr_rotr(u32 x, u32 n) {
+#ifdef __CUDA_ARCH__
+    return __funnelshift_r(x, x, n);
+#else
+    return (x >> n) | (x << (32u - n));
+#endif
+}
+
+VR_HD u32 vr_bswap(u32 x) {
+#ifdef __CUDA_ARCH__
+    return __byte_perm(x, 0u, 0x0123u);
+#else
+    return __builtin_bswap32(x);
+#endif
+}
+
+// Pipe balancing. Shifts, logic ops, byte permutes and IADD3 all issue to the integer ALU pipe
+// (64 lanes per SM); SHA-256 needs about 1,300 of those per compression against about 100 on the
+// FMA pipe, which can also do integer work as IMAD (another 64 lanes); BLAKE3 is similar. So selected operations are
+// written as multiplications: a + b = a*1 + b, x >> k = mulhi(x, 2^(32-k)) and
+// rotr(x, k) = x*2^(32-k) + mulhi(x, 2^(32-k)). The multipliers come from __constant__ memory
+// that the host fills at module load (vr_mulc[k] = 2^k), so that the compiler cannot see them and
+// turn the multiplications back into shifts.
+#ifdef __CUDACC__
+__constant__ u32 vr_mulc[32];
+#endif
+
+VR_HD u32 vr_addf(u32 a, u32 b) {
+#ifdef __CUDA_ARCH__
+    u32 r;
+    asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(vr_mulc[0]), "r"(b));
+    return r;
+#else
+    return a + b;
+#endif
+}
+
+VR_HD u32 vr_shrf(u32 x, u32 k) {
+#ifdef __CUDA_ARCH__
+    u32 r;
+    asm("mul.hi.u32 %0, %1, %2;" : "=r"(r) : "r"(x), "r"(vr_mulc[32 - k]));
+    return r;
+#else
+    return x >> k;
+#endif
+}
+
+VR_HD u32 vr_rotrf(u32 x, u32 k) {
+#ifdef __CUDA_ARCH__
+    u32 hi, r;
+    const u32 m = vr_mulc[32 - k];
+    asm("mul.hi.u32 %0, %1, %2;" : "=r"(hi) : "r"(x), "r"(m));
+    asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(m), "r"(hi));
+    return r;
+#else
+    return (x >> k) | (x << (32u - k));
+#endif
+}

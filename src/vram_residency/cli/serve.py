@@ -1,0 +1,179 @@
+"""``vram-residency serve``: the worker service (seal at start, authenticated API, scrubbing).
+
+With no arguments it serves the example model (all-MiniLM-L6-v2, an embedding model) on the best
+backend present, on 127.0.0.1, with a token file it creates (mode 0600) in the state directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import shlex
+from pathlib import Path
+
+from vram_residency.service.server import DEFAULT_PORT, ServeOptions, build, describe_token, serve
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    opts = ServeOptions(
+        host=args.host,
+        port=args.port,
+        model_dir=args.model_dir,
+        model=args.model,
+        token_file=args.token_file,
+        state_dir=args.state_dir,
+        audit_log=args.audit_log,
+        backend=args.backend,
+        device=args.device,
+        worker_id=args.worker_id,
+        capacity_bytes=int(args.host_capacity_gib * 2**30) if args.host_capacity_gib else None,
+        scrub_interval=args.scrub_interval,
+        scrub_budget=args.scrub_budget / 100.0,
+        max_body_bytes=args.max_body_bytes,
+        max_batch=args.max_batch,
+        metrics_auth=args.metrics_auth,
+        access_log=args.access_log,
+        pre_verify=not args.benchmark_skip_pre_verify,
+        blas_threads=args.blas_threads,
+    )
+    _say("vram-residency worker: starting")
+    built = build(opts)
+    w = built.worker
+    _say(f"  backend:    {w.backend_description}")
+    if w.emulated:
+        why = "no usable GPU was found" if args.backend == "auto" else "--backend host was given"
+        _say(
+            f"  NOTE:       {why}: this worker runs on the HOST EMULATION. Its 'device memory' is "
+            "ordinary host RAM, not VRAM; seals and verification work the same way, but nothing "
+            "here is GPU-resident."
+        )
+    for m in w.models():
+        _say(f"  model:      {m.name}: {m.shard.vram_bytes} bytes sealed as {m.shard.shard_id}")
+        _say(f"              {m.shard.digest_algorithm} {m.shard.digest}")
+        _say(f"              {m.executor_note}")
+    if not w.models():
+        _say("  model:      none committed yet (POST /worker/commit)")
+    if built.worker.catalog.model_dir is not None:
+        _say(f"  model dir:  {built.worker.catalog.model_dir}")
+    _say(f"  token:      {describe_token(built)}")
+    _say(f"  audit log:  {built.audit_path}")
+    if opts.scrub_interval > 0:
+        _say(
+            f"  scrubber:   every {opts.scrub_interval:g} s, at most {100 * opts.scrub_budget:g}% "
+            "of wall time spent verifying"
+        )
+    else:
+        _say("  scrubber:   off (--scrub-interval 0)")
+    if not opts.pre_verify:
+        _say(
+            "  WARNING:    BENCHMARK MODE (--benchmark-skip-pre-verify): executions are NOT verified "
+            "first. Never serve real traffic like this."
+        )
+    if not _is_loopback(opts.host):
+        _say(
+            f"  WARNING:    listening on {opts.host}, not loopback: the API is plain HTTP and the bearer "
+            "token crosses the network in clear text; put TLS in front of it."
+        )
+    url = f"http://{opts.host}:{opts.port}"
+    _say(f"  listening:  {url}   (Ctrl-C to stop; shards are zeroed and freed on exit)")
+    token_path = shlex.quote(str(built.token_source.path))
+    _say("  try:")
+    _say(
+        f"    curl -N -H \"Authorization: Bearer $(cat {token_path})\" -H 'Content-Type: application/json' "
+        f'-d \'{{"prompt": "hello world"}}\' {url}/worker/execute'
+    )
+    # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way to stop a worker.
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(built)
+    _say("vram-residency worker: stopped (shards zeroed and freed)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the worker service (seal the model, serve the authenticated API, scrub)",
+        description="Run the worker service. With no arguments: the example embedding model "
+        "(all-MiniLM-L6-v2) on the best backend present, on 127.0.0.1, with a token file created "
+        "in the state directory.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    p.add_argument("--model-dir", type=Path, help="directory that model names are resolved in")
+    p.add_argument(
+        "--model",
+        help="model to commit at start (a name in --model-dir; without --model-dir: the example model)",
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="worker token file (mode 0600); default: $WORKER_API_TOKEN_FILE, then "
+        "$CREDENTIALS_DIRECTORY/worker_api_token, then STATE_DIR/worker.token (created if missing)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where the default token file and audit log live "
+        "(default $XDG_STATE_HOME/vram-residency or ~/.local/state/vram-residency)",
+    )
+    p.add_argument("--audit-log", type=Path, help="audit log file (default STATE_DIR/audit.jsonl)")
+    p.add_argument(
+        "--scrub-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds between background verifications of every shard (default 60; 0 disables)",
+    )
+    p.add_argument(
+        "--scrub-budget",
+        type=float,
+        default=5.0,
+        metavar="PERCENT",
+        help="most of the wall time the scrubber may spend verifying (default 5)",
+    )
+    p.add_argument("--backend", choices=("auto", "cuda", "host"), default="auto")
+    p.add_argument("--device", type=int, default=0, help="GPU ordinal (default 0)")
+    p.add_argument(
+        "--worker-id", help="worker id in seals and audit records (default worker-HOSTNAME-DEVICE)"
+    )
+    p.add_argument(
+        "--host-capacity-gib",
+        type=float,
+        help="host emulation only: emulated device memory size (default half of RAM)",
+    )
+    p.add_argument("--max-batch", type=int, default=64, help="most jobs per verified batch (default 64)")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=256 * 1024,
+        help="largest request body accepted (default 256 KiB)",
+    )
+    p.add_argument(
+        "--blas-threads",
+        type=int,
+        default=1,
+        help="threads of numpy's BLAS for the host executor (default 1; 0 leaves it as it is)",
+    )
+    p.add_argument("--metrics-auth", action="store_true", help="require the token for /metrics too")
+    p.add_argument("--access-log", action="store_true", help="log one line per request (never headers)")
+    p.add_argument(
+        "--benchmark-skip-pre-verify",
+        action="store_true",
+        help="BENCHMARK ONLY: run executions WITHOUT verifying the seals first, to measure what "
+        "verification costs. Shown in /health, /metrics and the audit log. Never use for real traffic.",
+    )
+    p.set_defaults(func=_run)

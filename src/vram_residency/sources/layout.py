@@ -1,0 +1,310 @@
+"""Opening model files safely and mapping their tensors to byte ranges.
+
+Every file is opened once, as a regular file, before anything is allocated: a missing file, a
+directory, a FIFO or device, a path under a non-directory, or a truncated or corrupt header is an
+``InvalidInput`` with no device memory touched. The descriptor opened here is the one that is
+parsed and then streamed, so a rename between the two cannot swap the bytes under the parser.
+
+A shard sealed from a file holds the *whole* file, header included, so its digest is the digest
+of the file as it lies on disk (what ``vram-residency digest`` and manifests record), and tensor
+spans are absolute byte offsets inside the file. The header gets a span of its own, named
+``(header)``, so that a change there is reported too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from vram_residency.errors import InvalidInput
+from vram_residency.manager import TensorSpan
+
+__all__ = [
+    "FORMATS",
+    "HEADER_SPAN",
+    "FileFormat",
+    "FileLayout",
+    "OpenedFile",
+    "inspect_file",
+    "open_model_file",
+    "pread_exact",
+]
+
+FileFormat = Literal["auto", "raw", "safetensors", "gguf"]
+FORMATS: Final = ("auto", "raw", "safetensors", "gguf")
+HEADER_SPAN: Final = "(header)"
+
+#: safetensors refuses headers above 100 MB; so do we, before reading one into memory.
+_MAX_SAFETENSORS_HEADER: Final = 100_000_000
+_GGUF_MAGIC: Final = b"GGUF"
+
+# Bits per element of the safetensors dtypes (sub-byte float formats are packed).
+_DTYPE_BITS: Final = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class FileLayout:
+    """What a model file holds: its format, size and named byte ranges (file offsets)."""
+
+    format: Literal["raw", "safetensors", "gguf"]
+    size: int
+    #: The header's span, then one span per tensor of at least one byte, in file order.
+    tensors: tuple[TensorSpan, ...]
+    #: Every tensor's name, zero-byte tensors included.
+    tensor_names: frozenset[str] = frozenset()
+
+
+def pread_exact(fd: int, offset: int, n: int, what: str) -> bytes:
+    """Exactly ``n`` bytes at ``offset``; a short file is an ``InvalidInput`` naming ``what``."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        try:
+            chunk = os.pread(fd, n - got, offset + got)
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {what}: {exc.strerror}") from None
+        if not chunk:
+            raise InvalidInput(f"{what} is truncated: expected {n} bytes at offset {offset}, got {got}")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+class OpenedFile:
+    """A regular file opened for reading, with its parsed layout. Close it (or use ``with``)."""
+
+    def __init__(self, path: Path, fd: int, st: os.stat_result, layout: FileLayout) -> None:
+        self.path = path
+        self.fd = fd
+        self._stat = st
+        self.layout = layout
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    def check_unchanged(self) -> None:
+        """Raise ``InvalidInput`` if the file changed size or mtime since it was opened.
+
+        Streaming takes time; a file rewritten meanwhile would be sealed as a mix of old and new
+        bytes, with a layout parsed from the old ones."""
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) != (self._stat.st_size, self._stat.st_mtime_ns):
+            raise InvalidInput(f"{self.path} changed while it was being read")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> OpenedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            self.close()
+
+
+def _fspath(path: object) -> Path:
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidInput(f"path must be str or os.PathLike, not {type(path).__name__}")
+    p = Path(path)
+    if not str(p):
+        raise InvalidInput("path is empty")
+    return p
+
+
+def _open_regular(path: Path) -> tuple[int, os.stat_result]:
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever. It has
+    # no effect on reads of regular files, which are all we keep.
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise InvalidInput(f"{path}: no such file") from None
+    except NotADirectoryError:
+        raise InvalidInput(f"{path}: a component of the path is not a directory") from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise InvalidInput(f"{path} is a directory, not a model file")
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"{path} is not a regular file (FIFO, socket or device)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _detect(fd: int, path: Path, size: int) -> Literal["raw", "safetensors", "gguf"]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix == ".gguf":
+        return "gguf"
+    if size >= 4 and pread_exact(fd, 0, 4, str(path)) == _GGUF_MAGIC:
+        return "gguf"
+    return "raw"
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise InvalidInput(f"duplicate key {k!r} in safetensors header")
+        out[k] = v
+    return out
+
+
+def _is_uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def parse_safetensors(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], frozenset[str]]:
+    """Tensor spans of a safetensors file, validated as strictly as the safetensors library does:
+    offsets in bounds, sizes matching dtype and shape, and the data section covered exactly."""
+    if size < 8:
+        raise InvalidInput(f"{what}: safetensors file is truncated ({size} bytes)")
+    (n,) = struct.unpack("<Q", pread_exact(fd, 0, 8, what))
+    if n < 2 or n > _MAX_SAFETENSORS_HEADER:
+        raise InvalidInput(f"{what}: corrupt safetensors header length {n}")
+    if 8 + n > size:
+        raise InvalidInput(f"{what}: safetensors header ({n} bytes) runs past the end of the file")
+    raw = pread_exact(fd, 8, n, what)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, InvalidInput):
+            raise InvalidInput(f"{what}: {exc}") from None
+        raise InvalidInput(f"{what}: corrupt safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidInput(f"{what}: safetensors header is not a JSON object")
+    data_start = 8 + n
+    data_len = size - data_start
+    entries: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise InvalidInput(f"{what}: __metadata__ must map strings to strings")
+            continue
+        if not isinstance(info, dict):
+            raise InvalidInput(f"{what}: entry {name!r} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise InvalidInput(f"{what}: tensor {name!r} has no dtype")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise InvalidInput(f"{what}: tensor {name!r} has an invalid shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+            raise InvalidInput(f"{what}: tensor {name!r} has invalid data_offsets")
+        begin, end = offsets
+        if begin > end or end > data_len:
+            raise InvalidInput(
+                f"{what}: tensor {name!r} spans [{begin}, {end}) outside the data section of "
+                f"{data_len} bytes (truncated file?)"
+            )
+        bits = _DTYPE_BITS.get(dtype)
+        if bits is not None:
+            nbits = math.prod(shape) * bits
+            if nbits % 8 or nbits // 8 != end - begin:
+                raise InvalidInput(
+                    f"{what}: tensor {name!r} of dtype {dtype} and shape {shape} cannot take "
+                    f"{end - begin} bytes"
+                )
+        entries.append((begin, end, name))
+    entries.sort()
+    pos = 0
+    for begin, end, name in entries:
+        if begin != pos:
+            kind = "overlaps another tensor" if begin < pos else "leaves a gap before it"
+            raise InvalidInput(f"{what}: tensor {name!r} {kind} (offset {begin}, expected {pos})")
+        pos = end
+    if pos != data_len:
+        raise InvalidInput(
+            f"{what}: tensors cover {pos} bytes but the data section holds {data_len} "
+            f"(truncated or padded file)"
+        )
+    spans = [TensorSpan(HEADER_SPAN, 0, data_start)]
+    spans += [TensorSpan(name, data_start + b, data_start + e) for b, e, name in entries if e > b]
+    return tuple(spans), frozenset(name for _, _, name in entries)
+
+
+def _read_gguf(reader_cls: Any, path: Path) -> tuple[int, list[tuple[str, int, int]]]:
+    # Only plain integers and names leave this function, so the reader and its memory map of
+    # the whole file are gone when it returns.
+    reader = reader_cls(path)
+    return int(reader.data_offset), [
+        (str(t.name), int(t.data_offset), int(t.n_bytes)) for t in reader.tensors
+    ]
+
+
+def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], frozenset[str]]:
+    """Tensor spans of a GGUF file, read with the ``gguf`` package's own reader."""
+    if size < 4 or pread_exact(fd, 0, 4, what) != _GGUF_MAGIC:
+        raise InvalidInput(f"{what}: not a GGUF file (bad magic)")
+    from gguf import GGUFReader
+
+    # Parse the descriptor already opened and checked, not the path again: on Linux
+    # /proc/self/fd/N opens the same inode even if the path was replaced meanwhile.
+    proc = Path(f"/proc/self/fd/{fd}")
+    try:
+        header_end, raw = _read_gguf(GGUFReader, proc if proc.exists() else Path(what))
+    except Exception as exc:
+        # gguf's reader raises whatever numpy raises on malformed input (ValueError, IndexError,
+        # struct errors, ...); for an untrusted file every one of them means a corrupt header.
+        raise InvalidInput(f"{what}: corrupt GGUF file: {type(exc).__name__}: {exc}") from None
+    spans = [TensorSpan(HEADER_SPAN, 0, min(header_end, size))]
+    seen: set[str] = set()
+    for name, start, n in raw:
+        if name in seen:
+            raise InvalidInput(f"{what}: duplicate tensor name {name!r} in GGUF file")
+        seen.add(name)
+        if start < header_end or start + n > size:
+            raise InvalidInput(
+                f"{what}: tensor {name!r} spans [{start}, {start + n}) outside the file (truncated?)"
+            )
+        if n:
+            spans.append(TensorSpan(name, start, start + n))
+    return tuple(spans), frozenset(seen)
+
+
+def inspect_file(fd: int, path: Path, size: int, fmt: str) -> FileLayout:
+    if fmt not in FORMATS:
+        raise InvalidInput(f"format must be one of {FORMATS}, not {fmt!r}")
+    kind = _detect(fd, path, size) if fmt == "auto" else fmt
+    what = str(path)
+    if kind == "safetensors":
+        return FileLayout("safetensors", size, *parse_safetensors(fd, size, what))
+    if kind == "gguf":
+        return FileLayout("gguf", size, *parse_gguf(fd, size, what))
+    return FileLayout("raw", size, ())
+
+
+def open_model_file(path: str | os.PathLike[str], fmt: str = "auto") -> OpenedFile:
+    """Open ``path`` as a regular file and parse its layout; ``InvalidInput`` on any problem."""
+    p = _fspath(path)
+    fd, st = _open_regular(p)
+    try:
+        layout = inspect_file(fd, p, st.st_size, fmt)
+    except BaseException:
+        os.close(fd)
+        raise
+    return OpenedFile(p, fd, st, layout)

@@ -1,0 +1,321 @@
+"""Models made of several shards: sharded files, or a framework's tensors. Scheme ``vram-model-v1``.
+
+A ``seal-v1`` record has one free-form field, ``model_ref``, and the ``shard_index`` /
+``total_shards`` pair. A model of ``N`` parts (files of a sharded checkpoint, or tensors adopted
+from a framework) is sealed as ``N`` shards that share one ``model_ref``::
+
+    model_ref = NAME "@vram-model-v1:" HEX(M)
+    M = SHA-256( "vram-residency-model-v1" || LE32(N) ||
+                 for each part i = 0 .. N-1, in order:
+                   LE32(len(name_i)) || name_i || LE32(len(alg)) || alg || LE64(size_i) || digest_i )
+
+where ``name_i`` is the part's UTF-8 name (the file name as the index or manifest gives it, or
+the tensor name), ``alg`` the digest algorithm of every shard (``sha256-tree-v1`` or ``blake3``),
+``size_i`` its length in bytes and ``digest_i`` its 32-byte digest. Part ``i`` is sealed with
+``shard_index = i`` and ``total_shards = N``.
+
+Since each shard's tag covers its own digest and the shared ``model_ref``, and ``M`` covers every
+part's name, size and digest in order, a verifier holding the ``N`` records and the part names
+(both in :meth:`SealedModel.record`) detects a missing part (an index absent, or ``M`` differs),
+an extra one (``total_shards`` or ``M`` differs) and a swap (``M`` differs): see
+:func:`check_model_record`. ``M`` is computed from digests measured in device memory, so every
+part is first copied (or adopted) and digested, and only then are the ``N`` seals made; any
+failure in between frees everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from vram_residency.backends.base import DeviceBuffer
+from vram_residency.errors import InvalidInput, PolicyViolation, SealVerificationFailed, VramError
+from vram_residency.formats.tree import check_algorithm
+from vram_residency.manager import TensorSpan
+from vram_residency.shard import SealedShard, check_seal_record
+
+if TYPE_CHECKING:
+    from vram_residency.manager import VramManager
+
+__all__ = [
+    "MODEL_DIGEST_NAME",
+    "ModelPart",
+    "SealedModel",
+    "check_model_record",
+    "model_digest",
+    "model_ref_for",
+    "parse_model_ref",
+]
+
+MODEL_DIGEST_NAME: Final = "vram-model-v1"
+MODEL_RECORD_FORMAT: Final = "vram-model-v1"
+_DOMAIN: Final = b"vram-residency-model-v1"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _utf8(what: str, s: object) -> bytes:
+    if not isinstance(s, str) or not s:
+        raise InvalidInput(f"{what} must be a non-empty string")
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} {s!r} is not valid Unicode text") from None
+
+
+def model_digest(parts: Sequence[tuple[str, int, str, str]]) -> str:
+    """``M`` (hex) of ``(name, size, algorithm, hex digest)`` parts, in order."""
+    if not parts:
+        raise InvalidInput("a model needs at least one part")
+    h = hashlib.sha256(_DOMAIN)
+    h.update(len(parts).to_bytes(4, "little"))
+    for name, size, algorithm, digest in parts:
+        nb, ab = _utf8("part name", name), check_algorithm(algorithm).encode("ascii")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise InvalidInput("part digest must be 64 lower-case hex characters")
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 1 << 64:
+            raise InvalidInput("part size must be a 64-bit unsigned integer")
+        h.update(len(nb).to_bytes(4, "little") + nb + len(ab).to_bytes(4, "little") + ab)
+        h.update(size.to_bytes(8, "little") + bytes.fromhex(digest))
+    return h.hexdigest()
+
+
+def model_ref_for(name: str, digest: str) -> str:
+    _utf8("model name", name)
+    return f"{name}@{MODEL_DIGEST_NAME}:{digest}"
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """``(name, M)`` of a ``vram-model-v1`` model_ref; ``InvalidInput`` for any other ref."""
+    name, sep, rest = ref.rpartition("@")
+    prefix = f"{MODEL_DIGEST_NAME}:"
+    if not sep or not name or not rest.startswith(prefix) or not _HEX64.fullmatch(rest[len(prefix) :]):
+        raise InvalidInput(f"model_ref {ref!r} is not a {MODEL_DIGEST_NAME} reference")
+    return name, rest[len(prefix) :]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPart:
+    """One named part of a model and the shard it is sealed as."""
+
+    name: str
+    shard: SealedShard
+
+
+@dataclass(frozen=True, slots=True)
+class SealedModel:
+    """A model sealed as ``len(parts)`` shards bound together by ``model_ref`` (see module doc)."""
+
+    model_ref: str
+    model_digest: str
+    digest_algorithm: str
+    parts: tuple[ModelPart, ...]
+
+    @property
+    def name(self) -> str:
+        return parse_model_ref(self.model_ref)[0]
+
+    @property
+    def shards(self) -> tuple[SealedShard, ...]:
+        return tuple(p.shard for p in self.parts)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parts)
+
+    @property
+    def vram_bytes(self) -> int:
+        return sum(p.shard.vram_bytes for p in self.parts)
+
+    def shard(self, name: str) -> SealedShard:
+        for p in self.parts:
+            if p.name == name:
+                return p.shard
+        raise KeyError(name)
+
+    def check_binding(self) -> None:
+        """Recompute ``M`` from the parts; ``SealVerificationFailed`` unless it is the one sealed."""
+        _check_binding(self.model_ref, [(p.name, p.shard) for p in self.parts])
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready: the model_ref, ``M``, and each part's name with its seal record."""
+        return {
+            "format": MODEL_RECORD_FORMAT,
+            "model_ref": self.model_ref,
+            "model_digest": self.model_digest,
+            "digest_algorithm": self.digest_algorithm,
+            "parts": [{"name": p.name, "seal": p.shard.record()} for p in self.parts],
+        }
+
+
+def _check_binding(model_ref: str, parts: Sequence[tuple[str, SealedShard]]) -> str:
+    _, want = parse_model_ref(model_ref)
+    n = len(parts)
+    algorithms = {s.digest_algorithm for _, s in parts}
+    problems: list[str] = []
+    if len(algorithms) > 1:
+        problems.append(f"parts use different digest algorithms {sorted(algorithms)}")
+    for i, (name, s) in enumerate(parts):
+        if s.model_ref != model_ref:
+            problems.append(f"part {i} ({name!r}) belongs to model_ref {s.model_ref!r}")
+        if s.shard_index != i or s.total_shards != n:
+            problems.append(
+                f"part {i} ({name!r}) is sealed as shard {s.shard_index} of {s.total_shards}, "
+                f"not {i} of {n} (missing, extra or reordered part)"
+            )
+    if not problems:
+        got = model_digest([(name, s.vram_bytes, s.digest_algorithm, s.digest) for name, s in parts])
+        if not hmac.compare_digest(got, want):
+            problems.append(
+                "the parts' names, sizes and digests do not give the model digest in model_ref "
+                "(a part was swapped, renamed, replaced, added or removed)"
+            )
+    if problems:
+        raise SealVerificationFailed(
+            f"model {model_ref}: " + "; ".join(problems),
+            expected_digest=want,
+        )
+    return want
+
+
+def check_model_record(record: dict[str, Any], worker_token: str | bytes) -> SealedModel:
+    """Check a model record (:meth:`SealedModel.record`) with the worker token.
+
+    Every part's ``seal-v1`` tag is checked, then the binding: all parts carry the same
+    ``vram-model-v1`` model_ref, are numbered ``0 .. N-1`` of ``N``, and their names, sizes and
+    digests reduce to its ``M``. Raises ``InvalidInput`` for a malformed record and
+    ``SealVerificationFailed`` for a forged, incomplete, padded or reordered one.
+    """
+    if not isinstance(record, dict) or record.get("format") != MODEL_RECORD_FORMAT:
+        raise InvalidInput(f"model record must be a JSON object of format {MODEL_RECORD_FORMAT!r}")
+    model_ref, parts = record.get("model_ref"), record.get("parts")
+    if not isinstance(model_ref, str) or not isinstance(parts, list) or not parts:
+        raise InvalidInput("model record needs a model_ref and a non-empty list of parts")
+    checked: list[tuple[str, SealedShard]] = []
+    for part in parts:
+        if not isinstance(part, dict) or not isinstance(part.get("name"), str):
+            raise InvalidInput("each part of a model record needs a name and a seal")
+        checked.append((part["name"], check_seal_record(part.get("seal"), worker_token)))  # type: ignore[arg-type]
+    want = _check_binding(model_ref, checked)
+    if record.get("model_digest") not in (None, want):
+        raise SealVerificationFailed(f"model record's model_digest does not match its model_ref {model_ref}")
+    algorithm = checked[0][1].digest_algorithm
+    return SealedModel(model_ref, want, algorithm, tuple(ModelPart(n, s) for n, s in checked))
+
+
+# -- sealing ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PartSource:
+    """What :func:`seal_parts` needs to put one part into device memory.
+
+    ``acquire`` returns the part's device buffer (a fresh allocation, or adopted memory);
+    ``fill`` (if any) writes the part's bytes into it."""
+
+    name: str
+    size: int
+    acquire: Callable[[], DeviceBuffer]
+    fill: Callable[[DeviceBuffer], None] | None = None
+    tensors: tuple[TensorSpan, ...] = ()
+    source: Any = None
+    expected_digest: str | None = None
+
+
+def _noop(_buf: DeviceBuffer) -> None:
+    pass
+
+
+def seal_parts(
+    mgr: VramManager,
+    parts: Sequence[PartSource],
+    *,
+    model_name: str,
+    digest_algorithm: str,
+    device: int | None = None,
+    expected_model_digest: str | None = None,
+) -> SealedModel:
+    """Seal ``parts`` as one ``vram-model-v1`` model; all or nothing."""
+    check_algorithm(digest_algorithm)
+    _utf8("model name", model_name)
+    n = len(parts)
+    if n == 0:
+        raise InvalidInput("nothing to seal: the model has no parts")
+    names = [p.name for p in parts]
+    for name in names:
+        _utf8("part name", name)
+    if len(set(names)) != n:
+        dup = sorted({x for x in names if names.count(x) > 1})
+        raise InvalidInput(f"part names must be unique; repeated: {dup[:5]}")
+    # Validate every part against the manager's limits before touching device memory.
+    for p in parts:
+        mgr._validate_seal_args(p.size, device, "validation", 0, n, p.expected_digest, digest_algorithm)
+    need = sum(p.size for p in parts)
+    if need > mgr.max_model_bytes:
+        raise InvalidInput(f"model of {need} bytes exceeds max_model_bytes ({mgr.max_model_bytes})")
+    backend = mgr._backend
+    buffers: list[DeviceBuffer] = []
+    shards: list[SealedShard] = []
+    try:
+        digests: list[str] = []
+        for p in parts:
+            buf = p.acquire()
+            buffers.append(buf)
+            try:
+                backend.check_policy(buf)
+            except PolicyViolation as exc:
+                mgr._emit("PolicyViolation", critical=True, reason=str(exc), vram_bytes=p.size)
+                raise
+            if p.fill is not None:
+                p.fill(buf)
+            actual = backend.hash(buf, digest_algorithm, p.size).digest.hex()
+            if p.expected_digest is not None and not hmac.compare_digest(actual, p.expected_digest.lower()):
+                raise InvalidInput(
+                    f"part {p.name!r}: digest in device memory ({actual}) does not match the expected "
+                    f"digest ({p.expected_digest.lower()}); nothing was sealed"
+                )
+            digests.append(actual)
+        m = model_digest([(p.name, p.size, digest_algorithm, d) for p, d in zip(parts, digests, strict=True)])
+        if expected_model_digest is not None and not hmac.compare_digest(m, expected_model_digest.lower()):
+            raise InvalidInput(
+                f"model digest {m} does not match the expected {expected_model_digest.lower()}; "
+                "nothing was sealed"
+            )
+        model_ref = model_ref_for(model_name, m)
+        for i, (p, buf, d) in enumerate(zip(parts, buffers, digests, strict=True)):
+            # The ordinary sealing path, on memory already filled: it digests the device memory
+            # again and refuses to seal if it no longer matches what M was computed from.
+            shards.append(
+                mgr._seal_into(
+                    p.size,
+                    _noop,
+                    device=device,
+                    model_ref=model_ref,
+                    shard_index=i,
+                    total_shards=n,
+                    expected_digest=d,
+                    digest_algorithm=digest_algorithm,
+                    tensors=p.tensors,
+                    source=p.source,
+                    buffer=buf,
+                )
+            )
+    except BaseException:
+        for s in shards:
+            # Keep releasing the rest: the original error is the one to report.
+            with contextlib.suppress(VramError):
+                mgr.deallocate(s)
+        for b in buffers:
+            with contextlib.suppress(VramError):
+                b.close()
+        raise
+    return SealedModel(
+        model_ref,
+        m,
+        digest_algorithm,
+        tuple(ModelPart(p.name, s) for p, s in zip(parts, shards, strict=True)),
+    )

@@ -1,0 +1,472 @@
+"""AuditLog: record format, durability classes, rotation, recovery, head, fail-closed."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+from audit_helpers import OTHER_TOKEN, TOKEN, read_lines, records
+
+from vram_residency.audit import (
+    CRITICAL_EVENTS,
+    GENESIS_HASH,
+    LOG_RECOVERED,
+    POLICY_VIOLATION,
+    SEAL_VERIFICATION_FAILED,
+    SECURITY_INCIDENT,
+    VRAM_SEALED,
+    AuditLog,
+    AuditLogCorrupt,
+    AuditWriteFailed,
+    canonical_bytes,
+    chain_order,
+    error_fields,
+    rotated_paths,
+    verify_log,
+)
+from vram_residency.audit import log as log_module
+from vram_residency.audit.record import RECORD_DOMAIN
+from vram_residency.errors import ConfigError, InvalidInput, SealVerificationFailed
+from vram_residency.formats.keys import AUDIT_KEY_INFO, SEAL_KEY_INFO, SecretKey
+
+
+def _all_files(path: Path) -> list[Path]:
+    return [*rotated_paths(path), path]
+
+
+# ---------------------------------------------------------------------------- record format
+
+
+def test_record_fields_hash_and_hmac_follow_the_spec(audit_log: AuditLog, log_path: Path) -> None:
+    rec = audit_log.emit(VRAM_SEALED, shard_id="s0", vram_bytes=4096, digest="ab" * 32)
+    audit_log.flush()
+    (obj,) = records(log_path)
+    assert obj["seq"] == 0 and obj["prev_hash"] == GENESIS_HASH
+    assert obj["event"] == "VramSealed" and obj["worker_id"] == "w-test" and obj["critical"] is False
+    assert obj["fields"] == {"shard_id": "s0", "vram_bytes": 4096, "digest": "ab" * 32}
+    assert obj["time"].endswith("Z") and "T" in obj["time"]
+    assert len(obj["id"]) == 32 and obj["id"] == rec.id
+    body = {k: v for k, v in obj.items() if k not in ("hash", "hmac")}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert canon == canonical_bytes(body)
+    assert obj["hash"] == hashlib.sha256(canon).hexdigest() == rec.hash
+    # The audit key is HKDF(token, AUDIT_KEY_INFO), distinct from the seal key.
+    audit_key = SecretKey.from_token(TOKEN, AUDIT_KEY_INFO)
+    assert audit_key.verify(RECORD_DOMAIN + canon, bytes.fromhex(obj["hmac"]))
+    assert not SecretKey.from_token(TOKEN, SEAL_KEY_INFO).verify(
+        RECORD_DOMAIN + canon, bytes.fromhex(obj["hmac"])
+    )
+
+
+def test_chain_links_every_record_to_the_previous(audit_log: AuditLog, log_path: Path) -> None:
+    for i in range(20):
+        audit_log.emit(VRAM_SEALED, shard_id=f"s{i}")
+    audit_log.flush()
+    objs = records(log_path)
+    assert [o["seq"] for o in objs] == list(range(20))
+    for a, b in itertools.pairwise(objs):
+        assert b["prev_hash"] == a["hash"]
+    assert verify_log(log_path, TOKEN).ok
+
+
+def test_critical_defaults_by_event_type(audit_log: AuditLog) -> None:
+    for name in (SEAL_VERIFICATION_FAILED, POLICY_VIOLATION, SECURITY_INCIDENT, "IntegrityViolation"):
+        assert name in CRITICAL_EVENTS
+        assert audit_log.emit(name, shard_id="s").critical is True
+    assert audit_log.emit(VRAM_SEALED).critical is False
+    assert audit_log.emit(VRAM_SEALED, critical=True).critical is True
+    assert audit_log.emit(SEAL_VERIFICATION_FAILED, critical=False).critical is False
+    assert audit_log.emit("ShardRepairedLater", shard_id="s").critical is False  # new names allowed
+
+
+def test_critical_event_is_on_disk_when_emit_returns(audit_log: AuditLog, log_path: Path) -> None:
+    audit_log.emit(VRAM_SEALED, shard_id="batched")
+    assert log_path.read_bytes() == b""  # non-critical: still in the batch buffer
+    rec = audit_log.emit(SEAL_VERIFICATION_FAILED, shard_id="bad", expected_digest="0" * 64)
+    objs = records(log_path)  # written in chain order, the batched one first
+    assert [o["id"] for o in objs][-1] == rec.id and objs[0]["fields"]["shard_id"] == "batched"
+
+
+def test_critical_event_is_synced(monkeypatch: pytest.MonkeyPatch, audit_log: AuditLog) -> None:
+    synced: list[int] = []
+    real = log_module._datasync
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(log_module, "_datasync", counting)
+    audit_log.emit(VRAM_SEALED)
+    assert synced == []
+    audit_log.emit(POLICY_VIOLATION, shard_id="s", message="managed memory")
+    assert len(synced) == 1
+
+
+def test_batch_written_when_buffer_fills(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w", batch_bytes=2048, flush_interval=None) as log:
+        for i in range(40):
+            log.emit(VRAM_SEALED, shard_id=f"s{i}")
+        on_disk = len(records(log_path))
+        assert 0 < on_disk < 40
+    assert len(records(log_path)) == 40
+
+
+def test_background_flush_by_time(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w", flush_interval=0.02) as log:
+        log.emit(VRAM_SEALED)
+        deadline = time.monotonic() + 5
+        while not records(log_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(records(log_path)) == 1
+
+
+def test_close_flushes_and_is_idempotent(audit_log: AuditLog, log_path: Path) -> None:
+    for _ in range(5):
+        audit_log.emit(VRAM_SEALED)
+    audit_log.close()
+    audit_log.close()
+    assert len(records(log_path)) == 5
+    with pytest.raises(AuditWriteFailed, match="closed"):
+        audit_log.emit(VRAM_SEALED)
+
+
+def test_fields_are_plain_json_and_secrets_are_refused(audit_log: AuditLog) -> None:
+    rec = audit_log.emit(
+        SEAL_VERIFICATION_FAILED, corrupted_ranges=[(0, 4096), (8192, 12288)], path=Path("/x")
+    )
+    assert rec.fields["corrupted_ranges"] == [[0, 4096], [8192, 12288]]
+    assert rec.fields["path"] == "/x"
+    for name in ("token", "key", "Secret", "worker_token", "audit_key"):
+        with pytest.raises(InvalidInput, match="looks like a secret"):
+            audit_log.emit(VRAM_SEALED, **{name: "x"})  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="looks like a secret"):
+        audit_log.emit(VRAM_SEALED, nested={"token": "x"})
+    with pytest.raises(InvalidInput, match="bytes or keys"):
+        audit_log.emit(VRAM_SEALED, blob=TOKEN.encode())
+    with pytest.raises(InvalidInput, match="bytes or keys"):
+        audit_log.emit(VRAM_SEALED, thing=SecretKey.from_token(TOKEN, AUDIT_KEY_INFO))
+    with pytest.raises(InvalidInput):
+        audit_log.emit(VRAM_SEALED, ratio=float("nan"))
+    with pytest.raises(InvalidInput):
+        audit_log.emit(VRAM_SEALED, text="\ud800")
+    with pytest.raises(InvalidInput):
+        audit_log.emit("not a name")
+    # A refused event leaves no trace in the chain.
+    assert audit_log.next_seq == 1
+
+
+def test_token_never_appears_anywhere(log_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    log = AuditLog(log_path, token=TOKEN, worker_id="w", flush_interval=None)
+    log.emit(VRAM_SEALED, shard_id="s")
+    log.close()
+    key = SecretKey.from_token(TOKEN, AUDIT_KEY_INFO)._expose_for_tests()
+    for blob in [log_path.read_bytes(), Path(str(log_path) + ".head").read_bytes(), repr(log).encode()]:
+        assert TOKEN.encode() not in blob and key.hex().encode() not in blob and key not in blob
+    assert TOKEN not in caplog.text
+
+
+def test_error_fields_of_a_seal_failure() -> None:
+    exc = SealVerificationFailed(
+        "digest mismatch",
+        shard_id="s1",
+        expected_digest="a" * 64,
+        actual_digest="b" * 64,
+        corrupted_ranges=[(0, 4096)],
+        corrupted_tensors=["layer.0.weight"],
+    )
+    f = error_fields(exc)
+    assert f["shard_id"] == "s1" and f["corrupted_ranges"] == [[0, 4096]] and f["fatal"] is True
+    assert f["expected_digest"] == "a" * 64 and f["actual_digest"] == "b" * 64
+
+
+def test_constructor_validation(log_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        AuditLog(log_path, worker_id="w")
+    with pytest.raises(ConfigError):
+        AuditLog(log_path, worker_id="w", token=TOKEN, key=SecretKey.from_token(TOKEN, AUDIT_KEY_INFO))
+    with pytest.raises(ConfigError, match="too short"):
+        AuditLog(log_path, worker_id="w", token="short")
+    with pytest.raises(ConfigError):
+        AuditLog(log_path, worker_id="", token=TOKEN)
+
+
+def test_key_instead_of_token(log_path: Path) -> None:
+    with AuditLog(
+        log_path, worker_id="w", key=SecretKey.from_token(TOKEN, AUDIT_KEY_INFO)
+    ) as log:  # slow path
+        log.emit(VRAM_SEALED)
+    assert verify_log(log_path, TOKEN).ok
+
+
+def test_one_writer_per_log(audit_log: AuditLog, log_path: Path) -> None:
+    with pytest.raises(ConfigError, match="in use"):
+        AuditLog(log_path, token=TOKEN, worker_id="w2")
+
+
+# ---------------------------------------------------------------------------- reopen, recovery
+
+
+def test_reopen_continues_the_chain(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        for _ in range(3):
+            log.emit(VRAM_SEALED)
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        assert log.recovery is None
+        rec = log.emit(VRAM_SEALED)
+        assert rec.seq == 3
+    assert verify_log(log_path, TOKEN).ok
+
+
+def test_reopen_with_another_token_is_refused(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        log.emit(VRAM_SEALED)
+    with pytest.raises(AuditLogCorrupt) as info:
+        AuditLog(log_path, token=OTHER_TOKEN, worker_id="w")
+    assert TOKEN not in str(info.value) and OTHER_TOKEN not in str(info.value)
+    assert info.value.fatal
+
+
+def test_reopen_refuses_an_edited_last_record(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        log.emit(VRAM_SEALED, shard_id="a")
+        log.emit(VRAM_SEALED, shard_id="b")
+    log_path.write_bytes(log_path.read_bytes().replace(b'"b"', b'"c"'))
+    with pytest.raises(AuditLogCorrupt, match="does not verify"):
+        AuditLog(log_path, token=TOKEN, worker_id="w")
+
+
+def test_reopen_refuses_a_log_cut_before_its_signed_head(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        for _ in range(3):
+            log.emit(VRAM_SEALED)
+    lines = read_lines(log_path)
+    log_path.write_bytes(b"".join(lines[:-1]))  # the attacker removes the newest record
+    with pytest.raises(AuditLogCorrupt, match="signed head"):
+        AuditLog(log_path, token=TOKEN, worker_id="w")
+
+
+def test_verify_on_open_finds_a_break_in_the_middle(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        for i in range(5):
+            log.emit(VRAM_SEALED, shard_id=f"s{i}")
+    log_path.write_bytes(log_path.read_bytes().replace(b'"s1"', b'"zz"'))
+    AuditLog(log_path, token=TOKEN, worker_id="w").close()  # the tail is fine, so it opens
+    with pytest.raises(AuditLogCorrupt, match="record 1"):
+        AuditLog(log_path, token=TOKEN, worker_id="w", verify_on_open=True)
+
+
+@pytest.mark.parametrize("cut", [1, 17, -1])
+def test_torn_tail_is_kept_aside_and_marked(
+    log_path: Path, cut: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        for i in range(4):
+            log.emit(VRAM_SEALED, shard_id=f"s{i}")
+        last_hash = log.last_hash
+    # A crash in the middle of writing a fifth record: a prefix of a real line, no newline.
+    full = b'{"critical":false,"event":"VramSealed","fields":{},"id":"x","prev_hash":"' + b"0" * 64 + b'"}\n'
+    torn = full[:cut]
+    with open(log_path, "ab") as f:
+        f.write(torn)
+    report = verify_log(log_path, TOKEN)
+    assert report.torn_tail and report.ok_until_torn and report.records == 4
+    assert report.first_break is not None and report.first_break.index == 4
+
+    caplog.set_level(logging.WARNING, logger="vram_residency.audit")
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        rec = log.recovery
+        assert rec is not None
+        assert rec.torn_bytes == len(torn) and rec.last_good_hash == last_hash and rec.last_good_seq == 3
+        assert Path(rec.torn_file).read_bytes() == torn  # the evidence survives
+        assert rec.marker.event == LOG_RECOVERED and rec.marker.critical
+        assert rec.marker.fields["last_good_hash"] == last_hash
+        assert rec.marker.fields["torn_sha256"] == hashlib.sha256(torn).hexdigest()
+        log.emit(VRAM_SEALED, shard_id="after")
+    assert "torn last record" in caplog.text
+    assert verify_log(log_path, TOKEN).ok
+    events = [o["event"] for o in records(log_path)]
+    assert events[4:] == [LOG_RECOVERED, VRAM_SEALED]
+    # Reopening again finds nothing torn.
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        assert log.recovery is None
+
+
+def test_torn_first_record(log_path: Path) -> None:
+    log_path.write_bytes(b'{"critical":tr')
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        assert log.recovery is not None and log.recovery.last_good_seq is None
+        assert log.recovery.marker.prev_hash == GENESIS_HASH and log.recovery.marker.seq == 0
+    assert verify_log(log_path, TOKEN).ok
+
+
+# ---------------------------------------------------------------------------- rotation
+
+
+def test_rotation_keeps_one_chain(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w", max_bytes=4096, flush_interval=None) as log:
+        for i in range(200):
+            log.emit(VRAM_SEALED if i % 7 else SEAL_VERIFICATION_FAILED, shard_id=f"shard-{i}")
+    files = _all_files(log_path)
+    assert len(files) > 5
+    assert all(p.stat().st_size <= 4096 for p in files)
+    # Each new file starts with the previous file's last hash.
+    for older, newer in itertools.pairwise(files):
+        assert records(newer)[0]["prev_hash"] == records(older)[-1]["hash"]
+    objs = records(*files)
+    assert [o["seq"] for o in objs] == list(range(200))
+    assert verify_log(files, TOKEN).ok
+    # A shell glob gives lexical order; chain_order puts it right.
+    globbed = sorted(log_path.parent.glob("audit.jsonl*"))
+    assert verify_log(chain_order(p for p in globbed if not p.name.endswith(".head")), TOKEN).ok
+
+
+def test_rotation_continues_after_reopen(log_path: Path) -> None:
+    for _ in range(3):
+        with AuditLog(log_path, token=TOKEN, worker_id="w", max_bytes=2048) as log:
+            for i in range(30):
+                log.emit(VRAM_SEALED, shard_id=f"s{i}")
+    files = _all_files(log_path)
+    report = verify_log(files, TOKEN)
+    assert report.ok and report.records == 90
+
+
+def test_crash_between_rotation_and_next_write(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        for _ in range(3):
+            log.emit(VRAM_SEALED)
+    # A rotation renamed the active file, then the process died before writing the new one.
+    os.rename(log_path, str(log_path) + ".1")
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        assert log.emit(VRAM_SEALED).seq == 3
+    assert verify_log(_all_files(log_path), TOKEN).ok
+
+
+def test_torn_write_into_a_fresh_file_after_rotation(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        for _ in range(3):
+            log.emit(VRAM_SEALED)
+        last_hash = log.last_hash
+    os.rename(log_path, str(log_path) + ".1")
+    log_path.write_bytes(b'{"critical":false,"ev')  # the first write into the new file was cut
+    assert verify_log(_all_files(log_path), TOKEN).torn_tail
+    with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
+        assert log.recovery is not None and log.recovery.last_good_hash == last_hash
+        assert log.recovery.marker.seq == 3
+    assert verify_log(_all_files(log_path), TOKEN).ok
+
+
+def test_verifying_only_the_newest_file_says_older_files_are_missing(log_path: Path) -> None:
+    with AuditLog(log_path, token=TOKEN, worker_id="w", max_bytes=2048) as log:
+        for _ in range(40):
+            log.emit(VRAM_SEALED)
+    report = verify_log(log_path, TOKEN)
+    assert report.first_break is not None and "genesis" in report.first_break.reason
+    assert verify_log(log_path, TOKEN, require_genesis=False).ok
+
+
+# ---------------------------------------------------------------------------- fail closed
+
+
+def test_open_fails_closed_under_a_regular_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.raises(AuditWriteFailed) as info:
+        AuditLog(blocker / "audit.jsonl", token=TOKEN, worker_id="w")
+    assert info.value.fatal
+
+
+def test_disk_full_fails_closed(tmp_path: Path) -> None:
+    # /dev/full answers every write with ENOSPC, for root too.
+    log = AuditLog("/dev/full", token=TOKEN, worker_id="w", head_path=tmp_path / "h", flush_interval=None)
+    log.emit(VRAM_SEALED)  # buffered: nothing written yet
+    with pytest.raises(AuditWriteFailed) as info:
+        log.emit(SEAL_VERIFICATION_FAILED, shard_id="s")
+    assert info.value.fatal and info.value.errno == errno.ENOSPC
+    assert TOKEN not in str(info.value)
+    # Every later event is refused: the chain on disk and in memory no longer agree.
+    with pytest.raises(AuditWriteFailed, match="refuses"):
+        log.emit(VRAM_SEALED)
+    assert log.failed
+    log.close()
+
+
+def test_non_critical_batch_write_failure_also_fails_closed(tmp_path: Path) -> None:
+    log = AuditLog("/dev/full", token=TOKEN, worker_id="w", head_path=tmp_path / "h", batch_bytes=0)
+    with pytest.raises(AuditWriteFailed):
+        log.emit(VRAM_SEALED)
+    log.close()
+
+
+def test_failed_write_leaves_a_verifiable_file(monkeypatch: pytest.MonkeyPatch, log_path: Path) -> None:
+    log = AuditLog(log_path, token=TOKEN, worker_id="w", flush_interval=None)
+    for i in range(5):
+        log.emit(SEAL_VERIFICATION_FAILED, shard_id=f"s{i}")
+    real_write = os.write
+
+    def half_then_enospc(fd: int, data: bytes | memoryview) -> int:
+        # A partial write, then the disk fills: the classic torn batch.
+        if len(data) > 10:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    log.emit(VRAM_SEALED)
+    monkeypatch.setattr(os, "write", half_then_enospc)
+    with pytest.raises(AuditWriteFailed):
+        log.emit(SEAL_VERIFICATION_FAILED, shard_id="lost")
+    monkeypatch.undo()
+    log.close()
+    report = verify_log(log_path, TOKEN)
+    assert report.ok and report.records == 5  # the partial batch was cut back off
+
+
+def test_sync_failure_fails_closed(monkeypatch: pytest.MonkeyPatch, audit_log: AuditLog) -> None:
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(log_module, "_datasync", eio)
+    with pytest.raises(AuditWriteFailed, match="sync"):
+        audit_log.emit(POLICY_VIOLATION, shard_id="s")
+    assert audit_log.failed
+
+
+def test_rotation_failure_fails_closed(monkeypatch: pytest.MonkeyPatch, log_path: Path) -> None:
+    log = AuditLog(log_path, token=TOKEN, worker_id="w", max_bytes=1024, flush_interval=None)
+
+    def no_rename(src: object, dst: object) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    def fill() -> None:
+        for _ in range(50):
+            log.emit(SEAL_VERIFICATION_FAILED, shard_id="s")
+
+    monkeypatch.setattr(os, "rename", no_rename)
+    with pytest.raises(AuditWriteFailed, match="rotation"):
+        fill()
+    assert log.failed
+    log.close()
+
+
+def test_audit_key_matches_the_hkdf_secret_key_and_hides_itself() -> None:
+    import pickle
+
+    from vram_residency.audit.record import AuditKey
+
+    fast, reference = AuditKey(TOKEN), SecretKey.from_token(TOKEN, AUDIT_KEY_INFO)
+    for msg in (b"", b"x", RECORD_DOMAIN + b"{}" * 500):
+        assert fast.tag(msg) == reference.tag(msg)
+        assert fast.verify(msg, reference.tag(msg)) and reference.verify(msg, fast.tag(msg))
+    assert not fast.verify(b"x", AuditKey(OTHER_TOKEN).tag(b"x"))
+    assert "redacted" in repr(fast) and "redacted" in str(fast)
+    with pytest.raises(TypeError):
+        pickle.dumps(fast)
+    assert fast != AuditKey(TOKEN)
+    with pytest.raises(ConfigError):
+        AuditKey("short")

@@ -1,0 +1,354 @@
+"""The worker API over real HTTP: a uvicorn server on 127.0.0.1 with an ephemeral port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from service_helpers import HELLO_WORLD_REFERENCE, Running, audit_events, execute, tiny_bert
+
+from vram_residency import check_seal_record
+from vram_residency.audit.verify import verify_log
+from vram_residency.formats import digest
+
+WORKER_PATHS = [
+    ("POST", "/worker/plan", {"vram_bytes": 1}),
+    ("POST", "/worker/commit", {"model": "all-minilm-l6-v2"}),
+    ("GET", "/worker/ready", None),
+    ("POST", "/worker/execute", {"prompt": "hi"}),
+    ("POST", "/worker/verify", {}),
+    ("DELETE", "/worker/shards/shard-" + "0" * 32, None),
+    ("GET", "/no/such/path", None),
+]
+
+
+# -- public endpoints ----------------------------------------------------------------------------
+def test_health_needs_no_token_and_says_emulation(shared: Running) -> None:
+    r = httpx.get(shared.url + "/health")
+    assert r.status_code == 200
+    assert r.json() == {
+        "status": "ok",
+        "state": "Ready",
+        "backend": "host",
+        "emulated": True,
+        "pre_verify": True,
+    }
+
+
+def test_metrics_need_no_token_by_default(shared: Running) -> None:
+    r = httpx.get(shared.url + "/metrics")
+    assert r.status_code == 200
+    text = r.text
+    for name in (
+        "vram_seals_total",
+        "vram_sealed_bytes_total",
+        'vram_verifications_total{result="passed",trigger="commit"}',
+        "vram_verify_seconds_bucket",
+        "vram_free_bytes",
+        "vram_used_bytes",
+        'vram_worker_state{state="Ready"} 1.0',
+        "vram_pre_verify_enabled 1.0",
+        'vram_backend_info{backend="host",emulated="true"}',
+    ):
+        assert name in text, name
+    # Nothing that names a model, a shard or a digest.
+    assert "shard-" not in text and "minilm" not in text
+
+
+def test_metrics_auth_option(worker_factory: Callable[..., Running]) -> None:
+    w = worker_factory(metrics_auth=True)
+    assert httpx.get(w.url + "/metrics").status_code == 401
+    assert w.client.get("/metrics").status_code == 200
+
+
+def test_openapi_schema_is_served(shared: Running) -> None:
+    schema = httpx.get(shared.url + "/openapi.json").json()
+    paths = schema["paths"]
+    for p in (
+        "/worker/plan",
+        "/worker/commit",
+        "/worker/ready",
+        "/worker/execute",
+        "/worker/verify",
+        "/worker/shards/{shard_id}",
+        "/metrics",
+        "/health",
+    ):
+        assert p in paths
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert "text/event-stream" in paths["/worker/execute"]["post"]["responses"]["200"]["content"]
+
+
+# -- authentication ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("method", "path", "body"), WORKER_PATHS)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token-wrong-token-wrong"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer x"},
+    ],
+)
+def test_worker_endpoints_refuse_without_the_token(
+    shared: Running, method: str, path: str, body: object, headers: dict[str, str]
+) -> None:
+    r = httpx.request(method, shared.url + path, json=body, headers=headers)
+    assert r.status_code == 401
+    assert r.json() == {"code": "AUTH_FAILED"}  # no detail at all
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_wrong_scheme_with_right_token_is_refused(shared: Running) -> None:
+    r = httpx.get(shared.url + "/worker/ready", headers={"Authorization": f"Token {shared.token}"})
+    assert r.status_code == 401
+
+
+def test_two_authorization_headers_are_refused(shared: Running) -> None:
+    headers = [("Authorization", f"Bearer {shared.token}"), ("Authorization", f"Bearer {shared.token}")]
+    r = httpx.get(shared.url + "/worker/ready", headers=headers)
+    assert r.status_code == 401
+
+
+def test_auth_comes_before_parsing(shared: Running) -> None:
+    # A malformed body without the token gets 401, not a 400 that describes the schema.
+    r = httpx.post(
+        shared.url + "/worker/execute", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 401
+    assert r.json() == {"code": "AUTH_FAILED"}
+
+
+# -- ready, plan, verify -------------------------------------------------------------------------
+def test_ready_lists_models_and_seal_records_that_check(shared: Running) -> None:
+    r = shared.client.get("/worker/ready")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["ready"] is True and body["state"] == "Ready"
+    assert body["emulated"] is True and "EMULATION" in body["backend_description"]
+    (model,) = body["models"]
+    assert model["name"] == "all-minilm-l6-v2"
+    assert model["executable"] is True and model["kind"] == "embedding"
+    assert set(model["side_files_sha256"]) >= {"config.json", "tokenizer.json"}
+    (record,) = body["seals"]
+    shard = check_seal_record(record, shared.token)  # the orchestrator's check, with the token
+    assert shard.shard_id == model["shard_id"]
+    assert shard.digest == model["digest"]
+
+
+def test_plan_for_a_model_and_for_a_size(shared: Running) -> None:
+    r = shared.client.post("/worker/plan", json={"model": "all-minilm-l6-v2"})
+    assert r.status_code == 200
+    p = r.json()
+    assert p["model_bytes"] == 90868376
+    assert p["needed_bytes"] >= p["model_bytes"] and p["needed_bytes"] % 256 == 0
+    assert p["fits"] is True and p["available_bytes"] <= p["total_bytes"]
+    big = shared.client.post("/worker/plan", json={"vram_bytes": 1 << 50}).json()
+    assert big["fits"] is False
+    assert shared.client.post("/worker/plan", json={}).json()["code"] == "INVALID_PARAMS"
+    assert shared.client.post("/worker/plan", json={"model": None}).status_code == 400
+    both = shared.client.post("/worker/plan", json={"model": "all-minilm-l6-v2", "vram_bytes": 5})
+    assert both.status_code == 400
+    missing = shared.client.post("/worker/plan", json={"model": "no-such-model"})
+    assert missing.status_code == 404 and missing.json()["code"] == "INVALID_PARAMS"
+
+
+def test_verify_all_and_one(shared: Running) -> None:
+    r = shared.client.post("/worker/verify", json={})
+    assert r.status_code == 200
+    assert r.json()["verified"] is True and r.json()["shards"] == 1
+    shard_id = shared.client.get("/worker/ready").json()["models"][0]["shard_id"]
+    one = shared.client.post("/worker/verify", json={"shard_id": shard_id})
+    assert one.status_code == 200 and one.json()["bytes"] == 90868376
+    unknown = shared.client.post("/worker/verify", json={"shard_id": "shard-" + "f" * 32})
+    assert unknown.status_code == 404
+
+
+# -- execute -------------------------------------------------------------------------------------
+def test_execute_streams_started_tokens_metrics_end(shared: Running) -> None:
+    status, events = execute(shared.client, prompt="hello world", job_id="job-1")
+    assert status == 200
+    names = [e for e, _ in events]
+    assert names == ["started", "token", "token", "token", "token", "metrics", "end"]
+    started = events[0][1]
+    assert started["job_id"] == "job-1" and started["kind"] == "embedding"
+    assert started["verified"]["shards"] == 1 and started["verified"]["bytes"] == 90868376
+    assert [d["t"] for e, d in events if e == "token"] == ["[CLS]", "hello", "world", "[SEP]"]
+    metrics = events[-2][1]
+    assert metrics["verify_ms"] > 0 and metrics["pre_verify"] is True and metrics["tokens_in"] == 4
+    end = events[-1][1]
+    vec = np.array(end["embedding"])
+    assert end["dimension"] == 384 and vec.shape == (384,)
+    assert abs(np.linalg.norm(vec) - 1) < 1e-5
+    # The published reference embedding of "hello world" for all-MiniLM-L6-v2.
+    np.testing.assert_allclose(vec[:5], HELLO_WORLD_REFERENCE, atol=1e-4)
+
+
+def test_execute_every_job_is_preceded_by_a_verification(shared: Running) -> None:
+    def count() -> float:
+        text = httpx.get(shared.url + "/metrics").text
+        for line in text.splitlines():
+            if line.startswith('vram_verifications_total{result="passed",trigger="execute"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = count()
+    status, events = execute(shared.client, prompt="one more")
+    assert status == 200
+    assert count() == before + 1
+    assert events[0][1]["verified"]["shards"] == 1
+
+
+def test_execute_validation(shared: Running) -> None:
+    c = shared.client
+    assert execute(c, prompt="")[1]["code"] == "INVALID_PARAMS"
+    assert execute(c, prompt="   ")[0] == 400
+    assert execute(c, prompt="x", model="not-committed")[0] == 404
+    assert execute(c, prompt="x", temperature=0.5)[0] == 400  # extra fields are refused
+    assert execute(c, prompt="x", max_tokens=1)[0] == 400
+    r = c.post("/worker/execute", content=b"{bad", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["code"] == "INVALID_PARAMS"
+
+
+def test_execute_max_tokens_truncates_input(shared: Running) -> None:
+    status, events = execute(shared.client, prompt="one two three four five six", max_tokens=4)
+    assert status == 200
+    assert [d["t"] for e, d in events if e == "token"] == ["[CLS]", "one", "two", "[SEP]"]
+
+
+def test_body_limit(shared: Running) -> None:
+    big = json.dumps({"prompt": "x" * 300_000}).encode()
+    r = shared.client.post("/worker/execute", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["code"] == "INVALID_PARAMS"
+
+    def chunks() -> object:
+        for _ in range(64):
+            yield b"x" * 8192  # no Content-Length: chunked transfer, counted as it arrives
+
+    r = shared.client.post("/worker/execute", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+# -- commit and deallocate -----------------------------------------------------------------------
+def test_commit_from_model_dir_execute_and_deallocate(
+    worker_factory: Callable[..., Running], tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    tiny_bert(models / "tiny")
+    expected = digest((models / "tiny" / "model.safetensors").read_bytes()).hex()
+    w = worker_factory(model_dir=models)
+    assert w.client.get("/worker/ready").json()["state"] == "Starting"  # nothing committed yet
+    assert execute(w.client, prompt="x")[1]["code"] == "WORKER_NOT_READY"
+    r = w.client.post("/worker/commit", json={"model": "tiny", "expected_digest": expected})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["digest"] == expected and body["executable"] is True
+    assert check_seal_record(body["seal"], w.token).shard_id == body["shard_id"]
+    status, events = execute(w.client, prompt="hello world")
+    assert status == 200 and events[-1][1]["dimension"] == 32
+    again = w.client.post("/worker/commit", json={"model": "tiny"})
+    assert again.status_code == 409
+    free_before = w.client.post("/worker/plan", json={"vram_bytes": 1}).json()["available_bytes"]
+    d = w.client.delete(f"/worker/shards/{body['shard_id']}")
+    assert d.status_code == 200 and d.json()["deallocated"] is True
+    free_after = w.client.post("/worker/plan", json={"vram_bytes": 1}).json()["available_bytes"]
+    assert free_after - free_before >= body["vram_bytes"]
+    assert w.client.delete(f"/worker/shards/{body['shard_id']}").status_code == 404
+    assert execute(w.client, prompt="x", model="tiny")[0] == 404
+    assert w.client.get("/worker/ready").json()["models"] == []
+    events_seen = [e["event"] for e in audit_events(w.audit_path)]
+    assert "ModelCommitted" in events_seen and "VramDeallocated" in events_seen
+
+
+def test_commit_expected_digest_mismatch_leaves_nothing(
+    worker_factory: Callable[..., Running], tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    tiny_bert(models / "tiny")
+    w = worker_factory(model_dir=models)
+    free = w.client.post("/worker/plan", json={"vram_bytes": 1}).json()["available_bytes"]
+    r = w.client.post("/worker/commit", json={"model": "tiny", "expected_digest": "ab" * 32})
+    assert r.status_code == 422 and r.json()["code"] == "MODEL_LOAD_FAILED"
+    assert w.client.post("/worker/plan", json={"vram_bytes": 1}).json()["available_bytes"] == free
+    assert w.client.get("/worker/ready").json()["models"] == []
+
+
+def test_commit_refuses_names_that_escape(worker_factory: Callable[..., Running], tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    outside = tiny_bert(tmp_path / "outside")
+    tiny_bert(models / "inner")
+    (models / "escape").symlink_to(outside)  # a symlink out of the directory
+    (models / "alias").symlink_to(models / "inner")  # a symlink that stays inside is fine
+    (models / "sub").mkdir()
+    (models / "sub" / "up").symlink_to("../..")
+    w = worker_factory(model_dir=models)
+    for name, status in [
+        ("../outside", 400),
+        ("/etc/passwd", 400),
+        ("sub/../../outside", 400),
+        ("escape", 400),
+        ("sub/up/outside", 400),
+        (".hidden", 400),
+        ("nope", 404),
+    ]:
+        r = w.client.post("/worker/commit", json={"model": name})
+        assert r.status_code == status, (name, r.text)
+        assert r.json()["code"] == "INVALID_PARAMS"
+    assert w.client.post("/worker/commit", json={"model": "alias"}).status_code == 200
+
+
+def test_commit_of_a_model_without_executor(worker_factory: Callable[..., Running], tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "blob.bin").write_bytes(os.urandom(4096))
+    w = worker_factory(model_dir=models)
+    r = w.client.post("/worker/commit", json={"model": "blob.bin"})
+    assert r.status_code == 200 and r.json()["executable"] is False
+    assert w.client.post("/worker/verify", json={}).status_code == 200
+    status, body = execute(w.client, prompt="x")
+    assert status == 400 and "not executable" in body["message"]
+
+
+def test_commit_too_big_is_vram_oom(worker_factory: Callable[..., Running], tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "big.bin").write_bytes(b"\1" * (2 << 20))
+    w = worker_factory(model_dir=models, capacity_bytes=1 << 20)
+    r = w.client.post("/worker/commit", json={"model": "big.bin"})
+    assert r.status_code == 507 and r.json()["code"] == "VRAM_OOM"
+    assert r.json()["retriable"] is True
+
+
+def test_two_apps_keep_separate_metrics(worker_factory: Callable[..., Running]) -> None:
+    a = worker_factory()
+    b = worker_factory()
+    execute(a.client, prompt="only on a")
+    text_b = httpx.get(b.url + "/metrics").text
+    assert 'vram_executions_total{result="ok"}' not in text_b
+
+
+def test_audit_chain_verifies_after_a_session(worker_factory: Callable[..., Running]) -> None:
+    w = worker_factory()
+    for i in range(3):
+        assert execute(w.client, prompt=f"sentence {i}")[0] == 200
+    path, token = w.audit_path, w.token
+    w.close()
+    report = verify_log([path], token)
+    assert report.ok, report.first_break
+    names = [e["event"] for e in audit_events(path)]
+    assert names.count("SealVerified") >= 4  # commit + three executions
+    assert "ServiceStarted" in names and "ModelCommitted" in names
+
+
+def test_server_binds_loopback_only(shared: Running) -> None:
+    assert shared.server.host == "127.0.0.1"
+    with socket.create_connection(("127.0.0.1", shared.server.port), timeout=5):
+        pass

@@ -1,0 +1,151 @@
+"""Step definitions for tests/features/service.feature (a real uvicorn server on loopback)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pytest_bdd import given, parsers, scenarios, then, when
+from service_helpers import Running, audit_events, execute, start_worker, tiny_bert
+
+from vram_residency import check_seal_record
+from vram_residency.audit.verify import verify_log
+from vram_residency.formats import digest
+from vram_residency.testing import flip_bit
+
+scenarios("service.feature")
+
+
+@pytest.fixture
+def ctx() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[dict[str, Running]]:
+    holder: dict[str, Running] = {}
+    yield holder
+    if "w" in holder:
+        holder["w"].close()
+
+
+@given(parsers.parse('a worker on loopback with a model directory holding a small BERT model "{name}"'))
+def _worker(tmp_path: Path, running: dict[str, Running], ctx: dict[str, Any], name: str) -> None:
+    models = tmp_path / "models"
+    tiny_bert(models / name)
+    (models / "escape").symlink_to(tiny_bert(tmp_path / "outside"))
+    ctx["models"] = models
+    running["w"] = start_worker(tmp_path / "worker", model_dir=models)
+
+
+@given(parsers.parse('the model "{name}" is committed'))
+def _committed(running: dict[str, Running], name: str) -> None:
+    assert running["w"].client.post("/worker/commit", json={"model": name}).status_code == 200
+
+
+@when(parsers.parse('the orchestrator commits "{name}" with its expected digest'))
+def _commit_expected(running: dict[str, Running], ctx: dict[str, Any], name: str) -> None:
+    expected = digest((ctx["models"] / name / "model.safetensors").read_bytes()).hex()
+    ctx["expected"] = expected
+    ctx["response"] = running["w"].client.post(
+        "/worker/commit", json={"model": name, "expected_digest": expected}
+    )
+
+
+@when(parsers.parse('the orchestrator commits "{name}"'))
+def _commit(running: dict[str, Running], ctx: dict[str, Any], name: str) -> None:
+    ctx["response"] = running["w"].client.post("/worker/commit", json={"model": name})
+
+
+@when(parsers.parse('a client executes "{prompt}"'))
+def _execute(running: dict[str, Running], ctx: dict[str, Any], prompt: str) -> None:
+    ctx["status"], ctx["result"] = execute(running["w"].client, prompt=prompt)
+
+
+@when("a bit of the sealed weights flips while the worker serves")
+def _flip(running: dict[str, Running]) -> None:
+    mgr = running["w"].worker.manager
+    (shard,) = mgr.shards()
+    flip_bit(mgr, shard, 8 * (shard.vram_bytes // 2) + 5)
+
+
+@then("the commit succeeds with a seal record that checks with the worker token")
+def _commit_ok(running: dict[str, Running], ctx: dict[str, Any]) -> None:
+    r = ctx["response"]
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["digest"] == ctx["expected"]
+    assert check_seal_record(body["seal"], running["w"].token).shard_id == body["shard_id"]
+
+
+@then(parsers.parse("the worker is ready with {n:d} model"))
+def _ready(running: dict[str, Running], n: int) -> None:
+    body = running["w"].client.get("/worker/ready").json()
+    assert body["ready"] is True and body["state"] == "Ready"
+    assert len(body["models"]) == n and len(body["seals"]) == n
+
+
+@then(parsers.parse('the response is {status:d} with code "{code}"'))
+def _error(ctx: dict[str, Any], status: int, code: str) -> None:
+    if "response" in ctx:
+        got_status, body = ctx["response"].status_code, ctx["response"].json()
+    else:
+        got_status, body = ctx["status"], ctx["result"]
+    assert got_status == status and body["code"] == code
+
+
+@then("the worker holds no sealed shard")
+def _no_shard(running: dict[str, Running]) -> None:
+    assert running["w"].worker.manager.shards() == []
+    assert running["w"].client.get("/worker/ready").json()["models"] == []
+
+
+@then("the stream has the events started, token, metrics and end in order")
+def _events(ctx: dict[str, Any]) -> None:
+    assert ctx["status"] == 200
+    names = [e for e, _ in ctx["result"]]
+    assert names[0] == "started" and names[-2:] == ["metrics", "end"]
+    assert set(names[1:-2]) == {"token"} and len(names) > 3
+
+
+@then("the started event reports every shard verified")
+def _verified(running: dict[str, Running], ctx: dict[str, Any]) -> None:
+    started = ctx["result"][0][1]
+    shards = running["w"].worker.manager.shards()
+    assert started["verified"]["shards"] == len(shards)
+    assert started["verified"]["bytes"] == sum(s.vram_bytes for s in shards)
+
+
+@then("the end event holds a unit-length embedding")
+def _embedding(ctx: dict[str, Any]) -> None:
+    end = ctx["result"][-1][1]
+    assert end["kind"] == "embedding"
+    assert abs(float(np.linalg.norm(end["embedding"])) - 1.0) < 1e-5
+
+
+@then("the worker is Stopped and not ready")
+def _stopped(running: dict[str, Running]) -> None:
+    body = running["w"].client.get("/worker/ready").json()
+    assert body["state"] == "Stopped" and body["ready"] is False
+    assert body["incident"]["error_type"] == "SealVerificationFailed"
+
+
+@then("the audit log holds the failed verification and the security incident")
+def _audited(running: dict[str, Running]) -> None:
+    w = running.pop("w")
+    path, token = w.audit_path, w.token
+    w.close()
+    events = [(r["event"], r["critical"]) for r in audit_events(path)]
+    assert ("SealVerificationFailed", True) in events
+    assert ("SecurityIncident", True) in events
+    assert verify_log([path], token).ok
+
+
+@then(parsers.parse('further executions are refused with code "{code}"'))
+def _refused(running: dict[str, Running], code: str) -> None:
+    for prompt in ("again", "and again"):
+        status, body = execute(running["w"].client, prompt=prompt)
+        assert status == 503 and body["code"] == code

@@ -1,0 +1,48 @@
+"""The kernels' SHA-256 and BLAKE3 cores are __host__ __device__: built by nvcc as host code they
+must agree with hashlib and the blake3 package. Runs where nvcc exists (no GPU needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import blake3
+import pytest
+
+HARNESS = Path(__file__).parent / "gpu" / "harness" / "host_harness.cu"
+NVCC = shutil.which("nvcc")
+
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("harness") / "host_harness"
+    assert NVCC is not None
+    subprocess.run([NVCC, "-O2", "-x", "cu", "-o", str(out), str(HARNESS)], check=True, timeout=600)
+    return out
+
+
+def _run(harness: Path, mode: str, data: bytes, tmp_path: Path) -> str:
+    f = tmp_path / "in.bin"
+    f.write_bytes(data)
+    return subprocess.run([str(harness), mode, str(f)], check=True, capture_output=True, text=True).stdout.strip()
+
+
+LENGTHS = [0, 1, 55, 56, 63, 64, 65, 119, 120, 1023, 1024, 1025, 2049, 4095, 4096, 4097, 10000, 1 << 20, 3 << 20]
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_cores_on_the_cpu(harness: Path, tmp_path: Path, n: int) -> None:
+    data = os.urandom(n)
+    assert _run(harness, "sha256", data, tmp_path) == hashlib.sha256(data).hexdigest()
+    assert _run(harness, "leaf", data, tmp_path) == hashlib.sha256(data + b"\x00").hexdigest()
+    assert _run(harness, "blake3", data, tmp_path) == blake3.blake3(data).hexdigest()
+
+
+def test_parent_on_the_cpu(harness: Path, tmp_path: Path) -> None:
+    data = os.urandom(64)
+    assert _run(harness, "parent", data, tmp_path) == hashlib.sha256(data + b"\x01").hexdigest()

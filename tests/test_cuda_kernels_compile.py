@@ -1,0 +1,67 @@
+"""Every kernel source compiles with NVRTC to sm_90 machine code, on any machine (no GPU needed).
+
+CI installs cuda-bindings and NVRTC through the ``cuda`` extra; the test skips only where
+``cuda.bindings.nvrtc`` cannot be imported at all.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+
+import pytest
+
+from vram_residency.backends.cuda import _compile
+
+nvrtc_missing = False
+try:
+    from cuda.bindings import nvrtc  # noqa: F401
+except ImportError:
+    nvrtc_missing = True
+
+needs_nvrtc = pytest.mark.skipif(nvrtc_missing, reason="cuda.bindings.nvrtc is not installed")
+
+# Spill bytes allowed per unit kernel: none for SHA-256; blake3_units is capped at 64 registers for
+# occupancy (4 blocks per SM measured fastest) and spills a few words, outside the per-block loop
+# (read off the SASS: no local loads or stores in the compression loop).
+UNIT_KERNELS = {"sha256_tree": ("sha256_tree_units", 0), "blake3": ("blake3_units", 512)}
+
+
+def test_kernel_sources_are_package_data() -> None:
+    folder = importlib.resources.files("vram_residency.backends.cuda") / "kernels"
+    names = {p.name for p in folder.iterdir()}
+    assert {f"{k}.cu" for k in _compile.KERNELS} | set(_compile.HEADERS) <= names
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("name", _compile.KERNELS)
+def test_compiles_to_sm90_cubin(name: str) -> None:
+    cubin = _compile.compile_cubin(name, "sm_90")
+    assert cubin[:4] == b"\x7fELF"
+    assert _compile.compile_cubin(name, "sm_90") is cubin  # cached
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("name", _compile.KERNELS)
+def test_unit_kernels_spill_at_most_budget(name: str) -> None:
+    log = _compile.compile_log(name, "sm_90", ["--ptxas-options=-v"])
+    entry, allowed = UNIT_KERNELS[name]
+    block = log.split(f"Compiling entry function '{entry}'", 1)[1].split("Compiling entry function", 1)[0]
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+    assert spills is not None, log
+    assert max(int(spills.group(1)), int(spills.group(2))) <= allowed, block
+
+
+@needs_nvrtc
+@pytest.mark.parametrize(("name", "macro", "values"), [
+    ("sha256_tree", "VR_SHA_VARIANT", (0, 3, 15, 33, 49)),
+    ("blake3", "VR_B3_VARIANT", (0, 2)),
+])
+def test_tuning_variants_compile(name: str, macro: str, values: tuple[int, ...]) -> None:
+    for v in values:
+        assert _compile.compile_cubin(name, "sm_90", [f"-D{macro}={v}"])[:4] == b"\x7fELF"
+
+
+def test_rejects_virtual_architectures() -> None:
+    with pytest.raises(ValueError, match="real GPU architecture"):
+        _compile.compile_cubin("sha256_tree", "compute_90")
