@@ -189,7 +189,7 @@ class VramManager:
     # -- audit --------------------------------------------------------------------------------
     def _emit(self, event: str, **fields: Any) -> None:
         if self._audit is not None:
-            self._audit.emit(event, worker_id=self._worker_id, **fields)
+            self._audit.emit(event, **fields)
 
     # -- capacity -----------------------------------------------------------------------------
     def available_vram(self) -> int:

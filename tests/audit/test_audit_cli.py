@@ -162,3 +162,12 @@ def test_argparse_wiring(logged: Path, token_file: Path) -> None:
     assert "1 record(s) shown" in buf.getvalue()
     with pytest.raises(SystemExit):
         parser.parse_args(["verify", str(logged)])  # the token file is required, never argv
+
+
+def test_register_in_the_main_cli_style(logged: Path, token_file: Path) -> None:
+    from vram_residency.audit.cli import register
+
+    parser = argparse.ArgumentParser(prog="vram-residency")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["audit", "verify", *_set(logged), "--token-file", str(token_file)])
+    assert args.func(args) == EXIT_OK

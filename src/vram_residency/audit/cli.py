@@ -1,7 +1,8 @@
 """``vram-residency audit verify`` and ``audit show``: functions over parsed values.
 
-The lead's argparse front end can call :func:`verify_command` and :func:`show_command` directly,
-or use :func:`configure_parser` + :func:`run` to add both subcommands to an ``audit`` parser.
+An argparse front end can call :func:`verify_command` and :func:`show_command` directly, use
+:func:`configure_parser` + :func:`run` on its own ``audit`` parser, or call :func:`register`
+(the ``vram_residency.cli.main`` convention: add ``"vram_residency.audit.cli"`` to its commands).
 The worker token is read from a file, never from the command line: argv is visible to every
 user of the machine through ``ps`` and ``/proc``.
 
@@ -34,6 +35,7 @@ __all__ = [
     "EXIT_USAGE",
     "configure_parser",
     "read_token_file",
+    "register",
     "run",
     "show_command",
     "verify_command",
@@ -171,6 +173,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     s.add_argument("files", nargs="+", metavar="FILE")
     s.add_argument("--event", metavar="TYPE", help="only this event type")
     s.add_argument("--shard", metavar="ID", help="only events of this shard")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``audit`` (with ``verify`` and ``show``) in the ``vram_residency.cli.main`` style:
+    list ``"vram_residency.audit.cli"`` in its ``_COMMANDS`` and ``args.func(args)`` runs it."""
+    parser = subparsers.add_parser("audit", help="verify or show an audit log")
+    configure_parser(parser)
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, console: Console | None = None) -> int:
