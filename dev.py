@@ -5,8 +5,9 @@
     python3 dev.py test  [ARGS...]   # lint, type-check and the test suite
     python3 dev.py run CMD [ARGS...] # any command inside the project's environment
 
-It installs uv (pinned) into .tools/, syncs .venv/ exactly to uv.lock, and runs inside it. With
-``--cuda`` (or VRAM_RESIDENCY_CUDA=1) the CUDA extra (cuda-bindings, cuda-core, NVRTC) is added.
+It installs uv (pinned) into .tools/, syncs .venv/ exactly to uv.lock (with the CUDA extra:
+cuda-bindings, cuda-core and NVRTC, which install without a GPU and are used when one is present),
+and runs inside it.
 """
 
 from __future__ import annotations
@@ -35,10 +36,8 @@ def _uv() -> Path:
     return uv
 
 
-def _sync(cuda: bool) -> None:
-    cmd = [str(_uv()), "sync", "--locked", "--quiet", "--extra", "example"]
-    if cuda:
-        cmd += ["--extra", "cuda"]
+def _sync() -> None:
+    cmd = [str(_uv()), "sync", "--locked", "--quiet", "--extra", "example", "--extra", "cuda"]
     env = dict(os.environ, UV_PROJECT_ENVIRONMENT=str(VENV))
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
@@ -51,15 +50,11 @@ def _exec(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    cuda = os.environ.get("VRAM_RESIDENCY_CUDA") == "1"
-    if "--cuda" in argv:
-        argv = [a for a in argv if a != "--cuda"]
-        cuda = True
     if not argv or argv[0] in {"-h", "--help"}:
         print(__doc__)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    _sync(cuda)
+    _sync()
     py = str(VENV / "bin" / "python")
     if cmd == "test":
         for step in (

@@ -217,6 +217,8 @@ def measure_one(
             dev.append(backend.last_device_seconds)
 
         t, _ = median_time(verify, max(reps, 10) if size <= GiB else reps)
+        need = backend.last_scratch_bytes
+        row["verify_units_kernel"] = backend.last_units_kernel
         row["verify_GBps"] = size / t / 1e9
         row["verify_device_GBps"] = size / statistics.median(dev) / 1e9
         row["verify_median_us"] = t * 1e6
@@ -226,9 +228,13 @@ def measure_one(
             row["verify_latency_us"] = {"median": statistics.median(lat) * 1e6, "p99": lat[197] * 1e6}
         t, _ = median_time(lambda: backend.hash(buf, alg), reps)
         row["hash_with_units_GBps"] = size / t / 1e9
-        row["extra_vram_scratch_bytes"] = backend._scratch_size
-        row["extra_vram_measured_bytes"] = max(0, free_before - backend.mem_info()[0])
-        row["extra_vram_fraction"] = row["extra_vram_scratch_bytes"] / size
+        row["hash_units_kernel"] = backend.last_units_kernel
+        # Extra VRAM while hashing: the scratch space a hash of this shard needs (unit digests,
+        # tree levels); the backend keeps one growing scratch buffer, whose size is also shown.
+        row["extra_vram_bytes"] = -(-max(need, backend.last_scratch_bytes) // 4096) * 4096  # as allocated
+        row["extra_vram_fraction"] = row["extra_vram_bytes"] / size
+        row["scratch_cache_bytes"] = backend._scratch_size
+        row["free_vram_drop_bytes"] = max(0, free_before - backend.mem_info()[0])
         if check_host:
             want = hash_units(src_pageable, alg, threads=16)
             row["bit_identical_to_host"] = want == sealed
@@ -243,12 +249,14 @@ def measure_one(
     return row
 
 
-def tune(backend: CudaBackend, pinned: PinnedHostBuffer, size: int) -> list[dict[str, Any]]:
+def tune(backend: CudaBackend, pinned: PinnedHostBuffer, size: int, quick: bool) -> list[dict[str, Any]]:
     """Device throughput of the kernel variants (pipe balancing, occupancy) on one shard."""
     # Pipe-balancing variant (a bit mask, see sha256_tree.cu / blake3.cu) x minimum resident
     # blocks (a register cap) x prefetch of the next message block.
-    sha = [(0, 1), (1, 1), (1, 3), (1, 4), (33, 1), (33, 4), (3, 4)]
+    sha = [(0, 1), (1, 1), (1, 3), (1, 4), (33, 1), (33, 4), (3, 4), (65, 1), (65, 4)]
     b3 = [(0, 4, 1), (1, 4, 1), (1, 4, 0), (1, 3, 1), (1, 2, 1), (2, 4, 1)]
+    if quick:
+        sha, b3 = [(1, 1), (1, 4), (65, 1)], [(1, 4, 1), (1, 3, 1)]
     configs: list[tuple[str, dict[str, str]]] = [
         ("sha256_tree", {"VR_SHA_VARIANT": str(v), "VR_SHA_MIN_BLOCKS": str(mb)}) for v, mb in sha
     ] + [
@@ -449,7 +457,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         lines.append(
             f"| {r['algorithm']} | {size} | {r['seal_pinned_GBps']:,.1f} | {r['seal_pageable_GBps']:,.1f} "
             f"| {r['verify_GBps']:,.1f} | {r['verify_device_GBps']:,.1f} | {r['hash_with_units_GBps']:,.1f} "
-            f"| {r['extra_vram_fraction'] * 100:.4f}% |"
+            f"| {r['extra_vram_bytes']:,} B ({r['extra_vram_fraction'] * 100:.4f}%) |"
         )
     lines += ["", "## Targets", "", "| target | value | goal | ratio | met |"]
     lines += ["| --- | ---: | ---: | --- | --- |"]
@@ -515,6 +523,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--date", default=dt.date.today().isoformat())
     ap.add_argument("--tune", action="store_true", help="also time the kernel variants")
+    ap.add_argument("--tune-quick", action="store_true", help="time a few kernel variants only")
     ap.add_argument("--quick", action="store_true", help="sizes up to 1 GiB only")
     ap.add_argument("--device", type=int, default=0)
     args = ap.parse_args()
@@ -554,11 +563,12 @@ def main() -> int:
     log("baselines ...")
     result["baselines"] = measure_baselines(backend, pageable)
     log(json.dumps(result["baselines"]))
-    if args.tune:
+    if args.tune or args.tune_quick:
         with ClockSampler() as clocks:
-            result["tuning"] = tune(backend, pinned, 4 * GiB)
+            result["tuning"] = tune(backend, pinned, 4 * GiB, quick=not args.tune)
         result["sm_clock_during_tuning"] = clocks.summary()
-        result["staging_tuning"] = tune_staging(pinned, pageable)
+        if args.tune:
+            result["staging_tuning"] = tune_staging(pinned, pageable)
     log("seal and verify ...")
     with ClockSampler() as clocks:
         result["gpu"] = [measure_one(backend, pinned, pageable, s, a, True) for s in sizes for a in ALGS]

@@ -230,7 +230,7 @@ class VramManager:
         try:
             return self._seal_into(
                 len(view),
-                lambda buf: buf.write(0, view),
+                lambda buf: self._backend.write_and_hash(buf, view, digest_algorithm),
                 device=device,
                 model_ref=model_ref,
                 shard_index=shard_index,
@@ -276,7 +276,7 @@ class VramManager:
     def _seal_into(
         self,
         size: int,
-        fill: Callable[[DeviceBuffer], None],
+        fill: Callable[[DeviceBuffer], HashResult | None],
         *,
         device: int | None = None,
         model_ref: str | None = None,
@@ -289,15 +289,19 @@ class VramManager:
         buffer: DeviceBuffer | None = None,
     ) -> SealedShard:
         """The one sealing path: allocate (or take ``buffer``), ``fill`` it, digest the device
-        memory, compare, tag, register. Any failure frees what was allocated."""
+        memory, compare, tag, register. Any failure frees what was allocated.
+
+        ``fill`` may return the digests of the device memory it filled (a backend that hashes
+        chunks as they land, see ``Backend.write_and_hash``); otherwise they are computed here."""
         expected = self._validate_seal_args(
             size, device, model_ref, shard_index, total_shards, expected_digest, digest_algorithm
         )
         buf = buffer if buffer is not None else self._allocate(size)
         try:
             self._backend.check_policy(buf)
-            fill(buf)
-            result = self._backend.hash(buf, digest_algorithm, size)
+            result = fill(buf)
+            if result is None:
+                result = self._backend.hash(buf, digest_algorithm, size)
             actual = result.digest.hex()
             if expected is not None and not hmac.compare_digest(actual, expected):
                 raise InvalidInput(
@@ -480,7 +484,7 @@ class VramManager:
                 raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
             self._verify_entry(shard, entry)
 
-    def _verify_entry(self, shard: SealedShard, entry: _Entry) -> HashResult:
+    def _verify_entry(self, shard: SealedShard, entry: _Entry) -> None:
         fields = shard.fields()
         # Both the presented shard and our own record must carry the tag of these exact fields:
         # a shard object edited in memory fails here, before any device work.
@@ -503,10 +507,11 @@ class VramManager:
             raise exc
         sealed = entry.shard
         start = time.perf_counter_ns()
-        result = self._backend.hash(entry.buf, sealed.digest_algorithm, sealed.vram_bytes)
+        # The fast path computes the digest alone; unit digests are only needed to locate a change.
+        actual = self._backend.digest(entry.buf, sealed.digest_algorithm, sealed.vram_bytes).hex()
         elapsed_ns = time.perf_counter_ns() - start
-        actual = result.digest.hex()
         if not hmac.compare_digest(actual, sealed.digest):
+            result = self._backend.hash(entry.buf, sealed.digest_algorithm, sealed.vram_bytes)
             ranges = self._locate(entry, result)
             tensors = [
                 t.name for t in entry.tensors if any(t.start < e and s < t.end for s, e in ranges)
@@ -539,7 +544,6 @@ class VramManager:
             digest_algorithm=sealed.digest_algorithm,
             duration_ns=elapsed_ns,
         )
-        return result
 
     @staticmethod
     def _locate(entry: _Entry, result: HashResult) -> list[tuple[int, int]]:

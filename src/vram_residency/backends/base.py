@@ -133,6 +133,18 @@ class Backend(abc.ABC):
         """Digest and unit digests of the first ``length`` bytes (default: all) of ``buf``,
         computed from the device memory itself."""
 
+    def digest(self, buf: DeviceBuffer, algorithm: str, length: int | None = None) -> bytes:
+        """The digest alone: the verify path. Backends override it when leaving out the unit
+        digests saves work (on the GPU, BLAKE3's unit digests need a second pass)."""
+        return self.hash(buf, algorithm, length).digest
+
+    def write_and_hash(self, buf: DeviceBuffer, data: Buffer, algorithm: str) -> HashResult:
+        """Seal path: copy ``data`` to the start of ``buf``, then digest those bytes *as they are
+        in device memory*. Backends override it to overlap copying with hashing."""
+        view = memoryview(data).cast("B")
+        buf.write(0, view)
+        return self.hash(buf, algorithm, len(view))
+
     def describe(self) -> str:
         """One human line: what this backend is (and that it is an emulation, where it is)."""
         return self.name

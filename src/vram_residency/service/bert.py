@@ -1,16 +1,18 @@
-"""A BERT sentence encoder in numpy that runs on sealed weights in place.
+"""A BERT sentence encoder that runs on sealed weights in place: numpy on the host, CuPy on a GPU.
 
 This is the built-in executor of the example model, ``all-MiniLM-L6-v2`` (BERT, 6 layers, 384
 hidden units): an *embedding* model, not a generator. It computes the sentence-transformers
 embedding: BERT's last hidden states, mean-pooled over the attention mask, L2-normalized.
 
-Every weight is a read-only ``numpy`` view over the sealed shard's memory (the host backend's
-emulated device memory), taken at the tensor offsets of the safetensors header that is itself
-inside the shard. Nothing is copied out of the shard, so the bytes that the worker verified right
-before ``run`` are the bytes the matrix products read.
+Every weight is a view over the sealed shard's memory, taken at the tensor offsets of the
+safetensors header that is itself inside the shard: read-only ``numpy`` arrays over the host
+backend's emulated device memory, or CuPy arrays over the CUDA backend's allocation (when CuPy is
+installed). Nothing is copied out of the shard, so the bytes that the worker verified right
+before ``run`` are the bytes the matrix products read. The same code runs on both: ``xp`` is the
+array module.
 
-The tokenizer and the configuration files are read from the model directory at commit time; they
-are not part of the seal (see the service README section).
+The tokenizer and the configuration files are read from the model directory at commit time. They
+are not in the seal; their SHA-256 is recorded in the commit's audit event and in /worker/ready.
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-import numpy.typing as npt
 
 from vram_residency.errors import InvalidInput
 from vram_residency.service.executor import JobInput, JobOutput, SealedWeights
-from vram_residency.service.safetensors_view import SafetensorsView
+from vram_residency.service.safetensors_view import CupySafetensorsView, SafetensorsView
 
-__all__ = ["BertConfig", "BertEncoder", "bert_factory"]
+__all__ = ["BertConfig", "BertEncoder", "bert_factory", "cupy_available"]
 
-F32 = npt.NDArray[np.float32]
+#: An array of the executor's array module (numpy.ndarray or cupy.ndarray), float32.
+F32 = Any
 
 # Abramowitz & Stegun 7.1.26: |error| < 1.5e-7, below float32 resolution near 1. numpy has no erf,
 # and BERT's "gelu" is the exact erf form, not the tanh approximation.
@@ -41,28 +43,33 @@ _A: Final = tuple(np.float32(a) for a in (0.254829592, -0.284496736, 1.421413741
 _INV_SQRT2: Final = np.float32(1 / math.sqrt(2))
 
 
-def _erf(x: F32) -> F32:
-    a = np.abs(x)
+def _erf(x: F32, xp: Any) -> F32:
+    a = xp.abs(x)
     t = np.float32(1) / (np.float32(1) + _P * a)
     poly = ((((_A[4] * t + _A[3]) * t + _A[2]) * t + _A[1]) * t + _A[0]) * t
     # a * a overflows to inf for |x| > 1.8e19; exp(-inf) = 0 then gives erf = +-1, as it should.
     with np.errstate(over="ignore"):
-        y = np.float32(1) - poly * np.exp(-a * a)
-    out: F32 = np.copysign(y, x).astype(np.float32, copy=False)
-    return out
+        y = np.float32(1) - poly * xp.exp(-a * a)
+    return xp.copysign(y, x).astype(np.float32, copy=False)
 
 
-def _gelu(x: F32) -> F32:
-    out: F32 = (np.float32(0.5) * x * (np.float32(1) + _erf(x * _INV_SQRT2))).astype(np.float32, copy=False)
-    return out
+def _gelu(x: F32, xp: Any) -> F32:
+    return (np.float32(0.5) * x * (np.float32(1) + _erf(x * _INV_SQRT2, xp))).astype(np.float32, copy=False)
 
 
-def _layer_norm(x: F32, w: F32, b: F32, eps: float) -> F32:
+def _layer_norm(x: F32, w: F32, b: F32, eps: float, xp: Any) -> F32:
     mean = x.mean(axis=-1, keepdims=True)
     centered = x - mean
     var = (centered * centered).mean(axis=-1, keepdims=True)
-    out: F32 = (centered / np.sqrt(var + np.float32(eps)) * w + b).astype(np.float32, copy=False)
-    return out
+    return (centered / xp.sqrt(var + np.float32(eps)) * w + b).astype(np.float32, copy=False)
+
+
+def cupy_available() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 #: Most padding a sub-batch may carry, relative to its real tokens: every sequence of a
@@ -173,8 +180,8 @@ class BertEncoder:
     kind = "embedding"
 
     def __init__(self, weights: SealedWeights, tokenizer_path: Path, config: BertConfig) -> None:
-        if weights.host_memory is None:
-            raise InvalidInput("the numpy BERT executor needs host-backend memory")
+        if weights.host_memory is None and weights.device_memory is None:
+            raise InvalidInput("the BERT executor needs the shard's memory (host or CUDA)")
         from tokenizers import Tokenizer
 
         self._name = weights.files.name
@@ -186,7 +193,15 @@ class BertEncoder:
         tok.no_padding()
         tok.enable_truncation(config.max_seq_length)
         self._tokenizer = tok
-        self._view = SafetensorsView(weights.host_memory)
+        self._view: SafetensorsView
+        if weights.host_memory is not None:
+            self._view = SafetensorsView(weights.host_memory)
+            self._where = "numpy on the host"
+        else:
+            assert weights.device_memory is not None
+            self._view = CupySafetensorsView(weights.device_memory)
+            self._where = f"CuPy on GPU {weights.device_memory.device}"
+        self._xp: Any = self._view.xp
         try:
             self._bind(config)
         except BaseException:
@@ -250,7 +265,7 @@ class BertEncoder:
         c = self._config
         return (
             f"{self._name}: BERT sentence encoder ({c.num_layers} layers, {c.hidden_size} hidden, "
-            f"{c.pooling} pooling), EMBEDDING model, numpy on the host over the sealed weights in place"
+            f"{c.pooling} pooling), EMBEDDING model, {self._where} over the sealed weights in place"
         )
 
     @property
@@ -274,8 +289,9 @@ class BertEncoder:
         if not jobs:
             return []
         emb = np.empty((len(jobs), self._config.hidden_size), dtype=np.float32)
+        to_host = getattr(self._xp, "asnumpy", np.asarray)
         for group in _length_groups([len(j.data) for j in jobs]):
-            emb[group] = self.encode_ids([jobs[i].data for i in group])
+            emb[group] = to_host(self.encode_ids([jobs[i].data for i in group]))
         out = []
         for j, vec in zip(jobs, emb, strict=True):
             out.append(
@@ -300,28 +316,30 @@ class BertEncoder:
         self._view.close()
 
     # -- the model ----------------------------------------------------------------------------
-    def encode_ids(self, ids_list: Sequence[npt.NDArray[np.int64]]) -> F32:
-        """Embeddings (batch x hidden, float32, unit length) of token-id sequences."""
-        c = self._config
+    def encode_ids(self, ids_list: Sequence[Any]) -> F32:
+        """Embeddings (batch x hidden, float32, unit length) of token-id sequences (int64 numpy
+        arrays), as an array of the executor's array module."""
+        c, xp = self._config, self._xp
         b = len(ids_list)
         t = max(len(x) for x in ids_list)
         if t > c.max_position:
             raise InvalidInput(f"sequence of {t} tokens exceeds max_position_embeddings {c.max_position}")
         vocab = self._word.shape[0]
-        ids = np.zeros((b, t), dtype=np.int64)
-        mask = np.zeros((b, t), dtype=np.float32)
+        ids_host = np.zeros((b, t), dtype=np.int64)
+        mask_host = np.zeros((b, t), dtype=np.float32)
         for row, seq in enumerate(ids_list):
             if seq.size and (seq.min() < 0 or seq.max() >= vocab):
                 raise InvalidInput("token id outside the vocabulary")
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1.0
+            ids_host[row, : len(seq)] = seq
+            mask_host[row, : len(seq)] = 1.0
+        ids, mask = xp.asarray(ids_host), xp.asarray(mask_host)
         h = c.hidden_size
         nh = c.num_heads
         dh = h // nh
         emb: F32 = self._word[ids] + self._pos[:t][None, :, :] + self._type0
-        x = _layer_norm(emb.reshape(b * t, h), *self._emb_ln, c.layer_norm_eps)
+        x = _layer_norm(emb.reshape(b * t, h), *self._emb_ln, c.layer_norm_eps, xp)
         # Padded keys get a large negative score, so they take no attention weight.
-        key_bias = ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]
+        key_bias = ((np.float32(1.0) - mask) * np.float32(-1e9))[:, None, None, :]
         scale = np.float32(1.0 / math.sqrt(dh))
         for ly in self._layers:
             q = (x @ ly.wq.T + ly.bq).reshape(b, t, nh, dh).transpose(0, 2, 1, 3)
@@ -329,28 +347,29 @@ class BertEncoder:
             v = (x @ ly.wv.T + ly.bv).reshape(b, t, nh, dh).transpose(0, 2, 1, 3)
             scores = (q @ k) * scale + key_bias
             scores -= scores.max(axis=-1, keepdims=True)
-            probs = np.exp(scores)
+            probs = xp.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)
             ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b * t, h)
-            x = _layer_norm(x + (ctx @ ly.wo.T + ly.bo), ly.ln1_w, ly.ln1_b, c.layer_norm_eps)
-            inter = _gelu(x @ ly.wi.T + ly.bi)
-            x = _layer_norm(x + (inter @ ly.wo2.T + ly.bo2), ly.ln2_w, ly.ln2_b, c.layer_norm_eps)
+            x = _layer_norm(x + (ctx @ ly.wo.T + ly.bo), ly.ln1_w, ly.ln1_b, c.layer_norm_eps, xp)
+            inter = _gelu(x @ ly.wi.T + ly.bi, xp)
+            x = _layer_norm(x + (inter @ ly.wo2.T + ly.bo2), ly.ln2_w, ly.ln2_b, c.layer_norm_eps, xp)
         hidden = x.reshape(b, t, h)
         if c.pooling == "cls":
             pooled = hidden[:, 0, :]
         else:
             summed = (hidden * mask[:, :, None]).sum(axis=1)
-            pooled = summed / np.maximum(mask.sum(axis=1, keepdims=True), np.float32(1e-9))
-        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        out: F32 = (pooled / np.maximum(norms, np.float32(1e-12))).astype(np.float32, copy=False)
-        return out
+            pooled = summed / xp.maximum(mask.sum(axis=1, keepdims=True), np.float32(1e-9))
+        norms = xp.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / xp.maximum(norms, np.float32(1e-12))).astype(np.float32, copy=False)
 
 
 def bert_factory(weights: SealedWeights) -> BertEncoder | None:
     """An executor for a BERT sentence encoder in safetensors with a tokenizer.json beside it;
     ``None`` for any other model (it is then sealed and verified, but not executable)."""
     f = weights.files
-    if weights.host_memory is None or f.format != "safetensors" or f.config is None or f.tokenizer is None:
+    if f.format != "safetensors" or f.config is None or f.tokenizer is None:
+        return None
+    if weights.host_memory is None and (weights.device_memory is None or not cupy_available()):
         return None
     try:
         model_type = json.loads(f.config.read_text(encoding="utf-8")).get("model_type")

@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Executor", "ExecutorFactory", "JobInput", "JobOutput", "ModelFiles", "SealedWeights"]
+__all__ = [
+    "DeviceMemory",
+    "Executor",
+    "ExecutorFactory",
+    "JobInput",
+    "JobOutput",
+    "ModelFiles",
+    "SealedWeights",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,18 +44,34 @@ class ModelFiles:
 
 
 @dataclass(frozen=True, slots=True)
-class SealedWeights:
-    """The sealed memory an executor runs on.
+class DeviceMemory:
+    """A sealed shard's allocation on the CUDA backend: device pointer, size and the buffer object
+    that owns it. ``read`` copies a few bytes to the host (for a file header, never weights)."""
 
-    ``host_memory`` is the host backend's emulated device memory itself (``HostBuffer.view()``):
-    a view, never a copy. On the CUDA backend it is ``None``; a CUDA executor would take the
-    device allocation instead (not built yet, see the service README section).
+    ptr: int
+    size: int
+    device: int
+    owner: Any
+
+    def read(self, offset: int, n: int) -> bytes:
+        data: bytes = self.owner.read(offset, n)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class SealedWeights:
+    """The sealed memory an executor runs on, in place.
+
+    ``host_memory`` is the host backend's emulated device memory itself (``HostBuffer.view()``);
+    ``device_memory`` is the CUDA backend's allocation. Either is a view of the sealed shard,
+    never a copy; the other is ``None``.
     """
 
     files: ModelFiles
     backend: str
     size: int
     host_memory: memoryview | None
+    device_memory: DeviceMemory | None = None
 
 
 @dataclass(frozen=True, slots=True)

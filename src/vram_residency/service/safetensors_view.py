@@ -1,8 +1,9 @@
 """Tensors of a sealed safetensors shard, viewed in place.
 
 The header is parsed from the sealed shard's own memory (not from the file on disk), so the tensor
-table the executor uses is covered by the seal as well. Every array returned here is a read-only
-``numpy`` view over that memory: no byte is copied between verification and use.
+table the executor uses is covered by the seal as well. Every array returned here is a view over
+that memory (read-only ``numpy`` on the host, CuPy over VRAM): no byte of a tensor is copied
+between verification and use.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
-import numpy.typing as npt
 
 from vram_residency.errors import InvalidInput
+from vram_residency.service.executor import DeviceMemory
 
-__all__ = ["SafetensorsView", "TensorInfo", "parse_header"]
+__all__ = ["CupySafetensorsView", "SafetensorsView", "TensorInfo", "parse_header"]
 
 #: Upper bound on the JSON header; the format's reference implementation uses the same 100 MB.
 _MAX_HEADER: Final = 100_000_000
@@ -97,10 +98,12 @@ class SafetensorsView:
     zeroed and unmapped.
     """
 
+    xp: Any = np
+
     def __init__(self, memory: memoryview) -> None:
         self._memory: memoryview | None = memory
         _, self.tensors = parse_header(memory[: min(len(memory), 8 + _MAX_HEADER)], len(memory))
-        self._arrays: dict[str, npt.NDArray[Any]] = {}
+        self._arrays: dict[str, Any] = {}
 
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
@@ -108,19 +111,26 @@ class SafetensorsView:
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
-    def array(self, name: str) -> npt.NDArray[Any]:
-        """The tensor ``name`` as a read-only array over the shard's memory (no copy)."""
+    def _info(self, name: str) -> TensorInfo:
         if self._memory is None:
             raise InvalidInput("tensor view is closed")
-        cached = self._arrays.get(name)
-        if cached is not None:
-            return cached
         info = self.tensors.get(name)
         if info is None:
             raise InvalidInput(f"tensor {name!r} is not in the model")
+        return info
+
+    def array(self, name: str) -> Any:
+        """The tensor ``name`` as a read-only array over the shard's memory (no copy)."""
+        cached = self._arrays.get(name)
+        if cached is not None:
+            return cached
+        info = self._info(name)
         dtype = np.dtype(_DTYPES[info.dtype])
         arr = np.frombuffer(
-            self._memory, dtype=dtype, count=(info.end - info.start) // dtype.itemsize, offset=info.start
+            self._memory,  # type: ignore[arg-type]  # checked open by _info
+            dtype=dtype,
+            count=(info.end - info.start) // dtype.itemsize,
+            offset=info.start,
         ).reshape(info.shape)
         # The weights are evidence: nothing in the executor may write through a view.
         arr.flags.writeable = False
@@ -133,3 +143,40 @@ class SafetensorsView:
         if self._memory is not None:
             mem, self._memory = self._memory, None
             mem.release()
+
+
+class CupySafetensorsView(SafetensorsView):
+    """CuPy arrays over a sealed shard in VRAM, at the tensor offsets of the header in the shard.
+
+    The header (a few kB) is copied to the host to be parsed; the tensors are views of the device
+    allocation (``cupy.cuda.UnownedMemory``), never copies. CuPy has no read-only arrays: the
+    executor's code is what keeps from writing to them.
+    """
+
+    def __init__(self, memory: DeviceMemory) -> None:
+        import cupy
+
+        self.xp = cupy
+        self._device = memory
+        (n,) = struct.unpack("<Q", memory.read(0, 8)) if memory.size >= 8 else (0,)
+        if n > _MAX_HEADER or 8 + n > memory.size:
+            raise InvalidInput(f"safetensors header length {n} is out of range")
+        _, self.tensors = parse_header(memory.read(0, 8 + n), memory.size)
+        unowned = cupy.cuda.UnownedMemory(memory.ptr, memory.size, memory.owner, device_id=memory.device)
+        self._base: Any = cupy.cuda.MemoryPointer(unowned, 0)
+        self._memory = memoryview(b"")  # marks the view open for _info
+        self._arrays = {}
+
+    def array(self, name: str) -> Any:
+        cached = self._arrays.get(name)
+        if cached is not None:
+            return cached
+        info = self._info(name)
+        arr = self.xp.ndarray(info.shape, dtype=np.dtype(_DTYPES[info.dtype]), memptr=self._base + info.start)
+        self._arrays[name] = arr
+        return arr
+
+    def close(self) -> None:
+        self._arrays.clear()
+        self._base = None
+        self._memory = None

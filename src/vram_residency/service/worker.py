@@ -46,9 +46,11 @@ from vram_residency.errors import (
 )
 from vram_residency.formats.tree import SHA256_TREE_V1, check_algorithm
 from vram_residency.manager import BackendName, VramManager
+from vram_residency.service.bert import cupy_available
 from vram_residency.service.catalog import ModelCatalog
 from vram_residency.service.errors import ErrorCode, ServiceError
 from vram_residency.service.executor import (
+    DeviceMemory,
     Executor,
     ExecutorFactory,
     JobInput,
@@ -64,11 +66,11 @@ __all__ = ["CommittedModel", "ExecuteJob", "VerifyPass", "Worker", "WorkerConfig
 log = logging.getLogger("vram_residency.service")
 
 _MAX_QUEUE: Final = 4096
-# Gathering a batch (see _take_batch), as fractions of the last verification pass's duration.
+# Gathering a batch (see _take_batch), as multiples of the last verification pass's duration.
 _GAP_FRACTION: Final = 0.1
-_WINDOW_FRACTION: Final = 0.5
+_WINDOW_FRACTION: Final = 2.0
 _MAX_GAP: Final = 0.02
-_MAX_WINDOW: Final = 0.1
+_MAX_WINDOW: Final = 0.2
 _SIDE_FILE_LIMIT: Final = 64 << 20
 
 
@@ -228,6 +230,7 @@ class Worker:
         self._stop_event = threading.Event()
         self._last_scrub: VerifyPass | None = None
         self._last_verify_seconds = 0.0
+        self._last_batch_size = 1
         self._emit(
             "ServiceStarted",
             backend=self.backend,
@@ -433,10 +436,17 @@ class Worker:
 
     def _build_executor(self, files: ModelFiles, shard: SealedShard) -> tuple[Executor | None, str]:
         mgr = self.manager
-        entry = mgr._entry(shard)
-        host_view = getattr(entry.buf, "view", None)
+        buf = mgr._entry(shard).buf
+        host_view = getattr(buf, "view", None)
         memory = host_view() if mgr.backend == "host" and callable(host_view) else None
-        weights = SealedWeights(files=files, backend=mgr.backend, size=shard.vram_bytes, host_memory=memory)
+        device: DeviceMemory | None = None
+        # The CUDA buffer has no public pointer accessor yet; its private one is read here only.
+        ptr = getattr(buf, "_ptr", None) if mgr.backend == "cuda" else None
+        if isinstance(ptr, int) and ptr:
+            device = DeviceMemory(ptr=ptr, size=shard.vram_bytes, device=mgr.device, owner=buf)
+        weights = SealedWeights(
+            files=files, backend=mgr.backend, size=shard.vram_bytes, host_memory=memory, device_memory=device
+        )
         try:
             for factory in self._factories:
                 executor = factory(weights)
@@ -452,11 +462,8 @@ class Worker:
             raise
         if memory is not None:
             memory.release()
-        if mgr.backend != "host":
-            return (
-                None,
-                "sealed and verified; no executor: the in-place executors run on the host backend only",
-            )
+        if device is not None and not cupy_available():
+            return None, "sealed and verified; not executable here: the CUDA executor needs CuPy installed"
         return None, "sealed and verified; no built-in executor runs this model (not executable)"
 
     # -- verification ---------------------------------------------------------------------------
@@ -551,15 +558,18 @@ class Worker:
                 self._queue_cond.wait()
             # Let jobs that are arriving right now join this batch: a job that just misses it
             # pays for a whole verification pass of its own, and a loaded worker would otherwise
-            # settle into many small batches, each verifying every shard. Keep taking jobs while
-            # they arrive less than a gap apart, within a window; both scale with what a pass
-            # costs (V): gap V/10, window V/2 (at most 20 and 100 ms). A lone client waits one
-            # gap; with pre-verification off (V = 0) nothing waits.
+            # settle into several smaller batches per round of its clients, each verifying every
+            # shard. The clients of the last batch are the ones expected back: wait for as many
+            # jobs as that batch had, while they keep arriving less than a gap apart, within a
+            # window. Gap and window scale with what a pass costs (V): V/10 and 2V (at most 20
+            # and 200 ms). A lone client does not wait at all (its last batch had one job), and
+            # with pre-verification off (V = 0) nothing waits.
             v = self._last_verify_seconds
             gap, window = min(_GAP_FRACTION * v, _MAX_GAP), min(_WINDOW_FRACTION * v, _MAX_WINDOW)
+            expected = min(self._last_batch_size, cfg.max_batch)
             deadline = time.monotonic() + window
             seen = len(self._queue)
-            while seen < cfg.max_batch and not self._closing and gap > 0:
+            while seen < expected and not self._closing and gap > 0:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -568,6 +578,7 @@ class Worker:
                     break  # a quiet gap: nobody else is coming right now
                 seen = len(self._queue)
             n = min(len(self._queue), cfg.max_batch)
+            self._last_batch_size = n
             return [self._queue.popleft() for _ in range(n)]
 
     def _exec_loop(self) -> None:

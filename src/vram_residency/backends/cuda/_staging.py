@@ -77,10 +77,13 @@ def parallel_copy(
     pool: ThreadPoolExecutor | None,
     dst: npt.NDArray[np.uint8],
     src: npt.NDArray[np.uint8],
-    piece: int = 8 << 20,
+    threads: int = 1,
 ) -> None:
     """dst[:] = src, split across the pool's threads (NumPy releases the GIL while copying)."""
     n = len(src)
+    # One piece per thread (at least 1 MiB each, 4 KiB aligned), so that every thread works.
+    share = -(-n // max(1, threads))
+    piece = max(1 << 20, -(-share // 4096) * 4096)
     if pool is None or n <= piece:
         np.copyto(dst[:n], src)
         return

@@ -19,8 +19,13 @@
 //    4: one rotation of Sigma0          8: one rotation of Sigma1
 //   16: h + W + K as two IMADs, K read from __constant__ memory that the host fills
 //   32: the schedule's two shifts only (IMAD.HI)
-// Measured on an H200 (bench/gpu_bench.py --tune): 1 beat 0 by 7%; the rotations through
-// IMAD.HI (2, 4, 8) lost, which says IMAD.HI costs the FMA pipe far more than one slot.
+//   64: h + W + K as two IMADs, K an immediate multiplied by a register that holds 1
+// Measured on an H200 (bench/gpu_bench.py --tune, 4 GiB shards, device time): 1 beat 0 by 12%
+// (844 against 754 GB/s). Rotations and shifts through IMAD.HI (2, 4, 8, 32) gained nothing or
+// lost, so IMAD.HI costs far more than one FMA slot; 16 made ptxas hold all 64 round constants in
+// registers (138); 65 takes the last IADD3 off the ALU pipe (1,043 ALU instructions per
+// compression against 1,107) and still lost 9% (757 against 833 GB/s): past this point the FMA
+// pipe and issue slots are not free either.
 #ifndef VR_SHA_VARIANT
 #define VR_SHA_VARIANT 1
 #endif
@@ -31,6 +36,7 @@
 #define VR_F_S1 8
 #define VR_F_K 16
 #define VR_F_SHR 32
+#define VR_F_KIMM 64
 
 #ifdef __CUDACC__
 __constant__ u32 vr_sha_k[64];
@@ -42,6 +48,11 @@ template <int V> VR_HD u32 sha_add(u32 a, u32 b) {
 template <int V> VR_HD u32 sha_hwk(u32 h, u32 w, u32 k, int t) {
 #ifdef __CUDA_ARCH__
     if constexpr ((V & VR_F_K) != 0) return vr_addf(vr_addf(h, w), vr_sha_k[t]);
+    if constexpr ((V & VR_F_KIMM) != 0) {
+        u32 r;
+        asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(vr_mulc[0]), "r"(k), "r"(vr_addf(h, w)));
+        return r;
+    }
 #endif
     (void)t;
     return h + w + k;
@@ -308,12 +319,8 @@ __device__ __forceinline__ void load_digest(const u8* __restrict__ in, u32 s[8])
 // Unit digests of units [first_unit, first_unit + gridDim.x) of an n-byte message at `data`
 // (16-byte aligned). out receives 32 bytes per unit, indexed by absolute unit number.
 // blockDim.x must be 256 (one thread per leaf of a unit).
-#ifndef VR_SHA_MIN_BLOCKS
-#define VR_SHA_MIN_BLOCKS 1
-#endif
-extern "C" __global__ void __launch_bounds__(256, VR_SHA_MIN_BLOCKS)
-    sha256_tree_units(const u8* __restrict__ data, u64 n, u64 first_unit, u8* __restrict__ out) {
-    __shared__ u32 node[8][VR_LEAVES_PER_UNIT + 1];
+__device__ __forceinline__ void sha256_units_body(u32 (*node)[VR_LEAVES_PER_UNIT + 1], const u8* __restrict__ data,
+                                                  u64 n, u64 first_unit, u8* __restrict__ out) {
     const u64 unit = first_unit + blockIdx.x;
     const u64 start = unit << VR_UNIT_SHIFT;
     const u64 avail = n > start ? n - start : 0;
@@ -336,6 +343,24 @@ extern "C" __global__ void __launch_bounds__(256, VR_SHA_MIN_BLOCKS)
         for (int i = 0; i < 8; ++i) s[i] = node[i][0];
         store_digest(out + unit * 32u, s);
     }
+}
+
+// Two register budgets of the same kernel: the compiler's own (77 registers, 3 blocks per SM) runs
+// each block about 6% faster on an H200; 64 registers (4 blocks per SM) leaves a smaller last
+// wave on some shard sizes (1 GiB: 2 waves instead of 3). The host picks per shard.
+#ifndef VR_SHA_MIN_BLOCKS
+#define VR_SHA_MIN_BLOCKS 1
+#endif
+extern "C" __global__ void __launch_bounds__(256, VR_SHA_MIN_BLOCKS)
+    sha256_tree_units(const u8* __restrict__ data, u64 n, u64 first_unit, u8* __restrict__ out) {
+    __shared__ u32 node[8][VR_LEAVES_PER_UNIT + 1];
+    sha256_units_body(node, data, n, first_unit, out);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 4)
+    sha256_tree_units_occ4(const u8* __restrict__ data, u64 n, u64 first_unit, u8* __restrict__ out) {
+    __shared__ u32 node[8][VR_LEAVES_PER_UNIT + 1];
+    sha256_units_body(node, data, n, first_unit, out);
 }
 
 // The same for small shards, where one block per unit would leave most SMs idle and make a 1 MiB
