@@ -12,7 +12,9 @@ import ipaddress
 import shlex
 from pathlib import Path
 
-from vram_residency.service.server import DEFAULT_PORT, ServeOptions, build, describe_token, serve
+# The service (FastAPI, uvicorn) is imported when `serve` runs, not when the CLI starts: every
+# other subcommand would otherwise pay seconds of import time for it.
+_DEFAULT_PORT = 8321
 
 
 def _is_loopback(host: str) -> bool:
@@ -29,6 +31,9 @@ def _say(line: str = "") -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from vram_residency.service.server import DEFAULT_PORT, ServeOptions, build, describe_token, serve
+
+    assert DEFAULT_PORT == _DEFAULT_PORT
     opts = ServeOptions(
         host=args.host,
         port=args.port,
@@ -112,7 +117,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "in the state directory.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=int, default=_DEFAULT_PORT, help=f"TCP port (default {_DEFAULT_PORT})")
     p.add_argument("--model-dir", type=Path, help="directory that model names are resolved in")
     p.add_argument(
         "--model",
