@@ -79,7 +79,7 @@ def _embed(backend: str, model: Path, prompts: list[str]) -> np.ndarray[Any, Any
         shard = mgr.seal_file(files.weights)
         buf = mgr._entry(shard).buf
         if backend == "cuda":
-            dev = DeviceMemory(ptr=buf._ptr, size=shard.vram_bytes, device=mgr.device, owner=buf)  # type: ignore[attr-defined]
+            dev = DeviceMemory(ptr=buf.device_pointer, size=shard.vram_bytes, device=mgr.device, owner=buf)  # type: ignore[attr-defined]
             weights = SealedWeights(files, "cuda", shard.vram_bytes, None, dev)
         else:
             weights = SealedWeights(files, "host", shard.vram_bytes, buf.view(shard.vram_bytes))  # type: ignore[attr-defined]

@@ -440,8 +440,7 @@ class Worker:
         host_view = getattr(buf, "view", None)
         memory = host_view() if mgr.backend == "host" and callable(host_view) else None
         device: DeviceMemory | None = None
-        # The CUDA buffer has no public pointer accessor yet; its private one is read here only.
-        ptr = getattr(buf, "_ptr", None) if mgr.backend == "cuda" else None
+        ptr = getattr(buf, "device_pointer", None) if mgr.backend == "cuda" else None
         if isinstance(ptr, int) and ptr:
             device = DeviceMemory(ptr=ptr, size=shard.vram_bytes, device=mgr.device, owner=buf)
         weights = SealedWeights(

@@ -107,6 +107,13 @@ class CudaBuffer(DeviceBuffer):
         self._owned = owned
 
     @property
+    def device_pointer(self) -> int:
+        """The allocation's device address, for executors that run on the sealed bytes in place
+        (CuPy, DLPack consumers). Raises IntegrityViolation once the buffer is freed."""
+        self._check_open()
+        return self._ptr
+
+    @property
     def adopted(self) -> bool:
         """True when the memory was adopted, not allocated, by this backend."""
         return not self._owned
