@@ -142,6 +142,10 @@ class VramManager:
             raise ConfigError("device must be a non-negative integer")
         if not isinstance(worker_id, str):
             raise ConfigError("worker_id must be a string")
+        try:
+            worker_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError("worker_id is not encodable as UTF-8") from None
         if isinstance(max_model_bytes, bool) or not isinstance(max_model_bytes, int) or max_model_bytes <= 0:
             raise ConfigError("max_model_bytes must be a positive integer")
         if capacity_bytes is not None and backend == "cuda":
@@ -326,20 +330,27 @@ class VramManager:
             with self._lock:
                 self._check_open()
                 self._entries[shard.shard_id] = entry
+            try:
+                self._emit(
+                    "VramSealed",
+                    shard_id=shard.shard_id,
+                    vram_bytes=size,
+                    digest=shard.digest,
+                    digest_algorithm=digest_algorithm,
+                    model_ref=model_ref,
+                    backend=self.backend,
+                )
+            except BaseException:
+                # The caller never gets this shard: it must not stay registered (and resident).
+                with self._lock:
+                    if self._entries.get(shard.shard_id) is entry:
+                        del self._entries[shard.shard_id]
+                raise
         except BaseException as exc:
             buf.close()
             if isinstance(exc, PolicyViolation):
                 self._emit("PolicyViolation", critical=True, reason=str(exc), vram_bytes=size)
             raise
-        self._emit(
-            "VramSealed",
-            shard_id=shard.shard_id,
-            vram_bytes=size,
-            digest=shard.digest,
-            digest_algorithm=digest_algorithm,
-            model_ref=model_ref,
-            backend=self.backend,
-        )
         return shard
 
     def _allocate(self, size: int) -> DeviceBuffer:
@@ -351,7 +362,11 @@ class VramManager:
         except (InsufficientVram, CudaAllocationFailed) as exc:
             self._emit("VramAllocationFailed", requested_bytes=size, reason=str(exc), backend=self.backend)
             raise
-        self._emit("VramAllocated", vram_bytes=size, backend=self.backend)
+        try:
+            self._emit("VramAllocated", vram_bytes=size, backend=self.backend)
+        except BaseException:
+            buf.close()  # the caller never gets the buffer: free it here
+            raise
         return buf
 
     # -- files, tensors, repair (implemented in vram_residency.sources) ------------------------
@@ -580,8 +595,15 @@ class VramManager:
                     entry.buf.close()
                 except VramError as exc:  # keep freeing the rest; report afterwards
                     errors.append(exc)
-            self._emit("VramDeallocated", shard_id=entry.shard.shard_id, vram_bytes=entry.shard.vram_bytes)
-        self._backend.close()
+            shard = entry.shard
+            try:
+                self._emit("VramDeallocated", shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
+            except Exception as exc:  # a failed audit log must not keep the other shards resident
+                errors.append(exc)
+        try:
+            self._backend.close()
+        except Exception as exc:
+            errors.append(exc)
         if errors:
             raise errors[0]
 

@@ -7,6 +7,8 @@ from the same token.
 
 from __future__ import annotations
 
+import contextlib
+
 from cryptography.hazmat.primitives import constant_time, hashes
 from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -34,7 +36,14 @@ MIN_TOKEN_BYTES = 16
 def token_bytes(token: str | bytes) -> bytes:
     """Validate a worker token and return its bytes (UTF-8 when given as text)."""
     if isinstance(token, str):
-        raw = token.encode("utf-8")
+        encoded: bytes | None = None
+        with contextlib.suppress(UnicodeEncodeError):
+            encoded = token.encode("utf-8")
+        if encoded is None:
+            # Raised outside the handler: the UnicodeEncodeError holds the whole token (its
+            # ``object``) and quotes part of it, so it must not become this error's context.
+            raise ConfigError("worker token is not valid text (not encodable as UTF-8)")
+        raw = encoded
     elif isinstance(token, (bytes, bytearray)):
         raw = bytes(token)
     else:

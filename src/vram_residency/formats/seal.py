@@ -41,6 +41,7 @@ class SealFields:
     def validate(self) -> None:
         if not isinstance(self.shard_id, str) or not self.shard_id:
             raise InvalidInput("shard_id must be a non-empty string")
+        _check_utf8("shard_id", self.shard_id)
         _check_int("gpu_device", self.gpu_device, _U32)
         _check_int("vram_bytes", self.vram_bytes, _U64)
         if self.digest_algorithm not in ALGORITHMS:
@@ -50,8 +51,11 @@ class SealFields:
         _check_int("sealed_at_ns", self.sealed_at_ns, _U64)
         if not isinstance(self.worker_id, str):
             raise InvalidInput("worker_id must be a string")
+        _check_utf8("worker_id", self.worker_id)
         if self.model_ref is not None and (not isinstance(self.model_ref, str) or not self.model_ref):
             raise InvalidInput("model_ref must be a non-empty string or None")
+        if self.model_ref is not None:
+            _check_utf8("model_ref", self.model_ref)
         for name in ("shard_index", "total_shards"):
             value = getattr(self, name)
             if value is not None:
@@ -64,6 +68,14 @@ class SealFields:
             and (self.total_shards < 1 or self.shard_index >= self.total_shards)
         ):
             raise InvalidInput("shard_index must be < total_shards, and total_shards >= 1")
+
+
+def _check_utf8(name: str, value: str) -> None:
+    # A JSON string may hold lone surrogates, which have no UTF-8 encoding.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{name} is not encodable as UTF-8 (lone surrogate)") from None
 
 
 def _check_int(name: str, value: object, limit: int) -> None:

@@ -663,9 +663,15 @@ class Worker:
             j.fail(WorkerStopped("worker shut down before the job ran"))
         with self._commit_lock, self._exec_lock:
             self._closed = True
+            executor_errors: list[Exception] = []
             for model in self._models.values():
                 if model.executor is not None:
-                    model.executor.close()
+                    # One executor failing to close must not keep the shards resident: free them
+                    # all first, report afterwards.
+                    try:
+                        model.executor.close()
+                    except Exception as exc:
+                        executor_errors.append(exc)
                     model.executor = None
             self._models.clear()
             try:
@@ -675,6 +681,8 @@ class Worker:
                 with contextlib.suppress(VramError):
                     self.lifecycle.stop("shutdown")
                 self._close_audit()
+            if executor_errors:
+                raise executor_errors[0]
 
     def _close_audit(self) -> None:
         if self._audit is not None:

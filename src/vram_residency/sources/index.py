@@ -37,7 +37,10 @@ class ModelFile:
 def _as_path(p: object) -> Path:
     if not isinstance(p, (str, os.PathLike)) or not str(p):
         raise InvalidInput(f"path must be a non-empty str or os.PathLike, not {p!r}")
-    return Path(p)
+    path = Path(p)
+    if "\x00" in str(path):
+        raise InvalidInput("path contains a NUL byte")
+    return path
 
 
 def _safe_name(name: object, index: Path) -> str:

@@ -128,6 +128,8 @@ def _fspath(path: object) -> Path:
     p = Path(path)
     if not str(p):
         raise InvalidInput("path is empty")
+    if "\x00" in str(p):
+        raise InvalidInput("path contains a NUL byte")
     return p
 
 
