@@ -160,6 +160,10 @@ class VramManager:
             raise ConfigError(str(exc)) from None
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
+        # Seals in flight: close() waits for them, so that none frees its buffer after the
+        # backend (on CUDA, the context) is gone.
+        self._inflight = 0
+        self._idle = threading.Condition(self._lock)
         self._closed = False
 
     # -- properties ---------------------------------------------------------------------------
@@ -300,6 +304,33 @@ class VramManager:
         expected = self._validate_seal_args(
             size, device, model_ref, shard_index, total_shards, expected_digest, digest_algorithm
         )
+        with self._lock:
+            self._check_open()
+            self._inflight += 1
+        try:
+            return self._seal_counted(
+                size, fill, expected, buffer, model_ref, shard_index, total_shards,
+                digest_algorithm, tensors, source,
+            )
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.notify_all()
+
+    def _seal_counted(
+        self,
+        size: int,
+        fill: Callable[[DeviceBuffer], HashResult | None],
+        expected: str | None,
+        buffer: DeviceBuffer | None,
+        model_ref: str | None,
+        shard_index: int | None,
+        total_shards: int | None,
+        digest_algorithm: str,
+        tensors: Sequence[TensorSpan],
+        source: Any,
+    ) -> SealedShard:
         buf = buffer if buffer is not None else self._allocate(size)
         try:
             self._backend.check_policy(buf)
@@ -585,9 +616,11 @@ class VramManager:
         with self._lock:
             if self._closed:
                 return
+            self._closed = True
+            while self._inflight:
+                self._idle.wait()
             entries = list(self._entries.values())
             self._entries.clear()
-            self._closed = True
         errors: list[BaseException] = []
         for entry in entries:
             with entry.lock:

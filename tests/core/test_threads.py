@@ -68,3 +68,36 @@ def test_double_deallocate_race() -> None:
             t.join()
         assert sorted(outcomes) == ["freed"] + ["not-sealed"] * 7
         assert mgr.available_vram() == 64 << 20
+
+
+def test_close_waits_for_a_seal_in_flight() -> None:
+    import time
+
+    from vram_residency import VramError
+    from vram_residency.backends.base import DeviceBuffer
+
+    cap = 64 << 20
+    mgr = VramManager(TOKEN, backend="host", capacity_bytes=cap)
+    started = threading.Event()
+    outcome: list[object] = []
+
+    def slow_fill(buf: DeviceBuffer) -> None:
+        started.set()
+        time.sleep(0.3)
+        buf.write(0, b"x" * 1000)
+
+    def seal() -> None:
+        try:
+            outcome.append(mgr._seal_into(1000, slow_fill))
+        except VramError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=seal)
+    t.start()
+    assert started.wait(5)
+    mgr.close()  # must wait for the seal, which then fails to register and frees its buffer
+    t.join()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], NotSealed)
+    # The seal's buffer was freed before close() returned.
+    assert mgr._backend.mem_info() == (cap, cap)

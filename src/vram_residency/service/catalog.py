@@ -46,7 +46,12 @@ def example_model_dir() -> Path | None:
 
 
 def _inside(path: Path, root: Path) -> Path:
-    resolved = path.resolve(strict=True)
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a permission error on the way
+        raise InvalidInput(f"model path cannot be resolved: {type(exc).__name__}") from None
     if resolved != root and not resolved.is_relative_to(root):
         raise InvalidInput("model path escapes the model directory")
     return resolved
