@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from vram_residency import InvalidInput, PolicyViolation, SealVerificationFailed, VramManager
 from vram_residency.formats import digest
 from vram_residency.formats.tree import UNIT_SIZE
-from vram_residency.sources.stream import Staging, plan_staging
+from vram_residency.sources.stream import GPU_DEFAULT_BUFFERS, MAX_STAGING_BYTES, Staging, plan_staging
 from vram_residency.testing import flip_bit
 
 pytestmark = pytest.mark.gpu
@@ -71,9 +71,12 @@ def test_seal_file_on_gpu(gpu: VramManager, weights: Path, algorithm: str) -> No
 
 def test_staging_is_pinned_on_gpu(gpu: VramManager) -> None:
     plan = plan_staging(1 << 30, backend=gpu._backend)
-    assert plan.buffers == 4 and plan.bytes <= 256 << 20
+    assert plan.buffers == GPU_DEFAULT_BUFFERS
+    assert plan.readers == GPU_DEFAULT_BUFFERS - 1
+    assert plan.bytes <= MAX_STAGING_BYTES
     with Staging(plan, gpu._backend) as st:
-        assert st.pinned and len(st.views()) == 4
+        assert st.pinned
+        assert len(st.views()) == GPU_DEFAULT_BUFFERS
 
 
 def test_mismatch_leaves_nothing_on_gpu(gpu: VramManager, weights: Path) -> None:
