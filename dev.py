@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     py = str(VENV / "bin" / "python")
     if cmd == "test":
         for step in (
-            [py, "-m", "ruff", "check", "src", "tests", "bench", "scripts", "dev.py"],
+            [py, "-m", "ruff", "check", "src", "tests", "bench", "scripts", "examples", "dev.py"],
             [py, "-m", "mypy"],
         ):
             rc = _exec(step)
