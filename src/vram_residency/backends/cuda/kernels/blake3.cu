@@ -256,41 +256,15 @@ __device__ __forceinline__ void b3_thread_node(const u8* __restrict__ unit_ptr, 
     }
 }
 
-// Pair-from-the-left reduction of `count` >= 1 nodes in shared memory (node[word][index]); the
-// final compression (count == 2) gets `top` (ROOT or 0). With dual, thread 0 also writes the top
-// computed with ROOT to root_out (unit 0 in unit-digest mode: same tree, two flags).
+// vr_block_reduce with BLAKE3's parent node: the final compression (count == 2) gets `top` (ROOT
+// or 0). With dual, that thread also writes the top computed with ROOT to root_out (unit 0 in
+// unit-digest mode: same tree, two flags).
 __device__ __forceinline__ void b3_block_reduce(u32 (*node)[B3_THREADS + 1], u32 count, u32 top, bool dual,
                                                 u32 root_out[8]) {
-    const u32 t = threadIdx.x;
-    while (count > 1) {
-        const u32 pairs = count >> 1;
-        const bool active = t < pairs;
-        const u32 flags = count == 2 ? top : 0u;
-        u32 l[8], r[8], o[8];
-        if (active) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) { l[i] = node[i][2 * t]; r[i] = node[i][2 * t + 1]; }
-            b3_parent(l, r, flags, o);
-            if (dual && count == 2) b3_parent(l, r, B3_ROOT, root_out);
-        }
-        u32 odd[8];
-        const bool carry = (count & 1u) && t == 0;
-        if (carry) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) odd[i] = node[i][count - 1];
-        }
-        __syncthreads();
-        if (active) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) node[i][t] = o[i];
-        }
-        if (carry) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) node[i][pairs] = odd[i];
-        }
-        __syncthreads();
-        count = pairs + (count & 1u);
-    }
+    vr_block_reduce(node, count, [=](u32 l[8], u32 r[8], u32 o[8], u32 n) {
+        b3_parent(l, r, n == 2 ? top : 0u, o);
+        if (dual && n == 2) b3_parent(l, r, B3_ROOT, root_out);
+    });
 }
 
 __device__ __forceinline__ void b3_store(u8* __restrict__ out, const u32 s[8]) {

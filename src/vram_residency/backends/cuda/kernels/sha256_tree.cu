@@ -267,40 +267,10 @@ __device__ __forceinline__ void sha256_leaf(const u8* __restrict__ p, u32 len, u
     for (int i = 0; i < 8; ++i) s[i] = t[i];
 }
 
-// Pair-from-the-left reduction of `count` nodes held in shared memory as node[word][index]
-// (word-major, so that neighbouring threads touch neighbouring banks). Unpaired last nodes move up
-// unchanged (spec step 4). Every thread of the block must call it. Result in node[*][0].
+// The unit subtree and tree-level reductions: vr_block_reduce with the spec's parent hash.
 template <int W>
 __device__ __forceinline__ void sha256_block_reduce(u32 (*node)[W], u32 count) {
-    const u32 t = threadIdx.x;
-    while (count > 1) {
-        u32 pairs = count >> 1;
-        u32 l[8], r[8], o[8];
-        bool active = t < pairs;
-        if (active) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) { l[i] = node[i][2 * t]; r[i] = node[i][2 * t + 1]; }
-            sha256_parent(l, r, o);
-        }
-        // The odd node moves up: read it before anyone overwrites its slot.
-        u32 odd[8];
-        bool carry = (count & 1u) && t == 0;
-        if (carry) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) odd[i] = node[i][count - 1];
-        }
-        __syncthreads();
-        if (active) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) node[i][t] = o[i];
-        }
-        if (carry) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) node[i][pairs] = odd[i];
-        }
-        __syncthreads();
-        count = pairs + (count & 1u);
-    }
+    vr_block_reduce(node, count, [](u32 l[8], u32 r[8], u32 o[8], u32) { sha256_parent(l, r, o); });
 }
 
 __device__ __forceinline__ void store_digest(u8* __restrict__ out, const u32 s[8]) {

@@ -71,3 +71,46 @@ VR_HD u32 vr_rotrf(u32 x, u32 k) {
     return (x >> k) | (x << (32u - k));
 #endif
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tree reduction inside a thread block, shared by both digests.
+
+#ifdef __CUDACC__
+// Pair-from-the-left reduction of `count` >= 1 nodes held in shared memory as node[word][index]
+// (word-major, so that neighbouring threads touch neighbouring banks). An unpaired last node moves
+// up unchanged (sha256-tree-v1 spec step 4; BLAKE3's tree has the same shape). `parent(l, r, o,
+// count)` combines one pair; `count` lets it tell the final compression (count == 2). Every
+// thread of the block must call it. Result in node[*][0].
+template <int W, class Parent>
+__device__ __forceinline__ void vr_block_reduce(u32 (*node)[W], u32 count, Parent parent) {
+    const u32 t = threadIdx.x;
+    while (count > 1) {
+        const u32 pairs = count >> 1;
+        const bool active = t < pairs;
+        u32 l[8], r[8], o[8];
+        if (active) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) { l[i] = node[i][2 * t]; r[i] = node[i][2 * t + 1]; }
+            parent(l, r, o, count);
+        }
+        // The odd node moves up: read it before anyone overwrites its slot.
+        u32 odd[8];
+        const bool carry = (count & 1u) && t == 0;
+        if (carry) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) odd[i] = node[i][count - 1];
+        }
+        __syncthreads();
+        if (active) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) node[i][t] = o[i];
+        }
+        if (carry) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) node[i][pairs] = odd[i];
+        }
+        __syncthreads();
+        count = pairs + (count & 1u);
+    }
+}
+#endif
