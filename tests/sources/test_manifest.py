@@ -14,6 +14,23 @@ from vram_residency.formats import digest
 from vram_residency.sources import Manifest, build_manifest, load_manifest, write_manifest
 
 
+def _write_keypair(directory: Path, stem: str, curve: Any) -> tuple[Path, Path]:
+    """A fresh EC key pair as PEM files: ``stem.pem`` (private) and ``stem.pub`` (public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(curve)
+    priv, pub = directory / f"{stem}.pem", directory / f"{stem}.pub"
+    priv.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return priv, pub
+
 def test_roundtrip_both_algorithms(tmp_path: Path, st_file: tuple[Path, dict[str, Any]]) -> None:
     path, _ = st_file
     raw = path.read_bytes()
@@ -123,7 +140,6 @@ def signed_model(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     """A model directory signed with a fresh EC key through model_signing's own API (blake3)."""
     ms = _model_signing()
     import numpy as np
-    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from safetensors.numpy import save_file
 
@@ -132,18 +148,7 @@ def signed_model(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     save_file({"w": np.arange(500_000, dtype=np.float32)}, str(model / "model.safetensors"))
     (model / "config.json").write_text('{"hidden": 8}')
     (model / "1_Pooling" / "config.json").write_text('{"pooling": "mean"}')
-    key = ec.generate_private_key(ec.SECP256R1())
-    priv, pub = tmp_path / "key.pem", tmp_path / "key.pub"
-    priv.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    pub.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    priv, pub = _write_keypair(tmp_path, "key", ec.SECP256R1())
     sig = tmp_path / "model.sig"
     cfg = ms.signing.Config().use_elliptic_key_signer(private_key=priv)
     cfg.set_hashing_config(ms.hashing.Config().use_file_serialization(hashing_algorithm="blake3"))
@@ -206,24 +211,12 @@ def test_openssf_signature_is_checked(tmp_path: Path, signed_model: tuple[Path, 
 
 def test_openssf_sha256_bundle_is_not_accepted(tmp_path: Path) -> None:
     ms = _model_signing()
-    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     model = tmp_path / "m"
     model.mkdir()
     (model / "w.bin").write_bytes(os.urandom(1000))
-    key = ec.generate_private_key(ec.SECP384R1())
-    priv, pub = tmp_path / "k.pem", tmp_path / "k.pub"
-    priv.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    pub.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    priv, pub = _write_keypair(tmp_path, "k", ec.SECP384R1())
     sig = tmp_path / "m.sig"
     cfg = ms.signing.Config().use_elliptic_key_signer(private_key=priv)
     cfg.set_hashing_config(ms.hashing.Config().use_file_serialization(hashing_algorithm="sha256"))
