@@ -12,7 +12,7 @@ from service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 
 from vram_residency import VramManager
 from vram_residency.service.bert import BertEncoder, bert_factory
-from vram_residency.service.catalog import EXAMPLE_MODEL, ModelCatalog
+from vram_residency.service.catalog import MINILM_MODEL, ModelCatalog
 from vram_residency.service.executor import SealedWeights
 from vram_residency.service.safetensors_view import parse_header
 from vram_residency.testing import flip_bit
@@ -23,7 +23,7 @@ TOKEN = "bert-test-token-0123456789abcdef"
 @pytest.fixture(scope="module")
 def sealed() -> Iterator[tuple[VramManager, Any, BertEncoder]]:
     assert EXAMPLE_DIR is not None
-    files = ModelCatalog(None, {EXAMPLE_MODEL: EXAMPLE_DIR}).resolve(EXAMPLE_MODEL)
+    files = ModelCatalog(None, {MINILM_MODEL: EXAMPLE_DIR}).resolve(MINILM_MODEL)
     mgr = VramManager(TOKEN, backend="host")
     shard = mgr.seal_file(files.weights)
     buf = mgr._entry(shard).buf

@@ -13,7 +13,7 @@ from service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 
 from vram_residency import SealVerificationFailed, VramManager
 from vram_residency.service.bert import BertEncoder, bert_factory
-from vram_residency.service.catalog import EXAMPLE_MODEL, ModelCatalog
+from vram_residency.service.catalog import MINILM_MODEL, ModelCatalog
 from vram_residency.service.executor import DeviceMemory, SealedWeights
 from vram_residency.service.safetensors_view import parse_header
 from vram_residency.testing import flip_bit
@@ -26,7 +26,7 @@ pytestmark = [
 
 def test_embedding_from_sealed_vram_in_place() -> None:
     assert EXAMPLE_DIR is not None
-    files = ModelCatalog(None, {EXAMPLE_MODEL: EXAMPLE_DIR}).resolve(EXAMPLE_MODEL)
+    files = ModelCatalog(None, {MINILM_MODEL: EXAMPLE_DIR}).resolve(MINILM_MODEL)
     with VramManager("gpu-bert-test-token-0123456789", backend="cuda") as mgr:
         shard = mgr.seal_file(files.weights)
         buf = mgr._entry(shard).buf

@@ -1,7 +1,9 @@
 """``vram-residency serve``: the worker service (seal at start, authenticated API, scrubbing).
 
-With no arguments it serves the example model (all-MiniLM-L6-v2, an embedding model) on the best
+With no arguments it serves the generated example model (a small byte-level decoder with RANDOM
+weights: its tokens are noise; it runs seal -> verify -> execute on real compute) on the best
 backend present, on 127.0.0.1, with a token file it creates (mode 0600) in the state directory.
+all-MiniLM-L6-v2 (an embedding model) is committable by name when its package is installed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def _say(line: str = "") -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from vram_residency.service.example_model import EXAMPLE_NAMES
     from vram_residency.service.server import DEFAULT_PORT, ServeOptions, build, describe_token, serve
 
     assert DEFAULT_PORT == _DEFAULT_PORT
@@ -39,6 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         port=args.port,
         model_dir=args.model_dir,
         model=args.model,
+        example=args.example,
         token_file=args.token_file,
         state_dir=args.state_dir,
         audit_log=args.audit_log,
@@ -70,6 +74,15 @@ def _run(args: argparse.Namespace) -> int:
         _say(f"  model:      {m.name}: {m.shard.vram_bytes} bytes sealed as {m.shard.shard_id}")
         _say(f"              {m.shard.digest_algorithm} {m.shard.digest}")
         _say(f"              {m.executor_note}")
+        if m.name in EXAMPLE_NAMES.values():
+            _say(
+                "  NOTE:       the example model's weights are RANDOM (generated from a fixed seed, "
+                "not trained): its tokens are noise. It is there to run seal -> verify -> execute "
+                "on real compute."
+            )
+    others = [n for n in w.catalog.names() if n not in {m.name for m in w.models()}]
+    if others:
+        _say(f"  built in:   {', '.join(others)} (POST /worker/commit by name)")
     if not w.models():
         _say("  model:      none committed yet (POST /worker/commit)")
     if built.worker.catalog.model_dir is not None:
@@ -112,16 +125,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
         help="run the worker service (seal the model, serve the authenticated API, scrub)",
-        description="Run the worker service. With no arguments: the example embedding model "
-        "(all-MiniLM-L6-v2) on the best backend present, on 127.0.0.1, with a token file created "
-        "in the state directory.",
+        description="Run the worker service. With no arguments: the generated example model "
+        "(random-byte-lm: a small byte-level decoder with RANDOM weights, so its tokens are noise; "
+        "it runs seal -> verify -> execute on real compute) on the best backend present, on "
+        "127.0.0.1, with a token file created in the state directory. all-MiniLM-L6-v2 (an "
+        "embedding model) is built in too when its package is installed.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=_DEFAULT_PORT, help=f"TCP port (default {_DEFAULT_PORT})")
     p.add_argument("--model-dir", type=Path, help="directory that model names are resolved in")
     p.add_argument(
         "--model",
-        help="model to commit at start (a name in --model-dir; without --model-dir: the example model)",
+        help="model to commit at start (a name in --model-dir or a built-in one; default without "
+        "--model-dir: the generated example model)",
+    )
+    p.add_argument(
+        "--example",
+        choices=("small", "1gib"),
+        default="small",
+        help="which generated example model is built in (random weights, written to "
+        "STATE_DIR/example-models/ on first use): small (random-byte-lm, 43 MB, the default) or "
+        "1gib (random-byte-lm-1gib, about 1 GiB, for measuring verification on a GPU)",
     )
     p.add_argument(
         "--token-file",

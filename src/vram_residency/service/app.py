@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final, Literal
 
@@ -35,7 +35,7 @@ from vram_residency.audit.lifecycle import WorkerState
 from vram_residency.errors import VramError
 from vram_residency.service.auth import BearerCheck
 from vram_residency.service.errors import ErrorCode, ServiceError, from_exception
-from vram_residency.service.executor import JobOutput
+from vram_residency.service.executor import JobOutput, Token
 from vram_residency.service.middleware import AuthMiddleware, BodyLimitMiddleware
 from vram_residency.service.schemas import (
     SSE_EVENT_SCHEMA,
@@ -271,8 +271,9 @@ def create_app(
         response_class=StreamingResponse,
         responses={
             200: {
-                "description": "Server-Sent Events: started, token (one per input token of the encoder), "
-                "metrics, end (with the embedding), or error",
+                "description": "Server-Sent Events: started; token (a generator: each token as it is "
+                "produced; an encoder: its input tokens, after the run); metrics; end (the generated text, "
+                "or the embedding); or error",
                 "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
             },
             **_errors(*_COMMON, 404),
@@ -292,20 +293,24 @@ def create_app(
         job_input = executor.prepare(req.prompt, req.max_tokens)
         loop = asyncio.get_running_loop()
         verified: asyncio.Future[Any] = loop.create_future()
-        done: asyncio.Future[Any] = loop.create_future()
+        # Tokens and then the job's result, in the order the execution thread produced them
+        # (call_soon_threadsafe runs callbacks in order): the stream never ends before a token.
+        stream: asyncio.Queue[Token | JobOutput | BaseException] = asyncio.Queue()
 
-        def deliver(fut: asyncio.Future[Any]) -> Callable[[Any], None]:
-            def _set(value: Any) -> None:
-                if not fut.done():
-                    fut.set_result(value)  # exceptions travel as values: nothing goes unretrieved
+        def from_worker_thread(value: Any) -> None:
+            loop.call_soon_threadsafe(stream.put_nowait, value)
 
-            def from_worker_thread(value: Any) -> None:
-                loop.call_soon_threadsafe(_set, value)
+        def on_verified(value: Any) -> None:
+            def _set() -> None:
+                if not verified.done():
+                    verified.set_result(value)  # exceptions travel as values: nothing goes unretrieved
 
-            return from_worker_thread
+            loop.call_soon_threadsafe(_set)
 
         job_id = req.job_id or f"job-{secrets.token_hex(8)}"
-        job = ExecuteJob(job_id, model.name, job_input, deliver(verified), deliver(done))
+        job = ExecuteJob(
+            job_id, model.name, job_input, on_verified, from_worker_thread, on_token=from_worker_thread
+        )
         t0 = time.perf_counter()
         worker.submit(job)
         v = await verified
@@ -331,25 +336,46 @@ def create_app(
                     "pre_verify": worker.config.pre_verify,
                 },
             )
-            out = await done
+            n = 0
+            t_first: float | None = None
+            out: JobOutput | BaseException | None = None
+            while out is None:
+                # Everything that arrived while the last chunk was sent goes out as one chunk:
+                # one write per wake-up, not one per token, when the client reads slowly.
+                items = [await stream.get()]
+                while not stream.empty():
+                    items.append(stream.get_nowait())
+                chunk = []
+                for item in items:
+                    if isinstance(item, Token):
+                        chunk.append(_sse("token", {"t": item.text, "i": n, "id": item.id}))
+                        n += 1
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                    else:
+                        out = item
+                if chunk:
+                    yield "".join(chunk)
             t_end = time.perf_counter()
             if isinstance(out, BaseException):
                 err = from_exception(out)
                 worker.metrics.executions.labels(result="error").inc()
                 yield _sse("error", err.body())
                 return
-            assert isinstance(out, JobOutput)
             worker.metrics.executions.labels(result="ok").inc()
             worker.metrics.execute_seconds.observe(t_end - t0)
-            # One chunk for all token events: they are known at once for an encoder.
-            yield "".join(_sse("token", {"t": t, "i": i}) for i, t in enumerate(job_input.tokens))
+            # An encoder's tokens are its input, known at once: one chunk, after the run.
+            if job_input.tokens:
+                yield "".join(_sse("token", {"t": t, "i": i}) for i, t in enumerate(job_input.tokens))
             yield _sse(
                 "metrics",
                 {
-                    "tokens_in": len(job_input.tokens),
+                    "tokens_in": out.end.get("tokens_in", len(job_input.tokens)),
+                    "tokens_out": n,
                     "batch_size": job.batch_size,
                     "queue_and_verify_ms": _ms(t_verified - t0),
                     "verify_ms": None if info is None else _ms(info.seconds),
+                    "first_token_ms": None if t_first is None else _ms(t_first - t0),
                     "run_ms": _ms(t_end - t_verified),
                     "total_ms": _ms(t_end - t0),
                     "pre_verify": worker.config.pre_verify,

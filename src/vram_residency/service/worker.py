@@ -57,6 +57,8 @@ from vram_residency.service.executor import (
     JobOutput,
     ModelFiles,
     SealedWeights,
+    StreamingExecutor,
+    Token,
 )
 from vram_residency.service.metrics import Metrics
 from vram_residency.shard import SealedShard
@@ -126,10 +128,20 @@ class VerifyPass:
 
 class ExecuteJob:
     """One queued execution. The worker calls ``on_verified`` once (a VerifyPass, or None when
-    pre-verification is disabled, or an exception), then ``on_done`` once (JobOutput or an
-    exception) unless verification failed."""
+    pre-verification is disabled, or an exception), then ``on_token`` for each token a generator
+    produces, then ``on_done`` once (JobOutput or an exception) unless verification failed."""
 
-    __slots__ = ("_verified", "batch_size", "input", "job_id", "model", "on_done", "on_verified", "queued_at")
+    __slots__ = (
+        "_verified",
+        "batch_size",
+        "input",
+        "job_id",
+        "model",
+        "on_done",
+        "on_token",
+        "on_verified",
+        "queued_at",
+    )
 
     def __init__(
         self,
@@ -138,12 +150,14 @@ class ExecuteJob:
         job_input: JobInput,
         on_verified: Callable[[VerifyPass | BaseException | None], None],
         on_done: Callable[[JobOutput | BaseException], None],
+        on_token: Callable[[Token], None] | None = None,
     ) -> None:
         self.job_id = job_id
         self.model = model
         self.input = job_input
         self.on_verified = on_verified
         self.on_done = on_done
+        self.on_token = on_token
         self.queued_at = time.perf_counter()
         self.batch_size = 0
         self._verified = False
@@ -152,12 +166,30 @@ class ExecuteJob:
         self._verified = True
         self.on_verified(info)
 
+    def token(self, tok: Token) -> None:
+        if self.on_token is None:
+            return
+        try:
+            self.on_token(tok)
+        except Exception:
+            # One client's stream going away must not fail the batch the others share.
+            log.debug("token callback of %s failed", self.job_id, exc_info=True)
+
     def fail(self, exc: BaseException) -> None:
         if self._verified:
             self.on_done(exc)
         else:
             self._verified = True
             self.on_verified(exc)
+
+
+def _sink(group: Sequence[ExecuteJob]) -> Callable[[int, Token], None]:
+    """Tokens of a streaming run, by job index, to the jobs of ``group``."""
+
+    def emit(index: int, tok: Token) -> None:
+        group[index].token(tok)
+
+    return emit
 
 
 def scrub_delay(spent: float, interval: float, budget: float) -> float:
@@ -376,7 +408,9 @@ class Worker:
             for p in (files.config, files.tokenizer, files.sentence_config, files.pooling_config):
                 if p is not None:
                     side[str(p.relative_to(files.root))] = _sha256_file(p)
-            shard = self._seal_file(files, expected_digest)
+            # A generated model comes with the digest of what was generated: bytes changed on disk
+            # after generation fail the seal instead of being sealed as the model.
+            shard = self._seal_file(files, expected_digest or files.expected_digest)
         except OSError as exc:
             msg = f"cannot read model files: {exc.strerror}"
             raise ServiceError(422, ErrorCode.MODEL_LOAD_FAILED, msg) from None
@@ -617,7 +651,11 @@ class Worker:
                                 pending.remove(j)
                             continue
                         t_run = time.perf_counter()
-                        outputs = model.executor.run([j.input for j in group])
+                        inputs = [j.input for j in group]
+                        if isinstance(model.executor, StreamingExecutor):
+                            outputs = model.executor.run_streaming(inputs, _sink(group))
+                        else:
+                            outputs = model.executor.run(inputs)
                         self.metrics.run_seconds.observe(time.perf_counter() - t_run)
                         for j, out in zip(group, outputs, strict=True):
                             pending.remove(j)
@@ -742,5 +780,6 @@ class Worker:
 
 def default_factories() -> Iterable[ExecutorFactory]:
     from vram_residency.service.bert import bert_factory
+    from vram_residency.service.decoder import byte_lm_factory
 
-    return (bert_factory,)
+    return (byte_lm_factory, bert_factory)
