@@ -216,18 +216,31 @@ VR_HD void sha256_parent(const u32 l[8], const u32 r[8], u32 out[8]) {
 
 // Full 64-byte blocks from 16-byte aligned global memory: four 16-byte loads per block, the next
 // block's loads issued before this block's rounds so that memory latency hides behind them.
+// VR_SHA_PREFETCH 0: each block's loads are issued right before its rounds (16 registers fewer,
+// so more threads fit on an SM, which then hide the load latency instead).
+#ifndef VR_SHA_PREFETCH
+#define VR_SHA_PREFETCH 1
+#endif
 __device__ __forceinline__ void sha256_blocks16(u32 s[8], const uint4* __restrict__ p, u32 nblocks) {
+#if VR_SHA_PREFETCH
     uint4 q0 = __ldg(p + 0), q1 = __ldg(p + 1), q2 = __ldg(p + 2), q3 = __ldg(p + 3);
+#endif
 #pragma unroll 1
     for (u32 blk = 0; blk < nblocks; ++blk) {
+#if !VR_SHA_PREFETCH
+        const uint4* cur = p + 4 * blk;
+        uint4 q0 = __ldg(cur + 0), q1 = __ldg(cur + 1), q2 = __ldg(cur + 2), q3 = __ldg(cur + 3);
+#endif
         u32 w[16] = {vr_bswap(q0.x), vr_bswap(q0.y), vr_bswap(q0.z), vr_bswap(q0.w),
                      vr_bswap(q1.x), vr_bswap(q1.y), vr_bswap(q1.z), vr_bswap(q1.w),
                      vr_bswap(q2.x), vr_bswap(q2.y), vr_bswap(q2.z), vr_bswap(q2.w),
                      vr_bswap(q3.x), vr_bswap(q3.y), vr_bswap(q3.z), vr_bswap(q3.w)};
+#if VR_SHA_PREFETCH
         if (blk + 1 < nblocks) {
             const uint4* nx = p + 4 * (blk + 1);
             q0 = __ldg(nx + 0); q1 = __ldg(nx + 1); q2 = __ldg(nx + 2); q3 = __ldg(nx + 3);
         }
+#endif
         sha256_compress(s, w);
     }
 }
