@@ -17,6 +17,7 @@ from vram_residency.formats import digest
 from vram_residency.testing import flip_bit
 
 scenarios("service.feature")
+scenarios("generator.feature")
 
 
 @pytest.fixture
@@ -39,6 +40,11 @@ def _worker(tmp_path: Path, running: dict[str, Running], ctx: dict[str, Any], na
     (models / "escape").symlink_to(tiny_bert(tmp_path / "outside"))
     ctx["models"] = models
     running["w"] = start_worker(tmp_path / "worker", model_dir=models)
+
+
+@given("a bare worker serving the generated example model")
+def _bare(tmp_path: Path, running: dict[str, Running]) -> None:
+    running["w"] = start_worker(tmp_path / "worker", model=None)  # what a bare `serve` commits
 
 
 @given(parsers.parse('the model "{name}" is committed'))
@@ -124,6 +130,14 @@ def _embedding(ctx: dict[str, Any]) -> None:
     end = ctx["result"][-1][1]
     assert end["kind"] == "embedding"
     assert abs(float(np.linalg.norm(end["embedding"])) - 1.0) < 1e-5
+
+
+@then("the end event counts one generated token per token event")
+def _generated(ctx: dict[str, Any]) -> None:
+    end = ctx["result"][-1][1]
+    tokens = [d for e, d in ctx["result"] if e == "token"]
+    assert end["kind"] == "generation" and end["tokens_out"] == len(tokens) > 0
+    assert end["text"].startswith("".join(d["t"] for d in tokens))
 
 
 @then("the worker is Stopped and not ready")
