@@ -551,6 +551,15 @@ def _gpu_check() -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+def _report(res: dict[str, Any], md: str, stem: Path | None) -> None:
+    """Print the markdown; write ``stem``.json and ``stem``.md unless ``stem`` is None."""
+    print(md)
+    if stem is not None:
+        stem.parent.mkdir(exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(md)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=64)
@@ -577,12 +586,7 @@ def main() -> int:
             res["overhead"] = overhead(
                 Path(tmp), configs, args.rounds, "--backend", "cuda", "--example", "1gib", tag="-gpu"
             )
-        md = _gpu_markdown(res)
-        print(md)
-        if not args.no_write:
-            out.mkdir(exist_ok=True)
-            (out / f"service-gpu-1gib-{date}.json").write_text(json.dumps(res, indent=2) + "\n")
-            (out / f"service-gpu-1gib-{date}.md").write_text(md)
+        _report(res, _gpu_markdown(res), None if args.no_write else out / f"service-gpu-1gib-{date}")
         return 0 if all(r["errors"] == 0 for r in res["overhead"]["loads"].values()) else 1
 
     with tempfile.TemporaryDirectory(prefix="service-load-") as tmp:
@@ -612,12 +616,7 @@ def main() -> int:
             basic = [(1, None, args.phase_seconds), (args.clients, None, args.phase_seconds)]
             res["minilm"] = overhead(state, basic, args.rounds, "--model", MINILM_MODEL, tag="-minilm")
         res["loadavg_end"] = os.getloadavg()
-    md = _markdown(res)
-    print(md)
-    if not args.no_write:
-        out.mkdir(exist_ok=True)
-        (out / f"service-load-{date}.json").write_text(json.dumps(res, indent=2) + "\n")
-        (out / f"service-load-{date}.md").write_text(md)
+    _report(res, _markdown(res), None if args.no_write else out / f"service-load-{date}")
     ok = res["load"]["errors"] == 0 and res["load"]["audit"]["ok"]
     return 0 if ok else 1
 

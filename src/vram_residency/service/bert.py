@@ -29,7 +29,7 @@ import numpy as np
 
 from vram_residency.errors import InvalidInput
 from vram_residency.service.executor import JobInput, JobOutput, SealedWeights
-from vram_residency.service.safetensors_view import CupySafetensorsView, SafetensorsView
+from vram_residency.service.safetensors_view import open_view
 
 __all__ = ["BertConfig", "BertEncoder", "bert_factory", "cupy_available"]
 
@@ -193,14 +193,7 @@ class BertEncoder:
         tok.no_padding()
         tok.enable_truncation(config.max_seq_length)
         self._tokenizer = tok
-        self._view: SafetensorsView
-        if weights.host_memory is not None:
-            self._view = SafetensorsView(weights.host_memory)
-            self._where = "numpy on the host"
-        else:
-            assert weights.device_memory is not None
-            self._view = CupySafetensorsView(weights.device_memory)
-            self._where = f"CuPy on GPU {weights.device_memory.device}"
+        self._view, self._where = open_view(weights.host_memory, weights.device_memory)
         self._xp: Any = self._view.xp
         try:
             self._bind(config)

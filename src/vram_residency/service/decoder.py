@@ -37,7 +37,7 @@ import numpy as np
 
 from vram_residency.errors import InvalidInput
 from vram_residency.service.executor import JobInput, JobOutput, SealedWeights, Token, TokenSink
-from vram_residency.service.safetensors_view import CupySafetensorsView, SafetensorsView
+from vram_residency.service.safetensors_view import open_view
 
 __all__ = [
     "BOS_ID",
@@ -221,14 +221,7 @@ class ByteLM:
         self._name = weights.files.name
         self._config = config
         self._untrained = untrained
-        self._view: SafetensorsView
-        if weights.host_memory is not None:
-            self._view = SafetensorsView(weights.host_memory)
-            self._where = "numpy on the host"
-        else:
-            assert weights.device_memory is not None
-            self._view = CupySafetensorsView(weights.device_memory)
-            self._where = f"CuPy on GPU {weights.device_memory.device}"
+        self._view, self._where = open_view(weights.host_memory, weights.device_memory)
         self._xp: Any = self._view.xp
         try:
             self._bind(config)

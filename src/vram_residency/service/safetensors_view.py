@@ -19,7 +19,7 @@ import numpy as np
 from vram_residency.errors import InvalidInput
 from vram_residency.service.executor import DeviceMemory
 
-__all__ = ["CupySafetensorsView", "SafetensorsView", "TensorInfo", "parse_header"]
+__all__ = ["CupySafetensorsView", "SafetensorsView", "TensorInfo", "open_view", "parse_header"]
 
 #: Upper bound on the JSON header; the format's reference implementation uses the same 100 MB.
 _MAX_HEADER: Final = 100_000_000
@@ -180,3 +180,15 @@ class CupySafetensorsView(SafetensorsView):
         self._arrays.clear()
         self._base = None
         self._memory = None
+
+
+def open_view(
+    host_memory: memoryview | None, device_memory: DeviceMemory | None
+) -> tuple[SafetensorsView, str]:
+    """The view an executor runs on (numpy over the host backend's memory, else CuPy over the CUDA
+    allocation) and where that is, in words."""
+    if host_memory is not None:
+        return SafetensorsView(host_memory), "numpy on the host"
+    if device_memory is None:
+        raise InvalidInput("an executor needs the shard's memory (host or CUDA)")
+    return CupySafetensorsView(device_memory), f"CuPy on GPU {device_memory.device}"
