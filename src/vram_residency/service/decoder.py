@@ -216,11 +216,10 @@ class ByteLM:
     kind = "generation"
 
     def __init__(self, weights: SealedWeights, config: ByteLMConfig, *, untrained: bool = False) -> None:
-        if weights.host_memory is None and weights.device_memory is None:
-            raise InvalidInput("the byte LM executor needs the shard's memory (host or CUDA)")
         self._name = weights.files.name
         self._config = config
         self._untrained = untrained
+        # Raises InvalidInput when the shard has neither host nor CUDA memory to run on.
         self._view, self._where = open_view(weights.host_memory, weights.device_memory)
         self._xp: Any = self._view.xp
         try:
