@@ -46,7 +46,14 @@ def _exec(argv: list[str]) -> int:
     env = dict(os.environ)
     env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(VENV)
-    return subprocess.run(argv, cwd=ROOT, env=env).returncode
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env)
+    # Ctrl-C in a terminal reaches the child too (same process group): wait for it to finish its
+    # own clean shutdown (serve zeroes and frees its shards) instead of dying with a traceback.
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def main(argv: list[str]) -> int:
