@@ -29,7 +29,7 @@ import numpy as np
 
 from vram_residency.errors import InvalidInput
 from vram_residency.service.executor import JobInput, JobOutput, SealedWeights
-from vram_residency.service.safetensors_view import open_view
+from vram_residency.service.safetensors_view import InPlaceExecutor
 
 __all__ = ["BertConfig", "BertEncoder", "bert_factory", "cupy_available"]
 
@@ -174,10 +174,11 @@ class _Layer:
     ln2_b: F32
 
 
-class BertEncoder:
+class BertEncoder(InPlaceExecutor):
     """Mean-pooled, L2-normalized BERT sentence embeddings over in-place sealed weights."""
 
     kind = "embedding"
+    _VIEW_ATTRS = ("_word", "_pos", "_type0", "_emb_ln")  # views of the shard, dropped on close
 
     def __init__(self, weights: SealedWeights, tokenizer_path: Path, config: BertConfig) -> None:
         if weights.host_memory is None and weights.device_memory is None:
@@ -193,13 +194,7 @@ class BertEncoder:
         tok.no_padding()
         tok.enable_truncation(config.max_seq_length)
         self._tokenizer = tok
-        self._view, self._where = open_view(weights.host_memory, weights.device_memory)
-        self._xp: Any = self._view.xp
-        try:
-            self._bind(config)
-        except BaseException:
-            self.close()
-            raise
+        self._open(weights, lambda: self._bind(config))
         self._size = weights.size
 
     def _bind(self, c: BertConfig) -> None:
@@ -299,14 +294,6 @@ class BertEncoder:
                 )
             )
         return out
-
-    def close(self) -> None:
-        # Every attribute holding a view of the shard goes first; then the view itself.
-        self._layers = []
-        for attr in ("_word", "_pos", "_type0", "_emb_ln"):
-            if hasattr(self, attr):
-                delattr(self, attr)
-        self._view.close()
 
     # -- the model ----------------------------------------------------------------------------
     def encode_ids(self, ids_list: Sequence[Any]) -> F32:

@@ -37,7 +37,7 @@ import numpy as np
 
 from vram_residency.errors import InvalidInput
 from vram_residency.service.executor import JobInput, JobOutput, SealedWeights, Token, TokenSink
-from vram_residency.service.safetensors_view import open_view
+from vram_residency.service.safetensors_view import InPlaceExecutor
 
 __all__ = [
     "BOS_ID",
@@ -210,23 +210,18 @@ def _groups(totals: Sequence[int], slots: int) -> list[list[int]]:
     return groups
 
 
-class ByteLM:
+class ByteLM(InPlaceExecutor):
     """Greedy generation from a byte-level decoder over in-place sealed weights."""
 
     kind = "generation"
+    _VIEW_ATTRS = ("_embed", "_norm", "_head")  # views of the shard, dropped on close
 
     def __init__(self, weights: SealedWeights, config: ByteLMConfig, *, untrained: bool = False) -> None:
         self._name = weights.files.name
         self._config = config
         self._untrained = untrained
         # Raises InvalidInput when the shard has neither host nor CUDA memory to run on.
-        self._view, self._where = open_view(weights.host_memory, weights.device_memory)
-        self._xp: Any = self._view.xp
-        try:
-            self._bind(config)
-        except BaseException:
-            self.close()
-            raise
+        self._open(weights, lambda: self._bind(config))
         # The rotary tables are derived from config.json (a side file hashed at commit), not
         # weights: computed here in float64 and rounded once, for every position.
         dh = config.head_dim
@@ -330,14 +325,6 @@ class ByteLM:
                 )
             )
         return outputs
-
-    def close(self) -> None:
-        # Every attribute holding a view of the shard goes first; then the view itself.
-        self._layers = []
-        for attr in ("_embed", "_norm", "_head"):
-            if hasattr(self, attr):
-                delattr(self, attr)
-        self._view.close()
 
     # -- generation ---------------------------------------------------------------------------
     def _generate(

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 
 from vram_residency.errors import InvalidInput
-from vram_residency.service.executor import DeviceMemory
+from vram_residency.service.executor import DeviceMemory, SealedWeights
 
-__all__ = ["CupySafetensorsView", "SafetensorsView", "TensorInfo", "open_view", "parse_header"]
+__all__ = [
+    "CupySafetensorsView",
+    "InPlaceExecutor",
+    "SafetensorsView",
+    "TensorInfo",
+    "open_view",
+    "parse_header",
+]
 
 #: Upper bound on the JSON header; the format's reference implementation uses the same 100 MB.
 _MAX_HEADER: Final = 100_000_000
@@ -192,3 +199,33 @@ def open_view(
     if device_memory is None:
         raise InvalidInput("an executor needs the shard's memory (host or CUDA)")
     return CupySafetensorsView(device_memory), f"CuPy on GPU {device_memory.device}"
+
+
+class InPlaceExecutor:
+    """What the built-in executors share: the shard's tensors as views of one safetensors view,
+    bound once, and every view dropped on close, the attributes holding them before the view
+    itself. A subclass names those attributes in ``_VIEW_ATTRS`` (its per-layer views live in
+    ``_layers``) and calls ``_open`` with its binding step."""
+
+    _VIEW_ATTRS: tuple[str, ...] = ()
+    _layers: list[Any]
+    _view: SafetensorsView
+    _where: str
+    _xp: Any
+
+    def _open(self, weights: SealedWeights, bind: Callable[[], None]) -> None:
+        # Raises InvalidInput when the shard has neither host nor CUDA memory to run on.
+        self._view, self._where = open_view(weights.host_memory, weights.device_memory)
+        self._xp = self._view.xp
+        try:
+            bind()
+        except BaseException:
+            self.close()  # no view of the shard outlives a failed construction
+            raise
+
+    def close(self) -> None:
+        self._layers = []
+        for attr in self._VIEW_ATTRS:
+            if hasattr(self, attr):
+                delattr(self, attr)
+        self._view.close()

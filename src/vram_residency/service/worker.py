@@ -59,6 +59,7 @@ from vram_residency.service.executor import (
     SealedWeights,
     StreamingExecutor,
     Token,
+    TokenSink,
 )
 from vram_residency.service.metrics import Metrics
 from vram_residency.shard import SealedShard
@@ -183,7 +184,7 @@ class ExecuteJob:
             self.on_verified(exc)
 
 
-def _sink(group: Sequence[ExecuteJob]) -> Callable[[int, Token], None]:
+def _sink(group: Sequence[ExecuteJob]) -> TokenSink:
     """Tokens of a streaming run, by job index, to the jobs of ``group``."""
 
     def emit(index: int, tok: Token) -> None:
