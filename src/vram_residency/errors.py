@@ -116,3 +116,8 @@ class PolicyViolation(VramError):
     """Memory would not be plain, device-resident VRAM (managed, host, or integrated memory)."""
 
     _fatal = True
+
+
+class UnsupportedOperation(VramError):
+    """This backend cannot do what was asked (for example a device pointer of emulated memory).
+    Check ``Backend.capabilities`` first instead of catching it."""

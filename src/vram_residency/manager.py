@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from typing_extensions import Buffer
 
-from vram_residency.backends.base import Backend, DeviceBuffer
+from vram_residency.backends.base import Backend, Capabilities, DeviceBuffer
 from vram_residency.errors import (
     ConfigError,
     CudaAllocationFailed,
@@ -171,6 +171,11 @@ class VramManager:
     def backend(self) -> str:
         """``"cuda"`` or ``"host"``: the backend in use."""
         return self._backend.name
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the backend in use can do (emulated memory, host views, device pointers, ...)."""
+        return self._backend.capabilities
 
     @property
     def backend_description(self) -> str:

@@ -28,7 +28,7 @@ def main() -> int:
         err, dptr = driver.cuMemAlloc(n)
         assert err == driver.CUresult.CUDA_SUCCESS
         try:
-            view = backend.adopt(int(dptr), n)
+            view = backend.adopt_pointer(int(dptr), n)
             for alg in (SHA256_TREE_V1, BLAKE3):
                 got = backend.write_and_hash(view, data, alg)
                 ok = got == hash_units(data, alg) and backend.digest(view, alg) == got.digest

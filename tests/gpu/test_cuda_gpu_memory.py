@@ -154,7 +154,7 @@ def test_zeroed_before_free(cuda_backend: CudaBackend) -> None:
     try:
         if int(dptr) != ptr:
             pytest.skip("the driver did not hand the same address back")
-        view = cuda_backend.adopt(int(dptr), MiB)
+        view = cuda_backend.adopt_pointer(int(dptr), MiB)
         assert view.read(0, MiB) == b"\x00" * MiB
         view.close()
     finally:

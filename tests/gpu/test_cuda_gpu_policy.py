@@ -35,7 +35,7 @@ def test_managed_memory_refused(cuda_backend: CudaBackend) -> None:
         with pytest.raises(PolicyViolation, match="managed"):
             cuda_backend.check_pointer(int(ptr), 4096)
         with pytest.raises(PolicyViolation):
-            cuda_backend.adopt(int(ptr), 4096)
+            cuda_backend.adopt_pointer(int(ptr), 4096)
     finally:
         driver.cuMemFree(ptr)
 
@@ -93,7 +93,7 @@ def test_adopt_wraps_without_freeing(cuda_backend: CudaBackend) -> None:
     assert err == OK
     try:
         assert driver.cuMemcpyHtoD(dptr, data, n)[0] == OK
-        view = cuda_backend.adopt(int(dptr), n)
+        view = cuda_backend.adopt_pointer(int(dptr), n)
         assert view.adopted
         cuda_backend.check_policy(view)
         for alg in (SHA256_TREE_V1, BLAKE3):
@@ -111,7 +111,7 @@ def test_adopt_needs_alignment(cuda_backend: CudaBackend) -> None:
     buf = cuda_backend.allocate(4096)
     try:
         with pytest.raises(InvalidInput, match="aligned"):
-            cuda_backend.adopt(buf._ptr + 8, 64)
+            cuda_backend.adopt_pointer(buf._ptr + 8, 64)
     finally:
         buf.close()
 

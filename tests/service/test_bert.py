@@ -27,7 +27,7 @@ def sealed() -> Iterator[tuple[VramManager, Any, BertEncoder]]:
     mgr = VramManager(TOKEN, backend="host")
     shard = mgr.seal_file(files.weights)
     buf = mgr._entry(shard).buf
-    enc = bert_factory(SealedWeights(files, "host", shard.vram_bytes, buf.view()))  # type: ignore[attr-defined]
+    enc = bert_factory(SealedWeights(files, "host", shard.vram_bytes, buf.host_view()))  # type: ignore[attr-defined]
     assert isinstance(enc, BertEncoder)
     yield mgr, shard, enc
     enc.close()
@@ -114,7 +114,7 @@ def test_paraphrases_are_closer_than_unrelated_sentences(sealed: Any) -> None:
 
 def test_weights_are_views_of_the_sealed_memory(sealed: Any) -> None:
     mgr, shard, enc = sealed
-    memory = np.frombuffer(mgr._entry(shard).buf.view(), dtype=np.uint8)
+    memory = np.frombuffer(mgr._entry(shard).buf.host_view(), dtype=np.uint8)
     for name in ("embeddings.word_embeddings.weight", "encoder.layer.5.output.dense.weight"):
         arr = enc._view.array(name)
         assert np.shares_memory(arr, memory)  # zero copy

@@ -54,7 +54,7 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VramManag
     mgr = VramManager(TOKEN, backend="host")
     shard = mgr.seal_file(files.weights)
     buf = mgr._entry(shard).buf
-    lm = byte_lm_factory(SealedWeights(files, "host", shard.vram_bytes, buf.view()))  # type: ignore[attr-defined]
+    lm = byte_lm_factory(SealedWeights(files, "host", shard.vram_bytes, buf.host_view()))
     assert isinstance(lm, ByteLM)
     yield mgr, shard, lm, root
     lm.close()
@@ -194,7 +194,7 @@ def test_runs_on_the_sealed_memory_in_place(tmp_path: Path) -> None:
     files = model_files(root)
     with VramManager(TOKEN, backend="host") as mgr:
         shard = mgr.seal_file(files.weights)
-        lm = byte_lm_factory(SealedWeights(files, "host", shard.vram_bytes, mgr._entry(shard).buf.view()))  # type: ignore[attr-defined]
+        lm = byte_lm_factory(SealedWeights(files, "host", shard.vram_bytes, mgr._entry(shard).buf.host_view()))
         assert lm is not None
         before = lm.logits(_ids("in place"))
         _, tensors = parse_header(files.weights.read_bytes(), shard.vram_bytes)

@@ -49,7 +49,7 @@ def test_cupy_generation_equals_numpy_on_the_same_weights(tmp_path: Path) -> Non
         hs = host.seal_file(files.weights)
         gs = gpu.seal_file(files.weights)
         assert hs.digest == gs.digest
-        ref = byte_lm_factory(SealedWeights(files, "host", hs.vram_bytes, host._entry(hs).buf.view()))  # type: ignore[attr-defined]
+        ref = byte_lm_factory(SealedWeights(files, "host", hs.vram_bytes, host._entry(hs).buf.host_view()))
         buf = gpu._entry(gs).buf
         memory = DeviceMemory(ptr=buf.device_pointer, size=gs.vram_bytes, device=gpu.device, owner=buf)  # type: ignore[attr-defined]
         lm = byte_lm_factory(SealedWeights(files, "cuda", gs.vram_bytes, None, memory))

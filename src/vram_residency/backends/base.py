@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import abc
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from typing_extensions import Buffer
 
-from vram_residency.errors import IntegrityViolation, InvalidInput
+from vram_residency.errors import IntegrityViolation, InvalidInput, UnsupportedOperation
 from vram_residency.formats.tree import HashResult
 
-__all__ = ["ALIGNMENT", "Backend", "DeviceBuffer", "check_range"]
+__all__ = ["ALIGNMENT", "Backend", "Capabilities", "DeviceBuffer", "Segment", "check_range"]
 
 #: Allocations are rounded up to this many bytes (cudaMalloc's guarantee, kept on every backend
 #: so that kernels can use 16-byte vector loads on any shard).
@@ -38,6 +40,38 @@ def check_range(size: int, offset: int, n: int) -> None:
             raise InvalidInput(f"{name} out of range: {v}")
     if offset + n > size:
         raise InvalidInput(f"range [{offset}, {offset + n}) exceeds buffer of {size} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do beyond the common interface, declared instead of probed.
+
+    Callers branch on these flags, never on ``getattr`` or on the backend's name."""
+
+    #: Device memory is host RAM (the host backend): shown wherever the backend is shown.
+    emulated: bool
+    #: ``DeviceBuffer.host_view()`` gives the memory itself as a memoryview (no copy).
+    host_view: bool
+    #: ``DeviceBuffer.device_pointer`` is a device address (CUDA executors, DLPack consumers).
+    device_pointer: bool
+    #: ``Backend.adopt_host`` / ``Backend.adopt_pointer`` wrap memory someone else owns.
+    adopt_host: bool
+    adopt_pointer: bool
+    #: ``Backend.hash_many``/``digest_many`` run a whole segment table in one pass (one launch or
+    #: a few, one synchronization) rather than one segment after another.
+    batched_digests: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One entry of a segment table: digest the first ``length`` bytes of ``buf`` under
+    ``algorithm``, keyed by ``key`` where the algorithm takes one (``blake3`` with a 32-byte key is
+    BLAKE3's keyed mode, the attest-v1 probe; keyed algorithms such as ``nh-fast-v1`` need one)."""
+
+    buf: DeviceBuffer
+    length: int
+    algorithm: str
+    key: bytes | None = None
 
 
 class DeviceBuffer(abc.ABC):
@@ -64,6 +98,22 @@ class DeviceBuffer(abc.ABC):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def adopted(self) -> bool:
+        """True when the memory belongs to someone else (``close`` forgets it, never frees it)."""
+        return False
+
+    @property
+    def device_pointer(self) -> int:
+        """The device address of the allocation (``Capabilities.device_pointer``). Raises
+        UnsupportedOperation on backends without one, IntegrityViolation once freed."""
+        raise UnsupportedOperation(f"{type(self).__name__} has no device pointer")
+
+    def host_view(self, length: int | None = None) -> memoryview:
+        """The memory itself as bytes, in place (``Capabilities.host_view``): what lets a CPU
+        executor run on the very bytes that were verified. UnsupportedOperation elsewhere."""
+        raise UnsupportedOperation(f"{type(self).__name__} has no host view")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -108,11 +158,15 @@ class Backend(abc.ABC):
 
     #: ``"host"`` or ``"cuda"``.
     name: str
-    #: True when device memory is emulated (host backend); shown wherever the backend is shown.
-    emulated: bool
+    #: What this backend can do; see ``Capabilities``.
+    capabilities: Capabilities
 
     def __init__(self, device: int) -> None:
         self.device = device
+
+    @property
+    def emulated(self) -> bool:
+        return self.capabilities.emulated
 
     @abc.abstractmethod
     def allocate(self, size: int) -> DeviceBuffer:
@@ -129,14 +183,36 @@ class Backend(abc.ABC):
         """Raise PolicyViolation unless ``buf`` is plain device memory on this device."""
 
     @abc.abstractmethod
-    def hash(self, buf: DeviceBuffer, algorithm: str, length: int | None = None) -> HashResult:
+    def hash(
+        self, buf: DeviceBuffer, algorithm: str, length: int | None = None, *, key: bytes | None = None
+    ) -> HashResult:
         """Digest and unit digests of the first ``length`` bytes (default: all) of ``buf``,
-        computed from the device memory itself."""
+        computed from the device memory itself (``key``: see ``Segment``)."""
 
-    def digest(self, buf: DeviceBuffer, algorithm: str, length: int | None = None) -> bytes:
+    def digest(
+        self, buf: DeviceBuffer, algorithm: str, length: int | None = None, *, key: bytes | None = None
+    ) -> bytes:
         """The digest alone: the verify path. Backends override it when leaving out the unit
         digests saves work (on the GPU, BLAKE3's unit digests need a second pass)."""
-        return self.hash(buf, algorithm, length).digest
+        return self.hash(buf, algorithm, length, key=key).digest
+
+    def hash_many(self, segments: Sequence[Segment]) -> list[HashResult]:
+        """``hash`` of every segment, in order. Backends with ``batched_digests`` do it in one
+        pass over a segment table; this default goes one segment after another."""
+        return [self.hash(s.buf, s.algorithm, s.length, key=s.key) for s in segments]
+
+    def digest_many(self, segments: Sequence[Segment]) -> list[bytes]:
+        """``digest`` of every segment, in order: the batched verify path (one launch or a few,
+        one synchronization, on backends with ``batched_digests``)."""
+        return [self.digest(s.buf, s.algorithm, s.length, key=s.key) for s in segments]
+
+    def adopt_host(self, memory: Buffer) -> DeviceBuffer:
+        """Wrap host memory someone else owns, in place (``Capabilities.adopt_host``)."""
+        raise UnsupportedOperation(f"the {self.name} backend cannot adopt host memory")
+
+    def adopt_pointer(self, ptr: int, size: int) -> DeviceBuffer:
+        """Wrap device memory someone else owns, in place (``Capabilities.adopt_pointer``)."""
+        raise UnsupportedOperation(f"the {self.name} backend cannot adopt device pointers")
 
     def write_and_hash(self, buf: DeviceBuffer, data: Buffer, algorithm: str) -> HashResult:
         """Seal path: copy ``data`` to the start of ``buf``, then digest those bytes *as they are

@@ -18,7 +18,7 @@ import threading
 
 from typing_extensions import Buffer
 
-from vram_residency.backends.base import ALIGNMENT, Backend, DeviceBuffer
+from vram_residency.backends.base import ALIGNMENT, Backend, Capabilities, DeviceBuffer
 from vram_residency.errors import InsufficientVram, IntegrityViolation, InvalidInput, PolicyViolation
 from vram_residency.formats.tree import HashResult, hash_units
 
@@ -54,7 +54,7 @@ class HostBuffer(DeviceBuffer):
     def _read(self, offset: int, n: int) -> bytes:
         return self._map[offset : offset + n]
 
-    def view(self, length: int | None = None) -> memoryview:
+    def host_view(self, length: int | None = None) -> memoryview:
         """The emulated device memory itself, in place (no copy). Host backend only: this is what
         lets a CPU executor run on the very bytes that were verified."""
         self._check_open()
@@ -92,6 +92,10 @@ class AdoptedHostBuffer(HostBuffer):
     def _read(self, offset: int, n: int) -> bytes:
         return bytes(self._map[offset : offset + n])
 
+    @property
+    def adopted(self) -> bool:
+        return True
+
     def _free(self) -> None:
         # Not ours to zero or free. Releasing our view fails only while a view() of it is alive;
         # the reference then simply goes away with the last of those.
@@ -101,7 +105,14 @@ class AdoptedHostBuffer(HostBuffer):
 
 class HostBackend(Backend):
     name = "host"
-    emulated = True
+    capabilities = Capabilities(
+        emulated=True,
+        host_view=True,
+        device_pointer=False,
+        adopt_host=True,
+        adopt_pointer=False,
+        batched_digests=False,
+    )
 
     def __init__(self, device: int = 0, capacity_bytes: int | None = None) -> None:
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
@@ -132,7 +143,7 @@ class HostBackend(Backend):
                 reserved, self.mem_info()[0], f"host emulation could not map memory: {exc}"
             ) from exc
 
-    def adopt(self, memory: Buffer) -> AdoptedHostBuffer:
+    def adopt_host(self, memory: Buffer) -> AdoptedHostBuffer:
         """Wrap host memory that someone else owns, without copying it (the host counterpart of
         adopting a framework's VRAM). It must be writable and C-contiguous, like device memory."""
         try:
@@ -165,12 +176,14 @@ class HostBackend(Backend):
         if buf.closed:
             raise IntegrityViolation("buffer was freed")
 
-    def hash(self, buf: DeviceBuffer, algorithm: str, length: int | None = None) -> HashResult:
+    def hash(
+        self, buf: DeviceBuffer, algorithm: str, length: int | None = None, *, key: bytes | None = None
+    ) -> HashResult:
         self.check_policy(buf)
         assert isinstance(buf, HostBuffer)
-        view = buf.view(length)
+        view = buf.host_view(length)
         try:
-            return hash_units(view, algorithm)
+            return hash_units(view, algorithm, key=key)
         finally:
             view.release()
 

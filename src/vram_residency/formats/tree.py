@@ -128,8 +128,17 @@ def _sha256_unit(view: memoryview) -> bytes:
     return _reduce(leaves)
 
 
-def _blake3_unit(view: memoryview) -> bytes:
-    return _blake3.blake3(view).digest()
+def _blake3_unit(view: memoryview, key: bytes | None = None) -> bytes:
+    return (_blake3.blake3(view) if key is None else _blake3.blake3(view, key=key)).digest()
+
+
+def _check_key(algorithm: str, key: bytes | None) -> None:
+    if key is None:
+        return
+    if algorithm != BLAKE3:
+        raise InvalidInput(f"digest algorithm {algorithm!r} takes no key")
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise InvalidInput("a BLAKE3 key is 32 bytes")
 
 
 def _workers() -> int:
@@ -137,10 +146,17 @@ def _workers() -> int:
 
 
 def hash_units(
-    data: memoryview | bytes | bytearray, algorithm: str, *, threads: int | None = None
+    data: memoryview | bytes | bytearray,
+    algorithm: str,
+    *,
+    threads: int | None = None,
+    key: bytes | None = None,
 ) -> HashResult:
-    """Digest and unit digests of ``data`` on the host, using every core by default."""
+    """Digest and unit digests of ``data`` on the host, using every core by default.
+
+    ``key`` selects BLAKE3's keyed mode (unit digests keyed too); other algorithms take none."""
     algorithm = check_algorithm(algorithm)
+    _check_key(algorithm, key)
     view = memoryview(data).cast("B")
     n = len(view)
     from vram_residency.formats import _native
@@ -148,7 +164,9 @@ def hash_units(
     if algorithm == SHA256_TREE_V1 and _native.available():
         packed = _native.sha256_tree_units(view, threads or _workers())
         return HashResult(reduce_sha256_tree(packed, n), packed)
-    unit_fn = _sha256_unit if algorithm == SHA256_TREE_V1 else _blake3_unit
+    def unit_fn(v: memoryview) -> bytes:
+        return _sha256_unit(v) if algorithm == SHA256_TREE_V1 else _blake3_unit(v, key)
+
     offsets = range(0, max(n, 1), UNIT_SIZE)
     workers = threads or _workers()
     if workers > 1 and len(offsets) > 1:
@@ -160,7 +178,8 @@ def hash_units(
     if algorithm == SHA256_TREE_V1:
         dig = reduce_sha256_tree(units, n)
     else:
-        hasher = _blake3.blake3(max_threads=workers if n >= 1 << 24 else 1)
+        mt = workers if n >= 1 << 24 else 1
+        hasher = _blake3.blake3(max_threads=mt) if key is None else _blake3.blake3(key=key, max_threads=mt)
         hasher.update(view)
         dig = hasher.digest()
     return HashResult(dig, b"".join(units))

@@ -73,7 +73,7 @@ class DeviceMemory:
 class SealedWeights:
     """The sealed memory an executor runs on, in place.
 
-    ``host_memory`` is the host backend's emulated device memory itself (``HostBuffer.view()``);
+    ``host_memory`` is the host backend's emulated device memory itself (``HostBuffer.host_view()``);
     ``device_memory`` is the CUDA backend's allocation. Either is a view of the sealed shard,
     never a copy; the other is ``None``.
     """

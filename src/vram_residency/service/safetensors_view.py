@@ -100,7 +100,7 @@ def parse_header(head: bytes | memoryview, size: int) -> tuple[int, dict[str, Te
 class SafetensorsView:
     """Read-only, zero-copy numpy views of the tensors in a safetensors image held in ``memory``.
 
-    ``memory`` is the emulated device memory of a sealed shard (``HostBuffer.view()``). Call
+    ``memory`` is the emulated device memory of a sealed shard (``HostBuffer.host_view()``). Call
     :meth:`close` before the shard is deallocated: it drops every view so that the memory can be
     zeroed and unmapped.
     """

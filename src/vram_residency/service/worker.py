@@ -252,7 +252,7 @@ class Worker:
         # Kept as plain facts: /health must answer after the manager is closed, too.
         self._backend_name = self._manager.backend
         self._backend_description = self._manager.backend_description
-        self._emulated = bool(getattr(self._manager._backend, "emulated", False))
+        self._emulated = self._manager.capabilities.emulated
         self._models: dict[str, CommittedModel] = {}
         self._commit_lock = threading.Lock()
         self._exec_lock = threading.Lock()
@@ -472,11 +472,11 @@ class Worker:
     def _build_executor(self, files: ModelFiles, shard: SealedShard) -> tuple[Executor | None, str]:
         mgr = self.manager
         buf = mgr._entry(shard).buf
-        host_view = getattr(buf, "view", None)
-        memory = host_view() if mgr.backend == "host" and callable(host_view) else None
+        caps = mgr.capabilities
+        memory = buf.host_view() if caps.host_view else None
         device: DeviceMemory | None = None
-        ptr = getattr(buf, "device_pointer", None) if mgr.backend == "cuda" else None
-        if isinstance(ptr, int) and ptr:
+        ptr = buf.device_pointer if caps.device_pointer else 0
+        if ptr:
             device = DeviceMemory(ptr=ptr, size=shard.vram_bytes, device=mgr.device, owner=buf)
         weights = SealedWeights(
             files=files, backend=mgr.backend, size=shard.vram_bytes, host_memory=memory, device_memory=device

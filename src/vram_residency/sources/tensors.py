@@ -71,7 +71,7 @@ class AdoptingBackend(Protocol):
 
     def check_pointer(self, ptr: int, size: int) -> None: ...
 
-    def adopt(self, ptr: int, size: int) -> DeviceBuffer: ...
+    def adopt_pointer(self, ptr: int, size: int) -> DeviceBuffer: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,11 +357,11 @@ def _regions(mgr: VramManager, named: Iterable[tuple[str, Any]]) -> list[_Region
 
 
 def _host_acquire(backend: Any, view: memoryview) -> Callable[[], DeviceBuffer]:
-    return lambda: backend.adopt(view)
+    return lambda: backend.adopt_host(view)
 
 
 def _gpu_acquire(backend: AdoptingBackend, info: TensorInfo) -> Callable[[], DeviceBuffer]:
-    return lambda: backend.adopt(info.ptr, info.nbytes)
+    return lambda: backend.adopt_pointer(info.ptr, info.nbytes)
 
 
 def seal_tensors(

@@ -17,7 +17,7 @@ from typing import Any, Final
 import numpy as np
 from typing_extensions import Buffer
 
-from vram_residency.backends.base import ALIGNMENT, Backend, DeviceBuffer, check_range
+from vram_residency.backends.base import ALIGNMENT, Backend, Capabilities, DeviceBuffer, check_range
 from vram_residency.backends.cuda import _driver
 from vram_residency.backends.cuda._driver import check, driver, request_error
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
@@ -34,6 +34,7 @@ from vram_residency.errors import (
     IntegrityViolation,
     InvalidInput,
     PolicyViolation,
+    UnsupportedOperation,
 )
 from vram_residency.formats.tree import (
     BLAKE3,
@@ -148,7 +149,14 @@ class CudaBackend(Backend):
     """
 
     name = "cuda"
-    emulated = False
+    capabilities = Capabilities(
+        emulated=False,
+        host_view=False,
+        device_pointer=True,
+        adopt_host=False,
+        adopt_pointer=True,
+        batched_digests=False,
+    )
 
     def __init__(
         self,
@@ -278,7 +286,7 @@ class CudaBackend(Backend):
         self._live.add(buf)
         return buf
 
-    def adopt(self, ptr: int, size: int) -> CudaBuffer:
+    def adopt_pointer(self, ptr: int, size: int) -> CudaBuffer:
         """Wrap ``size`` bytes of existing device memory at ``ptr`` (a framework tensor, say) after
         the policy check. Closing the result never zeroes or frees that memory."""
         self.check_pointer(ptr, size)
@@ -466,15 +474,23 @@ class CudaBackend(Backend):
             self._results = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)))
         return self._results
 
-    def hash(self, buf: DeviceBuffer, algorithm: str, length: int | None = None) -> HashResult:
+    def hash(
+        self, buf: DeviceBuffer, algorithm: str, length: int | None = None, *, key: bytes | None = None
+    ) -> HashResult:
+        if key is not None:
+            raise UnsupportedOperation("keyed digests are not implemented by the CUDA kernels yet")
         result = self._hash_buffer(buf, algorithm, length, units=True)[1]
         if result is None:  # pragma: no cover - units=True always yields one
             raise IntegrityViolation("digest kernels returned no unit digests")
         return result
 
-    def digest(self, buf: DeviceBuffer, algorithm: str, length: int | None = None) -> bytes:
+    def digest(
+        self, buf: DeviceBuffer, algorithm: str, length: int | None = None, *, key: bytes | None = None
+    ) -> bytes:
         """The digest alone (the verify path): no unit digests are copied back, and for blake3 the
         chunk layer is hashed once instead of twice (unit digests need a second set of counters)."""
+        if key is not None:
+            raise UnsupportedOperation("keyed digests are not implemented by the CUDA kernels yet")
         return self._hash_buffer(buf, algorithm, length, units=False)[0]
 
     def _hash_buffer(
