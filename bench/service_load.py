@@ -628,7 +628,7 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; write no result files")
     args = ap.parse_args()
     from vram_residency.service.catalog import MINILM_MODEL, minilm_model_dir
-    from vram_residency.service.decoder import DEFAULT_MAX_TOKENS
+    from vram_residency.service.executors.decoder import DEFAULT_MAX_TOKENS
 
     date = dt.date.today().isoformat()
     out = HERE / "results"

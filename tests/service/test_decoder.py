@@ -18,7 +18,7 @@ import pytest
 
 from vram_residency import SealVerificationFailed, VramManager
 from vram_residency.errors import InvalidInput
-from vram_residency.service.decoder import (
+from vram_residency.service.executors.decoder import (
     BOS_ID,
     DEFAULT_MAX_TOKENS,
     MAX_TOKENS_CAP,
@@ -26,9 +26,9 @@ from vram_residency.service.decoder import (
     ByteLMConfig,
     byte_lm_factory,
 )
-from vram_residency.service.example_model import PRESETS, ensure_example, file_image
+from vram_residency.service.executors.example_model import PRESETS, ensure_example, file_image
 from vram_residency.service.executor import ModelFiles, SealedWeights, Token
-from vram_residency.service.safetensors_view import parse_header
+from vram_residency.service.executors.safetensors_view import parse_header
 from vram_residency.testing import flip_bit
 
 NEEDS_MINILM = False  # see conftest.py
@@ -222,8 +222,8 @@ def test_generation_is_deterministic_across_processes() -> None:
     assert hashlib.sha256(file_image(TINY, seed=1)).hexdigest() != here
     code = (
         "import hashlib\n"
-        "from vram_residency.service.decoder import ByteLMConfig\n"
-        "from vram_residency.service.example_model import file_image\n"
+        "from vram_residency.service.executors.decoder import ByteLMConfig\n"
+        "from vram_residency.service.executors.example_model import file_image\n"
         "print(hashlib.sha256(file_image(ByteLMConfig(32, 2, 4, 64, 160))).hexdigest())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

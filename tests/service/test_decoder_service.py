@@ -12,9 +12,9 @@ import httpx
 import pytest
 from service_helpers import EXAMPLE_DIR, Running, execute, start_worker
 
-from vram_residency.service.decoder import DEFAULT_MAX_TOKENS
-from vram_residency.service.example_model import EXAMPLE_NAMES, PRESETS
-from vram_residency.service.safetensors_view import parse_header
+from vram_residency.service.executors.decoder import DEFAULT_MAX_TOKENS
+from vram_residency.service.executors.example_model import EXAMPLE_NAMES, PRESETS
+from vram_residency.service.executors.safetensors_view import parse_header
 from vram_residency.testing import flip_bit
 
 NEEDS_MINILM = False  # see conftest.py

@@ -10,7 +10,7 @@ from typing import Any
 
 from service_helpers import EXAMPLE_DIR, tiny_bert
 
-from vram_residency.service.bert import bert_factory
+from vram_residency.service.executors.encoder import bert_factory
 from vram_residency.service.catalog import ModelCatalog
 from vram_residency.service.executor import JobOutput
 from vram_residency.service.worker import ExecuteJob, VerifyPass, Worker, WorkerConfig

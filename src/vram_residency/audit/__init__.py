@@ -13,9 +13,6 @@ and ``verify_log(paths, token)`` checks a log offline.
 from vram_residency.audit.errors import (
     AuditLogCorrupt,
     AuditWriteFailed,
-    IllegalTransition,
-    WorkerNotReady,
-    WorkerStopped,
 )
 from vram_residency.audit.events import (
     CRITICAL_EVENTS,
@@ -35,7 +32,6 @@ from vram_residency.audit.events import (
     is_critical,
 )
 from vram_residency.audit.files import chain_order, rotated_paths
-from vram_residency.audit.lifecycle import Incident, WorkerLifecycle, WorkerState
 from vram_residency.audit.log import DEFAULT_AUDIT_PATH, AuditLog, LogRecovery
 from vram_residency.audit.record import GENESIS_HASH, AuditRecord, canonical_bytes
 from vram_residency.audit.verify import VerifyBreak, VerifyReport, verify_log
@@ -76,3 +72,20 @@ __all__ = [
     "rotated_paths",
     "verify_log",
 ]
+
+
+# The worker lifecycle and its errors moved to ``vram_residency.service.lifecycle`` (they are the
+# service's state machine, which writes to the audit trail, not part of the trail). These names
+# stay importable from here, loaded on first use: importing the audit package must not import
+# the service.
+_MOVED_TO_SERVICE = frozenset(
+    {"IllegalTransition", "Incident", "WorkerLifecycle", "WorkerNotReady", "WorkerState", "WorkerStopped"}
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED_TO_SERVICE:
+        from vram_residency.service import lifecycle
+
+        return getattr(lifecycle, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,9 +11,6 @@ from vram_residency.errors import VramError
 __all__ = [
     "AuditLogCorrupt",
     "AuditWriteFailed",
-    "IllegalTransition",
-    "WorkerNotReady",
-    "WorkerStopped",
 ]
 
 
@@ -41,35 +38,4 @@ class AuditLogCorrupt(VramError):
 
     def __init__(self, message: str, *, path: str = "") -> None:
         self.path = path
-        super().__init__(message)
-
-
-class IllegalTransition(VramError):
-    """A lifecycle transition that the state machine does not allow (a caller bug, or a Ready
-    request while shards are not all verified). The state is unchanged."""
-
-    def __init__(self, message: str, *, from_state: str = "", to_state: str = "") -> None:
-        self.from_state = from_state
-        self.to_state = to_state
-        super().__init__(message)
-
-
-class WorkerNotReady(VramError):
-    """The worker is starting, loading or draining and takes no new work right now."""
-
-    _retriable = True
-
-    def __init__(self, message: str, *, state: str = "") -> None:
-        self.state = state
-        super().__init__(message)
-
-
-class WorkerStopped(VramError):
-    """The worker is Stopped (after a security incident or a shutdown) and refuses all work.
-    Only a restart, that is a new lifecycle, leaves Stopped."""
-
-    _fatal = True
-
-    def __init__(self, message: str = "worker is stopped and refuses all work", *, reason: str = "") -> None:
-        self.reason = reason
         super().__init__(message)

@@ -33,7 +33,7 @@ def _say(line: str = "") -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vram_residency.service.example_model import EXAMPLE_NAMES
+    from vram_residency.service.executors.example_model import EXAMPLE_NAMES
     from vram_residency.service.server import DEFAULT_PORT, ServeOptions, build, describe_token, serve
 
     assert DEFAULT_PORT == _DEFAULT_PORT

@@ -11,7 +11,8 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from vram_residency.audit.errors import AuditWriteFailed, WorkerNotReady, WorkerStopped
+from vram_residency.audit.errors import AuditWriteFailed
+from vram_residency.service.lifecycle import WorkerNotReady, WorkerStopped
 from vram_residency.errors import (
     ConfigError,
     CudaAllocationFailed,

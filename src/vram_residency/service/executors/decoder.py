@@ -37,7 +37,7 @@ import numpy as np
 
 from vram_residency.errors import InvalidInput
 from vram_residency.service.executor import JobInput, JobOutput, SealedWeights, Token, TokenSink
-from vram_residency.service.safetensors_view import InPlaceExecutor
+from vram_residency.service.executors.safetensors_view import InPlaceExecutor
 
 __all__ = [
     "BOS_ID",
@@ -442,7 +442,7 @@ class ByteLM(InPlaceExecutor):
 def byte_lm_factory(weights: SealedWeights) -> ByteLM | None:
     """An executor for this project's byte-level decoder (config.json ``model_type`` is
     ``vram-residency-byte-lm``); ``None`` for any other model."""
-    from vram_residency.service.bert import cupy_available
+    from vram_residency.service.executors.encoder import cupy_available
 
     f = weights.files
     if f.format != "safetensors" or f.config is None:

@@ -37,12 +37,53 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from vram_residency.audit.errors import IllegalTransition, WorkerNotReady, WorkerStopped
 from vram_residency.audit.events import SECURITY_INCIDENT, WORKER_STATE_CHANGED, error_fields
 from vram_residency.audit.log import AuditLog
 from vram_residency.errors import IntegrityViolation, PolicyViolation, SealVerificationFailed, VramError
 
-__all__ = ["INCIDENT_ERRORS", "Incident", "WorkerLifecycle", "WorkerState"]
+__all__ = [
+    "INCIDENT_ERRORS",
+    "IllegalTransition",
+    "Incident",
+    "WorkerLifecycle",
+    "WorkerNotReady",
+    "WorkerState",
+    "WorkerStopped",
+]
+
+# -- worker errors (they belong to the service's lifecycle, not to the audit trail) -----------
+
+
+class IllegalTransition(VramError):
+    """A lifecycle transition that the state machine does not allow (a caller bug, or a Ready
+    request while shards are not all verified). The state is unchanged."""
+
+    def __init__(self, message: str, *, from_state: str = "", to_state: str = "") -> None:
+        self.from_state = from_state
+        self.to_state = to_state
+        super().__init__(message)
+
+
+class WorkerNotReady(VramError):
+    """The worker is starting, loading or draining and takes no new work right now."""
+
+    _retriable = True
+
+    def __init__(self, message: str, *, state: str = "") -> None:
+        self.state = state
+        super().__init__(message)
+
+
+class WorkerStopped(VramError):
+    """The worker is Stopped (after a security incident or a shutdown) and refuses all work.
+    Only a restart, that is a new lifecycle, leaves Stopped."""
+
+    _fatal = True
+
+    def __init__(self, message: str = "worker is stopped and refuses all work", *, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(message)
+
 
 incident_logger = logging.getLogger("vram_residency.incident")
 logger = logging.getLogger("vram_residency.lifecycle")

@@ -29,7 +29,7 @@ import numpy as np
 
 from vram_residency.errors import InvalidInput
 from vram_residency.service.executor import JobInput, JobOutput, SealedWeights
-from vram_residency.service.safetensors_view import InPlaceExecutor
+from vram_residency.service.executors.safetensors_view import InPlaceExecutor
 
 __all__ = ["BertConfig", "BertEncoder", "bert_factory", "cupy_available"]
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.tree import digest
-from vram_residency.service.decoder import EOS_ID, ByteLMConfig
+from vram_residency.service.executors.decoder import EOS_ID, ByteLMConfig
 
 __all__ = [
     "EXAMPLE_NAMES",
@@ -82,7 +82,7 @@ def file_image(config: ByteLMConfig, seed: int = SEED) -> bytearray:
     shapes = config.tensor_shapes()
     header: dict[str, object] = {
         "__metadata__": {
-            "generator": "vram_residency.service.example_model",
+            "generator": "vram_residency.service.executors.example_model",
             "seed": str(seed),
             "weights": "random (untrained): generated tokens are noise",
         }
