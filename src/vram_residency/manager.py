@@ -421,6 +421,7 @@ class VramManager:
         progress: Callable[[int], None] | None = None,
         staging_bytes: int | None = None,
         staging_buffers: int | None = None,
+        observe: Callable[[memoryview], None] | None = None,
     ) -> SealedShard:
         """Stream a file (raw, safetensors or GGUF) into device memory and seal it as one shard.
 
@@ -428,7 +429,8 @@ class VramManager:
         shard's tensor index maps tensor names to their byte ranges in the file. A file that
         cannot be opened or parsed, or whose digest differs from ``expected_digest`` or the
         ``manifest``, raises ``InvalidInput`` with nothing left allocated. ``progress`` is called
-        with each number of bytes copied."""
+        with each number of bytes copied; ``observe`` with the bytes themselves, in file order, as
+        they stream (a plain SHA-256 beside the seal's digest; it may raise to abort the seal)."""
         from vram_residency.sources.files import seal_file
 
         return seal_file(
@@ -445,6 +447,7 @@ class VramManager:
             progress=progress,
             staging_bytes=staging_bytes,
             staging_buffers=staging_buffers,
+            observe=observe,
         )
 
     def seal_files(

@@ -70,9 +70,9 @@ def _model_dir(root: Path) -> Path:
 
 def _embed(backend: str, model: Path, prompts: list[str]) -> np.ndarray[Any, Any]:
     from vram_residency import VramManager
-    from vram_residency.service.executors.encoder import bert_factory
     from vram_residency.service.catalog import ModelCatalog
     from vram_residency.service.executor import DeviceMemory, SealedWeights
+    from vram_residency.service.executors.encoder import bert_factory
 
     files = ModelCatalog(model.parent).resolve(model.name)
     with VramManager(TOKEN, backend=backend) as mgr:  # type: ignore[arg-type]

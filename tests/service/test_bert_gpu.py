@@ -12,9 +12,9 @@ import pytest
 from service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 
 from vram_residency import SealVerificationFailed, VramManager
-from vram_residency.service.executors.encoder import BertEncoder, bert_factory
 from vram_residency.service.catalog import MINILM_MODEL, ModelCatalog
 from vram_residency.service.executor import DeviceMemory, SealedWeights
+from vram_residency.service.executors.encoder import BertEncoder, bert_factory
 from vram_residency.service.executors.safetensors_view import parse_header
 from vram_residency.testing import flip_bit
 

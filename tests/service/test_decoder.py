@@ -18,6 +18,7 @@ import pytest
 
 from vram_residency import SealVerificationFailed, VramManager
 from vram_residency.errors import InvalidInput
+from vram_residency.service.executor import ModelFiles, SealedWeights, Token
 from vram_residency.service.executors.decoder import (
     BOS_ID,
     DEFAULT_MAX_TOKENS,
@@ -27,7 +28,6 @@ from vram_residency.service.executors.decoder import (
     byte_lm_factory,
 )
 from vram_residency.service.executors.example_model import PRESETS, ensure_example, file_image
-from vram_residency.service.executor import ModelFiles, SealedWeights, Token
 from vram_residency.service.executors.safetensors_view import parse_header
 from vram_residency.testing import flip_bit
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from vram_residency import SealVerificationFailed, VramManager
+from vram_residency.service.executor import DeviceMemory, ModelFiles, SealedWeights
 from vram_residency.service.executors.decoder import BOS_ID, ByteLM, byte_lm_factory
 from vram_residency.service.executors.example_model import PRESETS, file_image
-from vram_residency.service.executor import DeviceMemory, ModelFiles, SealedWeights
 from vram_residency.service.executors.safetensors_view import parse_header
 from vram_residency.testing import flip_bit
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from service_helpers import EXAMPLE_DIR, Running, audit_events, execute
 
-from vram_residency.service.lifecycle import Incident
 from vram_residency.audit.verify import verify_log
 from vram_residency.service.executors.safetensors_view import parse_header
+from vram_residency.service.lifecycle import Incident
 from vram_residency.service.worker import scrub_delay
 from vram_residency.testing import flip_bit
 

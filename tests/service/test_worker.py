@@ -10,9 +10,9 @@ from typing import Any
 
 from service_helpers import EXAMPLE_DIR, tiny_bert
 
-from vram_residency.service.executors.encoder import bert_factory
 from vram_residency.service.catalog import ModelCatalog
 from vram_residency.service.executor import JobOutput
+from vram_residency.service.executors.encoder import bert_factory
 from vram_residency.service.worker import ExecuteJob, VerifyPass, Worker, WorkerConfig
 
 TOKEN = b"worker-test-token-0123456789abcdef"

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Final
 
 from vram_residency.errors import InvalidInput
-from vram_residency.service.executors.example_model import GeneratedModel
 from vram_residency.service.executor import ModelFiles
+from vram_residency.service.executors.example_model import GeneratedModel
 
 __all__ = ["MINILM_MODEL", "ModelCatalog", "ModelNotFound", "minilm_model_dir"]
 

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from vram_residency.audit.errors import AuditWriteFailed
-from vram_residency.service.lifecycle import WorkerNotReady, WorkerStopped
 from vram_residency.errors import (
     ConfigError,
     CudaAllocationFailed,
@@ -25,6 +24,7 @@ from vram_residency.errors import (
     VramError,
 )
 from vram_residency.service.catalog import ModelNotFound
+from vram_residency.service.lifecycle import WorkerNotReady, WorkerStopped
 
 __all__ = ["ErrorCode", "ServiceError", "from_exception"]
 

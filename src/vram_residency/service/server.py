@@ -20,7 +20,6 @@ from typing import Any, Final
 import uvicorn
 from fastapi import FastAPI
 
-from vram_residency.service.lifecycle import Incident
 from vram_residency.errors import ConfigError
 from vram_residency.manager import BackendName
 from vram_residency.service.api.app import DEFAULT_MAX_BODY_BYTES, create_app
@@ -37,6 +36,7 @@ from vram_residency.service.auth import (
 from vram_residency.service.blas import set_blas_threads
 from vram_residency.service.catalog import MINILM_MODEL, ModelCatalog, minilm_model_dir
 from vram_residency.service.executors.example_model import EXAMPLE_NAMES, PRESETS, example_provider
+from vram_residency.service.lifecycle import Incident
 from vram_residency.service.metrics import Metrics
 from vram_residency.service.worker import CommittedModel, Worker, WorkerConfig, default_factories
 

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-
-from vram_residency.service.lifecycle import Incident, WorkerLifecycle, WorkerNotReady, WorkerState, WorkerStopped
 from vram_residency.audit.log import AuditLog
 from vram_residency.backends.base import ALIGNMENT
 from vram_residency.errors import (
@@ -46,7 +44,6 @@ from vram_residency.errors import (
 )
 from vram_residency.formats.tree import SHA256_TREE_V1, check_algorithm
 from vram_residency.manager import BackendName, VramManager
-from vram_residency.service.executors.encoder import cupy_available
 from vram_residency.service.catalog import ModelCatalog
 from vram_residency.service.errors import ErrorCode, ServiceError
 from vram_residency.service.executor import (
@@ -60,6 +57,14 @@ from vram_residency.service.executor import (
     StreamingExecutor,
     Token,
     TokenSink,
+)
+from vram_residency.service.executors.encoder import cupy_available
+from vram_residency.service.lifecycle import (
+    Incident,
+    WorkerLifecycle,
+    WorkerNotReady,
+    WorkerState,
+    WorkerStopped,
 )
 from vram_residency.service.metrics import Metrics
 from vram_residency.shard import SealedShard
@@ -780,7 +785,7 @@ class Worker:
 
 
 def default_factories() -> Iterable[ExecutorFactory]:
-    from vram_residency.service.executors.encoder import bert_factory
     from vram_residency.service.executors.decoder import byte_lm_factory
+    from vram_residency.service.executors.encoder import bert_factory
 
     return (byte_lm_factory, bert_factory)

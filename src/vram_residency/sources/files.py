@@ -26,7 +26,7 @@ from vram_residency.sources.index import ModelFile, PathArg, resolve_model_files
 from vram_residency.sources.layout import OpenedFile, open_model_file
 from vram_residency.sources.manifest import Manifest, load_manifest
 from vram_residency.sources.model import PartSource, SealedModel, seal_parts
-from vram_residency.sources.stream import Progress, Staging, plan_staging, stream_into
+from vram_residency.sources.stream import Observer, Progress, Staging, plan_staging, stream_into
 
 if TYPE_CHECKING:
     from vram_residency.manager import VramManager
@@ -72,9 +72,20 @@ def _expected_for(
     return expected
 
 
-def _fill(opened: OpenedFile, staging: Staging, progress: Progress | None) -> Callable[[DeviceBuffer], None]:
+def _fill(
+    opened: OpenedFile, staging: Staging, progress: Progress | None, observe: Observer | None = None
+) -> Callable[[DeviceBuffer], None]:
     def fill(buf: DeviceBuffer) -> None:
-        stream_into(opened.fd, 0, opened.size, buf, what=str(opened.path), staging=staging, progress=progress)
+        stream_into(
+            opened.fd,
+            0,
+            opened.size,
+            buf,
+            what=str(opened.path),
+            staging=staging,
+            progress=progress,
+            observe=observe,
+        )
         opened.check_unchanged()
 
     return fill
@@ -95,6 +106,7 @@ def seal_file(
     progress: Progress | None = None,
     staging_bytes: int | None = None,
     staging_buffers: int | None = None,
+    observe: Observer | None = None,
 ) -> SealedShard:
     check_algorithm(digest_algorithm)
     man = _resolve_manifest(manifest)
@@ -102,7 +114,7 @@ def seal_file(
         expected = _expected_for(opened, None, digest_algorithm, expected_digest, man)
         backend = mgr._backend
         staging = Staging(plan_staging(opened.size, staging_bytes, staging_buffers, backend=backend), backend)
-        fill = _fill(opened, staging, progress)
+        fill = _fill(opened, staging, progress, observe)
         with staging:
             return mgr._seal_into(
                 opened.size,

@@ -35,6 +35,8 @@ GPU_DEFAULT_STAGING_BYTES: Final = 256 << 20
 _MIN_CHUNK: Final = 1 << 20
 
 Progress = Callable[[int], None]
+#: Sees the bytes streamed, in file order (see ``stream_into``).
+Observer = Callable[[memoryview], None]
 
 
 @runtime_checkable
@@ -165,14 +167,27 @@ def stream_into(
     what: str = "file",
     staging: Staging | None = None,
     progress: Progress | None = None,
+    observe: Observer | None = None,
 ) -> None:
-    """Copy ``length`` bytes of ``fd`` from ``file_offset`` into ``dest`` at ``dest_offset``."""
+    """Copy ``length`` bytes of ``fd`` from ``file_offset`` into ``dest`` at ``dest_offset``.
+
+    ``observe`` (optional) sees every byte copied, once, in file order, while it streams (for a
+    plain SHA-256 of the file beside the seal's own digest: no second pass over the file). It may
+    raise to abort the copy."""
     if length == 0:
         return
     if staging is None:
         with Staging(plan_staging(length)) as own:
             return stream_into(
-                fd, file_offset, length, dest, dest_offset, what=what, staging=own, progress=progress
+                fd,
+                file_offset,
+                length,
+                dest,
+                dest_offset,
+                what=what,
+                staging=own,
+                progress=progress,
+                observe=observe,
             )
     plan = staging.plan
     views = staging.views()
@@ -211,6 +226,8 @@ def stream_into(
     ]
     for t in threads:
         t.start()
+    held: dict[int, tuple[int, int]] = {}
+    observed = 0
     try:
         done = finished = 0
         while done < length:
@@ -224,7 +241,18 @@ def stream_into(
                 raise item
             idx, rel, n = item
             dest.write(dest_offset + rel, views[idx][:n])
-            free.put(idx)
+            if observe is None:
+                free.put(idx)
+            else:
+                # Readers finish out of order; the observer needs file order. A chunk's buffer
+                # is held until every chunk before it was observed. No deadlock: readers take
+                # offsets in order, so the next chunk observed is always held by some reader.
+                held[rel] = (idx, n)
+                while observed in held:
+                    i2, n2 = held.pop(observed)
+                    observe(views[i2][:n2])
+                    free.put(i2)
+                    observed += n2
             done += n
             if progress is not None:
                 progress(n)

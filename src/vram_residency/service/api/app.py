@@ -31,11 +31,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vram_residency import __version__
-from vram_residency.service.lifecycle import WorkerState
 from vram_residency.errors import VramError
 from vram_residency.service.auth import BearerCheck
 from vram_residency.service.errors import ErrorCode, ServiceError, from_exception
 from vram_residency.service.executor import JobOutput, Token
+from vram_residency.service.lifecycle import WorkerState
 from vram_residency.service.middleware import AuthMiddleware, BodyLimitMiddleware
 from vram_residency.service.schemas import (
     SSE_EVENT_SCHEMA,
