@@ -73,8 +73,12 @@ class ModelCatalog:
         model_dir: Path | None,
         builtin: Mapping[str, Path] | None = None,
         generated: Mapping[str, Callable[[], GeneratedModel]] | None = None,
+        *,
+        generated_root: Path | None = None,
     ) -> None:
         self._root: Path | None = None
+        #: Where generated models are written (paths under it may be committed by path).
+        self._generated_root = generated_root
         if model_dir is not None:
             try:
                 self._root = Path(model_dir).resolve(strict=True)
@@ -88,6 +92,14 @@ class ModelCatalog:
     @property
     def model_dir(self) -> Path | None:
         return self._root
+
+    def path_roots(self) -> list[Path]:
+        """The directories a commit may name a model file in by path (``model_bytes``): the model
+        directory, the built-in models' directories, and where generated models are written."""
+        roots = [*([self._root] if self._root is not None else []), *self._builtin.values()]
+        if self._generated_root is not None:
+            roots.append(self._generated_root)
+        return roots
 
     def names(self) -> list[str]:
         """Top-level entries that look like models (for messages and ``serve --help``)."""

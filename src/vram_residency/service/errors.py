@@ -1,121 +1,66 @@
-"""Error codes of the worker API and the mapping from library errors to them.
+"""Domain errors of the worker service. They say what went wrong, never which HTTP status that
+is: ``vram_residency.service.api.errors`` is the one place that maps errors to HTTP.
 
-Every error response is a JSON object ``{"code": ..., "message": ..., "retriable": ...}`` (plus
-``details`` where there are facts to give); a 401 is ``{"code": "AUTH_FAILED"}`` and nothing else.
-Messages come from the library's errors, which never carry a token, a key, a tag or a pointer.
+All extend the library's ``VramError`` (``retriable``/``fatal`` flags, no secrets in messages).
+The lifecycle's own errors (``WorkerNotReady``, ``WorkerStopped``, ``IllegalTransition``) live in
+``vram_residency.service.lifecycle``.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Mapping
-from typing import Any
+from vram_residency.errors import InvalidInput, VramError
 
-from vram_residency.audit.errors import AuditWriteFailed
-from vram_residency.errors import (
-    ConfigError,
-    CudaAllocationFailed,
-    InsufficientVram,
-    IntegrityViolation,
-    InvalidInput,
-    NotSealed,
-    PolicyViolation,
-    SealVerificationFailed,
-    VramError,
-)
-from vram_residency.service.catalog import ModelNotFound
-from vram_residency.service.lifecycle import WorkerNotReady, WorkerStopped
-
-__all__ = ["ErrorCode", "ServiceError", "from_exception"]
+__all__ = [
+    "JobCancelled",
+    "JobConflict",
+    "JobTimedOut",
+    "ModelAlreadyCommitted",
+    "ModelLoadFailed",
+    "ModelNotCommitted",
+    "ModelNotExecutable",
+    "QueueFull",
+    "SignatureInvalid",
+]
 
 
-class ErrorCode(enum.StrEnum):
-    VRAM_OOM = "VRAM_OOM"
-    CUDA_ERROR = "CUDA_ERROR"
-    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
-    SEAL_VERIFICATION_FAILED = "SEAL_VERIFICATION_FAILED"
-    INVALID_PARAMS = "INVALID_PARAMS"
-    AUTH_FAILED = "AUTH_FAILED"
-    INTERNAL = "INTERNAL"
-    # Not in llama-orch's list: a client must be able to tell "retry later" (Loading, Draining)
-    # from "this worker is finished" (Stopped after an incident or a shutdown).
-    WORKER_NOT_READY = "WORKER_NOT_READY"
-    WORKER_STOPPED = "WORKER_STOPPED"
+class ModelLoadFailed(VramError):
+    """The model could not be loaded as asked (unreadable file, bad header, a digest or signature
+    that does not match). Nothing was left allocated; the worker's state is as before."""
 
 
-class ServiceError(Exception):
-    """An error with an HTTP status and an API error code."""
+class SignatureInvalid(ModelLoadFailed):
+    """A commit's signature did not verify; the model was not loaded."""
 
-    def __init__(
-        self,
-        status: int,
-        code: ErrorCode,
-        message: str,
-        *,
-        retriable: bool = False,
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
+
+class ModelAlreadyCommitted(InvalidInput):
+    """A model of that name (or a handle of that id) is committed already."""
+
+
+class ModelNotCommitted(InvalidInput):
+    """No committed model answers to that name or handle id."""
+
+
+class ModelNotExecutable(InvalidInput):
+    """The model is sealed and verified, but no executor here runs it."""
+
+
+class QueueFull(VramError):
+    """The execution queue is full; try again shortly."""
+
+    _retriable = True
+
+
+class JobConflict(InvalidInput):
+    """A job with that id is queued or running already."""
+
+
+class JobCancelled(VramError):
+    """The job was cancelled (by ``POST /worker/cancel`` or because its client went away)."""
+
+    def __init__(self, message: str = "job cancelled", *, reason: str = "cancelled") -> None:
+        self.reason = reason
         super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retriable = retriable
-        self.details = dict(details or {})
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"code": self.code.value, "message": self.message, "retriable": self.retriable}
-        if self.details:
-            out["details"] = self.details
-        return out
 
 
-def from_exception(exc: BaseException) -> ServiceError:
-    """The API error for any exception raised while serving a request."""
-    if isinstance(exc, ServiceError):
-        return exc
-    if isinstance(exc, SealVerificationFailed):
-        return ServiceError(
-            500,
-            ErrorCode.SEAL_VERIFICATION_FAILED,
-            str(exc),
-            details={
-                "shard_id": exc.shard_id,
-                "tag_valid": exc.tag_valid,
-                "expected_digest": exc.expected_digest,
-                "actual_digest": exc.actual_digest,
-                "corrupted_ranges": [list(r) for r in exc.corrupted_ranges[:64]],
-                "corrupted_tensors": exc.corrupted_tensors[:64],
-            },
-        )
-    if isinstance(exc, InsufficientVram):
-        return ServiceError(
-            507,
-            ErrorCode.VRAM_OOM,
-            str(exc),
-            retriable=True,
-            details={"needed_bytes": exc.needed, "available_bytes": exc.available},
-        )
-    if isinstance(exc, CudaAllocationFailed):
-        return ServiceError(500, ErrorCode.CUDA_ERROR, str(exc), retriable=True)
-    if isinstance(exc, (IntegrityViolation, PolicyViolation)):
-        # Both mean device memory is not what it must be; on the host backend they come from the
-        # emulation's own checks, on CUDA from the driver or the VRAM-only policy.
-        return ServiceError(500, ErrorCode.CUDA_ERROR, f"{type(exc).__name__}: {exc}")
-    if isinstance(exc, WorkerStopped):
-        return ServiceError(
-            503, ErrorCode.WORKER_STOPPED, str(exc), details={"state": "Stopped", "reason": exc.reason}
-        )
-    if isinstance(exc, WorkerNotReady):
-        return ServiceError(
-            503, ErrorCode.WORKER_NOT_READY, str(exc), retriable=True, details={"state": exc.state}
-        )
-    if isinstance(exc, (NotSealed, ModelNotFound)):
-        return ServiceError(404, ErrorCode.INVALID_PARAMS, str(exc))
-    if isinstance(exc, InvalidInput):
-        return ServiceError(400, ErrorCode.INVALID_PARAMS, str(exc))
-    if isinstance(exc, AuditWriteFailed):
-        return ServiceError(500, ErrorCode.INTERNAL, f"audit trail failed: {exc}")
-    if isinstance(exc, (ConfigError, VramError)):
-        return ServiceError(500, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-    # Anything else is a bug: say so without leaking internals (the log has the traceback).
-    return ServiceError(500, ErrorCode.INTERNAL, "internal error")
+class JobTimedOut(VramError):
+    """The job ran longer than the worker's execution timeout."""

@@ -30,6 +30,7 @@ __all__ = [
     "JobInput",
     "JobOutput",
     "ModelFiles",
+    "Sampling",
     "SealedWeights",
     "StreamingExecutor",
     "Token",
@@ -86,6 +87,15 @@ class SealedWeights:
 
 
 @dataclass(frozen=True, slots=True)
+class Sampling:
+    """How a generator chooses tokens: greedy at temperature 0; otherwise sampled, with ``seed``
+    (None: a random seed) making the choice reproducible across runs and processes."""
+
+    temperature: float = 0.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class JobInput:
     """A prepared job: the tokens known before the run (an encoder's input, streamed after it;
     empty for a generator) and the executor's own input (token ids, ...)."""
@@ -109,8 +119,10 @@ class Token:
     id: int
 
 
-#: Where a streaming executor puts each token: (index of the job in the batch, token).
-TokenSink = Callable[[int, Token], None]
+#: Where a streaming executor puts each token: (index of the job in the batch, token). It returns
+#: False when that job wants no more tokens (cancelled, its client gone, the worker stopped): the
+#: executor then stops generating for it. None (a plain callback) means go on.
+TokenSink = Callable[[int, Token], bool | None]
 
 
 @runtime_checkable
@@ -127,7 +139,7 @@ class Executor(Protocol):
         """One human line: the model, the implementation and where it runs."""
         ...
 
-    def prepare(self, prompt: str, max_tokens: int | None) -> JobInput:
+    def prepare(self, prompt: str, max_tokens: int | None, sampling: Sampling | None = None) -> JobInput:
         """Validate and tokenize one input; must not touch the weights. Raises InvalidInput."""
         ...
 

@@ -2,7 +2,7 @@
 
 States and legal moves::
 
-    Starting --> Loading --> Ready <--> Executing
+    Starting <-> Loading --> Ready <--> Executing
         |           ^  |       |  \\        |
         |           |  |       |   +--> Loading (more shards, a reload)
         |           |  v       v           v
@@ -105,7 +105,8 @@ S = WorkerState
 
 _LEGAL: Final[Mapping[WorkerState, frozenset[WorkerState]]] = {
     S.STARTING: frozenset({S.LOADING, S.DRAINING, S.STOPPED}),
-    S.LOADING: frozenset({S.READY, S.DRAINING, S.STOPPED}),
+    # Loading -> Starting: a first load failed; the worker is as it started, a retry can leave.
+    S.LOADING: frozenset({S.READY, S.STARTING, S.DRAINING, S.STOPPED}),
     S.READY: frozenset({S.EXECUTING, S.LOADING, S.DRAINING, S.STOPPED}),
     S.EXECUTING: frozenset({S.READY, S.DRAINING, S.STOPPED}),
     S.DRAINING: frozenset({S.STOPPED}),
@@ -267,6 +268,16 @@ class WorkerLifecycle:
     def begin_loading(self, reason: str = "loading shards") -> None:
         """Starting -> Loading, or Ready -> Loading to load more shards (leaves Ready)."""
         self._guarded(lambda: self._move(S.LOADING, reason))
+
+    def abort_loading(self, reason: str = "load failed") -> None:
+        """Loading -> Starting after a first load failed with nothing loaded: the worker is back
+        where it started, and a retry (a new commit) can leave it. No-op in any other state."""
+
+        def change() -> None:
+            if self._state is S.LOADING:
+                self._move(S.STARTING, reason)
+
+        self._guarded(change)
 
     def mark_ready(
         self, all_verified: bool | Callable[[], bool], reason: str = "all shards verified"

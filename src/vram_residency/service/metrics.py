@@ -61,6 +61,18 @@ class Metrics:
             buckets=_EXEC_BUCKETS,
             registry=r,
         )
+        # The metrics llama-orch's worker spec names (WORKER-4800s): jobs started, completed and
+        # failed; tokens generated; CUDA errors; latency (execute_seconds above); VRAM (below).
+        self.jobs_started = Counter("worker_jobs_started", "Execute jobs started", registry=r)
+        self.jobs_completed = Counter("worker_jobs_completed", "Execute jobs that ended with end", registry=r)
+        self.jobs_failed = Counter(
+            "worker_jobs_failed", "Execute jobs that ended with error, by code", ["code"], registry=r
+        )
+        self.jobs_cancelled = Counter(
+            "worker_jobs_cancelled", "Execute jobs cancelled, by reason", ["reason"], registry=r
+        )
+        self.tokens_generated = Counter("worker_tokens_generated", "Tokens sent to clients", registry=r)
+        self.cuda_errors = Counter("worker_cuda_errors", "CUDA or driver errors seen", registry=r)
         self.incidents = Counter("vram_security_incidents", "Security incidents raised", registry=r)
         self.scrub_passes = Counter("vram_scrub_passes", "Background scrub passes completed", registry=r)
         self.vram_free = Gauge("vram_free_bytes", "Free device memory", registry=r)

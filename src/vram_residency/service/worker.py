@@ -1,35 +1,39 @@
-"""The worker: sealed models, verification before every execution, the scrubber, the lifecycle.
+"""The worker: its committed models, and the pieces that act on them.
 
-Execution model
-    Execute jobs go into one queue. A single execution thread takes every job waiting (up to
-    ``max_batch``), verifies **every** shard of the worker, and then runs the batch on the sealed
-    weights in place. Each job is therefore preceded by a full verification that started after
-    the job was queued, with nothing between that verification and the use of the memory but the
-    hand-over inside one thread. Batching is what makes this affordable: one pass over the
-    weights is shared by all jobs that were waiting for it (as a database shares one fsync among
-    the transactions of a group commit), instead of one pass per job.
+* commit (``commit.py`` for what a model is and what digest it must have): seal, verify, build
+  the executor; a failed first commit returns the worker to Starting, a retry can leave it;
+  committed models keep serving while another one loads;
+* the scheduler (``scheduler.py``): queue, batching, cancel, drain; this module's ``_run_batch``
+  verifies every shard before each batch runs;
+* the scrubber (``scrubber.py``); the status as the API shows it (``status.py``).
 
 Failure
     A seal failure (before an execution, in the scrubber, or on ``/worker/verify``) moves the
     lifecycle to Stopped and raises a security incident; the manager has already written the
-    critical ``SealVerificationFailed`` audit event. A Stopped worker refuses every later job.
+    critical ``SealVerificationFailed`` audit event. Every running job then ends at its next token
+    with an error (no token produced after the detection reaches a client), and a Stopped worker
+    refuses every later job.
+
+Errors
+    Everything here raises domain errors (``service.errors``, ``service.lifecycle``, the
+    library's); ``service.api.errors`` alone maps them to HTTP.
 
 Locks
     ``_commit_lock`` serializes commits and deallocations; ``_exec_lock`` is held by the
-    execution thread for one batch and by commit/deallocate while they change the set of models
-    or close an executor's views. Order: ``_commit_lock`` before ``_exec_lock``.
+    execution thread for one batch, and by commit/deallocate only while they change the set of
+    models or close an executor's views (never while a model streams in). Order: ``_commit_lock``
+    before ``_exec_lock``.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,6 +41,7 @@ from vram_residency.audit.log import AuditLog
 from vram_residency.backends.base import ALIGNMENT
 from vram_residency.errors import (
     ConfigError,
+    CudaAllocationFailed,
     InvalidInput,
     NotSealed,
     SealVerificationFailed,
@@ -45,13 +50,25 @@ from vram_residency.errors import (
 from vram_residency.formats.tree import SHA256_TREE_V1, check_algorithm
 from vram_residency.manager import BackendName, VramManager
 from vram_residency.service.catalog import ModelCatalog
-from vram_residency.service.errors import ErrorCode, ServiceError
+from vram_residency.service.commit import (
+    DigestCheck,
+    Sha256Observer,
+    bytes_to_file,
+    files_for_path,
+    parse_expected_digest,
+    verify_signature,
+)
+from vram_residency.service.errors import (
+    JobTimedOut,
+    ModelAlreadyCommitted,
+    ModelLoadFailed,
+    ModelNotCommitted,
+    ModelNotExecutable,
+)
 from vram_residency.service.executor import (
     DeviceMemory,
     Executor,
     ExecutorFactory,
-    JobInput,
-    JobOutput,
     ModelFiles,
     SealedWeights,
     StreamingExecutor,
@@ -59,27 +76,32 @@ from vram_residency.service.executor import (
     TokenSink,
 )
 from vram_residency.service.executors.encoder import cupy_available
-from vram_residency.service.lifecycle import (
-    Incident,
-    WorkerLifecycle,
-    WorkerNotReady,
-    WorkerState,
-    WorkerStopped,
-)
+from vram_residency.service.lifecycle import Incident, WorkerLifecycle, WorkerNotReady, WorkerState, WorkerStopped
 from vram_residency.service.metrics import Metrics
+from vram_residency.service.scheduler import ExecuteJob, Scheduler
+from vram_residency.service.scrubber import Scrubber, scrub_delay
 from vram_residency.shard import SealedShard
 
-__all__ = ["CommittedModel", "ExecuteJob", "VerifyPass", "Worker", "WorkerConfig"]
+__all__ = [
+    "CommitSpec",
+    "CommittedModel",
+    "ExecuteJob",
+    "VerifyPass",
+    "Worker",
+    "WorkerConfig",
+    "default_factories",
+    "scrub_delay",
+]
 
 log = logging.getLogger("vram_residency.service")
 
-_MAX_QUEUE: Final = 4096
-# Gathering a batch (see _take_batch), as multiples of the last verification pass's duration.
-_GAP_FRACTION: Final = 0.1
-_WINDOW_FRACTION: Final = 2.0
-_MAX_GAP: Final = 0.02
-_MAX_WINDOW: Final = 0.2
 _SIDE_FILE_LIMIT: Final = 64 << 20
+#: The contract's defaults (WORKER-4240s): a prompt of at most 100,000 characters, at most 4,096
+#: tokens generated per request.
+DEFAULT_MAX_PROMPT_CHARS: Final = 100_000
+DEFAULT_MAX_TOKENS_LIMIT: Final = 4096
+#: llama-orch's MAX_MODEL_SIZE default: 100 GB.
+DEFAULT_MAX_MODEL_BYTES: Final = 100 * 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +120,19 @@ class WorkerConfig:
     scrub_interval: float = 60.0
     #: Most of the wall time the scrubber may spend verifying (0 < budget <= 1).
     scrub_budget: float = 0.05
+    #: Seconds in-flight jobs get to finish when the worker drains (then they end with an error).
     drain_timeout: float = 30.0
+    pool_id: str | None = None
+    #: Models committed at once. The contract says one model per process; more only when asked.
+    max_models: int = 1
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    #: A job running longer than this ends with an error (0: no limit).
+    execution_timeout: float = 0.0
+    #: Where model bytes sent in a commit request are spooled (a private directory).
+    spool_dir: Path | None = None
+    commit_keys: tuple[Any, ...] = field(default=(), repr=False)
 
     def check(self) -> None:
         if not self.worker_id:
@@ -110,6 +144,14 @@ class WorkerConfig:
             raise ConfigError("scrub_interval must be >= 0 (0 disables scrubbing)")
         if not 0 < self.scrub_budget <= 1:
             raise ConfigError("scrub_budget must be in (0, 1]")
+        if self.drain_timeout < 0:
+            raise ConfigError("drain_timeout must be >= 0")
+        if self.max_models < 1:
+            raise ConfigError("max_models must be at least 1")
+        if self.max_prompt_chars < 1 or self.max_tokens < 1 or self.max_model_bytes < 1:
+            raise ConfigError("max_prompt_chars, max_tokens and max_model_bytes must be at least 1")
+        if self.execution_timeout < 0:
+            raise ConfigError("execution_timeout must be >= 0 (0: no limit)")
 
 
 @dataclass(slots=True)
@@ -122,6 +164,28 @@ class CommittedModel:
     side_files: dict[str, str]  # file name -> SHA-256 of the side file read at commit
     seal_seconds: float
     verify_seconds: float
+    #: The id clients name it by: the commit's ``shard_id`` (caller-chosen), else the seal's.
+    handle_id: str = ""
+    shard_index: int = 0
+    total_shards: int = 1
+    #: SHA-256 of the model bytes, when the commit asked for it (computed as they streamed).
+    sha256: str | None = None
+    last_verified_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CommitSpec:
+    """What to commit. Exactly one of ``name`` (in the catalog), ``path`` (a file inside the
+    catalog's roots) or ``data`` (the bytes)."""
+
+    name: str
+    path: Path | None = None
+    data: bytes | None = None
+    expected_digest: str | None = None
+    signature: str | None = None
+    handle_id: str | None = None
+    shard_index: int = 0
+    correlation_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,78 +194,6 @@ class VerifyPass:
     bytes: int
     seconds: float
     trigger: str
-
-
-class ExecuteJob:
-    """One queued execution. The worker calls ``on_verified`` once (a VerifyPass, or None when
-    pre-verification is disabled, or an exception), then ``on_token`` for each token a generator
-    produces, then ``on_done`` once (JobOutput or an exception) unless verification failed."""
-
-    __slots__ = (
-        "_verified",
-        "batch_size",
-        "input",
-        "job_id",
-        "model",
-        "on_done",
-        "on_token",
-        "on_verified",
-        "queued_at",
-    )
-
-    def __init__(
-        self,
-        job_id: str,
-        model: str,
-        job_input: JobInput,
-        on_verified: Callable[[VerifyPass | BaseException | None], None],
-        on_done: Callable[[JobOutput | BaseException], None],
-        on_token: Callable[[Token], None] | None = None,
-    ) -> None:
-        self.job_id = job_id
-        self.model = model
-        self.input = job_input
-        self.on_verified = on_verified
-        self.on_done = on_done
-        self.on_token = on_token
-        self.queued_at = time.perf_counter()
-        self.batch_size = 0
-        self._verified = False
-
-    def verified(self, info: VerifyPass | None) -> None:
-        self._verified = True
-        self.on_verified(info)
-
-    def token(self, tok: Token) -> None:
-        if self.on_token is None:
-            return
-        try:
-            self.on_token(tok)
-        except Exception:
-            # One client's stream going away must not fail the batch the others share.
-            log.debug("token callback of %s failed", self.job_id, exc_info=True)
-
-    def fail(self, exc: BaseException) -> None:
-        if self._verified:
-            self.on_done(exc)
-        else:
-            self._verified = True
-            self.on_verified(exc)
-
-
-def _sink(group: Sequence[ExecuteJob]) -> TokenSink:
-    """Tokens of a streaming run, by job index, to the jobs of ``group``."""
-
-    def emit(index: int, tok: Token) -> None:
-        group[index].token(tok)
-
-    return emit
-
-
-def scrub_delay(spent: float, interval: float, budget: float) -> float:
-    """Rest after a scrub pass of ``spent`` seconds: at least ``interval``, and long enough that
-    verification takes at most ``budget`` of wall time (spent / (spent + rest) <= budget)."""
-    return max(interval, spent * (1.0 / budget - 1.0))
 
 
 def _sha256_file(path: Path) -> str:
@@ -216,8 +208,16 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sniff_suffix(data: bytes) -> str:
+    if data[:4] == b"GGUF":
+        return ".gguf"
+    if len(data) > 9 and data[8:9] == b"{":
+        return ".safetensors"
+    return ".bin"
+
+
 class Worker:
-    """One worker process's models, lifecycle, audit trail and execution thread."""
+    """One worker process's models, lifecycle, audit trail, scheduler and scrubber."""
 
     def __init__(
         self,
@@ -259,16 +259,13 @@ class Worker:
         self._backend_description = self._manager.backend_description
         self._emulated = self._manager.capabilities.emulated
         self._models: dict[str, CommittedModel] = {}
+        self._loading: list[str] = []
         self._commit_lock = threading.Lock()
         self._exec_lock = threading.Lock()
-        self._queue: collections.deque[ExecuteJob] = collections.deque()
-        self._queue_cond = threading.Condition()
         self._closing = False
         self._closed = False
-        self._stop_event = threading.Event()
         self._last_scrub: VerifyPass | None = None
         self._last_verify_seconds = 0.0
-        self._last_batch_size = 1
         self._emit(
             "ServiceStarted",
             backend=self.backend,
@@ -276,6 +273,7 @@ class Worker:
             pre_verify=config.pre_verify,
             scrub_interval_s=config.scrub_interval,
             scrub_budget=config.scrub_budget,
+            pool_id=config.pool_id,
         )
         if not config.pre_verify:
             log.warning(
@@ -286,12 +284,12 @@ class Worker:
         m.backend.info({"backend": self.backend, "emulated": str(self.emulated).lower()})
         m.pre_verify.set(1 if config.pre_verify else 0)
         m.bind(mem_info=self._mem_info, shards=self._shard_totals, state=lambda: self.lifecycle.state.value)
-        self._exec_thread = threading.Thread(target=self._exec_loop, name="vram-execute", daemon=True)
-        self._exec_thread.start()
-        self._scrub_thread: threading.Thread | None = None
+        self.scheduler = Scheduler(
+            self._run_batch, max_batch=config.max_batch, last_verify_seconds=lambda: self._last_verify_seconds
+        )
+        self._scrubber: Scrubber | None = None
         if config.scrub_interval > 0:
-            self._scrub_thread = threading.Thread(target=self._scrub_loop, name="vram-scrub", daemon=True)
-            self._scrub_thread.start()
+            self._scrubber = Scrubber(self.scrub_once, config.scrub_interval, config.scrub_budget)
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -324,6 +322,10 @@ class Worker:
     def last_scrub(self) -> VerifyPass | None:
         return self._last_scrub
 
+    @property
+    def loading(self) -> list[str]:
+        return list(self._loading)
+
     def models(self) -> list[CommittedModel]:
         return list(self._models.values())
 
@@ -342,15 +344,20 @@ class Worker:
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self._audit is not None:
-            self._audit.emit(event, **fields)
+            self._audit.emit(event, **{k: v for k, v in fields.items() if v is not None})
 
     def _on_incident(self, incident: Incident) -> None:
         self.metrics.incidents.inc()
+        # Stopped ends every running job at its next token (and every queued one before it runs).
+        self.scheduler.abort_all(
+            WorkerStopped(f"worker stopped: {incident.error_type} (incident {incident.id})", reason="incident")
+        )
         if self._user_on_incident is not None:
             self._user_on_incident(incident)
 
     # -- plan -----------------------------------------------------------------------------------
     def plan(self, model: str | None, vram_bytes: int | None) -> dict[str, Any]:
+        """The project's own plan: VRAM needed for a model (or a size) against VRAM available."""
         if (model is None) == (vram_bytes is None):
             raise InvalidInput("give exactly one of model or vram_bytes")
         if model is not None:
@@ -360,8 +367,7 @@ class Worker:
             assert vram_bytes is not None
             size = vram_bytes
         free, total = self.manager.available_vram(), self.manager.total_vram()
-        # Allocations are rounded up to the backend's alignment; plan with what will be taken.
-        needed = -(-size // ALIGNMENT) * ALIGNMENT if size else 0
+        needed = self.needed_bytes(size)
         return {
             "model": model,
             "model_bytes": size,
@@ -373,64 +379,158 @@ class Worker:
             "emulated": self.emulated,
         }
 
+    @staticmethod
+    def needed_bytes(size: int) -> int:
+        # Allocations are rounded up to the backend's alignment; plan with what will be taken.
+        return -(-size // ALIGNMENT) * ALIGNMENT if size else 0
+
+    def capability(self, files: ModelFiles) -> tuple[bool, str]:
+        """Can this worker execute the model (the spec's capability check: architecture, format,
+        an executor present)? Reads only the model's config, never its weights."""
+        import json
+
+        if files.format != "safetensors":
+            return False, f"no executor here runs {files.format} models (sealing alone would work)"
+        if files.config is None:
+            return False, "the model has no config.json: its architecture is unknown"
+        try:
+            cfg = json.loads(files.config.read_text(encoding="utf-8"))
+            model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+        except (OSError, ValueError):
+            return False, "config.json cannot be read"
+        from vram_residency.service.executors.decoder import MODEL_TYPE, ByteLMConfig
+
+        if model_type == MODEL_TYPE:
+            c = ByteLMConfig.from_file(files.config)
+            return True, f"byte-level decoder, context {c.max_position} tokens, float32"
+        if model_type == "bert" and files.tokenizer is not None:
+            return True, "BERT sentence encoder (embeddings), float32"
+        return False, f"architecture {model_type!r} has no executor on this worker"
+
     # -- commit ---------------------------------------------------------------------------------
     def commit(self, name: str, expected_digest: str | None = None) -> CommittedModel:
-        """Seal the model ``name`` from the model directory, verify it, build its executor."""
-        files = self.catalog.resolve(name)
+        """Seal the model ``name`` from the catalog, verify it, build its executor."""
+        return self.commit_spec(CommitSpec(name=name, expected_digest=expected_digest))
+
+    def commit_spec(self, spec: CommitSpec) -> CommittedModel:
+        """Commit a model given by name, path or bytes (see ``commit.py`` for the digest forms)."""
+        check = parse_expected_digest(spec.expected_digest)
+        if spec.signature is not None:
+            # WORKER-4222: verified before anything is read or allocated.
+            verify_signature(spec.signature, check, self.config.commit_keys)
+        handle_id = spec.handle_id or None
         with self._commit_lock:
             if self._closing:
-                raise WorkerStopped("worker is shutting down")
-            if self.lifecycle.stopped:
+                raise WorkerNotReady("worker is draining and takes no new work", state="Draining")
+            state = self.lifecycle.state
+            if state is WorkerState.STOPPED:
                 self.lifecycle.ensure_can_work()  # raises WorkerStopped with the reason
-            if name in self._models:
-                raise ServiceError(
-                    409,
-                    ErrorCode.INVALID_PARAMS,
-                    f"model {name!r} is already committed (DELETE its shard to replace it)",
+            if state is WorkerState.DRAINING:
+                raise WorkerNotReady("worker is draining and takes no new work", state=state.value)
+            if spec.name in self._models or (handle_id is not None and self._by_handle(handle_id)):
+                raise ModelAlreadyCommitted(
+                    f"model {spec.name!r} (handle {handle_id or spec.name!r}) is already committed "
+                    "(DELETE its shard to replace it)"
                 )
-            with self._exec_lock:
-                state = self.lifecycle.state
-                if state is WorkerState.STOPPED:
-                    self.lifecycle.ensure_can_work()  # raises WorkerStopped with the reason
-                if state in (WorkerState.STARTING, WorkerState.READY):
-                    self.lifecycle.begin_loading(f"committing model {name}")
-                elif state is not WorkerState.LOADING:
-                    raise WorkerNotReady(f"worker is {state.value}; cannot commit now", state=state.value)
-                try:
-                    model = self._commit_locked(files, expected_digest)
-                except VramError as exc:
+            if len(self._models) >= self.config.max_models:
+                raise ModelAlreadyCommitted(
+                    f"this worker holds at most {self.config.max_models} model(s) "
+                    f"({', '.join(self._models)} committed); DELETE a shard first, or start it with "
+                    "--max-models"
+                )
+            # The first model: Starting -> Loading. Later ones load beside the committed models,
+            # which keep serving (the worker stays Ready); /worker/ready lists what is loading.
+            first = not self._models
+            if first and state is WorkerState.STARTING:
+                self.lifecycle.begin_loading(f"committing model {spec.name}")
+            self._loading.append(spec.name)
+            try:
+                with contextlib.ExitStack() as stack:
+                    if spec.data is not None:
+                        if self.config.spool_dir is None:
+                            raise InvalidInput("this worker takes model bytes by path only")
+                        path = stack.enter_context(
+                            bytes_to_file(spec.data, self.config.spool_dir, _sniff_suffix(spec.data))
+                        )
+                        files = ModelFiles(name=spec.name, weights=path, format=_format(path), root=path.parent)
+                    elif spec.path is not None:
+                        files = files_for_path(spec.name, spec.path, self.catalog.path_roots())
+                    else:
+                        files = self.catalog.resolve(spec.name)
+                    model = self._commit_files(files, check, spec)
+            except BaseException as exc:
+                if isinstance(exc, VramError):
                     self.lifecycle.report_failure(exc)  # only fatal errors stop the worker
-                    raise
-                finally:
-                    if self.lifecycle.state is WorkerState.LOADING and self._models:
-                        self.lifecycle.mark_ready(True, f"{len(self._models)} model(s) sealed and verified")
+                if first and not self._models:
+                    # Back to Starting: a retry can leave it (a worker stuck in Loading cannot).
+                    with contextlib.suppress(VramError):
+                        self.lifecycle.abort_loading(f"commit of {spec.name} failed")
+                raise
+            finally:
+                self._loading.remove(spec.name)
+            with self._exec_lock:
+                self._models[model.name] = model
+            if self.lifecycle.state is WorkerState.LOADING:
+                self.lifecycle.mark_ready(True, f"{len(self._models)} model(s) sealed and verified")
+        log.info(
+            "committed %s as %s",
+            model.name,
+            model.handle_id,
+            extra={
+                "human": f"Sealed {model.name} ({model.shard.vram_bytes} bytes) into device memory and verified it",
+                "model_ref": model.name,
+                "worker_id": self.config.worker_id,
+                "gpu_device": self.config.device,
+                "correlation_id": spec.correlation_id,
+            },
+        )
         return model
 
-    def _commit_locked(self, files: ModelFiles, expected_digest: str | None) -> CommittedModel:
+    def _commit_files(self, files: ModelFiles, check: DigestCheck, spec: CommitSpec) -> CommittedModel:
         mgr = self.manager
         side: dict[str, str] = {}
         t0 = time.perf_counter()
         try:
+            size = files.weights.stat().st_size
+            if size > self.config.max_model_bytes:
+                raise ModelLoadFailed(
+                    f"model is {size} bytes, above this worker's limit of {self.config.max_model_bytes}"
+                )
             for p in (files.config, files.tokenizer, files.sentence_config, files.pooling_config):
                 if p is not None:
                     side[str(p.relative_to(files.root))] = _sha256_file(p)
+            observer = Sha256Observer(check.sha256, size) if check.sha256 is not None else None
+            algorithm = check.seal_algorithm or self.config.digest_algorithm
             # A generated model comes with the digest of what was generated: bytes changed on disk
             # after generation fail the seal instead of being sealed as the model.
-            shard = self._seal_file(files, expected_digest or files.expected_digest)
+            expected = check.seal_digest
+            if expected is None and algorithm == self.config.digest_algorithm:
+                expected = files.expected_digest
+            shard = mgr.seal_file(
+                files.weights,
+                format=files.format,  # type: ignore[arg-type]  # one of "safetensors", "gguf", "raw"
+                model_ref=files.name,
+                shard_index=spec.shard_index,
+                total_shards=1,
+                expected_digest=expected,
+                digest_algorithm=algorithm,
+                observe=observer,
+            )
         except OSError as exc:
-            msg = f"cannot read model files: {exc.strerror}"
-            raise ServiceError(422, ErrorCode.MODEL_LOAD_FAILED, msg) from None
+            raise ModelLoadFailed(f"cannot read model files: {exc.strerror}") from None
+        except ModelLoadFailed:
+            raise
         except InvalidInput as exc:
             # Unreadable file, corrupt header, or bytes that do not match expected_digest: the
             # model could not be loaded as asked, and nothing was left allocated.
-            raise ServiceError(422, ErrorCode.MODEL_LOAD_FAILED, str(exc)) from None
+            raise ModelLoadFailed(str(exc)) from None
         t1 = time.perf_counter()
         executor: Executor | None = None
         try:
             self.metrics.seals.labels(backend=mgr.backend).inc()
             self.metrics.sealed_bytes.inc(shard.vram_bytes)
             # Read back from device memory before anything uses it: the commit ends verified.
-            self._verify_all("commit")
+            self._verify_shards([shard], "commit")
             t2 = time.perf_counter()
             executor, note = self._build_executor(files, shard)
             model = CommittedModel(
@@ -442,16 +542,23 @@ class Worker:
                 side_files=side,
                 seal_seconds=t1 - t0,
                 verify_seconds=t2 - t1,
+                handle_id=spec.handle_id or shard.shard_id,
+                shard_index=spec.shard_index,
+                sha256=observer.hexdigest if observer is not None else None,
+                last_verified_ns=time.time_ns(),
             )
             self._emit(
                 "ModelCommitted",
                 model=files.name,
                 shard_id=shard.shard_id,
+                handle_id=model.handle_id,
                 digest=shard.digest,
+                sha256=model.sha256,
                 vram_bytes=shard.vram_bytes,
                 file_format=files.format,
                 side_files=side,
                 executor=note,
+                correlation_id=spec.correlation_id or None,
             )
         except BaseException:
             if executor is not None:
@@ -459,20 +566,7 @@ class Worker:
             with contextlib.suppress(VramError):
                 mgr.deallocate(shard)
             raise
-        self._models[files.name] = model
-        log.info("committed %s as %s (%d bytes): %s", files.name, shard.shard_id, shard.vram_bytes, note)
         return model
-
-    def _seal_file(self, files: ModelFiles, expected_digest: str | None) -> SealedShard:
-        # The streaming file sealer: bounded host memory, the whole file (header included) in one
-        # shard, and tensor names recorded so that a failed verification names what changed.
-        return self.manager.seal_file(
-            files.weights,
-            format=files.format,  # type: ignore[arg-type]  # one of "safetensors", "gguf", "raw"
-            model_ref=files.name,
-            expected_digest=expected_digest,
-            digest_algorithm=self.config.digest_algorithm,
-        )
 
     def _build_executor(self, files: ModelFiles, shard: SealedShard) -> tuple[Executor | None, str]:
         mgr = self.manager
@@ -494,7 +588,7 @@ class Worker:
         except InvalidInput as exc:
             if memory is not None:
                 memory.release()
-            raise ServiceError(422, ErrorCode.MODEL_LOAD_FAILED, f"model {files.name!r}: {exc}") from None
+            raise ModelLoadFailed(f"model {files.name!r}: {exc}") from None
         except BaseException:
             if memory is not None:
                 memory.release()
@@ -506,14 +600,8 @@ class Worker:
         return None, "sealed and verified; no built-in executor runs this model (not executable)"
 
     # -- verification ---------------------------------------------------------------------------
-    def _verify_all(self, trigger: str, shard_id: str | None = None) -> VerifyPass:
-        """Verify every shard (or one); raises SealVerificationFailed on the first failure."""
+    def _verify_shards(self, shards: Sequence[SealedShard], trigger: str) -> VerifyPass:
         mgr = self.manager
-        shards = mgr.shards()
-        if shard_id is not None:
-            shards = [s for s in shards if s.shard_id == shard_id]
-            if not shards:
-                raise NotSealed(f"shard {shard_id!r} is not sealed on this worker")
         t0 = time.perf_counter()
         total = 0
         for s in shards:
@@ -524,11 +612,28 @@ class Worker:
             except SealVerificationFailed:
                 self.metrics.verifications.labels(result="failed", trigger=trigger).inc()
                 raise
+            except CudaAllocationFailed:
+                self.metrics.cuda_errors.inc()
+                raise
             self.metrics.verifications.labels(result="passed", trigger=trigger).inc()
             total += s.vram_bytes
         dt = time.perf_counter() - t0
         self.metrics.verify_seconds.labels(trigger=trigger).observe(dt)
+        now = time.time_ns()
+        verified = {s.shard_id for s in shards}
+        for m in list(self._models.values()):
+            if m.shard.shard_id in verified:
+                m.last_verified_ns = now
         return VerifyPass(shards=len(shards), bytes=total, seconds=dt, trigger=trigger)
+
+    def _verify_all(self, trigger: str, shard_id: str | None = None) -> VerifyPass:
+        """Verify every shard (or one); raises SealVerificationFailed on the first failure."""
+        shards = self.manager.shards()
+        if shard_id is not None:
+            shards = [s for s in shards if s.shard_id == shard_id]
+            if not shards:
+                raise NotSealed(f"shard {shard_id!r} is not sealed on this worker")
+        return self._verify_shards(shards, trigger)
 
     def verify(self, shard_id: str | None = None) -> VerifyPass:
         """``/worker/verify``: verify now; a failure stops the worker with an incident."""
@@ -539,7 +644,6 @@ class Worker:
             self.lifecycle.report_failure(exc)
             raise
 
-    # -- scrubber -------------------------------------------------------------------------------
     def scrub_once(self) -> VerifyPass | None:
         """One background pass over every shard. None when there is nothing to do."""
         if self.lifecycle.stopped or self._closing or not self.manager.shards():
@@ -553,85 +657,62 @@ class Worker:
         self.metrics.scrub_passes.inc()
         return result
 
-    def _scrub_loop(self) -> None:
-        interval, budget = self.config.scrub_interval, self.config.scrub_budget
-        delay = interval
-        while not self._stop_event.wait(delay):
-            try:
-                result = self.scrub_once()
-            except VramError:
-                return  # the worker is Stopped; the incident is raised and audited
-            except Exception:
-                log.exception("scrub pass failed unexpectedly")
-                result = None
-            delay = scrub_delay(result.seconds if result is not None else 0.0, interval, budget)
-
     # -- execution ------------------------------------------------------------------------------
-    def model_for(self, name: str | None) -> CommittedModel:
+    def _by_handle(self, handle_id: str) -> CommittedModel | None:
+        for m in self._models.values():
+            if handle_id in (m.handle_id, m.shard.shard_id):
+                return m
+        return None
+
+    def model_for(self, name: str | None = None, handle_id: str | None = None) -> CommittedModel:
+        """The model a job names: by handle id (the contract), by name (an addition), or, with
+        neither, the first model committed (the startup model of a bare ``serve``)."""
+        if handle_id is not None:
+            m = self._by_handle(handle_id) or self._models.get(handle_id)
+            if m is None:
+                raise ModelNotCommitted(f"no committed model has handle {handle_id!r}")
+            if name is not None and m.name != name:
+                raise InvalidInput(f"handle {handle_id!r} is model {m.name!r}, not {name!r}")
+            return m
         if name is None:
             models = list(self._models.values())
-            if len(models) != 1:
-                raise InvalidInput(f"name the model to run: {len(models)} models are committed")
+            if not models:
+                raise ModelNotCommitted("no model is committed on this worker (POST /worker/commit)")
             return models[0]
         model = self._models.get(name)
         if model is None:
-            raise ServiceError(
-                404, ErrorCode.INVALID_PARAMS, f"model {name!r} is not committed on this worker"
-            )
+            raise ModelNotCommitted(f"model {name!r} is not committed on this worker")
         return model
+
+    def executor_for(self, model: CommittedModel) -> Executor:
+        if model.executor is None:
+            raise ModelNotExecutable(f"model {model.name!r} is not executable: {model.executor_note}")
+        return model.executor
 
     def submit(self, job: ExecuteJob) -> None:
         self.lifecycle.ensure_can_work()
-        with self._queue_cond:
-            if self._closing:
-                raise WorkerStopped("worker is shutting down")
-            if len(self._queue) >= _MAX_QUEUE:
-                raise ServiceError(503, ErrorCode.WORKER_NOT_READY, "execution queue is full", retriable=True)
-            self._queue.append(job)
-            self._queue_cond.notify()
+        if self._closing:
+            raise WorkerNotReady("worker is draining and takes no new work", state="Draining")
+        self.scheduler.submit(job)
+        self.metrics.jobs_started.inc()
 
-    def _take_batch(self) -> list[ExecuteJob]:
-        cfg = self.config
-        with self._queue_cond:
-            while not self._queue and not self._closing:
-                self._queue_cond.wait()
-            # Let jobs that are arriving right now join this batch: a job that just misses it
-            # pays for a whole verification pass of its own, and a loaded worker would otherwise
-            # settle into several smaller batches per round of its clients, each verifying every
-            # shard. The clients of the last batch are the ones expected back: wait for as many
-            # jobs as that batch had, while they keep arriving less than a gap apart, within a
-            # window. Gap and window scale with what a pass costs (V): V/10 and 2V (at most 20
-            # and 200 ms). A lone client does not wait at all (its last batch had one job), and
-            # with pre-verification off (V = 0) nothing waits.
-            v = self._last_verify_seconds
-            gap, window = min(_GAP_FRACTION * v, _MAX_GAP), min(_WINDOW_FRACTION * v, _MAX_WINDOW)
-            expected = min(self._last_batch_size, cfg.max_batch)
-            deadline = time.monotonic() + window
-            seen = len(self._queue)
-            while seen < expected and not self._closing and gap > 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._queue_cond.wait(min(gap, remaining))
-                if len(self._queue) == seen:
-                    break  # a quiet gap: nobody else is coming right now
-                seen = len(self._queue)
-            n = min(len(self._queue), cfg.max_batch)
-            self._last_batch_size = n
-            return [self._queue.popleft() for _ in range(n)]
+    def _sink(self, group: Sequence[ExecuteJob]) -> TokenSink:
+        """Tokens of a streaming run, by job index, to the jobs of ``group``; False stops a job."""
+        lifecycle = self.lifecycle
+        timeout = self.config.execution_timeout
 
-    def _exec_loop(self) -> None:
-        while True:
-            jobs = self._take_batch()
-            if not jobs:
-                return  # closing and the queue is empty
-            try:
-                self._run_batch(jobs)
-            except BaseException as exc:  # never let the thread die with jobs waiting
-                log.exception("execution batch failed")
-                for j in jobs:
-                    with contextlib.suppress(Exception):
-                        j.fail(exc)
+        def emit(index: int, tok: Token) -> bool:
+            job = group[index]
+            if lifecycle.stopped:
+                # A seal failure was detected: this token (produced after it) never leaves.
+                job.cancel(WorkerStopped("worker stopped while the job ran", reason="stopped"))
+                return False
+            if timeout and time.perf_counter() - job.queued_at > timeout:
+                job.cancel(JobTimedOut(f"execution took longer than {timeout:g} s"))
+                return False
+            return job.token(tok)
+
+        return emit
 
     def _run_batch(self, jobs: list[ExecuteJob]) -> None:
         for j in jobs:
@@ -659,13 +740,13 @@ class Worker:
                         t_run = time.perf_counter()
                         inputs = [j.input for j in group]
                         if isinstance(model.executor, StreamingExecutor):
-                            outputs = model.executor.run_streaming(inputs, _sink(group))
+                            outputs = model.executor.run_streaming(inputs, self._sink(group))
                         else:
                             outputs = model.executor.run(inputs)
                         self.metrics.run_seconds.observe(time.perf_counter() - t_run)
                         for j, out in zip(group, outputs, strict=True):
                             pending.remove(j)
-                            j.on_done(out)
+                            j.finish(out)
             except BaseException as exc:
                 # executing() has already reported a fatal error (Stopped + incident).
                 if not isinstance(exc, VramError):
@@ -676,7 +757,7 @@ class Worker:
     # -- release --------------------------------------------------------------------------------
     def deallocate(self, shard_id: str) -> SealedShard:
         with self._commit_lock, self._exec_lock:
-            model = next((m for m in self._models.values() if m.shard.shard_id == shard_id), None)
+            model = self._by_handle(shard_id)
             if model is None:
                 raise NotSealed(f"shard {shard_id!r} is not sealed on this worker")
             if model.executor is not None:
@@ -687,24 +768,32 @@ class Worker:
             log.info("deallocated %s (%s)", model.shard.shard_id, model.name)
             return model.shard
 
+    def begin_drain(self, reason: str = "drain requested") -> None:
+        """Take no new work from now on (Draining); running and queued jobs go on."""
+        self._closing = True
+        with contextlib.suppress(VramError):
+            self.lifecycle.drain(reason)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Drain: no new work; in-flight jobs get ``timeout`` seconds (default the config's) to
+        end with ``end``; the rest then end with an error. True when all finished in time."""
+        self.begin_drain("drain")
+        t = self.config.drain_timeout if timeout is None else timeout
+        if self.scheduler.wait_idle(t):
+            return True
+        n = self.scheduler.abort_all(WorkerStopped(f"drain timeout ({t:g} s) expired", reason="drain timeout"))
+        log.warning("drain timeout expired: %d job(s) ended with an error", n)
+        self.scheduler.wait_idle(5.0)
+        return False
+
     def close(self) -> None:
         """Drain, stop the threads, zero and free every shard, stop the lifecycle, close the log."""
         if self._closed:
             return
-        with self._queue_cond:
-            self._closing = True
-            self._queue_cond.notify_all()
-        self._stop_event.set()
-        with contextlib.suppress(VramError):
-            self.lifecycle.drain("shutdown")
-        self._exec_thread.join(self.config.drain_timeout)
-        if self._scrub_thread is not None:
-            self._scrub_thread.join(self.config.drain_timeout)
-        with self._queue_cond:
-            leftover = list(self._queue)
-            self._queue.clear()
-        for j in leftover:
-            j.fail(WorkerStopped("worker shut down before the job ran"))
+        self.begin_drain("shutdown")
+        self.scheduler.close(self.config.drain_timeout)
+        if self._scrubber is not None:
+            self._scrubber.stop(self.config.drain_timeout)
         with self._commit_lock, self._exec_lock:
             self._closed = True
             executor_errors: list[Exception] = []
@@ -738,50 +827,14 @@ class Worker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- status ---------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        state = self.lifecycle.state
-        incidents = self.lifecycle.incidents
-        last = incidents[-1] if incidents else None
-        models = self.models()
-        return {
-            "ready": state in (WorkerState.READY, WorkerState.EXECUTING) and bool(models),
-            "state": state.value,
-            "worker_id": self.config.worker_id,
-            "backend": self.backend,
-            "backend_description": self.backend_description,
-            "emulated": self.emulated,
-            "pre_verify": self.config.pre_verify,
-            "models": [
-                {
-                    "name": m.name,
-                    "shard_id": m.shard.shard_id,
-                    "vram_bytes": m.shard.vram_bytes,
-                    "digest_algorithm": m.shard.digest_algorithm,
-                    "digest": m.shard.digest,
-                    "format": m.files.format,
-                    "executable": m.executor is not None,
-                    "kind": m.executor.kind if m.executor is not None else None,
-                    "executor": m.executor_note,
-                    "side_files_sha256": m.side_files,
-                }
-                for m in models
-            ],
-            "seals": [m.shard.record() for m in models],
-            "last_scrub": None
-            if self._last_scrub is None
-            else {"shards": self._last_scrub.shards, "seconds": self._last_scrub.seconds},
-            "incident": None
-            if last is None
-            else {
-                "id": last.id,
-                "error_type": last.error_type,
-                "message": last.message,
-                "shard_id": last.shard_id,
-                "time_ns": last.time_ns,
-                "audit_record_id": last.audit_record_id,
-            },
-        }
+        from vram_residency.service.status import worker_status
+
+        return worker_status(self)
+
+
+def _format(path: Path) -> str:
+    return {".safetensors": "safetensors", ".gguf": "gguf"}.get(path.suffix, "raw")
 
 
 def default_factories() -> Iterable[ExecutorFactory]:

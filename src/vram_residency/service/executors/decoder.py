@@ -28,6 +28,7 @@ import codecs
 import hashlib
 import json
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any, Final
 import numpy as np
 
 from vram_residency.errors import InvalidInput
-from vram_residency.service.executor import JobInput, JobOutput, SealedWeights, Token, TokenSink
+from vram_residency.service.executor import JobInput, JobOutput, Sampling, SealedWeights, Token, TokenSink
 from vram_residency.service.executors.safetensors_view import InPlaceExecutor
 
 __all__ = [
@@ -60,7 +61,7 @@ VOCAB_SIZE: Final = 258
 #: fixed before the verification overhead was measured (see README, "Performance").
 DEFAULT_MAX_TOKENS: Final = 128
 #: The most tokens one job may ask for: the key/value cache of a batch grows with it.
-MAX_TOKENS_CAP: Final = 1024
+MAX_TOKENS_CAP: Final = 4096
 #: Most key/value cache one group of jobs may hold; a batch that needs more runs as several
 #: groups (each reads the weights once per step, so fewer, larger groups are cheaper).
 _KV_BUDGET_BYTES: Final = 512 << 20
@@ -169,6 +170,10 @@ class _Layer:
 class _Job:
     ids: np.ndarray  # int64: <bos> and the prompt's bytes
     max_tokens: int
+    #: 0: greedy. Above 0: sampled from softmax(logits / temperature) with a generator seeded by
+    #: ``seed`` (PCG64): the same request gives the same tokens, in any process (WORKER-4999).
+    temperature: float = 0.0
+    seed: int = 0
 
 
 def _rms_norm(x: F32, w: F32, eps: float, xp: Any) -> F32:
@@ -277,9 +282,10 @@ class ByteLM(InPlaceExecutor):
         )
 
     # -- Executor -----------------------------------------------------------------------------
-    def prepare(self, prompt: str, max_tokens: int | None) -> JobInput:
+    def prepare(self, prompt: str, max_tokens: int | None, sampling: Sampling | None = None) -> JobInput:
         if not prompt:
             raise InvalidInput("prompt is empty")
+        sampling = sampling or Sampling()
         n = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         if not 1 <= n <= MAX_TOKENS_CAP:
             raise InvalidInput(f"max_tokens must be between 1 and {MAX_TOKENS_CAP} for this model")
@@ -292,7 +298,10 @@ class ByteLM(InPlaceExecutor):
         ids = np.empty(1 + len(data), dtype=np.int64)
         ids[0] = BOS_ID
         ids[1:] = np.frombuffer(data, dtype=np.uint8)
-        return JobInput(tokens=(), data=_Job(ids=ids, max_tokens=n))
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        return JobInput(
+            tokens=(), data=_Job(ids=ids, max_tokens=n, temperature=sampling.temperature, seed=seed)
+        )
 
     def run(self, jobs: Sequence[JobInput]) -> list[JobOutput]:
         return self.run_streaming(jobs, lambda _i, _t: None)
@@ -340,10 +349,12 @@ class ByteLM(InPlaceExecutor):
         t_max = max(len(data[i].ids) + data[i].max_tokens for i in group)
         shape = (b, c.num_heads, t_max, c.head_dim)
         caches = [(xp.zeros(shape, np.float32), xp.zeros(shape, np.float32)) for _ in self._layers]
+        temps = [data[i].temperature for i in group]
+        rngs = [np.random.Generator(np.random.PCG64(data[i].seed)) for i in group]
         first = np.empty(b, dtype=np.int64)
         for row, i in enumerate(group):
             logits = self._prefill(data[i].ids, caches, row)
-            first[row] = int(self._pick(logits[None, :])[0])
+            first[row] = int(self._pick(logits[None, :], temps[row : row + 1], rngs[row : row + 1])[0])
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in group]
         pos = np.array([len(data[i].ids) for i in group], dtype=np.int64)
         tokens = first
@@ -358,22 +369,40 @@ class ByteLM(InPlaceExecutor):
                     active[row] = False
                     continue
                 out_ids[i].append(tok)
-                emit(i, Token(decoders[row].decode(bytes((tok,))), tok))
+                if emit(i, Token(decoders[row].decode(bytes((tok,))), tok)) is False:
+                    # The job wants no more (cancelled, its client gone, the worker stopped).
+                    stops[i] = "cancelled"
+                    active[row] = False
+                    continue
                 if len(out_ids[i]) >= data[i].max_tokens:
                     active[row] = False
             if not active.any():
                 return
             # Finished rows keep running until the group ends (their results are dropped): the
             # step costs one pass over the weights either way.
-            tokens = self._pick(self._decode_step(tokens, pos, caches))
+            tokens = self._pick(self._decode_step(tokens, pos, caches), temps, rngs)
             pos += 1
 
-    def _pick(self, logits: F32) -> np.ndarray:
-        """Greedy choice per row; <bos> is never generated."""
+    def _pick(
+        self, logits: F32, temps: Sequence[float] = (), rngs: Sequence[np.random.Generator] = ()
+    ) -> np.ndarray:
+        """Per row: greedy (temperature 0), or sampled with the row's seeded generator; <bos> is
+        never generated. Sampling runs on the host in float64 (one row of 258 logits): the same
+        logits and seed give the same token on any machine."""
         xp = self._xp
         logits = logits.copy()
         logits[:, BOS_ID] = _NEG
-        return np.asarray(getattr(xp, "asnumpy", np.asarray)(logits.argmax(axis=-1)), dtype=np.int64)
+        out = np.asarray(getattr(xp, "asnumpy", np.asarray)(logits.argmax(axis=-1)), dtype=np.int64)
+        if any(t > 0 for t in temps):
+            host = np.asarray(getattr(xp, "asnumpy", np.asarray)(logits), dtype=np.float64)
+            for row, (t, rng) in enumerate(zip(temps, rngs, strict=True)):
+                if t > 0:
+                    z = host[row] / t
+                    z -= z.max()
+                    p = np.exp(z)
+                    p /= p.sum()
+                    out[row] = int(rng.choice(p.size, p=p))
+        return out
 
     def _prefill(self, ids: np.ndarray, caches: list[tuple[F32, F32]], row: int) -> F32:
         """Run one prompt, fill row ``row`` of the caches; the logits of its last position."""

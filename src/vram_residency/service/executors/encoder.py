@@ -28,7 +28,7 @@ from typing import Any, Final
 import numpy as np
 
 from vram_residency.errors import InvalidInput
-from vram_residency.service.executor import JobInput, JobOutput, SealedWeights
+from vram_residency.service.executor import JobInput, JobOutput, Sampling, SealedWeights
 from vram_residency.service.executors.safetensors_view import InPlaceExecutor
 
 __all__ = ["BertConfig", "BertEncoder", "bert_factory", "cupy_available"]
@@ -261,7 +261,9 @@ class BertEncoder(InPlaceExecutor):
         return self._config.hidden_size
 
     # -- Executor -----------------------------------------------------------------------------
-    def prepare(self, prompt: str, max_tokens: int | None) -> JobInput:
+    def prepare(self, prompt: str, max_tokens: int | None, sampling: Sampling | None = None) -> JobInput:
+        # An encoder has nothing to sample: temperature and seed do not change an embedding.
+        del sampling
         if not prompt.strip():
             raise InvalidInput("prompt is empty")
         enc = self._tokenizer.encode(prompt)

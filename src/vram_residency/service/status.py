@@ -1,0 +1,89 @@
+"""The worker's state as the API shows it: the contract's ``ModelShardHandle`` and ready body,
+with this project's own facts beside them (additions a spec-shaped client may ignore)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from vram_residency.service.lifecycle import WorkerState
+
+if TYPE_CHECKING:
+    from vram_residency.service.worker import CommittedModel, Worker
+
+__all__ = ["handle", "worker_status"]
+
+
+def handle(worker: Worker, m: CommittedModel) -> dict[str, Any]:
+    """llama-orch's ModelShardHandle (never a device pointer, WORKER-4111), plus when the seal
+    was last verified from device memory (the seal's age)."""
+    return {
+        "shard_id": m.handle_id,
+        "gpu_device": worker.config.device,
+        "vram_bytes": m.shard.vram_bytes,
+        "sealed": True,
+        "digest": m.sha256 or m.shard.digest,
+        "model_ref": m.name,
+        "shard_index": m.shard_index,
+        "total_shards": m.total_shards,
+        # Additions: which digest "digest" is, the seal's own digest, and the seal's age.
+        "digest_algorithm": "sha256" if m.sha256 else m.shard.digest_algorithm,
+        "seal_shard_id": m.shard.shard_id,
+        "seal_digest": f"{m.shard.digest_algorithm}:{m.shard.digest}",
+        "last_verified_at": m.last_verified_ns / 1e9 if m.last_verified_ns else None,
+        "seal_age_s": round((time.time_ns() - m.last_verified_ns) / 1e9, 3) if m.last_verified_ns else None,
+    }
+
+
+def worker_status(worker: Worker) -> dict[str, Any]:
+    state = worker.lifecycle.state
+    incidents = worker.lifecycle.incidents
+    last = incidents[-1] if incidents else None
+    models = worker.models()
+    return {
+        # The contract (WORKER-4230): ready only with a model loaded and no seal failed.
+        "ready": state in (WorkerState.READY, WorkerState.EXECUTING) and bool(models),
+        "handles": [handle(worker, m) for m in models],
+        # Tensor-parallel groups come with the tensor-parallel work; one GPU has no group.
+        "nccl_group_id": None,
+        # Additions.
+        "state": state.value,
+        "worker_id": worker.config.worker_id,
+        "pool_id": worker.config.pool_id,
+        "backend": worker.backend,
+        "backend_description": worker.backend_description,
+        "emulated": worker.emulated,
+        "pre_verify": worker.config.pre_verify,
+        "loading": worker.loading,
+        "models": [
+            {
+                "name": m.name,
+                "handle_id": m.handle_id,
+                "shard_id": m.shard.shard_id,
+                "vram_bytes": m.shard.vram_bytes,
+                "digest_algorithm": m.shard.digest_algorithm,
+                "digest": m.shard.digest,
+                "sha256": m.sha256,
+                "format": m.files.format,
+                "executable": m.executor is not None,
+                "kind": m.executor.kind if m.executor is not None else None,
+                "executor": m.executor_note,
+                "side_files_sha256": m.side_files,
+            }
+            for m in models
+        ],
+        "seals": [m.shard.record() for m in models],
+        "last_scrub": None
+        if worker.last_scrub is None
+        else {"shards": worker.last_scrub.shards, "seconds": worker.last_scrub.seconds},
+        "incident": None
+        if last is None
+        else {
+            "id": last.id,
+            "error_type": last.error_type,
+            "message": last.message,
+            "shard_id": last.shard_id,
+            "time_ns": last.time_ns,
+            "audit_record_id": last.audit_record_id,
+        },
+    }
