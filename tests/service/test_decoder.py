@@ -194,7 +194,9 @@ def test_runs_on_the_sealed_memory_in_place(tmp_path: Path) -> None:
     files = model_files(root)
     with VramManager(TOKEN, backend="host") as mgr:
         shard = mgr.seal_file(files.weights)
-        lm = byte_lm_factory(SealedWeights(files, "host", shard.vram_bytes, mgr._entry(shard).buf.host_view()))
+        lm = byte_lm_factory(
+            SealedWeights(files, "host", shard.vram_bytes, mgr._entry(shard).buf.host_view())
+        )
         assert lm is not None
         before = lm.logits(_ids("in place"))
         _, tensors = parse_header(files.weights.read_bytes(), shard.vram_bytes)

@@ -79,7 +79,7 @@ def test_execute_events_and_determinism(bare: Running) -> None:
     ("body", "fragment"),
     [
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-        ({"prompt": "hi", "max_tokens": 1025}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 4097}, "max_tokens"),  # the contract's default limit
         ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
         ({"prompt": "z" * 2000, "max_tokens": 100}, "context"),
     ],

@@ -57,7 +57,7 @@ def _commit_expected(running: dict[str, Running], ctx: dict[str, Any], name: str
     expected = digest((ctx["models"] / name / "model.safetensors").read_bytes()).hex()
     ctx["expected"] = expected
     ctx["response"] = running["w"].client.post(
-        "/worker/commit", json={"model": name, "expected_digest": expected}
+        "/worker/commit", json={"model": name, "expected_digest": f"sha256-tree-v1:{expected}"}
     )
 
 

@@ -37,7 +37,9 @@ def _stream(path: Path, size: int, chunk_bytes: int, buffers: int, observe: obje
 
 @settings(max_examples=25, deadline=None)
 @given(size=st.integers(1, 300_000), buffers=st.integers(2, 8), seed=st.integers(0, 2**31))
-def test_observer_sees_every_byte_in_order(tmp_path_factory: pytest.TempPathFactory, size: int, buffers: int, seed: int) -> None:
+def test_observer_sees_every_byte_in_order(
+    tmp_path_factory: pytest.TempPathFactory, size: int, buffers: int, seed: int
+) -> None:
     data = hashlib.shake_256(seed.to_bytes(8, "little")).digest(size)
     path = tmp_path_factory.mktemp("s") / "f.bin"
     path.write_bytes(data)

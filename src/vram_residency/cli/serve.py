@@ -32,14 +32,66 @@ def _say(line: str = "") -> None:
     print(line, flush=True)
 
 
+def _spec_options(args: argparse.Namespace) -> dict[str, object]:
+    """``--config FILE``: llama-orch's JSON config and WORKER_* environment (spec mode)."""
+    import logging
+
+    from vram_residency.service.config import load_spec_config
+
+    cfg = load_spec_config(args.config)
+    logging.getLogger().setLevel(cfg.log_level)
+    out: dict[str, object] = {
+        "host": cfg.host,
+        "port": cfg.port,
+        "worker_id": cfg.worker_id,
+        "pool_id": cfg.pool_id,
+        "model_path": cfg.model_path,
+        "readiness_callback_url": cfg.readiness_callback_url,
+        "device": cfg.gpu_device,
+        "token_file": cfg.token_file,
+        "spec_mode": True,
+        "ready_public": cfg.ready_public,
+    }
+    optional = {
+        "max_batch": cfg.slots_total,
+        "max_tokens": cfg.max_tokens,
+        "max_prompt_chars": cfg.max_prompt_len,
+        "execution_timeout": None if cfg.execution_timeout_ms is None else cfg.execution_timeout_ms / 1e3,
+        "drain_timeout": None if cfg.drain_timeout_ms is None else cfg.drain_timeout_ms / 1e3,
+        "audit_log": cfg.audit_log,
+        "state_dir": cfg.state_dir,
+        "max_models": cfg.max_models,
+    }
+    out.update({k: v for k, v in optional.items() if v is not None})
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
+    from vram_residency.service.context import CorrelationFilter, StructuredFormatter
     from vram_residency.service.executors.example_model import EXAMPLE_NAMES
-    from vram_residency.service.server import DEFAULT_PORT, ServeOptions, build, describe_token, serve
+    from vram_residency.service.server import (
+        DEFAULT_PORT,
+        ServeOptions,
+        bind_socket,
+        build,
+        check_options,
+        describe_token,
+        harden_process,
+        serve,
+    )
 
     assert DEFAULT_PORT == _DEFAULT_PORT
-    opts = ServeOptions(
-        host=args.host,
-        port=args.port,
+    import logging
+
+    for h in logging.getLogger().handlers:
+        # Structured fields (correlation id, job, model, fp6, human narration) on every line.
+        h.addFilter(CorrelationFilter())
+        h.setFormatter(StructuredFormatter(h.formatter._fmt if h.formatter else None))
+    spec = _spec_options(args) if args.config is not None else {}
+    args.host_given, args.port_given = args.host is not None, args.port is not None
+    cli = dict(
+        host=args.host if args.host is not None else "127.0.0.1",
+        port=args.port if args.port is not None else _DEFAULT_PORT,
         model_dir=args.model_dir,
         model=args.model,
         example=args.example,
@@ -58,9 +110,33 @@ def _run(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         pre_verify=not args.benchmark_skip_pre_verify,
         blas_threads=args.blas_threads,
+        max_models=args.max_models,
+        drain_timeout=args.drain_timeout,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        ready_public=args.ready_public,
+        pool_id=args.pool_id,
+        readiness_callback_url=args.readiness_callback_url,
+        commit_keys=tuple(args.commit_signing_key or ()),
+        **({"max_tokens": args.max_tokens} if args.max_tokens is not None else {}),
+        **({"max_prompt_chars": args.max_prompt_chars} if args.max_prompt_chars is not None else {}),
     )
-    _say("vram-residency worker: starting")
-    built = build(opts)
+    # Spec mode: the config file's values are used; of the command line only --host/--port win.
+    for key, value in spec.items():
+        if (key == "host" and args.host_given) or (key == "port" and args.port_given):
+            continue
+        cli[key] = value
+    opts = ServeOptions(**cli)  # type: ignore[arg-type]
+    check_options(opts)
+    # Bound before anything is printed: a busy port fails here, not after the banner (#17.19).
+    sock = bind_socket(opts.host, opts.port)
+    try:
+        fds = harden_process()
+        _say("vram-residency worker: starting")
+        built = build(opts)
+    except BaseException:
+        sock.close()
+        raise
     w = built.worker
     _say(f"  backend:    {w.backend_description}")
     if w.emulated:
@@ -108,17 +184,26 @@ def _run(args: argparse.Namespace) -> int:
         )
     url = f"http://{opts.host}:{opts.port}"
     _say(f"  listening:  {url}   (Ctrl-C to stop; shards are zeroed and freed on exit)")
+    _say(
+        f"  limits:     {fds} open files, {opts.max_connections} connections, "
+        f"{opts.header_timeout:g} s to send a request head; drain timeout {opts.drain_timeout:g} s"
+    )
     token_path = shlex.quote(str(built.token_source.path))
     _say("  try:")
     _say(
         f"    curl -N -H \"Authorization: Bearer $(cat {token_path})\" -H 'Content-Type: application/json' "
         f'-d \'{{"prompt": "hello world"}}\' {url}/worker/execute'
     )
-    # uvicorn re-raises Ctrl-C after its graceful shutdown: the normal way to stop a worker.
+    _say("    (without handle_id, execute runs the first model committed; name another with handle_id)")
+    # SIGTERM/SIGINT drain (see DrainingServer); a second Ctrl-C stops at once.
+    status = 1
     with contextlib.suppress(KeyboardInterrupt):
-        serve(built)
-    _say("vram-residency worker: stopped (shards zeroed and freed)")
-    return 0
+        status = serve(built, sock)
+    if status == 0:
+        _say("vram-residency worker: stopped (shards zeroed and freed)")
+    else:
+        _say("vram-residency worker: SHUTDOWN FAILED (see the log); exit status 1")
+    return status
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -131,8 +216,49 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "127.0.0.1, with a token file created in the state directory. all-MiniLM-L6-v2 (an "
         "embedding model) is built in too when its package is installed.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=_DEFAULT_PORT, help=f"TCP port (default {_DEFAULT_PORT})")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="llama-orch worker config (JSON; spec mode): worker_id, pool_id, model_path, rpc_port, "
+        "readiness_callback_url, gpu_device, ...; WORKER_API_TOKEN_FILE, WORKER_BIND_ADDR (default "
+        "127.0.0.1:8001), WORKER_GPU_DEVICE, WORKER_LOG_LEVEL are read too. The token file then "
+        "defaults to /etc/llorch/worker-token and must exist",
+    )
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=None, help=f"TCP port (default {_DEFAULT_PORT})")
+    p.add_argument("--pool-id", help="the pool this worker belongs to (in callbacks and /worker/ready)")
+    p.add_argument("--readiness-callback-url", help="the pool manager's callback URL (ready, failed)")
+    p.add_argument(
+        "--max-models",
+        type=int,
+        help="models held at once (default 1; 2 for a bare serve: the example and MiniLM)",
+    )
+    p.add_argument("--max-tokens", type=int, help="largest max_tokens of an execute (default 4096)")
+    p.add_argument(
+        "--max-prompt-chars", type=int, help="longest prompt of an execute, in characters (default 100000)"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long running jobs may take to finish (default 30)",
+    )
+    p.add_argument("--max-connections", type=int, default=512, help="concurrent connections (default 512)")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a connection's time to send its request head; idle keep-alive time (default 10)",
+    )
+    p.add_argument("--ready-public", action="store_true", help="answer GET /worker/ready without the token")
+    p.add_argument(
+        "--commit-signing-key",
+        type=Path,
+        action="append",
+        help="Ed25519 public key (PEM) that commit signatures may be made with (repeatable)",
+    )
     p.add_argument("--model-dir", type=Path, help="directory that model names are resolved in")
     p.add_argument(
         "--model",

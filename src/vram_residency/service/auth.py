@@ -163,5 +163,10 @@ class BearerCheck:
         ok = hmac.compare_digest(hashlib.sha256(presented.strip()).digest(), self._digest)
         return ok and ok_scheme
 
+    @property
+    def fp6(self) -> str:
+        """The token's fp6 breadcrumb: the first 6 hex characters of SHA-256(token)."""
+        return self._digest.hex()[:6]
+
     def __repr__(self) -> str:
         return "BearerCheck(<redacted>)"

@@ -134,7 +134,9 @@ def verify_signature(signature: str, check: DigestCheck, keys: Sequence[Ed25519P
         except InvalidSignature:
             continue
         return
-    raise SignatureInvalid("the commit signature does not verify against the SHA-256 given; nothing was loaded")
+    raise SignatureInvalid(
+        "the commit signature does not verify against the SHA-256 given; nothing was loaded"
+    )
 
 
 def files_for_path(name: str, path: Path, roots: Sequence[Path]) -> ModelFiles:

@@ -8,12 +8,15 @@ oversized body is refused with 413 after at most ``max_bytes`` of it were receiv
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
 from typing import Any
 
 from vram_residency.service.auth import BearerCheck
 
 __all__ = ["AuthMiddleware", "BodyLimitMiddleware"]
+
+log = logging.getLogger("vram_residency.service.auth")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -55,6 +58,13 @@ class AuthMiddleware:
         values = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
         # Exactly one Authorization header: two could be read differently by a proxy and by us.
         if len(values) == 1 and self._check.check_header(values[0]):
+            # The breadcrumb of every authenticated request: which token (fp6), never the token.
+            log.info(
+                "authenticated %s %s",
+                scope.get("method", ""),
+                scope.get("path", ""),
+                extra={"fp6": self._check.fp6},
+            )
             await self.app(scope, receive, send)
             return
         await _json(send, 401, {"code": "AUTH_FAILED"}, [(b"www-authenticate", b"Bearer")])
@@ -112,6 +122,7 @@ class BodyLimitMiddleware:
                 "code": "INVALID_PARAMS",
                 "message": f"request body larger than {self._max} bytes",
                 "retriable": False,
+                "retry_after_ms": None,
             },
             [(b"connection", b"close")],
         )

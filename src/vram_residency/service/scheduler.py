@@ -94,6 +94,10 @@ class ExecuteJob:
         self._lock = threading.Lock()
 
     @property
+    def is_verified(self) -> bool:
+        return self._verified
+
+    @property
     def cancelled(self) -> bool:
         return self.cancel_error is not None
 
@@ -191,10 +195,12 @@ class Scheduler:
             job = self._jobs.get(job_id)
         return job is not None and job.cancel(error)
 
-    def abort_all(self, error: BaseException) -> int:
-        """Cancel every live job with ``error`` (a drain timeout, the worker going Stopped)."""
+    def abort_all(self, error: BaseException, *, running_only: bool = False) -> int:
+        """Cancel every live job with ``error`` (a drain timeout, the worker going Stopped).
+        ``running_only``: only jobs past their verification (the others get the error that
+        refused them, or the Stopped state, when they reach the front)."""
         with self._cond:
-            jobs = list(self._jobs.values())
+            jobs = [j for j in self._jobs.values() if j.is_verified or not running_only]
         return sum(1 for j in jobs if j.cancel(error))
 
     @property

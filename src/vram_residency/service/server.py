@@ -9,16 +9,22 @@ benchmarks).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any, Final
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vram_residency.errors import ConfigError
 from vram_residency.manager import BackendName
@@ -34,11 +40,24 @@ from vram_residency.service.auth import (
     read_token_file,
 )
 from vram_residency.service.blas import set_blas_threads
+from vram_residency.service.callbacks import Callbacks
 from vram_residency.service.catalog import MINILM_MODEL, ModelCatalog, minilm_model_dir
+from vram_residency.service.commit import load_public_keys
+from vram_residency.service.config import DEFAULT_TOKEN_PATH
 from vram_residency.service.executors.example_model import EXAMPLE_NAMES, PRESETS, example_provider
 from vram_residency.service.lifecycle import Incident
 from vram_residency.service.metrics import Metrics
-from vram_residency.service.worker import CommittedModel, Worker, WorkerConfig, default_factories
+from vram_residency.service.status import handle
+from vram_residency.service.worker import (
+    DEFAULT_MAX_MODEL_BYTES,
+    DEFAULT_MAX_PROMPT_CHARS,
+    DEFAULT_MAX_TOKENS_LIMIT,
+    CommitSpec,
+    CommittedModel,
+    Worker,
+    WorkerConfig,
+    default_factories,
+)
 
 __all__ = ["DEFAULT_PORT", "Built", "ServeOptions", "ServerThread", "build", "serve"]
 
@@ -74,6 +93,28 @@ class ServeOptions:
     #: Threads of numpy's BLAS in this process (see ``blas.py``); 0 leaves BLAS as it is.
     blas_threads: int = 1
     on_incident: Callable[[Incident], object] | None = field(default=None, compare=False)
+    pool_id: str | None = None
+    #: Models held at once. None: 1 (the contract), or 2 in the newcomer mode (a bare serve with
+    #: no model directory and no config: the example model, and MiniLM beside it as the README
+    #: shows).
+    max_models: int | None = None
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    drain_timeout: float = 30.0
+    execution_timeout: float = 0.0
+    ready_public: bool = False
+    readiness_callback_url: str | None = None
+    #: Committed at start by path (the spec config's model_path), instead of ``model``.
+    model_path: Path | None = None
+    #: Spec mode (``--config``): the token file must exist (default /etc/llorch/worker-token).
+    spec_mode: bool = False
+    commit_keys: tuple[Path, ...] = ()
+    #: Concurrent connections before new ones get 503 (uvicorn's limit_concurrency).
+    max_connections: int = 512
+    #: Seconds a connection may take to send its request headers, and stay idle between requests.
+    header_timeout: float = 10.0
+    extra_routers: tuple[Any, ...] = field(default=(), compare=False)
 
 
 @dataclass(slots=True)
@@ -86,17 +127,64 @@ class Built:
     worker: Worker
     app: FastAPI
     startup_model: CommittedModel | None
+    callbacks: Callbacks | None = None
+    #: Set when the app's shutdown failed (the process must then exit non-zero).
+    shutdown_error: BaseException | None = None
 
 
 def _resolve_token(opts: ServeOptions, state_dir: Path) -> tuple[TokenSource, bytes, bool]:
+    if opts.spec_mode:
+        # The contract: the token file is given (or the default /etc/llorch/worker-token) and
+        # must exist; nothing is created (fail fast).
+        source = TokenSource(opts.token_file or DEFAULT_TOKEN_PATH, TokenOrigin.ARGUMENT, False)
+        return source, read_token_file(source.path), False
     source = find_token_file(opts.token_file, state_dir)
     if source.may_create and not (source.path.exists() or source.path.is_symlink()):
         return source, create_token_file(source.path), True
     return source, read_token_file(source.path), False
 
 
+def check_options(opts: ServeOptions) -> None:
+    """Options out of range are errors, said before anything starts (#17.12)."""
+    if not 0 <= opts.port <= 65535:
+        raise ConfigError(f"--port must be from 1 to 65535 (0: any free port), not {opts.port}")
+    if opts.max_body_bytes < 1024:
+        raise ConfigError(f"--max-body-bytes must be at least 1024, not {opts.max_body_bytes}")
+    if opts.max_batch < 1:
+        raise ConfigError(f"--max-batch must be at least 1, not {opts.max_batch}")
+    if opts.max_models is not None and opts.max_models < 1:
+        raise ConfigError(f"--max-models must be at least 1, not {opts.max_models}")
+    if opts.device < 0:
+        raise ConfigError(f"--device must be a GPU ordinal (0, 1, ...), not {opts.device}")
+    if opts.scrub_interval < 0:
+        raise ConfigError(f"--scrub-interval must be >= 0, not {opts.scrub_interval}")
+    if not 0 < opts.scrub_budget <= 1:
+        raise ConfigError("--scrub-budget must be above 0 and at most 100 (percent)")
+    if opts.capacity_bytes is not None and opts.capacity_bytes < 1:
+        raise ConfigError("--host-capacity-gib must be above 0")
+    if opts.drain_timeout < 0 or opts.execution_timeout < 0:
+        raise ConfigError("--drain-timeout and the execution timeout must be >= 0")
+    if opts.max_connections < 16:
+        raise ConfigError(f"--max-connections must be at least 16, not {opts.max_connections}")
+    if opts.header_timeout <= 0:
+        raise ConfigError("--header-timeout must be above 0")
+    if opts.audit_log is not None:
+        parent = opts.audit_log.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(
+                f"--audit-log {opts.audit_log}: cannot create {parent}: {exc.strerror}"
+            ) from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--audit-log {opts.audit_log}: directory {parent} is not writable")
+        if opts.audit_log.exists() and not os.access(opts.audit_log, os.W_OK):
+            raise ConfigError(f"--audit-log {opts.audit_log} is not writable")
+
+
 def build(opts: ServeOptions) -> Built:
     """Check the token, open the worker, commit the startup model, and make the app."""
+    check_options(opts)
     state_dir = opts.state_dir or default_state_dir()
     source, token, created = _resolve_token(opts, state_dir)
     audit_path = opts.audit_log or state_dir / "audit.jsonl"
@@ -110,8 +198,10 @@ def build(opts: ServeOptions) -> Built:
     # worker's own state directory.
     example = EXAMPLE_NAMES[opts.example]
     startup = opts.model
-    if startup is None and opts.model_dir is None:
+    newcomer = opts.model_dir is None and not opts.spec_mode and opts.model_path is None
+    if startup is None and newcomer:
         startup = example
+    max_models = opts.max_models if opts.max_models is not None else (2 if newcomer else 1)
     worker_id = opts.worker_id or f"worker-{socket.gethostname()}-{opts.device}"
     if opts.blas_threads > 0:
         done = set_blas_threads(opts.blas_threads)
@@ -125,9 +215,28 @@ def build(opts: ServeOptions) -> Built:
         max_batch=opts.max_batch,
         scrub_interval=opts.scrub_interval,
         scrub_budget=opts.scrub_budget,
+        pool_id=opts.pool_id,
+        max_models=max_models,
+        max_prompt_chars=opts.max_prompt_chars,
+        max_tokens=opts.max_tokens,
+        max_model_bytes=opts.max_model_bytes,
+        drain_timeout=opts.drain_timeout,
+        execution_timeout=opts.execution_timeout,
+        spool_dir=state_dir / "spool",
+        commit_keys=load_public_keys(opts.commit_keys),
+    )
+    callbacks = (
+        Callbacks(opts.readiness_callback_url, worker_id=worker_id, pool_id=opts.pool_id)
+        if opts.readiness_callback_url
+        else None
     )
     provider = example_provider(state_dir / "example-models" / example, opts.example, config.digest_algorithm)
-    catalog = ModelCatalog(opts.model_dir, builtin, {example: provider})
+    model_dir = opts.model_dir
+    if model_dir is None and opts.model_path is not None:
+        model_dir = opts.model_path.parent
+    catalog = ModelCatalog(
+        model_dir, builtin, {example: provider}, generated_root=state_dir / "example-models"
+    )
     worker = Worker(
         config,
         token,
@@ -137,15 +246,31 @@ def build(opts: ServeOptions) -> Built:
         factories=tuple(default_factories()),
         on_incident=opts.on_incident,
     )
+    built_ref: list[Built] = []
+
+    def shutdown_failed(exc: BaseException) -> None:
+        if built_ref:
+            built_ref[0].shutdown_error = exc
+
     try:
-        model = worker.commit(startup) if startup is not None else None
+        model: CommittedModel | None = None
+        if opts.model_path is not None:
+            model = worker.commit_spec(CommitSpec(name=opts.model_path.name, path=opts.model_path))
+        elif startup is not None:
+            model = worker.commit(startup)
         app = create_app(
-            worker, BearerCheck(token), max_body_bytes=opts.max_body_bytes, metrics_auth=opts.metrics_auth
+            worker,
+            BearerCheck(token),
+            max_body_bytes=opts.max_body_bytes,
+            metrics_auth=opts.metrics_auth,
+            ready_public=opts.ready_public,
+            extra_routers=opts.extra_routers,
+            on_shutdown_error=shutdown_failed,
         )
     except BaseException:
         worker.close()
         raise
-    return Built(
+    built = Built(
         options=opts,
         token_source=source,
         token_created=created,
@@ -154,7 +279,82 @@ def build(opts: ServeOptions) -> Built:
         worker=worker,
         app=app,
         startup_model=model,
+        callbacks=callbacks,
     )
+    built_ref.append(built)
+    return built
+
+
+class _AcceptErrorFilter(logging.Filter):
+    """At most one asyncio "socket.accept() out of system resource" line per ``interval``: under
+    fd exhaustion asyncio logs one traceback per accept attempt (about 100 MB in 15 s), enough
+    to fill the disk under the audit log (#17.7)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self._interval = interval
+        self._last = -float("inf")
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("socket.accept() out of system resource"):
+            return True
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._dropped += 1
+            return False
+        self._last = now
+        if self._dropped:
+            record.msg = f"{record.msg} ({self._dropped} more like it suppressed)"
+            self._dropped = 0
+        record.exc_info = None  # the traceback says nothing the message does not
+        return True
+
+
+_ACCEPT_FILTER: Final = _AcceptErrorFilter()
+
+
+def harden_process() -> int:
+    """Raise the soft open-files limit to the hard one (a worker holds a socket per client), and
+    rate-limit asyncio's accept-error line. Returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, want, exc)
+    aio = logging.getLogger("asyncio")
+    if _ACCEPT_FILTER not in aio.filters:
+        aio.addFilter(_ACCEPT_FILTER)
+    return int(soft)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for a new connection's first request: a client that
+    connects and sends nothing (or not a whole request head) is closed after ``header_timeout``,
+    so half-open connections cannot pin file descriptors (#17.7)."""
+
+    header_timeout: float = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)
+
+    def _header_deadline(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._header_timer.cancel()
+        super().connection_lost(exc)
+
+
+def _protocol(header_timeout: float) -> type[GuardedH11Protocol]:
+    return type("GuardedH11", (GuardedH11Protocol,), {"header_timeout": header_timeout})
 
 
 def _uvicorn_config(app: FastAPI, opts: ServeOptions, **extra: Any) -> uvicorn.Config:
@@ -165,19 +365,118 @@ def _uvicorn_config(app: FastAPI, opts: ServeOptions, **extra: Any) -> uvicorn.C
         log_config=None,  # keep the process's logging setup; uvicorn never logs headers
         access_log=opts.access_log,
         lifespan="on",
-        timeout_graceful_shutdown=10,
+        # The drain (DrainingServer) has let streams finish already; this bounds what is left.
+        timeout_graceful_shutdown=5,
         server_header=False,
+        http=_protocol(opts.header_timeout),
+        limit_concurrency=opts.max_connections,
+        timeout_keep_alive=max(1, int(opts.header_timeout)),
+        h11_max_incomplete_event_size=16 * 1024,
         **extra,
     )
 
 
-def serve(built: Built) -> None:
-    """Run uvicorn in the foreground until SIGINT/SIGTERM; the worker is closed on the way out."""
-    server = uvicorn.Server(_uvicorn_config(built.app, built.options))
+class DrainingServer(uvicorn.Server):
+    """uvicorn with the contract's drain on SIGTERM and SIGINT (WORKER-4960s).
+
+    The first signal drains: the worker goes Draining (visible in /health and /worker/ready; new
+    work gets 503 with retry_after_ms) while the listener stays open; in-flight streams get the
+    drain timeout to end with ``end``, after which they end with an ``error`` event. Then uvicorn
+    shuts down, the app's shutdown zeroes and frees every shard, and ``serve`` returns (exit 0).
+    A second signal stops at once. The signal is not re-raised afterwards (uvicorn's default),
+    which would make a SIGTERM drain exit with -15 instead of 0."""
+
+    def __init__(self, config: uvicorn.Config, built: Built) -> None:
+        super().__init__(config)
+        self._built = built
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:
+            self.should_exit = True
+            if sig == signal.SIGINT:
+                self.force_exit = True
+            return
+        self._draining = True
+        self.drain_in_background(f"signal {signal.Signals(sig).name}")
+
+    def drain_in_background(self, reason: str) -> threading.Thread:
+        self._draining = True
+        self._built.worker.begin_drain(reason)
+        log.info("draining: %s", reason, extra={"human": f"Draining ({reason}): no new work, finishing jobs"})
+
+        def run() -> None:
+            try:
+                self._built.worker.drain()
+            finally:
+                self.should_exit = True
+
+        t = threading.Thread(target=run, name="vram-drain", daemon=True)
+        t.start()
+        return t
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        cb = self._built.callbacks
+        if self.started and cb is not None:
+            w = self._built.worker
+            if w.models():
+                cb.ready([handle(w, m) for m in w.models()], _url(self._built.options))
+
+
+def _url(opts: ServeOptions) -> str:
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
+    return f"http://{host}:{opts.port}"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is printed: a busy port is an error up front
+    (#17.19), not after the banner."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        server.run()
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(built: Built, sock: socket.socket | None = None) -> int:
+    """Run uvicorn in the foreground until SIGINT/SIGTERM (a drain); the worker is closed on the
+    way out. Returns the exit status: 0 after a clean shutdown, 1 when the shutdown failed."""
+    server = DrainingServer(_uvicorn_config(built.app, built.options), built)
+    w = built.worker
+
+    def committed(model: CommittedModel) -> None:
+        if built.callbacks is not None and server.started:
+            built.callbacks.ready([handle(w, m) for m in w.models()], _url(built.options))
+
+    w.on_committed = committed
+    status = 0
+    try:
+        server.run(sockets=[sock] if sock is not None else None)
     finally:
-        built.worker.close()  # idempotent: the app's shutdown normally did it already
+        try:
+            w.close()  # idempotent: the app's shutdown normally did it already
+        except BaseException as exc:
+            built.shutdown_error = built.shutdown_error or exc
+        if built.shutdown_error is not None:
+            log.error("shutdown failed: %s", built.shutdown_error)
+            status = 1
+        if built.callbacks is not None:
+            incidents = w.lifecycle.incidents
+            failed = bool(incidents) or status != 0
+            reason = (
+                f"security incident {incidents[-1].id}: {incidents[-1].error_type}"
+                if incidents
+                else ("shutdown failed" if status else "shutdown")
+            )
+            built.callbacks.stopped(w.lifecycle.state.value, reason, failed=failed)
+    return status
 
 
 class ServerThread:

@@ -58,6 +58,7 @@ from vram_residency.service.commit import (
     parse_expected_digest,
     verify_signature,
 )
+from vram_residency.service.context import CorrelatedAuditLog
 from vram_residency.service.errors import (
     JobTimedOut,
     ModelAlreadyCommitted,
@@ -76,7 +77,13 @@ from vram_residency.service.executor import (
     TokenSink,
 )
 from vram_residency.service.executors.encoder import cupy_available
-from vram_residency.service.lifecycle import Incident, WorkerLifecycle, WorkerNotReady, WorkerState, WorkerStopped
+from vram_residency.service.lifecycle import (
+    Incident,
+    WorkerLifecycle,
+    WorkerNotReady,
+    WorkerState,
+    WorkerStopped,
+)
 from vram_residency.service.metrics import Metrics
 from vram_residency.service.scheduler import ExecuteJob, Scheduler
 from vram_residency.service.scrubber import Scrubber, scrub_delay
@@ -241,7 +248,7 @@ class Worker:
         try:
             if audit_path is not None:
                 audit_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                self._audit = AuditLog(audit_path, worker_id=config.worker_id, token=token)
+                self._audit = CorrelatedAuditLog(audit_path, worker_id=config.worker_id, token=token)
             self.lifecycle = WorkerLifecycle(self._audit, config.worker_id, on_incident=self._on_incident)
             self._manager = VramManager(
                 token,
@@ -266,6 +273,8 @@ class Worker:
         self._closed = False
         self._last_scrub: VerifyPass | None = None
         self._last_verify_seconds = 0.0
+        #: Called after each successful commit (the server sends the pool manager's callback).
+        self.on_committed: Callable[[CommittedModel], object] | None = None
         self._emit(
             "ServiceStarted",
             backend=self.backend,
@@ -350,7 +359,10 @@ class Worker:
         self.metrics.incidents.inc()
         # Stopped ends every running job at its next token (and every queued one before it runs).
         self.scheduler.abort_all(
-            WorkerStopped(f"worker stopped: {incident.error_type} (incident {incident.id})", reason="incident")
+            WorkerStopped(
+                f"worker stopped: {incident.error_type} (incident {incident.id})", reason="incident"
+            ),
+            running_only=True,
         )
         if self._user_on_incident is not None:
             self._user_on_incident(incident)
@@ -444,6 +456,17 @@ class Worker:
             if first and state is WorkerState.STARTING:
                 self.lifecycle.begin_loading(f"committing model {spec.name}")
             self._loading.append(spec.name)
+            log.info(
+                "loading %s",
+                spec.name,
+                extra={
+                    "human": f"Loading model {spec.name}",
+                    "model_ref": spec.name,
+                    "worker_id": self.config.worker_id,
+                    "gpu_device": self.config.device,
+                    "correlation_id": spec.correlation_id,
+                },
+            )
             try:
                 with contextlib.ExitStack() as stack:
                     if spec.data is not None:
@@ -452,7 +475,9 @@ class Worker:
                         path = stack.enter_context(
                             bytes_to_file(spec.data, self.config.spool_dir, _sniff_suffix(spec.data))
                         )
-                        files = ModelFiles(name=spec.name, weights=path, format=_format(path), root=path.parent)
+                        files = ModelFiles(
+                            name=spec.name, weights=path, format=_format(path), root=path.parent
+                        )
                     elif spec.path is not None:
                         files = files_for_path(spec.name, spec.path, self.catalog.path_roots())
                     else:
@@ -472,12 +497,17 @@ class Worker:
                 self._models[model.name] = model
             if self.lifecycle.state is WorkerState.LOADING:
                 self.lifecycle.mark_ready(True, f"{len(self._models)} model(s) sealed and verified")
+        if self.on_committed is not None:
+            try:
+                self.on_committed(model)
+            except Exception:
+                log.exception("commit callback failed")
         log.info(
             "committed %s as %s",
             model.name,
             model.handle_id,
             extra={
-                "human": f"Sealed {model.name} ({model.shard.vram_bytes} bytes) into device memory and verified it",
+                "human": f"Sealed {model.name} ({model.shard.vram_bytes} bytes) in device memory, verified",
                 "model_ref": model.name,
                 "worker_id": self.config.worker_id,
                 "gpu_device": self.config.device,
@@ -781,7 +811,9 @@ class Worker:
         t = self.config.drain_timeout if timeout is None else timeout
         if self.scheduler.wait_idle(t):
             return True
-        n = self.scheduler.abort_all(WorkerStopped(f"drain timeout ({t:g} s) expired", reason="drain timeout"))
+        n = self.scheduler.abort_all(
+            WorkerStopped(f"drain timeout ({t:g} s) expired", reason="drain timeout")
+        )
         log.warning("drain timeout expired: %d job(s) ended with an error", n)
         self.scheduler.wait_idle(5.0)
         return False

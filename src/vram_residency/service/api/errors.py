@@ -1,8 +1,10 @@
-"""Error codes of the worker API and the mapping from library errors to them.
+"""Error codes of the worker API, and the ONE place where domain errors become HTTP.
 
-Every error response is a JSON object ``{"code": ..., "message": ..., "retriable": ...}`` (plus
-``details`` where there are facts to give); a 401 is ``{"code": "AUTH_FAILED"}`` and nothing else.
-Messages come from the library's errors, which never carry a token, a key, a tag or a pointer.
+Every error response (and every SSE ``error`` event) is a JSON object ``{"code", "message",
+"retriable", "retry_after_ms"}`` (WORKER-4950s; ``retry_after_ms`` is null unless retrying this
+worker later can succeed), plus ``details`` where there are facts to give. A 401 is
+``{"code": "AUTH_FAILED"}`` and nothing else. Messages come from the library's errors, which never
+carry a token, a key, a tag or a pointer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ from vram_residency.errors import (
     VramError,
 )
 from vram_residency.service.catalog import ModelNotFound
+from vram_residency.service.errors import (
+    JobCancelled,
+    JobConflict,
+    JobTimedOut,
+    ModelAlreadyCommitted,
+    ModelLoadFailed,
+    ModelNotCommitted,
+    ModelNotExecutable,
+    QueueFull,
+)
 from vram_residency.service.lifecycle import WorkerNotReady, WorkerStopped
 
 __all__ = ["ErrorCode", "ServiceError", "from_exception"]
@@ -41,6 +53,14 @@ class ErrorCode(enum.StrEnum):
     # from "this worker is finished" (Stopped after an incident or a shutdown).
     WORKER_NOT_READY = "WORKER_NOT_READY"
     WORKER_STOPPED = "WORKER_STOPPED"
+    # Additions for a job's end: cancelled (by request or a disconnect), or past its time limit.
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
+
+
+#: How long a client should wait before retrying a worker that is loading or busy.
+RETRY_AFTER_MS_BUSY = 250
+RETRY_AFTER_MS_NOT_READY = 1000
 
 
 class ServiceError(Exception):
@@ -53,17 +73,29 @@ class ServiceError(Exception):
         message: str,
         *,
         retriable: bool = False,
+        retry_after_ms: int | None = None,
         details: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
-        self.retriable = retriable
+        self.retriable = retriable or retry_after_ms is not None
+        self.retry_after_ms = retry_after_ms
         self.details = dict(details or {})
 
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_ms is None:
+            return {}
+        return {"Retry-After": str(max(1, -(-self.retry_after_ms // 1000)))}
+
     def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"code": self.code.value, "message": self.message, "retriable": self.retriable}
+        out: dict[str, Any] = {
+            "code": self.code.value,
+            "message": self.message,
+            "retriable": self.retriable,
+            "retry_after_ms": self.retry_after_ms,
+        }
         if self.details:
             out["details"] = self.details
         return out
@@ -107,10 +139,31 @@ def from_exception(exc: BaseException) -> ServiceError:
         )
     if isinstance(exc, WorkerNotReady):
         return ServiceError(
-            503, ErrorCode.WORKER_NOT_READY, str(exc), retriable=True, details={"state": exc.state}
+            503,
+            ErrorCode.WORKER_NOT_READY,
+            str(exc),
+            retry_after_ms=RETRY_AFTER_MS_NOT_READY,
+            details={"state": exc.state},
         )
-    if isinstance(exc, (NotSealed, ModelNotFound)):
+    if isinstance(exc, QueueFull):
+        return ServiceError(503, ErrorCode.WORKER_NOT_READY, str(exc), retry_after_ms=RETRY_AFTER_MS_BUSY)
+    if isinstance(exc, JobCancelled):
+        return ServiceError(409, ErrorCode.CANCELLED, str(exc), details={"reason": exc.reason})
+    if isinstance(exc, JobTimedOut):
+        return ServiceError(504, ErrorCode.TIMEOUT, str(exc))
+    if isinstance(exc, ModelLoadFailed):
+        return ServiceError(422, ErrorCode.MODEL_LOAD_FAILED, str(exc))
+    if isinstance(exc, (ModelAlreadyCommitted, JobConflict)):
+        return ServiceError(409, ErrorCode.INVALID_PARAMS, str(exc))
+    if isinstance(exc, (NotSealed, ModelNotFound, ModelNotCommitted)):
         return ServiceError(404, ErrorCode.INVALID_PARAMS, str(exc))
+    if isinstance(exc, ModelNotExecutable):
+        return ServiceError(400, ErrorCode.INVALID_PARAMS, str(exc))
+    if isinstance(exc, MemoryError):
+        # Host memory, kept apart from device memory (VRAM_OOM) as the contract asks.
+        return ServiceError(
+            503, ErrorCode.INTERNAL, "host memory exhausted", retry_after_ms=RETRY_AFTER_MS_NOT_READY
+        )
     if isinstance(exc, InvalidInput):
         return ServiceError(400, ErrorCode.INVALID_PARAMS, str(exc))
     if isinstance(exc, AuditWriteFailed):

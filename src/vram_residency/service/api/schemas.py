@@ -1,0 +1,282 @@
+"""Request and response bodies of the worker API (they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "SSE_EVENT_SCHEMA",
+    "CancelRequest",
+    "CancelResponse",
+    "CommitRequest",
+    "CommitResponse",
+    "DeallocateResponse",
+    "ErrorBody",
+    "ExecuteParams",
+    "ExecuteRequest",
+    "HealthResponse",
+    "ModelBytesInline",
+    "ModelInfo",
+    "ModelShardHandle",
+    "PlanRequest",
+    "PlanResponse",
+    "ReadyResponse",
+    "SealRecord",
+    "ShardPlanEntry",
+    "VerifyRequest",
+    "VerifyResponse",
+]
+
+_MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}){0,7}$"
+_SHARD_ID = r"^shard-[0-9a-f]{32}$"
+_JOB_ID = r"^[A-Za-z0-9._:\-]{1,128}$"
+_DIGEST = r"^([0-9a-fA-F]{64}|(sha256-tree-v1|blake3):[0-9a-fA-F]{64})$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(
+        description="VRAM_OOM, CUDA_ERROR, MODEL_LOAD_FAILED, SEAL_VERIFICATION_FAILED, "
+        "INVALID_PARAMS, AUTH_FAILED, INTERNAL, WORKER_NOT_READY or WORKER_STOPPED"
+    )
+    message: str | None = None
+    retriable: bool | None = None
+    retry_after_ms: int | None = None
+    details: dict[str, Any] | None = None
+
+
+class PlanRequest(_Strict):
+    """The contract's plan request (``model_ref``, ``shard_layout``, ``tp_degree``), or one of
+    this project's additions: ``model`` (a name, as before) or ``vram_bytes`` (a bare size)."""
+
+    model_ref: str | None = Field(None, pattern=_MODEL_NAME, description="the model, by name")
+    shard_layout: Literal["single", "tensor_parallel"] = "single"
+    tp_degree: int | None = Field(None, ge=1, le=1024, description="required for tensor_parallel")
+    model: str | None = Field(None, pattern=_MODEL_NAME, description="addition: same as model_ref")
+    vram_bytes: int | None = Field(None, ge=1, le=1 << 50, description="addition: plan for a size")
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> PlanRequest:
+        given = [n for n in ("model_ref", "model", "vram_bytes") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of model_ref, model (addition) or vram_bytes (addition)")
+        if self.shard_layout == "tensor_parallel" and self.tp_degree is None:
+            raise ValueError("tp_degree is required for shard_layout tensor_parallel")
+        return self
+
+
+class ShardPlanEntry(BaseModel):
+    shard_index: int
+    vram_bytes: int
+    gpu_device: int
+
+
+class PlanResponse(BaseModel):
+    feasible: bool
+    vram_required: int
+    shard_plan: list[ShardPlanEntry]
+    reason: str | None = None
+    # Additions.
+    model: str | None
+    model_bytes: int
+    needed_bytes: int
+    available_bytes: int
+    total_bytes: int
+    fits: bool
+    executable: bool | None = None
+    backend: str
+    emulated: bool
+
+
+class ModelBytesInline(_Strict):
+    base64: str = Field(description="the model's bytes, base64 (bounded by the request body limit)")
+
+
+class CommitRequest(_Strict):
+    """The contract's commit (``model_ref``, ``shard_id``, ``shard_index``, ``model_bytes``,
+    ``expected_digest``, ``signature``), or the project's commit by ``model`` name.
+
+    ``model_bytes`` is a path (a string) to a file inside the directories this worker loads
+    models from, or ``{"base64": ...}`` with the bytes themselves. Without it, ``model_ref`` is
+    resolved by name like ``model``."""
+
+    model_ref: str | None = Field(None, pattern=_MODEL_NAME)
+    shard_id: str | None = Field(None, pattern=_JOB_ID, description="the handle id, chosen by the caller")
+    shard_index: int = Field(0, ge=0, le=0, description="0: one shard per model until tensor parallelism")
+    model_bytes: str | ModelBytesInline | None = Field(None, description="a path, or {base64: bytes}")
+    expected_digest: str | None = Field(
+        None,
+        pattern=_DIGEST,
+        description="64 hex: SHA-256 of the model bytes; or sha256-tree-v1:HEX / blake3:HEX (additions)",
+    )
+    signature: str | None = Field(
+        None, max_length=1024, description="base64 Ed25519 signature of the SHA-256 (expected_digest)"
+    )
+    model: str | None = Field(None, pattern=_MODEL_NAME, description="addition: a model name")
+
+    @model_validator(mode="after")
+    def _one_model(self) -> CommitRequest:
+        if (self.model is None) == (self.model_ref is None):
+            raise ValueError("give exactly one of model_ref or model (addition)")
+        if self.model_bytes is not None and self.model_ref is None:
+            raise ValueError("model_bytes goes with model_ref")
+        return self
+
+
+class SealRecord(BaseModel):
+    """A seal record as ``SealedShard.record()`` makes it (fields and the tag, for attestation)."""
+
+    model_config = ConfigDict(extra="allow")
+    shard_id: str
+    digest: str
+    digest_algorithm: str
+    vram_bytes: int
+
+
+class ModelShardHandle(BaseModel):
+    """llama-orch's ModelShardHandle, plus additions (the seal's own id and digest, its age)."""
+
+    shard_id: str
+    gpu_device: int
+    vram_bytes: int
+    sealed: bool
+    digest: str
+    model_ref: str
+    shard_index: int
+    total_shards: int
+    digest_algorithm: str
+    seal_shard_id: str
+    seal_digest: str
+    last_verified_at: float | None
+    seal_age_s: float | None
+
+
+class CommitResponse(BaseModel):
+    handle: ModelShardHandle
+    sealed: bool
+    # Additions.
+    model: str
+    shard_id: str
+    vram_bytes: int
+    digest: str
+    digest_algorithm: str
+    executable: bool
+    executor: str
+    seal_ms: float
+    verify_ms: float
+    seal: SealRecord
+
+
+class ModelInfo(BaseModel):
+    name: str
+    handle_id: str
+    shard_id: str
+    vram_bytes: int
+    digest_algorithm: str
+    digest: str
+    sha256: str | None
+    format: str
+    executable: bool
+    kind: str | None
+    executor: str
+    side_files_sha256: dict[str, str]
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    handles: list[ModelShardHandle]
+    nccl_group_id: str | None
+    # Additions.
+    state: Literal["Starting", "Loading", "Ready", "Executing", "Draining", "Stopped"]
+    worker_id: str
+    pool_id: str | None
+    backend: str
+    backend_description: str
+    emulated: bool
+    pre_verify: bool
+    loading: list[str]
+    models: list[ModelInfo]
+    seals: list[SealRecord]
+    last_scrub: dict[str, Any] | None
+    incident: dict[str, Any] | None
+
+
+class ExecuteParams(_Strict):
+    """Generation parameters; any other name is refused, by name."""
+
+    max_tokens: int | None = Field(
+        None, ge=1, description="most tokens to generate (an encoder: most input tokens read)"
+    )
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same tokens")
+
+
+class ExecuteRequest(_Strict):
+    handle_id: str | None = Field(None, pattern=_JOB_ID, description="a handle from commit or ready")
+    prompt: str = Field(min_length=1)
+    params: ExecuteParams = Field(default_factory=ExecuteParams)
+    # Additions.
+    job_id: str | None = Field(None, pattern=_JOB_ID)
+    model: str | None = Field(None, pattern=_MODEL_NAME, description="a model by name")
+    max_tokens: int | None = Field(None, ge=1, description="addition: same as params.max_tokens")
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self) -> ExecuteRequest:
+        both = self.max_tokens is not None and self.params.max_tokens is not None
+        if both and self.max_tokens != self.params.max_tokens:
+            raise ValueError("max_tokens and params.max_tokens differ")
+        return self
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        return self.params.max_tokens if self.params.max_tokens is not None else self.max_tokens
+
+
+class CancelRequest(_Strict):
+    job_id: str = Field(pattern=_JOB_ID)
+
+
+class CancelResponse(BaseModel):
+    job_id: str
+    cancelled: bool
+
+
+class VerifyRequest(_Strict):
+    shard_id: str | None = Field(None, pattern=_SHARD_ID, description="one shard; default: every shard")
+
+
+class VerifyResponse(BaseModel):
+    verified: bool
+    shards: int
+    bytes: int
+    duration_ms: float
+
+
+class DeallocateResponse(BaseModel):
+    shard_id: str
+    vram_bytes: int
+    deallocated: bool
+
+
+#: One Server-Sent Event as a client's parser sees it (OpenAPI before 3.2 describes each event).
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["started", "token", "metrics", "end", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json", "description": "a JSON object"},
+    },
+}
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded", "draining", "stopped"]
+    state: str
+    backend: str
+    emulated: bool
+    pre_verify: bool
