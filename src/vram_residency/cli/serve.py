@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import shlex
 from pathlib import Path
@@ -130,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     check_options(opts)
     # Bound before anything is printed: a busy port fails here, not after the banner (#17.19).
     sock = bind_socket(opts.host, opts.port)
+    opts = dataclasses.replace(opts, port=int(sock.getsockname()[1]))  # --port 0: the port taken
     try:
         fds = harden_process()
         _say("vram-residency worker: starting")

@@ -1,0 +1,558 @@
+"""Conformance with llama-orch's worker API (``shared/specs/worker-api.md``): one test per
+requirement (named after its id or id range), over real HTTP against a real ``serve`` process.
+
+The module's worker starts with a model directory holding the generated example model and
+nothing committed, so the tests run in file order: not ready -> commit -> ready -> execute.
+Lifecycle, configuration and callbacks each need a process of their own (they stop it).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import re
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from serve_process import ServeProcess, clean_env, execute, run_serve, sse, write_token
+
+from vram_residency.formats.tree import SHA256_TREE_V1
+from vram_residency.service.context import fp6
+from vram_residency.service.executors.example_model import EXAMPLE_NAMES, ensure_example
+
+NEEDS_MINILM = False
+MODEL = EXAMPLE_NAMES["small"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("conformance")
+    models = tmp / "models"
+    gen = ensure_example(models / MODEL, "small", SHA256_TREE_V1)
+    key = Ed25519PrivateKey.generate()
+    pub = tmp / "commit-key.pem"
+    pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    raw = models / "blob.bin"  # a raw file: sealable, not executable
+    raw.write_bytes(hashlib.shake_256(b"raw").digest(200_000))
+    w = run_serve(
+        tmp / "w",
+        "--model-dir",
+        str(models),
+        "--max-models",
+        "3",
+        "--commit-signing-key",
+        str(pub),
+        "--scrub-interval",
+        "0",
+    )
+    yield {"w": w, "models": models, "weights": gen.directory / "model.safetensors", "key": key, "tmp": tmp}
+    assert w.stop() == 0
+
+
+def _w(env: dict[str, Any]) -> ServeProcess:
+    w: ServeProcess = env["w"]
+    return w
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- authentication (4200-4203, 4202/4822, 4910-4913, 4812) --------------------------------------
+def test_worker_4200_4203_every_endpoint_needs_the_bearer_token(env: dict[str, Any]) -> None:
+    w = _w(env)
+    for method, path in [
+        ("GET", "/worker/ready"),
+        ("POST", "/worker/plan"),
+        ("POST", "/worker/commit"),
+        ("POST", "/worker/execute"),
+        ("POST", "/worker/cancel"),
+    ]:
+        assert httpx.request(method, w.url + path, json={}).status_code == 401
+        bad = httpx.request(method, w.url + path, json={}, headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401 and bad.json() == {"code": "AUTH_FAILED"}
+    assert httpx.get(w.url + "/health").status_code == 200  # the one open endpoint
+
+
+def test_worker_4812_metrics_stay_open_for_scraping(env: dict[str, Any]) -> None:
+    r = httpx.get(_w(env).url + "/metrics")
+    assert r.status_code == 200 and "worker_jobs_started" in r.text
+
+
+def test_worker_4202_4822_fp6_breadcrumb_and_never_the_token(env: dict[str, Any]) -> None:
+    assert fp6("test") == "9f86d0"  # the contract's known answer
+    w = _w(env)
+    w.client.get("/worker/ready")
+    time.sleep(0.2)
+    log = w.log()
+    assert f'fp6="{fp6(w.token)}"' in log
+    assert w.token not in log
+
+
+def test_worker_4910_4913_token_from_a_file_and_fail_fast_when_missing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "worker.json"
+    cfg.write_text(json.dumps(_spec_config(tmp_path, tmp_path / "no-such-token", "http://127.0.0.1:9/cb")))
+    r = subprocess.run(
+        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
+    )
+    assert r.returncode != 0 and "no-such-token" in r.stderr and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout and "listening" not in r.stdout
+
+
+# -- readiness before commit (4227, 4031) --------------------------------------------------------
+def test_worker_4227_4031_not_ready_before_a_successful_commit(env: dict[str, Any]) -> None:
+    w = _w(env)
+    body = w.client.get("/worker/ready").json()
+    assert body["ready"] is False and body["handles"] == [] and body["state"] == "Starting"
+    status, events, _ = execute(w.client, {"prompt": "x"})
+    assert status == 503 and events[0][1]["code"] == "WORKER_NOT_READY"
+    # A failed commit leaves it where a retry can leave (not stuck in Loading).
+    bad = w.client.post(
+        "/worker/commit", json={"model_ref": MODEL, "shard_id": "s", "expected_digest": "0" * 64}
+    )
+    assert bad.status_code == 422 and bad.json()["code"] == "MODEL_LOAD_FAILED"
+    assert w.client.get("/worker/ready").json()["state"] == "Starting"
+
+
+# -- plan (4210-4214) ----------------------------------------------------------------------------
+def test_worker_4210_4214_plan_answers_feasible_vram_and_shard_plan(env: dict[str, Any]) -> None:
+    w = _w(env)
+    r = w.client.post("/worker/plan", json={"model_ref": MODEL, "shard_layout": "single", "tp_degree": 1})
+    assert r.status_code == 200, r.text
+    p = r.json()
+    size = env["weights"].stat().st_size
+    assert p["feasible"] is True and p["vram_required"] >= size
+    assert p["shard_plan"] == [{"shard_index": 0, "vram_bytes": p["vram_required"], "gpu_device": 0}]
+    # Capability check: a raw blob has no executor here.
+    raw = w.client.post("/worker/plan", json={"model_ref": "blob.bin", "shard_layout": "single"}).json()
+    assert raw["feasible"] is False and "raw" in raw["reason"]
+    tp = w.client.post(
+        "/worker/plan", json={"model_ref": MODEL, "shard_layout": "tensor_parallel", "tp_degree": 2}
+    )
+    assert tp.status_code == 200 and tp.json()["feasible"] is False and "tensor" in tp.json()["reason"]
+    missing = w.client.post("/worker/plan", json={"model_ref": MODEL, "shard_layout": "tensor_parallel"})
+    assert missing.status_code == 400 and "tp_degree" in missing.json()["message"]
+
+
+# -- commit (4220-4227, 4110-4113) ---------------------------------------------------------------
+def test_worker_4223_bare_hex_digest_is_sha256(env: dict[str, Any]) -> None:
+    w = _w(env)
+    weights: Path = env["weights"]
+    r = w.client.post(
+        "/worker/commit",
+        json={
+            "model_ref": MODEL,
+            "shard_id": "shard-0",
+            "shard_index": 0,
+            "model_bytes": str(weights),
+            "expected_digest": _sha256(weights),  # what sha256sum prints
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["sealed"] is True
+    h = body["handle"]
+    assert h["shard_id"] == "shard-0" and h["digest"] == _sha256(weights) and h["sealed"] is True
+    assert set(h) >= {
+        "shard_id",
+        "gpu_device",
+        "vram_bytes",
+        "sealed",
+        "digest",
+        "model_ref",
+        "shard_index",
+        "total_shards",
+    }
+    assert h["model_ref"] == MODEL and h["shard_index"] == 0 and h["total_shards"] == 1
+
+
+def test_worker_4220_4221_commit_takes_bytes_and_prefixed_digests(env: dict[str, Any]) -> None:
+    w = _w(env)
+    data = b"\x00" * 4096
+    r = w.client.post(
+        "/worker/commit",
+        json={
+            "model_ref": "inline",
+            "shard_id": "inline-0",
+            "model_bytes": {"base64": base64.b64encode(data).decode()},
+            "expected_digest": hashlib.sha256(data).hexdigest(),
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert w.client.delete("/worker/shards/inline-0").status_code == 200
+    wrong = w.client.post(
+        "/worker/commit", json={"model_ref": "blob.bin", "expected_digest": "blake3:" + "0" * 64}
+    )
+    assert wrong.status_code == 422 and wrong.json()["code"] == "MODEL_LOAD_FAILED"
+    outside = w.client.post("/worker/commit", json={"model_ref": "x", "model_bytes": "/etc/passwd"})
+    assert outside.status_code == 400 and "outside" in outside.json()["message"]
+
+
+def test_worker_4222_signature_is_verified_before_loading(env: dict[str, Any]) -> None:
+    w = _w(env)
+    blob: Path = env["models"] / "blob.bin"
+    digest = _sha256(blob)
+    forged = base64.b64encode(Ed25519PrivateKey.generate().sign(bytes.fromhex(digest))).decode()
+    r = w.client.post(
+        "/worker/commit", json={"model_ref": "blob.bin", "expected_digest": digest, "signature": forged}
+    )
+    assert r.status_code == 422 and "signature" in r.json()["message"]
+    good = base64.b64encode(env["key"].sign(bytes.fromhex(digest))).decode()
+    r = w.client.post(
+        "/worker/commit",
+        json={"model_ref": "blob.bin", "shard_id": "blob", "expected_digest": digest, "signature": good},
+    )
+    assert r.status_code == 200, r.text
+    assert w.client.delete("/worker/shards/blob").status_code == 200
+
+
+def test_worker_4110_4111_no_device_pointer_in_any_response(env: dict[str, Any]) -> None:
+    w = _w(env)
+    text = w.client.get("/worker/ready").text
+    assert not re.search(r'"(ptr|pointer|device_pointer|vram_ptr)"', text)
+    assert not re.search(r"0x[0-9a-f]{8,}", text)
+
+
+# -- ready (4230-4233) ---------------------------------------------------------------------------
+def test_worker_4230_4233_ready_shape(env: dict[str, Any]) -> None:
+    body = _w(env).client.get("/worker/ready").json()
+    assert body["ready"] is True and body["nccl_group_id"] is None
+    (h,) = body["handles"]
+    assert h["shard_id"] == "shard-0" and h["last_verified_at"] is not None
+
+
+# -- execute (4240-4253, 4121-4122, 4999) --------------------------------------------------------
+def test_worker_4240_execute_spec_shape_streams_started_tokens_metrics_end(env: dict[str, Any]) -> None:
+    status, events, _ = execute(
+        _w(env).client,
+        {
+            "handle_id": "shard-0",
+            "prompt": "Hello, world!",
+            "params": {"max_tokens": 5, "temperature": 0.7, "seed": 42},
+        },
+    )
+    assert status == 200
+    names = [e for e, _ in events]
+    assert names[0] == "started" and names[-1] == "end" and names[-2] == "metrics"
+    tokens = [d for e, d in events if e == "token"]
+    assert [t["i"] for t in tokens] == list(range(len(tokens))) and all("t" in t for t in tokens)
+    end = events[-1][1]
+    assert end["tokens_out"] == len(tokens) <= 5 and isinstance(end["decode_time_ms"], (int, float))
+
+
+def test_worker_4121_4122_seals_reverified_before_every_execution(env: dict[str, Any]) -> None:
+    _, events, _ = execute(
+        _w(env).client, {"handle_id": "shard-0", "prompt": "a", "params": {"max_tokens": 1}}
+    )
+    verified = events[0][1]["verified"]
+    assert verified["shards"] >= 1 and verified["bytes"] >= env["weights"].stat().st_size
+
+
+def test_worker_4241_4243_limits_nul_and_unknown_params(env: dict[str, Any]) -> None:
+    c = _w(env).client
+    ok, events, _ = execute(c, {"handle_id": "shard-0", "prompt": "a", "params": {"max_tokens": 1}})
+    assert ok == 200 and events[-1][1]["tokens_out"] <= 1  # max_tokens 1 is allowed
+    for body, fragment in [
+        ({"prompt": "a" * 100_001}, "100000"),
+        ({"prompt": "a", "params": {"max_tokens": 4097}}, "4096"),
+        ({"prompt": "a\x00b"}, "NUL"),
+        ({"prompt": "a", "params": {"top_k": 3}}, "top_k"),
+    ]:
+        status, events, _ = execute(c, {"handle_id": "shard-0", **body})
+        err = events[0][1]
+        assert status == 400 and err["code"] == "INVALID_PARAMS" and fragment in err["message"], err
+
+
+def test_worker_4999_same_seed_same_tokens(env: dict[str, Any]) -> None:
+    c = _w(env).client
+    body = {
+        "handle_id": "shard-0",
+        "prompt": "Once upon",
+        "params": {"max_tokens": 24, "temperature": 0.9, "seed": 7},
+    }
+    runs = [[d["t"] for e, d in execute(c, body)[1] if e == "token"] for _ in range(2)]
+    other = dict(body, params={"max_tokens": 24, "temperature": 0.9, "seed": 8})
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+    assert [d["t"] for e, d in execute(c, other)[1] if e == "token"] != runs[0]
+    env["seeded"] = (body, runs[0])  # compared with another process in the drain test
+
+
+def test_worker_4252_cancel_by_job_id_stops_the_job(env: dict[str, Any]) -> None:
+    w = _w(env)
+    c = w.client
+    body = {"handle_id": "shard-0", "job_id": "job-cancel-me", "prompt": "x", "params": {"max_tokens": 2000}}
+    seen: list[tuple[str, dict[str, Any]]] = []
+    with c.stream("POST", "/worker/execute", json=body) as r:
+        assert r.status_code == 200
+        for event, data in sse(r.iter_lines()):
+            seen.append((event, data))
+            if event == "token" and data["i"] == 3:
+                cancel = c.post("/worker/cancel", json={"job_id": "job-cancel-me"})
+                assert cancel.json() == {"job_id": "job-cancel-me", "cancelled": True}
+    assert seen[-1][0] == "error" and seen[-1][1]["code"] == "CANCELLED"
+    assert "end" not in [e for e, _ in seen]
+    assert sum(e == "token" for e, _ in seen) < 2000
+    assert c.post("/worker/cancel", json={"job_id": "job-cancel-me"}).json()["cancelled"] is False
+
+
+def test_worker_4253_client_disconnect_cancels_the_job(env: dict[str, Any]) -> None:
+    c = _w(env).client
+    before = _metric(c, 'worker_jobs_cancelled_total{reason="disconnect"}')
+    with c.stream(
+        "POST",
+        "/worker/execute",
+        json={"handle_id": "shard-0", "prompt": "y", "params": {"max_tokens": 2000}},
+    ) as r:
+        for event, data in sse(r.iter_lines()):
+            if event == "token" and data["i"] == 2:
+                break  # leave mid-stream
+    t0 = time.monotonic()
+    while _metric(c, 'worker_jobs_cancelled_total{reason="disconnect"}') <= before:
+        assert time.monotonic() - t0 < 20, "the abandoned job was not cancelled"
+        time.sleep(0.05)
+    t1 = time.monotonic()
+    status, _, _ = execute(c, {"handle_id": "shard-0", "prompt": "z", "params": {"max_tokens": 2}})
+    assert status == 200 and time.monotonic() - t1 < 20
+
+
+def test_worker_4251_job_ownership_is_the_shared_token(env: dict[str, Any]) -> None:
+    # One bearer token per worker: whoever holds it may cancel any job (README, "Job ownership").
+    c = _w(env).client
+    assert c.post("/worker/cancel", json={"job_id": "someone-elses-job"}).json()["cancelled"] is False
+
+
+# -- errors (4950-4952) --------------------------------------------------------------------------
+def test_worker_4950_4952_error_body_has_code_message_retriable_retry_after(env: dict[str, Any]) -> None:
+    r = _w(env).client.post("/worker/plan", json={"nonsense": 1})
+    body = r.json()
+    assert r.status_code == 400 and set(body) >= {"code", "message", "retriable", "retry_after_ms"}
+    assert body["code"] == "INVALID_PARAMS" and body["retriable"] is False and body["retry_after_ms"] is None
+
+
+# -- observability (4800-4822) -------------------------------------------------------------------
+def test_worker_4800_4822_correlation_id_echoed_logged_and_audited(env: dict[str, Any]) -> None:
+    w = _w(env)
+    r = w.client.get("/worker/ready", headers={"X-Correlation-Id": "corr-test-4800"})
+    assert r.headers["x-correlation-id"] == "corr-test-4800"
+    generated = w.client.get("/worker/ready").headers["x-correlation-id"]
+    assert generated.startswith("corr-") and generated != "corr-test-4800"
+    _, _, h = execute(
+        w.client,
+        {"handle_id": "shard-0", "prompt": "q", "params": {"max_tokens": 2}},
+        **{"X-Correlation-Id": "corr-exec-4801"},
+    )
+    assert h["x-correlation-id"] == "corr-exec-4801"
+    c = w.client.post(
+        "/worker/commit",
+        json={"model_ref": "blob.bin", "shard_id": "b2"},
+        headers={"X-Correlation-Id": "corr-commit-4802"},
+    )
+    assert c.status_code == 200
+    assert w.client.delete("/worker/shards/b2").status_code == 200
+    time.sleep(0.3)
+    log = w.log()
+    lines = [ln for ln in log.splitlines() if "corr-exec-4801" in ln]
+    assert any('human="Started inference' in ln for ln in lines)
+    assert any("decode_time_ms=" in ln and "tokens_out=" in ln and 'job_id="' in ln for ln in lines)
+    audit = (env["tmp"] / "w" / "state" / "audit.jsonl").read_text()
+    assert "corr-commit-4802" in audit
+    metrics = httpx.get(w.url + "/metrics").text
+    for name in (
+        "worker_jobs_started_total",
+        "worker_jobs_completed_total",
+        "worker_tokens_generated_total",
+        "worker_cuda_errors_total",
+        "vram_free_bytes",
+        "vram_execute_seconds",
+    ):
+        assert name in metrics, name
+
+
+def _metric(c: httpx.Client, name: str) -> float:
+    for line in httpx.get(str(c.base_url) + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# -- lifecycle and shutdown (4020-4032, 4960-4972), config (4980-4991), callbacks ----------------
+class _Receiver(http.server.ThreadingHTTPServer):
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.fail_first = 1  # the first call fails: the worker must retry
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.fail_first > 0:
+                    outer.fail_first -= 1
+                    self.send_response(503)
+                else:
+                    outer.received.append(body)
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/callback"
+
+
+def _spec_config(tmp: Path, token_file: Path, callback: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "worker_id": "worker-conf-0",
+        "pool_id": "pool-conf",
+        "model_path": str(tmp / "models" / MODEL / "model.safetensors"),
+        "rpc_port": 8001,
+        "readiness_callback_url": callback,
+        "gpu_device": 0,
+        "api_token_file": str(token_file),
+        "state_dir": str(tmp / "state"),
+        **extra,
+    }
+
+
+def test_worker_4980_4991_config_file_env_and_callbacks(env: dict[str, Any], tmp_path: Path) -> None:
+    shutil.copytree(env["models"] / MODEL, tmp_path / "models" / MODEL)
+    token = tmp_path / "token"
+    write_token(token)
+    receiver = _Receiver()
+    try:
+        cfg = tmp_path / "worker.json"
+        cfg.write_text(json.dumps(_spec_config(tmp_path, token, receiver.url, drain_timeout_ms=5000)))
+        # The bind address agrees with rpc_port; run_serve's --port 0 then picks a free port.
+        w = run_serve(
+            tmp_path / "p",
+            "--config",
+            str(cfg),
+            env={"WORKER_BIND_ADDR": "127.0.0.1:8001", "WORKER_LOG_LEVEL": "info"},
+        )
+        ready = w.client.get("/worker/ready").json()
+        assert (
+            ready["ready"] is True
+            and ready["pool_id"] == "pool-conf"
+            and ready["worker_id"] == "worker-conf-0"
+        )
+        deadline = time.monotonic() + 20
+        while not receiver.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = receiver.received[0]
+        assert (
+            first["event"] == "ready"
+            and first["worker_id"] == "worker-conf-0"
+            and first["pool_id"] == "pool-conf"
+        )
+        assert first["handles"][0]["model_ref"] == "model.safetensors"
+        assert w.stop(signal.SIGTERM) == 0
+        last = receiver.received[-1]
+        assert last["event"] == "stopped" and last["ready"] is False
+    finally:
+        receiver.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("change", "env_extra", "fragment"),
+    [
+        ({"rpc_port": 70000}, {}, "rpc_port"),
+        ({"readiness_callback_url": "ftp://x"}, {}, "readiness_callback_url"),
+        ({"surprise": 1}, {}, "unknown keys surprise"),
+        ({}, {"WORKER_BIND_ADDR": "nowhere"}, "WORKER_BIND_ADDR"),
+        ({}, {"WORKER_LOG_LEVEL": "loud"}, "WORKER_LOG_LEVEL"),
+    ],
+)
+def test_worker_4980_4991_bad_config_fails_fast_with_a_clear_error(
+    tmp_path: Path, change: dict[str, Any], env_extra: dict[str, str], fragment: str
+) -> None:
+    import subprocess
+    import sys
+
+    token = tmp_path / "token"
+    write_token(token)
+    cfg = tmp_path / "worker.json"
+    cfg.write_text(json.dumps({**_spec_config(tmp_path, token, "http://127.0.0.1:9/cb"), **change}))
+    r = subprocess.run(
+        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=clean_env(env_extra),
+        timeout=120,
+    )
+    assert r.returncode != 0 and fragment in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_worker_4960_4972_sigterm_drains_streams_end_then_exit_0(env: dict[str, Any], tmp_path: Path) -> None:
+    shutil.copytree(env["models"] / MODEL, tmp_path / "models" / MODEL)
+    w = run_serve(
+        tmp_path / "d", "--model-dir", str(tmp_path / "models"), "--model", MODEL, "--drain-timeout", "60"
+    )
+    c = w.client
+    body, tokens = env.get("seeded", (None, None))
+    if body is not None:  # WORKER-4999 across processes: the same seed gives the same tokens
+        body = dict(body)
+        body.pop("handle_id")
+        assert [d["t"] for e, d in execute(c, body)[1] if e == "token"] == tokens
+    events: list[tuple[str, dict[str, Any]]] = []
+    during: dict[str, Any] = {}
+    with c.stream("POST", "/worker/execute", json={"prompt": "long", "params": {"max_tokens": 300}}) as r:
+        for event, data in sse(r.iter_lines()):
+            events.append((event, data))
+            if event == "token" and data["i"] == 2:
+                w.proc.send_signal(signal.SIGTERM)
+                t0 = time.monotonic()
+                while httpx.get(w.url + "/health").json()["state"] != "Draining":
+                    assert time.monotonic() - t0 < 10
+                    time.sleep(0.02)
+                during["health"] = httpx.get(w.url + "/health").json()
+                during["ready"] = c.get("/worker/ready").json()
+                during["new"] = execute(c, {"prompt": "no", "params": {"max_tokens": 2}})
+    assert during["health"]["status"] == "draining" and during["ready"]["state"] == "Draining"
+    status, err, headers = during["new"]
+    assert status == 503 and err[0][1]["retry_after_ms"] is not None and "retry-after" in headers
+    assert events[-1][0] == "end" and events[-1][1]["tokens_out"] > 3
+    assert w.proc.wait(60) == 0
+    assert "stopped (shards zeroed and freed)" in w.log()
+
+
+def test_worker_4960_4972_drain_timeout_ends_streams_with_error(env: dict[str, Any], tmp_path: Path) -> None:
+    shutil.copytree(env["models"] / MODEL, tmp_path / "models" / MODEL)
+    w = run_serve(
+        tmp_path / "t", "--model-dir", str(tmp_path / "models"), "--model", MODEL, "--drain-timeout", "0.3"
+    )
+    events: list[tuple[str, dict[str, Any]]] = []
+    with w.client.stream(
+        "POST", "/worker/execute", json={"prompt": "long", "params": {"max_tokens": 2000}}
+    ) as r:
+        for event, data in sse(r.iter_lines()):
+            events.append((event, data))
+            if event == "token" and data["i"] == 2:
+                w.proc.send_signal(signal.SIGTERM)
+    assert events[-1][0] == "error" and "drain timeout" in events[-1][1]["message"]
+    assert "end" not in [e for e, _ in events]
+    assert w.proc.wait(60) == 0
