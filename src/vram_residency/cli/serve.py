@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         if (key == "host" and args.host_given) or (key == "port" and args.port_given):
             continue
         cli[key] = value
-    opts = ServeOptions(**cli)  # type: ignore[arg-type]
+    opts = ServeOptions(**cli)
     check_options(opts)
     # Bound before anything is printed: a busy port fails here, not after the banner (#17.19).
     sock = bind_socket(opts.host, opts.port)

@@ -219,7 +219,7 @@ class ExecuteParams(_Strict):
 class ExecuteRequest(_Strict):
     handle_id: str | None = Field(None, pattern=_JOB_ID, description="a handle from commit or ready")
     prompt: str = Field(min_length=1)
-    params: ExecuteParams = Field(default_factory=ExecuteParams)
+    params: ExecuteParams = Field(default_factory=lambda: ExecuteParams.model_validate({}))
     # Additions.
     job_id: str | None = Field(None, pattern=_JOB_ID)
     model: str | None = Field(None, pattern=_MODEL_NAME, description="a model by name")
