@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,11 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def run_serve(
-    tmp: Path, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120
+    tmp: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    preexec: Callable[[], None] | None = None,
 ) -> ServeProcess:
     """Start serve and wait for its banner's URL and a /health answer."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -72,7 +76,9 @@ def run_serve(
     if "--config" not in args:
         cmd += ["--token-file", str(token_file), "--state-dir", str(tmp / "state")]
     with log_path.open("wb") as out:
-        proc = subprocess.Popen([*cmd, *args], stdout=out, stderr=subprocess.STDOUT, env=clean_env(env))
+        proc = subprocess.Popen(
+            [*cmd, *args], stdout=out, stderr=subprocess.STDOUT, env=clean_env(env), preexec_fn=preexec
+        )
     deadline = time.monotonic() + timeout
     url = ""
     while time.monotonic() < deadline:

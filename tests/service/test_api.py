@@ -246,7 +246,9 @@ def test_commit_from_model_dir_execute_and_deallocate(
     w = worker_factory(model_dir=models)
     assert w.client.get("/worker/ready").json()["state"] == "Starting"  # nothing committed yet
     assert execute(w.client, prompt="x")[1]["code"] == "WORKER_NOT_READY"
-    r = w.client.post("/worker/commit", json={"model": "tiny", "expected_digest": f"sha256-tree-v1:{expected}"})
+    r = w.client.post(
+        "/worker/commit", json={"model": "tiny", "expected_digest": f"sha256-tree-v1:{expected}"}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["digest"] == expected and body["executable"] is True
