@@ -26,6 +26,7 @@ OPERATIONS = [
     "POST /worker/verify",
     "DELETE /worker/shards/{shard_id}",
     "POST /worker/execute",
+    "POST /worker/cancel",
 ]
 EXAMPLES = 80
 
@@ -59,6 +60,15 @@ CASES = [
 ]
 
 
+def _tolerated(label: str, status: int, text: str) -> bool:
+    """Answers to schema-valid requests that depend on facts no schema can hold: a model's context
+    length (the prompt plus max_tokens must fit it), and bytes that are not what the commit said
+    (a random expected_digest, random bytes that are no model)."""
+    if label == "POST /worker/execute" and status == 400 and "context" in text:
+        return True
+    return label == "POST /worker/commit" and status == 422 and "MODEL_LOAD_FAILED" in text
+
+
 @pytest.mark.parametrize(("label", "mode"), CASES)
 def test_api_conforms_and_never_fails_with_5xx(
     api_schema: Any, fuzz_worker: Running, label: str, mode: GenerationMode
@@ -75,7 +85,10 @@ def test_api_conforms_and_never_fails_with_5xx(
     )
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case: Any) -> None:
-        case.call_and_validate(headers=auth)
+        response = case.call(headers=auth)
+        if _tolerated(label, response.status_code, response.text):
+            return
+        case.validate_response(response)
 
     run()
     # The worker survived: still serving, still Ready.

@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vram_residency.errors import ConfigError, InvalidInput
 from vram_residency.formats.tree import ALGORITHMS
-from vram_residency.service.errors import ModelLoadFailed, SignatureInvalid
+from vram_residency.service.catalog import ModelNotFound
+from vram_residency.service.errors import ModelLoadFailed, PathNotAllowed, SignatureInvalid
 from vram_residency.service.executor import ModelFiles
 
 __all__ = [
@@ -120,7 +121,9 @@ def verify_signature(signature: str, check: DigestCheck, keys: Sequence[Ed25519P
     """Raise unless ``signature`` is a valid Ed25519 signature, by one of ``keys``, of the SHA-256
     that ``check`` expects. Called before anything is loaded."""
     if check.sha256 is None:
-        raise InvalidInput("a signature needs expected_digest as 64 hex characters (the SHA-256 it signs)")
+        raise SignatureInvalid(
+            "a signature needs expected_digest as 64 hex characters (the SHA-256 it signs); nothing was loaded"
+        )
     if not keys:
         raise SignatureInvalid("a signature was given but this worker has no commit signing key configured")
     try:
@@ -146,9 +149,9 @@ def files_for_path(name: str, path: Path, roots: Sequence[Path]) -> ModelFiles:
     try:
         real = path.resolve(strict=True)
     except (OSError, RuntimeError):
-        raise ModelLoadFailed(f"model_bytes path {str(path)!r} does not exist") from None
+        raise ModelNotFound(f"model_bytes path {str(path)!r} does not exist") from None
     if not any(real.is_relative_to(r.resolve()) for r in roots):
-        raise InvalidInput(
+        raise PathNotAllowed(
             f"model_bytes path {str(path)!r} is outside the directories this worker loads models from "
             "(--model-dir, the example models); give a path inside one"
         )

@@ -18,6 +18,7 @@ __all__ = [
     "ModelLoadFailed",
     "ModelNotCommitted",
     "ModelNotExecutable",
+    "PathNotAllowed",
     "QueueFull",
     "SignatureInvalid",
 ]
@@ -64,3 +65,7 @@ class JobCancelled(VramError):
 
 class JobTimedOut(VramError):
     """The job ran longer than the worker's execution timeout."""
+
+
+class PathNotAllowed(InvalidInput):
+    """A model path outside the directories this worker loads models from."""

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -148,6 +149,27 @@ def create_app(
     app.include_router(execute_router(worker), dependencies=auth)
     for router in extra_routers:  # attestation, audit head: behind the token
         app.include_router(router, dependencies=auth)
+
+    # The worker's own limits, in the schema (they are configurable, so not in the models).
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            comps = schema.get("components", {}).get("schemas", {})
+            cfg = worker.config
+            comps.get("ExecuteRequest", {}).get("properties", {}).get("prompt", {})["maxLength"] = (
+                cfg.max_prompt_chars
+            )
+            for name in ("ExecuteRequest", "ExecuteParams"):
+                mt = comps.get(name, {}).get("properties", {}).get("max_tokens", {})
+                for alt in mt.get("anyOf", [mt]):
+                    if alt.get("type") == "integer":
+                        alt["maximum"] = cfg.max_tokens
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # Outermost first: correlation id, authentication, then the size limit, then FastAPI.
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)

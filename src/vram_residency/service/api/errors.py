@@ -34,6 +34,7 @@ from vram_residency.service.errors import (
     ModelLoadFailed,
     ModelNotCommitted,
     ModelNotExecutable,
+    PathNotAllowed,
     QueueFull,
 )
 from vram_residency.service.lifecycle import WorkerNotReady, WorkerStopped
@@ -153,6 +154,8 @@ def from_exception(exc: BaseException) -> ServiceError:
         return ServiceError(504, ErrorCode.TIMEOUT, str(exc))
     if isinstance(exc, ModelLoadFailed):
         return ServiceError(422, ErrorCode.MODEL_LOAD_FAILED, str(exc))
+    if isinstance(exc, PathNotAllowed):
+        return ServiceError(403, ErrorCode.INVALID_PARAMS, str(exc))
     if isinstance(exc, (ModelAlreadyCommitted, JobConflict)):
         return ServiceError(409, ErrorCode.INVALID_PARAMS, str(exc))
     if isinstance(exc, (NotSealed, ModelNotFound, ModelNotCommitted)):

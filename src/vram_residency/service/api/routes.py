@@ -136,8 +136,11 @@ def worker_router(worker: Worker, *, auth: list[Any], ready_public: bool = False
             executable, why = worker.capability(worker.catalog.resolve(name))
             if not executable and feasible:
                 feasible, reason = False, why
-        if req.shard_layout == "tensor_parallel" and (req.tp_degree or 1) > 1:
-            feasible, reason = False, "tensor-parallel plans are not supported yet: one GPU per worker"
+        if req.shard_layout == "tensor_parallel":
+            if req.tp_degree is None:
+                feasible, reason = False, "tp_degree is required for shard_layout tensor_parallel"
+            elif req.tp_degree > 1:
+                feasible, reason = False, "tensor-parallel plans are not supported yet: one GPU per worker"
         shard_plan = (
             [{"shard_index": 0, "vram_bytes": out["needed_bytes"], "gpu_device": worker.config.device}]
             if feasible

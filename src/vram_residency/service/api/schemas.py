@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 __all__ = [
     "SSE_EVENT_SCHEMA",
@@ -35,6 +35,28 @@ _JOB_ID = r"^[A-Za-z0-9._:\-]{1,128}$"
 _DIGEST = r"^([0-9a-fA-F]{64}|(sha256-tree-v1|blake3):[0-9a-fA-F]{64})$"
 
 
+def _no_bool(value: object) -> object:
+    # JSON Schema's integer takes 5 and 5.0, never true: pydantic's lax int would take true as 1.
+    if isinstance(value, bool):
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
+#: An integer as JSON Schema has it.
+JsonInt = Annotated[int, BeforeValidator(_no_bool)]
+TpDegree = Annotated[int, Field(ge=1, le=1024), BeforeValidator(_no_bool)]
+SizeBytes = Annotated[int, Field(ge=1, le=1 << 50), BeforeValidator(_no_bool)]
+ShardIndex = Annotated[int, Field(ge=0, le=0), BeforeValidator(_no_bool)]
+MaxTokens = Annotated[int, Field(ge=1), BeforeValidator(_no_bool)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(_no_bool)]
+_B64: Final = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def _given(name: str, type_: str) -> dict[str, Any]:
+    """JSON Schema for "``name`` is present and not null" (a oneOf branch)."""
+    return {"required": [name], "properties": {name: {"type": type_}}}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,23 +72,32 @@ class ErrorBody(BaseModel):
     details: dict[str, Any] | None = None
 
 
-class PlanRequest(_Strict):
+class PlanRequest(BaseModel):
     """The contract's plan request (``model_ref``, ``shard_layout``, ``tp_degree``), or one of
     this project's additions: ``model`` (a name, as before) or ``vram_bytes`` (a bare size)."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                _given("model_ref", "string"),
+                _given("model", "string"),
+                _given("vram_bytes", "integer"),
+            ]
+        },
+    )
+
     model_ref: str | None = Field(None, pattern=_MODEL_NAME, description="the model, by name")
     shard_layout: Literal["single", "tensor_parallel"] = "single"
-    tp_degree: int | None = Field(None, ge=1, le=1024, description="required for tensor_parallel")
+    tp_degree: TpDegree | None = Field(None, description="required for tensor_parallel")
     model: str | None = Field(None, pattern=_MODEL_NAME, description="addition: same as model_ref")
-    vram_bytes: int | None = Field(None, ge=1, le=1 << 50, description="addition: plan for a size")
+    vram_bytes: SizeBytes | None = Field(None, description="addition: plan for a size")
 
     @model_validator(mode="after")
     def _one_subject(self) -> PlanRequest:
         given = [n for n in ("model_ref", "model", "vram_bytes") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of model_ref, model (addition) or vram_bytes (addition)")
-        if self.shard_layout == "tensor_parallel" and self.tp_degree is None:
-            raise ValueError("tp_degree is required for shard_layout tensor_parallel")
         return self
 
 
@@ -94,10 +125,14 @@ class PlanResponse(BaseModel):
 
 
 class ModelBytesInline(_Strict):
-    base64: str = Field(description="the model's bytes, base64 (bounded by the request body limit)")
+    base64: str = Field(
+        min_length=4,
+        pattern=_B64,
+        description="the model's bytes, base64 (bounded by the request body limit)",
+    )
 
 
-class CommitRequest(_Strict):
+class CommitRequest(BaseModel):
     """The contract's commit (``model_ref``, ``shard_id``, ``shard_index``, ``model_bytes``,
     ``expected_digest``, ``signature``), or the project's commit by ``model`` name.
 
@@ -105,9 +140,14 @@ class CommitRequest(_Strict):
     models from, or ``{"base64": ...}`` with the bytes themselves. Without it, ``model_ref`` is
     resolved by name like ``model``."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [_given("model_ref", "string"), _given("model", "string")]},
+    )
+
     model_ref: str | None = Field(None, pattern=_MODEL_NAME)
     shard_id: str | None = Field(None, pattern=_JOB_ID, description="the handle id, chosen by the caller")
-    shard_index: int = Field(0, ge=0, le=0, description="0: one shard per model until tensor parallelism")
+    shard_index: ShardIndex = Field(0, description="0: one shard per model until tensor parallelism")
     model_bytes: str | ModelBytesInline | None = Field(None, description="a path, or {base64: bytes}")
     expected_digest: str | None = Field(
         None,
@@ -115,7 +155,11 @@ class CommitRequest(_Strict):
         description="64 hex: SHA-256 of the model bytes; or sha256-tree-v1:HEX / blake3:HEX (additions)",
     )
     signature: str | None = Field(
-        None, max_length=1024, description="base64 Ed25519 signature of the SHA-256 (expected_digest)"
+        None,
+        min_length=4,
+        max_length=1024,
+        pattern=_B64,
+        description="base64 Ed25519 signature of the SHA-256 (expected_digest)",
     )
     model: str | None = Field(None, pattern=_MODEL_NAME, description="addition: a model name")
 
@@ -123,8 +167,6 @@ class CommitRequest(_Strict):
     def _one_model(self) -> CommitRequest:
         if (self.model is None) == (self.model_ref is None):
             raise ValueError("give exactly one of model_ref or model (addition)")
-        if self.model_bytes is not None and self.model_ref is None:
-            raise ValueError("model_bytes goes with model_ref")
         return self
 
 
@@ -209,21 +251,24 @@ class ReadyResponse(BaseModel):
 class ExecuteParams(_Strict):
     """Generation parameters; any other name is refused, by name."""
 
-    max_tokens: int | None = Field(
-        None, ge=1, description="most tokens to generate (an encoder: most input tokens read)"
+    max_tokens: MaxTokens | None = Field(
+        None, description="most tokens to generate (an encoder: most input tokens read)"
     )
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same tokens")
+    seed: Seed | None = Field(None, description="same seed, same tokens")
 
 
 class ExecuteRequest(_Strict):
     handle_id: str | None = Field(None, pattern=_JOB_ID, description="a handle from commit or ready")
-    prompt: str = Field(min_length=1)
+    # The length limit is the worker's (default 100,000): create_app writes it into the schema.
+    prompt: str = Field(
+        min_length=1, json_schema_extra={"pattern": "^[^\\u0000]*$"}, description="no NUL characters"
+    )
     params: ExecuteParams = Field(default_factory=lambda: ExecuteParams.model_validate({}))
     # Additions.
     job_id: str | None = Field(None, pattern=_JOB_ID)
     model: str | None = Field(None, pattern=_MODEL_NAME, description="a model by name")
-    max_tokens: int | None = Field(None, ge=1, description="addition: same as params.max_tokens")
+    max_tokens: MaxTokens | None = Field(None, description="addition: same as params.max_tokens")
 
     @model_validator(mode="after")
     def _one_max_tokens(self) -> ExecuteRequest:

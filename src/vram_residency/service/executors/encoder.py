@@ -268,9 +268,11 @@ class BertEncoder(InPlaceExecutor):
             raise InvalidInput("prompt is empty")
         enc = self._tokenizer.encode(prompt)
         ids, tokens = list(enc.ids), list(enc.tokens)
+        if max_tokens is not None:
+            # An encoder reads at least [CLS] and [SEP]: max_tokens 1 (valid by the contract)
+            # reads those two.
+            max_tokens = max(max_tokens, 2)
         if max_tokens is not None and len(ids) > max_tokens:
-            if max_tokens < 2:
-                raise InvalidInput("max_tokens must be at least 2 for an encoder ([CLS] and [SEP])")
             # Keep the closing [SEP]: the model was trained on complete sequences.
             ids, tokens = ids[: max_tokens - 1] + ids[-1:], tokens[: max_tokens - 1] + tokens[-1:]
         return JobInput(tokens=tuple(tokens), data=np.asarray(ids, dtype=np.int64))
