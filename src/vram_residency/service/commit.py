@@ -122,7 +122,7 @@ def verify_signature(signature: str, check: DigestCheck, keys: Sequence[Ed25519P
     that ``check`` expects. Called before anything is loaded."""
     if check.sha256 is None:
         raise SignatureInvalid(
-            "a signature needs expected_digest as 64 hex characters (the SHA-256 it signs); nothing was loaded"
+            "a signature needs expected_digest as 64 hex (the SHA-256 it signs); nothing was loaded"
         )
     if not keys:
         raise SignatureInvalid("a signature was given but this worker has no commit signing key configured")
