@@ -197,3 +197,57 @@ def test_17_18_execute_without_a_handle_runs_the_first_model(tmp_path: Path) -> 
     status, events, _ = execute(c, {"prompt": "hello world"})  # the README's curl body
     assert status == 200 and events[0][1]["model"] == EXAMPLE and events[-1][0] == "end"
     assert w.stop() == 0
+
+
+# -- #17.8: a shutdown that failed exits non-zero ------------------------------------------------
+def test_17_8_a_failed_shutdown_exits_non_zero(tmp_path: Path) -> None:
+    import signal
+
+    from serve_process import write_token
+
+    token = tmp_path / "token"
+    write_token(token)
+    audit = tmp_path / "audit" / "audit.jsonl"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vram_residency.cli.main",
+            "serve",
+            "--backend",
+            "host",
+            "--port",
+            "0",
+            "--token-file",
+            str(token),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--audit-log",
+            str(audit),
+            "--scrub-interval",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=clean_env(),
+        # A write past RLIMIT_FSIZE then fails with EFBIG instead of killing the process.
+        preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+    )
+    assert proc.stdout is not None
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, b"")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any(b"listening:" in ln for ln in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, b"".join(lines).decode()
+        time.sleep(0.05)
+    time.sleep(0.5)  # the startup records are on disk
+    # The disk is "full" for this process from now on: the audit log cannot grow any more.
+    size = audit.stat().st_size
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (size, size))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) != 0
+    reader.join(5)
+    out = b"".join(lines).decode(errors="replace")
+    assert "stopped (shards zeroed and freed)" not in out
+    assert "SHUTDOWN FAILED" in out, out[-2000:]
