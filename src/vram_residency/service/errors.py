@@ -21,6 +21,7 @@ __all__ = [
     "PathNotAllowed",
     "QueueFull",
     "SignatureInvalid",
+    "WorkerBusy",
 ]
 
 
@@ -69,3 +70,10 @@ class JobTimedOut(VramError):
 
 class PathNotAllowed(InvalidInput):
     """A model path outside the directories this worker loads models from."""
+
+
+class WorkerBusy(VramError):
+    """The shards are in use by a running execute; an exclusive operation (a move) retries later
+    instead of queueing behind inference."""
+
+    _retriable = True

@@ -36,6 +36,7 @@ from vram_residency.service.errors import (
     ModelNotExecutable,
     PathNotAllowed,
     QueueFull,
+    WorkerBusy,
 )
 from vram_residency.service.lifecycle import WorkerNotReady, WorkerStopped
 
@@ -154,6 +155,8 @@ def from_exception(exc: BaseException) -> ServiceError:
         return ServiceError(504, ErrorCode.TIMEOUT, str(exc))
     if isinstance(exc, ModelLoadFailed):
         return ServiceError(422, ErrorCode.MODEL_LOAD_FAILED, str(exc))
+    if isinstance(exc, WorkerBusy):
+        return ServiceError(409, ErrorCode.WORKER_NOT_READY, str(exc), retry_after_ms=RETRY_AFTER_MS_BUSY)
     if isinstance(exc, PathNotAllowed):
         return ServiceError(403, ErrorCode.INVALID_PARAMS, str(exc))
     if isinstance(exc, (ModelAlreadyCommitted, JobConflict)):
