@@ -72,7 +72,9 @@ def run_serve(
     token_file = tmp / "worker.token"
     token = write_token(token_file) if not token_file.exists() else token_file.read_text().strip()
     log_path = tmp / f"serve-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", "host", "--port", "0"]
+    # VRAM_RESIDENCY_TEST_BACKEND=cuda runs the same processes on the GPU.
+    backend = os.environ.get("VRAM_RESIDENCY_TEST_BACKEND", "host")
+    cmd = [sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", backend, "--port", "0"]
     if "--config" not in args:
         cmd += ["--token-file", str(token_file), "--state-dir", str(tmp / "state")]
     with log_path.open("wb") as out:

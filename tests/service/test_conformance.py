@@ -374,6 +374,13 @@ def test_worker_4800_4822_correlation_id_echoed_logged_and_audited(env: dict[str
     assert any("decode_time_ms=" in ln and "tokens_out=" in ln and 'job_id="' in ln for ln in lines)
     audit = (env["tmp"] / "w" / "state" / "audit.jsonl").read_text()
     assert "corr-commit-4802" in audit
+    # The execute's verification pass is audited under its correlation id (with its batch's);
+    # SealVerified is not critical, so it reaches the disk with the next background flush.
+    deadline = time.monotonic() + 10
+    while not any("SealVerified" in ln and "corr-exec-4801" in ln for ln in audit.splitlines()):
+        assert time.monotonic() < deadline, "no SealVerified record with the execute's correlation id"
+        time.sleep(0.2)
+        audit = (env["tmp"] / "w" / "state" / "audit.jsonl").read_text()
     metrics = httpx.get(w.url + "/metrics").text
     for name in (
         "worker_jobs_started_total",

@@ -74,6 +74,10 @@ def set_correlation_id(value: str) -> contextvars.Token[str]:
     return _current.set(value)
 
 
+def reset_correlation_id(token: contextvars.Token[str]) -> None:
+    _current.reset(token)
+
+
 def new_correlation_id() -> str:
     return f"corr-{secrets.token_hex(8)}"
 

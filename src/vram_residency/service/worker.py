@@ -58,7 +58,7 @@ from vram_residency.service.commit import (
     parse_expected_digest,
     verify_signature,
 )
-from vram_residency.service.context import CorrelatedAuditLog
+from vram_residency.service.context import CorrelatedAuditLog, reset_correlation_id, set_correlation_id
 from vram_residency.service.errors import (
     JobTimedOut,
     ModelAlreadyCommitted,
@@ -508,6 +508,17 @@ class Worker:
                         files = self.catalog.resolve(spec.name)
                     model = self._commit_files(files, check, spec)
             except BaseException as exc:
+                log.warning(
+                    "commit of %s failed: %s",
+                    spec.name,
+                    exc,
+                    extra={
+                        "human": f"Could not load {spec.name}: {type(exc).__name__}",
+                        "model_ref": spec.name,
+                        "worker_id": self.config.worker_id,
+                        "correlation_id": spec.correlation_id,
+                    },
+                )
                 if isinstance(exc, VramError):
                     self.lifecycle.report_failure(exc)  # only fatal errors stop the worker
                 if first and not self._models:
@@ -773,6 +784,15 @@ class Worker:
             j.batch_size = len(jobs)
         self.metrics.batch_size.observe(len(jobs))
         pending = list(jobs)
+        # The batch's audit records (its verification pass) and log lines carry the correlation
+        # ids of every request in it.
+        cid = set_correlation_id(",".join(sorted({j.correlation_id for j in jobs if j.correlation_id})))
+        try:
+            self._run_batch_locked(jobs, pending)
+        finally:
+            reset_correlation_id(cid)
+
+    def _run_batch_locked(self, jobs: list[ExecuteJob], pending: list[ExecuteJob]) -> None:
         with self._exec_lock:
             try:
                 with self.lifecycle.executing():
