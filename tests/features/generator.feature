@@ -19,3 +19,13 @@ Feature: A bare worker generates tokens on its generated example model
     And the worker is Stopped and not ready
     And further executions are refused with code "WORKER_STOPPED"
     And the audit log holds the failed verification and the security incident
+
+  Scenario: A seeded generation gives the same tokens every time
+    When a client generates 16 tokens from "Once upon" at temperature 0.8 with seed 5, twice
+    Then both streams hold the same tokens
+    And a generation with seed 6 holds other tokens
+
+  Scenario: A cancelled generation sends no token after the cancel
+    When a client cancels its generation by job id after 3 tokens
+    Then the stream ends with an error "CANCELLED" and no end event
+    And fewer tokens were sent than asked for

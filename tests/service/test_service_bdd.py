@@ -163,3 +163,72 @@ def _refused(running: dict[str, Running], code: str) -> None:
     for prompt in ("again", "and again"):
         status, body = execute(running["w"].client, prompt=prompt)
         assert status == 503 and body["code"] == code
+
+
+# -- the contract's params, seeds and cancel (generator.feature) ----------------------------------
+def _tokens(w: Running, prompt: str, n: int, temperature: float, seed: int) -> list[str]:
+    body = {"prompt": prompt, "params": {"max_tokens": n, "temperature": temperature, "seed": seed}}
+    with w.client.stream("POST", "/worker/execute", json=body) as r:
+        assert r.status_code == 200
+        return [d["t"] for e, d in _sse(r.iter_lines()) if e == "token"]
+
+
+def _sse(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    import json
+
+    event = ""
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            yield event, json.loads(line[6:])
+
+
+@when(
+    parsers.parse(
+        'a client generates {n:d} tokens from "{prompt}" at temperature {t:f} with seed {seed:d}, twice'
+    )
+)
+def _seeded(
+    running: dict[str, Running], ctx: dict[str, Any], n: int, prompt: str, t: float, seed: int
+) -> None:
+    w = running["w"]
+    ctx["seeded"] = (prompt, n, t)
+    ctx["runs"] = [_tokens(w, prompt, n, t, seed) for _ in range(2)]
+
+
+@then("both streams hold the same tokens")
+def _same(ctx: dict[str, Any]) -> None:
+    a, b = ctx["runs"]
+    assert a == b and len(a) > 0
+
+
+@then(parsers.parse("a generation with seed {seed:d} holds other tokens"))
+def _other(running: dict[str, Running], ctx: dict[str, Any], seed: int) -> None:
+    prompt, n, t = ctx["seeded"]
+    assert _tokens(running["w"], prompt, n, t, seed) != ctx["runs"][0]
+
+
+@when(parsers.parse("a client cancels its generation by job id after {k:d} tokens"))
+def _cancel(running: dict[str, Running], ctx: dict[str, Any], k: int) -> None:
+    w = running["w"]
+    body = {"job_id": "bdd-cancel", "prompt": "x", "params": {"max_tokens": 1500}}
+    events: list[tuple[str, dict[str, Any]]] = []
+    with w.client.stream("POST", "/worker/execute", json=body) as r:
+        for event, data in _sse(r.iter_lines()):
+            events.append((event, data))
+            if event == "token" and data["i"] == k - 1:
+                assert w.client.post("/worker/cancel", json={"job_id": "bdd-cancel"}).json()["cancelled"]
+    ctx["events"] = events
+
+
+@then(parsers.parse('the stream ends with an error "{code}" and no end event'))
+def _ends_with_error(ctx: dict[str, Any], code: str) -> None:
+    events = ctx["events"]
+    assert events[-1][0] == "error" and events[-1][1]["code"] == code
+    assert "end" not in [e for e, _ in events]
+
+
+@then("fewer tokens were sent than asked for")
+def _fewer(ctx: dict[str, Any]) -> None:
+    assert sum(e == "token" for e, _ in ctx["events"]) < 1500
