@@ -339,6 +339,24 @@ def test_worker_4251_job_ownership_is_the_shared_token(env: dict[str, Any]) -> N
     assert c.post("/worker/cancel", json={"job_id": "someone-elses-job"}).json()["cancelled"] is False
 
 
+def test_worker_4112_4233_max_model_size_fails_fast_and_ready_may_be_public(
+    env: dict[str, Any], tmp_path: Path
+) -> None:
+    w = run_serve(
+        tmp_path, "--model-dir", str(env["models"]), "--max-model-bytes", "100000", "--ready-public"
+    )
+    try:
+        r = w.client.post("/worker/commit", json={"model_ref": MODEL, "shard_id": "big"})
+        assert r.status_code == 422 and "above this worker's limit of 100000" in r.json()["message"]
+        open_ready = httpx.get(w.url + "/worker/ready")  # no token: --ready-public (WORKER-4233)
+        assert open_ready.status_code == 200 and open_ready.json()["ready"] is False
+    finally:
+        assert w.stop() == 0
+    # Refused before anything was read or allocated (the log is complete after the stop).
+    audit = (tmp_path / "state" / "audit.jsonl").read_text()
+    assert "ServiceStarted" in audit and "VramAllocated" not in audit
+
+
 # -- errors (4950-4952) --------------------------------------------------------------------------
 def test_worker_4950_4952_error_body_has_code_message_retriable_retry_after(env: dict[str, Any]) -> None:
     r = _w(env).client.post("/worker/plan", json={"nonsense": 1})

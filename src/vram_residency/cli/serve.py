@@ -120,6 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         readiness_callback_url=args.readiness_callback_url,
         commit_keys=tuple(args.commit_signing_key or ()),
         **({"max_tokens": args.max_tokens} if args.max_tokens is not None else {}),
+        **({"max_model_bytes": args.max_model_bytes} if args.max_model_bytes is not None else {}),
         **({"max_prompt_chars": args.max_prompt_chars} if args.max_prompt_chars is not None else {}),
     )
     # Spec mode: the config file's values are used; of the command line only --host/--port win.
@@ -236,6 +237,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="models held at once (default 1; 2 for a bare serve: the example and MiniLM)",
     )
     p.add_argument("--max-tokens", type=int, help="largest max_tokens of an execute (default 4096)")
+    p.add_argument(
+        "--max-model-bytes",
+        type=int,
+        help="largest model a commit may load, checked before anything is read (default 100 GB)",
+    )
     p.add_argument(
         "--max-prompt-chars", type=int, help="longest prompt of an execute, in characters (default 100000)"
     )

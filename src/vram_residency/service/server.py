@@ -164,6 +164,8 @@ def check_options(opts: ServeOptions) -> None:
         raise ConfigError("--host-capacity-gib must be above 0")
     if opts.drain_timeout < 0 or opts.execution_timeout < 0:
         raise ConfigError("--drain-timeout and the execution timeout must be >= 0")
+    if opts.max_model_bytes < 1 or opts.max_tokens < 1 or opts.max_prompt_chars < 1:
+        raise ConfigError("--max-model-bytes, --max-tokens and --max-prompt-chars must be at least 1")
     if opts.max_connections < 16:
         raise ConfigError(f"--max-connections must be at least 16, not {opts.max_connections}")
     if opts.header_timeout <= 0:
