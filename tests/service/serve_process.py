@@ -3,12 +3,14 @@ read back from the banner), a token file, a log file with everything it printed.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -119,3 +121,36 @@ def execute(
             r.read()
             return r.status_code, [("error", r.json())], r.headers
         return 200, list(sse(r.iter_lines())), r.headers
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A pool manager's callback endpoint on loopback: records every JSON POST (the first one
+    answered 503, to see the worker retry)."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.fail_first = 1  # the first call fails: the worker must retry
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.fail_first > 0:
+                    outer.fail_first -= 1
+                    self.send_response(503)
+                else:
+                    outer.received.append(body)
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/callback"

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import json
 import re
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from serve_process import ServeProcess, clean_env, execute, run_serve, sse, write_token
+from serve_process import Receiver, ServeProcess, clean_env, execute, run_serve, sse, write_token
 
 from vram_residency.formats.tree import SHA256_TREE_V1
 from vram_residency.service.context import fp6
@@ -419,36 +417,6 @@ def _metric(c: httpx.Client, name: str) -> float:
 
 
 # -- lifecycle and shutdown (4020-4032, 4960-4972), config (4980-4991), callbacks ----------------
-class _Receiver(http.server.ThreadingHTTPServer):
-    def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        self.fail_first = 1  # the first call fails: the worker must retry
-
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if outer.fail_first > 0:
-                    outer.fail_first -= 1
-                    self.send_response(503)
-                else:
-                    outer.received.append(body)
-                    self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/callback"
-
-
 def _spec_config(tmp: Path, token_file: Path, callback: str, **extra: Any) -> dict[str, Any]:
     return {
         "worker_id": "worker-conf-0",
@@ -467,7 +435,7 @@ def test_worker_4980_4991_config_file_env_and_callbacks(env: dict[str, Any], tmp
     shutil.copytree(env["models"] / MODEL, tmp_path / "models" / MODEL)
     token = tmp_path / "token"
     write_token(token)
-    receiver = _Receiver()
+    receiver = Receiver()
     try:
         cfg = tmp_path / "worker.json"
         cfg.write_text(json.dumps(_spec_config(tmp_path, token, receiver.url, drain_timeout_ms=5000)))

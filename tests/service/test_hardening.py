@@ -246,8 +246,33 @@ def test_17_8_a_failed_shutdown_exits_non_zero(tmp_path: Path) -> None:
     size = audit.stat().st_size
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (size, size))
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) != 0
+    rc = proc.wait(60)
+    reader.join(5)
+    assert rc != 0, b"".join(lines).decode(errors="replace")[-3000:]
     reader.join(5)
     out = b"".join(lines).decode(errors="replace")
     assert "stopped (shards zeroed and freed)" not in out
     assert "SHUTDOWN FAILED" in out, out[-2000:]
+
+
+# -- the failure callback goes out at the incident, not only at exit -------------------------------
+def test_failure_callback_at_a_security_incident(worker_factory: Callable[..., Running]) -> None:
+    from serve_process import Receiver
+
+    receiver = Receiver()
+    try:
+        w = worker_factory(model=EXAMPLE, readiness_callback_url=receiver.url, pool_id="pool-x")
+        mgr = w.worker.manager
+        (shard,) = mgr.shards()
+        flip_bit(mgr, shard, 8 * 4096 + 1)
+        v = w.client.post("/worker/verify")
+        assert v.status_code == 500 and v.json()["code"] == "SEAL_VERIFICATION_FAILED"
+        deadline = time.monotonic() + 20
+        while not receiver.received:
+            assert time.monotonic() < deadline, "no failure callback"
+            time.sleep(0.05)
+        (got,) = receiver.received
+        assert got["event"] == "failed" and got["pool_id"] == "pool-x" and got["state"] == "Stopped"
+        assert "SealVerificationFailed" in got["reason"]
+    finally:
+        receiver.shutdown()

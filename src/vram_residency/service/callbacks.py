@@ -55,6 +55,8 @@ class Callbacks:
         self._attempts = attempts
         self._base = {"worker_id": worker_id, "pool_id": pool_id}
         self._threads: list[threading.Thread] = []
+        #: The failure callback went out already (at the incident): not again at exit.
+        self.failure_sent = False
 
     def _post(self, body: Mapping[str, Any]) -> bool:
         data = json.dumps({**self._base, **body}, separators=(",", ":")).encode()
@@ -83,6 +85,18 @@ class Callbacks:
         t = threading.Thread(
             target=self._post,
             args=({"event": "ready", "ready": True, "handles": handles, "url": url},),
+            name="vram-callback",
+            daemon=True,
+        )
+        t.start()
+        self._threads.append(t)
+
+    def failed_now(self, reason: str) -> None:
+        """The failure callback, in the background (called at a security incident)."""
+        self.failure_sent = True
+        t = threading.Thread(
+            target=self._post,
+            args=({"event": "failed", "ready": False, "state": "Stopped", "reason": reason},),
             name="vram-callback",
             daemon=True,
         )

@@ -184,6 +184,22 @@ def check_options(opts: ServeOptions) -> None:
             raise ConfigError(f"--audit-log {opts.audit_log} is not writable")
 
 
+def _incident_hook(
+    user: Callable[[Incident], object] | None, callbacks: Callbacks | None
+) -> Callable[[Incident], object] | None:
+    """The user's incident callback, and the pool manager's failure callback (sent at once, in
+    the background: the worker is Stopped and a pool manager should route around it now)."""
+    if callbacks is None:
+        return user
+
+    def hook(incident: Incident) -> None:
+        callbacks.failed_now(f"security incident {incident.id}: {incident.error_type}")
+        if user is not None:
+            user(incident)
+
+    return hook
+
+
 def build(opts: ServeOptions) -> Built:
     """Check the token, open the worker, commit the startup model, and make the app."""
     check_options(opts)
@@ -246,7 +262,7 @@ def build(opts: ServeOptions) -> Built:
         audit_path=audit_path,
         metrics=Metrics(),
         factories=tuple(default_factories()),
-        on_incident=opts.on_incident,
+        on_incident=_incident_hook(opts.on_incident, callbacks),
     )
     built_ref: list[Built] = []
 
@@ -469,7 +485,7 @@ def serve(built: Built, sock: socket.socket | None = None) -> int:
         if built.shutdown_error is not None:
             log.error("shutdown failed: %s", built.shutdown_error)
             status = 1
-        if built.callbacks is not None:
+        if built.callbacks is not None and not built.callbacks.failure_sent:
             incidents = w.lifecycle.incidents
             failed = bool(incidents) or status != 0
             reason = (

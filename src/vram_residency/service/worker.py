@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from vram_residency.audit.errors import AuditWriteFailed
 from vram_residency.audit.log import AuditLog
 from vram_residency.backends.base import ALIGNMENT
 from vram_residency.errors import (
@@ -887,9 +888,18 @@ class Worker:
                 if self._manager is not None:
                     self._manager.close()
             finally:
-                with contextlib.suppress(VramError):
+                stop_error: VramError | None = None
+                try:
                     self.lifecycle.stop("shutdown")
+                except VramError as exc:
+                    stop_error = exc
                 self._close_audit()
+                # A shutdown whose last records did not reach the audit log failed (#17.8): the
+                # trail is incomplete, and the exit status must say so.
+                if stop_error is not None:
+                    raise stop_error
+                if self._audit is not None and self._audit.failed:
+                    raise AuditWriteFailed("the audit log failed: records of this run were lost")
             if executor_errors:
                 raise executor_errors[0]
 
