@@ -13,6 +13,7 @@ The formats (``sha256-tree-v1``, ``blake3``, ``seal-v1``) are in :mod:`vram_resi
 errors in :mod:`vram_residency.errors`.
 """
 
+from vram_residency._core import TensorSpan
 from vram_residency.errors import (
     ConfigError,
     CudaAllocationFailed,
@@ -24,7 +25,7 @@ from vram_residency.errors import (
     SealVerificationFailed,
     VramError,
 )
-from vram_residency.manager import TensorSpan, VramManager
+from vram_residency.manager import VramManager
 from vram_residency.shard import SealedShard, check_seal_record
 
 __version__ = "0.1.0"

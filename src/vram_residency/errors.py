@@ -12,6 +12,7 @@ must stop.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "ConfigError",
@@ -22,6 +23,8 @@ __all__ = [
     "NotSealed",
     "PolicyViolation",
     "SealVerificationFailed",
+    "ShardFailure",
+    "UnsupportedOperation",
     "VramError",
 ]
 
@@ -74,6 +77,18 @@ class NotSealed(VramError):
     """The shard is unknown to this manager, already deallocated, or was never sealed."""
 
 
+@dataclass(frozen=True, slots=True)
+class ShardFailure:
+    """One shard that failed verification: what ``SealVerificationFailed`` says about it."""
+
+    shard_id: str
+    expected_digest: str = ""
+    actual_digest: str = ""
+    corrupted_ranges: tuple[tuple[int, int], ...] = ()
+    corrupted_tensors: tuple[str, ...] = ()
+    tag_valid: bool = True
+
+
 class SealVerificationFailed(VramError):
     """The seal's tag or the digest of the bytes in device memory does not match.
 
@@ -81,6 +96,12 @@ class SealVerificationFailed(VramError):
     when the tag was intact and the digest mismatched; it is empty when the tag itself failed.
     ``corrupted_tensors`` names the tensors overlapping those ranges where the shard has a tensor
     index (sealed from a safetensors or GGUF file, or adopted from framework tensors).
+
+    A batched verification (``verify_many``, ``verify_model``) that finds several shards changed
+    raises one error: ``failures`` holds every failed shard, in the order they were given, and the
+    single-shard attributes above describe the first of them. ``audit_error`` is set (and is the
+    ``__cause__``) when writing the failure to the audit log failed as well: the seal failure is
+    still the error raised, never replaced by the audit error.
     """
 
     _fatal = True
@@ -95,6 +116,7 @@ class SealVerificationFailed(VramError):
         corrupted_ranges: Sequence[tuple[int, int]] = (),
         corrupted_tensors: Sequence[str] = (),
         tag_valid: bool = True,
+        failures: Sequence[ShardFailure] = (),
     ) -> None:
         self.shard_id = shard_id
         self.expected_digest = expected_digest
@@ -102,7 +124,30 @@ class SealVerificationFailed(VramError):
         self.corrupted_ranges: list[tuple[int, int]] = [(int(a), int(b)) for a, b in corrupted_ranges]
         self.corrupted_tensors: list[str] = list(corrupted_tensors)
         self.tag_valid = tag_valid
+        if not failures and shard_id:
+            failures = (
+                ShardFailure(
+                    shard_id,
+                    expected_digest,
+                    actual_digest,
+                    tuple(self.corrupted_ranges),
+                    tuple(self.corrupted_tensors),
+                    tag_valid,
+                ),
+            )
+        self.failures: tuple[ShardFailure, ...] = tuple(failures)
+        self.audit_error: BaseException | None = None
         super().__init__(message)
+
+    @property
+    def shard_ids(self) -> list[str]:
+        """Every failed shard's id, in order."""
+        return [f.shard_id for f in self.failures]
+
+    @property
+    def audit_failed(self) -> bool:
+        """True when the audit log could not record this failure (see ``audit_error``)."""
+        return self.audit_error is not None
 
 
 class IntegrityViolation(VramError):

@@ -38,6 +38,7 @@ __all__ = [
     "HashResult",
     "check_algorithm",
     "digest",
+    "digest_only",
     "hash_units",
     "reduce_sha256_tree",
     "unit_count",
@@ -183,6 +184,26 @@ def hash_units(
         hasher.update(view)
         dig = hasher.digest()
     return HashResult(dig, b"".join(units))
+
+
+def digest_only(
+    data: memoryview | bytes | bytearray,
+    algorithm: str,
+    *,
+    threads: int | None = None,
+    key: bytes | None = None,
+) -> bytes:
+    """The digest alone, skipping unit digests where the algorithm allows (BLAKE3's digest is one
+    pass over the data; sha256-tree-v1's root needs the unit digests anyway): the verify path."""
+    algorithm = check_algorithm(algorithm)
+    _check_key(algorithm, key)
+    if algorithm != BLAKE3:
+        return hash_units(data, algorithm, threads=threads, key=key).digest
+    view = memoryview(data).cast("B")
+    mt = (threads or _workers()) if len(view) >= 1 << 24 else 1
+    hasher = _blake3.blake3(max_threads=mt) if key is None else _blake3.blake3(key=key, max_threads=mt)
+    hasher.update(view)
+    return bytes(hasher.digest())
 
 
 def digest(data: memoryview | bytes | bytearray, algorithm: str = SHA256_TREE_V1) -> bytes:

@@ -471,7 +471,7 @@ class Worker:
 
     def _build_executor(self, files: ModelFiles, shard: SealedShard) -> tuple[Executor | None, str]:
         mgr = self.manager
-        buf = mgr._entry(shard).buf
+        buf = mgr.device_buffer(shard)
         caps = mgr.capabilities
         memory = buf.host_view() if caps.host_view else None
         device: DeviceMemory | None = None

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from vram_residency._core import TensorSpan
 from vram_residency.errors import InvalidInput
-from vram_residency.manager import TensorSpan
 
 __all__ = [
     "FORMATS",
