@@ -115,9 +115,12 @@ class DeviceBuffer(abc.ABC):
         executor run on the very bytes that were verified. UnsupportedOperation elsewhere."""
         raise UnsupportedOperation(f"{type(self).__name__} has no host view")
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise IntegrityViolation once the buffer was freed (backends check before device work)."""
         if self._closed:
             raise IntegrityViolation("device buffer used after it was freed")
+
+    _check_open = check_open  # the subclasses' own spelling
 
     def write(self, offset: int, data: Buffer) -> None:
         view = memoryview(data).cast("B")

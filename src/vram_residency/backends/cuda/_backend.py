@@ -313,7 +313,7 @@ class CudaBackend(Backend):
     def check_policy(self, buf: DeviceBuffer) -> None:
         if not isinstance(buf, CudaBuffer) or buf._backend is not self:
             raise PolicyViolation("buffer does not belong to this CUDA backend")
-        buf._check_open()
+        buf.check_open()
         self.check_pointer(buf._ptr, buf.size)
 
     def check_pointer(self, ptr: int, size: int) -> None:
@@ -502,7 +502,7 @@ class CudaBackend(Backend):
         n = buf.size if length is None else length
         check_range(buf.size, 0, n)
         with buf._lock:
-            buf._check_open()
+            buf.check_open()
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, units)
@@ -521,7 +521,7 @@ class CudaBackend(Backend):
         check_range(buf.size, 0, n)
         drv = driver()
         with buf._lock:
-            buf._check_open()
+            buf.check_open()
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, True)
