@@ -18,7 +18,6 @@ from vram_residency.formats.tree import SHA256_TREE_V1, HashResult
 from vram_residency.shard import SealedShard
 
 if TYPE_CHECKING:
-    from vram_residency.scrub import Scrubber
     from vram_residency.sources.layout import FileFormat
     from vram_residency.sources.manifest import Manifest
     from vram_residency.sources.model import SealedModel
@@ -342,12 +341,6 @@ class VramManager:
                     f"verify_many takes SealedShard or SealedModel items, not {type(item).__name__}"
                 )
         self._store.verify_many(flat)
-
-    def scrubber(self, **options: Any) -> Scrubber:
-        """A :class:`vram_residency.Scrubber` over this manager's shards (not started)."""
-        from vram_residency.scrub import Scrubber
-
-        return Scrubber(self, **options)
 
     # -- release ------------------------------------------------------------------------------
     def deallocate(self, shard: SealedShard) -> None:

@@ -117,8 +117,9 @@ def check_seal_record(record: dict[str, Any] | str | bytes, worker_token: str | 
     """Check a seal record's tag with the worker token; what an orchestrator runs.
 
     ``record`` is the dict of :meth:`SealedShard.record` or its JSON text. Returns the record as
-    a ``SealedShard`` (without any device memory behind it). Raises ``InvalidInput`` for a malformed record, ``ConfigError`` for an unusable token, and
-    ``SealVerificationFailed`` when the tag does not match.
+    a ``SealedShard`` (without any device memory behind it). Raises ``InvalidInput`` for a
+    malformed record, ``ConfigError`` for an unusable token, and ``SealVerificationFailed`` when
+    the tag does not match.
     """
     if isinstance(record, (str, bytes, bytearray)):
         record = parse_record_text(record)

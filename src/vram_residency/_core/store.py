@@ -29,7 +29,7 @@ from vram_residency.audit.events import (
     VRAM_DEALLOCATED,
     VRAM_SEALED,
 )
-from vram_residency.backends.base import Backend, DeviceBuffer, Segment
+from vram_residency.backends.base import Backend, DeviceBuffer, Priority, Segment
 from vram_residency.errors import (
     CudaAllocationFailed,
     InsufficientVram,
@@ -373,13 +373,14 @@ class ShardStore:
         )
 
     # -- verification ---------------------------------------------------------------------------
-    def verify_many(self, shards: Iterable[SealedShard]) -> None:
+    def verify_many(self, shards: Iterable[SealedShard], *, priority: Priority = "normal") -> None:
         """Verify every shard: the tags, then ONE ``backend.digest_many`` over all of them, then
         unit digests (one ``hash_many``) only for those whose digest changed, to say where.
 
         Every shard is audited (``SealVerified`` or ``SealVerificationFailed``); on any failure
         one ``SealVerificationFailed`` names every failed shard (``failures``). Unknown shards
-        raise NotSealed and non-shards InvalidInput before anything is verified."""
+        raise NotSealed and non-shards InvalidInput before anything is verified. ``priority="low"``
+        is background verification (the scrubber): see ``backends.base.Priority``."""
         presented = list(shards)
         for s in presented:
             if not isinstance(s, SealedShard):
@@ -394,13 +395,15 @@ class ShardStore:
             for sid, rec in records.items():
                 if rec.buf.closed:
                     raise NotSealed(f"shard {sid!r} was deallocated")
-            self._verify_held(presented, records)
+            self._verify_held(presented, records, priority)
 
     def verify_held(self, shard: SealedShard, record: ShardRecord) -> None:
         """Verify one shard whose ``record.lock`` the caller already holds (repair does)."""
         self._verify_held([shard], {shard.shard_id: record})
 
-    def _verify_held(self, presented: list[SealedShard], records: dict[str, ShardRecord]) -> None:
+    def _verify_held(
+        self, presented: list[SealedShard], records: dict[str, ShardRecord], priority: Priority = "normal"
+    ) -> None:
         failures: dict[str, ShardFailure] = {}
         events: list[tuple[str, dict[str, Any]]] = []
         for s in presented:
@@ -409,7 +412,7 @@ class ShardStore:
         todo = [r for sid, r in records.items() if sid not in failures]
         segments = [Segment(r.buf, r.shard.vram_bytes, r.shard.digest_algorithm) for r in todo]
         start = time.perf_counter_ns()
-        digests = self._backend.digest_many(segments) if segments else []
+        digests = self._backend.digest_many(segments, priority=priority) if segments else []
         elapsed_ns = time.perf_counter_ns() - start
         if len(digests) != len(segments):
             raise IntegrityViolation(

@@ -11,14 +11,19 @@ import abc
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from typing_extensions import Buffer
 
 from vram_residency.errors import IntegrityViolation, InvalidInput, UnsupportedOperation
 from vram_residency.formats.tree import HashResult
 
-__all__ = ["ALIGNMENT", "Backend", "Capabilities", "DeviceBuffer", "Segment", "check_range"]
+__all__ = ["ALIGNMENT", "Backend", "Capabilities", "DeviceBuffer", "Priority", "Segment", "check_range"]
+
+#: How urgent a segment table is. ``"low"`` is background work (the scrubber): a GPU backend with
+#: ``Capabilities.priority_streams`` runs it on a low-priority stream so that serving kernels go
+#: first; the host backend runs it on one thread; a backend without either ignores it.
+Priority = Literal["normal", "low"]
 
 #: Allocations are rounded up to this many bytes (cudaMalloc's guarantee, kept on every backend
 #: so that kernels can use 16-byte vector loads on any shard).
@@ -60,6 +65,8 @@ class Capabilities:
     #: ``Backend.hash_many``/``digest_many`` run a whole segment table in one pass (one launch or
     #: a few, one synchronization) rather than one segment after another.
     batched_digests: bool
+    #: ``hash_many``/``digest_many`` honour ``priority="low"`` on the device (a low-priority stream).
+    priority_streams: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,14 +206,16 @@ class Backend(abc.ABC):
         digests saves work (on the GPU, BLAKE3's unit digests need a second pass)."""
         return self.hash(buf, algorithm, length, key=key).digest
 
-    def hash_many(self, segments: Sequence[Segment]) -> list[HashResult]:
+    def hash_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[HashResult]:
         """``hash`` of every segment, in order. Backends with ``batched_digests`` do it in one
-        pass over a segment table; this default goes one segment after another."""
+        pass over a segment table; this default goes one segment after another. ``priority``:
+        see ``Priority``."""
         return [self.hash(s.buf, s.algorithm, s.length, key=s.key) for s in segments]
 
-    def digest_many(self, segments: Sequence[Segment]) -> list[bytes]:
+    def digest_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[bytes]:
         """``digest`` of every segment, in order: the batched verify path (one launch or a few,
-        one synchronization, on backends with ``batched_digests``)."""
+        one synchronization, on backends with ``batched_digests``). ``priority``: see
+        ``Priority``."""
         return [self.digest(s.buf, s.algorithm, s.length, key=s.key) for s in segments]
 
     def adopt_host(self, memory: Buffer) -> DeviceBuffer:
