@@ -17,6 +17,8 @@ only (the ``distributed`` extra); :func:`check_tp_record` and :class:`MultiDevic
 without it.
 """
 
+from vram_residency.distributed._collective import VERDICT_BYTES, TPModel, seal_tp, verify_shards
+from vram_residency.distributed._errors import RankUnresponsive, TPIncident, TPVerificationFailed
 from vram_residency.distributed._record import (
     TP_RECORD_FORMAT,
     RankPart,
@@ -28,9 +30,16 @@ from vram_residency.distributed._record import (
 
 __all__ = [
     "TP_RECORD_FORMAT",
+    "VERDICT_BYTES",
     "RankPart",
+    "RankUnresponsive",
+    "TPIncident",
+    "TPModel",
     "TPRecord",
+    "TPVerificationFailed",
     "check_tp_record",
+    "seal_tp",
     "tp_key",
     "tp_message",
+    "verify_shards",
 ]
