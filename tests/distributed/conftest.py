@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,16 +37,14 @@ class Group:
     def wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for p in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
     def kill(self) -> None:
         for p in self.procs:
             if p.poll() is None:
-                with _suppress():
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGCONT)
                 p.kill()
                 p.wait()
@@ -69,14 +68,6 @@ class Group:
             return int(f.read_text() or 0)
         except (FileNotFoundError, ValueError):
             return 0
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 def _launch(
