@@ -60,6 +60,49 @@ def _incident(exc: TPIncident) -> dict[str, Any]:
     }
 
 
+DECODER_PROMPTS = ["hello, tensor parallel world", "x"]
+DECODER_TOKENS = 24
+
+
+def _decoder(mgr: VramManager, rank: int, world: int, out: Path, audit: ListAudit) -> dict[str, Any]:
+    """The TP decoder on this rank's sealed part; rank 0 also runs the single-process ByteLM on
+    the whole model (sealed the same way) for the test to compare against."""
+    from vram_residency.distributed import TPByteLM, split_byte_lm
+    from vram_residency.service.decoder import ByteLM, ByteLMConfig
+    from vram_residency.service.example_model import file_image
+    from vram_residency.service.executor import ModelFiles, SealedWeights
+
+    cfg = ByteLMConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=256)
+    image = file_image(cfg)
+    paths = split_byte_lm(image, cfg, world, out / f"parts-{rank}")
+    shard = mgr.seal_file(paths[rank])
+    tp = TPModel.seal(mgr, [shard], model_name="byte-lm-tp", token=TOKEN, audit=audit)
+    res: dict[str, Any] = {}
+    lm = TPByteLM(mgr, shard, cfg, rank=rank, world=world)
+    try:
+        tp.verify()
+        res["tokens"] = [lm.generate(p.encode(), DECODER_TOKENS) for p in DECODER_PROMPTS]
+        res["logits"] = lm.logits([256, *DECODER_PROMPTS[0].encode()]).tolist()
+        res["all_reduces"] = lm.all_reduces
+    finally:
+        lm.close()
+    if rank == 0:
+        full = mgr.seal_model(image)
+        files = ModelFiles(name="ref", weights=paths[0], format="safetensors", root=out)
+        weights = SealedWeights(files=files, backend="host", size=len(image), host_memory=mgr._entry(full).buf.host_view())
+        ref = ByteLM(weights, cfg)
+        try:
+            toks: list[list[int]] = [[] for _ in DECODER_PROMPTS]
+            jobs = [ref.prepare(p, DECODER_TOKENS) for p in DECODER_PROMPTS]
+            for i, job in enumerate(jobs):
+                ref.run_streaming([job], lambda _j, t, i=i: toks[i].append(t.id))
+            res["ref_tokens"] = toks
+            res["ref_logits"] = ref.logits([256, *DECODER_PROMPTS[0].encode()]).tolist()
+        finally:
+            ref.close()
+    return res
+
+
 def main() -> int:
     scenario, rank, world, init, outdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     args: dict[str, Any] = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
@@ -72,9 +115,7 @@ def main() -> int:
     try:
         with VramManager(TOKEN, device=rank, backend="host", worker_id=f"w{rank}") as mgr:
             if scenario == "decoder":
-                from tests_distributed_decoder import run_decoder  # type: ignore[import-not-found]
-
-                result.update(run_decoder(mgr, rank, world, out, args))
+                result.update(_decoder(mgr, rank, world, out, audit))
             else:
                 path, spans = _part_file(out, rank, int(args.get("size", 1 << 16)))
                 shard = mgr.seal_file(path)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from vram_residency.distributed import check_tp_record
@@ -72,3 +73,19 @@ def test_a_rank_lost_mid_verify_stops_the_others_within_the_timeout(
         assert res[r]["callbacks"] == ["RankUnresponsive"]
         assert any(e["event"] == "TPIncident" and e["critical"] for e in res[r]["audit"])
     assert waited < timeout + 10
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_decoder_equals_the_single_process_decoder(
+    group_dir: Path, launch: Callable[..., Any], world: int
+) -> None:
+    g = launch("decoder", world, group_dir)
+    g.wait(90)
+    res = g.results()
+    ref_tokens, ref_logits = res[0]["ref_tokens"], np.asarray(res[0]["ref_logits"], dtype=np.float32)
+    assert all(len(t) == 24 for t in ref_tokens)
+    for r in range(world):
+        assert res[r]["tokens"] == ref_tokens, f"rank {r}"
+        np.testing.assert_allclose(np.asarray(res[r]["logits"]), ref_logits, rtol=1e-4, atol=1e-5)
+        # Two blocks per layer, 2 layers: one all-reduce each, per forward pass.
+        assert res[r]["all_reduces"] > 0 and res[r]["all_reduces"] % 4 == 0

@@ -18,6 +18,7 @@ without it.
 """
 
 from vram_residency.distributed._collective import VERDICT_BYTES, TPModel, seal_tp, verify_shards
+from vram_residency.distributed._decoder import TPByteLM, part_file_name, split_byte_lm
 from vram_residency.distributed._errors import RankUnresponsive, TPIncident, TPVerificationFailed
 from vram_residency.distributed._record import (
     TP_RECORD_FORMAT,
@@ -34,12 +35,15 @@ __all__ = [
     "RankPart",
     "RankUnresponsive",
     "TPIncident",
+    "TPByteLM",
     "TPModel",
     "TPRecord",
     "TPVerificationFailed",
     "check_tp_record",
     "seal_tp",
     "tp_key",
+    "part_file_name",
+    "split_byte_lm",
     "tp_message",
     "verify_shards",
 ]
