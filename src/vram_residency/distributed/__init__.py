@@ -20,6 +20,7 @@ without it.
 from vram_residency.distributed._collective import VERDICT_BYTES, TPModel, seal_tp, verify_shards
 from vram_residency.distributed._decoder import TPByteLM, part_file_name, split_byte_lm
 from vram_residency.distributed._errors import RankUnresponsive, TPIncident, TPVerificationFailed
+from vram_residency.distributed._multidevice import DeviceVerification, MultiDeviceManager
 from vram_residency.distributed._record import (
     TP_RECORD_FORMAT,
     RankPart,
@@ -32,6 +33,8 @@ from vram_residency.distributed._record import (
 __all__ = [
     "TP_RECORD_FORMAT",
     "VERDICT_BYTES",
+    "DeviceVerification",
+    "MultiDeviceManager",
     "RankPart",
     "RankUnresponsive",
     "TPByteLM",
