@@ -70,7 +70,7 @@ def _decoder(mgr: VramManager, rank: int, world: int, out: Path, audit: ListAudi
     from vram_residency.distributed import TPByteLM, split_byte_lm
     from vram_residency.service.decoder import ByteLM, ByteLMConfig
     from vram_residency.service.example_model import file_image
-    from vram_residency.service.executor import ModelFiles, SealedWeights
+    from vram_residency.service.executor import DeviceMemory, ModelFiles, SealedWeights
 
     cfg = ByteLMConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=256)
     image = file_image(cfg)
@@ -89,7 +89,10 @@ def _decoder(mgr: VramManager, rank: int, world: int, out: Path, audit: ListAudi
     if rank == 0:
         full = mgr.seal_model(image)
         files = ModelFiles(name="ref", weights=paths[0], format="safetensors", root=out)
-        weights = SealedWeights(files=files, backend="host", size=len(image), host_memory=mgr._entry(full).buf.host_view())
+        buf = mgr._entry(full).buf
+        host = buf.host_view() if mgr.capabilities.host_view else None
+        dev = None if host is not None else DeviceMemory(buf.device_pointer, len(image), mgr.device, buf)
+        weights = SealedWeights(files, mgr.backend, len(image), host_memory=host, device_memory=dev)
         ref = ByteLM(weights, cfg)
         try:
             toks: list[list[int]] = [[] for _ in DECODER_PROMPTS]
@@ -109,11 +112,16 @@ def main() -> int:
     out = Path(outdir)
     result: dict[str, Any] = {"rank": rank}
     timeout = float(args.get("timeout", 5.0))
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    pg, vram = args.get("pg", "gloo"), args.get("vram", "host")
+    if pg == "nccl":
+        import torch
+
+        torch.cuda.set_device(rank)
+    dist.init_process_group(pg, init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=30))
     audit = ListAudit()
     incidents: list[str] = []
     try:
-        with VramManager(TOKEN, device=rank, backend="host", worker_id=f"w{rank}") as mgr:
+        with VramManager(TOKEN, device=rank, backend=vram, worker_id=f"w{rank}") as mgr:
             if scenario == "decoder":
                 result.update(_decoder(mgr, rank, world, out, audit))
             else:
@@ -121,6 +129,7 @@ def main() -> int:
                 shard = mgr.seal_file(path)
                 tp = TPModel.seal(
                     mgr, [shard], model_name="test-model", token=TOKEN, timeout_s=timeout,
+                    verdict_transport=args.get("transport", "gloo"),
                     audit=audit, on_incident=lambda e: incidents.append(type(e).__name__),
                 )
                 result["record"] = tp.record.record()
