@@ -17,11 +17,13 @@ from vram_residency.distributed import check_tp_record
 TOKEN = "distributed-test-token-0123456789"
 
 
-@pytest.mark.parametrize(("world", "bad"), [(2, 1), (4, 2)])
+# The 2-rank group sends its verdicts over the default group itself, the 4-rank one over the gloo
+# group made for them: both transports run.
+@pytest.mark.parametrize(("world", "bad", "transport"), [(2, 1, "group"), (4, 2, "gloo")])
 def test_seal_verify_and_a_corrupted_rank_named_everywhere(
-    group_dir: Path, launch: Callable[..., Any], world: int, bad: int
+    group_dir: Path, launch: Callable[..., Any], world: int, bad: int, transport: str
 ) -> None:
-    g = launch("corrupt", world, group_dir, {"bad_rank": bad, "size": 8 << 20})
+    g = launch("corrupt", world, group_dir, {"bad_rank": bad, "size": 8 << 20, "transport": transport})
     g.wait(60)
     res = g.results()
     records = [res[r]["record"] for r in range(world)]
