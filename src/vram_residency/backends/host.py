@@ -18,7 +18,7 @@ import threading
 
 from typing_extensions import Buffer
 
-from vram_residency.backends.base import ALIGNMENT, Backend, Capabilities, DeviceBuffer
+from vram_residency.backends.base import ALIGNMENT, Backend, Capabilities, DeviceBuffer, check_range
 from vram_residency.errors import InsufficientVram, IntegrityViolation, InvalidInput, PolicyViolation
 from vram_residency.formats.tree import HashResult, hash_units
 
@@ -186,6 +186,28 @@ class HostBackend(Backend):
             return hash_units(view, algorithm, key=key)
         finally:
             view.release()
+
+    def read_into(self, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
+        self.check_policy(buf)
+        assert isinstance(buf, HostBuffer)
+        out = out.cast("B") if out.format != "B" else out
+        check_range(buf.size, offset, len(out))
+        out[:] = buf._map[offset : offset + len(out)]
+
+    def can_access_peer(self, other: Backend) -> bool:
+        # Two emulated devices share one address space: a copy between them is one memmove.
+        return isinstance(other, HostBackend)
+
+    def copy_from(self, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int) -> None:
+        if not isinstance(src_backend, HostBackend):
+            super().copy_from(dst, src_backend, src, offset, length)
+            return
+        self.check_policy(dst)
+        src_backend.check_policy(src)
+        assert isinstance(dst, HostBuffer) and isinstance(src, HostBuffer)
+        check_range(src.size, offset, length)
+        check_range(dst.size, offset, length)
+        dst._map[offset : offset + length] = src._map[offset : offset + length]
 
     def describe(self) -> str:
         return (
