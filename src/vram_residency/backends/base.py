@@ -300,7 +300,9 @@ class Backend(abc.ABC):
         (peer to peer on CUDA); otherwise the bytes go through host memory."""
         return False
 
-    def copy_from(self, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int) -> None:
+    def copy_from(
+        self, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int
+    ) -> None:
         """Copy ``[offset, offset + length)`` of ``src`` (on ``src_backend``) to the same range of
         ``dst`` (on this backend). This default goes through host memory, one chunk at a time."""
         check_range(src.size, offset, length)

@@ -198,13 +198,16 @@ class HostBackend(Backend):
         # Two emulated devices share one address space: a copy between them is one memmove.
         return isinstance(other, HostBackend)
 
-    def copy_from(self, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int) -> None:
+    def copy_from(
+        self, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int
+    ) -> None:
         if not isinstance(src_backend, HostBackend):
             super().copy_from(dst, src_backend, src, offset, length)
             return
         self.check_policy(dst)
         src_backend.check_policy(src)
-        assert isinstance(dst, HostBuffer) and isinstance(src, HostBuffer)
+        assert isinstance(dst, HostBuffer)
+        assert isinstance(src, HostBuffer)
         check_range(src.size, offset, length)
         check_range(dst.size, offset, length)
         dst._map[offset : offset + length] = src._map[offset : offset + length]
