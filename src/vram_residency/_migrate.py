@@ -108,7 +108,7 @@ def _bad_units(sealed: bytes, got: bytes, first: int = 0) -> list[int]:
     return [
         first + i
         for i in range(count)
-        if not hmac.compare_digest(got[32 * i : 32 * (i + 1)], sealed[32 * (first + i) : 32 * (first + i + 1)])
+        if not hmac.compare_digest(got[32 * i : 32 * i + 32], sealed[32 * (first + i) :][:32])
     ]
 
 
