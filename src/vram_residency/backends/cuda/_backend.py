@@ -18,7 +18,7 @@ import numpy as np
 from typing_extensions import Buffer
 
 from vram_residency.backends.base import ALIGNMENT, Backend, Capabilities, DeviceBuffer, check_range
-from vram_residency.backends.cuda import _driver
+from vram_residency.backends.cuda import _driver, _peer
 from vram_residency.backends.cuda._driver import check, driver, request_error
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import (
@@ -157,6 +157,10 @@ class CudaBackend(Backend):
         adopt_pointer=True,
         batched_digests=False,
     )
+    # Migration, offload and restore copies (peer to peer where allowed): see _peer.py.
+    allocate_host, read_into, can_access_peer = _peer.allocate_host, _peer.read_into, _peer.can_access_peer
+    copy_from, copy_and_hash_from = _peer.copy_from, _peer.copy_and_hash_from
+    peer_copy_raw = _peer.peer_copy_raw
 
     def __init__(
         self,
