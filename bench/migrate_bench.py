@@ -134,7 +134,7 @@ def bench_corruption(n: int, trials: int) -> dict[str, Any]:
             free_b = b.available_vram()
             if i < trials:
                 try:
-                    mig.migrate(a, s, b, on_landed=hook, max_retries=0)
+                    mig.migrate(a.store, s, b.store, on_landed=hook, max_retries=0)
                     failures.append(f"trial {i}: flip at {at} not caught")
                 except IntegrityViolation:
                     a.verify_sealed(s)  # the source is intact
@@ -143,10 +143,10 @@ def bench_corruption(n: int, trials: int) -> dict[str, Any]:
                     else:
                         caught += 1
             else:
-                t = mig.migrate(a, s, b, on_landed=hook)
+                t = mig.migrate(a.store, s, b.store, on_landed=hook)
                 b.verify_sealed(t)
                 recovered += 1
-                s = mig.migrate(b, t, a)
+                s = mig.migrate(b.store, t, a.store)
     return {
         "bytes": n,
         "trials": trials,

@@ -9,8 +9,8 @@ sealed and verifiable, and frees what was allocated on the receiving side.
 
 - ``migrate(src, shard, dest)``: ``src`` and ``dest`` are two managers on different devices that
   share one worker token (checked). The result is a new seal (new shard id, ``gpu_device`` of the
-  destination), audited ``ShardMigrated`` with its predecessor. ``DeviceGroup`` holds one manager
-  per device and migrates by device id.
+  destination), audited ``ShardMigrated`` with its predecessor. ``DeviceGroup`` (in
+  ``vram_residency.devices``) holds one manager per device and migrates by device id.
 - ``offload(mgr, shard, to="host"|"file")``: the bytes go to host memory (pinned on CUDA) or a
   file, each chunk hashed as it lands and compared with the seal; then the VRAM is zeroed and
   freed. The shard is *offloaded*: it is not registered, so verify/execute answer NotSealed.
@@ -19,10 +19,10 @@ sealed and verifiable, and frees what was allocated on the receiving side.
   still hashes to the sealed unit digest. Only then is the shard registered (usable) again, under
   its original seal.
 
-Manager internals used here (the lead ports these onto the core API): ``mgr._entry(shard)``,
-``mgr._seal_into(...)`` (with ``fill``, ``expected_digest``, ``tensors``, ``source``),
-``mgr._allocate(n)``, ``mgr._backend``, ``mgr._key``, ``mgr._emit``, and ``_register`` /
-``_forget`` below (``mgr._lock`` and ``mgr._entries``).
+Everything here goes through the seal core's package-level API (``vram_residency._core``):
+``ShardStore.lookup``/``seal_into``/``allocate``/``verify_held``/``emit`` and, for records that
+move, ``register``/``forget``/``retire``/``in_flight``; the functions take the stores
+(``VramManager.store``). ``vram_residency.devices.DeviceGroup`` migrates by device id.
 """
 
 from __future__ import annotations
@@ -36,8 +36,15 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal
 
+from vram_residency._core import ShardRecord, ShardStore
+from vram_residency.audit.events import (
+    SEAL_VERIFICATION_FAILED,
+    SHARD_MIGRATED,
+    SHARD_OFFLOADED,
+    SHARD_RESTORED,
+)
 from vram_residency.backends.base import COPY_CHUNK, DeviceBuffer, HostMemory, LandedHook
 from vram_residency.errors import (
     ConfigError,
@@ -46,17 +53,13 @@ from vram_residency.errors import (
     NotSealed,
     SealVerificationFailed,
 )
-from vram_residency.formats.seal import verify_tag
 from vram_residency.formats.tree import UNIT_SIZE, HashResult, hash_units, unit_count
 from vram_residency.shard import SealedShard
 
-if TYPE_CHECKING:
-    from vram_residency.manager import VramManager, _Entry
-
 __all__ = [
     "DEFAULT_RETRIES",
-    "DeviceGroup",
     "OffloadTarget",
+    "discard_offloaded",
     "migrate",
     "offload",
     "offloaded",
@@ -65,33 +68,14 @@ __all__ = [
 
 #: How many times a unit that arrived wrong is copied again before the move gives up.
 DEFAULT_RETRIES: Final = 3
-_PROBE: Final = b"vram-residency migrate: same worker token?"
 
 OffloadTarget = Literal["host", "file"]
 
 
-# -- manager internals, in one place ----------------------------------------------------------------
-
-
-def _register(mgr: VramManager, entry: _Entry) -> None:
-    with mgr._lock:
-        mgr._check_open()
-        mgr._entries[entry.shard.shard_id] = entry
-
-
-def _forget(mgr: VramManager, entry: _Entry) -> bool:
-    """Unregister ``entry`` (True) unless something else replaced or removed it (False)."""
-    with mgr._lock:
-        if mgr._entries.get(entry.shard.shard_id) is entry:
-            del mgr._entries[entry.shard.shard_id]
-            return True
-    return False
-
-
-def _check_tag(mgr: VramManager, shard: SealedShard, tag: bytes, action: str) -> None:
+def _check_tag(store: ShardStore, shard: SealedShard, record: ShardRecord, action: str) -> None:
     """The seal must be intact before anything moves: a move keeps a seal; it cannot make an
     edited or forged one good."""
-    if not (verify_tag(mgr._key, shard.fields(), tag) and hmac.compare_digest(shard._signature, tag)):
+    if not store.tag_matches(shard, record):
         raise SealVerificationFailed(
             f"seal tag of shard {shard.shard_id} does not match its fields; it cannot be {action}",
             shard_id=shard.shard_id,
@@ -145,27 +129,24 @@ def _check_retries(max_retries: int) -> None:
 # -- migration ------------------------------------------------------------------------------------
 
 
-def _check_peer(src: VramManager, dest: VramManager) -> None:
-    from vram_residency.manager import VramManager
-
-    if not isinstance(dest, VramManager):
-        raise InvalidInput(f"destination must be a VramManager, not {type(dest).__name__}")
+def _check_peer(src: ShardStore, dest: ShardStore) -> None:
+    if not isinstance(src, ShardStore) or not isinstance(dest, ShardStore):
+        raise InvalidInput("migrate takes the source and destination stores (VramManager.store)")
     if dest is src:
         raise InvalidInput("destination is the shard's own manager: nothing to migrate")
-    src._check_open()
-    dest._check_open()
-    if dest.device == src.device and dest._backend.name == src._backend.name:
+    src.check_open()
+    dest.check_open()
+    if dest.device == src.device and dest.backend.name == src.backend.name:
         raise InvalidInput(f"destination is the same device ({dest.device}) as the source")
-    # One token: the new seal must be checkable with the same token as the old one. Compared
-    # through tags of a fixed message, so that no key material is ever compared or exposed.
-    if not hmac.compare_digest(src._key.tag(_PROBE), dest._key.tag(_PROBE)):
+    # One token: the new seal must be checkable with the same token as the old one.
+    if not src.same_key(dest):
         raise ConfigError("source and destination managers do not share one worker token")
 
 
 def migrate(
-    src: VramManager,
+    src: ShardStore,
     shard: SealedShard,
-    dest: VramManager,
+    dest: ShardStore,
     *,
     max_retries: int = DEFAULT_RETRIES,
     on_landed: LandedHook | None = None,
@@ -178,15 +159,15 @@ def migrate(
     sealed and resident on ``src`` and nothing stays allocated on ``dest``."""
     _check_retries(max_retries)
     _check_peer(src, dest)
-    entry = src._entry(shard)
+    entry = src.lookup(shard)
     t0 = time.perf_counter_ns()
     with entry.lock:
         if entry.buf.closed:
             raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
-        _check_tag(src, shard, entry.tag, "migrated")
+        _check_tag(src, shard, entry, "migrated")
         sealed, units = entry.shard, entry.unit_digests
         n, algorithm = sealed.vram_bytes, sealed.digest_algorithm
-        sbk, dbk = src._backend, dest._backend
+        sbk, dbk = src.backend, dest.backend
         retried = 0
 
         def fill(dst: DeviceBuffer) -> HashResult:
@@ -206,13 +187,13 @@ def migrate(
                 return result
             # Is the source itself damaged, or only the transfer? The source check raises
             # SealVerificationFailed (and audits it) in the first case.
-            src._verify_entry(shard, entry)
+            src.verify_held(shard, entry)
             raise IntegrityViolation(
                 f"shard {sealed.shard_id}: copy to device {dest.device} still arrived wrong after "
                 f"{max_retries} retries while the source verifies; source kept"
             )
 
-        new = dest._seal_into(
+        new = dest.seal_into(
             n,
             fill,
             model_ref=sealed.model_ref,
@@ -237,109 +218,17 @@ def migrate(
                 "retried_units": retried,
                 "peer_to_peer": dbk.can_access_peer(sbk),
             }
-            src._emit("ShardMigrated", **fields)
-            if dest._audit is not None and dest._audit is not src._audit:
-                dest._emit("ShardMigrated", **fields)
+            src.emit(SHARD_MIGRATED, **fields)
+            if dest.audit is not None and dest.audit is not src.audit:
+                dest.emit(SHARD_MIGRATED, **fields)
         except BaseException:
             # Without its lineage record the new seal must not exist: undo it, keep the source.
             with contextlib.suppress(Exception):
                 dest.deallocate(new)
             raise
         # The destination matches and is recorded: only now is the source zeroed and freed.
-        if _forget(src, entry):
-            entry.buf.close()
-    src._emit("VramDeallocated", shard_id=sealed.shard_id, vram_bytes=n, reason="migrated")
+        src.retire(entry, reason="migrated")
     return new
-
-
-class DeviceGroup:
-    """One manager per device, all with one worker token: migrate by device id.
-
-    ``DeviceGroup(token, devices=[0, 1], backend="host")`` gives two emulated devices in one
-    process; on CUDA each manager owns its device's context. Managers are opened on first use,
-    with the same options (worker id, audit log, backend) for every device.
-    """
-
-    def __init__(self, worker_token: str | bytes, devices: Sequence[int], **manager_options: Any) -> None:
-        from vram_residency.formats.seal import seal_key
-
-        seal_key(worker_token)  # a bad token fails here, before any device is touched
-        self._token = worker_token
-        ids = list(devices)
-        if not ids or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in ids):
-            raise ConfigError("devices must be a non-empty list of non-negative integers")
-        if len(set(ids)) != len(ids):
-            raise ConfigError("devices must not repeat")
-        self._devices = tuple(ids)
-        self._options = dict(manager_options)
-        self._managers: dict[int, VramManager] = {}
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"DeviceGroup(devices={list(self._devices)}, open={sorted(self._managers)})"
-
-    @property
-    def devices(self) -> tuple[int, ...]:
-        return self._devices
-
-    def add(self, manager: VramManager) -> None:
-        """Use an existing manager for its device (it must share the group's token)."""
-        from vram_residency.formats.seal import seal_key
-
-        if manager.device not in self._devices:
-            raise InvalidInput(f"device {manager.device} is not in this group {list(self._devices)}")
-        if not hmac.compare_digest(seal_key(self._token).tag(_PROBE), manager._key.tag(_PROBE)):
-            raise ConfigError("manager does not share the group's worker token")
-        with self._lock:
-            if manager.device in self._managers and self._managers[manager.device] is not manager:
-                raise InvalidInput(f"device {manager.device} already has a manager in this group")
-            self._managers[manager.device] = manager
-
-    def manager(self, device: int) -> VramManager:
-        from vram_residency.manager import VramManager
-
-        if isinstance(device, bool) or not isinstance(device, int) or device not in self._devices:
-            raise InvalidInput(f"unknown device {device!r}; this worker has devices {list(self._devices)}")
-        with self._lock:
-            mgr = self._managers.get(device)
-            if mgr is None:
-                mgr = VramManager(self._token, device, **self._options)
-                self._managers[device] = mgr
-            return mgr
-
-    def owner(self, shard_id: str) -> VramManager | None:
-        """The manager holding (or having offloaded) ``shard_id``, if any."""
-        with self._lock:
-            managers = list(self._managers.values())
-        for mgr in managers:
-            if any(s.shard_id == shard_id for s in mgr.shards()) or any(
-                s.shard_id == shard_id for s in offloaded(mgr)
-            ):
-                return mgr
-        return None
-
-    def migrate(self, shard: SealedShard, device: int, *, max_retries: int = DEFAULT_RETRIES) -> SealedShard:
-        src = self.manager(shard.gpu_device)
-        return migrate(src, shard, self.manager(device), max_retries=max_retries)
-
-    def close(self) -> None:
-        with self._lock:
-            managers, self._managers = list(self._managers.values()), {}
-        errors: list[BaseException] = []
-        for mgr in managers:
-            try:
-                discard_offloaded(mgr)
-                mgr.close()
-            except Exception as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> DeviceGroup:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # -- offload and restore --------------------------------------------------------------------------
@@ -391,29 +280,29 @@ def _zero_and_unlink(path: str, n: int) -> None:
 
 @dataclass(slots=True)
 class _Offloaded:
-    entry: _Entry
+    entry: ShardRecord
     copy: _Copy
     to: OffloadTarget
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_OFFLOADED: weakref.WeakKeyDictionary[VramManager, dict[str, _Offloaded]] = weakref.WeakKeyDictionary()
+_OFFLOADED: weakref.WeakKeyDictionary[ShardStore, dict[str, _Offloaded]] = weakref.WeakKeyDictionary()
 _OFFLOADED_LOCK = threading.Lock()
 
 
-def _table(mgr: VramManager) -> dict[str, _Offloaded]:
+def _table(mgr: ShardStore) -> dict[str, _Offloaded]:
     with _OFFLOADED_LOCK:
         return _OFFLOADED.setdefault(mgr, {})
 
 
-def offloaded(mgr: VramManager) -> list[SealedShard]:
+def offloaded(mgr: ShardStore) -> list[SealedShard]:
     """The shards ``mgr`` has offloaded (sealed, not resident, not usable until restored)."""
     with _OFFLOADED_LOCK:
         table = dict(_OFFLOADED.get(mgr, {}))
     return [rec.entry.shard for rec in table.values()]
 
 
-def discard_offloaded(mgr: VramManager) -> None:
+def discard_offloaded(mgr: ShardStore) -> None:
     """Zero and release every offloaded copy of ``mgr`` (at shutdown)."""
     with _OFFLOADED_LOCK:
         table = _OFFLOADED.pop(mgr, {})
@@ -423,8 +312,8 @@ def discard_offloaded(mgr: VramManager) -> None:
 
 
 def _receive_host(
-    mgr: VramManager,
-    entry: _Entry,
+    mgr: ShardStore,
+    entry: ShardRecord,
     out: memoryview,
     offset: int,
     max_retries: int,
@@ -435,7 +324,7 @@ def _receive_host(
     sealed, units = entry.shard, entry.unit_digests
     n = len(out)
     first = offset // UNIT_SIZE
-    mgr._backend.read_into(entry.buf, offset, out)
+    mgr.backend.read_into(entry.buf, offset, out)
     if on_landed is not None:
         on_landed(out, offset, n)
     bad = _bad_units(units, hash_units(out, sealed.digest_algorithm).unit_digests, first)
@@ -446,14 +335,14 @@ def _receive_host(
         for u in bad:
             start, length = _unit_range(u, sealed.vram_bytes)
             piece = out[start - offset : start - offset + length]
-            mgr._backend.read_into(entry.buf, start, piece)
+            mgr.backend.read_into(entry.buf, start, piece)
             if on_landed is not None:
                 on_landed(piece, start, length)
             if hash_units(piece, sealed.digest_algorithm).unit(0) != units[32 * u : 32 * u + 32]:
                 again.append(u)
         bad = again
     if bad:
-        mgr._verify_entry(sealed, entry)  # raises when the device memory itself is damaged
+        mgr.verify_held(sealed, entry)  # raises when the device memory itself is damaged
         raise IntegrityViolation(
             f"shard {sealed.shard_id}: copy to host still arrived wrong after {max_retries} retries; "
             "the shard stays resident"
@@ -461,7 +350,7 @@ def _receive_host(
 
 
 def offload(
-    mgr: VramManager,
+    mgr: ShardStore,
     shard: SealedShard,
     to: OffloadTarget = "host",
     path: str | os.PathLike[str] | None = None,
@@ -476,11 +365,11 @@ def offload(
         raise InvalidInput(f"offload target must be 'host' or 'file', not {to!r}")
     if (to == "file") != (path is not None):
         raise InvalidInput("a path is required for to='file' and not allowed for to='host'")
-    entry = mgr._entry(shard)
+    entry = mgr.lookup(shard)
     with entry.lock:
         if entry.buf.closed:
             raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
-        _check_tag(mgr, shard, entry.tag, "offloaded")
+        _check_tag(mgr, shard, entry, "offloaded")
         sealed = entry.shard
         n = sealed.vram_bytes
         copy = _offload_copy(mgr, entry, to, path, max_retries, on_landed)
@@ -490,13 +379,13 @@ def offload(
             with _OFFLOADED_LOCK:
                 table[sealed.shard_id] = rec
             try:
-                mgr._emit(
-                    "ShardOffloaded",
+                mgr.emit(
+                    SHARD_OFFLOADED,
                     shard_id=sealed.shard_id,
                     vram_bytes=n,
                     to=to,
                     path=copy.path,
-                    backend=mgr.backend,
+                    backend=mgr.backend.name,
                 )
             except BaseException:
                 with _OFFLOADED_LOCK:
@@ -506,13 +395,12 @@ def offload(
             copy.discard()
             raise
         # The copy is proven and recorded: the VRAM can go.
-        if _forget(mgr, entry):
-            entry.buf.close()
+        mgr.retire(entry, reason="offloaded")
 
 
 def _offload_copy(
-    mgr: VramManager,
-    entry: _Entry,
+    mgr: ShardStore,
+    entry: ShardRecord,
     to: OffloadTarget,
     path: str | os.PathLike[str] | None,
     max_retries: int,
@@ -520,7 +408,7 @@ def _offload_copy(
 ) -> _Copy:
     n = entry.shard.vram_bytes
     if to == "host":
-        memory = mgr._backend.allocate_host(n)
+        memory = mgr.backend.allocate_host(n)
         try:
             for off in range(0, n, COPY_CHUNK):
                 m = min(COPY_CHUNK, n - off)
@@ -539,7 +427,7 @@ def _offload_copy(
         raise InvalidInput(f"cannot create offload file {target}: {exc.strerror}") from None
     stage: HostMemory | None = None
     try:
-        stage = mgr._backend.allocate_host(min(n, COPY_CHUNK))
+        stage = mgr.backend.allocate_host(min(n, COPY_CHUNK))
         for off in range(0, n, COPY_CHUNK):
             m = min(COPY_CHUNK, n - off)
             piece = stage.view[:m]
@@ -561,7 +449,7 @@ def _offload_copy(
 
 
 def restore(
-    mgr: VramManager,
+    mgr: ShardStore,
     shard: SealedShard,
     *,
     max_retries: int = DEFAULT_RETRIES,
@@ -576,7 +464,7 @@ def restore(
     _check_retries(max_retries)
     if not isinstance(shard, SealedShard):
         raise InvalidInput(f"expected a SealedShard, not {type(shard).__name__}")
-    mgr._check_open()
+    mgr.check_open()
     with _OFFLOADED_LOCK:
         rec = _OFFLOADED.get(mgr, {}).get(shard.shard_id)
     if rec is None:
@@ -586,84 +474,94 @@ def restore(
             if _OFFLOADED.get(mgr, {}).get(shard.shard_id) is not rec:
                 raise NotSealed(f"shard {shard.shard_id!r} was restored or discarded already")
         entry = rec.entry
-        _check_tag(mgr, shard, entry.tag, "restored")
-        sealed, units = entry.shard, entry.unit_digests
-        n, algorithm = sealed.vram_bytes, sealed.digest_algorithm
-        backend = mgr._backend
+        _check_tag(mgr, shard, entry, "restored")
+        sealed = entry.shard
+        n = sealed.vram_bytes
         t0 = time.perf_counter_ns()
-        buf = mgr._allocate(n)
-        try:
-            result = _land(mgr, buf, rec.copy, algorithm, on_landed)
-            rewritten: set[int] = set()
-            for attempt in range(max_retries + 1):
-                if _matches(sealed, units, result):
-                    break
-                if attempt == max_retries:
-                    raise IntegrityViolation(
-                        f"shard {sealed.shard_id}: restore still landed wrong after {max_retries} "
-                        "retries; it stays offloaded"
-                    )
-                bad = _bad_units(units, result.unit_digests) or list(range(unit_count(n)))
-                damaged: list[int] = []
-                for u in bad:
-                    start, length = _unit_range(u, n)
-                    data = rec.copy.read(start, length)
-                    # Offloaded bytes are used only where they hash to the sealed unit digest.
-                    if hash_units(data, algorithm).unit(0) != units[32 * u : 32 * u + 32]:
-                        damaged.append(u)
-                        continue
-                    buf.write(start, data)
-                    if on_landed is not None:
-                        on_landed(buf, start, length)
-                    rewritten.add(u)
-                if damaged:
-                    ranges = [(s, s + m) for s, m in _runs(damaged, n)]
-                    mgr._emit(
-                        "SealVerificationFailed",
-                        critical=True,
-                        shard_id=sealed.shard_id,
-                        reason="offloaded copy damaged",
-                        expected_digest=sealed.digest,
-                        actual_digest=result.digest.hex(),
-                        corrupted_ranges=[list(r) for r in ranges],
-                    )
-                    raise SealVerificationFailed(
-                        f"shard {sealed.shard_id}: the offloaded copy ({rec.to}) no longer holds the "
-                        f"sealed bytes in {len(damaged)} unit(s); it stays offloaded",
-                        shard_id=sealed.shard_id,
-                        expected_digest=sealed.digest,
-                        actual_digest=result.digest.hex(),
-                        corrupted_ranges=ranges,
-                    )
-                result = backend.hash(buf, algorithm, n)
-            restored = dataclasses.replace(entry, buf=buf, lock=threading.Lock())
-            _register(mgr, restored)
+        # in_flight: close() waits for this restore instead of freeing the backend under it.
+        with mgr.in_flight():
+            buf = mgr.allocate(n, shard_id=sealed.shard_id)
             try:
-                mgr._emit(
-                    "ShardRestored",
+                rewritten = _restore_into(mgr, buf, rec, max_retries, on_landed)
+                restored = dataclasses.replace(entry, buf=buf, lock=threading.Lock())
+                mgr.register(
+                    restored,
+                    SHARD_RESTORED,
                     shard_id=sealed.shard_id,
                     vram_bytes=n,
                     source=rec.to,
-                    repaired_units=len(rewritten),
+                    repaired_units=rewritten,
                     duration_ns=time.perf_counter_ns() - t0,
                 )
-            except BaseException:
-                _forget(mgr, restored)
+            except BaseException as exc:
+                # Audited SealFailed + VramDeallocated; the shard stays offloaded.
+                mgr.release_unsealed(buf, shard_id=sealed.shard_id, size=n, reason=exc)
                 raise
-        except BaseException:
-            buf.close()
-            raise
         with _OFFLOADED_LOCK:
             _OFFLOADED.get(mgr, {}).pop(sealed.shard_id, None)
         rec.copy.discard()
+    return rewritten
+
+
+def _restore_into(
+    mgr: ShardStore, buf: DeviceBuffer, rec: _Offloaded, max_retries: int, on_landed: LandedHook | None
+) -> int:
+    """Land the offloaded copy in ``buf`` and make it match the seal unit by unit; the number of
+    units rewritten from the offloaded copy."""
+    sealed, units = rec.entry.shard, rec.entry.unit_digests
+    n, algorithm = sealed.vram_bytes, sealed.digest_algorithm
+    backend = mgr.backend
+    result = _land(mgr, buf, rec.copy, algorithm, on_landed)
+    rewritten: set[int] = set()
+    for attempt in range(max_retries + 1):
+        if _matches(sealed, units, result):
+            break
+        if attempt == max_retries:
+            raise IntegrityViolation(
+                f"shard {sealed.shard_id}: restore still landed wrong after {max_retries} "
+                "retries; it stays offloaded"
+            )
+        bad = _bad_units(units, result.unit_digests) or list(range(unit_count(n)))
+        damaged: list[int] = []
+        for u in bad:
+            start, length = _unit_range(u, n)
+            data = rec.copy.read(start, length)
+            # Offloaded bytes are used only where they hash to the sealed unit digest.
+            if hash_units(data, algorithm).unit(0) != units[32 * u : 32 * u + 32]:
+                damaged.append(u)
+                continue
+            buf.write(start, data)
+            if on_landed is not None:
+                on_landed(buf, start, length)
+            rewritten.add(u)
+        if damaged:
+            ranges = [(s, s + m) for s, m in _runs(damaged, n)]
+            mgr.emit(
+                SEAL_VERIFICATION_FAILED,
+                critical=True,
+                shard_id=sealed.shard_id,
+                reason="offloaded copy damaged",
+                expected_digest=sealed.digest,
+                actual_digest=result.digest.hex(),
+                corrupted_ranges=[list(r) for r in ranges],
+            )
+            raise SealVerificationFailed(
+                f"shard {sealed.shard_id}: the offloaded copy ({rec.to}) no longer holds the "
+                f"sealed bytes in {len(damaged)} unit(s); it stays offloaded",
+                shard_id=sealed.shard_id,
+                expected_digest=sealed.digest,
+                actual_digest=result.digest.hex(),
+                corrupted_ranges=ranges,
+            )
+        result = backend.hash(buf, algorithm, n)
     return len(rewritten)
 
 
 def _land(
-    mgr: VramManager, buf: DeviceBuffer, copy: _Copy, algorithm: str, on_landed: LandedHook | None
+    mgr: ShardStore, buf: DeviceBuffer, copy: _Copy, algorithm: str, on_landed: LandedHook | None
 ) -> HashResult:
     """Copy the offloaded bytes into ``buf``; the digests of what is now in device memory."""
-    backend, n = mgr._backend, copy.n
+    backend, n = mgr.backend, copy.n
     if copy.memory is not None and on_landed is None:
         # Pinned host memory on CUDA: copies straight from it, hashing each chunk as it lands.
         return backend.write_and_hash(buf, copy.memory.view[:n], algorithm)

@@ -299,7 +299,9 @@ class VramManager:
         original stays sealed here and nothing stays allocated there."""
         from vram_residency._migrate import migrate
 
-        return migrate(self, shard, to, max_retries=max_retries)
+        if not isinstance(to, VramManager):
+            raise InvalidInput(f"destination must be a VramManager, not {type(to).__name__}")
+        return migrate(self._store, shard, to.store, max_retries=max_retries)
 
     def offload(
         self,
@@ -311,7 +313,7 @@ class VramManager:
         land, and free its VRAM. The shard is then unusable until :meth:`restore`."""
         from vram_residency._migrate import offload
 
-        offload(self, shard, to, path)
+        offload(self._store, shard, to, path)
 
     def restore(self, shard: SealedShard) -> int:
         """Bring an offloaded shard back under its original seal, verified in device memory
@@ -319,13 +321,13 @@ class VramManager:
         where that copy still matches the seal). Returns the number of units rewritten."""
         from vram_residency._migrate import restore
 
-        return restore(self, shard)
+        return restore(self._store, shard)
 
     def offloaded_shards(self) -> list[SealedShard]:
         """Shards offloaded by this manager (sealed, not resident)."""
         from vram_residency._migrate import offloaded
 
-        return offloaded(self)
+        return offloaded(self._store)
 
     # -- verification -------------------------------------------------------------------------
     def _entry(self, shard: SealedShard) -> ShardRecord:
@@ -391,7 +393,7 @@ class VramManager:
         from vram_residency._migrate import discard_offloaded
 
         try:
-            discard_offloaded(self)  # offloaded copies (host memory, files) go with the manager
+            discard_offloaded(self._store)  # offloaded copies (host memory, files) go with the manager
         finally:
             self._store.close()
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
+from vram_residency.devices import DeviceGroup
 from vram_residency.backends.base import COPY_CHUNK, DeviceBuffer
 from vram_residency.errors import (
     ConfigError,
@@ -138,7 +139,7 @@ def test_in_flight_corruption_is_recopied(pair: tuple[VramManager, VramManager],
     a, b = pair
     payload = data(3 * MiB)
     old = a.seal_model(payload)
-    new = mig.migrate(a, old, b, on_landed=flip(MiB + 5))
+    new = mig.migrate(a.store, old, b.store, on_landed=flip(MiB + 5))
     b.verify_sealed(new)
     assert sink.of("ShardMigrated")[0]["retried_units"] == 1
     assert b._entry(new).buf.read(0, len(payload)) == payload
@@ -149,7 +150,7 @@ def test_persistent_corruption_keeps_source(pair: tuple[VramManager, VramManager
     old = a.seal_model(data(2 * MiB))
     before = free(a, b)
     with pytest.raises(IntegrityViolation, match="still arrived wrong"):
-        mig.migrate(a, old, b, on_landed=always_flip(17), max_retries=2)
+        mig.migrate(a.store, old, b.store, on_landed=always_flip(17), max_retries=2)
     a.verify_sealed(old)
     assert free(a, b) == before
     assert b.shards() == [] and sink.of("ShardMigrated") == []
@@ -206,7 +207,7 @@ def test_failure_in_copy_and_hash_leaks_nothing(
         raise IntegrityViolation("copy engine fault (injected)")
 
     with pytest.raises(IntegrityViolation, match="injected"):
-        mig.migrate(a, old, b, on_landed=broken_hook)
+        mig.migrate(a.store, old, b.store, on_landed=broken_hook)
     assert free(a, b) == before
 
     def broken_hash(*args: Any, **kwargs: Any) -> Any:
@@ -248,7 +249,7 @@ def test_forged_seal_is_not_migrated(pair: tuple[VramManager, VramManager]) -> N
 
 
 def test_device_group_by_id(sink: Sink) -> None:
-    with mig.DeviceGroup(TOKEN, [0, 1], backend="host", capacity_bytes=16 * MiB, audit=sink) as g:
+    with DeviceGroup(TOKEN, [0, 1], backend="host", capacity_bytes=16 * MiB, audit=sink) as g:
         s = g.manager(0).seal_model(data(MiB + 1))
         t = g.migrate(s, 1)
         g.manager(1).verify_sealed(t)
@@ -275,7 +276,8 @@ def test_any_single_fault_is_caught(size: int, where: float, transient: bool) ->
         before = free(a, b)
         at = int(where * size)
         try:
-            new = mig.migrate(a, old, b, on_landed=flip(at) if transient else always_flip(at), max_retries=1)
+            hook = flip(at) if transient else always_flip(at)
+            new = mig.migrate(a.store, old, b.store, on_landed=hook, max_retries=1)
         except IntegrityViolation:
             assert not transient
             a.verify_sealed(old)
@@ -317,7 +319,7 @@ def test_restore_repairs_units_that_land_wrong(pair: tuple[VramManager, VramMana
     a, _ = pair
     s = a.seal_model(data(4 * MiB))
     a.offload(s)
-    assert mig.restore(a, s, on_landed=flip(2 * MiB + 9)) == 1
+    assert mig.restore(a.store, s, on_landed=flip(2 * MiB + 9)) == 1
     a.verify_sealed(s)
     assert sink.of("ShardRestored")[0]["repaired_units"] == 1
 
@@ -345,12 +347,12 @@ def test_damaged_offload_file_is_never_trusted(pair: tuple[VramManager, VramMana
 def test_offload_catches_corruption_in_flight(pair: tuple[VramManager, VramManager], tmp_path: Path) -> None:
     a, _ = pair
     s = a.seal_model(data(2 * MiB))
-    mig.offload(a, s, "file", tmp_path / "x", on_landed=flip(5))  # re-read once, then good
+    mig.offload(a.store, s, "file", tmp_path / "x", on_landed=flip(5))  # re-read once, then good
     a.restore(s)
     a.verify_sealed(s)
     before = a.available_vram()
     with pytest.raises(IntegrityViolation):
-        mig.offload(a, s, "host", on_landed=always_flip(5), max_retries=1)
+        mig.offload(a.store, s, "host", on_landed=always_flip(5), max_retries=1)
     a.verify_sealed(s)  # still resident
     assert a.available_vram() == before and a.offloaded_shards() == []
 
@@ -414,7 +416,7 @@ def test_large_shard_spans_chunks(tmp_path: Path) -> None:
         VramManager(TOKEN, 1, backend="host", capacity_bytes=2 * n) as b,
     ):
         s = a.seal_model(os.urandom(n))
-        t = mig.migrate(a, s, b, on_landed=flip(COPY_CHUNK + UNIT_SIZE + 1))
+        t = mig.migrate(a.store, s, b.store, on_landed=flip(COPY_CHUNK + UNIT_SIZE + 1))
         b.offload(t, "file", tmp_path / "big")
         b.restore(t)
         b.verify_sealed(t)

@@ -80,18 +80,18 @@ def test_offload_restore_round_trip(one: VramManager, tmp_path: Path, to: str) -
 def test_restore_rewrites_unit_that_landed_wrong(one: VramManager) -> None:
     s = one.seal_model(random_bytes(80 * MiB, seed=2))
     one.offload(s)
-    assert mig.restore(one, s, on_landed=flip(70 * MiB + 3)) == 1
+    assert mig.restore(one.store, s, on_landed=flip(70 * MiB + 3)) == 1
     one.verify_sealed(s)
 
 
 def test_damaged_pinned_copy_is_refused(one: VramManager) -> None:
     s = one.seal_model(random_bytes(8 * MiB, seed=3))
     one.offload(s)
-    rec = mig._OFFLOADED[one][s.shard_id]
+    rec = mig._OFFLOADED[one.store][s.shard_id]
     assert rec.copy.memory is not None
     rec.copy.memory.view[5 * MiB] ^= 1
     with pytest.raises(SealVerificationFailed):
-        mig.restore(one, s, on_landed=flip(5 * MiB + 1))
+        mig.restore(one.store, s, on_landed=flip(5 * MiB + 1))
     assert one.offloaded_shards() == [s]
 
 
@@ -121,10 +121,10 @@ def test_in_flight_corruption(pair: tuple[VramManager, VramManager], monkeypatch
     old = a.seal_model(random_bytes(130 * MiB, seed=5))
     before = _free(a, b)
     with pytest.raises(IntegrityViolation):
-        mig.migrate(a, old, b, on_landed=flip(129 * MiB + 9, times=10), max_retries=2)
+        mig.migrate(a.store, old, b.store, on_landed=flip(129 * MiB + 9, times=10), max_retries=2)
     a.verify_sealed(old)
     assert _free(a, b) == before and b.shards() == []
-    new = mig.migrate(a, old, b, on_landed=flip(65 * MiB))
+    new = mig.migrate(a.store, old, b.store, on_landed=flip(65 * MiB))
     b.verify_sealed(new)
 
 
