@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
-from vram_residency.devices import DeviceGroup
 from vram_residency.backends.base import COPY_CHUNK, DeviceBuffer
+from vram_residency.devices import DeviceGroup
 from vram_residency.errors import (
     ConfigError,
     InsufficientVram,

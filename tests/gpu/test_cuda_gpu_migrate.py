@@ -14,7 +14,7 @@ from tests.gpu.conftest import random_bytes
 
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
-from vram_residency.backends.cuda import _peer
+from vram_residency.backends.cuda import _backend as cuda_backend
 from vram_residency.errors import IntegrityViolation, NotSealed, SealVerificationFailed
 
 pytestmark = pytest.mark.gpu
@@ -117,7 +117,7 @@ def test_p2p_migration(pair: tuple[VramManager, VramManager]) -> None:
 def test_in_flight_corruption(pair: tuple[VramManager, VramManager], monkeypatch: pytest.MonkeyPatch, peer: bool) -> None:
     a, b = pair
     if not peer:
-        monkeypatch.setattr(_peer, "can_access_peer", lambda self, other: False)
+        monkeypatch.setattr(cuda_backend, "_peer_can_access_peer", lambda self, other: False)
     old = a.seal_model(random_bytes(130 * MiB, seed=5))
     before = _free(a, b)
     with pytest.raises(IntegrityViolation):

@@ -4,8 +4,14 @@
     POST /worker/shards/{shard_id}/offload  {"to": "host"} | {"to": "file", "path": "/abs/path"}
     POST /worker/shards/{shard_id}/restore
 
-Registered by ``register_migrate_routes(app, worker, token, devices)`` (one line where the app is
-built: the worker does not keep its token, and a manager for another device needs it).
+Registered by ONE line where the app is built (service/app.py keeps it; nothing else is needed):
+
+    register_migrate_routes(app, worker, token, devices)
+
+``token`` is the worker token (the worker does not keep it, and a manager for another device
+needs it); ``devices`` the GPU ids this worker may move shards to. The routes use only the
+worker's public API (``exclusive``, ``rebuild_executor``, ``switch_manager``, ``manager``,
+``audit``) and ``vram_residency.devices.DeviceGroup``. No CLI: these endpoints are the interface.
 
 The worker verifies and executes on one manager (``worker.manager``); so that every shard it
 holds stays covered by its verification passes, a migration moves the worker to the destination
@@ -18,17 +24,16 @@ worker's execution lock: the request then answers 409 (retriable) instead of wai
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Depends, FastAPI, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from vram_residency._migrate import DeviceGroup, offloaded
+from vram_residency.devices import DeviceGroup
 from vram_residency.service.auth import BearerCheck
 from vram_residency.service.errors import ErrorCode, ServiceError
 
@@ -60,29 +65,11 @@ class ShardMoveResponse(BaseModel):
     repaired_units: int = 0
 
 
-@contextlib.contextmanager
-def _exclusive(worker: Worker) -> Iterator[None]:
-    """The worker's commit and execution locks, without waiting on a running execute."""
-    with worker._commit_lock:
-        if not worker._exec_lock.acquire(blocking=False):
-            raise ServiceError(
-                409, ErrorCode.WORKER_NOT_READY, "shard in use by a running execute; retry", retriable=True
-            )
-        try:
-            yield
-        finally:
-            worker._exec_lock.release()
-
-
 def _model(worker: Worker, shard_id: str) -> CommittedModel:
     model = next((m for m in worker.models() if m.shard.shard_id == shard_id), None)
     if model is None:
         raise ServiceError(404, ErrorCode.INVALID_PARAMS, f"shard {shard_id!r} is not held by this worker")
     return model
-
-
-def _rebuild(worker: Worker, model: CommittedModel) -> None:
-    model.executor, model.executor_note = worker._build_executor(model.files, model.shard)
 
 
 def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices: Sequence[int]) -> None:
@@ -111,7 +98,7 @@ def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices:
                     ids,
                     backend=mgr.backend,
                     worker_id=mgr.worker_id,
-                    audit=mgr._audit,
+                    audit=worker.audit,
                     capacity_bytes=worker.config.capacity_bytes,
                 )
                 group.add(mgr)
@@ -130,7 +117,7 @@ def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices:
             raise ServiceError(
                 400, ErrorCode.INVALID_PARAMS, f"unknown device {req.gpu_device}; this worker has {ids}"
             )
-        with _exclusive(worker):
+        with worker.exclusive():
             model = _model(worker, shard_id)
             src = worker.manager
             if req.gpu_device == src.device:
@@ -150,11 +137,11 @@ def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices:
             try:
                 new = src.migrate(old, dest)
             except BaseException:
-                _rebuild(worker, model)  # the source is intact: serve it again
+                worker.rebuild_executor(model)  # the source is intact: serve it again
                 raise
             model.shard = new
-            worker._manager = dest
-            _rebuild(worker, model)
+            worker.switch_manager(dest)
+            worker.rebuild_executor(model)
         return ShardMoveResponse(
             shard_id=new.shard_id,
             previous_shard_id=old.shard_id,
@@ -176,7 +163,7 @@ def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices:
             raise ServiceError(400, ErrorCode.INVALID_PARAMS, "to='file' needs an absolute path")
         if req.to == "host" and req.path is not None:
             raise ServiceError(400, ErrorCode.INVALID_PARAMS, "path applies to to='file' only")
-        with _exclusive(worker):
+        with worker.exclusive():
             model = _model(worker, shard_id)
             if model.executor is not None:
                 model.executor.close()
@@ -184,7 +171,7 @@ def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices:
             try:
                 worker.manager.offload(model.shard, req.to, req.path)
             except BaseException:
-                _rebuild(worker, model)
+                worker.rebuild_executor(model)
                 raise
             model.executor_note = "offloaded: restore the shard to execute"
         shard = model.shard
@@ -201,12 +188,12 @@ def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices:
     def restore_shard(shard_id: str = _SHARD_ID) -> ShardMoveResponse:
         """Bring an offloaded shard back, verified against its original seal before any use."""
         worker.lifecycle.ensure_can_work()
-        with _exclusive(worker):
+        with worker.exclusive():
             model = _model(worker, shard_id)
-            if all(s.shard_id != shard_id for s in offloaded(worker.manager)):
+            if all(s.shard_id != shard_id for s in worker.manager.offloaded_shards()):
                 raise ServiceError(409, ErrorCode.INVALID_PARAMS, f"shard {shard_id!r} is not offloaded")
             repaired = worker.manager.restore(model.shard)
-            _rebuild(worker, model)
+            worker.rebuild_executor(model)
         return ShardMoveResponse(
             shard_id=shard_id,
             gpu_device=model.shard.gpu_device,
