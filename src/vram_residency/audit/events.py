@@ -23,7 +23,10 @@ __all__ = [
     "SEAL_VERIFICATION_FAILED",
     "SEAL_VERIFIED",
     "SECURITY_INCIDENT",
+    "SHARD_MIGRATED",
+    "SHARD_OFFLOADED",
     "SHARD_REPAIRED",
+    "SHARD_RESTORED",
     "VRAM_ALLOCATED",
     "VRAM_ALLOCATION_FAILED",
     "VRAM_DEALLOCATED",
@@ -48,6 +51,10 @@ SECURITY_INCIDENT: Final = "SecurityIncident"
 #: hash and the sidecar file that keeps the torn bytes.
 LOG_RECOVERED: Final = "LogRecovered"
 SHARD_REPAIRED: Final = "ShardRepaired"
+#: A shard moved to another device under a new seal; names its predecessor (``from_shard_id``).
+SHARD_MIGRATED: Final = "ShardMigrated"
+SHARD_OFFLOADED: Final = "ShardOffloaded"
+SHARD_RESTORED: Final = "ShardRestored"
 
 #: Events that must be on disk before the call that caused them returns. Integrity events are in
 #: here because they are the evidence an investigation needs after the worker is gone; a repair
@@ -60,6 +67,7 @@ CRITICAL_EVENTS: Final = frozenset(
         SECURITY_INCIDENT,
         LOG_RECOVERED,
         SHARD_REPAIRED,
+        SHARD_MIGRATED,
     }
 )
 
@@ -86,6 +94,19 @@ EVENT_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
     SECURITY_INCIDENT: ("incident_id", "error_type", "message", "shard_id", "state_before"),
     LOG_RECOVERED: ("last_good_seq", "last_good_hash", "torn_bytes", "torn_sha256", "torn_file"),
     SHARD_REPAIRED: ("shard_id", "repaired_ranges", "source"),
+    SHARD_MIGRATED: (
+        "shard_id",
+        "from_shard_id",
+        "from_device",
+        "to_device",
+        "vram_bytes",
+        "digest",
+        "duration_ns",
+        "retried_units",
+        "peer_to_peer",
+    ),
+    SHARD_OFFLOADED: ("shard_id", "vram_bytes", "to", "path"),
+    SHARD_RESTORED: ("shard_id", "vram_bytes", "source", "repaired_units", "duration_ns"),
 }
 
 _NAME = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
