@@ -15,6 +15,7 @@ from typing import Any, Final
 from vram_residency.errors import SealVerificationFailed, VramError
 
 __all__ = [
+    "AUDIT_HEAD_MISMATCH",
     "CRITICAL_EVENTS",
     "EVENT_FIELDS",
     "INTEGRITY_VIOLATION",
@@ -48,6 +49,10 @@ SECURITY_INCIDENT: Final = "SecurityIncident"
 #: hash and the sidecar file that keeps the torn bytes.
 LOG_RECOVERED: Final = "LogRecovered"
 SHARD_REPAIRED: Final = "ShardRepaired"
+#: Written when opening a log finds its signed head missing, unsigned, past the log's end or
+#: naming another record: evidence that records may have been removed before this restart.
+#: ``audit verify`` reports every one of these as tampering.
+AUDIT_HEAD_MISMATCH: Final = "AuditHeadMismatch"
 
 #: Events that must be on disk before the call that caused them returns. Integrity events are in
 #: here because they are the evidence an investigation needs after the worker is gone; a repair
@@ -60,6 +65,7 @@ CRITICAL_EVENTS: Final = frozenset(
         SECURITY_INCIDENT,
         LOG_RECOVERED,
         SHARD_REPAIRED,
+        AUDIT_HEAD_MISMATCH,
     }
 )
 
@@ -86,6 +92,15 @@ EVENT_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
     SECURITY_INCIDENT: ("incident_id", "error_type", "message", "shard_id", "state_before"),
     LOG_RECOVERED: ("last_good_seq", "last_good_hash", "torn_bytes", "torn_sha256", "torn_file"),
     SHARD_REPAIRED: ("shard_id", "repaired_ranges", "source"),
+    AUDIT_HEAD_MISMATCH: (
+        "kind",
+        "message",
+        "head_seq",
+        "head_hash",
+        "log_last_seq",
+        "head_file",
+        "incident_id",
+    ),
 }
 
 _NAME = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
