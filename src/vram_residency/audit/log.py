@@ -206,7 +206,9 @@ def _flusher(ref: weakref.ReferenceType[AuditLog], stop: threading.Event, interv
             # Anything else (MemoryError, a bug): never die silently with the log still taking
             # events that would then never reach the disk. Fail closed instead.
             log._fail_unexpected(exc, "flush")
-            logger.exception("audit log %s: background flush crashed; the log refuses further events", log.path)
+            logger.exception(
+                "audit log %s: background flush crashed; the log refuses further events", log.path
+            )
             return
         finally:
             del log
@@ -519,7 +521,9 @@ class AuditLog:
             raise self._open_error(exc, "head") from None
         last_seq = last.seq if last is not None else -1
 
-        def mismatch(kind: str, message: str, seq: int | None = None, hash_hex: str | None = None) -> AuditHeadMismatch:
+        def mismatch(
+            kind: str, message: str, seq: int | None = None, hash_hex: str | None = None
+        ) -> AuditHeadMismatch:
             return AuditHeadMismatch(
                 message,
                 path=str(self._path),

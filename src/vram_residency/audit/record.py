@@ -503,9 +503,10 @@ def signed_head_from_json(obj: object) -> SignedHead | None:
     seq, hash_hex, mac = obj.get("seq"), obj.get("hash"), obj.get("hmac")
     if obj.get("v", FORMAT_VERSION) != FORMAT_VERSION:
         return None
-    if type(seq) is not int or seq < -1 or not _is_hex64(hash_hex) or not _is_hex64(mac):
+    if type(seq) is not int or seq < -1 or not isinstance(hash_hex, str) or not isinstance(mac, str):
         return None
-    assert isinstance(hash_hex, str) and isinstance(mac, str)
+    if not _is_hex64(hash_hex) or not _is_hex64(mac):
+        return None
     if seq == -1 and hash_hex != GENESIS_HASH:
         return None
     return SignedHead(seq=seq, hash=hash_hex, hmac=mac)

@@ -33,7 +33,6 @@ done by someone who holds the token, who can sign whatever they like.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -209,7 +208,9 @@ def verify_log(
     for i, a in enumerate(anchor_list):
         if not a.verify(key):
             return report(
-                VerifyBreak(file="", index=i, position=0, reason=f"anchor {i} is not signed by this token's audit key")
+                VerifyBreak(
+                    file="", index=i, position=0, reason=f"anchor {i} is not signed by this token's audit key"
+                )
             )
 
     for path in files:
