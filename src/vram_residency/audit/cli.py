@@ -114,7 +114,8 @@ def verify_command(
 ) -> int:
     """``audit verify FILE... --token-file F [--require-head] [--anchor HEAD]...``: check chain,
     hashes, HMACs, the signed head and any anchors of each log set given."""
-    out = console or Console()
+    # No wrapping: a verdict is one line per finding, for people and for grep alike.
+    out = console or Console(soft_wrap=True, highlight=False)
     if not files:
         out.print("[red]error:[/] no log files given")
         return EXIT_USAGE
