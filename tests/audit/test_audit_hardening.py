@@ -22,7 +22,6 @@ from vram_residency.audit import (
     SEAL_VERIFICATION_FAILED,
     SECURITY_INCIDENT,
     VRAM_SEALED,
-    AuditHeadMismatch,
     AuditLog,
     AuditWriteFailed,
     SignedHead,
@@ -88,12 +87,15 @@ def test_restart_after_removed_records_is_recorded_and_verify_stays_broken(
         assert log.head_mismatch is not None
         kind = log.head_mismatch.kind
         incident = log.head_mismatch_incident_id
-    assert kind == {
-        "delete_head": "missing",
-        "empty_head": "missing",
-        "cut_keep_head": "truncated",
-        "foreign_head": "unsigned",
-    }[attack]
+    assert (
+        kind
+        == {
+            "delete_head": "missing",
+            "empty_head": "missing",
+            "cut_keep_head": "truncated",
+            "foreign_head": "unsigned",
+        }[attack]
+    )
     objs = records(path)
     assert [o["event"] for o in objs[-2:]] == [AUDIT_HEAD_MISMATCH, SECURITY_INCIDENT]
     assert objs[-2]["critical"] and objs[-1]["critical"]
@@ -232,7 +234,9 @@ def _tamper_variants(line: bytes) -> dict[str, bytes]:
         "trailing space": body + b" \n",
         "u escape": body.replace(b'"worker_id":"w"', b'"worker_id":"\\u0077"', 1) + b"\n",
         "crlf": body + b"\r\n",
-        "key order": body.replace(b'{"critical":false,', b"{", 1).replace(b'"v":1,', b'"v":1,"critical":false,', 1)
+        "key order": body.replace(b'{"critical":false,', b"{", 1).replace(
+            b'"v":1,', b'"v":1,"critical":false,', 1
+        )
         + b"\n",
     }
 
@@ -277,10 +281,9 @@ def test_every_io_error_on_the_audit_path_is_an_audit_write_failure(
             monkeypatch.setattr(os, "close", lambda fd: (real_close(fd), _raise(err)())[1])
         else:
             monkeypatch.setattr(os, site, _raise(err))
+        # Enough to force a rotation (rename/open sites) and a critical sync (the others).
         with pytest.raises(AuditWriteFailed) as info:
-            # Enough to force a rotation (rename/open sites) and a critical sync (the others).
-            for i in range(40):
-                log.emit(SEAL_VERIFICATION_FAILED, shard_id=f"s{i}", corrupted_ranges=[[0, 8]])
+            _emit_many(log, 40)
         monkeypatch.undo()
         assert info.value.errno == err.errno and info.value.event == SEAL_VERIFICATION_FAILED
         assert info.value.operation in {"write", "sync", "rotation"}
@@ -291,6 +294,11 @@ def test_every_io_error_on_the_audit_path_is_an_audit_write_failure(
     finally:
         monkeypatch.undo()
         log.close()
+
+
+def _emit_many(log: AuditLog, n: int) -> None:
+    for i in range(n):
+        log.emit(SEAL_VERIFICATION_FAILED, shard_id=f"s{i}", corrupted_ranges=[[0, 8]])
 
 
 def test_open_errors_are_audit_write_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
