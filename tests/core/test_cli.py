@@ -46,3 +46,33 @@ def test_demo_detects_the_flip() -> None:
     record = json.loads(out.stdout[out.stdout.index("{") :])
     assert record["format"] == "seal-v1"
     assert len(record["signature"]) == 64
+
+
+def test_out_of_range_options_are_usage_errors_not_tracebacks(tmp_path: Path) -> None:
+    """Issue 17 item 12 (the commands other than serve): one line naming the option, exit 2."""
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"x" * 100)
+    cases = [
+        (["demo", "--size-mib", "-1"], "--size-mib"),
+        (["demo", "--size-mib", "nan"], "--size-mib"),
+        (["demo", "--size-mib", "1e30"], "--size-mib"),
+        (["demo", "--device", "-1"], "--device"),
+        (["seal", str(f), "--device", "-5"], "--device"),
+        (["seal", str(f), "--staging-mib", "0"], "--staging-mib"),
+        (["digest", str(f), "--manifest", "/proc/x/out.json"], "--manifest"),
+        (["manifest", str(f), "-o", "/proc/x/out.json"], "--out"),
+        (["manifest", str(f), "-o", str(tmp_path)], "--out"),
+    ]
+    for args, option in cases:
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert option in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_os_errors_are_one_line(tmp_path: Path) -> None:
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"x" * 100)
+    # /proc exists and root may write to it by its mode, but no file can be created there.
+    out = run("manifest", str(f), "-o", "/proc/vram-residency-test.json")
+    assert out.returncode in (1, 2) and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("\n") <= 3 and "vram-residency" in out.stderr
