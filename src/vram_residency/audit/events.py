@@ -15,6 +15,7 @@ from typing import Any, Final
 from vram_residency.errors import SealVerificationFailed, VramError
 
 __all__ = [
+    "AUDIT_HEAD_MISMATCH",
     "CRITICAL_EVENTS",
     "EVENT_FIELDS",
     "INTEGRITY_VIOLATION",
@@ -55,6 +56,10 @@ SHARD_REPAIRED: Final = "ShardRepaired"
 SHARD_MIGRATED: Final = "ShardMigrated"
 SHARD_OFFLOADED: Final = "ShardOffloaded"
 SHARD_RESTORED: Final = "ShardRestored"
+#: Written when opening a log finds its signed head missing, unsigned, past the log's end or
+#: naming another record: evidence that records may have been removed before this restart.
+#: ``audit verify`` reports every one of these as tampering.
+AUDIT_HEAD_MISMATCH: Final = "AuditHeadMismatch"
 
 #: Events that must be on disk before the call that caused them returns. Integrity events are in
 #: here because they are the evidence an investigation needs after the worker is gone; a repair
@@ -68,6 +73,7 @@ CRITICAL_EVENTS: Final = frozenset(
         LOG_RECOVERED,
         SHARD_REPAIRED,
         SHARD_MIGRATED,
+        AUDIT_HEAD_MISMATCH,
     }
 )
 
@@ -107,6 +113,15 @@ EVENT_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
     ),
     SHARD_OFFLOADED: ("shard_id", "vram_bytes", "to", "path"),
     SHARD_RESTORED: ("shard_id", "vram_bytes", "source", "repaired_units", "duration_ns"),
+    AUDIT_HEAD_MISMATCH: (
+        "kind",
+        "message",
+        "head_seq",
+        "head_hash",
+        "log_last_seq",
+        "head_file",
+        "incident_id",
+    ),
 }
 
 _NAME = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
