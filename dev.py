@@ -44,10 +44,31 @@ def _uv() -> Path:
     return uv
 
 
-def _sync() -> None:
+def _sync(for_tests: bool = False) -> None:
     cmd = [str(_uv()), "sync", "--locked", "--quiet", "--extra", "example", "--extra", "cuda"]
     env = dict(os.environ, UV_PROJECT_ENVIRONMENT=str(VENV))
+    wheel = _local_cpu_torch() if for_tests else None
+    if for_tests:
+        # The tests need torch (vram_residency.distributed runs its ranks on gloo). PyPI's Linux
+        # torch is the multi-GB CUDA build: where the machine carries a CPU wheel for this Python,
+        # install that beside the locked environment (an inexact sync keeps it); else take the
+        # locked `distributed` extra. `serve` and `run` stay exact and torch-free.
+        cmd += ["--inexact"] if wheel else ["--extra", "distributed"]
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    if wheel is not None:
+        subprocess.run(
+            [str(_uv()), "pip", "install", "--quiet", "--python", str(VENV / "bin" / "python"), str(wheel)],
+            check=True,
+            cwd=ROOT,
+            env=env,
+        )
+
+
+def _local_cpu_torch() -> Path | None:
+    """A CPU build of torch on this machine's disk for the interpreter uv will use, if any."""
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    found = sorted(Path("/opt/wheels").glob(f"torch-*+cpu-{tag}-{tag}-manylinux*_x86_64.whl"))
+    return found[-1] if found and os.uname().machine == "x86_64" else None
 
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -111,7 +132,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    _sync()
+    _sync(for_tests=cmd == "test")
     py = str(VENV / "bin" / "python")
     if cmd == "test":
         for step in (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["device_ordinal", "mib", "output_path"]
@@ -22,7 +23,7 @@ def device_ordinal(text: str) -> int:
     return v
 
 
-def mib(high: float) -> argparse._ActionType:
+def mib(high: float) -> Callable[[str], float]:
     """A size in MiB (fractions allowed), finite, more than 0 and at most ``high``."""
 
     def parse(text: str) -> float:

@@ -238,8 +238,8 @@ class TPModel:
         unchecked = TPRecord.make(tp_key(token), model_name, parts).record()
         # Every other rank's seals are checked under the token, as an orchestrator would.
         record = check_tp_record(unchecked, token)
-        if record.parts[rank].shards != mine or [s._signature for s in record.parts[rank].shards] != [
-            s._signature for s in mine
+        if record.parts[rank].shards != mine or [s.tag for s in record.parts[rank].shards] != [
+            s.tag for s in mine
         ]:
             raise InvalidInput("this rank's part came back changed from the exchange")
         return cls(
