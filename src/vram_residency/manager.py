@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from typing_extensions import Buffer
 
-from vram_residency.backends.base import Backend, Capabilities, DeviceBuffer
+from vram_residency.backends.base import Backend, Capabilities, DeviceBuffer, Segment
 from vram_residency.errors import (
+    AttestationMismatch,
     ConfigError,
     CudaAllocationFailed,
     InsufficientVram,
@@ -26,7 +27,17 @@ from vram_residency.errors import (
     NotSealed,
     PolicyViolation,
     SealVerificationFailed,
+    StaleSeal,
     VramError,
+)
+from vram_residency.formats.attest import (
+    AttestedShard,
+    Statement,
+    attest_key,
+    attest_tag,
+    check_nonce,
+    probe_key,
+    statement_to_json,
 )
 from vram_residency.formats.keys import SecretKey
 from vram_residency.formats.seal import SealFields, seal_key, seal_message, verify_tag
@@ -72,6 +83,9 @@ class _Entry:
     tensors: tuple[TensorSpan, ...] = ()
     lock: threading.Lock = field(default_factory=threading.Lock)
     source: Any = None
+    #: When the device memory last matched the seal (time.time_ns): set at seal and at every
+    #: successful verify or attestation. The seal-age policy (``check_seal_age``) reads it.
+    last_verified_ns: int = 0
 
 
 def _open_backend(
@@ -138,6 +152,7 @@ class VramManager:
     ) -> None:
         # Derive the key first: a bad token must fail before any device is touched.
         self._key: SecretKey = seal_key(worker_token)
+        self._attest_key: SecretKey = attest_key(worker_token)
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ConfigError("device must be a non-negative integer")
         if not isinstance(worker_id, str):
@@ -362,7 +377,10 @@ class VramManager:
             )
             tag = self._key.tag(seal_message(fields))
             shard = SealedShard._from_fields(fields, tag)
-            entry = _Entry(shard, buf, tag, result.unit_digests, tuple(tensors), source=source)
+            entry = _Entry(
+                shard, buf, tag, result.unit_digests, tuple(tensors), source=source,
+                last_verified_ns=time.time_ns(),
+            )
             with self._lock:
                 self._check_open()
                 self._entries[shard.shard_id] = entry
@@ -588,6 +606,7 @@ class VramManager:
                 corrupted_ranges=ranges,
                 corrupted_tensors=tensors,
             )
+        entry.last_verified_ns = time.time_ns()
         self._emit(
             "SealVerified",
             shard_id=sealed.shard_id,
@@ -603,6 +622,180 @@ class VramManager:
             raise IntegrityViolation("unit digest count changed between seal and verify")
         changed = [i for i in range(len(old) // 32) if old[32 * i : 32 * i + 32] != new[32 * i : 32 * i + 32]]
         return _merge_ranges(changed, entry.shard.vram_bytes)
+
+    # -- attestation (attest-v1) and seal age ----------------------------------------------------
+    def attest(
+        self,
+        nonce: bytes,
+        shards: Sequence[SealedShard | str] | None = None,
+        probe: bool = False,
+    ) -> dict[str, Any]:
+        """The ``attest-v1`` statement (JSON form, tagged under KA) for ``nonce``: each shard's
+        digest recomputed from device memory now, in one batched pass (``digest_many``), and with
+        ``probe`` its BLAKE3 keyed hash under KP in the same pass.
+
+        ``shards``: shards or shard ids, in the statement's order (default: every shard, in the
+        order they were sealed). On a match every shard's ``last_verified_ns`` moves to now.
+
+        A mismatch is a failed verification: the manager audits ``SealVerificationFailed`` for
+        each shard that changed (with the changed ranges), audits ``AttestationIssued`` with
+        verdict ``mismatch``, and raises ``AttestationMismatch`` (a ``SealVerificationFailed``,
+        so every caller stops the worker exactly as on a failed verify) carrying the tagged
+        statement, which the worker still sends: it tells the orchestrator which shard failed."""
+        nonce = check_nonce(nonce)
+        if not isinstance(probe, bool):
+            raise InvalidInput("probe must be a bool")
+        entries = self._attest_entries(shards)
+        # Lock in shard-id order: two attestations over overlapping sets never wait on each other
+        # in a cycle (every other path holds one entry lock at a time).
+        with contextlib.ExitStack() as stack:
+            for e in sorted(entries, key=lambda e: e.shard.shard_id):
+                stack.enter_context(e.lock)
+            return self._attest_locked(nonce, entries, probe)
+
+    def _attest_entries(self, shards: Sequence[SealedShard | str] | None) -> list[_Entry]:
+        with self._lock:
+            self._check_open()
+            if shards is None:
+                return list(self._entries.values())
+            if isinstance(shards, (str, SealedShard)):
+                raise InvalidInput("shards must be a sequence of shards or shard ids")
+            out: list[_Entry] = []
+            for s in shards:
+                sid = s.shard_id if isinstance(s, SealedShard) else s
+                if not isinstance(sid, str):
+                    raise InvalidInput(f"expected a SealedShard or shard id, not {type(s).__name__}")
+                entry = self._entries.get(sid)
+                if entry is None:
+                    raise NotSealed(f"shard {sid!r} is not sealed by this manager")
+                if isinstance(s, SealedShard) and not hmac.compare_digest(s._signature, entry.tag):
+                    raise InvalidInput(f"shard {sid!r} does not carry this manager's seal")
+                if any(e is entry for e in out):
+                    raise InvalidInput(f"shard {sid!r} is listed twice")
+                out.append(entry)
+            return out
+
+    def _attest_locked(self, nonce: bytes, entries: list[_Entry], probe: bool) -> dict[str, Any]:
+        for e in entries:
+            if e.buf.closed:
+                raise NotSealed(f"shard {e.shard.shard_id!r} was deallocated")
+            # Our own record must still carry its tag: an edited record fails as verify fails.
+            if not verify_tag(self._key, e.shard.fields(), e.tag):
+                self._emit(
+                    "SealVerificationFailed", critical=True, shard_id=e.shard.shard_id,
+                    reason="tag mismatch", expected_digest=e.shard.digest, actual_digest="",
+                    corrupted_ranges=[],
+                )
+                raise SealVerificationFailed(
+                    f"seal tag of shard {e.shard.shard_id} does not match its fields",
+                    shard_id=e.shard.shard_id, tag_valid=False,
+                )
+        kp = probe_key(self._attest_key, nonce) if probe else None
+        segments = [Segment(e.buf, e.shard.vram_bytes, e.shard.digest_algorithm) for e in entries]
+        if kp is not None:
+            segments += [Segment(e.buf, e.shard.vram_bytes, "blake3", key=kp) for e in entries]
+        start = time.perf_counter_ns()
+        # One batched pass: every shard's digest (and probe) with one synchronization at the end.
+        # Every recomputation of the batch finishes at that synchronization, so each shard's
+        # verified_at_ns is the batch's end.
+        digests = self._backend.digest_many(segments) if segments else []
+        done_ns = time.time_ns()
+        elapsed_ns = time.perf_counter_ns() - start
+        n = len(entries)
+        rows: list[AttestedShard] = []
+        failed: list[_Entry] = []
+        for i, e in enumerate(entries):
+            now = digests[i]
+            if not hmac.compare_digest(now.hex(), e.shard.digest):
+                failed.append(e)
+            rows.append(
+                AttestedShard(
+                    shard_id=e.shard.shard_id,
+                    seal_signature=e.tag,
+                    digest_now=now,
+                    probe=digests[n + i] if kp is not None else None,
+                    verified_at_ns=done_ns,
+                )
+            )
+        statement = Statement(
+            nonce=nonce,
+            worker_id=self._worker_id,
+            attested_at_ns=done_ns,
+            shards=tuple(rows),
+            verdict="mismatch" if failed else "ok",
+        )
+        doc = statement_to_json(statement, attest_tag(self._attest_key, statement))
+        if not failed:
+            for e in entries:
+                e.last_verified_ns = done_ns
+        for e in failed:
+            result = self._backend.hash(e.buf, e.shard.digest_algorithm, e.shard.vram_bytes)
+            ranges = self._locate(e, result)
+            tensors = [t.name for t in e.tensors if any(t.start < b and a < t.end for a, b in ranges)]
+            self._emit(
+                "SealVerificationFailed", critical=True, shard_id=e.shard.shard_id,
+                reason="digest mismatch (attestation)", expected_digest=e.shard.digest,
+                actual_digest=result.digest.hex(), corrupted_ranges=[list(r) for r in ranges],
+                corrupted_tensors=tensors,
+            )
+        self._emit(
+            "AttestationIssued",
+            critical=bool(failed),
+            nonce=nonce.hex(),
+            verdict=statement.verdict,
+            shard_ids=[e.shard.shard_id for e in entries],
+            probe=kp is not None,
+            failed_shard_ids=[e.shard.shard_id for e in failed],
+            duration_ns=elapsed_ns,
+        )
+        if failed:
+            first = failed[0].shard
+            raise AttestationMismatch(
+                f"attestation: digest of device memory changed for shard(s) "
+                f"{', '.join(e.shard.shard_id for e in failed)}",
+                attestation=doc,
+                shard_id=first.shard_id,
+                expected_digest=first.digest,
+                actual_digest=rows[entries.index(failed[0])].digest_now.hex(),
+            )
+        return doc
+
+    def last_verified_ns(self) -> dict[str, int]:
+        """Each shard's last successful verification (seal, verify or attest), ns since the epoch."""
+        with self._lock:
+            return {sid: e.last_verified_ns for sid, e in self._entries.items()}
+
+    def check_seal_age(
+        self,
+        max_age_ns: int,
+        *,
+        policy: Literal["reverify", "refuse"] = "reverify",
+        now_ns: int | None = None,
+    ) -> list[str]:
+        """Enforce a maximum seal age: every shard whose last successful verification is older
+        than ``max_age_ns`` is verified now (``"reverify"``; a mismatch raises as verify does),
+        or the call raises ``StaleSeal`` naming them (``"refuse"``). Returns the ids re-verified."""
+        if isinstance(max_age_ns, bool) or not isinstance(max_age_ns, int) or max_age_ns <= 0:
+            raise InvalidInput("max_age_ns must be a positive integer")
+        if policy not in ("reverify", "refuse"):
+            raise InvalidInput("policy must be 'reverify' or 'refuse'")
+        now = time.time_ns() if now_ns is None else now_ns
+        with self._lock:
+            self._check_open()
+            stale = [e for e in self._entries.values() if now - e.last_verified_ns > max_age_ns]
+        if not stale:
+            return []
+        if policy == "refuse":
+            oldest = max(now - e.last_verified_ns for e in stale)
+            raise StaleSeal(
+                f"{len(stale)} shard(s) last verified more than {max_age_ns / 1e9:.3f} s ago "
+                f"(oldest {oldest / 1e9:.3f} s); verify them first",
+                shard_ids=[e.shard.shard_id for e in stale],
+                age_ns=oldest,
+            )
+        for e in stale:
+            self.verify_sealed(e.shard)
+        return [e.shard.shard_id for e in stale]
 
     # -- release ------------------------------------------------------------------------------
     def deallocate(self, shard: SealedShard) -> None:

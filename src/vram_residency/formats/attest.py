@@ -56,9 +56,7 @@ def check_nonce(nonce: object) -> bytes:
         raise InvalidInput(f"nonce must be bytes, not {type(nonce).__name__}")
     raw = bytes(nonce)
     if not MIN_NONCE_BYTES <= len(raw) <= MAX_NONCE_BYTES:
-        raise InvalidInput(
-            f"nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes, not {len(raw)}"
-        )
+        raise InvalidInput(f"nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes, not {len(raw)}")
     return raw
 
 
@@ -205,12 +203,8 @@ def statement_to_json(s: Statement, tag: bytes) -> dict[str, Any]:
     }
 
 
-_TOP_KEYS: Final = frozenset(
-    {"format", "nonce", "worker_id", "attested_at_ns", "shards", "verdict", "tag"}
-)
-_SHARD_KEYS: Final = frozenset(
-    {"shard_id", "seal_signature", "digest_now", "probe", "verified_at_ns"}
-)
+_TOP_KEYS: Final = frozenset({"format", "nonce", "worker_id", "attested_at_ns", "shards", "verdict", "tag"})
+_SHARD_KEYS: Final = frozenset({"shard_id", "seal_signature", "digest_now", "probe", "verified_at_ns"})
 
 
 def _hex32(where: str, value: object) -> bytes:
