@@ -415,3 +415,24 @@ def test_seal_age_bookkeeping_and_policy(mgr: VramManager) -> None:
     assert mgr.check_seal_age(SECOND, now_ns=later) == [s.shard_id]  # re-verified now
     with pytest.raises(InvalidInput):
         mgr.check_seal_age(0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 65535, 65536, 65537, 3 * 65536, 3 * 65536 + 4097])
+def test_probe_file_windows_match_blake3_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
+    import vram_residency.attest as attest_mod
+
+    monkeypatch.setattr(attest_mod, "PROBE_WINDOW_BYTES", 65536)  # several windows, edges on them
+    data = P(n, 11)
+    f = tmp_path / "m.bin"
+    f.write_bytes(data)
+    kp = bytes(range(32))
+    assert probe_file(f, kp) == blake3.blake3(data, key=kp).digest()
+
+
+def test_probe_file_missing_file_is_invalid_input(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput):
+        probe_file(tmp_path / "absent.bin", bytes(32))
+    with pytest.raises(InvalidInput):
+        probe_file(tmp_path / "absent.bin", bytes(31))
