@@ -290,3 +290,62 @@ def test_cli_refuses_another_token_and_kept_seals(
     assert rc == 1
     assert any("fleet-0" in ln and " | ok" in ln for ln in lines), out
     assert any("fleet-1" in ln and "no seal records held" in ln for ln in lines), out
+
+
+# -- seal age in the service --------------------------------------------------------------------------
+@pytest.fixture
+def byte_lm(tmp_path: Path) -> Iterator[tuple[Any, ServerThread, str]]:
+    token = _token_file(tmp_path / "token")
+    built = build(
+        ServeOptions(
+            token_file=tmp_path / "token",
+            state_dir=tmp_path / "state",
+            backend="host",
+            worker_id="w-age",
+            scrub_interval=0.0,
+            capacity_bytes=256 << 20,
+        )
+    )
+    server = ServerThread(built.app).start()
+    try:
+        yield built, server, token
+    finally:
+        server.stop()
+        built.worker.close()
+
+
+def _execute(url: str, token: str) -> httpx.Response:
+    r = httpx.post(
+        f"{url}/worker/execute",
+        json={"prompt": "hi", "max_tokens": 2},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    )
+    return r
+
+
+@pytest.mark.parametrize("policy", ["refuse", "reverify"])
+def test_seal_age_policy_on_execute(byte_lm: tuple[Any, ServerThread, str], policy: str) -> None:
+    """Without pre-verification (the only mode where a shard can age while executions run), a
+    shard last verified longer ago than max_seal_age is refused (503, retriable, until a verify)
+    or re-verified before the batch runs."""
+    import dataclasses
+
+    built, server, token = byte_lm
+    w = built.worker
+    w.config = dataclasses.replace(w.config, pre_verify=False, max_seal_age=1.0, seal_age_policy=policy)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.post(f"{server.url}/worker/verify", headers=auth).status_code == 200
+    assert _execute(server.url, token).status_code == 200  # just verified: fresh
+    before = httpx.get(f"{server.url}/worker/ready", headers=auth).json()["models"][0]["last_verified_ns"]
+    time.sleep(1.2)
+    r = _execute(server.url, token)
+    after = httpx.get(f"{server.url}/worker/ready", headers=auth).json()["models"][0]["last_verified_ns"]
+    if policy == "refuse":
+        assert r.status_code == 503 and r.json()["retriable"] and r.json()["details"]["stale_shards"]
+        assert after == before
+        assert httpx.post(f"{server.url}/worker/verify", headers=auth).status_code == 200
+        assert _execute(server.url, token).status_code == 200
+    else:
+        assert r.status_code == 200 and after > before
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # stale is not an incident
