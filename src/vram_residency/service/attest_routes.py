@@ -27,7 +27,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
-from vram_residency.errors import AttestationMismatch, VramError
+from vram_residency.errors import AttestationMismatch, UnsupportedOperation, VramError
+from vram_residency.service.errors import ErrorCode, ServiceError
 from vram_residency.service.worker import Worker
 
 __all__ = [
@@ -139,6 +140,10 @@ def attest_on_worker(
     worker.lifecycle.ensure_can_work()
     try:
         return worker.manager.attest(nonce, shard_ids, probe)
+    except UnsupportedOperation as exc:
+        # A backend whose kernels have no keyed BLAKE3 yet: the request cannot be served as asked,
+        # which is the client's to know (ask without the probe), not a worker failure.
+        raise ServiceError(400, ErrorCode.INVALID_PARAMS, f"probe not available here: {exc}") from None
     except AttestationMismatch as exc:
         # The same path as a failed /worker/verify: Stopped, security incident, audit. The
         # manager has already written SealVerificationFailed and AttestationIssued.
