@@ -302,6 +302,45 @@ class VramManager:
 
         return repair(self._store, shard, source)
 
+    # -- moving shards (implemented in vram_residency._migrate) ---------------------------------
+    def migrate(self, shard: SealedShard, to: VramManager, *, max_retries: int = 3) -> SealedShard:
+        """Move ``shard`` to ``to``'s device (a manager with the same worker token): copied peer to
+        peer where the devices allow it, verified unit by unit as it lands, re-copied where it
+        landed wrong; the source is zeroed and freed only once the destination matches. Returns
+        the new seal (new shard id, new device), audited ``ShardMigrated``. On failure the
+        original stays sealed here and nothing stays allocated there."""
+        from vram_residency._migrate import migrate
+
+        if not isinstance(to, VramManager):
+            raise InvalidInput(f"destination must be a VramManager, not {type(to).__name__}")
+        return migrate(self._store, shard, to.store, max_retries=max_retries)
+
+    def offload(
+        self,
+        shard: SealedShard,
+        to: Literal["host", "file"] = "host",
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Move ``shard``'s bytes to host memory (pinned on CUDA) or a new file, verified as they
+        land, and free its VRAM. The shard is then unusable until :meth:`restore`."""
+        from vram_residency._migrate import offload
+
+        offload(self._store, shard, to, path)
+
+    def restore(self, shard: SealedShard) -> int:
+        """Bring an offloaded shard back under its original seal, verified in device memory
+        before it is usable again (units that landed wrong are rewritten from the offloaded copy
+        where that copy still matches the seal). Returns the number of units rewritten."""
+        from vram_residency._migrate import restore
+
+        return restore(self._store, shard)
+
+    def offloaded_shards(self) -> list[SealedShard]:
+        """Shards offloaded by this manager (sealed, not resident)."""
+        from vram_residency._migrate import offloaded
+
+        return offloaded(self._store)
+
     # -- verification -------------------------------------------------------------------------
     def _entry(self, shard: SealedShard) -> ShardRecord:
         # Kept for tests that inspect a shard's record; library code uses store.lookup.
@@ -398,7 +437,14 @@ class VramManager:
 
     def close(self) -> None:
         """Zero and free every shard, then release the backend. Idempotent."""
-        self._store.close()
+        if self._store.closed:
+            return
+        from vram_residency._migrate import discard_offloaded
+
+        try:
+            discard_offloaded(self._store)  # offloaded copies (host memory, files) go with the manager
+        finally:
+            self._store.close()
 
     def __enter__(self) -> VramManager:
         return self

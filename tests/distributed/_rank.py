@@ -89,7 +89,7 @@ def _decoder(mgr: VramManager, rank: int, world: int, out: Path, audit: ListAudi
     if rank == 0:
         full = mgr.seal_model(image)
         files = ModelFiles(name="ref", weights=paths[0], format="safetensors", root=out)
-        buf = mgr._entry(full).buf
+        buf = mgr.device_buffer(full)
         host = buf.host_view() if mgr.capabilities.host_view else None
         dev = None if host is not None else DeviceMemory(buf.device_pointer, len(image), mgr.device, buf)
         weights = SealedWeights(files, mgr.backend, len(image), host_memory=host, device_memory=dev)

@@ -22,7 +22,7 @@ def _shard(shard_id: str, device: int, index: int) -> SealedShard:
         shard_id, device, 4097, "sha256-tree-v1", DIGEST, 1764331200000000000, "worker-a",
         "llama-3-8b@sha256:abc", index, 2,
     )
-    return SealedShard._from_fields(f, seal_key(TOKEN).tag(seal_message(f)))
+    return SealedShard.from_fields(f, seal_key(TOKEN).tag(seal_message(f)))
 
 
 A = _shard("shard-00112233445566778899aabbccddeeff", 0, 0)

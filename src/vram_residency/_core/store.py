@@ -53,6 +53,9 @@ __all__ = ["SEAL_FAILED", "ShardStore", "changed_units", "merge_ranges"]
 #: The audit module does not name it yet; the value is the event's name in the log.
 SEAL_FAILED: Final = "SealFailed"
 
+#: The fixed message whose tags tell whether two keys are one (``same_key``).
+_KEY_PROBE: Final = b"vram-residency: same seal key?"
+
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -154,6 +157,23 @@ class ShardStore:
         if self._closed:
             raise NotSealed("manager is closed")
 
+    @property
+    def audit(self) -> AuditSink | None:
+        """The audit sink events go to (None: none), so that a caller writing one event to two
+        stores can tell whether they share one log."""
+        return self._audit
+
+    def same_key(self, other: ShardStore) -> bool:
+        """True when ``other`` seals with the same key (the same worker token). Compared through
+        tags of a fixed message, so that no key material is compared directly or exposed."""
+        if not isinstance(other, ShardStore):
+            raise InvalidInput(f"expected a ShardStore, not {type(other).__name__}")
+        return hmac.compare_digest(self._key.tag(_KEY_PROBE), other._key.tag(_KEY_PROBE))
+
+    def key_matches(self, key: SecretKey) -> bool:
+        """True when ``key`` is this store's seal key (compared through tags, as above)."""
+        return hmac.compare_digest(self._key.tag(_KEY_PROBE), key.tag(_KEY_PROBE))
+
     # -- audit ----------------------------------------------------------------------------------
     def emit(self, event: str, **fields: Any) -> None:
         """Write one audit event (nothing without an audit sink); its errors propagate."""
@@ -239,6 +259,13 @@ class ShardStore:
             self.emit(VRAM_DEALLOCATED, shard_id=shard_id, vram_bytes=size)
         except Exception as audit_exc:
             _note_audit_failure(reason, audit_exc)
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Hold the store open for a multi-step operation that allocates and registers (restore):
+        ``close()`` waits for it, so that nothing is freed after the backend is gone."""
+        with self._counted():
+            yield
 
     @contextlib.contextmanager
     def _counted(self) -> Iterator[None]:
@@ -354,6 +381,58 @@ class ShardStore:
                     del self._records[shard.shard_id]
             raise
         return shard
+
+    # -- records moved in and out (migration, offload, restore) --------------------------------
+    def register(self, record: ShardRecord, event: str, **fields: Any) -> None:
+        """Register an already-filled ``record`` under its existing seal (a restored shard), then
+        audit ``event`` with ``fields``; if that write fails the record is unregistered again.
+
+        Fails closed: the record's tag must be this store's tag of the shard's fields, the shard
+        must be bound to this store's device, and its id must not be registered already. The
+        caller has verified the bytes in ``record.buf`` against the seal and still owns the
+        buffer when this raises."""
+        if not isinstance(record, ShardRecord):
+            raise InvalidInput(f"expected a ShardRecord, not {type(record).__name__}")
+        shard = record.shard
+        if not self.tag_matches(shard, record):
+            raise SealVerificationFailed(
+                f"seal tag of shard {shard.shard_id} does not match its fields; not registered",
+                shard_id=shard.shard_id,
+                tag_valid=False,
+            )
+        if shard.gpu_device != self._device:
+            raise InvalidInput(f"shard is sealed for device {shard.gpu_device}, not {self._device}")
+        self._backend.check_policy(record.buf)
+        with self._lock:
+            self.check_open()
+            if shard.shard_id in self._records:
+                raise InvalidInput(f"shard {shard.shard_id!r} is registered already")
+            self._records[shard.shard_id] = record
+        try:
+            self.emit(event, **fields)
+        except BaseException:
+            self.forget(record)
+            raise
+
+    def forget(self, record: ShardRecord) -> bool:
+        """Unregister ``record`` without touching its buffer: True, or False when something else
+        replaced or removed it first. The caller then owns (and frees) ``record.buf``."""
+        with self._lock:
+            if self._records.get(record.shard.shard_id) is record:
+                del self._records[record.shard.shard_id]
+                return True
+        return False
+
+    def retire(self, record: ShardRecord, *, reason: str) -> bool:
+        """Unregister ``record``, zero and free its buffer, audit ``VramDeallocated`` with
+        ``reason`` (the bytes now live elsewhere: migrated, offloaded). The caller holds
+        ``record.lock``. False (nothing done) when the record was no longer registered."""
+        if not self.forget(record):
+            return False
+        record.buf.close()
+        shard = record.shard
+        self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes, reason=reason)
+        return True
 
     # -- lookup ---------------------------------------------------------------------------------
     def lookup(self, shard: SealedShard) -> ShardRecord:

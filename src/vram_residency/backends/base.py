@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from typing_extensions import Buffer
 
 from vram_residency.errors import IntegrityViolation, InvalidInput, UnsupportedOperation
-from vram_residency.formats.tree import HashResult
+from vram_residency.formats.tree import UNIT_SIZE, HashResult
 
-__all__ = ["ALIGNMENT", "Backend", "Capabilities", "DeviceBuffer", "Priority", "Segment", "check_range"]
+__all__ = [
+    "ALIGNMENT",
+    "COPY_CHUNK",
+    "Backend",
+    "Capabilities",
+    "DeviceBuffer",
+    "HostMemory",
+    "LandedHook",
+    "PlainHostMemory",
+    "Priority",
+    "Segment",
+    "check_range",
+]
 
 #: How urgent a segment table is. ``"low"`` is background work (the scrubber): a GPU backend with
 #: ``Capabilities.priority_streams`` runs it on a low-priority stream so that serving kernels go
@@ -30,6 +42,17 @@ Priority = Literal["normal", "low"]
 ALIGNMENT: Final = 256
 
 _MAX_OFFSET: Final = (1 << 63) - 1
+
+#: Copies between devices and to or from host memory move this many bytes at a time: a multiple
+#: of the 1 MiB unit, so that every chunk but the last holds whole units the destination can hash
+#: as soon as the chunk lands, and large enough that per-chunk overhead stays in the noise.
+COPY_CHUNK: Final = 64 * UNIT_SIZE
+
+#: ``hook(target, offset, length)``: called after a chunk of a copy has landed in ``target`` (the
+#: destination device buffer, or the host memory of an offload) and before it is hashed. It exists
+#: for fault injection only (tests, the GPU corruption trials): a hook that changes the landed
+#: bytes plays a transfer that corrupted them. Production callers pass None.
+LandedHook = Callable[["DeviceBuffer | memoryview", int, int], None]
 
 
 def check_range(size: int, offset: int, n: int) -> None:
@@ -79,6 +102,47 @@ class Segment:
     length: int
     algorithm: str
     key: bytes | None = None
+
+
+class HostMemory(abc.ABC):
+    """Host memory a backend hands out for copies to and from its device (``allocate_host``):
+    page-locked on CUDA, so that the copy engines reach it directly; plain memory elsewhere."""
+
+    @property
+    @abc.abstractmethod
+    def view(self) -> memoryview:
+        """The memory as a writable byte view (invalid after ``close``)."""
+
+    @property
+    def size(self) -> int:
+        return len(self.view)
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Zero and release the memory. Idempotent."""
+
+
+class PlainHostMemory(HostMemory):
+    """Ordinary host memory (a bytearray), for backends without pinned memory."""
+
+    def __init__(self, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidInput("host memory size must be a positive integer")
+        self._data: bytearray | None = bytearray(size)
+        self._view = memoryview(self._data)
+
+    @property
+    def view(self) -> memoryview:
+        if self._data is None:
+            raise IntegrityViolation("host memory used after it was released")
+        return self._view
+
+    def close(self) -> None:
+        if self._data is not None:
+            # Offloaded model bytes do not linger in freed heap memory.
+            self._view[:] = bytes(len(self._data))
+            self._view.release()
+            self._data = None
 
 
 class DeviceBuffer(abc.ABC):
@@ -232,6 +296,63 @@ class Backend(abc.ABC):
         view = memoryview(data).cast("B")
         buf.write(0, view)
         return self.hash(buf, algorithm, len(view))
+
+    # -- copies between devices and to and from host memory (migration, offload, restore) --------
+
+    def allocate_host(self, size: int) -> HostMemory:
+        """Host memory for copies to and from this device (pinned where the backend has it)."""
+        return PlainHostMemory(size)
+
+    def read_into(self, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
+        """Device to host: copy ``len(out)`` bytes of ``buf`` from ``offset`` into ``out``."""
+        out = out.cast("B") if out.format != "B" else out
+        out[:] = buf.read(offset, len(out))
+
+    def can_access_peer(self, other: Backend) -> bool:
+        """True when ``copy_from`` copies from ``other``'s memory directly, device to device
+        (peer to peer on CUDA); otherwise the bytes go through host memory."""
+        return False
+
+    def copy_from(
+        self, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int
+    ) -> None:
+        """Copy ``[offset, offset + length)`` of ``src`` (on ``src_backend``) to the same range of
+        ``dst`` (on this backend). This default goes through host memory, one chunk at a time."""
+        check_range(src.size, offset, length)
+        check_range(dst.size, offset, length)
+        if not length:
+            return
+        stage = src_backend.allocate_host(min(length, COPY_CHUNK))
+        try:
+            for off in range(offset, offset + length, COPY_CHUNK):
+                m = min(COPY_CHUNK, offset + length - off)
+                piece = stage.view[:m]
+                src_backend.read_into(src, off, piece)
+                dst.write(off, piece)
+        finally:
+            stage.close()
+
+    def copy_and_hash_from(
+        self,
+        dst: DeviceBuffer,
+        src_backend: Backend,
+        src: DeviceBuffer,
+        length: int,
+        algorithm: str,
+        *,
+        on_landed: LandedHook | None = None,
+    ) -> HashResult:
+        """Migration path: copy the first ``length`` bytes of ``src`` to ``dst`` chunk by chunk and
+        return the digest and unit digests *of what landed in* ``dst``, computed by this backend.
+        Backends override it to hash each chunk's units as soon as the chunk lands."""
+        check_range(src.size, 0, length)
+        check_range(dst.size, 0, length)
+        for off in range(0, length, COPY_CHUNK):
+            m = min(COPY_CHUNK, length - off)
+            self.copy_from(dst, src_backend, src, off, m)
+            if on_landed is not None:
+                on_landed(dst, off, m)
+        return self.hash(dst, algorithm, length)
 
     def describe(self) -> str:
         """One human line: what this backend is (and that it is an emulation, where it is)."""

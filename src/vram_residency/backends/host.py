@@ -289,6 +289,31 @@ class HostBackend(Backend):
             segments, lambda v, s, t: digest_only(v, s.algorithm, threads=t, key=s.key), priority
         )
 
+    def read_into(self, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
+        self.check_policy(buf)
+        assert isinstance(buf, HostBuffer)
+        out = out.cast("B") if out.format != "B" else out
+        check_range(buf.size, offset, len(out))
+        out[:] = buf._map[offset : offset + len(out)]
+
+    def can_access_peer(self, other: Backend) -> bool:
+        # Two emulated devices share one address space: a copy between them is one memmove.
+        return isinstance(other, HostBackend)
+
+    def copy_from(
+        self, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int
+    ) -> None:
+        if not isinstance(src_backend, HostBackend):
+            super().copy_from(dst, src_backend, src, offset, length)
+            return
+        self.check_policy(dst)
+        src_backend.check_policy(src)
+        assert isinstance(dst, HostBuffer)
+        assert isinstance(src, HostBuffer)
+        check_range(src.size, offset, length)
+        check_range(dst.size, offset, length)
+        dst._map[offset : offset + length] = src._map[offset : offset + length]
+
     def describe(self) -> str:
         return (
             f"host (EMULATION: 'device' memory is ordinary host RAM, not VRAM; "

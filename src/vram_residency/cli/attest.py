@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vram_residency._tokenfile import read_token_file
 from vram_residency.attest import (
     AttestationRefused,
     NonceStore,
@@ -45,16 +46,6 @@ class FleetRow:
     ok: bool
     age_ns: int | None
     seconds: float
-
-
-def _read_token(path: Path) -> str:
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read token file {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(f"token file {path} is empty")
-    return token
 
 
 def _load_seals(path: Path) -> list[dict[str, Any]]:
@@ -210,7 +201,7 @@ def _urls(args: argparse.Namespace) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    token = _read_token(args.token_file)
+    token = read_token_file(args.token_file)  # the one reader: same checks as serve and audit
     urls = _urls(args)
     held = _load_seals(args.seals) if args.seals is not None else None
     store = NonceStore(args.nonce_store)

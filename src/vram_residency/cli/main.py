@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except VramError as exc:
         print(f"vram-residency: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # A file the command had to read or write (an output directory that vanished, a full
+        # disk): one line naming it, not a traceback. Programming errors still show theirs.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"vram-residency: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return rc

@@ -78,19 +78,34 @@ def _flatten(shards: Sequence[SealedShard | SealedModel]) -> tuple[SealedShard, 
 
 
 def verify_shards(mgr: VramManager, shards: Sequence[SealedShard]) -> list[Exception | None]:
-    """Verify every shard of ``shards`` (all of them, even after a failure, so that every changed
-    tensor is named); one entry per shard: ``None`` or the error.
-
-    The one place that verifies a batch: switch it to ``VramManager.verify_many`` (#8) once that
-    exists, keeping this contract."""
-    out: list[Exception | None] = []
-    for s in shards:
-        try:
-            mgr.verify_sealed(s)
-        except Exception as exc:  # any failure must still reach the collective, or the group hangs
-            out.append(exc)
-        else:
-            out.append(None)
+    """Verify every shard of ``shards`` in one batch (``VramManager.verify_many``: one pass over a
+    segment table on the device); one entry per shard: ``None`` or its error. Every changed shard is
+    named, not just the first."""
+    out: list[Exception | None] = [None] * len(shards)
+    try:
+        mgr.verify_many(shards)
+    except SealVerificationFailed as exc:
+        failed = {f.shard_id: f for f in exc.failures}
+        for i, s in enumerate(shards):
+            f = failed.get(s.shard_id)
+            if f is not None:
+                out[i] = SealVerificationFailed(
+                    str(exc) if len(failed) == 1 else f"shard {f.shard_id} failed verification",
+                    shard_id=f.shard_id,
+                    expected_digest=f.expected_digest,
+                    actual_digest=f.actual_digest,
+                    corrupted_ranges=f.corrupted_ranges,
+                    corrupted_tensors=f.corrupted_tensors,
+                    tag_valid=f.tag_valid,
+                )
+    except Exception:  # any failure must still reach the collective, or the group hangs
+        # Not a seal failure (a foreign or freed shard, a device error): one shard at a time, so
+        # that each error stays with its shard.
+        for i, s in enumerate(shards):
+            try:
+                mgr.verify_sealed(s)
+            except Exception as one:  # same reason as above
+                out[i] = one
     return out
 
 
@@ -384,7 +399,7 @@ def _part_fields(obj: Any) -> dict[str, Any]:
     shards = []
     for rec in obj["seals"]:
         fields, tag = fields_from_record(rec)
-        shards.append(SealedShard._from_fields(fields, tag))
+        shards.append(SealedShard.from_fields(fields, tag))
     return {"device": obj.get("device"), "worker_id": obj.get("worker_id"), "shards": tuple(shards)}
 
 

@@ -112,10 +112,9 @@ def split_byte_lm(
 
 
 def _shard_view(mgr: VramManager, shard: SealedShard) -> SafetensorsView:
-    """The tensors of a sealed safetensors shard, in place. The one reach into the manager's
-    private entry (as ``service.worker`` does for its executors) until the core exposes the
-    shard's memory publicly."""
-    buf = mgr._entry(shard).buf
+    """The tensors of a sealed safetensors shard, in place. Through ``VramManager.device_buffer``:
+    nothing is copied."""
+    buf = mgr.device_buffer(shard)
     caps = mgr.capabilities
     host = buf.host_view() if caps.host_view else None
     dev = None

@@ -28,7 +28,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -309,6 +309,30 @@ class Worker:
     @property
     def audit(self) -> AuditLog | None:
         return self._audit
+
+    # -- moving shards (service/migrate_routes.py) ----------------------------------------------
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The commit and execution locks, without waiting behind a running execute: a 409
+        (retriable) instead, so that a move never queues behind inference."""
+        with self._commit_lock:
+            if not self._exec_lock.acquire(blocking=False):
+                busy = "shard in use by a running execute; retry"
+                raise ServiceError(409, ErrorCode.WORKER_NOT_READY, busy, retriable=True)
+            try:
+                yield
+            finally:
+                self._exec_lock.release()
+
+    def rebuild_executor(self, model: CommittedModel) -> None:
+        """Build ``model``'s executor again on its (moved or restored, verified) shard. Hold
+        :meth:`exclusive`."""
+        model.executor, model.executor_note = self._build_executor(model.files, model.shard)
+
+    def switch_manager(self, manager: VramManager) -> None:
+        """Verify and execute on ``manager`` from now on (its shard migrated there). Hold
+        :meth:`exclusive`."""
+        self._manager = manager
 
     @property
     def backend(self) -> str:

@@ -17,9 +17,18 @@ from typing import Any, Final
 import numpy as np
 from typing_extensions import Buffer
 
-from vram_residency.backends.base import ALIGNMENT, Backend, Capabilities, DeviceBuffer, check_range
+from vram_residency.backends.base import (
+    ALIGNMENT,
+    COPY_CHUNK,
+    Backend,
+    Capabilities,
+    DeviceBuffer,
+    HostMemory,
+    LandedHook,
+    check_range,
+)
 from vram_residency.backends.cuda import _driver
-from vram_residency.backends.cuda._driver import check, driver, request_error
+from vram_residency.backends.cuda._driver import check, driver, error_name, request_error
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import (
     PinnedHostBuffer,
@@ -68,6 +77,10 @@ def _is_int(v: object) -> bool:
 
 def _pointer_info(ptr: int) -> tuple[int, bool, int, int, int]:
     """(memory type, managed, device ordinal, allocation start, allocation size) of an address.
+    Call it with the asking backend's context current (``CudaBackend._activate``): with several
+    GPUs, an attribute query made under another device's context is answered for that context.
+    An attribute CUDA leaves unset reads as -1 for the ordinal (never 0, which is a real device:
+    an unknown ordinal must fail the device check, not pass it on device 0).
 
     cuPointerGetAttributes answers for any address, with memory type 0 for memory CUDA does not
     know (ordinary pageable memory), where cuPointerGetAttribute would report an API error.
@@ -89,8 +102,12 @@ def _pointer_info(ptr: int) -> tuple[int, bool, int, int, int]:
         except (TypeError, ValueError):  # an attribute CUDA left unset for unknown memory
             return 0
 
-    mtype, managed, ordinal, start, length = (num(v) for v in values)
-    return mtype, bool(managed), ordinal, start, length
+    mtype, managed, raw_ordinal, start, length = values
+    try:
+        ordinal = int(raw_ordinal)
+    except (TypeError, ValueError):
+        ordinal = -1
+    return num(mtype), bool(num(managed)), ordinal, num(start), num(length)
 
 
 class CudaBuffer(DeviceBuffer):
@@ -138,6 +155,254 @@ class CudaBuffer(DeviceBuffer):
         self._backend._release(self)
 
 
+# -- migration, offload and restore copies (issue 13) -------------------------------------------
+#
+# Between two GPUs the bytes go peer to peer (cuMemcpyPeerAsync after cuCtxEnablePeerAccess) where
+# cuDeviceCanAccessPeer allows it, and otherwise through two pinned host buffers in turn. Every
+# driver call below runs with the context of the backend whose stream or memory it uses current
+# (its _activate()): driver calls act on the calling thread's current context.
+
+
+class PinnedHostMemory(HostMemory):
+    """Page-locked host memory for offloads and restores: the copy engines reach it directly."""
+
+    def __init__(self, size: int) -> None:
+        self._buf: PinnedHostBuffer | None = PinnedHostBuffer(size)
+
+    @property
+    def view(self) -> memoryview:
+        if self._buf is None:
+            raise IntegrityViolation("pinned host memory used after it was released")
+        return self._buf.view
+
+    @property
+    def address(self) -> int:
+        if self._buf is None:
+            raise IntegrityViolation("pinned host memory used after it was released")
+        return self._buf.address
+
+    def close(self) -> None:
+        if self._buf is not None:
+            buf, self._buf = self._buf, None
+            buf.array.fill(0)  # offloaded model bytes do not linger in freed pinned pages
+            buf.close()
+
+
+def _own_buffer(backend: CudaBackend, buf: DeviceBuffer) -> CudaBuffer:
+    if not isinstance(buf, CudaBuffer) or buf._backend is not backend:
+        raise InvalidInput("buffer does not belong to this CUDA backend")
+    buf.check_open()
+    return buf
+
+
+def _peer_allocate_host(self: CudaBackend, size: int) -> HostMemory:
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise InvalidInput("host memory size must be a positive integer")
+    self._activate()
+    return PinnedHostMemory(size)
+
+
+def _peer_read_into(self: CudaBackend, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
+    cbuf = _own_buffer(self, buf)
+    out = out.cast("B") if out.format != "B" else out
+    n = len(out)
+    check_range(cbuf.size, offset, n)
+    if not n:
+        return
+    addr, _keep = host_address(out)
+    with cbuf._lock:
+        cbuf.check_open()
+        self._activate()
+        check(driver().cuMemcpyDtoHAsync(addr, cbuf._ptr + offset, n, self._copy_stream), "cuMemcpyDtoHAsync")
+        self._sync(self._copy_stream, "device-to-host copy")
+
+
+def _peer_can_access_peer(self: CudaBackend, other: Backend) -> bool:
+    if not isinstance(other, CudaBackend):
+        return False
+    if other.device == self.device:
+        return True
+    ok = check(driver().cuDeviceCanAccessPeer(self._cudev, other._cudev), "cuDeviceCanAccessPeer")
+    return bool(ok)
+
+
+def _enable_peer(dst: CudaBackend, src: CudaBackend) -> None:
+    """Let ``dst``'s context reach ``src``'s memory (idempotent: "already enabled" is success)."""
+    dst._activate()
+    drv = driver()
+    (err,) = drv.cuCtxEnablePeerAccess(src._ctx, 0)
+    if err != drv.CUresult.CUDA_SUCCESS and error_name(err) != "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED":
+        check((err,), "cuCtxEnablePeerAccess")
+
+
+class _Mover:
+    """Issues chunk copies from ``src`` (on ``sb``) into ``dst`` (on ``db``) on ``db``'s copy stream:
+    peer to peer, device to device on one GPU, or staged through two pinned buffers."""
+
+    def __init__(self, db: CudaBackend, dst: CudaBuffer, sb: CudaBackend, src: CudaBuffer) -> None:
+        self.db, self.dst, self.sb, self.src = db, dst, sb, src
+        self.same = db.device == sb.device
+        self.peer = self.same or _peer_can_access_peer(db, sb)
+        self.stage: list[tuple[PinnedHostBuffer, object]] = []
+        if self.peer and not self.same:
+            _enable_peer(db, sb)
+
+    def issue(self, offset: int, length: int) -> None:
+        drv = driver()
+        db, sb = self.db, self.sb
+        d, s = self.dst._ptr + offset, self.src._ptr + offset
+        if self.same:
+            db._activate()
+            check(drv.cuMemcpyDtoDAsync(d, s, length, db._copy_stream), "cuMemcpyDtoDAsync")
+            return
+        if self.peer:
+            db._activate()
+            check(
+                drv.cuMemcpyPeerAsync(d, db._ctx, s, sb._ctx, length, db._copy_stream), "cuMemcpyPeerAsync"
+            )
+            return
+        # No peer access: device to host on the source, host to device on the destination, two
+        # pinned buffers in turn so that one is read back while the other is written.
+        if not self.stage:
+            db._activate()
+            no_timing = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+            for _ in range(2):
+                pinned = PinnedHostBuffer(COPY_CHUNK)
+                self.stage.append((pinned, check(drv.cuEventCreate(no_timing), "cuEventCreate")))
+        for i, off in enumerate(range(0, length, COPY_CHUNK)):
+            m = min(COPY_CHUNK, length - off)
+            pinned, done = self.stage[i % 2]
+            db._activate()
+            check(drv.cuEventSynchronize(done), "waiting for a staging buffer")
+            sb._activate()
+            check(drv.cuMemcpyDtoHAsync(pinned.address, s + off, m, sb._copy_stream), "cuMemcpyDtoHAsync")
+            sb._sync(sb._copy_stream, "device-to-host copy (staged migration)")
+            db._activate()
+            check(drv.cuMemcpyHtoDAsync(d + off, pinned.address, m, db._copy_stream), "cuMemcpyHtoDAsync")
+            check(drv.cuEventRecord(done, db._copy_stream), "cuEventRecord")
+
+    def wait(self) -> None:
+        self.db._activate()
+        self.db._sync(self.db._copy_stream, "migration copy")
+
+    def close(self) -> None:
+        if self.stage:
+            drv = driver()
+            self.db._activate()
+            self.db._sync(self.db._copy_stream, "migration copy")
+            for pinned, ev in self.stage:
+                pinned.close()
+                drv.cuEventDestroy(ev)
+            self.stage.clear()
+
+
+def _peer_pair(
+    self: CudaBackend, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int
+) -> tuple[CudaBuffer, CudaBackend, CudaBuffer]:
+    assert isinstance(src_backend, CudaBackend)
+    cdst = _own_buffer(self, dst)
+    csrc = _own_buffer(src_backend, src)
+    if cdst is csrc:
+        raise InvalidInput("source and destination are the same buffer")
+    check_range(csrc.size, offset, length)
+    check_range(cdst.size, offset, length)
+    return cdst, src_backend, csrc
+
+
+def _peer_copy_from(
+    self: CudaBackend, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int
+) -> None:
+    if not isinstance(src_backend, CudaBackend):
+        Backend.copy_from(self, dst, src_backend, src, offset, length)
+        return
+    cdst, sb, csrc = _peer_pair(self, dst, src_backend, src, offset, length)
+    if not length:
+        return
+    with cdst._lock, csrc._lock:
+        cdst.check_open()
+        csrc.check_open()
+        mover = _Mover(self, cdst, sb, csrc)
+        try:
+            mover.issue(offset, length)
+            mover.wait()
+        finally:
+            mover.close()
+
+
+def _peer_copy_and_hash_from(
+    self: CudaBackend,
+    dst: DeviceBuffer,
+    src_backend: Backend,
+    src: DeviceBuffer,
+    length: int,
+    algorithm: str,
+    *,
+    on_landed: LandedHook | None = None,
+) -> HashResult:
+    if not isinstance(src_backend, CudaBackend):
+        return Backend.copy_and_hash_from(self, dst, src_backend, src, length, algorithm, on_landed=on_landed)
+    algorithm = check_algorithm(algorithm)
+    cdst, sb, csrc = _peer_pair(self, dst, src_backend, src, 0, length)
+    drv = driver()
+    # The source stays locked for the whole copy (nobody frees it underneath); the destination is
+    # locked too, except while a fault-injection hook runs (it writes through the buffer's API).
+    with csrc._lock, self._lock:
+        csrc.check_open()
+        cdst._lock.acquire()
+        try:
+            cdst.check_open()
+            mover = _Mover(self, cdst, sb, csrc)
+            try:
+                self._activate()
+                job = _HashJob(self, algorithm, cdst._ptr, length, True)
+                launched = 0
+                for off in range(0, length, COPY_CHUNK):
+                    m = min(COPY_CHUNK, length - off)
+                    mover.issue(off, m)
+                    if on_landed is not None:
+                        mover.wait()
+                        cdst._lock.release()
+                        try:
+                            on_landed(cdst, off, m)
+                        finally:
+                            cdst._lock.acquire()
+                        cdst.check_open()
+                    ready = job.units if off + m >= length else (off + m) // UNIT_SIZE
+                    if ready > launched:
+                        self._activate()
+                        check(drv.cuEventRecord(self._xfer_event, self._copy_stream), "cuEventRecord")
+                        check(drv.cuStreamWaitEvent(self._stream, self._xfer_event, 0), "cuStreamWaitEvent")
+                        job.launch_units(launched, ready)
+                        launched = ready
+                if launched < job.units:
+                    job.launch_units(launched, job.units)
+                result = job.finish()[1]
+                mover.wait()
+            finally:
+                mover.close()
+        finally:
+            cdst._lock.release()
+    if result is None:  # pragma: no cover - the job was built with units
+        raise IntegrityViolation("digest kernels returned no unit digests")
+    return result
+
+
+def _peer_peer_copy_raw(
+    self: CudaBackend, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, length: int
+) -> None:
+    """The plain copy with nothing verified, in the same chunks as ``copy_and_hash_from``: the
+    baseline a benchmark measures verified migration against."""
+    cdst, sb, csrc = _peer_pair(self, dst, src_backend, src, 0, length)
+    with cdst._lock, csrc._lock:
+        mover = _Mover(self, cdst, sb, csrc)
+        try:
+            for off in range(0, length, COPY_CHUNK):
+                mover.issue(off, min(COPY_CHUNK, length - off))
+            mover.wait()
+        finally:
+            mover.close()
+
+
 class CudaBackend(Backend):
     """Device memory on one CUDA device, through the driver API (cuda-bindings) and NVRTC.
 
@@ -157,6 +422,10 @@ class CudaBackend(Backend):
         adopt_pointer=True,
         batched_digests=False,
     )
+    # Migration, offload and restore copies (peer to peer where allowed): see _peer.py.
+    allocate_host, read_into, can_access_peer = _peer_allocate_host, _peer_read_into, _peer_can_access_peer
+    copy_from, copy_and_hash_from = _peer_copy_from, _peer_copy_and_hash_from
+    peer_copy_raw = _peer_peer_copy_raw
 
     def __init__(
         self,
@@ -345,6 +614,7 @@ class CudaBackend(Backend):
     # -- copies ----------------------------------------------------------------------------------
 
     def _is_pinned(self, addr: int, n: int) -> bool:
+        self._activate()
         mtype, _, _, start, length = _pointer_info(addr)
         return mtype == int(driver().CUmemorytype.CU_MEMORYTYPE_HOST) and addr + n <= start + length
 
