@@ -26,6 +26,8 @@ import os
 import secrets
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,13 +48,14 @@ from vram_residency.formats.attest import (
     verify_statement_tag,
 )
 from vram_residency.formats.seal import fields_from_record, seal_key, verify_tag
-from vram_residency.shard import SealedShard
+from vram_residency.shard import SealedShard, check_seal_record
 
 __all__ = [
     "AttestationRefused",
     "AttestationResult",
     "IssuedNonce",
     "NonceStore",
+    "WorkerRateLimited",
     "check_attestation",
     "probe_file",
     "request_attestation",
@@ -70,6 +73,16 @@ class AttestationRefused(VramError):
         super().__init__(f"check {check}: {message}")
         self.check = check
         self.shard_id = shard_id
+
+
+class WorkerRateLimited(InvalidInput):
+    """The worker answered 429: it attests at a bounded rate. ``retry_after_s`` is its hint."""
+
+    _retriable = True
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 # -- nonces ---------------------------------------------------------------------------------------
@@ -402,6 +415,57 @@ def check_attestation(
 
 
 # -- HTTP -----------------------------------------------------------------------------------------
+#: The most bytes read from a worker's answer: a statement is ~300 bytes per shard, a
+#: /worker/ready answer a few KiB per model. A faulty or hostile endpoint cannot make the
+#: orchestrator buffer more than this.
+MAX_ANSWER_BYTES: Final = 16 << 20
+
+
+def _call(
+    url: str, token: str | bytes, method: str, path: str, body: dict[str, Any] | None, timeout: float
+) -> dict[str, Any]:
+    """One JSON request with the bearer token, through the standard library: the orchestrator's
+    side needs no HTTP package (the service extras are for workers). InvalidInput on anything but
+    a 200 with a JSON object; the message names the URL and the status, never the token."""
+    tok = token.decode("utf-8") if isinstance(token, bytes) else token
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    req = urllib.request.Request(  # noqa: S310 - the scheme is checked just below
+        url.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {tok}", "Accept": "application/json"}
+        | ({"Content-Type": "application/json"} if data is not None else {}),
+    )
+    if req.type not in ("http", "https"):
+        raise InvalidInput(f"worker URL must be http:// or https://, not {url!r}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - scheme checked
+            raw = r.read(MAX_ANSWER_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        code, err = "", {}
+        with contextlib.suppress(Exception):
+            err = json.loads(exc.read(64 << 10))
+            code = str(err.get("code", ""))
+        retry_ms = err.get("retry_after_ms") if isinstance(err, dict) else None
+        if exc.code == 429 and isinstance(retry_ms, int) and not isinstance(retry_ms, bool) and retry_ms >= 0:
+            raise WorkerRateLimited(
+                f"{url}: rate limited, retry after {retry_ms} ms", retry_ms / 1e3
+            ) from None
+        raise InvalidInput(f"{url}: {method} {path} answered HTTP {exc.code} {code}".rstrip()) from None
+    except (urllib.error.URLError, OSError) as exc:  # refused, reset, timed out, DNS
+        reason = getattr(exc, "reason", exc)
+        raise InvalidInput(f"{url}: no answer ({type(reason).__name__})") from None
+    if len(raw) > MAX_ANSWER_BYTES:
+        raise InvalidInput(f"{url}: answer larger than {MAX_ANSWER_BYTES} bytes")
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise InvalidInput(f"{url}: the answer is not JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"{url}: the answer is not a JSON object")
+    return doc
+
+
 def request_attestation(
     url: str,
     token: str | bytes,
@@ -411,35 +475,12 @@ def request_attestation(
     probe: bool = False,
     timeout: float = 30.0,
 ) -> dict[str, Any]:
-    """``POST {url}/worker/attest`` with ``nonce`` and return the JSON statement (unchecked).
-
-    Raises InvalidInput for a refused request (the worker's error code in the message; the token
-    never is)."""
-    import httpx
-
-    tok = token.decode("utf-8") if isinstance(token, bytes) else token
+    """``POST {url}/worker/attest`` with ``nonce`` and return the JSON statement (unchecked: pass
+    it to ``check_attestation``). InvalidInput for a refused or unanswered request."""
     body: dict[str, Any] = {"nonce": check_nonce(nonce).hex(), "probe": bool(probe)}
     if shard_ids is not None:
         body["shard_ids"] = list(shard_ids)
-    try:
-        r = httpx.post(
-            url.rstrip("/") + "/worker/attest",
-            json=body,
-            headers={"Authorization": f"Bearer {tok}"},
-            timeout=timeout,
-        )
-    except httpx.HTTPError as exc:
-        raise InvalidInput(f"{url}: no answer ({type(exc).__name__})") from None
-    if r.status_code != 200:
-        try:
-            code = r.json().get("code", "")
-        except ValueError:
-            code = ""
-        raise InvalidInput(f"{url}: attest refused with HTTP {r.status_code} {code}".rstrip())
-    doc = r.json()
-    if not isinstance(doc, dict):
-        raise InvalidInput(f"{url}: the answer is not a JSON object")
-    return doc
+    return _call(url, token, "POST", "/worker/attest", body, timeout)
 
 
 def fetch_seal_records(
@@ -448,23 +489,12 @@ def fetch_seal_records(
     """The worker id and seal records that ``GET /worker/ready`` shows, each record's tag checked
     with the token. For an orchestrator that did not keep the records from commit time: the
     records are only as trustworthy as the token (the spec's threat model)."""
-    import httpx
-
-    tok = token.decode("utf-8") if isinstance(token, bytes) else token
-    try:
-        r = httpx.get(
-            url.rstrip("/") + "/worker/ready", headers={"Authorization": f"Bearer {tok}"}, timeout=timeout
-        )
-    except httpx.HTTPError as exc:
-        raise InvalidInput(f"{url}: no answer ({type(exc).__name__})") from None
-    if r.status_code != 200:
-        raise InvalidInput(f"{url}: /worker/ready answered HTTP {r.status_code}")
-    doc = r.json()
-    seals = doc.get("seals") if isinstance(doc, dict) else None
+    doc = _call(url, token, "GET", "/worker/ready", None, timeout)
+    seals = doc.get("seals")
     if not isinstance(seals, list) or not isinstance(doc.get("worker_id"), str):
         raise InvalidInput(f"{url}: /worker/ready has no seals / worker_id")
-    from vram_residency.shard import check_seal_record
-
     for rec in seals:
+        if not isinstance(rec, dict):
+            raise InvalidInput(f"{url}: /worker/ready lists a seal that is not a JSON object")
         check_seal_record(rec, token)
     return doc["worker_id"], seals

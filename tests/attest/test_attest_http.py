@@ -356,3 +356,17 @@ def test_seal_age_policy_on_execute(byte_lm: tuple[Any, ServerThread, str], poli
     else:
         assert r.status_code == 200 and after > before
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # stale is not an incident
+
+
+def test_cli_waits_out_the_rate_limit(inproc: tuple[Any, ServerThread, str, Path], tmp_path: Path) -> None:
+    """A worker at its attestation rate answers 429 with retry_after_ms; the command waits that
+    long (with a fresh nonce per attempt) while its timeout allows, and gives up when it does not."""
+    _, server, token, _ = inproc
+    while _post(server.url, token, {"nonce": secrets.token_hex(16)}).status_code != 429:
+        pass
+    rc, out = _cli(server.url, "--token-file", str(tmp_path / "token"), "--timeout", "10")
+    assert rc == 0, out
+    while _post(server.url, token, {"nonce": secrets.token_hex(16)}).status_code != 429:
+        pass
+    rc, out = _cli(server.url, "--token-file", str(tmp_path / "token"), "--timeout", "0.05")
+    assert rc == 1 and "rate limited" in out, out

@@ -29,6 +29,7 @@ from vram_residency._tokenfile import read_token_file
 from vram_residency.attest import (
     AttestationRefused,
     NonceStore,
+    WorkerRateLimited,
     check_attestation,
     fetch_seal_records,
     request_attestation,
@@ -103,15 +104,25 @@ def attest_one(
         records = shown if held is None else [r for r in held if r.get("worker_id") == worker_id]
         if not records:
             raise InvalidInput(f"no seal records held for worker {worker_id!r}")
-        issued = store.issue(worker_id)
-        doc = request_attestation(
-            url,
-            token,
-            issued.nonce,
-            shard_ids=[r["shard_id"] for r in records],
-            probe=probe or bool(files),
-            timeout=timeout,
-        )
+        deadline = time.monotonic() + timeout
+        while True:
+            # A fresh nonce per attempt: the delay check counts from each nonce's issue.
+            issued = store.issue(worker_id)
+            try:
+                doc = request_attestation(
+                    url,
+                    token,
+                    issued.nonce,
+                    shard_ids=[r["shard_id"] for r in records],
+                    probe=probe or bool(files),
+                    timeout=max(0.001, deadline - time.monotonic()),
+                )
+                break
+            except WorkerRateLimited as exc:
+                # The worker bounds its attestation rate; wait as it says while time is left.
+                if time.monotonic() + exc.retry_after_s >= deadline:
+                    raise
+                time.sleep(exc.retry_after_s)
         res = check_attestation(
             doc,
             token,
