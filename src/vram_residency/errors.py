@@ -11,10 +11,12 @@ must stop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
+    "AttestationMismatch",
     "ConfigError",
     "CudaAllocationFailed",
     "InsufficientVram",
@@ -24,6 +26,7 @@ __all__ = [
     "PolicyViolation",
     "SealVerificationFailed",
     "ShardFailure",
+    "StaleSeal",
     "UnsupportedOperation",
     "VramError",
 ]
@@ -166,3 +169,27 @@ class PolicyViolation(VramError):
 class UnsupportedOperation(VramError):
     """This backend cannot do what was asked (for example a device pointer of emulated memory).
     Check ``Backend.capabilities`` first instead of catching it."""
+
+
+class StaleSeal(VramError):
+    """A shard's last successful verification is older than the configured maximum seal age,
+    and the policy is to refuse rather than re-verify. Retriable: a verification makes it fresh."""
+
+    _retriable = True
+
+    def __init__(self, message: str, *, shard_ids: Sequence[str] = (), age_ns: int = 0) -> None:
+        self.shard_ids = list(shard_ids)
+        self.age_ns = age_ns
+        super().__init__(message)
+
+
+class AttestationMismatch(SealVerificationFailed):
+    """An attestation found a shard whose digest in device memory no longer matches its seal.
+
+    Raised, like any failed verification, so that every caller stops the worker the same way;
+    ``attestation`` is the tagged ``attest-v1`` statement (JSON form, verdict ``mismatch``) that
+    still tells the orchestrator, authentically, which shard failed."""
+
+    def __init__(self, message: str, *, attestation: Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.attestation: dict[str, Any] = dict(attestation)

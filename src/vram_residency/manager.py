@@ -10,9 +10,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from typing_extensions import Buffer
 
-from vram_residency._core import AuditSink, BackendName, ShardRecord, ShardStore, TensorSpan, open_backend
+from vram_residency._core import (
+    AuditSink,
+    BackendName,
+    ShardRecord,
+    ShardStore,
+    TensorSpan,
+    attest_shards,
+    check_seal_age,
+    open_backend,
+)
 from vram_residency.backends.base import Backend, Capabilities, DeviceBuffer
 from vram_residency.errors import ConfigError, InvalidInput
+from vram_residency.formats.attest import attest_key
+from vram_residency.formats.keys import SecretKey
 from vram_residency.formats.seal import seal_key
 from vram_residency.formats.tree import SHA256_TREE_V1, HashResult
 from vram_residency.shard import SealedShard
@@ -52,6 +63,7 @@ class VramManager:
     ) -> None:
         # Derive the key first: a bad token must fail before any device is touched.
         seal_key_obj = seal_key(worker_token)
+        self._attest_key: SecretKey = attest_key(worker_token)
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ConfigError("device must be a non-negative integer")
         if not isinstance(worker_id, str):
@@ -382,6 +394,43 @@ class VramManager:
         self._store.verify_many(flat)
 
     # -- release ------------------------------------------------------------------------------
+    # -- attestation (attest-v1) and seal age ----------------------------------------------------
+    def attest(
+        self,
+        nonce: bytes,
+        shards: Sequence[SealedShard | str] | None = None,
+        probe: bool = False,
+    ) -> dict[str, Any]:
+        """The ``attest-v1`` statement (JSON form, tagged under KA) for ``nonce``: each shard's
+        digest recomputed from device memory now, in one batched pass (``digest_many``), and with
+        ``probe`` its BLAKE3 keyed hash under KP in the same pass.
+
+        ``shards``: shards or shard ids, in the statement's order (default: every shard, in the
+        order they were sealed). On a match every shard's ``last_verified_ns`` moves to now.
+
+        A mismatch is a failed verification: ``SealVerificationFailed`` is audited for each shard
+        that changed (with the changed ranges), ``AttestationIssued`` with verdict ``mismatch``,
+        and ``AttestationMismatch`` is raised (a ``SealVerificationFailed``, so every caller stops
+        the worker exactly as on a failed verify) carrying the tagged statement, which the worker
+        still sends: it tells the orchestrator which shard failed."""
+        return attest_shards(self._store, self._attest_key, nonce, shards, probe)
+
+    def last_verified_ns(self) -> dict[str, int]:
+        """Each shard's last successful verification (seal, verify or attest), ns since the epoch."""
+        return self._store.last_verified_ns()
+
+    def check_seal_age(
+        self,
+        max_age_ns: int,
+        *,
+        policy: Literal["reverify", "refuse"] = "reverify",
+        now_ns: int | None = None,
+    ) -> list[str]:
+        """Enforce a maximum seal age: every shard whose last successful verification is older
+        than ``max_age_ns`` is verified now (``"reverify"``; a mismatch raises as verify does),
+        or the call raises ``StaleSeal`` naming them (``"refuse"``). Returns the ids re-verified."""
+        return check_seal_age(self._store, max_age_ns, policy=policy, now_ns=now_ns)
+
     def deallocate(self, shard: SealedShard) -> None:
         """Zero and free the shard's device memory and forget its seal."""
         self._store.deallocate(shard)

@@ -5,6 +5,7 @@ Its package-level API is what the rest of the library uses (``VramManager`` is i
 modules directly, and nothing anywhere reads another module's underscore-private names.
 """
 
+from vram_residency._core.attest import attest_shards, check_seal_age
 from vram_residency._core.backend_select import BackendName, open_backend
 from vram_residency._core.store import SEAL_FAILED, ShardStore, changed_units, merge_ranges
 from vram_residency._core.types import AuditSink, ShardRecord, TensorSpan
@@ -16,7 +17,9 @@ __all__ = [
     "ShardRecord",
     "ShardStore",
     "TensorSpan",
+    "attest_shards",
     "changed_units",
+    "check_seal_age",
     "merge_ranges",
     "open_backend",
 ]

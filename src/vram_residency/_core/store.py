@@ -357,7 +357,10 @@ class ShardStore:
         )
         tag = self._key.tag(seal_message(fields))
         shard = SealedShard.from_fields(fields, tag)
-        record = ShardRecord(shard, buf, tag, result.unit_digests, tuple(tensors), source=source)
+        record = ShardRecord(
+            shard, buf, tag, result.unit_digests, tuple(tensors), source=source,
+            last_verified_ns=time.time_ns(),
+        )  # fmt: skip
         with self._lock:
             self.check_open()
             self._records[shard.shard_id] = record
@@ -513,6 +516,10 @@ class ShardStore:
                     r.shard.shard_id, r.shard.digest, actual, tuple(ranges), tuple(r.tensors_in(ranges))
                 )
         ordered = list(dict.fromkeys(s.shard_id for s in presented))
+        now_ns = time.time_ns()
+        for sid in ordered:
+            if sid not in failures:
+                records[sid].last_verified_ns = now_ns
         for sid in ordered:
             f = failures.get(sid)
             sealed = records[sid].shard
@@ -563,6 +570,11 @@ class ShardStore:
             _note_audit_failure(error, audit_exc)
             raise error from audit_exc
         raise error
+
+    def last_verified_ns(self) -> dict[str, int]:
+        """Each shard's last successful verification (seal, verify or attest), ns since the epoch."""
+        with self._lock:
+            return {sid: r.last_verified_ns for sid, r in self._records.items()}
 
     # -- release --------------------------------------------------------------------------------
     def deallocate(self, shard: SealedShard) -> None:

@@ -42,6 +42,9 @@ class ShardRecord:
     tensors: tuple[TensorSpan, ...] = ()
     lock: threading.Lock = field(default_factory=threading.Lock)
     source: Any = None
+    #: When the device memory last matched the seal (time.time_ns): set at seal and at every
+    #: successful verify or attestation; the seal-age policy reads it.
+    last_verified_ns: int = 0
 
     def tensors_in(self, ranges: list[tuple[int, int]]) -> list[str]:
         """Names of the tensors overlapping any of ``ranges``, in index order."""

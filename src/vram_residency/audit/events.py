@@ -15,6 +15,7 @@ from typing import Any, Final
 from vram_residency.errors import SealVerificationFailed, VramError
 
 __all__ = [
+    "ATTESTATION_ISSUED",
     "AUDIT_HEAD_MISMATCH",
     "CRITICAL_EVENTS",
     "EVENT_FIELDS",
@@ -52,6 +53,10 @@ SECURITY_INCIDENT: Final = "SecurityIncident"
 #: hash and the sidecar file that keeps the torn bytes.
 LOG_RECOVERED: Final = "LogRecovered"
 SHARD_REPAIRED: Final = "ShardRepaired"
+#: An attest-v1 statement was issued for an orchestrator's nonce (hex) with its verdict. Not
+#: critical by default (an orchestrator may attest often); the manager emits it as critical when
+#: the verdict is "mismatch", since it is then part of a failed verification's evidence.
+ATTESTATION_ISSUED: Final = "AttestationIssued"
 #: A shard moved to another device under a new seal; names its predecessor (``from_shard_id``).
 SHARD_MIGRATED: Final = "ShardMigrated"
 SHARD_OFFLOADED: Final = "ShardOffloaded"
@@ -100,6 +105,7 @@ EVENT_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
     SECURITY_INCIDENT: ("incident_id", "error_type", "message", "shard_id", "state_before"),
     LOG_RECOVERED: ("last_good_seq", "last_good_hash", "torn_bytes", "torn_sha256", "torn_file"),
     SHARD_REPAIRED: ("shard_id", "repaired_ranges", "source"),
+    ATTESTATION_ISSUED: ("nonce", "verdict", "shard_ids", "probe", "failed_shard_ids", "duration_ns"),
     SHARD_MIGRATED: (
         "shard_id",
         "from_shard_id",

@@ -21,6 +21,7 @@ _COMMANDS = [
     "vram_residency.cli.seal",
     "vram_residency.cli.manifest",
     "vram_residency.cli.serve",
+    "vram_residency.cli.attest",
     "vram_residency.audit.cli",
 ]
 

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vram_residency import __version__
 from vram_residency.audit.lifecycle import WorkerState
 from vram_residency.errors import VramError
+from vram_residency.service.attest_routes import register_attest_routes
 from vram_residency.service.auth import BearerCheck
 from vram_residency.service.errors import ErrorCode, ServiceError, from_exception
 from vram_residency.service.executor import JobOutput, Token
@@ -251,6 +252,8 @@ def create_app(
         return VerifyResponse(
             verified=True, shards=result.shards, bytes=result.bytes, duration_ms=_ms(result.seconds)
         )
+
+    register_attest_routes(app, worker, auth)  # POST /worker/attest (attest-v1, rate-limited)
 
     @app.delete(
         "/worker/shards/{shard_id}",

@@ -21,6 +21,7 @@ from vram_residency.errors import (
     NotSealed,
     PolicyViolation,
     SealVerificationFailed,
+    StaleSeal,
     VramError,
 )
 from vram_residency.service.catalog import ModelNotFound
@@ -103,6 +104,10 @@ def from_exception(exc: BaseException) -> ServiceError:
     if isinstance(exc, WorkerStopped):
         return ServiceError(
             503, ErrorCode.WORKER_STOPPED, str(exc), details={"state": "Stopped", "reason": exc.reason}
+        )
+    if isinstance(exc, StaleSeal):
+        return ServiceError(
+            503, ErrorCode.WORKER_NOT_READY, str(exc), retriable=True, details={"stale_shards": exc.shard_ids}
         )
     if isinstance(exc, WorkerNotReady):
         return ServiceError(

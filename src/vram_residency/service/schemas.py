@@ -107,6 +107,9 @@ class ModelInfo(BaseModel):
     kind: str | None
     executor: str
     side_files_sha256: dict[str, str]
+    last_verified_ns: int | None = Field(
+        None, description="when the shard last matched its seal (seal, verify or attest), ns since the epoch"
+    )
 
 
 class ReadyResponse(BaseModel):

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from vram_residency.audit.errors import WorkerNotReady, WorkerStopped
 from vram_residency.audit.lifecycle import Incident, WorkerLifecycle, WorkerState
@@ -94,6 +94,13 @@ class WorkerConfig:
     #: Most of the wall time the scrubber may spend verifying (0 < budget <= 1).
     scrub_budget: float = 0.05
     drain_timeout: float = 30.0
+    #: Seal age (#14): seconds after which a shard's last successful verification is too old
+    #: for an execution (0: no limit). Only matters with pre_verify off: pre-verification makes
+    #: every shard fresh before each batch anyway.
+    max_seal_age: float = 0.0
+    #: "reverify": verify the stale shards before the batch runs; "refuse": fail the batch with
+    #: StaleSeal (503, retriable) until something verifies them (the scrubber, /worker/verify).
+    seal_age_policy: Literal["reverify", "refuse"] = "reverify"
 
     def check(self) -> None:
         if not self.worker_id:
@@ -105,6 +112,10 @@ class WorkerConfig:
             raise ConfigError("scrub_interval must be >= 0 (0 disables scrubbing)")
         if not 0 < self.scrub_budget <= 1:
             raise ConfigError("scrub_budget must be in (0, 1]")
+        if not self.max_seal_age >= 0:
+            raise ConfigError("max_seal_age must be >= 0 (0: no limit)")
+        if self.seal_age_policy not in ("reverify", "refuse"):
+            raise ConfigError("seal_age_policy must be 'reverify' or 'refuse'")
 
 
 @dataclass(slots=True)
@@ -661,6 +672,10 @@ class Worker:
             try:
                 with self.lifecycle.executing():
                     info = self._verify_all("execute") if self.config.pre_verify else None
+                    if info is None and self.config.max_seal_age > 0:
+                        self.manager.check_seal_age(
+                            int(self.config.max_seal_age * 1e9), policy=self.config.seal_age_policy
+                        )
                     if info is not None:
                         self._last_verify_seconds = info.seconds
                     for j in jobs:
@@ -763,6 +778,8 @@ class Worker:
         incidents = self.lifecycle.incidents
         last = incidents[-1] if incidents else None
         models = self.models()
+        mgr = self._manager
+        last_verified = mgr.last_verified_ns() if mgr is not None and not self._closed else {}
         return {
             "ready": state in (WorkerState.READY, WorkerState.EXECUTING) and bool(models),
             "state": state.value,
@@ -783,6 +800,7 @@ class Worker:
                     "kind": m.executor.kind if m.executor is not None else None,
                     "executor": m.executor_note,
                     "side_files_sha256": m.side_files,
+                    "last_verified_ns": last_verified.get(m.shard.shard_id),
                 }
                 for m in models
             ],
