@@ -44,8 +44,8 @@ def tables(backend: object) -> int:
                 segs.append(Segment(view, n, alg, key))
                 datas.append(data)
         for priority in ("normal", "low"):
-            got = backend.hash_many(segs, priority=priority)  # type: ignore[arg-type]
-            digests = backend.digest_many(segs, priority=priority)  # type: ignore[arg-type]
+            got = backend.hash_many(segs, priority=priority)
+            digests = backend.digest_many(segs, priority=priority)
             for s, data, h, d in zip(segs, datas, got, digests, strict=True):
                 want = hash_units(data, s.algorithm, key=s.key)
                 ok = h == want and d == want.digest
