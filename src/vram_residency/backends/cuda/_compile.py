@@ -3,7 +3,9 @@
 CUBIN rather than PTX: the NVRTC wheel installed beside cuda-bindings may be newer than the
 driver, and a driver refuses PTX of a newer ISA than its own, while machine code for the device's
 own architecture loads on any driver that supports the device. Results are cached in memory per
-(kernel, architecture, options); there is no nvcc step at install.
+(kernel, architecture, options), and on disk across processes (``_kcache``: keyed by source,
+options, architecture, NVRTC and driver versions, checked before use); there is no nvcc step at
+install.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from importlib.resources.abc import Traversable
 from typing import Any, Final
 
+from vram_residency.backends.cuda import _kcache
 from vram_residency.errors import ConfigError
 
 __all__ = ["KERNELS", "compile_cubin", "kernel_source", "nvrtc_version"]
@@ -27,6 +30,7 @@ _BASE_OPTIONS: Final = ("--std=c++17", "-default-device")
 
 _cache: dict[tuple[str, str, tuple[str, ...]], bytes] = {}
 _cache_lock = threading.Lock()
+_nvrtc_version: tuple[int, int] | None = None
 
 
 def kernel_source(name: str) -> bytes:
@@ -55,22 +59,58 @@ def _nvrtc() -> Any:
 
 
 def nvrtc_version() -> tuple[int, int]:
+    global _nvrtc_version
+    if _nvrtc_version is not None:
+        return _nvrtc_version
     nvrtc = _nvrtc()
     err, major, minor = nvrtc.nvrtcVersion()
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         raise ConfigError(f"nvrtcVersion failed: {err}")
-    return int(major), int(minor)
+    _nvrtc_version = (int(major), int(minor))
+    return _nvrtc_version
 
 
-def compile_cubin(name: str, arch: str, extra_options: Sequence[str] = ()) -> bytes:
-    """CUBIN of kernel source ``name`` for ``arch`` (for example ``"sm_90"``), cached."""
+#: Where the last compile_cubin call got its CUBIN: "memory", "disk" or "nvrtc" (benchmarks, tests).
+last_source = ""
+
+
+def compile_cubin(
+    name: str, arch: str, extra_options: Sequence[str] = (), *, driver_version: int | None = None
+) -> bytes:
+    """CUBIN of kernel source ``name`` for ``arch`` (for example ``"sm_90"``), cached in memory and
+    on disk (``driver_version``, from cuDriverGetVersion where a driver exists, is part of the disk
+    key: a driver update may change what loads)."""
+    global last_source
     if not arch.startswith("sm_") or not arch[3:].rstrip("af").isdigit():
         raise ValueError(f"not a real GPU architecture: {arch!r}")
     key = (name, arch, tuple(extra_options))
     with _cache_lock:
         hit = _cache.get(key)
     if hit is not None:
+        last_source = "memory"
         return hit
+    disk = _kcache.cache_dir()
+    disk_key = b""
+    if disk is not None:
+        sources = [kernel_source(name), *_headers()[1]]
+        opts = (*_BASE_OPTIONS, *extra_options)
+        disk_key = _kcache.entry_key(sources, opts, arch, nvrtc_version(), driver_version)
+        cached = _kcache.load(disk, disk_key)
+        if cached is not None:
+            with _cache_lock:
+                _cache[key] = cached
+            last_source = "disk"
+            return cached
+    cubin = _compile_nvrtc(name, arch, extra_options)
+    if disk is not None:
+        _kcache.store(disk, disk_key, cubin)
+    with _cache_lock:
+        _cache[key] = cubin
+    last_source = "nvrtc"
+    return cubin
+
+
+def _compile_nvrtc(name: str, arch: str, extra_options: Sequence[str]) -> bytes:
     nvrtc = _nvrtc()
     ok = nvrtc.nvrtcResult.NVRTC_SUCCESS
     src = kernel_source(name)
@@ -91,8 +131,6 @@ def compile_cubin(name: str, arch: str, extra_options: Sequence[str] = ()) -> by
             raise ConfigError(f"nvrtcGetCUBIN({name}) failed: {err}")
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
-    with _cache_lock:
-        _cache[key] = cubin
     return cubin
 
 
