@@ -418,7 +418,9 @@ class CudaBackend(Backend):
     # -- digests ---------------------------------------------------------------------------------
 
     def _module(self, algorithm: str) -> Module:
-        source = _SOURCES[algorithm]
+        return self._source_module(_SOURCES[algorithm])
+
+    def _source_module(self, source: str) -> Module:
         mod = self._modules.get(source)
         if mod is None:
             mod = Module(source, self.arch, self._kernel_defines.get(source))
@@ -441,12 +443,11 @@ class CudaBackend(Backend):
         time ~ waves x blocks per SM / per-SM speed, where the lower-occupancy build (more
         registers) was measured 6.5% faster per block on an H200 (4 GiB shards, 845 against
         818 GB/s with 11 and 8 waves)."""
-        options = []
-        for name in names:
-            k = self._blocks_per_sm(mod, name)
-            options.append((k, name))
+        return self._pick_by_occupancy(units, [(self._blocks_per_sm(mod, n), n) for n in names])
+
+    def _pick_by_occupancy(self, units: int, options: list[tuple[int, str]]) -> str:
         k_max = max(k for k, _ in options)
-        best, best_t = names[0], float("inf")
+        best, best_t = options[0][1], float("inf")
         for k, name in options:
             speed = _LOW_OCCUPANCY_SPEEDUP if k < k_max else 1.0
             t = -(-units // (self.multiprocessors * k)) * k / speed
@@ -575,18 +576,34 @@ class CudaBackend(Backend):
                     self._lanes[priority] = lane
         return lane
 
-    def _table_function(self, algorithm: str, name: str) -> Any:
+    def _table_kernels(self, algorithms: set[str]) -> dict[tuple[str, str], Any]:
+        """Every table kernel of these algorithms, loaded, with the occupancy of the units
+        kernels known, so that the lanes then launch and choose without the backend's lock (the
+        low lane must never wait for a normal verify)."""
+        fns: dict[tuple[str, str], Any] = {}
         with self._lock:  # module loading and the function caches are shared state
             self._activate()
-            return self._module(algorithm).function(name)
+            for a in algorithms:
+                spec = _batch.BATCH_ALGORITHMS[a]
+                mod = self._source_module(spec.source)
+                names = (
+                    spec.units_kernel,
+                    spec.units_kernel_occ4,
+                    spec.standalone_kernel,
+                    spec.reduce_kernel,
+                )
+                for name in filter(None, names):
+                    fns[a, name] = mod.function(name)
+                if spec.units_kernel_occ4 is not None:
+                    for name in (spec.units_kernel, spec.units_kernel_occ4):
+                        self._blocks_per_sm(mod, name)
+        return fns
 
     def _pick_table_units(self, spec: _batch.TableAlgorithm, units: int) -> str:
         if spec.units_kernel_occ4 is None:
             return spec.units_kernel
-        with self._lock:
-            self._activate()
-            mod = self._module(SHA256_TREE_V1 if spec.source == "sha256_tree" else BLAKE3)
-            return self._pick_units_kernel(mod, units, (spec.units_kernel, spec.units_kernel_occ4))
+        names = (spec.units_kernel, spec.units_kernel_occ4)
+        return self._pick_by_occupancy(units, [(self._occupancy[n], n) for n in names])
 
     def _run_batch(
         self, segments: Sequence[Segment], *, want_units: bool, priority: str
@@ -602,9 +619,7 @@ class CudaBackend(Backend):
             for b in bufs:
                 stack.enter_context(b._lock)
                 b._check_open()
-            algorithms = {a for _, _, a, _ in checked}
-            for a in algorithms:
-                self._table_function(a, _batch.BATCH_ALGORITHMS[a].units_kernel)  # compile/load now
+            fns = self._table_kernels({a for _, _, a, _ in checked})
             with lane.lock:
                 self._activate()
                 plan = _batch.build_plan(
@@ -613,7 +628,7 @@ class CudaBackend(Backend):
                     lane.arena,
                     self._pick_table_units,
                 )
-                out = lane.run(plan)
+                out = lane.run(plan, fns)
         return _batch.results(plan, out)
 
     def _hash_buffer(
@@ -971,7 +986,7 @@ class _Lane:
             self.host = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)))
         return self.host
 
-    def run(self, plan: _batch.Plan) -> bytes:
+    def run(self, plan: _batch.Plan, fns: Mapping[tuple[str, str], Any]) -> bytes:
         """Upload the tables, launch every kernel of the plan, copy the results back: one
         synchronization. Returns ``plan.download_bytes`` from ``plan.download_offset``."""
         drv, b = driver(), self.b
@@ -984,7 +999,7 @@ class _Lane:
             check(drv.cuMemcpyHtoDAsync(base, host.address, up.nbytes, self.stream), "cuMemcpyHtoDAsync")
         for group in [plan.unit_launches, *plan.level_launches]:
             for job in group:
-                fn = b._table_function(job.algorithm, job.kernel)
+                fn = fns[job.algorithm, job.kernel]
                 launch(fn, job.count, _THREADS, self.stream, [(U64, base + job.table)], what=job.kernel)
         check(drv.cuEventRecord(self.t1, self.stream), "cuEventRecord")
         check(
