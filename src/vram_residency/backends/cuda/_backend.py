@@ -497,9 +497,10 @@ class CudaBackend(Backend):
         key: bytes | None = None,
         priority: Priority = "normal",
     ) -> HashResult:
-        """Digest and unit digests. Keyed digests and ``priority="low"`` go through the segment
+        """Digest and unit digests. Keyed digests, ``priority="low"`` and algorithms without a
+        tuned single-segment path (``_SOURCES``; nh-fast-v1 when it comes) go through the segment
         table path (a table of one), which has the keyed and low-priority kernels and stream."""
-        if key is not None or priority != "normal":
+        if key is not None or priority != "normal" or algorithm not in _SOURCES:
             n = buf.size if length is None else length
             return self.hash_many([Segment(buf, n, algorithm, key)], priority=priority)[0]
         result = self._hash_buffer(buf, algorithm, length, units=True)[1]
@@ -519,7 +520,7 @@ class CudaBackend(Backend):
         """The digest alone (the verify path): no unit digests are copied back, and for blake3 the
         chunk layer is hashed once instead of twice (unit digests need a second set of counters).
         ``key``: BLAKE3 keyed mode (32 bytes); ``priority``: see ``digest_many``."""
-        if key is not None or priority != "normal":
+        if key is not None or priority != "normal" or algorithm not in _SOURCES:
             n = buf.size if length is None else length
             return self.digest_many([Segment(buf, n, algorithm, key)], priority=priority)[0]
         return self._hash_buffer(buf, algorithm, length, units=False)[0]
