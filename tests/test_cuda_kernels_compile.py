@@ -25,6 +25,8 @@ needs_nvrtc = pytest.mark.skipif(nvrtc_missing, reason="cuda.bindings.nvrtc is n
 # occupancy (4 blocks per SM measured fastest) and spills a few words, outside the per-block loop
 # (read off the SASS: no local loads or stores in the compression loop).
 UNIT_KERNELS = {"sha256_tree": ("sha256_tree_units", 0), "blake3": ("blake3_units", 512)}
+# The segment-table kernels (batched digests, keyed BLAKE3) under the same budgets.
+TABLE_KERNELS = [("sha256_tree", "sha256_table_units", 0), ("blake3", "blake3_table_units", 512)]
 
 
 def test_kernel_sources_are_package_data() -> None:
@@ -46,6 +48,16 @@ def test_compiles_to_sm90_cubin(name: str) -> None:
 def test_unit_kernels_spill_at_most_budget(name: str) -> None:
     log = _compile.compile_log(name, "sm_90", ["--ptxas-options=-v"])
     entry, allowed = UNIT_KERNELS[name]
+    block = log.split(f"Compiling entry function '{entry}'", 1)[1].split("Compiling entry function", 1)[0]
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+    assert spills is not None, log
+    assert max(int(spills.group(1)), int(spills.group(2))) <= allowed, block
+
+
+@needs_nvrtc
+@pytest.mark.parametrize(("name", "entry", "allowed"), TABLE_KERNELS)
+def test_table_kernels_spill_at_most_budget(name: str, entry: str, allowed: int) -> None:
+    log = _compile.compile_log(name, "sm_90", ["--ptxas-options=-v"])
     block = log.split(f"Compiling entry function '{entry}'", 1)[1].split("Compiling entry function", 1)[0]
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
     assert spills is not None, log
