@@ -1,4 +1,5 @@
-"""Run-time compilation of the package's ``.cu`` kernels with NVRTC, to CUBIN for one architecture.
+"""Run-time compilation of the package's ``.cu`` kernels with NVRTC, to CUBIN for one architecture,
+through NVIDIA's ``cuda.core`` (``Program``, ``ProgramOptions``, ``ObjectCode``).
 
 CUBIN rather than PTX: the NVRTC wheel installed beside cuda-bindings may be newer than the
 driver, and a driver refuses PTX of a newer ISA than its own, while machine code for the device's
@@ -11,9 +12,11 @@ install.
 from __future__ import annotations
 
 import importlib.resources
+import io
 import threading
 from collections.abc import Sequence
 from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any, Final
 
 from vram_residency.backends.cuda import _kcache
@@ -23,10 +26,12 @@ __all__ = ["KERNELS", "compile_cubin", "kernel_source", "nvrtc_version"]
 
 #: Kernel sources shipped in the package (``kernels/<name>.cu``).
 KERNELS: Final = ("sha256_tree", "blake3")
-#: Headers they include, handed to NVRTC by name (it has no file system search path here).
+#: Headers they include (from the kernels folder, cuda.core's include path); part of the cache key.
 HEADERS: Final = ("vr_common.cuh",)
 
-_BASE_OPTIONS: Final = ("--std=c++17", "-default-device")
+# What every compilation gets (ProgramOptions below); listed for the disk cache's key. "cuda.core"
+# marks entries compiled through cuda.core's Program, which sets its own NVRTC flags.
+_BASE_OPTIONS: Final = ("--std=c++17", "-default-device", "cuda.core")
 
 _cache: dict[tuple[str, str, tuple[str, ...]], bytes] = {}
 _cache_lock = threading.Lock()
@@ -43,12 +48,13 @@ def _kernels_dir() -> Traversable:
     return importlib.resources.files(__package__) / "kernels"
 
 
-def _headers() -> tuple[int, list[bytes], list[bytes]]:
-    srcs = [(_kernels_dir() / h).read_bytes() for h in HEADERS]
-    return len(HEADERS), srcs, [h.encode() for h in HEADERS]
+def _headers() -> list[bytes]:
+    return [(_kernels_dir() / h).read_bytes() for h in HEADERS]
 
 
 def _nvrtc() -> Any:
+    # cuda-bindings' NVRTC module, for nvrtcVersion only: cuda.core's Program does not expose the
+    # compiler's version, which the disk cache's key needs.
     try:
         from cuda.bindings import nvrtc
     except ImportError as exc:  # pragma: no cover - depends on the installed extra
@@ -92,7 +98,7 @@ def compile_cubin(
     disk = _kcache.cache_dir()
     disk_key = b""
     if disk is not None:
-        sources = [kernel_source(name), *_headers()[1]]
+        sources = [kernel_source(name), *_headers()]
         opts = (*_BASE_OPTIONS, *extra_options)
         disk_key = _kcache.entry_key(sources, opts, arch, nvrtc_version(), driver_version)
         cached = _kcache.load(disk, disk_key)
@@ -110,49 +116,64 @@ def compile_cubin(
     return cubin
 
 
-def _compile_nvrtc(name: str, arch: str, extra_options: Sequence[str]) -> bytes:
-    nvrtc = _nvrtc()
-    ok = nvrtc.nvrtcResult.NVRTC_SUCCESS
-    src = kernel_source(name)
-    err, prog = nvrtc.nvrtcCreateProgram(src, f"{name}.cu".encode(), *_headers())
-    if err != ok:
-        raise ConfigError(f"nvrtcCreateProgram({name}) failed: {err}")
+def _program_options(name: str, arch: str, extra_options: Sequence[str]) -> Any:
+    """cuda.core ProgramOptions for our option strings: ``-DNAME=VALUE`` (tuning defines) and
+    ``--ptxas-options=...``; nothing else is used by the package, so anything else is refused."""
     try:
-        opts = [o.encode() for o in (*_BASE_OPTIONS, f"--gpu-architecture={arch}", *extra_options)]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        if err != ok:
-            raise ConfigError(f"NVRTC could not compile {name}.cu for {arch}: {err}\n{_log(nvrtc, prog)}")
-        err, size = nvrtc.nvrtcGetCUBINSize(prog)
-        if err != ok or size == 0:
-            raise ConfigError(f"NVRTC produced no CUBIN for {name}.cu ({arch}): {err}")
-        cubin = b" " * int(size)
-        (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
-        if err != ok:
-            raise ConfigError(f"nvrtcGetCUBIN({name}) failed: {err}")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-    return cubin
+        from cuda.core import ProgramOptions
+    except ImportError as exc:  # pragma: no cover - depends on the installed extra
+        raise ConfigError(
+            "cuda.core is not available: install the CUDA extra (pip install 'vram-residency[cuda]')"
+        ) from exc
+    defines: list[str | tuple[str, str]] = []
+    ptxas: list[str] = []
+    for opt in extra_options:
+        if opt.startswith("-D") and len(opt) > 2:
+            macro, eq, value = opt[2:].partition("=")
+            defines.append((macro, value) if eq else macro)
+        elif opt.startswith("--ptxas-options="):
+            ptxas.append(opt.split("=", 1)[1])
+        else:
+            raise ValueError(f"unsupported kernel compile option {opt!r}")
+    folder = _kernels_dir()
+    if not isinstance(folder, Path):  # pragma: no cover - a zipped install
+        raise ConfigError("the kernel sources must be installed as files (not inside a zip)")
+    return ProgramOptions(
+        name=f"{name}.cu",
+        arch=arch,
+        std="c++17",
+        device_as_default_execution_space=True,
+        include_path=[str(folder)],
+        define_macro=defines or None,
+        ptxas_options=ptxas or None,
+    )
+
+
+def _compile_program(name: str, arch: str, extra_options: Sequence[str]) -> tuple[bytes, str]:
+    """(CUBIN, compiler log) of one source through cuda.core's Program (NVRTC underneath)."""
+    from cuda.core import Program
+
+    options = _program_options(name, arch, extra_options)
+    log = io.StringIO()
+    try:
+        program = Program(kernel_source(name).decode(), "c++", options=options)
+        try:
+            obj = program.compile("cubin", logs=log)
+        finally:
+            program.close()
+    except Exception as exc:
+        # cuda.core raises its own NVRTC error types, with the log in the message.
+        raise ConfigError(f"NVRTC could not compile {name}.cu for {arch}: {exc}\n{log.getvalue()}") from exc
+    cubin = bytes(obj.code)
+    if not cubin.startswith(b"\x7fELF"):
+        raise ConfigError(f"NVRTC produced no CUBIN for {name}.cu ({arch})")
+    return cubin, log.getvalue()
+
+
+def _compile_nvrtc(name: str, arch: str, extra_options: Sequence[str]) -> bytes:
+    return _compile_program(name, arch, extra_options)[0]
 
 
 def compile_log(name: str, arch: str, extra_options: Sequence[str] = ()) -> str:
     """The compiler's log for one compilation (warnings; ptxas resource usage with -v)."""
-    nvrtc = _nvrtc()
-    err, prog = nvrtc.nvrtcCreateProgram(kernel_source(name), f"{name}.cu".encode(), *_headers())
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        raise ConfigError(f"nvrtcCreateProgram({name}) failed: {err}")
-    try:
-        opts = [o.encode() for o in (*_BASE_OPTIONS, f"--gpu-architecture={arch}", *extra_options)]
-        nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        return _log(nvrtc, prog)
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-
-
-def _log(nvrtc: Any, prog: Any) -> str:
-    err, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS or size <= 1:
-        return ""
-    buf = b" " * size
-    nvrtc.nvrtcGetProgramLog(prog, buf)
-    text: str = buf.rstrip(b"\x00").decode(errors="replace")
-    return text
+    return _compile_program(name, arch, extra_options)[1]
