@@ -1,4 +1,5 @@
-"""Every kernel source compiles with NVRTC to sm_90 machine code, on any machine (no GPU needed).
+"""Every kernel source compiles with NVRTC (through cuda.core's Program) to sm_90 machine code, on any
+machine (no GPU needed).
 
 CI installs cuda-bindings and NVRTC through the ``cuda`` extra; the test skips only where
 ``cuda.bindings.nvrtc`` cannot be imported at all.
@@ -77,3 +78,15 @@ def test_tuning_variants_compile(name: str, macro: str, values: tuple[int, ...])
 def test_rejects_virtual_architectures() -> None:
     with pytest.raises(ValueError, match="real GPU architecture"):
         _compile.compile_cubin("sha256_tree", "compute_90")
+
+
+def test_program_options_take_defines_and_ptxas_only() -> None:
+    pytest.importorskip("cuda.core")
+    opts = _compile._program_options("blake3", "sm_90", ["-DVR_B3_VARIANT=2", "-DFLAG", "--ptxas-options=-v"])
+    assert opts.arch == "sm_90"
+    assert opts.name == "blake3.cu"
+    assert list(opts.define_macro) == [("VR_B3_VARIANT", "2"), "FLAG"]
+    assert list(opts.ptxas_options) == ["-v"]
+    for bad in ("-G", "--use_fast_math", "-D", "-I/tmp"):
+        with pytest.raises(ValueError, match="unsupported kernel compile option"):
+            _compile._program_options("blake3", "sm_90", [bad])
