@@ -57,8 +57,8 @@ def test_batched_equals_per_segment_and_host(cuda_backend: CudaBackend, priority
 
 def test_thousands_of_small_segments(cuda_backend: CudaBackend) -> None:
     rng = np.random.default_rng(3)
-    lengths = [int(x) for x in rng.integers(0, MiB + 1, size=2000)]
-    lengths[:4] = [0, 1, MiB, MiB - 1]
+    lengths = [int(x) for x in rng.integers(0, 300_000, size=2000)]
+    lengths[:6] = [0, 1, MiB, MiB - 1, 4096, 1025]
     bufs, segs, datas = [], [], []
     try:
         for i, n in enumerate(lengths):
