@@ -663,6 +663,10 @@ class CudaBackend(Backend):
         view = memoryview(data).cast("B")
         n = len(view)
         check_range(buf.size, 0, n)
+        if algorithm not in _SOURCES:
+            # No overlapped single-segment kernels (nh-fast-v1): copy, then a table of one.
+            buf.write(0, view)
+            return self.hash_many([Segment(buf, n, algorithm)])[0]
         drv = driver()
         with buf._lock:
             buf._check_open()
