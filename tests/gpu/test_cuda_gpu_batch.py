@@ -158,13 +158,18 @@ def test_low_priority_wait_leaves_the_gil_free(cuda_backend: CudaBackend) -> Non
         segs = [Segment(buf, 1 << 30, SHA256_TREE_V1)] * 24
         cuda_backend.digest_many(segs, priority="low")  # warm: compile, arena, pinned buffer
 
-        def spin(seconds: float) -> int:
-            count, end = 0, time.perf_counter() + seconds
-            while time.perf_counter() < end:
+        def spin_until(ev: threading.Event) -> tuple[int, float]:
+            # The same loop body alone and beside the scrub, so that the rates compare.
+            count, start = 0, time.perf_counter()
+            while not ev.is_set():
                 count += 1
-            return count
+            return count, time.perf_counter() - start
 
-        solo_rate = spin(0.05) / 0.05
+        alone = threading.Event()
+        timer = threading.Timer(0.05, alone.set)
+        timer.start()
+        n_alone, t_alone = spin_until(alone)
+        solo_rate = n_alone / t_alone
         done = threading.Event()
         took: list[float] = []
 
@@ -175,12 +180,8 @@ def test_low_priority_wait_leaves_the_gil_free(cuda_backend: CudaBackend) -> Non
             done.set()
 
         th = threading.Thread(target=scrub)
-        start = time.perf_counter()
         th.start()
-        count = 0
-        while not done.is_set():
-            count += 1
-        elapsed = time.perf_counter() - start
+        count, elapsed = spin_until(done)
         th.join()
         assert took[0] > 0.005  # the pass really ran for a while
         assert count / elapsed >= 0.3 * solo_rate, (count / elapsed, solo_rate)
