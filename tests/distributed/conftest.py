@@ -85,6 +85,12 @@ def _launch(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
+    if host == "127.0.0.1":
+        # One machine: keep gloo and NCCL's bootstrap on loopback. Left to themselves they pick the
+        # interface the hostname resolves to, which on some machines (a lent GPU VM here) does not
+        # connect, and every group creation then times out.
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
     procs = []
     for r in range(world):
         cmd = [*prefix(r), sys.executable, str(RANK_SCRIPT), scenario, str(r), str(world), init, str(out)]

@@ -7,6 +7,7 @@ and localization, and for a plain verify nothing but the root.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import threading
 import time
@@ -117,7 +118,35 @@ def _pointer_info(ptr: int) -> tuple[int, bool, int, int, int]:
         ordinal = int(raw_ordinal)
     except (TypeError, ValueError):
         ordinal = -1
+    if num(mtype) == int(drv.CUmemorytype.CU_MEMORYTYPE_DEVICE):
+        ordinal = _device_ordinal(ptr, ordinal)
     return num(mtype), bool(num(managed)), ordinal, num(start), num(length)
+
+
+_libcuda: ctypes.CDLL | None = None
+
+
+def _device_ordinal(ptr: int, fallback: int) -> int:
+    """CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL read straight from libcuda.
+
+    Why not cuda-bindings: its attribute helper writes this attribute into a signed field and reads
+    it back from an unsigned one, so every pointer reports device 0 (NVIDIA/cuda-python issue
+    #2928, seen here on cuda-bindings 13.3.1 with two H200s: memory on device 1 read as device 0).
+    That made the VRAM-only policy refuse every allocation on device 1, and could let memory of
+    device 0 pass a check on another device. The driver's own answer is one C call away."""
+    global _libcuda
+    if _libcuda is None:
+        try:
+            _libcuda = ctypes.CDLL("libcuda.so.1")
+        except OSError:  # not Linux, or the driver library under another name: keep the bindings'
+            return fallback
+    value = ctypes.c_int(-1)
+    rc = _libcuda.cuPointerGetAttribute(
+        ctypes.byref(value),
+        ctypes.c_int(int(driver().CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)),
+        ctypes.c_ulonglong(ptr),
+    )
+    return int(value.value) if rc == 0 else -1
 
 
 class CudaBuffer(DeviceBuffer):
