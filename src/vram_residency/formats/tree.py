@@ -11,6 +11,8 @@ the units that changed without keeping any copy of the shard.
 - ``blake3``: a unit digest is the standard BLAKE3 hash of the unit's bytes taken as a message of
   its own. (A GPU computes it from the unit's chaining-value subtree with one extra root
   compression.)
+- ``nh-fast-v1`` (``docs/specs/nh-fast-v1.md``, :mod:`.nhfast`): keyed, a key is required; a unit
+  digest is the keyed BLAKE3 of the unit's leaf tags, as the spec defines it.
 
 Every backend must produce these values bit for bit; the host functions here are the reference.
 """
@@ -32,7 +34,9 @@ __all__ = [
     "ALGORITHMS",
     "BLAKE3",
     "DIGEST_SIZE",
+    "KEYED_ALGORITHMS",
     "LEAF_SIZE",
+    "NH_FAST_V1",
     "SHA256_TREE_V1",
     "UNIT_SIZE",
     "HashResult",
@@ -45,7 +49,11 @@ __all__ = [
 
 SHA256_TREE_V1: Final = "sha256-tree-v1"
 BLAKE3: Final = "blake3"
-ALGORITHMS: Final = (SHA256_TREE_V1, BLAKE3)
+#: The keyed fast check (docs/specs/nh-fast-v1.md); it has no unkeyed form.
+NH_FAST_V1: Final = "nh-fast-v1"
+ALGORITHMS: Final = (SHA256_TREE_V1, BLAKE3, NH_FAST_V1)
+#: Algorithms that cannot be computed without a 32-byte key.
+KEYED_ALGORITHMS: Final = (NH_FAST_V1,)
 
 DIGEST_SIZE: Final = 32
 LEAF_SIZE: Final = 4096
@@ -133,6 +141,10 @@ def _blake3_unit(view: memoryview, key: bytes | None = None) -> bytes:
 
 
 def _check_key(algorithm: str, key: bytes | None) -> None:
+    if algorithm == NH_FAST_V1:
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise InvalidInput("nh-fast-v1 needs a 32-byte key")
+        return
     if key is None:
         return
     if algorithm != BLAKE3:
@@ -154,11 +166,18 @@ def hash_units(
 ) -> HashResult:
     """Digest and unit digests of ``data`` on the host, using every core by default.
 
-    ``key`` selects BLAKE3's keyed mode (unit digests keyed too); other algorithms take none."""
+    ``key`` selects BLAKE3's keyed mode (unit digests keyed too); ``nh-fast-v1`` requires one;
+    ``sha256-tree-v1`` takes none."""
     algorithm = check_algorithm(algorithm)
     _check_key(algorithm, key)
     view = memoryview(data).cast("B")
     n = len(view)
+    if algorithm == NH_FAST_V1:
+        from vram_residency.formats import nhfast
+
+        assert key is not None  # _check_key
+        dig, packed = nhfast.hash_units(view, key, threads=threads)
+        return HashResult(dig, packed)
     from vram_residency.formats import _native
 
     if algorithm == SHA256_TREE_V1 and _native.available():
@@ -185,6 +204,8 @@ def hash_units(
     return HashResult(dig, b"".join(units))
 
 
-def digest(data: memoryview | bytes | bytearray, algorithm: str = SHA256_TREE_V1) -> bytes:
-    """The 32-byte digest of ``data`` under ``algorithm``."""
-    return hash_units(data, algorithm).digest
+def digest(
+    data: memoryview | bytes | bytearray, algorithm: str = SHA256_TREE_V1, *, key: bytes | None = None
+) -> bytes:
+    """The 32-byte digest of ``data`` under ``algorithm`` (``key``: see :func:`hash_units`)."""
+    return hash_units(data, algorithm, key=key).digest
