@@ -19,7 +19,7 @@ from vram_residency.errors import ConfigError
 __all__ = ["KERNELS", "compile_cubin", "kernel_source", "nvrtc_version"]
 
 #: Kernel sources shipped in the package (``kernels/<name>.cu``).
-KERNELS: Final = ("sha256_tree", "blake3")
+KERNELS: Final = ("sha256_tree", "blake3", "nh_fast")
 #: Headers they include, handed to NVRTC by name (it has no file system search path here).
 HEADERS: Final = ("vr_common.cuh",)
 
