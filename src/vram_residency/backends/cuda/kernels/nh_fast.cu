@@ -296,4 +296,51 @@ nhf_unit_digests(const u8* __restrict__ tags, u64 leaves, const u32* __restrict_
     }
 }
 
+// Test entry (tests/gpu/test_nhfast_gpu.py): detection over many fresh keys in one launch, with the
+// same load, NH and warp-sum code as nhf_leaf_tags. Warp w runs trial w < count: under the NH key
+// at keys + 5120 w it computes the tags of the `leaves` leaves of message `a` (leaves * 4096
+// bytes) and of a changed message: `b` when flips is null, otherwise `a` with bit flips[w]
+// (counted from a's first byte, bit 0 = least significant bit of byte 0) inverted. Tags go to
+// out_a / out_b at ((w * leaves + leaf) * 3 + t) in u64 words; the host compares them.
+extern "C" __global__ void __launch_bounds__(128)
+nhf_key_trials(const u8* __restrict__ a, const u8* __restrict__ b, const u32* __restrict__ flips, u32 leaves,
+               const u8* __restrict__ keys, u32 count, u64* __restrict__ out_a, u64* __restrict__ out_b) {
+    const u32 lane = threadIdx.x & 31u;
+    const u64 w = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (w >= count) return;
+    nhf_vec kc[NHF_KCHUNKS];
+    nhf_key_chunks(keys + 5120u * w, lane, kc);
+    const u32 flip = flips ? flips[w] : 0xFFFFFFFFu;
+    for (u32 leaf = 0; leaf < leaves; ++leaf) {
+        for (int side = 0; side < 2; ++side) {
+            const u8* src = (side == 1 && b) ? b : a;
+            nhf_vec d[NHF_ITERS];
+            nhf_lane_load(src + (u64)leaf * NHF_LEAF, NHF_LEAF, lane, d);
+            if (side == 1 && flips && (flip >> 3) / NHF_LEAF == leaf) {
+                const u32 off = (flip >> 3) % NHF_LEAF, c = off / 16u;
+                const u32 mask = 1u << (8u * (off & 3u) + (flip & 7u));
+                if (c % 32u == lane) {
+#pragma unroll
+                    for (int j = 0; j < NHF_ITERS; ++j) {
+                        if ((u32)j != c / 32u) continue;
+                        const u32 word = (off % 16u) / 4u;
+                        if (word == 0) d[j].x ^= mask;
+                        else if (word == 1) d[j].y ^= mask;
+                        else if (word == 2) d[j].z ^= mask;
+                        else d[j].w ^= mask;
+                    }
+                }
+            }
+            u64 acc[NHF_T] = {0, 0, 0};
+            nhf_lane_accumulate(d, kc, acc);
+            u64* out = (side == 0 ? out_a : out_b) + ((u64)w * leaves + leaf) * NHF_T;
+#pragma unroll
+            for (int t = 0; t < NHF_T; ++t) {
+                const u64 s = nhf_warp_sum(acc[t]);
+                if (lane == 0) out[t] = s;
+            }
+        }
+    }
+}
+
 #endif  // VR_NO_KERNELS
