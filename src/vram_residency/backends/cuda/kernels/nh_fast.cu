@@ -343,4 +343,26 @@ nhf_key_trials(const u8* __restrict__ a, const u8* __restrict__ b, const u32* __
     }
 }
 
+// Benchmark entry (bench/nhfast_gpu.py): the read roofline measured in the same run and module,
+// with the same 16-byte streaming loads and grid shape as nhf_leaf_tags and nothing else. The
+// XOR keeps the loads; the (rarely true) compare and store keep the XOR.
+extern "C" __global__ void __launch_bounds__(NHF_THREADS)
+nhf_read_only(const u8* __restrict__ data, u64 n16, u32* __restrict__ sink) {
+    const u64 stride = (u64)gridDim.x * NHF_THREADS;
+    u32 acc = 0;
+    u64 i = (u64)blockIdx.x * NHF_THREADS + threadIdx.x;
+    for (; i + 3 * stride < n16; i += 4 * stride) {
+        nhf_vec v[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v[k] = nhf_load16(data + 16u * (i + k * stride));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+    }
+    for (; i < n16; i += stride) {
+        const nhf_vec v = nhf_load16(data + 16u * i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9E3779B9u) sink[0] = acc;  // rare, harmless; sink must be valid
+}
+
 #endif  // VR_NO_KERNELS
