@@ -59,7 +59,7 @@ def _fill(backend: CudaBackend, size: int, seed: int = 1) -> Any:
         tile = block[:m].copy()
         tile[0] ^= np.uint8(i & 0xFF)
         tile[1] ^= np.uint8((i >> 8) & 0xFF)
-        buf.write(off, memoryview(tile))
+        buf.write(off, tile.tobytes())
     return buf
 
 
