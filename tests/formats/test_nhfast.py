@@ -72,6 +72,11 @@ def test_key_is_required_and_checked() -> None:
     with pytest.raises(InvalidInput, match="unit digest count"):
         nhfast.reduce_units(b"\x00" * 64, 5, bytes(32))
     assert tree.NH_FAST_V1 in tree.KEYED_ALGORITHMS
+    # Not yet accepted where no key is passed (seal records, CLI, stream hasher, backends' checks).
+    assert tree.NH_FAST_V1 not in tree.ALGORITHMS
+    with pytest.raises(InvalidInput, match="unknown digest algorithm"):
+        tree.check_algorithm(tree.NH_FAST_V1)
+    assert tree.check_algorithm(tree.NH_FAST_V1, keyed=True) == tree.NH_FAST_V1
 
 
 def test_different_keys_give_unrelated_digests() -> None:

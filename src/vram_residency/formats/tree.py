@@ -51,8 +51,10 @@ SHA256_TREE_V1: Final = "sha256-tree-v1"
 BLAKE3: Final = "blake3"
 #: The keyed fast check (docs/specs/nh-fast-v1.md); it has no unkeyed form.
 NH_FAST_V1: Final = "nh-fast-v1"
-ALGORITHMS: Final = (SHA256_TREE_V1, BLAKE3, NH_FAST_V1)
-#: Algorithms that cannot be computed without a 32-byte key.
+#: What every consumer (seal records, CLI, stream hasher, backends) accepts today.
+ALGORITHMS: Final = (SHA256_TREE_V1, BLAKE3)
+#: Algorithms that cannot be computed without a 32-byte key. ``hash_units`` accepts them; they
+#: join ALGORITHMS once the seal and verify paths pass shard keys (formats.nhfast.shard_key).
 KEYED_ALGORITHMS: Final = (NH_FAST_V1,)
 
 DIGEST_SIZE: Final = 32
@@ -64,9 +66,11 @@ _LEAVES_PER_UNIT: Final = UNIT_SIZE // LEAF_SIZE
 _NAME = SHA256_TREE_V1.encode("ascii")
 
 
-def check_algorithm(name: object) -> str:
-    if not isinstance(name, str) or name not in ALGORITHMS:
-        raise InvalidInput(f"unknown digest algorithm {name!r}; expected one of {ALGORITHMS}")
+def check_algorithm(name: object, *, keyed: bool = False) -> str:
+    """``name`` if it is one of ALGORITHMS (or, with ``keyed``, KEYED_ALGORITHMS)."""
+    known = ALGORITHMS + KEYED_ALGORITHMS if keyed else ALGORITHMS
+    if not isinstance(name, str) or name not in known:
+        raise InvalidInput(f"unknown digest algorithm {name!r}; expected one of {known}")
     return name
 
 
@@ -168,7 +172,7 @@ def hash_units(
 
     ``key`` selects BLAKE3's keyed mode (unit digests keyed too); ``nh-fast-v1`` requires one;
     ``sha256-tree-v1`` takes none."""
-    algorithm = check_algorithm(algorithm)
+    algorithm = check_algorithm(algorithm, keyed=True)
     _check_key(algorithm, key)
     view = memoryview(data).cast("B")
     n = len(view)
