@@ -32,7 +32,8 @@ __all__ = ["SOURCE", "NhFastJob", "module_for", "nh_fast_hash", "scratch_bytes"]
 #: Kernel source name (``kernels/nh_fast.cu``), as listed in ``_compile.KERNELS``.
 SOURCE: Final = "nh_fast"
 _THREADS: Final = 256  # NHF_THREADS
-_UNIT_THREADS: Final = 128  # nhf_unit_digests: four units per block
+_UNIT_THREADS: Final = 128  # nhf_unit_chunks / nhf_unit_reduce
+_CHUNKS_PER_UNIT: Final = 6  # 1 KiB BLAKE3 chunks of a full unit's 6144 bytes of leaf tags
 _KEY_OFF: Final = 0
 _UNIT_KEY_OFF: Final = nhfast.NH_KEY_BYTES  # 5120
 _TAGS_OFF: Final = 5376  # 256-byte aligned, after both keys
@@ -47,9 +48,10 @@ def _leaves(n: int) -> int:
 
 
 def scratch_bytes(n: int) -> int:
-    """Device scratch an ``n``-byte shard needs: keys (5 KiB), 24 bytes per leaf, 32 per unit.
-    That is 0.6% of the shard (the leaf tags), under the backend's 1% scratch budget."""
-    return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + 32 * unit_count(n)
+    """Device scratch an ``n``-byte shard needs: keys (5 KiB), 24 bytes per leaf, then per unit
+    192 bytes of chunk chaining values and 32 of digest. About 0.6% of the shard (the leaf tags),
+    under the backend's 1% scratch budget."""
+    return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + (32 * _CHUNKS_PER_UNIT + 32) * unit_count(n)
 
 
 class NhFastJob:
@@ -88,7 +90,8 @@ class NhFastJob:
         self._key_dev = scratch + _KEY_OFF
         self._unit_key_dev = scratch + _UNIT_KEY_OFF
         self._tags = scratch + _TAGS_OFF
-        self._unit_out = self._tags + _align(nhfast.TAG_SIZE * self.leaves)
+        self._cvs = self._tags + _align(nhfast.TAG_SIZE * self.leaves)
+        self._unit_out = self._cvs + 32 * _CHUNKS_PER_UNIT * self.units
         per_block = (_THREADS // 32) * max(1, inflight)
         self._grid_cap = max(1, int(leaf_blocks))
         self._per_block = per_block
@@ -119,18 +122,30 @@ class NhFastJob:
         """Queue unit digests ``[first, end)``; their leaves must have been queued before."""
         if end <= first:
             return
-        per_block = _UNIT_THREADS // 32
-        args: list[Arg] = [
+        key, span = (U64, self._unit_key_dev), (end - first)
+        chunk_args: list[Arg] = [
             (U64, self._tags),
             (U64, self.leaves),
-            (U64, self._unit_key_dev),
+            key,
+            (U64, first),
+            (U64, end),
+            (U64, self._cvs),
+            (U64, self._unit_out),
+        ]
+        grid = -(-(span * _CHUNKS_PER_UNIT) // _UNIT_THREADS)
+        fn = self.mod.function("nhf_unit_chunks")
+        launch(fn, grid, _UNIT_THREADS, self.stream, chunk_args, what="nhf_unit_chunks")
+        reduce_args: list[Arg] = [
+            (U64, self.leaves),
+            key,
+            (U64, self._cvs),
             (U64, first),
             (U64, end),
             (U64, self._unit_out),
         ]
-        grid = -(-(end - first) // per_block)
-        fn = self.mod.function("nhf_unit_digests")
-        launch(fn, grid, _UNIT_THREADS, self.stream, args, what="nhf_unit_digests")
+        grid = -(-span // _UNIT_THREADS)
+        fn = self.mod.function("nhf_unit_reduce")
+        launch(fn, grid, _UNIT_THREADS, self.stream, reduce_args, what="nhf_unit_reduce")
         self._units_done = max(self._units_done, end)
 
     def launch_ready(self, done_bytes: int) -> None:

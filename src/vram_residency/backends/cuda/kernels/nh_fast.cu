@@ -11,8 +11,8 @@
 //     HBM speed). The 32 lane partial sums are added with REDUX (sm_80+) on 21/22-bit slices,
 //     which cannot carry out of 32 bits: 9 reductions per leaf instead of 30 shuffles.
 //     Tags (24 bytes per leaf, 0.6% of the shard) go to scratch memory.
-//  2. nhf_unit_digests: one warp per 1 MiB unit; lanes 0..5 each take one 1 KiB BLAKE3 chunk of
-//     the unit's (<= 6144-byte) tag string, lane 0 combines the chunk chaining values. Keyed mode.
+//  2. nhf_unit_chunks + nhf_unit_reduce: keyed BLAKE3 of each 1 MiB unit's (<= 6144-byte) tag
+//     string: one thread per 1 KiB chunk, then one thread per unit for the parents.
 //
 // The digest itself (keyed BLAKE3 over the unit digests and the length) is computed on the host
 // from the unit digests, which are copied back for localization anyway (32 bytes per MiB).
@@ -258,42 +258,61 @@ nhf_leaf_tags(const u8* __restrict__ data, u64 n, const u8* __restrict__ key, u6
     }
 }
 
-// Unit digests of units [unit_begin, unit_end): one warp each. `leaves`: the shard's leaf count;
-// `unit_key`: 8 little-endian words; digest j goes to out + 32 j.
-extern "C" __global__ void __launch_bounds__(128)
-nhf_unit_digests(const u8* __restrict__ tags, u64 leaves, const u32* __restrict__ unit_key, u64 unit_begin,
-                 u64 unit_end, u8* __restrict__ out) {
-    const u32 lane = threadIdx.x & 31u;
-    const u64 unit = unit_begin + (((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
-    if (unit >= unit_end) return;  // whole warps leave together
-    u32 key[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) key[i] = unit_key[i];
+// Unit digests, in two launches so that every lane does useful work: a unit's tag string has at
+// most six 1 KiB BLAKE3 chunks of 16 serial compressions each, so one thread per chunk (not one
+// warp per unit, which left 26 of 32 lanes idle) and then one thread per unit for the (at most
+// five) parent compressions. `leaves`: the shard's leaf count; `unit_key`: 8 little-endian words.
+#define NHF_CHUNKS_PER_UNIT 6u  // ceil(256 * 24 / 1024)
+
+__device__ __forceinline__ u32 nhf_unit_tag_bytes(u64 leaves, u64 unit) {
     const u64 first = unit * NHF_LEAVES_PER_UNIT;
     const u64 count = (leaves - first < NHF_LEAVES_PER_UNIT) ? leaves - first : NHF_LEAVES_PER_UNIT;
-    const u32 len = (u32)(count * NHF_TAG);
+    return (u32)(count * NHF_TAG);
+}
+
+// Thread i: chunk i % 6 of unit unit_begin + i / 6. Its chaining value goes to cvs + 32 (6 unit +
+// chunk); a unit of one chunk is finished here (ROOT on its last block) and written to out + 32 unit.
+extern "C" __global__ void __launch_bounds__(128)
+nhf_unit_chunks(const u8* __restrict__ tags, u64 leaves, const u32* __restrict__ unit_key, u64 unit_begin,
+                u64 unit_end, u8* __restrict__ cvs, u8* __restrict__ out) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u64 unit = unit_begin + i / NHF_CHUNKS_PER_UNIT;
+    const u32 c = (u32)(i % NHF_CHUNKS_PER_UNIT);
+    if (unit >= unit_end) return;
+    const u32 len = nhf_unit_tag_bytes(leaves, unit);
     const u32 chunks = (len + 1023u) / 1024u;
-    const u8* msg = tags + first * NHF_TAG;
-    u32 cv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (lane < chunks) {
-        const u32 clen = (lane + 1u < chunks) ? 1024u : len - 1024u * lane;
-        nhf_b3_chunk(msg + 1024u * lane, clen, lane, key, chunks == 1u, cv);
-    }
-    u32 cvs[8][8];
+    if (c >= chunks) return;
+    u32 key[8];
 #pragma unroll
-    for (int c = 0; c < 8; ++c)
+    for (int w = 0; w < 8; ++w) key[w] = unit_key[w];
+    const u32 clen = (c + 1u < chunks) ? 1024u : len - 1024u * c;
+    u32 cv[8];
+    nhf_b3_chunk(tags + unit * NHF_LEAVES_PER_UNIT * NHF_TAG + 1024u * c, clen, c, key, chunks == 1u, cv);
+    u8* at = chunks == 1u ? out + 32u * unit : cvs + 32u * (NHF_CHUNKS_PER_UNIT * unit + c);
+    u32* dst = reinterpret_cast<u32*>(at);
 #pragma unroll
-        for (int w = 0; w < 8; ++w) cvs[c][w] = __shfl_sync(0xffffffffu, cv[w], c);
-    if (lane == 0) {
-        u32 root[8];
-        if (chunks == 1u) {
-            for (int w = 0; w < 8; ++w) root[w] = cvs[0][w];
-        } else {
-            nhf_b3_reduce(cvs, chunks, key, root);
-        }
-        u32* o = reinterpret_cast<u32*>(out + 32u * unit);
-        for (int w = 0; w < 8; ++w) o[w] = root[w];
-    }
+    for (int w = 0; w < 8; ++w) dst[w] = cv[w];
+}
+
+// Thread i: the parents of unit unit_begin + i (units of one chunk were finished above).
+extern "C" __global__ void __launch_bounds__(128)
+nhf_unit_reduce(u64 leaves, const u32* __restrict__ unit_key, const u8* __restrict__ cvs, u64 unit_begin,
+                u64 unit_end, u8* __restrict__ out) {
+    const u64 unit = unit_begin + (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (unit >= unit_end) return;
+    const u32 chunks = (nhf_unit_tag_bytes(leaves, unit) + 1023u) / 1024u;
+    if (chunks == 1u) return;
+    u32 key[8], node[8][8], root[8];
+#pragma unroll
+    for (int w = 0; w < 8; ++w) key[w] = unit_key[w];
+    const u32* src = reinterpret_cast<const u32*>(cvs + 32u * NHF_CHUNKS_PER_UNIT * unit);
+    for (u32 c = 0; c < chunks; ++c)
+#pragma unroll
+        for (int w = 0; w < 8; ++w) node[c][w] = src[8 * c + w];
+    nhf_b3_reduce(node, chunks, key, root);
+    u32* dst = reinterpret_cast<u32*>(out + 32u * unit);
+#pragma unroll
+    for (int w = 0; w < 8; ++w) dst[w] = root[w];
 }
 
 // Test entry (tests/gpu/test_nhfast_gpu.py): detection over many fresh keys in one launch, with the
