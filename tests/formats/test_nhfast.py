@@ -156,3 +156,15 @@ def test_host_backend_hashes_nh_fast() -> None:
     finally:
         buf.close()
         backend.close()
+
+
+def test_numpy_fallback_when_the_library_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The path a machine without a C compiler runs: same bytes, threaded over 16 MiB pieces.
+    data, key = _data(33 * MIB + 5, 5), os.urandom(32)
+    want = tree.hash_units(data, tree.NH_FAST_V1, key=key)
+    want_small = nhfast.reference_hash(data[:5000], key)
+    monkeypatch.setattr(_nhfast_native, "_state", "disabled for this test")
+    assert not _nhfast_native.available()
+    assert tree.hash_units(data, tree.NH_FAST_V1, key=key, threads=2) == want
+    small = tree.hash_units(data[:5000], tree.NH_FAST_V1, key=key, threads=1)
+    assert (small.digest, small.unit_digests) == want_small
