@@ -60,6 +60,8 @@ def test_unit_kernels_spill_at_most_budget(name: str) -> None:
 @pytest.mark.parametrize(("name", "macro", "values"), [
     ("sha256_tree", "VR_SHA_VARIANT", (0, 15, 65)),
     ("blake3", "VR_B3_VARIANT", (0, 2)),
+    ("nh_fast", "NHF_PIPELINE", (0, 1)),
+    ("nh_fast", "NHF_INFLIGHT", (1, 3, 4)),
 ])
 def test_tuning_variants_compile(name: str, macro: str, values: tuple[int, ...]) -> None:
     for v in values:

@@ -49,10 +49,19 @@ def test_spec_known_answer(cuda_backend: CudaBackend) -> None:
     assert got.digest.hex() == "b1db44a3ca5d6f9d7bf7c610195cd2f8efcf041a161be4cfe72c224b01a8ff67"
 
 
-@pytest.mark.parametrize("inflight", ["1", "3", "4"])
-def test_inflight_variants_agree(inflight: str) -> None:
+@pytest.mark.parametrize(
+    "defines",
+    [
+        {"NHF_INFLIGHT": "1"},
+        {"NHF_INFLIGHT": "3", "NHF_MIN_BLOCKS": "1"},
+        {"NHF_INFLIGHT": "4"},
+        {"NHF_PIPELINE": "1"},
+        {"NHF_PIPELINE": "1", "NHF_MIN_BLOCKS": "1"},
+    ],
+)
+def test_tuning_variants_agree(defines: dict[str, str]) -> None:
     data, key = _bytes(3 * MIB + 4097, 9), os.urandom(32)
-    with open_backend(0, kernel_defines={"nh_fast": {"NHF_INFLIGHT": inflight}}) as backend:
+    with open_backend(0, kernel_defines={"nh_fast": defines}) as backend:
         assert _gpu_hash(backend, data, key) == tree.hash_units(data, tree.NH_FAST_V1, key=key)
 
 

@@ -209,7 +209,10 @@ def nh_fast_hash(backend: CudaBackend, ptr: int, n: int, key: bytes) -> HashResu
     Runs on the backend's compute stream under its lock; ``backend.last_device_seconds`` gets
     the kernels' device time, as for the other digests."""
     nhfast.check_key(key)
-    inflight = int((backend._kernel_defines.get(SOURCE) or {}).get("NHF_INFLIGHT", "2"))
+    defines = backend._kernel_defines.get(SOURCE) or {}
+    # Leaves per warp per round, for sizing small grids: NHF_PIPELINE=1 hashes one at a time.
+    pipelined = defines.get("NHF_PIPELINE", "0") not in ("0", "")
+    inflight = 1 if pipelined else int(defines.get("NHF_INFLIGHT", "2"))
     with backend._lock:
         backend._activate()
         drv = driver()

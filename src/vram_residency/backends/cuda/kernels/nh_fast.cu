@@ -34,6 +34,9 @@
 #ifndef NHF_THREADS
 #define NHF_THREADS 256
 #endif
+#ifndef NHF_PIPELINE
+#define NHF_PIPELINE 0               // 1: one leaf per warp, the next leaf's loads issued before
+#endif                               //    the current leaf's arithmetic (a tuning variant)
 #ifndef NHF_MIN_BLOCKS
 #define NHF_MIN_BLOCKS 2             // keeps the register cap at 128 (no spills at NHF_INFLIGHT 2)
 #endif
@@ -228,6 +231,32 @@ nhf_leaf_tags(const u8* __restrict__ data, u64 n, const u8* __restrict__ key, u6
     const u64 warps = ((u64)gridDim.x * NHF_THREADS) >> 5;
     nhf_vec kc[NHF_KCHUNKS];
     nhf_key_chunks(key, lane, kc);
+#if NHF_PIPELINE
+    // Software pipeline: while leaf g is summed, the loads of leaf g + warps are in flight.
+    u64 g = leaf_begin + warp;
+    nhf_vec cur[NHF_ITERS], nxt[NHF_ITERS];
+    if (g < leaf_end) {
+        const u64 off = g * NHF_LEAF;
+        nhf_lane_load(data + off, n > off ? n - off : 0, lane, cur);
+    }
+    for (; g < leaf_end; g += warps) {
+        const u64 gn = g + warps, offn = gn * NHF_LEAF;
+        if (gn < leaf_end) nhf_lane_load(data + offn, n > offn ? n - offn : 0, lane, nxt);
+        u64 acc[NHF_T] = {0, 0, 0};
+        nhf_lane_accumulate(cur, kc, acc);
+        u64 tag[NHF_T];
+#pragma unroll
+        for (int t = 0; t < NHF_T; ++t) tag[t] = nhf_warp_sum(acc[t]);
+        if (lane < NHF_T) {
+            u64 v = tag[0];
+#pragma unroll
+            for (int t = 1; t < NHF_T; ++t) v = lane == (u32)t ? tag[t] : v;
+            reinterpret_cast<u64*>(tags + NHF_TAG * g)[lane] = v;
+        }
+#pragma unroll
+        for (int j = 0; j < NHF_ITERS; ++j) cur[j] = nxt[j];
+    }
+#else
     for (u64 g = leaf_begin + warp * NHF_INFLIGHT; g < leaf_end; g += warps * NHF_INFLIGHT) {
         nhf_vec d[NHF_INFLIGHT][NHF_ITERS];
         // Issue every load of the group before any arithmetic.
@@ -256,6 +285,7 @@ nhf_leaf_tags(const u8* __restrict__ data, u64 n, const u8* __restrict__ key, u6
             }
         }
     }
+#endif
 }
 
 // Unit digests, in two launches so that every lane does useful work: a unit's tag string has at
