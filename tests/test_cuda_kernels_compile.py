@@ -25,7 +25,11 @@ needs_nvrtc = pytest.mark.skipif(nvrtc_missing, reason="cuda.bindings.nvrtc is n
 # Spill bytes allowed per unit kernel: none for SHA-256; blake3_units is capped at 64 registers for
 # occupancy (4 blocks per SM measured fastest) and spills a few words, outside the per-block loop
 # (read off the SASS: no local loads or stores in the compression loop).
-UNIT_KERNELS = {"sha256_tree": ("sha256_tree_units", 0), "blake3": ("blake3_units", 512)}
+UNIT_KERNELS = {
+    "sha256_tree": ("sha256_tree_units", 0),
+    "blake3": ("blake3_units", 512),
+    "nh_fast": ("nhf_leaf_tags", 0),  # the streaming loop must not touch local memory
+}
 # The segment-table kernels (batched digests, keyed BLAKE3) under the same budgets.
 TABLE_KERNELS = [("sha256_tree", "sha256_table_units", 0), ("blake3", "blake3_table_units", 512)]
 
@@ -69,6 +73,8 @@ def test_table_kernels_spill_at_most_budget(name: str, entry: str, allowed: int)
 @pytest.mark.parametrize(("name", "macro", "values"), [
     ("sha256_tree", "VR_SHA_VARIANT", (0, 15, 65)),
     ("blake3", "VR_B3_VARIANT", (0, 2)),
+    ("nh_fast", "NHF_PIPELINE", (0, 1)),
+    ("nh_fast", "NHF_INFLIGHT", (1, 3, 4)),
 ])
 def test_tuning_variants_compile(name: str, macro: str, values: tuple[int, ...]) -> None:
     for v in values:

@@ -25,7 +25,7 @@ from vram_residency.errors import ConfigError
 __all__ = ["KERNELS", "compile_cubin", "kernel_source", "nvrtc_version"]
 
 #: Kernel sources shipped in the package (``kernels/<name>.cu``).
-KERNELS: Final = ("sha256_tree", "blake3")
+KERNELS: Final = ("sha256_tree", "blake3", "nh_fast")
 #: Headers they include (from the kernels folder, cuda.core's include path); part of the cache key.
 HEADERS: Final = ("vr_common.cuh",)
 
