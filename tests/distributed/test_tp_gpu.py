@@ -49,8 +49,10 @@ def test_nccl_corrupted_rank_named_on_every_rank(
     group_dir: Path, launch: Callable[..., Any], world: int, transport: str
 ) -> None:
     _need(world)
-    bad = world - 1  # the last rank: its verdict travels farthest in any ring order
-    g = launch("corrupt", world, group_dir, {**NCCL, "transport": transport, "bad_rank": bad, "size": 8 << 20})
+    bad = world - 1  # the highest rank: at 2 GPUs the same rank as before (1)
+    g = launch(
+        "corrupt", world, group_dir, {**NCCL, "transport": transport, "bad_rank": bad, "size": 8 << 20}
+    )
     g.wait(120 + 20 * world)
     res = g.results()
     for r in range(world):
