@@ -72,7 +72,9 @@ def _decoder(mgr: VramManager, rank: int, world: int, out: Path, audit: ListAudi
     from vram_residency.service.example_model import file_image
     from vram_residency.service.executor import DeviceMemory, ModelFiles, SealedWeights
 
-    cfg = ByteLMConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=256)
+    # Heads must divide by the world size: 4 heads for 2 and 4 ranks, 8 for 8 ranks (issue 16).
+    heads = 8 if world > 4 else 4
+    cfg = ByteLMConfig(hidden_size=64, num_layers=2, num_heads=heads, intermediate_size=128, max_position=256)
     image = file_image(cfg)
     paths = split_byte_lm(image, cfg, world, out / f"parts-{rank}")
     shard = mgr.seal_file(paths[rank])
