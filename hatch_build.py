@@ -1,6 +1,7 @@
-"""Hatch build hook: compile the optional native ``sha256-tree-v1`` accelerator.
+"""Hatch build hook: compile the optional native accelerators (``sha256-tree-v1``, ``nh-fast-v1``).
 
-``src/vram_residency/formats/_treehash.c`` becomes ``vram_residency/formats/_treehash.so``:
+``src/vram_residency/formats/_treehash.c`` becomes ``vram_residency/formats/_treehash.so`` (and
+``_nhfast.c`` becomes ``_nhfast.so`` the same way):
 
 - editable installs (what ``uv sync`` and ``dev.py`` do): built into the source tree, because
   that is where the editable package is imported from;
@@ -27,7 +28,9 @@ from typing import Any
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface  # type: ignore[import-not-found,unused-ignore]
 
 _PKG_DIR = Path("src", "vram_residency", "formats")
-_DIST_PATH = "vram_residency/formats/_treehash.so"
+_DIST_DIR = "vram_residency/formats"
+#: Further native libraries built the same way (source, library): nh-fast-v1's leaf tags.
+_EXTRA = (("_nhfast.c", "_nhfast.so"),)
 
 
 def _load_native(root: Path) -> ModuleType:
@@ -66,21 +69,23 @@ class NativeTreeHashHook(BuildHookInterface):  # type: ignore[misc,type-arg,unus
         except Exception as exc:  # a broken helper must not break the install
             self._warn(f"cannot load the native build helper: {exc}")
             return
-        source = root / _PKG_DIR / native.SOURCE_NAME
-        if version == "editable":
-            dest = root / _PKG_DIR / native.LIBRARY_NAME
-        else:
-            self._tmp = tempfile.mkdtemp(prefix="vram-residency-native-")
-            dest = Path(self._tmp, native.LIBRARY_NAME)
-        err = native.compile_library(source, dest)
-        if err:
-            self._warn(
-                f"building without the native sha256-tree-v1 library ({err}); the slower "
-                "pure-Python path will be used"
-            )
-            return
         if version != "editable":
-            build_data["force_include"][str(dest)] = _DIST_PATH
+            self._tmp = tempfile.mkdtemp(prefix="vram-residency-native-")
+        built = False
+        for src_name, lib_name in ((native.SOURCE_NAME, native.LIBRARY_NAME), *_EXTRA):
+            source = root / _PKG_DIR / src_name
+            dest = root / _PKG_DIR / lib_name if self._tmp is None else Path(self._tmp, lib_name)
+            err = native.compile_library(source, dest)
+            if err:
+                self._warn(
+                    f"building without the native {lib_name} library ({err}); the slower "
+                    "Python path will be used"
+                )
+                continue
+            built = True
+            if self._tmp is not None:
+                build_data["force_include"][str(dest)] = f"{_DIST_DIR}/{lib_name}"
+        if built and self._tmp is not None:
             build_data["pure_python"] = False
             build_data["tag"] = f"py3-none-{_platform_tag()}"
 

@@ -40,9 +40,23 @@ def test_cores_on_the_cpu(harness: Path, tmp_path: Path, n: int) -> None:
     data = os.urandom(n)
     assert _run(harness, "sha256", data, tmp_path) == hashlib.sha256(data).hexdigest()
     assert _run(harness, "leaf", data, tmp_path) == hashlib.sha256(data + b"\x00").hexdigest()
-    assert _run(harness, "blake3", data, tmp_path) == blake3.blake3(data).hexdigest()
+    assert _run(harness, "blake3-rt-iv", data, tmp_path) == blake3.blake3(data).hexdigest()
 
 
 def test_parent_on_the_cpu(harness: Path, tmp_path: Path) -> None:
     data = os.urandom(64)
     assert _run(harness, "parent", data, tmp_path) == hashlib.sha256(data + b"\x01").hexdigest()
+
+
+KEYED_LENGTHS = [0, 1, 63, 64, 65, 1023, 1024, 1025, 2048, 4096, 4097, (1 << 20) - 1, 1 << 20, (1 << 20) + 1]
+
+
+@pytest.mark.parametrize("n", KEYED_LENGTHS)
+def test_keyed_core_on_the_cpu(harness: Path, tmp_path: Path, n: int) -> None:
+    """BLAKE3 keyed mode (the attest-v1 probe): the runtime key policy of the table kernels, key
+    words as the chaining value and KEYED_HASH on every compression, against the blake3 package."""
+    key = os.urandom(32)
+    data = os.urandom(n)
+    assert _run(harness, "blake3-keyed", key + data, tmp_path) == blake3.blake3(data, key=key).hexdigest()
+    # The IV as a runtime "key" with no flag is the plain hash: what unkeyed table rows run.
+    assert _run(harness, "blake3-rt-iv", data, tmp_path) == blake3.blake3(data).hexdigest()

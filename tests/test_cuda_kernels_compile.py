@@ -1,4 +1,5 @@
-"""Every kernel source compiles with NVRTC to sm_90 machine code, on any machine (no GPU needed).
+"""Every kernel source compiles with NVRTC (through cuda.core's Program) to sm_90 machine code, on any
+machine (no GPU needed).
 
 CI installs cuda-bindings and NVRTC through the ``cuda`` extra; the test skips only where
 ``cuda.bindings.nvrtc`` cannot be imported at all.
@@ -24,7 +25,13 @@ needs_nvrtc = pytest.mark.skipif(nvrtc_missing, reason="cuda.bindings.nvrtc is n
 # Spill bytes allowed per unit kernel: none for SHA-256; blake3_units is capped at 64 registers for
 # occupancy (4 blocks per SM measured fastest) and spills a few words, outside the per-block loop
 # (read off the SASS: no local loads or stores in the compression loop).
-UNIT_KERNELS = {"sha256_tree": ("sha256_tree_units", 0), "blake3": ("blake3_units", 512)}
+UNIT_KERNELS = {
+    "sha256_tree": ("sha256_tree_units", 0),
+    "blake3": ("blake3_units", 512),
+    "nh_fast": ("nhf_leaf_tags", 0),  # the streaming loop must not touch local memory
+}
+# The segment-table kernels (batched digests, keyed BLAKE3) under the same budgets.
+TABLE_KERNELS = [("sha256_tree", "sha256_table_units", 0), ("blake3", "blake3_table_units", 512)]
 
 
 def test_kernel_sources_are_package_data() -> None:
@@ -53,9 +60,21 @@ def test_unit_kernels_spill_at_most_budget(name: str) -> None:
 
 
 @needs_nvrtc
+@pytest.mark.parametrize(("name", "entry", "allowed"), TABLE_KERNELS)
+def test_table_kernels_spill_at_most_budget(name: str, entry: str, allowed: int) -> None:
+    log = _compile.compile_log(name, "sm_90", ["--ptxas-options=-v"])
+    block = log.split(f"Compiling entry function '{entry}'", 1)[1].split("Compiling entry function", 1)[0]
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+    assert spills is not None, log
+    assert max(int(spills.group(1)), int(spills.group(2))) <= allowed, block
+
+
+@needs_nvrtc
 @pytest.mark.parametrize(("name", "macro", "values"), [
     ("sha256_tree", "VR_SHA_VARIANT", (0, 15, 65)),
     ("blake3", "VR_B3_VARIANT", (0, 2)),
+    ("nh_fast", "NHF_PIPELINE", (0, 1)),
+    ("nh_fast", "NHF_INFLIGHT", (1, 3, 4)),
 ])
 def test_tuning_variants_compile(name: str, macro: str, values: tuple[int, ...]) -> None:
     for v in values:
@@ -65,3 +84,15 @@ def test_tuning_variants_compile(name: str, macro: str, values: tuple[int, ...])
 def test_rejects_virtual_architectures() -> None:
     with pytest.raises(ValueError, match="real GPU architecture"):
         _compile.compile_cubin("sha256_tree", "compute_90")
+
+
+def test_program_options_take_defines_and_ptxas_only() -> None:
+    pytest.importorskip("cuda.core")
+    opts = _compile._program_options("blake3", "sm_90", ["-DVR_B3_VARIANT=2", "-DFLAG", "--ptxas-options=-v"])
+    assert opts.arch == "sm_90"
+    assert opts.name == "blake3.cu"
+    assert list(opts.define_macro) == [("VR_B3_VARIANT", "2"), "FLAG"]
+    assert list(opts.ptxas_options) == ["-v"]
+    for bad in ("-G", "--use_fast_math", "-D", "-I/tmp"):
+        with pytest.raises(ValueError, match="unsupported kernel compile option"):
+            _compile._program_options("blake3", "sm_90", [bad])

@@ -11,9 +11,12 @@ must stop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
+    "AttestationMismatch",
     "ConfigError",
     "CudaAllocationFailed",
     "InsufficientVram",
@@ -22,6 +25,9 @@ __all__ = [
     "NotSealed",
     "PolicyViolation",
     "SealVerificationFailed",
+    "ShardFailure",
+    "StaleSeal",
+    "UnsupportedOperation",
     "VramError",
 ]
 
@@ -74,6 +80,18 @@ class NotSealed(VramError):
     """The shard is unknown to this manager, already deallocated, or was never sealed."""
 
 
+@dataclass(frozen=True, slots=True)
+class ShardFailure:
+    """One shard that failed verification: what ``SealVerificationFailed`` says about it."""
+
+    shard_id: str
+    expected_digest: str = ""
+    actual_digest: str = ""
+    corrupted_ranges: tuple[tuple[int, int], ...] = ()
+    corrupted_tensors: tuple[str, ...] = ()
+    tag_valid: bool = True
+
+
 class SealVerificationFailed(VramError):
     """The seal's tag or the digest of the bytes in device memory does not match.
 
@@ -81,6 +99,12 @@ class SealVerificationFailed(VramError):
     when the tag was intact and the digest mismatched; it is empty when the tag itself failed.
     ``corrupted_tensors`` names the tensors overlapping those ranges where the shard has a tensor
     index (sealed from a safetensors or GGUF file, or adopted from framework tensors).
+
+    A batched verification (``verify_many``, ``verify_model``) that finds several shards changed
+    raises one error: ``failures`` holds every failed shard, in the order they were given, and the
+    single-shard attributes above describe the first of them. ``audit_error`` is set (and is the
+    ``__cause__``) when writing the failure to the audit log failed as well: the seal failure is
+    still the error raised, never replaced by the audit error.
     """
 
     _fatal = True
@@ -95,6 +119,7 @@ class SealVerificationFailed(VramError):
         corrupted_ranges: Sequence[tuple[int, int]] = (),
         corrupted_tensors: Sequence[str] = (),
         tag_valid: bool = True,
+        failures: Sequence[ShardFailure] = (),
     ) -> None:
         self.shard_id = shard_id
         self.expected_digest = expected_digest
@@ -102,7 +127,30 @@ class SealVerificationFailed(VramError):
         self.corrupted_ranges: list[tuple[int, int]] = [(int(a), int(b)) for a, b in corrupted_ranges]
         self.corrupted_tensors: list[str] = list(corrupted_tensors)
         self.tag_valid = tag_valid
+        if not failures and shard_id:
+            failures = (
+                ShardFailure(
+                    shard_id,
+                    expected_digest,
+                    actual_digest,
+                    tuple(self.corrupted_ranges),
+                    tuple(self.corrupted_tensors),
+                    tag_valid,
+                ),
+            )
+        self.failures: tuple[ShardFailure, ...] = tuple(failures)
+        self.audit_error: BaseException | None = None
         super().__init__(message)
+
+    @property
+    def shard_ids(self) -> list[str]:
+        """Every failed shard's id, in order."""
+        return [f.shard_id for f in self.failures]
+
+    @property
+    def audit_failed(self) -> bool:
+        """True when the audit log could not record this failure (see ``audit_error``)."""
+        return self.audit_error is not None
 
 
 class IntegrityViolation(VramError):
@@ -121,3 +169,27 @@ class PolicyViolation(VramError):
 class UnsupportedOperation(VramError):
     """This backend cannot do what was asked (for example a device pointer of emulated memory).
     Check ``Backend.capabilities`` first instead of catching it."""
+
+
+class StaleSeal(VramError):
+    """A shard's last successful verification is older than the configured maximum seal age,
+    and the policy is to refuse rather than re-verify. Retriable: a verification makes it fresh."""
+
+    _retriable = True
+
+    def __init__(self, message: str, *, shard_ids: Sequence[str] = (), age_ns: int = 0) -> None:
+        self.shard_ids = list(shard_ids)
+        self.age_ns = age_ns
+        super().__init__(message)
+
+
+class AttestationMismatch(SealVerificationFailed):
+    """An attestation found a shard whose digest in device memory no longer matches its seal.
+
+    Raised, like any failed verification, so that every caller stops the worker the same way;
+    ``attestation`` is the tagged ``attest-v1`` statement (JSON form, verdict ``mismatch``) that
+    still tells the orchestrator, authentically, which shard failed."""
+
+    def __init__(self, message: str, *, attestation: Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.attestation: dict[str, Any] = dict(attestation)

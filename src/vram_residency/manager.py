@@ -3,34 +3,29 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import os
-import re
-import secrets
-import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from typing_extensions import Buffer
 
-from vram_residency.backends.base import Backend, Capabilities, DeviceBuffer
-from vram_residency.errors import (
-    ConfigError,
-    CudaAllocationFailed,
-    InsufficientVram,
-    IntegrityViolation,
-    InvalidInput,
-    NotSealed,
-    PolicyViolation,
-    SealVerificationFailed,
-    VramError,
+from vram_residency._core import (
+    AuditSink,
+    BackendName,
+    ShardRecord,
+    ShardStore,
+    TensorSpan,
+    attest_shards,
+    check_seal_age,
+    open_backend,
 )
+from vram_residency.backends.base import Backend, Capabilities, DeviceBuffer
+from vram_residency.errors import ConfigError, InvalidInput
+from vram_residency.formats.attest import attest_key
 from vram_residency.formats.keys import SecretKey
-from vram_residency.formats.seal import SealFields, seal_key, seal_message, verify_tag
-from vram_residency.formats.tree import SHA256_TREE_V1, UNIT_SIZE, HashResult, check_algorithm
+from vram_residency.formats.seal import seal_key
+from vram_residency.formats.tree import SHA256_TREE_V1, HashResult
 from vram_residency.shard import SealedShard
 
 if TYPE_CHECKING:
@@ -39,81 +34,11 @@ if TYPE_CHECKING:
     from vram_residency.sources.model import SealedModel
     from vram_residency.sources.repair import RepairReport
 
-__all__ = ["AuditSink", "TensorSpan", "VramManager"]
+__all__ = ["AuditSink", "BackendName", "TensorSpan", "VramManager"]
 
 log = logging.getLogger("vram_residency")
 
-BackendName = Literal["auto", "cuda", "host"]
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _DEFAULT_MAX_MODEL_BYTES = 100 * 2**30
-
-
-class AuditSink(Protocol):
-    """What the manager needs of an audit log (``vram_residency.audit.AuditLog`` is one)."""
-
-    def emit(self, event_type: str, *, critical: bool | None = None, **fields: Any) -> Any: ...
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpan:
-    """A named byte range of a shard (a tensor of a safetensors/GGUF file or a framework)."""
-
-    name: str
-    start: int
-    end: int
-
-
-@dataclass(slots=True)
-class _Entry:
-    shard: SealedShard
-    buf: DeviceBuffer
-    tag: bytes
-    unit_digests: bytes
-    tensors: tuple[TensorSpan, ...] = ()
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    source: Any = None
-
-
-def _open_backend(
-    backend: str, device: int, capacity_bytes: int | None, allow_integrated: bool
-) -> Backend:
-    from vram_residency.backends.host import HostBackend
-
-    if backend == "host":
-        return HostBackend(device, capacity_bytes)
-    if backend not in ("auto", "cuda"):
-        raise ConfigError(f"backend must be 'auto', 'cuda' or 'host', not {backend!r}")
-    try:
-        from vram_residency.backends.cuda import open_backend as open_cuda
-    except ImportError as exc:
-        if backend == "cuda":
-            raise ConfigError(f"backend='cuda' requested but the CUDA backend cannot load: {exc}") from None
-        return HostBackend(device, capacity_bytes)
-    try:
-        return open_cuda(device, allow_integrated=allow_integrated)
-    except ConfigError as exc:
-        if backend == "cuda":
-            raise
-        log.info("no usable GPU (%s); using the host emulation backend", exc)
-        return HostBackend(device, capacity_bytes)
-
-
-def _merge_ranges(units: Sequence[int], n: int) -> list[tuple[int, int]]:
-    ranges: list[tuple[int, int]] = []
-    for u in units:
-        start, end = u * UNIT_SIZE, min((u + 1) * UNIT_SIZE, n)
-        if ranges and ranges[-1][1] == start:
-            ranges[-1] = (ranges[-1][0], end)
-        else:
-            ranges.append((start, end))
-    if n == 0 and not ranges and units:
-        ranges.append((0, 0))
-    return ranges
-
-
-def _check_opt_int(name: str, value: object) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise InvalidInput(f"{name} must be a non-negative integer or None")
 
 
 class VramManager:
@@ -137,7 +62,8 @@ class VramManager:
         allow_integrated: bool = False,
     ) -> None:
         # Derive the key first: a bad token must fail before any device is touched.
-        self._key: SecretKey = seal_key(worker_token)
+        seal_key_obj = seal_key(worker_token)
+        self._attest_key: SecretKey = attest_key(worker_token)
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ConfigError("device must be a non-negative integer")
         if not isinstance(worker_id, str):
@@ -150,72 +76,70 @@ class VramManager:
             raise ConfigError("max_model_bytes must be a positive integer")
         if capacity_bytes is not None and backend == "cuda":
             raise ConfigError("capacity_bytes applies to the host backend only")
-        self._device = device
-        self._worker_id = worker_id
-        self._max_model_bytes = max_model_bytes
-        self._audit = audit
         try:
-            self._backend: Backend = _open_backend(backend, device, capacity_bytes, allow_integrated)
+            backend_obj = open_backend(backend, device, capacity_bytes, allow_integrated)
         except InvalidInput as exc:
             raise ConfigError(str(exc)) from None
-        self._entries: dict[str, _Entry] = {}
-        self._lock = threading.RLock()
-        # Seals in flight: close() waits for them, so that none frees its buffer after the
-        # backend (on CUDA, the context) is gone.
-        self._inflight = 0
-        self._idle = threading.Condition(self._lock)
-        self._closed = False
+        self._store = ShardStore(
+            seal_key_obj, backend_obj, device=device, worker_id=worker_id,
+            max_model_bytes=max_model_bytes, audit=audit,
+        )  # fmt: skip
 
     # -- properties ---------------------------------------------------------------------------
     @property
+    def store(self) -> ShardStore:
+        """The seal core behind this manager (``vram_residency._core.ShardStore``): what the
+        sources, the service and the testing tools call; applications use the manager."""
+        return self._store
+
+    @property
+    def _backend(self) -> Backend:
+        # Kept for the tests and benchmarks that inspect the backend; library code uses store.
+        return self._store.backend
+
+    @property
     def backend(self) -> str:
         """``"cuda"`` or ``"host"``: the backend in use."""
-        return self._backend.name
+        return self._store.backend.name
 
     @property
     def capabilities(self) -> Capabilities:
         """What the backend in use can do (emulated memory, host views, device pointers, ...)."""
-        return self._backend.capabilities
+        return self._store.backend.capabilities
 
     @property
     def backend_description(self) -> str:
-        return self._backend.describe()
+        return self._store.backend.describe()
 
     @property
     def device(self) -> int:
-        return self._device
+        return self._store.device
 
     @property
     def worker_id(self) -> str:
-        return self._worker_id
+        return self._store.worker_id
 
     @property
     def max_model_bytes(self) -> int:
-        return self._max_model_bytes
+        return self._store.max_model_bytes
 
     def __repr__(self) -> str:
         return (
-            f"VramManager(backend={self.backend!r}, device={self._device}, "
-            f"worker_id={self._worker_id!r}, shards={len(self._entries)})"
+            f"VramManager(backend={self.backend!r}, device={self.device}, "
+            f"worker_id={self.worker_id!r}, shards={len(self._store)})"
         )
-
-    # -- audit --------------------------------------------------------------------------------
-    def _emit(self, event: str, **fields: Any) -> None:
-        if self._audit is not None:
-            self._audit.emit(event, **fields)
 
     # -- capacity -----------------------------------------------------------------------------
     def available_vram(self) -> int:
-        self._check_open()
-        return self._backend.mem_info()[0]
+        self._store.check_open()
+        return self._store.backend.mem_info()[0]
 
     def total_vram(self) -> int:
-        self._check_open()
-        return self._backend.mem_info()[1]
+        self._store.check_open()
+        return self._store.backend.mem_info()[1]
 
     def shards(self) -> list[SealedShard]:
-        with self._lock:
-            return [e.shard for e in self._entries.values()]
+        return self._store.shards()
 
     # -- sealing ------------------------------------------------------------------------------
     def seal_model(
@@ -241,9 +165,10 @@ class VramManager:
         except ValueError as exc:  # e.g. a non-contiguous buffer
             raise InvalidInput(f"model_bytes must be a contiguous buffer: {exc}") from None
         try:
-            return self._seal_into(
+            backend = self._store.backend
+            return self._store.seal_into(
                 len(view),
-                lambda buf: self._backend.write_and_hash(buf, view, digest_algorithm),
+                lambda buf: backend.write_and_hash(buf, view, digest_algorithm),
                 device=device,
                 model_ref=model_ref,
                 shard_index=shard_index,
@@ -254,156 +179,11 @@ class VramManager:
         finally:
             view.release()
 
-    def _validate_seal_args(
-        self,
-        size: int,
-        device: int | None,
-        model_ref: str | None,
-        shard_index: int | None,
-        total_shards: int | None,
-        expected_digest: str | None,
-        digest_algorithm: str,
-    ) -> str | None:
-        self._check_open()
-        if size <= 0:
-            raise InvalidInput("model is empty: nothing to seal")
-        if size > self._max_model_bytes:
-            raise InvalidInput(f"model of {size} bytes exceeds max_model_bytes ({self._max_model_bytes})")
-        if device is not None and (isinstance(device, bool) or device != self._device):
-            raise InvalidInput(f"device {device!r} is not this manager's device ({self._device})")
-        if model_ref is not None and (not isinstance(model_ref, str) or not model_ref):
-            raise InvalidInput("model_ref must be a non-empty string or None")
-        _check_opt_int("shard_index", shard_index)
-        _check_opt_int("total_shards", total_shards)
-        if (shard_index is None) != (total_shards is None):
-            raise InvalidInput("shard_index and total_shards must be given together")
-        if shard_index is not None and total_shards is not None and shard_index >= total_shards:
-            raise InvalidInput(f"shard_index {shard_index} must be < total_shards {total_shards}")
-        check_algorithm(digest_algorithm)
-        if expected_digest is None:
-            return None
-        if not isinstance(expected_digest, str) or not _HEX64.fullmatch(expected_digest):
-            raise InvalidInput("expected_digest must be 64 hex characters")
-        return expected_digest.lower()
-
     def _seal_into(
-        self,
-        size: int,
-        fill: Callable[[DeviceBuffer], HashResult | None],
-        *,
-        device: int | None = None,
-        model_ref: str | None = None,
-        shard_index: int | None = None,
-        total_shards: int | None = None,
-        expected_digest: str | None = None,
-        digest_algorithm: str = SHA256_TREE_V1,
-        tensors: Sequence[TensorSpan] = (),
-        source: Any = None,
-        buffer: DeviceBuffer | None = None,
+        self, size: int, fill: Callable[[DeviceBuffer], HashResult | None], **kw: Any
     ) -> SealedShard:
-        """The one sealing path: allocate (or take ``buffer``), ``fill`` it, digest the device
-        memory, compare, tag, register. Any failure frees what was allocated.
-
-        ``fill`` may return the digests of the device memory it filled (a backend that hashes
-        chunks as they land, see ``Backend.write_and_hash``); otherwise they are computed here."""
-        expected = self._validate_seal_args(
-            size, device, model_ref, shard_index, total_shards, expected_digest, digest_algorithm
-        )
-        with self._lock:
-            self._check_open()
-            self._inflight += 1
-        try:
-            return self._seal_counted(
-                size, fill, expected, buffer, model_ref, shard_index, total_shards,
-                digest_algorithm, tensors, source,
-            )
-        finally:
-            with self._lock:
-                self._inflight -= 1
-                if self._inflight == 0:
-                    self._idle.notify_all()
-
-    def _seal_counted(
-        self,
-        size: int,
-        fill: Callable[[DeviceBuffer], HashResult | None],
-        expected: str | None,
-        buffer: DeviceBuffer | None,
-        model_ref: str | None,
-        shard_index: int | None,
-        total_shards: int | None,
-        digest_algorithm: str,
-        tensors: Sequence[TensorSpan],
-        source: Any,
-    ) -> SealedShard:
-        buf = buffer if buffer is not None else self._allocate(size)
-        try:
-            self._backend.check_policy(buf)
-            result = fill(buf)
-            if result is None:
-                result = self._backend.hash(buf, digest_algorithm, size)
-            actual = result.digest.hex()
-            if expected is not None and not hmac.compare_digest(actual, expected):
-                raise InvalidInput(
-                    f"digest of the bytes in device memory ({actual}) does not match expected_digest "
-                    f"({expected}); nothing was sealed"
-                )
-            fields = SealFields(
-                shard_id=f"shard-{secrets.token_hex(16)}",
-                gpu_device=self._device,
-                vram_bytes=size,
-                digest_algorithm=digest_algorithm,
-                digest=actual,
-                sealed_at_ns=time.time_ns(),
-                worker_id=self._worker_id,
-                model_ref=model_ref,
-                shard_index=shard_index,
-                total_shards=total_shards,
-            )
-            tag = self._key.tag(seal_message(fields))
-            shard = SealedShard._from_fields(fields, tag)
-            entry = _Entry(shard, buf, tag, result.unit_digests, tuple(tensors), source=source)
-            with self._lock:
-                self._check_open()
-                self._entries[shard.shard_id] = entry
-            try:
-                self._emit(
-                    "VramSealed",
-                    shard_id=shard.shard_id,
-                    vram_bytes=size,
-                    digest=shard.digest,
-                    digest_algorithm=digest_algorithm,
-                    model_ref=model_ref,
-                    backend=self.backend,
-                )
-            except BaseException:
-                # The caller never gets this shard: it must not stay registered (and resident).
-                with self._lock:
-                    if self._entries.get(shard.shard_id) is entry:
-                        del self._entries[shard.shard_id]
-                raise
-        except BaseException as exc:
-            buf.close()
-            if isinstance(exc, PolicyViolation):
-                self._emit("PolicyViolation", critical=True, reason=str(exc), vram_bytes=size)
-            raise
-        return shard
-
-    def _allocate(self, size: int) -> DeviceBuffer:
-        free = self._backend.mem_info()[0]
-        try:
-            if size > free:
-                raise InsufficientVram(size, free)
-            buf = self._backend.allocate(size)
-        except (InsufficientVram, CudaAllocationFailed) as exc:
-            self._emit("VramAllocationFailed", requested_bytes=size, reason=str(exc), backend=self.backend)
-            raise
-        try:
-            self._emit("VramAllocated", vram_bytes=size, backend=self.backend)
-        except BaseException:
-            buf.close()  # the caller never gets the buffer: free it here
-            raise
-        return buf
+        # Kept for tests that drive the sealing path directly; it is ShardStore.seal_into.
+        return self._store.seal_into(size, fill, **kw)
 
     # -- files, tensors, repair (implemented in vram_residency.sources) ------------------------
     def seal_file(
@@ -434,7 +214,7 @@ class VramManager:
         from vram_residency.sources.files import seal_file
 
         return seal_file(
-            self,
+            self._store,
             path,
             device=device,
             format=format,
@@ -470,7 +250,7 @@ class VramManager:
         from vram_residency.sources.files import seal_files
 
         return seal_files(
-            self,
+            self._store,
             paths,
             device=device,
             model_name=model_name,
@@ -497,14 +277,23 @@ class VramManager:
         from vram_residency.sources.tensors import seal_tensors
 
         return seal_tensors(
-            self, tensors, device=device, model_name=model_name, digest_algorithm=digest_algorithm
+            self._store, tensors, device=device, model_name=model_name, digest_algorithm=digest_algorithm
         )
 
     def verify_model(self, model: SealedModel) -> None:
-        """Check that ``model``'s parts still bind to its model_ref, then verify every shard."""
+        """Check that ``model``'s parts still bind to its model_ref, then verify every shard in
+        one batch (see :meth:`verify_many`)."""
+        from vram_residency.sources.model import SealedModel
+
+        if isinstance(model, SealedShard):
+            raise InvalidInput(
+                "verify_model takes a SealedModel; verify a SealedShard with verify_sealed(shard) "
+                "or verify_many([shard, ...])"
+            )
+        if not isinstance(model, SealedModel):
+            raise InvalidInput(f"verify_model takes a SealedModel, not {type(model).__name__}")
         model.check_binding()
-        for shard in model.shards:
-            self.verify_sealed(shard)
+        self._store.verify_many(model.shards)
 
     def repair(
         self, shard: SealedShard, source: str | os.PathLike[str] | Buffer | None = None
@@ -514,143 +303,151 @@ class VramManager:
         then verify the shard against its original seal and audit ``ShardRepaired``."""
         from vram_residency.sources.repair import repair
 
-        return repair(self, shard, source)
+        return repair(self._store, shard, source)
+
+    # -- moving shards (implemented in vram_residency._migrate) ---------------------------------
+    def migrate(self, shard: SealedShard, to: VramManager, *, max_retries: int = 3) -> SealedShard:
+        """Move ``shard`` to ``to``'s device (a manager with the same worker token): copied peer to
+        peer where the devices allow it, verified unit by unit as it lands, re-copied where it
+        landed wrong; the source is zeroed and freed only once the destination matches. Returns
+        the new seal (new shard id, new device), audited ``ShardMigrated``. On failure the
+        original stays sealed here and nothing stays allocated there."""
+        from vram_residency._migrate import migrate
+
+        if not isinstance(to, VramManager):
+            raise InvalidInput(f"destination must be a VramManager, not {type(to).__name__}")
+        return migrate(self._store, shard, to.store, max_retries=max_retries)
+
+    def offload(
+        self,
+        shard: SealedShard,
+        to: Literal["host", "file"] = "host",
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Move ``shard``'s bytes to host memory (pinned on CUDA) or a new file, verified as they
+        land, and free its VRAM. The shard is then unusable until :meth:`restore`."""
+        from vram_residency._migrate import offload
+
+        offload(self._store, shard, to, path)
+
+    def restore(self, shard: SealedShard) -> int:
+        """Bring an offloaded shard back under its original seal, verified in device memory
+        before it is usable again (units that landed wrong are rewritten from the offloaded copy
+        where that copy still matches the seal). Returns the number of units rewritten."""
+        from vram_residency._migrate import restore
+
+        return restore(self._store, shard)
+
+    def offloaded_shards(self) -> list[SealedShard]:
+        """Shards offloaded by this manager (sealed, not resident)."""
+        from vram_residency._migrate import offloaded
+
+        return offloaded(self._store)
 
     # -- verification -------------------------------------------------------------------------
-    def _entry(self, shard: SealedShard) -> _Entry:
-        if not isinstance(shard, SealedShard):
-            raise InvalidInput(f"expected a SealedShard, not {type(shard).__name__}")
-        with self._lock:
-            self._check_open()
-            entry = self._entries.get(shard.shard_id)
-        if entry is None:
-            raise NotSealed(f"shard {shard.shard_id!r} is not sealed by this manager")
-        return entry
+    def _entry(self, shard: SealedShard) -> ShardRecord:
+        # Kept for tests that inspect a shard's record; library code uses store.lookup.
+        return self._store.lookup(shard)
+
+    def device_buffer(self, shard: SealedShard) -> DeviceBuffer:
+        """The device buffer holding ``shard``'s bytes, for executors that run on the sealed bytes
+        in place (``buf.host_view()`` / ``buf.device_pointer``, as ``capabilities`` says). Any write
+        through it is, to the seal, corruption; it stays valid until the shard is deallocated."""
+        return self._store.lookup(shard).buf
 
     def verify_sealed(self, shard: SealedShard) -> None:
         """Check the seal's tag, then recompute the digest from device memory.
 
         Raises ``SealVerificationFailed`` (with ``corrupted_ranges`` and, where known,
         ``corrupted_tensors``) on any mismatch; ``NotSealed`` for an unknown shard."""
-        entry = self._entry(shard)
-        with entry.lock:
-            if entry.buf.closed:
-                raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
-            self._verify_entry(shard, entry)
+        if not isinstance(shard, SealedShard):
+            raise InvalidInput(f"expected a SealedShard, not {type(shard).__name__}")
+        self._store.verify_many([shard])
 
-    def _verify_entry(self, shard: SealedShard, entry: _Entry) -> None:
-        fields = shard.fields()
-        # Both the presented shard and our own record must carry the tag of these exact fields:
-        # a shard object edited in memory fails here, before any device work.
-        tag_ok = verify_tag(self._key, fields, entry.tag) and hmac.compare_digest(shard._signature, entry.tag)
-        if not tag_ok:
-            exc = SealVerificationFailed(
-                f"seal tag of shard {shard.shard_id} does not match its fields",
-                shard_id=shard.shard_id,
-                tag_valid=False,
-            )
-            self._emit(
-                "SealVerificationFailed",
-                critical=True,
-                shard_id=shard.shard_id,
-                reason="tag mismatch",
-                expected_digest=entry.shard.digest,
-                actual_digest="",
-                corrupted_ranges=[],
-            )
-            raise exc
-        sealed = entry.shard
-        start = time.perf_counter_ns()
-        # The fast path computes the digest alone; unit digests are only needed to locate a change.
-        actual = self._backend.digest(entry.buf, sealed.digest_algorithm, sealed.vram_bytes).hex()
-        elapsed_ns = time.perf_counter_ns() - start
-        if not hmac.compare_digest(actual, sealed.digest):
-            result = self._backend.hash(entry.buf, sealed.digest_algorithm, sealed.vram_bytes)
-            ranges = self._locate(entry, result)
-            tensors = [
-                t.name for t in entry.tensors if any(t.start < e and s < t.end for s, e in ranges)
-            ]
-            self._emit(
-                "SealVerificationFailed",
-                critical=True,
-                shard_id=sealed.shard_id,
-                reason="digest mismatch",
-                expected_digest=sealed.digest,
-                actual_digest=actual,
-                corrupted_ranges=[list(r) for r in ranges],
-                corrupted_tensors=tensors,
-            )
-            where = ", ".join(f"[{s}, {e})" for s, e in ranges[:8]) + (" ..." if len(ranges) > 8 else "")
-            named = f"; tensors: {', '.join(tensors[:8])}" if tensors else ""
-            raise SealVerificationFailed(
-                f"shard {sealed.shard_id}: digest of device memory changed "
-                f"(expected {sealed.digest}, got {actual}); changed bytes in {where}{named}",
-                shard_id=sealed.shard_id,
-                expected_digest=sealed.digest,
-                actual_digest=actual,
-                corrupted_ranges=ranges,
-                corrupted_tensors=tensors,
-            )
-        self._emit(
-            "SealVerified",
-            shard_id=sealed.shard_id,
-            vram_bytes=sealed.vram_bytes,
-            digest_algorithm=sealed.digest_algorithm,
-            duration_ns=elapsed_ns,
-        )
+    def verify_many(self, shards: Iterable[SealedShard | SealedModel] | SealedModel) -> None:
+        """Verify any collection of shards in one batch: one ``digest_many`` pass over all of
+        them on the device, then unit digests only of the shards that changed, to say where.
 
-    @staticmethod
-    def _locate(entry: _Entry, result: HashResult) -> list[tuple[int, int]]:
-        old, new = entry.unit_digests, result.unit_digests
-        if len(old) != len(new):
-            raise IntegrityViolation("unit digest count changed between seal and verify")
-        changed = [i for i in range(len(old) // 32) if old[32 * i : 32 * i + 32] != new[32 * i : 32 * i + 32]]
-        return _merge_ranges(changed, entry.shard.vram_bytes)
+        A ``SealedModel`` (alone or among the items) is checked for its binding first and
+        contributes its shards. Every shard is audited; on any failure one
+        ``SealVerificationFailed`` names every failed shard (``failures``, ``shard_ids``, each
+        with its ranges and tensors). ``NotSealed`` for a shard this manager does not hold."""
+        from vram_residency.sources.model import SealedModel
+
+        items: Iterable[object] = (shards,) if isinstance(shards, SealedModel) else shards
+        if isinstance(items, (str, bytes, SealedShard)):
+            raise InvalidInput("verify_many takes a collection of shards; use verify_sealed for one")
+        flat: list[SealedShard] = []
+        try:
+            iterator = iter(items)
+        except TypeError:
+            raise InvalidInput(
+                f"verify_many takes a collection of shards, not {type(shards).__name__}"
+            ) from None
+        for item in iterator:
+            if isinstance(item, SealedModel):
+                item.check_binding()
+                flat.extend(item.shards)
+            elif isinstance(item, SealedShard):
+                flat.append(item)
+            else:
+                raise InvalidInput(
+                    f"verify_many takes SealedShard or SealedModel items, not {type(item).__name__}"
+                )
+        self._store.verify_many(flat)
 
     # -- release ------------------------------------------------------------------------------
+    # -- attestation (attest-v1) and seal age ----------------------------------------------------
+    def attest(
+        self,
+        nonce: bytes,
+        shards: Sequence[SealedShard | str] | None = None,
+        probe: bool = False,
+    ) -> dict[str, Any]:
+        """The ``attest-v1`` statement (JSON form, tagged under KA) for ``nonce``: each shard's
+        digest recomputed from device memory now, in one batched pass (``digest_many``), and with
+        ``probe`` its BLAKE3 keyed hash under KP in the same pass.
+
+        ``shards``: shards or shard ids, in the statement's order (default: every shard, in the
+        order they were sealed). On a match every shard's ``last_verified_ns`` moves to now.
+
+        A mismatch is a failed verification: ``SealVerificationFailed`` is audited for each shard
+        that changed (with the changed ranges), ``AttestationIssued`` with verdict ``mismatch``,
+        and ``AttestationMismatch`` is raised (a ``SealVerificationFailed``, so every caller stops
+        the worker exactly as on a failed verify) carrying the tagged statement, which the worker
+        still sends: it tells the orchestrator which shard failed."""
+        return attest_shards(self._store, self._attest_key, nonce, shards, probe)
+
+    def last_verified_ns(self) -> dict[str, int]:
+        """Each shard's last successful verification (seal, verify or attest), ns since the epoch."""
+        return self._store.last_verified_ns()
+
+    def check_seal_age(
+        self,
+        max_age_ns: int,
+        *,
+        policy: Literal["reverify", "refuse"] = "reverify",
+        now_ns: int | None = None,
+    ) -> list[str]:
+        """Enforce a maximum seal age: every shard whose last successful verification is older
+        than ``max_age_ns`` is verified now (``"reverify"``; a mismatch raises as verify does),
+        or the call raises ``StaleSeal`` naming them (``"refuse"``). Returns the ids re-verified."""
+        return check_seal_age(self._store, max_age_ns, policy=policy, now_ns=now_ns)
+
     def deallocate(self, shard: SealedShard) -> None:
         """Zero and free the shard's device memory and forget its seal."""
-        entry = self._entry(shard)
-        with entry.lock:
-            with self._lock:
-                if self._entries.get(shard.shard_id) is not entry:
-                    raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
-                del self._entries[shard.shard_id]
-            entry.buf.close()
-        self._emit("VramDeallocated", shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
+        self._store.deallocate(shard)
 
     def close(self) -> None:
         """Zero and free every shard, then release the backend. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            while self._inflight:
-                self._idle.wait()
-            entries = list(self._entries.values())
-            self._entries.clear()
-        errors: list[BaseException] = []
-        for entry in entries:
-            with entry.lock:
-                try:
-                    entry.buf.close()
-                except VramError as exc:  # keep freeing the rest; report afterwards
-                    errors.append(exc)
-            shard = entry.shard
-            try:
-                self._emit("VramDeallocated", shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
-            except Exception as exc:  # a failed audit log must not keep the other shards resident
-                errors.append(exc)
-        try:
-            self._backend.close()
-        except Exception as exc:
-            errors.append(exc)
-        if errors:
-            raise errors[0]
+        if self._store.closed:
+            return
+        from vram_residency._migrate import discard_offloaded
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise NotSealed("manager is closed")
+        try:
+            discard_offloaded(self._store)  # offloaded copies (host memory, files) go with the manager
+        finally:
+            self._store.close()
 
     def __enter__(self) -> VramManager:
         return self
@@ -660,7 +457,7 @@ class VramManager:
 
     def __del__(self) -> None:
         # Last resort only: device memory must not outlive a forgotten manager.
-        if not getattr(self, "_closed", True):
+        store = self.__dict__.get("_store")
+        if store is not None and not store.closed:
             with contextlib.suppress(Exception):  # nothing can be reported from a finalizer
                 self.close()
-

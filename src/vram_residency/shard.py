@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import UTC, datetime
 from typing import Any
 
-from vram_residency.errors import SealVerificationFailed
+from vram_residency.errors import InvalidInput, SealVerificationFailed
 from vram_residency.formats.seal import (
     SealFields,
     fields_from_record,
@@ -15,7 +16,7 @@ from vram_residency.formats.seal import (
     verify_tag,
 )
 
-__all__ = ["SealedShard", "check_seal_record"]
+__all__ = ["SealedShard", "check_seal_record", "parse_record_text"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,8 +65,16 @@ class SealedShard:
         Whoever holds the worker token can check it with :func:`check_seal_record`."""
         return record_from_fields(self.fields(), self._signature)
 
+    @property
+    def tag(self) -> bytes:
+        """The ``seal-v1`` tag (the record's ``signature``, in bytes). Not secret, but kept out of
+        ``repr``, ``str`` and equality so that it is never logged by accident."""
+        return self._signature
+
     @classmethod
-    def _from_fields(cls, fields: SealFields, tag: bytes) -> SealedShard:
+    def from_fields(cls, fields: SealFields, tag: bytes) -> SealedShard:
+        """The shard of checked ``fields`` and their ``tag``; only the seal core and
+        :func:`check_seal_record` make one (a tag that does not match fails verification)."""
         return cls(
             shard_id=fields.shard_id,
             gpu_device=fields.gpu_device,
@@ -81,13 +90,39 @@ class SealedShard:
         )
 
 
-def check_seal_record(record: dict[str, Any], worker_token: str | bytes) -> SealedShard:
+def parse_record_text(record: str | bytes | bytearray, what: str = "seal record") -> dict[str, Any]:
+    """A JSON record given as text, parsed strictly: one JSON object, no duplicate keys (a
+    repeated key would let two parsers read different values from the same signed text)."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise InvalidInput(f"duplicate key {k!r} in the {what}")
+            out[k] = v
+        return out
+
+    try:
+        parsed = json.loads(record, object_pairs_hook=no_duplicates)
+    except InvalidInput:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return parsed
+
+
+def check_seal_record(record: dict[str, Any] | str | bytes, worker_token: str | bytes) -> SealedShard:
     """Check a seal record's tag with the worker token; what an orchestrator runs.
 
-    Returns the record as a ``SealedShard`` (without any device memory behind it). Raises
-    ``InvalidInput`` for a malformed record, ``ConfigError`` for an unusable token, and
-    ``SealVerificationFailed`` when the tag does not match.
+    ``record`` is the dict of :meth:`SealedShard.record` or its JSON text. Returns the record as
+    a ``SealedShard`` (without any device memory behind it). Raises ``InvalidInput`` for a
+    malformed record, ``ConfigError`` for an unusable token, and ``SealVerificationFailed`` when
+    the tag does not match.
     """
+    if isinstance(record, (str, bytes, bytearray)):
+        record = parse_record_text(record)
     fields, tag = fields_from_record(record)
     if not verify_tag(seal_key(worker_token), fields, tag):
         raise SealVerificationFailed(
@@ -95,4 +130,4 @@ def check_seal_record(record: dict[str, Any], worker_token: str | bytes) -> Seal
             shard_id=fields.shard_id,
             tag_valid=False,
         )
-    return SealedShard._from_fields(fields, tag)
+    return SealedShard.from_fields(fields, tag)

@@ -19,7 +19,7 @@ def flip_bit(manager: VramManager, shard: SealedShard, bit_index: int) -> None:
         raise InvalidInput("bit_index must be an integer")
     if not 0 <= bit_index < 8 * shard.vram_bytes:
         raise InvalidInput(f"bit_index {bit_index} outside the shard's {8 * shard.vram_bytes} bits")
-    entry = manager._entry(shard)
+    entry = manager.store.lookup(shard)
     with entry.lock:
         offset, bit = divmod(bit_index, 8)
         old = entry.buf.read(offset, 1)[0]

@@ -84,6 +84,7 @@ def test_verify_reports_first_break(logged: Path, token_file: Path) -> None:
 def test_verify_with_wrong_token(logged: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.write_text(OTHER_TOKEN)
+    other.chmod(0o600)
     con, buf = _console()
     assert verify_command(_set(logged), other, console=con) == EXIT_BROKEN
     assert OTHER_TOKEN not in buf.getvalue()
@@ -107,11 +108,12 @@ def test_verify_usage_errors(logged: Path, tmp_path: Path) -> None:
     assert "abc" not in buf.getvalue()  # the bad token is not echoed
 
 
-def test_verify_warns_about_a_readable_token_file(logged: Path, token_file: Path) -> None:
+def test_verify_refuses_a_readable_token_file(logged: Path, token_file: Path) -> None:
+    # One policy for every command (vram_residency._tokenfile): a token others can read is refused.
     token_file.chmod(0o644)
     con, buf = _console()
-    assert verify_command(_set(logged), token_file, console=con) == EXIT_OK
-    assert "readable by other users" in buf.getvalue()
+    assert verify_command(_set(logged), token_file, console=con) == EXIT_USAGE
+    assert "chmod 600" in buf.getvalue()
 
 
 def test_verify_require_head(logged: Path, token_file: Path) -> None:

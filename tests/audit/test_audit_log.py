@@ -22,6 +22,7 @@ from vram_residency.audit import (
     SEAL_VERIFICATION_FAILED,
     SECURITY_INCIDENT,
     VRAM_SEALED,
+    AuditHeadMismatch,
     AuditLog,
     AuditLogCorrupt,
     AuditWriteFailed,
@@ -243,14 +244,16 @@ def test_reopen_refuses_an_edited_last_record(log_path: Path) -> None:
         AuditLog(log_path, token=TOKEN, worker_id="w")
 
 
-def test_reopen_refuses_a_log_cut_before_its_signed_head(log_path: Path) -> None:
+def test_reopen_refuses_a_log_cut_before_its_signed_head_when_asked(log_path: Path) -> None:
     with AuditLog(log_path, token=TOKEN, worker_id="w") as log:
         for _ in range(3):
             log.emit(VRAM_SEALED)
     lines = read_lines(log_path)
     log_path.write_bytes(b"".join(lines[:-1]))  # the attacker removes the newest record
-    with pytest.raises(AuditLogCorrupt, match="signed head"):
-        AuditLog(log_path, token=TOKEN, worker_id="w")
+    with pytest.raises(AuditHeadMismatch, match="signed head") as info:
+        AuditLog(log_path, token=TOKEN, worker_id="w", on_head_mismatch="refuse")
+    assert info.value.kind == "truncated" and info.value.head_seq == 2 and info.value.log_last_seq == 1
+    assert read_lines(log_path) == lines[:-1]  # refused without writing
 
 
 def test_verify_on_open_finds_a_break_in_the_middle(log_path: Path) -> None:

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 from cuda.bindings import driver
 
+from vram_residency.backends.base import Segment
 from vram_residency.backends.cuda import open_backend
 from vram_residency.formats.tree import BLAKE3, SHA256_TREE_V1, hash_units
 
@@ -19,9 +20,50 @@ MiB = 1 << 20
 LENGTHS = [1, 63, 1025, 4097, MiB - 1, MiB + 1, 2 * MiB + 1025, 2 * MiB + 4097, 3 * MiB + 16]
 
 
+KEY = bytes(range(32))
+
+
+def tables(backend: object) -> int:
+    """The segment-table kernels (units, standalone, reduce; keyed and not; both lanes) over
+    exact-size adopted allocations, one pass for all of them. (Two-level trees, over 256 MiB, are
+    left to tests/gpu/test_cuda_gpu_batch.py: under racecheck they would take minutes.)"""
+    from vram_residency.backends.cuda import CudaBackend
+
+    assert isinstance(backend, CudaBackend)
+    lengths = LENGTHS
+    ptrs, segs, datas = [], [], []
+    bad = 0
+    try:
+        for i, n in enumerate(lengths):
+            data = np.random.default_rng(n + 1).integers(0, 256, size=n, dtype=np.uint8).tobytes()
+            err, dptr = driver.cuMemAlloc(n)
+            assert err == driver.CUresult.CUDA_SUCCESS
+            ptrs.append(dptr)
+            view = backend.adopt_pointer(int(dptr), n)
+            view.write(0, data)
+            for alg, key in ((SHA256_TREE_V1, None), (BLAKE3, None), (BLAKE3, KEY if i % 2 else None)):
+                segs.append(Segment(view, n, alg, key))
+                datas.append(data)
+        for priority in ("normal", "low"):
+            got = backend.hash_many(segs, priority=priority)
+            digests = backend.digest_many(segs, priority=priority)
+            for s, data, h, d in zip(segs, datas, got, digests, strict=True):
+                want = hash_units(data, s.algorithm, key=s.key)
+                ok = h == want and d == want.digest
+                bad += not ok
+                keyed = "keyed" if s.key else "plain"
+                print(f"table {priority:6s} {s.algorithm:15s} {keyed} {s.length:10d}: {'ok' if ok else 'MISMATCH'}")
+        for s in segs:
+            s.buf.close()
+    finally:
+        for p in ptrs:
+            driver.cuMemFree(p)
+    return bad
+
+
 def main() -> int:
     backend = open_backend(0)
-    bad = 0
+    bad = tables(backend)
     for n, split in [(n, False) for n in LENGTHS] + [(n, True) for n in LENGTHS]:
         backend.split_max_units = 1 << 30 if split else 0
         data = np.random.default_rng(n).integers(0, 256, size=n, dtype=np.uint8).tobytes()

@@ -77,12 +77,12 @@ def _embed(backend: str, model: Path, prompts: list[str]) -> np.ndarray[Any, Any
     files = ModelCatalog(model.parent).resolve(model.name)
     with VramManager(TOKEN, backend=backend) as mgr:  # type: ignore[arg-type]
         shard = mgr.seal_file(files.weights)
-        buf = mgr._entry(shard).buf
+        buf = mgr.device_buffer(shard)
         if backend == "cuda":
             dev = DeviceMemory(ptr=buf.device_pointer, size=shard.vram_bytes, device=mgr.device, owner=buf)  # type: ignore[attr-defined]
             weights = SealedWeights(files, "cuda", shard.vram_bytes, None, dev)
         else:
-            weights = SealedWeights(files, "host", shard.vram_bytes, buf.view(shard.vram_bytes))  # type: ignore[attr-defined]
+            weights = SealedWeights(files, "host", shard.vram_bytes, buf.host_view(shard.vram_bytes))
         enc = bert_factory(weights)
         assert enc is not None
         assert ("CuPy" in enc.description) == (backend == "cuda")

@@ -24,6 +24,7 @@ OPERATIONS = [
     "POST /worker/commit",
     "GET /worker/ready",
     "POST /worker/verify",
+    "POST /worker/attest",
     "DELETE /worker/shards/{shard_id}",
     "POST /worker/execute",
     "POST /worker/cancel",

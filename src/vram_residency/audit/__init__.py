@@ -7,14 +7,17 @@ The manager and the service use::
     lifecycle = WorkerLifecycle(log, worker_id, on_incident=page_someone)
     lifecycle.report_failure(exc)                   # fatal errors: Stopped + SecurityIncident
 
-and ``verify_log(paths, token)`` checks a log offline.
+and ``verify_log(paths, token)`` checks a log offline. ``log.signed_head()`` returns the signed
+head an orchestrator keeps as an anchor (``verify_log(..., anchors=[head])``).
 """
 
 from vram_residency.audit.errors import (
+    AuditHeadMismatch,
     AuditLogCorrupt,
     AuditWriteFailed,
 )
 from vram_residency.audit.events import (
+    AUDIT_HEAD_MISMATCH,
     CRITICAL_EVENTS,
     INTEGRITY_VIOLATION,
     LOG_RECOVERED,
@@ -33,10 +36,11 @@ from vram_residency.audit.events import (
 )
 from vram_residency.audit.files import chain_order, rotated_paths
 from vram_residency.audit.log import DEFAULT_AUDIT_PATH, AuditLog, LogRecovery
-from vram_residency.audit.record import GENESIS_HASH, AuditRecord, canonical_bytes
+from vram_residency.audit.record import GENESIS_HASH, AuditRecord, SignedHead, canonical_bytes
 from vram_residency.audit.verify import VerifyBreak, VerifyReport, verify_log
 
 __all__ = [
+    "AUDIT_HEAD_MISMATCH",
     "CRITICAL_EVENTS",
     "DEFAULT_AUDIT_PATH",
     "GENESIS_HASH",
@@ -52,6 +56,7 @@ __all__ = [
     "VRAM_DEALLOCATED",
     "VRAM_SEALED",
     "WORKER_STATE_CHANGED",
+    "AuditHeadMismatch",
     "AuditLog",
     "AuditLogCorrupt",
     "AuditRecord",
@@ -59,6 +64,7 @@ __all__ = [
     "IllegalTransition",
     "Incident",
     "LogRecovery",
+    "SignedHead",
     "VerifyBreak",
     "VerifyReport",
     "WorkerLifecycle",

@@ -4,10 +4,17 @@ An argparse front end can call :func:`verify_command` and :func:`show_command` d
 :func:`configure_parser` + :func:`run` on its own ``audit`` parser, or call :func:`register`
 (the ``vram_residency.cli.main`` convention: add ``"vram_residency.audit.cli"`` to its commands).
 The worker token is read from a file, never from the command line: argv is visible to every
-user of the machine through ``ps`` and ``/proc``.
+user of the machine through ``ps`` and ``/proc``. The file is read by
+:func:`vram_residency._tokenfile.read_token_file`, the one reader every command uses.
 
-Exit codes: 0 verified (or shown); 1 the log has a break (tampering, or a torn record left by a
-crash); 2 a usage problem (unreadable token file or log, bad token).
+File sets: ``audit verify ~/.local/state/vram-residency/audit.jsonl*`` must work as typed, so the
+files given are sorted out first. Sidecars (``.head``, ``.torn-N``, a lock or temp file) are
+skipped with a note; every log file is grouped with its rotation set (an active file given alone
+brings its rotated files ``.1``, ``.2``...), and each set is verified on its own, with its head.
+
+Exit codes: 0 verified (or shown); 1 the log has a break (tampering, a torn record left by a
+crash, an ``AuditHeadMismatch`` record, an anchor it does not extend); 2 a usage problem
+(unreadable token file, anchor or log, bad token).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import stat
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -24,17 +31,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vram_residency.audit.files import chain_order
-from vram_residency.audit.record import AuditKey
+from vram_residency._tokenfile import read_token_file
+from vram_residency.audit.files import chain_order, rotated_paths, split_rotation
+from vram_residency.audit.record import AuditKey, SignedHead, signed_head_from_json
 from vram_residency.audit.verify import iter_records, verify_log
-from vram_residency.errors import ConfigError
+from vram_residency.errors import ConfigError, InvalidInput
 
 __all__ = [
     "EXIT_BROKEN",
     "EXIT_OK",
     "EXIT_USAGE",
     "configure_parser",
-    "read_token_file",
+    "log_sets",
+    "read_anchor",
     "register",
     "run",
     "show_command",
@@ -46,18 +55,53 @@ EXIT_BROKEN: Final = 1
 EXIT_USAGE: Final = 2
 
 
-def read_token_file(path: str | os.PathLike[str], console: Console | None = None) -> bytes:
-    """The token bytes in ``path``, without a trailing newline. Warns when others can read it."""
-    p = Path(path)
-    raw = p.read_bytes()
-    if console is not None:
+#: Files that sit beside a log but are not one: the signed head, torn-tail sidecars, temp files.
+_SIDECAR = re.compile(r"\.(head|lock|tmp)$|\.torn-[0-9]+(-[0-9a-f]+)?$")
+
+
+def log_sets(files: Sequence[str | os.PathLike[str]]) -> tuple[list[list[Path]], list[Path]]:
+    """Sort the files given into rotation sets, each in chain order; return (sets, skipped).
+
+    Sidecars are skipped. An active file brings its existing rotated files, so that ``audit
+    verify audit.jsonl`` checks the whole set, as does a shell glob.
+    """
+    skipped: list[Path] = []
+    by_base: dict[Path, set[Path]] = {}
+    for f in files:
+        p = Path(f)
+        if _SIDECAR.search(p.name):
+            skipped.append(p)
+            continue
+        base, index = split_rotation(p)
+        members = by_base.setdefault(base, set())
+        members.add(p)
+        if index is None:
+            members.update(rotated_paths(p))
+    return [chain_order(members) for _, members in sorted(by_base.items())], skipped
+
+
+def read_anchor(text: str) -> SignedHead:
+    """An anchor given as JSON text (``{"seq":..,"hash":..,"hmac":..}``) or as a file holding it
+    (a saved head file, or a saved ``GET /worker/audit/head`` answer, whose ``head`` it takes)."""
+    raw = text.strip()
+    if not raw.startswith("{"):
         try:
-            mode = p.stat().st_mode
-        except OSError:
-            mode = 0
-        if stat.S_ISREG(mode) and mode & 0o077:
-            console.print(f"[yellow]warning:[/] token file {escape(str(p))} is readable by other users")
-    return raw.rstrip(b"\r\n")
+            raw = Path(text).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise InvalidInput(f"cannot read anchor file {text}: {why}") from None
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        raise InvalidInput("anchor is not JSON") from None
+    if isinstance(obj, dict) and isinstance(obj.get("head"), dict):
+        obj = obj["head"]
+    head = signed_head_from_json(obj)
+    if head is None:
+        raise InvalidInput(
+            'anchor must be a signed head: {"v":1,"seq":N,"hash":"<64 hex>","hmac":"<64 hex>"}'
+        )
+    return head
 
 
 def verify_command(
@@ -65,42 +109,82 @@ def verify_command(
     token_file: str | os.PathLike[str],
     *,
     require_head: bool = False,
+    anchors: Sequence[str] = (),
     console: Console | None = None,
 ) -> int:
-    """``audit verify FILE... --token-file F``: check chain, hashes and HMACs of a log set."""
-    out = console or Console()
+    """``audit verify FILE... --token-file F [--require-head] [--anchor HEAD]...``: check chain,
+    hashes, HMACs, the signed head and any anchors of each log set given."""
+    # No wrapping: a verdict is one line per finding, for people and for grep alike.
+    out = console or Console(soft_wrap=True, highlight=False)
     if not files:
         out.print("[red]error:[/] no log files given")
         return EXIT_USAGE
     try:
-        key = AuditKey(read_token_file(token_file, out))
-    except OSError as exc:
-        out.print(
-            f"[red]error:[/] cannot read token file {escape(str(token_file))}: {escape(str(exc.strerror))}"
-        )
-        return EXIT_USAGE
+        key = AuditKey(read_token_file(token_file))
     except ConfigError as exc:
-        out.print(f"[red]error:[/] bad token in {escape(str(token_file))}: {escape(str(exc))}")
+        out.print(f"[red]error:[/] {escape(str(exc))}")
         return EXIT_USAGE
-    ordered = chain_order(files)
-    report = verify_log(ordered, key, require_head=require_head)
+    try:
+        heads = [read_anchor(a) for a in anchors]
+    except InvalidInput as exc:
+        out.print(f"[red]error:[/] {escape(str(exc))}")
+        return EXIT_USAGE
+    sets, skipped = log_sets(files)
+    if skipped:
+        names = ", ".join(p.name for p in skipped)
+        out.print(f"skipped {len(skipped)} file(s) that are not logs: {escape(names)}")
+    if not sets:
+        out.print("[red]error:[/] no log files given (only head or sidecar files)")
+        return EXIT_USAGE
+    if heads and len(sets) > 1:
+        out.print("[red]error:[/] --anchor needs exactly one log (rotation set) per call")
+        return EXIT_USAGE
+    rc = EXIT_OK
+    for ordered in sets:
+        rc = max(rc, _verify_set(ordered, key, require_head, heads, out, named=len(sets) > 1))
+    return rc
+
+
+def _verify_set(
+    ordered: list[Path],
+    key: AuditKey,
+    require_head: bool,
+    heads: list[SignedHead],
+    out: Console,
+    *,
+    named: bool,
+) -> int:
+    missing = [p for p in ordered if not p.exists()]
+    if missing:
+        out.print(f"[red]error:[/] cannot read {escape(str(missing[0]))}: no such file")
+        return EXIT_USAGE
+    report = verify_log(ordered, key, require_head=require_head, anchors=heads)
+    label = f"{escape(str(ordered[-1]))}: " if named else ""
     for w in report.warnings:
-        out.print(f"[yellow]warning:[/] {escape(w)}")
+        out.print(f"[yellow]warning:[/] {label}{escape(w)}")
     brk = report.first_break
-    if brk is None:
+    if brk is None and not report.alarms:
+        anchored = f", {report.anchors_checked} anchor(s) extended" if heads else ""
+        checked = "checked" if report.head_checked else "not checked"
         out.print(
-            f"[green]OK[/]: {report.records} records in {len(ordered)} file(s) verify "
-            f"(last seq {report.last_seq}, head {'checked' if report.head_checked else 'not checked'})"
+            f"{label}[green]OK[/]: {report.records} records in {len(ordered)} file(s) verify "
+            f"(last seq {report.last_seq}, head {checked}{anchored})"
         )
         return EXIT_OK
-    seq = f", seq {brk.seq}" if brk.seq is not None else ""
-    out.print(
-        f"[red]BROKEN[/]: first broken record is index {brk.index} of {escape(brk.file)} "
-        f"(position {brk.position} in the chain{seq}): {escape(brk.reason)}"
-    )
-    out.print(f"{report.records} record(s) before it verify.")
-    if report.torn_tail:
-        out.print("This is a torn last record from a crash; opening the log recovers it with a marker.")
+    for alarm in report.alarms:
+        out.print(
+            f"{label}[red]TAMPERED[/]: record seq {alarm.seq} (index {alarm.index} of {escape(alarm.file)}) "
+            f"is an AuditHeadMismatch: {escape(alarm.reason)}"
+        )
+    if brk is not None:
+        seq = f", seq {brk.seq}" if brk.seq is not None else ""
+        out.print(
+            f"{label}[red]BROKEN[/]: first broken record is index {brk.index} of {escape(brk.file)} "
+            f"(position {brk.position} in the chain{seq}): {escape(brk.reason)}"
+        )
+        out.print(f"{report.records} record(s) before it verify.")
+        if report.torn_tail:
+            out.print("This is a torn last record from a crash; opening the log recovers it with a marker.")
     return EXIT_BROKEN
 
 
@@ -169,6 +253,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     v.add_argument("files", nargs="+", metavar="FILE", help="log files (a rotation set in any order)")
     v.add_argument("--token-file", required=True, help="file holding the worker token")
     v.add_argument("--require-head", action="store_true", help="fail when the signed head file is missing")
+    v.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="HEAD",
+        help="a signed head kept outside the worker (JSON text or a file, e.g. a saved "
+        "GET /worker/audit/head answer): fail unless the log contains and extends it; repeatable",
+    )
     s = sub.add_parser("show", help="print audit records as a table")
     s.add_argument("files", nargs="+", metavar="FILE")
     s.add_argument("--event", metavar="TYPE", help="only this event type")
@@ -185,7 +277,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace, console: Console | None = None) -> int:
     if args.audit_command == "verify":
-        return verify_command(args.files, args.token_file, require_head=args.require_head, console=console)
+        return verify_command(
+            args.files, args.token_file, require_head=args.require_head, anchors=args.anchor, console=console
+        )
     if args.audit_command == "show":
         return show_command(args.files, event=args.event, shard=args.shard, console=console)
     raise ValueError(f"unknown audit command {args.audit_command!r}")

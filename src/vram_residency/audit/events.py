@@ -15,6 +15,8 @@ from typing import Any, Final
 from vram_residency.errors import SealVerificationFailed, VramError
 
 __all__ = [
+    "ATTESTATION_ISSUED",
+    "AUDIT_HEAD_MISMATCH",
     "CRITICAL_EVENTS",
     "EVENT_FIELDS",
     "INTEGRITY_VIOLATION",
@@ -23,7 +25,10 @@ __all__ = [
     "SEAL_VERIFICATION_FAILED",
     "SEAL_VERIFIED",
     "SECURITY_INCIDENT",
+    "SHARD_MIGRATED",
+    "SHARD_OFFLOADED",
     "SHARD_REPAIRED",
+    "SHARD_RESTORED",
     "VRAM_ALLOCATED",
     "VRAM_ALLOCATION_FAILED",
     "VRAM_DEALLOCATED",
@@ -48,6 +53,18 @@ SECURITY_INCIDENT: Final = "SecurityIncident"
 #: hash and the sidecar file that keeps the torn bytes.
 LOG_RECOVERED: Final = "LogRecovered"
 SHARD_REPAIRED: Final = "ShardRepaired"
+#: An attest-v1 statement was issued for an orchestrator's nonce (hex) with its verdict. Not
+#: critical by default (an orchestrator may attest often); the manager emits it as critical when
+#: the verdict is "mismatch", since it is then part of a failed verification's evidence.
+ATTESTATION_ISSUED: Final = "AttestationIssued"
+#: A shard moved to another device under a new seal; names its predecessor (``from_shard_id``).
+SHARD_MIGRATED: Final = "ShardMigrated"
+SHARD_OFFLOADED: Final = "ShardOffloaded"
+SHARD_RESTORED: Final = "ShardRestored"
+#: Written when opening a log finds its signed head missing, unsigned, past the log's end or
+#: naming another record: evidence that records may have been removed before this restart.
+#: ``audit verify`` reports every one of these as tampering.
+AUDIT_HEAD_MISMATCH: Final = "AuditHeadMismatch"
 
 #: Events that must be on disk before the call that caused them returns. Integrity events are in
 #: here because they are the evidence an investigation needs after the worker is gone; a repair
@@ -60,6 +77,8 @@ CRITICAL_EVENTS: Final = frozenset(
         SECURITY_INCIDENT,
         LOG_RECOVERED,
         SHARD_REPAIRED,
+        SHARD_MIGRATED,
+        AUDIT_HEAD_MISMATCH,
     }
 )
 
@@ -86,6 +105,29 @@ EVENT_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
     SECURITY_INCIDENT: ("incident_id", "error_type", "message", "shard_id", "state_before"),
     LOG_RECOVERED: ("last_good_seq", "last_good_hash", "torn_bytes", "torn_sha256", "torn_file"),
     SHARD_REPAIRED: ("shard_id", "repaired_ranges", "source"),
+    ATTESTATION_ISSUED: ("nonce", "verdict", "shard_ids", "probe", "failed_shard_ids", "duration_ns"),
+    SHARD_MIGRATED: (
+        "shard_id",
+        "from_shard_id",
+        "from_device",
+        "to_device",
+        "vram_bytes",
+        "digest",
+        "duration_ns",
+        "retried_units",
+        "peer_to_peer",
+    ),
+    SHARD_OFFLOADED: ("shard_id", "vram_bytes", "to", "path"),
+    SHARD_RESTORED: ("shard_id", "vram_bytes", "source", "repaired_units", "duration_ns"),
+    AUDIT_HEAD_MISMATCH: (
+        "kind",
+        "message",
+        "head_seq",
+        "head_hash",
+        "log_last_seq",
+        "head_file",
+        "incident_id",
+    ),
 }
 
 _NAME = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")

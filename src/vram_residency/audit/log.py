@@ -26,7 +26,32 @@ Rotation
 Head file
     ``<log>.head`` holds the signed ``(seq, hash)`` of the newest record known to be synced. The
     verifier uses it to detect records cut from the end of the log, which a chain alone cannot
-    show. The head file also carries the process lock (``flock``): one writer per log.
+    show. The head file also carries the process lock (``flock``): one writer per log. A new log
+    gets a signed *empty* head ``(-1, GENESIS_HASH)`` at once (synced), so a non-empty log with
+    no head never comes from a crash: it means the head was deleted or emptied.
+
+Head mismatch at open (a restart must not launder deleted records)
+    Opening a non-empty log whose head is missing, unreadable, not signed by this key, names a
+    record past the log's end (records were removed) or names another record at the log's last
+    position is a *head mismatch*. By default (``on_head_mismatch="record"``) the log continues,
+    but only after writing two critical records, ``AuditHeadMismatch`` (what the head said and
+    what the log holds) and ``SecurityIncident``, and an ERROR on ``vram_residency.incident``;
+    :attr:`AuditLog.head_mismatch` keeps the error for the service to report. The head is not
+    rewritten before those records are synced, so a failed write leaves the mismatch for the
+    next start to find again. ``audit verify`` reports any ``AuditHeadMismatch`` record as
+    tampering, for ever: a restart can no longer make ``--require-head`` pass over removed
+    records. Why continue rather than refuse: refusing would keep the evidence out of the log
+    (only a log line says why the worker is down), and anyone able to delete a file in the
+    state directory could keep the worker down, a denial of service; continuing puts signed
+    evidence in the chain itself, where ``audit verify`` shows it to anyone with the token, and
+    keeps serving models whose seals are checked on the GPU regardless. ``"refuse"`` raises
+    :class:`AuditHeadMismatch` instead, for operators who prefer a stopped worker.
+
+Fail closed
+    Every I/O error on the audit path (open, write, sync, ``dup``, head update, rotation, close,
+    ``EMFILE``) becomes :class:`AuditWriteFailed`; after the first one the log refuses every
+    event. The background flusher never dies silently: any error it meets marks the log failed,
+    so the next ``emit`` raises.
 
 Secrets: the token is turned into the audit key at construction and dropped; the key lives in a
 :class:`AuditKey`, which never prints itself. Field names that look like secrets, and any bytes
@@ -52,10 +77,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from vram_residency.audit.errors import AuditLogCorrupt, AuditWriteFailed
-from vram_residency.audit.events import LOG_RECOVERED, is_critical, valid_event_name
+from vram_residency.audit.errors import AuditHeadMismatch, AuditLogCorrupt, AuditWriteFailed
+from vram_residency.audit.events import (
+    AUDIT_HEAD_MISMATCH,
+    LOG_RECOVERED,
+    SECURITY_INCIDENT,
+    is_critical,
+    valid_event_name,
+)
 from vram_residency.audit.files import default_head_path, rotated_paths, rotation_index
 from vram_residency.audit.record import (
     GENESIS_HASH,
@@ -63,10 +94,12 @@ from vram_residency.audit.record import (
     AuditRecord,
     MacKey,
     RecordFormatError,
+    SignedHead,
     check_record,
     head_message,
     normalize_fields,
     parse_line,
+    parse_signed_head,
 )
 from vram_residency.audit.verify import verify_log
 from vram_residency.errors import ConfigError, InvalidInput
@@ -74,6 +107,7 @@ from vram_residency.errors import ConfigError, InvalidInput
 __all__ = ["DEFAULT_AUDIT_PATH", "AuditLog", "LogRecovery"]
 
 logger = logging.getLogger("vram_residency.audit")
+incident_logger = logging.getLogger("vram_residency.incident")
 
 DEFAULT_AUDIT_PATH: Final = Path("audit.jsonl")
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
@@ -165,10 +199,16 @@ def _flusher(ref: weakref.ReferenceType[AuditLog], stop: threading.Event, interv
         try:
             log._timed_flush()
         except AuditWriteFailed:
+            # The log is marked failed already (the next emit raises); nothing left to flush.
             logger.error("audit log %s: background flush failed; the log refuses further events", log.path)
             return
-        except Exception:
-            logger.exception("audit log %s: background flush crashed", log.path)
+        except BaseException as exc:
+            # Anything else (MemoryError, a bug): never die silently with the log still taking
+            # events that would then never reach the disk. Fail closed instead.
+            log._fail_unexpected(exc, "flush")
+            logger.exception(
+                "audit log %s: background flush crashed; the log refuses further events", log.path
+            )
             return
         finally:
             del log
@@ -195,6 +235,7 @@ class AuditLog:
         flush_interval: float | None = DEFAULT_FLUSH_INTERVAL,
         head_path: str | os.PathLike[str] | None = None,
         verify_on_open: bool = False,
+        on_head_mismatch: Literal["record", "refuse"] = "record",
     ) -> None:
         if (token is None) == (key is None):
             raise ConfigError("AuditLog needs exactly one of token or key")
@@ -208,6 +249,9 @@ class AuditLog:
             raise ConfigError("batch_bytes must be >= 0")
         if flush_interval is not None and flush_interval <= 0:
             raise ConfigError("flush_interval must be > 0 (or None for no background flush)")
+        if on_head_mismatch not in ("record", "refuse"):
+            raise ConfigError("on_head_mismatch must be 'record' or 'refuse'")
+        self._on_head_mismatch = on_head_mismatch
         self._path = Path(path)
         self._head_path = Path(head_path) if head_path is not None else default_head_path(self._path)
         self._worker_id = worker_id
@@ -225,7 +269,15 @@ class AuditLog:
         self._fd = -1
         self._head_fd = -1
         self._regular = True
+        # While True, syncs do not rewrite the head: set while a head mismatch is pending, so the
+        # head can only move on once the AuditHeadMismatch record is on disk.
+        self._hold_head = False
+        self._head_fsynced = True
         self.recovery: LogRecovery | None = None
+        #: Set when opening found a head mismatch (and recorded it; see the module docstring).
+        self.head_mismatch: AuditHeadMismatch | None = None
+        #: The ``incident_id`` of the SecurityIncident record written for ``head_mismatch``.
+        self.head_mismatch_incident_id: str | None = None
 
         self._open(verify_on_open)
         _open_logs.add(self)
@@ -282,49 +334,119 @@ class AuditLog:
     def _open(self, verify_on_open: bool) -> None:
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            head_existed = self._head_path.exists()
             self._head_fd = os.open(self._head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise AuditWriteFailed(
-                f"cannot open audit log {self._path}: {exc.strerror}", path=str(self._path), errno=exc.errno
+                f"cannot open audit log {self._path}: {exc.strerror}",
+                path=str(self._path),
+                errno=exc.errno,
+                operation="open",
             ) from None
         try:
             try:
                 fcntl.flock(self._head_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise ConfigError(f"audit log {self._path} is in use by another process") from None
+            except OSError as exc:
+                raise self._open_error(exc, "lock") from None
             if verify_on_open:
                 self._verify_existing()
-            tail = self._scan()
-            self._check_head(tail.last)
+            try:
+                tail = self._scan()
+            except OSError as exc:
+                raise self._open_error(exc, "read") from None
+            mismatch = self._check_head(tail.last)
+            if mismatch is not None and self._on_head_mismatch == "refuse":
+                raise mismatch
             created = not self._path.exists()
             try:
                 self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 st = os.fstat(self._fd)
                 self._regular = stat.S_ISREG(st.st_mode)
-                if created:
+                if created or not head_existed:
                     _fsync_dir(self._path.parent)
             except OSError as exc:
-                raise AuditWriteFailed(
-                    f"cannot open audit log {self._path}: {exc.strerror}",
-                    path=str(self._path),
-                    errno=exc.errno,
-                ) from None
+                raise self._open_error(exc, "open") from None
             last = tail.last
             self._seq = last.seq + 1 if last is not None else 0
             self._last_hash = last.hash if last is not None else GENESIS_HASH
             self._written_seq = self._seq - 1
             self._written_hash = self._last_hash
             self._synced_seq = self._seq - 1
+            self._synced_hash = self._last_hash
             self._size = st.st_size if self._regular else 0
             self._next_rotation = self._next_rotation_index()
+            if mismatch is not None:
+                # Nothing may rewrite the head until the mismatch is on record (see _record_mismatch).
+                self._hold_head = True
+            elif last is None and not self._head_has_content():
+                # A new log: sign an empty head now, and make it durable, so that "records but no
+                # head" can only mean the head was removed, never a crash before the first sync.
+                self._head_fsynced = False
+                try:
+                    self._write_head(-1, GENESIS_HASH)
+                except OSError as exc:
+                    raise self._open_error(exc, "head") from None
             if tail.torn:
                 self._recover(tail)
-            elif last is not None:
+            elif last is not None and mismatch is None:
                 # The previous writer may have died between its last write and its sync.
                 self._sync_through(last.seq, force=True)
+            if mismatch is not None:
+                self._record_mismatch(mismatch)
         except BaseException:
             self._close_fds()
             raise
+
+    def _open_error(self, exc: OSError, what: str) -> AuditWriteFailed:
+        return AuditWriteFailed(
+            f"cannot open audit log {self._path} ({what}): {exc.strerror or exc}",
+            path=str(self._path),
+            errno=exc.errno,
+            operation="open",
+        )
+
+    def _head_has_content(self) -> bool:
+        try:
+            return bool(os.pread(self._head_fd, _HEAD_SIZE, 0).strip())
+        except OSError as exc:
+            raise self._open_error(exc, "head") from None
+
+    def _record_mismatch(self, mismatch: AuditHeadMismatch) -> None:
+        """Put a head mismatch on record: critical AuditHeadMismatch + SecurityIncident records
+        (synced, and only then does the head move on), and an ERROR on the incident logger."""
+        self._hold_head = False
+        incident_id = uuid.uuid4().hex
+        self.emit(
+            AUDIT_HEAD_MISMATCH,
+            kind=mismatch.kind,
+            message=str(mismatch),
+            head_seq=mismatch.head_seq,
+            head_hash=mismatch.head_hash,
+            log_last_seq=mismatch.log_last_seq,
+            head_file=self._head_path.name,
+            incident_id=incident_id,
+        )
+        self.emit(
+            SECURITY_INCIDENT,
+            incident_id=incident_id,
+            error_type="AuditHeadMismatch",
+            message=str(mismatch),
+            shard_id="",
+            state_before="Starting",
+            fatal=False,
+        )
+        self.head_mismatch = mismatch
+        self.head_mismatch_incident_id = incident_id
+        incident_logger.error(
+            "SECURITY INCIDENT %s: audit head mismatch at open of %s (%s): %s; recorded in the log, "
+            "`audit verify` reports it",
+            incident_id,
+            self._path,
+            mismatch.kind,
+            mismatch,
+        )
 
     def _verify_existing(self) -> None:
         files = [*rotated_paths(self._path)]
@@ -387,29 +509,61 @@ class AuditLog:
             )
         return rec
 
-    def _check_head(self, last: AuditRecord | None) -> None:
-        """A head naming a record past the end means synced records were removed: refuse."""
+    def _check_head(self, last: AuditRecord | None) -> AuditHeadMismatch | None:
+        """Compare the signed head with the log's last record; describe any mismatch.
+
+        The head is a lower bound (it may lag the log after a crash), so a head *behind* the log
+        is normal. A head past the log's end means synced records were removed.
+        """
         try:
             raw = os.pread(self._head_fd, _HEAD_SIZE, 0).strip()
         except OSError as exc:
-            raise AuditWriteFailed(f"cannot read audit head {self._head_path}: {exc.strerror}") from None
-        if not raw:
-            return
-        head = _parse_head(raw, self._key)
-        if head is None:
-            raise AuditLogCorrupt(f"audit head {self._head_path} is unreadable or not signed by this token")
-        seq, hash_hex = head
+            raise self._open_error(exc, "head") from None
         last_seq = last.seq if last is not None else -1
-        if seq > last_seq:
-            raise AuditLogCorrupt(
-                f"audit log {self._path} ends at seq {last_seq} but its signed head names seq {seq}: "
-                "synced records were removed",
+
+        def mismatch(
+            kind: str, message: str, seq: int | None = None, hash_hex: str | None = None
+        ) -> AuditHeadMismatch:
+            return AuditHeadMismatch(
+                message,
                 path=str(self._path),
+                kind=kind,
+                head_seq=seq,
+                head_hash=hash_hex,
+                log_last_seq=last_seq,
             )
-        if last is not None and seq == last.seq and hash_hex != last.hash:
-            raise AuditLogCorrupt(
-                f"last record of {self._path} differs from the signed head", path=str(self._path)
+
+        if not raw:
+            if last is None:
+                return None
+            return mismatch(
+                "missing",
+                f"audit log {self._path} has records up to seq {last_seq} but its head file "
+                f"{self._head_path.name} is missing or empty: records cut from its end cannot be ruled out",
             )
+        head = parse_signed_head(raw, self._key)
+        if head is None:
+            return mismatch(
+                "unsigned",
+                f"audit head {self._head_path.name} is unreadable or not signed by this token "
+                f"(log ends at seq {last_seq})",
+            )
+        if head.seq > last_seq:
+            return mismatch(
+                "truncated",
+                f"audit log {self._path} ends at seq {last_seq} but its signed head names seq "
+                f"{head.seq}: synced records were removed",
+                head.seq,
+                head.hash,
+            )
+        if last is not None and head.seq == last.seq and head.hash != last.hash:
+            return mismatch(
+                "differs",
+                f"last record of {self._path} (seq {last.seq}) differs from the one its signed head names",
+                head.seq,
+                head.hash,
+            )
+        return None
 
     def _next_rotation_index(self) -> int:
         rotated = rotated_paths(self._path)
@@ -437,6 +591,7 @@ class AuditLog:
                 f"cannot recover torn tail of {self._path}: {exc.strerror}",
                 path=str(self._path),
                 errno=exc.errno,
+                operation="recovery",
             ) from None
         self._size = tail.torn_offset
         marker = self.emit(
@@ -481,8 +636,21 @@ class AuditLog:
         # 128 random bits as the record id: unique across workers and restarts like a UUID4,
         # at a quarter of uuid4()'s cost (the seq already orders records within a chain).
         rid = os.urandom(16).hex()
+        try:
+            rec = self._append(event_type, crit, norm, rid)
+            if crit:
+                self._sync_through(rec.seq)
+        except AuditWriteFailed as exc:
+            # Say which event was lost: a caller writing the record of another error (a seal
+            # failure, say) raises that error with this one attached (see AuditWriteFailed).
+            if exc.event is None:
+                exc.event = event_type
+            raise
+        return rec
+
+    def _append(self, event_type: str, crit: bool, norm: dict[str, Any], rid: str) -> AuditRecord:
         with self._lock:
-            self._check_usable()
+            self._check_usable(event_type)
             rec, line = AuditRecord.seal(
                 self._key,
                 seq=self._seq,
@@ -504,8 +672,6 @@ class AuditLog:
             self._last_hash = rec.hash
             if crit or self._buf_bytes >= self._batch_bytes:
                 self._write_out_locked()
-        if crit:
-            self._sync_through(rec.seq)
         return rec
 
     def flush(self) -> None:
@@ -521,23 +687,36 @@ class AuditLog:
         if self._buf or self._written_seq > self._synced_seq:
             self.flush()
 
-    def _check_usable(self) -> None:
-        if self._failed is not None:
+    def _check_usable(self, event: str | None = None) -> None:
+        failed = self._failed
+        if failed is not None:
             raise AuditWriteFailed(
-                f"audit log {self._path} failed earlier and refuses further events", path=str(self._path)
-            ) from self._failed
+                f"audit log {self._path} failed earlier ({failed.operation}) and refuses further events",
+                path=str(self._path),
+                errno=failed.errno,
+                operation=failed.operation,
+                event=event,
+            ) from failed
         if self._closed:
-            raise AuditWriteFailed(f"audit log {self._path} is closed", path=str(self._path))
+            raise AuditWriteFailed(f"audit log {self._path} is closed", path=str(self._path), event=event)
 
-    def _fail_locked(self, exc: OSError, what: str) -> AuditWriteFailed:
+    def _fail_locked(self, exc: BaseException, what: str) -> AuditWriteFailed:
+        if isinstance(exc, OSError):
+            errno, why = exc.errno, exc.strerror or str(exc)
+        else:
+            errno, why = None, type(exc).__name__
         err = AuditWriteFailed(
-            f"audit log {self._path}: {what} failed: {exc.strerror or exc}",
-            path=str(self._path),
-            errno=exc.errno,
+            f"audit log {self._path}: {what} failed: {why}", path=str(self._path), errno=errno, operation=what
         )
-        self._failed = err
-        logger.error("audit log %s: %s failed (%s); refusing further events", self._path, what, exc.strerror)
+        if self._failed is None:  # keep the first cause
+            self._failed = err
+        logger.error("audit log %s: %s failed (%s); refusing further events", self._path, what, why)
         return err
+
+    def _fail_unexpected(self, exc: BaseException, what: str) -> None:
+        """Mark the log failed from outside the write path (the background flusher)."""
+        with self._lock:
+            self._fail_locked(exc, what)
 
     def _write_out_locked(self) -> None:
         if not self._buf:
@@ -586,25 +765,56 @@ class AuditLog:
                 target = self._written_seq
                 target_hash = self._written_hash
                 # A duplicate descriptor stays valid even if a rotation closes ours meanwhile;
-                # syncing outside _lock lets other threads keep appending during the sync.
-                fd = os.dup(self._fd)
+                # syncing outside _lock lets other threads keep appending during the sync. dup
+                # fails with EMFILE when descriptors run out: that is an audit failure like any
+                # other I/O error, never a raw OSError that skips the fail-closed path.
+                try:
+                    fd = os.dup(self._fd)
+                except OSError as exc:
+                    raise self._fail_locked(exc, "sync") from None
             try:
-                if self._regular:
-                    _datasync(fd)
-                if target >= 0:
+                try:
+                    if self._regular:
+                        _datasync(fd)
+                finally:
+                    os.close(fd)
+                if target >= 0 and not self._hold_head:
                     self._write_head(target, target_hash)
             except OSError as exc:
                 with self._lock:
                     raise self._fail_locked(exc, "sync") from None
-            finally:
-                os.close(fd)
             self._synced_seq = target
+            self._synced_hash = target_hash
 
     def _write_head(self, seq: int, hash_hex: str) -> None:
-        mac = self._key.tag(head_message(seq, hash_hex)).hex()
-        raw = json.dumps({"v": 1, "seq": seq, "hash": hash_hex, "hmac": mac}, separators=(",", ":")).encode()
-        # Not synced on its own: the head is a lower bound, and it may lag the log after a crash.
+        raw = json.dumps(self._sign_head(seq, hash_hex).to_json(), separators=(",", ":")).encode()
         os.pwrite(self._head_fd, raw.ljust(_HEAD_SIZE - 1) + b"\n", 0)
+        if not self._head_fsynced:
+            # Synced once, when the head file gets its first content (its size changes then).
+            # Later rewrites are in place and not synced on their own: the head is a lower bound,
+            # and it may lag the log after a crash.
+            os.fsync(self._head_fd)
+            self._head_fsynced = True
+
+    def _sign_head(self, seq: int, hash_hex: str) -> SignedHead:
+        return SignedHead(seq=seq, hash=hash_hex, hmac=self._key.tag(head_message(seq, hash_hex)).hex())
+
+    def signed_head(self) -> SignedHead:
+        """The signed head of everything emitted so far, after making it durable (a flush).
+
+        This is what an orchestrator keeps as an *anchor* (``GET /worker/audit/head``): later,
+        ``audit verify --anchor`` fails unless the log still contains that record and extends
+        it, which catches a rollback (log cut back and an older head file put back) that the
+        head file alone cannot show. ``seq`` is -1 (and ``hash`` the genesis hash) for a log
+        with no records. Raises :class:`AuditWriteFailed` when the log has failed or is closed.
+        The result holds no secret: the HMAC is a tag.
+        """
+        with self._lock:
+            self._check_usable()
+            target = self._seq - 1
+        self._sync_through(target)
+        with self._sync_lock:
+            return self._sign_head(self._synced_seq, self._synced_hash)
 
     # ------------------------------------------------------------------ closing
 
@@ -667,18 +877,3 @@ def _last_line(path: Path, size: int) -> tuple[bytes | None, bytes, int]:
                     return line, torn, pos + last_nl + 1
             elif pos == 0:
                 return None, chunk, 0
-
-
-def _parse_head(raw: bytes, key: MacKey) -> tuple[int, str] | None:
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-        seq = obj["seq"]
-        hash_hex = obj["hash"]
-        mac = bytes.fromhex(obj["hmac"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-    if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(hash_hex, str):
-        return None
-    if not key.verify(head_message(seq, hash_hex), mac):
-        return None
-    return seq, hash_hex

@@ -29,6 +29,7 @@ the head file itself survives (see ``verify.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import hmac as _stdlib_hmac
@@ -51,13 +52,17 @@ __all__ = [
     "AuditRecord",
     "MacKey",
     "RecordFormatError",
+    "SignedHead",
     "audit_key",
     "canonical_bytes",
     "check_record",
     "head_message",
+    "line_bytes",
     "normalize_fields",
     "parse_line",
+    "parse_signed_head",
     "record_from_json",
+    "signed_head_from_json",
 ]
 
 FORMAT_VERSION: Final = 1
@@ -329,7 +334,7 @@ class AuditRecord(NamedTuple):
             raise InvalidInput(f"audit fields are not canonical JSON: {exc}") from exc
         hash_hex = hashlib.sha256(canon).hexdigest()
         mac_hex = key.tag(RECORD_DOMAIN + canon).hex()
-        line = b'%s,"hash":"%s","hmac":"%s"}\n' % (canon[:-1], hash_hex.encode(), mac_hex.encode())
+        line = line_bytes(canon, hash_hex, mac_hex) + b"\n"
         rec = cls(
             seq=seq,
             id=id,
@@ -403,13 +408,55 @@ def record_from_json(obj: object) -> tuple[AuditRecord, bytes]:
     return rec, canon
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the *last* of duplicate keys, other parsers (and grep) see the first: a
+    # record with two "event" keys would show a reader text that was never signed.
+    obj: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in obj:
+            raise RecordFormatError(f"duplicate key {k!r}")
+        obj[k] = v
+    return obj
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise RecordFormatError(f"{name} is not JSON")
+
+
+_STRICT: Final = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
+def line_bytes(canon: bytes, hash_hex: str, hmac_hex: str) -> bytes:
+    """The exact bytes of a record's line (without the newline): canonical body, then ``hash``
+    and ``hmac`` as the last two keys. The writer produces these and the reader demands them."""
+    return b'%s,"hash":"%s","hmac":"%s"}' % (canon[:-1], hash_hex.encode(), hmac_hex.encode())
+
+
 def parse_line(line: bytes) -> tuple[AuditRecord, bytes]:
-    """Parse one line (without its newline) into a record and its canonical body bytes."""
+    """Parse one line (without its newline) into a record and its canonical body bytes.
+
+    Only the exact bytes the writer produces are accepted (see :func:`line_bytes`): the record is
+    re-serialized and compared byte for byte. Extra whitespace, ``\\u`` escapes where the
+    canonical form has the character itself, another key order, another number form, a CR before
+    the newline, duplicate keys: all refused. The hash and HMAC cover the canonical body only,
+    so without this check a tool that reads the raw line (grep, another JSON parser keeping the
+    first of two keys) could be shown text that was never signed.
+    """
     try:
-        obj = json.loads(line.decode("utf-8"))
+        obj = _STRICT.decode(line.decode("utf-8"))
+    except RecordFormatError:
+        raise
     except (UnicodeDecodeError, ValueError) as exc:
         raise RecordFormatError(f"not valid JSON: {type(exc).__name__}") from exc
-    return record_from_json(obj)
+    rec, canon = record_from_json(obj)
+    if line != line_bytes(canon, rec.hash, rec.hmac):
+        if line.endswith(b"\r"):
+            raise RecordFormatError("not canonical: CRLF line ending")
+        raise RecordFormatError(
+            "not canonical: the line's bytes differ from the record's canonical serialization "
+            "(whitespace, escapes, key order or number form)"
+        )
+    return rec, canon
 
 
 def check_record(key: MacKey, rec: AuditRecord, canon: bytes) -> str | None:
@@ -423,3 +470,56 @@ def check_record(key: MacKey, rec: AuditRecord, canon: bytes) -> str | None:
     if not key.verify(RECORD_DOMAIN + canon, mac):
         return "hmac mismatch: not signed by this worker token's audit key"
     return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SignedHead:
+    """A signed ``(seq, hash)``: the content of a head file, and what an anchor keeps.
+
+    ``hmac = HMAC-SHA256(audit key, HEAD_DOMAIN || canonical {"hash","seq","v"})``. ``seq`` -1
+    with the genesis hash is the head of a log with no records. JSON form (the head file's and
+    the ``GET /worker/audit/head`` answer's): ``{"v":1,"seq":N,"hash":"<64 hex>","hmac":"<64 hex>"}``.
+    """
+
+    seq: int
+    hash: str
+    hmac: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": FORMAT_VERSION, "seq": self.seq, "hash": self.hash, "hmac": self.hmac}
+
+    def verify(self, key: MacKey) -> bool:
+        try:
+            mac = bytes.fromhex(self.hmac)
+        except ValueError:
+            return False
+        return key.verify(head_message(self.seq, self.hash), mac)
+
+
+def signed_head_from_json(obj: object) -> SignedHead | None:
+    """The head a parsed JSON object describes (shape only, the HMAC is not checked), or None."""
+    if not isinstance(obj, dict):
+        return None
+    seq, hash_hex, mac = obj.get("seq"), obj.get("hash"), obj.get("hmac")
+    if obj.get("v", FORMAT_VERSION) != FORMAT_VERSION:
+        return None
+    if type(seq) is not int or seq < -1 or not isinstance(hash_hex, str) or not isinstance(mac, str):
+        return None
+    if not _is_hex64(hash_hex) or not _is_hex64(mac):
+        return None
+    if seq == -1 and hash_hex != GENESIS_HASH:
+        return None
+    return SignedHead(seq=seq, hash=hash_hex, hmac=mac)
+
+
+def parse_signed_head(raw: bytes | str, key: MacKey) -> SignedHead | None:
+    """A head file's content (or an anchor's JSON text), if well formed and signed by ``key``."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        obj = _STRICT.decode(text.strip())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    head = signed_head_from_json(obj)
+    if head is None or not head.verify(key):
+        return None
+    return head

@@ -12,27 +12,45 @@ recomputed the hash); a **deleted**, **reordered** or **inserted** record breaks
 token** fails its HMAC. Records cut from the **end** leave no broken link; the signed head file
 catches that (the log must reach the head's ``(seq, hash)``), as long as the head file itself is
 there. A missing head is reported as a warning, or as a break with ``require_head=True``.
+
+Only the exact canonical bytes of each record verify (``record.parse_line``): duplicate keys,
+extra whitespace, needless ``\\u`` escapes and CRLF line ends are breaks.
+
+Tamper evidence the writer left: an ``AuditHeadMismatch`` record (written when a restart found
+the head missing or behind the log) verifies as a record, but is reported in
+:attr:`VerifyReport.alarms`, and the report is not ``ok``: a restart cannot turn a log with
+removed records back into one that verifies clean.
+
+Anchors: a signed head kept *outside* the worker (``AuditLog.signed_head()``, served at
+``GET /worker/audit/head``). ``verify_log(..., anchors=[head])`` fails unless the log holds that
+very record (same seq and hash) and so extends it. What no check here can detect without an
+anchor: cutting records from the end *and* putting back an older genuine head file (a rollback
+to any earlier synced state); deleting the whole log and its head (it looks like a new worker);
+replacing the log set with another genuine log of the same token; non-critical records still
+buffered (at most ``flush_interval`` seconds of them) when the process was killed; and anything
+done by someone who holds the token, who can sign whatever they like.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vram_residency.audit.events import AUDIT_HEAD_MISMATCH
 from vram_residency.audit.files import default_head_path, split_rotation
 from vram_residency.audit.record import (
     GENESIS_HASH,
     AuditRecord,
     MacKey,
     RecordFormatError,
+    SignedHead,
     audit_key,
     check_record,
-    head_message,
     parse_line,
+    parse_signed_head,
 )
 
 __all__ = ["VerifyBreak", "VerifyReport", "iter_records", "verify_log"]
@@ -62,15 +80,19 @@ class VerifyReport:
     torn_tail: bool  # the break is a torn last line of the last file, i.e. a crash
     head_checked: bool
     warnings: tuple[str, ...] = field(default=())
+    #: Verified records that are themselves evidence of tampering (``AuditHeadMismatch``).
+    alarms: tuple[VerifyBreak, ...] = field(default=())
+    #: How many anchors were given and found in the log (all of them, when ok).
+    anchors_checked: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.first_break is None
+        return self.first_break is None and not self.alarms
 
     @property
     def ok_until_torn(self) -> bool:
         """Everything verifies, except possibly a torn last record left by a crash."""
-        return self.first_break is None or self.torn_tail
+        return (self.first_break is None or self.torn_tail) and not self.alarms
 
 
 def _lines(path: Path) -> Iterator[bytes]:
@@ -102,16 +124,10 @@ def _read_head(path: Path, key: MacKey) -> tuple[tuple[int, str] | None, str | N
         return None, f"head file {path} unreadable: {exc.strerror}"
     if not raw:
         return None, None
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-        seq, hash_hex, mac = obj["seq"], obj["hash"], bytes.fromhex(obj["hmac"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None, f"head file {path} is malformed"
-    if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(hash_hex, str):
-        return None, f"head file {path} is malformed"
-    if not key.verify(head_message(seq, hash_hex), mac):
-        return None, f"head file {path} is not signed by this token's audit key"
-    return (seq, hash_hex), None
+    head = parse_signed_head(raw, key)
+    if head is None:
+        return None, f"head file {path} is malformed or not signed by this token's audit key"
+    return (head.seq, head.hash), None
 
 
 def verify_log(
@@ -121,17 +137,26 @@ def verify_log(
     head: str | os.PathLike[str] | Literal["auto"] | None = "auto",
     require_head: bool = False,
     require_genesis: bool = True,
+    anchors: Iterable[SignedHead] = (),
 ) -> VerifyReport:
     """Verify a log or a rotation set given in chain order (see ``files.chain_order``).
 
     ``token`` is the worker token (or its audit key). ``head="auto"`` uses
     ``<active>.head`` when the last path is an active file (not a numbered rotated one);
     ``None`` skips the head. ``require_genesis=False`` verifies a set whose older files were
-    archived away: the first record may then link to any hash.
+    archived away: the first record may then link to any hash. ``anchors`` are signed heads
+    kept outside the worker: each must be signed by this token and name a record the files
+    given contain (same seq and hash), or the report has a break.
     """
     files = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     key = audit_key(token)
     warnings: list[str] = []
+    alarms: list[VerifyBreak] = []
+    anchor_list = list(anchors)
+    anchors_seen: set[int] = set()
+    anchor_at: dict[int, list[SignedHead]] = {}
+    for a in anchor_list:
+        anchor_at.setdefault(a.seq, []).append(a)
 
     head_path: Path | None
     if head == "auto":
@@ -173,11 +198,20 @@ def verify_log(
             torn_tail=torn,
             head_checked=head_val is not None,
             warnings=tuple(warnings),
+            alarms=tuple(alarms),
+            anchors_checked=len(anchors_seen),
         )
 
     if head_problem is not None:
         # A head that is present but forged or unreadable is itself evidence of tampering.
         return report(VerifyBreak(file=str(head_path or ""), index=0, position=0, reason=head_problem))
+    for i, a in enumerate(anchor_list):
+        if not a.verify(key):
+            return report(
+                VerifyBreak(
+                    file="", index=i, position=0, reason=f"anchor {i} is not signed by this token's audit key"
+                )
+            )
 
     for path in files:
         try:
@@ -200,11 +234,27 @@ def verify_log(
                             if rec.hash != head_val[1]:
                                 reason = "record differs from the one the signed head names"
                             head_seen = True
+                        if reason is None and rec.seq in anchor_at:
+                            if any(a.hash != rec.hash for a in anchor_at[rec.seq]):
+                                reason = "record differs from the one an anchored head names"
+                            anchors_seen.add(rec.seq)
                 if reason is not None:
                     where = VerifyBreak(
                         file=str(path), index=index, position=position, reason=reason, seq=seq, record_id=rid
                     )
                     return report(where, torn=torn)
+                if rec.event == AUDIT_HEAD_MISMATCH:
+                    alarms.append(
+                        VerifyBreak(
+                            file=str(path),
+                            index=index,
+                            position=position,
+                            reason="the writer found its head missing or behind the log at a restart "
+                            f"(records may have been removed): {rec.fields.get('message', '')}",
+                            seq=rec.seq,
+                            record_id=rec.id,
+                        )
+                    )
                 prev_hash, prev_seq = rec.hash, rec.seq
                 position += 1
                 good += 1
@@ -215,11 +265,29 @@ def verify_log(
                 )
             )
 
-    if head_val is not None and not head_seen:
+    at = prev_seq if prev_seq is not None else -1
+    for a in anchor_list:
+        if a.seq == -1 or a.seq in anchors_seen:
+            anchors_seen.add(a.seq)  # an empty log's head is extended by any log
+            continue
+        why = (
+            f"the log ends at seq {at} but an anchored head names seq {a.seq}: records were removed "
+            "(a rollback to an earlier state)"
+            if a.seq > at
+            else f"the anchored record seq {a.seq} is not in the files given"
+        )
+        return report(
+            VerifyBreak(
+                file=str(last_file) if last_file is not None else "",
+                index=_count_lines(last_file) if last_file is not None else 0,
+                position=position,
+                reason=why,
+            )
+        )
+    if head_val is not None and not head_seen and head_val[0] >= 0:
         head_seq = head_val[0]
         if prev_seq is None or prev_seq < head_seq:
             end = str(last_file) if last_file is not None else ""
-            at = prev_seq if prev_seq is not None else -1
             return report(
                 VerifyBreak(
                     file=end,

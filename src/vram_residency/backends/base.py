@@ -9,22 +9,50 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from typing_extensions import Buffer
 
 from vram_residency.errors import IntegrityViolation, InvalidInput, UnsupportedOperation
-from vram_residency.formats.tree import HashResult
+from vram_residency.formats.tree import UNIT_SIZE, HashResult
 
-__all__ = ["ALIGNMENT", "Backend", "Capabilities", "DeviceBuffer", "Segment", "check_range"]
+__all__ = [
+    "ALIGNMENT",
+    "COPY_CHUNK",
+    "Backend",
+    "Capabilities",
+    "DeviceBuffer",
+    "HostMemory",
+    "LandedHook",
+    "PlainHostMemory",
+    "Priority",
+    "Segment",
+    "check_range",
+]
+
+#: How urgent a segment table is. ``"low"`` is background work (the scrubber): a GPU backend with
+#: ``Capabilities.priority_streams`` runs it on a low-priority stream so that serving kernels go
+#: first; the host backend runs it on one thread; a backend without either ignores it.
+Priority = Literal["normal", "low"]
 
 #: Allocations are rounded up to this many bytes (cudaMalloc's guarantee, kept on every backend
 #: so that kernels can use 16-byte vector loads on any shard).
 ALIGNMENT: Final = 256
 
 _MAX_OFFSET: Final = (1 << 63) - 1
+
+#: Copies between devices and to or from host memory move this many bytes at a time: a multiple
+#: of the 1 MiB unit, so that every chunk but the last holds whole units the destination can hash
+#: as soon as the chunk lands, and large enough that per-chunk overhead stays in the noise.
+COPY_CHUNK: Final = 64 * UNIT_SIZE
+
+#: ``hook(target, offset, length)``: called after a chunk of a copy has landed in ``target`` (the
+#: destination device buffer, or the host memory of an offload) and before it is hashed. It exists
+#: for fault injection only (tests, the GPU corruption trials): a hook that changes the landed
+#: bytes plays a transfer that corrupted them. Production callers pass None.
+LandedHook = Callable[["DeviceBuffer | memoryview", int, int], None]
 
 
 def check_range(size: int, offset: int, n: int) -> None:
@@ -60,6 +88,8 @@ class Capabilities:
     #: ``Backend.hash_many``/``digest_many`` run a whole segment table in one pass (one launch or
     #: a few, one synchronization) rather than one segment after another.
     batched_digests: bool
+    #: ``hash_many``/``digest_many`` honour ``priority="low"`` on the device (a low-priority stream).
+    priority_streams: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +102,47 @@ class Segment:
     length: int
     algorithm: str
     key: bytes | None = None
+
+
+class HostMemory(abc.ABC):
+    """Host memory a backend hands out for copies to and from its device (``allocate_host``):
+    page-locked on CUDA, so that the copy engines reach it directly; plain memory elsewhere."""
+
+    @property
+    @abc.abstractmethod
+    def view(self) -> memoryview:
+        """The memory as a writable byte view (invalid after ``close``)."""
+
+    @property
+    def size(self) -> int:
+        return len(self.view)
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Zero and release the memory. Idempotent."""
+
+
+class PlainHostMemory(HostMemory):
+    """Ordinary host memory (a bytearray), for backends without pinned memory."""
+
+    def __init__(self, size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidInput("host memory size must be a positive integer")
+        self._data: bytearray | None = bytearray(size)
+        self._view = memoryview(self._data)
+
+    @property
+    def view(self) -> memoryview:
+        if self._data is None:
+            raise IntegrityViolation("host memory used after it was released")
+        return self._view
+
+    def close(self) -> None:
+        if self._data is not None:
+            # Offloaded model bytes do not linger in freed heap memory.
+            self._view[:] = bytes(len(self._data))
+            self._view.release()
+            self._data = None
 
 
 class DeviceBuffer(abc.ABC):
@@ -115,9 +186,12 @@ class DeviceBuffer(abc.ABC):
         executor run on the very bytes that were verified. UnsupportedOperation elsewhere."""
         raise UnsupportedOperation(f"{type(self).__name__} has no host view")
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise IntegrityViolation once the buffer was freed (backends check before device work)."""
         if self._closed:
             raise IntegrityViolation("device buffer used after it was freed")
+
+    _check_open = check_open  # the subclasses' own spelling
 
     def write(self, offset: int, data: Buffer) -> None:
         view = memoryview(data).cast("B")
@@ -196,14 +270,16 @@ class Backend(abc.ABC):
         digests saves work (on the GPU, BLAKE3's unit digests need a second pass)."""
         return self.hash(buf, algorithm, length, key=key).digest
 
-    def hash_many(self, segments: Sequence[Segment]) -> list[HashResult]:
+    def hash_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[HashResult]:
         """``hash`` of every segment, in order. Backends with ``batched_digests`` do it in one
-        pass over a segment table; this default goes one segment after another."""
+        pass over a segment table; this default goes one segment after another. ``priority``:
+        see ``Priority``."""
         return [self.hash(s.buf, s.algorithm, s.length, key=s.key) for s in segments]
 
-    def digest_many(self, segments: Sequence[Segment]) -> list[bytes]:
+    def digest_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[bytes]:
         """``digest`` of every segment, in order: the batched verify path (one launch or a few,
-        one synchronization, on backends with ``batched_digests``)."""
+        one synchronization, on backends with ``batched_digests``). ``priority``: see
+        ``Priority``."""
         return [self.digest(s.buf, s.algorithm, s.length, key=s.key) for s in segments]
 
     def adopt_host(self, memory: Buffer) -> DeviceBuffer:
@@ -220,6 +296,63 @@ class Backend(abc.ABC):
         view = memoryview(data).cast("B")
         buf.write(0, view)
         return self.hash(buf, algorithm, len(view))
+
+    # -- copies between devices and to and from host memory (migration, offload, restore) --------
+
+    def allocate_host(self, size: int) -> HostMemory:
+        """Host memory for copies to and from this device (pinned where the backend has it)."""
+        return PlainHostMemory(size)
+
+    def read_into(self, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
+        """Device to host: copy ``len(out)`` bytes of ``buf`` from ``offset`` into ``out``."""
+        out = out.cast("B") if out.format != "B" else out
+        out[:] = buf.read(offset, len(out))
+
+    def can_access_peer(self, other: Backend) -> bool:
+        """True when ``copy_from`` copies from ``other``'s memory directly, device to device
+        (peer to peer on CUDA); otherwise the bytes go through host memory."""
+        return False
+
+    def copy_from(
+        self, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int
+    ) -> None:
+        """Copy ``[offset, offset + length)`` of ``src`` (on ``src_backend``) to the same range of
+        ``dst`` (on this backend). This default goes through host memory, one chunk at a time."""
+        check_range(src.size, offset, length)
+        check_range(dst.size, offset, length)
+        if not length:
+            return
+        stage = src_backend.allocate_host(min(length, COPY_CHUNK))
+        try:
+            for off in range(offset, offset + length, COPY_CHUNK):
+                m = min(COPY_CHUNK, offset + length - off)
+                piece = stage.view[:m]
+                src_backend.read_into(src, off, piece)
+                dst.write(off, piece)
+        finally:
+            stage.close()
+
+    def copy_and_hash_from(
+        self,
+        dst: DeviceBuffer,
+        src_backend: Backend,
+        src: DeviceBuffer,
+        length: int,
+        algorithm: str,
+        *,
+        on_landed: LandedHook | None = None,
+    ) -> HashResult:
+        """Migration path: copy the first ``length`` bytes of ``src`` to ``dst`` chunk by chunk and
+        return the digest and unit digests *of what landed in* ``dst``, computed by this backend.
+        Backends override it to hash each chunk's units as soon as the chunk lands."""
+        check_range(src.size, 0, length)
+        check_range(dst.size, 0, length)
+        for off in range(0, length, COPY_CHUNK):
+            m = min(COPY_CHUNK, length - off)
+            self.copy_from(dst, src_backend, src, off, m)
+            if on_landed is not None:
+                on_landed(dst, off, m)
+        return self.hash(dst, algorithm, length)
 
     def describe(self) -> str:
         """One human line: what this backend is (and that it is an emulation, where it is)."""

@@ -15,16 +15,38 @@ import contextlib
 import mmap
 import os
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final, TypeVar
 
 from typing_extensions import Buffer
 
-from vram_residency.backends.base import ALIGNMENT, Backend, Capabilities, DeviceBuffer
+from vram_residency.backends.base import (
+    ALIGNMENT,
+    Backend,
+    Capabilities,
+    DeviceBuffer,
+    Priority,
+    Segment,
+    check_range,
+)
 from vram_residency.errors import InsufficientVram, IntegrityViolation, InvalidInput, PolicyViolation
-from vram_residency.formats.tree import HashResult, hash_units
+from vram_residency.formats.tree import HashResult, check_algorithm, digest_only, hash_units
 
 __all__ = ["AdoptedHostBuffer", "HostBackend", "HostBuffer"]
 
 _ZERO_CHUNK = 16 << 20
+#: A segment table is cut into tasks of about this many bytes: small segments share a task (a
+#: thousand 4 KiB tensors are a handful of tasks, not a thousand), large ones get their own.
+_TASK_BYTES: Final = 8 << 20
+#: A segment this large is hashed on its own with every core (hash_units threads over its units).
+_LARGE_SEGMENT: Final = 64 << 20
+
+_T = TypeVar("_T")
+
+
+def _cpu_count() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _round_up(n: int) -> int:
@@ -111,7 +133,7 @@ class HostBackend(Backend):
         device_pointer=False,
         adopt_host=True,
         adopt_pointer=False,
-        batched_digests=False,
+        batched_digests=True,
     )
 
     def __init__(self, device: int = 0, capacity_bytes: int | None = None) -> None:
@@ -186,6 +208,111 @@ class HostBackend(Backend):
             return hash_units(view, algorithm, key=key)
         finally:
             view.release()
+
+    def _views(self, segments: Sequence[Segment]) -> list[memoryview]:
+        # Check the whole table before hashing anything: a bad entry fails the call, not half of it.
+        views: list[memoryview] = []
+        try:
+            for seg in segments:
+                if not isinstance(seg, Segment):
+                    raise InvalidInput(f"segment tables hold Segment entries, not {type(seg).__name__}")
+                self.check_policy(seg.buf)
+                check_range(seg.buf.size, 0, seg.length)
+                check_algorithm(seg.algorithm)
+                assert isinstance(seg.buf, HostBuffer)
+                views.append(seg.buf.host_view(seg.length))
+        except BaseException:
+            for v in views:
+                v.release()
+            raise
+        return views
+
+    def _run_table(
+        self,
+        segments: Sequence[Segment],
+        one: Callable[[memoryview, Segment, int | None], _T],
+        priority: Priority,
+    ) -> list[_T]:
+        """``one(view, segment, threads)`` for every segment, in order: large segments one after
+        another with every core, the rest batched into tasks of ~_TASK_BYTES on ONE thread pool
+        for the whole table (hashlib and blake3 release the GIL on large buffers). Low-priority
+        work (the scrubber) runs on the calling thread alone, leaving the other cores to serving."""
+        if priority not in ("normal", "low"):
+            raise InvalidInput(f"priority must be 'normal' or 'low', not {priority!r}")
+        background = priority == "low"
+        views = self._views(segments)
+        try:
+            out: list[_T | None] = [None] * len(segments)
+            small: list[int] = []
+            for i, seg in enumerate(segments):
+                if seg.length >= _LARGE_SEGMENT and not background:
+                    out[i] = one(views[i], seg, None)
+                else:
+                    small.append(i)
+            tasks: list[list[int]] = []
+            size = 0
+            for i in small:
+                if not tasks or size >= _TASK_BYTES:
+                    tasks.append([])
+                    size = 0
+                tasks[-1].append(i)
+                size += segments[i].length
+
+            def run(task: list[int]) -> None:
+                for i in task:
+                    out[i] = one(views[i], segments[i], 1)
+
+            workers = 1 if background else min(_cpu_count(), len(tasks))
+            if workers > 1:
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vram-hash") as pool:
+                    list(pool.map(run, tasks))
+            else:
+                for task in tasks:
+                    run(task)
+            done = [r for r in out if r is not None]
+            if len(done) != len(out):
+                raise IntegrityViolation("a segment of the table was not hashed")
+            return done
+        finally:
+            for v in views:
+                v.release()
+
+    def hash_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[HashResult]:
+        """Digest and unit digests of every segment, in order, in one pass over the table."""
+        return self._run_table(
+            segments, lambda v, s, t: hash_units(v, s.algorithm, threads=t, key=s.key), priority
+        )
+
+    def digest_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[bytes]:
+        """The digest of every segment, in order (the verify path: no BLAKE3 unit digests)."""
+        return self._run_table(
+            segments, lambda v, s, t: digest_only(v, s.algorithm, threads=t, key=s.key), priority
+        )
+
+    def read_into(self, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
+        self.check_policy(buf)
+        assert isinstance(buf, HostBuffer)
+        out = out.cast("B") if out.format != "B" else out
+        check_range(buf.size, offset, len(out))
+        out[:] = buf._map[offset : offset + len(out)]
+
+    def can_access_peer(self, other: Backend) -> bool:
+        # Two emulated devices share one address space: a copy between them is one memmove.
+        return isinstance(other, HostBackend)
+
+    def copy_from(
+        self, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int
+    ) -> None:
+        if not isinstance(src_backend, HostBackend):
+            super().copy_from(dst, src_backend, src, offset, length)
+            return
+        self.check_policy(dst)
+        src_backend.check_policy(src)
+        assert isinstance(dst, HostBuffer)
+        assert isinstance(src, HostBuffer)
+        check_range(src.size, offset, length)
+        check_range(dst.size, offset, length)
+        dst._map[offset : offset + length] = src._map[offset : offset + length]
 
     def describe(self) -> str:
         return (

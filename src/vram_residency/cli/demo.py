@@ -9,6 +9,7 @@ import time
 
 from rich.console import Console
 
+from vram_residency.cli._args import device_ordinal, mib
 from vram_residency.errors import SealVerificationFailed
 from vram_residency.manager import VramManager
 from vram_residency.testing import flip_bit
@@ -16,7 +17,7 @@ from vram_residency.testing import flip_bit
 
 def _run(args: argparse.Namespace) -> int:
     out = Console(highlight=False, soft_wrap=True)
-    size = int(args.size_mib * (1 << 20))
+    size = max(1, int(args.size_mib * (1 << 20)))
     # A throwaway token: the demo's seals mean nothing outside this process.
     token = secrets.token_urlsafe(32)
     with VramManager(token, args.device, backend=args.backend, worker_id="demo") as mgr:
@@ -52,8 +53,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="seal a random sample, verify, flip a bit, show the detection")
-    p.add_argument("--size-mib", type=float, default=64.0, help="sample size in MiB (default 64)")
+    p.add_argument(
+        "--size-mib",
+        type=mib(65536),
+        default=64.0,
+        help="sample size in MiB (default 64, max 65536)",
+    )
     p.add_argument("--backend", choices=("auto", "cuda", "host"), default="auto")
-    p.add_argument("--device", type=int, default=0)
+    p.add_argument("--device", type=device_ordinal, default=0, help="GPU ordinal (default 0)")
     p.add_argument("-a", "--algorithm", choices=("sha256-tree-v1", "blake3"), default="sha256-tree-v1")
     p.set_defaults(func=_run)

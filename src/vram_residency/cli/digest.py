@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+from vram_residency.cli._args import output_path
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.stream import StreamHasher
 from vram_residency.formats.tree import ALGORITHMS, SHA256_TREE_V1, HashResult
@@ -87,6 +88,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--manifest",
         metavar="OUT",
+        type=output_path,
         help="also write a manifest of the files' and the model's digests to OUT "
         "(both algorithms: the 'manifest' command)",
     )

@@ -21,6 +21,7 @@ _COMMANDS = [
     "vram_residency.cli.seal",
     "vram_residency.cli.manifest",
     "vram_residency.cli.serve",
+    "vram_residency.cli.attest",
     "vram_residency.audit.cli",
 ]
 
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         rc: int = args.func(args)
     except VramError as exc:
         print(f"vram-residency: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # A file the command had to read or write (an output directory that vanished, a full
+        # disk): one line naming it, not a traceback. Programming errors still show theirs.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"vram-residency: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

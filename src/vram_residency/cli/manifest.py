@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+from vram_residency.cli._args import output_path
 from vram_residency.formats.tree import ALGORITHMS
 from vram_residency.sources.index import resolve_model_files, total_size
 from vram_residency.sources.manifest import Manifest, build_manifest, write_manifest
@@ -63,7 +64,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "files", nargs="+", metavar="FILE", help="model file(s), a checkpoint directory or its index"
     )
-    p.add_argument("-o", "--out", required=True, metavar="OUT", help="where to write the manifest (JSON)")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        metavar="OUT",
+        type=output_path,
+        help="where to write the manifest (JSON)",
+    )
     p.add_argument(
         "-a",
         "--algorithm",

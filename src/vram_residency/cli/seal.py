@@ -21,6 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
+from vram_residency._tokenfile import read_token_file
+from vram_residency.cli._args import device_ordinal
 from vram_residency.formats.tree import ALGORITHMS, SHA256_TREE_V1
 from vram_residency.manager import VramManager
 from vram_residency.sources.index import INDEX_SUFFIX, resolve_model_files, total_size
@@ -35,9 +37,7 @@ TOKEN_ENV = "WORKER_API_TOKEN_FILE"  # noqa: S105 - the name of a variable, not 
 def _token(args: argparse.Namespace, err: Console) -> tuple[bytes | str, bool]:
     path = args.token_file or os.environ.get(TOKEN_ENV)
     if path:
-        from vram_residency.service.auth import read_token_file
-
-        return read_token_file(Path(path)), False
+        return read_token_file(path), False
     err.print(
         f"[yellow]no --token-file and no ${TOKEN_ENV}:[/] sealing with an ephemeral token; "
         "nobody can check these seal records after this command exits"
@@ -150,7 +150,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--token-file", metavar="PATH", help=f"worker token file (default: ${TOKEN_ENV})")
     p.add_argument("--backend", choices=("auto", "cuda", "host"), default="auto")
-    p.add_argument("--device", type=int, default=0)
+    p.add_argument("--device", type=device_ordinal, default=0, help="GPU ordinal (default 0)")
     p.add_argument("--worker-id", default="", help="worker id recorded in the seals")
     p.add_argument("--model-name", help="model name (several files) or model_ref (one file)")
     p.add_argument("--staging-mib", type=_mib, default=128.0, help="host staging memory in MiB (max 256)")

@@ -29,6 +29,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _device_list(text: str) -> tuple[int, ...]:
+    """``0,1,3`` -> (0, 1, 3); argparse turns the ValueError into a usage error."""
+    try:
+        ids = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU ordinals like 0,1 (not {text!r})") from None
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"expected distinct GPU ordinals like 0,1 (not {text!r})")
+    return ids
+
+
 def _say(line: str = "") -> None:
     print(line, flush=True)
 
@@ -101,6 +112,9 @@ def _run(args: argparse.Namespace) -> int:
         audit_log=args.audit_log,
         backend=args.backend,
         device=args.device,
+        devices=args.devices,
+        max_seal_age=args.max_seal_age,
+        seal_age_policy=args.seal_age_policy,
         worker_id=args.worker_id,
         capacity_bytes=int(args.host_capacity_gib * 2**30) if args.host_capacity_gib else None,
         scrub_interval=args.scrub_interval,
@@ -310,6 +324,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--backend", choices=("auto", "cuda", "host"), default="auto")
     p.add_argument("--device", type=int, default=0, help="GPU ordinal (default 0)")
+    p.add_argument(
+        "--devices",
+        type=_device_list,
+        default=(),
+        metavar="0,1,...",
+        help="GPU ordinals the shard may be migrated to (POST /worker/shards/ID/migrate); "
+        "default: --device only",
+    )
+    p.add_argument(
+        "--max-seal-age",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --benchmark-skip-pre-verify: oldest verification an execution may rely on "
+        "(default 0: no limit)",
+    )
+    p.add_argument(
+        "--seal-age-policy",
+        choices=("reverify", "refuse"),
+        default="reverify",
+        help="a seal older than --max-seal-age: verify it before the batch (default) or refuse "
+        "(503, retriable)",
+    )
     p.add_argument(
         "--worker-id", help="worker id in seals and audit records (default worker-HOSTNAME-DEVICE)"
     )

@@ -11,6 +11,8 @@ the units that changed without keeping any copy of the shard.
 - ``blake3``: a unit digest is the standard BLAKE3 hash of the unit's bytes taken as a message of
   its own. (A GPU computes it from the unit's chaining-value subtree with one extra root
   compression.)
+- ``nh-fast-v1`` (``docs/specs/nh-fast-v1.md``, :mod:`.nhfast`): keyed, a key is required; a unit
+  digest is the keyed BLAKE3 of the unit's leaf tags, as the spec defines it.
 
 Every backend must produce these values bit for bit; the host functions here are the reference.
 """
@@ -32,12 +34,15 @@ __all__ = [
     "ALGORITHMS",
     "BLAKE3",
     "DIGEST_SIZE",
+    "KEYED_ALGORITHMS",
     "LEAF_SIZE",
+    "NH_FAST_V1",
     "SHA256_TREE_V1",
     "UNIT_SIZE",
     "HashResult",
     "check_algorithm",
     "digest",
+    "digest_only",
     "hash_units",
     "reduce_sha256_tree",
     "unit_count",
@@ -45,7 +50,13 @@ __all__ = [
 
 SHA256_TREE_V1: Final = "sha256-tree-v1"
 BLAKE3: Final = "blake3"
+#: The keyed fast check (docs/specs/nh-fast-v1.md); it has no unkeyed form.
+NH_FAST_V1: Final = "nh-fast-v1"
+#: What every consumer (seal records, CLI, stream hasher, backends) accepts today.
 ALGORITHMS: Final = (SHA256_TREE_V1, BLAKE3)
+#: Algorithms that cannot be computed without a 32-byte key. ``hash_units`` accepts them; they
+#: join ALGORITHMS once the seal and verify paths pass shard keys (formats.nhfast.shard_key).
+KEYED_ALGORITHMS: Final = (NH_FAST_V1,)
 
 DIGEST_SIZE: Final = 32
 LEAF_SIZE: Final = 4096
@@ -56,9 +67,11 @@ _LEAVES_PER_UNIT: Final = UNIT_SIZE // LEAF_SIZE
 _NAME = SHA256_TREE_V1.encode("ascii")
 
 
-def check_algorithm(name: object) -> str:
-    if not isinstance(name, str) or name not in ALGORITHMS:
-        raise InvalidInput(f"unknown digest algorithm {name!r}; expected one of {ALGORITHMS}")
+def check_algorithm(name: object, *, keyed: bool = False) -> str:
+    """``name`` if it is one of ALGORITHMS (or, with ``keyed``, KEYED_ALGORITHMS)."""
+    known = ALGORITHMS + KEYED_ALGORITHMS if keyed else ALGORITHMS
+    if not isinstance(name, str) or name not in known:
+        raise InvalidInput(f"unknown digest algorithm {name!r}; expected one of {known}")
     return name
 
 
@@ -133,6 +146,10 @@ def _blake3_unit(view: memoryview, key: bytes | None = None) -> bytes:
 
 
 def _check_key(algorithm: str, key: bytes | None) -> None:
+    if algorithm == NH_FAST_V1:
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise InvalidInput("nh-fast-v1 needs a 32-byte key")
+        return
     if key is None:
         return
     if algorithm != BLAKE3:
@@ -154,11 +171,18 @@ def hash_units(
 ) -> HashResult:
     """Digest and unit digests of ``data`` on the host, using every core by default.
 
-    ``key`` selects BLAKE3's keyed mode (unit digests keyed too); other algorithms take none."""
-    algorithm = check_algorithm(algorithm)
+    ``key`` selects BLAKE3's keyed mode (unit digests keyed too); ``nh-fast-v1`` requires one;
+    ``sha256-tree-v1`` takes none."""
+    algorithm = check_algorithm(algorithm, keyed=True)
     _check_key(algorithm, key)
     view = memoryview(data).cast("B")
     n = len(view)
+    if algorithm == NH_FAST_V1:
+        from vram_residency.formats import nhfast
+
+        assert key is not None  # _check_key
+        dig, packed = nhfast.hash_units(view, key, threads=threads)
+        return HashResult(dig, packed)
     from vram_residency.formats import _native
 
     if algorithm == SHA256_TREE_V1 and _native.available():
@@ -185,6 +209,28 @@ def hash_units(
     return HashResult(dig, b"".join(units))
 
 
-def digest(data: memoryview | bytes | bytearray, algorithm: str = SHA256_TREE_V1) -> bytes:
-    """The 32-byte digest of ``data`` under ``algorithm``."""
-    return hash_units(data, algorithm).digest
+def digest_only(
+    data: memoryview | bytes | bytearray,
+    algorithm: str,
+    *,
+    threads: int | None = None,
+    key: bytes | None = None,
+) -> bytes:
+    """The digest alone, skipping unit digests where the algorithm allows (BLAKE3's digest is one
+    pass over the data; sha256-tree-v1's root needs the unit digests anyway): the verify path."""
+    algorithm = check_algorithm(algorithm, keyed=True)
+    _check_key(algorithm, key)
+    if algorithm != BLAKE3:
+        return hash_units(data, algorithm, threads=threads, key=key).digest
+    view = memoryview(data).cast("B")
+    mt = (threads or _workers()) if len(view) >= 1 << 24 else 1
+    hasher = _blake3.blake3(max_threads=mt) if key is None else _blake3.blake3(key=key, max_threads=mt)
+    hasher.update(view)
+    return bytes(hasher.digest())
+
+
+def digest(
+    data: memoryview | bytes | bytearray, algorithm: str = SHA256_TREE_V1, *, key: bytes | None = None
+) -> bytes:
+    """The 32-byte digest of ``data`` under ``algorithm`` (``key``: see :func:`hash_units`)."""
+    return hash_units(data, algorithm, key=key).digest

@@ -23,12 +23,11 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from vram_residency.errors import ConfigError
+from vram_residency._tokenfile import read_token_file as _read_token_file
 from vram_residency.formats.keys import token_bytes
 
 __all__ = [
@@ -46,7 +45,6 @@ __all__ = [
 TOKEN_ENV: Final = "WORKER_API_TOKEN_FILE"  # noqa: S105 - a variable name, not a secret
 CREDENTIAL_NAME: Final = "worker_api_token"
 DEFAULT_TOKEN_NAME: Final = "worker.token"  # noqa: S105 - a file name, not a secret
-_MAX_TOKEN_FILE: Final = 4096
 _FINGERPRINT_DOMAIN: Final = b"vram-residency worker token fingerprint v1\x00"
 
 
@@ -85,41 +83,12 @@ def find_token_file(explicit: str | os.PathLike[str] | None, state_dir: Path | N
 
 
 def read_token_file(path: Path) -> bytes:
-    """Read and check a token file; raise ConfigError (never showing the content) if unusable."""
-    try:
-        # Opened first and checked through the descriptor: a check on the path and a later open
-        # could see two different files.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        raise ConfigError(f"worker token file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot open worker token file {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"worker token file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise ConfigError(
-                f"worker token file {path} has mode {stat.S_IMODE(st.st_mode):04o}: it must not be "
-                f"accessible by group or others (chmod 600 {path})"
-            )
-        if st.st_uid not in (os.geteuid(), 0):
-            raise ConfigError(f"worker token file {path} is owned by another user (uid {st.st_uid})")
-        if st.st_size > _MAX_TOKEN_FILE:
-            raise ConfigError(f"worker token file {path} is larger than {_MAX_TOKEN_FILE} bytes")
-        raw = os.read(fd, _MAX_TOKEN_FILE + 1)
-    finally:
-        os.close(fd)
-    token = raw.strip()
-    if not token:
-        raise ConfigError(f"worker token file {path} is empty")
-    if any(b < 0x21 or b > 0x7E for b in token):
-        # A bearer token travels in an HTTP header: printable ASCII without spaces only.
-        raise ConfigError(f"worker token in {path} must be printable ASCII without whitespace")
-    try:
-        return token_bytes(token)
-    except ConfigError as exc:
-        raise ConfigError(f"worker token in {path}: {exc}") from None
+    """Read and check a token file; raise ConfigError (never showing the content) if unusable.
+
+    The checks are ``vram_residency._tokenfile``'s, the one reader every command uses, so that
+    the token ``serve`` seals and signs with is byte for byte the token ``audit verify`` and
+    ``attest`` read."""
+    return token_bytes(_read_token_file(path))
 
 
 def create_token_file(path: Path) -> bytes:

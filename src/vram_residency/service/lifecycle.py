@@ -136,6 +136,10 @@ class Incident:
     audit_record_id: str | None = None
     #: Why the audit event could not be written (the worker is Stopped regardless).
     audit_error: str | None = None
+    #: False only for an incident the worker survives: an audit head mismatch found when the log
+    #: was opened (the log itself wrote its SecurityIncident record, under ``incident_id`` =
+    #: ``id``; see ``AuditLog``), reported so that someone looks, while the worker keeps serving.
+    stopped: bool = True
 
 
 IncidentCallback = Callable[[Incident], object]

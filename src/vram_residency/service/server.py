@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import uvicorn
 from fastapi import FastAPI
@@ -80,6 +80,13 @@ class ServeOptions:
     audit_log: Path | None = None
     backend: BackendName = "auto"
     device: int = 0
+    #: GPU ordinals this worker may migrate its shard to (``--devices 0,1``); empty: ``device``
+    #: only. The worker verifies and executes on one device at a time (see migrate_routes).
+    devices: tuple[int, ...] = ()
+    #: Seal age: seconds after which a shard's last verification is too old to execute on (0: no
+    #: limit; matters only without pre-verification), and what then happens (WorkerConfig).
+    max_seal_age: float = 0.0
+    seal_age_policy: Literal["reverify", "refuse"] = "reverify"
     worker_id: str | None = None
     capacity_bytes: int | None = None
     scrub_interval: float = 60.0
@@ -156,6 +163,10 @@ def check_options(opts: ServeOptions) -> None:
         raise ConfigError(f"--max-models must be at least 1, not {opts.max_models}")
     if opts.device < 0:
         raise ConfigError(f"--device must be a GPU ordinal (0, 1, ...), not {opts.device}")
+    if any(d < 0 for d in opts.devices) or len(set(opts.devices)) != len(opts.devices):
+        raise ConfigError("--devices must be distinct GPU ordinals (0, 1, ...)")
+    if not opts.max_seal_age >= 0:
+        raise ConfigError(f"--max-seal-age must be >= 0 (0: no limit), not {opts.max_seal_age}")
     if opts.scrub_interval < 0:
         raise ConfigError(f"--scrub-interval must be >= 0, not {opts.scrub_interval}")
     if not 0 < opts.scrub_budget <= 1:
@@ -193,7 +204,8 @@ def _incident_hook(
         return user
 
     def hook(incident: Incident) -> None:
-        callbacks.failed_now(f"security incident {incident.id}: {incident.error_type}")
+        if incident.stopped:  # the failure callback says "Stopped": not for one it survives
+            callbacks.failed_now(f"security incident {incident.id}: {incident.error_type}")
         if user is not None:
             user(incident)
 
@@ -240,6 +252,8 @@ def build(opts: ServeOptions) -> Built:
         max_model_bytes=opts.max_model_bytes,
         drain_timeout=opts.drain_timeout,
         execution_timeout=opts.execution_timeout,
+        max_seal_age=opts.max_seal_age,
+        seal_age_policy=opts.seal_age_policy,
         spool_dir=state_dir / "spool",
         commit_keys=load_public_keys(opts.commit_keys),
     )
@@ -284,6 +298,8 @@ def build(opts: ServeOptions) -> Built:
             ready_public=opts.ready_public,
             extra_routers=opts.extra_routers,
             on_shutdown_error=shutdown_failed,
+            token=token,
+            devices=(opts.device, *opts.devices),
         )
     except BaseException:
         worker.close()

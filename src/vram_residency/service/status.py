@@ -6,17 +6,36 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from vram_residency.errors import VramError
 from vram_residency.service.lifecycle import WorkerState
 
 if TYPE_CHECKING:
     from vram_residency.service.worker import CommittedModel, Worker
 
-__all__ = ["handle", "worker_status"]
+__all__ = ["handle", "head_mismatch", "last_verified_ns", "worker_status"]
 
 
-def handle(worker: Worker, m: CommittedModel) -> dict[str, Any]:
+def last_verified_ns(worker: Worker, m: CommittedModel, known: dict[str, int] | None = None) -> int | None:
+    """When ``m``'s shard last matched its seal, ns since the epoch: the later of the service's
+    own passes and the seal core's record, which also sees attestations, seal-age re-verification
+    and a migration's check on the target device (none of which go through the service)."""
+    if known is None:
+        known = _core_last_verified(worker)
+    t = max(m.last_verified_ns, known.get(m.shard.shard_id, 0))
+    return t or None
+
+
+def _core_last_verified(worker: Worker) -> dict[str, int]:
+    try:
+        return worker.manager.last_verified_ns()
+    except VramError:  # closed or stopped: nothing to show beyond the service's own record
+        return {}
+
+
+def handle(worker: Worker, m: CommittedModel, known: dict[str, int] | None = None) -> dict[str, Any]:
     """llama-orch's ModelShardHandle (never a device pointer, WORKER-4111), plus when the seal
     was last verified from device memory (the seal's age)."""
+    t = last_verified_ns(worker, m, known)
     return {
         "shard_id": m.handle_id,
         "gpu_device": worker.config.device,
@@ -30,9 +49,18 @@ def handle(worker: Worker, m: CommittedModel) -> dict[str, Any]:
         "digest_algorithm": "sha256" if m.sha256 else m.shard.digest_algorithm,
         "seal_shard_id": m.shard.shard_id,
         "seal_digest": f"{m.shard.digest_algorithm}:{m.shard.digest}",
-        "last_verified_at": m.last_verified_ns / 1e9 if m.last_verified_ns else None,
-        "seal_age_s": round((time.time_ns() - m.last_verified_ns) / 1e9, 3) if m.last_verified_ns else None,
+        "last_verified_at": t / 1e9 if t else None,
+        "seal_age_s": round((time.time_ns() - t) / 1e9, 3) if t else None,
     }
+
+
+def head_mismatch(worker: Worker) -> dict[str, str] | None:
+    """The audit head mismatch found at start (kind and incident id: no secret, so /health may
+    show it), or None."""
+    inc = worker.audit_head_incident
+    if inc is None:
+        return None
+    return {"kind": str(inc.details.get("kind", "")), "incident_id": inc.id}
 
 
 def worker_status(worker: Worker) -> dict[str, Any]:
@@ -40,10 +68,11 @@ def worker_status(worker: Worker) -> dict[str, Any]:
     incidents = worker.lifecycle.incidents
     last = incidents[-1] if incidents else None
     models = worker.models()
+    known = _core_last_verified(worker)
     return {
         # The contract (WORKER-4230): ready only with a model loaded and no seal failed.
         "ready": state in (WorkerState.READY, WorkerState.EXECUTING) and bool(models),
-        "handles": [handle(worker, m) for m in models],
+        "handles": [handle(worker, m, known) for m in models],
         # Tensor-parallel groups come with the tensor-parallel work; one GPU has no group.
         "nccl_group_id": None,
         # Additions.
@@ -69,6 +98,7 @@ def worker_status(worker: Worker) -> dict[str, Any]:
                 "kind": m.executor.kind if m.executor is not None else None,
                 "executor": m.executor_note,
                 "side_files_sha256": m.side_files,
+                "last_verified_ns": last_verified_ns(worker, m, known),
             }
             for m in models
         ],
@@ -86,4 +116,5 @@ def worker_status(worker: Worker) -> dict[str, Any]:
             "time_ns": last.time_ns,
             "audit_record_id": last.audit_record_id,
         },
+        "audit_head_mismatch": head_mismatch(worker),
     }

@@ -35,7 +35,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from types import MappingProxyType
+from typing import Any, Final, Literal
 
 from vram_residency.audit.errors import AuditWriteFailed
 from vram_residency.audit.log import AuditLog
@@ -142,6 +143,13 @@ class WorkerConfig:
     #: Where model bytes sent in a commit request are spooled (a private directory).
     spool_dir: Path | None = None
     commit_keys: tuple[Any, ...] = field(default=(), repr=False)
+    #: Seal age (#14): seconds after which a shard's last successful verification is too old
+    #: for an execution (0: no limit). Only matters with pre_verify off: pre-verification makes
+    #: every shard fresh before each batch anyway.
+    max_seal_age: float = 0.0
+    #: "reverify": verify the stale shards before the batch runs; "refuse": fail the batch with
+    #: StaleSeal (503, retriable) until something verifies them (the scrubber, /worker/verify).
+    seal_age_policy: Literal["reverify", "refuse"] = "reverify"
 
     def check(self) -> None:
         if not self.worker_id:
@@ -161,6 +169,10 @@ class WorkerConfig:
             raise ConfigError("max_prompt_chars, max_tokens and max_model_bytes must be at least 1")
         if self.execution_timeout < 0:
             raise ConfigError("execution_timeout must be >= 0 (0: no limit)")
+        if not self.max_seal_age >= 0:
+            raise ConfigError("max_seal_age must be >= 0 (0: no limit)")
+        if self.seal_age_policy not in ("reverify", "refuse"):
+            raise ConfigError("seal_age_policy must be 'reverify' or 'refuse'")
 
 
 @dataclass(slots=True)
@@ -301,6 +313,11 @@ class Worker:
         self._scrubber: Scrubber | None = None
         if config.scrub_interval > 0:
             self._scrubber = Scrubber(self.scrub_once, config.scrub_interval, config.scrub_budget)
+        #: An audit head mismatch found when the log was opened (records removed, or the head file
+        #: replaced or unsigned): an incident the worker survives (see ``_report_head_mismatch``).
+        self.audit_head_incident: Incident | None = None
+        if self._audit is not None and self._audit.head_mismatch is not None:
+            self._report_head_mismatch(self._audit)
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -391,6 +408,37 @@ class Worker:
         )
         if self._user_on_incident is not None:
             self._user_on_incident(incident)
+
+    def _report_head_mismatch(self, audit: AuditLog) -> None:
+        """The log found its signed head not vouching for it, and has already written the
+        critical AuditHeadMismatch and SecurityIncident records (it continues by design: refusing
+        would keep the evidence out of the log and let anyone who can delete a file keep the
+        worker down). The worker keeps serving too; the incident goes to the incident callback,
+        the metrics and /health, so that someone looks at the log."""
+        mm = audit.head_mismatch
+        if mm is None:
+            return
+        incident = Incident(
+            id=audit.head_mismatch_incident_id or "",
+            worker_id=self.config.worker_id,
+            time_ns=time.time_ns(),
+            error_type=type(mm).__name__,
+            message=str(mm),
+            shard_id="",
+            state_before=self.lifecycle.state,
+            details=MappingProxyType(
+                {"kind": mm.kind, "head_seq": mm.head_seq, "log_last_seq": mm.log_last_seq}
+            ),
+            stopped=False,
+        )
+        self.audit_head_incident = incident
+        self.metrics.incidents.inc()
+        if self._user_on_incident is not None:
+            try:
+                self._user_on_incident(incident)
+            except Exception:
+                # As for any incident: logged, and never a reason to fail the start.
+                log.exception("on_incident callback failed for incident %s", incident.id)
 
     # -- plan -----------------------------------------------------------------------------------
     def plan(self, model: str | None, vram_bytes: int | None) -> dict[str, Any]:
@@ -636,7 +684,7 @@ class Worker:
 
     def _build_executor(self, files: ModelFiles, shard: SealedShard) -> tuple[Executor | None, str]:
         mgr = self.manager
-        buf = mgr._entry(shard).buf
+        buf = mgr.device_buffer(shard)
         caps = mgr.capabilities
         memory = buf.host_view() if caps.host_view else None
         device: DeviceMemory | None = None
@@ -798,6 +846,10 @@ class Worker:
             try:
                 with self.lifecycle.executing():
                     info = self._verify_all("execute") if self.config.pre_verify else None
+                    if info is None and self.config.max_seal_age > 0:
+                        self.manager.check_seal_age(
+                            int(self.config.max_seal_age * 1e9), policy=self.config.seal_age_policy
+                        )
                     if info is not None:
                         self._last_verify_seconds = info.seconds
                     for j in jobs:

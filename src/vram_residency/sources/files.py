@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from vram_residency._core import ShardStore
+from vram_residency.audit.events import VRAM_ALLOCATION_FAILED
 from vram_residency.backends.base import DeviceBuffer
 from vram_residency.errors import InsufficientVram, InvalidInput
 from vram_residency.formats.tree import SHA256_TREE_V1, check_algorithm
@@ -27,9 +28,6 @@ from vram_residency.sources.layout import OpenedFile, open_model_file
 from vram_residency.sources.manifest import Manifest, load_manifest
 from vram_residency.sources.model import PartSource, SealedModel, seal_parts
 from vram_residency.sources.stream import Observer, Progress, Staging, plan_staging, stream_into
-
-if TYPE_CHECKING:
-    from vram_residency.manager import VramManager
 
 __all__ = ["FileSource", "seal_file", "seal_files"]
 
@@ -92,7 +90,7 @@ def _fill(
 
 
 def seal_file(
-    mgr: VramManager,
+    store: ShardStore,
     path: PathArg,
     *,
     device: int | None = None,
@@ -112,11 +110,11 @@ def seal_file(
     man = _resolve_manifest(manifest)
     with open_model_file(path, format) as opened:
         expected = _expected_for(opened, None, digest_algorithm, expected_digest, man)
-        backend = mgr._backend
+        backend = store.backend
         staging = Staging(plan_staging(opened.size, staging_bytes, staging_buffers, backend=backend), backend)
         fill = _fill(opened, staging, progress, observe)
         with staging:
-            return mgr._seal_into(
+            return store.seal_into(
                 opened.size,
                 fill,
                 device=device,
@@ -143,7 +141,7 @@ def _check_against_index(opened: OpenedFile, mf: ModelFile) -> None:
 
 
 def seal_files(
-    mgr: VramManager,
+    store: ShardStore,
     paths: PathArg | Sequence[PathArg],
     *,
     device: int | None = None,
@@ -174,22 +172,25 @@ def seal_files(
             for o, mf in zip(opened, files, strict=True)
         ]
         need = sum(o.size for o in opened)
-        free = mgr.available_vram()
+        store.check_open()
+        free = store.backend.mem_info()[0]
         if need > free:
             # Refused before copying any file, rather than after copying all but the last; the
             # audit trail gets the same event as a refused single allocation.
             exc = InsufficientVram(need, free)
-            mgr._emit("VramAllocationFailed", requested_bytes=need, reason=str(exc), backend=mgr.backend)
+            store.emit(
+                VRAM_ALLOCATION_FAILED, requested_bytes=need, reason=str(exc), backend=store.backend.name
+            )
             raise exc
         # One set of staging buffers, sized for the largest file, serves every file in turn.
-        backend = mgr._backend
+        backend = store.backend
         plan = plan_staging(max(o.size for o in opened), staging_bytes, staging_buffers, backend=backend)
         staging = Staging(plan, backend)
         parts = [
             PartSource(
                 name=mf.name,
                 size=o.size,
-                acquire=_allocator(mgr, o.size),
+                acquire=_allocator(store, o.size),
                 fill=_fill(o, staging, progress),
                 tensors=o.layout.tensors,
                 source=FileSource(str(o.path.resolve()), 0, o.size),
@@ -202,7 +203,7 @@ def seal_files(
             man.model_digests.get(digest_algorithm) if man is not None and man.is_complete_model else None
         )
         return seal_parts(
-            mgr,
+            store,
             parts,
             model_name=name,
             digest_algorithm=digest_algorithm,
@@ -216,8 +217,8 @@ def seal_files(
             o.close()
 
 
-def _allocator(mgr: VramManager, size: int) -> Callable[[], DeviceBuffer]:
-    return lambda: mgr._allocate(size)
+def _allocator(store: ShardStore, size: int) -> Callable[[str], DeviceBuffer]:
+    return lambda shard_id: store.allocate(size, shard_id=shard_id)
 
 
 def _default_model_name(files: Sequence[ModelFile]) -> str:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from vram_residency.errors import InvalidInput
-from vram_residency.manager import TensorSpan
+from vram_residency._core import TensorSpan
+from vram_residency.errors import ConfigError, InvalidInput
 
 __all__ = [
     "FORMATS",
@@ -262,7 +262,12 @@ def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], f
     """Tensor spans of a GGUF file, read with the ``gguf`` package's own reader."""
     if size < 4 or pread_exact(fd, 0, 4, what) != _GGUF_MAGIC:
         raise InvalidInput(f"{what}: not a GGUF file (bad magic)")
-    from gguf import GGUFReader
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ConfigError(
+            f"{what}: reading GGUF files needs the gguf package: pip install 'vram-residency[gguf]'"
+        ) from None
 
     # Parse the descriptor already opened and checked, not the path again: on Linux
     # /proc/self/fd/N opens the same inode even if the path was replaced meanwhile.

@@ -298,7 +298,8 @@ def load_openssf_manifest(signature: PathArg, public_key: PathArg) -> Manifest:
         from model_signing._signing import sign_ec_key, sign_sigstore_pb
     except ImportError as exc:
         raise InvalidInput(
-            f"reading OpenSSF model-signing bundles needs the model_signing package: {exc}"
+            "reading OpenSSF model-signing bundles needs the model_signing package "
+            f"(pip install 'vram-residency[openssf]'): {exc}"
         ) from None
     sig_path, key_path = Path(signature), Path(public_key)
     try:

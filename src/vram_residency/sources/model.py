@@ -31,16 +31,14 @@ import hmac
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from vram_residency.backends.base import DeviceBuffer
+from vram_residency._core import ShardStore, TensorSpan
+from vram_residency.audit.events import POLICY_VIOLATION
+from vram_residency.backends.base import DeviceBuffer, Segment
 from vram_residency.errors import InvalidInput, PolicyViolation, SealVerificationFailed, VramError
-from vram_residency.formats.tree import check_algorithm
-from vram_residency.manager import TensorSpan
-from vram_residency.shard import SealedShard, check_seal_record
-
-if TYPE_CHECKING:
-    from vram_residency.manager import VramManager
+from vram_residency.formats.tree import HashResult, check_algorithm
+from vram_residency.shard import SealedShard, check_seal_record, parse_record_text
 
 __all__ = [
     "MODEL_DIGEST_NAME",
@@ -182,14 +180,16 @@ def _check_binding(model_ref: str, parts: Sequence[tuple[str, SealedShard]]) -> 
     return want
 
 
-def check_model_record(record: dict[str, Any], worker_token: str | bytes) -> SealedModel:
-    """Check a model record (:meth:`SealedModel.record`) with the worker token.
+def check_model_record(record: dict[str, Any] | str | bytes, worker_token: str | bytes) -> SealedModel:
+    """Check a model record (:meth:`SealedModel.record`, or its JSON text) with the worker token.
 
     Every part's ``seal-v1`` tag is checked, then the binding: all parts carry the same
     ``vram-model-v1`` model_ref, are numbered ``0 .. N-1`` of ``N``, and their names, sizes and
     digests reduce to its ``M``. Raises ``InvalidInput`` for a malformed record and
     ``SealVerificationFailed`` for a forged, incomplete, padded or reordered one.
     """
+    if isinstance(record, (str, bytes, bytearray)):
+        record = parse_record_text(record, "model record")
     if not isinstance(record, dict) or record.get("format") != MODEL_RECORD_FORMAT:
         raise InvalidInput(f"model record must be a JSON object of format {MODEL_RECORD_FORMAT!r}")
     model_ref, parts = record.get("model_ref"), record.get("parts")
@@ -214,24 +214,20 @@ def check_model_record(record: dict[str, Any], worker_token: str | bytes) -> Sea
 class PartSource:
     """What :func:`seal_parts` needs to put one part into device memory.
 
-    ``acquire`` returns the part's device buffer (a fresh allocation, or adopted memory);
-    ``fill`` (if any) writes the part's bytes into it."""
+    ``acquire(shard_id)`` returns the part's device buffer (a fresh allocation audited under that
+    shard id, or adopted memory); ``fill`` (if any) writes the part's bytes into it."""
 
     name: str
     size: int
-    acquire: Callable[[], DeviceBuffer]
+    acquire: Callable[[str], DeviceBuffer]
     fill: Callable[[DeviceBuffer], None] | None = None
     tensors: tuple[TensorSpan, ...] = ()
     source: Any = None
     expected_digest: str | None = None
 
 
-def _noop(_buf: DeviceBuffer) -> None:
-    pass
-
-
 def seal_parts(
-    mgr: VramManager,
+    store: ShardStore,
     parts: Sequence[PartSource],
     *,
     model_name: str,
@@ -239,7 +235,11 @@ def seal_parts(
     device: int | None = None,
     expected_model_digest: str | None = None,
 ) -> SealedModel:
-    """Seal ``parts`` as one ``vram-model-v1`` model; all or nothing."""
+    """Seal ``parts`` as one ``vram-model-v1`` model; all or nothing.
+
+    Every part is acquired and filled first; then ONE ``hash_many`` digests them all (digests and
+    unit digests), ``M`` is computed, and ONE ``digest_many`` checks that the memory still holds
+    what ``M`` was computed from before each part is sealed through the store's sealing path."""
     check_algorithm(digest_algorithm)
     _utf8("model name", model_name)
     n = len(parts)
@@ -251,34 +251,39 @@ def seal_parts(
     if len(set(names)) != n:
         dup = sorted({x for x in names if names.count(x) > 1})
         raise InvalidInput(f"part names must be unique; repeated: {dup[:5]}")
-    # Validate every part against the manager's limits before touching device memory.
+    # Validate every part against the store's limits before touching device memory.
     for p in parts:
-        mgr._validate_seal_args(p.size, device, "validation", 0, n, p.expected_digest, digest_algorithm)
+        store.validate_seal_args(p.size, device, "validation", 0, n, p.expected_digest, digest_algorithm)
     need = sum(p.size for p in parts)
-    if need > mgr.max_model_bytes:
-        raise InvalidInput(f"model of {need} bytes exceeds max_model_bytes ({mgr.max_model_bytes})")
-    backend = mgr._backend
+    if need > store.max_model_bytes:
+        raise InvalidInput(f"model of {need} bytes exceeds max_model_bytes ({store.max_model_bytes})")
+    backend = store.backend
+    ids = [store.new_shard_id() for _ in parts]
     buffers: list[DeviceBuffer] = []
     shards: list[SealedShard] = []
     try:
-        digests: list[str] = []
-        for p in parts:
-            buf = p.acquire()
-            buffers.append(buf)
+        for p, sid in zip(parts, ids, strict=True):
             try:
-                backend.check_policy(buf)
+                buf = p.acquire(sid)
             except PolicyViolation as exc:
-                mgr._emit("PolicyViolation", critical=True, reason=str(exc), vram_bytes=p.size)
+                # Adopting checks the memory first (VRAM of this device, not managed or host):
+                # nothing was acquired, but the refusal is audited.
+                store.emit(POLICY_VIOLATION, critical=True, reason=str(exc), vram_bytes=p.size)
                 raise
+            buffers.append(buf)
+            # A PolicyViolation is audited as one when the buffer is released below.
+            backend.check_policy(buf)
             if p.fill is not None:
                 p.fill(buf)
-            actual = backend.hash(buf, digest_algorithm, p.size).digest.hex()
+        segments = [Segment(b, p.size, digest_algorithm) for p, b in zip(parts, buffers, strict=True)]
+        results = backend.hash_many(segments)
+        digests = [r.digest.hex() for r in results]
+        for p, actual in zip(parts, digests, strict=True):
             if p.expected_digest is not None and not hmac.compare_digest(actual, p.expected_digest.lower()):
                 raise InvalidInput(
                     f"part {p.name!r}: digest in device memory ({actual}) does not match the expected "
                     f"digest ({p.expected_digest.lower()}); nothing was sealed"
                 )
-            digests.append(actual)
         m = model_digest([(p.name, p.size, digest_algorithm, d) for p, d in zip(parts, digests, strict=True)])
         if expected_model_digest is not None and not hmac.compare_digest(m, expected_model_digest.lower()):
             raise InvalidInput(
@@ -286,13 +291,14 @@ def seal_parts(
                 "nothing was sealed"
             )
         model_ref = model_ref_for(model_name, m)
-        for i, (p, buf, d) in enumerate(zip(parts, buffers, digests, strict=True)):
-            # The ordinary sealing path, on memory already filled: it digests the device memory
-            # again and refuses to seal if it no longer matches what M was computed from.
+        # The memory is digested again, in one batch, right before sealing: each seal must hold
+        # what M was computed from, even if someone wrote to an adopted tensor meanwhile.
+        again = backend.digest_many(segments)
+        for i, (p, buf, d, r, now) in enumerate(zip(parts, buffers, digests, results, again, strict=True)):
             shards.append(
-                mgr._seal_into(
+                store.seal_into(
                     p.size,
-                    _noop,
+                    _given(HashResult(now, r.unit_digests)),
                     device=device,
                     model_ref=model_ref,
                     shard_index=i,
@@ -302,16 +308,18 @@ def seal_parts(
                     tensors=p.tensors,
                     source=p.source,
                     buffer=buf,
+                    shard_id=ids[i],
                 )
             )
-    except BaseException:
+    except BaseException as exc:
         for s in shards:
             # Keep releasing the rest: the original error is the one to report.
             with contextlib.suppress(VramError):
-                mgr.deallocate(s)
-        for b in buffers:
-            with contextlib.suppress(VramError):
-                b.close()
+                store.deallocate(s)
+        sealed = {s.shard_id for s in shards}
+        for p, b, sid in zip(parts, buffers, ids, strict=False):
+            if sid not in sealed and not b.closed:
+                store.release_unsealed(b, shard_id=sid, size=p.size, reason=exc)
         raise
     return SealedModel(
         model_ref,
@@ -319,3 +327,10 @@ def seal_parts(
         digest_algorithm,
         tuple(ModelPart(p.name, s) for p, s in zip(parts, shards, strict=True)),
     )
+
+
+def _given(result: HashResult) -> Callable[[DeviceBuffer], HashResult]:
+    def fill(_buf: DeviceBuffer) -> HashResult:
+        return result
+
+    return fill

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Buffer
 
+from vram_residency._core import ShardStore, changed_units, merge_ranges
+from vram_residency.audit.events import SHARD_REPAIRED
 from vram_residency.errors import InvalidInput, NotSealed, SealVerificationFailed
-from vram_residency.formats.seal import verify_tag
 from vram_residency.formats.tree import UNIT_SIZE, hash_units
 from vram_residency.shard import SealedShard
 from vram_residency.sources.files import FileSource
@@ -31,8 +32,6 @@ from vram_residency.sources.layout import open_model_file, pread_exact
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from vram_residency.manager import VramManager
 
 __all__ = ["RepairReport", "RepairSource", "repair"]
 
@@ -88,29 +87,24 @@ def _reader(source: RepairSource, recorded: Any, n: int) -> Iterator[tuple[str, 
         view.release()
 
 
-def repair(mgr: VramManager, shard: SealedShard, source: RepairSource = None) -> RepairReport:
-    from vram_residency.manager import _merge_ranges
-
-    entry = mgr._entry(shard)
+def repair(store: ShardStore, shard: SealedShard, source: RepairSource = None) -> RepairReport:
+    entry = store.lookup(shard)
     with entry.lock:
         if entry.buf.closed:
             raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
         sealed = entry.shard
-        if not (
-            verify_tag(mgr._key, shard.fields(), entry.tag)
-            and hmac.compare_digest(shard._signature, entry.tag)
-        ):
+        if not store.tag_matches(shard, entry):
             raise SealVerificationFailed(
                 f"seal tag of shard {shard.shard_id} does not match its fields; it cannot be repaired",
                 shard_id=shard.shard_id,
                 tag_valid=False,
             )
         n, algorithm = sealed.vram_bytes, sealed.digest_algorithm
-        now = mgr._backend.hash(entry.buf, algorithm, n)
+        now = store.backend.hash(entry.buf, algorithm, n)
         if hmac.compare_digest(now.digest.hex(), sealed.digest):
             return RepairReport(sealed.shard_id, (), 0)
-        old, new = entry.unit_digests, now.unit_digests
-        changed = [u for u in range(len(old) // 32) if old[32 * u : 32 * u + 32] != new[32 * u : 32 * u + 32]]
+        old = entry.unit_digests
+        changed = changed_units(old, now.unit_digests)
         with _reader(source, entry.source, n) as (what, read):
             for u in changed:
                 start = u * UNIT_SIZE
@@ -124,10 +118,10 @@ def repair(mgr: VramManager, shard: SealedShard, source: RepairSource = None) ->
                         "not repairing from it"
                     )
                 entry.buf.write(start, data)
-        mgr._verify_entry(shard, entry)  # the original seal: raises if anything is still wrong
-        ranges = tuple(_merge_ranges(changed, n))
-    mgr._emit(
-        "ShardRepaired",
+        store.verify_held(shard, entry)  # the original seal: raises if anything is still wrong
+        ranges = tuple(merge_ranges(changed, n))
+    store.emit(
+        SHARD_REPAIRED,
         shard_id=sealed.shard_id,
         repaired_ranges=[list(r) for r in ranges],
         repaired_units=len(changed),

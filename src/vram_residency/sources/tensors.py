@@ -35,16 +35,14 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import Any, Final
 
+from vram_residency._core import ShardStore, TensorSpan
+from vram_residency.audit.events import POLICY_VIOLATION
 from vram_residency.backends.base import Backend, DeviceBuffer
 from vram_residency.errors import InvalidInput, PolicyViolation
 from vram_residency.formats.tree import SHA256_TREE_V1, check_algorithm
-from vram_residency.manager import TensorSpan
 from vram_residency.sources.model import PartSource, SealedModel, seal_parts
-
-if TYPE_CHECKING:
-    from vram_residency.manager import VramManager
 
 __all__ = ["AdoptedSource", "TensorInfo", "describe_dlpack", "named_tensors", "seal_tensors"]
 
@@ -63,15 +61,6 @@ _DEVICE_NAMES: Final = {
     4: "OpenCL",
     10: "ROCm",
 }
-
-
-@runtime_checkable
-class AdoptingBackend(Protocol):
-    """What a GPU backend offers for adoption (the CUDA backend implements it)."""
-
-    def check_pointer(self, ptr: int, size: int) -> None: ...
-
-    def adopt_pointer(self, ptr: int, size: int) -> DeviceBuffer: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +290,7 @@ class _Region:
     names: list[str]
     owners: list[object]
     nbytes: int
-    acquire: Callable[[], DeviceBuffer]
+    acquire: Callable[[str], DeviceBuffer]
 
 
 def _gpu_info(obj: Any, what: str) -> TensorInfo:
@@ -318,31 +307,33 @@ def _gpu_info(obj: Any, what: str) -> TensorInfo:
     )
 
 
-def _regions(mgr: VramManager, named: Iterable[tuple[str, Any]]) -> list[_Region]:
-    backend: Backend = mgr._backend
+def _regions(store: ShardStore, named: Iterable[tuple[str, Any]]) -> list[_Region]:
+    backend: Backend = store.backend
+    caps = backend.capabilities
+    device = store.device
     regions: dict[tuple[int, int, int], _Region] = {}
-    from vram_residency.backends.host import HostBackend
-
     for name, raw in named:
         obj = _detach(raw)
         what = f"tensor {name!r}"
-        if isinstance(backend, HostBackend):
+        # Which memory can be adopted is declared by the backend: host memory on the emulation,
+        # device pointers on a GPU backend.
+        if caps.adopt_host:
             view = _host_view(obj, what)
             if not len(view):
                 log.debug("not sealing %s: it has no bytes", what)
                 continue
             key = (KDL_CPU, _address(view), len(view))
-            acquire: Callable[[], DeviceBuffer] = _host_acquire(backend, view)
-        elif isinstance(backend, AdoptingBackend):
+            acquire: Callable[[str], DeviceBuffer] = _host_acquire(backend, view)
+        elif caps.adopt_pointer:
             info = _gpu_info(obj, what)
-            if info.device_type != KDL_CUDA or info.device_id not in (-1, mgr.device):
+            if info.device_type != KDL_CUDA or info.device_id not in (-1, device):
                 where = info.device_name + (f" {info.device_id}" if info.device_type == KDL_CUDA else "")
-                raise PolicyViolation(f"{what} is in {where} memory, not VRAM of device {mgr.device}")
+                raise PolicyViolation(f"{what} is in {where} memory, not VRAM of device {device}")
             if not info.nbytes:
                 log.debug("not sealing %s: it has no bytes", what)
                 continue
-            # The VRAM-only policy: plain device memory of this GPU, not managed, not host.
-            backend.check_pointer(info.ptr, info.nbytes)
+            # The VRAM-only policy (plain device memory of this GPU, not managed, not host) is
+            # checked by adopt_pointer itself, before anything is sealed.
             key = (KDL_CUDA, info.ptr, info.nbytes)
             acquire = _gpu_acquire(backend, info)
         else:
@@ -356,16 +347,16 @@ def _regions(mgr: VramManager, named: Iterable[tuple[str, Any]]) -> list[_Region
     return list(regions.values())
 
 
-def _host_acquire(backend: Any, view: memoryview) -> Callable[[], DeviceBuffer]:
-    return lambda: backend.adopt_host(view)
+def _host_acquire(backend: Backend, view: memoryview) -> Callable[[str], DeviceBuffer]:
+    return lambda _shard_id: backend.adopt_host(view)
 
 
-def _gpu_acquire(backend: AdoptingBackend, info: TensorInfo) -> Callable[[], DeviceBuffer]:
-    return lambda: backend.adopt_pointer(info.ptr, info.nbytes)
+def _gpu_acquire(backend: Backend, info: TensorInfo) -> Callable[[str], DeviceBuffer]:
+    return lambda _shard_id: backend.adopt_pointer(info.ptr, info.nbytes)
 
 
 def seal_tensors(
-    mgr: VramManager,
+    store: ShardStore,
     tensors: Any,
     *,
     device: int | None = None,
@@ -380,9 +371,9 @@ def seal_tensors(
     if len(set(names)) != len(names):
         raise InvalidInput("tensor names must be unique")
     try:
-        regions = _regions(mgr, named)
+        regions = _regions(store, named)
     except PolicyViolation as exc:
-        mgr._emit("PolicyViolation", critical=True, reason=str(exc), vram_bytes=0)
+        store.emit(POLICY_VIOLATION, critical=True, reason=str(exc), vram_bytes=0)
         raise
     if not regions:
         raise InvalidInput("every tensor is empty: nothing to seal")
@@ -397,7 +388,7 @@ def seal_tensors(
         for r in regions
     ]
     return seal_parts(
-        mgr,
+        store,
         parts,
         model_name=model_name or _default_name(tensors),
         digest_algorithm=digest_algorithm,

@@ -7,6 +7,9 @@
 //   host_harness leaf FILE     -> SHA-256(bytes || 0x00)
 //   host_harness parent FILE   -> SHA-256(64 bytes || 0x01)
 //   host_harness blake3 FILE   -> BLAKE3 of the file's bytes (whole tree, chunk counters from 0)
+//   host_harness blake3-keyed FILE -> keyed BLAKE3: the file's first 32 bytes are the key, the
+//                                     rest the message (the kernels' runtime key policy, b3_rt_key)
+//   host_harness blake3-rt-iv FILE -> BLAKE3 through the runtime key policy holding the IV
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -17,18 +20,19 @@
 #include "../../../src/vram_residency/backends/cuda/kernels/blake3.cu"
 
 // BLAKE3 of a whole message by the spec's rule (left subtree = largest power of two of chunks).
-static void b3_subtree_bytes(const u8* p, u64 len, u64 chunk0, u32 extra, u32 out[8]) {
+template <class K = b3_plain_key>
+static void b3_subtree_bytes(const u8* p, u64 len, u64 chunk0, u32 extra, u32 out[8], const K& key = K()) {
     if (len <= 1024) {
-        b3_chunk_bytes(p, (u32)len, chunk0, extra, out);
+        b3_chunk_bytes(p, (u32)len, chunk0, extra, out, key);
         return;
     }
     u64 chunks = (len + 1023) / 1024;
     u64 left = 1;
     while (left * 2 < chunks) left *= 2;
     u32 l[8], r[8];
-    b3_subtree_bytes(p, left * 1024, chunk0, 0, l);
-    b3_subtree_bytes(p + left * 1024, len - left * 1024, chunk0 + left, 0, r);
-    b3_parent(l, r, extra, out);
+    b3_subtree_bytes(p, left * 1024, chunk0, 0, l, key);
+    b3_subtree_bytes(p + left * 1024, len - left * 1024, chunk0 + left, 0, r, key);
+    b3_parent(l, r, extra, out, key);
 }
 
 static void print_be(const u32 s[8]) {
@@ -44,7 +48,7 @@ static void print_le(const u32 s[8]) {
 
 int main(int argc, char** argv) {
     if (argc != 3) {
-        std::fprintf(stderr, "usage: %s sha256|leaf|parent|blake3 FILE\n", argv[0]);
+        std::fprintf(stderr, "usage: %s sha256|leaf|parent|blake3|blake3-keyed FILE\n", argv[0]);
         return 2;
     }
     FILE* f = std::fopen(argv[2], "rb");
@@ -74,6 +78,21 @@ int main(int argc, char** argv) {
         print_be(s);
     } else if (!std::strcmp(argv[1], "blake3")) {
         b3_subtree_bytes(p, data.size(), 0, B3_ROOT, s);
+        print_le(s);
+    } else if (!std::strcmp(argv[1], "blake3-keyed")) {
+        if (data.size() < 32) return 2;
+        u32 kw[8];
+        for (int i = 0; i < 8; ++i)
+            kw[i] = (u32)p[4 * i] | ((u32)p[4 * i + 1] << 8) | ((u32)p[4 * i + 2] << 16) | ((u32)p[4 * i + 3] << 24);
+        const b3_rt_key key{kw, B3_KEYED_HASH};
+        b3_subtree_bytes(p + 32, data.size() - 32, 0, B3_ROOT, s, key);
+        print_le(s);
+    } else if (!std::strcmp(argv[1], "blake3-rt-iv")) {
+        // An unkeyed row of a segment table: the runtime policy holding the IV, no mode flag.
+        u32 iv[8];
+        b3_iv(iv);
+        const b3_rt_key key{iv, 0u};
+        b3_subtree_bytes(p, data.size(), 0, B3_ROOT, s, key);
         print_le(s);
     } else {
         return 2;

@@ -7,9 +7,12 @@ and localization, and for a plain verify nothing but the root.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import threading
+import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
@@ -17,9 +20,20 @@ from typing import Any, Final
 import numpy as np
 from typing_extensions import Buffer
 
-from vram_residency.backends.base import ALIGNMENT, Backend, Capabilities, DeviceBuffer, check_range
-from vram_residency.backends.cuda import _driver
-from vram_residency.backends.cuda._driver import check, driver, request_error
+from vram_residency.backends.base import (
+    ALIGNMENT,
+    COPY_CHUNK,
+    Backend,
+    Capabilities,
+    DeviceBuffer,
+    HostMemory,
+    LandedHook,
+    Priority,
+    Segment,
+    check_range,
+)
+from vram_residency.backends.cuda import _batch, _driver
+from vram_residency.backends.cuda._driver import check, driver, error_name, request_error
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import (
     PinnedHostBuffer,
@@ -46,7 +60,12 @@ from vram_residency.formats.tree import (
     unit_count,
 )
 
-__all__ = ["CudaBackend", "CudaBuffer", "device_count"]
+__all__ = ["PRIORITIES", "CudaBackend", "CudaBuffer", "Priority", "device_count"]
+
+#: ``priority=`` of the digest calls (``backends.base.Priority``): "normal" (the verify path) or
+#: "low" (background scrubbing: a lowest-priority stream of its own, and the wait is a poll that
+#: sleeps without the GIL).
+PRIORITIES: Final = ("normal", "low")
 
 _THREADS: Final = 256  # per block: 256 leaves (sha256-tree-v1) or 256 x 4 chunks (blake3) per unit
 _GROUP: Final = 256  # nodes reduced per block above the units
@@ -54,6 +73,7 @@ _DIRECT_COPY_LIMIT: Final = 1 << 20  # below this, one plain copy beats staging
 _SOURCES: Final = {SHA256_TREE_V1: "sha256_tree", BLAKE3: "blake3"}
 _TREE_NAME: Final = SHA256_TREE_V1.encode("ascii")
 _LOW_OCCUPANCY_SPEEDUP: Final = 1.065
+_PLAN_CACHE: Final = 8  # segment-table plans kept per lane (a few models, each verified repeatedly)
 
 
 def device_count() -> int:
@@ -68,6 +88,10 @@ def _is_int(v: object) -> bool:
 
 def _pointer_info(ptr: int) -> tuple[int, bool, int, int, int]:
     """(memory type, managed, device ordinal, allocation start, allocation size) of an address.
+    Call it with the asking backend's context current (``CudaBackend._activate``): with several
+    GPUs, an attribute query made under another device's context is answered for that context.
+    An attribute CUDA leaves unset reads as -1 for the ordinal (never 0, which is a real device:
+    an unknown ordinal must fail the device check, not pass it on device 0).
 
     cuPointerGetAttributes answers for any address, with memory type 0 for memory CUDA does not
     know (ordinary pageable memory), where cuPointerGetAttribute would report an API error.
@@ -89,8 +113,40 @@ def _pointer_info(ptr: int) -> tuple[int, bool, int, int, int]:
         except (TypeError, ValueError):  # an attribute CUDA left unset for unknown memory
             return 0
 
-    mtype, managed, ordinal, start, length = (num(v) for v in values)
-    return mtype, bool(managed), ordinal, start, length
+    mtype, managed, raw_ordinal, start, length = values
+    try:
+        ordinal = int(raw_ordinal)
+    except (TypeError, ValueError):
+        ordinal = -1
+    if num(mtype) == int(drv.CUmemorytype.CU_MEMORYTYPE_DEVICE):
+        ordinal = _device_ordinal(ptr, ordinal)
+    return num(mtype), bool(num(managed)), ordinal, num(start), num(length)
+
+
+_libcuda: ctypes.CDLL | None = None
+
+
+def _device_ordinal(ptr: int, fallback: int) -> int:
+    """CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL read straight from libcuda.
+
+    Why not cuda-bindings: its attribute helper writes this attribute into a signed field and reads
+    it back from an unsigned one, so every pointer reports device 0 (NVIDIA/cuda-python issue
+    #2928, seen here on cuda-bindings 13.3.1 with two H200s: memory on device 1 read as device 0).
+    That made the VRAM-only policy refuse every allocation on device 1, and could let memory of
+    device 0 pass a check on another device. The driver's own answer is one C call away."""
+    global _libcuda
+    if _libcuda is None:
+        try:
+            _libcuda = ctypes.CDLL("libcuda.so.1")
+        except OSError:  # not Linux, or the driver library under another name: keep the bindings'
+            return fallback
+    value = ctypes.c_int(-1)
+    rc = _libcuda.cuPointerGetAttribute(
+        ctypes.byref(value),
+        ctypes.c_int(int(driver().CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)),
+        ctypes.c_ulonglong(ptr),
+    )
+    return int(value.value) if rc == 0 else -1
 
 
 class CudaBuffer(DeviceBuffer):
@@ -138,6 +194,254 @@ class CudaBuffer(DeviceBuffer):
         self._backend._release(self)
 
 
+# -- migration, offload and restore copies (issue 13) -------------------------------------------
+#
+# Between two GPUs the bytes go peer to peer (cuMemcpyPeerAsync after cuCtxEnablePeerAccess) where
+# cuDeviceCanAccessPeer allows it, and otherwise through two pinned host buffers in turn. Every
+# driver call below runs with the context of the backend whose stream or memory it uses current
+# (its _activate()): driver calls act on the calling thread's current context.
+
+
+class PinnedHostMemory(HostMemory):
+    """Page-locked host memory for offloads and restores: the copy engines reach it directly."""
+
+    def __init__(self, size: int) -> None:
+        self._buf: PinnedHostBuffer | None = PinnedHostBuffer(size)
+
+    @property
+    def view(self) -> memoryview:
+        if self._buf is None:
+            raise IntegrityViolation("pinned host memory used after it was released")
+        return self._buf.view
+
+    @property
+    def address(self) -> int:
+        if self._buf is None:
+            raise IntegrityViolation("pinned host memory used after it was released")
+        return self._buf.address
+
+    def close(self) -> None:
+        if self._buf is not None:
+            buf, self._buf = self._buf, None
+            buf.array.fill(0)  # offloaded model bytes do not linger in freed pinned pages
+            buf.close()
+
+
+def _own_buffer(backend: CudaBackend, buf: DeviceBuffer) -> CudaBuffer:
+    if not isinstance(buf, CudaBuffer) or buf._backend is not backend:
+        raise InvalidInput("buffer does not belong to this CUDA backend")
+    buf.check_open()
+    return buf
+
+
+def _peer_allocate_host(self: CudaBackend, size: int) -> HostMemory:
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise InvalidInput("host memory size must be a positive integer")
+    self._activate()
+    return PinnedHostMemory(size)
+
+
+def _peer_read_into(self: CudaBackend, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
+    cbuf = _own_buffer(self, buf)
+    out = out.cast("B") if out.format != "B" else out
+    n = len(out)
+    check_range(cbuf.size, offset, n)
+    if not n:
+        return
+    addr, _keep = host_address(out)
+    with cbuf._lock:
+        cbuf.check_open()
+        self._activate()
+        check(driver().cuMemcpyDtoHAsync(addr, cbuf._ptr + offset, n, self._copy_stream), "cuMemcpyDtoHAsync")
+        self._sync(self._copy_stream, "device-to-host copy")
+
+
+def _peer_can_access_peer(self: CudaBackend, other: Backend) -> bool:
+    if not isinstance(other, CudaBackend):
+        return False
+    if other.device == self.device:
+        return True
+    ok = check(driver().cuDeviceCanAccessPeer(self._cudev, other._cudev), "cuDeviceCanAccessPeer")
+    return bool(ok)
+
+
+def _enable_peer(dst: CudaBackend, src: CudaBackend) -> None:
+    """Let ``dst``'s context reach ``src``'s memory (idempotent: "already enabled" is success)."""
+    dst._activate()
+    drv = driver()
+    (err,) = drv.cuCtxEnablePeerAccess(src._ctx, 0)
+    if err != drv.CUresult.CUDA_SUCCESS and error_name(err) != "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED":
+        check((err,), "cuCtxEnablePeerAccess")
+
+
+class _Mover:
+    """Issues chunk copies from ``src`` (on ``sb``) into ``dst`` (on ``db``) on ``db``'s copy stream:
+    peer to peer, device to device on one GPU, or staged through two pinned buffers."""
+
+    def __init__(self, db: CudaBackend, dst: CudaBuffer, sb: CudaBackend, src: CudaBuffer) -> None:
+        self.db, self.dst, self.sb, self.src = db, dst, sb, src
+        self.same = db.device == sb.device
+        self.peer = self.same or _peer_can_access_peer(db, sb)
+        self.stage: list[tuple[PinnedHostBuffer, object]] = []
+        if self.peer and not self.same:
+            _enable_peer(db, sb)
+
+    def issue(self, offset: int, length: int) -> None:
+        drv = driver()
+        db, sb = self.db, self.sb
+        d, s = self.dst._ptr + offset, self.src._ptr + offset
+        if self.same:
+            db._activate()
+            check(drv.cuMemcpyDtoDAsync(d, s, length, db._copy_stream), "cuMemcpyDtoDAsync")
+            return
+        if self.peer:
+            db._activate()
+            check(
+                drv.cuMemcpyPeerAsync(d, db._ctx, s, sb._ctx, length, db._copy_stream), "cuMemcpyPeerAsync"
+            )
+            return
+        # No peer access: device to host on the source, host to device on the destination, two
+        # pinned buffers in turn so that one is read back while the other is written.
+        if not self.stage:
+            db._activate()
+            no_timing = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+            for _ in range(2):
+                pinned = PinnedHostBuffer(COPY_CHUNK)
+                self.stage.append((pinned, check(drv.cuEventCreate(no_timing), "cuEventCreate")))
+        for i, off in enumerate(range(0, length, COPY_CHUNK)):
+            m = min(COPY_CHUNK, length - off)
+            pinned, done = self.stage[i % 2]
+            db._activate()
+            check(drv.cuEventSynchronize(done), "waiting for a staging buffer")
+            sb._activate()
+            check(drv.cuMemcpyDtoHAsync(pinned.address, s + off, m, sb._copy_stream), "cuMemcpyDtoHAsync")
+            sb._sync(sb._copy_stream, "device-to-host copy (staged migration)")
+            db._activate()
+            check(drv.cuMemcpyHtoDAsync(d + off, pinned.address, m, db._copy_stream), "cuMemcpyHtoDAsync")
+            check(drv.cuEventRecord(done, db._copy_stream), "cuEventRecord")
+
+    def wait(self) -> None:
+        self.db._activate()
+        self.db._sync(self.db._copy_stream, "migration copy")
+
+    def close(self) -> None:
+        if self.stage:
+            drv = driver()
+            self.db._activate()
+            self.db._sync(self.db._copy_stream, "migration copy")
+            for pinned, ev in self.stage:
+                pinned.close()
+                drv.cuEventDestroy(ev)
+            self.stage.clear()
+
+
+def _peer_pair(
+    self: CudaBackend, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int
+) -> tuple[CudaBuffer, CudaBackend, CudaBuffer]:
+    assert isinstance(src_backend, CudaBackend)
+    cdst = _own_buffer(self, dst)
+    csrc = _own_buffer(src_backend, src)
+    if cdst is csrc:
+        raise InvalidInput("source and destination are the same buffer")
+    check_range(csrc.size, offset, length)
+    check_range(cdst.size, offset, length)
+    return cdst, src_backend, csrc
+
+
+def _peer_copy_from(
+    self: CudaBackend, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, offset: int, length: int
+) -> None:
+    if not isinstance(src_backend, CudaBackend):
+        Backend.copy_from(self, dst, src_backend, src, offset, length)
+        return
+    cdst, sb, csrc = _peer_pair(self, dst, src_backend, src, offset, length)
+    if not length:
+        return
+    with cdst._lock, csrc._lock:
+        cdst.check_open()
+        csrc.check_open()
+        mover = _Mover(self, cdst, sb, csrc)
+        try:
+            mover.issue(offset, length)
+            mover.wait()
+        finally:
+            mover.close()
+
+
+def _peer_copy_and_hash_from(
+    self: CudaBackend,
+    dst: DeviceBuffer,
+    src_backend: Backend,
+    src: DeviceBuffer,
+    length: int,
+    algorithm: str,
+    *,
+    on_landed: LandedHook | None = None,
+) -> HashResult:
+    if not isinstance(src_backend, CudaBackend):
+        return Backend.copy_and_hash_from(self, dst, src_backend, src, length, algorithm, on_landed=on_landed)
+    algorithm = check_algorithm(algorithm)
+    cdst, sb, csrc = _peer_pair(self, dst, src_backend, src, 0, length)
+    drv = driver()
+    # The source stays locked for the whole copy (nobody frees it underneath); the destination is
+    # locked too, except while a fault-injection hook runs (it writes through the buffer's API).
+    with csrc._lock, self._lock:
+        csrc.check_open()
+        cdst._lock.acquire()
+        try:
+            cdst.check_open()
+            mover = _Mover(self, cdst, sb, csrc)
+            try:
+                self._activate()
+                job = _HashJob(self, algorithm, cdst._ptr, length, True)
+                launched = 0
+                for off in range(0, length, COPY_CHUNK):
+                    m = min(COPY_CHUNK, length - off)
+                    mover.issue(off, m)
+                    if on_landed is not None:
+                        mover.wait()
+                        cdst._lock.release()
+                        try:
+                            on_landed(cdst, off, m)
+                        finally:
+                            cdst._lock.acquire()
+                        cdst.check_open()
+                    ready = job.units if off + m >= length else (off + m) // UNIT_SIZE
+                    if ready > launched:
+                        self._activate()
+                        check(drv.cuEventRecord(self._xfer_event, self._copy_stream), "cuEventRecord")
+                        check(drv.cuStreamWaitEvent(self._stream, self._xfer_event, 0), "cuStreamWaitEvent")
+                        job.launch_units(launched, ready)
+                        launched = ready
+                if launched < job.units:
+                    job.launch_units(launched, job.units)
+                result = job.finish()[1]
+                mover.wait()
+            finally:
+                mover.close()
+        finally:
+            cdst._lock.release()
+    if result is None:  # pragma: no cover - the job was built with units
+        raise IntegrityViolation("digest kernels returned no unit digests")
+    return result
+
+
+def _peer_peer_copy_raw(
+    self: CudaBackend, dst: DeviceBuffer, src_backend: Backend, src: DeviceBuffer, length: int
+) -> None:
+    """The plain copy with nothing verified, in the same chunks as ``copy_and_hash_from``: the
+    baseline a benchmark measures verified migration against."""
+    cdst, sb, csrc = _peer_pair(self, dst, src_backend, src, 0, length)
+    with cdst._lock, csrc._lock:
+        mover = _Mover(self, cdst, sb, csrc)
+        try:
+            for off in range(0, length, COPY_CHUNK):
+                mover.issue(off, min(COPY_CHUNK, length - off))
+            mover.wait()
+        finally:
+            mover.close()
+
+
 class CudaBackend(Backend):
     """Device memory on one CUDA device, through the driver API (cuda-bindings) and NVRTC.
 
@@ -155,8 +459,13 @@ class CudaBackend(Backend):
         device_pointer=True,
         adopt_host=False,
         adopt_pointer=True,
-        batched_digests=False,
+        batched_digests=True,
+        priority_streams=True,
     )
+    # Migration, offload and restore copies (peer to peer where allowed): see _peer.py.
+    allocate_host, read_into, can_access_peer = _peer_allocate_host, _peer_read_into, _peer_can_access_peer
+    copy_from, copy_and_hash_from = _peer_copy_from, _peer_copy_and_hash_from
+    peer_copy_raw = _peer_peer_copy_raw
 
     def __init__(
         self,
@@ -229,6 +538,9 @@ class CudaBackend(Backend):
         self.last_scratch_bytes = 0
         self.last_units_kernel = ""
         self._occupancy: dict[str, int] = {}
+        # Segment-table digests: the normal lane shares the compute stream and lock with the
+        # single-segment path; the low lane (scrubbing) has its own, created on first use.
+        self._lanes: dict[str, _Lane] = {}
 
     # -- basics ----------------------------------------------------------------------------------
 
@@ -313,7 +625,7 @@ class CudaBackend(Backend):
     def check_policy(self, buf: DeviceBuffer) -> None:
         if not isinstance(buf, CudaBuffer) or buf._backend is not self:
             raise PolicyViolation("buffer does not belong to this CUDA backend")
-        buf._check_open()
+        buf.check_open()
         self.check_pointer(buf._ptr, buf.size)
 
     def check_pointer(self, ptr: int, size: int) -> None:
@@ -345,6 +657,7 @@ class CudaBackend(Backend):
     # -- copies ----------------------------------------------------------------------------------
 
     def _is_pinned(self, addr: int, n: int) -> bool:
+        self._activate()
         mtype, _, _, start, length = _pointer_info(addr)
         return mtype == int(driver().CUmemorytype.CU_MEMORYTYPE_HOST) and addr + n <= start + length
 
@@ -408,7 +721,9 @@ class CudaBackend(Backend):
     # -- digests ---------------------------------------------------------------------------------
 
     def _module(self, algorithm: str) -> Module:
-        source = _SOURCES[algorithm]
+        return self._source_module(_SOURCES[algorithm])
+
+    def _source_module(self, source: str) -> Module:
         mod = self._modules.get(source)
         if mod is None:
             mod = Module(source, self.arch, self._kernel_defines.get(source))
@@ -424,16 +739,18 @@ class CudaBackend(Backend):
         return self._occupancy[name]
 
     def _sha_units_kernel(self, mod: Module, units: int) -> str:
+        return self._pick_units_kernel(mod, units, ("sha256_tree_units", "sha256_tree_units_occ4"))
+
+    def _pick_units_kernel(self, mod: Module, units: int, names: tuple[str, str]) -> str:
         """The sha256-tree-v1 unit kernel with the shorter expected run for this many units:
         time ~ waves x blocks per SM / per-SM speed, where the lower-occupancy build (more
         registers) was measured 6.5% faster per block on an H200 (4 GiB shards, 845 against
         818 GB/s with 11 and 8 waves)."""
-        options = []
-        for name in ("sha256_tree_units", "sha256_tree_units_occ4"):
-            k = self._blocks_per_sm(mod, name)
-            options.append((k, name))
+        return self._pick_by_occupancy(units, [(self._blocks_per_sm(mod, n), n) for n in names])
+
+    def _pick_by_occupancy(self, units: int, options: list[tuple[int, str]]) -> str:
         k_max = max(k for k, _ in options)
-        best, best_t = "sha256_tree_units", float("inf")
+        best, best_t = options[0][1], float("inf")
         for k, name in options:
             speed = _LOW_OCCUPANCY_SPEEDUP if k < k_max else 1.0
             t = -(-units // (self.multiprocessors * k)) * k / speed
@@ -475,23 +792,152 @@ class CudaBackend(Backend):
         return self._results
 
     def hash(
-        self, buf: DeviceBuffer, algorithm: str, length: int | None = None, *, key: bytes | None = None
+        self,
+        buf: DeviceBuffer,
+        algorithm: str,
+        length: int | None = None,
+        *,
+        key: bytes | None = None,
+        priority: Priority = "normal",
     ) -> HashResult:
-        if key is not None:
-            raise UnsupportedOperation("keyed digests are not implemented by the CUDA kernels yet")
+        """Digest and unit digests. Keyed digests, ``priority="low"`` and algorithms without a
+        tuned single-segment path (``_SOURCES``; nh-fast-v1 when it comes) go through the segment
+        table path (a table of one), which has the keyed and low-priority kernels and stream."""
+        if key is not None or priority != "normal" or algorithm not in _SOURCES:
+            n = buf.size if length is None else length
+            return self.hash_many([Segment(buf, n, algorithm, key)], priority=priority)[0]
         result = self._hash_buffer(buf, algorithm, length, units=True)[1]
         if result is None:  # pragma: no cover - units=True always yields one
             raise IntegrityViolation("digest kernels returned no unit digests")
         return result
 
     def digest(
-        self, buf: DeviceBuffer, algorithm: str, length: int | None = None, *, key: bytes | None = None
+        self,
+        buf: DeviceBuffer,
+        algorithm: str,
+        length: int | None = None,
+        *,
+        key: bytes | None = None,
+        priority: Priority = "normal",
     ) -> bytes:
         """The digest alone (the verify path): no unit digests are copied back, and for blake3 the
-        chunk layer is hashed once instead of twice (unit digests need a second set of counters)."""
-        if key is not None:
-            raise UnsupportedOperation("keyed digests are not implemented by the CUDA kernels yet")
+        chunk layer is hashed once instead of twice (unit digests need a second set of counters).
+        ``key``: BLAKE3 keyed mode (32 bytes); ``priority``: see ``digest_many``."""
+        if key is not None or priority != "normal" or algorithm not in _SOURCES:
+            n = buf.size if length is None else length
+            return self.digest_many([Segment(buf, n, algorithm, key)], priority=priority)[0]
         return self._hash_buffer(buf, algorithm, length, units=False)[0]
+
+    def digest_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[bytes]:
+        """Digests of every segment, in order, in one pass: one upload of a segment table, one
+        launch per (algorithm, kernel) over all units of all segments, one per tree level, one
+        copy back and one synchronization. Bit-identical to ``digest`` of each segment.
+
+        ``priority="low"`` (background scrubbing) runs on a stream of the device's lowest priority
+        with its own scratch, so that it never waits for, or holds up, the normal verify path's
+        lock; its wait for the kernels is a poll of an event with sleeps, which holds neither the
+        GIL nor a CPU core. Keep each call bounded (a few hundred MiB): it holds the locks of its
+        buffers, which a foreground verify of the same buffers waits for. Note that CUDA's lowest
+        priority is also the default one: a low stream yields only to streams created with a
+        higher priority, so the scrubber's GPU-time budget is what protects serving."""
+        return self._run_batch(segments, want_units=False, priority=priority)[0]
+
+    def hash_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[HashResult]:
+        """``hash`` of every segment (digest and unit digests), in one pass like ``digest_many``."""
+        hashed = self._run_batch(segments, want_units=True, priority=priority)[1]
+        if hashed is None:  # pragma: no cover - want_units always yields them
+            raise IntegrityViolation("segment table returned no unit digests")
+        return hashed
+
+    def _check_segment(self, seg: object) -> tuple[CudaBuffer, int, str, bytes | None]:
+        # Called once per tensor of every verify: the common case is decided with a few type and
+        # dict checks (a 150-tensor table in ~0.1 ms); the general checks then give the errors.
+        if type(seg) is not Segment and not isinstance(seg, Segment):
+            raise InvalidInput(f"segment tables hold Segment entries, not {type(seg).__name__}")
+        buf, n, algorithm, key = seg.buf, seg.length, seg.algorithm, seg.key
+        if not isinstance(buf, CudaBuffer) or buf._backend is not self:
+            raise InvalidInput("buffer does not belong to this CUDA backend")
+        spec = _batch.BATCH_ALGORITHMS.get(algorithm) if type(algorithm) is str else None
+        if spec is None:
+            check_algorithm(algorithm)  # InvalidInput for a name that is not an algorithm
+            raise UnsupportedOperation(f"no batched kernels for {algorithm!r}")
+        if type(n) is not int or not 0 <= n <= buf._size:
+            check_range(buf.size, 0, n)
+        if key is not None:
+            if not spec.keyed:
+                raise InvalidInput(f"digest algorithm {algorithm!r} takes no key")
+            if type(key) is not bytes or len(key) != 32:
+                raise InvalidInput("a BLAKE3 key is 32 bytes")
+        return buf, n, algorithm, key
+
+    def _lane(self, priority: str) -> _Lane:
+        if priority not in PRIORITIES:
+            raise InvalidInput(f"priority must be one of {PRIORITIES}, not {priority!r}")
+        lane = self._lanes.get(priority)
+        if lane is None:
+            with self._lock:
+                lane = self._lanes.get(priority)
+                if lane is None:
+                    self._activate()
+                    lane = _Lane(self, low=priority == "low")
+                    self._lanes[priority] = lane
+        return lane
+
+    def _table_kernels(self, algorithms: set[str]) -> dict[tuple[str, str], Any]:
+        """Every table kernel of these algorithms, loaded, with the occupancy of the units
+        kernels known, so that the lanes then launch and choose without the backend's lock (the
+        low lane must never wait for a normal verify)."""
+        fns: dict[tuple[str, str], Any] = {}
+        with self._lock:  # module loading and the function caches are shared state
+            self._activate()
+            for a in algorithms:
+                spec = _batch.BATCH_ALGORITHMS[a]
+                mod = self._source_module(spec.source)
+                names = (
+                    spec.units_kernel,
+                    spec.units_kernel_occ4,
+                    spec.standalone_kernel,
+                    spec.reduce_kernel,
+                )
+                for name in filter(None, names):
+                    fns[a, name] = mod.function(name)
+                if spec.units_kernel_occ4 is not None:
+                    for name in (spec.units_kernel, spec.units_kernel_occ4):
+                        self._blocks_per_sm(mod, name)
+        return fns
+
+    def _pick_table_units(self, spec: _batch.TableAlgorithm, units: int) -> str:
+        if spec.units_kernel_occ4 is None:
+            return spec.units_kernel
+        names = (spec.units_kernel, spec.units_kernel_occ4)
+        return self._pick_by_occupancy(units, [(self._occupancy[n], n) for n in names])
+
+    def _run_batch(
+        self, segments: Sequence[Segment], *, want_units: bool, priority: str
+    ) -> tuple[list[bytes], list[HashResult] | None]:
+        lane = self._lane(priority)
+        checked = [self._check_segment(s) for s in segments]
+        if not checked:
+            return [], ([] if want_units else None)
+        # Each distinct buffer's lock, in one global order (two batches never wait on each other
+        # in a cycle): no buffer can be freed while kernels read it.
+        bufs = sorted({id(b): b for b, _, _, _ in checked}.values(), key=id)
+        held: list[CudaBuffer] = []
+        try:
+            for b in bufs:
+                b._lock.acquire()
+                held.append(b)
+                b._check_open()
+            fns = self._table_kernels({a for _, _, a, _ in checked})
+            with lane.lock:
+                self._activate()
+                rows = tuple((b._ptr, n, a, k) for b, n, a, k in checked)
+                plan = lane.plan(rows, want_units, self._pick_table_units)
+                out = lane.run(plan, fns)
+        finally:
+            for b in reversed(held):
+                b._lock.release()
+        return _batch.results(plan, out)
 
     def _hash_buffer(
         self, buf: DeviceBuffer, algorithm: str, length: int | None, *, units: bool
@@ -502,7 +948,7 @@ class CudaBackend(Backend):
         n = buf.size if length is None else length
         check_range(buf.size, 0, n)
         with buf._lock:
-            buf._check_open()
+            buf.check_open()
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, units)
@@ -519,9 +965,13 @@ class CudaBackend(Backend):
         view = memoryview(data).cast("B")
         n = len(view)
         check_range(buf.size, 0, n)
+        if algorithm not in _SOURCES:
+            # No overlapped single-segment kernels (nh-fast-v1): copy, then a table of one.
+            buf.write(0, view)
+            return self.hash_many([Segment(buf, n, algorithm)])[0]
         drv = driver()
         with buf._lock:
-            buf._check_open()
+            buf.check_open()
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, True)
@@ -619,6 +1069,10 @@ class CudaBackend(Backend):
             drv.cuCtxSetCurrent(self._ctx)
             drv.cuStreamSynchronize(self._stream)
             drv.cuStreamSynchronize(self._copy_stream)
+            for lane in self._lanes.values():
+                with lane.lock:
+                    lane.close()
+            self._lanes.clear()
             if self._scratch_ptr:
                 drv.cuMemFree(self._scratch_ptr)
                 self._scratch_ptr, self._scratch_size = 0, 0
@@ -784,3 +1238,145 @@ def _reduce_chain(
         src, count, level = out, grid, level + 1
     launch(fn, 1, _THREADS, b._stream, args(src, count, True, dst), what="tree reduction")
     return dst
+
+
+class _Lane:
+    """Where segment-table digests run: a stream, its lock, a device arena (tables, results and
+    tree levels) and a pinned host buffer (the table image going up, the results coming down).
+
+    The normal lane shares the compute stream and lock of the single-segment path. The low lane
+    (scrubbing) has a stream of the lowest priority, a lock and buffers of its own, and waits by
+    polling an event with sleeps in between, so that the waiting thread holds no GIL and no core.
+    """
+
+    def __init__(self, backend: CudaBackend, *, low: bool) -> None:
+        drv = driver()
+        self.b = backend
+        self.low = low
+        self.arena_ptr = 0
+        self.arena_size = 0
+        self.host: PinnedHostBuffer | None = None
+        self._plans: OrderedDict[Any, tuple[int, _batch.Plan]] = OrderedDict()
+        no_timing = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+        if low:
+            least, _greatest = check(drv.cuCtxGetStreamPriorityRange(), "cuCtxGetStreamPriorityRange")
+            non_blocking = int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)
+            self.stream = check(
+                drv.cuStreamCreateWithPriority(non_blocking, int(least)), "cuStreamCreateWithPriority"
+            )
+            self.lock: threading.RLock | Any = threading.RLock()
+            self.owns_stream = True
+        else:
+            self.stream = backend._stream
+            self.lock = backend._lock
+            self.owns_stream = False
+        self.done = check(drv.cuEventCreate(no_timing), "cuEventCreate")
+        self.t0 = check(drv.cuEventCreate(0), "cuEventCreate")
+        self.t1 = check(drv.cuEventCreate(0), "cuEventCreate")
+
+    def plan(
+        self,
+        rows: tuple[tuple[int, int, str, bytes | None], ...],
+        want_units: bool,
+        pick: Callable[[_batch.TableAlgorithm, int], str],
+    ) -> _batch.Plan:
+        """The plan for these segments, reused when the same table comes again on this lane with
+        the arena where it was (a model verified again and again: planning 150 tensors costs
+        about 0.2 ms of Python, a fifth of a blake3 pass over 1.9 GB). The tables are uploaded
+        again on every run all the same: what was planned on the host is what the kernels read,
+        whatever happened to device memory in between."""
+        key = (want_units, rows)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] == self.arena_ptr and self.arena_size >= hit[1].arena_bytes:
+            self._plans.move_to_end(key)
+            return hit[1]
+        plan = _batch.build_plan(rows, want_units, self.arena, pick)
+        self._plans[key] = (self.arena_ptr, plan)
+        while len(self._plans) > _PLAN_CACHE:
+            self._plans.popitem(last=False)
+        return plan
+
+    def arena(self, nbytes: int) -> int:
+        """Device address of at least ``nbytes`` of scratch (grown, never shrunk: hashing in the
+        steady state allocates nothing). About 150 bytes per MiB hashed, plus tree levels."""
+        if nbytes > self.arena_size:
+            drv = driver()
+            if self.arena_ptr:
+                check(drv.cuMemFree(self.arena_ptr), "cuMemFree")
+                self.arena_ptr, self.arena_size = 0, 0
+            size = max(1 << 16, -(-nbytes // 4096) * 4096)
+            err, dptr = drv.cuMemAlloc(size)
+            if err != drv.CUresult.CUDA_SUCCESS:
+                if _driver.error_name(err) == "CUDA_ERROR_OUT_OF_MEMORY":
+                    raise InsufficientVram(size, self.b.mem_info()[0], "insufficient VRAM for segment tables")
+                raise _driver.map_error(err, "cuMemAlloc (segment tables)")
+            self.arena_ptr, self.arena_size = int(dptr), size
+        return self.arena_ptr
+
+    def _pinned(self, nbytes: int) -> PinnedHostBuffer:
+        if self.host is None or self.host.size < nbytes:
+            if self.host is not None:
+                self.host.close()
+                self.host = None
+            self.host = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)))
+        return self.host
+
+    def run(self, plan: _batch.Plan, fns: Mapping[tuple[str, str], Any]) -> bytes:
+        """Upload the tables, launch every kernel of the plan, copy the results back: one
+        synchronization. Returns ``plan.download_bytes`` from ``plan.download_offset``."""
+        drv, b = driver(), self.b
+        up = plan.upload
+        host = self._pinned(max(up.nbytes, plan.download_bytes))
+        host.array[: up.nbytes] = up
+        base = self.arena_ptr
+        check(drv.cuEventRecord(self.t0, self.stream), "cuEventRecord")
+        if up.nbytes:
+            check(drv.cuMemcpyHtoDAsync(base, host.address, up.nbytes, self.stream), "cuMemcpyHtoDAsync")
+        for group in [plan.unit_launches, *plan.level_launches]:
+            for job in group:
+                fn = fns[job.algorithm, job.kernel]
+                launch(fn, job.count, _THREADS, self.stream, [(U64, base + job.table)], what=job.kernel)
+        check(drv.cuEventRecord(self.t1, self.stream), "cuEventRecord")
+        check(
+            drv.cuMemcpyDtoHAsync(
+                host.address, base + plan.download_offset, plan.download_bytes, self.stream
+            ),
+            "cuMemcpyDtoHAsync",
+        )
+        self._wait()
+        ms = check(drv.cuEventElapsedTime(self.t0, self.t1), "cuEventElapsedTime")
+        b.last_device_seconds = float(ms) / 1e3
+        return bytes(host.view[: plan.download_bytes])
+
+    def _wait(self) -> None:
+        drv = driver()
+        if not self.low:
+            b = self.b
+            b._sync(self.stream, "segment-table digests")
+            return
+        check(drv.cuEventRecord(self.done, self.stream), "cuEventRecord")
+        not_ready = drv.CUresult.CUDA_ERROR_NOT_READY
+        delay = 20e-6
+        while True:
+            (err,) = drv.cuEventQuery(self.done)
+            if err == drv.CUresult.CUDA_SUCCESS:
+                return
+            if err != not_ready:
+                raise _driver.map_error(err, "segment-table digests (low priority)")
+            time.sleep(delay)  # releases the GIL: the engine's Python threads run meanwhile
+            delay = min(delay * 2, 1e-3)
+
+    def close(self) -> None:
+        drv = driver()
+        if self.owns_stream:
+            drv.cuStreamSynchronize(self.stream)
+        if self.arena_ptr:
+            drv.cuMemFree(self.arena_ptr)
+            self.arena_ptr, self.arena_size = 0, 0
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+        for ev in (self.done, self.t0, self.t1):
+            drv.cuEventDestroy(ev)
+        if self.owns_stream:
+            drv.cuStreamDestroy(self.stream)

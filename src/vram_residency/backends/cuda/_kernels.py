@@ -42,8 +42,9 @@ class Module:
         opts = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
         self.source = source
         self.options = tuple(opts)
-        self.cubin = _compile.compile_cubin(source, arch, opts)
         drv = driver()
+        version = int(check(drv.cuDriverGetVersion(), "cuDriverGetVersion"))
+        self.cubin = _compile.compile_cubin(source, arch, opts, driver_version=version)
         self._module = check(drv.cuModuleLoadData(self.cubin), f"loading the {source} kernels")
         self._functions: dict[str, Any] = {}
         self._init_constants()

@@ -12,9 +12,12 @@ Authentication: every path needs ``Authorization: Bearer <worker token>`` except
 
 The interactive docs pages are off: they load scripts from a CDN, which a worker must not do.
 
-Hooks for other parts of the project: ``extra_routers`` are included behind the token (the
-attestation endpoint ``POST /worker/attest`` and the audit head ``GET /worker/audit/head`` plug in
-here).
+Registered here as well, behind the token: ``POST /worker/attest`` (``attest_routes``, always)
+and the shard moves ``POST /worker/shards/{id}/migrate|offload|restore`` (``migrate_routes``),
+when ``token`` is given: a manager for another device needs the worker token itself, which the
+worker does not keep. ``serve`` always gives it, with the devices of ``serve --devices 0,1``
+(default: the worker's own ``--device`` only, so a migration has nowhere to go but offload and
+restore still work). ``extra_routers`` are included behind the token too.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from vram_residency import __version__
 from vram_residency.errors import VramError
 from vram_residency.service.api.errors import ErrorCode, ServiceError, from_exception
 from vram_residency.service.api.routes import execute_router, public_router, worker_router
+from vram_residency.service.attest_routes import register_attest_routes
 from vram_residency.service.auth import BearerCheck
 from vram_residency.service.context import CorrelationMiddleware
 from vram_residency.service.middleware import AuthMiddleware, BodyLimitMiddleware
+from vram_residency.service.migrate_routes import register_migrate_routes
 from vram_residency.service.worker import Worker
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
@@ -58,8 +63,13 @@ def create_app(
     close_worker_on_shutdown: bool = True,
     extra_routers: Sequence[APIRouter] = (),
     on_shutdown_error: Callable[[BaseException], None] | None = None,
+    token: bytes | None = None,
+    devices: Sequence[int] = (),
 ) -> FastAPI:
-    """The worker API over ``worker``; the app closes the worker when it shuts down."""
+    """The worker API over ``worker``; the app closes the worker when it shuts down.
+
+    ``token`` (the worker token) adds the migrate/offload/restore routes, over ``devices`` (the
+    GPU ordinals a shard may move to; the worker's own device is always one of them)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -147,7 +157,10 @@ def create_app(
     app.include_router(public_router(worker, metrics_auth=metrics_auth, auth=auth))
     app.include_router(worker_router(worker, auth=auth, ready_public=ready_public))
     app.include_router(execute_router(worker), dependencies=auth)
-    for router in extra_routers:  # attestation, audit head: behind the token
+    register_attest_routes(app, worker, auth)  # POST /worker/attest (attest-v1, rate-limited)
+    if token is not None:
+        register_migrate_routes(app, worker, token, devices=tuple(devices) or (worker.config.device,))
+    for router in extra_routers:  # behind the token
         app.include_router(router, dependencies=auth)
 
     # The worker's own limits, in the schema (they are configurable, so not in the models).

@@ -23,6 +23,7 @@ from vram_residency.errors import (
     NotSealed,
     PolicyViolation,
     SealVerificationFailed,
+    StaleSeal,
     VramError,
 )
 from vram_residency.service.catalog import ModelNotFound
@@ -108,19 +109,21 @@ def from_exception(exc: BaseException) -> ServiceError:
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, SealVerificationFailed):
-        return ServiceError(
-            500,
-            ErrorCode.SEAL_VERIFICATION_FAILED,
-            str(exc),
-            details={
-                "shard_id": exc.shard_id,
-                "tag_valid": exc.tag_valid,
-                "expected_digest": exc.expected_digest,
-                "actual_digest": exc.actual_digest,
-                "corrupted_ranges": [list(r) for r in exc.corrupted_ranges[:64]],
-                "corrupted_tensors": exc.corrupted_tensors[:64],
-            },
-        )
+        # AttestationMismatch is one too: the attest route answers it with the tagged statement
+        # itself; anywhere else it is a failed verification like any other.
+        details: dict[str, Any] = {
+            "shard_id": exc.shard_id,
+            "tag_valid": exc.tag_valid,
+            "expected_digest": exc.expected_digest,
+            "actual_digest": exc.actual_digest,
+            "corrupted_ranges": [list(r) for r in exc.corrupted_ranges[:64]],
+            "corrupted_tensors": exc.corrupted_tensors[:64],
+        }
+        if exc.audit_failed:
+            # #17.6: the seal failure is the news and stays the answer; that its audit record
+            # was lost as well is said beside it, not instead of it.
+            details["audit_write_failed"] = str(exc.audit_error)
+        return ServiceError(500, ErrorCode.SEAL_VERIFICATION_FAILED, str(exc), details=details)
     if isinstance(exc, InsufficientVram):
         return ServiceError(
             507,
@@ -138,6 +141,16 @@ def from_exception(exc: BaseException) -> ServiceError:
     if isinstance(exc, WorkerStopped):
         return ServiceError(
             503, ErrorCode.WORKER_STOPPED, str(exc), details={"state": "Stopped", "reason": exc.reason}
+        )
+    if isinstance(exc, StaleSeal):
+        # The seal-age policy "refuse": retriable once something verifies the shards again (the
+        # scrubber, /worker/verify), which the worker does on its own schedule.
+        return ServiceError(
+            503,
+            ErrorCode.WORKER_NOT_READY,
+            str(exc),
+            retry_after_ms=RETRY_AFTER_MS_NOT_READY,
+            details={"stale_shards": exc.shard_ids},
         )
     if isinstance(exc, WorkerNotReady):
         return ServiceError(

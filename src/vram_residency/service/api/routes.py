@@ -19,10 +19,13 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from vram_residency.audit.errors import AuditWriteFailed
 from vram_residency.errors import InvalidInput
-from vram_residency.service.api.errors import from_exception
+from vram_residency.service.api.errors import ErrorCode, ServiceError, from_exception
 from vram_residency.service.api.schemas import (
     SSE_EVENT_SCHEMA,
+    AuditHeadMismatchInfo,
+    AuditHeadResponse,
     CancelRequest,
     CancelResponse,
     CommitRequest,
@@ -41,7 +44,7 @@ from vram_residency.service.commit import decode_model_bytes
 from vram_residency.service.executor import JobOutput, Sampling, Token
 from vram_residency.service.lifecycle import WorkerState
 from vram_residency.service.scheduler import ExecuteJob
-from vram_residency.service.status import handle
+from vram_residency.service.status import handle, head_mismatch
 from vram_residency.service.worker import CommitSpec, VerifyPass, Worker
 
 __all__ = ["execute_router", "public_router", "worker_router"]
@@ -92,6 +95,7 @@ def public_router(worker: Worker, *, metrics_auth: bool, auth: list[Any]) -> API
             backend=worker.backend,
             emulated=worker.emulated,
             pre_verify=worker.config.pre_verify,
+            audit_head_mismatch=AuditHeadMismatchInfo(**info) if (info := head_mismatch(worker)) else None,
         )
 
     def metrics_endpoint() -> Response:
@@ -232,6 +236,28 @@ def worker_router(worker: Worker, *, auth: list[Any], ready_public: bool = False
         """Zero and free a shard's device memory (by handle id or seal shard id)."""
         shard = worker.deallocate(shard_id)
         return DeallocateResponse(shard_id=shard.shard_id, vram_bytes=shard.vram_bytes, deallocated=True)
+
+    @router.get(
+        "/worker/audit/head",
+        dependencies=auth,
+        response_model=AuditHeadResponse,
+        responses=_errors(401, 404, 500, 503),
+    )
+    def audit_head() -> dict[str, Any]:
+        """The audit log's signed head, made durable first: an orchestrator keeps it as an anchor
+        and later runs ``audit verify --anchor`` with it, which fails unless the log still holds
+        that record and extends it (a rollback of the log and its head file shows)."""
+        audit = worker.audit
+        if audit is None:
+            raise ServiceError(404, ErrorCode.INVALID_PARAMS, "this worker keeps no audit log")
+        try:
+            head = audit.signed_head()
+        except AuditWriteFailed as exc:
+            # As everywhere: a worker that cannot keep its audit trail stops (fail closed), and
+            # the answer is the usual audit failure (500 INTERNAL, "audit trail failed").
+            worker.lifecycle.report_failure(exc)
+            raise
+        return {"worker_id": worker.config.worker_id, "head": head.to_json()}
 
     @router.post(
         "/worker/cancel", dependencies=auth, response_model=CancelResponse, responses=_errors(*_COMMON)

@@ -227,6 +227,33 @@ class ModelInfo(BaseModel):
     kind: str | None
     executor: str
     side_files_sha256: dict[str, str]
+    last_verified_ns: int | None = Field(
+        None, description="when the shard last matched its seal (seal, verify or attest), ns since the epoch"
+    )
+
+
+class AuditHeadMismatchInfo(BaseModel):
+    """The audit log's signed head did not vouch for the log when the worker started (records
+    removed, or the head file replaced): a security incident the worker survives. The log holds
+    the AuditHeadMismatch and SecurityIncident records; ``audit verify`` reports them."""
+
+    kind: str = Field(description="missing, unsigned, truncated (records removed) or differs")
+    incident_id: str
+
+
+class SignedHeadBody(BaseModel):
+    v: int
+    seq: int = Field(description="the last record's sequence number (-1: no record yet)")
+    hash: str = Field(description="that record's hash (the genesis hash for seq -1)")
+    hmac: str = Field(description="HMAC-SHA256 under the worker's audit key")
+
+
+class AuditHeadResponse(BaseModel):
+    """The audit log's signed head, made durable before it is returned: what an orchestrator
+    keeps as an anchor (``audit verify --anchor`` takes this whole object)."""
+
+    worker_id: str
+    head: SignedHeadBody
 
 
 class ReadyResponse(BaseModel):
@@ -246,6 +273,7 @@ class ReadyResponse(BaseModel):
     seals: list[SealRecord]
     last_scrub: dict[str, Any] | None
     incident: dict[str, Any] | None
+    audit_head_mismatch: AuditHeadMismatchInfo | None = None
 
 
 class ExecuteParams(_Strict):
@@ -325,3 +353,4 @@ class HealthResponse(BaseModel):
     backend: str
     emulated: bool
     pre_verify: bool
+    audit_head_mismatch: AuditHeadMismatchInfo | None = None

@@ -50,6 +50,10 @@ __all__ = [
     "ByteLM",
     "ByteLMConfig",
     "byte_lm_factory",
+    "rms_norm",
+    "rope",
+    "silu",
+    "softmax",
 ]
 
 #: The ``model_type`` in config.json that this executor runs.
@@ -176,25 +180,28 @@ class _Job:
     seed: int = 0
 
 
-def _rms_norm(x: F32, w: F32, eps: float, xp: Any) -> F32:
+# The model's building blocks, public because the tensor-parallel decoder
+# (vram_residency.distributed._decoder) computes the same layers on its column/row parts and must
+# round exactly like this module. ``xp`` is numpy or CuPy.
+def rms_norm(x: F32, w: F32, eps: float, xp: Any) -> F32:
     ms = (x * x).mean(axis=-1, keepdims=True)
     return (x / xp.sqrt(ms + np.float32(eps)) * w).astype(np.float32, copy=False)
 
 
-def _silu(x: F32, xp: Any) -> F32:
+def silu(x: F32, xp: Any) -> F32:
     # exp(-x) overflows to inf for x < -88: x / inf = -0, the right limit.
     with np.errstate(over="ignore"):
         return (x / (np.float32(1) + xp.exp(-x))).astype(np.float32, copy=False)
 
 
-def _rope(x: F32, cos: F32, sin: F32, xp: Any) -> F32:
+def rope(x: F32, cos: F32, sin: F32, xp: Any) -> F32:
     """Rotary embedding, "rotate half" form: x (..., head_dim); cos/sin broadcast to (..., head_dim/2)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return xp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)
 
 
-def _softmax(scores: F32, xp: Any) -> F32:
+def softmax(scores: F32, xp: Any) -> F32:
     scores = scores - scores.max(axis=-1, keepdims=True)
     p = xp.exp(scores)
     return p / p.sum(axis=-1, keepdims=True)
@@ -413,20 +420,20 @@ class ByteLM(InPlaceExecutor):
         causal = xp.asarray(np.triu(np.full((t, t), _NEG, dtype=np.float32), k=1))
         scale = np.float32(1 / math.sqrt(dh))
         for ly, (kc, vc) in zip(self._layers, caches, strict=True):
-            h = _rms_norm(x, ly.ln1, c.rms_norm_eps, xp)
-            q = _rope((h @ ly.wq.T).reshape(t, nh, dh).transpose(1, 0, 2), cos, sin, xp)
-            k = _rope((h @ ly.wk.T).reshape(t, nh, dh).transpose(1, 0, 2), cos, sin, xp)
+            h = rms_norm(x, ly.ln1, c.rms_norm_eps, xp)
+            q = rope((h @ ly.wq.T).reshape(t, nh, dh).transpose(1, 0, 2), cos, sin, xp)
+            k = rope((h @ ly.wk.T).reshape(t, nh, dh).transpose(1, 0, 2), cos, sin, xp)
             v = (h @ ly.wv.T).reshape(t, nh, dh).transpose(1, 0, 2)
             kc[row, :, :t] = k
             vc[row, :, :t] = v
-            probs = _softmax((q @ k.transpose(0, 2, 1)) * scale + causal, xp)
+            probs = softmax((q @ k.transpose(0, 2, 1)) * scale + causal, xp)
             x = x + (probs @ v).transpose(1, 0, 2).reshape(t, c.hidden_size) @ ly.wo.T
-            x = x + self._mlp(_rms_norm(x, ly.ln2, c.rms_norm_eps, xp), ly)
-        last = _rms_norm(x[-1:], self._norm, c.rms_norm_eps, xp)
+            x = x + self._mlp(rms_norm(x, ly.ln2, c.rms_norm_eps, xp), ly)
+        last = rms_norm(x[-1:], self._norm, c.rms_norm_eps, xp)
         return (last @ self._head.T)[0]
 
     def _mlp(self, h: F32, ly: _Layer) -> F32:
-        return (_silu(h @ ly.wg.T, self._xp) * (h @ ly.wu.T)) @ ly.wd.T
+        return (silu(h @ ly.wg.T, self._xp) * (h @ ly.wu.T)) @ ly.wd.T
 
     def _decode_step(self, tokens: np.ndarray, pos: np.ndarray, caches: list[tuple[F32, F32]]) -> F32:
         """One new token per row at position ``pos[row]``; the logits (rows x vocabulary)."""
@@ -442,16 +449,16 @@ class ByteLM(InPlaceExecutor):
         bias = bias.astype(np.float32)[:, None, :]
         scale = np.float32(1 / math.sqrt(dh))
         for ly, (kc, vc) in zip(self._layers, caches, strict=True):
-            h = _rms_norm(x, ly.ln1, c.rms_norm_eps, xp)
-            q = _rope((h @ ly.wq.T).reshape(b, nh, dh), cos, sin, xp)
-            kc[rows, :, pos_x] = _rope((h @ ly.wk.T).reshape(b, nh, dh), cos, sin, xp)
+            h = rms_norm(x, ly.ln1, c.rms_norm_eps, xp)
+            q = rope((h @ ly.wq.T).reshape(b, nh, dh), cos, sin, xp)
+            kc[rows, :, pos_x] = rope((h @ ly.wk.T).reshape(b, nh, dh), cos, sin, xp)
             vc[rows, :, pos_x] = (h @ ly.wv.T).reshape(b, nh, dh)
             scores = (q[:, :, None, :] @ kc[:, :, :t_cur].transpose(0, 1, 3, 2))[:, :, 0, :]
-            probs = _softmax(scores * scale + bias, xp)
+            probs = softmax(scores * scale + bias, xp)
             ctx = (probs[:, :, None, :] @ vc[:, :, :t_cur])[:, :, 0, :]
             x = x + ctx.reshape(b, c.hidden_size) @ ly.wo.T
-            x = x + self._mlp(_rms_norm(x, ly.ln2, c.rms_norm_eps, xp), ly)
-        return _rms_norm(x, self._norm, c.rms_norm_eps, xp) @ self._head.T
+            x = x + self._mlp(rms_norm(x, ly.ln2, c.rms_norm_eps, xp), ly)
+        return rms_norm(x, self._norm, c.rms_norm_eps, xp) @ self._head.T
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits at every position of ``ids`` by a full recomputation (no cache reuse), on the

@@ -124,19 +124,43 @@ VR_HD void b3_iv(u32 cv[8]) {
     cv[4] = B3_IV4; cv[5] = B3_IV5; cv[6] = B3_IV6; cv[7] = B3_IV7;
 }
 
-// Parent node: compress(IV, left || right, counter 0, 64 bytes, PARENT | extra).
-VR_HD void b3_parent(const u32 l[8], const u32 r[8], u32 extra, u32 out[8]) {
+#define B3_KEYED_HASH 16u
+
+// Key policies: what a chunk's and a parent's compression start from, and the mode flag ORed into
+// every compression. Unkeyed hashing starts from the IV (immediates, so the tuned kernels compile
+// exactly as before); keyed mode (the attest-v1 probe) starts from the 32-byte key read as eight
+// little-endian words and sets KEYED_HASH on every compression, chunks and parents alike
+// (BLAKE3 spec, section 2.3 "Modes"). The compression's own v8..v11 stay the IV in both modes.
+struct b3_plain_key {
+    VR_HD void load(u32 cv[8]) const { b3_iv(cv); }
+    VR_HD u32 flags() const { return 0u; }
+};
+// Runtime key: `w` points at eight key words (shared memory in the table kernels, host memory in
+// the CPU harness); `f` is B3_KEYED_HASH, or 0 with w holding the IV (unkeyed segments of a table).
+struct b3_rt_key {
+    const u32* w;
+    u32 f;
+    VR_HD void load(u32 cv[8]) const {
+        for (int i = 0; i < 8; ++i) cv[i] = w[i];
+    }
+    VR_HD u32 flags() const { return f; }
+};
+
+// Parent node: compress(IV or key, left || right, counter 0, 64 bytes, PARENT | extra | mode).
+template <class K = b3_plain_key>
+VR_HD void b3_parent(const u32 l[8], const u32 r[8], u32 extra, u32 out[8], const K& key = K()) {
     u32 m[16];
     for (int i = 0; i < 8; ++i) { m[i] = l[i]; m[8 + i] = r[i]; }
-    u32 iv[8];
-    b3_iv(iv);
-    b3_compress(iv, m, 0, 64, B3_PARENT | extra, out);
+    u32 kcv[8];
+    key.load(kcv);
+    b3_compress(kcv, m, 0, 64, B3_PARENT | extra | key.flags(), out);
 }
 
 // Chaining value (or root output, with extra = ROOT) of one chunk of `len` <= 1024 bytes at p, any
 // alignment, byte loads. The general path: partial chunks, roots, the CPU harness.
-VR_HD void b3_chunk_bytes(const u8* p, u32 len, u64 counter, u32 extra, u32 cv[8]) {
-    b3_iv(cv);
+template <class K = b3_plain_key>
+VR_HD void b3_chunk_bytes(const u8* p, u32 len, u64 counter, u32 extra, u32 cv[8], const K& key = K()) {
+    key.load(cv);
     u32 blocks = len ? (len + 63) / 64 : 1u;
     for (u32 blk = 0; blk < blocks; ++blk) {
         u32 blen = len - blk * 64 < 64 ? len - blk * 64 : 64u;
@@ -147,7 +171,7 @@ VR_HD void b3_chunk_bytes(const u8* p, u32 len, u64 counter, u32 extra, u32 cv[8
             m[i] = (u32)buf[4 * i] | ((u32)buf[4 * i + 1] << 8) | ((u32)buf[4 * i + 2] << 16) |
                    ((u32)buf[4 * i + 3] << 24);
         u32 flags = (blk == 0 ? B3_CHUNK_START : 0u) | (blk + 1 == blocks ? (B3_CHUNK_END | extra) : 0u);
-        b3_compress(cv, m, counter, blen, flags, cv);
+        b3_compress(cv, m, counter, blen, flags | key.flags(), cv);
     }
 }
 
@@ -167,11 +191,11 @@ VR_HD void b3_chunk_bytes(const u8* p, u32 len, u64 counter, u32 extra, u32 cv[8
 
 // One full chunk (1024 bytes, 16-byte aligned, no ROOT) under P different chunk counters, loading
 // each 64-byte block once. P = 2 computes a unit's message-tree CV and its standalone CV together.
-template <int P>
+template <int P, class K>
 __device__ __forceinline__ void b3_chunk_full(const uint4* __restrict__ p, const u64 (&counter)[P],
-                                              u32 (&cv)[P][8]) {
+                                              u32 (&cv)[P][8], const K& key) {
 #pragma unroll
-    for (int k = 0; k < P; ++k) b3_iv(cv[k]);
+    for (int k = 0; k < P; ++k) key.load(cv[k]);
 #if VR_B3_PREFETCH
     uint4 q0 = __ldg(p + 0), q1 = __ldg(p + 1), q2 = __ldg(p + 2), q3 = __ldg(p + 3);
 #endif
@@ -191,7 +215,7 @@ __device__ __forceinline__ void b3_chunk_full(const uint4* __restrict__ p, const
         u32 m0[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w,
                       q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
 #endif
-        u32 flags = (blk == 0 ? B3_CHUNK_START : 0u) | (blk == 15 ? B3_CHUNK_END : 0u);
+        u32 flags = (blk == 0 ? B3_CHUNK_START : 0u) | (blk == 15 ? B3_CHUNK_END : 0u) | key.flags();
 #pragma unroll
         for (int k = 0; k < P; ++k) {
             u32 m[16];
@@ -205,10 +229,10 @@ __device__ __forceinline__ void b3_chunk_full(const uint4* __restrict__ p, const
 // The node of thread t's 4-chunk subtree under P counter bases. root[k] (ROOT or 0) is applied to
 // the compression that is the top of the unit's tree, when that compression happens inside this
 // thread (the unit has at most 4 chunks).
-template <int P>
+template <int P, class K = b3_plain_key>
 __device__ __forceinline__ void b3_thread_node(const u8* __restrict__ unit_ptr, u32 unit_len, u32 c_u,
                                                u32 t, const u64 (&base)[P], const u32 (&root)[P],
-                                               u32 (&node)[P][8]) {
+                                               u32 (&node)[P][8], const K& key = K()) {
     const u32 first = t * B3_CPT;
     const u32 nch = c_u - first < B3_CPT ? c_u - first : B3_CPT;
     const bool top_here = c_u <= B3_CPT;
@@ -222,11 +246,11 @@ __device__ __forceinline__ void b3_thread_node(const u8* __restrict__ unit_ptr, 
             u64 ctr[P];
 #pragma unroll
             for (int k = 0; k < P; ++k) ctr[k] = base[k] + ci;
-            b3_chunk_full<P>(reinterpret_cast<const uint4*>(unit_ptr + off), ctr, cur);
+            b3_chunk_full<P>(reinterpret_cast<const uint4*>(unit_ptr + off), ctr, cur, key);
         } else {
 #pragma unroll
             for (int k = 0; k < P; ++k)
-                b3_chunk_bytes(unit_ptr + off, len, base[k] + ci, c_u == 1 ? root[k] : 0u, cur[k]);
+                b3_chunk_bytes(unit_ptr + off, len, base[k] + ci, c_u == 1 ? root[k] : 0u, cur[k], key);
         }
         // Merge as soon as a pair is complete, left to right.
         const bool last = j + 1 == nch;
@@ -237,20 +261,20 @@ __device__ __forceinline__ void b3_thread_node(const u8* __restrict__ unit_ptr, 
 #pragma unroll
                 for (int i = 0; i < 8; ++i) node[k][i] = cur[k][i];
             } else if (j == 1) {
-                b3_parent(node[k], cur[k], top, p01[k]);
+                b3_parent(node[k], cur[k], top, p01[k], key);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) node[k][i] = p01[k][i];
             } else if (j == 2) {
                 if (last) {
-                    b3_parent(p01[k], cur[k], top, node[k]);
+                    b3_parent(p01[k], cur[k], top, node[k], key);
                 } else {
 #pragma unroll
                     for (int i = 0; i < 8; ++i) node[k][i] = cur[k][i];  // c2, waiting for c3
                 }
             } else {
                 u32 p23[8];
-                b3_parent(node[k], cur[k], 0u, p23);
-                b3_parent(p01[k], p23, top, node[k]);
+                b3_parent(node[k], cur[k], 0u, p23, key);
+                b3_parent(p01[k], p23, top, node[k], key);
             }
         }
     }
@@ -259,11 +283,12 @@ __device__ __forceinline__ void b3_thread_node(const u8* __restrict__ unit_ptr, 
 // vr_block_reduce with BLAKE3's parent node: the final compression (count == 2) gets `top` (ROOT
 // or 0). With dual, that thread also writes the top computed with ROOT to root_out (unit 0 in
 // unit-digest mode: same tree, two flags).
+template <class K = b3_plain_key>
 __device__ __forceinline__ void b3_block_reduce(u32 (*node)[B3_THREADS + 1], u32 count, u32 top, bool dual,
-                                                u32 root_out[8]) {
+                                                u32 root_out[8], const K& key = K()) {
     vr_block_reduce(node, count, [=](u32 l[8], u32 r[8], u32 o[8], u32 n) {
-        b3_parent(l, r, n == 2 ? top : 0u, o);
-        if (dual && n == 2) b3_parent(l, r, B3_ROOT, root_out);
+        b3_parent(l, r, n == 2 ? top : 0u, o, key);
+        if (dual && n == 2) b3_parent(l, r, B3_ROOT, root_out, key);
     });
 }
 
@@ -376,6 +401,129 @@ extern "C" __global__ void __launch_bounds__(B3_THREADS)
 #pragma unroll
         for (int i = 0; i < 8; ++i) s[i] = node[i][0];
         b3_store(out + (u64)blockIdx.x * 32u, s);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Segment-table kernels (batched digests, keyed mode): the same unit and reduction work as above,
+// but block b takes its segment, unit, outputs and key from table[b], so one launch covers every
+// unit of every segment of a verify (vr_common.cuh). Unkeyed segments run with the IV as the
+// "key" and no mode flag, which is exactly the plain computation.
+
+// Block-wide: the segment's key words (or the IV) and mode flag into shared memory.
+__device__ __forceinline__ b3_rt_key b3_table_key(u64 key_addr, u32 (&kw)[9]) {
+    const u32 t = threadIdx.x;
+    if (t < 8) {
+        u32 iv[8];
+        b3_iv(iv);
+        u32 v = iv[0];
+#pragma unroll
+        for (int i = 1; i < 8; ++i) v = (u32)i == t ? iv[i] : v;
+        kw[t] = key_addr ? reinterpret_cast<const u32*>(key_addr)[t] : v;
+    } else if (t == 8) {
+        kw[8] = key_addr ? B3_KEYED_HASH : 0u;
+    }
+    __syncthreads();
+    return b3_rt_key{kw, kw[8]};
+}
+
+// One unit per block, one pass with the message tree's counters (see blake3_units): the unit's
+// tree value to cv_out, and where unit_out is set, unit 0's standalone digest (dual top) too.
+// Single-unit segments get ROOT and their digest in cv_out.
+extern "C" __global__ void __launch_bounds__(B3_THREADS, VR_B3_MIN_BLOCKS)
+    blake3_table_units(const vr_unit_desc* __restrict__ table) {
+    __shared__ u32 nodeA[8][B3_THREADS + 1];
+    __shared__ u32 kw[9];
+    const vr_unit_desc d = table[blockIdx.x];
+    const b3_rt_key key = b3_table_key(d.key, kw);
+    const u8* data = reinterpret_cast<const u8*>(d.data);
+    const u64 start = d.unit << B3_UNIT_SHIFT;
+    const u64 avail = d.n > start ? d.n - start : 0;
+    const u32 unit_len = avail > (1u << B3_UNIT_SHIFT) ? (1u << B3_UNIT_SHIFT) : (u32)avail;
+    const u32 c_u = unit_len ? (unit_len + 1023u) / 1024u : 1u;
+    const u32 count = (c_u + B3_CPT - 1) / B3_CPT;
+    const bool single = d.n <= (1ull << B3_UNIT_SHIFT);
+    const bool dual_top = d.unit_out != 0 && !single && d.unit == 0;
+    const u32 t = threadIdx.x;
+    const u64 base[1] = {d.unit * B3_CHUNKS_PER_UNIT};
+    const u32 root[1] = {single ? B3_ROOT : 0u};
+    if (t < count) {
+        u32 node[1][8];
+        b3_thread_node<1>(data + start, unit_len, c_u, t, base, root, node, key);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) nodeA[i][t] = node[0][i];
+    }
+    __syncthreads();
+    u32 root_out[8];
+    b3_block_reduce(nodeA, count, root[0], dual_top, root_out, key);
+    if (t == 0) {
+        u32 s[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s[i] = nodeA[i][0];
+        b3_store(reinterpret_cast<u8*>(d.cv_out), s);
+        if (dual_top) b3_store(reinterpret_cast<u8*>(d.unit_out), root_out);
+    }
+}
+
+// Units >= 1 of multi-unit segments when unit digests are wanted (see blake3_units_standalone):
+// the tree value to cv_out and the unit's own digest (counters from 0, ROOT) to unit_out.
+extern "C" __global__ void __launch_bounds__(B3_THREADS)
+    blake3_table_units_standalone(const vr_unit_desc* __restrict__ table) {
+    __shared__ u32 nodeA[8][B3_THREADS + 1];
+    __shared__ u32 nodeB[8][B3_THREADS + 1];
+    __shared__ u32 kw[9];
+    const vr_unit_desc d = table[blockIdx.x];
+    const b3_rt_key key = b3_table_key(d.key, kw);
+    const u8* data = reinterpret_cast<const u8*>(d.data);
+    const u64 start = d.unit << B3_UNIT_SHIFT;
+    const u64 avail = d.n > start ? d.n - start : 0;
+    const u32 unit_len = avail > (1u << B3_UNIT_SHIFT) ? (1u << B3_UNIT_SHIFT) : (u32)avail;
+    const u32 c_u = unit_len ? (unit_len + 1023u) / 1024u : 1u;
+    const u32 count = (c_u + B3_CPT - 1) / B3_CPT;
+    const u32 t = threadIdx.x;
+    const u64 base[2] = {d.unit * B3_CHUNKS_PER_UNIT, 0ull};
+    const u32 root[2] = {0u, B3_ROOT};
+    if (t < count) {
+        u32 node[2][8];
+        b3_thread_node<2>(data + start, unit_len, c_u, t, base, root, node, key);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { nodeA[i][t] = node[0][i]; nodeB[i][t] = node[1][i]; }
+    }
+    __syncthreads();
+    u32 unused[8];
+    b3_block_reduce(nodeA, count, 0u, false, unused, key);
+    b3_block_reduce(nodeB, count, B3_ROOT, false, unused, key);
+    if (t == 0) {
+        u32 a[8], b[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { a[i] = nodeA[i][0]; b[i] = nodeB[i][0]; }
+        b3_store(reinterpret_cast<u8*>(d.cv_out), a);
+        b3_store(reinterpret_cast<u8*>(d.unit_out), b);
+    }
+}
+
+// One tree level of every segment in one launch: block b reduces table[b].count chaining values.
+extern "C" __global__ void __launch_bounds__(B3_THREADS)
+    blake3_table_reduce(const vr_reduce_desc* __restrict__ table) {
+    __shared__ u32 node[8][B3_THREADS + 1];
+    __shared__ u32 kw[9];
+    const vr_reduce_desc d = table[blockIdx.x];
+    const b3_rt_key key = b3_table_key(d.key, kw);
+    const u32 t = threadIdx.x;
+    if (t < d.count) {
+        const uint4* q = reinterpret_cast<const uint4*>(d.in + (u64)t * 32u);
+        uint4 a = q[0], b = q[1];
+        node[0][t] = a.x; node[1][t] = a.y; node[2][t] = a.z; node[3][t] = a.w;
+        node[4][t] = b.x; node[5][t] = b.y; node[6][t] = b.z; node[7][t] = b.w;
+    }
+    __syncthreads();
+    u32 unused[8];
+    b3_block_reduce(node, d.count, d.root ? B3_ROOT : 0u, false, unused, key);
+    if (t == 0) {
+        u32 s[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s[i] = node[i][0];
+        b3_store(reinterpret_cast<u8*>(d.out), s);
     }
 }
 

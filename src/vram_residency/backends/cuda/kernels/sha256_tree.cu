@@ -299,12 +299,10 @@ __device__ __forceinline__ void load_digest(const u8* __restrict__ in, u32 s[8])
     s[4] = vr_bswap(b.x); s[5] = vr_bswap(b.y); s[6] = vr_bswap(b.z); s[7] = vr_bswap(b.w);
 }
 
-// Unit digests of units [first_unit, first_unit + gridDim.x) of an n-byte message at `data`
-// (16-byte aligned). out receives 32 bytes per unit, indexed by absolute unit number.
+// The unit digest of unit `unit` of an n-byte message at `data` (16-byte aligned) to `slot`.
 // blockDim.x must be 256 (one thread per leaf of a unit).
-__device__ __forceinline__ void sha256_units_body(u32 (*node)[VR_LEAVES_PER_UNIT + 1], const u8* __restrict__ data,
-                                                  u64 n, u64 first_unit, u8* __restrict__ out) {
-    const u64 unit = first_unit + blockIdx.x;
+__device__ __forceinline__ void sha256_unit_at(u32 (*node)[VR_LEAVES_PER_UNIT + 1], const u8* __restrict__ data,
+                                               u64 n, u64 unit, u8* __restrict__ slot) {
     const u64 start = unit << VR_UNIT_SHIFT;
     const u64 avail = n > start ? n - start : 0;
     const u32 unit_len = avail > (1u << VR_UNIT_SHIFT) ? (1u << VR_UNIT_SHIFT) : (u32)avail;
@@ -324,8 +322,16 @@ __device__ __forceinline__ void sha256_units_body(u32 (*node)[VR_LEAVES_PER_UNIT
         u32 s[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) s[i] = node[i][0];
-        store_digest(out + unit * 32u, s);
+        store_digest(slot, s);
     }
+}
+
+// Unit digests of units [first_unit, first_unit + gridDim.x) of an n-byte message at `data`
+// (16-byte aligned). out receives 32 bytes per unit, indexed by absolute unit number.
+__device__ __forceinline__ void sha256_units_body(u32 (*node)[VR_LEAVES_PER_UNIT + 1], const u8* __restrict__ data,
+                                                  u64 n, u64 first_unit, u8* __restrict__ out) {
+    const u64 unit = first_unit + blockIdx.x;
+    sha256_unit_at(node, data, n, unit, out + unit * 32u);
 }
 
 // Two register budgets of the same kernel: the compiler's own (77 registers, 3 blocks per SM) runs
@@ -404,6 +410,43 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int i = 0; i < 8; ++i) s[i] = node[i][0];
         store_digest(out + (u64)blockIdx.x * 32u, s);
+    }
+}
+
+// Segment tables (batched digests, vr_common.cuh): block b computes the unit digest described by
+// table[b], in both register budgets as above; one level of every segment's tree per reduce launch.
+extern "C" __global__ void __launch_bounds__(256, VR_SHA_MIN_BLOCKS)
+    sha256_table_units(const vr_unit_desc* __restrict__ table) {
+    __shared__ u32 node[8][VR_LEAVES_PER_UNIT + 1];
+    const vr_unit_desc d = table[blockIdx.x];
+    sha256_unit_at(node, reinterpret_cast<const u8*>(d.data), d.n, d.unit, reinterpret_cast<u8*>(d.cv_out));
+}
+
+extern "C" __global__ void __launch_bounds__(256, 4)
+    sha256_table_units_occ4(const vr_unit_desc* __restrict__ table) {
+    __shared__ u32 node[8][VR_LEAVES_PER_UNIT + 1];
+    const vr_unit_desc d = table[blockIdx.x];
+    sha256_unit_at(node, reinterpret_cast<const u8*>(d.data), d.n, d.unit, reinterpret_cast<u8*>(d.cv_out));
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    sha256_table_reduce(const vr_reduce_desc* __restrict__ table) {
+    __shared__ u32 node[8][VR_LEAVES_PER_UNIT + 1];
+    const vr_reduce_desc d = table[blockIdx.x];
+    const u32 t = threadIdx.x;
+    if (t < d.count) {
+        u32 s[8];
+        load_digest(reinterpret_cast<const u8*>(d.in) + (u64)t * 32u, s);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) node[i][t] = s[i];
+    }
+    __syncthreads();
+    sha256_block_reduce(node, d.count);
+    if (t == 0) {
+        u32 s[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s[i] = node[i][0];
+        store_digest(reinterpret_cast<u8*>(d.out), s);
     }
 }
 

@@ -114,3 +114,29 @@ __device__ __forceinline__ void vr_block_reduce(u32 (*node)[W], u32 count, Paren
     }
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// Segment tables (batched digests): the host lays out one descriptor per unit of every segment,
+// and one per reduction block of every tree level, uploads them all in one copy, and runs one
+// launch per (algorithm, kernel) over them. The layouts are mirrored by numpy dtypes in
+// backends/cuda/_batch.py (same field order, natural alignment, no padding).
+
+// One unit of one segment: block b of a table launch hashes table[b].
+struct vr_unit_desc {
+    u64 data;      // device address of the segment's first byte (16-byte aligned)
+    u64 n;         // segment length in bytes
+    u64 unit;      // which 1 MiB unit of the segment
+    u64 cv_out;    // device address of this unit's 32-byte value (tree node or, single unit, root)
+    u64 unit_out;  // blake3: where this unit's standalone digest goes, or 0 for none
+    u64 key;       // blake3: device address of a 32-byte key (keyed mode), or 0 for unkeyed
+};
+
+// One block of one tree level: reduce `count` (1..256) nodes at `in` to one node at `out`;
+// `root` (blake3) sets ROOT on the final parent when this block finishes the segment's tree.
+struct vr_reduce_desc {
+    u64 in;
+    u64 out;
+    u64 key;
+    u32 count;
+    u32 root;
+};

@@ -1,0 +1,650 @@
+"""The seal core: a store of sealed shards on one backend.
+
+Every shard goes through the same few steps: ``allocate`` (or adopt) a device buffer, fill it,
+``seal_into`` it (digest the device memory, compare, tag, register, audit), ``lookup`` it, and
+``verify_many`` (one batched ``digest_many`` over every shard, then unit digests of the shards that
+changed, to say where). ``VramManager`` is the public face of this store; ``sources`` (files,
+tensors, models, repair), ``testing`` and the service use it through the methods below, never
+through private names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Final
+
+from vram_residency._core.types import AuditSink, ShardRecord, TensorSpan
+from vram_residency.audit.events import (
+    POLICY_VIOLATION,
+    SEAL_VERIFICATION_FAILED,
+    SEAL_VERIFIED,
+    VRAM_ALLOCATED,
+    VRAM_ALLOCATION_FAILED,
+    VRAM_DEALLOCATED,
+    VRAM_SEALED,
+)
+from vram_residency.backends.base import Backend, DeviceBuffer, Priority, Segment
+from vram_residency.errors import (
+    CudaAllocationFailed,
+    InsufficientVram,
+    IntegrityViolation,
+    InvalidInput,
+    NotSealed,
+    PolicyViolation,
+    SealVerificationFailed,
+    ShardFailure,
+    VramError,
+)
+from vram_residency.formats.keys import SecretKey
+from vram_residency.formats.seal import SealFields, seal_message, verify_tag
+from vram_residency.formats.tree import SHA256_TREE_V1, UNIT_SIZE, HashResult, check_algorithm
+from vram_residency.shard import SealedShard
+
+__all__ = ["SEAL_FAILED", "ShardStore", "changed_units", "merge_ranges"]
+
+#: Audited when a seal is refused after its memory was allocated (a wrong expected digest, a
+#: failed fill): the allocation's shard id, the reason, then ``VramDeallocated`` for the release.
+#: The audit module does not name it yet; the value is the event's name in the log.
+SEAL_FAILED: Final = "SealFailed"
+
+#: The fixed message whose tags tell whether two keys are one (``same_key``).
+_KEY_PROBE: Final = b"vram-residency: same seal key?"
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def merge_ranges(units: Sequence[int], n: int) -> list[tuple[int, int]]:
+    """Half-open byte ranges of a shard of ``n`` bytes covered by the 1 MiB ``units`` (sorted),
+    adjacent units merged."""
+    ranges: list[tuple[int, int]] = []
+    for u in units:
+        start, end = u * UNIT_SIZE, min((u + 1) * UNIT_SIZE, n)
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
+    if n == 0 and not ranges and units:
+        ranges.append((0, 0))
+    return ranges
+
+
+def changed_units(old: bytes, new: bytes) -> list[int]:
+    """Indices of the 32-byte unit digests that differ between two packed lists."""
+    if len(old) != len(new):
+        raise IntegrityViolation("unit digest count changed between seal and verify")
+    return [i for i in range(len(old) // 32) if old[32 * i : 32 * i + 32] != new[32 * i : 32 * i + 32]]
+
+
+def _check_opt_int(name: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise InvalidInput(f"{name} must be a non-negative integer or None")
+
+
+def _note_audit_failure(exc: BaseException, audit_exc: BaseException) -> None:
+    # The error being raised stays the one raised; the failed audit write rides along with it.
+    exc.add_note(
+        f"the audit log could not record this failure either: {type(audit_exc).__name__}: {audit_exc}"
+    )
+
+
+class ShardStore:
+    """Sealed shards on one backend, keyed by shard id; thread-safe.
+
+    The store owns the seal key, the backend and every buffer it allocated; ``close()`` zeroes
+    and frees them (adopted buffers are only forgotten) and then closes the backend.
+    """
+
+    def __init__(
+        self,
+        key: SecretKey,
+        backend: Backend,
+        *,
+        device: int,
+        worker_id: str,
+        max_model_bytes: int,
+        audit: AuditSink | None = None,
+    ) -> None:
+        self._key = key
+        self._backend = backend
+        self._device = device
+        self._worker_id = worker_id
+        self._max_model_bytes = max_model_bytes
+        self._audit = audit
+        self._records: dict[str, ShardRecord] = {}
+        self._lock = threading.RLock()
+        # Seals in flight: close() waits for them, so that none frees its buffer after the
+        # backend (on CUDA, the context) is gone.
+        self._inflight = 0
+        self._idle = threading.Condition(self._lock)
+        self._closed = False
+
+    # -- facts ----------------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def device(self) -> int:
+        return self._device
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker_id
+
+    @property
+    def max_model_bytes(self) -> int:
+        return self._max_model_bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+    def shards(self) -> list[SealedShard]:
+        with self._lock:
+            return [r.shard for r in self._records.values()]
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise NotSealed("manager is closed")
+
+    @property
+    def audit(self) -> AuditSink | None:
+        """The audit sink events go to (None: none), so that a caller writing one event to two
+        stores can tell whether they share one log."""
+        return self._audit
+
+    def same_key(self, other: ShardStore) -> bool:
+        """True when ``other`` seals with the same key (the same worker token). Compared through
+        tags of a fixed message, so that no key material is compared directly or exposed."""
+        if not isinstance(other, ShardStore):
+            raise InvalidInput(f"expected a ShardStore, not {type(other).__name__}")
+        return hmac.compare_digest(self._key.tag(_KEY_PROBE), other._key.tag(_KEY_PROBE))
+
+    def key_matches(self, key: SecretKey) -> bool:
+        """True when ``key`` is this store's seal key (compared through tags, as above)."""
+        return hmac.compare_digest(self._key.tag(_KEY_PROBE), key.tag(_KEY_PROBE))
+
+    # -- audit ----------------------------------------------------------------------------------
+    def emit(self, event: str, **fields: Any) -> None:
+        """Write one audit event (nothing without an audit sink); its errors propagate."""
+        if self._audit is not None:
+            self._audit.emit(event, **fields)
+
+    # -- sealing --------------------------------------------------------------------------------
+    def new_shard_id(self) -> str:
+        return f"shard-{secrets.token_hex(16)}"
+
+    def validate_seal_args(
+        self,
+        size: int,
+        device: int | None,
+        model_ref: str | None,
+        shard_index: int | None,
+        total_shards: int | None,
+        expected_digest: str | None,
+        digest_algorithm: str,
+    ) -> str | None:
+        """Check one seal's arguments against the store's limits; the expected digest, lower-cased."""
+        self.check_open()
+        if size <= 0:
+            raise InvalidInput("model is empty: nothing to seal")
+        if size > self._max_model_bytes:
+            raise InvalidInput(f"model of {size} bytes exceeds max_model_bytes ({self._max_model_bytes})")
+        if device is not None and (isinstance(device, bool) or device != self._device):
+            raise InvalidInput(f"device {device!r} is not this manager's device ({self._device})")
+        if model_ref is not None and (not isinstance(model_ref, str) or not model_ref):
+            raise InvalidInput("model_ref must be a non-empty string or None")
+        _check_opt_int("shard_index", shard_index)
+        _check_opt_int("total_shards", total_shards)
+        if (shard_index is None) != (total_shards is None):
+            raise InvalidInput("shard_index and total_shards must be given together")
+        if shard_index is not None and total_shards is not None and shard_index >= total_shards:
+            raise InvalidInput(f"shard_index {shard_index} must be < total_shards {total_shards}")
+        check_algorithm(digest_algorithm)
+        if expected_digest is None:
+            return None
+        if not isinstance(expected_digest, str) or not _HEX64.fullmatch(expected_digest):
+            raise InvalidInput("expected_digest must be 64 hex characters")
+        return expected_digest.lower()
+
+    def allocate(self, size: int, *, shard_id: str | None = None) -> DeviceBuffer:
+        """An exact allocation of ``size`` bytes, audited as ``VramAllocated`` with the id of the
+        shard it is for, so that a later ``SealFailed``/``VramDeallocated`` pairs with it."""
+        free = self._backend.mem_info()[0]
+        try:
+            if size > free:
+                raise InsufficientVram(size, free)
+            buf = self._backend.allocate(size)
+        except (InsufficientVram, CudaAllocationFailed) as exc:
+            self.emit(
+                VRAM_ALLOCATION_FAILED, requested_bytes=size, reason=str(exc), backend=self._backend.name
+            )
+            raise
+        try:
+            fields: dict[str, Any] = {"vram_bytes": size, "backend": self._backend.name}
+            if shard_id is not None:
+                fields["shard_id"] = shard_id
+            self.emit(VRAM_ALLOCATED, **fields)
+        except BaseException:
+            buf.close()  # the caller never gets the buffer: free it here
+            raise
+        return buf
+
+    def release_unsealed(self, buf: DeviceBuffer, *, shard_id: str, size: int, reason: BaseException) -> None:
+        """Free a buffer whose seal failed, and audit the failure and the release (an adopted
+        buffer is only forgotten: nothing of ours was allocated, so nothing is audited as freed).
+
+        Never raises: the seal's own error is the one to report; a failed audit write is added
+        to it as a note."""
+        with contextlib.suppress(VramError):
+            buf.close()
+        try:
+            if isinstance(reason, PolicyViolation):
+                self.emit(POLICY_VIOLATION, critical=True, reason=str(reason), vram_bytes=size)
+            if buf.adopted:
+                return
+            self.emit(
+                SEAL_FAILED, shard_id=shard_id, vram_bytes=size, reason=f"{type(reason).__name__}: {reason}"
+            )
+            self.emit(VRAM_DEALLOCATED, shard_id=shard_id, vram_bytes=size)
+        except Exception as audit_exc:
+            _note_audit_failure(reason, audit_exc)
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Hold the store open for a multi-step operation that allocates and registers (restore):
+        ``close()`` waits for it, so that nothing is freed after the backend is gone."""
+        with self._counted():
+            yield
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        with self._lock:
+            self.check_open()
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.notify_all()
+
+    def seal_into(
+        self,
+        size: int,
+        fill: Callable[[DeviceBuffer], HashResult | None],
+        *,
+        device: int | None = None,
+        model_ref: str | None = None,
+        shard_index: int | None = None,
+        total_shards: int | None = None,
+        expected_digest: str | None = None,
+        digest_algorithm: str = SHA256_TREE_V1,
+        tensors: Sequence[TensorSpan] = (),
+        source: Any = None,
+        buffer: DeviceBuffer | None = None,
+        shard_id: str | None = None,
+    ) -> SealedShard:
+        """The one sealing path: allocate (or take ``buffer``), ``fill`` it, digest the device
+        memory, compare, tag, register, audit. Any failure frees what was allocated (audited as
+        ``SealFailed`` then ``VramDeallocated``).
+
+        ``fill`` may return the digests of the device memory it filled (a backend that hashes
+        chunks as they land, see ``Backend.write_and_hash``, or a batch digested beforehand with
+        ``hash_many``); otherwise they are computed here. ``shard_id`` is the id the allocation
+        was audited with, when the caller allocated ``buffer`` through :meth:`allocate`."""
+        expected = self.validate_seal_args(
+            size, device, model_ref, shard_index, total_shards, expected_digest, digest_algorithm
+        )
+        with self._counted():
+            sid = shard_id if shard_id is not None else self.new_shard_id()
+            buf = buffer if buffer is not None else self.allocate(size, shard_id=sid)
+            try:
+                return self._seal_filled(
+                    sid, size, buf, fill, expected, model_ref, shard_index, total_shards,
+                    digest_algorithm, tensors, source,
+                )  # fmt: skip
+            except BaseException as exc:
+                self.release_unsealed(buf, shard_id=sid, size=size, reason=exc)
+                raise
+
+    def _seal_filled(
+        self,
+        shard_id: str,
+        size: int,
+        buf: DeviceBuffer,
+        fill: Callable[[DeviceBuffer], HashResult | None],
+        expected: str | None,
+        model_ref: str | None,
+        shard_index: int | None,
+        total_shards: int | None,
+        digest_algorithm: str,
+        tensors: Sequence[TensorSpan],
+        source: Any,
+    ) -> SealedShard:
+        self._backend.check_policy(buf)
+        result = fill(buf)
+        if result is None:
+            result = self._backend.hash(buf, digest_algorithm, size)
+        actual = result.digest.hex()
+        if expected is not None and not hmac.compare_digest(actual, expected):
+            raise InvalidInput(
+                f"digest of the bytes in device memory ({actual}) does not match expected_digest "
+                f"({expected}); nothing was sealed"
+            )
+        fields = SealFields(
+            shard_id=shard_id,
+            gpu_device=self._device,
+            vram_bytes=size,
+            digest_algorithm=digest_algorithm,
+            digest=actual,
+            sealed_at_ns=time.time_ns(),
+            worker_id=self._worker_id,
+            model_ref=model_ref,
+            shard_index=shard_index,
+            total_shards=total_shards,
+        )
+        tag = self._key.tag(seal_message(fields))
+        shard = SealedShard.from_fields(fields, tag)
+        record = ShardRecord(
+            shard, buf, tag, result.unit_digests, tuple(tensors), source=source,
+            last_verified_ns=time.time_ns(),
+        )  # fmt: skip
+        with self._lock:
+            self.check_open()
+            self._records[shard.shard_id] = record
+        try:
+            self.emit(
+                VRAM_SEALED,
+                shard_id=shard.shard_id,
+                vram_bytes=size,
+                digest=shard.digest,
+                digest_algorithm=digest_algorithm,
+                model_ref=model_ref,
+                backend=self._backend.name,
+            )
+        except BaseException:
+            # The caller never gets this shard: it must not stay registered (and resident).
+            with self._lock:
+                if self._records.get(shard.shard_id) is record:
+                    del self._records[shard.shard_id]
+            raise
+        return shard
+
+    # -- records moved in and out (migration, offload, restore) --------------------------------
+    def register(self, record: ShardRecord, event: str, **fields: Any) -> None:
+        """Register an already-filled ``record`` under its existing seal (a restored shard), then
+        audit ``event`` with ``fields``; if that write fails the record is unregistered again.
+
+        Fails closed: the record's tag must be this store's tag of the shard's fields, the shard
+        must be bound to this store's device, and its id must not be registered already. The
+        caller has verified the bytes in ``record.buf`` against the seal and still owns the
+        buffer when this raises."""
+        if not isinstance(record, ShardRecord):
+            raise InvalidInput(f"expected a ShardRecord, not {type(record).__name__}")
+        shard = record.shard
+        if not self.tag_matches(shard, record):
+            raise SealVerificationFailed(
+                f"seal tag of shard {shard.shard_id} does not match its fields; not registered",
+                shard_id=shard.shard_id,
+                tag_valid=False,
+            )
+        if shard.gpu_device != self._device:
+            raise InvalidInput(f"shard is sealed for device {shard.gpu_device}, not {self._device}")
+        self._backend.check_policy(record.buf)
+        with self._lock:
+            self.check_open()
+            if shard.shard_id in self._records:
+                raise InvalidInput(f"shard {shard.shard_id!r} is registered already")
+            self._records[shard.shard_id] = record
+        try:
+            self.emit(event, **fields)
+        except BaseException:
+            self.forget(record)
+            raise
+
+    def forget(self, record: ShardRecord) -> bool:
+        """Unregister ``record`` without touching its buffer: True, or False when something else
+        replaced or removed it first. The caller then owns (and frees) ``record.buf``."""
+        with self._lock:
+            if self._records.get(record.shard.shard_id) is record:
+                del self._records[record.shard.shard_id]
+                return True
+        return False
+
+    def retire(self, record: ShardRecord, *, reason: str) -> bool:
+        """Unregister ``record``, zero and free its buffer, audit ``VramDeallocated`` with
+        ``reason`` (the bytes now live elsewhere: migrated, offloaded). The caller holds
+        ``record.lock``. False (nothing done) when the record was no longer registered."""
+        if not self.forget(record):
+            return False
+        record.buf.close()
+        shard = record.shard
+        self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes, reason=reason)
+        return True
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def lookup(self, shard: SealedShard) -> ShardRecord:
+        """The store's record of ``shard``: InvalidInput for a non-shard, NotSealed for one this
+        store does not hold. Hold ``record.lock`` while touching ``record.buf``."""
+        if not isinstance(shard, SealedShard):
+            raise InvalidInput(f"expected a SealedShard, not {type(shard).__name__}")
+        with self._lock:
+            self.check_open()
+            record = self._records.get(shard.shard_id)
+        if record is None:
+            raise NotSealed(f"shard {shard.shard_id!r} is not sealed by this manager")
+        return record
+
+    def tag_matches(self, shard: SealedShard, record: ShardRecord) -> bool:
+        """Both the presented shard and the store's record carry the tag of these exact fields:
+        a shard object edited in memory fails here, before any device work."""
+        return verify_tag(self._key, shard.fields(), record.tag) and hmac.compare_digest(
+            shard.tag, record.tag
+        )
+
+    # -- verification ---------------------------------------------------------------------------
+    def verify_many(self, shards: Iterable[SealedShard], *, priority: Priority = "normal") -> None:
+        """Verify every shard: the tags, then ONE ``backend.digest_many`` over all of them, then
+        unit digests (one ``hash_many``) only for those whose digest changed, to say where.
+
+        Every shard is audited (``SealVerified`` or ``SealVerificationFailed``); on any failure
+        one ``SealVerificationFailed`` names every failed shard (``failures``). Unknown shards
+        raise NotSealed and non-shards InvalidInput before anything is verified. ``priority="low"``
+        is background verification (the scrubber): see ``backends.base.Priority``."""
+        presented = list(shards)
+        for s in presented:
+            if not isinstance(s, SealedShard):
+                raise InvalidInput(f"expected SealedShard objects, not {type(s).__name__}")
+        records: dict[str, ShardRecord] = {}
+        for s in presented:
+            records.setdefault(s.shard_id, self.lookup(s))
+        # Locks in one global order (by shard id), so that concurrent batches cannot deadlock.
+        with contextlib.ExitStack() as stack:
+            for sid in sorted(records):
+                stack.enter_context(records[sid].lock)
+            for sid, rec in records.items():
+                if rec.buf.closed:
+                    raise NotSealed(f"shard {sid!r} was deallocated")
+            self._verify_held(presented, records, priority)
+
+    def verify_held(self, shard: SealedShard, record: ShardRecord) -> None:
+        """Verify one shard whose ``record.lock`` the caller already holds (repair does)."""
+        self._verify_held([shard], {shard.shard_id: record})
+
+    def _verify_held(
+        self, presented: list[SealedShard], records: dict[str, ShardRecord], priority: Priority = "normal"
+    ) -> None:
+        failures: dict[str, ShardFailure] = {}
+        events: list[tuple[str, dict[str, Any]]] = []
+        for s in presented:
+            if s.shard_id not in failures and not self.tag_matches(s, records[s.shard_id]):
+                failures[s.shard_id] = ShardFailure(s.shard_id, tag_valid=False)
+        todo = [r for sid, r in records.items() if sid not in failures]
+        segments = [Segment(r.buf, r.shard.vram_bytes, r.shard.digest_algorithm) for r in todo]
+        start = time.perf_counter_ns()
+        digests = self._backend.digest_many(segments, priority=priority) if segments else []
+        elapsed_ns = time.perf_counter_ns() - start
+        if len(digests) != len(segments):
+            raise IntegrityViolation(
+                "the backend returned a digest count that differs from the segment count"
+            )
+        bad = [
+            (r, d.hex())
+            for r, d in zip(todo, digests, strict=True)
+            if not hmac.compare_digest(d.hex(), r.shard.digest)
+        ]
+        if bad:
+            # Cost on a mismatch only: unit digests of the changed shards, batched as well.
+            results = self._backend.hash_many(
+                [Segment(r.buf, r.shard.vram_bytes, r.shard.digest_algorithm) for r, _ in bad]
+            )
+            for (r, actual), result in zip(bad, results, strict=True):
+                ranges = merge_ranges(changed_units(r.unit_digests, result.unit_digests), r.shard.vram_bytes)
+                failures[r.shard.shard_id] = ShardFailure(
+                    r.shard.shard_id, r.shard.digest, actual, tuple(ranges), tuple(r.tensors_in(ranges))
+                )
+        ordered = list(dict.fromkeys(s.shard_id for s in presented))
+        now_ns = time.time_ns()
+        for sid in ordered:
+            if sid not in failures:
+                records[sid].last_verified_ns = now_ns
+        for sid in ordered:
+            f = failures.get(sid)
+            sealed = records[sid].shard
+            if f is None:
+                events.append((SEAL_VERIFIED, {
+                    "shard_id": sid,
+                    "vram_bytes": sealed.vram_bytes,
+                    "digest_algorithm": sealed.digest_algorithm,
+                    "duration_ns": elapsed_ns,
+                    "batch_shards": len(segments),
+                }))  # fmt: skip
+            elif not f.tag_valid:
+                events.append((SEAL_VERIFICATION_FAILED, {
+                    "critical": True,
+                    "shard_id": sid,
+                    "reason": "tag mismatch",
+                    "expected_digest": sealed.digest,
+                    "actual_digest": "",
+                    "corrupted_ranges": [],
+                }))  # fmt: skip
+            else:
+                events.append((SEAL_VERIFICATION_FAILED, {
+                    "critical": True,
+                    "shard_id": sid,
+                    "reason": "digest mismatch",
+                    "expected_digest": f.expected_digest,
+                    "actual_digest": f.actual_digest,
+                    "corrupted_ranges": [list(r) for r in f.corrupted_ranges],
+                    "corrupted_tensors": list(f.corrupted_tensors),
+                }))  # fmt: skip
+        # Failures are written first: they are the evidence, and must not wait behind (or be
+        # lost to) a failed write of a success record.
+        events.sort(key=lambda e: e[0] != SEAL_VERIFICATION_FAILED)
+        audit_exc: Exception | None = None
+        for name, fields in events:
+            try:
+                self.emit(name, **fields)
+            except Exception as exc:
+                if audit_exc is None:
+                    audit_exc = exc
+                if not failures:
+                    raise
+        if not failures:
+            return
+        error = _failure_error([failures[sid] for sid in ordered if sid in failures])
+        if audit_exc is not None:
+            error.audit_error = audit_exc
+            _note_audit_failure(error, audit_exc)
+            raise error from audit_exc
+        raise error
+
+    def last_verified_ns(self) -> dict[str, int]:
+        """Each shard's last successful verification (seal, verify or attest), ns since the epoch."""
+        with self._lock:
+            return {sid: r.last_verified_ns for sid, r in self._records.items()}
+
+    # -- release --------------------------------------------------------------------------------
+    def deallocate(self, shard: SealedShard) -> None:
+        """Zero and free the shard's device memory (adopted memory: forget it) and its seal."""
+        record = self.lookup(shard)
+        with record.lock:
+            with self._lock:
+                if self._records.get(shard.shard_id) is not record:
+                    raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
+                del self._records[shard.shard_id]
+            record.buf.close()
+        self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
+
+    def close(self) -> None:
+        """Zero and free every shard, then release the backend. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._inflight:
+                self._idle.wait()
+            records = list(self._records.values())
+            self._records.clear()
+        errors: list[BaseException] = []
+        for record in records:
+            with record.lock:
+                try:
+                    record.buf.close()
+                except VramError as exc:  # keep freeing the rest; report afterwards
+                    errors.append(exc)
+            shard = record.shard
+            try:
+                self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
+            except Exception as exc:  # a failed audit log must not keep the other shards resident
+                errors.append(exc)
+        try:
+            self._backend.close()
+        except Exception as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+def _failure_error(failures: list[ShardFailure]) -> SealVerificationFailed:
+    def describe(f: ShardFailure) -> str:
+        if not f.tag_valid:
+            return f"seal tag of shard {f.shard_id} does not match its fields"
+        rs = f.corrupted_ranges
+        where = ", ".join(f"[{s}, {e})" for s, e in rs[:8]) + (" ..." if len(rs) > 8 else "")
+        named = f"; tensors: {', '.join(f.corrupted_tensors[:8])}" if f.corrupted_tensors else ""
+        return (
+            f"shard {f.shard_id}: digest of device memory changed "
+            f"(expected {f.expected_digest}, got {f.actual_digest}); changed bytes in {where}{named}"
+        )
+
+    first = failures[0]
+    message = describe(first)
+    if len(failures) > 1:
+        message = f"{len(failures)} shards failed verification: " + "; ".join(
+            describe(f) for f in failures[:16]
+        )
+        if len(failures) > 16:
+            message += f"; ... and {len(failures) - 16} more"
+    return SealVerificationFailed(
+        message,
+        shard_id=first.shard_id,
+        expected_digest=first.expected_digest,
+        actual_digest=first.actual_digest,
+        corrupted_ranges=first.corrupted_ranges,
+        corrupted_tensors=first.corrupted_tensors,
+        tag_valid=first.tag_valid,
+        failures=failures,
+    )

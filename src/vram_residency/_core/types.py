@@ -1,0 +1,51 @@
+"""Small value types of the seal core, shared by the manager, the sources and the service."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vram_residency.backends.base import DeviceBuffer
+from vram_residency.shard import SealedShard
+
+__all__ = ["AuditSink", "ShardRecord", "TensorSpan"]
+
+
+class AuditSink(Protocol):
+    """What the seal core needs of an audit log (``vram_residency.audit.AuditLog`` is one)."""
+
+    def emit(self, event_type: str, *, critical: bool | None = None, **fields: Any) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpan:
+    """A named byte range of a shard (a tensor of a safetensors/GGUF file or a framework)."""
+
+    name: str
+    start: int
+    end: int
+
+
+@dataclass(slots=True, eq=False)
+class ShardRecord:
+    """What the store keeps per sealed shard: the device buffer, the tag it issued, the unit
+    digests taken at seal time (for localization and repair), the tensor index and the source.
+
+    ``lock`` serializes everything that reads or writes the shard's memory (verify, repair,
+    deallocate, fault injection); hold it while using ``buf``."""
+
+    shard: SealedShard
+    buf: DeviceBuffer
+    tag: bytes
+    unit_digests: bytes
+    tensors: tuple[TensorSpan, ...] = ()
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    source: Any = None
+    #: When the device memory last matched the seal (time.time_ns): set at seal and at every
+    #: successful verify or attestation; the seal-age policy reads it.
+    last_verified_ns: int = 0
+
+    def tensors_in(self, ranges: list[tuple[int, int]]) -> list[str]:
+        """Names of the tensors overlapping any of ``ranges``, in index order."""
+        return [t.name for t in self.tensors if any(t.start < e and s < t.end for s, e in ranges)]

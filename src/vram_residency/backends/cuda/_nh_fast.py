@@ -1,0 +1,286 @@
+"""Launch plumbing for ``nh-fast-v1`` (``kernels/nh_fast.cu``, ``docs/specs/nh-fast-v1.md``).
+
+For the CUDA backend's dispatch. Two levels:
+
+- :class:`NhFastJob`: one digest computation on a given module, stream and scratch address. It
+  uploads the key schedule, launches the leaf kernel over any leaf range (so the seal path can
+  hash each staged chunk as soon as its copy lands), then the unit kernel, copies the unit
+  digests back and finishes the digest on the host (one keyed BLAKE3 call over 32 bytes per MiB).
+- :func:`nh_fast_hash`: the whole thing for a device pointer, using a :class:`CudaBackend`'s own
+  plumbing (its lock, compute stream, scratch buffer, pinned result buffer and timing events).
+
+The key schedule is derived on the host (a 5 KiB BLAKE3 XOF output) and copied to the scratch
+buffer in stream order; it never appears in an error message.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+from vram_residency.backends.cuda._driver import check, driver
+from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
+from vram_residency.backends.cuda._staging import PinnedHostBuffer, host_address
+from vram_residency.errors import IntegrityViolation, InvalidInput
+from vram_residency.formats import nhfast
+from vram_residency.formats.tree import LEAF_SIZE, UNIT_SIZE, HashResult, unit_count
+
+if TYPE_CHECKING:
+    from vram_residency.backends.cuda._backend import CudaBackend
+
+__all__ = ["SOURCE", "NhFastJob", "module_for", "nh_fast_hash", "scratch_bytes"]
+
+#: Kernel source name (``kernels/nh_fast.cu``), as listed in ``_compile.KERNELS``.
+SOURCE: Final = "nh_fast"
+_THREADS: Final = 256  # NHF_THREADS
+_UNIT_THREADS: Final = 128  # nhf_unit_chunks / nhf_unit_reduce
+_CHUNKS_PER_UNIT: Final = 6  # 1 KiB BLAKE3 chunks of a full unit's 6144 bytes of leaf tags
+_KEY_OFF: Final = 0
+_UNIT_KEY_OFF: Final = nhfast.NH_KEY_BYTES  # 5120
+_TAGS_OFF: Final = 5376  # 256-byte aligned, after both keys
+
+
+def _align(x: int) -> int:
+    return -(-x // 256) * 256
+
+
+def _leaves(n: int) -> int:
+    return max(1, -(-n // LEAF_SIZE))
+
+
+def scratch_bytes(n: int) -> int:
+    """Device scratch an ``n``-byte shard needs: keys (5 KiB), 24 bytes per leaf, then per unit
+    192 bytes of chunk chaining values and 32 of digest. About 0.6% of the shard (the leaf tags),
+    under the backend's 1% scratch budget."""
+    return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + (32 * _CHUNKS_PER_UNIT + 32) * unit_count(n)
+
+
+class NhFastJob:
+    """One nh-fast-v1 digest of the ``n`` bytes at device address ``ptr``, queued on ``stream``.
+
+    ``scratch``: a device address with :func:`scratch_bytes` (``n``) bytes the job may use until
+    :meth:`finish` returns. ``leaf_blocks``: the leaf kernel's grid (streaming multiprocessors x
+    resident blocks per SM is the natural choice; any value works). ``inflight``: the kernel's
+    NHF_INFLIGHT (leaves per warp per round), used only to size small grids.
+    """
+
+    def __init__(
+        self,
+        module: Module,
+        stream: Any,
+        ptr: int,
+        n: int,
+        key: bytes,
+        scratch: int,
+        *,
+        leaf_blocks: int,
+        inflight: int = 2,
+    ) -> None:
+        if ptr % 16:
+            raise InvalidInput("nh-fast-v1 needs 16-byte aligned device memory (16-byte loads)")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidInput("length must be a non-negative integer")
+        sched = nhfast.key_schedule(nhfast.check_key(key))
+        self.mod = module
+        self.stream = stream
+        self.ptr = ptr
+        self.n = n
+        self.leaves = _leaves(n)
+        self.units = unit_count(n)
+        self._sched = sched
+        self._key_dev = scratch + _KEY_OFF
+        self._unit_key_dev = scratch + _UNIT_KEY_OFF
+        self._tags = scratch + _TAGS_OFF
+        self._cvs = self._tags + _align(nhfast.TAG_SIZE * self.leaves)
+        self._unit_out = self._cvs + 32 * _CHUNKS_PER_UNIT * self.units
+        per_block = (_THREADS // 32) * max(1, inflight)
+        self._grid_cap = max(1, int(leaf_blocks))
+        self._per_block = per_block
+        self._units_done = 0
+        blob = sched.nh_key + sched.unit_key
+        addr, keep = host_address(memoryview(blob))
+        # From pageable memory the call returns once the bytes are staged, so `blob` may go.
+        copy = driver().cuMemcpyHtoDAsync(self._key_dev, addr, len(blob), stream)
+        check(copy, "uploading the nh-fast-v1 key")
+        del keep
+
+    def launch_leaves(self, first: int, end: int) -> None:
+        """Queue the leaf tags of leaves ``[first, end)``."""
+        if end <= first:
+            return
+        grid = min(self._grid_cap, -(-(end - first) // self._per_block))
+        args: list[Arg] = [
+            (U64, self.ptr),
+            (U64, self.n),
+            (U64, self._key_dev),
+            (U64, first),
+            (U64, end),
+            (U64, self._tags),
+        ]
+        launch(self.mod.function("nhf_leaf_tags"), grid, _THREADS, self.stream, args, what="nhf_leaf_tags")
+
+    def launch_units(self, first: int, end: int) -> None:
+        """Queue unit digests ``[first, end)``; their leaves must have been queued before."""
+        if end <= first:
+            return
+        key, span = (U64, self._unit_key_dev), (end - first)
+        chunk_args: list[Arg] = [
+            (U64, self._tags),
+            (U64, self.leaves),
+            key,
+            (U64, first),
+            (U64, end),
+            (U64, self._cvs),
+            (U64, self._unit_out),
+        ]
+        grid = -(-(span * _CHUNKS_PER_UNIT) // _UNIT_THREADS)
+        fn = self.mod.function("nhf_unit_chunks")
+        launch(fn, grid, _UNIT_THREADS, self.stream, chunk_args, what="nhf_unit_chunks")
+        reduce_args: list[Arg] = [
+            (U64, self.leaves),
+            key,
+            (U64, self._cvs),
+            (U64, first),
+            (U64, end),
+            (U64, self._unit_out),
+        ]
+        grid = -(-span // _UNIT_THREADS)
+        fn = self.mod.function("nhf_unit_reduce")
+        launch(fn, grid, _UNIT_THREADS, self.stream, reduce_args, what="nhf_unit_reduce")
+        self._units_done = max(self._units_done, end)
+
+    def launch_ready(self, done_bytes: int) -> None:
+        """Seal path: the first ``done_bytes`` bytes have landed; queue every leaf and unit that
+        lies entirely inside them (all of them once ``done_bytes >= n``)."""
+        if done_bytes >= self.n:
+            leaves_ready, units_ready = self.leaves, self.units
+        else:
+            units_ready = done_bytes // UNIT_SIZE
+            leaves_ready = units_ready * (UNIT_SIZE // LEAF_SIZE)
+        first_unit = self._units_done
+        if units_ready > first_unit:
+            self.launch_leaves(first_unit * (UNIT_SIZE // LEAF_SIZE), leaves_ready)
+            self.launch_units(first_unit, units_ready)
+
+    def queue_copy_back(self, host: PinnedHostBuffer) -> None:
+        """Queue the remaining unit kernels and the copy of all unit digests into ``host``."""
+        if self._units_done < self.units:
+            self.launch_ready(self.n)
+        if host.size < 32 * self.units:
+            raise InvalidInput("result buffer too small for the unit digests")
+        check(
+            driver().cuMemcpyDtoHAsync(host.address, self._unit_out, 32 * self.units, self.stream),
+            "cuMemcpyDtoHAsync",
+        )
+
+    def result(self, host: PinnedHostBuffer) -> HashResult:
+        """After the stream has synchronized: the digest and unit digests."""
+        units = bytes(host.view[: 32 * self.units])
+        return HashResult(nhfast.finalize(self._sched, units, self.n), units)
+
+    def finish(self, host: PinnedHostBuffer) -> HashResult:
+        """Queue what remains, wait for the stream, and return the result."""
+        self.queue_copy_back(host)
+        check(driver().cuStreamSynchronize(self.stream), "nh-fast-v1 kernels")
+        return self.result(host)
+
+
+def module_for(backend: CudaBackend) -> Module:
+    """The backend's loaded nh_fast module (compiled once, kept with its other modules)."""
+    mod = backend._modules.get(SOURCE)
+    if mod is None:
+        mod = Module(SOURCE, backend.arch, backend._kernel_defines.get(SOURCE))
+        backend._modules[SOURCE] = mod
+    return mod
+
+
+def _leaf_blocks(backend: CudaBackend, mod: Module) -> int:
+    key = "nhf_leaf_tags"
+    if key not in backend._occupancy:
+        fn = mod.function(key)
+        k = check(driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, _THREADS, 0), "occupancy")
+        backend._occupancy[key] = max(1, int(k))
+    return backend.multiprocessors * backend._occupancy[key]
+
+
+def nh_fast_hash(backend: CudaBackend, ptr: int, n: int, key: bytes) -> HashResult:
+    """nh-fast-v1 digest and unit digests of the ``n`` bytes at device address ``ptr`` (memory the
+    caller has checked belongs to ``backend``'s device and holds at least ``n`` bytes).
+
+    Runs on the backend's compute stream under its lock; ``backend.last_device_seconds`` gets
+    the kernels' device time, as for the other digests."""
+    nhfast.check_key(key)
+    defines = backend._kernel_defines.get(SOURCE) or {}
+    # Leaves per warp per round, for sizing small grids: NHF_PIPELINE=1 hashes one at a time.
+    pipelined = defines.get("NHF_PIPELINE", "0") not in ("0", "")
+    inflight = 1 if pipelined else int(defines.get("NHF_INFLIGHT", "2"))
+    with backend._lock:
+        backend._activate()
+        drv = driver()
+        mod = module_for(backend)
+        scratch = backend._scratch(scratch_bytes(n))
+        backend.last_scratch_bytes = scratch_bytes(n)
+        backend.last_units_kernel = "nhf_leaf_tags"
+        blocks = _leaf_blocks(backend, mod)
+        job = NhFastJob(mod, backend._stream, ptr, n, key, scratch, leaf_blocks=blocks, inflight=inflight)
+        check(drv.cuEventRecord(backend._t0, backend._stream), "cuEventRecord")
+        job.launch_ready(n)
+        check(drv.cuEventRecord(backend._t1, backend._stream), "cuEventRecord")
+        host = backend._result_buffer(32 * job.units)
+        result = job.finish(host)
+        ms = check(drv.cuEventElapsedTime(backend._t0, backend._t1), "cuEventElapsedTime")
+        backend.last_device_seconds = float(ms) / 1e3
+        if len(result.unit_digests) != 32 * job.units:  # pragma: no cover - defensive
+            raise IntegrityViolation("nh-fast-v1 kernels returned a short result")
+        return result
+
+
+def key_trials(
+    backend: CudaBackend,
+    a: bytes,
+    keys: bytes,
+    *,
+    b: bytes | None = None,
+    flips: bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """Test entry (``nhf_key_trials``): leaf tags of ``a`` and of its changed form (``b``, or ``a``
+    with one bit flipped per trial, ``flips`` as little-endian u32 bit indices) under each NH key
+    in ``keys`` (5120 bytes each). Returns (tags of a, tags of the change), trial-major."""
+    if len(a) % LEAF_SIZE or not a or len(keys) % nhfast.NH_KEY_BYTES or not keys:
+        raise InvalidInput("whole leaves and whole NH keys are needed")
+    if (b is None) == (flips is None) or (b is not None and len(b) != len(a)):
+        raise InvalidInput("give either b (same length as a) or flips")
+    count = len(keys) // nhfast.NH_KEY_BYTES
+    if flips is not None and len(flips) != 4 * count:
+        raise InvalidInput("one flip per key")
+    leaves = len(a) // LEAF_SIZE
+    out_size = 8 * nhfast.INSTANCES * leaves * count
+    with backend._lock:
+        backend._activate()
+        drv = driver()
+        mod = module_for(backend)
+        blobs = [a, keys, b or b"\x00", flips or b"\x00"]
+        sizes = [len(x) for x in blobs] + [out_size, out_size]
+        ptrs: list[int] = []
+        try:
+            for s in sizes:
+                ptrs.append(int(check(drv.cuMemAlloc(_align(s)), "cuMemAlloc")))
+            for p, data in zip(ptrs, blobs, strict=False):
+                addr, _keep = host_address(memoryview(data))
+                check(drv.cuMemcpyHtoD(p, addr, len(data)), "cuMemcpyHtoD")
+            args: list[Arg] = [
+                (U64, ptrs[0]),
+                (U64, ptrs[2] if b is not None else 0),
+                (U64, ptrs[3] if flips is not None else 0),
+                (U32, leaves),
+                (U64, ptrs[1]),
+                (U32, count),
+                (U64, ptrs[4]),
+                (U64, ptrs[5]),
+            ]
+            fn = mod.function("nhf_key_trials")
+            launch(fn, -(-count // 4), 128, backend._stream, args, what="nhf_key_trials")
+            check(drv.cuStreamSynchronize(backend._stream), "nhf_key_trials")
+            return backend._copy_out(ptrs[4], out_size), backend._copy_out(ptrs[5], out_size)
+        finally:
+            for p in ptrs:
+                drv.cuMemFree(p)

@@ -1,0 +1,51 @@
+"""Argument types shared by the commands: out-of-range values end as a usage error (exit 2,
+one line naming the option), never as a traceback from deep inside the library."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["device_ordinal", "mib", "output_path"]
+
+
+def device_ordinal(text: str) -> int:
+    """A GPU ordinal: a non-negative integer."""
+    try:
+        v = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return v
+
+
+def mib(high: float) -> Callable[[str], float]:
+    """A size in MiB (fractions allowed), finite, more than 0 and at most ``high``."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or not 0 < v <= high:
+            raise argparse.ArgumentTypeError(f"must be more than 0 and at most {high:g} MiB")
+        return v
+
+    return parse
+
+
+def output_path(text: str) -> Path:
+    """A file to write: its directory must exist and be writable, checked before any work."""
+    p = Path(text)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"directory {parent} is not writable")
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{p} is a directory")
+    return p

@@ -1,0 +1,80 @@
+// CPU harness for nh_fast.cu's __host__ __device__ cores: built by nvcc as host code, it runs the
+// kernels' own per-lane load, key and NH functions for all 32 lanes of a warp and adds the lane
+// sums (what the kernel's warp reduction does), and composes the unit digests from the same
+// BLAKE3 chunk/parent functions in the kernels' order (nhf_unit_chunks, then nhf_unit_reduce).
+// tests/test_nhfast_harness.py compares the output with the pure-Python reference.
+//
+//   nhf_harness tags NHKEY DATA   -> the leaf tags, hex, one line
+//   nhf_harness units UNITKEY TAGS -> the unit digests, hex, one line
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#define VR_NO_KERNELS 1
+#include "../../../src/vram_residency/backends/cuda/kernels/nh_fast.cu"
+
+static std::vector<u8> slurp(const char* path) {
+    std::vector<u8> v;
+    FILE* f = std::fopen(path, "rb");
+    if (!f) std::exit(2);
+    u8 buf[1 << 16];
+    size_t got;
+    while ((got = std::fread(buf, 1, sizeof buf, f)) > 0) v.insert(v.end(), buf, buf + got);
+    std::fclose(f);
+    v.reserve(v.size() + 64);  // never a zero-size buffer
+    return v;
+}
+
+static void hex(const u8* p, size_t n) {
+    for (size_t i = 0; i < n; ++i) std::printf("%02x", p[i]);
+}
+
+int main(int argc, char** argv) {
+    if (argc != 4) {
+        std::fprintf(stderr, "usage: %s tags NHKEY DATA | units UNITKEY TAGS\n", argv[0]);
+        return 2;
+    }
+    std::vector<u8> key = slurp(argv[2]);
+    std::vector<u8> data = slurp(argv[3]);
+    const u64 n = data.size();
+    if (!std::strcmp(argv[1], "tags")) {
+        if (key.size() != 5120) return 3;
+        const u64 leaves = n == 0 ? 1 : (n + NHF_LEAF - 1) / NHF_LEAF;
+        for (u64 leaf = 0; leaf < leaves; ++leaf) {
+            u64 tag[NHF_T] = {0, 0, 0};
+            const u64 off = leaf * NHF_LEAF;
+            for (u32 lane = 0; lane < 32; ++lane) {
+                nhf_vec kc[NHF_KCHUNKS], d[NHF_ITERS];
+                nhf_key_chunks(key.data(), lane, kc);
+                nhf_lane_load(data.data() + off, n > off ? n - off : 0, lane, d);
+                u64 acc[NHF_T] = {0, 0, 0};
+                nhf_lane_accumulate(d, kc, acc);
+                for (int t = 0; t < NHF_T; ++t) tag[t] += acc[t];
+            }
+            hex(reinterpret_cast<const u8*>(tag), sizeof tag);  // little-endian host
+        }
+    } else if (!std::strcmp(argv[1], "units")) {
+        if (key.size() != 32 || n % NHF_TAG) return 3;
+        u32 k[8];
+        std::memcpy(k, key.data(), 32);
+        const u64 leaves = n / NHF_TAG;
+        for (u64 first = 0; first < leaves; first += NHF_LEAVES_PER_UNIT) {
+            const u64 count = leaves - first < NHF_LEAVES_PER_UNIT ? leaves - first : NHF_LEAVES_PER_UNIT;
+            const u32 len = (u32)(count * NHF_TAG);
+            const u32 chunks = (len + 1023u) / 1024u;
+            u32 cvs[8][8], root[8];
+            for (u32 c = 0; c < chunks; ++c) {
+                const u32 clen = c + 1u < chunks ? 1024u : len - 1024u * c;
+                nhf_b3_chunk(data.data() + first * NHF_TAG + 1024u * c, clen, c, k, chunks == 1u, cvs[c]);
+            }
+            if (chunks == 1u) std::memcpy(root, cvs[0], 32);
+            else nhf_b3_reduce(cvs, chunks, k, root);
+            hex(reinterpret_cast<const u8*>(root), 32);
+        }
+    } else {
+        return 2;
+    }
+    std::printf("\n");
+    return 0;
+}
