@@ -13,6 +13,7 @@ from service_helpers import EXAMPLE_DIR, tiny_bert
 from vram_residency.service.catalog import ModelCatalog
 from vram_residency.service.executor import JobOutput
 from vram_residency.service.executors.encoder import bert_factory
+from vram_residency.service.status import worker_status
 from vram_residency.service.worker import ExecuteJob, VerifyPass, Worker, WorkerConfig
 
 TOKEN = b"worker-test-token-0123456789abcdef"
@@ -86,7 +87,7 @@ def test_benchmark_mode_runs_without_verification(tmp_path: Path) -> None:
         w.submit(c.job(w, "unverified"))
         assert c.event.wait(30)
         assert c.verified == [None] and isinstance(c.done[0], JobOutput)
-        assert w.status()["pre_verify"] is False
+        assert worker_status(w)["pre_verify"] is False
     finally:
         w.close()
     text = (tmp_path / "audit.jsonl").read_text()

@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     for h in logging.getLogger().handlers:
         # Structured fields (correlation id, job, model, fp6, human narration) on every line.
         h.addFilter(CorrelationFilter())
-        h.setFormatter(StructuredFormatter(h.formatter._fmt if h.formatter else None))
+        h.setFormatter(StructuredFormatter(base=h.formatter))
     spec = _spec_options(args) if args.config is not None else {}
     args.host_given, args.port_given = args.host is not None, args.port is not None
     cli = dict(

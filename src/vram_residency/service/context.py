@@ -125,10 +125,17 @@ class CorrelationFilter(logging.Filter):
 
 class StructuredFormatter(logging.Formatter):
     """The usual line, then the structured fields the record carries as ``key=value`` (JSON
-    values), so a log shipper can split them and a person can still read the line."""
+    values), so a log shipper can split them and a person can still read the line.
+
+    ``base``: the formatter whose line this extends (a handler's existing one), so that the
+    usual line stays exactly as configured."""
+
+    def __init__(self, fmt: str | None = None, *, base: logging.Formatter | None = None) -> None:
+        super().__init__(fmt)
+        self._base = base
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = self._base.format(record) if self._base is not None else super().format(record)
         fields = []
         for name in LOG_FIELDS:
             value = getattr(record, name, None)

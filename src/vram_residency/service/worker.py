@@ -965,11 +965,6 @@ class Worker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def status(self) -> dict[str, Any]:
-        from vram_residency.service.status import worker_status
-
-        return worker_status(self)
-
 
 def _format(path: Path) -> str:
     return {".safetensors": "safetensors", ".gguf": "gguf"}.get(path.suffix, "raw")

@@ -44,7 +44,7 @@ from vram_residency.service.commit import decode_model_bytes
 from vram_residency.service.executor import JobOutput, Sampling, Token
 from vram_residency.service.lifecycle import WorkerState
 from vram_residency.service.scheduler import ExecuteJob
-from vram_residency.service.status import handle, head_mismatch
+from vram_residency.service.status import handle, head_mismatch, worker_status
 from vram_residency.service.worker import CommitSpec, VerifyPass, Worker
 
 __all__ = ["execute_router", "public_router", "worker_router"]
@@ -204,7 +204,7 @@ def worker_router(worker: Worker, *, auth: list[Any], ready_public: bool = False
 
     def ready() -> dict[str, Any]:
         """Ready (a model sealed and verified, no seal failed), the handles, and this worker's facts."""
-        return worker.status()
+        return worker_status(worker)
 
     router.add_api_route(
         "/worker/ready",
