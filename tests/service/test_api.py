@@ -38,6 +38,7 @@ def test_health_needs_no_token_and_says_emulation(shared: Running) -> None:
         "backend": "host",
         "emulated": True,
         "pre_verify": True,
+        "audit_head_mismatch": None,  # the signed head vouched for the audit log at start
     }
 
 

@@ -203,6 +203,7 @@ def register_attest_routes(
             400: {"description": "INVALID_PARAMS"},
             401: {"description": "AUTH_FAILED"},
             404: {"description": "a named shard is not sealed here"},
+            413: {"description": "request body too large"},
             503: {"description": "worker not ready or stopped"},
         },
         summary="Nonce-bound attestation of the shards (attest-v1)",

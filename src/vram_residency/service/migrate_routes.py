@@ -43,6 +43,17 @@ if TYPE_CHECKING:
 __all__ = ["MigrateRequest", "OffloadRequest", "ShardMoveResponse", "register_migrate_routes"]
 
 _SHARD_ID: Any = Path(pattern=r"^shard-[0-9a-f]{32}$", max_length=64)
+#: What the routes answer besides 200 (schemathesis checks that every answer is documented).
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "INVALID_PARAMS (unknown device, bad path, already there)"},
+    401: {"description": "AUTH_FAILED"},
+    404: {"description": "the shard is not held by this worker"},
+    409: {"description": "busy (a running execute; retriable), several models, or not offloaded"},
+    413: {"description": "request body too large"},
+    500: {"description": "a failed verification or device error (the worker stops)"},
+    503: {"description": "worker not ready or stopped"},
+    507: {"description": "VRAM_OOM on the destination"},
+}
 
 
 class MigrateRequest(BaseModel):
@@ -109,6 +120,7 @@ def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices:
         response_model=ShardMoveResponse,
         dependencies=auth,
         tags=["worker"],
+        responses=_RESPONSES,
     )
     def migrate_shard(req: MigrateRequest, shard_id: str = _SHARD_ID) -> ShardMoveResponse:
         """Move a shard to another GPU, verified as it lands; the source is freed only after."""
@@ -155,6 +167,7 @@ def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices:
         response_model=ShardMoveResponse,
         dependencies=auth,
         tags=["worker"],
+        responses=_RESPONSES,
     )
     def offload_shard(req: OffloadRequest, shard_id: str = _SHARD_ID) -> ShardMoveResponse:
         """Move a shard to host memory or a file and free its VRAM; executing it answers 404
@@ -184,6 +197,7 @@ def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices:
         response_model=ShardMoveResponse,
         dependencies=auth,
         tags=["worker"],
+        responses=_RESPONSES,
     )
     def restore_shard(shard_id: str = _SHARD_ID) -> ShardMoveResponse:
         """Bring an offloaded shard back, verified against its original seal before any use."""
