@@ -1,4 +1,4 @@
-"""Pinned (page-locked) host memory: staging buffers for copies into VRAM, and host-side arrays
+"""Pinned (page-locked) host memory, from cuda.core: staging buffers for copies into VRAM, and host-side arrays
 that callers may fill directly (for example by reading a file into them).
 
 DMA engines read only pinned memory. A copy from ordinary (pageable) memory makes the driver copy
@@ -18,23 +18,34 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import numpy.typing as npt
 
-from vram_residency.backends.cuda._driver import check, driver
+from typing import Any
+
+from vram_residency.backends.cuda._core import core_errors, pinned_resource
 
 __all__ = ["PinnedHostBuffer", "host_address", "parallel_copy"]
 
 
 class PinnedHostBuffer:
-    """``size`` bytes of page-locked host memory (cuMemHostAlloc), freed by ``close``.
+    """``size`` bytes of page-locked host memory from cuda.core's ``LegacyPinnedMemoryResource``
+    (``cuMemAllocHost``), freed by ``close``. Create it with a CUDA context current (the backend's
+    ``_activate``): cuda.core records a deallocation stream with each buffer.
+
+    ``stream``: a cuda.core Stream to free it on (the backend's copy stream). cuda.core's resource
+    synchronizes the buffer's deallocation stream before freeing; with our own stream that works
+    from any thread, where the default stream it would use otherwise needs a current context.
 
     ``array`` is a writable NumPy view and ``view`` a memoryview of the same bytes; both become
     invalid once the buffer is closed, so keep them no longer than the buffer.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, stream: Any = None) -> None:
         if size <= 0:
             raise ValueError("pinned buffer size must be positive")
         self.size = size
-        self._ptr: int | None = int(check(driver().cuMemHostAlloc(size, 0), "cuMemHostAlloc"))
+        self._stream = stream
+        with core_errors("allocating pinned host memory"):
+            self._mem: Any = pinned_resource().allocate(size)
+        self._ptr: int | None = int(self._mem.handle)
         raw = (ctypes.c_ubyte * size).from_address(self._ptr)
         self.array: npt.NDArray[np.uint8] = np.ctypeslib.as_array(raw)
         self.view = memoryview(raw).cast("B")
@@ -51,9 +62,14 @@ class PinnedHostBuffer:
 
     def close(self) -> None:
         if self._ptr is not None:
-            ptr, self._ptr = self._ptr, None
+            self._ptr = None
             self.view.release()
-            driver().cuMemFreeHost(ptr)
+            mem, self._mem = self._mem, None
+            with core_errors("freeing pinned host memory"):
+                if self._stream is not None:
+                    mem.close(self._stream)
+                else:
+                    mem.close()
 
     def __enter__(self) -> PinnedHostBuffer:
         return self
