@@ -35,7 +35,19 @@ from vram_residency.backends.cuda import _driver
 from vram_residency.backends.cuda._driver import check, driver, map_name, request_error
 from vram_residency.errors import CudaAllocationFailed, IntegrityViolation, VramError
 
+
+class CuMemAllocFailed(CudaAllocationFailed):
+    """``cuMemAlloc`` itself failed; ``name`` is the driver's error name, so that each caller
+    keeps its own mapping (InsufficientVram for out of memory, and so on)."""
+
+    def __init__(self, size: int, name: str) -> None:
+        super().__init__(f"cuMemAlloc of {size} bytes failed: {name}")
+        self.name = name
+
+
 __all__ = [
+    "OUT_OF_MEMORY",
+    "CuMemAllocFailed",
     "core",
     "core_errors",
     "device",
@@ -162,13 +174,14 @@ def exact_resource_class() -> type:
 
             def allocate(self, size: int, stream: Any = None) -> Any:
                 """An exact ``cuMemAlloc`` of ``size`` bytes as a cuda.core ``Buffer`` (zeroed when
-                the resource zeroes). Raises CudaAllocationFailed for out of memory, with the
-                driver's error name; the caller turns that into InsufficientVram."""
+                the resource zeroes). Raises CuMemAllocFailed (a CudaAllocationFailed) with the
+                driver's error name when cuMemAlloc fails; callers map it (InsufficientVram for
+                out of memory)."""
                 drv = driver()
                 self._dev.set_current()
                 err, dptr = drv.cuMemAlloc(size)
                 if err != drv.CUresult.CUDA_SUCCESS:
-                    raise _driver.map_error(err, f"cuMemAlloc of {size} bytes")
+                    raise CuMemAllocFailed(size, _driver.error_name(err))
                 ptr = int(dptr)
                 if self._zero:
                     try:
@@ -251,6 +264,4 @@ def exact_resource(dev: Any, stream: Any, *, zero: bool) -> Any:
     return exact_resource_class()(dev, stream, zero=zero)
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True for an out-of-memory failure as this module reports it."""
-    return isinstance(exc, CudaAllocationFailed) and "CUDA_ERROR_OUT_OF_MEMORY" in str(exc)
+OUT_OF_MEMORY = "CUDA_ERROR_OUT_OF_MEMORY"

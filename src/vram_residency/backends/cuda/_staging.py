@@ -30,19 +30,20 @@ class PinnedHostBuffer:
     (``cuMemAllocHost``), freed by ``close``. Create it with a CUDA context current (the backend's
     ``_activate``): cuda.core records a deallocation stream with each buffer.
 
-    ``stream``: a cuda.core Stream to free it on (the backend's copy stream). cuda.core's resource
-    synchronizes the buffer's deallocation stream before freeing; with our own stream that works
-    from any thread, where the default stream it would use otherwise needs a current context.
+    ``dev``: the backend's cuda.core Device, made current before freeing. cuda.core's resource
+    synchronizes the buffer's deallocation stream (the default stream of the context it was made
+    in, which our non-blocking streams never wait on) before ``cuMemFreeHost``, and that needs a
+    current context whichever thread frees the buffer.
 
     ``array`` is a writable NumPy view and ``view`` a memoryview of the same bytes; both become
     invalid once the buffer is closed, so keep them no longer than the buffer.
     """
 
-    def __init__(self, size: int, stream: Any = None) -> None:
+    def __init__(self, size: int, dev: Any = None) -> None:
         if size <= 0:
             raise ValueError("pinned buffer size must be positive")
         self.size = size
-        self._stream = stream
+        self._dev = dev
         with core_errors("allocating pinned host memory"):
             self._mem: Any = pinned_resource().allocate(size)
         self._ptr: int | None = int(self._mem.handle)
@@ -66,10 +67,9 @@ class PinnedHostBuffer:
             self.view.release()
             mem, self._mem = self._mem, None
             with core_errors("freeing pinned host memory"):
-                if self._stream is not None:
-                    mem.close(self._stream)
-                else:
-                    mem.close()
+                if self._dev is not None:
+                    self._dev.set_current()
+                mem.close()
 
     def __enter__(self) -> PinnedHostBuffer:
         return self
