@@ -9,11 +9,12 @@ current, as ``cuDevicePrimaryCtxRetain`` + ``cuCtxSetCurrent`` did before), ``St
 
 What stays on cuda-bindings, each said again where it is called:
 
-- exact device allocations (``ExactDeviceMemoryResource``, :func:`exact_resource_class`): cuda.core's device resource is a
-  stream-ordered pool (``cuMemAllocAsync``), which keeps freed memory for reuse and rounds sizes;
-  a sealed shard must own exactly its own ``cuMemAlloc`` allocation, whose bytes are zeroed before
-  the driver gets them back. cuda.core has no public non-pool device resource, so this resource
-  calls ``cuMemAlloc``, ``cuMemsetD8Async`` and ``cuMemFree`` itself;
+- exact device allocations (``ExactDeviceMemoryResource``, :func:`exact_resource_class`):
+  cuda.core's device resource is a stream-ordered pool (``cuMemAllocAsync``), which keeps freed
+  memory for reuse and rounds sizes; a sealed shard must own exactly its own ``cuMemAlloc``
+  allocation, whose bytes are zeroed before the driver gets them back. cuda.core has no public
+  non-pool device resource, so this resource calls ``cuMemAlloc``, ``cuMemsetD8Async`` and
+  ``cuMemFree`` itself;
 - pointer attributes (the VRAM-only policy), range copies at offsets, peer access, ``__constant__``
   symbols and memory info: cuda.core 1.2 has no API for them (see ``_backend``).
 
@@ -187,9 +188,7 @@ def exact_resource_class() -> type:
                     try:
                         # Zero-filled, so that a read before any write never shows earlier
                         # contents.
-                        check(
-                            drv.cuMemsetD8Async(ptr, 0, size, self._zero_stream.handle), "cuMemsetD8Async"
-                        )
+                        check(drv.cuMemsetD8Async(ptr, 0, size, self._zero_stream.handle), "cuMemsetD8Async")
                         with core_errors("zeroing a new allocation"):
                             self._zero_stream.sync()
                     except BaseException:
@@ -211,12 +210,15 @@ def exact_resource_class() -> type:
                 try:
                     self._dev.set_current()
                     if self._zero and size:
-                        check(drv.cuMemsetD8Async(p, 0, size, self._zero_stream.handle), "zeroing before free")
+                        zs = self._zero_stream.handle
+                        check(drv.cuMemsetD8Async(p, 0, size, zs), "zeroing before free")
                         with core_errors("zeroing before free"):
                             self._zero_stream.sync()
                 except Exception as exc:
-                    failure = exc if isinstance(exc, VramError) else IntegrityViolation(
-                        f"zeroing before free failed: {type(exc).__name__}"
+                    failure = (
+                        exc
+                        if isinstance(exc, VramError)
+                        else IntegrityViolation(f"zeroing before free failed: {type(exc).__name__}")
                     )
                 finally:
                     (err,) = drv.cuMemFree(p)

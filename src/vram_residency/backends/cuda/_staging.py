@@ -1,5 +1,5 @@
-"""Pinned (page-locked) host memory, from cuda.core: staging buffers for copies into VRAM, and host-side arrays
-that callers may fill directly (for example by reading a file into them).
+"""Pinned (page-locked) host memory, from cuda.core: staging buffers for copies into VRAM, and
+host-side arrays that callers may fill directly (for example by reading a file into them).
 
 DMA engines read only pinned memory. A copy from ordinary (pageable) memory makes the driver copy
 through its own small staging area first, which the starting design measured at about 8 GB/s
@@ -14,11 +14,10 @@ import contextlib
 import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-from typing import Any
 
 from vram_residency.backends.cuda._core import core_errors, pinned_resource
 
