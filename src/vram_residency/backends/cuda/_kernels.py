@@ -55,7 +55,7 @@ class Module:
         version = int(check(drv.cuDriverGetVersion(), "cuDriverGetVersion"))
         self.cubin = _compile.compile_cubin(source, arch, opts, driver_version=version)
         with core_errors(f"loading the {source} kernels"):
-            self._code: Any = core().ObjectCode.from_cubin(self.cubin, name=f"{source}.cubin")
+            self._code: Any = core().ObjectCode.from_cubin(self.cubin)
         self._functions: dict[str, Any] = {}
         self._init_constants()
 
