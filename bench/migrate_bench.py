@@ -176,7 +176,7 @@ def bench_restore(n: int, repeat: int) -> dict[str, Any]:
                 for off in range(0, n, COPY_CHUNK):
                     m_ = min(COPY_CHUNK, n - off)
                     dst, src = buf.device_pointer + off, pinned.address + off  # type: ignore[attr-defined]
-                    check(drv.cuMemcpyHtoDAsync(dst, src, m_, bk._copy_stream), "h2d")
+                    check(drv.cuMemcpyHtoDAsync(dst, src, m_, bk._copy_stream.handle), "h2d")
                 bk._sync(bk._copy_stream, "h2d")
 
             h2d()
