@@ -32,7 +32,7 @@ from vram_residency.backends.base import (
     Segment,
     check_range,
 )
-from vram_residency.backends.cuda import _batch, _driver, _nh_fast
+from vram_residency.backends.cuda import _batch, _driver
 from vram_residency.backends.cuda._driver import check, driver, error_name, request_error
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import (
@@ -915,7 +915,9 @@ class CudaBackend(Backend):
             for b in bufs:
                 b._lock.acquire()
                 held.append(b)
-                b._check_open()
+                b.check_open()
+            from vram_residency.backends.cuda import _nh_fast  # it imports this module
+
             return _nh_fast.nh_fast_many(self, [(b._ptr, n, k) for b, n, k in rows])
         finally:
             for b in reversed(held):
@@ -1079,6 +1081,8 @@ class CudaBackend(Backend):
         n = len(view)
         if buf._ptr % 16:
             raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
+        from vram_residency.backends.cuda import _nh_fast  # it imports this module
+
         drv = driver()
         with buf._lock:
             buf.check_open()
@@ -1088,7 +1092,7 @@ class CudaBackend(Backend):
                 scratch = self._scratch(_nh_fast.scratch_bytes(n))
                 job = _nh_fast.NhFastJob(
                     mod, self._stream, buf._ptr, n, key, scratch,
-                    leaf_blocks=_nh_fast._leaf_blocks(self, mod), inflight=_nh_fast._inflight(self),
+                    leaf_blocks=_nh_fast.leaf_blocks(self, mod), inflight=_nh_fast.inflight_for(self),
                 )  # fmt: skip
 
                 def landed() -> None:
@@ -1098,13 +1102,13 @@ class CudaBackend(Backend):
 
                 def on_chunk(done: int) -> None:
                     ready = job.units if done >= n else done // UNIT_SIZE
-                    if ready > job._units_done:
+                    if ready > job.units_done:
                         landed()
                         job.launch_ready(done)
 
                 if n:
                     self._copy_in(buf._ptr, view, on_chunk)
-                if job._units_done < job.units:
+                if job.units_done < job.units:
                     landed()  # the copy stream has synchronized; this orders nothing but is cheap
                 return job.finish(self._result_buffer(32 * job.units))
 
