@@ -169,10 +169,15 @@ def migrate(
         n, algorithm = sealed.vram_bytes, sealed.digest_algorithm
         sbk, dbk = src.backend, dest.backend
         retried = 0
+        # A keyed seal (nh-fast-v1) is keyed by its shard id: the copy is checked against the
+        # source's sealed unit digests under the source shard's key (the same token, so the same
+        # key on both stores), and the destination, whose new shard id gives a new key, hashes
+        # the landed bytes again under that key when it seals (no expected digest to compare).
+        key = src.digest_key(algorithm, sealed.shard_id)
 
         def fill(dst: DeviceBuffer) -> HashResult:
             nonlocal retried
-            result = dbk.copy_and_hash_from(dst, sbk, entry.buf, n, algorithm, on_landed=on_landed)
+            result = dbk.copy_and_hash_from(dst, sbk, entry.buf, n, algorithm, on_landed=on_landed, key=key)
             for _attempt in range(max_retries):
                 if _matches(sealed, units, result):
                     return result
@@ -182,7 +187,7 @@ def migrate(
                     dbk.copy_from(dst, sbk, entry.buf, off, length)
                     if on_landed is not None:
                         on_landed(dst, off, length)
-                result = dbk.hash(dst, algorithm, n)
+                result = dbk.hash(dst, algorithm, n, key=key)
             if _matches(sealed, units, result):
                 return result
             # Is the source itself damaged, or only the transfer? The source check raises
@@ -199,7 +204,7 @@ def migrate(
             model_ref=sealed.model_ref,
             shard_index=sealed.shard_index,
             total_shards=sealed.total_shards,
-            expected_digest=sealed.digest,
+            expected_digest=sealed.digest if key is None else None,
             digest_algorithm=algorithm,
             tensors=entry.tensors,
             source=entry.source,
@@ -327,7 +332,10 @@ def _receive_host(
     mgr.backend.read_into(entry.buf, offset, out)
     if on_landed is not None:
         on_landed(out, offset, n)
-    bad = _bad_units(units, hash_units(out, sealed.digest_algorithm).unit_digests, first)
+    # Unit digests are position-independent (each unit hashed as a message of its own, for
+    # nh-fast-v1 under the shard's key), so a unit-aligned chunk is hashed on its own.
+    key = mgr.digest_key(sealed.digest_algorithm, sealed.shard_id)
+    bad = _bad_units(units, hash_units(out, sealed.digest_algorithm, key=key).unit_digests, first)
     for _attempt in range(max_retries):
         if not bad:
             return
@@ -338,7 +346,7 @@ def _receive_host(
             mgr.backend.read_into(entry.buf, start, piece)
             if on_landed is not None:
                 on_landed(piece, start, length)
-            if hash_units(piece, sealed.digest_algorithm).unit(0) != units[32 * u : 32 * u + 32]:
+            if hash_units(piece, sealed.digest_algorithm, key=key).unit(0) != units[32 * u : 32 * u + 32]:
                 again.append(u)
         bad = again
     if bad:
@@ -511,7 +519,8 @@ def _restore_into(
     sealed, units = rec.entry.shard, rec.entry.unit_digests
     n, algorithm = sealed.vram_bytes, sealed.digest_algorithm
     backend = mgr.backend
-    result = _land(mgr, buf, rec.copy, algorithm, on_landed)
+    key = mgr.digest_key(algorithm, sealed.shard_id)
+    result = _land(mgr, buf, rec.copy, algorithm, on_landed, key)
     rewritten: set[int] = set()
     for attempt in range(max_retries + 1):
         if _matches(sealed, units, result):
@@ -527,7 +536,7 @@ def _restore_into(
             start, length = _unit_range(u, n)
             data = rec.copy.read(start, length)
             # Offloaded bytes are used only where they hash to the sealed unit digest.
-            if hash_units(data, algorithm).unit(0) != units[32 * u : 32 * u + 32]:
+            if hash_units(data, algorithm, key=key).unit(0) != units[32 * u : 32 * u + 32]:
                 damaged.append(u)
                 continue
             buf.write(start, data)
@@ -553,23 +562,28 @@ def _restore_into(
                 actual_digest=result.digest.hex(),
                 corrupted_ranges=ranges,
             )
-        result = backend.hash(buf, algorithm, n)
+        result = backend.hash(buf, algorithm, n, key=key)
     return len(rewritten)
 
 
 def _land(
-    mgr: ShardStore, buf: DeviceBuffer, copy: _Copy, algorithm: str, on_landed: LandedHook | None
+    mgr: ShardStore,
+    buf: DeviceBuffer,
+    copy: _Copy,
+    algorithm: str,
+    on_landed: LandedHook | None,
+    key: bytes | None = None,
 ) -> HashResult:
     """Copy the offloaded bytes into ``buf``; the digests of what is now in device memory."""
     backend, n = mgr.backend, copy.n
     if copy.memory is not None and on_landed is None:
         # Pinned host memory on CUDA: copies straight from it, hashing each chunk as it lands.
-        return backend.write_and_hash(buf, copy.memory.view[:n], algorithm)
+        return backend.write_and_hash(buf, copy.memory.view[:n], algorithm, key=key)
     for off, m in _chunks(n):
         buf.write(off, copy.read(off, m) if copy.memory is None else copy.memory.view[off : off + m])
         if on_landed is not None:
             on_landed(buf, off, m)
-    return backend.hash(buf, algorithm, n)
+    return backend.hash(buf, algorithm, n, key=key)
 
 
 def _chunks(n: int) -> Iterator[tuple[int, int]]:

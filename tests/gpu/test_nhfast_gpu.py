@@ -165,3 +165,97 @@ def test_structured_changes_end_to_end(cuda_backend: CudaBackend) -> None:
             got = _gpu_hash(cuda_backend, changed, key)
             assert got.digest != ref.digest, name
             assert got.unit(0) != ref.unit(0) and got.unit_digests[32:] == ref.unit_digests[32:], name
+
+
+# -- nh-fast-v1 through the CUDA backend's dispatch and the seal core (issue 15 items 1 and 4) -----
+
+_TOKEN = "nh-fast-gpu-manager-token-0123456789"
+
+
+def test_backend_tables_mix_nh_fast_with_the_batched_algorithms(cuda_backend: CudaBackend) -> None:
+    from vram_residency.backends.base import Segment
+
+    lengths = [1, 4097, MIB, 3 * MIB + 5]
+    payloads = [_bytes(n, 100 + n) for n in lengths]
+    bufs = [cuda_backend.allocate(n) for n in lengths]
+    try:
+        for b, p in zip(bufs, payloads, strict=True):
+            b.write(0, p)
+        segs, want = [], []
+        for b, p in zip(bufs, payloads, strict=True):
+            key = os.urandom(32)
+            for alg, k in ((tree.SHA256_TREE_V1, None), (tree.NH_FAST_V1, key), (tree.BLAKE3, None)):
+                segs.append(Segment(b, len(p), alg, k))
+                want.append(tree.hash_units(p, alg, key=k))
+        assert cuda_backend.hash_many(segs) == want
+        assert cuda_backend.digest_many(segs) == [w.digest for w in want]
+        assert cuda_backend.digest_many(segs, priority="low") == [w.digest for w in want]
+        one = segs[1]
+        assert cuda_backend.hash(one.buf, one.algorithm, one.length, key=one.key) == want[1]
+        assert cuda_backend.digest(one.buf, one.algorithm, one.length, key=one.key) == want[1].digest
+    finally:
+        for b in bufs:
+            b.close()
+
+
+@pytest.mark.parametrize("n", [1, 4097, MIB + 1, 300 * MIB + 12345])
+def test_write_and_hash_nh_fast_overlapped(cuda_backend: CudaBackend, n: int) -> None:
+    data, key = _bytes(n, n), os.urandom(32)
+    buf = cuda_backend.allocate(n)
+    try:
+        got = cuda_backend.write_and_hash(buf, data, tree.NH_FAST_V1, key=key)
+        assert got == tree.hash_units(data, tree.NH_FAST_V1, key=key)
+        assert buf.read(n - 1, 1) == data[-1:]
+    finally:
+        buf.close()
+
+
+def test_manager_seal_verify_flip_with_nh_fast_equals_host() -> None:
+    from vram_residency import VramManager
+    from vram_residency.errors import SealVerificationFailed
+    from vram_residency.formats import keys
+
+    worker = nhfast.manager_key(keys.token_bytes(_TOKEN))
+    with VramManager(_TOKEN, backend="cuda") as m:
+        assert m.store.fast_check  # on by default on a real device
+        payloads = [_bytes(5 * MIB + 3, 1), _bytes(2 * MIB, 2), _bytes(4096 * 3 + 1, 3)]
+        s_nh = m.seal_model(payloads[0], digest_algorithm=tree.NH_FAST_V1)
+        s_sha = m.seal_model(payloads[1])
+        s_b3 = m.seal_model(payloads[2], digest_algorithm=tree.BLAKE3)
+        shards = [s_nh, s_sha, s_b3]
+        # The host backend's digest for the same token and shard id (the orchestrator's too).
+        for s, p in zip(shards, payloads, strict=True):
+            want = tree.hash_units(p, tree.NH_FAST_V1, key=nhfast.shard_key(worker, s.shard_id))
+            assert m.store.lookup(s).fast_digest == want.digest
+        assert s_nh.digest == tree.hash_units(
+            payloads[0], tree.NH_FAST_V1, key=nhfast.shard_key(worker, s_nh.shard_id)
+        ).digest.hex()
+        m.verify_sealed(s_nh)
+        m.verify_many(shards)
+        m.verify_many(shards, check="fast")
+        buf = m.device_buffer(s_nh)
+        at = 4 * MIB + 99
+        buf.write(at, bytes([buf.read(at, 1)[0] ^ 0x10]))
+        with pytest.raises(SealVerificationFailed) as info:
+            m.verify_many(shards)
+        assert info.value.shard_ids == [s_nh.shard_id]
+        assert list(info.value.corrupted_ranges) == [(4 * MIB, 5 * MIB)]
+        buf2 = m.device_buffer(s_sha)
+        buf2.write(7, bytes([buf2.read(7, 1)[0] ^ 0x01]))
+        with pytest.raises(SealVerificationFailed) as info:
+            m.verify_many([s_sha, s_b3], check="fast")
+        assert info.value.shard_ids == [s_sha.shard_id]
+        assert list(info.value.corrupted_ranges) == [(0, MIB)]
+
+
+def test_unaligned_adopted_memory_keeps_no_fast_digest(cuda_backend: CudaBackend) -> None:
+    from vram_residency.errors import UnsupportedOperation
+
+    buf = cuda_backend.allocate(MIB + 64)
+    try:
+        view = cuda_backend.adopt_pointer(buf.device_pointer + 4, MIB)
+        with pytest.raises(UnsupportedOperation):
+            cuda_backend.hash(view, tree.NH_FAST_V1, MIB, key=os.urandom(32))
+        view.close()
+    finally:
+        buf.close()

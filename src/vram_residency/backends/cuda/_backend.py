@@ -60,10 +60,12 @@ from vram_residency.errors import (
 from vram_residency.formats.tree import (
     BLAKE3,
     LEAF_SIZE,
+    NH_FAST_V1,
     SHA256_TREE_V1,
     UNIT_SIZE,
     HashResult,
     check_algorithm,
+    check_key,
     unit_count,
 )
 
@@ -434,9 +436,14 @@ def _peer_copy_and_hash_from(
     algorithm: str,
     *,
     on_landed: LandedHook | None = None,
+    key: bytes | None = None,
 ) -> HashResult:
-    if not isinstance(src_backend, CudaBackend):
-        return Backend.copy_and_hash_from(self, dst, src_backend, src, length, algorithm, on_landed=on_landed)
+    if not isinstance(src_backend, CudaBackend) or key is not None or algorithm == NH_FAST_V1:
+        # Keyed digests (nh-fast-v1) have no overlapped peer path: copy (peer to peer where the
+        # devices allow it), then one keyed digest of what landed.
+        return Backend.copy_and_hash_from(
+            self, dst, src_backend, src, length, algorithm, on_landed=on_landed, key=key
+        )
     algorithm = check_algorithm(algorithm)
     cdst, sb, csrc = _peer_pair(self, dst, src_backend, src, 0, length)
     # The source stays locked for the whole copy (nobody frees it underneath); the destination is
@@ -864,8 +871,8 @@ class CudaBackend(Backend):
         priority: Priority = "normal",
     ) -> HashResult:
         """Digest and unit digests. Keyed digests, ``priority="low"`` and algorithms without a
-        tuned single-segment path (``_SOURCES``; nh-fast-v1 when it comes) go through the segment
-        table path (a table of one), which has the keyed and low-priority kernels and stream."""
+        tuned single-segment path (``_SOURCES``; nh-fast-v1) go through the segment table path (a
+        table of one), which has the keyed and low-priority kernels and stream."""
         if key is not None or priority != "normal" or algorithm not in _SOURCES:
             n = buf.size if length is None else length
             return self.hash_many([Segment(buf, n, algorithm, key)], priority=priority)[0]
@@ -903,14 +910,81 @@ class CudaBackend(Backend):
         buffers, which a foreground verify of the same buffers waits for. Note that CUDA's lowest
         priority is also the default one: a low stream yields only to streams created with a
         higher priority, so the scrubber's GPU-time budget is what protects serving."""
-        return self._run_batch(segments, want_units=False, priority=priority)[0]
+        return self._run_mixed(segments, want_units=False, priority=priority)[0]
 
     def hash_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[HashResult]:
         """``hash`` of every segment (digest and unit digests), in one pass like ``digest_many``."""
-        hashed = self._run_batch(segments, want_units=True, priority=priority)[1]
+        hashed = self._run_mixed(segments, want_units=True, priority=priority)[1]
         if hashed is None:  # pragma: no cover - want_units always yields them
             raise IntegrityViolation("segment table returned no unit digests")
         return hashed
+
+    def _run_mixed(
+        self, segments: Sequence[Segment], *, want_units: bool, priority: str
+    ) -> tuple[list[bytes], list[HashResult] | None]:
+        """A segment table that may hold nh-fast-v1 entries: those go to the nh-fast launcher
+        (``_nh_fast.nh_fast_many``: one job per segment on the compute stream, one
+        synchronization), the rest to the batched table kernels unchanged; results in order.
+        Every entry is checked before any work starts."""
+        nh = [i for i, s in enumerate(segments) if isinstance(s, Segment) and s.algorithm == NH_FAST_V1]
+        if not nh:
+            return self._run_batch(segments, want_units=want_units, priority=priority)
+        if priority not in PRIORITIES:
+            raise InvalidInput(f"priority must be one of {PRIORITIES}, not {priority!r}")
+        nh_rows = [self._check_nh_segment(segments[i]) for i in nh]
+        chosen = set(nh)
+        rest = [s for i, s in enumerate(segments) if i not in chosen]
+        for s in rest:
+            self._check_segment(s)
+        digests_rest, hashed_rest = (
+            self._run_batch(rest, want_units=want_units, priority=priority) if rest else ([], [])
+        )
+        nh_results = self._nh_fast_rows(nh_rows)
+        digests: list[bytes] = []
+        hashed: list[HashResult] = []
+        it_nh, it_rest = iter(nh_results), iter(range(len(rest)))
+        for i in range(len(segments)):
+            if i in chosen:
+                r = next(it_nh)
+                digests.append(r.digest)
+                hashed.append(r)
+            else:
+                j = next(it_rest)
+                digests.append(digests_rest[j])
+                if want_units:
+                    assert hashed_rest is not None  # want_units
+                    hashed.append(hashed_rest[j])
+        return digests, (hashed if want_units else None)
+
+    def _check_nh_segment(self, seg: Segment) -> tuple[CudaBuffer, int, bytes]:
+        buf, n, key = seg.buf, seg.length, seg.key
+        if not isinstance(buf, CudaBuffer) or buf._backend is not self:
+            raise InvalidInput("buffer does not belong to this CUDA backend")
+        check_range(buf.size, 0, n)
+        check_key(NH_FAST_V1, key)
+        assert key is not None  # check_key
+        if buf._ptr % 16:
+            # Typed as unsupported (not bad input): the store then keeps no fast digest for such
+            # memory (an adopted tensor view at an odd offset) and checks it in full.
+            raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
+        return buf, n, key
+
+    def _nh_fast_rows(self, rows: Sequence[tuple[CudaBuffer, int, bytes]]) -> list[HashResult]:
+        # Each distinct buffer's lock, in one global order (as _run_batch takes them), then the
+        # backend's lock inside the launcher: the order _hash_buffer uses as well.
+        bufs = sorted({id(b): b for b, _, _ in rows}.values(), key=id)
+        held: list[CudaBuffer] = []
+        try:
+            for b in bufs:
+                b._lock.acquire()
+                held.append(b)
+                b.check_open()
+            from vram_residency.backends.cuda import _nh_fast  # it imports this module
+
+            return _nh_fast.nh_fast_many(self, [(b._ptr, n, k) for b, n, k in rows])
+        finally:
+            for b in reversed(held):
+                b._lock.release()
 
     def _check_segment(self, seg: object) -> tuple[CudaBuffer, int, str, bytes | None]:
         # Called once per tensor of every verify: the common case is decided with a few type and
@@ -1018,20 +1092,26 @@ class CudaBackend(Backend):
                 job.launch_units(0, job.units)
                 return job.finish()
 
-    def write_and_hash(self, buf: DeviceBuffer, data: Buffer, algorithm: str) -> HashResult:
+    def write_and_hash(
+        self, buf: DeviceBuffer, data: Buffer, algorithm: str, *, key: bytes | None = None
+    ) -> HashResult:
         """Seal path: copy ``data`` to the start of ``buf`` and return the digest and unit digests
         of those bytes. Hashing of each staged chunk's units starts as soon as its copy lands, so
-        copying and hashing overlap."""
-        algorithm = check_algorithm(algorithm)
+        copying and hashing overlap (nh-fast-v1 as well, through ``_nh_fast.NhFastJob``)."""
+        algorithm = check_algorithm(algorithm, keyed=True)
+        check_key(algorithm, key)
         if not isinstance(buf, CudaBuffer) or buf._backend is not self:
             raise InvalidInput("buffer does not belong to this CUDA backend")
         view = memoryview(data).cast("B")
         n = len(view)
         check_range(buf.size, 0, n)
-        if algorithm not in _SOURCES:
-            # No overlapped single-segment kernels (nh-fast-v1): copy, then a table of one.
+        if algorithm == NH_FAST_V1:
+            assert key is not None  # check_key
+            return self._write_and_nh_fast(buf, view, key)
+        if key is not None:
+            # Keyed BLAKE3 has no overlapped single-segment kernels: copy, then a table of one.
             buf.write(0, view)
-            return self.hash_many([Segment(buf, n, algorithm)])[0]
+            return self.hash_many([Segment(buf, n, algorithm, key)])[0]
         with buf._lock:
             buf.check_open()
             with self._lock:
@@ -1056,6 +1136,43 @@ class CudaBackend(Backend):
                 if result is None:  # pragma: no cover - the job was built with units
                     raise IntegrityViolation("digest kernels returned no unit digests")
                 return result
+
+    def _write_and_nh_fast(self, buf: CudaBuffer, view: memoryview, key: bytes) -> HashResult:
+        """``write_and_hash`` for nh-fast-v1: each whole unit's leaves and unit digest are queued
+        on the compute stream as soon as the copy stream has landed them."""
+        n = len(view)
+        if buf._ptr % 16:
+            raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
+        from vram_residency.backends.cuda import _nh_fast  # it imports this module
+
+        drv = driver()
+        with buf._lock:
+            buf.check_open()
+            with self._lock:
+                self._activate()
+                mod = _nh_fast.module_for(self)
+                scratch = self._scratch(_nh_fast.scratch_bytes(n))
+                job = _nh_fast.NhFastJob(
+                    mod, self._stream, buf._ptr, n, key, scratch,
+                    leaf_blocks=_nh_fast.leaf_blocks(self, mod), inflight=_nh_fast.inflight_for(self),
+                )  # fmt: skip
+
+                def landed() -> None:
+                    # The compute stream waits for what the copy stream has queued so far.
+                    check(drv.cuEventRecord(self._xfer_event, self._copy_stream), "cuEventRecord")
+                    check(drv.cuStreamWaitEvent(self._stream, self._xfer_event, 0), "cuStreamWaitEvent")
+
+                def on_chunk(done: int) -> None:
+                    ready = job.units if done >= n else done // UNIT_SIZE
+                    if ready > job.units_done:
+                        landed()
+                        job.launch_ready(done)
+
+                if n:
+                    self._copy_in(buf._ptr, view, on_chunk)
+                if job.units_done < job.units:
+                    landed()  # the copy stream has synchronized; this orders nothing but is cheap
+                return job.finish(self._result_buffer(32 * job.units))
 
     def sha256_messages(self, messages: Sequence[bytes]) -> list[bytes]:
         """Plain SHA-256 of each message, computed by the same device SHA-256 core as the tree

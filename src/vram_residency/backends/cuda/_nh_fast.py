@@ -15,7 +15,8 @@ buffer in stream order; it never appears in an error message.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 from vram_residency.backends.cuda._driver import check, driver
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
@@ -24,10 +25,20 @@ from vram_residency.errors import IntegrityViolation, InvalidInput
 from vram_residency.formats import nhfast
 from vram_residency.formats.tree import LEAF_SIZE, UNIT_SIZE, HashResult, unit_count
 
-if TYPE_CHECKING:
-    from vram_residency.backends.cuda._backend import CudaBackend
+#: The CUDA backend (``_backend.CudaBackend``), which dispatches nh-fast-v1 here. Not imported,
+#: even for type checking: the import graph stays acyclic (tests/test_import_graph.py).
+CudaBackend = Any
 
-__all__ = ["SOURCE", "NhFastJob", "module_for", "nh_fast_hash", "scratch_bytes"]
+__all__ = [
+    "SOURCE",
+    "NhFastJob",
+    "inflight_for",
+    "leaf_blocks",
+    "module_for",
+    "nh_fast_hash",
+    "nh_fast_many",
+    "scratch_bytes",
+]
 
 #: Kernel source name (``kernels/nh_fast.cu``), as listed in ``_compile.KERNELS``.
 SOURCE: Final = "nh_fast"
@@ -102,6 +113,20 @@ class NhFastJob:
         copy = driver().cuMemcpyHtoDAsync(self._key_dev, addr, len(blob), stream)
         check(copy, "uploading the nh-fast-v1 key")
         del keep
+
+    @property
+    def units_done(self) -> int:
+        """Units whose digests are queued so far."""
+        return self._units_done
+
+    @property
+    def unit_out(self) -> int:
+        """Device address of the unit digests (32 bytes per unit), valid until ``finish``."""
+        return self._unit_out
+
+    @property
+    def schedule(self) -> nhfast.KeySchedule:
+        return self._sched
 
     def launch_leaves(self, first: int, end: int) -> None:
         """Queue the leaf tags of leaves ``[first, end)``."""
@@ -186,20 +211,79 @@ class NhFastJob:
 
 def module_for(backend: CudaBackend) -> Module:
     """The backend's loaded nh_fast module (compiled once, kept with its other modules)."""
-    mod = backend._modules.get(SOURCE)
+    mod: Module | None = backend._modules.get(SOURCE)
     if mod is None:
         mod = Module(SOURCE, backend.arch, backend._kernel_defines.get(SOURCE))
         backend._modules[SOURCE] = mod
     return mod
 
 
-def _leaf_blocks(backend: CudaBackend, mod: Module) -> int:
+def leaf_blocks(backend: CudaBackend, mod: Module) -> int:
     key = "nhf_leaf_tags"
     if key not in backend._occupancy:
         fn = mod.function(key)
         k = check(driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, _THREADS, 0), "occupancy")
         backend._occupancy[key] = max(1, int(k))
-    return backend.multiprocessors * backend._occupancy[key]
+    return int(backend.multiprocessors) * int(backend._occupancy[key])
+
+
+def inflight_for(backend: CudaBackend) -> int:
+    defines = backend._kernel_defines.get(SOURCE) or {}
+    # Leaves per warp per round, for sizing small grids: NHF_PIPELINE=1 hashes one at a time.
+    pipelined = defines.get("NHF_PIPELINE", "0") not in ("0", "")
+    return 1 if pipelined else int(defines.get("NHF_INFLIGHT", "2"))
+
+
+def nh_fast_many(backend: CudaBackend, rows: Sequence[tuple[int, int, bytes]]) -> list[HashResult]:
+    """nh-fast-v1 of every ``(ptr, n, key)`` row (memory the caller has checked and holds locked):
+    one job per row on the backend's compute stream, each in its own slice of the scratch buffer,
+    every unit-digest copy queued behind its kernels, and ONE synchronization for the table.
+    Each result is bit-identical to :func:`nh_fast_hash` of its row."""
+    for ptr, _n, key in rows:
+        nhfast.check_key(key)
+        if ptr % 16:
+            raise InvalidInput("nh-fast-v1 needs 16-byte aligned device memory (16-byte loads)")
+    if not rows:
+        return []
+    sizes = [_align(scratch_bytes(n)) for _p, n, _k in rows]
+    counts = [unit_count(n) for _p, n, _k in rows]
+    with backend._lock:
+        backend._activate()
+        drv = driver()
+        mod = module_for(backend)
+        base = backend._scratch(sum(sizes))
+        backend.last_scratch_bytes = sum(sizes)
+        backend.last_units_kernel = "nhf_leaf_tags"
+        blocks = leaf_blocks(backend, mod)
+        inflight = inflight_for(backend)
+        host = backend._result_buffer(32 * sum(counts))
+        jobs: list[NhFastJob] = []
+        check(drv.cuEventRecord(backend._t0, backend._stream), "cuEventRecord")
+        off = 0
+        for (ptr, n, key), size in zip(rows, sizes, strict=True):
+            job = NhFastJob(
+                mod, backend._stream, ptr, n, key, base + off, leaf_blocks=blocks, inflight=inflight
+            )
+            job.launch_ready(n)
+            jobs.append(job)
+            off += size
+        check(drv.cuEventRecord(backend._t1, backend._stream), "cuEventRecord")
+        hoff = 0
+        for job in jobs:
+            nbytes = 32 * job.units
+            copy = drv.cuMemcpyDtoHAsync(host.address + hoff, job.unit_out, nbytes, backend._stream)
+            check(copy, "cuMemcpyDtoHAsync")
+            hoff += nbytes
+        check(drv.cuStreamSynchronize(backend._stream), "nh-fast-v1 kernels")
+        ms = check(drv.cuEventElapsedTime(backend._t0, backend._t1), "cuEventElapsedTime")
+        backend.last_device_seconds = float(ms) / 1e3
+        out: list[HashResult] = []
+        hoff = 0
+        for job in jobs:
+            units = bytes(host.view[hoff : hoff + 32 * job.units])
+            hoff += 32 * job.units
+            out.append(HashResult(nhfast.finalize(job.schedule, units, job.n), units))
+        return out
 
 
 def nh_fast_hash(backend: CudaBackend, ptr: int, n: int, key: bytes) -> HashResult:
@@ -209,10 +293,7 @@ def nh_fast_hash(backend: CudaBackend, ptr: int, n: int, key: bytes) -> HashResu
     Runs on the backend's compute stream under its lock; ``backend.last_device_seconds`` gets
     the kernels' device time, as for the other digests."""
     nhfast.check_key(key)
-    defines = backend._kernel_defines.get(SOURCE) or {}
-    # Leaves per warp per round, for sizing small grids: NHF_PIPELINE=1 hashes one at a time.
-    pipelined = defines.get("NHF_PIPELINE", "0") not in ("0", "")
-    inflight = 1 if pipelined else int(defines.get("NHF_INFLIGHT", "2"))
+    inflight = inflight_for(backend)
     with backend._lock:
         backend._activate()
         drv = driver()
@@ -220,7 +301,7 @@ def nh_fast_hash(backend: CudaBackend, ptr: int, n: int, key: bytes) -> HashResu
         scratch = backend._scratch(scratch_bytes(n))
         backend.last_scratch_bytes = scratch_bytes(n)
         backend.last_units_kernel = "nhf_leaf_tags"
-        blocks = _leaf_blocks(backend, mod)
+        blocks = leaf_blocks(backend, mod)
         job = NhFastJob(mod, backend._stream, ptr, n, key, scratch, leaf_blocks=blocks, inflight=inflight)
         check(drv.cuEventRecord(backend._t0, backend._stream), "cuEventRecord")
         job.launch_ready(n)
