@@ -44,7 +44,7 @@ from vram_residency.errors import (
 )
 from vram_residency.formats import nhfast
 from vram_residency.formats.keys import SecretKey
-from vram_residency.formats.seal import SealFields, seal_message, verify_tag
+from vram_residency.formats.seal import SealFields, seal_message
 from vram_residency.formats.tree import (
     NH_FAST_V1,
     SHA256_TREE_V1,
@@ -527,9 +527,19 @@ class ShardStore:
     def tag_matches(self, shard: SealedShard, record: ShardRecord) -> bool:
         """Both the presented shard and the store's record carry the tag of these exact fields:
         a shard object edited in memory fails here, before any device work."""
-        return verify_tag(self._key, shard.fields(), record.tag) and hmac.compare_digest(
-            shard.tag, record.tag
-        )
+        fields = shard.fields()
+        cached = record.checked
+        if cached is not None and cached[0] == fields:
+            message = cached[1]
+        else:
+            try:
+                message = seal_message(fields)
+            except InvalidInput:
+                return False
+        ok = self._key.verify(message, record.tag) and hmac.compare_digest(shard.tag, record.tag)
+        if ok and cached is None:
+            record.checked = (fields, message)
+        return ok
 
     # -- verification ---------------------------------------------------------------------------
     def verify_many(

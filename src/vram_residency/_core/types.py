@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vram_residency.backends.base import DeviceBuffer
+from vram_residency.formats.seal import SealFields
 from vram_residency.shard import SealedShard
 
 __all__ = ["AuditSink", "ShardRecord", "TensorSpan"]
@@ -54,6 +55,10 @@ class ShardRecord:
     #: When the seal's own (cryptographic) digest last matched (time.time_ns): the cadence of
     #: ``verify_many(check="fast", full_every_s=...)`` reads it.
     last_full_ns: int = 0
+    #: The fields whose tag was last checked, and their seal-v1 message. A verify recomputes the
+    #: HMAC every time; only the message's encoding is reused when the presented fields are equal
+    #: to these (a frozen value), which is most of the per-shard cost of a batched verify.
+    checked: tuple[SealFields, bytes] | None = None
 
     def tensors_in(self, ranges: list[tuple[int, int]]) -> list[str]:
         """Names of the tensors overlapping any of ``ranges``, in index order."""
