@@ -40,6 +40,10 @@ from vram_residency.backends.base import (
 )
 from vram_residency.backends.cuda import _batch, _core, _driver
 from vram_residency.backends.cuda._core import OUT_OF_MEMORY, CuMemAllocFailed, core, core_errors
+from vram_residency.backends.cuda._core import elapsed_seconds as _elapsed_seconds
+from vram_residency.backends.cuda._core import event_sync as _event_sync
+from vram_residency.backends.cuda._core import record as _record
+from vram_residency.backends.cuda._core import stream_wait as _stream_wait
 from vram_residency.backends.cuda._driver import check, driver, error_name, request_error
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import (
@@ -210,24 +214,8 @@ class CudaBuffer(DeviceBuffer):
 # -- stream and event helpers (cuda.core, errors mapped to ours) ---------------------------------
 
 
-def _record(stream: Any, event: Any) -> None:
-    with core_errors("cuEventRecord"):
-        stream.record(event)
-
-
-def _stream_wait(stream: Any, event: Any) -> None:
-    with core_errors("cuStreamWaitEvent"):
-        stream.wait(event)
-
-
-def _event_sync(event: Any, what: str) -> None:
-    with core_errors(what):
-        event.sync()
-
-
-def _elapsed_seconds(t0: Any, t1: Any) -> float:
-    with core_errors("cuEventElapsedTime"):
-        return float(t1 - t0) / 1e3  # cuda.core: Event - Event is milliseconds
+# record, stream_wait, event_sync and elapsed_seconds live in _core (imported above under the
+# names this module has always used), shared with the _nh_fast launcher.
 
 
 def _event(dev: Any, *, timing: bool) -> Any:
@@ -1145,7 +1133,6 @@ class CudaBackend(Backend):
             raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
         from vram_residency.backends.cuda import _nh_fast  # it imports this module
 
-        drv = driver()
         with buf._lock:
             buf.check_open()
             with self._lock:
@@ -1159,8 +1146,8 @@ class CudaBackend(Backend):
 
                 def landed() -> None:
                     # The compute stream waits for what the copy stream has queued so far.
-                    check(drv.cuEventRecord(self._xfer_event, self._copy_stream), "cuEventRecord")
-                    check(drv.cuStreamWaitEvent(self._stream, self._xfer_event, 0), "cuStreamWaitEvent")
+                    _record(self._copy_stream, self._xfer_event)
+                    _stream_wait(self._stream, self._xfer_event)
 
                 def on_chunk(done: int) -> None:
                     ready = job.units if done >= n else done // UNIT_SIZE

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
+from vram_residency.backends.cuda._core import core_errors, elapsed_seconds, record
 from vram_residency.backends.cuda._driver import check, driver
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import PinnedHostBuffer, host_address
@@ -109,8 +110,10 @@ class NhFastJob:
         self._units_done = 0
         blob = sched.nh_key + sched.unit_key
         addr, keep = host_address(memoryview(blob))
-        # From pageable memory the call returns once the bytes are staged, so `blob` may go.
-        copy = driver().cuMemcpyHtoDAsync(self._key_dev, addr, len(blob), stream)
+        # cuda-bindings for the copy (a byte range of scratch; cuda.core copies whole Buffers), on
+        # the stream's handle. From pageable memory the call returns once the bytes are staged,
+        # so `blob` may go.
+        copy = driver().cuMemcpyHtoDAsync(self._key_dev, addr, len(blob), stream.handle)
         check(copy, "uploading the nh-fast-v1 key")
         del keep
 
@@ -193,7 +196,7 @@ class NhFastJob:
         if host.size < 32 * self.units:
             raise InvalidInput("result buffer too small for the unit digests")
         check(
-            driver().cuMemcpyDtoHAsync(host.address, self._unit_out, 32 * self.units, self.stream),
+            driver().cuMemcpyDtoHAsync(host.address, self._unit_out, 32 * self.units, self.stream.handle),
             "cuMemcpyDtoHAsync",
         )
 
@@ -205,7 +208,8 @@ class NhFastJob:
     def finish(self, host: PinnedHostBuffer) -> HashResult:
         """Queue what remains, wait for the stream, and return the result."""
         self.queue_copy_back(host)
-        check(driver().cuStreamSynchronize(self.stream), "nh-fast-v1 kernels")
+        with core_errors("nh-fast-v1 kernels"):
+            self.stream.sync()
         return self.result(host)
 
 
@@ -221,9 +225,7 @@ def module_for(backend: CudaBackend) -> Module:
 def leaf_blocks(backend: CudaBackend, mod: Module) -> int:
     key = "nhf_leaf_tags"
     if key not in backend._occupancy:
-        fn = mod.function(key)
-        k = check(driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, _THREADS, 0), "occupancy")
-        backend._occupancy[key] = max(1, int(k))
+        backend._occupancy[key] = max(1, mod.blocks_per_sm(key, _THREADS))
     return int(backend.multiprocessors) * int(backend._occupancy[key])
 
 
@@ -258,7 +260,7 @@ def nh_fast_many(backend: CudaBackend, rows: Sequence[tuple[int, int, bytes]]) -
         inflight = inflight_for(backend)
         host = backend._result_buffer(32 * sum(counts))
         jobs: list[NhFastJob] = []
-        check(drv.cuEventRecord(backend._t0, backend._stream), "cuEventRecord")
+        record(backend._stream, backend._t0)
         off = 0
         for (ptr, n, key), size in zip(rows, sizes, strict=True):
             job = NhFastJob(
@@ -267,16 +269,17 @@ def nh_fast_many(backend: CudaBackend, rows: Sequence[tuple[int, int, bytes]]) -
             job.launch_ready(n)
             jobs.append(job)
             off += size
-        check(drv.cuEventRecord(backend._t1, backend._stream), "cuEventRecord")
+        record(backend._stream, backend._t1)
         hoff = 0
+        stream = backend._stream.handle  # cuda-bindings for the copies (byte ranges)
         for job in jobs:
             nbytes = 32 * job.units
-            copy = drv.cuMemcpyDtoHAsync(host.address + hoff, job.unit_out, nbytes, backend._stream)
+            copy = drv.cuMemcpyDtoHAsync(host.address + hoff, job.unit_out, nbytes, stream)
             check(copy, "cuMemcpyDtoHAsync")
             hoff += nbytes
-        check(drv.cuStreamSynchronize(backend._stream), "nh-fast-v1 kernels")
-        ms = check(drv.cuEventElapsedTime(backend._t0, backend._t1), "cuEventElapsedTime")
-        backend.last_device_seconds = float(ms) / 1e3
+        with core_errors("nh-fast-v1 kernels"):
+            backend._stream.sync()
+        backend.last_device_seconds = elapsed_seconds(backend._t0, backend._t1)
         out: list[HashResult] = []
         hoff = 0
         for job in jobs:
@@ -296,20 +299,18 @@ def nh_fast_hash(backend: CudaBackend, ptr: int, n: int, key: bytes) -> HashResu
     inflight = inflight_for(backend)
     with backend._lock:
         backend._activate()
-        drv = driver()
         mod = module_for(backend)
         scratch = backend._scratch(scratch_bytes(n))
         backend.last_scratch_bytes = scratch_bytes(n)
         backend.last_units_kernel = "nhf_leaf_tags"
         blocks = leaf_blocks(backend, mod)
         job = NhFastJob(mod, backend._stream, ptr, n, key, scratch, leaf_blocks=blocks, inflight=inflight)
-        check(drv.cuEventRecord(backend._t0, backend._stream), "cuEventRecord")
+        record(backend._stream, backend._t0)
         job.launch_ready(n)
-        check(drv.cuEventRecord(backend._t1, backend._stream), "cuEventRecord")
+        record(backend._stream, backend._t1)
         host = backend._result_buffer(32 * job.units)
         result = job.finish(host)
-        ms = check(drv.cuEventElapsedTime(backend._t0, backend._t1), "cuEventElapsedTime")
-        backend.last_device_seconds = float(ms) / 1e3
+        backend.last_device_seconds = elapsed_seconds(backend._t0, backend._t1)
         if len(result.unit_digests) != 32 * job.units:  # pragma: no cover - defensive
             raise IntegrityViolation("nh-fast-v1 kernels returned a short result")
         return result
@@ -360,7 +361,8 @@ def key_trials(
             ]
             fn = mod.function("nhf_key_trials")
             launch(fn, -(-count // 4), 128, backend._stream, args, what="nhf_key_trials")
-            check(drv.cuStreamSynchronize(backend._stream), "nhf_key_trials")
+            with core_errors("nhf_key_trials"):
+                backend._stream.sync()
             return backend._copy_out(ptrs[4], out_size), backend._copy_out(ptrs[5], out_size)
         finally:
             for p in ptrs:
