@@ -56,15 +56,20 @@ def test_the_module_list_is_what_the_port_covers() -> None:
         "_driver",
         "_kcache",
         "_kernels",
+        "_nh_fast",
         "_staging",
     }
+
+
+#: The modules that do device work: streams, events, launches and pinned memory through cuda.core.
+_DEVICE_MODULES = ("_backend", "_kernels", "_nh_fast", "_staging")
 
 
 def test_core_module_imports_cuda_core() -> None:
     assert "cuda.core" in _imports("_core")
 
 
-@pytest.mark.parametrize("name", ["_backend", "_kernels", "_staging"])
+@pytest.mark.parametrize("name", _DEVICE_MODULES)
 def test_device_modules_go_through_cuda_core(name: str) -> None:
     # Streams, events, launches, modules and pinned memory come from cuda.core via _core.
     assert "vram_residency.backends.cuda._core" in _imports(name)
@@ -98,9 +103,70 @@ def test_compile_goes_through_cuda_core_program() -> None:
 def test_no_driver_call_that_cuda_core_covers(name: str) -> None:
     # These are cuda.core's now; only _core's exact memory resource and the calls cuda.core has no
     # API for (pointer attributes, range copies, peer access, memory info) stay on cuda-bindings.
-    for module in ("_backend", "_kernels", "_staging", "_core"):
+    for module in (*_DEVICE_MODULES, "_core"):
         source = (_DIR / f"{module}.py").read_text(encoding="utf-8")
         assert f"drv.{name}(" not in source and f"driver().{name}(" not in source, (module, name)
+
+
+def _async_driver_calls_without_a_stream_handle(source: str) -> list[str]:
+    """Every cuda-bindings ``cu...Async(...)`` call in ``source`` whose stream (the last argument)
+    is neither ``<x>.handle`` nor a name the same function assigned from ``<x>.handle``: a
+    cuda.core ``Stream`` object given to the driver where it wants a ``CUstream``."""
+    tree = ast.parse(source)
+    bad: list[str] = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        handles = {
+            t.id
+            for node in ast.walk(fn)
+            if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "handle"
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        }
+        for node in ast.walk(fn):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            name = node.func.attr
+            if not (name.startswith("cu") and name.endswith("Async")) or not node.args:
+                continue
+            last = node.args[-1]
+            ok = (isinstance(last, ast.Attribute) and last.attr == "handle") or (
+                isinstance(last, ast.Name) and last.id in handles
+            )
+            if not ok:
+                bad.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+@pytest.mark.parametrize("name", [*_DEVICE_MODULES, "_core"])
+def test_driver_copies_get_the_streams_handle(name: str) -> None:
+    # cuda-bindings copies and memsets stay (byte ranges at offsets); their stream must be the
+    # cuda.core Stream's CUstream handle, which is what the nh-fast launcher got wrong at first.
+    source = (_DIR / f"{name}.py").read_text(encoding="utf-8")
+    assert _async_driver_calls_without_a_stream_handle(source) == [], name
+
+
+def test_the_stream_handle_check_catches_a_stream_object() -> None:
+    # Known answers for the walk above, so that it cannot pass by finding no calls: the code
+    # _nh_fast.py had before the port is caught, and the ported forms pass.
+    source = (
+        "def f(drv, s, host, dev, n):\n"
+        "    h = s.handle\n"
+        "    drv.cuMemcpyDtoHAsync(host, dev, n, h)\n"
+        "    drv.cuMemcpyDtoHAsync(host, dev, n, s.handle)\n"
+        "    drv.cuMemcpyDtoHAsync(host, dev, n, s)\n"
+        "    check(driver().cuMemcpyHtoDAsync(dev, host, n, backend._stream), 'x')\n"
+    )
+    assert _async_driver_calls_without_a_stream_handle(source) == [
+        "line 5: drv.cuMemcpyDtoHAsync(host, dev, n, s)",
+        "line 6: driver().cuMemcpyHtoDAsync(dev, host, n, backend._stream)",
+    ]
+    # And the real modules have such calls to check.
+    ported = (_DIR / "_nh_fast.py").read_text(encoding="utf-8")
+    assert ported.count("Async(") >= 3
 
 
 def test_cuda_core_is_the_installed_one() -> None:

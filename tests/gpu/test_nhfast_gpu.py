@@ -167,6 +167,43 @@ def test_structured_changes_end_to_end(cuda_backend: CudaBackend) -> None:
             assert got.unit(0) != ref.unit(0) and got.unit_digests[32:] == ref.unit_digests[32:], name
 
 
+# -- the launcher on the backend's kernel session (cuda.core streams and events) ----------------
+
+
+def test_kernel_session_is_the_locked_compute_lane_and_ends_with_its_block(cuda_backend: CudaBackend) -> None:
+    import threading
+
+    from vram_residency.backends.cuda._nh_fast import module_for
+    from vram_residency.errors import IntegrityViolation
+
+    entered = threading.Event()
+
+    def other() -> None:
+        with cuda_backend.kernel_session():
+            entered.set()
+
+    with cuda_backend.kernel_session() as ks:
+        # The backend's lock is held: another thread's session waits for this block to end.
+        t = threading.Thread(target=other)
+        t.start()
+        assert not entered.wait(0.3)
+        assert ks.multiprocessors == cuda_backend.multiprocessors
+        assert ks.blocks_per_sm(module_for(ks), "nhf_leaf_tags", 256) >= 1
+        assert ks.scratch(4096) % 256 == 0
+        with ks.temporary(1000) as p:
+            assert p % 256 == 0 and p != ks.scratch(4096)
+    t.join(10)
+    assert entered.is_set()
+    for use in (lambda: ks.stream, lambda: ks.scratch(1), lambda: ks.result_buffer(1)):
+        with pytest.raises(IntegrityViolation, match="after its with block"):
+            use()
+    cuda_backend.last_device_seconds = 0.0
+    data, key = _bytes(3 * MIB + 5, 9), os.urandom(32)
+    assert _gpu_hash(cuda_backend, data, key) == tree.hash_units(data, tree.NH_FAST_V1, key=key)
+    assert cuda_backend.last_device_seconds > 0.0  # Event arithmetic around the kernels
+    assert cuda_backend.last_units_kernel == "nhf_leaf_tags"
+
+
 # -- nh-fast-v1 through the CUDA backend's dispatch and the seal core (issue 15 items 1 and 4) -----
 
 _TOKEN = "nh-fast-gpu-manager-token-0123456789"

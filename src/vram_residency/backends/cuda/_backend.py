@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
@@ -38,8 +38,12 @@ from vram_residency.backends.base import (
     Segment,
     check_range,
 )
-from vram_residency.backends.cuda import _batch, _core, _driver
+from vram_residency.backends.cuda import _batch, _core, _driver, _nh_fast
 from vram_residency.backends.cuda._core import OUT_OF_MEMORY, CuMemAllocFailed, core, core_errors
+from vram_residency.backends.cuda._core import elapsed_seconds as _elapsed_seconds
+from vram_residency.backends.cuda._core import event_sync as _event_sync
+from vram_residency.backends.cuda._core import record as _record
+from vram_residency.backends.cuda._core import stream_wait as _stream_wait
 from vram_residency.backends.cuda._driver import check, driver, error_name, request_error
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import (
@@ -69,7 +73,7 @@ from vram_residency.formats.tree import (
     unit_count,
 )
 
-__all__ = ["PRIORITIES", "CudaBackend", "CudaBuffer", "Priority", "device_count"]
+__all__ = ["PRIORITIES", "CudaBackend", "CudaBuffer", "KernelSession", "Priority", "device_count"]
 
 #: ``priority=`` of the digest calls (``backends.base.Priority``): "normal" (the verify path) or
 #: "low" (background scrubbing: a lowest-priority stream of its own, and the wait is a poll that
@@ -210,24 +214,8 @@ class CudaBuffer(DeviceBuffer):
 # -- stream and event helpers (cuda.core, errors mapped to ours) ---------------------------------
 
 
-def _record(stream: Any, event: Any) -> None:
-    with core_errors("cuEventRecord"):
-        stream.record(event)
-
-
-def _stream_wait(stream: Any, event: Any) -> None:
-    with core_errors("cuStreamWaitEvent"):
-        stream.wait(event)
-
-
-def _event_sync(event: Any, what: str) -> None:
-    with core_errors(what):
-        event.sync()
-
-
-def _elapsed_seconds(t0: Any, t1: Any) -> float:
-    with core_errors("cuEventElapsedTime"):
-        return float(t1 - t0) / 1e3  # cuda.core: Event - Event is milliseconds
+# record, stream_wait, event_sync and elapsed_seconds live in _core (imported above under the
+# names this module has always used), shared with the _nh_fast launcher.
 
 
 def _event(dev: Any, *, timing: bool) -> Any:
@@ -505,6 +493,92 @@ def _peer_peer_copy_raw(
             mover.close()
 
 
+class KernelSession:
+    """The backend's compute lane, as kernel launchers in other modules of this package
+    (``_nh_fast``) see it: the stream, timing events, scratch, result buffer, modules and
+    occupancy cache that the backend's own digests (``_HashJob``) use, behind public names, so
+    that no module reads the backend's private members (tests/test_import_graph.py).
+
+    Made only by :meth:`CudaBackend.kernel_session`, which holds the backend's lock with the
+    device current for its ``with`` block. Using the session after the block raises
+    IntegrityViolation: by then another thread may own the stream, the scratch and the events.
+
+    ``stream`` is a cuda.core ``Stream`` (``.handle`` for cuda-bindings copies); ``t0`` and
+    ``t1`` are timing ``Event``s (``t1 - t0`` is milliseconds; ``_core.elapsed_seconds``).
+    """
+
+    def __init__(self, backend: CudaBackend) -> None:
+        self._b = backend
+        self._open = True
+
+    def _backend(self) -> CudaBackend:
+        if not self._open:
+            raise IntegrityViolation("a CUDA kernel session was used after its with block")
+        return self._b
+
+    @property
+    def stream(self) -> Any:
+        """The compute stream (cuda.core ``Stream``), the one ``hash`` and ``digest`` run on."""
+        return self._backend()._stream
+
+    @property
+    def t0(self) -> Any:
+        """Timing event recorded before the kernels (cuda.core ``Event``)."""
+        return self._backend()._t0
+
+    @property
+    def t1(self) -> Any:
+        """Timing event recorded after the kernels (cuda.core ``Event``)."""
+        return self._backend()._t1
+
+    @property
+    def multiprocessors(self) -> int:
+        return self._backend().multiprocessors
+
+    def module(self, source: str) -> Module:
+        """The loaded kernel module of ``source`` (a name of ``_compile.KERNELS``), compiled once
+        with the backend's ``kernel_defines`` for it and kept with its other modules."""
+        return self._backend()._source_module(source)
+
+    def kernel_defines(self, source: str) -> Mapping[str, str]:
+        """The extra preprocessor definitions the backend compiles ``source`` with (a copy)."""
+        return dict(self._backend()._kernel_defines.get(source, {}))
+
+    def blocks_per_sm(self, mod: Module, name: str, threads: int) -> int:
+        """Resident blocks per multiprocessor (at least 1) of kernel ``name`` of ``mod`` at
+        ``threads`` threads per block, asked of the driver once per backend."""
+        return self._backend()._blocks_per_sm(mod, name, threads)
+
+    def scratch(self, nbytes: int) -> int:
+        """Device address of at least ``nbytes`` bytes of the backend's digest scratch (not
+        zeroed; grown, never shrunk), the session's to use until the block ends."""
+        return self._backend()._scratch(nbytes)
+
+    def result_buffer(self, nbytes: int) -> PinnedHostBuffer:
+        """The backend's pinned result buffer, at least ``nbytes`` bytes (grown, never shrunk)."""
+        return self._backend()._result_buffer(nbytes)
+
+    @contextlib.contextmanager
+    def temporary(self, nbytes: int) -> Iterator[int]:
+        """Device address of an allocation of its own (``nbytes`` rounded up to 256, not zeroed)
+        for the ``with`` block, freed after it: large test inputs that must not grow the
+        scratch, which is kept for the backend's life."""
+        mr = self._backend()._scratch_mr
+        try:
+            mem = mr.allocate(max(256, -(-nbytes // 256) * 256))
+        except CuMemAllocFailed as exc:
+            raise _driver.map_name(exc.name, "cuMemAlloc") from exc
+        try:
+            yield int(mem.handle)
+        finally:
+            with contextlib.suppress(Exception):  # as for sha256_messages: not reported
+                mr.free(mem)
+
+    def copy_out(self, src: int, n: int) -> bytes:
+        """``n`` bytes at device address ``src``, copied to the host (on the copy stream)."""
+        return self._backend()._copy_out(src, n)
+
+
 class CudaBackend(Backend):
     """Device memory on one CUDA device, through NVIDIA's cuda.core (and cuda-bindings where
     cuda.core has no API) and NVRTC.
@@ -610,7 +684,8 @@ class CudaBackend(Backend):
         #: Scratch bytes (VRAM) the last hash needed, and the unit kernel it ran (benchmarks).
         self.last_scratch_bytes = 0
         self.last_units_kernel = ""
-        self._occupancy: dict[str, int] = {}
+        #: Resident blocks per SM of (kernel, threads per block), asked once each.
+        self._occupancy: dict[tuple[str, int], int] = {}
         # Segment-table digests: the normal lane shares the compute stream and lock with the
         # single-segment path; the low lane (scrubbing) has its own, created on first use.
         self._lanes: dict[str, _Lane] = {}
@@ -624,6 +699,20 @@ class CudaBackend(Backend):
             raise ConfigError("the CUDA backend is closed")
         with core_errors("cuCtxSetCurrent"):
             self._dev.set_current()
+
+    @contextlib.contextmanager
+    def kernel_session(self) -> Iterator[KernelSession]:
+        """The compute lane, for this package's kernel launchers in other modules (``_nh_fast``):
+        holds the backend's lock (kernels, scratch, result buffer, module and occupancy caches)
+        with the device current for the whole ``with`` block, and yields a
+        :class:`KernelSession`. Not for applications: use ``hash``/``digest`` and the tables."""
+        with self._lock:
+            self._activate()
+            session = KernelSession(self)
+            try:
+                yield session
+            finally:
+                session._open = False
 
     def _sync(self, stream: Any, what: str) -> None:
         with core_errors(what):
@@ -801,10 +890,11 @@ class CudaBackend(Backend):
             self._modules[source] = mod
         return mod
 
-    def _blocks_per_sm(self, mod: Module, name: str) -> int:
-        if name not in self._occupancy:
-            self._occupancy[name] = max(1, mod.blocks_per_sm(name, _THREADS))
-        return self._occupancy[name]
+    def _blocks_per_sm(self, mod: Module, name: str, threads: int = _THREADS) -> int:
+        key = (name, threads)
+        if key not in self._occupancy:
+            self._occupancy[key] = max(1, mod.blocks_per_sm(name, threads))
+        return self._occupancy[key]
 
     def _sha_units_kernel(self, mod: Module, units: int) -> str:
         return self._pick_units_kernel(mod, units, ("sha256_tree_units", "sha256_tree_units_occ4"))
@@ -979,8 +1069,6 @@ class CudaBackend(Backend):
                 b._lock.acquire()
                 held.append(b)
                 b.check_open()
-            from vram_residency.backends.cuda import _nh_fast  # it imports this module
-
             return _nh_fast.nh_fast_many(self, [(b._ptr, n, k) for b, n, k in rows])
         finally:
             for b in reversed(held):
@@ -998,7 +1086,7 @@ class CudaBackend(Backend):
         if spec is None:
             check_algorithm(algorithm)  # InvalidInput for a name that is not an algorithm
             raise UnsupportedOperation(f"no batched kernels for {algorithm!r}")
-        if type(n) is not int or not 0 <= n <= buf._size:
+        if type(n) is not int or not 0 <= n <= buf.size:
             check_range(buf.size, 0, n)
         if key is not None:
             if not spec.keyed:
@@ -1047,7 +1135,7 @@ class CudaBackend(Backend):
         if spec.units_kernel_occ4 is None:
             return spec.units_kernel
         names = (spec.units_kernel, spec.units_kernel_occ4)
-        return self._pick_by_occupancy(units, [(self._occupancy[n], n) for n in names])
+        return self._pick_by_occupancy(units, [(self._occupancy[n, _THREADS], n) for n in names])
 
     def _run_batch(
         self, segments: Sequence[Segment], *, want_units: bool, priority: str
@@ -1064,7 +1152,7 @@ class CudaBackend(Backend):
             for b in bufs:
                 b._lock.acquire()
                 held.append(b)
-                b._check_open()
+                b.check_open()
             fns = self._table_kernels({a for _, _, a, _ in checked})
             with lane.lock:
                 self._activate()
@@ -1143,24 +1231,15 @@ class CudaBackend(Backend):
         n = len(view)
         if buf._ptr % 16:
             raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
-        from vram_residency.backends.cuda import _nh_fast  # it imports this module
-
-        drv = driver()
         with buf._lock:
             buf.check_open()
-            with self._lock:
-                self._activate()
-                mod = _nh_fast.module_for(self)
-                scratch = self._scratch(_nh_fast.scratch_bytes(n))
-                job = _nh_fast.NhFastJob(
-                    mod, self._stream, buf._ptr, n, key, scratch,
-                    leaf_blocks=_nh_fast.leaf_blocks(self, mod), inflight=_nh_fast.inflight_for(self),
-                )  # fmt: skip
+            with self.kernel_session() as ks:
+                job = _nh_fast.new_job(ks, buf._ptr, n, key)
 
                 def landed() -> None:
                     # The compute stream waits for what the copy stream has queued so far.
-                    check(drv.cuEventRecord(self._xfer_event, self._copy_stream), "cuEventRecord")
-                    check(drv.cuStreamWaitEvent(self._stream, self._xfer_event, 0), "cuStreamWaitEvent")
+                    _record(self._copy_stream, self._xfer_event)
+                    _stream_wait(self._stream, self._xfer_event)
 
                 def on_chunk(done: int) -> None:
                     ready = job.units if done >= n else done // UNIT_SIZE
@@ -1172,7 +1251,7 @@ class CudaBackend(Backend):
                     self._copy_in(buf._ptr, view, on_chunk)
                 if job.units_done < job.units:
                     landed()  # the copy stream has synchronized; this orders nothing but is cheap
-                return job.finish(self._result_buffer(32 * job.units))
+                return job.finish(ks.result_buffer(32 * job.units))
 
     def sha256_messages(self, messages: Sequence[bytes]) -> list[bytes]:
         """Plain SHA-256 of each message, computed by the same device SHA-256 core as the tree

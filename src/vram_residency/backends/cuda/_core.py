@@ -52,10 +52,14 @@ __all__ = [
     "core",
     "core_errors",
     "device",
+    "elapsed_seconds",
+    "event_sync",
     "exact_resource",
     "exact_resource_class",
     "map_core_error",
     "pinned_resource",
+    "record",
+    "stream_wait",
 ]
 
 log = logging.getLogger("vram_residency.cuda")
@@ -105,6 +109,33 @@ def core_errors(what: str) -> Iterator[None]:
         if isinstance(exc, _cuda_error_type()):
             raise map_core_error(exc, what) from exc
         raise
+
+
+# -- stream and event helpers: cuda.core calls with the error names the driver calls had ----------
+# (shared by the backend's own digests and by the launchers of other modules, e.g. _nh_fast)
+
+
+def record(stream: Any, event: Any) -> None:
+    """Record cuda.core ``Event`` ``event`` on cuda.core ``Stream`` ``stream``."""
+    with core_errors("cuEventRecord"):
+        stream.record(event)
+
+
+def stream_wait(stream: Any, event: Any) -> None:
+    """Make ``stream`` wait (on the device) for what was queued before ``event`` was recorded."""
+    with core_errors("cuStreamWaitEvent"):
+        stream.wait(event)
+
+
+def event_sync(event: Any, what: str) -> None:
+    with core_errors(what):
+        event.sync()
+
+
+def elapsed_seconds(t0: Any, t1: Any) -> float:
+    """Seconds between two recorded timing events (cuda.core: ``Event - Event`` is milliseconds)."""
+    with core_errors("cuEventElapsedTime"):
+        return float(t1 - t0) / 1e3
 
 
 def device(ordinal: int) -> Any:
