@@ -311,6 +311,23 @@ class Backend(abc.ABC):
         out = out.cast("B") if out.format != "B" else out
         out[:] = buf.read(offset, len(out))
 
+    def read_chunks(
+        self, buf: DeviceBuffer, out: memoryview, on_chunk: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Device to host: copy the first ``len(out)`` bytes of ``buf`` into ``out`` in
+        ``COPY_CHUNK`` pieces, calling ``on_chunk(offset, length)`` once each piece has landed in
+        ``out``. Backends with copy engines keep the later pieces in flight while ``on_chunk`` runs
+        (the offload hashes each landed piece on the host while the next ones copy). ``on_chunk``
+        must not touch ``buf``: the backend may hold its lock. When this returns or raises, no
+        copy into ``out`` is still running."""
+        out = out.cast("B") if out.format != "B" else out
+        check_range(buf.size, 0, len(out))
+        for off in range(0, len(out), COPY_CHUNK):
+            m = min(COPY_CHUNK, len(out) - off)
+            self.read_into(buf, off, out[off : off + m])
+            if on_chunk is not None:
+                on_chunk(off, m)
+
     def can_access_peer(self, other: Backend) -> bool:
         """True when ``copy_from`` copies from ``other``'s memory directly, device to device
         (peer to peer on CUDA); otherwise the bytes go through host memory."""
