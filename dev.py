@@ -5,7 +5,8 @@
     python3 dev.py test  [ARGS...]   # lint, type-check and the test suite
     python3 dev.py run CMD [ARGS...] # any command inside the project's environment
 
-It installs uv (pinned) into .tools/, syncs .venv/ exactly to uv.lock (with the CUDA extra:
+It installs uv (pinned) into .tools/, syncs .venv/ to uv.lock (every locked package at its locked
+version; for `test` also torch, from a local CPU wheel where the machine has one; with the CUDA extra:
 cuda-bindings, cuda-core and NVRTC, which install without a GPU and are used when one is present),
 and runs inside it. `serve` and `run` run in your current directory (relative paths are yours);
 `test` runs in the repository. To use the bare `vram-residency` command:
@@ -45,15 +46,17 @@ def _uv() -> Path:
 
 
 def _sync(for_tests: bool = False) -> None:
-    cmd = [str(_uv()), "sync", "--locked", "--quiet", "--extra", "example", "--extra", "cuda"]
+    # --inexact: every package the lock names is installed at its locked version, and nothing
+    # else is removed. That keeps the tests' torch (below) when a later `run` or `serve` syncs.
+    cmd = [str(_uv()), "sync", "--locked", "--inexact", "--quiet", "--extra", "example", "--extra", "cuda"]
     env = dict(os.environ, UV_PROJECT_ENVIRONMENT=str(VENV))
     wheel = _local_cpu_torch() if for_tests else None
-    if for_tests:
+    if for_tests and wheel is None:
         # The tests need torch (vram_residency.distributed runs its ranks on gloo). PyPI's Linux
         # torch is the multi-GB CUDA build: where the machine carries a CPU wheel for this Python,
-        # install that beside the locked environment (an inexact sync keeps it); else take the
-        # locked `distributed` extra. `serve` and `run` stay exact and torch-free.
-        cmd += ["--inexact"] if wheel else ["--extra", "distributed"]
+        # it is installed beside the locked environment instead (below); else the locked
+        # `distributed` extra. `serve` never imports torch.
+        cmd += ["--extra", "distributed"]
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     if wheel is not None:
         subprocess.run(

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from vram_residency.backends.cuda import CudaBackend, open_backend
-from vram_residency.backends.cuda._driver import check, driver
+from vram_residency.backends.cuda._core import elapsed_seconds, event_sync, record
 from vram_residency.backends.cuda._kernels import U64, launch
-from vram_residency.backends.cuda._nh_fast import module_for, nh_fast_hash
+from vram_residency.backends.cuda._nh_fast import Session, module_for, nh_fast_hash
 from vram_residency.formats import tree
 
 MiB = 1 << 20
@@ -63,42 +63,37 @@ def _fill(backend: CudaBackend, size: int, seed: int = 1) -> Any:
     return buf
 
 
-def _device_time(backend: CudaBackend, enqueue: Callable[[Any], None], reps: int) -> float:
-    drv = driver()
-    stream = backend._stream
-    e0 = check(drv.cuEventCreate(0), "cuEventCreate")
-    e1 = check(drv.cuEventCreate(0), "cuEventCreate")
-    try:
+def _device_time(ks: Session, enqueue: Callable[[Any], None], reps: int) -> float:
+    # The backend's compute stream and timing events (cuda.core), held through its kernel session.
+    stream = ks.stream
+    enqueue(stream)
+    stream.sync()
+    out = []
+    for _ in range(reps):
+        record(stream, ks.t0)
         enqueue(stream)
-        check(drv.cuStreamSynchronize(stream), "sync")
-        out = []
-        for _ in range(reps):
-            check(drv.cuEventRecord(e0, stream), "record")
-            enqueue(stream)
-            check(drv.cuEventRecord(e1, stream), "record")
-            check(drv.cuEventSynchronize(e1), "sync")
-            out.append(float(check(drv.cuEventElapsedTime(e0, e1), "elapsed")) / 1e3)
-        return statistics.median(out)
-    finally:
-        drv.cuEventDestroy(e0)
-        drv.cuEventDestroy(e1)
+        record(stream, ks.t1)
+        event_sync(ks.t1, "read kernel")
+        out.append(elapsed_seconds(ks.t0, ks.t1))
+    return statistics.median(out)
 
 
 def hbm_read(backend: CudaBackend, buf: Any, size: int, reps: int) -> float:
     """GB/s of the streaming-read kernel over ``size`` bytes of ``buf`` (grid: 4 blocks per SM
     per 256 threads, up to 16; the best of three grid sizes)."""
-    mod = module_for(backend)
-    fn = mod.function("nhf_read_only")
-    sink = backend._scratch(4096)
     best = 0.0
-    for per_sm in (4, 8, 16):
-        grid = backend.multiprocessors * per_sm
+    ptr = buf.device_pointer
+    with backend.kernel_session() as ks:
+        fn = module_for(ks).function("nhf_read_only")
+        sink = ks.scratch(4096)
+        for per_sm in (4, 8, 16):
+            grid = backend.multiprocessors * per_sm
 
-        def enqueue(stream: Any, grid: int = grid) -> None:
-            args = [(U64, buf.device_pointer), (U64, size // 16), (U64, sink)]
-            launch(fn, grid, 256, stream, args, what="read")
+            def enqueue(stream: Any, grid: int = grid) -> None:
+                args = [(U64, ptr), (U64, size // 16), (U64, sink)]
+                launch(fn, grid, 256, stream, args, what="read")
 
-        best = max(best, size / _device_time(backend, enqueue, reps) / 1e9)
+            best = max(best, size / _device_time(ks, enqueue, reps) / 1e9)
     return best
 
 
@@ -163,6 +158,8 @@ def run(
     log(f"nh-fast-v1 bench on {backend.describe()}: filling {biggest / GiB:.2f} GiB")
     buf = _fill(backend, biggest)
     host_first = buf.read(0, min(biggest, GiB))
+    with backend.kernel_session() as ks:
+        defines = dict(ks.kernel_defines("nh_fast"))
     result: dict[str, Any] = {
         "benchmark": "nhfast-gpu",
         "date": date,
@@ -170,7 +167,7 @@ def run(
         "device": backend.device_name,
         "arch": backend.arch,
         "multiprocessors": backend.multiprocessors,
-        "kernel_defines": backend._kernel_defines.get("nh_fast", {}),
+        "kernel_defines": defines,
     }
     try:
         rows = []

@@ -35,6 +35,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -114,9 +115,11 @@ def _runs(units: Sequence[int], n: int) -> list[tuple[int, int]]:
 
 
 def _matches(sealed: SealedShard, unit_digests: bytes, result: HashResult) -> bool:
+    # One comparison of the whole unit-digest string (constant time, C speed): the per-unit loop
+    # of _bad_units runs only to find *which* units differ, after a mismatch.
     return (
         len(result.unit_digests) == len(unit_digests)
-        and not _bad_units(unit_digests, result.unit_digests)
+        and hmac.compare_digest(result.unit_digests, unit_digests)
         and hmac.compare_digest(result.digest.hex(), sealed.digest)
     )
 
@@ -169,10 +172,15 @@ def migrate(
         n, algorithm = sealed.vram_bytes, sealed.digest_algorithm
         sbk, dbk = src.backend, dest.backend
         retried = 0
+        # A keyed seal (nh-fast-v1) is keyed by its shard id: the copy is checked against the
+        # source's sealed unit digests under the source shard's key (the same token, so the same
+        # key on both stores), and the destination, whose new shard id gives a new key, hashes
+        # the landed bytes again under that key when it seals (no expected digest to compare).
+        key = src.digest_key(algorithm, sealed.shard_id)
 
         def fill(dst: DeviceBuffer) -> HashResult:
             nonlocal retried
-            result = dbk.copy_and_hash_from(dst, sbk, entry.buf, n, algorithm, on_landed=on_landed)
+            result = dbk.copy_and_hash_from(dst, sbk, entry.buf, n, algorithm, on_landed=on_landed, key=key)
             for _attempt in range(max_retries):
                 if _matches(sealed, units, result):
                     return result
@@ -182,7 +190,7 @@ def migrate(
                     dbk.copy_from(dst, sbk, entry.buf, off, length)
                     if on_landed is not None:
                         on_landed(dst, off, length)
-                result = dbk.hash(dst, algorithm, n)
+                result = dbk.hash(dst, algorithm, n, key=key)
             if _matches(sealed, units, result):
                 return result
             # Is the source itself damaged, or only the transfer? The source check raises
@@ -199,7 +207,7 @@ def migrate(
             model_ref=sealed.model_ref,
             shard_index=sealed.shard_index,
             total_shards=sealed.total_shards,
-            expected_digest=sealed.digest,
+            expected_digest=sealed.digest if key is None else None,
             digest_algorithm=algorithm,
             tensors=entry.tensors,
             source=entry.source,
@@ -306,9 +314,12 @@ def discard_offloaded(mgr: ShardStore) -> None:
     """Zero and release every offloaded copy of ``mgr`` (at shutdown)."""
     with _OFFLOADED_LOCK:
         table = _OFFLOADED.pop(mgr, {})
-    for rec in table.values():
-        with rec.lock:
-            rec.copy.discard()
+    try:
+        for rec in table.values():
+            with rec.lock:
+                rec.copy.discard()
+    finally:
+        _wait_discards(mgr)
 
 
 def _receive_host(
@@ -327,7 +338,10 @@ def _receive_host(
     mgr.backend.read_into(entry.buf, offset, out)
     if on_landed is not None:
         on_landed(out, offset, n)
-    bad = _bad_units(units, hash_units(out, sealed.digest_algorithm).unit_digests, first)
+    # Unit digests are position-independent (each unit hashed as a message of its own, for
+    # nh-fast-v1 under the shard's key), so a unit-aligned chunk is hashed on its own.
+    key = mgr.digest_key(sealed.digest_algorithm, sealed.shard_id)
+    bad = _bad_units(units, hash_units(out, sealed.digest_algorithm, key=key).unit_digests, first)
     for _attempt in range(max_retries):
         if not bad:
             return
@@ -338,7 +352,54 @@ def _receive_host(
             mgr.backend.read_into(entry.buf, start, piece)
             if on_landed is not None:
                 on_landed(piece, start, length)
-            if hash_units(piece, sealed.digest_algorithm).unit(0) != units[32 * u : 32 * u + 32]:
+            if hash_units(piece, sealed.digest_algorithm, key=key).unit(0) != units[32 * u : 32 * u + 32]:
+                again.append(u)
+        bad = again
+    if bad:
+        mgr.verify_held(sealed, entry)  # raises when the device memory itself is damaged
+        raise IntegrityViolation(
+            f"shard {sealed.shard_id}: copy to host still arrived wrong after {max_retries} retries; "
+            "the shard stays resident"
+        )
+
+
+def _receive_all(
+    mgr: ShardStore,
+    entry: ShardRecord,
+    out: memoryview,
+    max_retries: int,
+    on_landed: LandedHook | None,
+) -> None:
+    """Device to host, the whole shard into ``out``: every chunk's copy is in flight at once
+    (``Backend.read_chunks``) and each chunk's units are hashed on the host (native hasher, every
+    core) as soon as it lands, while the next chunks copy; units that landed wrong are read
+    again afterwards, one by one, as in ``_receive_host``. The host copy is proven against the
+    seal before the device memory, the only other copy, is freed: a transfer fault found only at
+    restore would have lost the shard."""
+    sealed, units = entry.shard, entry.unit_digests
+    algorithm = sealed.digest_algorithm
+    bad: list[int] = []
+
+    def landed(off: int, m: int) -> None:
+        piece = out[off : off + m]
+        if on_landed is not None:
+            on_landed(piece, off, m)
+        got = hash_units(piece, algorithm).unit_digests
+        if not hmac.compare_digest(got, units[32 * (off // UNIT_SIZE) :][: len(got)]):
+            bad.extend(_bad_units(units, got, off // UNIT_SIZE))
+
+    mgr.backend.read_chunks(entry.buf, out, landed)
+    for _attempt in range(max_retries):
+        if not bad:
+            return
+        again = []
+        for u in bad:
+            start, length = _unit_range(u, sealed.vram_bytes)
+            piece = out[start : start + length]
+            mgr.backend.read_into(entry.buf, start, piece)
+            if on_landed is not None:
+                on_landed(piece, start, length)
+            if hash_units(piece, algorithm).unit(0) != units[32 * u : 32 * u + 32]:
                 again.append(u)
         bad = again
     if bad:
@@ -410,9 +471,7 @@ def _offload_copy(
     if to == "host":
         memory = mgr.backend.allocate_host(n)
         try:
-            for off in range(0, n, COPY_CHUNK):
-                m = min(COPY_CHUNK, n - off)
-                _receive_host(mgr, entry, memory.view[off : off + m], off, max_retries, on_landed)
+            _receive_all(mgr, entry, memory.view[:n], max_retries, on_landed)
         except BaseException:
             memory.close()
             raise
@@ -499,8 +558,37 @@ def restore(
                 raise
         with _OFFLOADED_LOCK:
             _OFFLOADED.get(mgr, {}).pop(sealed.shard_id, None)
-        rec.copy.discard()
+        _discard_soon(mgr, rec.copy)
     return rewritten
+
+
+# Zeroing and unpinning a restored shard's host copy (GiBs: about a second for 4 GiB on one
+# thread, ten times the pinned host-to-device copy itself) is not needed for the shard to be
+# usable, so it runs on a background thread. ``discard_offloaded`` (manager close) waits for it
+# before the backend, whose context owns the pinned pages, goes away. Files are discarded at
+# once: callers see the file gone when restore returns.
+_PENDING: weakref.WeakKeyDictionary[ShardStore, list[Future[None]]] = weakref.WeakKeyDictionary()
+_DISCARDER: ThreadPoolExecutor | None = None
+
+
+def _discard_soon(mgr: ShardStore, copy: _Copy) -> None:
+    global _DISCARDER
+    if copy.memory is None:
+        copy.discard()
+        return
+    with _OFFLOADED_LOCK:
+        if _DISCARDER is None:
+            _DISCARDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vram-discard")
+        pending = [f for f in _PENDING.get(mgr, []) if not f.done()]
+        pending.append(_DISCARDER.submit(copy.discard))
+        _PENDING[mgr] = pending
+
+
+def _wait_discards(mgr: ShardStore) -> None:
+    with _OFFLOADED_LOCK:
+        pending = _PENDING.pop(mgr, [])
+    for f in pending:
+        f.result()
 
 
 def _restore_into(
@@ -511,7 +599,8 @@ def _restore_into(
     sealed, units = rec.entry.shard, rec.entry.unit_digests
     n, algorithm = sealed.vram_bytes, sealed.digest_algorithm
     backend = mgr.backend
-    result = _land(mgr, buf, rec.copy, algorithm, on_landed)
+    key = mgr.digest_key(algorithm, sealed.shard_id)
+    result = _land(mgr, buf, rec.copy, algorithm, on_landed, key)
     rewritten: set[int] = set()
     for attempt in range(max_retries + 1):
         if _matches(sealed, units, result):
@@ -527,7 +616,7 @@ def _restore_into(
             start, length = _unit_range(u, n)
             data = rec.copy.read(start, length)
             # Offloaded bytes are used only where they hash to the sealed unit digest.
-            if hash_units(data, algorithm).unit(0) != units[32 * u : 32 * u + 32]:
+            if hash_units(data, algorithm, key=key).unit(0) != units[32 * u : 32 * u + 32]:
                 damaged.append(u)
                 continue
             buf.write(start, data)
@@ -553,23 +642,28 @@ def _restore_into(
                 actual_digest=result.digest.hex(),
                 corrupted_ranges=ranges,
             )
-        result = backend.hash(buf, algorithm, n)
+        result = backend.hash(buf, algorithm, n, key=key)
     return len(rewritten)
 
 
 def _land(
-    mgr: ShardStore, buf: DeviceBuffer, copy: _Copy, algorithm: str, on_landed: LandedHook | None
+    mgr: ShardStore,
+    buf: DeviceBuffer,
+    copy: _Copy,
+    algorithm: str,
+    on_landed: LandedHook | None,
+    key: bytes | None = None,
 ) -> HashResult:
     """Copy the offloaded bytes into ``buf``; the digests of what is now in device memory."""
     backend, n = mgr.backend, copy.n
     if copy.memory is not None and on_landed is None:
         # Pinned host memory on CUDA: copies straight from it, hashing each chunk as it lands.
-        return backend.write_and_hash(buf, copy.memory.view[:n], algorithm)
+        return backend.write_and_hash(buf, copy.memory.view[:n], algorithm, key=key)
     for off, m in _chunks(n):
         buf.write(off, copy.read(off, m) if copy.memory is None else copy.memory.view[off : off + m])
         if on_landed is not None:
             on_landed(buf, off, m)
-    return backend.hash(buf, algorithm, n)
+    return backend.hash(buf, algorithm, n, key=key)
 
 
 def _chunks(n: int) -> Iterator[tuple[int, int]]:

@@ -13,6 +13,7 @@ from typing_extensions import Buffer
 from vram_residency._core import (
     AuditSink,
     BackendName,
+    Check,
     ShardRecord,
     ShardStore,
     TensorSpan,
@@ -22,6 +23,7 @@ from vram_residency._core import (
 )
 from vram_residency.backends.base import Backend, Capabilities, DeviceBuffer
 from vram_residency.errors import ConfigError, InvalidInput
+from vram_residency.formats import nhfast
 from vram_residency.formats.attest import attest_key
 from vram_residency.formats.keys import SecretKey
 from vram_residency.formats.seal import seal_key
@@ -60,10 +62,18 @@ class VramManager:
         max_model_bytes: int = _DEFAULT_MAX_MODEL_BYTES,
         audit: AuditSink | None = None,
         allow_integrated: bool = False,
+        fast_check: bool | None = None,
     ) -> None:
-        # Derive the key first: a bad token must fail before any device is touched.
+        """``fast_check``: also keep a keyed ``nh-fast-v1`` digest of every shard at seal time (one
+        more memory-speed pass), which ``verify_many(check="fast")``, the scrubber and the
+        service's pre-execute check compare instead of the seal's digest. None (the default):
+        on for a real device, off for the host emulation (where the pass costs CPU time)."""
+        # Derive the keys first: a bad token must fail before any device is touched.
         seal_key_obj = seal_key(worker_token)
         self._attest_key: SecretKey = attest_key(worker_token)
+        fast_key = SecretKey.from_token(worker_token, nhfast.KEY_INFO)
+        if fast_check is not None and not isinstance(fast_check, bool):
+            raise ConfigError("fast_check must be True, False or None")
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ConfigError("device must be a non-negative integer")
         if not isinstance(worker_id, str):
@@ -80,9 +90,11 @@ class VramManager:
             backend_obj = open_backend(backend, device, capacity_bytes, allow_integrated)
         except InvalidInput as exc:
             raise ConfigError(str(exc)) from None
+        if fast_check is None:
+            fast_check = not backend_obj.capabilities.emulated
         self._store = ShardStore(
             seal_key_obj, backend_obj, device=device, worker_id=worker_id,
-            max_model_bytes=max_model_bytes, audit=audit,
+            max_model_bytes=max_model_bytes, audit=audit, fast_key=fast_key, fast_check=fast_check,
         )  # fmt: skip
 
     # -- properties ---------------------------------------------------------------------------
@@ -165,10 +177,15 @@ class VramManager:
         except ValueError as exc:  # e.g. a non-contiguous buffer
             raise InvalidInput(f"model_bytes must be a contiguous buffer: {exc}") from None
         try:
-            backend = self._store.backend
-            return self._store.seal_into(
+            store = self._store
+            backend = store.backend
+            # The id is chosen before hashing: a keyed algorithm's key is per shard id.
+            sid = store.new_shard_id()
+            key = store.digest_key(digest_algorithm, sid) if isinstance(digest_algorithm, str) else None
+            return store.seal_into(
                 len(view),
-                lambda buf: backend.write_and_hash(buf, view, digest_algorithm),
+                lambda buf: backend.write_and_hash(buf, view, digest_algorithm, key=key),
+                shard_id=sid,
                 device=device,
                 model_ref=model_ref,
                 shard_index=shard_index,
@@ -364,14 +381,23 @@ class VramManager:
             raise InvalidInput(f"expected a SealedShard, not {type(shard).__name__}")
         self._store.verify_many([shard])
 
-    def verify_many(self, shards: Iterable[SealedShard | SealedModel] | SealedModel) -> None:
+    def verify_many(
+        self,
+        shards: Iterable[SealedShard | SealedModel] | SealedModel,
+        *,
+        check: Check = "full",
+        full_every_s: float | None = None,
+    ) -> None:
         """Verify any collection of shards in one batch: one ``digest_many`` pass over all of
         them on the device, then unit digests only of the shards that changed, to say where.
 
         A ``SealedModel`` (alone or among the items) is checked for its binding first and
         contributes its shards. Every shard is audited; on any failure one
         ``SealVerificationFailed`` names every failed shard (``failures``, ``shard_ids``, each
-        with its ranges and tensors). ``NotSealed`` for a shard this manager does not hold."""
+        with its ranges and tensors). ``NotSealed`` for a shard this manager does not hold.
+        ``check="fast"``: compare the keyed fast digests taken at seal time (see ``fast_check``
+        and ``ShardStore.verify_many``) instead of the seal's digests, with the seal's digest
+        for shards whose last full check is ``full_every_s`` or more seconds old."""
         from vram_residency.sources.model import SealedModel
 
         items: Iterable[object] = (shards,) if isinstance(shards, SealedModel) else shards
@@ -394,7 +420,7 @@ class VramManager:
                 raise InvalidInput(
                     f"verify_many takes SealedShard or SealedModel items, not {type(item).__name__}"
                 )
-        self._store.verify_many(flat)
+        self._store.verify_many(flat, check=check, full_every_s=full_every_s)
 
     # -- release ------------------------------------------------------------------------------
     # -- attestation (attest-v1) and seal age ----------------------------------------------------

@@ -8,6 +8,12 @@ sealed bytes at ``budget`` of the verify throughput. Its verification runs at ``
 (``backends.base.Priority``): on a GPU backend with ``Capabilities.priority_streams`` on a
 low-priority stream, on the host backend on one thread.
 
+By default the scrubber runs the keyed fast check (``check="fast"``: each shard's ``nh-fast-v1``
+digest taken at seal time, see ``VramManager(fast_check=...)``), and the seal's own digest
+(``sha256-tree-v1``/``blake3``) at most ``full_every_s`` (600 s) after it last matched: a shard is
+fully re-checked on that cadence, and every shard without a fast digest is fully checked every
+time. Audit events say which check ran (``check``).
+
 ``verify_before_forward(module, mgr, model, every_ms=...)`` registers a PyTorch forward pre-hook
 that verifies ``model`` before a forward pass when the last verification is older than
 ``every_ms``: a failed seal raises ``SealVerificationFailed`` out of the forward call, before
@@ -22,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
+from vram_residency._core import CHECKS, Check
 from vram_residency.errors import InvalidInput, NotSealed, SealVerificationFailed
 from vram_residency.shard import SealedShard
 
@@ -34,6 +41,20 @@ __all__ = ["Scrubber", "verify_before_forward"]
 log = logging.getLogger("vram_residency")
 
 DEFAULT_CHUNK_BYTES: Final = 256 << 20
+#: How long a shard may go on fast checks alone before its seal's (cryptographic) digest is
+#: recomputed: the fast check already catches every fault that does not know the key, so this
+#: bounds only how long a key-holder's forgery of the fast digest could stand.
+DEFAULT_FULL_EVERY_S: Final = 600.0
+
+
+def check_full_every(full_every_s: object) -> float:
+    if (
+        isinstance(full_every_s, bool)
+        or not isinstance(full_every_s, (int, float))
+        or not 0 <= full_every_s < float("inf")
+    ):
+        raise InvalidInput("full_every_s must be a finite non-negative number of seconds")
+    return float(full_every_s)
 
 
 def chunks(shards: Iterable[SealedShard], chunk_bytes: int) -> list[list[SealedShard]]:
@@ -56,6 +77,8 @@ class Scrubber:
     ``shards``: what to verify (a callable returning shards, re-read every pass); by default every
     shard the manager holds. ``on_failure(error)`` is called from the scrubber's thread with each
     ``SealVerificationFailed``; with ``stop_on_failure`` (the default) the scrubber then stops.
+    ``check``: ``"fast"`` (default; the keyed fast digest, with the full check every
+    ``full_every_s`` seconds per shard) or ``"full"`` (the seal's digest every pass).
     Use it as a context manager, or ``start()`` / ``stop()``.
     """
 
@@ -69,6 +92,8 @@ class Scrubber:
         on_failure: Callable[[SealVerificationFailed], None] | None = None,
         stop_on_failure: bool = True,
         min_pass_interval_s: float = 0.0,
+        check: Check = "fast",
+        full_every_s: float = DEFAULT_FULL_EVERY_S,
     ) -> None:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
             raise InvalidInput("budget must be a fraction in (0, 1]")
@@ -76,6 +101,10 @@ class Scrubber:
             raise InvalidInput("chunk_bytes must be a positive integer")
         if not isinstance(min_pass_interval_s, (int, float)) or min_pass_interval_s < 0:
             raise InvalidInput("min_pass_interval_s must be a non-negative number")
+        if check not in CHECKS:
+            raise InvalidInput(f"check must be one of {CHECKS}, not {check!r}")
+        self._check: Check = check
+        self._full_every_s = check_full_every(full_every_s)
         self._mgr = manager
         self._budget = float(budget)
         self._chunk_bytes = chunk_bytes
@@ -94,6 +123,14 @@ class Scrubber:
     @property
     def budget(self) -> float:
         return self._budget
+
+    @property
+    def check(self) -> Check:
+        return self._check
+
+    @property
+    def full_every_s(self) -> float:
+        return self._full_every_s
 
     @property
     def running(self) -> bool:
@@ -142,8 +179,9 @@ class Scrubber:
 
     def _verify_chunk(self, chunk: list[SealedShard]) -> bool:
         store = self._mgr.store
+        kw: dict[str, Any] = {"priority": "low", "check": self._check, "full_every_s": self._full_every_s}
         try:
-            store.verify_many(chunk, priority="low")
+            store.verify_many(chunk, **kw)
         except NotSealed:
             # A shard was deallocated (or the manager closed) since the list was read: verify the
             # others one by one, skipping what is gone.
@@ -151,7 +189,7 @@ class Scrubber:
                 if self._stop.is_set() or store.closed:
                     return True
                 try:
-                    store.verify_many([s], priority="low")
+                    store.verify_many([s], **kw)
                 except NotSealed:
                     continue
                 except SealVerificationFailed as exc:
@@ -191,14 +229,24 @@ class Scrubber:
 
 
 def verify_before_forward(
-    module: Any, manager: VramManager, model: SealedModel | Iterable[SealedShard], *, every_ms: float = 0.0
+    module: Any,
+    manager: VramManager,
+    model: SealedModel | Iterable[SealedShard],
+    *,
+    every_ms: float = 0.0,
+    check: Check = "full",
+    full_every_s: float = DEFAULT_FULL_EVERY_S,
 ) -> Any:
     """Register a forward pre-hook on ``module`` (a ``torch.nn.Module``) that verifies ``model``
     before a forward pass when the previous verification is at least ``every_ms`` old (0: before
     every pass). Returns the hook's handle (``handle.remove()`` takes it off).
 
     The first forward always verifies. A failed seal raises ``SealVerificationFailed`` from the
-    forward call, so nothing is computed on changed weights."""
+    forward call, so nothing is computed on changed weights. ``check="fast"`` compares the keyed
+    fast digests instead, with the seal's digest re-checked per shard every ``full_every_s``."""
+    if check not in CHECKS:
+        raise InvalidInput(f"check must be one of {CHECKS}, not {check!r}")
+    full_every = check_full_every(full_every_s)
     if isinstance(every_ms, bool) or not isinstance(every_ms, (int, float)) or every_ms < 0:
         raise InvalidInput("every_ms must be a non-negative number")
     register = getattr(module, "register_forward_pre_hook", None)
@@ -214,7 +262,8 @@ def verify_before_forward(
         with lock:
             if last[0] and now - last[0] < interval_ns:
                 return
-            manager.verify_many(target)
+            manager.verify_many(target, check=check, full_every_s=full_every)
             last[0] = time.monotonic_ns()
 
     return register(hook)
+

@@ -420,3 +420,35 @@ def test_large_shard_spans_chunks(tmp_path: Path) -> None:
         b.offload(t, "file", tmp_path / "big")
         b.restore(t)
         b.verify_sealed(t)
+
+
+def test_host_offload_over_chunks_hashes_each_landed_chunk() -> None:
+    """The host offload lands every chunk (read_chunks), hashes it as it lands, and re-reads only
+    the unit that landed wrong, in any chunk; the restored shard's host copy is zeroed and
+    released in the background, and the manager's close waits for that."""
+    n = 2 * COPY_CHUNK + 5 * UNIT_SIZE + 3
+    payload = os.urandom(n)
+    chunks: list[tuple[int, int]] = []
+    with VramManager(TOKEN, 0, backend="host", capacity_bytes=2 * n) as a:
+        backend = a.store.backend
+        real = backend.read_chunks
+
+        def spy(buf: DeviceBuffer, out: memoryview, on_chunk: Any = None) -> None:
+            def seen(off: int, m: int) -> None:
+                chunks.append((off, m))
+                if on_chunk is not None:
+                    on_chunk(off, m)
+
+            real(buf, out, seen)
+
+        backend.read_chunks = spy  # type: ignore[method-assign]
+        s = a.seal_model(payload)
+        mig.offload(a.store, s, "host", on_landed=flip(COPY_CHUNK + 2 * UNIT_SIZE + 7))
+        assert chunks == [(0, COPY_CHUNK), (COPY_CHUNK, COPY_CHUNK), (2 * COPY_CHUNK, 5 * UNIT_SIZE + 3)]
+        rec = mig._OFFLOADED[a.store][s.shard_id]
+        assert bytes(rec.copy.memory.view[: n]) == payload  # type: ignore[union-attr]
+        assert a.restore(s) == 0
+        a.verify_sealed(s)
+        assert a._entry(s).buf.read(0, n) == payload
+        copy = rec.copy
+    assert copy.memory is None  # discarded (zeroed, released) by the time close returned

@@ -7,13 +7,15 @@ modules directly, and nothing anywhere reads another module's underscore-private
 
 from vram_residency._core.attest import attest_shards, check_seal_age
 from vram_residency._core.backend_select import BackendName, open_backend
-from vram_residency._core.store import SEAL_FAILED, ShardStore, changed_units, merge_ranges
+from vram_residency._core.store import CHECKS, SEAL_FAILED, Check, ShardStore, changed_units, merge_ranges
 from vram_residency._core.types import AuditSink, ShardRecord, TensorSpan
 
 __all__ = [
+    "CHECKS",
     "SEAL_FAILED",
     "AuditSink",
     "BackendName",
+    "Check",
     "ShardRecord",
     "ShardStore",
     "TensorSpan",

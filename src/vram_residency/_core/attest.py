@@ -101,7 +101,10 @@ def _attest_held(
             )
     backend = store.backend
     kp = probe_key(ka, nonce) if probe else None
-    segments = [Segment(r.buf, r.shard.vram_bytes, r.shard.digest_algorithm) for r in records]
+    # An nh-fast-v1 seal's digest_now is keyed by the shard's key (formats.nhfast.shard_key of
+    # the token's nh-fast key and the shard id): the orchestrator, holding the token and the
+    # statement's shard ids, recomputes it from the file.
+    segments = [store.segment(r) for r in records]
     if kp is not None:
         segments += [Segment(r.buf, r.shard.vram_bytes, "blake3", key=kp) for r in records]
     start = time.perf_counter_ns()
@@ -136,11 +139,10 @@ def _attest_held(
     if not failed:
         for r in records:
             r.last_verified_ns = done_ns
+            r.last_full_ns = done_ns  # digest_now is the seal's own digest: a full check
     failures: list[ShardFailure] = []
     if failed:
-        results = backend.hash_many(
-            [Segment(r.buf, r.shard.vram_bytes, r.shard.digest_algorithm) for r in failed]
-        )
+        results = backend.hash_many([store.segment(r) for r in failed])
         for r, result in zip(failed, results, strict=True):
             ranges = merge_ranges(changed_units(r.unit_digests, result.unit_digests), r.shard.vram_bytes)
             f = ShardFailure(

@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from vram_residency._core.types import AuditSink, ShardRecord, TensorSpan
 from vram_residency.audit.events import (
@@ -39,14 +39,29 @@ from vram_residency.errors import (
     PolicyViolation,
     SealVerificationFailed,
     ShardFailure,
+    UnsupportedOperation,
     VramError,
 )
+from vram_residency.formats import nhfast
 from vram_residency.formats.keys import SecretKey
-from vram_residency.formats.seal import SealFields, seal_message, verify_tag
-from vram_residency.formats.tree import SHA256_TREE_V1, UNIT_SIZE, HashResult, check_algorithm
+from vram_residency.formats.seal import SealFields, seal_message
+from vram_residency.formats.tree import (
+    NH_FAST_V1,
+    SHA256_TREE_V1,
+    UNIT_SIZE,
+    HashResult,
+    check_algorithm,
+)
 from vram_residency.shard import SealedShard
 
-__all__ = ["SEAL_FAILED", "ShardStore", "changed_units", "merge_ranges"]
+__all__ = ["CHECKS", "SEAL_FAILED", "Check", "ShardStore", "changed_units", "merge_ranges"]
+
+#: Which digest a verification compares (audited as ``check``): ``"full"`` recomputes the seal's
+#: own digest (sha256-tree-v1, blake3 or nh-fast-v1, as sealed); ``"fast"`` recomputes the keyed
+#: ``nh-fast-v1`` digest taken at seal time (``ShardRecord.fast_digest``), falling back to the
+#: full check for a shard that has none.
+Check = Literal["fast", "full"]
+CHECKS: Final = ("fast", "full")
 
 #: Audited when a seal is refused after its memory was allocated (a wrong expected digest, a
 #: failed fill): the allocation's shard id, the reason, then ``VramDeallocated`` for the release.
@@ -109,8 +124,17 @@ class ShardStore:
         worker_id: str,
         max_model_bytes: int,
         audit: AuditSink | None = None,
+        fast_key: SecretKey | None = None,
+        fast_check: bool = False,
     ) -> None:
+        if fast_check and fast_key is None:
+            raise InvalidInput("fast_check needs the nh-fast-v1 worker key (fast_key)")
         self._key = key
+        # The worker's nh-fast-v1 key (HKDF of the token, formats.nhfast.manager_key), derived
+        # once; each shard's key is its HMAC tag of the shard id (nhfast.shard_key), so the key
+        # bytes never leave the SecretKey.
+        self._fast_key = fast_key
+        self._fast_check = bool(fast_check)
         self._backend = backend
         self._device = device
         self._worker_id = worker_id
@@ -156,6 +180,28 @@ class ShardStore:
     def check_open(self) -> None:
         if self._closed:
             raise NotSealed("manager is closed")
+
+    @property
+    def fast_check(self) -> bool:
+        """True when every seal also keeps a keyed ``nh-fast-v1`` digest of the shard (one more
+        memory-speed pass at seal time) for ``verify_many(check="fast")``."""
+        return self._fast_check
+
+    def digest_key(self, algorithm: str, shard_id: str) -> bytes | None:
+        """The key every digest of shard ``shard_id`` under ``algorithm`` takes: the shard's
+        ``nh-fast-v1`` key (``nhfast.shard_key(manager_key(token), shard_id)``) for that
+        algorithm, None for the unkeyed ones. Key material: never log or show it."""
+        if algorithm != NH_FAST_V1:
+            return None
+        if self._fast_key is None:
+            raise InvalidInput("this store has no nh-fast-v1 key (construct it with fast_key)")
+        return self._fast_key.tag(nhfast.shard_key_message(shard_id))
+
+    def segment(self, record: ShardRecord, algorithm: str | None = None) -> Segment:
+        """The segment-table entry of ``record`` under ``algorithm`` (default: the seal's),
+        keyed for a keyed algorithm."""
+        alg = record.shard.digest_algorithm if algorithm is None else algorithm
+        return Segment(record.buf, record.shard.vram_bytes, alg, self.digest_key(alg, record.shard.shard_id))
 
     @property
     def audit(self) -> AuditSink | None:
@@ -210,7 +256,9 @@ class ShardStore:
             raise InvalidInput("shard_index and total_shards must be given together")
         if shard_index is not None and total_shards is not None and shard_index >= total_shards:
             raise InvalidInput(f"shard_index {shard_index} must be < total_shards {total_shards}")
-        check_algorithm(digest_algorithm)
+        check_algorithm(digest_algorithm, keyed=True)
+        if digest_algorithm == NH_FAST_V1 and self._fast_key is None:
+            raise InvalidInput("nh-fast-v1 seals need the store's nh-fast-v1 key (fast_key)")
         if expected_digest is None:
             return None
         if not isinstance(expected_digest, str) or not _HEX64.fullmatch(expected_digest):
@@ -303,17 +351,23 @@ class ShardStore:
         ``fill`` may return the digests of the device memory it filled (a backend that hashes
         chunks as they land, see ``Backend.write_and_hash``, or a batch digested beforehand with
         ``hash_many``); otherwise they are computed here. ``shard_id`` is the id the allocation
-        was audited with, when the caller allocated ``buffer`` through :meth:`allocate`."""
+        was audited with, when the caller allocated ``buffer`` through :meth:`allocate`.
+
+        A keyed algorithm (``nh-fast-v1``) is keyed per shard id: a caller whose ``fill`` hashes
+        must choose the id first (:meth:`new_shard_id`), pass it as ``shard_id`` and hash with
+        :meth:`digest_key`. Without ``shard_id`` the fill cannot have known the key, so its
+        result is not trusted and the store hashes the memory itself."""
         expected = self.validate_seal_args(
             size, device, model_ref, shard_index, total_shards, expected_digest, digest_algorithm
         )
         with self._counted():
             sid = shard_id if shard_id is not None else self.new_shard_id()
+            trust_fill = shard_id is not None or self.digest_key(digest_algorithm, sid) is None
             buf = buffer if buffer is not None else self.allocate(size, shard_id=sid)
             try:
                 return self._seal_filled(
                     sid, size, buf, fill, expected, model_ref, shard_index, total_shards,
-                    digest_algorithm, tensors, source,
+                    digest_algorithm, tensors, source, trust_fill,
                 )  # fmt: skip
             except BaseException as exc:
                 self.release_unsealed(buf, shard_id=sid, size=size, reason=exc)
@@ -332,11 +386,16 @@ class ShardStore:
         digest_algorithm: str,
         tensors: Sequence[TensorSpan],
         source: Any,
+        trust_fill: bool = True,
     ) -> SealedShard:
         self._backend.check_policy(buf)
         result = fill(buf)
+        if not trust_fill:
+            result = None
+        key = self.digest_key(digest_algorithm, shard_id)
         if result is None:
-            result = self._backend.hash(buf, digest_algorithm, size)
+            result = self._backend.hash(buf, digest_algorithm, size, key=key)
+        fast = result if digest_algorithm == NH_FAST_V1 else self._fast_digest(buf, size, shard_id)
         actual = result.digest.hex()
         if expected is not None and not hmac.compare_digest(actual, expected):
             raise InvalidInput(
@@ -357,9 +416,12 @@ class ShardStore:
         )
         tag = self._key.tag(seal_message(fields))
         shard = SealedShard.from_fields(fields, tag)
+        now_ns = time.time_ns()
         record = ShardRecord(
             shard, buf, tag, result.unit_digests, tuple(tensors), source=source,
-            last_verified_ns=time.time_ns(),
+            last_verified_ns=now_ns, last_full_ns=now_ns,
+            fast_digest=None if fast is None else fast.digest,
+            fast_units=b"" if fast is None else fast.unit_digests,
         )  # fmt: skip
         with self._lock:
             self.check_open()
@@ -381,6 +443,21 @@ class ShardStore:
                     del self._records[shard.shard_id]
             raise
         return shard
+
+    def _fast_digest(self, buf: DeviceBuffer, size: int, shard_id: str) -> HashResult | None:
+        """The secondary nh-fast-v1 digest of a shard being sealed (None without ``fast_check``).
+
+        Taken right after the seal's digest, from the same memory: one more memory-speed pass. A
+        write between the two passes would be fast-checked as sealed; the full check on its
+        cadence (and any ``check="full"``) still sees it. Memory the backend cannot fast-hash
+        (an adopted tensor that is not 16-byte aligned, on CUDA) gets no fast digest: it is
+        always checked with its seal's digest."""
+        if not self._fast_check:
+            return None
+        try:
+            return self._backend.hash(buf, NH_FAST_V1, size, key=self.digest_key(NH_FAST_V1, shard_id))
+        except UnsupportedOperation:
+            return None
 
     # -- records moved in and out (migration, offload, restore) --------------------------------
     def register(self, record: ShardRecord, event: str, **fields: Any) -> None:
@@ -450,19 +527,48 @@ class ShardStore:
     def tag_matches(self, shard: SealedShard, record: ShardRecord) -> bool:
         """Both the presented shard and the store's record carry the tag of these exact fields:
         a shard object edited in memory fails here, before any device work."""
-        return verify_tag(self._key, shard.fields(), record.tag) and hmac.compare_digest(
-            shard.tag, record.tag
-        )
+        fields = shard.fields()
+        cached = record.checked
+        if cached is not None and cached[0] == fields:
+            message = cached[1]
+        else:
+            try:
+                message = seal_message(fields)
+            except InvalidInput:
+                return False
+        ok = self._key.verify(message, record.tag) and hmac.compare_digest(shard.tag, record.tag)
+        if ok and cached is None:
+            record.checked = (fields, message)
+        return ok
 
     # -- verification ---------------------------------------------------------------------------
-    def verify_many(self, shards: Iterable[SealedShard], *, priority: Priority = "normal") -> None:
+    def verify_many(
+        self,
+        shards: Iterable[SealedShard],
+        *,
+        priority: Priority = "normal",
+        check: Check = "full",
+        full_every_s: float | None = None,
+    ) -> None:
         """Verify every shard: the tags, then ONE ``backend.digest_many`` over all of them, then
         unit digests (one ``hash_many``) only for those whose digest changed, to say where.
 
         Every shard is audited (``SealVerified`` or ``SealVerificationFailed``); on any failure
         one ``SealVerificationFailed`` names every failed shard (``failures``). Unknown shards
         raise NotSealed and non-shards InvalidInput before anything is verified. ``priority="low"``
-        is background verification (the scrubber): see ``backends.base.Priority``."""
+        is background verification (the scrubber): see ``backends.base.Priority``.
+
+        ``check="fast"`` compares each shard's keyed fast digest (``ShardRecord.fast_digest``)
+        instead of its seal's digest; a shard without one, and (with ``full_every_s``) one whose
+        seal digest was last checked ``full_every_s`` or more seconds ago, gets the full check.
+        A fast mismatch fails exactly as a full one does, localized with the fast unit digests.
+        Every audit event says which check ran (``check``)."""
+        if check not in CHECKS:
+            raise InvalidInput(f"check must be one of {CHECKS}, not {check!r}")
+        if full_every_s is not None and (
+            isinstance(full_every_s, bool) or not isinstance(full_every_s, (int, float)) or full_every_s < 0
+        ):
+            raise InvalidInput("full_every_s must be a non-negative number or None")
         presented = list(shards)
         for s in presented:
             if not isinstance(s, SealedShard):
@@ -477,14 +583,27 @@ class ShardStore:
             for sid, rec in records.items():
                 if rec.buf.closed:
                     raise NotSealed(f"shard {sid!r} was deallocated")
-            self._verify_held(presented, records, priority)
+            self._verify_held(presented, records, priority, check, full_every_s)
 
     def verify_held(self, shard: SealedShard, record: ShardRecord) -> None:
         """Verify one shard whose ``record.lock`` the caller already holds (repair does)."""
         self._verify_held([shard], {shard.shard_id: record})
 
+    def _plan_check(self, record: ShardRecord, check: Check, full_every_ns: int | None, now_ns: int) -> bool:
+        """True when ``record`` gets the fast check this time."""
+        if check != "fast" or record.fast_digest is None:
+            return False
+        if record.shard.digest_algorithm == NH_FAST_V1:
+            return False  # its seal digest is the fast one: checking it is the full check
+        return full_every_ns is None or now_ns - record.last_full_ns < full_every_ns
+
     def _verify_held(
-        self, presented: list[SealedShard], records: dict[str, ShardRecord], priority: Priority = "normal"
+        self,
+        presented: list[SealedShard],
+        records: dict[str, ShardRecord],
+        priority: Priority = "normal",
+        check: Check = "full",
+        full_every_s: float | None = None,
     ) -> None:
         failures: dict[str, ShardFailure] = {}
         events: list[tuple[str, dict[str, Any]]] = []
@@ -492,7 +611,23 @@ class ShardStore:
             if s.shard_id not in failures and not self.tag_matches(s, records[s.shard_id]):
                 failures[s.shard_id] = ShardFailure(s.shard_id, tag_valid=False)
         todo = [r for sid, r in records.items() if sid not in failures]
-        segments = [Segment(r.buf, r.shard.vram_bytes, r.shard.digest_algorithm) for r in todo]
+        full_every_ns = None if full_every_s is None else int(full_every_s * 1e9)
+        plan_ns = time.time_ns()
+        fast_ids = {
+            r.shard.shard_id for r in todo if self._plan_check(r, check, full_every_ns, plan_ns)
+        }
+
+        def expected_of(r: ShardRecord) -> tuple[str, bytes]:
+            # (digest hex, unit digests) the check of `r` compares against.
+            if r.shard.shard_id in fast_ids:
+                assert r.fast_digest is not None  # _plan_check
+                return r.fast_digest.hex(), r.fast_units
+            return r.shard.digest, r.unit_digests
+
+        def segment_of(r: ShardRecord) -> Segment:
+            return self.segment(r, NH_FAST_V1 if r.shard.shard_id in fast_ids else None)
+
+        segments = [segment_of(r) for r in todo]
         start = time.perf_counter_ns()
         digests = self._backend.digest_many(segments, priority=priority) if segments else []
         elapsed_ns = time.perf_counter_ns() - start
@@ -503,31 +638,34 @@ class ShardStore:
         bad = [
             (r, d.hex())
             for r, d in zip(todo, digests, strict=True)
-            if not hmac.compare_digest(d.hex(), r.shard.digest)
+            if not hmac.compare_digest(d.hex(), expected_of(r)[0])
         ]
         if bad:
             # Cost on a mismatch only: unit digests of the changed shards, batched as well.
-            results = self._backend.hash_many(
-                [Segment(r.buf, r.shard.vram_bytes, r.shard.digest_algorithm) for r, _ in bad]
-            )
+            results = self._backend.hash_many([segment_of(r) for r, _ in bad])
             for (r, actual), result in zip(bad, results, strict=True):
-                ranges = merge_ranges(changed_units(r.unit_digests, result.unit_digests), r.shard.vram_bytes)
+                want, units = expected_of(r)
+                ranges = merge_ranges(changed_units(units, result.unit_digests), r.shard.vram_bytes)
                 failures[r.shard.shard_id] = ShardFailure(
-                    r.shard.shard_id, r.shard.digest, actual, tuple(ranges), tuple(r.tensors_in(ranges))
+                    r.shard.shard_id, want, actual, tuple(ranges), tuple(r.tensors_in(ranges))
                 )
         ordered = list(dict.fromkeys(s.shard_id for s in presented))
         now_ns = time.time_ns()
         for sid in ordered:
             if sid not in failures:
                 records[sid].last_verified_ns = now_ns
+                if sid not in fast_ids:
+                    records[sid].last_full_ns = now_ns
         for sid in ordered:
             f = failures.get(sid)
             sealed = records[sid].shard
+            ran: Check = "fast" if sid in fast_ids else "full"
             if f is None:
                 events.append((SEAL_VERIFIED, {
                     "shard_id": sid,
                     "vram_bytes": sealed.vram_bytes,
                     "digest_algorithm": sealed.digest_algorithm,
+                    "check": ran,
                     "duration_ns": elapsed_ns,
                     "batch_shards": len(segments),
                 }))  # fmt: skip
@@ -544,7 +682,8 @@ class ShardStore:
                 events.append((SEAL_VERIFICATION_FAILED, {
                     "critical": True,
                     "shard_id": sid,
-                    "reason": "digest mismatch",
+                    "reason": "fast digest mismatch" if ran == "fast" else "digest mismatch",
+                    "check": ran,
                     "expected_digest": f.expected_digest,
                     "actual_digest": f.actual_digest,
                     "corrupted_ranges": [list(r) for r in f.corrupted_ranges],

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vram_residency.backends.base import DeviceBuffer
+from vram_residency.formats.seal import SealFields
 from vram_residency.shard import SealedShard
 
 __all__ = ["AuditSink", "ShardRecord", "TensorSpan"]
@@ -45,6 +46,19 @@ class ShardRecord:
     #: When the device memory last matched the seal (time.time_ns): set at seal and at every
     #: successful verify or attestation; the seal-age policy reads it.
     last_verified_ns: int = 0
+    #: The secondary keyed fast check (``nh-fast-v1`` under the shard's key), taken from the
+    #: device memory at seal time when the store has ``fast_check``: its digest and unit digests
+    #: (None: no fast digest; the shard is always checked with its seal's digest). Not part of
+    #: the seal tag: it is a cheaper proxy for the sealed digest, which the full check re-checks.
+    fast_digest: bytes | None = None
+    fast_units: bytes = b""
+    #: When the seal's own (cryptographic) digest last matched (time.time_ns): the cadence of
+    #: ``verify_many(check="fast", full_every_s=...)`` reads it.
+    last_full_ns: int = 0
+    #: The fields whose tag was last checked, and their seal-v1 message. A verify recomputes the
+    #: HMAC every time; only the message's encoding is reused when the presented fields are equal
+    #: to these (a frozen value), which is most of the per-shard cost of a batched verify.
+    checked: tuple[SealFields, bytes] | None = None
 
     def tensors_in(self, ranges: list[tuple[int, int]]) -> list[str]:
         """Names of the tensors overlapping any of ``ranges``, in index order."""

@@ -290,12 +290,15 @@ class Backend(abc.ABC):
         """Wrap device memory someone else owns, in place (``Capabilities.adopt_pointer``)."""
         raise UnsupportedOperation(f"the {self.name} backend cannot adopt device pointers")
 
-    def write_and_hash(self, buf: DeviceBuffer, data: Buffer, algorithm: str) -> HashResult:
+    def write_and_hash(
+        self, buf: DeviceBuffer, data: Buffer, algorithm: str, *, key: bytes | None = None
+    ) -> HashResult:
         """Seal path: copy ``data`` to the start of ``buf``, then digest those bytes *as they are
-        in device memory*. Backends override it to overlap copying with hashing."""
+        in device memory* (``key``: see ``Segment``). Backends override it to overlap copying
+        with hashing."""
         view = memoryview(data).cast("B")
         buf.write(0, view)
-        return self.hash(buf, algorithm, len(view))
+        return self.hash(buf, algorithm, len(view), key=key)
 
     # -- copies between devices and to and from host memory (migration, offload, restore) --------
 
@@ -307,6 +310,23 @@ class Backend(abc.ABC):
         """Device to host: copy ``len(out)`` bytes of ``buf`` from ``offset`` into ``out``."""
         out = out.cast("B") if out.format != "B" else out
         out[:] = buf.read(offset, len(out))
+
+    def read_chunks(
+        self, buf: DeviceBuffer, out: memoryview, on_chunk: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Device to host: copy the first ``len(out)`` bytes of ``buf`` into ``out`` in
+        ``COPY_CHUNK`` pieces, calling ``on_chunk(offset, length)`` once each piece has landed in
+        ``out``. Backends with copy engines keep the later pieces in flight while ``on_chunk`` runs
+        (the offload hashes each landed piece on the host while the next ones copy). ``on_chunk``
+        must not touch ``buf``: the backend may hold its lock. When this returns or raises, no
+        copy into ``out`` is still running."""
+        out = out.cast("B") if out.format != "B" else out
+        check_range(buf.size, 0, len(out))
+        for off in range(0, len(out), COPY_CHUNK):
+            m = min(COPY_CHUNK, len(out) - off)
+            self.read_into(buf, off, out[off : off + m])
+            if on_chunk is not None:
+                on_chunk(off, m)
 
     def can_access_peer(self, other: Backend) -> bool:
         """True when ``copy_from`` copies from ``other``'s memory directly, device to device
@@ -341,10 +361,12 @@ class Backend(abc.ABC):
         algorithm: str,
         *,
         on_landed: LandedHook | None = None,
+        key: bytes | None = None,
     ) -> HashResult:
         """Migration path: copy the first ``length`` bytes of ``src`` to ``dst`` chunk by chunk and
-        return the digest and unit digests *of what landed in* ``dst``, computed by this backend.
-        Backends override it to hash each chunk's units as soon as the chunk lands."""
+        return the digest and unit digests *of what landed in* ``dst``, computed by this backend
+        (``key``: see ``Segment``). Backends override it to hash each chunk's units as soon as
+        the chunk lands."""
         check_range(src.size, 0, length)
         check_range(dst.size, 0, length)
         for off in range(0, length, COPY_CHUNK):
@@ -352,7 +374,7 @@ class Backend(abc.ABC):
             self.copy_from(dst, src_backend, src, off, m)
             if on_landed is not None:
                 on_landed(dst, off, m)
-        return self.hash(dst, algorithm, length)
+        return self.hash(dst, algorithm, length, key=key)
 
     def describe(self) -> str:
         """One human line: what this backend is (and that it is an emulation, where it is)."""

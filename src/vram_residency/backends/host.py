@@ -31,7 +31,7 @@ from vram_residency.backends.base import (
     check_range,
 )
 from vram_residency.errors import InsufficientVram, IntegrityViolation, InvalidInput, PolicyViolation
-from vram_residency.formats.tree import HashResult, check_algorithm, digest_only, hash_units
+from vram_residency.formats.tree import HashResult, check_algorithm, check_key, digest_only, hash_units
 
 __all__ = ["AdoptedHostBuffer", "HostBackend", "HostBuffer"]
 
@@ -218,7 +218,10 @@ class HostBackend(Backend):
                     raise InvalidInput(f"segment tables hold Segment entries, not {type(seg).__name__}")
                 self.check_policy(seg.buf)
                 check_range(seg.buf.size, 0, seg.length)
-                check_algorithm(seg.algorithm)
+                # Keyed algorithms (nh-fast-v1) are table entries like any other; the key is
+                # checked here too, so that a bad one fails the table before any work.
+                check_algorithm(seg.algorithm, keyed=True)
+                check_key(seg.algorithm, seg.key)
                 assert isinstance(seg.buf, HostBuffer)
                 views.append(seg.buf.host_view(seg.length))
         except BaseException:

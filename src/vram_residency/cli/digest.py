@@ -1,8 +1,14 @@
-"""``vram-residency digest FILE...``: stream files and print their digests."""
+"""``vram-residency digest FILE...``: stream files and print their digests.
+
+``--algorithm nh-fast-v1`` is the keyed fast check (docs/specs/nh-fast-v1.md): its key is derived
+from the worker token and the shard id, so it needs ``--token-file`` and ``--shard-id`` (the
+``shard_id`` of the seal record) and takes exactly one FILE; the printed digest is what a worker
+holding that token sealed, or attested as ``digest_now``, for that shard."""
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -12,7 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from vram_residency.cli._args import output_path
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.stream import StreamHasher
-from vram_residency.formats.tree import ALGORITHMS, SHA256_TREE_V1, HashResult
+from vram_residency.formats.tree import ALGORITHMS, NH_FAST_V1, SHA256_TREE_V1, HashResult
 
 _CHUNK = 64 << 20
 _PROGRESS_FROM = 256 << 20
@@ -54,7 +60,62 @@ def hash_file(path: Path, algorithm: str = SHA256_TREE_V1, *, show_progress: boo
         return hasher.finalize()
 
 
+def keyed_hash_file(path: Path, token: str | bytes, shard_id: str) -> HashResult:
+    """nh-fast-v1 of a file under shard ``shard_id``'s key from ``token`` (on the host, native
+    where built; the file is memory-mapped, so host memory is the page cache, not a copy)."""
+    from vram_residency.formats import keys, nhfast
+
+    key = nhfast.shard_key(nhfast.manager_key(keys.token_bytes(token)), shard_id)
+    if path.is_dir():
+        raise InvalidInput(f"{path} is a directory")
+    try:
+        f = path.open("rb", buffering=0)
+    except OSError as exc:
+        raise InvalidInput(f"cannot open {path}: {exc.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            dig, units = nhfast.hash_units(b"", key)
+            return HashResult(dig, units)
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"cannot map {path}: {exc}") from None
+        try:
+            view = memoryview(mm)
+            try:
+                dig, units = nhfast.hash_units(view, key)
+            finally:
+                view.release()
+        finally:
+            mm.close()
+        return HashResult(dig, units)
+
+
+def _run_keyed(args: argparse.Namespace) -> int:
+    from vram_residency._tokenfile import read_token_file
+
+    if not args.token_file or not args.shard_id:
+        raise InvalidInput(
+            "nh-fast-v1 is keyed by the worker token and the shard id: give --token-file and "
+            "--shard-id (the seal record's shard_id)"
+        )
+    if len(args.files) != 1:
+        raise InvalidInput("nh-fast-v1 is keyed per shard: give exactly one FILE with its --shard-id")
+    if args.manifest:
+        raise InvalidInput("manifests record unkeyed digests; nh-fast-v1 cannot be written to one")
+    token = read_token_file(args.token_file)
+    name = args.files[0]
+    res = keyed_hash_file(Path(name), token, args.shard_id)
+    print(f"{res.digest.hex()}  {args.algorithm}  {name}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.algorithm == NH_FAST_V1:
+        return _run_keyed(args)
+    if args.token_file or args.shard_id:
+        raise InvalidInput("--token-file and --shard-id apply to --algorithm nh-fast-v1 only")
     if args.manifest:
         return _run_manifest(args)
     rc = 0
@@ -84,7 +145,13 @@ def _run_manifest(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("digest", help="print the digest of files (streamed; any size)")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("-a", "--algorithm", choices=ALGORITHMS, default=SHA256_TREE_V1)
+    p.add_argument("-a", "--algorithm", choices=(*ALGORITHMS, NH_FAST_V1), default=SHA256_TREE_V1)
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="worker token file: required by nh-fast-v1 (keyed), refused by the other algorithms",
+    )
+    p.add_argument("--shard-id", metavar="ID", help="the seal record's shard_id: required by nh-fast-v1")
     p.add_argument(
         "--manifest",
         metavar="OUT",

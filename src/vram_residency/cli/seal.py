@@ -23,7 +23,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 
 from vram_residency._tokenfile import read_token_file
 from vram_residency.cli._args import device_ordinal
-from vram_residency.formats.tree import ALGORITHMS, SHA256_TREE_V1
+from vram_residency.formats.tree import SEAL_ALGORITHMS, SHA256_TREE_V1
 from vram_residency.manager import VramManager
 from vram_residency.sources.index import INDEX_SUFFIX, resolve_model_files, total_size
 from vram_residency.sources.layout import FORMATS
@@ -141,7 +141,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "files", nargs="+", metavar="FILE", help="model file(s), a checkpoint directory or its index"
     )
     p.add_argument("--format", choices=FORMATS, default="auto", help="file format (default: by name/magic)")
-    p.add_argument("-a", "--algorithm", choices=ALGORITHMS, default=SHA256_TREE_V1)
+    p.add_argument("-a", "--algorithm", choices=SEAL_ALGORITHMS, default=SHA256_TREE_V1)
     p.add_argument(
         "--manifest", metavar="PATH", help="expected digests: a vram-residency manifest or OpenSSF bundle"
     )

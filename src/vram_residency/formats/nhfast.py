@@ -46,6 +46,7 @@ __all__ = [
     "reference_hash",
     "reference_leaf_tag",
     "shard_key",
+    "shard_key_message",
     "unit_digests_from_tags",
 ]
 
@@ -110,11 +111,20 @@ def shard_key(worker_key: bytes, shard_id: str) -> bytes:
 
     The shard id is chosen before the shard is hashed, so the seal path has it; a per-shard key
     means two shards never share NH key material through their ids."""
+    return hmac.digest(check_key(worker_key), shard_key_message(shard_id), "sha256")
+
+
+def shard_key_message(shard_id: str) -> bytes:
+    """``"nh-fast-v1 shard" || LE32(len(id)) || id``: the HMAC message of :func:`shard_key`, so
+    that a holder of the worker key as a ``SecretKey`` (whose ``tag`` is HMAC-SHA256) derives the
+    shard key without the key bytes leaving it."""
     if not isinstance(shard_id, str) or not shard_id:
         raise InvalidInput("shard_id must be a non-empty string")
-    raw = shard_id.encode("utf-8")
-    msg = _SHARD_LABEL + len(raw).to_bytes(4, "little") + raw
-    return hmac.digest(check_key(worker_key), msg, "sha256")
+    try:
+        raw = shard_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput("shard_id is not encodable as UTF-8") from None
+    return _SHARD_LABEL + len(raw).to_bytes(4, "little") + raw
 
 
 def finalize(sched: KeySchedule, unit_digests: bytes, n: int) -> bytes:

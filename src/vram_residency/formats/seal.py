@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.keys import SEAL_KEY_INFO, SecretKey
-from vram_residency.formats.tree import ALGORITHMS
+from vram_residency.formats.tree import SEAL_ALGORITHMS
 
 __all__ = ["SEAL_DOMAIN", "SealFields", "seal_key", "seal_message", "seal_tag", "verify_tag"]
 
@@ -44,7 +44,7 @@ class SealFields:
         _check_utf8("shard_id", self.shard_id)
         _check_int("gpu_device", self.gpu_device, _U32)
         _check_int("vram_bytes", self.vram_bytes, _U64)
-        if self.digest_algorithm not in ALGORITHMS:
+        if self.digest_algorithm not in SEAL_ALGORITHMS:
             raise InvalidInput(f"unknown digest_algorithm {self.digest_algorithm!r}")
         if not isinstance(self.digest, str) or not _HEX64.fullmatch(self.digest):
             raise InvalidInput("digest must be 64 lower-case hex characters")

@@ -37,10 +37,12 @@ __all__ = [
     "KEYED_ALGORITHMS",
     "LEAF_SIZE",
     "NH_FAST_V1",
+    "SEAL_ALGORITHMS",
     "SHA256_TREE_V1",
     "UNIT_SIZE",
     "HashResult",
     "check_algorithm",
+    "check_key",
     "digest",
     "digest_only",
     "hash_units",
@@ -54,9 +56,13 @@ BLAKE3: Final = "blake3"
 NH_FAST_V1: Final = "nh-fast-v1"
 #: What every consumer (seal records, CLI, stream hasher, backends) accepts today.
 ALGORITHMS: Final = (SHA256_TREE_V1, BLAKE3)
-#: Algorithms that cannot be computed without a 32-byte key. ``hash_units`` accepts them; they
-#: join ALGORITHMS once the seal and verify paths pass shard keys (formats.nhfast.shard_key).
+#: Algorithms that cannot be computed without a 32-byte key. ``hash_units`` accepts them. They
+#: stay out of ALGORITHMS because consumers that have no key (manifests, the stream hasher, a
+#: bare ``vram-residency digest``) cannot compute them.
 KEYED_ALGORITHMS: Final = (NH_FAST_V1,)
+#: What a seal may name: the store derives a keyed algorithm's key per shard from the worker
+#: token (``formats.nhfast.shard_key``) and passes it to every digest of that shard.
+SEAL_ALGORITHMS: Final = ALGORITHMS + KEYED_ALGORITHMS
 
 DIGEST_SIZE: Final = 32
 LEAF_SIZE: Final = 4096
@@ -68,7 +74,7 @@ _NAME = SHA256_TREE_V1.encode("ascii")
 
 
 def check_algorithm(name: object, *, keyed: bool = False) -> str:
-    """``name`` if it is one of ALGORITHMS (or, with ``keyed``, KEYED_ALGORITHMS)."""
+    """``name`` if it is one of ALGORITHMS (or, with ``keyed``, SEAL_ALGORITHMS)."""
     known = ALGORITHMS + KEYED_ALGORITHMS if keyed else ALGORITHMS
     if not isinstance(name, str) or name not in known:
         raise InvalidInput(f"unknown digest algorithm {name!r}; expected one of {known}")
@@ -145,7 +151,9 @@ def _blake3_unit(view: memoryview, key: bytes | None = None) -> bytes:
     return (_blake3.blake3(view) if key is None else _blake3.blake3(view, key=key)).digest()
 
 
-def _check_key(algorithm: str, key: bytes | None) -> None:
+def check_key(algorithm: str, key: bytes | None) -> None:
+    """InvalidInput unless ``key`` fits ``algorithm``: required (32 bytes) for nh-fast-v1,
+    optional for blake3 (keyed mode), refused for sha256-tree-v1."""
     if algorithm == NH_FAST_V1:
         if not isinstance(key, bytes) or len(key) != 32:
             raise InvalidInput("nh-fast-v1 needs a 32-byte key")
@@ -174,13 +182,13 @@ def hash_units(
     ``key`` selects BLAKE3's keyed mode (unit digests keyed too); ``nh-fast-v1`` requires one;
     ``sha256-tree-v1`` takes none."""
     algorithm = check_algorithm(algorithm, keyed=True)
-    _check_key(algorithm, key)
+    check_key(algorithm, key)
     view = memoryview(data).cast("B")
     n = len(view)
     if algorithm == NH_FAST_V1:
         from vram_residency.formats import nhfast
 
-        assert key is not None  # _check_key
+        assert key is not None  # check_key
         dig, packed = nhfast.hash_units(view, key, threads=threads)
         return HashResult(dig, packed)
     from vram_residency.formats import _native
@@ -219,7 +227,7 @@ def digest_only(
     """The digest alone, skipping unit digests where the algorithm allows (BLAKE3's digest is one
     pass over the data; sha256-tree-v1's root needs the unit digests anyway): the verify path."""
     algorithm = check_algorithm(algorithm, keyed=True)
-    _check_key(algorithm, key)
+    check_key(algorithm, key)
     if algorithm != BLAKE3:
         return hash_units(data, algorithm, threads=threads, key=key).digest
     view = memoryview(data).cast("B")

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
+from vram_residency._core import CHECKS, Check
 from vram_residency.audit.errors import AuditWriteFailed
 from vram_residency.audit.log import AuditLog
 from vram_residency.backends.base import ALIGNMENT
@@ -51,6 +52,7 @@ from vram_residency.errors import (
 )
 from vram_residency.formats.tree import SHA256_TREE_V1, check_algorithm
 from vram_residency.manager import BackendName, VramManager
+from vram_residency.scrub import DEFAULT_FULL_EVERY_S
 from vram_residency.service.catalog import ModelCatalog
 from vram_residency.service.commit import (
     DigestCheck,
@@ -150,11 +152,27 @@ class WorkerConfig:
     #: "reverify": verify the stale shards before the batch runs; "refuse": fail the batch with
     #: StaleSeal (503, retriable) until something verifies them (the scrubber, /worker/verify).
     seal_age_policy: Literal["reverify", "refuse"] = "reverify"
+    #: Keep a keyed nh-fast-v1 digest of every shard at seal time (None: on for a real GPU, off
+    #: for the host emulation); see ``VramManager(fast_check=...)``.
+    fast_check: bool | None = None
+    #: Which digest the scrubber compares: "fast" (the keyed fast digest; the seal's own digest
+    #: every ``full_every`` seconds per shard) or "full" (the seal's digest every pass).
+    scrub_check: Check = "fast"
+    #: Which digest the check before each execution compares (same choices as scrub_check).
+    pre_verify_check: Check = "full"
+    #: Seconds a shard may go on fast checks alone before its seal's digest is re-checked.
+    full_every: float = DEFAULT_FULL_EVERY_S
 
     def check(self) -> None:
         if not self.worker_id:
             raise ConfigError("worker_id must not be empty")
-        check_algorithm(self.digest_algorithm)
+        check_algorithm(self.digest_algorithm, keyed=True)
+        if self.scrub_check not in CHECKS or self.pre_verify_check not in CHECKS:
+            raise ConfigError(f"scrub_check and pre_verify_check must be one of {CHECKS}")
+        if self.fast_check is not None and not isinstance(self.fast_check, bool):
+            raise ConfigError("fast_check must be true, false or unset")
+        if not 0 <= self.full_every < float("inf"):
+            raise ConfigError("full_every must be a finite number of seconds >= 0")
         if self.max_batch < 1:
             raise ConfigError("max_batch must be at least 1")
         if self.scrub_interval < 0:
@@ -271,6 +289,7 @@ class Worker:
                 worker_id=config.worker_id,
                 capacity_bytes=config.capacity_bytes,
                 audit=self._audit,
+                fast_check=config.fast_check,
             )
         except BaseException:
             self._close_audit()
@@ -714,13 +733,17 @@ class Worker:
         return None, "sealed and verified; no built-in executor runs this model (not executable)"
 
     # -- verification ---------------------------------------------------------------------------
-    def _verify_shards(self, shards: Sequence[SealedShard], trigger: str) -> VerifyPass:
+    def _verify_shards(
+        self, shards: Sequence[SealedShard], trigger: str, check: Check = "full"
+    ) -> VerifyPass:
+        """Verify ``shards``; raises SealVerificationFailed on the first failure. ``check="fast"``:
+        the keyed fast digests, the seal's digest every ``full_every`` s."""
         mgr = self.manager
         t0 = time.perf_counter()
         total = 0
         for s in shards:
             try:
-                mgr.verify_sealed(s)
+                mgr.store.verify_many([s], check=check, full_every_s=self.config.full_every)
             except NotSealed:
                 continue  # deallocated while a scrub pass ran; nothing left to check
             except SealVerificationFailed:
@@ -740,14 +763,14 @@ class Worker:
                 m.last_verified_ns = now
         return VerifyPass(shards=len(shards), bytes=total, seconds=dt, trigger=trigger)
 
-    def _verify_all(self, trigger: str, shard_id: str | None = None) -> VerifyPass:
+    def _verify_all(self, trigger: str, shard_id: str | None = None, check: Check = "full") -> VerifyPass:
         """Verify every shard (or one); raises SealVerificationFailed on the first failure."""
         shards = self.manager.shards()
         if shard_id is not None:
             shards = [s for s in shards if s.shard_id == shard_id]
             if not shards:
                 raise NotSealed(f"shard {shard_id!r} is not sealed on this worker")
-        return self._verify_shards(shards, trigger)
+        return self._verify_shards(shards, trigger, check)
 
     def verify(self, shard_id: str | None = None) -> VerifyPass:
         """``/worker/verify``: verify now; a failure stops the worker with an incident."""
@@ -763,7 +786,7 @@ class Worker:
         if self.lifecycle.stopped or self._closing or not self.manager.shards():
             return None
         try:
-            result = self._verify_all("scrub")
+            result = self._verify_all("scrub", check=self.config.scrub_check)
         except VramError as exc:
             self.lifecycle.report_failure(exc)
             raise
@@ -845,7 +868,11 @@ class Worker:
         with self._exec_lock:
             try:
                 with self.lifecycle.executing():
-                    info = self._verify_all("execute") if self.config.pre_verify else None
+                    info = (
+                        self._verify_all("execute", check=self.config.pre_verify_check)
+                        if self.config.pre_verify
+                        else None
+                    )
                     if info is None and self.config.max_seal_age > 0:
                         self.manager.check_seal_age(
                             int(self.config.max_seal_age * 1e9), policy=self.config.seal_age_policy

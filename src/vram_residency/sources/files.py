@@ -21,7 +21,7 @@ from vram_residency._core import ShardStore
 from vram_residency.audit.events import VRAM_ALLOCATION_FAILED
 from vram_residency.backends.base import DeviceBuffer
 from vram_residency.errors import InsufficientVram, InvalidInput
-from vram_residency.formats.tree import SHA256_TREE_V1, check_algorithm
+from vram_residency.formats.tree import KEYED_ALGORITHMS, SHA256_TREE_V1, check_algorithm
 from vram_residency.shard import SealedShard
 from vram_residency.sources.index import ModelFile, PathArg, resolve_model_files
 from vram_residency.sources.layout import OpenedFile, open_model_file
@@ -56,6 +56,11 @@ def _expected_for(
     manifest: Manifest | None,
 ) -> str | None:
     expected = expected_digest.lower() if isinstance(expected_digest, str) else expected_digest
+    if manifest is not None and algorithm in KEYED_ALGORITHMS:
+        raise InvalidInput(
+            f"a manifest records unkeyed digests; {algorithm} is keyed per shard id, chosen at "
+            "seal time: seal with sha256-tree-v1 or blake3 to check a file against a manifest"
+        )
     if manifest is not None:
         entry = manifest.entry_for(opened.path, name)
         from_manifest = entry.expected(algorithm, manifest_name=manifest.describe())
@@ -106,7 +111,7 @@ def seal_file(
     staging_buffers: int | None = None,
     observe: Observer | None = None,
 ) -> SealedShard:
-    check_algorithm(digest_algorithm)
+    check_algorithm(digest_algorithm, keyed=True)
     man = _resolve_manifest(manifest)
     with open_model_file(path, format) as opened:
         expected = _expected_for(opened, None, digest_algorithm, expected_digest, man)
@@ -153,7 +158,7 @@ def seal_files(
     staging_bytes: int | None = None,
     staging_buffers: int | None = None,
 ) -> SealedModel:
-    check_algorithm(digest_algorithm)
+    check_algorithm(digest_algorithm, keyed=True)
     man = _resolve_manifest(manifest)
     files = resolve_model_files(paths)
     if man is not None and man.is_complete_model:

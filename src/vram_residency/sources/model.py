@@ -72,7 +72,7 @@ def model_digest(parts: Sequence[tuple[str, int, str, str]]) -> str:
     h = hashlib.sha256(_DOMAIN)
     h.update(len(parts).to_bytes(4, "little"))
     for name, size, algorithm, digest in parts:
-        nb, ab = _utf8("part name", name), check_algorithm(algorithm).encode("ascii")
+        nb, ab = _utf8("part name", name), check_algorithm(algorithm, keyed=True).encode("ascii")
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
             raise InvalidInput("part digest must be 64 lower-case hex characters")
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 1 << 64:
@@ -240,7 +240,7 @@ def seal_parts(
     Every part is acquired and filled first; then ONE ``hash_many`` digests them all (digests and
     unit digests), ``M`` is computed, and ONE ``digest_many`` checks that the memory still holds
     what ``M`` was computed from before each part is sealed through the store's sealing path."""
-    check_algorithm(digest_algorithm)
+    check_algorithm(digest_algorithm, keyed=True)
     _utf8("model name", model_name)
     n = len(parts)
     if n == 0:
@@ -275,7 +275,11 @@ def seal_parts(
             backend.check_policy(buf)
             if p.fill is not None:
                 p.fill(buf)
-        segments = [Segment(b, p.size, digest_algorithm) for p, b in zip(parts, buffers, strict=True)]
+        # The ids were chosen above, before hashing: nh-fast-v1 is keyed per shard id.
+        segments = [
+            Segment(b, p.size, digest_algorithm, store.digest_key(digest_algorithm, sid))
+            for p, b, sid in zip(parts, buffers, ids, strict=True)
+        ]
         results = backend.hash_many(segments)
         digests = [r.digest.hex() for r in results]
         for p, actual in zip(parts, digests, strict=True):

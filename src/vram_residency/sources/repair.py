@@ -100,7 +100,8 @@ def repair(store: ShardStore, shard: SealedShard, source: RepairSource = None) -
                 tag_valid=False,
             )
         n, algorithm = sealed.vram_bytes, sealed.digest_algorithm
-        now = store.backend.hash(entry.buf, algorithm, n)
+        key = store.digest_key(algorithm, sealed.shard_id)  # nh-fast-v1: the shard's key
+        now = store.backend.hash(entry.buf, algorithm, n, key=key)
         if hmac.compare_digest(now.digest.hex(), sealed.digest):
             return RepairReport(sealed.shard_id, (), 0)
         old = entry.unit_digests
@@ -112,7 +113,7 @@ def repair(store: ShardStore, shard: SealedShard, source: RepairSource = None) -
                 data = read(start, length)
                 # Each unit is written only once it is proven to be the sealed one: a source that
                 # differs anywhere in it writes nothing there.
-                if hash_units(data, algorithm).unit(0) != old[32 * u : 32 * u + 32]:
+                if hash_units(data, algorithm, key=key).unit(0) != old[32 * u : 32 * u + 32]:
                     raise InvalidInput(
                         f"{what} does not hold the sealed bytes of [{start}, {start + length}); "
                         "not repairing from it"

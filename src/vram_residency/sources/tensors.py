@@ -363,7 +363,7 @@ def seal_tensors(
     model_name: str | None = None,
     digest_algorithm: str = SHA256_TREE_V1,
 ) -> SealedModel:
-    check_algorithm(digest_algorithm)
+    check_algorithm(digest_algorithm, keyed=True)
     named = named_tensors(tensors)
     if not named:
         raise InvalidInput("no tensors to seal")

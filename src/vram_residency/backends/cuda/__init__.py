@@ -1,10 +1,11 @@
-"""The CUDA backend: real VRAM through NVIDIA's driver API (``cuda-bindings``), kernels compiled at
-run time with NVRTC, digests computed on the GPU.
+"""The CUDA backend: real VRAM through NVIDIA's ``cuda.core`` (device, streams, events, kernel
+modules and launches, pinned memory; ``cuda-bindings`` only where cuda.core has no API), kernels
+compiled at run time with NVRTC through cuda.core's ``Program``, digests computed on the GPU.
 
     from vram_residency.backends.cuda import open_backend
 
     backend = open_backend(0)                 # ConfigError if there is no usable GPU
-    buf = backend.allocate(n)                 # exact cuMemAlloc, zero-filled, 256-byte granular
+    buf = backend.allocate(n)                 # exact cuMemAlloc (our MemoryResource), zero-filled
     result = backend.write_and_hash(buf, data, "sha256-tree-v1")   # seal: copy + digest, overlapped
     assert backend.digest(buf, "sha256-tree-v1") == result.digest  # verify: nothing copied back
     buf.close()                               # zeroed, then freed
@@ -24,8 +25,8 @@ __all__ = ["CudaBackend", "CudaBuffer", "available", "device_count", "open_backe
 
 
 def open_backend(device: int = 0, **opts: Any) -> CudaBackend:
-    """A :class:`CudaBackend` on ``device``. Raises ConfigError with the reason (cuda-bindings
-    missing, no NVIDIA driver, no GPU, no such device) when that is not possible."""
+    """A :class:`CudaBackend` on ``device``. Raises ConfigError with the reason (cuda-bindings or
+    cuda-core missing, no NVIDIA driver, no GPU, no such device) when that is not possible."""
     from vram_residency.backends.cuda._backend import CudaBackend
 
     return CudaBackend(device, **opts)

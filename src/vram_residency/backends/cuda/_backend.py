@@ -1,5 +1,10 @@
-"""The CUDA backend: exact VRAM allocations through the driver API, a VRAM-only pointer policy,
-copies through bounded pinned staging, and digests computed by kernels over the device memory.
+"""The CUDA backend: exact VRAM allocations, a VRAM-only pointer policy, copies through bounded
+pinned staging, and digests computed by kernels over the device memory.
+
+Built on NVIDIA's ``cuda.core`` (``_core``): the device and its primary context, streams (normal
+and lowest priority), events, kernel modules and launches, pinned host memory, and an exact,
+zeroing memory resource of our own. cuda-bindings is called only where cuda.core 1.2 has no API,
+each place saying so: pointer attributes (the policy), range copies, peer access, memory info.
 
 Only 32-byte digests cross back to the host when hashing: unit digests (one per MiB) for seals
 and localization, and for a plain verify nothing but the root.
@@ -7,13 +12,14 @@ and localization, and for a plain verify nothing but the root.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
@@ -32,7 +38,12 @@ from vram_residency.backends.base import (
     Segment,
     check_range,
 )
-from vram_residency.backends.cuda import _batch, _driver
+from vram_residency.backends.cuda import _batch, _core, _driver, _nh_fast
+from vram_residency.backends.cuda._core import OUT_OF_MEMORY, CuMemAllocFailed, core, core_errors
+from vram_residency.backends.cuda._core import elapsed_seconds as _elapsed_seconds
+from vram_residency.backends.cuda._core import event_sync as _event_sync
+from vram_residency.backends.cuda._core import record as _record
+from vram_residency.backends.cuda._core import stream_wait as _stream_wait
 from vram_residency.backends.cuda._driver import check, driver, error_name, request_error
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import (
@@ -53,14 +64,16 @@ from vram_residency.errors import (
 from vram_residency.formats.tree import (
     BLAKE3,
     LEAF_SIZE,
+    NH_FAST_V1,
     SHA256_TREE_V1,
     UNIT_SIZE,
     HashResult,
     check_algorithm,
+    check_key,
     unit_count,
 )
 
-__all__ = ["PRIORITIES", "CudaBackend", "CudaBuffer", "Priority", "device_count"]
+__all__ = ["PRIORITIES", "CudaBackend", "CudaBuffer", "KernelSession", "Priority", "device_count"]
 
 #: ``priority=`` of the digest calls (``backends.base.Priority``): "normal" (the verify path) or
 #: "low" (background scrubbing: a lowest-priority stream of its own, and the wait is a poll that
@@ -73,6 +86,12 @@ _DIRECT_COPY_LIMIT: Final = 1 << 20  # below this, one plain copy beats staging
 _SOURCES: Final = {SHA256_TREE_V1: "sha256_tree", BLAKE3: "blake3"}
 _TREE_NAME: Final = SHA256_TREE_V1.encode("ascii")
 _LOW_OCCUPANCY_SPEEDUP: Final = 1.065
+#: Side streams over which a verified migration spreads its chunks' unit kernels. On one
+#: stream, chunk k+1's kernel (64 blocks, one per 1 MiB unit) waits for chunk k's to finish, so
+#: at most 64 of an H200's 132 SMs hashed while the copy ran: hashing only just kept up with a
+#: 385 GB/s NVLink copy and the transfer measured 0.80 x raw. Four streams let up to four chunks'
+#: kernels share the GPU.
+_SIDE_STREAMS: Final = 4
 _PLAN_CACHE: Final = 8  # segment-table plans kept per lane (a few models, each verified repeatedly)
 
 
@@ -156,12 +175,16 @@ class CudaBuffer(DeviceBuffer):
     belongs to whoever allocated it (a framework tensor, say).
     """
 
-    def __init__(self, backend: CudaBackend, ptr: int, size: int, capacity: int, *, owned: bool) -> None:
+    def __init__(
+        self, backend: CudaBackend, ptr: int, size: int, capacity: int, *, owned: bool, mem: Any = None
+    ) -> None:
         super().__init__(size, backend.device)
         self._backend = backend
         self._ptr = ptr
         self._capacity = capacity
         self._owned = owned
+        #: The cuda.core Buffer of an owned allocation (ExactDeviceMemoryResource); None if adopted.
+        self._mem = mem
 
     @property
     def device_pointer(self) -> int:
@@ -194,19 +217,69 @@ class CudaBuffer(DeviceBuffer):
         self._backend._release(self)
 
 
+# -- stream and event helpers (cuda.core, errors mapped to ours) ---------------------------------
+
+
+# record, stream_wait, event_sync and elapsed_seconds live in _core (imported above under the
+# names this module has always used), shared with the _nh_fast launcher.
+
+
+def _event(dev: Any, *, timing: bool) -> Any:
+    with core_errors("cuEventCreate"):
+        return dev.create_event(options=core().EventOptions(timing_enabled=timing))
+
+
+def _stream(dev: Any, priority: int | None) -> Any:
+    """A non-blocking stream. ``priority=0`` is what cuStreamCreate gives (CUDA's default
+    priority); None is cuda.core's default, the least priority of the context's range (what
+    cuCtxGetStreamPriorityRange calls least; 0 on current GPUs too)."""
+    with core_errors("cuStreamCreate"):
+        return dev.create_stream(options=core().StreamOptions(nonblocking=True, priority=priority))
+
+
 # -- migration, offload and restore copies (issue 13) -------------------------------------------
 #
 # Between two GPUs the bytes go peer to peer (cuMemcpyPeerAsync after cuCtxEnablePeerAccess) where
 # cuDeviceCanAccessPeer allows it, and otherwise through two pinned host buffers in turn. Every
 # driver call below runs with the context of the backend whose stream or memory it uses current
 # (its _activate()): driver calls act on the calling thread's current context.
+#
+# cuda-bindings for peer access and the copies: cuda.core 1.2 manages peer access only for its own
+# memory pools (DeviceMemoryResource), not between the primary contexts our exact allocations live
+# in, and its copies take whole Buffers, where ours are byte ranges at offsets.
+
+
+#: Host memory at least this large is zeroed by several threads at once (``_zero_host``).
+_PARALLEL_ZERO_MIN: Final = 64 << 20
+
+
+def _zero_host(address: int, size: int) -> None:
+    """Zero ``size`` bytes at ``address``. Large offload copies (GiBs) are zeroed by several
+    threads in 64 MiB pieces: one thread's memset runs at ~10 GB/s, which made the discard of a
+    restored shard's pinned copy the slowest step of a restore. ``ctypes.memset`` is a foreign
+    call, so the GIL is released while each piece is written."""
+    if size < _PARALLEL_ZERO_MIN:
+        ctypes.memset(address, 0, size)
+        return
+    step = _PARALLEL_ZERO_MIN
+    with ThreadPoolExecutor(max_workers=min(8, default_copy_threads() * 2, -(-size // step))) as pool:
+        futures = [
+            pool.submit(ctypes.memset, address + off, 0, min(step, size - off))
+            for off in range(0, size, step)
+        ]
+        for f in futures:
+            f.result()
 
 
 class PinnedHostMemory(HostMemory):
-    """Page-locked host memory for offloads and restores: the copy engines reach it directly."""
+    """Page-locked host memory for offloads and restores: the copy engines reach it directly.
 
-    def __init__(self, size: int) -> None:
-        self._buf: PinnedHostBuffer | None = PinnedHostBuffer(size)
+    ``close`` may run on another thread than the one that allocated it (a restore hands its
+    offloaded copy to a background discard): it makes the owning device current first."""
+
+    def __init__(self, size: int, dev: Any) -> None:
+        self._dev = dev
+        self._buf: PinnedHostBuffer | None = PinnedHostBuffer(size, dev)
 
     @property
     def view(self) -> memoryview:
@@ -223,7 +296,9 @@ class PinnedHostMemory(HostMemory):
     def close(self) -> None:
         if self._buf is not None:
             buf, self._buf = self._buf, None
-            buf.array.fill(0)  # offloaded model bytes do not linger in freed pinned pages
+            _zero_host(buf.address, buf.size)  # offloaded model bytes do not linger in freed pages
+            with core_errors("cuCtxSetCurrent"):
+                self._dev.set_current()
             buf.close()
 
 
@@ -238,7 +313,7 @@ def _peer_allocate_host(self: CudaBackend, size: int) -> HostMemory:
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise InvalidInput("host memory size must be a positive integer")
     self._activate()
-    return PinnedHostMemory(size)
+    return PinnedHostMemory(size, self._dev)
 
 
 def _peer_read_into(self: CudaBackend, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
@@ -252,8 +327,53 @@ def _peer_read_into(self: CudaBackend, buf: DeviceBuffer, offset: int, out: memo
     with cbuf._lock:
         cbuf.check_open()
         self._activate()
-        check(driver().cuMemcpyDtoHAsync(addr, cbuf._ptr + offset, n, self._copy_stream), "cuMemcpyDtoHAsync")
+        check(
+            driver().cuMemcpyDtoHAsync(addr, cbuf._ptr + offset, n, self._copy_stream.handle),
+            "cuMemcpyDtoHAsync",
+        )
         self._sync(self._copy_stream, "device-to-host copy")
+
+
+def _peer_read_chunks(
+    self: CudaBackend, buf: DeviceBuffer, out: memoryview, on_chunk: Callable[[int, int], None] | None = None
+) -> None:
+    """Every chunk's device-to-host copy is queued at once on the copy stream, with an event
+    after each; ``on_chunk`` runs for chunk k as soon as its event completes, while chunks k+1...
+    are still copying. (The former offload copied one chunk, synchronized, hashed it on the CPU,
+    and only then copied the next: copy and hash time added up.)"""
+    cbuf = _own_buffer(self, buf)
+    out = out.cast("B") if out.format != "B" else out
+    n = len(out)
+    check_range(cbuf.size, 0, n)
+    if not n:
+        return
+    addr, _keep = host_address(out)
+    drv = driver()
+    chunks = [(off, min(COPY_CHUNK, n - off)) for off in range(0, n, COPY_CHUNK)]
+    events: list[Any] = []
+    with cbuf._lock:
+        cbuf.check_open()
+        self._activate()
+        try:
+            for off, m in chunks:
+                check(
+                    drv.cuMemcpyDtoHAsync(addr + off, cbuf._ptr + off, m, self._copy_stream.handle),
+                    "cuMemcpyDtoHAsync",
+                )
+                events.append(_event(self._dev, timing=False))
+                _record(self._copy_stream, events[-1])
+            for (off, m), ev in zip(chunks, events, strict=True):
+                _event_sync(ev, "device-to-host copy")
+                if on_chunk is not None:
+                    on_chunk(off, m)
+        finally:
+            # Nothing may still be writing into ``out`` once we return or raise.
+            self._activate()
+            with contextlib.suppress(Exception):  # the error being raised, if any, matters more
+                self._copy_stream.sync()
+            for ev in events:
+                with contextlib.suppress(Exception):
+                    ev.close()
 
 
 def _peer_can_access_peer(self: CudaBackend, other: Backend) -> bool:
@@ -282,7 +402,7 @@ class _Mover:
         self.db, self.dst, self.sb, self.src = db, dst, sb, src
         self.same = db.device == sb.device
         self.peer = self.same or _peer_can_access_peer(db, sb)
-        self.stage: list[tuple[PinnedHostBuffer, object]] = []
+        self.stage: list[tuple[PinnedHostBuffer, Any]] = []
         if self.peer and not self.same:
             _enable_peer(db, sb)
 
@@ -292,33 +412,37 @@ class _Mover:
         d, s = self.dst._ptr + offset, self.src._ptr + offset
         if self.same:
             db._activate()
-            check(drv.cuMemcpyDtoDAsync(d, s, length, db._copy_stream), "cuMemcpyDtoDAsync")
+            check(drv.cuMemcpyDtoDAsync(d, s, length, db._copy_stream.handle), "cuMemcpyDtoDAsync")
             return
         if self.peer:
             db._activate()
             check(
-                drv.cuMemcpyPeerAsync(d, db._ctx, s, sb._ctx, length, db._copy_stream), "cuMemcpyPeerAsync"
+                drv.cuMemcpyPeerAsync(d, db._ctx, s, sb._ctx, length, db._copy_stream.handle),
+                "cuMemcpyPeerAsync",
             )
             return
         # No peer access: device to host on the source, host to device on the destination, two
         # pinned buffers in turn so that one is read back while the other is written.
         if not self.stage:
             db._activate()
-            no_timing = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
             for _ in range(2):
-                pinned = PinnedHostBuffer(COPY_CHUNK)
-                self.stage.append((pinned, check(drv.cuEventCreate(no_timing), "cuEventCreate")))
+                pinned = PinnedHostBuffer(COPY_CHUNK, db._dev)
+                self.stage.append((pinned, _event(db._dev, timing=False)))
         for i, off in enumerate(range(0, length, COPY_CHUNK)):
             m = min(COPY_CHUNK, length - off)
             pinned, done = self.stage[i % 2]
             db._activate()
-            check(drv.cuEventSynchronize(done), "waiting for a staging buffer")
+            _event_sync(done, "waiting for a staging buffer")
             sb._activate()
-            check(drv.cuMemcpyDtoHAsync(pinned.address, s + off, m, sb._copy_stream), "cuMemcpyDtoHAsync")
+            check(
+                drv.cuMemcpyDtoHAsync(pinned.address, s + off, m, sb._copy_stream.handle), "cuMemcpyDtoHAsync"
+            )
             sb._sync(sb._copy_stream, "device-to-host copy (staged migration)")
             db._activate()
-            check(drv.cuMemcpyHtoDAsync(d + off, pinned.address, m, db._copy_stream), "cuMemcpyHtoDAsync")
-            check(drv.cuEventRecord(done, db._copy_stream), "cuEventRecord")
+            check(
+                drv.cuMemcpyHtoDAsync(d + off, pinned.address, m, db._copy_stream.handle), "cuMemcpyHtoDAsync"
+            )
+            _record(db._copy_stream, done)
 
     def wait(self) -> None:
         self.db._activate()
@@ -326,12 +450,11 @@ class _Mover:
 
     def close(self) -> None:
         if self.stage:
-            drv = driver()
             self.db._activate()
             self.db._sync(self.db._copy_stream, "migration copy")
             for pinned, ev in self.stage:
                 pinned.close()
-                drv.cuEventDestroy(ev)
+                ev.close()
             self.stage.clear()
 
 
@@ -377,12 +500,16 @@ def _peer_copy_and_hash_from(
     algorithm: str,
     *,
     on_landed: LandedHook | None = None,
+    key: bytes | None = None,
 ) -> HashResult:
-    if not isinstance(src_backend, CudaBackend):
-        return Backend.copy_and_hash_from(self, dst, src_backend, src, length, algorithm, on_landed=on_landed)
+    if not isinstance(src_backend, CudaBackend) or key is not None or algorithm == NH_FAST_V1:
+        # Keyed digests (nh-fast-v1) have no overlapped peer path: copy (peer to peer where the
+        # devices allow it), then one keyed digest of what landed.
+        return Backend.copy_and_hash_from(
+            self, dst, src_backend, src, length, algorithm, on_landed=on_landed, key=key
+        )
     algorithm = check_algorithm(algorithm)
     cdst, sb, csrc = _peer_pair(self, dst, src_backend, src, 0, length)
-    drv = driver()
     # The source stays locked for the whole copy (nobody frees it underneath); the destination is
     # locked too, except while a fault-injection hook runs (it writes through the buffer's API).
     with csrc._lock, self._lock:
@@ -391,11 +518,20 @@ def _peer_copy_and_hash_from(
         try:
             cdst.check_open()
             mover = _Mover(self, cdst, sb, csrc)
+            sides: list[tuple[Any, Any]] = []
+            used: set[int] = set()
+            ok = False
             try:
                 self._activate()
                 job = _HashJob(self, algorithm, cdst._ptr, length, True)
+                sides = self._side_streams()
+                # The side streams start after whatever the compute stream holds (the job's
+                # start event; earlier work on the same scratch).
+                for stream, ev in sides:
+                    _record(self._stream, ev)
+                    _stream_wait(stream, ev)
                 launched = 0
-                for off in range(0, length, COPY_CHUNK):
+                for i, off in enumerate(range(0, length, COPY_CHUNK)):
                     m = min(COPY_CHUNK, length - off)
                     mover.issue(off, m)
                     if on_landed is not None:
@@ -409,15 +545,37 @@ def _peer_copy_and_hash_from(
                     ready = job.units if off + m >= length else (off + m) // UNIT_SIZE
                     if ready > launched:
                         self._activate()
-                        check(drv.cuEventRecord(self._xfer_event, self._copy_stream), "cuEventRecord")
-                        check(drv.cuStreamWaitEvent(self._stream, self._xfer_event, 0), "cuStreamWaitEvent")
-                        job.launch_units(launched, ready)
+                        side = i % len(sides)
+                        stream = sides[side][0]
+                        _record(self._copy_stream, self._xfer_event)
+                        _stream_wait(stream, self._xfer_event)
+                        job.launch_units(launched, ready, stream)
+                        used.add(side)
                         launched = ready
+                self._activate()
                 if launched < job.units:
+                    # (Only when length == 0: the last chunk launches every remaining unit.)
+                    _record(self._copy_stream, self._xfer_event)
+                    _stream_wait(self._stream, self._xfer_event)
                     job.launch_units(launched, job.units)
+                # Join: the reduction on the compute stream waits for every side stream's kernels.
+                for side in sorted(used):
+                    stream, ev = sides[side]
+                    _record(stream, ev)
+                    _stream_wait(self._stream, ev)
                 result = job.finish()[1]
                 mover.wait()
+                ok = True
             finally:
+                if not ok:
+                    # A failure mid-way: no kernel or copy may still touch the destination when
+                    # the caller frees it (its zeroing runs on the compute stream only).
+                    with contextlib.suppress(Exception):
+                        self._activate()
+                        for stream, _ev in sides:
+                            stream.sync()
+                        self._copy_stream.sync()
+                        self._stream.sync()
                 mover.close()
         finally:
             cdst._lock.release()
@@ -442,8 +600,95 @@ def _peer_peer_copy_raw(
             mover.close()
 
 
+class KernelSession:
+    """The backend's compute lane, as kernel launchers in other modules of this package
+    (``_nh_fast``) see it: the stream, timing events, scratch, result buffer, modules and
+    occupancy cache that the backend's own digests (``_HashJob``) use, behind public names, so
+    that no module reads the backend's private members (tests/test_import_graph.py).
+
+    Made only by :meth:`CudaBackend.kernel_session`, which holds the backend's lock with the
+    device current for its ``with`` block. Using the session after the block raises
+    IntegrityViolation: by then another thread may own the stream, the scratch and the events.
+
+    ``stream`` is a cuda.core ``Stream`` (``.handle`` for cuda-bindings copies); ``t0`` and
+    ``t1`` are timing ``Event``s (``t1 - t0`` is milliseconds; ``_core.elapsed_seconds``).
+    """
+
+    def __init__(self, backend: CudaBackend) -> None:
+        self._b = backend
+        self._open = True
+
+    def _backend(self) -> CudaBackend:
+        if not self._open:
+            raise IntegrityViolation("a CUDA kernel session was used after its with block")
+        return self._b
+
+    @property
+    def stream(self) -> Any:
+        """The compute stream (cuda.core ``Stream``), the one ``hash`` and ``digest`` run on."""
+        return self._backend()._stream
+
+    @property
+    def t0(self) -> Any:
+        """Timing event recorded before the kernels (cuda.core ``Event``)."""
+        return self._backend()._t0
+
+    @property
+    def t1(self) -> Any:
+        """Timing event recorded after the kernels (cuda.core ``Event``)."""
+        return self._backend()._t1
+
+    @property
+    def multiprocessors(self) -> int:
+        return self._backend().multiprocessors
+
+    def module(self, source: str) -> Module:
+        """The loaded kernel module of ``source`` (a name of ``_compile.KERNELS``), compiled once
+        with the backend's ``kernel_defines`` for it and kept with its other modules."""
+        return self._backend()._source_module(source)
+
+    def kernel_defines(self, source: str) -> Mapping[str, str]:
+        """The extra preprocessor definitions the backend compiles ``source`` with (a copy)."""
+        return dict(self._backend()._kernel_defines.get(source, {}))
+
+    def blocks_per_sm(self, mod: Module, name: str, threads: int) -> int:
+        """Resident blocks per multiprocessor (at least 1) of kernel ``name`` of ``mod`` at
+        ``threads`` threads per block, asked of the driver once per backend."""
+        return self._backend()._blocks_per_sm(mod, name, threads)
+
+    def scratch(self, nbytes: int) -> int:
+        """Device address of at least ``nbytes`` bytes of the backend's digest scratch (not
+        zeroed; grown, never shrunk), the session's to use until the block ends."""
+        return self._backend()._scratch(nbytes)
+
+    def result_buffer(self, nbytes: int) -> PinnedHostBuffer:
+        """The backend's pinned result buffer, at least ``nbytes`` bytes (grown, never shrunk)."""
+        return self._backend()._result_buffer(nbytes)
+
+    @contextlib.contextmanager
+    def temporary(self, nbytes: int) -> Iterator[int]:
+        """Device address of an allocation of its own (``nbytes`` rounded up to 256, not zeroed)
+        for the ``with`` block, freed after it: large test inputs that must not grow the
+        scratch, which is kept for the backend's life."""
+        mr = self._backend()._scratch_mr
+        try:
+            mem = mr.allocate(max(256, -(-nbytes // 256) * 256))
+        except CuMemAllocFailed as exc:
+            raise _driver.map_name(exc.name, "cuMemAlloc") from exc
+        try:
+            yield int(mem.handle)
+        finally:
+            with contextlib.suppress(Exception):  # as for sha256_messages: not reported
+                mr.free(mem)
+
+    def copy_out(self, src: int, n: int) -> bytes:
+        """``n`` bytes at device address ``src``, copied to the host (on the copy stream)."""
+        return self._backend()._copy_out(src, n)
+
+
 class CudaBackend(Backend):
-    """Device memory on one CUDA device, through the driver API (cuda-bindings) and NVRTC.
+    """Device memory on one CUDA device, through NVIDIA's cuda.core (and cuda-bindings where
+    cuda.core has no API) and NVRTC.
 
     Options: ``allow_integrated`` accepts integrated GPUs, whose memory is host memory (refused by
     default); ``staging_bytes`` and ``staging_buffers`` bound the pinned staging pool (2 x 64 MiB);
@@ -464,6 +709,7 @@ class CudaBackend(Backend):
     )
     # Migration, offload and restore copies (peer to peer where allowed): see _peer.py.
     allocate_host, read_into, can_access_peer = _peer_allocate_host, _peer_read_into, _peer_can_access_peer
+    read_chunks = _peer_read_chunks
     copy_from, copy_and_hash_from = _peer_copy_from, _peer_copy_and_hash_from
     peer_copy_raw = _peer_peer_copy_raw
 
@@ -490,32 +736,40 @@ class CudaBackend(Backend):
             raise request_error(f"device {device} does not exist ({count} CUDA device(s) visible)")
         super().__init__(device)
         drv = driver()
-        attr = drv.CUdevice_attribute
         self._closed = False
         self._allow_integrated = bool(allow_integrated)
+        # cuda.core's Device: set_current() retains the device's primary context and makes it
+        # current (cuDevicePrimaryCtxRetain + cuCtxSetCurrent, as before); cuda.core keeps that
+        # retain for the process.
+        self._dev = _core.device(device)
+        self._activate()
+        # cuda-bindings: the CUdevice and CUcontext handles, for the calls cuda.core has no API
+        # for (peer access between contexts, total memory). The current context is the primary
+        # context set_current() just made current.
         self._cudev = check(drv.cuDeviceGet(device), "cuDeviceGet")
-        self._ctx = check(drv.cuDevicePrimaryCtxRetain(self._cudev), "cuDevicePrimaryCtxRetain")
-        try:
-            self._activate()
-            raw_name = check(drv.cuDeviceGetName(96, self._cudev), "cuDeviceGetName")
-            self.device_name = bytes(raw_name).split(b"\x00", 1)[0].decode(errors="replace")
-            major = self._attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-            minor = self._attribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
-            self.compute_capability = (major, minor)
-            self.arch = f"sm_{major}{minor}"
-            self.integrated = bool(self._attribute(attr.CU_DEVICE_ATTRIBUTE_INTEGRATED))
-            self.multiprocessors = self._attribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            self.total_memory = int(check(drv.cuDeviceTotalMem(self._cudev), "cuDeviceTotalMem"))
-            non_blocking = int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)
-            self._stream = check(drv.cuStreamCreate(non_blocking), "cuStreamCreate")
-            self._copy_stream = check(drv.cuStreamCreate(non_blocking), "cuStreamCreate")
-            no_timing = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
-            self._xfer_event = check(drv.cuEventCreate(no_timing), "cuEventCreate")
-            self._t0 = check(drv.cuEventCreate(0), "cuEventCreate")
-            self._t1 = check(drv.cuEventCreate(0), "cuEventCreate")
-        except BaseException:
-            drv.cuDevicePrimaryCtxRelease(self._cudev)
-            raise
+        self._ctx = check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        with core_errors("querying the CUDA device"):
+            props = self._dev.properties
+            self.device_name = str(self._dev.name)
+            major, minor = int(props.compute_capability_major), int(props.compute_capability_minor)
+            self.integrated = bool(props.integrated)
+            self.multiprocessors = int(props.multiprocessor_count)
+        self.compute_capability = (major, minor)
+        self.arch = f"sm_{major}{minor}"
+        # cuda-bindings: cuda.core 1.2's DeviceProperties has no total memory.
+        self.total_memory = int(check(drv.cuDeviceTotalMem(self._cudev), "cuDeviceTotalMem"))
+        # Two non-blocking streams of CUDA's default priority, as cuStreamCreate made them:
+        # kernels (and the normal lane), copies.
+        self._stream = _stream(self._dev, 0)
+        self._copy_stream = _stream(self._dev, 0)
+        self._xfer_event = _event(self._dev, timing=False)
+        self._t0 = _event(self._dev, timing=True)
+        self._t1 = _event(self._dev, timing=True)
+        # Exact allocations (zero-filled, zeroed before free) for buffers; the same without the
+        # zeroing for scratch space (digests and tables, nothing sealed), both zeroing on the
+        # compute stream.
+        self._mr = _core.exact_resource(self._dev, self._stream, zero=True)
+        self._scratch_mr = _core.exact_resource(self._dev, self._stream, zero=False)
         self._kernel_defines = {k: dict(v) for k, v in (kernel_defines or {}).items()}
         self._modules: dict[str, Module] = {}
         self._staging_bytes = staging_bytes
@@ -525,6 +779,7 @@ class CudaBackend(Backend):
         self._copy_pool: ThreadPoolExecutor | None = None
         self._scratch_ptr = 0
         self._scratch_size = 0
+        self._scratch_mem: Any = None
         self._results: PinnedHostBuffer | None = None
         self._lock = threading.RLock()  # kernels, scratch and result buffers
         self._staging_lock = threading.Lock()
@@ -537,24 +792,56 @@ class CudaBackend(Backend):
         #: Scratch bytes (VRAM) the last hash needed, and the unit kernel it ran (benchmarks).
         self.last_scratch_bytes = 0
         self.last_units_kernel = ""
-        self._occupancy: dict[str, int] = {}
+        #: Resident blocks per SM of (kernel, threads per block), asked once each.
+        self._occupancy: dict[tuple[str, int], int] = {}
+        # Side streams for the unit kernels of a verified migration (_peer_copy_and_hash_from),
+        # created on first use and kept: (stream, event) pairs.
+        self._sides: list[tuple[Any, Any]] = []
         # Segment-table digests: the normal lane shares the compute stream and lock with the
         # single-segment path; the low lane (scrubbing) has its own, created on first use.
         self._lanes: dict[str, _Lane] = {}
 
     # -- basics ----------------------------------------------------------------------------------
 
-    def _attribute(self, which: Any) -> int:
-        return int(check(driver().cuDeviceGetAttribute(which, self._cudev), "cuDeviceGetAttribute"))
-
     def _activate(self) -> None:
-        # Driver calls act on the calling thread's current context; callers come from any thread.
+        # Driver calls act on the calling thread's current context; callers come from any thread,
+        # and with several GPUs each backend must make its own device's context current.
         if self._closed:
             raise ConfigError("the CUDA backend is closed")
-        check(driver().cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        with core_errors("cuCtxSetCurrent"):
+            self._dev.set_current()
+
+    @contextlib.contextmanager
+    def kernel_session(self) -> Iterator[KernelSession]:
+        """The compute lane, for this package's kernel launchers in other modules (``_nh_fast``):
+        holds the backend's lock (kernels, scratch, result buffer, module and occupancy caches)
+        with the device current for the whole ``with`` block, and yields a
+        :class:`KernelSession`. Not for applications: use ``hash``/``digest`` and the tables."""
+        with self._lock:
+            self._activate()
+            session = KernelSession(self)
+            try:
+                yield session
+            finally:
+                session._open = False
 
     def _sync(self, stream: Any, what: str) -> None:
-        check(driver().cuStreamSynchronize(stream), what)
+        with core_errors(what):
+            stream.sync()
+
+    def _side_streams(self) -> list[tuple[Any, Any]]:
+        """``_SIDE_STREAMS`` (stream, event) pairs for concurrent unit kernels; callers hold
+        ``_lock`` with the context current."""
+        if not self._sides:
+            for _ in range(_SIDE_STREAMS):
+                stream = _stream(self._dev, 0)
+                try:
+                    ev = _event(self._dev, timing=False)
+                except BaseException:
+                    stream.close()
+                    raise
+                self._sides.append((stream, ev))
+        return self._sides
 
     def describe(self) -> str:
         gib = self.total_memory / (1 << 30)
@@ -563,6 +850,7 @@ class CudaBackend(Backend):
 
     def mem_info(self) -> tuple[int, int]:
         self._activate()
+        # cuda-bindings: cuda.core 1.2 has no free-memory query.
         free, total = check(driver().cuMemGetInfo(), "cuMemGetInfo")
         free, total = int(free), int(total)
         if free > total:
@@ -580,21 +868,15 @@ class CudaBackend(Backend):
         self._activate()
         if capacity > self.total_memory:
             raise InsufficientVram(size, self.mem_info()[0])
-        drv = driver()
-        err, dptr = drv.cuMemAlloc(capacity)
-        if err != drv.CUresult.CUDA_SUCCESS:
-            if _driver.error_name(err) == "CUDA_ERROR_OUT_OF_MEMORY":
-                raise InsufficientVram(size, self.mem_info()[0])
-            raise CudaAllocationFailed(f"cuMemAlloc of {capacity} bytes failed: {_driver.error_name(err)}")
-        ptr = int(dptr)
         try:
-            # Zero-filled, so that a read before any write never shows earlier contents.
-            check(drv.cuMemsetD8Async(ptr, 0, capacity, self._stream), "cuMemsetD8Async")
-            self._sync(self._stream, "zeroing a new allocation")
-        except BaseException:
-            drv.cuMemFree(ptr)
-            raise
-        buf = CudaBuffer(self, ptr, size, capacity, owned=True)
+            # One exact cuMemAlloc, zero-filled (a read before any write never shows earlier
+            # contents): ExactDeviceMemoryResource, not cuda.core's pool.
+            mem = self._mr.allocate(capacity)
+        except CuMemAllocFailed as exc:
+            if exc.name == OUT_OF_MEMORY:
+                raise InsufficientVram(size, self.mem_info()[0]) from exc
+            raise CudaAllocationFailed(f"cuMemAlloc of {capacity} bytes failed: {exc.name}") from exc
+        buf = CudaBuffer(self, int(mem.handle), size, capacity, owned=True, mem=mem)
         self._live.add(buf)
         return buf
 
@@ -612,13 +894,10 @@ class CudaBackend(Backend):
         self._live.discard(buf)
         if not buf._owned:
             return
-        drv = driver()
-        check(drv.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
-        try:
-            check(drv.cuMemsetD8Async(buf._ptr, 0, buf._capacity, self._stream), "zeroing before free")
-            self._sync(self._stream, "zeroing before free")
-        finally:
-            check(drv.cuMemFree(buf._ptr), "cuMemFree")
+        # Zeroed on the compute stream, synchronized, then cuMemFree (the resource makes the
+        # device current itself: this also runs while the backend closes).
+        mem, buf._mem = buf._mem, None
+        self._mr.free(mem)
 
     # -- policy ----------------------------------------------------------------------------------
 
@@ -642,6 +921,8 @@ class CudaBackend(Backend):
             )
         self._activate()
         drv = driver()
+        # cuda-bindings: the policy needs the allocation's range (start and size) and the raw
+        # memory type, which cuda.core 1.2 does not expose for an arbitrary address.
         mtype, managed, ordinal, start, length = _pointer_info(ptr)
         if mtype == 0:
             raise PolicyViolation("memory is not known to CUDA: ordinary (pageable) host memory, not VRAM")
@@ -663,18 +944,19 @@ class CudaBackend(Backend):
 
     def _staging_pool(self) -> list[tuple[PinnedHostBuffer, Any]]:
         if not self._staging:
-            drv = driver()
-            no_timing = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
             for _ in range(self._staging_count):
-                pinned = PinnedHostBuffer(self._staging_bytes)
-                self._staging.append((pinned, check(drv.cuEventCreate(no_timing), "cuEventCreate")))
+                pinned = PinnedHostBuffer(self._staging_bytes, self._dev)
+                self._staging.append((pinned, _event(self._dev, timing=False)))
             if self._copy_threads > 1:
                 self._copy_pool = ThreadPoolExecutor(self._copy_threads, thread_name_prefix="vram-stage")
         return self._staging
 
     def _copy_in(self, dst: int, view: memoryview, on_chunk: Callable[[int], None] | None = None) -> None:
         """Host to device, ``len(view)`` bytes to device address ``dst``. ``on_chunk(done)`` runs
-        after each chunk's copy is queued, with ``done`` bytes queued so far."""
+        after each chunk's copy is queued, with ``done`` bytes queued so far.
+
+        cuda-bindings for the copies: cuda.core copies whole Buffers; these are byte ranges of a
+        device allocation and of host memory of any origin."""
         self._activate()
         drv = driver()
         n = len(view)
@@ -684,7 +966,10 @@ class CudaBackend(Backend):
             # Small copies go straight through; pinned bytes need no staging.
             for off in range(0, n, step):
                 m = min(step, n - off)
-                check(drv.cuMemcpyHtoDAsync(dst + off, addr + off, m, self._copy_stream), "cuMemcpyHtoDAsync")
+                check(
+                    drv.cuMemcpyHtoDAsync(dst + off, addr + off, m, self._copy_stream.handle),
+                    "cuMemcpyHtoDAsync",
+                )
                 if on_chunk is not None:
                     on_chunk(off + m)
             self._sync(self._copy_stream, "host-to-device copy")
@@ -693,14 +978,14 @@ class CudaBackend(Backend):
             pool = self._staging_pool()
             for i, off in enumerate(range(0, n, step)):
                 pinned, done = pool[i % len(pool)]
-                check(drv.cuEventSynchronize(done), "waiting for a staging buffer")
+                _event_sync(done, "waiting for a staging buffer")
                 m = min(step, n - off)
                 parallel_copy(self._copy_pool, pinned.array, src[off : off + m], self._copy_threads)
                 check(
-                    drv.cuMemcpyHtoDAsync(dst + off, pinned.address, m, self._copy_stream),
+                    drv.cuMemcpyHtoDAsync(dst + off, pinned.address, m, self._copy_stream.handle),
                     "cuMemcpyHtoDAsync",
                 )
-                check(drv.cuEventRecord(done, self._copy_stream), "cuEventRecord")
+                _record(self._copy_stream, done)
                 if on_chunk is not None:
                     on_chunk(off + m)
             self._sync(self._copy_stream, "host-to-device copy")
@@ -709,14 +994,14 @@ class CudaBackend(Backend):
         self._activate()
         out = bytearray(n)
         addr, _keep = host_address(memoryview(out))
-        check(driver().cuMemcpyDtoHAsync(addr, src, n, self._copy_stream), "cuMemcpyDtoHAsync")
+        check(driver().cuMemcpyDtoHAsync(addr, src, n, self._copy_stream.handle), "cuMemcpyDtoHAsync")
         self._sync(self._copy_stream, "device-to-host copy")
         return bytes(out)
 
     def pinned_host_buffer(self, size: int) -> PinnedHostBuffer:
         """Page-locked host memory of ``size`` bytes; writes from it skip staging."""
         self._activate()
-        return PinnedHostBuffer(size)
+        return PinnedHostBuffer(size, self._dev)
 
     # -- digests ---------------------------------------------------------------------------------
 
@@ -730,13 +1015,11 @@ class CudaBackend(Backend):
             self._modules[source] = mod
         return mod
 
-    def _blocks_per_sm(self, mod: Module, name: str) -> int:
-        if name not in self._occupancy:
-            fn = mod.function(name)
-            drv = driver()
-            k = check(drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, _THREADS, 0), "occupancy")
-            self._occupancy[name] = max(1, int(k))
-        return self._occupancy[name]
+    def _blocks_per_sm(self, mod: Module, name: str, threads: int = _THREADS) -> int:
+        key = (name, threads)
+        if key not in self._occupancy:
+            self._occupancy[key] = max(1, mod.blocks_per_sm(name, threads))
+        return self._occupancy[key]
 
     def _sha_units_kernel(self, mod: Module, units: int) -> str:
         return self._pick_units_kernel(mod, units, ("sha256_tree_units", "sha256_tree_units_occ4"))
@@ -770,25 +1053,27 @@ class CudaBackend(Backend):
         # shard plus a little (well under the 1% budget), reused so that hashing allocates nothing
         # in the steady state.
         if nbytes > self._scratch_size:
-            drv = driver()
-            if self._scratch_ptr:
-                check(drv.cuMemFree(self._scratch_ptr), "cuMemFree")
+            if self._scratch_mem is not None:
+                mem, self._scratch_mem = self._scratch_mem, None
                 self._scratch_ptr, self._scratch_size = 0, 0
+                self._scratch_mr.free(mem)
             size = -(-nbytes // 4096) * 4096
-            err, dptr = drv.cuMemAlloc(size)
-            if err != drv.CUresult.CUDA_SUCCESS:
-                if _driver.error_name(err) == "CUDA_ERROR_OUT_OF_MEMORY":
+            try:
+                mem = self._scratch_mr.allocate(size)
+            except CuMemAllocFailed as exc:
+                if exc.name == OUT_OF_MEMORY:
                     free = self.mem_info()[0]
-                    raise InsufficientVram(size, free, "insufficient VRAM for digest scratch space")
-                raise _driver.map_error(err, "cuMemAlloc (digest scratch)")
-            self._scratch_ptr, self._scratch_size = int(dptr), size
+                    raise InsufficientVram(size, free, "insufficient VRAM for digest scratch space") from exc
+                raise _driver.map_name(exc.name, "cuMemAlloc (digest scratch)") from exc
+            self._scratch_mem = mem
+            self._scratch_ptr, self._scratch_size = int(mem.handle), size
         return self._scratch_ptr
 
     def _result_buffer(self, nbytes: int) -> PinnedHostBuffer:
         if self._results is None or self._results.size < nbytes:
             if self._results is not None:
                 self._results.close()
-            self._results = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)))
+            self._results = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)), self._dev)
         return self._results
 
     def hash(
@@ -801,8 +1086,8 @@ class CudaBackend(Backend):
         priority: Priority = "normal",
     ) -> HashResult:
         """Digest and unit digests. Keyed digests, ``priority="low"`` and algorithms without a
-        tuned single-segment path (``_SOURCES``; nh-fast-v1 when it comes) go through the segment
-        table path (a table of one), which has the keyed and low-priority kernels and stream."""
+        tuned single-segment path (``_SOURCES``; nh-fast-v1) go through the segment table path (a
+        table of one), which has the keyed and low-priority kernels and stream."""
         if key is not None or priority != "normal" or algorithm not in _SOURCES:
             n = buf.size if length is None else length
             return self.hash_many([Segment(buf, n, algorithm, key)], priority=priority)[0]
@@ -840,14 +1125,79 @@ class CudaBackend(Backend):
         buffers, which a foreground verify of the same buffers waits for. Note that CUDA's lowest
         priority is also the default one: a low stream yields only to streams created with a
         higher priority, so the scrubber's GPU-time budget is what protects serving."""
-        return self._run_batch(segments, want_units=False, priority=priority)[0]
+        return self._run_mixed(segments, want_units=False, priority=priority)[0]
 
     def hash_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[HashResult]:
         """``hash`` of every segment (digest and unit digests), in one pass like ``digest_many``."""
-        hashed = self._run_batch(segments, want_units=True, priority=priority)[1]
+        hashed = self._run_mixed(segments, want_units=True, priority=priority)[1]
         if hashed is None:  # pragma: no cover - want_units always yields them
             raise IntegrityViolation("segment table returned no unit digests")
         return hashed
+
+    def _run_mixed(
+        self, segments: Sequence[Segment], *, want_units: bool, priority: str
+    ) -> tuple[list[bytes], list[HashResult] | None]:
+        """A segment table that may hold nh-fast-v1 entries: those go to the nh-fast launcher
+        (``_nh_fast.nh_fast_many``: one job per segment on the compute stream, one
+        synchronization), the rest to the batched table kernels unchanged; results in order.
+        Every entry is checked before any work starts."""
+        nh = [i for i, s in enumerate(segments) if isinstance(s, Segment) and s.algorithm == NH_FAST_V1]
+        if not nh:
+            return self._run_batch(segments, want_units=want_units, priority=priority)
+        if priority not in PRIORITIES:
+            raise InvalidInput(f"priority must be one of {PRIORITIES}, not {priority!r}")
+        nh_rows = [self._check_nh_segment(segments[i]) for i in nh]
+        chosen = set(nh)
+        rest = [s for i, s in enumerate(segments) if i not in chosen]
+        for s in rest:
+            self._check_segment(s)
+        digests_rest, hashed_rest = (
+            self._run_batch(rest, want_units=want_units, priority=priority) if rest else ([], [])
+        )
+        nh_results = self._nh_fast_rows(nh_rows)
+        digests: list[bytes] = []
+        hashed: list[HashResult] = []
+        it_nh, it_rest = iter(nh_results), iter(range(len(rest)))
+        for i in range(len(segments)):
+            if i in chosen:
+                r = next(it_nh)
+                digests.append(r.digest)
+                hashed.append(r)
+            else:
+                j = next(it_rest)
+                digests.append(digests_rest[j])
+                if want_units:
+                    assert hashed_rest is not None  # want_units
+                    hashed.append(hashed_rest[j])
+        return digests, (hashed if want_units else None)
+
+    def _check_nh_segment(self, seg: Segment) -> tuple[CudaBuffer, int, bytes]:
+        buf, n, key = seg.buf, seg.length, seg.key
+        if not isinstance(buf, CudaBuffer) or buf._backend is not self:
+            raise InvalidInput("buffer does not belong to this CUDA backend")
+        check_range(buf.size, 0, n)
+        check_key(NH_FAST_V1, key)
+        assert key is not None  # check_key
+        if buf._ptr % 16:
+            # Typed as unsupported (not bad input): the store then keeps no fast digest for such
+            # memory (an adopted tensor view at an odd offset) and checks it in full.
+            raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
+        return buf, n, key
+
+    def _nh_fast_rows(self, rows: Sequence[tuple[CudaBuffer, int, bytes]]) -> list[HashResult]:
+        # Each distinct buffer's lock, in one global order (as _run_batch takes them), then the
+        # backend's lock inside the launcher: the order _hash_buffer uses as well.
+        bufs = sorted({id(b): b for b, _, _ in rows}.values(), key=id)
+        held: list[CudaBuffer] = []
+        try:
+            for b in bufs:
+                b._lock.acquire()
+                held.append(b)
+                b.check_open()
+            return _nh_fast.nh_fast_many(self, [(b._ptr, n, k) for b, n, k in rows])
+        finally:
+            for b in reversed(held):
+                b._lock.release()
 
     def _check_segment(self, seg: object) -> tuple[CudaBuffer, int, str, bytes | None]:
         # Called once per tensor of every verify: the common case is decided with a few type and
@@ -861,7 +1211,7 @@ class CudaBackend(Backend):
         if spec is None:
             check_algorithm(algorithm)  # InvalidInput for a name that is not an algorithm
             raise UnsupportedOperation(f"no batched kernels for {algorithm!r}")
-        if type(n) is not int or not 0 <= n <= buf._size:
+        if type(n) is not int or not 0 <= n <= buf.size:
             check_range(buf.size, 0, n)
         if key is not None:
             if not spec.keyed:
@@ -910,7 +1260,7 @@ class CudaBackend(Backend):
         if spec.units_kernel_occ4 is None:
             return spec.units_kernel
         names = (spec.units_kernel, spec.units_kernel_occ4)
-        return self._pick_by_occupancy(units, [(self._occupancy[n], n) for n in names])
+        return self._pick_by_occupancy(units, [(self._occupancy[n, _THREADS], n) for n in names])
 
     def _run_batch(
         self, segments: Sequence[Segment], *, want_units: bool, priority: str
@@ -927,7 +1277,7 @@ class CudaBackend(Backend):
             for b in bufs:
                 b._lock.acquire()
                 held.append(b)
-                b._check_open()
+                b.check_open()
             fns = self._table_kernels({a for _, _, a, _ in checked})
             with lane.lock:
                 self._activate()
@@ -955,21 +1305,26 @@ class CudaBackend(Backend):
                 job.launch_units(0, job.units)
                 return job.finish()
 
-    def write_and_hash(self, buf: DeviceBuffer, data: Buffer, algorithm: str) -> HashResult:
+    def write_and_hash(
+        self, buf: DeviceBuffer, data: Buffer, algorithm: str, *, key: bytes | None = None
+    ) -> HashResult:
         """Seal path: copy ``data`` to the start of ``buf`` and return the digest and unit digests
         of those bytes. Hashing of each staged chunk's units starts as soon as its copy lands, so
-        copying and hashing overlap."""
-        algorithm = check_algorithm(algorithm)
+        copying and hashing overlap (nh-fast-v1 as well, through ``_nh_fast.NhFastJob``)."""
+        algorithm = check_algorithm(algorithm, keyed=True)
+        check_key(algorithm, key)
         if not isinstance(buf, CudaBuffer) or buf._backend is not self:
             raise InvalidInput("buffer does not belong to this CUDA backend")
         view = memoryview(data).cast("B")
         n = len(view)
         check_range(buf.size, 0, n)
-        if algorithm not in _SOURCES:
-            # No overlapped single-segment kernels (nh-fast-v1): copy, then a table of one.
+        if algorithm == NH_FAST_V1:
+            assert key is not None  # check_key
+            return self._write_and_nh_fast(buf, view, key)
+        if key is not None:
+            # Keyed BLAKE3 has no overlapped single-segment kernels: copy, then a table of one.
             buf.write(0, view)
-            return self.hash_many([Segment(buf, n, algorithm)])[0]
-        drv = driver()
+            return self.hash_many([Segment(buf, n, algorithm, key)])[0]
         with buf._lock:
             buf.check_open()
             with self._lock:
@@ -981,8 +1336,8 @@ class CudaBackend(Backend):
                     nonlocal launched
                     ready = job.units if done >= n else done // UNIT_SIZE
                     if ready > launched:
-                        check(drv.cuEventRecord(self._xfer_event, self._copy_stream), "cuEventRecord")
-                        check(drv.cuStreamWaitEvent(self._stream, self._xfer_event, 0), "cuStreamWaitEvent")
+                        _record(self._copy_stream, self._xfer_event)
+                        _stream_wait(self._stream, self._xfer_event)
                         job.launch_units(launched, ready)
                         launched = ready
 
@@ -994,6 +1349,34 @@ class CudaBackend(Backend):
                 if result is None:  # pragma: no cover - the job was built with units
                     raise IntegrityViolation("digest kernels returned no unit digests")
                 return result
+
+    def _write_and_nh_fast(self, buf: CudaBuffer, view: memoryview, key: bytes) -> HashResult:
+        """``write_and_hash`` for nh-fast-v1: each whole unit's leaves and unit digest are queued
+        on the compute stream as soon as the copy stream has landed them."""
+        n = len(view)
+        if buf._ptr % 16:
+            raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
+        with buf._lock:
+            buf.check_open()
+            with self.kernel_session() as ks:
+                job = _nh_fast.new_job(ks, buf._ptr, n, key)
+
+                def landed() -> None:
+                    # The compute stream waits for what the copy stream has queued so far.
+                    _record(self._copy_stream, self._xfer_event)
+                    _stream_wait(self._stream, self._xfer_event)
+
+                def on_chunk(done: int) -> None:
+                    ready = job.units if done >= n else done // UNIT_SIZE
+                    if ready > job.units_done:
+                        landed()
+                        job.launch_ready(done)
+
+                if n:
+                    self._copy_in(buf._ptr, view, on_chunk)
+                if job.units_done < job.units:
+                    landed()  # the copy stream has synchronized; this orders nothing but is cheap
+                return job.finish(ks.result_buffer(32 * job.units))
 
     def sha256_messages(self, messages: Sequence[bytes]) -> list[bytes]:
         """Plain SHA-256 of each message, computed by the same device SHA-256 core as the tree
@@ -1012,10 +1395,15 @@ class CudaBackend(Backend):
             meta = np.array(offs + [len(m) for m in messages], dtype=np.uint64).tobytes()
             count = len(messages)
             sizes = (len(blob), len(meta), 32 * count)
+            mems: list[Any] = []
             ptrs: list[int] = []
             try:
                 for s in sizes:
-                    ptrs.append(int(check(drv.cuMemAlloc(-(-s // 256) * 256), "cuMemAlloc")))
+                    try:
+                        mems.append(self._scratch_mr.allocate(-(-s // 256) * 256))
+                    except CuMemAllocFailed as exc:
+                        raise _driver.map_name(exc.name, "cuMemAlloc") from exc
+                    ptrs.append(int(mems[-1].handle))
                 for p, data in ((ptrs[0], blob), (ptrs[1], meta)):
                     addr, _k = host_address(memoryview(data))
                     check(drv.cuMemcpyHtoD(p, addr, len(data)), "cuMemcpyHtoD")
@@ -1031,8 +1419,9 @@ class CudaBackend(Backend):
                 self._sync(self._stream, "sha256_messages")
                 out = self._copy_out(ptrs[2], 32 * count)
             finally:
-                for p in ptrs:
-                    drv.cuMemFree(p)
+                for mem in mems:
+                    with contextlib.suppress(Exception):  # as before: a failed free is not reported
+                        self._scratch_mr.free(mem)
             return [out[32 * i : 32 * i + 32] for i in range(count)]
 
     def _reduce_nodes(self, algorithm: str, nodes: bytes) -> bytes:
@@ -1065,23 +1454,29 @@ class CudaBackend(Backend):
         for buf in list(self._live):
             buf.close()
         with self._lock, self._staging_lock:
-            drv = driver()
-            drv.cuCtxSetCurrent(self._ctx)
-            drv.cuStreamSynchronize(self._stream)
-            drv.cuStreamSynchronize(self._copy_stream)
+            # As before, teardown reports nothing: each step runs whatever the previous one did.
+            quiet = contextlib.suppress(Exception)
+            with quiet:
+                self._dev.set_current()
+            for stream in (self._stream, self._copy_stream):
+                with quiet:
+                    stream.sync()
             for lane in self._lanes.values():
                 with lane.lock:
                     lane.close()
             self._lanes.clear()
-            if self._scratch_ptr:
-                drv.cuMemFree(self._scratch_ptr)
+            if self._scratch_mem is not None:
+                mem, self._scratch_mem = self._scratch_mem, None
                 self._scratch_ptr, self._scratch_size = 0, 0
+                with quiet:
+                    self._scratch_mr.free(mem)
             if self._results is not None:
                 self._results.close()
                 self._results = None
             for pinned, ev in self._staging:
                 pinned.close()
-                drv.cuEventDestroy(ev)
+                with quiet:
+                    ev.close()
             self._staging.clear()
             if self._copy_pool is not None:
                 self._copy_pool.shutdown()
@@ -1089,11 +1484,19 @@ class CudaBackend(Backend):
             for mod in self._modules.values():
                 mod.unload()
             self._modules.clear()
+            for stream, ev in self._sides:
+                with contextlib.suppress(Exception):  # closing: free the rest regardless
+                    stream.sync()
+                    ev.close()
+                    stream.close()
+            self._sides.clear()
             for ev in (self._xfer_event, self._t0, self._t1):
-                drv.cuEventDestroy(ev)
-            drv.cuStreamDestroy(self._stream)
-            drv.cuStreamDestroy(self._copy_stream)
-            drv.cuDevicePrimaryCtxRelease(self._cudev)
+                with quiet:
+                    ev.close()
+            for stream in (self._stream, self._copy_stream):
+                with quiet:
+                    stream.close()
+            # The primary context stays retained by cuda.core for the process (its Device).
             self._closed = True
 
     def __enter__(self) -> CudaBackend:
@@ -1109,6 +1512,7 @@ class _HashJob:
 
     def __init__(self, backend: CudaBackend, algorithm: str, ptr: int, n: int, units: bool) -> None:
         self.b = backend
+        self._on: Any = None
         self.algorithm = algorithm
         self.ptr = ptr
         self.n = n
@@ -1143,15 +1547,26 @@ class _HashJob:
         else:
             self.units_kernel = "blake3_units_standalone" if units and u > 1 else "blake3_units"
         backend.last_units_kernel = self.units_kernel
-        drv = driver()
-        check(drv.cuEventRecord(backend._t0, backend._stream), "cuEventRecord")
+        _record(backend._stream, backend._t0)
 
     def _launch(self, name: str, grid: int, args: Sequence[Arg], block: int = _THREADS) -> None:
-        launch(self.mod.function(name), grid, block, self.b._stream, args, what=name)
+        stream = self.b._stream if self._on is None else self._on
+        launch(self.mod.function(name), grid, block, stream, args, what=name)
 
-    def launch_units(self, first: int, end: int) -> None:
+    def launch_units(self, first: int, end: int, stream: Any = None) -> None:
+        """Unit kernels for units [first, end) on the compute stream, or on ``stream`` (a side
+        stream of ``_side_streams``, whose work the caller joins into the compute stream before
+        ``finish``). Each unit writes only its own slots of the scratch, so launches of disjoint
+        unit ranges may run concurrently."""
         if end <= first:
             return
+        self._on = stream
+        try:
+            self._launch_units(first, end)
+        finally:
+            self._on = None
+
+    def _launch_units(self, first: int, end: int) -> None:
         data, n = (U64, self.ptr), (U64, self.n)
         if self.algorithm == SHA256_TREE_V1:
             if self.split:
@@ -1196,16 +1611,16 @@ class _HashJob:
         if self.split:
             self._join_split()
         root_dev = self._reduce()
-        check(drv.cuEventRecord(b._t1, b._stream), "cuEventRecord")
+        _record(b._stream, b._t1)
         nunits = 32 * self.units if self.want_units else 0
         host = b._result_buffer(32 + nunits)
-        check(drv.cuMemcpyDtoHAsync(host.address, root_dev, 32, b._stream), "cuMemcpyDtoHAsync")
+        stream = b._stream.handle
+        check(drv.cuMemcpyDtoHAsync(host.address, root_dev, 32, stream), "cuMemcpyDtoHAsync")
         if nunits:
             src = self.cv if self.algorithm == SHA256_TREE_V1 else self.unit_digests
-            check(drv.cuMemcpyDtoHAsync(host.address + 32, src, nunits, b._stream), "cuMemcpyDtoHAsync")
+            check(drv.cuMemcpyDtoHAsync(host.address + 32, src, nunits, stream), "cuMemcpyDtoHAsync")
         b._sync(b._stream, "digest kernels")
-        ms = check(drv.cuEventElapsedTime(b._t0, b._t1), "cuEventElapsedTime")
-        b.last_device_seconds = float(ms) / 1e3
+        b.last_device_seconds = _elapsed_seconds(b._t0, b._t1)
         root = bytes(host.view[:32])
         if self.algorithm == SHA256_TREE_V1:
             # Spec step 5: D = SHA-256(R || LE64(n) || "sha256-tree-v1" || 0x02).
@@ -1250,29 +1665,26 @@ class _Lane:
     """
 
     def __init__(self, backend: CudaBackend, *, low: bool) -> None:
-        drv = driver()
         self.b = backend
         self.low = low
         self.arena_ptr = 0
         self.arena_size = 0
+        self.arena_mem: Any = None
         self.host: PinnedHostBuffer | None = None
         self._plans: OrderedDict[Any, tuple[int, _batch.Plan]] = OrderedDict()
-        no_timing = int(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
         if low:
-            least, _greatest = check(drv.cuCtxGetStreamPriorityRange(), "cuCtxGetStreamPriorityRange")
-            non_blocking = int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)
-            self.stream = check(
-                drv.cuStreamCreateWithPriority(non_blocking, int(least)), "cuStreamCreateWithPriority"
-            )
+            # The least priority of the context's range (cuda.core's default when no priority is
+            # given: the ``least`` of cuCtxGetStreamPriorityRange, as before).
+            self.stream = _stream(backend._dev, None)
             self.lock: threading.RLock | Any = threading.RLock()
             self.owns_stream = True
         else:
             self.stream = backend._stream
             self.lock = backend._lock
             self.owns_stream = False
-        self.done = check(drv.cuEventCreate(no_timing), "cuEventCreate")
-        self.t0 = check(drv.cuEventCreate(0), "cuEventCreate")
-        self.t1 = check(drv.cuEventCreate(0), "cuEventCreate")
+        self.done = _event(backend._dev, timing=False)
+        self.t0 = _event(backend._dev, timing=True)
+        self.t1 = _event(backend._dev, timing=True)
 
     def plan(
         self,
@@ -1300,17 +1712,22 @@ class _Lane:
         """Device address of at least ``nbytes`` of scratch (grown, never shrunk: hashing in the
         steady state allocates nothing). About 150 bytes per MiB hashed, plus tree levels."""
         if nbytes > self.arena_size:
-            drv = driver()
-            if self.arena_ptr:
-                check(drv.cuMemFree(self.arena_ptr), "cuMemFree")
+            mr = self.b._scratch_mr
+            if self.arena_mem is not None:
+                mem, self.arena_mem = self.arena_mem, None
                 self.arena_ptr, self.arena_size = 0, 0
+                mr.free(mem)
             size = max(1 << 16, -(-nbytes // 4096) * 4096)
-            err, dptr = drv.cuMemAlloc(size)
-            if err != drv.CUresult.CUDA_SUCCESS:
-                if _driver.error_name(err) == "CUDA_ERROR_OUT_OF_MEMORY":
-                    raise InsufficientVram(size, self.b.mem_info()[0], "insufficient VRAM for segment tables")
-                raise _driver.map_error(err, "cuMemAlloc (segment tables)")
-            self.arena_ptr, self.arena_size = int(dptr), size
+            try:
+                mem = mr.allocate(size)
+            except CuMemAllocFailed as exc:
+                if exc.name == OUT_OF_MEMORY:
+                    raise InsufficientVram(
+                        size, self.b.mem_info()[0], "insufficient VRAM for segment tables"
+                    ) from exc
+                raise _driver.map_name(exc.name, "cuMemAlloc (segment tables)") from exc
+            self.arena_mem = mem
+            self.arena_ptr, self.arena_size = int(mem.handle), size
         return self.arena_ptr
 
     def _pinned(self, nbytes: int) -> PinnedHostBuffer:
@@ -1318,7 +1735,7 @@ class _Lane:
             if self.host is not None:
                 self.host.close()
                 self.host = None
-            self.host = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)))
+            self.host = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)), self.b._dev)
         return self.host
 
     def run(self, plan: _batch.Plan, fns: Mapping[tuple[str, str], Any]) -> bytes:
@@ -1329,54 +1746,56 @@ class _Lane:
         host = self._pinned(max(up.nbytes, plan.download_bytes))
         host.array[: up.nbytes] = up
         base = self.arena_ptr
-        check(drv.cuEventRecord(self.t0, self.stream), "cuEventRecord")
+        stream = self.stream.handle  # cuda-bindings for the copies (byte ranges, see _copy_in)
+        _record(self.stream, self.t0)
         if up.nbytes:
-            check(drv.cuMemcpyHtoDAsync(base, host.address, up.nbytes, self.stream), "cuMemcpyHtoDAsync")
+            check(drv.cuMemcpyHtoDAsync(base, host.address, up.nbytes, stream), "cuMemcpyHtoDAsync")
         for group in [plan.unit_launches, *plan.level_launches]:
             for job in group:
                 fn = fns[job.algorithm, job.kernel]
                 launch(fn, job.count, _THREADS, self.stream, [(U64, base + job.table)], what=job.kernel)
-        check(drv.cuEventRecord(self.t1, self.stream), "cuEventRecord")
+        _record(self.stream, self.t1)
         check(
-            drv.cuMemcpyDtoHAsync(
-                host.address, base + plan.download_offset, plan.download_bytes, self.stream
-            ),
+            drv.cuMemcpyDtoHAsync(host.address, base + plan.download_offset, plan.download_bytes, stream),
             "cuMemcpyDtoHAsync",
         )
         self._wait()
-        ms = check(drv.cuEventElapsedTime(self.t0, self.t1), "cuEventElapsedTime")
-        b.last_device_seconds = float(ms) / 1e3
+        b.last_device_seconds = _elapsed_seconds(self.t0, self.t1)
         return bytes(host.view[: plan.download_bytes])
 
     def _wait(self) -> None:
-        drv = driver()
         if not self.low:
             b = self.b
             b._sync(self.stream, "segment-table digests")
             return
-        check(drv.cuEventRecord(self.done, self.stream), "cuEventRecord")
-        not_ready = drv.CUresult.CUDA_ERROR_NOT_READY
+        _record(self.stream, self.done)
         delay = 20e-6
         while True:
-            (err,) = drv.cuEventQuery(self.done)
-            if err == drv.CUresult.CUDA_SUCCESS:
-                return
-            if err != not_ready:
-                raise _driver.map_error(err, "segment-table digests (low priority)")
+            # Event.is_done is cuEventQuery: True when done, False while not ready, and any other
+            # result raised (mapped by core_errors as before).
+            with core_errors("segment-table digests (low priority)"):
+                if self.done.is_done:
+                    return
             time.sleep(delay)  # releases the GIL: the engine's Python threads run meanwhile
             delay = min(delay * 2, 1e-3)
 
     def close(self) -> None:
-        drv = driver()
+        # As before, teardown reports nothing.
+        quiet = contextlib.suppress(Exception)
         if self.owns_stream:
-            drv.cuStreamSynchronize(self.stream)
-        if self.arena_ptr:
-            drv.cuMemFree(self.arena_ptr)
+            with quiet:
+                self.stream.sync()
+        if self.arena_mem is not None:
+            mem, self.arena_mem = self.arena_mem, None
             self.arena_ptr, self.arena_size = 0, 0
+            with quiet:
+                self.b._scratch_mr.free(mem)
         if self.host is not None:
             self.host.close()
             self.host = None
         for ev in (self.done, self.t0, self.t1):
-            drv.cuEventDestroy(ev)
+            with quiet:
+                ev.close()
         if self.owns_stream:
-            drv.cuStreamDestroy(self.stream)
+            with quiet:
+                self.stream.close()

@@ -1,5 +1,9 @@
 """Thin access to the CUDA driver API (``cuda.bindings.driver``) with errors mapped to ours.
 
+The backend runs on ``cuda.core`` (``_core``); this module serves what cuda.core 1.2 cannot do
+(initialization with a reason for every failure, device count, pointer attributes, exact
+allocations, range copies, peer access, module globals), each call commented where it is made.
+
 cuda-bindings is an optional dependency: it is imported on first use, and every way of not
 having a usable GPU (package missing, driver library missing, no device) becomes a ConfigError
 that says ``backend='cuda' requested but ...``.
@@ -25,7 +29,7 @@ from vram_residency.errors import (
     VramError,
 )
 
-__all__ = ["check", "driver", "error_name", "init", "map_error", "request_error"]
+__all__ = ["check", "driver", "error_name", "init", "map_error", "map_name", "request_error"]
 
 _driver: Any = None
 _init_lock = threading.Lock()
@@ -83,7 +87,12 @@ def error_name(err: Any) -> str:
 
 
 def map_error(err: Any, what: str) -> VramError:
-    name = error_name(err)
+    return map_name(error_name(err), what)
+
+
+def map_name(name: str, what: str) -> VramError:
+    """Our error for a CUDA error given by name (``CUDA_ERROR_...``): a driver result here, or
+    the name at the start of a cuda.core ``CUDAError`` (``_core.core_errors``)."""
     msg = f"{what} failed: {name}"
     if name == _OOM:
         return CudaAllocationFailed(msg)

@@ -6,8 +6,11 @@ For the CUDA backend's dispatch. Two levels:
   uploads the key schedule, launches the leaf kernel over any leaf range (so the seal path can
   hash each staged chunk as soon as its copy lands), then the unit kernel, copies the unit
   digests back and finishes the digest on the host (one keyed BLAKE3 call over 32 bytes per MiB).
-- :func:`nh_fast_hash`: the whole thing for a device pointer, using a :class:`CudaBackend`'s own
-  plumbing (its lock, compute stream, scratch buffer, pinned result buffer and timing events).
+- :func:`nh_fast_hash` (and :func:`nh_fast_many` for a table): the whole thing for a device
+  pointer, through the CUDA backend's ``kernel_session()`` (:class:`Session`: its lock, compute
+  stream, scratch buffer, pinned result buffer, timing events, modules and occupancy cache), on
+  cuda.core like the backend's own digests: ``Stream.record``/``sync``, ``Event`` arithmetic,
+  ``Module.blocks_per_sm``, and cuda-bindings copies of byte ranges on ``stream.handle``.
 
 The key schedule is derived on the host (a 5 KiB BLAKE3 XOF output) and copied to the scratch
 buffer in stream order; it never appears in an error message.
@@ -15,8 +18,11 @@ buffer in stream order; it never appears in an error message.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Final, Protocol
 
+from vram_residency.backends.cuda._core import core_errors, elapsed_seconds, record
 from vram_residency.backends.cuda._driver import check, driver
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import PinnedHostBuffer, host_address
@@ -24,10 +30,54 @@ from vram_residency.errors import IntegrityViolation, InvalidInput
 from vram_residency.formats import nhfast
 from vram_residency.formats.tree import LEAF_SIZE, UNIT_SIZE, HashResult, unit_count
 
-if TYPE_CHECKING:
-    from vram_residency.backends.cuda._backend import CudaBackend
 
-__all__ = ["SOURCE", "NhFastJob", "module_for", "nh_fast_hash", "scratch_bytes"]
+class Session(Protocol):
+    """What the launcher needs of the backend's compute lane: ``_backend.KernelSession`` (see
+    there), described here rather than imported, so that the import graph stays acyclic
+    (``_backend`` imports this module; tests/test_import_graph.py)."""
+
+    @property
+    def stream(self) -> Any: ...
+    @property
+    def t0(self) -> Any: ...
+    @property
+    def t1(self) -> Any: ...
+    @property
+    def multiprocessors(self) -> int: ...
+    def module(self, source: str) -> Module: ...
+    def kernel_defines(self, source: str) -> Mapping[str, str]: ...
+    def blocks_per_sm(self, mod: Module, name: str, threads: int) -> int: ...
+    def scratch(self, nbytes: int) -> int: ...
+    def result_buffer(self, nbytes: int) -> PinnedHostBuffer: ...
+    def temporary(self, nbytes: int) -> AbstractContextManager[int]: ...
+    def copy_out(self, src: int, n: int) -> bytes: ...
+
+
+class Backend(Protocol):
+    """What the launcher needs of ``_backend.CudaBackend``: its kernel session and the public
+    figures of the last digest (for benchmarks)."""
+
+    last_device_seconds: float
+    last_scratch_bytes: int
+    last_units_kernel: str
+
+    def kernel_session(self) -> AbstractContextManager[Session]: ...
+
+
+__all__ = [
+    "SOURCE",
+    "Backend",
+    "NhFastJob",
+    "Session",
+    "inflight_for",
+    "key_trials",
+    "leaf_blocks",
+    "module_for",
+    "new_job",
+    "nh_fast_hash",
+    "nh_fast_many",
+    "scratch_bytes",
+]
 
 #: Kernel source name (``kernels/nh_fast.cu``), as listed in ``_compile.KERNELS``.
 SOURCE: Final = "nh_fast"
@@ -55,7 +105,8 @@ def scratch_bytes(n: int) -> int:
 
 
 class NhFastJob:
-    """One nh-fast-v1 digest of the ``n`` bytes at device address ``ptr``, queued on ``stream``.
+    """One nh-fast-v1 digest of the ``n`` bytes at device address ``ptr``, queued on ``stream``
+    (a cuda.core ``Stream``).
 
     ``scratch``: a device address with :func:`scratch_bytes` (``n``) bytes the job may use until
     :meth:`finish` returns. ``leaf_blocks``: the leaf kernel's grid (streaming multiprocessors x
@@ -98,10 +149,26 @@ class NhFastJob:
         self._units_done = 0
         blob = sched.nh_key + sched.unit_key
         addr, keep = host_address(memoryview(blob))
-        # From pageable memory the call returns once the bytes are staged, so `blob` may go.
-        copy = driver().cuMemcpyHtoDAsync(self._key_dev, addr, len(blob), stream)
+        # cuda-bindings for the copy (a byte range of scratch; cuda.core copies whole Buffers), on
+        # the stream's handle. From pageable memory the call returns once the bytes are staged,
+        # so `blob` may go.
+        copy = driver().cuMemcpyHtoDAsync(self._key_dev, addr, len(blob), stream.handle)
         check(copy, "uploading the nh-fast-v1 key")
         del keep
+
+    @property
+    def units_done(self) -> int:
+        """Units whose digests are queued so far."""
+        return self._units_done
+
+    @property
+    def unit_out(self) -> int:
+        """Device address of the unit digests (32 bytes per unit), valid until ``finish``."""
+        return self._unit_out
+
+    @property
+    def schedule(self) -> nhfast.KeySchedule:
+        return self._sched
 
     def launch_leaves(self, first: int, end: int) -> None:
         """Queue the leaf tags of leaves ``[first, end)``."""
@@ -168,7 +235,7 @@ class NhFastJob:
         if host.size < 32 * self.units:
             raise InvalidInput("result buffer too small for the unit digests")
         check(
-            driver().cuMemcpyDtoHAsync(host.address, self._unit_out, 32 * self.units, self.stream),
+            driver().cuMemcpyDtoHAsync(host.address, self._unit_out, 32 * self.units, self.stream.handle),
             "cuMemcpyDtoHAsync",
         )
 
@@ -180,62 +247,108 @@ class NhFastJob:
     def finish(self, host: PinnedHostBuffer) -> HashResult:
         """Queue what remains, wait for the stream, and return the result."""
         self.queue_copy_back(host)
-        check(driver().cuStreamSynchronize(self.stream), "nh-fast-v1 kernels")
+        with core_errors("nh-fast-v1 kernels"):
+            self.stream.sync()
         return self.result(host)
 
 
-def module_for(backend: CudaBackend) -> Module:
+def module_for(session: Session) -> Module:
     """The backend's loaded nh_fast module (compiled once, kept with its other modules)."""
-    mod = backend._modules.get(SOURCE)
-    if mod is None:
-        mod = Module(SOURCE, backend.arch, backend._kernel_defines.get(SOURCE))
-        backend._modules[SOURCE] = mod
-    return mod
+    return session.module(SOURCE)
 
 
-def _leaf_blocks(backend: CudaBackend, mod: Module) -> int:
-    key = "nhf_leaf_tags"
-    if key not in backend._occupancy:
-        fn = mod.function(key)
-        k = check(driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(fn, _THREADS, 0), "occupancy")
-        backend._occupancy[key] = max(1, int(k))
-    return backend.multiprocessors * backend._occupancy[key]
+def leaf_blocks(session: Session, mod: Module) -> int:
+    """The leaf kernel's grid: multiprocessors x resident blocks per multiprocessor."""
+    return int(session.multiprocessors) * session.blocks_per_sm(mod, "nhf_leaf_tags", _THREADS)
 
 
-def nh_fast_hash(backend: CudaBackend, ptr: int, n: int, key: bytes) -> HashResult:
+def inflight_for(session: Session) -> int:
+    defines = session.kernel_defines(SOURCE)
+    # Leaves per warp per round, for sizing small grids: NHF_PIPELINE=1 hashes one at a time.
+    pipelined = defines.get("NHF_PIPELINE", "0") not in ("0", "")
+    return 1 if pipelined else int(defines.get("NHF_INFLIGHT", "2"))
+
+
+def new_job(session: Session, ptr: int, n: int, key: bytes, *, scratch: int | None = None) -> NhFastJob:
+    """An :class:`NhFastJob` on the session's stream and module, sized for its device, in the
+    session's scratch (or at device address ``scratch``, with :func:`scratch_bytes` (n) bytes)."""
+    mod = module_for(session)
+    if scratch is None:
+        scratch = session.scratch(scratch_bytes(n))
+    blocks, inflight = leaf_blocks(session, mod), inflight_for(session)
+    return NhFastJob(mod, session.stream, ptr, n, key, scratch, leaf_blocks=blocks, inflight=inflight)
+
+
+def nh_fast_many(backend: Backend, rows: Sequence[tuple[int, int, bytes]]) -> list[HashResult]:
+    """nh-fast-v1 of every ``(ptr, n, key)`` row (memory the caller has checked and holds locked):
+    one job per row on the backend's compute stream, each in its own slice of the scratch buffer,
+    every unit-digest copy queued behind its kernels, and ONE synchronization for the table.
+    Each result is bit-identical to :func:`nh_fast_hash` of its row."""
+    for ptr, _n, key in rows:
+        nhfast.check_key(key)
+        if ptr % 16:
+            raise InvalidInput("nh-fast-v1 needs 16-byte aligned device memory (16-byte loads)")
+    if not rows:
+        return []
+    sizes = [_align(scratch_bytes(n)) for _p, n, _k in rows]
+    counts = [unit_count(n) for _p, n, _k in rows]
+    with backend.kernel_session() as ks:
+        drv = driver()
+        base = ks.scratch(sum(sizes))
+        backend.last_scratch_bytes = sum(sizes)
+        backend.last_units_kernel = "nhf_leaf_tags"
+        host = ks.result_buffer(32 * sum(counts))
+        jobs: list[NhFastJob] = []
+        record(ks.stream, ks.t0)
+        off = 0
+        for (ptr, n, key), size in zip(rows, sizes, strict=True):
+            job = new_job(ks, ptr, n, key, scratch=base + off)
+            job.launch_ready(n)
+            jobs.append(job)
+            off += size
+        record(ks.stream, ks.t1)
+        hoff = 0
+        stream = ks.stream.handle  # cuda-bindings for the copies (byte ranges)
+        for job in jobs:
+            nbytes = 32 * job.units
+            copy = drv.cuMemcpyDtoHAsync(host.address + hoff, job.unit_out, nbytes, stream)
+            check(copy, "cuMemcpyDtoHAsync")
+            hoff += nbytes
+        with core_errors("nh-fast-v1 kernels"):
+            ks.stream.sync()
+        backend.last_device_seconds = elapsed_seconds(ks.t0, ks.t1)
+        out: list[HashResult] = []
+        hoff = 0
+        for job in jobs:
+            units = bytes(host.view[hoff : hoff + 32 * job.units])
+            hoff += 32 * job.units
+            out.append(HashResult(nhfast.finalize(job.schedule, units, job.n), units))
+        return out
+
+
+def nh_fast_hash(backend: Backend, ptr: int, n: int, key: bytes) -> HashResult:
     """nh-fast-v1 digest and unit digests of the ``n`` bytes at device address ``ptr`` (memory the
     caller has checked belongs to ``backend``'s device and holds at least ``n`` bytes).
 
     Runs on the backend's compute stream under its lock; ``backend.last_device_seconds`` gets
     the kernels' device time, as for the other digests."""
     nhfast.check_key(key)
-    defines = backend._kernel_defines.get(SOURCE) or {}
-    # Leaves per warp per round, for sizing small grids: NHF_PIPELINE=1 hashes one at a time.
-    pipelined = defines.get("NHF_PIPELINE", "0") not in ("0", "")
-    inflight = 1 if pipelined else int(defines.get("NHF_INFLIGHT", "2"))
-    with backend._lock:
-        backend._activate()
-        drv = driver()
-        mod = module_for(backend)
-        scratch = backend._scratch(scratch_bytes(n))
+    with backend.kernel_session() as ks:
         backend.last_scratch_bytes = scratch_bytes(n)
         backend.last_units_kernel = "nhf_leaf_tags"
-        blocks = _leaf_blocks(backend, mod)
-        job = NhFastJob(mod, backend._stream, ptr, n, key, scratch, leaf_blocks=blocks, inflight=inflight)
-        check(drv.cuEventRecord(backend._t0, backend._stream), "cuEventRecord")
+        job = new_job(ks, ptr, n, key)
+        record(ks.stream, ks.t0)
         job.launch_ready(n)
-        check(drv.cuEventRecord(backend._t1, backend._stream), "cuEventRecord")
-        host = backend._result_buffer(32 * job.units)
-        result = job.finish(host)
-        ms = check(drv.cuEventElapsedTime(backend._t0, backend._t1), "cuEventElapsedTime")
-        backend.last_device_seconds = float(ms) / 1e3
+        record(ks.stream, ks.t1)
+        result = job.finish(ks.result_buffer(32 * job.units))
+        backend.last_device_seconds = elapsed_seconds(ks.t0, ks.t1)
         if len(result.unit_digests) != 32 * job.units:  # pragma: no cover - defensive
             raise IntegrityViolation("nh-fast-v1 kernels returned a short result")
         return result
 
 
 def key_trials(
-    backend: CudaBackend,
+    backend: Backend,
     a: bytes,
     keys: bytes,
     *,
@@ -254,33 +367,32 @@ def key_trials(
         raise InvalidInput("one flip per key")
     leaves = len(a) // LEAF_SIZE
     out_size = 8 * nhfast.INSTANCES * leaves * count
-    with backend._lock:
-        backend._activate()
-        drv = driver()
-        mod = module_for(backend)
-        blobs = [a, keys, b or b"\x00", flips or b"\x00"]
-        sizes = [len(x) for x in blobs] + [out_size, out_size]
-        ptrs: list[int] = []
-        try:
-            for s in sizes:
-                ptrs.append(int(check(drv.cuMemAlloc(_align(s)), "cuMemAlloc")))
-            for p, data in zip(ptrs, blobs, strict=False):
-                addr, _keep = host_address(memoryview(data))
-                check(drv.cuMemcpyHtoD(p, addr, len(data)), "cuMemcpyHtoD")
-            args: list[Arg] = [
-                (U64, ptrs[0]),
-                (U64, ptrs[2] if b is not None else 0),
-                (U64, ptrs[3] if flips is not None else 0),
-                (U32, leaves),
-                (U64, ptrs[1]),
-                (U32, count),
-                (U64, ptrs[4]),
-                (U64, ptrs[5]),
-            ]
-            fn = mod.function("nhf_key_trials")
-            launch(fn, -(-count // 4), 128, backend._stream, args, what="nhf_key_trials")
-            check(drv.cuStreamSynchronize(backend._stream), "nhf_key_trials")
-            return backend._copy_out(ptrs[4], out_size), backend._copy_out(ptrs[5], out_size)
-        finally:
-            for p in ptrs:
-                drv.cuMemFree(p)
+    blobs = [a, keys, b or b"\x00", flips or b"\x00"]
+    sizes = [_align(len(x)) for x in blobs] + [_align(out_size), _align(out_size)]
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    with backend.kernel_session() as ks, ks.temporary(sum(sizes)) as base:
+        # One allocation of its own, freed after (the keys run to hundreds of MB: they must not
+        # grow the backend's scratch, which it keeps). Inputs go up in stream order, so the
+        # kernel, queued behind them on the same stream, reads them whole.
+        drv, stream = driver(), ks.stream
+        ptrs = [base + o for o in offs]
+        for p, data in zip(ptrs, blobs, strict=False):
+            addr, keep = host_address(memoryview(data))
+            # From pageable memory the call returns once the bytes are staged.
+            check(drv.cuMemcpyHtoDAsync(p, addr, len(data), stream.handle), "cuMemcpyHtoDAsync")
+            del keep
+        args: list[Arg] = [
+            (U64, ptrs[0]),
+            (U64, ptrs[2] if b is not None else 0),
+            (U64, ptrs[3] if flips is not None else 0),
+            (U32, leaves),
+            (U64, ptrs[1]),
+            (U32, count),
+            (U64, ptrs[4]),
+            (U64, ptrs[5]),
+        ]
+        fn = module_for(ks).function("nhf_key_trials")
+        launch(fn, -(-count // 4), 128, stream, args, what="nhf_key_trials")
+        with core_errors("nhf_key_trials"):
+            stream.sync()
+        return ks.copy_out(ptrs[4], out_size), ks.copy_out(ptrs[5], out_size)

@@ -1,5 +1,5 @@
-"""Pinned (page-locked) host memory: staging buffers for copies into VRAM, and host-side arrays
-that callers may fill directly (for example by reading a file into them).
+"""Pinned (page-locked) host memory, from cuda.core: staging buffers for copies into VRAM, and
+host-side arrays that callers may fill directly (for example by reading a file into them).
 
 DMA engines read only pinned memory. A copy from ordinary (pageable) memory makes the driver copy
 through its own small staging area first, which the starting design measured at about 8 GB/s
@@ -14,27 +14,38 @@ import contextlib
 import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from vram_residency.backends.cuda._driver import check, driver
+from vram_residency.backends.cuda._core import core_errors, pinned_resource
 
 __all__ = ["PinnedHostBuffer", "host_address", "parallel_copy"]
 
 
 class PinnedHostBuffer:
-    """``size`` bytes of page-locked host memory (cuMemHostAlloc), freed by ``close``.
+    """``size`` bytes of page-locked host memory from cuda.core's ``LegacyPinnedMemoryResource``
+    (``cuMemAllocHost``), freed by ``close``. Create it with a CUDA context current (the backend's
+    ``_activate``): cuda.core records a deallocation stream with each buffer.
+
+    ``dev``: the backend's cuda.core Device, made current before freeing. cuda.core's resource
+    synchronizes the buffer's deallocation stream (the default stream of the context it was made
+    in, which our non-blocking streams never wait on) before ``cuMemFreeHost``, and that needs a
+    current context whichever thread frees the buffer.
 
     ``array`` is a writable NumPy view and ``view`` a memoryview of the same bytes; both become
     invalid once the buffer is closed, so keep them no longer than the buffer.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, dev: Any = None) -> None:
         if size <= 0:
             raise ValueError("pinned buffer size must be positive")
         self.size = size
-        self._ptr: int | None = int(check(driver().cuMemHostAlloc(size, 0), "cuMemHostAlloc"))
+        self._dev = dev
+        with core_errors("allocating pinned host memory"):
+            self._mem: Any = pinned_resource().allocate(size)
+        self._ptr: int | None = int(self._mem.handle)
         raw = (ctypes.c_ubyte * size).from_address(self._ptr)
         self.array: npt.NDArray[np.uint8] = np.ctypeslib.as_array(raw)
         self.view = memoryview(raw).cast("B")
@@ -51,9 +62,13 @@ class PinnedHostBuffer:
 
     def close(self) -> None:
         if self._ptr is not None:
-            ptr, self._ptr = self._ptr, None
+            self._ptr = None
             self.view.release()
-            driver().cuMemFreeHost(ptr)
+            mem, self._mem = self._mem, None
+            with core_errors("freeing pinned host memory"):
+                if self._dev is not None:
+                    self._dev.set_current()
+                mem.close()
 
     def __enter__(self) -> PinnedHostBuffer:
         return self
