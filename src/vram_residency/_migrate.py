@@ -378,13 +378,14 @@ def _receive_all(
     restore would have lost the shard."""
     sealed, units = entry.shard, entry.unit_digests
     algorithm = sealed.digest_algorithm
+    key = mgr.digest_key(algorithm, sealed.shard_id)  # keyed digests (nh-fast-v1): the shard's key
     bad: list[int] = []
 
     def landed(off: int, m: int) -> None:
         piece = out[off : off + m]
         if on_landed is not None:
             on_landed(piece, off, m)
-        got = hash_units(piece, algorithm).unit_digests
+        got = hash_units(piece, algorithm, key=key).unit_digests
         if not hmac.compare_digest(got, units[32 * (off // UNIT_SIZE) :][: len(got)]):
             bad.extend(_bad_units(units, got, off // UNIT_SIZE))
 
@@ -399,7 +400,7 @@ def _receive_all(
             mgr.backend.read_into(entry.buf, start, piece)
             if on_landed is not None:
                 on_landed(piece, start, length)
-            if hash_units(piece, algorithm).unit(0) != units[32 * u : 32 * u + 32]:
+            if hash_units(piece, algorithm, key=key).unit(0) != units[32 * u : 32 * u + 32]:
                 again.append(u)
         bad = again
     if bad:
