@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from audit_helpers import OTHER_TOKEN, TOKEN, read_lines, records
 
+from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines, records
 from vram_residency._tokenfile import read_token_file
 from vram_residency.audit import (
     AUDIT_HEAD_MISMATCH,

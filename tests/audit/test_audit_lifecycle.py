@@ -7,10 +7,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from audit_helpers import TOKEN, records
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.audit.audit_helpers import TOKEN, records
 from vram_residency.audit import (
     SECURITY_INCIDENT,
     WORKER_STATE_CHANGED,

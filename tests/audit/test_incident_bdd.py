@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from audit_helpers import TOKEN, records
 from pytest_bdd import given, parsers, scenarios, then, when
 
+from tests.audit.audit_helpers import TOKEN, records
 from vram_residency.audit import (
     SECURITY_INCIDENT,
     WORKER_STATE_CHANGED,

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.gpu.conftest import random_bytes
 
+from tests.gpu.conftest import random_bytes
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
 from vram_residency.backends.cuda import _backend as cuda_backend

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from service_helpers import HELLO_WORLD_REFERENCE, Running, audit_events, execute, tiny_bert
 
+from tests.service.service_helpers import HELLO_WORLD_REFERENCE, Running, audit_events, execute, tiny_bert
 from vram_residency import check_seal_record
 from vram_residency.audit.verify import verify_log
 from vram_residency.formats import digest

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 
+from tests.service.service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 from vram_residency import VramManager
 from vram_residency.service.catalog import MINILM_MODEL, ModelCatalog
 from vram_residency.service.executor import SealedWeights

@@ -9,8 +9,8 @@ import importlib.util
 
 import numpy as np
 import pytest
-from service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 
+from tests.service.service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 from vram_residency import SealVerificationFailed, VramManager
 from vram_residency.service.catalog import MINILM_MODEL, ModelCatalog
 from vram_residency.service.executor import DeviceMemory, SealedWeights

@@ -23,8 +23,16 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from serve_process import Receiver, ServeProcess, clean_env, execute, run_serve, sse, write_token
 
+from tests.service.serve_process import (
+    Receiver,
+    ServeProcess,
+    clean_env,
+    execute,
+    run_serve,
+    sse,
+    write_token,
+)
 from vram_residency.formats.tree import SHA256_TREE_V1
 from vram_residency.service.context import fp6
 from vram_residency.service.executors.example_model import EXAMPLE_NAMES, ensure_example

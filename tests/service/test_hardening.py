@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from serve_process import clean_env, execute, run_serve, sse
-from service_helpers import Running
 
+from tests.service.serve_process import clean_env, execute, run_serve, sse
+from tests.service.service_helpers import Running
 from vram_residency.service.executors.example_model import EXAMPLE_NAMES
 from vram_residency.testing import flip_bit
 

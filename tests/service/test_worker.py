@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service_helpers import EXAMPLE_DIR, tiny_bert
-
+from tests.service.service_helpers import EXAMPLE_DIR, tiny_bert
 from vram_residency.service.catalog import ModelCatalog
 from vram_residency.service.executor import JobOutput
 from vram_residency.service.executors.encoder import bert_factory
