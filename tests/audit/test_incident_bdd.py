@@ -19,13 +19,11 @@ from vram_residency.audit import (
     SECURITY_INCIDENT,
     WORKER_STATE_CHANGED,
     AuditLog,
-    Incident,
-    WorkerLifecycle,
-    WorkerStopped,
     verify_log,
 )
 from vram_residency.audit import log as log_module
 from vram_residency.errors import IntegrityViolation, PolicyViolation, SealVerificationFailed, VramError
+from vram_residency.service.lifecycle import Incident, WorkerLifecycle, WorkerStopped
 
 scenarios("incident.feature")
 
