@@ -180,6 +180,7 @@ def test_cadence_runs_the_full_check(mgr: VramManager, sink: Sink) -> None:
     forged = bytearray(payload)
     forged[123] ^= 0x01
     key = mgr.store.digest_key(NH_FAST_V1, s.shard_id)
+    assert key is not None  # nh-fast-v1 is keyed
     record.fast_digest, record.fast_units = nhfast.hash_units(bytes(forged), key)
     mgr.verify_many([s], check="fast", full_every_s=3600)
     record.last_full_ns = time.time_ns() - 3601 * 10**9
