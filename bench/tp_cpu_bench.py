@@ -43,7 +43,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             mgr.seal_model(rng.integers(0, 256, size, dtype=np.uint8).tobytes()) for _ in range(args.shards)
         ]
         for transport in ("gloo", "group"):
-            tp = TPModel.seal(mgr, shards, model_name="cpu-bench", token=TOKEN, verdict_transport=transport)  # type: ignore[arg-type]
+            tp = TPModel.seal(mgr, shards, model_name="cpu-bench", token=TOKEN, verdict_transport=transport)
             for _ in range(20):
                 tp.verify()
             totals, locals_ = [], []

@@ -79,7 +79,7 @@ def _embed(backend: str, model: Path, prompts: list[str]) -> np.ndarray[Any, Any
         shard = mgr.seal_file(files.weights)
         buf = mgr.device_buffer(shard)
         if backend == "cuda":
-            dev = DeviceMemory(ptr=buf.device_pointer, size=shard.vram_bytes, device=mgr.device, owner=buf)  # type: ignore[attr-defined]
+            dev = DeviceMemory(ptr=buf.device_pointer, size=shard.vram_bytes, device=mgr.device, owner=buf)
             weights = SealedWeights(files, "cuda", shard.vram_bytes, None, dev)
         else:
             weights = SealedWeights(files, "host", shard.vram_bytes, buf.host_view(shard.vram_bytes))

@@ -86,7 +86,7 @@ def test_tampered_fields_fail(mgr: VramManager, sealed: dict[str, SealedShard]) 
     shard = sealed["sha256-tree-v1"]
     for change in ({"vram_bytes": 1}, {"model_ref": "x"}, {"gpu_device": 1}, {"worker_id": "evil"}):
         with pytest.raises(SealVerificationFailed):
-            mgr.verify_sealed(dataclasses.replace(shard, **change))  # type: ignore[arg-type]
+            mgr.verify_sealed(dataclasses.replace(shard, **change))
 
 
 def test_expected_digest_mismatch_leaves_nothing(mgr: VramManager) -> None:

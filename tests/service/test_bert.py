@@ -27,7 +27,7 @@ def sealed() -> Iterator[tuple[VramManager, Any, BertEncoder]]:
     mgr = VramManager(TOKEN, backend="host")
     shard = mgr.seal_file(files.weights)
     buf = mgr._entry(shard).buf
-    enc = bert_factory(SealedWeights(files, "host", shard.vram_bytes, buf.host_view()))  # type: ignore[attr-defined]
+    enc = bert_factory(SealedWeights(files, "host", shard.vram_bytes, buf.host_view()))
     assert isinstance(enc, BertEncoder)
     yield mgr, shard, enc
     enc.close()
