@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -211,7 +212,7 @@ def test_anchor_checks(tmp_path: Path) -> None:
     assert res.returncode == EXIT_USAGE and "Traceback" not in res.stderr
 
 
-def _no() -> object:
+def _no() -> NoReturn:
     raise AssertionError("expected a break")
 
 

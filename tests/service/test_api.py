@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -229,7 +229,7 @@ def test_body_limit(shared: Running) -> None:
     r = shared.client.post("/worker/execute", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["code"] == "INVALID_PARAMS"
 
-    def chunks() -> object:
+    def chunks() -> Iterator[bytes]:
         for _ in range(64):
             yield b"x" * 8192  # no Content-Length: chunked transfer, counted as it arrives
 

@@ -35,7 +35,7 @@ def _worker(tmp_path: Path, **config: Any) -> Worker:
 
 class _Collector:
     def __init__(self) -> None:
-        self.verified: list[VerifyPass | BaseException | None] = []
+        self.verified: list[object] = []  # what on_verified is given: VerifyPass, None or an error
         self.done: list[JobOutput | BaseException] = []
         self.event = threading.Event()
         self.expected = 0
