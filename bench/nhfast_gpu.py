@@ -221,8 +221,13 @@ def run(
 #: MIN_BLOCKS 2 fit in 128 registers without spills; INFLIGHT 3 needs MIN_BLOCKS 1 (176);
 #: PIPELINE 1 spills 16 bytes at MIN_BLOCKS 2).
 VARIANTS: tuple[tuple[str, str, str], ...] = (
-    ("1", "2", "0"), ("2", "2", "0"), ("2", "1", "0"), ("3", "1", "0"), ("4", "1", "0"),
-    ("1", "2", "1"), ("1", "1", "1"),
+    ("1", "2", "0"),
+    ("2", "2", "0"),
+    ("2", "1", "0"),
+    ("3", "1", "0"),
+    ("4", "1", "0"),
+    ("1", "2", "1"),
+    ("1", "1", "1"),
 )
 
 

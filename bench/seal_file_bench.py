@@ -306,8 +306,7 @@ def main() -> int:
     lines = [
         f"# seal_file on the {args.backend} backend, {date}",
         "",
-        f"- machine: {machine['platform']}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}",
+        f"- machine: {machine['platform']}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         f"- backend: {r0['backend_description']}",
         f"- file: safetensors, {r0['file_bytes']} bytes ({_mib(r0['file_bytes'])}), page-cached",
         f"- digest: {args.algorithm}; staging: {r0['staging']['buffers']} x "

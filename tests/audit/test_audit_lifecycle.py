@@ -368,7 +368,8 @@ def test_audit_failure_on_any_transition_stops_the_worker(
 
 
 @pytest.mark.parametrize(
-    "name", ["IllegalTransition", "Incident", "WorkerLifecycle", "WorkerNotReady", "WorkerState", "WorkerStopped"]
+    "name",
+    ["IllegalTransition", "Incident", "WorkerLifecycle", "WorkerNotReady", "WorkerState", "WorkerStopped"],
 )
 def test_moved_names_stay_importable_from_audit(name: str) -> None:
     # The lifecycle lives in the service; `vram_residency.audit` still hands out the same objects

@@ -31,7 +31,9 @@ CAP = 64 << 20
 
 @pytest.fixture
 def mgr() -> Iterator[VramManager]:
-    with VramManager(TOKEN, backend="host", worker_id="w-1", capacity_bytes=CAP, max_model_bytes=32 << 20) as m:
+    with VramManager(
+        TOKEN, backend="host", worker_id="w-1", capacity_bytes=CAP, max_model_bytes=32 << 20
+    ) as m:
         yield m
 
 

@@ -69,9 +69,10 @@ def flip_byte(m: VramManager, shard: Any, at: int) -> None:
 
 
 def test_keys_differ_per_shard_and_per_token() -> None:
-    with VramManager(TOKEN, backend="host", capacity_bytes=MiB) as a, VramManager(
-        OTHER, backend="host", capacity_bytes=MiB
-    ) as b:
+    with (
+        VramManager(TOKEN, backend="host", capacity_bytes=MiB) as a,
+        VramManager(OTHER, backend="host", capacity_bytes=MiB) as b,
+    ):
         ka1 = a.store.digest_key(NH_FAST_V1, "shard-1")
         ka2 = a.store.digest_key(NH_FAST_V1, "shard-2")
         kb1 = b.store.digest_key(NH_FAST_V1, "shard-1")

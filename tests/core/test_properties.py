@@ -21,7 +21,9 @@ from vram_residency.testing import flip_bit
 TOKEN = "property-token-0123456789abcdef"
 SIZE = 3 * UNIT_SIZE + 4099
 
-_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,9 @@ def test_backend_is_cuda(mgr: VramManager) -> None:
 @pytest.mark.parametrize("n", [1, 4095, 4097, UNIT_SIZE, 5 * UNIT_SIZE + 17])
 def test_seal_verify_matches_host(mgr: VramManager, algorithm: str, n: int) -> None:
     data = os.urandom(n)
-    shard = mgr.seal_model(data, model_ref="m", digest_algorithm=algorithm, expected_digest=digest(data, algorithm).hex())
+    shard = mgr.seal_model(
+        data, model_ref="m", digest_algorithm=algorithm, expected_digest=digest(data, algorithm).hex()
+    )
     try:
         mgr.verify_sealed(shard)
         assert check_seal_record(shard.record(), TOKEN) == shard

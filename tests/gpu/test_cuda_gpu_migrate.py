@@ -1,6 +1,6 @@
 """Migration, offload and restore on real GPUs (issue 13). Peer-to-peer tests need two GPUs.
 
-    VRAM_RESIDENCY_REQUIRE_GPU=1 .venv/bin/python -m pytest tests/gpu/test_cuda_gpu_migrate.py -q
+VRAM_RESIDENCY_REQUIRE_GPU=1 .venv/bin/python -m pytest tests/gpu/test_cuda_gpu_migrate.py -q
 """
 
 from __future__ import annotations
@@ -128,7 +128,9 @@ def test_p2p_migration(pair: tuple[VramManager, VramManager]) -> None:
 
 @two_gpus
 @pytest.mark.parametrize("peer", [True, False], ids=["p2p", "staged"])
-def test_in_flight_corruption(pair: tuple[VramManager, VramManager], monkeypatch: pytest.MonkeyPatch, peer: bool) -> None:
+def test_in_flight_corruption(
+    pair: tuple[VramManager, VramManager], monkeypatch: pytest.MonkeyPatch, peer: bool
+) -> None:
     a, b = pair
     if not peer:
         monkeypatch.setattr(cuda_backend, "_peer_can_access_peer", lambda self, other: False)
