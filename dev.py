@@ -138,9 +138,12 @@ def main(argv: list[str]) -> int:
     _sync(for_tests=cmd == "test")
     py = str(VENV / "bin" / "python")
     if cmd == "test":
+        checked = ["src", "tests", "bench", "scripts", "examples", "dev.py"]
         for step in (
-            [py, "-m", "ruff", "check", "src", "tests", "bench", "scripts", "examples", "dev.py"],
-            [py, "-m", "mypy"],
+            [py, "-m", "ruff", "check", *checked],
+            # The tree has one layout, ruff's: a diff never mixes a change with a re-wrap.
+            [py, "-m", "ruff", "format", "--check", *checked],
+            [py, "-m", "mypy"],  # pyproject.toml's [tool.mypy] names what it checks: src, tests, ...
         ):
             rc = _exec(step, cwd=ROOT)
             if rc:

@@ -280,16 +280,17 @@ def main() -> int:
             f"and RSS growth <= {_mib(TARGET_GPU_RSS_GROWTH)} (worst run {_mib(growth)})"
         )
     date = dt.date.today().isoformat()
+    machine = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        # Throughput depends on what else runs; memory does not. Recorded to read both.
+        "load_average_1m_before_after": [load_before[0], load_after[0]],
+    }
     summary = {
         "bench": "seal_file",
         "date": date,
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            # Throughput depends on what else runs; memory does not. Recorded to read both.
-            "load_average_1m_before_after": [load_before[0], load_after[0]],
-        },
+        "machine": machine,
         "file": {"format": "safetensors", "bytes": runs[0]["file_bytes"], "page_cached": True},
         "write_seconds": write_s,
         "target": {"description": target, "met": target_ok},
@@ -305,8 +306,7 @@ def main() -> int:
     lines = [
         f"# seal_file on the {args.backend} backend, {date}",
         "",
-        f"- machine: {summary['machine']['platform']}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}",
+        f"- machine: {machine['platform']}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         f"- backend: {r0['backend_description']}",
         f"- file: safetensors, {r0['file_bytes']} bytes ({_mib(r0['file_bytes'])}), page-cached",
         f"- digest: {args.algorithm}; staging: {r0['staging']['buffers']} x "

@@ -43,7 +43,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
             mgr.seal_model(rng.integers(0, 256, size, dtype=np.uint8).tobytes()) for _ in range(args.shards)
         ]
         for transport in ("gloo", "group"):
-            tp = TPModel.seal(mgr, shards, model_name="cpu-bench", token=TOKEN, verdict_transport=transport)  # type: ignore[arg-type]
+            tp = TPModel.seal(mgr, shards, model_name="cpu-bench", token=TOKEN, verdict_transport=transport)
             for _ in range(20):
                 tp.verify()
             totals, locals_ = [], []
@@ -65,8 +65,18 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                 "rank_medians_us": [round(statistics.median(g[0]) / 1e3, 1) for g in gathered],
             }
     if rank == 0:
-        print(json.dumps({"world": world, "shards": args.shards, "shard_kib": args.shard_kib,
-                          "iters": args.iters, **out}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "world": world,
+                    "shards": args.shards,
+                    "shard_kib": args.shard_kib,
+                    "iters": args.iters,
+                    **out,
+                },
+                indent=2,
+            )
+        )
     dist.destroy_process_group()
 
 
@@ -85,8 +95,20 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = [sys.executable, __file__, "--world", str(args.world), "--iters", str(args.iters),
-            "--shards", str(args.shards), "--shard-kib", str(args.shard_kib), "--port", str(port)]
+    base = [
+        sys.executable,
+        __file__,
+        "--world",
+        str(args.world),
+        "--iters",
+        str(args.iters),
+        "--shards",
+        str(args.shards),
+        "--shard-kib",
+        str(args.shard_kib),
+        "--port",
+        str(port),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([*base, "--rank", str(r)], env=env) for r in range(args.world)]
     codes = [p.wait(timeout=900) for p in procs]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import blake3
 import pytest
 from hypothesis import given, settings
@@ -112,7 +115,7 @@ def test_nonce_length_edges_accepted(n: int) -> None:
     assert check_nonce(b"\x01" * n) == b"\x01" * n
 
 
-def _doc() -> dict[str, object]:
+def _doc() -> dict[str, Any]:  # a JSON document: the edits reach into it
     return statement_to_json(spec_statement(bytes.fromhex(PROBE_HEX)), bytes.fromhex(TAG_PROBE_OK))
 
 
@@ -130,16 +133,16 @@ def _doc() -> dict[str, object]:
         lambda d: d.update(attested_at_ns=1.5),
         lambda d: d.update(tag="zz" * 32),
         lambda d: d.update(shards={}),
-        lambda d: d["shards"][0].update(probe="ab"),  # type: ignore[index]
-        lambda d: d["shards"][0].update(shard_id=""),  # type: ignore[index]
-        lambda d: d["shards"][0].update(extra=None),  # type: ignore[index]
-        lambda d: d["shards"][0].update(verified_at_ns=1 << 64),  # type: ignore[index]
+        lambda d: d["shards"][0].update(probe="ab"),
+        lambda d: d["shards"][0].update(shard_id=""),
+        lambda d: d["shards"][0].update(extra=None),
+        lambda d: d["shards"][0].update(verified_at_ns=1 << 64),
         lambda d: d.update(worker_id=7),
     ],
 )
-def test_malformed_json_refused(edit: object) -> None:
+def test_malformed_json_refused(edit: Callable[[dict[str, Any]], object]) -> None:
     d = _doc()
-    edit(d)  # type: ignore[operator]
+    edit(d)
     with pytest.raises(InvalidInput):
         statement_from_json(d)
 

@@ -1,5 +1,5 @@
-"""Constants and helpers shared by the audit tests (imported by module name: pytest puts this
-folder on sys.path in its default import mode)."""
+"""Constants and helpers shared by the audit tests (imported as ``tests.audit.audit_helpers``:
+pytest puts the repository root on sys.path, see ``pythonpath`` in pyproject.toml)."""
 
 from __future__ import annotations
 

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# The suite runs with --import-mode=importlib, which does not put test folders on sys.path. The
-# audit tests share a few helpers through one uniquely named module, so put this folder there.
-if str(Path(__file__).parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).parent))
-
-from audit_helpers import TOKEN
-
+from tests.audit.audit_helpers import TOKEN
 from vram_residency.audit import AuditLog
 
 

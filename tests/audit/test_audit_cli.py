@@ -7,9 +7,9 @@ import io
 from pathlib import Path
 
 import pytest
-from audit_helpers import OTHER_TOKEN, TOKEN, read_lines
 from rich.console import Console
 
+from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines
 from vram_residency.audit import (
     SEAL_VERIFICATION_FAILED,
     VRAM_ALLOCATED,

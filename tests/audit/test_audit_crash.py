@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from audit_helpers import TOKEN, read_lines, records
 
+from tests.audit.audit_helpers import TOKEN, read_lines, records
 from vram_residency.audit import LOG_RECOVERED, AuditLog, rotated_paths, verify_log
 
 CHILD = Path(__file__).with_name("audit_crash_child.py")

@@ -12,10 +12,11 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
-from audit_helpers import OTHER_TOKEN, TOKEN, read_lines, records
 
+from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines, records
 from vram_residency._tokenfile import read_token_file
 from vram_residency.audit import (
     AUDIT_HEAD_MISMATCH,
@@ -211,7 +212,7 @@ def test_anchor_checks(tmp_path: Path) -> None:
     assert res.returncode == EXIT_USAGE and "Traceback" not in res.stderr
 
 
-def _no() -> object:
+def _no() -> NoReturn:
     raise AssertionError("expected a break")
 
 

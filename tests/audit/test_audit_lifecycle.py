@@ -7,21 +7,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from audit_helpers import TOKEN, records
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.audit.audit_helpers import TOKEN, records
 from vram_residency.audit import (
     SECURITY_INCIDENT,
     WORKER_STATE_CHANGED,
     AuditLog,
     AuditWriteFailed,
-    IllegalTransition,
-    Incident,
-    WorkerLifecycle,
-    WorkerNotReady,
-    WorkerState,
-    WorkerStopped,
     verify_log,
 )
 from vram_residency.errors import (
@@ -30,6 +24,14 @@ from vram_residency.errors import (
     InvalidInput,
     PolicyViolation,
     SealVerificationFailed,
+)
+from vram_residency.service.lifecycle import (
+    IllegalTransition,
+    Incident,
+    WorkerLifecycle,
+    WorkerNotReady,
+    WorkerState,
+    WorkerStopped,
 )
 
 S = WorkerState
@@ -363,3 +365,16 @@ def test_audit_failure_on_any_transition_stops_the_worker(
         lc.begin_loading()
     assert _st(lc) is S.STOPPED and len(seen) == 1 and seen[0].error_type == "AuditWriteFailed"
     log.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["IllegalTransition", "Incident", "WorkerLifecycle", "WorkerNotReady", "WorkerState", "WorkerStopped"],
+)
+def test_moved_names_stay_importable_from_audit(name: str) -> None:
+    # The lifecycle lives in the service; `vram_residency.audit` still hands out the same objects
+    # (loaded on first use), so code written against the old import keeps working.
+    import vram_residency.audit
+    import vram_residency.service.lifecycle
+
+    assert getattr(vram_residency.audit, name) is getattr(vram_residency.service.lifecycle, name)

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from audit_helpers import OTHER_TOKEN, TOKEN, read_lines, records
 
+from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines, records
 from vram_residency.audit import (
     CRITICAL_EVENTS,
     GENESIS_HASH,

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import httpx
-from audit_helpers import read_lines
+
+from tests.audit.audit_helpers import read_lines
 
 CLI = [sys.executable, "-m", "vram_residency.cli.main"]
 

@@ -6,8 +6,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from audit_helpers import TOKEN, records
 
+from tests.audit.audit_helpers import TOKEN, records
 from vram_residency.audit import SEAL_VERIFICATION_FAILED, VRAM_SEALED, AuditLog, rotated_paths, verify_log
 
 THREADS = 16

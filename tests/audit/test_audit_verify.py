@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from audit_helpers import OTHER_TOKEN, TOKEN, read_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines
 from vram_residency.audit import (
     SEAL_VERIFICATION_FAILED,
     VRAM_SEALED,

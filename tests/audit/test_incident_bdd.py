@@ -12,20 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from audit_helpers import TOKEN, records
 from pytest_bdd import given, parsers, scenarios, then, when
 
+from tests.audit.audit_helpers import TOKEN, records
 from vram_residency.audit import (
     SECURITY_INCIDENT,
     WORKER_STATE_CHANGED,
     AuditLog,
-    Incident,
-    WorkerLifecycle,
-    WorkerStopped,
     verify_log,
 )
 from vram_residency.audit import log as log_module
 from vram_residency.errors import IntegrityViolation, PolicyViolation, SealVerificationFailed, VramError
+from vram_residency.service.lifecycle import Incident, WorkerLifecycle, WorkerStopped
 
 scenarios("incident.feature")
 

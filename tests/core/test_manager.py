@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +33,9 @@ CAP = 64 << 20
 
 @pytest.fixture
 def mgr() -> Iterator[VramManager]:
-    with VramManager(TOKEN, backend="host", worker_id="w-1", capacity_bytes=CAP, max_model_bytes=32 << 20) as m:
+    with VramManager(
+        TOKEN, backend="host", worker_id="w-1", capacity_bytes=CAP, max_model_bytes=32 << 20
+    ) as m:
         yield m
 
 
@@ -61,7 +65,9 @@ def test_seal_then_verify(mgr: VramManager, algorithm: str) -> None:
 
 def test_seal_accepts_buffer_protocol_objects(mgr: VramManager) -> None:
     arr = np.arange(10_000, dtype=np.float32)
-    s1 = mgr.seal_model(arr)
+    # numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; on 3.11 the array still
+    # exports the buffer protocol (in C), which is what this test passes.
+    s1 = mgr.seal_model(arr)  # type: ignore[arg-type]
     s2 = mgr.seal_model(memoryview(arr.tobytes()))
     s3 = mgr.seal_model(bytearray(arr.tobytes()))
     assert s1.digest == s2.digest == s3.digest
@@ -230,6 +236,7 @@ def test_close_frees_and_zeroes() -> None:
 def test_error_classification() -> None:
     assert E.InsufficientVram(1, 0).retriable
     assert E.CudaAllocationFailed("x").retriable
+    cls: type[E.VramError]
     for cls in (E.SealVerificationFailed, E.IntegrityViolation, E.PolicyViolation):
         assert cls("x").fatal
         assert not cls("x").retriable
@@ -250,3 +257,72 @@ def test_shards_list_is_snapshot(mgr: VramManager) -> None:
     b = mgr.seal_model(b"b" * 100)
     assert {s.shard_id for s in mgr.shards()} == {a.shard_id, b.shard_id}
     assert isinstance(mgr.shards()[0], SealedShard)
+
+
+# -- an audit sink that fails: nothing sealed stays allocated, close frees everything ------------
+
+
+class FailingAudit:
+    """An audit sink whose log fails on a given event type (disk full, closed log, ...)."""
+
+    def __init__(self, fail_on: str) -> None:
+        self.fail_on = fail_on
+        self.armed = True
+
+    def emit(self, event_type: str, *, critical: bool | None = None, **fields: Any) -> None:
+        if self.armed and event_type == self.fail_on:
+            raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("event", ["VramAllocated", "VramSealed"])
+def test_audit_failure_while_sealing_frees_device_memory(event: str) -> None:
+    audit = FailingAudit(event)
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=audit) as mgr:
+        start = mgr.available_vram()
+        with pytest.raises(OSError, match="No space left"):
+            mgr.seal_model(os.urandom(5000))
+        assert mgr.available_vram() == start
+        assert mgr.shards() == []
+
+
+def test_audit_failure_while_sealing_files_frees_device_memory(tmp_path: Path) -> None:
+    audit = FailingAudit("VramSealed")
+    files = []
+    for i in range(2):
+        f = tmp_path / f"part{i}.bin"
+        f.write_bytes(os.urandom(3000))
+        files.append(f)
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=audit) as mgr:
+        start = mgr.available_vram()
+        with pytest.raises(OSError, match="No space left"):
+            mgr.seal_files(files)
+        assert mgr.available_vram() == start
+        assert mgr.shards() == []  # no half-registered shard whose buffer was freed
+
+
+def test_close_frees_every_shard_even_if_the_audit_log_fails() -> None:
+    audit = FailingAudit("VramDeallocated")
+    audit.armed = False
+    mgr = VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=audit)
+    backend = mgr._backend
+    start = mgr.available_vram()
+    for _ in range(3):
+        mgr.seal_model(os.urandom(1000))
+    audit.armed = True
+    with pytest.raises(OSError, match="No space left"):
+        mgr.close()
+    assert backend.mem_info()[0] == start
+
+
+@pytest.mark.parametrize("field", ["shard_id", "worker_id", "model_ref"])
+def test_seal_record_with_lone_surrogate_is_invalid_input(field: str) -> None:
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP) as mgr:
+        record = mgr.seal_model(b"x" * 100, model_ref="m@1").record()
+    record[field] = "\ud800"
+    with pytest.raises(InvalidInput):
+        check_seal_record(record, TOKEN)
+
+
+def test_worker_id_with_lone_surrogate_is_config_error() -> None:
+    with pytest.raises(ConfigError):
+        VramManager(TOKEN, backend="host", capacity_bytes=CAP, worker_id="w\udc00")

@@ -69,9 +69,10 @@ def flip_byte(m: VramManager, shard: Any, at: int) -> None:
 
 
 def test_keys_differ_per_shard_and_per_token() -> None:
-    with VramManager(TOKEN, backend="host", capacity_bytes=MiB) as a, VramManager(
-        OTHER, backend="host", capacity_bytes=MiB
-    ) as b:
+    with (
+        VramManager(TOKEN, backend="host", capacity_bytes=MiB) as a,
+        VramManager(OTHER, backend="host", capacity_bytes=MiB) as b,
+    ):
         ka1 = a.store.digest_key(NH_FAST_V1, "shard-1")
         ka2 = a.store.digest_key(NH_FAST_V1, "shard-2")
         kb1 = b.store.digest_key(NH_FAST_V1, "shard-1")
@@ -180,6 +181,7 @@ def test_cadence_runs_the_full_check(mgr: VramManager, sink: Sink) -> None:
     forged = bytearray(payload)
     forged[123] ^= 0x01
     key = mgr.store.digest_key(NH_FAST_V1, s.shard_id)
+    assert key is not None  # nh-fast-v1 is keyed
     record.fast_digest, record.fast_units = nhfast.hash_units(bytes(forged), key)
     mgr.verify_many([s], check="fast", full_every_s=3600)
     record.last_full_ns = time.time_ns() - 3601 * 10**9

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,9 @@ from vram_residency.testing import flip_bit
 TOKEN = "property-token-0123456789abcdef"
 SIZE = 3 * UNIT_SIZE + 4099
 
-_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,9 @@ def test_changing_any_public_field_fails(
     value = data.draw(_FIELD_CHANGES[name])
     if getattr(shard, name) == value:
         return
-    forged = dataclasses.replace(shard, **{name: value})
+    # Any: each field's strategy draws that field's type, which the lookup by name cannot show.
+    change: dict[str, Any] = {name: value}
+    forged = dataclasses.replace(shard, **change)
     # A changed shard_id names no shard of this manager; every other change breaks the tag.
     expected = NotSealed if name == "shard_id" else SealVerificationFailed
     with pytest.raises(expected):

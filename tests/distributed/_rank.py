@@ -68,7 +68,7 @@ def _decoder(mgr: VramManager, rank: int, world: int, out: Path, audit: ListAudi
     """The TP decoder on this rank's sealed part; rank 0 also runs the single-process ByteLM on
     the whole model (sealed the same way) for the test to compare against."""
     from vram_residency.distributed import TPByteLM, split_byte_lm
-    from vram_residency.service.executor import DeviceMemory, ModelFiles, SealedWeights
+    from vram_residency.service.executor import DeviceMemory, ModelFiles, SealedWeights, Token
     from vram_residency.service.executors.decoder import ByteLM, ByteLMConfig
     from vram_residency.service.executors.example_model import file_image
 
@@ -99,8 +99,12 @@ def _decoder(mgr: VramManager, rank: int, world: int, out: Path, audit: ListAudi
         try:
             toks: list[list[int]] = [[] for _ in DECODER_PROMPTS]
             jobs = [ref.prepare(p, DECODER_TOKENS) for p in DECODER_PROMPTS]
-            for i, job in enumerate(jobs):
-                ref.run_streaming([job], lambda _j, t, i=i: toks[i].append(t.id))
+            for job, ids in zip(jobs, toks, strict=True):
+
+                def sink(_job: int, token: Token, ids: list[int] = ids) -> None:
+                    ids.append(token.id)
+
+                ref.run_streaming([job], sink)
             res["ref_tokens"] = toks
             res["ref_logits"] = ref.logits([256, *DECODER_PROMPTS[0].encode()]).tolist()
         finally:

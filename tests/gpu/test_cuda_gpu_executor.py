@@ -50,9 +50,12 @@ def _model_dir(root: Path) -> Path:
     for n in range(LAYERS):
         p = f"encoder.layer.{n}."
         for name, shape in (
-            ("attention.self.query", (H, H)), ("attention.self.key", (H, H)),
-            ("attention.self.value", (H, H)), ("attention.output.dense", (H, H)),
-            ("intermediate.dense", (INTER, H)), ("output.dense", (H, INTER)),
+            ("attention.self.query", (H, H)),
+            ("attention.self.key", (H, H)),
+            ("attention.self.value", (H, H)),
+            ("attention.output.dense", (H, H)),
+            ("intermediate.dense", (INTER, H)),
+            ("output.dense", (H, INTER)),
         ):
             t[p + name + ".weight"] = w(*shape)
             t[p + name + ".bias"] = w(shape[0])
@@ -60,11 +63,21 @@ def _model_dir(root: Path) -> Path:
             t[p + ln + ".weight"] = 1 + w(H)
             t[p + ln + ".bias"] = w(H)
     save_file(t, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({
-        "model_type": "bert", "hidden_size": H, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "intermediate_size": INTER, "max_position_embeddings": MAXPOS, "vocab_size": vocab,
-        "hidden_act": "gelu", "layer_norm_eps": 1e-12,
-    }))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                "hidden_size": H,
+                "num_hidden_layers": LAYERS,
+                "num_attention_heads": HEADS,
+                "intermediate_size": INTER,
+                "max_position_embeddings": MAXPOS,
+                "vocab_size": vocab,
+                "hidden_act": "gelu",
+                "layer_norm_eps": 1e-12,
+            }
+        )
+    )
     return d
 
 
@@ -79,7 +92,7 @@ def _embed(backend: str, model: Path, prompts: list[str]) -> np.ndarray[Any, Any
         shard = mgr.seal_file(files.weights)
         buf = mgr.device_buffer(shard)
         if backend == "cuda":
-            dev = DeviceMemory(ptr=buf.device_pointer, size=shard.vram_bytes, device=mgr.device, owner=buf)  # type: ignore[attr-defined]
+            dev = DeviceMemory(ptr=buf.device_pointer, size=shard.vram_bytes, device=mgr.device, owner=buf)
             weights = SealedWeights(files, "cuda", shard.vram_bytes, None, dev)
         else:
             weights = SealedWeights(files, "host", shard.vram_bytes, buf.host_view(shard.vram_bytes))

@@ -44,7 +44,9 @@ def test_backend_is_cuda(mgr: VramManager) -> None:
 @pytest.mark.parametrize("n", [1, 4095, 4097, UNIT_SIZE, 5 * UNIT_SIZE + 17])
 def test_seal_verify_matches_host(mgr: VramManager, algorithm: str, n: int) -> None:
     data = os.urandom(n)
-    shard = mgr.seal_model(data, model_ref="m", digest_algorithm=algorithm, expected_digest=digest(data, algorithm).hex())
+    shard = mgr.seal_model(
+        data, model_ref="m", digest_algorithm=algorithm, expected_digest=digest(data, algorithm).hex()
+    )
     try:
         mgr.verify_sealed(shard)
         assert check_seal_record(shard.record(), TOKEN) == shard
@@ -86,7 +88,7 @@ def test_tampered_fields_fail(mgr: VramManager, sealed: dict[str, SealedShard]) 
     shard = sealed["sha256-tree-v1"]
     for change in ({"vram_bytes": 1}, {"model_ref": "x"}, {"gpu_device": 1}, {"worker_id": "evil"}):
         with pytest.raises(SealVerificationFailed):
-            mgr.verify_sealed(dataclasses.replace(shard, **change))  # type: ignore[arg-type]
+            mgr.verify_sealed(dataclasses.replace(shard, **change))
 
 
 def test_expected_digest_mismatch_leaves_nothing(mgr: VramManager) -> None:

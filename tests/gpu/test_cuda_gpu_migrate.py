@@ -1,6 +1,6 @@
 """Migration, offload and restore on real GPUs (issue 13). Peer-to-peer tests need two GPUs.
 
-    VRAM_RESIDENCY_REQUIRE_GPU=1 .venv/bin/python -m pytest tests/gpu/test_cuda_gpu_migrate.py -q
+VRAM_RESIDENCY_REQUIRE_GPU=1 .venv/bin/python -m pytest tests/gpu/test_cuda_gpu_migrate.py -q
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.gpu.conftest import random_bytes
 
+from tests.gpu.conftest import random_bytes
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
 from vram_residency.backends.cuda import _backend as cuda_backend
@@ -128,7 +128,9 @@ def test_p2p_migration(pair: tuple[VramManager, VramManager]) -> None:
 
 @two_gpus
 @pytest.mark.parametrize("peer", [True, False], ids=["p2p", "staged"])
-def test_in_flight_corruption(pair: tuple[VramManager, VramManager], monkeypatch: pytest.MonkeyPatch, peer: bool) -> None:
+def test_in_flight_corruption(
+    pair: tuple[VramManager, VramManager], monkeypatch: pytest.MonkeyPatch, peer: bool
+) -> None:
     a, b = pair
     if not peer:
         monkeypatch.setattr(cuda_backend, "_peer_can_access_peer", lambda self, other: False)

@@ -3,18 +3,13 @@ module where a test only reads)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# --import-mode=importlib keeps test folders off sys.path; the helpers have a unique module name.
-if str(Path(__file__).parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).parent))
-
-from service_helpers import EXAMPLE_DIR, Running, start_worker
+from tests.service.service_helpers import EXAMPLE_DIR, Running, start_worker
 
 _HERE = Path(__file__).parent
 

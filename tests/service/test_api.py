@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from service_helpers import HELLO_WORLD_REFERENCE, Running, audit_events, execute, tiny_bert
 
+from tests.service.service_helpers import HELLO_WORLD_REFERENCE, Running, audit_events, execute, tiny_bert
 from vram_residency import check_seal_record
 from vram_residency.audit.verify import verify_log
 from vram_residency.formats import digest
@@ -229,7 +229,7 @@ def test_body_limit(shared: Running) -> None:
     r = shared.client.post("/worker/execute", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["code"] == "INVALID_PARAMS"
 
-    def chunks() -> object:
+    def chunks() -> Iterator[bytes]:
         for _ in range(64):
             yield b"x" * 8192  # no Content-Length: chunked transfer, counted as it arrives
 

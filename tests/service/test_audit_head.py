@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import httpx
-from service_helpers import Running, audit_events, start_worker
 
+from tests.service.service_helpers import Running, audit_events, start_worker
 from vram_residency.audit.cli import EXIT_BROKEN, EXIT_OK
 from vram_residency.service.lifecycle import Incident
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import Running, execute, write_token
 
+from tests.service.service_helpers import Running, execute, write_token
 from vram_residency.errors import ConfigError
 from vram_residency.service.auth import (
     BearerCheck,

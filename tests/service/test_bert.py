@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 
+from tests.service.service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 from vram_residency import VramManager
 from vram_residency.service.catalog import MINILM_MODEL, ModelCatalog
 from vram_residency.service.executor import SealedWeights
@@ -27,7 +27,7 @@ def sealed() -> Iterator[tuple[VramManager, Any, BertEncoder]]:
     mgr = VramManager(TOKEN, backend="host")
     shard = mgr.seal_file(files.weights)
     buf = mgr._entry(shard).buf
-    enc = bert_factory(SealedWeights(files, "host", shard.vram_bytes, buf.host_view()))  # type: ignore[attr-defined]
+    enc = bert_factory(SealedWeights(files, "host", shard.vram_bytes, buf.host_view()))
     assert isinstance(enc, BertEncoder)
     yield mgr, shard, enc
     enc.close()
@@ -36,7 +36,9 @@ def sealed() -> Iterator[tuple[VramManager, Any, BertEncoder]]:
 
 
 def _embed(enc: BertEncoder, *texts: str) -> np.ndarray:
-    return enc.encode_ids([enc.prepare(t, None).data for t in texts])
+    # The encoder types its arrays as Any (it also runs on CuPy); here they are numpy arrays.
+    out: np.ndarray = enc.encode_ids([enc.prepare(t, None).data for t in texts])
+    return out
 
 
 def test_hello_world_matches_the_published_embedding(sealed: Any) -> None:
@@ -58,7 +60,8 @@ def _reference_float64(texts: list[str], enc: BertEncoder) -> np.ndarray:
     def ln(x: np.ndarray, p: str) -> np.ndarray:
         mu = x.mean(-1, keepdims=True)
         var = ((x - mu) ** 2).mean(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + 1e-12) * w[p + ".weight"] + w[p + ".bias"]
+        out: np.ndarray = (x - mu) / np.sqrt(var + 1e-12) * w[p + ".weight"] + w[p + ".bias"]
+        return out
 
     def lin(x: np.ndarray, p: str) -> np.ndarray:
         return x @ w[p + ".weight"].T + w[p + ".bias"]

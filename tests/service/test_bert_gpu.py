@@ -9,8 +9,8 @@ import importlib.util
 
 import numpy as np
 import pytest
-from service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 
+from tests.service.service_helpers import EXAMPLE_DIR, HELLO_WORLD_REFERENCE
 from vram_residency import SealVerificationFailed, VramManager
 from vram_residency.service.catalog import MINILM_MODEL, ModelCatalog
 from vram_residency.service.executor import DeviceMemory, SealedWeights
@@ -30,7 +30,7 @@ def test_embedding_from_sealed_vram_in_place() -> None:
     with VramManager("gpu-bert-test-token-0123456789", backend="cuda") as mgr:
         shard = mgr.seal_file(files.weights)
         buf = mgr._entry(shard).buf
-        memory = DeviceMemory(ptr=buf.device_pointer, size=shard.vram_bytes, device=mgr.device, owner=buf)  # type: ignore[attr-defined]
+        memory = DeviceMemory(ptr=buf.device_pointer, size=shard.vram_bytes, device=mgr.device, owner=buf)
         enc = bert_factory(SealedWeights(files, "cuda", shard.vram_bytes, None, memory))
         assert isinstance(enc, BertEncoder) and "CuPy" in enc.description
         job = enc.prepare("hello world", None)

@@ -23,8 +23,16 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from serve_process import Receiver, ServeProcess, clean_env, execute, run_serve, sse, write_token
 
+from tests.service.serve_process import (
+    Receiver,
+    ServeProcess,
+    clean_env,
+    execute,
+    run_serve,
+    sse,
+    write_token,
+)
 from vram_residency.formats.tree import SHA256_TREE_V1
 from vram_residency.service.context import fp6
 from vram_residency.service.executors.example_model import EXAMPLE_NAMES, ensure_example
@@ -268,12 +276,13 @@ def test_worker_4241_4243_limits_nul_and_unknown_params(env: dict[str, Any]) -> 
     c = _w(env).client
     ok, events, _ = execute(c, {"handle_id": "shard-0", "prompt": "a", "params": {"max_tokens": 1}})
     assert ok == 200 and events[-1][1]["tokens_out"] <= 1  # max_tokens 1 is allowed
-    for body, fragment in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"prompt": "a" * 100_001}, "100000"),
         ({"prompt": "a", "params": {"max_tokens": 4097}}, "4096"),
         ({"prompt": "a\x00b"}, "NUL"),
         ({"prompt": "a", "params": {"top_k": 3}}, "top_k"),
-    ]:
+    ]
+    for body, fragment in cases:
         status, events, _ = execute(c, {"handle_id": "shard-0", **body})
         err = events[0][1]
         assert status == 400 and err["code"] == "INVALID_PARAMS" and fragment in err["message"], err

@@ -76,7 +76,8 @@ def reference_logits(w: dict[str, np.ndarray], c: ByteLMConfig, ids: list[int]) 
     rot = np.exp(1j * np.outer(np.arange(t), freqs))  # (t, half): position p turns pair i by p*f_i
 
     def rms(x: np.ndarray, g: np.ndarray) -> np.ndarray:
-        return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + c.rms_norm_eps) * g
+        out: np.ndarray = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + c.rms_norm_eps) * g
+        return out
 
     def rotate(x: np.ndarray) -> np.ndarray:  # x (t, dh); pairs are (i, i + half)
         z = (x[:, :half] + 1j * x[:, half:]) * rot

@@ -51,7 +51,7 @@ def test_cupy_generation_equals_numpy_on_the_same_weights(tmp_path: Path) -> Non
         assert hs.digest == gs.digest
         ref = byte_lm_factory(SealedWeights(files, "host", hs.vram_bytes, host._entry(hs).buf.host_view()))
         buf = gpu._entry(gs).buf
-        memory = DeviceMemory(ptr=buf.device_pointer, size=gs.vram_bytes, device=gpu.device, owner=buf)  # type: ignore[attr-defined]
+        memory = DeviceMemory(ptr=buf.device_pointer, size=gs.vram_bytes, device=gpu.device, owner=buf)
         lm = byte_lm_factory(SealedWeights(files, "cuda", gs.vram_bytes, None, memory))
         assert isinstance(ref, ByteLM) and isinstance(lm, ByteLM) and "CuPy" in lm.description
         ids = [BOS_ID, *b"sealed weights on the GPU"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import EXAMPLE_DIR, Running, execute, start_worker
 
+from tests.service.service_helpers import EXAMPLE_DIR, Running, execute, start_worker
 from vram_residency.service.executors.decoder import DEFAULT_MAX_TOKENS
 from vram_residency.service.executors.example_model import EXAMPLE_NAMES, PRESETS
 from vram_residency.service.executors.safetensors_view import parse_header

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from serve_process import clean_env, execute, run_serve, sse
-from service_helpers import Running
 
+from tests.service.serve_process import clean_env, execute, run_serve, sse
+from tests.service.service_helpers import Running
 from vram_residency.service.executors.example_model import EXAMPLE_NAMES
 from vram_residency.testing import flip_bit
 
@@ -203,7 +203,7 @@ def test_17_18_execute_without_a_handle_runs_the_first_model(tmp_path: Path) -> 
 def test_17_8_a_failed_shutdown_exits_non_zero(tmp_path: Path) -> None:
     import signal
 
-    from serve_process import write_token
+    from tests.service.serve_process import write_token
 
     token = tmp_path / "token"
     write_token(token)
@@ -257,7 +257,7 @@ def test_17_8_a_failed_shutdown_exits_non_zero(tmp_path: Path) -> None:
 
 # -- the failure callback goes out at the incident, not only at exit -------------------------------
 def test_failure_callback_at_a_security_incident(worker_factory: Callable[..., Running]) -> None:
-    from serve_process import Receiver
+    from tests.service.serve_process import Receiver
 
     receiver = Receiver()
     try:

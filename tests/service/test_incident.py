@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from service_helpers import EXAMPLE_DIR, Running, audit_events, execute
 
+from tests.service.service_helpers import EXAMPLE_DIR, Running, audit_events, execute
 from vram_residency.audit.verify import verify_log
 from vram_residency.service.executors.safetensors_view import parse_header
 from vram_residency.service.lifecycle import Incident

@@ -10,8 +10,8 @@ from pathlib import Path
 from types import ModuleType
 
 import httpx
-from service_helpers import Running
 
+from tests.service.service_helpers import Running
 from vram_residency.audit.verify import verify_log
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "service_load.py"

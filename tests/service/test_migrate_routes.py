@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import Running, execute, write_token
 
+from tests.service.service_helpers import Running, execute, write_token
 from vram_residency.service.server import ServeOptions, ServerThread, build
 
 NEEDS_MINILM = False  # see conftest.py

@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serve_process import clean_env, run_serve
-
+from tests.service.serve_process import clean_env, run_serve
 from vram_residency.formats.tree import SHA256_TREE_V1
 from vram_residency.service.executors.example_model import EXAMPLE_NAMES, ensure_example
 

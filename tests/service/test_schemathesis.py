@@ -15,7 +15,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
-from service_helpers import Running, start_worker, tiny_bert
+
+from tests.service.service_helpers import Running, start_worker, tiny_bert
 
 OPERATIONS = [
     "GET /health",

@@ -7,8 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from service_helpers import execute, start_worker
-
+from tests.service.service_helpers import execute, start_worker
 from vram_residency.audit.errors import AuditWriteFailed
 from vram_residency.errors import SealVerificationFailed, StaleSeal
 from vram_residency.service.api.errors import ErrorCode, from_exception

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import httpx
-from service_helpers import execute
 
+from tests.service.service_helpers import execute
 from vram_residency.service.auth import fingerprint
 
 

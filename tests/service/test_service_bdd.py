@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
-from service_helpers import Running, audit_events, execute, start_worker, tiny_bert
 
+from tests.service.service_helpers import Running, audit_events, execute, start_worker, tiny_bert
 from vram_residency import check_seal_record
 from vram_residency.audit.verify import verify_log
 from vram_residency.formats import digest

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service_helpers import EXAMPLE_DIR, tiny_bert
-
+from tests.service.service_helpers import EXAMPLE_DIR, tiny_bert
 from vram_residency.service.catalog import ModelCatalog
 from vram_residency.service.executor import JobOutput
 from vram_residency.service.executors.encoder import bert_factory
@@ -36,7 +35,7 @@ def _worker(tmp_path: Path, **config: Any) -> Worker:
 
 class _Collector:
     def __init__(self) -> None:
-        self.verified: list[VerifyPass | BaseException | None] = []
+        self.verified: list[object] = []  # what on_verified is given: VerifyPass, None or an error
         self.done: list[JobOutput | BaseException] = []
         self.event = threading.Event()
         self.expected = 0

@@ -53,7 +53,7 @@ def write_gguf(path: Path, tensors: dict[str, np.ndarray[Any, Any]]) -> None:
 
 
 def test_gguf_spans_are_file_offsets(tmp_path: Path) -> None:
-    tensors = {
+    tensors: dict[str, np.ndarray[Any, Any]] = {
         "token_embd.weight": np.arange(300_000, dtype=np.float32).reshape(1000, 300),
         "output_norm.weight": np.ones(300, dtype=np.float16),
     }

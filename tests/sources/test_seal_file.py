@@ -260,3 +260,17 @@ def test_capacity_and_limits(tmp_path: Path, audit: Any) -> None:
             m.seal_file(p, staging_bytes=1 << 30)
         with pytest.raises(InvalidInput, match="digest algorithm"):
             m.seal_file(p, digest_algorithm="md5")
+
+
+def test_paths_with_nul_bytes_are_invalid_input(tmp_path: Path) -> None:
+    good = tmp_path / "m.bin"
+    good.write_bytes(b"y" * 64)
+    with VramManager("t" * 32, backend="host", capacity_bytes=16 << 20) as mgr:
+        start = mgr.available_vram()
+        with pytest.raises(InvalidInput):
+            mgr.seal_file("model\x00.bin")
+        with pytest.raises(InvalidInput):
+            mgr.seal_files(["a.bin", "b\x00.bin"])
+        with pytest.raises(InvalidInput):
+            mgr.seal_file(good, manifest="manifest\x00.json")
+        assert mgr.available_vram() == start

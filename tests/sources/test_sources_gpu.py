@@ -136,13 +136,15 @@ def test_host_and_managed_memory_are_refused(gpu: VramManager) -> None:
 def test_torch_module_on_gpu(gpu: VramManager) -> None:
     import torch
 
-    net = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.LayerNorm(1024)).cuda(gpu.device)
+    first = torch.nn.Linear(1024, 1024)  # held by name: net[0] is typed only as a Module
+    # Module.cuda moves the parameters in place, so `first.weight` is the device copy below.
+    net = torch.nn.Sequential(first, torch.nn.LayerNorm(1024)).cuda(gpu.device)
     torch.cuda.synchronize()
     model = gpu.seal_tensors(net)
     assert set(model.names) == {n for n, _ in net.named_parameters()}
     gpu.verify_model(model)
     with torch.no_grad():
-        net[0].weight[500, 3] += 1
+        first.weight[500, 3] += 1
     torch.cuda.synchronize()
     with pytest.raises(SealVerificationFailed) as exc:
         gpu.verify_model(model)

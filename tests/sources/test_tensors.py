@@ -149,12 +149,13 @@ def test_torch_module_on_cpu(mgr: VramManager) -> None:
     import torch
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.LayerNorm(512), torch.nn.BatchNorm1d(4))
+    first = torch.nn.Linear(256, 512)  # held by name: net[0] is typed only as a Module
+    net = torch.nn.Sequential(first, torch.nn.LayerNorm(512), torch.nn.BatchNorm1d(4))
     model = mgr.seal_tensors(net)
     names = [n for n, _ in net.named_parameters()] + [n for n, t in net.named_buffers() if t.numel()]
     assert list(model.names) == names
     with torch.no_grad():
-        net[0].weight[7, 7] += 1
+        first.weight[7, 7] += 1
     with pytest.raises(SealVerificationFailed) as exc:
         mgr.verify_model(model)
     assert exc.value.corrupted_tensors == ["0.weight"]

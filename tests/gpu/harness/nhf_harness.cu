@@ -2,7 +2,7 @@
 // kernels' own per-lane load, key and NH functions for all 32 lanes of a warp and adds the lane
 // sums (what the kernel's warp reduction does), and composes the unit digests from the same
 // BLAKE3 chunk/parent functions in the kernels' order (nhf_unit_chunks, then nhf_unit_reduce).
-// tests/test_nhfast_harness.py compares the output with the pure-Python reference.
+// tests/backends/cuda/test_nh_fast_harness.py compares the output with the pure-Python reference.
 //
 //   nhf_harness tags NHKEY DATA   -> the leaf tags, hex, one line
 //   nhf_harness units UNITKEY TAGS -> the unit digests, hex, one line

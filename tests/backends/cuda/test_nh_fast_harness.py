@@ -14,7 +14,7 @@ import pytest
 
 from vram_residency.formats import nhfast
 
-HARNESS = Path(__file__).parent / "gpu" / "harness" / "nhf_harness.cu"
+HARNESS = Path(__file__).parents[2] / "gpu" / "harness" / "nhf_harness.cu"
 NVCC = shutil.which("nvcc")
 MIB = 1 << 20
 
@@ -41,7 +41,9 @@ def test_lane_cores_match_the_reference(harness: Path, tmp_path: Path, n: int) -
     data, key = os.urandom(n), os.urandom(32)
     sched = nhfast.key_schedule(key)
     leaves = max(1, -(-n // 4096))
-    want = b"".join(nhfast.reference_leaf_tag(data[i * 4096 : (i + 1) * 4096], sched.nh_key) for i in range(leaves))
+    want = b"".join(
+        nhfast.reference_leaf_tag(data[i * 4096 : (i + 1) * 4096], sched.nh_key) for i in range(leaves)
+    )
     assert _run(harness, "tags", sched.nh_key, data, tmp_path) == want.hex()
     units = nhfast.unit_digests_from_tags(sched, want, n)
     assert _run(harness, "units", sched.unit_key, want, tmp_path) == units.hex()

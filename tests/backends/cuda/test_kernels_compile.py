@@ -70,12 +70,15 @@ def test_table_kernels_spill_at_most_budget(name: str, entry: str, allowed: int)
 
 
 @needs_nvrtc
-@pytest.mark.parametrize(("name", "macro", "values"), [
-    ("sha256_tree", "VR_SHA_VARIANT", (0, 15, 65)),
-    ("blake3", "VR_B3_VARIANT", (0, 2)),
-    ("nh_fast", "NHF_PIPELINE", (0, 1)),
-    ("nh_fast", "NHF_INFLIGHT", (1, 3, 4)),
-])
+@pytest.mark.parametrize(
+    ("name", "macro", "values"),
+    [
+        ("sha256_tree", "VR_SHA_VARIANT", (0, 15, 65)),
+        ("blake3", "VR_B3_VARIANT", (0, 2)),
+        ("nh_fast", "NHF_PIPELINE", (0, 1)),
+        ("nh_fast", "NHF_INFLIGHT", (1, 3, 4)),
+    ],
+)
 def test_tuning_variants_compile(name: str, macro: str, values: tuple[int, ...]) -> None:
     for v in values:
         assert _compile.compile_cubin(name, "sm_90", [f"-D{macro}={v}"])[:4] == b"\x7fELF"

@@ -12,7 +12,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-HARNESS = Path(__file__).parent / "gpu" / "harness" / "host_harness.cu"
+HARNESS = Path(__file__).parents[2] / "gpu" / "harness" / "host_harness.cu"
 NVCC = shutil.which("nvcc")
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
@@ -29,10 +29,32 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(harness: Path, mode: str, data: bytes, tmp_path: Path) -> str:
     f = tmp_path / "in.bin"
     f.write_bytes(data)
-    return subprocess.run([str(harness), mode, str(f)], check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        [str(harness), mode, str(f)], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
-LENGTHS = [0, 1, 55, 56, 63, 64, 65, 119, 120, 1023, 1024, 1025, 2049, 4095, 4096, 4097, 10000, 1 << 20, 3 << 20]
+LENGTHS = [
+    0,
+    1,
+    55,
+    56,
+    63,
+    64,
+    65,
+    119,
+    120,
+    1023,
+    1024,
+    1025,
+    2049,
+    4095,
+    4096,
+    4097,
+    10000,
+    1 << 20,
+    3 << 20,
+]
 
 
 @pytest.mark.parametrize("n", LENGTHS)
