@@ -89,8 +89,17 @@ class SafetensorsView:
 
     def __init__(self, memory: memoryview) -> None:
         self._memory: memoryview | None = memory
-        _, self.tensors = parse_header(memory[: min(len(memory), 8 + MAX_SAFETENSORS_HEADER)], len(memory))
         self._arrays: dict[str, Any] = {}
+        try:
+            # The slice is released on the way out, error or not: a traceback holding it would keep
+            # the shard's memory exported, and the shard could not be freed while the error is
+            # being handled. The view owns ``memory`` (``close`` releases it), so a failed
+            # construction releases it too.
+            with memory[: min(len(memory), 8 + MAX_SAFETENSORS_HEADER)] as head:
+                _, self.tensors = parse_header(head, len(memory))
+        except BaseException:
+            self.close()
+            raise
 
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
