@@ -15,7 +15,16 @@ Manifests of expected digests (``manifest``) are written with ``vram-residency d
 """
 
 from vram_residency.sources.files import FileSource
-from vram_residency.sources.layout import FileLayout, open_model_file
+from vram_residency.sources.layout import (
+    MAX_SAFETENSORS_HEADER,
+    SAFETENSORS_DTYPES,
+    FileLayout,
+    SafetensorsEntry,
+    SafetensorsHeader,
+    open_model_file,
+    parse_safetensors_header,
+    safetensors_header_size,
+)
 from vram_residency.sources.manifest import (
     Manifest,
     ManifestEntry,
@@ -35,7 +44,9 @@ from vram_residency.sources.repair import RepairReport
 from vram_residency.sources.tensors import AdoptedSource
 
 __all__ = [
+    "MAX_SAFETENSORS_HEADER",
     "MODEL_DIGEST_NAME",
+    "SAFETENSORS_DTYPES",
     "AdoptedSource",
     "FileLayout",
     "FileSource",
@@ -43,6 +54,8 @@ __all__ = [
     "ManifestEntry",
     "ModelPart",
     "RepairReport",
+    "SafetensorsEntry",
+    "SafetensorsHeader",
     "SealedModel",
     "build_manifest",
     "check_model_record",
@@ -50,5 +63,7 @@ __all__ = [
     "load_openssf_manifest",
     "model_digest",
     "open_model_file",
+    "parse_safetensors_header",
+    "safetensors_header_size",
     "write_manifest",
 ]

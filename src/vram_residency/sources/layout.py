@@ -14,12 +14,13 @@ spans are absolute byte offsets inside the file. The header gets a span of its o
 from __future__ import annotations
 
 import json
-import math
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from vram_residency._core import TensorSpan
@@ -28,12 +29,18 @@ from vram_residency.errors import ConfigError, InvalidInput
 __all__ = [
     "FORMATS",
     "HEADER_SPAN",
+    "MAX_SAFETENSORS_HEADER",
+    "SAFETENSORS_DTYPES",
     "FileFormat",
     "FileLayout",
     "OpenedFile",
+    "SafetensorsEntry",
+    "SafetensorsHeader",
     "inspect_file",
     "open_model_file",
+    "parse_safetensors_header",
     "pread_exact",
+    "safetensors_header_size",
 ]
 
 FileFormat = Literal["auto", "raw", "safetensors", "gguf"]
@@ -41,17 +48,21 @@ FORMATS: Final = ("auto", "raw", "safetensors", "gguf")
 HEADER_SPAN: Final = "(header)"
 
 #: safetensors refuses headers above 100 MB; so do we, before reading one into memory.
-_MAX_SAFETENSORS_HEADER: Final = 100_000_000
+MAX_SAFETENSORS_HEADER: Final = 100_000_000
 _GGUF_MAGIC: Final = b"GGUF"
 
-# Bits per element of the safetensors dtypes (sub-byte float formats are packed).
+# Bits per element of every dtype the safetensors library (0.8) knows; sub-byte float formats
+# are packed. A dtype not listed here is refused, as the library refuses it.
 _DTYPE_BITS: Final = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
     "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }  # fmt: skip
+#: The safetensors dtype names a header may use.
+SAFETENSORS_DTYPES: Final = frozenset(_DTYPE_BITS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,17 +192,89 @@ def _is_uint(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def parse_safetensors(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], frozenset[str]]:
-    """Tensor spans of a safetensors file, validated as strictly as the safetensors library does:
-    offsets in bounds, sizes matching dtype and shape, and the data section covered exactly."""
-    if size < 8:
+def _element_count(shape: list[int], limit: int) -> int | None:
+    """The product of ``shape``, or ``None`` once it exceeds ``limit``.
+
+    A header may hold millions of large dimensions; multiplying them all out first would build an
+    integer of millions of digits, in quadratic time, before the size check could refuse it."""
+    if 0 in shape:
+        return 0
+    count = 1
+    for d in shape:
+        count *= d
+        if count > limit:
+            return None
+    return count
+
+
+@dataclass(frozen=True, slots=True)
+class SafetensorsEntry:
+    """One tensor of a safetensors header, at absolute offsets in the file (header included)."""
+
+    name: str
+    dtype: str  # the safetensors name (F32, BF16, ...), one of SAFETENSORS_DTYPES
+    shape: tuple[int, ...]
+    start: int  # half-open byte range [start, end) in the file
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class SafetensorsHeader:
+    """A safetensors header as :func:`parse_safetensors_header` accepted it."""
+
+    #: Offset of the data section: 8 (the length field) + the JSON header's length.
+    data_start: int
+    #: Every tensor, zero-byte ones included, in file order (by offset, then name).
+    entries: tuple[SafetensorsEntry, ...]
+    #: ``__metadata__``, strings to strings (empty when the header has none).
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def by_name(self) -> dict[str, SafetensorsEntry]:
+        return {e.name: e for e in self.entries}
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(e.name for e in self.entries)
+
+    def spans(self) -> tuple[TensorSpan, ...]:
+        """The header's own span, then one span per tensor of at least one byte, in file order."""
+        head = TensorSpan(HEADER_SPAN, 0, self.data_start)
+        return (head, *(TensorSpan(e.name, e.start, e.end) for e in self.entries if e.end > e.start))
+
+
+def safetensors_header_size(prefix: bytes | memoryview, size: int, what: str) -> int:
+    """How many leading bytes (8 + the JSON header) a ``size``-byte safetensors file's header takes,
+    from at least its first 8 bytes; ``InvalidInput`` when that length cannot be right.
+
+    Lets a reader fetch exactly the header (from a file descriptor, or from device memory) before
+    handing it to :func:`parse_safetensors_header`."""
+    if size < 8 or len(prefix) < 8:
         raise InvalidInput(f"{what}: safetensors file is truncated ({size} bytes)")
-    (n,) = struct.unpack("<Q", pread_exact(fd, 0, 8, what))
-    if n < 2 or n > _MAX_SAFETENSORS_HEADER:
+    (n,) = struct.unpack_from("<Q", prefix, 0)
+    if n < 2 or n > MAX_SAFETENSORS_HEADER:
         raise InvalidInput(f"{what}: corrupt safetensors header length {n}")
     if 8 + n > size:
         raise InvalidInput(f"{what}: safetensors header ({n} bytes) runs past the end of the file")
-    raw = pread_exact(fd, 8, n, what)
+    return int(8 + n)
+
+
+def parse_safetensors_header(head: bytes | memoryview, size: int, what: str) -> SafetensorsHeader:
+    """Parse and validate the header of a ``size``-byte safetensors file from its leading bytes.
+
+    ``head`` holds at least the first :func:`safetensors_header_size` bytes of the file (more is
+    ignored). Validated as strictly as the safetensors library does, and this is the only parser
+    of the format in the package (sealing, the in-place executor views and the example-model
+    writer all call it), so what is checked when a file is sealed is exactly what is trusted when
+    its sealed bytes are run: no duplicate keys, known dtypes only, sizes matching dtype and
+    shape, offsets in bounds, and the data section covered exactly (no overlap, gap or trailing
+    bytes). Any problem is an ``InvalidInput`` naming ``what``.
+    """
+    header_end = safetensors_header_size(head, size, what)
+    if len(head) < header_end:
+        raise InvalidInput(
+            f"{what}: safetensors header is truncated: {len(head)} of its {header_end} bytes given"
+        )
+    raw = bytes(head[8:header_end])
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -200,19 +283,26 @@ def parse_safetensors(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, 
         raise InvalidInput(f"{what}: corrupt safetensors header: {exc}") from None
     if not isinstance(header, dict):
         raise InvalidInput(f"{what}: safetensors header is not a JSON object")
-    data_start = 8 + n
+    data_start = header_end
     data_len = size - data_start
-    entries: list[tuple[int, int, str]] = []
+    metadata: dict[str, str] = {}
+    entries: list[tuple[int, int, str, str, tuple[int, ...]]] = []
     for name, info in header.items():
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise InvalidInput(f"{what}: __metadata__ must map strings to strings")
+            metadata = info
             continue
         if not isinstance(info, dict):
             raise InvalidInput(f"{what}: entry {name!r} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str):
             raise InvalidInput(f"{what}: tensor {name!r} has no dtype")
+        bits = _DTYPE_BITS.get(dtype)
+        if bits is None:
+            # The safetensors library refuses a dtype it does not know; so do we, since the size
+            # of such a tensor could not be checked against its shape.
+            raise InvalidInput(f"{what}: tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise InvalidInput(f"{what}: tensor {name!r} has an invalid shape")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
@@ -223,18 +313,16 @@ def parse_safetensors(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, 
                 f"{what}: tensor {name!r} spans [{begin}, {end}) outside the data section of "
                 f"{data_len} bytes (truncated file?)"
             )
-        bits = _DTYPE_BITS.get(dtype)
-        if bits is not None:
-            nbits = math.prod(shape) * bits
-            if nbits % 8 or nbits // 8 != end - begin:
-                raise InvalidInput(
-                    f"{what}: tensor {name!r} of dtype {dtype} and shape {shape} cannot take "
-                    f"{end - begin} bytes"
-                )
-        entries.append((begin, end, name))
+        count = _element_count(shape, 8 * (end - begin))
+        nbits = None if count is None else count * bits
+        if nbits is None or nbits % 8 or nbits // 8 != end - begin:
+            raise InvalidInput(
+                f"{what}: tensor {name!r} of dtype {dtype} and shape {shape} cannot take {end - begin} bytes"
+            )
+        entries.append((begin, end, name, dtype, tuple(shape)))
     entries.sort()
     pos = 0
-    for begin, end, name in entries:
+    for begin, end, name, _, _ in entries:
         if begin != pos:
             kind = "overlaps another tensor" if begin < pos else "leaves a gap before it"
             raise InvalidInput(f"{what}: tensor {name!r} {kind} (offset {begin}, expected {pos})")
@@ -244,9 +332,21 @@ def parse_safetensors(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, 
             f"{what}: tensors cover {pos} bytes but the data section holds {data_len} "
             f"(truncated or padded file)"
         )
-    spans = [TensorSpan(HEADER_SPAN, 0, data_start)]
-    spans += [TensorSpan(name, data_start + b, data_start + e) for b, e, name in entries if e > b]
-    return tuple(spans), frozenset(name for _, _, name in entries)
+    return SafetensorsHeader(
+        data_start,
+        tuple(
+            SafetensorsEntry(name, dtype, shape, data_start + b, data_start + e)
+            for b, e, name, dtype, shape in entries
+        ),
+        MappingProxyType(metadata),
+    )
+
+
+def parse_safetensors(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], frozenset[str]]:
+    """Tensor spans of a safetensors file (see :func:`parse_safetensors_header`)."""
+    header_end = safetensors_header_size(pread_exact(fd, 0, min(size, 8), what), size, what)
+    header = parse_safetensors_header(pread_exact(fd, 0, header_end, what), size, what)
+    return header.spans(), header.names
 
 
 def _read_gguf(reader_cls: Any, path: Path) -> tuple[int, list[tuple[str, int, int]]]:

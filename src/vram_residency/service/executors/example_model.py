@@ -13,9 +13,11 @@ Where it lives: ``STATE_DIR/example-models/<name>/`` (``model.safetensors`` and 
 a directory of the worker's own (mode 0700), never a path a client names. On first use in a
 process the whole file image is generated in memory and compared with the files there; a file
 that is missing or differs is rewritten atomically (a temporary file in the same directory,
-fsynced, then renamed over it). The digest of the generated image (under the worker's digest
-algorithm) goes with the model, and the commit refuses bytes that do not seal to it, so a file
-changed between the check and the seal is caught too.
+fsynced, its safetensors header read back from the file and checked by the package's one strict
+parser, :func:`vram_residency.sources.parse_safetensors_header`, then renamed over it). The
+digest of the generated image (under the worker's digest algorithm) goes with the model, and the
+commit refuses bytes that do not seal to it, so a file changed between the check and the seal is
+caught too.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from typing import Final
 
 import numpy as np
 
-from vram_residency.errors import InvalidInput
+from vram_residency.errors import ConfigError, InvalidInput
 from vram_residency.formats.tree import digest
 from vram_residency.service.executors.decoder import EOS_ID, ByteLMConfig
+from vram_residency.sources import parse_safetensors_header, safetensors_header_size
 
 __all__ = [
     "EXAMPLE_NAMES",
@@ -118,13 +121,43 @@ def seed_note(preset: str) -> str:
     return f"weights drawn from numpy default_rng([{SEED}, tensor index]), preset {preset!r}"
 
 
-def _write_atomic(path: Path, data: bytes | bytearray) -> None:
+def _read_at(fd: int, offset: int, n: int) -> bytes:
+    parts: list[bytes] = []
+    while n > 0 and (chunk := os.pread(fd, n, offset)):
+        parts.append(chunk)
+        offset += len(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def _check_written_model(fd: int, config: ByteLMConfig) -> None:
+    """Read the header of the weights file just written back from ``fd`` and check it with the
+    strict parser that sealing and the executors use, and against the tensors of ``config``.
+
+    The generator writes its header by hand; this is what keeps it from ever putting a file in
+    place that the worker would then refuse to seal or to run."""
+    what = "generated example model"
+    size = os.fstat(fd).st_size
+    header_end = safetensors_header_size(_read_at(fd, 0, 8), size, what)
+    header = parse_safetensors_header(_read_at(fd, 0, header_end), size, what)
+    found = [(e.name, e.dtype, e.shape) for e in header.entries]
+    expected = [(name, "F32", shape) for name, shape in config.tensor_shapes().items()]
+    if found != expected:
+        # Only a bug in file_image gets here: the preset is what the header was written from.
+        raise ConfigError(f"{what}: its header lists other tensors than the preset describes")
+
+
+def _write_atomic(path: Path, data: bytes | bytearray, check: Callable[[int], None] | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed over it; ``check`` (given the
+    temporary file's descriptor, after the fsync) may refuse what was written before the rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            if check is not None:
+                check(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -174,7 +207,7 @@ def ensure_example(directory: Path, preset: str, algorithm: str) -> GeneratedMod
         with contextlib.suppress(FileNotFoundError):
             if weights.is_symlink():
                 weights.unlink()
-        _write_atomic(weights, image)
+        _write_atomic(weights, image, check=lambda fd: _check_written_model(fd, config))
         written = True
     return GeneratedModel(directory, sha, digest(image, algorithm).hex(), algorithm, written)
 

@@ -1,23 +1,28 @@
 """Tensors of a sealed safetensors shard, viewed in place.
 
 The header is parsed from the sealed shard's own memory (not from the file on disk), so the tensor
-table the executor uses is covered by the seal as well. Every array returned here is a view over
-that memory (read-only ``numpy`` on the host, CuPy over VRAM): no byte of a tensor is copied
-between verification and use.
+table the executor uses is covered by the seal as well. It is parsed by the one strict parser of
+the package, :func:`vram_residency.sources.parse_safetensors_header`, the same one that checked
+the file when it was sealed: what is trusted here cannot drift from what was checked there. Every
+array returned here is a view over that memory (read-only ``numpy`` on the host, CuPy over VRAM):
+no byte of a tensor is copied between verification and use.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 
 from vram_residency.errors import InvalidInput
 from vram_residency.service.executor import DeviceMemory, SealedWeights
+from vram_residency.sources import (
+    MAX_SAFETENSORS_HEADER,
+    SafetensorsEntry,
+    parse_safetensors_header,
+    safetensors_header_size,
+)
 
 __all__ = [
     "CupySafetensorsView",
@@ -28,8 +33,11 @@ __all__ = [
     "parse_header",
 ]
 
-#: Upper bound on the JSON header; the format's reference implementation uses the same 100 MB.
-_MAX_HEADER: Final = 100_000_000
+#: What error messages call the memory being parsed.
+_WHAT: Final = "sealed shard"
+#: The safetensors dtypes the executors can view as arrays (little-endian, as the format stores
+#: them). The header parser knows every dtype of the format; a tensor of any other dtype (BF16,
+#: the float8 and sub-byte formats, ...) is refused by name when an executor asks for it.
 _DTYPES: Final[Mapping[str, str]] = {
     "F64": "<f8",
     "F32": "<f4",
@@ -42,59 +50,31 @@ _DTYPES: Final[Mapping[str, str]] = {
     "BOOL": "?",
 }
 
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    name: str
-    dtype: str  # the safetensors name (F32, I64, ...)
-    shape: tuple[int, ...]
-    start: int  # offset in the shard (header included), half-open
-    end: int
+#: A tensor of the shard: name, safetensors dtype, shape and its half-open byte range in the shard
+#: (header included).
+TensorInfo = SafetensorsEntry
 
 
 def parse_header(head: bytes | memoryview, size: int) -> tuple[int, dict[str, TensorInfo]]:
     """Parse a safetensors header from the first bytes of a ``size``-byte file or shard.
 
     Returns the offset of the data section and the tensors by name, with offsets relative to the
-    start of the file. Bounds are checked against ``size`` so that a malformed header can never
-    make a view reach outside the shard.
+    start of the file. This is :func:`vram_residency.sources.parse_safetensors_header`, the strict
+    parser sealing uses: bounds, sizes and exact coverage are checked against ``size``, so a
+    malformed header can never make a view reach outside the shard.
     """
-    if size < 8 or len(head) < 8:
-        raise InvalidInput("not a safetensors file: shorter than its 8-byte header length")
-    (n,) = struct.unpack_from("<Q", head, 0)
-    if n > _MAX_HEADER or 8 + n > size or 8 + n > len(head):
-        raise InvalidInput(f"safetensors header length {n} is out of range")
-    try:
-        raw: Any = json.loads(bytes(head[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"safetensors header is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise InvalidInput("safetensors header is not a JSON object")
-    base = 8 + n
-    tensors: dict[str, TensorInfo] = {}
-    for name, meta in raw.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(meta, dict):
-            raise InvalidInput(f"safetensors entry {name!r} is not an object")
-        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise InvalidInput(f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise InvalidInput(f"tensor {name!r}: bad shape")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        ):
-            raise InvalidInput(f"tensor {name!r}: bad data_offsets")
-        begin, end = offsets
-        itemsize = np.dtype(_DTYPES[dtype]).itemsize
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if not 0 <= begin <= end or base + end > size or end - begin != count * itemsize:
-            raise InvalidInput(f"tensor {name!r}: data_offsets out of range or inconsistent with shape")
-        tensors[name] = TensorInfo(name, dtype, tuple(shape), base + begin, base + end)
-    return base, tensors
+    header = parse_safetensors_header(head, size, _WHAT)
+    return header.data_start, header.by_name()
+
+
+def _numpy_dtype(info: TensorInfo) -> np.dtype[Any]:
+    code = _DTYPES.get(info.dtype)
+    if code is None:
+        raise InvalidInput(
+            f"tensor {info.name!r} has dtype {info.dtype}, which the executors cannot view "
+            f"(they view {', '.join(_DTYPES)})"
+        )
+    return np.dtype(code)
 
 
 class SafetensorsView:
@@ -109,8 +89,17 @@ class SafetensorsView:
 
     def __init__(self, memory: memoryview) -> None:
         self._memory: memoryview | None = memory
-        _, self.tensors = parse_header(memory[: min(len(memory), 8 + _MAX_HEADER)], len(memory))
         self._arrays: dict[str, Any] = {}
+        try:
+            # The slice is released on the way out, error or not: a traceback holding it would keep
+            # the shard's memory exported, and the shard could not be freed while the error is
+            # being handled. The view owns ``memory`` (``close`` releases it), so a failed
+            # construction releases it too.
+            with memory[: min(len(memory), 8 + MAX_SAFETENSORS_HEADER)] as head:
+                _, self.tensors = parse_header(head, len(memory))
+        except BaseException:
+            self.close()
+            raise
 
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
@@ -132,7 +121,7 @@ class SafetensorsView:
         if cached is not None:
             return cached
         info = self._info(name)
-        dtype = np.dtype(_DTYPES[info.dtype])
+        dtype = _numpy_dtype(info)
         arr = np.frombuffer(
             self._memory,  # type: ignore[arg-type]  # checked open by _info
             dtype=dtype,
@@ -165,10 +154,10 @@ class CupySafetensorsView(SafetensorsView):
 
         self.xp = cupy
         self._device = memory
-        (n,) = struct.unpack("<Q", memory.read(0, 8)) if memory.size >= 8 else (0,)
-        if n > _MAX_HEADER or 8 + n > memory.size:
-            raise InvalidInput(f"safetensors header length {n} is out of range")
-        _, self.tensors = parse_header(memory.read(0, 8 + n), memory.size)
+        # Exactly the header's bytes are copied: its length field first, checked, then the rest.
+        prefix = memory.read(0, 8) if memory.size >= 8 else b""
+        header_end = safetensors_header_size(prefix, memory.size, _WHAT)
+        _, self.tensors = parse_header(memory.read(0, header_end), memory.size)
         unowned = cupy.cuda.UnownedMemory(memory.ptr, memory.size, memory.owner, device_id=memory.device)
         self._base: Any = cupy.cuda.MemoryPointer(unowned, 0)
         self._memory = memoryview(b"")  # marks the view open for _info
@@ -179,7 +168,7 @@ class CupySafetensorsView(SafetensorsView):
         if cached is not None:
             return cached
         info = self._info(name)
-        arr = self.xp.ndarray(info.shape, dtype=np.dtype(_DTYPES[info.dtype]), memptr=self._base + info.start)
+        arr = self.xp.ndarray(info.shape, dtype=_numpy_dtype(info), memptr=self._base + info.start)
         self._arrays[name] = arr
         return arr
 
