@@ -134,7 +134,9 @@ def bench_corruption(n: int, trials: int) -> dict[str, Any]:
             at = int(rng.integers(0, n))
             fired = {"n": 0}
 
-            def hook(target: Any, offset: int, length: int, at: int = at, fired: dict[str, int] = fired) -> None:  # noqa: E501
+            def hook(
+                target: Any, offset: int, length: int, at: int = at, fired: dict[str, int] = fired
+            ) -> None:  # noqa: E501
                 if offset <= at < offset + length and fired["n"] == 0:
                     fired["n"] += 1
                     target.write(at, bytes([target.read(at, 1)[0] ^ (1 << (at % 8))]))

@@ -167,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _markdown(r: dict[str, Any]) -> str:
     m, s, a, g, mm, fl = (
-        r["machine"], r["setup"], r["acceptance"], r["throughput_gbps"], r["throughput_gbps_min_max"],
+        r["machine"],
+        r["setup"],
+        r["acceptance"],
+        r["throughput_gbps"],
+        r["throughput_gbps_min_max"],
         r["foreign_load_median"],
     )
     labels = {

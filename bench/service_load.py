@@ -619,7 +619,9 @@ def main() -> int:
                     help="max_tokens values measured with one client (default 16,32,64,128,256)")  # fmt: skip
     ap.add_argument("--sweep-phase-seconds", type=float, default=6.0)
     ap.add_argument(
-        "--load-phase-seconds", type=float, default=40.0,
+        "--load-phase-seconds",
+        type=float,
+        default=40.0,
         help="phases of the many-client rows: several of the generator's batch cycles (11-13 s here), "
         "so that where a phase falls in the cycle does not decide its p50",
     )

@@ -266,4 +266,3 @@ def verify_before_forward(
             last[0] = time.monotonic_ns()
 
     return register(hook)
-

@@ -292,7 +292,9 @@ def test_any_single_fault_is_caught(size: int, where: float, transient: bool) ->
 
 
 @pytest.mark.parametrize("to", ["host", "file"])
-def test_offload_and_restore(pair: tuple[VramManager, VramManager], sink: Sink, tmp_path: Path, to: str) -> None:
+def test_offload_and_restore(
+    pair: tuple[VramManager, VramManager], sink: Sink, tmp_path: Path, to: str
+) -> None:
     a, _ = pair
     payload = data(3 * MiB + 5)
     s = a.seal_model(payload, model_ref="m")
@@ -446,7 +448,7 @@ def test_host_offload_over_chunks_hashes_each_landed_chunk() -> None:
         mig.offload(a.store, s, "host", on_landed=flip(COPY_CHUNK + 2 * UNIT_SIZE + 7))
         assert chunks == [(0, COPY_CHUNK), (COPY_CHUNK, COPY_CHUNK), (2 * COPY_CHUNK, 5 * UNIT_SIZE + 3)]
         rec = mig._OFFLOADED[a.store][s.shard_id]
-        assert bytes(rec.copy.memory.view[: n]) == payload  # type: ignore[union-attr]
+        assert bytes(rec.copy.memory.view[:n]) == payload  # type: ignore[union-attr]
         assert a.restore(s) == 0
         a.verify_sealed(s)
         assert a._entry(s).buf.read(0, n) == payload

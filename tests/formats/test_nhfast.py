@@ -94,6 +94,7 @@ def test_shard_keys_differ_by_shard() -> None:
 
 # -- the structured changes of the spec's security section, on the host, over fresh keys ---------
 
+
 def _patterns(data: bytes, rng: np.random.Generator) -> dict[str, bytes]:
     n = len(data)
     arr = np.frombuffer(data, dtype=np.uint8)
@@ -150,7 +151,9 @@ def test_host_backend_hashes_nh_fast() -> None:
         buf.write(0, data)
         res = backend.hash(buf, tree.NH_FAST_V1, key=key)
         assert res == tree.hash_units(data, tree.NH_FAST_V1, key=key)
-        assert backend.digest(buf, tree.NH_FAST_V1, 4096, key=key) == nhfast.reference_hash(data[:4096], key)[0]
+        assert (
+            backend.digest(buf, tree.NH_FAST_V1, 4096, key=key) == nhfast.reference_hash(data[:4096], key)[0]
+        )
         with pytest.raises(InvalidInput):
             backend.hash(buf, tree.NH_FAST_V1)
     finally:

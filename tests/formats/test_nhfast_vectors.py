@@ -16,18 +16,36 @@ def P(n: int) -> bytes:
 
 # (message, D, U_0) from the spec's table.
 DIGESTS = [
-    (b"", "c8f0a12c84783c497f14a66fa124dd968fe4c4411a23af13844ee9e9948ad82f",
-     "81ac16b7a50f758caa4c1ff1157379cd9baf37d1784bb4892f34eacc54dd2e05"),
-    (b"abc", "340ef17825027a657fc820b11d756de16bcdc11291057921cd811e3d390a8982",
-     "aad069153000993828d4568d9270390259f9022cb01f38df301bdddb498c7b21"),
-    (P(4096), "7d71eb4a4bfbbc8e4946c00db86a8806f3b9de4756d3141a005625be185c50d0",
-     "bb2d39aa1f97b259d6691cda098e28dbc2f2e0b437ae9cacf12a4645b65db4a1"),
-    (P(4097), "b1db44a3ca5d6f9d7bf7c610195cd2f8efcf041a161be4cfe72c224b01a8ff67",
-     "26488743297b99385947b02dcbdceb47df0a33b2361752ab889cb075b5f4b469"),
-    (P(1 << 20), "96ba2e397e692c2f250797ef9f15638113ba9bbbe28d2d559d4a086857089d42",
-     "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11"),
-    (P((1 << 20) + 4097), "61e54277ce1b595c0ffe3cc91c17b5e8498c2a78d401e38498465a898a9fa3f7",
-     "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11"),
+    (
+        b"",
+        "c8f0a12c84783c497f14a66fa124dd968fe4c4411a23af13844ee9e9948ad82f",
+        "81ac16b7a50f758caa4c1ff1157379cd9baf37d1784bb4892f34eacc54dd2e05",
+    ),
+    (
+        b"abc",
+        "340ef17825027a657fc820b11d756de16bcdc11291057921cd811e3d390a8982",
+        "aad069153000993828d4568d9270390259f9022cb01f38df301bdddb498c7b21",
+    ),
+    (
+        P(4096),
+        "7d71eb4a4bfbbc8e4946c00db86a8806f3b9de4756d3141a005625be185c50d0",
+        "bb2d39aa1f97b259d6691cda098e28dbc2f2e0b437ae9cacf12a4645b65db4a1",
+    ),
+    (
+        P(4097),
+        "b1db44a3ca5d6f9d7bf7c610195cd2f8efcf041a161be4cfe72c224b01a8ff67",
+        "26488743297b99385947b02dcbdceb47df0a33b2361752ab889cb075b5f4b469",
+    ),
+    (
+        P(1 << 20),
+        "96ba2e397e692c2f250797ef9f15638113ba9bbbe28d2d559d4a086857089d42",
+        "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
+    ),
+    (
+        P((1 << 20) + 4097),
+        "61e54277ce1b595c0ffe3cc91c17b5e8498c2a78d401e38498465a898a9fa3f7",
+        "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
+    ),
 ]
 IDS = ["empty", "abc", "P4096", "P4097", "P1MiB", "P1MiB+4097"]
 
@@ -64,7 +82,9 @@ def test_host_paths(msg: bytes, d: str, u0: str) -> None:
     if _nhfast_native.available():
         for want in (0, 1, 2):
             assert _nhfast_native.leaf_tags(memoryview(msg), sched.nh_key, 2, want=want) == ref_tags
-    assert nhfast.finalize(sched, nhfast.unit_digests_from_tags(sched, ref_tags, len(msg)), len(msg)).hex() == d
+    assert (
+        nhfast.finalize(sched, nhfast.unit_digests_from_tags(sched, ref_tags, len(msg)), len(msg)).hex() == d
+    )
 
 
 def test_second_unit_equals_p4097_unit() -> None:

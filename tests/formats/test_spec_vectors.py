@@ -24,7 +24,9 @@ TREE_VECTORS = [
 ]
 
 
-@pytest.mark.parametrize(("message", "expected"), TREE_VECTORS, ids=lambda v: str(len(v)) if isinstance(v, bytes) else "")
+@pytest.mark.parametrize(
+    ("message", "expected"), TREE_VECTORS, ids=lambda v: str(len(v)) if isinstance(v, bytes) else ""
+)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sha256_tree_v1_known_answers(message: bytes, expected: str, threads: int) -> None:
     assert hash_units(message, SHA256_TREE_V1, threads=threads).digest.hex() == expected
@@ -68,7 +70,10 @@ def test_seal_tag_known_answer_all_fields() -> None:
 
 def test_seal_tag_known_answer_absent_fields() -> None:
     f = _fields(worker_id="", model_ref=None, shard_index=None, total_shards=None)
-    assert seal_tag(seal_key(SPEC_TOKEN), f).hex() == "cdcac52608ca1258b1c9987a02f6c95b18749db5ec4e02c51c05a0fb028b4a20"
+    assert (
+        seal_tag(seal_key(SPEC_TOKEN), f).hex()
+        == "cdcac52608ca1258b1c9987a02f6c95b18749db5ec4e02c51c05a0fb028b4a20"
+    )
 
 
 def test_seal_message_layout() -> None:

@@ -52,7 +52,9 @@ def tables(backend: object) -> int:
                 ok = h == want and d == want.digest
                 bad += not ok
                 keyed = "keyed" if s.key else "plain"
-                print(f"table {priority:6s} {s.algorithm:15s} {keyed} {s.length:10d}: {'ok' if ok else 'MISMATCH'}")
+                print(
+                    f"table {priority:6s} {s.algorithm:15s} {keyed} {s.length:10d}: {'ok' if ok else 'MISMATCH'}"
+                )
         for s in segs:
             s.buf.close()
     finally:
@@ -86,7 +88,9 @@ def main() -> int:
     msgs = [bytes(range(i % 256)) * (1 + i // 256) for i in range(130)]
     import hashlib
 
-    bad += sum(g != hashlib.sha256(m).digest() for g, m in zip(backend.sha256_messages(msgs), msgs, strict=True))
+    bad += sum(
+        g != hashlib.sha256(m).digest() for g, m in zip(backend.sha256_messages(msgs), msgs, strict=True)
+    )
     backend.close()
     print("sanitize run:", "FAILED" if bad else "all digests match", flush=True)
     return 1 if bad else 0

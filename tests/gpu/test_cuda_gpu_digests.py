@@ -21,9 +21,36 @@ ALGS = (SHA256_TREE_V1, BLAKE3)
 # Leaf, chunk and unit boundaries, partial last units of every shape the kernels branch on
 # (blake3's last unit with 1, 2, 4 and 5 chunks), and a shard of more than one reduce group.
 LENGTHS = [
-    0, 1, 3, 55, 56, 63, 64, 65, 1023, 1024, 1025, 2048, 3073, 4095, 4096, 4097, 8191, 12288,
-    20481, MiB - 1, MiB, MiB + 1, 2 * MiB, 2 * MiB + 1, 2 * MiB + 1025, 2 * MiB + 3073,
-    2 * MiB + 4097, 3 * MiB + 4097, 5 * MiB + 12345, 17 * MiB + 1,
+    0,
+    1,
+    3,
+    55,
+    56,
+    63,
+    64,
+    65,
+    1023,
+    1024,
+    1025,
+    2048,
+    3073,
+    4095,
+    4096,
+    4097,
+    8191,
+    12288,
+    20481,
+    MiB - 1,
+    MiB,
+    MiB + 1,
+    2 * MiB,
+    2 * MiB + 1,
+    2 * MiB + 1025,
+    2 * MiB + 3073,
+    2 * MiB + 4097,
+    3 * MiB + 4097,
+    5 * MiB + 12345,
+    17 * MiB + 1,
 ]
 
 
@@ -59,7 +86,9 @@ def test_bit_identical_to_host(cuda_backend: CudaBackend, alg: str, n: int) -> N
 
 
 @pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 131073, MiB - 1, MiB, MiB + 1, 3 * MiB + 4097, 17 * MiB + 1])
+@pytest.mark.parametrize(
+    "n", [0, 1, 4095, 4096, 4097, 131073, MiB - 1, MiB, MiB + 1, 3 * MiB + 4097, 17 * MiB + 1]
+)
 def test_sha256_both_unit_layouts(cuda_backend: CudaBackend, n: int, split: bool) -> None:
     """Small shards run eight 32-leaf blocks per unit, large ones one 256-leaf block: both, always."""
     data = random_bytes(n, seed=n + 11)
@@ -89,10 +118,13 @@ def test_spec_known_answers(cuda_backend: CudaBackend, n: int, hexdigest: str) -
     assert verify_digest.hex() == hexdigest
 
 
-@pytest.mark.parametrize(("data", "hexdigest"), [
-    (b"", "37e2f51ed116754f5bccd9726e3adb0b4c84af27df70df0fe0684b022975db58"),
-    (b"abc", "16889f98eeb0e2e16ee2e640cb6eea840349415a15a1c2a69d6766f0b0b3d896"),
-])
+@pytest.mark.parametrize(
+    ("data", "hexdigest"),
+    [
+        (b"", "37e2f51ed116754f5bccd9726e3adb0b4c84af27df70df0fe0684b022975db58"),
+        (b"abc", "16889f98eeb0e2e16ee2e640cb6eea840349415a15a1c2a69d6766f0b0b3d896"),
+    ],
+)
 def test_spec_small_answers(cuda_backend: CudaBackend, data: bytes, hexdigest: str) -> None:
     assert _gpu(cuda_backend, data, SHA256_TREE_V1)[0].hex() == hexdigest
 
@@ -138,7 +170,9 @@ def test_multi_level_reduction(cuda_backend: CudaBackend, alg: str, split: bool)
 
 def _sha_reduce(nodes: list[bytes]) -> bytes:
     while len(nodes) > 1:
-        nxt = [hashlib.sha256(nodes[i] + nodes[i + 1] + b"\x01").digest() for i in range(0, len(nodes) - 1, 2)]
+        nxt = [
+            hashlib.sha256(nodes[i] + nodes[i + 1] + b"\x01").digest() for i in range(0, len(nodes) - 1, 2)
+        ]
         if len(nodes) % 2:
             nxt.append(nodes[-1])
         nodes = nxt
@@ -161,8 +195,15 @@ def _b3_parents(left: np.ndarray, right: np.ndarray, flags: int) -> np.ndarray:
         return (x >> np.uint32(n)) | (x << np.uint32(32 - n))
 
     m = [c for c in np.concatenate([left, right], axis=1).T.copy()]
-    v = [np.full(k, w, dtype=np.uint32) for w in _B3_IV] + [np.full(k, w, dtype=np.uint32) for w in _B3_IV[:4]]
-    v += [np.zeros(k, np.uint32), np.zeros(k, np.uint32), np.full(k, 64, np.uint32), np.full(k, flags, np.uint32)]
+    v = [np.full(k, w, dtype=np.uint32) for w in _B3_IV] + [
+        np.full(k, w, dtype=np.uint32) for w in _B3_IV[:4]
+    ]
+    v += [
+        np.zeros(k, np.uint32),
+        np.zeros(k, np.uint32),
+        np.full(k, 64, np.uint32),
+        np.full(k, flags, np.uint32),
+    ]
 
     def g(a: int, b: int, c: int, d: int, x: np.ndarray, y: np.ndarray) -> None:
         v[a] = v[a] + v[b] + x
@@ -175,9 +216,14 @@ def _b3_parents(left: np.ndarray, right: np.ndarray, flags: int) -> np.ndarray:
         v[b] = rotr(v[b] ^ v[c], 7)
 
     for r in range(7):
-        g(0, 4, 8, 12, m[0], m[1]); g(1, 5, 9, 13, m[2], m[3]); g(2, 6, 10, 14, m[4], m[5])  # noqa: E702
-        g(3, 7, 11, 15, m[6], m[7]); g(0, 5, 10, 15, m[8], m[9]); g(1, 6, 11, 12, m[10], m[11])  # noqa: E702
-        g(2, 7, 8, 13, m[12], m[13]); g(3, 4, 9, 14, m[14], m[15])  # noqa: E702
+        g(0, 4, 8, 12, m[0], m[1])
+        g(1, 5, 9, 13, m[2], m[3])
+        g(2, 6, 10, 14, m[4], m[5])  # noqa: E702
+        g(3, 7, 11, 15, m[6], m[7])
+        g(0, 5, 10, 15, m[8], m[9])
+        g(1, 6, 11, 12, m[10], m[11])  # noqa: E702
+        g(2, 7, 8, 13, m[12], m[13])
+        g(3, 4, 9, 14, m[14], m[15])  # noqa: E702
         if r < 6:
             m = [m[p] for p in _B3_PERM]
     return np.stack([v[i] ^ v[i + 8] for i in range(8)], axis=1)

@@ -12,7 +12,9 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("alg", [SHA256_TREE_V1, BLAKE3])
-@pytest.mark.parametrize("offset", [0, 4095, 4096, UNIT_SIZE - 1, UNIT_SIZE, 3 * UNIT_SIZE + 777, 5 * UNIT_SIZE + 12344])
+@pytest.mark.parametrize(
+    "offset", [0, 4095, 4096, UNIT_SIZE - 1, UNIT_SIZE, 3 * UNIT_SIZE + 777, 5 * UNIT_SIZE + 12344]
+)
 def test_flip_bit_located(cuda_backend: CudaBackend, alg: str, offset: int) -> None:
     n = 5 * UNIT_SIZE + 12345
     data = np.random.default_rng(offset).integers(0, 256, size=n, dtype=np.uint8).tobytes()

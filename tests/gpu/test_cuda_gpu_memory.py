@@ -19,7 +19,9 @@ def random_bytes(n: int, seed: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
 
 
-@pytest.mark.parametrize(("size", "capacity"), [(1, 256), (255, 256), (256, 256), (257, 512), (MiB + 1, MiB + 256)])
+@pytest.mark.parametrize(
+    ("size", "capacity"), [(1, 256), (255, 256), (256, 256), (257, 512), (MiB + 1, MiB + 256)]
+)
 def test_exact_allocation_rounded_to_256(cuda_backend: CudaBackend, size: int, capacity: int) -> None:
     buf = cuda_backend.allocate(size)
     try:

@@ -17,8 +17,26 @@ from vram_residency.formats import nhfast, tree
 pytestmark = pytest.mark.gpu
 
 MIB = 1 << 20
-LENGTHS = [0, 1, 7, 8, 15, 16, 17, 4095, 4096, 4097, 8191, 12288 + 5, MIB - 1, MIB, MIB + 1,
-           2 * MIB + 4097, 5 * MIB + 12345, 17 * MIB + 1]
+LENGTHS = [
+    0,
+    1,
+    7,
+    8,
+    15,
+    16,
+    17,
+    4095,
+    4096,
+    4097,
+    8191,
+    12288 + 5,
+    MIB - 1,
+    MIB,
+    MIB + 1,
+    2 * MIB + 4097,
+    5 * MIB + 12345,
+    17 * MIB + 1,
+]
 
 
 def _bytes(n: int, seed: int) -> bytes:
@@ -86,8 +104,12 @@ def _nh_keys(count: int) -> bytes:
 
 
 def _host_tags(msg: bytes, nh_key: bytes) -> bytes:
-    return nhfast._numpy_tags(memoryview(msg), nh_key) if len(msg) <= 4096 else b"".join(
-        nhfast._numpy_tags(memoryview(msg[i : i + 4096]), nh_key) for i in range(0, len(msg), 4096)
+    return (
+        nhfast._numpy_tags(memoryview(msg), nh_key)
+        if len(msg) <= 4096
+        else b"".join(
+            nhfast._numpy_tags(memoryview(msg[i : i + 4096]), nh_key) for i in range(0, len(msg), 4096)
+        )
     )
 
 
@@ -150,7 +172,9 @@ def test_structured_changes_over_ten_thousand_keys(cuda_backend: CudaBackend) ->
         assert undetected == 0, f"{name}: {undetected} of {count} keys missed it"
         # Unchanged leaves keep their tags (positions that differ are exactly the changed leaves).
         same = np.all(ta == tb, axis=2)
-        changed_leaves = [k for k in range(8) if data[4096 * k : 4096 * (k + 1)] != changed[4096 * k : 4096 * (k + 1)]]
+        changed_leaves = [
+            k for k in range(8) if data[4096 * k : 4096 * (k + 1)] != changed[4096 * k : 4096 * (k + 1)]
+        ]
         assert not same[:, changed_leaves].any(), name
         assert same[:, [k for k in range(8) if k not in changed_leaves]].all(), name
 
@@ -265,9 +289,12 @@ def test_manager_seal_verify_flip_with_nh_fast_equals_host() -> None:
         for s, p in zip(shards, payloads, strict=True):
             want = tree.hash_units(p, tree.NH_FAST_V1, key=nhfast.shard_key(worker, s.shard_id))
             assert m.store.lookup(s).fast_digest == want.digest
-        assert s_nh.digest == tree.hash_units(
-            payloads[0], tree.NH_FAST_V1, key=nhfast.shard_key(worker, s_nh.shard_id)
-        ).digest.hex()
+        assert (
+            s_nh.digest
+            == tree.hash_units(
+                payloads[0], tree.NH_FAST_V1, key=nhfast.shard_key(worker, s_nh.shard_id)
+            ).digest.hex()
+        )
         m.verify_sealed(s_nh)
         m.verify_many(shards)
         m.verify_many(shards, check="fast")

@@ -27,9 +27,12 @@ def _write_keypair(directory: Path, stem: str, curve: Any) -> tuple[Path, Path]:
         )
     )
     pub.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     )
     return priv, pub
+
 
 def test_roundtrip_both_algorithms(tmp_path: Path, st_file: tuple[Path, dict[str, Any]]) -> None:
     path, _ = st_file

@@ -613,9 +613,7 @@ class ShardStore:
         todo = [r for sid, r in records.items() if sid not in failures]
         full_every_ns = None if full_every_s is None else int(full_every_s * 1e9)
         plan_ns = time.time_ns()
-        fast_ids = {
-            r.shard.shard_id for r in todo if self._plan_check(r, check, full_every_ns, plan_ns)
-        }
+        fast_ids = {r.shard.shard_id for r in todo if self._plan_check(r, check, full_every_ns, plan_ns)}
 
         def expected_of(r: ShardRecord) -> tuple[str, bytes]:
             # (digest hex, unit digests) the check of `r` compares against.

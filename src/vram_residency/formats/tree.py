@@ -196,6 +196,7 @@ def hash_units(
     if algorithm == SHA256_TREE_V1 and _native.available():
         packed = _native.sha256_tree_units(view, threads or _workers())
         return HashResult(reduce_sha256_tree(packed, n), packed)
+
     def unit_fn(v: memoryview) -> bytes:
         return _sha256_unit(v) if algorithm == SHA256_TREE_V1 else _blake3_unit(v, key)
 
