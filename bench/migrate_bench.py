@@ -136,7 +136,7 @@ def bench_corruption(n: int, trials: int) -> dict[str, Any]:
 
             def hook(
                 target: Any, offset: int, length: int, at: int = at, fired: dict[str, int] = fired
-            ) -> None:  # noqa: E501
+            ) -> None:
                 if offset <= at < offset + length and fired["n"] == 0:
                     fired["n"] += 1
                     target.write(at, bytes([target.read(at, 1)[0] ^ (1 << (at % 8))]))

@@ -218,12 +218,12 @@ def _b3_parents(left: np.ndarray, right: np.ndarray, flags: int) -> np.ndarray:
     for r in range(7):
         g(0, 4, 8, 12, m[0], m[1])
         g(1, 5, 9, 13, m[2], m[3])
-        g(2, 6, 10, 14, m[4], m[5])  # noqa: E702
+        g(2, 6, 10, 14, m[4], m[5])
         g(3, 7, 11, 15, m[6], m[7])
         g(0, 5, 10, 15, m[8], m[9])
-        g(1, 6, 11, 12, m[10], m[11])  # noqa: E702
+        g(1, 6, 11, 12, m[10], m[11])
         g(2, 7, 8, 13, m[12], m[13])
-        g(3, 4, 9, 14, m[14], m[15])  # noqa: E702
+        g(3, 4, 9, 14, m[14], m[15])
         if r < 6:
             m = [m[p] for p in _B3_PERM]
     return np.stack([v[i] ^ v[i + 8] for i in range(8)], axis=1)
