@@ -34,6 +34,7 @@ incident: rank 0 moves to Stopped (and keeps answering HTTP: errors, never a han
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import contextlib
 import hashlib
 import json
@@ -175,7 +176,9 @@ class _Channel:
         world = dist.get_world_size(self._group)
         src = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         out = torch.empty(world * len(payload), dtype=torch.uint8)
-        work = dist.all_gather_into_tensor(out, src, group=self._group, async_op=True)
+        # all_gather_single where this torch has it (all_gather_into_tensor is deprecated there).
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = gather(out, src, group=self._group, async_op=True)
         if not work.wait(timeout=self._timeout):
             raise TimeoutError("all_gather did not complete in time")
         flat = out.numpy().tobytes()
@@ -334,7 +337,7 @@ class TPLeader:
                 paths=[str(p) for p in paths],
                 digests=digests,
                 algorithm=algorithm,
-                config=config.to_json(),
+                config=dataclasses.asdict(config),
             )
             shard: SealedShard | None = None
             lm: TPByteLM | None = None
