@@ -34,8 +34,8 @@ incident: rank 0 moves to Stopped (and keeps answering HTTP: errors, never a han
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
