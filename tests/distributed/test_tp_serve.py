@@ -93,7 +93,7 @@ class Serve:
                 p.wait()
 
 
-def _start(root: Path, world: int, *, flip_dir: Path | None = None) -> Serve:
+def _start(root: Path, world: int, *, flip_dir: Path | None = None, extra: tuple[str, ...] = ()) -> Serve:
     """``world`` ranks of ``serve`` in torchrun's environment (what torchrun would set)."""
     root.mkdir(parents=True, exist_ok=True)
     models = _model_dir(root)
@@ -120,7 +120,7 @@ def _start(root: Path, world: int, *, flip_dir: Path | None = None) -> Serve:
         cmd = [
             sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", "host", "--port", "0",
             "--token-file", str(token), "--state-dir", str(root / "state"), "--model-dir", str(models),
-            "--model", MODEL, "--scrub-interval", "0", "--tp-timeout", str(TIMEOUT_S),
+            "--model", MODEL, "--scrub-interval", "0", "--tp-timeout", str(TIMEOUT_S), *extra,
         ]  # fmt: skip
         log = root / f"rank{r}.log"
         with log.open("wb") as out:
@@ -266,28 +266,49 @@ def test_tp_serve_commit_ready_execute_and_a_flip_on_rank_1(tmp_path: Path) -> N
         group.kill()
 
 
-def test_tp_serve_rank_1_killed_rank_0_stops_within_the_timeout(tmp_path: Path) -> None:
-    group = _start(tmp_path / "tp", 2)
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_tp_serve_rank_1_lost_rank_0_stops_within_the_timeout(tmp_path: Path, how: str) -> None:
+    group = _start(tmp_path / "tp", 2, extra=("--scrub-interval", "0.5"))
     try:
         group.wait_listening(90)
         c = group.client
+        # The scrubber is collective too: its passes cover both ranks' shards.
+        deadline = time.monotonic() + 20
+        while (c.get("/worker/ready").json()["last_scrub"] or {}).get("shards") != 2:
+            assert time.monotonic() < deadline, group.log(0)
+            time.sleep(0.1)
+        # A shard freed on every rank, and committed again: a new record, a new group id.
+        first = c.get("/worker/ready").json()
+        r = c.delete(f"/worker/shards/{first['handles'][0]['shard_id']}")
+        assert r.status_code == 200, r.text
+        assert c.get("/worker/ready").json()["handles"] == []
+        r = c.post("/worker/commit", json={"model_ref": MODEL})
+        assert r.status_code == 200, r.text
+        again = c.get("/worker/ready").json()
+        assert len(again["handles"]) == 2 and again["nccl_group_id"] != first["nccl_group_id"]
         assert _execute(c, "before", 4)[0] == 200
-        group.procs[1].kill()
-        t_kill = time.monotonic()
-        # The idle group's heartbeat notices; HTTP answers all along (never hangs).
+
+        os.kill(group.procs[1].pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        t_lost = time.monotonic()
+        # The heartbeat (or a scrub pass) notices; HTTP answers all along, never hangs.
         while True:
             t0 = time.monotonic()
             health = c.get("/health", timeout=5).json()
             assert time.monotonic() - t0 < 2.0
             if health["status"] == "stopped":
                 break
-            assert time.monotonic() - t_kill < TIMEOUT_S + 5, group.log(0)
+            assert time.monotonic() - t_lost < TIMEOUT_S + 5, group.log(0)
             time.sleep(0.1)
         status, events = _execute(c, "after", 4)
         assert status == 503 and events[0][1]["code"] == "WORKER_STOPPED", events
         ready = c.get("/worker/ready").json()
         assert ready["incident"]["error_type"] == "RankUnresponsive"
-        assert time.monotonic() - t_kill < TIMEOUT_S + 8
+        assert time.monotonic() - t_lost < TIMEOUT_S + 8
+        if how == "hung":
+            # Rank 1 wakes up to a group whose rank 0 has stopped: it stops too, within the timeout.
+            os.kill(group.procs[1].pid, signal.SIGCONT)
+            assert group.procs[1].wait(3 * TIMEOUT_S) == 3, group.log(1)
+            assert "RankUnresponsive" in group.log(1)
     finally:
         group.kill()
 
