@@ -32,6 +32,9 @@ from vram_residency.service.executors.example_model import file_image
 TOKEN = "tp-serve-test-token-0123456789abcdef"
 MODEL = "tiny-byte-lm"
 TIMEOUT_S = 6.0
+# VRAM_RESIDENCY_TEST_BACKEND=cuda runs the same processes on GPUs (one per rank; CuPy needed to
+# execute), as tests/service does.
+BACKEND = os.environ.get("VRAM_RESIDENCY_TEST_BACKEND", "host")
 _LISTENING = re.compile(r"listening:\s+(http://\S+)")
 # 4 heads and 128 MLP columns split over 2 ranks; 2 layers keep every process quick.
 CONFIG = ByteLMConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=256)
@@ -118,7 +121,7 @@ def _start(root: Path, world: int, *, flip_dir: Path | None = None, extra: tuple
         if flip_dir is not None:
             env["VRAM_RESIDENCY_TEST_FLIP_DIR"] = str(flip_dir)
         cmd = [
-            sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", "host", "--port", "0",
+            sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", BACKEND, "--port", "0",
             "--token-file", str(token), "--state-dir", str(root / "state"), "--model-dir", str(models),
             "--model", MODEL, "--scrub-interval", "0", "--tp-timeout", str(TIMEOUT_S), *extra,
         ]  # fmt: skip
@@ -138,7 +141,7 @@ def _single(root: Path) -> tuple[subprocess.Popen[bytes], Path]:
         k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k not in ("WORLD_SIZE", "RANK")
     }
     cmd = [
-        sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", "host", "--port", "0",
+        sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", BACKEND, "--port", "0",
         "--token-file", str(token), "--state-dir", str(root / "state"), "--model-dir", str(models),
         "--model", MODEL, "--scrub-interval", "0",
     ]  # fmt: skip
