@@ -280,8 +280,11 @@ def test_tp_serve_rank_1_lost_rank_0_stops_within_the_timeout(tmp_path: Path, ho
         while (c.get("/worker/ready").json()["last_scrub"] or {}).get("shards") != 2:
             assert time.monotonic() < deadline, group.log(0)
             time.sleep(0.1)
-        # A shard freed on every rank, and committed again: a new record, a new group id.
+        # A rank's part does not move (it is bound to its rank's device by the record).
         first = c.get("/worker/ready").json()
+        moved = c.post(f"/worker/shards/{first['handles'][0]['shard_id']}/offload", json={"to": "host"})
+        assert moved.status_code == 400 and "tensor-parallel" in moved.json()["message"], moved.text
+        # A shard freed on every rank, and committed again: a new record, a new group id.
         r = c.delete(f"/worker/shards/{first['handles'][0]['shard_id']}")
         assert r.status_code == 200, r.text
         assert c.get("/worker/ready").json()["handles"] == []

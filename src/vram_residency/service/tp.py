@@ -44,7 +44,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -679,6 +679,19 @@ class TPWorker(Worker):
             seconds=dt,
             trigger=trigger,
         )
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """What the shard moves (migrate, offload, restore) take first: refused here, before
+        anything moves. A rank's part is bound to its rank's device by the group's record, and the
+        other ranks' parts cannot be moved from rank 0."""
+        if self._leader.held is not None:
+            raise InvalidInput(
+                "the shards of a tensor-parallel group do not move: each rank's part stays on its "
+                "rank's device (DELETE and commit again to re-seal)"
+            )
+        with super().exclusive():
+            yield
 
     def deallocate(self, shard_id: str) -> SealedShard:
         if self._leader.held is None:
