@@ -353,7 +353,7 @@ class TPLeader:
                     digest_algorithm=algorithm,
                 )
                 lm = TPByteLM(mgr, shard, config, rank=0, world=self.world, group=self.group.decoder)
-            except VramError as exc:
+            except Exception as exc:  # any failure must reach the exchange, or the others wait
                 status = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             try:
                 failed = _failures(self._exchange(status, "the commit"))
@@ -737,6 +737,10 @@ def _flip_if_asked(flip_dir: Path | None, rank: int, mgr: VramManager, held: _He
     f.unlink()
 
 
+class _CommitRefused(Exception):
+    """Some rank could not seal its part: every rank drops the commit (rank 0 says why)."""
+
+
 def _follower_commit(
     cmd: dict[str, Any],
     group: TPGroup,
@@ -761,18 +765,18 @@ def _follower_commit(
             digest_algorithm=str(cmd["algorithm"]),
         )
         lm = TPByteLM(mgr, shard, config, rank=rank, world=world, group=group.decoder)
-    except (VramError, KeyError, TypeError, IndexError, OSError) as exc:
+    except Exception as exc:  # any failure must reach the exchange, or the others wait
         status = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     try:
         if _failures(channel.exchange(status)):
-            raise InvalidInput("the commit failed on some rank")  # rank 0 reports it
+            raise _CommitRefused  # rank 0 reports which rank, and why
         assert shard is not None
         assert lm is not None
         tp = TPModel.seal(
             mgr, [shard], model_name=str(cmd["name"]), token=token, timeout_s=group.timeout_s, audit=audit
         )
         tp.verify()
-    except InvalidInput:
+    except _CommitRefused:
         if lm is not None:
             lm.close()
         if shard is not None:
