@@ -51,6 +51,7 @@ def _model_dir(root: Path) -> Path:
     d.mkdir(parents=True)
     (d / "model.safetensors").write_bytes(file_image(CONFIG))
     (d / "config.json").write_text(json.dumps({**CONFIG.to_json(), "untrained": True}))
+    (root / "models" / "blob.bin").write_bytes(bytes(range(256)) * 64)
     return root / "models"
 
 
@@ -208,6 +209,8 @@ def test_tp_serve_commit_ready_execute_and_a_flip_on_rank_1(tmp_path: Path) -> N
             "/worker/plan", json={"model_ref": MODEL, "shard_layout": "tensor_parallel", "tp_degree": 4}
         )
         assert plan.json()["feasible"] is False and "group of 2" in plan.json()["reason"]
+        plan = c.post("/worker/plan", json={"model_ref": MODEL, "shard_layout": "single"})
+        assert plan.json()["feasible"] is False and "tp_degree 2" in plan.json()["reason"]
 
         # -- execute: the same greedy tokens as one process --------------------------------------
         tp_tokens = []
@@ -288,6 +291,10 @@ def test_tp_serve_rank_1_lost_rank_0_stops_within_the_timeout(tmp_path: Path, ho
         r = c.delete(f"/worker/shards/{first['handles'][0]['shard_id']}")
         assert r.status_code == 200, r.text
         assert c.get("/worker/ready").json()["handles"] == []
+        # Only the byte-level decoder runs tensor-parallel: anything else is refused, nothing held.
+        r = c.post("/worker/commit", json={"model_ref": "blob.bin"})
+        assert r.status_code == 422 and r.json()["code"] == "MODEL_LOAD_FAILED", r.text
+        assert "byte-level decoder only" in r.json()["message"]
         r = c.post("/worker/commit", json={"model_ref": MODEL})
         assert r.status_code == 200, r.text
         again = c.get("/worker/ready").json()
