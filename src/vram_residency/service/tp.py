@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -803,6 +804,18 @@ def run_follower(
     from vram_residency.audit.log import AuditLog
 
     rank = group.env.rank
+
+    def on_signal(sig: int, _frame: object) -> None:
+        # torchrun sends SIGTERM to every rank at once; rank 0 drains its running jobs, which
+        # need this rank until they end. So this rank waits for rank 0's "stop" (or, should rank 0
+        # be gone, stops on its own within the timeout).
+        log.info(
+            "rank %d: %s: waiting for rank 0 to drain and stop the group", rank, signal.Signals(sig).name
+        )
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
     flip = os.environ.get(TEST_FLIP_ENV)
     flip_dir = Path(flip) if flip else None
     channel = _Channel(group.command, group.timeout_s)
