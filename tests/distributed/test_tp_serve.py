@@ -209,6 +209,12 @@ def test_tp_serve_commit_ready_execute_and_a_flip_on_rank_1(tmp_path: Path) -> N
             "/worker/plan", json={"model_ref": MODEL, "shard_layout": "tensor_parallel", "tp_degree": 4}
         )
         assert plan.json()["feasible"] is False and "group of 2" in plan.json()["reason"]
+        # Each rank holds half: a size above one rank's free memory fits over two.
+        free = plan.json()["available_bytes"]
+        big = {"vram_bytes": free * 3 // 2, "shard_layout": "tensor_parallel", "tp_degree": 2}
+        plan = c.post("/worker/plan", json=big)
+        assert plan.json()["feasible"] is True, plan.text
+        assert all(e["vram_bytes"] <= free for e in plan.json()["shard_plan"])
         plan = c.post("/worker/plan", json={"model_ref": MODEL, "shard_layout": "single"})
         assert plan.json()["feasible"] is False and "tp_degree 2" in plan.json()["reason"]
 

@@ -582,6 +582,15 @@ class TPWorker(Worker):
                 )
         return out
 
+    def plan(self, model: str | None, vram_bytes: int | None) -> dict[str, Any]:
+        """As one worker's, but each rank holds about 1/N of the model: it fits when that part
+        fits in rank 0's free device memory (which stands for every rank's: finding the others'
+        would take a collective, and a plan must never wait on the group)."""
+        out = super().plan(model, vram_bytes)
+        per_rank = self.needed_bytes(-(-out["model_bytes"] // self.tp_degree))
+        out["fits"] = 0 < per_rank <= out["available_bytes"] and per_rank <= self.manager.max_model_bytes
+        return out
+
     # -- commit, verify, free ----------------------------------------------------------------------
     def _commit_files(self, files: ModelFiles, check: DigestCheck, spec: CommitSpec) -> CommittedModel:
         if files.format != "safetensors" or files.config is None:
