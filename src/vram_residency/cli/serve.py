@@ -14,6 +14,11 @@ import dataclasses
 import ipaddress
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vram_residency.service.server import ServeOptions
+    from vram_residency.service.tp import TPEnv
 
 # The service (FastAPI, uvicorn) is imported when `serve` runs, not when the CLI starts: every
 # other subcommand would otherwise pay seconds of import time for it.
@@ -76,6 +81,55 @@ def _spec_options(args: argparse.Namespace) -> dict[str, object]:
     }
     out.update({k: v for k, v in optional.items() if v is not None})
     return out
+
+
+def _state_dir(opts: ServeOptions) -> Path:
+    from vram_residency.service.auth import default_state_dir
+
+    return opts.state_dir or default_state_dir()
+
+
+def _lead(opts: ServeOptions, env: TPEnv, timeout_s: float) -> ServeOptions:
+    """Rank 0 of a tensor-parallel group: the token file first (the others read it after the
+    rendezvous), then the group, then the usual worker built over it."""
+    from vram_residency.service.tp import TPLeader, group_token, init_group, make_tp_worker, resolve_backend
+
+    backend = resolve_backend(opts.backend)
+    state = _state_dir(opts)
+    token = group_token(opts.token_file, state, spec_mode=opts.spec_mode, create=True)
+    _say(f"  tensor-parallel: rank 0 of {env.world}, waiting for every rank (timeout {timeout_s:g} s)")
+    group = init_group(env, backend, timeout_s)
+    leader = TPLeader(group, token, state / "tp-parts")
+    return dataclasses.replace(
+        opts, make_worker=make_tp_worker(leader), device=env.local_rank, backend=backend, max_models=1
+    )
+
+
+def _follow(opts: ServeOptions, env: TPEnv, timeout_s: float) -> int:
+    """Rank k >= 1: no HTTP; hold and verify this rank's part, run rank 0's commands. Exits the
+    process (a group whose peer is gone cannot be torn down cleanly; everything is closed first)."""
+    import os
+    import socket
+    import sys
+
+    from vram_residency.service.tp import group_token, init_group, resolve_backend, run_follower
+
+    backend = resolve_backend(opts.backend)
+    group = init_group(env, backend, timeout_s)
+    state = _state_dir(opts)
+    token = group_token(opts.token_file, state, spec_mode=opts.spec_mode, create=False)
+    host = socket.gethostname()
+    worker_id = f"{opts.worker_id}-rank{env.rank}" if opts.worker_id else f"worker-{host}-{env.local_rank}"
+    # Every rank keeps its own audit log beside rank 0's (two writers of one file would break it).
+    log_path = opts.audit_log or state / "audit.jsonl"
+    audit = log_path.with_name(f"{log_path.stem}-rank{env.rank}{log_path.suffix}")
+    print(f"vram-residency rank {env.rank} of {env.world}: following rank 0 ({backend})", flush=True)
+    status = run_follower(
+        group, token, worker_id=worker_id, audit_path=audit, capacity_bytes=opts.capacity_bytes
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -144,12 +198,19 @@ def _run(args: argparse.Namespace) -> int:
         cli[key] = value
     opts = ServeOptions(**cli)
     check_options(opts)
+    from vram_residency.service.tp import tp_env
+
+    group = tp_env()  # launched by torchrun as one rank of a tensor-parallel group
+    if group is not None and group.rank != 0:
+        return _follow(opts, group, args.tp_timeout)
     # Bound before anything is printed: a busy port fails here, not after the banner (#17.19).
     sock = bind_socket(opts.host, opts.port)
     opts = dataclasses.replace(opts, port=int(sock.getsockname()[1]))  # --port 0: the port taken
     try:
         fds = harden_process()
         _say("vram-residency worker: starting")
+        if group is not None:
+            opts = _lead(opts, group, args.tp_timeout)
         built = build(opts)
     except BaseException:
         sock.close()
@@ -375,5 +436,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="BENCHMARK ONLY: run executions WITHOUT verifying the seals first, to measure what "
         "verification costs. Shown in /health, /metrics and the audit log. Never use for real traffic.",
+    )
+    p.add_argument(
+        "--tp-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="under torchrun (a tensor-parallel group, rank 0 serves HTTP): how long a command, "
+        "a collective verify or an all-reduce may wait for every rank before the group stops "
+        "(default 30)",
     )
     p.set_defaults(func=_run)

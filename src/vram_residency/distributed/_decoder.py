@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -234,8 +234,13 @@ class TPByteLM:
         out = self._forward(arr, self._caches(len(arr)), 0)
         return np.asarray(getattr(self._xp, "asnumpy", np.asarray)(out), dtype=np.float32)
 
-    def generate(self, prompt: bytes, max_tokens: int) -> list[int]:
-        """Greedy tokens after ``<bos>`` + ``prompt`` (stops at ``<eos>``; never emits ``<bos>``)."""
+    def generate(
+        self, prompt: bytes, max_tokens: int, on_token: Callable[[int], object] | None = None
+    ) -> list[int]:
+        """Greedy tokens after ``<bos>`` + ``prompt`` (stops at ``<eos>``; never emits ``<bos>``).
+
+        ``on_token`` gets each token the moment it is chosen (the service streams it); what it
+        returns is ignored: every rank must run the same steps, so a rank cannot stop alone."""
         if not max_tokens >= 1 or 1 + len(prompt) + max_tokens > self._c.max_position:
             raise InvalidInput("prompt plus max_tokens exceeds the model's context")
         ids = np.concatenate(([BOS_ID], np.frombuffer(prompt, dtype=np.uint8))).astype(np.int64)
@@ -250,6 +255,8 @@ class TPByteLM:
             if tok == EOS_ID:
                 return out
             out.append(tok)
+            if on_token is not None:
+                on_token(tok)
             if len(out) >= max_tokens:
                 return out
             logits = self._forward(np.array([tok], dtype=np.int64), caches, pos)[-1]

@@ -122,6 +122,8 @@ class ServeOptions:
     #: Seconds a connection may take to send its request headers, and stay idle between requests.
     header_timeout: float = 10.0
     extra_routers: tuple[Any, ...] = field(default=(), compare=False)
+    #: Builds the worker (default ``Worker``): a tensor-parallel rank 0 gives service.tp's here.
+    make_worker: Callable[..., Worker] | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -269,7 +271,7 @@ def build(opts: ServeOptions) -> Built:
     catalog = ModelCatalog(
         model_dir, builtin, {example: provider}, generated_root=state_dir / "example-models"
     )
-    worker = Worker(
+    worker = (opts.make_worker or Worker)(
         config,
         token,
         catalog,

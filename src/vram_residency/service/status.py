@@ -72,9 +72,9 @@ def worker_status(worker: Worker) -> dict[str, Any]:
     return {
         # The contract (WORKER-4230): ready only with a model loaded and no seal failed.
         "ready": state in (WorkerState.READY, WorkerState.EXECUTING) and bool(models),
-        "handles": [handle(worker, m, known) for m in models],
-        # Tensor-parallel groups come with the tensor-parallel work; one GPU has no group.
-        "nccl_group_id": None,
+        # A tensor-parallel group: every rank's shards (shard_index = rank), and the group's id.
+        "handles": [h for m in models for h in (worker.rank_handles(m) or [handle(worker, m, known)])],
+        "nccl_group_id": worker.group_id(),
         # Additions.
         "state": state.value,
         "worker_id": worker.config.worker_id,

@@ -399,6 +399,24 @@ class Worker:
     def models(self) -> list[CommittedModel]:
         return list(self._models.values())
 
+    # -- tensor parallelism (service/tp.py's TPWorker overrides these) ------------------------------
+    @property
+    def tp_degree(self) -> int:
+        """Ranks this worker's model is split over: 1, one process on one device."""
+        return 1
+
+    def tp_devices(self) -> list[int]:
+        """The device of each rank, in rank order."""
+        return [self.config.device]
+
+    def group_id(self) -> str | None:
+        """The tensor-parallel group's id (/worker/ready's ``nccl_group_id``); None without one."""
+        return None
+
+    def rank_handles(self, m: CommittedModel) -> list[dict[str, Any]] | None:
+        """Every rank's handles of ``m`` in a tensor-parallel group; None: the one local handle."""
+        return None
+
     def _mem_info(self) -> tuple[int, int]:
         mgr = self._manager
         if mgr is None or self._closed:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vram_residency.audit.errors import AuditWriteFailed
+from vram_residency.distributed import RankUnresponsive, TPVerificationFailed
 from vram_residency.errors import (
     ConfigError,
     CudaAllocationFailed,
@@ -108,6 +109,25 @@ def from_exception(exc: BaseException) -> ServiceError:
     """The API error for any exception raised while serving a request."""
     if isinstance(exc, ServiceError):
         return exc
+    if isinstance(exc, TPVerificationFailed):
+        # A tensor-parallel group's verdict: the same on every rank, naming the failing ranks.
+        return ServiceError(
+            500,
+            ErrorCode.SEAL_VERIFICATION_FAILED,
+            str(exc),
+            details={
+                "failing_ranks": list(exc.failing_ranks),
+                "corrupted_tensors": {str(r): t[:64] for r, t in exc.tensors.items()},
+            },
+        )
+    if isinstance(exc, RankUnresponsive):
+        # A rank died, hangs or is unreachable: the group stopped; nothing to retry here.
+        return ServiceError(
+            503,
+            ErrorCode.WORKER_STOPPED,
+            str(exc),
+            details={"state": "Stopped", "reason": "rank unresponsive"},
+        )
     if isinstance(exc, SealVerificationFailed):
         # AttestationMismatch is one too: the attest route answers it with the tagged statement
         # itself; anywhere else it is a failed verification like any other.

@@ -140,13 +140,31 @@ def worker_router(worker: Worker, *, auth: list[Any], ready_public: bool = False
             executable, why = worker.capability(worker.catalog.resolve(name))
             if not executable and feasible:
                 feasible, reason = False, why
+        degree = worker.tp_degree
         if req.shard_layout == "tensor_parallel":
             if req.tp_degree is None:
                 feasible, reason = False, "tp_degree is required for shard_layout tensor_parallel"
-            elif req.tp_degree > 1:
-                feasible, reason = False, "tensor-parallel plans are not supported yet: one GPU per worker"
+            elif req.tp_degree != degree and (req.tp_degree > 1 or degree > 1):
+                feasible, reason = False, (
+                    f"this worker runs as a tensor-parallel group of {degree} rank(s), not "
+                    f"{req.tp_degree} (start it under torchrun with --nproc-per-node {req.tp_degree})"
+                    if degree > 1
+                    else "this worker is one process on one GPU; start it under torchrun with "
+                    f"--nproc-per-node {req.tp_degree} for a tensor-parallel group"
+                )
+        elif degree > 1:
+            feasible, reason = False, (
+                f"this worker is a tensor-parallel group of {degree} ranks: plan with "
+                f'shard_layout "tensor_parallel" and tp_degree {degree}'
+            )
+        # Each rank holds about 1/degree of the model (its slice of every split weight).
+        split = -(-out["model_bytes"] // degree)
+        per_rank = worker.needed_bytes(split) if degree > 1 else out["needed_bytes"]
         shard_plan = (
-            [{"shard_index": 0, "vram_bytes": out["needed_bytes"], "gpu_device": worker.config.device}]
+            [
+                {"shard_index": r, "vram_bytes": per_rank, "gpu_device": d}
+                for r, d in enumerate(worker.tp_devices())
+            ]
             if feasible
             else []
         )
