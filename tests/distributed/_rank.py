@@ -46,7 +46,11 @@ def _part_file(out: Path, rank: int, size: int) -> tuple[Path, dict[str, tuple[i
     save_file(tensors, str(path))
     header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
     base = 8 + int.from_bytes(path.read_bytes()[:8], "little")
-    spans = {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+    spans = {
+        k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
     return path, spans
 
 
@@ -113,7 +117,13 @@ def _decoder(mgr: VramManager, rank: int, world: int, out: Path, audit: ListAudi
 
 
 def main() -> int:
-    scenario, rank, world, init, outdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    scenario, rank, world, init, outdir = (
+        sys.argv[1],
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        sys.argv[4],
+        sys.argv[5],
+    )
     args: dict[str, Any] = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
     out = Path(outdir)
     result: dict[str, Any] = {"rank": rank}
@@ -134,9 +144,14 @@ def main() -> int:
                 path, spans = _part_file(out, rank, int(args.get("size", 1 << 16)))
                 shard = mgr.seal_file(path)
                 tp = TPModel.seal(
-                    mgr, [shard], model_name="test-model", token=TOKEN, timeout_s=timeout,
+                    mgr,
+                    [shard],
+                    model_name="test-model",
+                    token=TOKEN,
+                    timeout_s=timeout,
                     verdict_transport=args.get("transport", "gloo"),
-                    audit=audit, on_incident=lambda e: incidents.append(type(e).__name__),
+                    audit=audit,
+                    on_incident=lambda e: incidents.append(type(e).__name__),
                 )
                 result["record"] = tp.record.record()
                 tp.verify()

@@ -29,7 +29,7 @@ def test_placement_and_concurrent_verification() -> None:
         result = md.verify_all(raise_on_failure=False)
         assert not result.ok
         assert {d: [s.shard_id for s, _ in f] for d, f in result.failures.items() if f} == {1: [bad.shard_id]}
-        (_, exc), = result.failures[1]
+        ((_, exc),) = result.failures[1]
         assert isinstance(exc, SealVerificationFailed)
         assert exc.corrupted_ranges == [(2 << 20, 3 << 20)]
         with pytest.raises(SealVerificationFailed):

@@ -34,7 +34,11 @@ def two_hosts() -> Iterator[tuple[str, str]]:
     try:
         _ip("netns", "add", ns[0])
     except (subprocess.CalledProcessError, OSError) as exc:
-        err = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        err = (
+            exc.stderr.decode(errors="replace").strip()
+            if isinstance(exc, subprocess.CalledProcessError)
+            else exc
+        )
         pytest.skip(f"cannot create a network namespace here (needs root / CAP_SYS_ADMIN): {err}")
     try:
         _ip("netns", "add", ns[1])

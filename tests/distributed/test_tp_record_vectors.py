@@ -19,8 +19,16 @@ DIGEST = "5e1fd3dc2db57d1b502c092c8851726417dea5bda061ba6b8987bb7f885580b5"
 
 def _shard(shard_id: str, device: int, index: int) -> SealedShard:
     f = SealFields(
-        shard_id, device, 4097, "sha256-tree-v1", DIGEST, 1764331200000000000, "worker-a",
-        "llama-3-8b@sha256:abc", index, 2,
+        shard_id,
+        device,
+        4097,
+        "sha256-tree-v1",
+        DIGEST,
+        1764331200000000000,
+        "worker-a",
+        "llama-3-8b@sha256:abc",
+        index,
+        2,
     )
     return SealedShard.from_fields(f, seal_key(TOKEN).tag(seal_message(f)))
 
@@ -146,7 +154,13 @@ def test_tampered_record_refused(edit: str) -> None:
         {"format": "tp-record-v1", "model_name": "m", "world_size": True, "parts": [], "signature": "0" * 64},
         {"format": "tp-record-v1", "model_name": "m", "world_size": 1, "parts": {}, "signature": "0" * 64},
         {"format": "tp-record-v1", "model_name": "m", "world_size": 1, "parts": [], "signature": "AB"},
-        {"format": "tp-record-v1", "model_name": "m", "world_size": 1, "parts": [{"seals": []}], "signature": "0" * 64},
+        {
+            "format": "tp-record-v1",
+            "model_name": "m",
+            "world_size": 1,
+            "parts": [{"seals": []}],
+            "signature": "0" * 64,
+        },
     ],
 )
 def test_malformed_record(bad: Any) -> None:

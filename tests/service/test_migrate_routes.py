@@ -53,7 +53,9 @@ def test_migrate_offload_restore_over_http(w: Running, tmp_path: Path) -> None:
     new = body["shard_id"]
     assert w.client.post("/worker/verify").status_code == 200
     status, after = execute(w.client, prompt="hello", max_tokens=4)
-    assert status == 200 and after[-1][1]["output_sha256"] == before[-1][1]["output_sha256"]  # same weights, same output
+    assert (
+        status == 200 and after[-1][1]["output_sha256"] == before[-1][1]["output_sha256"]
+    )  # same weights, same output
     r = w.client.post(f"/worker/shards/{new}/offload", json={"to": "file", "path": str(tmp_path / "off.bin")})
     assert r.status_code == 200 and r.json()["state"] == "offloaded"
     status, err = execute(w.client, prompt="hello", max_tokens=4)

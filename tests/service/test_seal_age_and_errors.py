@@ -59,4 +59,7 @@ def test_seal_failure_whose_audit_record_was_lost_says_both() -> None:
     assert details["shard_id"] == "shard-" + "b" * 32 and details["corrupted_ranges"] == [[8, 16]]
     assert details["audit_write_failed"] == "cannot write audit log: No space left on device"
     # Without a lost record there is no such key.
-    assert "audit_write_failed" not in from_exception(SealVerificationFailed("x", shard_id="s")).body()["details"]
+    assert (
+        "audit_write_failed"
+        not in from_exception(SealVerificationFailed("x", shard_id="s")).body()["details"]
+    )

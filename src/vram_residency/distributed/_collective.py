@@ -177,9 +177,7 @@ class TPModel:
         self._on_incident = on_incident
         self._incident: TPIncident | None = None
         # What each rank's summary must be when it passes: the digests sealed in the record.
-        self._expected = [
-            _summary([bytes.fromhex(s.digest) for s in p.shards]) for p in record.parts
-        ]
+        self._expected = [_summary([bytes.fromhex(s.digest) for s in p.shards]) for p in record.parts]
         self.last_local_ns = 0
         self.last_collective_ns = 0
 
@@ -340,7 +338,8 @@ class TPModel:
         if failing:
             k = failing[0]
             why = (
-                f"rank {self._rank} FAILED verification" if self._rank in failing
+                f"rank {self._rank} FAILED verification"
+                if self._rank in failing
                 else f"rank {self._rank} is fine; stopped because rank {k} failed"
             )
             detail = "; ".join(
@@ -380,9 +379,7 @@ class TPModel:
                     world_size=self.world_size,
                     reason=reason,
                     failing_ranks=list(incident.failing_ranks),
-                    failing_tensors={
-                        str(r): v for r, v in getattr(incident, "tensors", {}).items()
-                    },
+                    failing_tensors={str(r): v for r, v in getattr(incident, "tensors", {}).items()},
                     message=str(incident),
                 )
         finally:

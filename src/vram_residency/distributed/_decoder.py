@@ -48,8 +48,13 @@ from vram_residency.shard import SealedShard
 __all__ = ["TPByteLM", "part_file_name", "split_byte_lm"]
 
 _NEG: Final = np.float32(-1e30)
-_COLUMN: Final = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                  "mlp.gate_proj.weight", "mlp.up_proj.weight")
+_COLUMN: Final = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+)
 _ROW: Final = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
@@ -132,7 +137,13 @@ class TPByteLM:
     """
 
     def __init__(
-        self, mgr: VramManager, shard: SealedShard, config: ByteLMConfig, *, rank: int, world: int,
+        self,
+        mgr: VramManager,
+        shard: SealedShard,
+        config: ByteLMConfig,
+        *,
+        rank: int,
+        world: int,
         group: Any = None,
     ) -> None:
         config.check()

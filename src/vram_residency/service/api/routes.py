@@ -145,17 +145,23 @@ def worker_router(worker: Worker, *, auth: list[Any], ready_public: bool = False
             if req.tp_degree is None:
                 feasible, reason = False, "tp_degree is required for shard_layout tensor_parallel"
             elif req.tp_degree != degree and (req.tp_degree > 1 or degree > 1):
-                feasible, reason = False, (
-                    f"this worker runs as a tensor-parallel group of {degree} rank(s), not "
-                    f"{req.tp_degree} (start it under torchrun with --nproc-per-node {req.tp_degree})"
-                    if degree > 1
-                    else "this worker is one process on one GPU; start it under torchrun with "
-                    f"--nproc-per-node {req.tp_degree} for a tensor-parallel group"
+                feasible, reason = (
+                    False,
+                    (
+                        f"this worker runs as a tensor-parallel group of {degree} rank(s), not "
+                        f"{req.tp_degree} (start it under torchrun with --nproc-per-node {req.tp_degree})"
+                        if degree > 1
+                        else "this worker is one process on one GPU; start it under torchrun with "
+                        f"--nproc-per-node {req.tp_degree} for a tensor-parallel group"
+                    ),
                 )
         elif degree > 1:
-            feasible, reason = False, (
-                f"this worker is a tensor-parallel group of {degree} ranks: plan with "
-                f'shard_layout "tensor_parallel" and tp_degree {degree}'
+            feasible, reason = (
+                False,
+                (
+                    f"this worker is a tensor-parallel group of {degree} ranks: plan with "
+                    f'shard_layout "tensor_parallel" and tp_degree {degree}'
+                ),
             )
         # Each rank holds about 1/degree of the model (its slice of every split weight).
         split = -(-out["model_bytes"] // degree)
