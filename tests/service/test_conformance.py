@@ -159,7 +159,7 @@ def test_worker_4210_4214_plan_answers_feasible_vram_and_shard_plan(env: dict[st
 
 
 # -- commit (4220-4227, 4110-4113) ---------------------------------------------------------------
-def test_worker_4223_bare_hex_digest_is_sha256(env: dict[str, Any]) -> None:
+def test_worker_4223_4113_bare_hex_digest_is_sha256(env: dict[str, Any]) -> None:
     w = _w(env)
     weights: Path = env["weights"]
     r = w.client.post(
@@ -426,6 +426,31 @@ def _metric(c: httpx.Client, name: str) -> float:
 
 
 # -- lifecycle and shutdown (4020-4032, 4960-4972), config (4980-4991), callbacks ----------------
+def test_worker_4020_4032_states_and_one_model_per_process(env: dict[str, Any], tmp_path: Path) -> None:
+    # A worker of its own, with the default limit: one model per process (4020s); its states move
+    # Starting -> Ready through a commit, and a SIGTERM drains it to an exit 0. (A seal failure
+    # moving it to Stopped is in tests/service/test_incident.py: flipping a bit needs the
+    # process's own memory.)
+    shutil.copytree(env["models"] / MODEL, tmp_path / "models" / MODEL)
+    (tmp_path / "models" / "blob.bin").write_bytes(b"\x01" * 8192)
+    w = run_serve(tmp_path / "w", "--model-dir", str(tmp_path / "models"), "--scrub-interval", "0")
+    try:
+        assert w.client.get("/health").json()["state"] == "Starting"
+        first = w.client.post("/worker/commit", json={"model_ref": MODEL, "shard_id": "only"})
+        assert first.status_code == 200, first.text
+        assert w.client.get("/health").json()["state"] == "Ready"
+        second = w.client.post("/worker/commit", json={"model_ref": "blob.bin", "shard_id": "second"})
+        assert second.status_code == 409 and "at most 1 model" in second.json()["message"]
+        ready = w.client.get("/worker/ready").json()
+        assert ready["ready"] is True and [h["shard_id"] for h in ready["handles"]] == ["only"]
+        status, events, _ = execute(
+            w.client, {"handle_id": "only", "prompt": "hi", "params": {"max_tokens": 2}}
+        )
+        assert status == 200 and events[-1][0] == "end"
+    finally:
+        assert w.stop() == 0
+
+
 def _spec_config(tmp: Path, token_file: Path, callback: str, **extra: Any) -> dict[str, Any]:
     return {
         "worker_id": "worker-conf-0",
