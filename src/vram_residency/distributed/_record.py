@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from vram_residency.errors import InvalidInput, SealVerificationFailed
+from vram_residency.formats import encode_field as _field
 from vram_residency.formats.keys import SecretKey
 from vram_residency.shard import SealedShard, check_seal_record
 
@@ -44,11 +45,6 @@ MAX_WORLD_SIZE: Final = 1 << 16
 def tp_key(token: str | bytes) -> SecretKey:
     """``K_tp = HKDF-SHA256(token, salt=none, info="llorch-vram-tp-record-v1", L=32)``."""
     return SecretKey.from_token(token, TP_RECORD_KEY_INFO)
-
-
-def _field(name: str, value: bytes) -> bytes:
-    raw = name.encode("ascii")
-    return len(raw).to_bytes(2, "little") + raw + len(value).to_bytes(4, "little") + value
 
 
 def _u32(name: str, value: object) -> bytes:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from vram_residency.errors import InvalidInput
+from vram_residency.formats._fields import check_int as _check_int
+from vram_residency.formats._fields import check_utf8 as _check_utf8
+from vram_residency.formats._fields import field as _field
 from vram_residency.formats.keys import SecretKey
 
 __all__ = [
@@ -123,23 +126,6 @@ class Statement:
             s.validate()
         if self.verdict not in ("ok", "mismatch"):
             raise InvalidInput("verdict must be 'ok' or 'mismatch'")
-
-
-def _check_utf8(name: str, value: str) -> None:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput(f"{name} is not encodable as UTF-8 (lone surrogate)") from None
-
-
-def _check_int(name: str, value: object, limit: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise InvalidInput(f"{name} must be an integer in [0, {limit}]")
-
-
-def _field(name: str, value: bytes) -> bytes:
-    raw = name.encode("ascii")
-    return len(raw).to_bytes(2, "little") + raw + len(value).to_bytes(4, "little") + value
 
 
 def attest_message(s: Statement) -> bytes:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from vram_residency.errors import InvalidInput
+from vram_residency.formats._fields import check_int as _check_int
+from vram_residency.formats._fields import check_utf8 as _check_utf8
+from vram_residency.formats._fields import field as _field
 from vram_residency.formats.keys import SEAL_KEY_INFO, SecretKey
 from vram_residency.formats.tree import SEAL_ALGORITHMS
 
@@ -68,24 +71,6 @@ class SealFields:
             and (self.total_shards < 1 or self.shard_index >= self.total_shards)
         ):
             raise InvalidInput("shard_index must be < total_shards, and total_shards >= 1")
-
-
-def _check_utf8(name: str, value: str) -> None:
-    # A JSON string may hold lone surrogates, which have no UTF-8 encoding.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput(f"{name} is not encodable as UTF-8 (lone surrogate)") from None
-
-
-def _check_int(name: str, value: object, limit: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise InvalidInput(f"{name} must be an integer in [0, {limit}]")
-
-
-def _field(name: str, value: bytes) -> bytes:
-    raw = name.encode("ascii")
-    return len(raw).to_bytes(2, "little") + raw + len(value).to_bytes(4, "little") + value
 
 
 def _opt_u64(value: int | None) -> bytes:
