@@ -56,7 +56,7 @@ def test_migrate_offload_restore_over_http(w: Running, tmp_path: Path) -> None:
     assert (
         status == 200 and after[-1][1]["output_sha256"] == before[-1][1]["output_sha256"]
     )  # same weights, same output
-    r = w.client.post(f"/worker/shards/{new}/offload", json={"to": "file", "path": str(tmp_path / "off.bin")})
+    r = w.client.post(f"/worker/shards/{new}/offload", json={"to": "file", "path": "off.bin"})
     assert r.status_code == 200 and r.json()["state"] == "offloaded"
     status, err = execute(w.client, prompt="hello", max_tokens=4)
     assert status == 400 and "offloaded" in err["message"]
@@ -76,8 +76,11 @@ def test_route_errors(w: Running) -> None:
     assert r.status_code == 404
     r = w.client.post(f"/worker/shards/{sid}/restore")
     assert r.status_code == 409
-    r = w.client.post(f"/worker/shards/{sid}/offload", json={"to": "file", "path": "relative.bin"})
-    assert r.status_code == 400
+    # File offloads go to the worker's own offload directory, by plain name only: no caller-chosen
+    # paths (absolute, relative with directories, hidden, or into a parent).
+    for bad in ("/tmp/x.bin", "../x.bin", "a/b.bin", ".hidden", ""):
+        r = w.client.post(f"/worker/shards/{sid}/offload", json={"to": "file", "path": bad})
+        assert r.status_code == 400, bad
     r = httpx.post(f"{w.url}/worker/shards/{sid}/migrate", json={"gpu_device": 1})
     assert r.status_code == 401
     w.built.worker._exec_lock.acquire()  # what a running execute holds

@@ -73,7 +73,7 @@ def _tolerated(label: str, status: int, text: str) -> bool:
     if label == "POST /worker/execute" and status == 400 and "context" in text:
         return True
     # The devices a shard may move to are the worker's configuration (serve --devices), and an
-    # offload's path must be absolute and given only with to="file": checked in code, not schema.
+    # offload's path is given only with to="file" (and not as a *.tmp name): checked in code.
     if label == "POST /worker/shards/{shard_id}/migrate" and status == 400 and "device" in text:
         return True
     if label == "POST /worker/shards/{shard_id}/offload" and status == 400 and "path" in text:

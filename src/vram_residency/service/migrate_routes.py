@@ -1,7 +1,7 @@
 """Worker API routes that move a committed model's shard: migrate, offload, restore (issue 13).
 
     POST /worker/shards/{shard_id}/migrate  {"gpu_device": 1}
-    POST /worker/shards/{shard_id}/offload  {"to": "host"} | {"to": "file", "path": "/abs/path"}
+    POST /worker/shards/{shard_id}/offload  {"to": "host"} | {"to": "file", "path": "NAME"}
     POST /worker/shards/{shard_id}/restore
 
 Registered by ONE line where the app is built (service/app.py keeps it; nothing else is needed):
@@ -24,7 +24,7 @@ worker's execution lock: the request then answers 409 (retriable) instead of wai
 
 from __future__ import annotations
 
-import os
+import re
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -64,7 +64,8 @@ class MigrateRequest(BaseModel):
 class OffloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     to: Literal["host", "file"] = "host"
-    path: str | None = Field(default=None, max_length=4096)
+    #: A plain file name, written in the worker's own offload directory (``to: "file"`` only).
+    path: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ShardMoveResponse(BaseModel):
@@ -81,6 +82,28 @@ def _model(worker: Worker, shard_id: str) -> CommittedModel:
     if model is None:
         raise ServiceError(404, ErrorCode.INVALID_PARAMS, f"shard {shard_id!r} is not held by this worker")
     return model
+
+
+_OFFLOAD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _offload_file(worker: Worker, name: str | None) -> str:
+    """Where a ``to: "file"`` offload goes: a plain file name inside the worker's own
+    ``<state dir>/spool/offload/`` (0700). The API never writes to a path the caller chooses:
+    whoever holds the token would otherwise write model bytes anywhere the worker's user can."""
+    spool = worker.config.spool_dir
+    if spool is None:
+        raise ServiceError(400, ErrorCode.INVALID_PARAMS, "file offloads need the worker's state directory")
+    if name is None or not _OFFLOAD_NAME.fullmatch(name) or name.endswith(".tmp"):
+        raise ServiceError(
+            400,
+            ErrorCode.INVALID_PARAMS,
+            "to='file' needs a path that is a plain file name (letters, digits, '.', '_', '-'); "
+            "it is written in the worker's offload directory",
+        )
+    root = spool / "offload"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return str(root / name)
 
 
 def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices: Sequence[int]) -> None:
@@ -172,17 +195,16 @@ def register_migrate_routes(app: FastAPI, worker: Worker, token: bytes, devices:
     def offload_shard(req: OffloadRequest, shard_id: str = _SHARD_ID) -> ShardMoveResponse:
         """Move a shard to host memory or a file and free its VRAM; executing it answers 404
         (not sealed) until it is restored."""
-        if req.to == "file" and (req.path is None or not os.path.isabs(req.path)):
-            raise ServiceError(400, ErrorCode.INVALID_PARAMS, "to='file' needs an absolute path")
         if req.to == "host" and req.path is not None:
             raise ServiceError(400, ErrorCode.INVALID_PARAMS, "path applies to to='file' only")
+        target = _offload_file(worker, req.path) if req.to == "file" else None
         with worker.exclusive():
             model = _model(worker, shard_id)
             if model.executor is not None:
                 model.executor.close()
                 model.executor = None
             try:
-                worker.manager.offload(model.shard, req.to, req.path)
+                worker.manager.offload(model.shard, req.to, target)
             except BaseException:
                 worker.rebuild_executor(model)
                 raise
