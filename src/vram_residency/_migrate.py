@@ -342,25 +342,7 @@ def _receive_host(
     # nh-fast-v1 under the shard's key), so a unit-aligned chunk is hashed on its own.
     key = mgr.digest_key(sealed.digest_algorithm, sealed.shard_id)
     bad = _bad_units(units, hash_units(out, sealed.digest_algorithm, key=key).unit_digests, first)
-    for _attempt in range(max_retries):
-        if not bad:
-            return
-        again = []
-        for u in bad:
-            start, length = _unit_range(u, sealed.vram_bytes)
-            piece = out[start - offset : start - offset + length]
-            mgr.backend.read_into(entry.buf, start, piece)
-            if on_landed is not None:
-                on_landed(piece, start, length)
-            if hash_units(piece, sealed.digest_algorithm, key=key).unit(0) != units[32 * u : 32 * u + 32]:
-                again.append(u)
-        bad = again
-    if bad:
-        mgr.verify_held(sealed, entry)  # raises when the device memory itself is damaged
-        raise IntegrityViolation(
-            f"shard {sealed.shard_id}: copy to host still arrived wrong after {max_retries} retries; "
-            "the shard stays resident"
-        )
+    _reread_units(mgr, entry, out, offset, bad, key, max_retries, on_landed)
 
 
 def _receive_all(
@@ -390,17 +372,35 @@ def _receive_all(
             bad.extend(_bad_units(units, got, off // UNIT_SIZE))
 
     mgr.backend.read_chunks(entry.buf, out, landed)
+    _reread_units(mgr, entry, out, 0, bad, key, max_retries, on_landed)
+
+
+def _reread_units(
+    mgr: ShardStore,
+    entry: ShardRecord,
+    out: memoryview,
+    offset: int,
+    bad: list[int],
+    key: bytes | None,
+    max_retries: int,
+    on_landed: LandedHook | None,
+) -> None:
+    """Read the units in ``bad`` again into ``out`` (which holds the shard's bytes from
+    ``offset`` on) until each matches its sealed unit digest, at most ``max_retries`` rounds;
+    then, if any still differs, decide whose fault it is: a damaged device copy raises
+    SealVerificationFailed (verify), a transfer that keeps failing IntegrityViolation."""
+    sealed, units = entry.shard, entry.unit_digests
     for _attempt in range(max_retries):
         if not bad:
             return
         again = []
         for u in bad:
             start, length = _unit_range(u, sealed.vram_bytes)
-            piece = out[start : start + length]
+            piece = out[start - offset : start - offset + length]
             mgr.backend.read_into(entry.buf, start, piece)
             if on_landed is not None:
                 on_landed(piece, start, length)
-            if hash_units(piece, algorithm, key=key).unit(0) != units[32 * u : 32 * u + 32]:
+            if hash_units(piece, sealed.digest_algorithm, key=key).unit(0) != units[32 * u : 32 * u + 32]:
                 again.append(u)
         bad = again
     if bad:
