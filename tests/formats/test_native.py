@@ -210,9 +210,9 @@ def test_unit_digests_are_unit_subtree_roots() -> None:
 
 
 def test_missing_library_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(_native, "_HERE", tmp_path)
-    monkeypatch.setattr(_native, "_state", None)
-    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(
+        _native, "_LIB", _native.NativeLibrary(tmp_path / _native.LIBRARY_NAME, _native._bind, "x")
+    )
     assert not _native.available()
     assert "not built" in (_native.unavailable_reason() or "")
     with pytest.raises(RuntimeError):

@@ -4,6 +4,7 @@ keys are checked, and the structured changes of the spec's security section are 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from vram_residency.backends.host import HostBackend
 from vram_residency.errors import InvalidInput
-from vram_residency.formats import _nhfast_native, nhfast, tree
+from vram_residency.formats import _native, _nhfast_native, nhfast, tree
 
 MIB = 1 << 20
 EDGES = [0, 1, 7, 8, 4095, 4096, 4097, MIB - 1, MIB, MIB + 1, 2 * MIB + 4097]
@@ -166,7 +167,8 @@ def test_numpy_fallback_when_the_library_is_missing(monkeypatch: pytest.MonkeyPa
     data, key = _data(33 * MIB + 5, 5), os.urandom(32)
     want = tree.hash_units(data, tree.NH_FAST_V1, key=key)
     want_small = nhfast.reference_hash(data[:5000], key)
-    monkeypatch.setattr(_nhfast_native, "_state", "disabled for this test")
+    missing = _native.NativeLibrary(Path("/nonexistent/_nhfast.so"), _nhfast_native._bind, "nh-fast-v1")
+    monkeypatch.setattr(_nhfast_native, "_LIB", missing)
     assert not _nhfast_native.available()
     assert tree.hash_units(data, tree.NH_FAST_V1, key=key, threads=2) == want
     small = tree.hash_units(data[:5000], tree.NH_FAST_V1, key=key, threads=1)

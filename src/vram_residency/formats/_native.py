@@ -21,10 +21,19 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-__all__ = ["LIBRARY_NAME", "SOURCE_NAME", "available", "compile_library", "sha256_tree_units"]
+__all__ = [
+    "LIBRARY_NAME",
+    "SOURCE_NAME",
+    "NativeLibrary",
+    "available",
+    "build_main",
+    "compile_library",
+    "sha256_tree_units",
+]
 
 SOURCE_NAME: Final = "_treehash.c"
 LIBRARY_NAME: Final = "_treehash.so"
@@ -35,11 +44,63 @@ _UNIT_SIZE: Final = 1 << 20
 CFLAGS: Final = ("-O3", "-fPIC", "-shared", "-pthread", "-std=c11")
 LDLIBS: Final = ("-ldl",)  # dlopen is in libc since glibc 2.34; older glibc needs libdl.
 
-_lib: ctypes.CDLL | None = None
-_state: str | None = None  # None: not tried yet; "" loaded; otherwise why not
-# ctypes drops the GIL inside treehash_init, so two first callers could otherwise both store the
-# C function pointers at once.
-_load_lock = threading.Lock()
+
+class NativeLibrary:
+    """One optional native library of this package, loaded on first use, once.
+
+    ``bind(lib)`` declares the C signatures (and may initialise the library); it returns "" when
+    the library is usable, otherwise why not. The load is under a lock: ctypes drops the GIL
+    inside C calls (``treehash_init``), so two first callers could otherwise both bind it."""
+
+    def __init__(self, path: Path, bind: Callable[[ctypes.CDLL], str], label: str) -> None:
+        self.path = path
+        self.label = label
+        self._bind = bind
+        self._lib: ctypes.CDLL | None = None
+        self._state: str | None = None  # None: not tried yet; "" loaded; otherwise why not
+        self._lock = threading.Lock()
+
+    def _load(self) -> str:
+        if not self.path.exists():
+            return f"{self.path} not built"
+        try:
+            lib = ctypes.CDLL(str(self.path))
+        except OSError as exc:
+            return f"cannot load {self.path}: {exc}"
+        why = self._bind(lib)
+        if not why:
+            self._lib = lib
+        return why
+
+    def unavailable_reason(self) -> str | None:
+        """``None`` when the library is usable, otherwise a short explanation."""
+        if self._state is None:
+            with self._lock:
+                if self._state is None:
+                    self._state = self._load()
+        return self._state or None
+
+    def handle(self) -> ctypes.CDLL:
+        """The loaded library; RuntimeError (with the reason) when it is not usable."""
+        reason = self.unavailable_reason()
+        if reason is not None or self._lib is None:
+            raise RuntimeError(f"native {self.label} is not available: {reason}")
+        return self._lib
+
+
+def build_main(argv: list[str], source: Path, lib: NativeLibrary, detail: Callable[[], str]) -> int:
+    """``python -m ...`` of a native module: ``--build`` compiles ``source`` into the library's
+    path first; then say whether the library is usable (``detail()`` adds to "available")."""
+    if argv == ["--build"]:
+        err = compile_library(source, lib.path)
+        if err:
+            print(f"build failed: {err}", file=sys.stderr)
+            return 1
+        print(f"built {lib.path}")
+    reason = lib.unavailable_reason()
+    state = f"available{detail()}" if reason is None else f"unavailable ({reason})"
+    print(f"native {lib.label}: {state}")
+    return 0 if reason is None else 1
 
 
 def compile_library(source: Path, dest: Path, *, cc: str | None = None) -> str | None:
@@ -90,34 +151,23 @@ def _libcrypto_candidates() -> list[str]:
     return out
 
 
-def _load() -> str:
-    global _lib
-    path = _HERE / LIBRARY_NAME
-    if not path.exists():
-        return f"{path} not built"
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        return f"cannot load {path}: {exc}"
+def _bind(lib: ctypes.CDLL) -> str:
     lib.treehash_init.argtypes = [ctypes.c_char_p]
     lib.treehash_init.restype = ctypes.c_int
     lib.treehash_sha256_units.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int]
     lib.treehash_sha256_units.restype = ctypes.c_int
     for cand in _libcrypto_candidates():
         if lib.treehash_init(os.fsencode(cand)) == 0:
-            _lib = lib
             return ""
     return "no libcrypto with SHA256_Init/Update/Final found"
 
 
+_LIB = NativeLibrary(_HERE / LIBRARY_NAME, _bind, "sha256-tree-v1")
+
+
 def unavailable_reason() -> str | None:
     """``None`` when the native path is usable, otherwise a short explanation."""
-    global _state
-    if _state is None:
-        with _load_lock:
-            if _state is None:
-                _state = _load()
-    return _state or None
+    return _LIB.unavailable_reason()
 
 
 def available() -> bool:
@@ -130,8 +180,7 @@ def sha256_tree_units(view: memoryview, threads: int) -> bytes:
     ``view`` may be read-only (bytes, read-only mmap) or writable; it must be C-contiguous.
     The GIL is released while the C threads hash.
     """
-    if not available() or _lib is None:
-        raise RuntimeError(f"native tree hasher is not available: {_state}")
+    lib = _LIB.handle()
     import numpy as np  # a project dependency; imported late so the build hook does not need it
 
     # numpy takes a buffer export of ``view`` for read-only and writable buffers alike (ctypes'
@@ -141,7 +190,7 @@ def sha256_tree_units(view: memoryview, threads: int) -> bytes:
     n = arr.size
     units = max(1, -(-n // _UNIT_SIZE))
     out = ctypes.create_string_buffer(32 * units)
-    rc = _lib.treehash_sha256_units(arr.ctypes.data if n else None, n, out, max(1, int(threads)))
+    rc = lib.treehash_sha256_units(arr.ctypes.data if n else None, n, out, max(1, int(threads)))
     del arr
     if rc != 0:
         raise RuntimeError(f"native tree hasher failed (rc={rc})")
@@ -149,15 +198,7 @@ def sha256_tree_units(view: memoryview, threads: int) -> bytes:
 
 
 def _main(argv: list[str]) -> int:
-    if argv == ["--build"]:
-        err = compile_library(_HERE / SOURCE_NAME, _HERE / LIBRARY_NAME)
-        if err:
-            print(f"build failed: {err}", file=sys.stderr)
-            return 1
-        print(f"built {_HERE / LIBRARY_NAME}")
-    reason = unavailable_reason()
-    print("native sha256-tree-v1: " + ("available" if reason is None else f"unavailable ({reason})"))
-    return 0 if reason is None else 1
+    return build_main(argv, _HERE / SOURCE_NAME, _LIB, lambda: "")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import sys
-import threading
 from pathlib import Path
 from typing import Final
+
+from vram_residency.formats._native import NativeLibrary, build_main
 
 __all__ = ["LIBRARY_NAME", "PATHS", "SOURCE_NAME", "available", "leaf_tags", "path_name"]
 
@@ -27,20 +28,8 @@ _KEY_BYTES: Final = 5120
 #: Names of the C paths (``nhfast_path``): the portable loop, AVX2, AVX-512F.
 PATHS: Final = ("portable", "avx2", "avx512f")
 
-_lib: ctypes.CDLL | None = None
-_state: str | None = None
-_load_lock = threading.Lock()
 
-
-def _load() -> str:
-    global _lib
-    path = _HERE / LIBRARY_NAME
-    if not path.exists():
-        return f"{path} not built"
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        return f"cannot load {path}: {exc}"
+def _bind(lib: ctypes.CDLL) -> str:
     lib.nhfast_leaf_tags.argtypes = [
         ctypes.c_void_p,
         ctypes.c_uint64,
@@ -52,17 +41,14 @@ def _load() -> str:
     lib.nhfast_leaf_tags.restype = ctypes.c_int
     lib.nhfast_path.argtypes = [ctypes.c_int]
     lib.nhfast_path.restype = ctypes.c_int
-    _lib = lib
     return ""
 
 
+_LIB = NativeLibrary(_HERE / LIBRARY_NAME, _bind, "nh-fast-v1")
+
+
 def unavailable_reason() -> str | None:
-    global _state
-    if _state is None:
-        with _load_lock:
-            if _state is None:
-                _state = _load()
-    return _state or None
+    return _LIB.unavailable_reason()
 
 
 def available() -> bool:
@@ -71,9 +57,7 @@ def available() -> bool:
 
 def path_name(want: int = -1) -> str:
     """The C path ``leaf_tags(..., want=want)`` runs on this CPU."""
-    if not available() or _lib is None:
-        raise RuntimeError(f"native nh-fast-v1 is not available: {_state}")
-    return PATHS[int(_lib.nhfast_path(want))]
+    return PATHS[int(_LIB.handle().nhfast_path(want))]
 
 
 def leaf_tags(view: memoryview, nh_key: bytes, threads: int, *, want: int = -1) -> bytes:
@@ -81,8 +65,7 @@ def leaf_tags(view: memoryview, nh_key: bytes, threads: int, *, want: int = -1) 
 
     ``want`` caps the vector path (0 portable, 1 AVX2, 2 AVX-512F; -1 the best available): the
     tests run every path against the reference."""
-    if not available() or _lib is None:
-        raise RuntimeError(f"native nh-fast-v1 is not available: {_state}")
+    lib = _LIB.handle()
     if len(nh_key) != _KEY_BYTES:
         raise ValueError("the NH key is 5120 bytes")
     import numpy as np
@@ -93,7 +76,7 @@ def leaf_tags(view: memoryview, nh_key: bytes, threads: int, *, want: int = -1) 
     n = arr.size
     out = ctypes.create_string_buffer(_TAG * max(1, -(-n // _LEAF)))
     ptr = arr.ctypes.data if n else None
-    rc = _lib.nhfast_leaf_tags(ptr, n, nh_key, out, max(1, int(threads)), int(want))
+    rc = lib.nhfast_leaf_tags(ptr, n, nh_key, out, max(1, int(threads)), int(want))
     del arr
     if rc != 0:
         raise RuntimeError(f"native nh-fast-v1 failed (rc={rc})")
@@ -101,18 +84,7 @@ def leaf_tags(view: memoryview, nh_key: bytes, threads: int, *, want: int = -1) 
 
 
 def _main(argv: list[str]) -> int:
-    if argv == ["--build"]:
-        from vram_residency.formats._native import compile_library
-
-        err = compile_library(_HERE / SOURCE_NAME, _HERE / LIBRARY_NAME)
-        if err:
-            print(f"build failed: {err}", file=sys.stderr)
-            return 1
-        print(f"built {_HERE / LIBRARY_NAME}")
-    reason = unavailable_reason()
-    state = f"available ({path_name()})" if reason is None else f"unavailable ({reason})"
-    print(f"native nh-fast-v1: {state}")
-    return 0 if reason is None else 1
+    return build_main(argv, _HERE / SOURCE_NAME, _LIB, lambda: f" ({path_name()})")
 
 
 if __name__ == "__main__":
