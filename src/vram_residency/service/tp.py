@@ -67,10 +67,9 @@ from vram_residency.service.commit import DigestCheck
 from vram_residency.service.errors import ModelLoadFailed
 from vram_residency.service.executor import JobInput, JobOutput, ModelFiles, Sampling, Token, TokenSink
 from vram_residency.service.executors.decoder import (
-    DEFAULT_MAX_TOKENS,
-    MAX_TOKENS_CAP,
     MODEL_TYPE,
     ByteLMConfig,
+    byte_prompt,
 )
 from vram_residency.service.worker import CommitSpec, CommittedModel, VerifyPass, Worker, WorkerConfig
 from vram_residency.shard import SealedShard
@@ -465,19 +464,9 @@ class TPExecutor:
         )
 
     def prepare(self, prompt: str, max_tokens: int | None, sampling: Sampling | None = None) -> JobInput:
-        if not prompt:
-            raise InvalidInput("prompt is empty")
         if sampling is not None and sampling.temperature > 0:
             raise InvalidInput("the tensor-parallel decoder decodes greedily only (temperature 0)")
-        n = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-        if not 1 <= n <= MAX_TOKENS_CAP:
-            raise InvalidInput(f"max_tokens must be between 1 and {MAX_TOKENS_CAP} for this model")
-        data = prompt.encode("utf-8", errors="replace")
-        if 1 + len(data) + n > self._config.max_position:
-            raise InvalidInput(
-                f"prompt of {len(data)} bytes plus max_tokens {n} exceeds the model's context of "
-                f"{self._config.max_position} tokens (one per byte, plus <bos>)"
-            )
+        data, n = byte_prompt(prompt, max_tokens, self._config)
         return JobInput(tokens=(), data=(data, n))
 
     def run(self, jobs: Sequence[JobInput]) -> list[JobOutput]:

@@ -222,6 +222,23 @@ def _groups(totals: Sequence[int], slots: int) -> list[list[int]]:
     return groups
 
 
+def byte_prompt(prompt: str, max_tokens: int | None, config: ByteLMConfig) -> tuple[bytes, int]:
+    """A prompt's bytes and the number of tokens to generate, checked against the model: what
+    the single-process and the tensor-parallel decoders both accept."""
+    if not prompt:
+        raise InvalidInput("prompt is empty")
+    n = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    if not 1 <= n <= MAX_TOKENS_CAP:
+        raise InvalidInput(f"max_tokens must be between 1 and {MAX_TOKENS_CAP} for this model")
+    data = prompt.encode("utf-8", errors="replace")
+    if 1 + len(data) + n > config.max_position:
+        raise InvalidInput(
+            f"prompt of {len(data)} bytes plus max_tokens {n} exceeds the model's context of "
+            f"{config.max_position} tokens (one per byte, plus <bos>)"
+        )
+    return data, n
+
+
 class ByteLM(InPlaceExecutor):
     """Greedy generation from a byte-level decoder over in-place sealed weights."""
 
@@ -290,18 +307,8 @@ class ByteLM(InPlaceExecutor):
 
     # -- Executor -----------------------------------------------------------------------------
     def prepare(self, prompt: str, max_tokens: int | None, sampling: Sampling | None = None) -> JobInput:
-        if not prompt:
-            raise InvalidInput("prompt is empty")
         sampling = sampling or Sampling()
-        n = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-        if not 1 <= n <= MAX_TOKENS_CAP:
-            raise InvalidInput(f"max_tokens must be between 1 and {MAX_TOKENS_CAP} for this model")
-        data = prompt.encode("utf-8", errors="replace")
-        if 1 + len(data) + n > self._config.max_position:
-            raise InvalidInput(
-                f"prompt of {len(data)} bytes plus max_tokens {n} exceeds the model's context of "
-                f"{self._config.max_position} tokens (one per byte, plus <bos>)"
-            )
+        data, n = byte_prompt(prompt, max_tokens, self._config)
         ids = np.empty(1 + len(data), dtype=np.int64)
         ids[0] = BOS_ID
         ids[1:] = np.frombuffer(data, dtype=np.uint8)
