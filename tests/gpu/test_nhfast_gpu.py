@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vram_residency.backends.cuda import CudaBackend, open_backend
-from vram_residency.backends.cuda._nh_fast import key_trials, nh_fast_hash
+from vram_residency.backends.cuda._nh_fast import key_trials, nh_fast_digest, nh_fast_hash
 from vram_residency.errors import InvalidInput
 from vram_residency.formats import nhfast, tree
 
@@ -48,7 +48,10 @@ def _gpu_hash(backend: CudaBackend, data: bytes, key: bytes) -> tree.HashResult:
     try:
         if data:
             buf.write(0, data)
-        return nh_fast_hash(backend, buf.device_pointer, len(data), key)
+        got = nh_fast_hash(backend, buf.device_pointer, len(data), key)
+        # The verify path finishes the digest on the device (nhf_finalize): the same bytes.
+        assert nh_fast_digest(backend, buf.device_pointer, len(data), key) == got.digest
+        return got
     finally:
         buf.close()
 
@@ -322,5 +325,21 @@ def test_unaligned_device_memory_is_refused_before_any_digest(cuda_backend: Cuda
     try:
         with pytest.raises(InvalidInput, match="16-byte aligned"):
             cuda_backend.adopt_pointer(buf.device_pointer + 4, MIB)
+    finally:
+        buf.close()
+
+
+@pytest.mark.parametrize("units", [31, 32, 33, 97, 600])
+def test_device_finalize_over_many_units(cuda_backend: CudaBackend, units: int) -> None:
+    # nhf_finalize's top-level tree beyond one 1 KiB chunk of unit digests (31 units and the
+    # length fit one; 600 give 19 chunks and five levels) equals the host's finish.
+    n = (units - 1) * tree.UNIT_SIZE + 4097
+    key = os.urandom(32)
+    buf = cuda_backend.allocate(n)
+    try:
+        buf.write(0, _bytes(n, units))
+        got = nh_fast_hash(cuda_backend, buf.device_pointer, n, key)
+        assert nh_fast_digest(cuda_backend, buf.device_pointer, n, key) == got.digest
+        assert got.digest == nhfast.finalize(nhfast.key_schedule(key), got.unit_digests, n)
     finally:
         buf.close()

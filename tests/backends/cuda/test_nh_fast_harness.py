@@ -57,3 +57,20 @@ def test_unit_digest_tree_shapes(harness: Path, tmp_path: Path, leaves: int) -> 
     sched = nhfast.key_schedule(key)
     want = nhfast.unit_digests_from_tags(sched, tags, 4096 * leaves)
     assert _run(harness, "units", sched.unit_key, tags, tmp_path) == want.hex()
+
+
+# Unit counts around the top level's chunk boundaries (31 units + the length fit one 1 KiB chunk;
+# 32 do not), odd and even level counts, and a 140 GB model's 133,514 units.
+@pytest.mark.parametrize("units", [1, 2, 31, 32, 33, 63, 64, 65, 96, 97, 1000, 16384, 133_514])
+def test_finalize_tree_matches_the_reference(harness: Path, tmp_path: Path, units: int) -> None:
+    # nhf_finalize's order (chunk values, then the tree level by level with the odd node carried)
+    # against formats.nhfast.finalize (the blake3 package): the same digest for any unit count.
+    key = os.urandom(32)
+    digests = os.urandom(32 * units)
+    n = (units - 1) * MIB + 12345
+    sched = nhfast.key_schedule(key)
+    (tmp_path / "k").write_bytes(sched.top_key)
+    (tmp_path / "d").write_bytes(digests)
+    args = [str(harness), "top", str(tmp_path / "k"), str(tmp_path / "d"), str(n)]
+    got = subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+    assert got == nhfast.finalize(sched, digests, n).hex()

@@ -6,6 +6,8 @@
 //
 //   nhf_harness tags NHKEY DATA   -> the leaf tags, hex, one line
 //   nhf_harness units UNITKEY TAGS -> the unit digests, hex, one line
+//   nhf_harness top TOPKEY UNITS N -> the digest of the unit digests UNITS and length N, in
+//                                     nhf_finalize's order (chunks, then the tree level by level)
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -31,8 +33,8 @@ static void hex(const u8* p, size_t n) {
 }
 
 int main(int argc, char** argv) {
-    if (argc != 4) {
-        std::fprintf(stderr, "usage: %s tags NHKEY DATA | units UNITKEY TAGS\n", argv[0]);
+    if (argc != 4 && !(argc == 5 && !std::strcmp(argv[1], "top"))) {
+        std::fprintf(stderr, "usage: %s tags NHKEY DATA | units UNITKEY TAGS | top TOPKEY UNITS N\n", argv[0]);
         return 2;
     }
     std::vector<u8> key = slurp(argv[2]);
@@ -72,6 +74,31 @@ int main(int argc, char** argv) {
             else nhf_b3_reduce(cvs, chunks, k, root);
             hex(reinterpret_cast<const u8*>(root), 32);
         }
+    } else if (!std::strcmp(argv[1], "top")) {
+        if (key.size() != 32 || n % 32 || n == 0) return 3;
+        u32 k[8];
+        std::memcpy(k, key.data(), 32);
+        const u64 units = n / 32;
+        std::vector<u8> msg(data.begin(), data.begin() + n);
+        const u64 total = std::strtoull(argv[4], nullptr, 10);
+        for (int i = 0; i < 8; ++i) msg.push_back((u8)(total >> (8 * i)));
+        const u64 len = 32 * units + 8, chunks = (len + 1023) / 1024;
+        u32 out[8];
+        if (chunks == 1) {
+            nhf_b3_chunk(msg.data(), (u32)len, 0, k, true, out);
+        } else {
+            std::vector<u32> a(8 * chunks), b(8 * chunks);
+            for (u64 c = 0; c < chunks; ++c) {
+                const u32 clen = c + 1 < chunks ? 1024u : (u32)(len - 1024 * c);
+                nhf_b3_chunk(msg.data() + 1024 * c, clen, c, k, false, &a[8 * c]);
+            }
+            for (u64 count = chunks; count > 1; count = (count >> 1) + (count & 1)) {
+                for (u64 i = 0; i < (count >> 1) + (count & 1); ++i) nhf_top_level_node(a.data(), count, i, k, b.data());
+                a.swap(b);
+            }
+            std::memcpy(out, a.data(), 32);
+        }
+        hex(reinterpret_cast<const u8*>(out), 32);
     } else {
         return 2;
     }

@@ -1154,15 +1154,15 @@ class CudaBackend(Backend):
         digests_rest, hashed_rest = (
             self._run_batch(rest, want_units=want_units, priority=priority) if rest else ([], [])
         )
-        nh_results = self._nh_fast_rows(nh_rows)
+        nh_digests, nh_hashed = self._nh_fast_rows(nh_rows, want_units=want_units)
         digests: list[bytes] = []
         hashed: list[HashResult] = []
-        it_nh, it_rest = iter(nh_results), iter(range(len(rest)))
+        it_nh, it_hashed, it_rest = iter(nh_digests), iter(nh_hashed), iter(range(len(rest)))
         for i in range(len(segments)):
             if i in chosen:
-                r = next(it_nh)
-                digests.append(r.digest)
-                hashed.append(r)
+                digests.append(next(it_nh))
+                if want_units:
+                    hashed.append(next(it_hashed))
             else:
                 j = next(it_rest)
                 digests.append(digests_rest[j])
@@ -1184,7 +1184,11 @@ class CudaBackend(Backend):
             raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
         return buf, n, key
 
-    def _nh_fast_rows(self, rows: Sequence[tuple[CudaBuffer, int, bytes]]) -> list[HashResult]:
+    def _nh_fast_rows(
+        self, rows: Sequence[tuple[CudaBuffer, int, bytes]], *, want_units: bool
+    ) -> tuple[list[bytes], list[HashResult]]:
+        """Digests (and with ``want_units`` the full results) of nh-fast-v1 rows; without unit
+        digests the digest is finished on the device (``_nh_fast.nh_fast_digests``)."""
         # Each distinct buffer's lock, in one global order (as _run_batch takes them), then the
         # backend's lock inside the launcher: the order _hash_buffer uses as well.
         bufs = sorted({id(b): b for b, _, _ in rows}.values(), key=id)
@@ -1194,7 +1198,11 @@ class CudaBackend(Backend):
                 b._lock.acquire()
                 held.append(b)
                 b.check_open()
-            return _nh_fast.nh_fast_many(self, [(b._ptr, n, k) for b, n, k in rows])
+            table = [(b._ptr, n, k) for b, n, k in rows]
+            if want_units:
+                hashed = _nh_fast.nh_fast_many(self, table)
+                return [r.digest for r in hashed], hashed
+            return _nh_fast.nh_fast_digests(self, table), []
         finally:
             for b in reversed(held):
                 b._lock.release()

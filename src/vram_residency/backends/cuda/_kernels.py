@@ -124,6 +124,13 @@ def _config(grid: int, block: int) -> Any:
 def launch(fn: Any, grid: int, block: int, stream: Any, args: Sequence[Arg], *, what: str) -> None:
     """Launch cuda.core ``Kernel`` ``fn`` on a 1-D grid on cuda.core ``Stream`` ``stream``, with
     arguments given as (NumPy scalar type, value) pairs."""
+    global _launch
+    if _launch is None:
+        _launch = core().launch
     values = [kind(value) for kind, value in args]
     with core_errors(what):
-        core().launch(stream, _config(grid, block), fn, *values)
+        _launch(stream, _config(grid, block), fn, *values)
+
+
+# cuda.core.launch, looked up once: this is the verify path's innermost call.
+_launch: Any = None

@@ -4,8 +4,11 @@ For the CUDA backend's dispatch. Two levels:
 
 - :class:`NhFastJob`: one digest computation on a given module, stream and scratch address. It
   uploads the key schedule, launches the leaf kernel over any leaf range (so the seal path can
-  hash each staged chunk as soon as its copy lands), then the unit kernel, copies the unit
-  digests back and finishes the digest on the host (one keyed BLAKE3 call over 32 bytes per MiB).
+  hash each staged chunk as soon as its copy lands), then the unit kernel. The seal path (which
+  keeps the unit digests) copies them back and finishes the digest on the host (one keyed BLAKE3
+  call over 32 bytes per MiB); the verify path finishes it on the device (``nhf_finalize``) and
+  copies back 32 bytes: on an H200 at 16 GiB the host's copy and hash of the 512 KiB of unit
+  digests took ~0.25 ms of a ~4.6 ms check.
 - :func:`nh_fast_hash` (and :func:`nh_fast_many` for a table): the whole thing for a device
   pointer, through the CUDA backend's ``kernel_session()`` (:class:`Session`: its lock, compute
   stream, scratch buffer, pinned result buffer, timing events, modules and occupancy cache), on
@@ -13,7 +16,9 @@ For the CUDA backend's dispatch. Two levels:
   ``Module.blocks_per_sm``, and cuda-bindings copies of byte ranges on ``stream.handle``.
 
 The key schedule is derived on the host (a 5 KiB BLAKE3 XOF output) and copied to the scratch
-buffer in stream order; it never appears in an error message.
+buffer in stream order, from a slice of the backend's pinned result buffer when the caller gives
+one (an asynchronous copy: from pageable memory the driver stages it first, ~20-40 us measured on
+the H200); it never appears in an error message.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class Backend(Protocol):
 
 
 __all__ = [
+    "KEY_STAGE_BYTES",
     "SOURCE",
     "Backend",
     "NhFastJob",
@@ -74,6 +80,8 @@ __all__ = [
     "leaf_blocks",
     "module_for",
     "new_job",
+    "nh_fast_digest",
+    "nh_fast_digests",
     "nh_fast_hash",
     "nh_fast_many",
     "scratch_bytes",
@@ -84,9 +92,14 @@ SOURCE: Final = "nh_fast"
 _THREADS: Final = 256  # NHF_THREADS
 _UNIT_THREADS: Final = 128  # nhf_unit_chunks / nhf_unit_reduce
 _CHUNKS_PER_UNIT: Final = 6  # 1 KiB BLAKE3 chunks of a full unit's 6144 bytes of leaf tags
+_FIN_THREADS: Final = 512  # NHF_FIN_THREADS
 _KEY_OFF: Final = 0
 _UNIT_KEY_OFF: Final = nhfast.NH_KEY_BYTES  # 5120
-_TAGS_OFF: Final = 5376  # 256-byte aligned, after both keys
+_TOP_KEY_OFF: Final = _UNIT_KEY_OFF + 32
+_KEY_BLOB: Final = _TOP_KEY_OFF + 32  # bytes uploaded per job: NH key, unit key, top key
+_TAGS_OFF: Final = 5376  # 256-byte aligned, after the keys
+#: Bytes of pinned host memory a job's key upload needs (see ``NhFastJob``'s ``stage``).
+KEY_STAGE_BYTES: Final = _TAGS_OFF
 
 
 def _align(x: int) -> int:
@@ -99,9 +112,11 @@ def _leaves(n: int) -> int:
 
 def scratch_bytes(n: int) -> int:
     """Device scratch an ``n``-byte shard needs: keys (5 KiB), 24 bytes per leaf, then per unit
-    192 bytes of chunk chaining values and 32 of digest. About 0.6% of the shard (the leaf tags),
-    under the backend's 1% scratch budget."""
-    return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + (32 * _CHUNKS_PER_UNIT + 32) * unit_count(n)
+    192 bytes of chunk chaining values and 32 of digest, then the length (8 bytes, padded to 16)
+    and the 32-byte digest that ``nhf_finalize`` appends. About 0.6% of the shard (the leaf
+    tags), under the backend's 1% scratch budget."""
+    units = unit_count(n)
+    return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + (32 * _CHUNKS_PER_UNIT + 32) * units + 16 + 32
 
 
 class NhFastJob:
@@ -111,7 +126,10 @@ class NhFastJob:
     ``scratch``: a device address with :func:`scratch_bytes` (``n``) bytes the job may use until
     :meth:`finish` returns. ``leaf_blocks``: the leaf kernel's grid (streaming multiprocessors x
     resident blocks per SM is the natural choice; any value works). ``inflight``: the kernel's
-    NHF_INFLIGHT (leaves per warp per round), used only to size small grids.
+    NHF_INFLIGHT (leaves per warp per round), used only to size small grids. ``stage``: pinned
+    host memory of :data:`KEY_STAGE_BYTES` bytes (address, view) that stays untouched until the
+    stream has run the job's upload (the callers' one synchronization); without it the key is
+    copied from pageable memory.
     """
 
     def __init__(
@@ -125,6 +143,7 @@ class NhFastJob:
         *,
         leaf_blocks: int,
         inflight: int = 2,
+        stage: tuple[int, memoryview] | None = None,
     ) -> None:
         if ptr % 16:
             raise InvalidInput("nh-fast-v1 needs 16-byte aligned device memory (16-byte loads)")
@@ -140,21 +159,31 @@ class NhFastJob:
         self._sched = sched
         self._key_dev = scratch + _KEY_OFF
         self._unit_key_dev = scratch + _UNIT_KEY_OFF
+        self._top_key_dev = scratch + _TOP_KEY_OFF
         self._tags = scratch + _TAGS_OFF
         self._cvs = self._tags + _align(nhfast.TAG_SIZE * self.leaves)
         self._unit_out = self._cvs + 32 * _CHUNKS_PER_UNIT * self.units
+        # nhf_finalize appends LE64(n) to the unit digests and writes the digest after it.
+        self._digest_out = self._unit_out + 32 * self.units + 16
         per_block = (_THREADS // 32) * max(1, inflight)
         self._grid_cap = max(1, int(leaf_blocks))
         self._per_block = per_block
         self._units_done = 0
-        blob = sched.nh_key + sched.unit_key
-        addr, keep = host_address(memoryview(blob))
+        blob = sched.nh_key + sched.unit_key + sched.top_key
+        if stage is not None:
+            addr, view = stage
+            if len(view) < len(blob):
+                raise InvalidInput("key stage too small")
+            view[: len(blob)] = blob
+            keep = None
+        else:
+            addr, keep = host_address(memoryview(blob))
         # cuda-bindings for the copy (a byte range of scratch; cuda.core copies whole Buffers), on
         # the stream's handle. From pageable memory the call returns once the bytes are staged,
-        # so `blob` may go.
+        # so `blob` may go; from the pinned stage the copy is asynchronous (see ``stage``).
         copy = driver().cuMemcpyHtoDAsync(self._key_dev, addr, len(blob), stream.handle)
         check(copy, "uploading the nh-fast-v1 key")
-        del keep
+        del keep, blob
 
     @property
     def units_done(self) -> int:
@@ -169,6 +198,28 @@ class NhFastJob:
     @property
     def schedule(self) -> nhfast.KeySchedule:
         return self._sched
+
+    @property
+    def digest_out(self) -> int:
+        """Device address of the digest :meth:`launch_finalize` writes (32 bytes)."""
+        return self._digest_out
+
+    def launch_finalize(self) -> None:
+        """Queue every remaining leaf and unit, then ``nhf_finalize``: the digest on the device,
+        at :attr:`digest_out`. The unit kernels' chunk-value scratch is its work area (at least
+        64 bytes per 1 KiB chunk of the unit digests: 192 bytes per unit are there)."""
+        if self._units_done < self.units:
+            self.launch_ready(self.n)
+        args: list[Arg] = [
+            (U64, self._unit_out),
+            (U64, self.units),
+            (U64, self.n),
+            (U64, self._top_key_dev),
+            (U64, self._cvs),
+            (U64, self._digest_out),
+        ]
+        fn = self.mod.function("nhf_finalize")
+        launch(fn, 1, _FIN_THREADS, self.stream, args, what="nhf_finalize")
 
     def launch_leaves(self, first: int, end: int) -> None:
         """Queue the leaf tags of leaves ``[first, end)``."""
@@ -269,61 +320,100 @@ def inflight_for(session: Session) -> int:
     return 1 if pipelined else int(defines.get("NHF_INFLIGHT", "2"))
 
 
-def new_job(session: Session, ptr: int, n: int, key: bytes, *, scratch: int | None = None) -> NhFastJob:
+def new_job(
+    session: Session,
+    ptr: int,
+    n: int,
+    key: bytes,
+    *,
+    scratch: int | None = None,
+    stage: tuple[int, memoryview] | None = None,
+) -> NhFastJob:
     """An :class:`NhFastJob` on the session's stream and module, sized for its device, in the
-    session's scratch (or at device address ``scratch``, with :func:`scratch_bytes` (n) bytes)."""
+    session's scratch (or at device address ``scratch``, with :func:`scratch_bytes` (n) bytes);
+    ``stage``: see :class:`NhFastJob`."""
     mod = module_for(session)
     if scratch is None:
         scratch = session.scratch(scratch_bytes(n))
     blocks, inflight = leaf_blocks(session, mod), inflight_for(session)
-    return NhFastJob(mod, session.stream, ptr, n, key, scratch, leaf_blocks=blocks, inflight=inflight)
+    return NhFastJob(
+        mod, session.stream, ptr, n, key, scratch, leaf_blocks=blocks, inflight=inflight, stage=stage
+    )
 
 
-def nh_fast_many(backend: Backend, rows: Sequence[tuple[int, int, bytes]]) -> list[HashResult]:
+def _run_rows(
+    backend: Backend, rows: Sequence[tuple[int, int, bytes]], *, want_units: bool
+) -> tuple[list[bytes], list[HashResult]]:
     """nh-fast-v1 of every ``(ptr, n, key)`` row (memory the caller has checked and holds locked):
-    one job per row on the backend's compute stream, each in its own slice of the scratch buffer,
-    every unit-digest copy queued behind its kernels, and ONE synchronization for the table.
-    Each result is bit-identical to :func:`nh_fast_hash` of its row."""
+    one job per row on the backend's compute stream, each in its own slice of the scratch buffer
+    and of the pinned buffer (its key upload), every result copy queued behind its kernels, and
+    ONE synchronization for the table. ``want_units``: the unit digests come back and the digest
+    is finished on the host; otherwise ``nhf_finalize`` finishes it on the device and 32 bytes
+    per row come back (and the list of results is empty)."""
     for ptr, _n, key in rows:
         nhfast.check_key(key)
         if ptr % 16:
             raise InvalidInput("nh-fast-v1 needs 16-byte aligned device memory (16-byte loads)")
     if not rows:
-        return []
+        return [], []
     sizes = [_align(scratch_bytes(n)) for _p, n, _k in rows]
-    counts = [unit_count(n) for _p, n, _k in rows]
+    down = [32 * unit_count(n) if want_units else 32 for _p, n, _k in rows]
+    stage_at = _align(sum(down))
     with backend.kernel_session() as ks:
         drv = driver()
         base = ks.scratch(sum(sizes))
         backend.last_scratch_bytes = sum(sizes)
         backend.last_units_kernel = "nhf_leaf_tags"
-        host = ks.result_buffer(32 * sum(counts))
+        host = ks.result_buffer(stage_at + KEY_STAGE_BYTES * len(rows))
+        view = host.view
         jobs: list[NhFastJob] = []
         record(ks.stream, ks.t0)
         off = 0
-        for (ptr, n, key), size in zip(rows, sizes, strict=True):
-            job = new_job(ks, ptr, n, key, scratch=base + off)
-            job.launch_ready(n)
+        for i, ((ptr, n, key), size) in enumerate(zip(rows, sizes, strict=True)):
+            at = stage_at + KEY_STAGE_BYTES * i
+            stage = (host.address + at, view[at : at + KEY_STAGE_BYTES])
+            job = new_job(ks, ptr, n, key, scratch=base + off, stage=stage)
+            if want_units:
+                job.launch_ready(n)
+            else:
+                job.launch_finalize()
             jobs.append(job)
             off += size
         record(ks.stream, ks.t1)
         hoff = 0
         stream = ks.stream.handle  # cuda-bindings for the copies (byte ranges)
-        for job in jobs:
-            nbytes = 32 * job.units
-            copy = drv.cuMemcpyDtoHAsync(host.address + hoff, job.unit_out, nbytes, stream)
-            check(copy, "cuMemcpyDtoHAsync")
+        for job, nbytes in zip(jobs, down, strict=True):
+            src = job.unit_out if want_units else job.digest_out
+            check(drv.cuMemcpyDtoHAsync(host.address + hoff, src, nbytes, stream), "cuMemcpyDtoHAsync")
             hoff += nbytes
         with core_errors("nh-fast-v1 kernels"):
             ks.stream.sync()
         backend.last_device_seconds = elapsed_seconds(ks.t0, ks.t1)
-        out: list[HashResult] = []
+        digests: list[bytes] = []
+        hashed: list[HashResult] = []
         hoff = 0
-        for job in jobs:
-            units = bytes(host.view[hoff : hoff + 32 * job.units])
-            hoff += 32 * job.units
-            out.append(HashResult(nhfast.finalize(job.schedule, units, job.n), units))
-        return out
+        for job, nbytes in zip(jobs, down, strict=True):
+            got = bytes(view[hoff : hoff + nbytes])
+            hoff += nbytes
+            if want_units:
+                hashed.append(HashResult(nhfast.finalize(job.schedule, got, job.n), got))
+                digests.append(hashed[-1].digest)
+            else:
+                digests.append(got)
+        return digests, hashed
+
+
+def nh_fast_many(backend: Backend, rows: Sequence[tuple[int, int, bytes]]) -> list[HashResult]:
+    """nh-fast-v1 digest and unit digests of every ``(ptr, n, key)`` row (memory the caller has
+    checked and holds locked), in one pass with one synchronization. Each result is
+    bit-identical to :func:`nh_fast_hash` of its row."""
+    return _run_rows(backend, rows, want_units=True)[1]
+
+
+def nh_fast_digests(backend: Backend, rows: Sequence[tuple[int, int, bytes]]) -> list[bytes]:
+    """The verify path: the digest alone of every row, finished on the device (``nhf_finalize``),
+    32 bytes per row copied back; bit-identical to ``nh_fast_many``'s digests."""
+    return _run_rows(backend, rows, want_units=False)[0]
 
 
 def nh_fast_hash(backend: Backend, ptr: int, n: int, key: bytes) -> HashResult:
@@ -332,19 +422,15 @@ def nh_fast_hash(backend: Backend, ptr: int, n: int, key: bytes) -> HashResult:
 
     Runs on the backend's compute stream under its lock; ``backend.last_device_seconds`` gets
     the kernels' device time, as for the other digests."""
-    nhfast.check_key(key)
-    with backend.kernel_session() as ks:
-        backend.last_scratch_bytes = scratch_bytes(n)
-        backend.last_units_kernel = "nhf_leaf_tags"
-        job = new_job(ks, ptr, n, key)
-        record(ks.stream, ks.t0)
-        job.launch_ready(n)
-        record(ks.stream, ks.t1)
-        result = job.finish(ks.result_buffer(32 * job.units))
-        backend.last_device_seconds = elapsed_seconds(ks.t0, ks.t1)
-        if len(result.unit_digests) != 32 * job.units:  # pragma: no cover - defensive
-            raise IntegrityViolation("nh-fast-v1 kernels returned a short result")
-        return result
+    result = _run_rows(backend, [(ptr, n, key)], want_units=True)[1][0]
+    if len(result.unit_digests) != 32 * unit_count(n):  # pragma: no cover - defensive
+        raise IntegrityViolation("nh-fast-v1 kernels returned a short result")
+    return result
+
+
+def nh_fast_digest(backend: Backend, ptr: int, n: int, key: bytes) -> bytes:
+    """The digest alone of the ``n`` bytes at ``ptr`` (the verify path; see ``nh_fast_digests``)."""
+    return _run_rows(backend, [(ptr, n, key)], want_units=False)[0][0]
 
 
 def key_trials(

@@ -131,10 +131,13 @@ def worker_router(worker: Worker, *, auth: list[Any], ready_public: bool = False
         reason: str | None = None
         executable: bool | None = None
         if not feasible:
+            # A tensor-parallel group holds about 1/degree of the model per rank (TPWorker.plan).
+            part = -(-out["model_bytes"] // worker.tp_degree)
             reason = (
                 f"needs {out['needed_bytes']} bytes of device memory, {out['available_bytes']} free"
-                if out["model_bytes"] <= worker.manager.max_model_bytes
+                if part <= worker.manager.max_model_bytes
                 else "the model is larger than this worker's largest allocation"
+                + (" per rank" if worker.tp_degree > 1 else "")
             )
         if name is not None:
             executable, why = worker.capability(worker.catalog.resolve(name))
