@@ -177,7 +177,7 @@ def idle_throughput(mgr: VramManager, passes: int = 3) -> dict[str, float]:
     return best
 
 
-def slowdown(mgr: VramManager, generate: Callable[[], list[int]], runs: int) -> dict[str, Any]:
+def slowdown(mgr: VramManager, generate: Callable[[], Any], runs: int) -> dict[str, Any]:
     """A/B in ABBA order: generate() alone, and with a default Scrubber started just before it
     and stopped just after. Also what the scrubber did during the B runs."""
     a: list[float] = []
@@ -240,7 +240,7 @@ def detection_trials(
     mgr: VramManager,
     model: Any,
     sealed: SealedModel,
-    generate: Callable[[], list[int]],
+    generate: Callable[[], Any],
     flipper: Flipper,
     cycle_s: float,
     trials: int,
@@ -472,6 +472,56 @@ def write_results(res: dict[str, Any], out: Path) -> Path:
     return Path(f"{stem}.md")
 
 
+def measure(
+    res: dict[str, Any],
+    mgr: VramManager,
+    model: Any,
+    generate: Callable[[], Any],
+    flipper: Flipper,
+    runs: int,
+    trials: int,
+    trials_budget_s: float,
+    seed: int,
+) -> None:
+    """Seal ``model`` (a torch module) in ``mgr``, then everything above, into ``res``: the scrub
+    throughput alone, the A/B slowdown, the prediction, the detection trials and the targets.
+    The model leaves as it came: every flip undone (verified), every seal forgotten."""
+    t0 = time.perf_counter()
+    sealed = mgr.seal_tensors(model)
+    n_bytes = sealed_bytes(mgr)
+    n_chunks = len(chunks(mgr.shards(), DEFAULT_CHUNK_BYTES))
+    res |= {"sealed_bytes": n_bytes, "shards": len(sealed.shards)}
+    log(f"{res['device']}: {res['model']}: {n_bytes / 1e9:.3f} GB, {len(sealed.shards)} shards, "
+        f"{n_chunks} scrub chunks; sealed in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    for _ in range(2):
+        generate()  # warm-up: kernels, allocator, generation config
+    res["idle"] = idle_throughput(mgr)
+    log(f"scrub throughput alone: {res['idle']['GBps']:,.1f} GB/s")
+    log(f"generate(), {runs} runs without and {runs} with the default Scrubber:")
+    res["slowdown"] = slowdown(mgr, generate, runs)
+    res["prediction"] = pred = predict(res, n_bytes, n_chunks)
+    log(
+        f"median {res['slowdown']['median_without_s'] * 1e3:.1f} ms without, "
+        f"{res['slowdown']['median_with_s'] * 1e3:.1f} ms with: x{res['slowdown']['ratio']:.4f}; "
+        f"cycle predicted {pred['cycle_from_generate_s']:.3f} s "
+        f"(alone: {pred['cycle_from_idle_s']:.3f} s), "
+        f"achieved {pred['cycle_achieved_s']:.3f} s"
+    )
+    if trials:
+        cycle = pred["cycle_achieved_s"]
+        if math.isnan(cycle):  # nothing verified during B (cannot happen with a live scrubber)
+            cycle = pred["cycle_from_generate_s"]
+        log(f"detection: {trials} flips at random moments in [0, {cycle:.3f} s):")
+        done = detection_trials(mgr, model, sealed, generate, flipper, cycle, trials, trials_budget_s, seed)
+        res["trials"] = [t.__dict__ for t in done]
+        res["detection"] = detection_summary(done, pred)
+    mgr.verify_model(sealed)  # every flip was undone: the model is as sealed
+    for shard in sealed.shards:
+        mgr.deallocate(shard)  # forgets the seal; the memory stays torch's
+    res["targets"] = targets(res)
+    res["elapsed_s"] = time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -509,7 +559,6 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "gil_switch_interval_s": sys.getswitchinterval(),
     }
-    t0 = time.perf_counter()
     model = build_llama(device, args.tiny)
     res["model"] = (
         "LlamaForCausalLM, tiny config"
@@ -517,60 +566,16 @@ def main(argv: list[str] | None = None) -> int:
         else "LlamaForCausalLM hidden 2048, 16 layers, intermediate 5632, vocab 32000"
     ) + ", random init, bf16"
     generate = make_generate(model, device, args.new_tokens)
-    status = 0
     with VramManager(TOKEN, args.device, backend=args.backend, worker_id="scrub-bench") as mgr:
-        sealed = mgr.seal_tensors(model)
-        n_bytes = sealed_bytes(mgr)
-        n_chunks = len(chunks(mgr.shards(), DEFAULT_CHUNK_BYTES))
-        res |= {"sealed_bytes": n_bytes, "shards": len(sealed.shards)}
-        log(f"{device_name}: {res['model']}: {n_bytes / 1e9:.3f} GB, {len(sealed.shards)} shards, "
-            f"{n_chunks} scrub chunks; built and sealed in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-        for _ in range(2):
-            generate()  # warm-up: kernels, allocator, generation config
-        res["idle"] = idle_throughput(mgr)
-        log(f"scrub throughput alone: {res['idle']['GBps']:,.1f} GB/s")
-        log(f"generate(), {args.runs} runs without and {args.runs} with the default Scrubber:")
-        res["slowdown"] = slowdown(mgr, generate, args.runs)
-        res["prediction"] = pred = predict(res, n_bytes, n_chunks)
-        log(
-            f"median {res['slowdown']['median_without_s'] * 1e3:.1f} ms without, "
-            f"{res['slowdown']['median_with_s'] * 1e3:.1f} ms with: x{res['slowdown']['ratio']:.4f}; "
-            f"cycle predicted {pred['cycle_from_generate_s']:.3f} s "
-            f"(alone: {pred['cycle_from_idle_s']:.3f} s), "
-            f"achieved {pred['cycle_achieved_s']:.3f} s"
-        )
-        if args.trials:
-            cycle = pred["cycle_achieved_s"]
-            if math.isnan(cycle):  # nothing verified during B (cannot happen with a live scrubber)
-                cycle = pred["cycle_from_generate_s"]
-            log(f"detection: {args.trials} flips at random moments in [0, {cycle:.3f} s):")
-            trials = detection_trials(
-                mgr,
-                model,
-                sealed,
-                generate,
-                Flipper(device),
-                cycle,
-                args.trials,
-                args.trials_budget_s,
-                args.seed,
-            )
-            res["trials"] = [t.__dict__ for t in trials]
-            res["detection"] = detection_summary(trials, pred)
-        mgr.verify_model(sealed)  # every flip was undone: the model is as sealed
-        for shard in sealed.shards:
-            mgr.deallocate(shard)  # forgets the seal; the memory stays torch's
-    res["targets"] = targets(res)
-    res["elapsed_s"] = time.perf_counter() - t0
+        flipper = Flipper(device)
+        measure(res, mgr, model, generate, flipper, args.runs, args.trials, args.trials_budget_s, args.seed)
     md = write_results(res, args.out)
     log("")
     log(md.read_text())
     # Speed targets missed are results (recorded above); a flip not found, or the wrong parameter
     # named, is a failure of the library.
     det = res.get("detection")
-    if det is not None and not det["trials"] == det["found"] == det["named_correctly"]:
-        status = 1
-    return status
+    return 1 if det is not None and not det["trials"] == det["found"] == det["named_correctly"] else 0
 
 
 if __name__ == "__main__":
