@@ -293,6 +293,8 @@ def detection_trials(
             calls += 1
         scrubber.stop()
         flip_thread.join()
+        if "issued" not in flipped:
+            raise RuntimeError("the flip thread failed before flipping (see its traceback above)")
         flipper.flip(param, byte, bit)  # back to the sealed bytes
         mgr.verify_many([sealed.shard(name)])  # and proven so before the next trial
         exc = got.get("exc")
@@ -308,10 +310,41 @@ def detection_trials(
     return out
 
 
+def steady(
+    mgr: VramManager, generate: Callable[[], Any], calls: int, cap_s: float = 30.0
+) -> dict[str, float]:
+    """The scrubber in its steady state beside the engine: a default Scrubber runs through
+    back-to-back generate() calls, and its counters are read after the first call and after the
+    last, so the window starts at an arbitrary phase of its duty cycle. The window holds at least
+    ``calls`` calls and one whole pass over the sealed bytes (unless ``cap_s`` runs out first).
+    (The B runs above start a scrubber with every run, and a scrubber starts with a chunk: their
+    duty is biased high, which makes the slowdown conservative but the rates no base for a
+    prediction.)"""
+    n_bytes = sealed_bytes(mgr)
+    scrubber = Scrubber(mgr)
+    scrubber.start()
+    done = 0
+    try:
+        generate()
+        b0, busy0, t0 = scrubber.bytes_verified, scrubber.busy_s, time.perf_counter()
+        while done < calls or (scrubber.bytes_verified - b0 < n_bytes and time.perf_counter() - t0 < cap_s):
+            generate()
+            done += 1
+        b1, busy1, t1 = scrubber.bytes_verified, scrubber.busy_s, time.perf_counter()
+    finally:
+        scrubber.stop()
+    if scrubber.last_error is not None:
+        raise RuntimeError(f"the scrubber failed on an unmodified model: {scrubber.last_error}")
+    return {"bytes": float(b1 - b0), "busy_s": busy1 - busy0, "wall_s": t1 - t0, "calls": float(done)}
+
+
 def predict(res: dict[str, Any], n_bytes: int, n_chunks: int) -> dict[str, float]:
+    """C = M / (T * budget) from the throughput alone and from the throughput during generate()
+    (steady window), and the cycle that window actually achieved."""
     budget = res["slowdown"]["budget"]
-    during = res["slowdown"]["scrubber_during_b"]
-    load_gbps = during["bytes"] / during["busy_s"] / 1e9 if during["busy_s"] else float("nan")
+    during = res["steady"]
+    nan = float("nan")
+    load_gbps = during["bytes"] / during["busy_s"] / 1e9 if during["busy_s"] else nan
     idle_gbps = res["idle"]["GBps"]
     passes_during = during["bytes"] / n_bytes
     return {
@@ -320,16 +353,13 @@ def predict(res: dict[str, Any], n_bytes: int, n_chunks: int) -> dict[str, float
         "budget": budget,
         "throughput_idle_gbps": idle_gbps,
         "throughput_during_generate_gbps": load_gbps,
-        "duty_during_generate": during["busy_s"] / during["wall_s"] if during["wall_s"] else float("nan"),
-        # C = M / (T * budget), from each throughput.
+        "duty_during_generate": during["busy_s"] / during["wall_s"],
         "cycle_from_idle_s": n_bytes / (idle_gbps * 1e9 * budget),
         "cycle_from_generate_s": n_bytes / (load_gbps * 1e9 * budget),
-        # The cycle achieved: sealed bytes over the rate the B runs verified bytes at.
-        "cycle_achieved_s": during["wall_s"] / passes_during if passes_during else float("nan"),
+        # Sealed bytes over the rate the steady window verified bytes at.
+        "cycle_achieved_s": during["wall_s"] / passes_during if passes_during else nan,
         # One chunk's busy time during generate (what a flip can wait beyond one cycle).
-        "chunk_during_generate_s": during["busy_s"] / (passes_during * n_chunks)
-        if passes_during
-        else float("nan"),
+        "chunk_during_generate_s": during["busy_s"] / (passes_during * n_chunks) if passes_during else nan,
     }
 
 
@@ -408,10 +438,11 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_results(res: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
     stem = out / f"scrub-generate-{res['date']}{'-tiny' if res['tiny'] else ''}"
     Path(f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     slow, pred = res["slowdown"], res["prediction"]
-    during = slow["scrubber_during_b"]
+    during, steady = slow["scrubber_during_b"], res["steady"]
     lines = [
         f"# Scrubbing during serving ({res['device']}, {res['date']})",
         "",
@@ -428,10 +459,12 @@ def write_results(res: dict[str, Any], out: Path) -> Path:
         f"| {', '.join(f'{x * 1e3:.0f}' for x in slow['with_s'])} |",
         "",
         f"Same tokens with and without the scrubber: "
-        f"{'yes' if slow['same_tokens_with_and_without'] else 'NO'}. During the B runs the scrubber "
-        f"verified {during['bytes'] / 1e9:.2f} GB in {during['busy_s'] * 1e3:.0f} ms "
-        f"busy of {during['wall_s']:.2f} s ({pred['duty_during_generate'] * 100:.2f}% duty; budget "
-        f"{pred['budget'] * 100:g}%), {during['passes']} complete passes.",
+        f"{'yes' if slow['same_tokens_with_and_without'] else 'NO'}. During the B runs (a scrubber "
+        f"started with each run, so beginning with a chunk) it was busy "
+        f"{during['busy_s'] / during['wall_s'] * 100:.2f}% of the time. In a steady window of "
+        f"{steady['calls']:.0f} back-to-back generate() calls it verified {steady['bytes'] / 1e9:.2f} GB, "
+        f"busy {steady['busy_s'] * 1e3:.0f} ms of {steady['wall_s']:.2f} s: "
+        f"{pred['duty_during_generate'] * 100:.2f}% duty against a budget of {pred['budget'] * 100:g}%.",
         "",
         "## What the budget predicts",
         "",
@@ -482,6 +515,7 @@ def measure(
     trials: int,
     trials_budget_s: float,
     seed: int,
+    steady_calls: int = 3,
 ) -> None:
     """Seal ``model`` (a torch module) in ``mgr``, then everything above, into ``res``: the scrub
     throughput alone, the A/B slowdown, the prediction, the detection trials and the targets.
@@ -499,6 +533,7 @@ def measure(
     log(f"scrub throughput alone: {res['idle']['GBps']:,.1f} GB/s")
     log(f"generate(), {runs} runs without and {runs} with the default Scrubber:")
     res["slowdown"] = slowdown(mgr, generate, runs)
+    res["steady"] = steady(mgr, generate, steady_calls)
     res["prediction"] = pred = predict(res, n_bytes, n_chunks)
     log(
         f"median {res['slowdown']['median_without_s'] * 1e3:.1f} ms without, "
@@ -508,9 +543,12 @@ def measure(
         f"achieved {pred['cycle_achieved_s']:.3f} s"
     )
     if trials:
-        cycle = pred["cycle_achieved_s"]
-        if math.isnan(cycle):  # nothing verified during B (cannot happen with a live scrubber)
-            cycle = pred["cycle_from_generate_s"]
+        # The flips land at uniformly random moments of one cycle: the one achieved beside the
+        # engine, else (nothing verified in the window's cap) the one predicted alone.
+        cycle = next(
+            (c for c in (pred["cycle_achieved_s"], pred["cycle_from_idle_s"]) if math.isfinite(c) and c > 0),
+            1.0,
+        )
         log(f"detection: {trials} flips at random moments in [0, {cycle:.3f} s):")
         done = detection_trials(mgr, model, sealed, generate, flipper, cycle, trials, trials_budget_s, seed)
         res["trials"] = [t.__dict__ for t in done]
@@ -533,12 +571,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=7, help="generate() runs each way (A and B)")
     ap.add_argument("--trials", type=int, default=10, help="bit flips to detect")
     ap.add_argument(
-        "--trials-budget-s", type=float, default=40.0, help="no new trial after this (3 at least)"
+        "--trials-budget-s", type=float, default=30.0, help="no new trial after this (3 at least)"
     )
+    ap.add_argument("--steady-calls", type=int, default=3, help="generate() calls in the steady window")
     ap.add_argument("--seed", type=int, default=11)
     args = ap.parse_args(argv)
-    if args.runs < 1 or args.trials < 0 or args.new_tokens < 1:
-        ap.error("--runs and --new-tokens must be positive, --trials non-negative")
+    if args.runs < 1 or args.steady_calls < 1 or args.trials < 0 or args.new_tokens < 1:
+        ap.error("--runs, --steady-calls and --new-tokens must be positive, --trials non-negative")
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
 
@@ -568,7 +607,10 @@ def main(argv: list[str] | None = None) -> int:
     generate = make_generate(model, device, args.new_tokens)
     with VramManager(TOKEN, args.device, backend=args.backend, worker_id="scrub-bench") as mgr:
         flipper = Flipper(device)
-        measure(res, mgr, model, generate, flipper, args.runs, args.trials, args.trials_budget_s, args.seed)
+        measure(
+            res, mgr, model, generate, flipper, args.runs, args.trials, args.trials_budget_s, args.seed,
+            args.steady_calls,
+        )  # fmt: skip
     md = write_results(res, args.out)
     log("")
     log(md.read_text())
