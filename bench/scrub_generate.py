@@ -250,7 +250,7 @@ def detection_trials(
     rng = random.Random(seed)
     params = {n: p for n, p in model.named_parameters() if n in sealed.names}
     names = sorted(params)
-    limit = min(max(3 * cycle_s, 1.0) + 5.0, 60.0)
+    limit = min(max(3 * cycle_s, 1.0) + 5.0, 40.0)  # a miss is a failure, not a hang
     out: list[Trial] = []
     started = time.monotonic()
     for k in range(trials):
@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=7, help="generate() runs each way (A and B)")
     ap.add_argument("--trials", type=int, default=10, help="bit flips to detect")
     ap.add_argument(
-        "--trials-budget-s", type=float, default=30.0, help="no new trial after this (3 at least)"
+        "--trials-budget-s", type=float, default=25.0, help="no new trial after this (3 at least)"
     )
     ap.add_argument("--steady-calls", type=int, default=3, help="generate() calls in the steady window")
     ap.add_argument("--seed", type=int, default=11)
