@@ -311,7 +311,7 @@ def detection_trials(
 
 
 def steady(
-    mgr: VramManager, generate: Callable[[], Any], calls: int, cap_s: float = 30.0
+    mgr: VramManager, generate: Callable[[], Any], calls: int, cap_s: float = 20.0
 ) -> dict[str, float]:
     """The scrubber in its steady state beside the engine: a default Scrubber runs through
     back-to-back generate() calls, and its counters are read after the first call and after the
