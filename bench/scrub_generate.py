@@ -15,9 +15,10 @@ the GPU, adopted in place with ``mgr.seal_tensors(model)``. In one run:
    over the sealed bytes ``M`` at scrub throughput ``T`` takes ``M / T`` busy, so one cycle is
    ``C = M / (T * budget)``. A flip at a random moment is found on average after ``C / 2``, at
    most after ``C`` plus the chunk in progress. ``T`` is measured twice in this run: alone (one
-   pass, nothing else running) and during the B runs (the scrubber's own bytes / busy seconds,
-   which include waiting for the GIL behind the engine's Python). The cycle actually achieved
-   (sealed bytes over the rate at which B runs verified bytes) is reported beside them.
+   pass, nothing else running) and beside the engine, in a steady window of back-to-back
+   generate() calls (the scrubber's own bytes / busy seconds; busy time includes waiting for the
+   GIL behind the engine's Python, which the budget counts too). The cycle that window achieved
+   (sealed bytes over the rate it verified bytes at) is reported beside both predictions.
 3. **Detection.** ``--trials`` times: a fresh default ``Scrubber`` starts, ``generate()`` runs in a
    loop, and another thread flips one random bit of one random parameter through torch (its bytes
    viewed as uint8, XOR in place, on a stream of its own so that the flip does not queue behind the
@@ -299,7 +300,8 @@ def detection_trials(
         mgr.verify_many([sealed.shard(name)])  # and proven so before the next trial
         exc = got.get("exc")
         detect = got["t"] - flipped["issued"] if exc is not None else None
-        named = exc is not None and list(exc.corrupted_tensors) == [name]
+        # A report from before the flip would be a false alarm, not a detection.
+        named = exc is not None and got["t"] > flipped["issued"] and list(exc.corrupted_tensors) == [name]
         trial = Trial(name, byte, bit, delay, detect, flipped["landed"] - flipped["issued"], named, calls)
         out.append(trial)
         log(
