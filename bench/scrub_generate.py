@@ -74,7 +74,11 @@ def build_llama(device: str, tiny: bool) -> Any:
     float32 copy first: half the peak memory). ``tiny``: the same architecture at toy size, for
     the CPU smoke path."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM  # type: ignore[import-not-found,unused-ignore]
+
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise SystemExit(f"this benchmark runs a transformers Llama: {exc}") from None
 
     if tiny:
         config = LlamaConfig(
