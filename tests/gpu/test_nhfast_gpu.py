@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from vram_residency.backends.cuda import CudaBackend, open_backend
+from vram_residency.backends.cuda import CudaBackend, _nh_fast, open_backend
 from vram_residency.backends.cuda._nh_fast import key_trials, nh_fast_digest, nh_fast_hash
 from vram_residency.errors import InvalidInput
 from vram_residency.formats import nhfast, tree
@@ -57,7 +57,7 @@ def _gpu_hash(backend: CudaBackend, data: bytes, key: bytes) -> tree.HashResult:
 
 
 @pytest.mark.parametrize("n", LENGTHS)
-def test_kernels_equal_host(cuda_backend: CudaBackend, n: int) -> None:
+def test_kernels_equal_host(cuda_backend: CudaBackend, n: int, device_finish_always: None) -> None:
     data, key = _bytes(n, n + 1), os.urandom(32)
     got = _gpu_hash(cuda_backend, data, key)
     assert got == tree.hash_units(data, tree.NH_FAST_V1, key=key)
@@ -329,8 +329,17 @@ def test_unaligned_device_memory_is_refused_before_any_digest(cuda_backend: Cuda
         buf.close()
 
 
-@pytest.mark.parametrize("units", [31, 32, 33, 97, 600])
-def test_device_finalize_over_many_units(cuda_backend: CudaBackend, units: int) -> None:
+@pytest.fixture
+def device_finish_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The verify path finishes on the device only from DEVICE_FINISH_UNITS units on (4 GiB);
+    # the tests make it do so at every size.
+    monkeypatch.setattr(_nh_fast, "DEVICE_FINISH_UNITS", 1)
+
+
+@pytest.mark.parametrize("units", [1, 31, 32, 33, 97, 600])
+def test_device_finalize_over_many_units(
+    cuda_backend: CudaBackend, units: int, device_finish_always: None
+) -> None:
     # nhf_finalize's top-level tree beyond one 1 KiB chunk of unit digests (31 units and the
     # length fit one; 600 give 19 chunks and five levels) equals the host's finish.
     n = (units - 1) * tree.UNIT_SIZE + 4097

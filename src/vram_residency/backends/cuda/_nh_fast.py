@@ -70,6 +70,7 @@ class Backend(Protocol):
 
 
 __all__ = [
+    "DEVICE_FINISH_UNITS",
     "KEY_STAGE_BYTES",
     "SOURCE",
     "Backend",
@@ -100,6 +101,12 @@ _KEY_BLOB: Final = _TOP_KEY_OFF + 32  # bytes uploaded per job: NH key, unit key
 _TAGS_OFF: Final = 5376  # 256-byte aligned, after the keys
 #: Bytes of pinned host memory a job's key upload needs (see ``NhFastJob``'s ``stage``).
 KEY_STAGE_BYTES: Final = _TAGS_OFF
+#: The verify path finishes a digest on the device (``nhf_finalize``) from this many units (4 GiB)
+#: on, and on the host below. Measured on an H200: the host's copy and keyed BLAKE3 of the unit
+#: digests cost ~15 us per 1,000 units (0.25 ms at 16 GiB); the one-block kernel is bound by its
+#: serial chain (16 compressions per 1 KiB chunk, then a level per doubling), ~60 us at 1,024
+#: units and ~120 us at 16,384.
+DEVICE_FINISH_UNITS: Final = 4096
 
 
 def _align(x: int) -> int:
@@ -357,7 +364,10 @@ def _run_rows(
     if not rows:
         return [], []
     sizes = [_align(scratch_bytes(n)) for _p, n, _k in rows]
-    down = [32 * unit_count(n) if want_units else 32 for _p, n, _k in rows]
+    # Rows the device finishes (the verify path of large shards); the rest come back as unit
+    # digests and are finished on the host.
+    on_device = [not want_units and unit_count(n) >= DEVICE_FINISH_UNITS for _p, n, _k in rows]
+    down = [32 if dev else 32 * unit_count(n) for (_p, n, _k), dev in zip(rows, on_device, strict=True)]
     stage_at = _align(sum(down))
     with backend.kernel_session() as ks:
         drv = driver()
@@ -373,17 +383,17 @@ def _run_rows(
             at = stage_at + KEY_STAGE_BYTES * i
             stage = (host.address + at, view[at : at + KEY_STAGE_BYTES])
             job = new_job(ks, ptr, n, key, scratch=base + off, stage=stage)
-            if want_units:
-                job.launch_ready(n)
-            else:
+            if on_device[i]:
                 job.launch_finalize()
+            else:
+                job.launch_ready(n)
             jobs.append(job)
             off += size
         record(ks.stream, ks.t1)
         hoff = 0
         stream = ks.stream.handle  # cuda-bindings for the copies (byte ranges)
-        for job, nbytes in zip(jobs, down, strict=True):
-            src = job.unit_out if want_units else job.digest_out
+        for job, nbytes, dev in zip(jobs, down, on_device, strict=True):
+            src = job.digest_out if dev else job.unit_out
             check(drv.cuMemcpyDtoHAsync(host.address + hoff, src, nbytes, stream), "cuMemcpyDtoHAsync")
             hoff += nbytes
         with core_errors("nh-fast-v1 kernels"):
@@ -392,14 +402,15 @@ def _run_rows(
         digests: list[bytes] = []
         hashed: list[HashResult] = []
         hoff = 0
-        for job, nbytes in zip(jobs, down, strict=True):
+        for job, nbytes, dev in zip(jobs, down, on_device, strict=True):
             got = bytes(view[hoff : hoff + nbytes])
             hoff += nbytes
-            if want_units:
-                hashed.append(HashResult(nhfast.finalize(job.schedule, got, job.n), got))
-                digests.append(hashed[-1].digest)
-            else:
+            if dev:
                 digests.append(got)
+            else:
+                digests.append(nhfast.finalize(job.schedule, got, job.n))
+                if want_units:
+                    hashed.append(HashResult(digests[-1], got))
         return digests, hashed
 
 
