@@ -4,7 +4,10 @@ Every rank seals its own part with its own ``VramManager``. :meth:`TPModel.seal`
 parts (sizes, then bytes: two all_gathers, once per model) and every rank builds the same
 ``tp-record-v1`` record. :meth:`TPModel.verify` is the hot path: each rank verifies its shards
 locally, then ONE all_gather of a fixed-size verdict per rank (pass/fail, a 32-byte summary of the
-digests it measured, the names of what failed) tells every rank the same result.
+digests it measured, the names of what failed) tells every rank the same result. On the success
+path nothing is encoded, allocated or decoded: each rank's pass verdict is fixed by the record, so
+it is sent from a buffer made once, and the gathered bytes are compared with every rank's pass
+verdict at once; only a mismatch is decoded rank by rank.
 
 The verdict travels on a separate gloo group created with a timeout (by default; NCCL groups can
 carry it too, see ``verdict_transport``), so that a rank that died, hangs, or whose network went
@@ -429,7 +432,9 @@ class _VerdictChannel:
     #: ``work.wait(timeout)``, which ProcessGroupNCCL implements as a loop that sleeps 1 ms
     #: (10 ms in older torch) between checks: most of a verify's fixed cost when the last rank
     #: arrives a few microseconds after this one. A few ms covers the usual spread between the
-    #: ranks' local verifies; beyond it the wait costs one poll period at most.
+    #: ranks' local verifies; beyond it the wait costs one poll period at most. Not on CPUs:
+    #: gloo's wait is a condition variable, and polling only takes a core from the other ranks
+    #: (measured slower with 2 gloo ranks on 2 cores).
     SPIN_S: Final = 0.005
 
     def __init__(self, group: Any, device: torch.device, world: int, pass_verdict: bytes) -> None:
