@@ -13,15 +13,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from vram_residency.backends.cuda._core import core_errors, pinned_resource
 
-__all__ = ["PinnedHostBuffer", "host_address", "parallel_copy"]
+__all__ = ["HostPool", "PinnedHostBuffer", "host_address", "parallel_copy"]
 
 
 class PinnedHostBuffer:
@@ -113,3 +115,89 @@ def parallel_copy(
 def default_copy_threads() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(16, cpus))
+
+
+class _Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
+_B = TypeVar("_B", bound=_Sized)
+
+
+class HostPool(Generic[_B]):
+    """Released page-locked host buffers kept for reuse, at most ``limit`` bytes in all.
+
+    Why: an offload used to allocate its pinned copy with ``cuMemAllocHost`` and a restore freed
+    it with ``cuMemFreeHost``. Page-locking is the slow part (the kernel faults in, zeroes and
+    pins every 4 KiB page, and maps it for the device): on the H200 host a 2 GiB offload took
+    1.45 s (bench/results/migrate-2026-11-29.md), where the device-to-host copy at the measured
+    55 GB/s takes 39 ms and host hashing at the measured 12 GB/s (16 threads) 0.18 s. Buffers
+    that come back here are reused by the next ``allocate_host`` of a fitting size instead.
+
+    Callers give back only buffers whose used bytes they zeroed (offloaded model bytes do not
+    linger in pooled pages any more than in freed ones). ``take`` returns the smallest pooled
+    buffer of at least ``size`` and at most ``2 * size`` bytes (a 2 GiB buffer is not spent on a
+    64 MiB staging request), or None. ``give`` keeps a buffer if it fits under ``limit``,
+    dropping the oldest pooled buffers to make room (the newest sizes are the likeliest to be
+    asked for again); a buffer larger than ``limit``, or one given after ``clear``, is freed
+    with ``free``. Thread safe: restores give buffers back from a background thread."""
+
+    def __init__(self, limit: int, free: Callable[[_B], None]) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError("pool limit must be a non-negative integer")
+        self.limit = limit
+        self._free = free
+        self._bufs: list[_B] = []  # oldest first
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def pooled_bytes(self) -> int:
+        with self._lock:
+            return sum(b.size for b in self._bufs)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._bufs)
+
+    def take(self, size: int) -> _B | None:
+        with self._lock:
+            fits = [b for b in self._bufs if size <= b.size <= 2 * size]
+            if not fits:
+                return None
+            best = min(fits, key=lambda b: b.size)
+            self._bufs.remove(best)
+            return best
+
+    def give(self, buf: _B) -> None:
+        dropped: list[_B] = []
+        with self._lock:
+            if self._closed or buf.size > self.limit:
+                dropped.append(buf)
+            else:
+                total = sum(b.size for b in self._bufs)
+                while self._bufs and total + buf.size > self.limit:
+                    old = self._bufs.pop(0)
+                    total -= old.size
+                    dropped.append(old)
+                self._bufs.append(buf)
+        # Freed outside the lock: cuMemFreeHost of GiBs takes a while.
+        self._free_all(dropped)
+
+    def clear(self) -> None:
+        """Free every pooled buffer; later ``give`` calls free theirs at once."""
+        with self._lock:
+            self._closed = True
+            dropped, self._bufs = self._bufs, []
+        self._free_all(dropped)
+
+    def _free_all(self, bufs: list[_B]) -> None:
+        error: BaseException | None = None
+        for b in bufs:
+            try:
+                self._free(b)
+            except BaseException as exc:  # free the rest, then report the first failure
+                error = error or exc
+        if error is not None:
+            raise error
