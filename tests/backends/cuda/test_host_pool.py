@@ -134,7 +134,7 @@ def test_every_buffer_is_pooled_taken_or_freed_exactly_once(ops: list[tuple[bool
 
 
 def test_concurrent_give_and_take() -> None:
-    pool, freed = make(64 * MiB)
+    pool, _freed = make(64 * MiB)
     taken: list[Plain] = []
     lock = threading.Lock()
 
