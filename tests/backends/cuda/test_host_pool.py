@@ -4,6 +4,7 @@ not depend on what the buffers are; the CUDA backend pools PinnedHostBuffers wit
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -153,3 +154,50 @@ def test_concurrent_give_and_take() -> None:
         t.join()
     assert len({id(b) for b in taken}) == len(taken)  # no buffer handed to two takers
     assert pool.pooled_bytes <= 64 * MiB
+
+
+def test_take_waits_for_a_fitting_buffer_on_its_way_back() -> None:
+    """A restore zeroes its copy on a background thread; an offload asking meanwhile gets that
+    buffer when it arrives rather than page-locking new memory."""
+    pool, freed = make(8 * MiB)
+    b = Plain(2 * MiB)
+    pool.returning(b)
+    t = threading.Timer(0.2, pool.give, args=(b,))
+    t0 = time.monotonic()
+    t.start()
+    got = pool.take(2 * MiB)
+    t.join()
+    assert got is b
+    assert time.monotonic() - t0 >= 0.15
+    assert not freed
+
+
+def test_take_does_not_wait_for_a_buffer_that_would_not_fit() -> None:
+    pool, _ = make(64 * MiB)
+    pool.returning(Plain(32 * MiB))  # more than twice the request
+    t0 = time.monotonic()
+    assert pool.take(MiB) is None
+    assert time.monotonic() - t0 < 0.1
+    pool.returning(Plain(16 * MiB))  # fits the request but not the limit of 8 MiB below
+    small, _ = make(8 * MiB)
+    small.returning(Plain(16 * MiB))
+    assert small.take(16 * MiB) is None
+
+
+def test_cancel_wakes_the_waiter_with_nothing() -> None:
+    pool, _ = make(8 * MiB)
+    b = Plain(MiB)
+    pool.returning(b)
+    t = threading.Timer(0.1, pool.cancel, args=(b,))
+    t.start()
+    assert pool.take(MiB) is None
+    t.join()
+
+
+def test_wait_is_bounded() -> None:
+    freed: list[Plain] = []
+    pool = HostPool(8 * MiB, freed.append, wait_s=0.1)
+    pool.returning(Plain(MiB))  # never given back
+    t0 = time.monotonic()
+    assert pool.take(MiB) is None
+    assert 0.05 <= time.monotonic() - t0 < 2

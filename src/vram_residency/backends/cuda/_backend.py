@@ -310,11 +310,19 @@ class PinnedHostMemory(HostMemory):
             # Offloaded model bytes do not linger, in freed pages or in pooled ones. Only the
             # first ``size`` bytes were reachable through ``view``; the rest of a pooled buffer
             # was zeroed when its earlier user closed it (fresh pinned pages are zero).
-            _zero_host(buf.address, self._size)
-            if self._pool is not None:
-                self._pool.give(buf)
-            else:
+            pool = self._pool
+            if pool is None:
+                _zero_host(buf.address, self._size)
                 _free_pinned(self._dev, buf)
+                return
+            pool.returning(buf)  # an offload asking meanwhile waits for this buffer
+            try:
+                _zero_host(buf.address, self._size)
+            except BaseException:
+                pool.cancel(buf)
+                _free_pinned(self._dev, buf)
+                raise
+            pool.give(buf)
 
 
 def _free_pinned(dev: Any, buf: PinnedHostBuffer) -> None:
