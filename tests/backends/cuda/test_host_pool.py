@@ -178,8 +178,7 @@ def test_take_does_not_wait_for_a_buffer_that_would_not_fit() -> None:
     t0 = time.monotonic()
     assert pool.take(MiB) is None
     assert time.monotonic() - t0 < 0.1
-    pool.returning(Plain(16 * MiB))  # fits the request but not the limit of 8 MiB below
-    small, _ = make(8 * MiB)
+    small, _ = make(8 * MiB)  # fits the request but not the pool's limit
     small.returning(Plain(16 * MiB))
     assert small.take(16 * MiB) is None
 
