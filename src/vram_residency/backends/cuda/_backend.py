@@ -290,7 +290,15 @@ class PinnedHostMemory(HostMemory):
         self._dev = dev
         self._size = size
         self._pool = pool
+        self._announced = False
         self._buf: PinnedHostBuffer | None = buf
+
+    def closing_soon(self) -> None:
+        # Announced to the pool now, on the restoring thread: an offload that starts before the
+        # background discard has even begun still waits for this buffer.
+        if self._buf is not None and self._pool is not None and not self._announced:
+            self._announced = True
+            self._pool.returning(self._buf)
 
     @property
     def view(self) -> memoryview:
@@ -315,7 +323,8 @@ class PinnedHostMemory(HostMemory):
                 _zero_host(buf.address, self._size)
                 _free_pinned(self._dev, buf)
                 return
-            pool.returning(buf)  # an offload asking meanwhile waits for this buffer
+            if not self._announced:
+                pool.returning(buf)  # an offload asking meanwhile waits for this buffer
             try:
                 _zero_host(buf.address, self._size)
             except BaseException:
