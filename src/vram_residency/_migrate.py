@@ -581,6 +581,7 @@ def _discard_soon(mgr: ShardStore, copy: _Copy) -> None:
         if _DISCARDER is None:
             _DISCARDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vram-discard")
         pending = [f for f in _PENDING.get(mgr, []) if not f.done()]
+        copy.memory.closing_soon()  # a pooling backend's next allocate_host waits for it
         pending.append(_DISCARDER.submit(copy.discard))
         _PENDING[mgr] = pending
 

@@ -91,6 +91,34 @@ def test_offload_restore_round_trip(one: VramManager, tmp_path: Path, to: str) -
     assert one._entry(s).buf.read(150 * MiB, 4096) == payload[150 * MiB : 150 * MiB + 4096]
 
 
+def test_offload_after_restore_reuses_the_zeroed_pinned_copy(one: VramManager) -> None:
+    """The second offload takes the first one's pinned buffer from the pool (waiting for its
+    background zeroing if needed) instead of page-locking new memory; a different shard's bytes
+    replace it whole, and both round trips verify."""
+    a = one.seal_model(random_bytes(96 * MiB + 5, seed=7))
+    b = one.seal_model(random_bytes(96 * MiB + 5, seed=8))
+    one.offload(a)
+    first = mig._OFFLOADED[one.store][a.shard_id].copy.memory
+    assert isinstance(first, cuda_backend.PinnedHostMemory)
+    address = first.address
+    assert one.restore(a) == 0
+    one.offload(b)
+    second = mig._OFFLOADED[one.store][b.shard_id].copy.memory
+    assert isinstance(second, cuda_backend.PinnedHostMemory)
+    assert second.address == address  # reused, not a new cuMemAllocHost
+    assert one.restore(b) == 0
+    one.verify_sealed(a)
+    one.verify_sealed(b)
+    mig._wait_discards(one.store)
+    pool = one._backend._host_pool  # type: ignore[attr-defined]
+    assert pool.pooled_bytes >= 96 * MiB + 5
+    buf = pool.take(96 * MiB + 5)
+    try:
+        assert not buf.array[: 96 * MiB + 5].any()  # zeroed before it went back
+    finally:
+        pool.give(buf)
+
+
 def test_restore_rewrites_unit_that_landed_wrong(one: VramManager) -> None:
     s = one.seal_model(random_bytes(80 * MiB, seed=2))
     one.offload(s)

@@ -121,6 +121,11 @@ class HostMemory(abc.ABC):
     def close(self) -> None:
         """Zero and release the memory. Idempotent."""
 
+    def closing_soon(self) -> None:  # noqa: B027 - optional hook
+        """Say, on the caller's thread, that ``close`` is about to run on another thread (a
+        restore discards its host copy in the background). A backend that pools host memory
+        lets an allocation made meanwhile wait for this memory instead of making new memory."""
+
 
 class PlainHostMemory(HostMemory):
     """Ordinary host memory (a bytearray), for backends without pinned memory."""

@@ -47,6 +47,7 @@ from vram_residency.backends.cuda._core import stream_wait as _stream_wait
 from vram_residency.backends.cuda._driver import check, driver, error_name, request_error
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import (
+    HostPool,
     PinnedHostBuffer,
     default_copy_threads,
     host_address,
@@ -92,6 +93,8 @@ _LOW_OCCUPANCY_SPEEDUP: Final = 1.065
 #: 385 GB/s NVLink copy and the transfer measured 0.80 x raw. Four streams let up to four chunks'
 #: kernels share the GPU.
 _SIDE_STREAMS: Final = 4
+#: Pinned host memory kept for reuse by later offloads (``HostPool``), by default.
+_HOST_POOL_BYTES: Final = 8 << 30
 _PLAN_CACHE: Final = 8  # segment-table plans kept per lane (a few models, each verified repeatedly)
 
 
@@ -274,18 +277,34 @@ def _zero_host(address: int, size: int) -> None:
 class PinnedHostMemory(HostMemory):
     """Page-locked host memory for offloads and restores: the copy engines reach it directly.
 
-    ``close`` may run on another thread than the one that allocated it (a restore hands its
-    offloaded copy to a background discard): it makes the owning device current first."""
+    ``size`` bytes of ``buf`` (which may be larger: a buffer reused from the backend's
+    ``HostPool``). ``close`` zeroes those bytes and hands the buffer back to ``pool`` (None:
+    frees it). It may run on another thread than the one that allocated it (a restore hands its
+    offloaded copy to a background discard): freeing makes the owning device current first."""
 
-    def __init__(self, size: int, dev: Any) -> None:
+    def __init__(
+        self, size: int, dev: Any, buf: PinnedHostBuffer, pool: HostPool[PinnedHostBuffer] | None = None
+    ) -> None:
+        if not 0 < size <= buf.size:
+            raise InvalidInput("pinned host memory size out of range of its buffer")
         self._dev = dev
-        self._buf: PinnedHostBuffer | None = PinnedHostBuffer(size, dev)
+        self._size = size
+        self._pool = pool
+        self._announced = False
+        self._buf: PinnedHostBuffer | None = buf
+
+    def closing_soon(self) -> None:
+        # Announced to the pool now, on the restoring thread: an offload that starts before the
+        # background discard has even begun still waits for this buffer.
+        if self._buf is not None and self._pool is not None and not self._announced:
+            self._announced = True
+            self._pool.returning(self._buf)
 
     @property
     def view(self) -> memoryview:
         if self._buf is None:
             raise IntegrityViolation("pinned host memory used after it was released")
-        return self._buf.view
+        return self._buf.view[: self._size]
 
     @property
     def address(self) -> int:
@@ -296,10 +315,29 @@ class PinnedHostMemory(HostMemory):
     def close(self) -> None:
         if self._buf is not None:
             buf, self._buf = self._buf, None
-            _zero_host(buf.address, buf.size)  # offloaded model bytes do not linger in freed pages
-            with core_errors("cuCtxSetCurrent"):
-                self._dev.set_current()
-            buf.close()
+            # Offloaded model bytes do not linger, in freed pages or in pooled ones. Only the
+            # first ``size`` bytes were reachable through ``view``; the rest of a pooled buffer
+            # was zeroed when its earlier user closed it (fresh pinned pages are zero).
+            pool = self._pool
+            if pool is None:
+                _zero_host(buf.address, self._size)
+                _free_pinned(self._dev, buf)
+                return
+            if not self._announced:
+                pool.returning(buf)  # an offload asking meanwhile waits for this buffer
+            try:
+                _zero_host(buf.address, self._size)
+            except BaseException:
+                pool.cancel(buf)
+                _free_pinned(self._dev, buf)
+                raise
+            pool.give(buf)
+
+
+def _free_pinned(dev: Any, buf: PinnedHostBuffer) -> None:
+    with core_errors("cuCtxSetCurrent"):
+        dev.set_current()
+    buf.close()
 
 
 def _own_buffer(backend: CudaBackend, buf: DeviceBuffer) -> CudaBuffer:
@@ -313,7 +351,12 @@ def _peer_allocate_host(self: CudaBackend, size: int) -> HostMemory:
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise InvalidInput("host memory size must be a positive integer")
     self._activate()
-    return PinnedHostMemory(size, self._dev)
+    # A released offload copy of a fitting size first: page-locking GiBs anew is what made
+    # offload slow (HostPool says why).
+    buf = self._host_pool.take(size)
+    if buf is None:
+        buf = PinnedHostBuffer(size, self._dev)
+    return PinnedHostMemory(size, self._dev, buf, self._host_pool)
 
 
 def _peer_read_into(self: CudaBackend, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
@@ -694,7 +737,9 @@ class CudaBackend(Backend):
     default); ``staging_bytes`` and ``staging_buffers`` bound the pinned staging pool (2 x 64 MiB);
     ``copy_threads`` host threads fill staging buffers from pageable memory; ``kernel_defines``
     maps a kernel source (``"sha256_tree"``, ``"blake3"``) to extra preprocessor definitions, for
-    tuning runs only.
+    tuning runs only; ``host_pool_bytes`` bounds the pinned host memory that restored shards'
+    offload copies leave behind, zeroed, for later offloads to reuse (default 8 GiB; 0: every
+    offload page-locks new memory and every restore frees it, as before).
     """
 
     name = "cuda"
@@ -722,6 +767,7 @@ class CudaBackend(Backend):
         staging_buffers: int = 2,
         copy_threads: int | None = None,
         kernel_defines: Mapping[str, Mapping[str, str]] | None = None,
+        host_pool_bytes: int = _HOST_POOL_BYTES,
     ) -> None:
         if not _is_int(device) or device < 0:
             raise ConfigError(f"CUDA device must be a non-negative integer, not {device!r}")
@@ -729,6 +775,8 @@ class CudaBackend(Backend):
             raise ConfigError("staging_bytes must be a positive multiple of 1 MiB")
         if not _is_int(staging_buffers) or not 1 <= staging_buffers <= 8:
             raise ConfigError("staging_buffers must be between 1 and 8")
+        if not _is_int(host_pool_bytes) or host_pool_bytes < 0:
+            raise ConfigError("host_pool_bytes must be a non-negative integer")
         count = device_count()
         if count == 0:
             raise request_error("no CUDA GPU is visible to this process")
@@ -775,6 +823,11 @@ class CudaBackend(Backend):
         self._staging_bytes = staging_bytes
         self._staging_count = staging_buffers
         self._staging: list[tuple[PinnedHostBuffer, Any]] = []
+        dev = self._dev
+        # Released offload copies (pinned, zeroed), reused by allocate_host; freed at close.
+        self._host_pool: HostPool[PinnedHostBuffer] = HostPool(
+            host_pool_bytes, lambda b: _free_pinned(dev, b)
+        )
         self._copy_threads = copy_threads or default_copy_threads()
         self._copy_pool: ThreadPoolExecutor | None = None
         self._scratch_ptr = 0
@@ -1486,6 +1539,8 @@ class CudaBackend(Backend):
                 with quiet:
                     ev.close()
             self._staging.clear()
+            with quiet:
+                self._host_pool.clear()
             if self._copy_pool is not None:
                 self._copy_pool.shutdown()
                 self._copy_pool = None

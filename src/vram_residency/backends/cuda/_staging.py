@@ -13,15 +13,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from vram_residency.backends.cuda._core import core_errors, pinned_resource
 
-__all__ = ["PinnedHostBuffer", "host_address", "parallel_copy"]
+__all__ = ["HostPool", "PinnedHostBuffer", "host_address", "parallel_copy"]
 
 
 class PinnedHostBuffer:
@@ -113,3 +116,126 @@ def parallel_copy(
 def default_copy_threads() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(16, cpus))
+
+
+class _Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
+_B = TypeVar("_B", bound=_Sized)
+
+
+class HostPool(Generic[_B]):
+    """Released page-locked host buffers kept for reuse, at most ``limit`` bytes in all.
+
+    Why: an offload used to allocate its pinned copy with ``cuMemAllocHost`` and a restore freed
+    it with ``cuMemFreeHost``. Page-locking is the slow part (the kernel faults in, zeroes and
+    pins every 4 KiB page, and maps it for the device): on the H200 host a 2 GiB offload took
+    1.45 s (bench/results/migrate-2026-11-29.md), where the device-to-host copy at the measured
+    55 GB/s takes 39 ms and host hashing at the measured 12 GB/s (16 threads) 0.18 s. Buffers
+    that come back here are reused by the next ``allocate_host`` of a fitting size instead.
+
+    Callers give back only buffers whose used bytes they zeroed (offloaded model bytes do not
+    linger in pooled pages any more than in freed ones). A buffer being zeroed on its way back
+    (a restore zeroes its copy on a background thread) is announced with ``returning`` first:
+    ``take`` waits for such a buffer when it is the one that fits, since zeroing (tens of GB/s)
+    is much faster than page-locking new memory, and an offload right after a restore would
+    otherwise always miss the pool.
+
+    ``take`` returns the smallest pooled buffer of at least ``size`` and at most ``2 * size``
+    bytes (a 2 GiB buffer is not spent on a 64 MiB staging request), or None. ``give`` keeps a
+    buffer if it fits under ``limit``, dropping the oldest pooled buffers to make room (the
+    newest sizes are the likeliest to be asked for again); a buffer larger than ``limit``, or
+    one given after ``clear``, is freed with ``free``. Thread safe."""
+
+    def __init__(self, limit: int, free: Callable[[_B], None], *, wait_s: float = 30.0) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError("pool limit must be a non-negative integer")
+        self.limit = limit
+        self._free = free
+        self._wait_s = wait_s
+        self._bufs: list[_B] = []  # oldest first
+        self._incoming: list[_B] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @property
+    def pooled_bytes(self) -> int:
+        with self._cond:
+            return sum(b.size for b in self._bufs)
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._bufs)
+
+    def _fits(self, b: _B, size: int) -> bool:
+        return size <= b.size <= 2 * size and b.size <= self.limit
+
+    def take(self, size: int) -> _B | None:
+        deadline = time.monotonic() + self._wait_s
+        with self._cond:
+            while True:
+                fits = [b for b in self._bufs if self._fits(b, size)]
+                if fits:
+                    best = min(fits, key=lambda b: b.size)
+                    self._bufs.remove(best)
+                    return best
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0 or not any(self._fits(b, size) for b in self._incoming):
+                    return None
+                self._cond.wait(left)
+
+    def returning(self, buf: _B) -> None:
+        """``buf`` is being zeroed and will be given back (or dropped with ``cancel``)."""
+        with self._cond:
+            if not self._closed:
+                self._incoming.append(buf)
+
+    def cancel(self, buf: _B) -> None:
+        """``buf`` announced with ``returning`` will not come back (its zeroing failed)."""
+        with self._cond:
+            self._forget(buf)
+            self._cond.notify_all()
+
+    def _forget(self, buf: _B) -> None:
+        for i, b in enumerate(self._incoming):
+            if b is buf:
+                del self._incoming[i]
+                return
+
+    def give(self, buf: _B) -> None:
+        dropped: list[_B] = []
+        with self._cond:
+            self._forget(buf)
+            if self._closed or buf.size > self.limit:
+                dropped.append(buf)
+            else:
+                total = sum(b.size for b in self._bufs)
+                while self._bufs and total + buf.size > self.limit:
+                    old = self._bufs.pop(0)
+                    total -= old.size
+                    dropped.append(old)
+                self._bufs.append(buf)
+            self._cond.notify_all()
+        # Freed outside the lock: cuMemFreeHost of GiBs takes a while.
+        self._free_all(dropped)
+
+    def clear(self) -> None:
+        """Free every pooled buffer; later ``give`` calls free theirs at once."""
+        with self._cond:
+            self._closed = True
+            dropped, self._bufs = self._bufs, []
+            self._incoming.clear()
+            self._cond.notify_all()
+        self._free_all(dropped)
+
+    def _free_all(self, bufs: list[_B]) -> None:
+        error: BaseException | None = None
+        for b in bufs:
+            try:
+                self._free(b)
+            except BaseException as exc:  # free the rest, then report the first failure
+                error = error or exc
+        if error is not None:
+            raise error
