@@ -4,6 +4,7 @@ BLAKE3 (issue 14's probe) and the low-priority lane."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -234,3 +235,38 @@ def test_adopted_torch_style_pointers(cuda_backend: CudaBackend) -> None:
             v.close()
     finally:
         owner.close()
+
+
+def test_reused_plan_takes_each_calls_keys(cuda_backend: CudaBackend) -> None:
+    # The lane reuses a table's plan whatever its keys' bytes (an attestation's probe key is new
+    # for every nonce): each call must still hash under its own keys, in its own order.
+    data = os.urandom(3 * (1 << 20) + 5)
+    buf = cuda_backend.allocate(len(data))
+    try:
+        buf.write(0, data)
+        for _ in range(3):
+            k1, k2 = os.urandom(32), os.urandom(32)
+            segs = [
+                Segment(buf, len(data), BLAKE3, k1),
+                Segment(buf, 1000, BLAKE3, k2),
+                Segment(buf, 7, BLAKE3, k1),
+            ]
+            got = cuda_backend.digest_many(segs)
+            assert got == [
+                blake3.blake3(data, key=k1).digest(),
+                blake3.blake3(data[:1000], key=k2).digest(),
+                blake3.blake3(data[:7], key=k1).digest(),
+            ]
+            # The same shape with the keys swapped: first appearance is now k2.
+            swapped = [
+                Segment(buf, len(data), BLAKE3, k2),
+                Segment(buf, 1000, BLAKE3, k1),
+                Segment(buf, 7, BLAKE3, k2),
+            ]
+            assert cuda_backend.digest_many(swapped) == [
+                blake3.blake3(data, key=k2).digest(),
+                blake3.blake3(data[:1000], key=k1).digest(),
+                blake3.blake3(data[:7], key=k2).digest(),
+            ]
+    finally:
+        buf.close()
