@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import operator
 import re
 import secrets
 import threading
@@ -72,6 +73,13 @@ SEAL_FAILED: Final = "SealFailed"
 _KEY_PROBE: Final = b"vram-residency: same seal key?"
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+#: The ten seal-v1 fields of a shard, in ``SealFields`` order, read in one C call: what a verify
+#: compares against the fields whose tag it checked last (``ShardRecord.checked``).
+_SEAL_FIELD_VALUES: Final = operator.attrgetter(
+    "shard_id", "gpu_device", "vram_bytes", "digest_algorithm", "digest", "sealed_at_ns",
+    "worker_id", "model_ref", "shard_index", "total_shards",
+)  # fmt: skip
 
 
 def merge_ranges(units: Sequence[int], n: int) -> list[tuple[int, int]]:
@@ -199,9 +207,14 @@ class ShardStore:
 
     def segment(self, record: ShardRecord, algorithm: str | None = None) -> Segment:
         """The segment-table entry of ``record`` under ``algorithm`` (default: the seal's),
-        keyed for a keyed algorithm."""
+        keyed for a keyed algorithm. Made once per record and algorithm (a keyed one costs an
+        HMAC), then reused: a verify of many shards asks for every one of them each time."""
         alg = record.shard.digest_algorithm if algorithm is None else algorithm
-        return Segment(record.buf, record.shard.vram_bytes, alg, self.digest_key(alg, record.shard.shard_id))
+        seg = record.segments.get(alg)
+        if seg is None or seg.buf is not record.buf:
+            seg = Segment(record.buf, record.shard.vram_bytes, alg, self.digest_key(alg, record.shard.shard_id))
+            record.segments[alg] = seg
+        return seg
 
     @property
     def audit(self) -> AuditSink | None:
@@ -527,18 +540,18 @@ class ShardStore:
     def tag_matches(self, shard: SealedShard, record: ShardRecord) -> bool:
         """Both the presented shard and the store's record carry the tag of these exact fields:
         a shard object edited in memory fails here, before any device work."""
-        fields = shard.fields()
+        values = _SEAL_FIELD_VALUES(shard)
         cached = record.checked
-        if cached is not None and cached[0] == fields:
+        if cached is not None and cached[0] == values:
             message = cached[1]
         else:
             try:
-                message = seal_message(fields)
+                message = seal_message(shard.fields())
             except InvalidInput:
                 return False
         ok = self._key.verify(message, record.tag) and hmac.compare_digest(shard.tag, record.tag)
         if ok and cached is None:
-            record.checked = (fields, message)
+            record.checked = (values, message)
         return ok
 
     # -- verification ---------------------------------------------------------------------------
@@ -573,17 +586,34 @@ class ShardStore:
         for s in presented:
             if not isinstance(s, SealedShard):
                 raise InvalidInput(f"expected SealedShard objects, not {type(s).__name__}")
+        # Every record under one hold of the store's lock (``lookup`` of each, in order: the
+        # first unknown shard raises NotSealed, as lookup would).
         records: dict[str, ShardRecord] = {}
-        for s in presented:
-            records.setdefault(s.shard_id, self.lookup(s))
-        # Locks in one global order (by shard id), so that concurrent batches cannot deadlock.
-        with contextlib.ExitStack() as stack:
+        with self._lock:
+            self.check_open()
+            held_records = self._records
+            for s in presented:
+                sid = s.shard_id
+                if sid not in records:
+                    record = held_records.get(sid)
+                    if record is None:
+                        raise NotSealed(f"shard {sid!r} is not sealed by this manager")
+                    records[sid] = record
+        # Locks in one global order (by shard id), so that concurrent batches cannot deadlock;
+        # released in reverse, whatever happens.
+        locked: list[threading.Lock] = []
+        try:
             for sid in sorted(records):
-                stack.enter_context(records[sid].lock)
+                lock = records[sid].lock
+                lock.acquire()
+                locked.append(lock)
             for sid, rec in records.items():
                 if rec.buf.closed:
                     raise NotSealed(f"shard {sid!r} was deallocated")
             self._verify_held(presented, records, priority, check, full_every_s)
+        finally:
+            for lock in reversed(locked):
+                lock.release()
 
     def verify_held(self, shard: SealedShard, record: ShardRecord) -> None:
         """Verify one shard whose ``record.lock`` the caller already holds (repair does)."""
@@ -648,6 +678,7 @@ class ShardStore:
                     r.shard.shard_id, want, actual, tuple(ranges), tuple(r.tensors_in(ranges))
                 )
         ordered = list(dict.fromkeys(s.shard_id for s in presented))
+        audit = self._audit
         now_ns = time.time_ns()
         for sid in ordered:
             if sid not in failures:
@@ -659,6 +690,8 @@ class ShardStore:
             sealed = records[sid].shard
             ran: Check = "fast" if sid in fast_ids else "full"
             if f is None:
+                if audit is None:
+                    continue  # nothing would be written: skip building the record
                 events.append((SEAL_VERIFIED, {
                     "shard_id": sid,
                     "vram_bytes": sealed.vram_bytes,

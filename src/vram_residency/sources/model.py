@@ -69,17 +69,28 @@ def model_digest(parts: Sequence[tuple[str, int, str, str]]) -> str:
     """``M`` (hex) of ``(name, size, algorithm, hex digest)`` parts, in order."""
     if not parts:
         raise InvalidInput("a model needs at least one part")
-    h = hashlib.sha256(_DOMAIN)
-    h.update(len(parts).to_bytes(4, "little"))
+    # Every verify_model recomputes M over all parts (check_binding), so the per-part work is
+    # kept small: each distinct algorithm is checked and encoded once, the encoded parts are
+    # joined and hashed in one update (the same bytes as part by part).
+    encoded: list[bytes] = [_DOMAIN, len(parts).to_bytes(4, "little")]
+    algorithm_bytes: dict[str, bytes] = {}
     for name, size, algorithm, digest in parts:
-        nb, ab = _utf8("part name", name), check_algorithm(algorithm, keyed=True).encode("ascii")
+        nb = _utf8("part name", name)
+        ab = algorithm_bytes.get(algorithm) if type(algorithm) is str else None
+        if ab is None:
+            ab = check_algorithm(algorithm, keyed=True).encode("ascii")
+            ab = len(ab).to_bytes(4, "little") + ab
+            algorithm_bytes[algorithm] = ab
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
             raise InvalidInput("part digest must be 64 lower-case hex characters")
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 1 << 64:
             raise InvalidInput("part size must be a 64-bit unsigned integer")
-        h.update(len(nb).to_bytes(4, "little") + nb + len(ab).to_bytes(4, "little") + ab)
-        h.update(size.to_bytes(8, "little") + bytes.fromhex(digest))
-    return h.hexdigest()
+        encoded.append(len(nb).to_bytes(4, "little"))
+        encoded.append(nb)
+        encoded.append(ab)
+        encoded.append(size.to_bytes(8, "little"))
+        encoded.append(bytes.fromhex(digest))
+    return hashlib.sha256(b"".join(encoded)).hexdigest()
 
 
 def model_ref_for(name: str, digest: str) -> str:
