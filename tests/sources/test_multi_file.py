@@ -252,3 +252,7 @@ def test_model_digest_is_the_module_doc_formula() -> None:
         model_digest([("a", 1, "blake3", "ab" * 32), ("b", 1, "no-such-algorithm", "ab" * 32)])
     with pytest.raises(InvalidInput):
         model_digest([("a", True, "blake3", "ab" * 32)])
+    # Digests: exactly 64 lower-case hex characters (no upper case, no spaces fromhex would skip).
+    for bad in ("AB" * 32, "ab" * 31 + "a ", "ab" * 30 + " abc", "ab" * 33, "ab" * 31 + "zz", b"ab" * 32):
+        with pytest.raises(InvalidInput, match="64 lower-case hex"):
+            model_digest([("a", 1, "blake3", bad)])  # type: ignore[list-item]
