@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import pickle
 
 import pytest
 from hypothesis import given
@@ -40,6 +41,4 @@ def test_secret_key_never_shows_its_pad_states() -> None:
     assert repr(secret) == str(secret) == "SecretKey(<redacted>)"
     assert not hasattr(secret, "__dict__")
     with pytest.raises(TypeError):
-        import pickle
-
         pickle.dumps(secret)

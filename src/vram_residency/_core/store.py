@@ -212,7 +212,8 @@ class ShardStore:
         alg = record.shard.digest_algorithm if algorithm is None else algorithm
         seg = record.segments.get(alg)
         if seg is None or seg.buf is not record.buf:
-            seg = Segment(record.buf, record.shard.vram_bytes, alg, self.digest_key(alg, record.shard.shard_id))
+            key = self.digest_key(alg, record.shard.shard_id)
+            seg = Segment(record.buf, record.shard.vram_bytes, alg, key)
             record.segments[alg] = seg
         return seg
 
@@ -669,12 +670,11 @@ class ShardStore:
                 "the backend returned a digest count that differs from the segment count"
             )
         compare = hmac.compare_digest
+        pairs = zip(todo, digests, strict=True)
         if fast_ids:
-            bad = [
-                (r, d.hex()) for r, d in zip(todo, digests, strict=True) if not compare(d.hex(), expected_of(r)[0])
-            ]
+            bad = [(r, d.hex()) for r, d in pairs if not compare(d.hex(), expected_of(r)[0])]
         else:  # every shard against its seal's digest (expected_of, without the call per shard)
-            bad = [(r, d.hex()) for r, d in zip(todo, digests, strict=True) if not compare(d.hex(), r.shard.digest)]
+            bad = [(r, d.hex()) for r, d in pairs if not compare(d.hex(), r.shard.digest)]
         if bad:
             # Cost on a mismatch only: unit digests of the changed shards, batched as well.
             results = self._backend.hash_many([segment_of(r) for r, _ in bad])
