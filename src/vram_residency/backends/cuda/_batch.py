@@ -193,9 +193,13 @@ def build_plan(
 
     # Reduction schedule sizes: per multi-unit segment, ceil(c / 256) blocks per level until one
     # node is left; the last level writes the segment's root slot, earlier ones a level region.
-    multi = np.nonzero(units > 1)[0].tolist()
+    # A segment of 2 to 256 units (up to 256 MiB: nearly every tensor) reduces in one block of
+    # one level, straight to its root: those are planned as arrays. Larger ones, few, loop.
+    multi_idx = np.flatnonzero(units > 1)
+    one_level = multi_idx[units[multi_idx] <= _GROUP]
+    multi = multi_idx[units[multi_idx] > _GROUP].tolist()
     level_bytes = 0
-    rdesc_count = 0
+    rdesc_count = len(one_level)
     for i in multi:
         c = int(units[i])
         while c > 1:
@@ -281,9 +285,11 @@ def build_plan(
         unit_launches.append(Launch(names[int(a)], kernel, udesc_off + UNIT_DESC.itemsize * start, count))
         start = end
 
-    # Reduce descriptors, level by level.
+    # Reduce descriptors, level by level; within a level, per algorithm in the order the
+    # algorithms first appear, rows in segment order (the one-level segments merged in).
     level_launches: list[list[Launch]] = []
-    per_level: list[dict[str, list[tuple[int, int, int, int, int]]]] = []
+    # Per level, per algorithm: (segment index, in, out, key, count, root) rows.
+    per_level: list[dict[str, list[tuple[int, int, int, int, int, int]]]] = []
     next_level = levels_off
     for i in multi:
         c = int(units[i])
@@ -299,23 +305,45 @@ def build_plan(
                 out, next_level = next_level, next_level + 32 * g
             while len(per_level) <= lvl:
                 per_level.append({})
-            bucket = per_level[lvl].setdefault(algorithms[i], [])
+            bucket = per_level[lvl].setdefault(algorithms[i], [])  # (segment index first)
             for j in range(g):
                 cnt = min(_GROUP, c - _GROUP * j)
                 bucket.append(
-                    (base + src + 32 * _GROUP * j, base + out + 32 * j, kaddr, cnt, 1 if final else 0)
+                    (i, base + src + 32 * _GROUP * j, base + out + 32 * j, kaddr, cnt, 1 if final else 0)
                 )
             src, c, lvl = out, g, lvl + 1
+    level0: dict[str, npt.NDArray[np.uint64]] = {}
+    if len(one_level):
+        small = np.empty((len(one_level), 6), dtype=np.uint64)
+        small[:, 0] = one_level
+        small[:, 1] = base + vals_off + 32 * first_unit[one_level]
+        small[:, 2] = base + roots_off + 32 * one_level
+        small[:, 3] = key_addr[one_level]
+        small[:, 4] = units[one_level]
+        small[:, 5] = 1
+        small_alg = seg_alg[one_level]
+        for a, code in alg_codes.items():
+            level0[a] = small[small_alg == code] if len(alg_codes) > 1 else small
+        if not per_level:
+            per_level.append({})
     r_at = rdesc_off
-    for lvl_rows in per_level:
-        launches = []
+    for lvl, lvl_rows in enumerate(per_level):
+        tables: dict[str, npt.NDArray[np.uint64]] = {}
         for alg, entries in lvl_rows.items():
-            arr = np.array(entries, dtype=np.uint64)
-            rd = np.zeros(len(entries), dtype=REDUCE_DESC)
-            rd["in"], rd["out"], rd["key"] = arr[:, 0], arr[:, 1], arr[:, 2]
-            rd["count"], rd["root"] = arr[:, 3].astype(np.uint32), arr[:, 4].astype(np.uint32)
+            tables[alg] = np.array(entries, dtype=np.uint64).reshape(-1, 6)
+        if lvl == 0:
+            for alg, arr in level0.items():
+                if len(arr):
+                    both = np.concatenate([tables[alg], arr]) if alg in tables else arr
+                    tables[alg] = both[np.argsort(both[:, 0], kind="stable")]
+        launches = []
+        for alg in sorted(tables, key=lambda a: int(tables[a][0, 0])):
+            arr = tables[alg]
+            rd = np.zeros(len(arr), dtype=REDUCE_DESC)
+            rd["in"], rd["out"], rd["key"] = arr[:, 1], arr[:, 2], arr[:, 3]
+            rd["count"], rd["root"] = arr[:, 4].astype(np.uint32), arr[:, 5].astype(np.uint32)
             upload[r_at : r_at + rd.nbytes] = rd.view(np.uint8)
-            launches.append(Launch(alg, BATCH_ALGORITHMS[alg].reduce_kernel, r_at, len(entries)))
+            launches.append(Launch(alg, BATCH_ALGORITHMS[alg].reduce_kernel, r_at, len(arr)))
             r_at += rd.nbytes
         level_launches.append(launches)
     assert r_at <= upload_bytes
