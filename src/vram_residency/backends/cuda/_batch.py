@@ -46,6 +46,7 @@ __all__ = [
     "Plan",
     "TableAlgorithm",
     "build_plan",
+    "build_plan_columns",
     "results",
 ]
 
@@ -167,13 +168,29 @@ def build_plan(
     address (descriptors hold absolute addresses). ``pick_units_kernel(spec, units)`` chooses
     between a units kernel's register budgets. Inputs are trusted here: the backend checked them
     (lengths within their buffers, algorithms in BATCH_ALGORITHMS, 32-byte keys)."""
-    s_count = len(segments)
     # Columns in one C-level transpose: a verify plans every tensor of a model, and a Python
     # step per segment and column was most of the planning time of a 1,000-segment table.
-    if s_count:
+    if segments:
         ptrs, lens, algs, keys = zip(*segments, strict=True)
     else:
         ptrs, lens, algs, keys = (), (), (), ()
+    return build_plan_columns(ptrs, lens, algs, keys, want_units, reserve, pick_units_kernel)
+
+
+def build_plan_columns(
+    ptrs: Sequence[int],
+    lens: Sequence[int],
+    algs: Sequence[str],
+    keys: Sequence[bytes | None],
+    want_units: bool,
+    reserve: Callable[[int], int],
+    pick_units_kernel: Callable[[TableAlgorithm, int], str] | None = None,
+) -> Plan:
+    """:func:`build_plan` of the segments given as four equally long columns (device addresses,
+    lengths, algorithms, keys), as the backend gathers them while checking the table."""
+    s_count = len(ptrs)
+    if not len(lens) == len(algs) == len(keys) == s_count:
+        raise ValueError("segment table columns differ in length")
     ptr = np.array(ptrs, dtype=np.uint64)
     n = np.array(lens, dtype=np.int64)
     algorithms = list(algs)
