@@ -75,13 +75,15 @@ def _cuda_host_step(owner: Any, segments: Sequence[Segment], plan: _batch.Plan, 
         checked = [owner._check_segment(s) for s in segments]
         bufs_in, algs = [c[0] for c in checked], [c[2] for c in checked]
         key = (False, tuple((b._ptr, n, a, k) for b, n, a, k in checked))
-    bufs = sorted({id(b): b for b in bufs_in}.values(), key=id)
+    new = owner._table_columns is not None
+    bufs = sorted(set(bufs_in), key=id) if new else sorted({id(b): b for b in bufs_in}.values(), key=id)
     held = []
     try:
         for b in bufs:
             b._lock.acquire()
             held.append(b)
-            b.check_open()
+            if not new or b._closed:
+                b.check_open()
         set(algs)
         hash(key)  # the lane's plan-cache lookup
     finally:

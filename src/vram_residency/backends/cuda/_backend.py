@@ -1313,14 +1313,16 @@ class CudaBackend(Backend):
         if not cols.bufs:
             return [], ([] if want_units else None)
         # Each distinct buffer's lock, in one global order (two batches never wait on each other
-        # in a cycle): no buffer can be freed while kernels read it.
-        bufs = sorted({id(b): b for b in cols.bufs}.values(), key=id)
+        # in a cycle): no buffer can be freed while kernels read it. (Buffers hash and compare
+        # by identity: the set and the sort by id run in C.)
+        bufs = sorted(set(cols.bufs), key=id)
         held: list[CudaBuffer] = []
         try:
             for b in bufs:
                 b._lock.acquire()
                 held.append(b)
-                b.check_open()
+                if b._closed:
+                    b.check_open()  # raises
             fns = self._table_kernels(set(cols.algs))
             with lane.lock:
                 self._activate()
