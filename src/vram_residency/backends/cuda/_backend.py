@@ -1286,7 +1286,7 @@ class CudaBackend(Backend):
                     type(buf) is CudaBuffer
                     and buf._backend is self
                     and type(n) is int
-                    and 0 <= n <= buf._size
+                    and 0 <= n <= buf.size
                     and key is None
                     and type(algorithm) is str
                     and algorithm in batched
