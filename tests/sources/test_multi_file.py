@@ -230,3 +230,29 @@ def test_model_larger_than_free_memory_is_refused_up_front(
             m.seal_files(d)
         assert m.shards() == [] and m.available_vram() == total - 4096
     assert audit.names() == ["VramAllocationFailed"]
+
+
+def test_model_digest_is_the_module_doc_formula() -> None:
+    # M written out from the module doc, byte by byte, for a few parts (one with a non-ASCII
+    # name); model_digest joins the parts' bytes into one update and must give the same M.
+    import hashlib
+
+    parts = [
+        ("model-00001.safetensors", 5, "blake3", "ab" * 32),
+        ("schöne-Gewichte", 0, "blake3", "00" * 32),
+        ("x", (1 << 64) - 1, "blake3", "ff" * 32),
+    ]
+    h = hashlib.sha256(b"vram-residency-model-v1" + len(parts).to_bytes(4, "little"))
+    for name, size, alg, dig in parts:
+        nb, ab = name.encode("utf-8"), alg.encode("ascii")
+        h.update(len(nb).to_bytes(4, "little") + nb + len(ab).to_bytes(4, "little") + ab)
+        h.update(size.to_bytes(8, "little") + bytes.fromhex(dig))
+    assert model_digest(parts) == h.hexdigest()
+    with pytest.raises(InvalidInput):
+        model_digest([("a", 1, "blake3", "ab" * 32), ("b", 1, "no-such-algorithm", "ab" * 32)])
+    with pytest.raises(InvalidInput):
+        model_digest([("a", True, "blake3", "ab" * 32)])
+    # Digests: exactly 64 lower-case hex characters (no upper case, no spaces fromhex would skip).
+    for bad in ("AB" * 32, "ab" * 31 + "a ", "ab" * 30 + " abc", "ab" * 33, "ab" * 31 + "zz", b"ab" * 32):
+        with pytest.raises(InvalidInput, match="64 lower-case hex"):
+            model_digest([("a", 1, "blake3", bad)])  # type: ignore[list-item]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import operator
 import re
 import secrets
 import threading
@@ -72,6 +73,13 @@ SEAL_FAILED: Final = "SealFailed"
 _KEY_PROBE: Final = b"vram-residency: same seal key?"
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+#: The ten seal-v1 fields of a shard, in ``SealFields`` order, read in one C call: what a verify
+#: compares against the fields whose tag it checked last (``ShardRecord.checked``).
+_SEAL_FIELD_VALUES: Final = operator.attrgetter(
+    "shard_id", "gpu_device", "vram_bytes", "digest_algorithm", "digest", "sealed_at_ns",
+    "worker_id", "model_ref", "shard_index", "total_shards",
+)  # fmt: skip
 
 
 def merge_ranges(units: Sequence[int], n: int) -> list[tuple[int, int]]:
@@ -199,9 +207,15 @@ class ShardStore:
 
     def segment(self, record: ShardRecord, algorithm: str | None = None) -> Segment:
         """The segment-table entry of ``record`` under ``algorithm`` (default: the seal's),
-        keyed for a keyed algorithm."""
+        keyed for a keyed algorithm. Made once per record and algorithm (a keyed one costs an
+        HMAC), then reused: a verify of many shards asks for every one of them each time."""
         alg = record.shard.digest_algorithm if algorithm is None else algorithm
-        return Segment(record.buf, record.shard.vram_bytes, alg, self.digest_key(alg, record.shard.shard_id))
+        seg = record.segments.get(alg)
+        if seg is None or seg.buf is not record.buf:
+            key = self.digest_key(alg, record.shard.shard_id)
+            seg = Segment(record.buf, record.shard.vram_bytes, alg, key)
+            record.segments[alg] = seg
+        return seg
 
     @property
     def audit(self) -> AuditSink | None:
@@ -527,18 +541,18 @@ class ShardStore:
     def tag_matches(self, shard: SealedShard, record: ShardRecord) -> bool:
         """Both the presented shard and the store's record carry the tag of these exact fields:
         a shard object edited in memory fails here, before any device work."""
-        fields = shard.fields()
+        values = _SEAL_FIELD_VALUES(shard)
         cached = record.checked
-        if cached is not None and cached[0] == fields:
+        if cached is not None and cached[0] == values:
             message = cached[1]
         else:
             try:
-                message = seal_message(fields)
+                message = seal_message(shard.fields())
             except InvalidInput:
                 return False
         ok = self._key.verify(message, record.tag) and hmac.compare_digest(shard.tag, record.tag)
         if ok and cached is None:
-            record.checked = (fields, message)
+            record.checked = (values, message)
         return ok
 
     # -- verification ---------------------------------------------------------------------------
@@ -573,17 +587,34 @@ class ShardStore:
         for s in presented:
             if not isinstance(s, SealedShard):
                 raise InvalidInput(f"expected SealedShard objects, not {type(s).__name__}")
+        # Every record under one hold of the store's lock (``lookup`` of each, in order: the
+        # first unknown shard raises NotSealed, as lookup would).
         records: dict[str, ShardRecord] = {}
-        for s in presented:
-            records.setdefault(s.shard_id, self.lookup(s))
-        # Locks in one global order (by shard id), so that concurrent batches cannot deadlock.
-        with contextlib.ExitStack() as stack:
+        with self._lock:
+            self.check_open()
+            held_records = self._records
+            for s in presented:
+                sid = s.shard_id
+                if sid not in records:
+                    record = held_records.get(sid)
+                    if record is None:
+                        raise NotSealed(f"shard {sid!r} is not sealed by this manager")
+                    records[sid] = record
+        # Locks in one global order (by shard id), so that concurrent batches cannot deadlock;
+        # released in reverse, whatever happens.
+        locked: list[threading.Lock] = []
+        try:
             for sid in sorted(records):
-                stack.enter_context(records[sid].lock)
+                lock = records[sid].lock
+                lock.acquire()
+                locked.append(lock)
             for sid, rec in records.items():
                 if rec.buf.closed:
                     raise NotSealed(f"shard {sid!r} was deallocated")
             self._verify_held(presented, records, priority, check, full_every_s)
+        finally:
+            for lock in reversed(locked):
+                lock.release()
 
     def verify_held(self, shard: SealedShard, record: ShardRecord) -> None:
         """Verify one shard whose ``record.lock`` the caller already holds (repair does)."""
@@ -613,7 +644,12 @@ class ShardStore:
         todo = [r for sid, r in records.items() if sid not in failures]
         full_every_ns = None if full_every_s is None else int(full_every_s * 1e9)
         plan_ns = time.time_ns()
-        fast_ids = {r.shard.shard_id for r in todo if self._plan_check(r, check, full_every_ns, plan_ns)}
+        # (A full check plans no fast one: skip the per-shard call.)
+        fast_ids = (
+            {r.shard.shard_id for r in todo if self._plan_check(r, check, full_every_ns, plan_ns)}
+            if check == "fast"
+            else set()
+        )
 
         def expected_of(r: ShardRecord) -> tuple[str, bytes]:
             # (digest hex, unit digests) the check of `r` compares against.
@@ -625,7 +661,7 @@ class ShardStore:
         def segment_of(r: ShardRecord) -> Segment:
             return self.segment(r, NH_FAST_V1 if r.shard.shard_id in fast_ids else None)
 
-        segments = [segment_of(r) for r in todo]
+        segments = [segment_of(r) for r in todo] if fast_ids else [self.segment(r) for r in todo]
         start = time.perf_counter_ns()
         digests = self._backend.digest_many(segments, priority=priority) if segments else []
         elapsed_ns = time.perf_counter_ns() - start
@@ -633,11 +669,12 @@ class ShardStore:
             raise IntegrityViolation(
                 "the backend returned a digest count that differs from the segment count"
             )
-        bad = [
-            (r, d.hex())
-            for r, d in zip(todo, digests, strict=True)
-            if not hmac.compare_digest(d.hex(), expected_of(r)[0])
-        ]
+        compare = hmac.compare_digest
+        pairs = zip(todo, digests, strict=True)
+        if fast_ids:
+            bad = [(r, d.hex()) for r, d in pairs if not compare(d.hex(), expected_of(r)[0])]
+        else:  # every shard against its seal's digest (expected_of, without the call per shard)
+            bad = [(r, d.hex()) for r, d in pairs if not compare(d.hex(), r.shard.digest)]
         if bad:
             # Cost on a mismatch only: unit digests of the changed shards, batched as well.
             results = self._backend.hash_many([segment_of(r) for r, _ in bad])
@@ -648,17 +685,23 @@ class ShardStore:
                     r.shard.shard_id, want, actual, tuple(ranges), tuple(r.tensors_in(ranges))
                 )
         ordered = list(dict.fromkeys(s.shard_id for s in presented))
+        audit = self._audit
         now_ns = time.time_ns()
         for sid in ordered:
             if sid not in failures:
-                records[sid].last_verified_ns = now_ns
+                rec = records[sid]
+                rec.last_verified_ns = now_ns
                 if sid not in fast_ids:
-                    records[sid].last_full_ns = now_ns
+                    rec.last_full_ns = now_ns
+        if audit is None and not failures:
+            return  # every shard matched and there is no log to write their records to
         for sid in ordered:
             f = failures.get(sid)
             sealed = records[sid].shard
             ran: Check = "fast" if sid in fast_ids else "full"
             if f is None:
+                if audit is None:
+                    continue  # nothing would be written: skip building the record
                 events.append((SEAL_VERIFIED, {
                     "shard_id": sid,
                     "vram_bytes": sealed.vram_bytes,

@@ -6,8 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vram_residency.backends.base import DeviceBuffer
-from vram_residency.formats.seal import SealFields
+from vram_residency.backends.base import DeviceBuffer, Segment
 from vram_residency.shard import SealedShard
 
 __all__ = ["AuditSink", "ShardRecord", "TensorSpan"]
@@ -55,10 +54,16 @@ class ShardRecord:
     #: When the seal's own (cryptographic) digest last matched (time.time_ns): the cadence of
     #: ``verify_many(check="fast", full_every_s=...)`` reads it.
     last_full_ns: int = 0
-    #: The fields whose tag was last checked, and their seal-v1 message. A verify recomputes the
-    #: HMAC every time; only the message's encoding is reused when the presented fields are equal
-    #: to these (a frozen value), which is most of the per-shard cost of a batched verify.
-    checked: tuple[SealFields, bytes] | None = None
+    #: The fields whose tag was last checked (the ten seal-v1 field values, in ``SealFields``
+    #: order, as a plain tuple: comparing two costs one C call), and their seal-v1 message. A
+    #: verify recomputes the HMAC every time; only the message's encoding is reused when the
+    #: presented fields are equal to these, which is most of the per-shard cost of a batched verify.
+    checked: tuple[tuple[object, ...], bytes] | None = None
+    #: The segment-table entries of this record, by algorithm (``ShardStore.segment``), made once:
+    #: the buffer, length and key of a record never change. Not copied by ``dataclasses.replace``
+    #: (a restored record has a new buffer), and each use checks it still names ``buf``. Holds a
+    #: keyed entry's key: never shown (``repr=False``).
+    segments: dict[str, Segment] = field(default_factory=dict, init=False, repr=False)
 
     def tensors_in(self, ranges: list[tuple[int, int]]) -> list[str]:
         """Names of the tensors overlapping any of ``ranges``, in index order."""

@@ -8,8 +8,10 @@ from the same token.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 
-from cryptography.hazmat.primitives import constant_time, hashes
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -69,24 +71,36 @@ def hmac_sha256(key: bytes, message: bytes) -> bytes:
 class SecretKey:
     """A 32-byte key that never shows itself: not in repr, str, pickles or comparisons."""
 
-    __slots__ = ("__key",)
+    __slots__ = ("__inner", "__key", "__outer")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
             raise ConfigError("secret key must be 32 bytes")
         self.__key = bytes(key)
+        # HMAC-SHA256 (RFC 2104) with the key's two pad blocks absorbed once: each tag then costs
+        # two copies of a hash state instead of a new HMAC context (about 0.6 instead of 1.5 us,
+        # which a verify pays once per shard). The states are key material, as private as the key.
+        block = self.__key.ljust(64, b"\0")
+        self.__inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self.__outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
 
     @classmethod
     def from_token(cls, token: str | bytes, info: bytes) -> SecretKey:
         return cls(derive_key(token_bytes(token), info))
 
     def tag(self, message: bytes) -> bytes:
-        """HMAC-SHA256 of ``message`` under this key."""
-        return hmac_sha256(self.__key, message)
+        """HMAC-SHA256 of ``message`` under this key (bit-identical to ``hmac_sha256``)."""
+        inner = self.__inner.copy()
+        inner.update(message)
+        outer = self.__outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
     def verify(self, message: bytes, tag: bytes) -> bool:
         """Constant-time check of ``tag`` against HMAC-SHA256 of ``message``."""
-        return constant_time.bytes_eq(self.tag(message), bytes(tag))
+        # hmac.compare_digest is constant-time too, and one C call (cryptography's bytes_eq
+        # is a Python wrapper around one): a verify pays this once per shard.
+        return hmac.compare_digest(self.tag(message), bytes(tag))
 
     def __repr__(self) -> str:
         return "SecretKey(<redacted>)"

@@ -65,21 +65,44 @@ def _utf8(what: str, s: object) -> bytes:
         raise InvalidInput(f"{what} {s!r} is not valid Unicode text") from None
 
 
+def _hex32(digest: object) -> bytes | None:
+    """The 32 bytes of ``digest`` when it is 64 lower-case hex characters, else None."""
+    if not isinstance(digest, str) or len(digest) != 64:
+        return None
+    try:
+        raw = bytes.fromhex(digest)
+    except ValueError:
+        return None
+    return raw if len(raw) == 32 and raw.hex() == digest else None
+
+
 def model_digest(parts: Sequence[tuple[str, int, str, str]]) -> str:
     """``M`` (hex) of ``(name, size, algorithm, hex digest)`` parts, in order."""
     if not parts:
         raise InvalidInput("a model needs at least one part")
-    h = hashlib.sha256(_DOMAIN)
-    h.update(len(parts).to_bytes(4, "little"))
+    # Every verify_model recomputes M over all parts (check_binding), so the per-part work is
+    # kept small: each distinct algorithm is checked and encoded once, the encoded parts are
+    # joined and hashed in one update (the same bytes as part by part).
+    encoded: list[bytes] = [_DOMAIN, len(parts).to_bytes(4, "little")]
+    append, pack = encoded.append, int.to_bytes
+    algorithm_bytes: dict[str, bytes] = {}
     for name, size, algorithm, digest in parts:
-        nb, ab = _utf8("part name", name), check_algorithm(algorithm, keyed=True).encode("ascii")
-        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+        nb = _utf8("part name", name)
+        ab = algorithm_bytes.get(algorithm) if type(algorithm) is str else None
+        if ab is None:
+            ab = check_algorithm(algorithm, keyed=True).encode("ascii")
+            ab = len(ab).to_bytes(4, "little") + ab
+            algorithm_bytes[algorithm] = ab
+        # 64 lower-case hex characters, exactly: the 32 bytes they decode to must encode back to
+        # the same text (which rules out upper case and the spaces fromhex skips); cheaper than
+        # a regular expression per part.
+        raw = _hex32(digest)
+        if raw is None:
             raise InvalidInput("part digest must be 64 lower-case hex characters")
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 1 << 64:
             raise InvalidInput("part size must be a 64-bit unsigned integer")
-        h.update(len(nb).to_bytes(4, "little") + nb + len(ab).to_bytes(4, "little") + ab)
-        h.update(size.to_bytes(8, "little") + bytes.fromhex(digest))
-    return h.hexdigest()
+        append(pack(len(nb), 4, "little") + nb + ab + pack(size, 8, "little") + raw)
+    return hashlib.sha256(b"".join(encoded)).hexdigest()
 
 
 def model_ref_for(name: str, digest: str) -> str:

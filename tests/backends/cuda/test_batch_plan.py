@@ -234,3 +234,29 @@ def test_every_algorithm_has_its_kernels_in_the_source() -> None:
         names = [spec.units_kernel, spec.reduce_kernel, spec.standalone_kernel, spec.units_kernel_occ4]
         for name in filter(None, names):
             assert f" {name}(const vr_" in src, name
+
+
+def test_same_plan_run_again_after_a_flip_finalizes_the_changed_root() -> None:
+    # A plan is reused run after run (the lane's plan cache) and results() reuses the digests of
+    # roots that did not change since the plan's last run: a root that did change must be
+    # finalized again, and every digest must still be the host's.
+    segs, data = _sha_segments([MiB + 7, 100, 0, 3 * MiB] * 5, seed=9)
+    plan = _batch.build_plan(segs, False, Interpreter(data).reserve)
+
+    def run() -> list[bytes]:
+        vm = Interpreter(data)
+        vm.run(plan)
+        return _batch.results(plan, vm.download(plan))[0]
+
+    first = run()
+    assert first == [hash_units(data[p], SHA256_TREE_V1).digest for p, *_ in segs]
+    assert run() == first
+    victim = segs[4][0]
+    flipped = bytearray(data[victim])
+    flipped[MiB] ^= 0x01
+    data[victim] = bytes(flipped)
+    after = run()
+    assert [i for i in range(len(segs)) if after[i] != first[i]] == [4]
+    assert after == [hash_units(data[p], SHA256_TREE_V1).digest for p, *_ in segs]
+    data[victim] = bytes(flipped[:MiB]) + bytes([flipped[MiB] ^ 0x01]) + bytes(flipped[MiB + 1 :])
+    assert run() == first  # flipped back: the digest is the sealed one again

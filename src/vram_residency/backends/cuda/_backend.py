@@ -21,6 +21,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -1323,27 +1324,70 @@ class CudaBackend(Backend):
         names = (spec.units_kernel, spec.units_kernel_occ4)
         return self._pick_by_occupancy(units, [(self._occupancy[n, _THREADS], n) for n in names])
 
+    def _table_columns(self, segments: Sequence[Segment]) -> TableColumns:
+        """Check every entry of a segment table (before any work starts) and gather it as
+        columns: buffers, device addresses, lengths, algorithms, keys.
+
+        Runs once per entry of every batched verify (1,000 tensors: 1,000 entries), so the
+        common entry (a Segment of a CudaBuffer of this backend, an int length
+        within the buffer, a batched algorithm, no key) is accepted by a few identity and type
+        tests inline; any other entry goes through ``_check_segment``, which gives the errors.
+        A buffer's address never changes while it exists (whether it is still open is checked
+        under its lock, in ``_run_batch``)."""
+        bufs: list[CudaBuffer] = []
+        ptrs: list[int] = []
+        lens: list[int] = []
+        algs: list[str] = []
+        keys: list[bytes | None] = []
+        batched = _batch.BATCH_ALGORITHMS
+        for seg in segments:
+            if type(seg) is Segment:
+                buf, n, algorithm, key = seg.buf, seg.length, seg.algorithm, seg.key
+                if (
+                    type(buf) is CudaBuffer
+                    and buf._backend is self
+                    and type(n) is int
+                    and 0 <= n <= buf.size
+                    and key is None
+                    and type(algorithm) is str
+                    and algorithm in batched
+                ):
+                    bufs.append(buf)
+                    ptrs.append(buf._ptr)
+                    lens.append(n)
+                    algs.append(algorithm)
+                    keys.append(None)
+                    continue
+            buf, n, algorithm, key = self._check_segment(seg)
+            bufs.append(buf)
+            ptrs.append(buf._ptr)
+            lens.append(n)
+            algs.append(algorithm)
+            keys.append(key)
+        return TableColumns(bufs, ptrs, lens, algs, keys)
+
     def _run_batch(
         self, segments: Sequence[Segment], *, want_units: bool, priority: str
     ) -> tuple[list[bytes], list[HashResult] | None]:
         lane = self._lane(priority)
-        checked = [self._check_segment(s) for s in segments]
-        if not checked:
+        cols = self._table_columns(segments)
+        if not cols.bufs:
             return [], ([] if want_units else None)
         # Each distinct buffer's lock, in one global order (two batches never wait on each other
-        # in a cycle): no buffer can be freed while kernels read it.
-        bufs = sorted({id(b): b for b, _, _, _ in checked}.values(), key=id)
+        # in a cycle): no buffer can be freed while kernels read it. (Buffers hash and compare
+        # by identity: the set and the sort by id run in C.)
+        bufs = sorted(set(cols.bufs), key=id)
         held: list[CudaBuffer] = []
         try:
             for b in bufs:
                 b._lock.acquire()
                 held.append(b)
-                b.check_open()
-            fns = self._table_kernels({a for _, _, a, _ in checked})
+                if b._closed:
+                    b.check_open()  # raises
+            fns = self._table_kernels(set(cols.algs))
             with lane.lock:
                 self._activate()
-                rows = tuple((b._ptr, n, a, k) for b, n, a, k in checked)
-                plan = lane.plan(rows, want_units, self._pick_table_units)
+                plan = lane.plan(cols, want_units, self._pick_table_units)
                 out = lane.run(plan, fns)
         finally:
             for b in reversed(held):
@@ -1718,6 +1762,17 @@ def _reduce_chain(
     return dst
 
 
+@dataclass(slots=True)
+class TableColumns:
+    """A checked segment table as columns (``CudaBackend._table_columns``)."""
+
+    bufs: list[CudaBuffer]
+    ptrs: list[int]
+    lens: list[int]
+    algs: list[str]
+    keys: list[bytes | None]
+
+
 class _Lane:
     """Where segment-table digests run: a stream, its lock, a device arena (tables, results and
     tree levels) and a pinned host buffer (the table image going up, the results coming down).
@@ -1751,7 +1806,7 @@ class _Lane:
 
     def plan(
         self,
-        rows: tuple[tuple[int, int, str, bytes | None], ...],
+        cols: TableColumns,
         want_units: bool,
         pick: Callable[[_batch.TableAlgorithm, int], str],
     ) -> _batch.Plan:
@@ -1761,16 +1816,18 @@ class _Lane:
         again on every run all the same: what was planned on the host is what the kernels read,
         whatever happened to device memory in between.
 
-        The cache key leaves the keys' bytes out (each row names its key by first appearance):
-        an attestation's probe table has a fresh key per nonce, and planning its 16,384 units of
-        a 16 GiB shard again each time cost ~1.5 ms on the H200's host. The keys are written
-        into the reused plan's upload image (their records lead it, in first-appearance order,
-        as ``build_plan`` lays them out)."""
+        The cache key leaves the keys' bytes out (each segment names its key by first
+        appearance): an attestation's probe table has a fresh key per nonce, and planning its
+        16,384 units of a 16 GiB shard again each time cost ~1.5 ms on the H200's host. The keys
+        are written into the reused plan's upload image (their records lead it, in
+        first-appearance order, as ``build_plan_columns`` lays them out)."""
         order: dict[bytes, int] = {}
-        shape = tuple(
-            (p, n, a, None if k is None else order.setdefault(k, len(order))) for p, n, a, k in rows
-        )
-        key = (want_units, shape)
+        if cols.keys.count(None) == len(cols.keys):
+            shape: tuple[int | None, ...] = tuple(cols.keys)  # type: ignore[arg-type]
+        else:
+            shape = tuple(None if k is None else order.setdefault(k, len(order)) for k in cols.keys)
+        # Keyed by the columns as tuples (copies in C; their hash is what a lookup costs).
+        key = (want_units, tuple(cols.ptrs), tuple(cols.lens), tuple(cols.algs), shape)
         hit = self._plans.get(key)
         if hit is not None and hit[0] == self.arena_ptr and self.arena_size >= hit[1].arena_bytes:
             self._plans.move_to_end(key)
@@ -1778,7 +1835,9 @@ class _Lane:
             for k, i in order.items():
                 plan.upload[32 * i : 32 * i + 32] = np.frombuffer(k, dtype=np.uint8)
             return plan
-        plan = _batch.build_plan(rows, want_units, self.arena, pick)
+        plan = _batch.build_plan_columns(
+            cols.ptrs, cols.lens, cols.algs, cols.keys, want_units, self.arena, pick
+        )
         self._plans[key] = (self.arena_ptr, plan)
         while len(self._plans) > _PLAN_CACHE:
             self._plans.popitem(last=False)
