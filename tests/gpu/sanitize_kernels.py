@@ -63,9 +63,42 @@ def tables(backend: object) -> int:
     return bad
 
 
+def nh_fast(backend: object) -> int:
+    """nh-fast-v1's kernels (leaf tags, unit chunks and parents, the device finish) over
+    exact-size allocations, by both result paths and the overlapped seal path."""
+    from vram_residency.backends.cuda import CudaBackend, _nh_fast
+    from vram_residency.formats.tree import NH_FAST_V1
+
+    assert isinstance(backend, CudaBackend)
+    bad = 0
+    finish_at = _nh_fast.DEVICE_FINISH_UNITS
+    _nh_fast.DEVICE_FINISH_UNITS = 1  # the device finish at every size, as in the GPU tests
+    try:
+        for n in LENGTHS:
+            data = np.random.default_rng(n + 7).integers(0, 256, size=n, dtype=np.uint8).tobytes()
+            err, dptr = driver.cuMemAlloc(n)
+            assert err == driver.CUresult.CUDA_SUCCESS
+            try:
+                view = backend.adopt_pointer(int(dptr), n)
+                want = hash_units(data, NH_FAST_V1, key=KEY)
+                got = backend.write_and_hash(view, data, NH_FAST_V1, key=KEY)
+                ok = got == want
+                ok = ok and backend.hash(view, NH_FAST_V1, key=KEY) == want
+                ok = ok and backend.digest(view, NH_FAST_V1, key=KEY) == want.digest
+                bad += not ok
+                print(f"{NH_FAST_V1:15s} {n:9d} bytes: {'ok' if ok else 'MISMATCH'}", flush=True)
+                view.close()
+            finally:
+                driver.cuMemFree(dptr)
+    finally:
+        _nh_fast.DEVICE_FINISH_UNITS = finish_at
+    return bad
+
+
 def main() -> int:
     backend = open_backend(0)
     bad = tables(backend)
+    bad += nh_fast(backend)
     for n, split in [(n, False) for n in LENGTHS] + [(n, True) for n in LENGTHS]:
         backend.split_max_units = 1 << 30 if split else 0
         data = np.random.default_rng(n).integers(0, 256, size=n, dtype=np.uint8).tobytes()
