@@ -155,29 +155,43 @@ VR_HD void nhf_b3_compress(const u32 cv[8], const u32 m_in[16], u64 counter, u32
     out[4] = v4 ^ v12; out[5] = v5 ^ v13; out[6] = v6 ^ v14; out[7] = v7 ^ v15;
 }
 
+// The 16 little-endian words of block `b` of a chunk of `len` bytes at `p` (4-byte aligned), zero
+// padded past the chunk's end.
+VR_HD void nhf_b3_block(const u8* p, u32 len, u32 b, u32 m[16]) {
+    const u32 blen = len - 64u * b < 64u ? len - 64u * b : 64u;
+    const u8* q = p + 64u * b;
+    if (blen == 64u) {
+        const u32* w = reinterpret_cast<const u32*>(q);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) m[i] = w[i];
+    } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) m[i] = 0u;
+        for (u32 i = 0; i < blen; ++i) m[i >> 2] |= (u32)q[i] << (8u * (i & 3u));
+    }
+}
+
 // Chaining value (or, with `root`, the 32-byte keyed hash) of one chunk of `len` (1..1024) bytes
-// at `p` (4-byte aligned; little-endian words), chunk counter `counter`.
+// at `p` (4-byte aligned; little-endian words), chunk counter `counter`. The next block's loads
+// are issued before the current block is compressed: a chunk is 16 dependent compressions, and
+// in the unit and finalize kernels (few threads, the tail of a verify) each load's latency would
+// otherwise add to the chain.
 VR_HD void nhf_b3_chunk(const u8* p, u32 len, u64 counter, const u32 key[8], bool root, u32 out[8]) {
     u32 cv[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) cv[i] = key[i];
     const u32 blocks = (len + 63u) / 64u;
+    u32 cur[16], nxt[16] = {0u};
+    nhf_b3_block(p, len, 0, cur);
     for (u32 b = 0; b < blocks; ++b) {
         const u32 blen = (b + 1u < blocks) ? 64u : len - 64u * b;
-        u32 m[16];
-        const u8* q = p + 64u * b;
-        if (blen == 64u) {
-            const u32* w = reinterpret_cast<const u32*>(q);
-#pragma unroll
-            for (int i = 0; i < 16; ++i) m[i] = w[i];
-        } else {
-            for (int i = 0; i < 16; ++i) m[i] = 0u;
-            for (u32 i = 0; i < blen; ++i) m[i >> 2] |= (u32)q[i] << (8u * (i & 3u));
-        }
+        if (b + 1u < blocks) nhf_b3_block(p, len, b + 1u, nxt);
         u32 flags = NHF_B3_KEYED;
         if (b == 0) flags |= NHF_B3_CHUNK_START;
         if (b + 1u == blocks) flags |= NHF_B3_CHUNK_END | (root ? NHF_B3_ROOT : 0u);
-        nhf_b3_compress(cv, m, counter, blen, flags, cv);
+        nhf_b3_compress(cv, cur, counter, blen, flags, cv);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) cur[i] = nxt[i];
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) out[i] = cv[i];
