@@ -309,8 +309,7 @@ class VramManager:
             )
         if not isinstance(model, SealedModel):
             raise InvalidInput(f"verify_model takes a SealedModel, not {type(model).__name__}")
-        model.check_binding()
-        self._store.verify_many(model.shards)
+        self._store.verify_many(model.bound_shards())
 
     def repair(
         self, shard: SealedShard, source: str | os.PathLike[str] | Buffer | None = None
@@ -412,8 +411,7 @@ class VramManager:
             ) from None
         for item in iterator:
             if isinstance(item, SealedModel):
-                item.check_binding()
-                flat.extend(item.shards)
+                flat.extend(item.bound_shards())
             elif isinstance(item, SealedShard):
                 flat.append(item)
             else:

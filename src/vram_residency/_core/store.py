@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from vram_residency._core.types import AuditSink, ShardRecord, TensorSpan
@@ -80,6 +81,13 @@ _SEAL_FIELD_VALUES: Final = operator.attrgetter(
     "shard_id", "gpu_device", "vram_bytes", "digest_algorithm", "digest", "sealed_at_ns",
     "worker_id", "model_ref", "shard_index", "total_shards",
 )  # fmt: skip
+_TAG: Final = operator.attrgetter("tag")
+_CLOSED: Final = operator.attrgetter("closed")
+_ONLY_32: Final = frozenset({32})
+
+#: How many verify plans (``_VerifyPlan``) a store keeps: the batches verified over and over (a
+#: model, the service's shards, a scrubber's chunks) are few; each plan holds only references.
+_MAX_PLANS: Final = 32
 
 
 def merge_ranges(units: Sequence[int], n: int) -> list[tuple[int, int]]:
@@ -116,6 +124,35 @@ def _note_audit_failure(exc: BaseException, audit_exc: BaseException) -> None:
     )
 
 
+@dataclass(slots=True, eq=False)
+class _VerifyPlan:
+    """What a successful verify of one exact batch of shard objects worked out, kept for the next
+    verify of the same objects (``ShardStore.verify_many``): a verify of a model's hundreds of
+    shards then costs the device pass and a few C-level passes over lists, not Python work per
+    shard.
+
+    Valid only while the store's record set is unchanged (``generation``; every registration,
+    removal and close bumps it and drops all plans) and while every presented object still holds
+    the seal fields and tag checked then (``values``, ``tags``): a plan holds strong references
+    to the ``presented`` objects, so that no other object can take one of their ids."""
+
+    generation: int
+    presented: tuple[SealedShard, ...]
+    #: Each presented shard's ten seal-v1 field values and (joined) tags, exactly as their HMAC
+    #: tags were checked against the records' tags when the plan was made.
+    values: list[tuple[object, ...]]
+    tags: bytes
+    #: The records by shard id, in first-presented order (a shard presented twice is verified once).
+    records: dict[str, ShardRecord]
+    record_list: list[ShardRecord]
+    bufs: list[DeviceBuffer]
+    #: The records' locks in the global order (by shard id) that keeps batches deadlock-free.
+    locks: list[threading.Lock]
+    #: The full check's segment table and the 32-byte digests it must give, joined in order.
+    segments: list[Segment]
+    expected: bytes
+
+
 class ShardStore:
     """Sealed shards on one backend, keyed by shard id; thread-safe.
 
@@ -150,6 +187,10 @@ class ShardStore:
         self._audit = audit
         self._records: dict[str, ShardRecord] = {}
         self._lock = threading.RLock()
+        # Verify plans by the ids of the presented shard objects (see _VerifyPlan), and the
+        # generation of the record set they were made for.
+        self._plans: dict[tuple[int, ...], _VerifyPlan] = {}
+        self._generation = 0
         # Seals in flight: close() waits for them, so that none frees its buffer after the
         # backend (on CUDA, the context) is gone.
         self._inflight = 0
@@ -184,6 +225,13 @@ class ShardStore:
     def shards(self) -> list[SealedShard]:
         with self._lock:
             return [r.shard for r in self._records.values()]
+
+    def _records_changed(self) -> None:
+        # Called under self._lock after every change to the record set: the verify plans named
+        # records that may be gone (or replaced, by a restore), so they are all dropped, and one
+        # made meanwhile by a verify that looked the records up before the change is not kept.
+        self._generation += 1
+        self._plans.clear()
 
     def check_open(self) -> None:
         if self._closed:
@@ -440,6 +488,7 @@ class ShardStore:
         with self._lock:
             self.check_open()
             self._records[shard.shard_id] = record
+            self._records_changed()
         try:
             self.emit(
                 VRAM_SEALED,
@@ -455,6 +504,7 @@ class ShardStore:
             with self._lock:
                 if self._records.get(shard.shard_id) is record:
                     del self._records[shard.shard_id]
+                    self._records_changed()
             raise
         return shard
 
@@ -499,6 +549,7 @@ class ShardStore:
             if shard.shard_id in self._records:
                 raise InvalidInput(f"shard {shard.shard_id!r} is registered already")
             self._records[shard.shard_id] = record
+            self._records_changed()
         try:
             self.emit(event, **fields)
         except BaseException:
@@ -511,6 +562,7 @@ class ShardStore:
         with self._lock:
             if self._records.get(record.shard.shard_id) is record:
                 del self._records[record.shard.shard_id]
+                self._records_changed()
                 return True
         return False
 
@@ -541,16 +593,21 @@ class ShardStore:
     def tag_matches(self, shard: SealedShard, record: ShardRecord) -> bool:
         """Both the presented shard and the store's record carry the tag of these exact fields:
         a shard object edited in memory fails here, before any device work."""
-        values = _SEAL_FIELD_VALUES(shard)
+        return self._tag_ok(_SEAL_FIELD_VALUES(shard), shard.tag, record)
+
+    def _tag_ok(self, values: tuple[object, ...], tag: bytes, record: ShardRecord) -> bool:
+        # ``values`` (the ten seal-v1 field values, read once) and ``tag`` are what a shard
+        # presented: the HMAC is checked over exactly these, so that a verify plan made from
+        # them holds what was checked, even if the object is edited in place meanwhile.
         cached = record.checked
         if cached is not None and cached[0] == values:
             message = cached[1]
         else:
             try:
-                message = seal_message(shard.fields())
+                message = seal_message(SealFields(*values))  # type: ignore[arg-type]
             except InvalidInput:
                 return False
-        ok = self._key.verify(message, record.tag) and hmac.compare_digest(shard.tag, record.tag)
+        ok = self._key.verify(message, record.tag) and hmac.compare_digest(tag, record.tag)
         if ok and cached is None:
             record.checked = (values, message)
         return ok
@@ -576,14 +633,25 @@ class ShardStore:
         instead of its seal's digest; a shard without one, and (with ``full_every_s``) one whose
         seal digest was last checked ``full_every_s`` or more seconds ago, gets the full check.
         A fast mismatch fails exactly as a full one does, localized with the fast unit digests.
-        Every audit event says which check ran (``check``)."""
+        Every audit event says which check ran (``check``).
+
+        A batch of the same shard objects verified again (a model's shards, verify_model after
+        verify_model) reuses what the last successful verify of it worked out (``_VerifyPlan``):
+        the lookups, the lock order, the segment table and the expected digests; the tags are not
+        recomputed while every object still holds the fields and tag checked then."""
         if check not in CHECKS:
             raise InvalidInput(f"check must be one of {CHECKS}, not {check!r}")
         if full_every_s is not None and (
             isinstance(full_every_s, bool) or not isinstance(full_every_s, (int, float)) or full_every_s < 0
         ):
             raise InvalidInput("full_every_s must be a non-negative number or None")
-        presented = list(shards)
+        presented = tuple(shards)
+        plan_key = tuple(map(id, presented))
+        # A plan holds its presented objects, so an id in its key cannot belong to another object
+        # while it is stored: a key that matches names these very objects.
+        plan = self._plans.get(plan_key)
+        if plan is not None and self._verify_planned(plan, priority, check, full_every_s):
+            return
         for s in presented:
             if not isinstance(s, SealedShard):
                 raise InvalidInput(f"expected SealedShard objects, not {type(s).__name__}")
@@ -592,6 +660,7 @@ class ShardStore:
         records: dict[str, ShardRecord] = {}
         with self._lock:
             self.check_open()
+            generation = self._generation
             held_records = self._records
             for s in presented:
                 sid = s.shard_id
@@ -602,19 +671,142 @@ class ShardStore:
                     records[sid] = record
         # Locks in one global order (by shard id), so that concurrent batches cannot deadlock;
         # released in reverse, whatever happens.
+        ordered_ids = sorted(records)
         locked: list[threading.Lock] = []
         try:
-            for sid in sorted(records):
+            for sid in ordered_ids:
                 lock = records[sid].lock
                 lock.acquire()
                 locked.append(lock)
             for sid, rec in records.items():
                 if rec.buf.closed:
                     raise NotSealed(f"shard {sid!r} was deallocated")
-            self._verify_held(presented, records, priority, check, full_every_s)
+            checked = self._verify_held(list(presented), records, priority, check, full_every_s)
         finally:
             for lock in reversed(locked):
                 lock.release()
+        if presented and checked is not None:
+            self._keep_plan(plan_key, presented, records, ordered_ids, checked, generation)
+
+    def _keep_plan(
+        self,
+        key: tuple[int, ...],
+        presented: tuple[SealedShard, ...],
+        records: dict[str, ShardRecord],
+        ordered_ids: list[str],
+        checked: tuple[list[tuple[object, ...]], list[bytes]],
+        generation: int,
+    ) -> None:
+        """Keep the plan of a batch that just verified with every tag valid (see _VerifyPlan)."""
+        values, tags = checked
+        # The digest each record must give: the one its presented fields (checked under the
+        # seal tag just now) carry, for the first presentation of each shard id.
+        digest_of: dict[str, str] = {}
+        for v in values:
+            digest_of.setdefault(v[0], v[4])  # type: ignore[arg-type]
+        if list(digest_of) != list(records):
+            return  # an object was edited between the lookup and the tag check: no plan
+        record_list = list(records.values())
+        plan = _VerifyPlan(
+            generation=generation,
+            presented=presented,
+            values=values,
+            tags=b"".join(tags),
+            records=records,
+            record_list=record_list,
+            bufs=[r.buf for r in record_list],
+            locks=[records[sid].lock for sid in ordered_ids],
+            segments=[self.segment(r) for r in record_list],
+            expected=b"".join(bytes.fromhex(d) for d in digest_of.values()),
+        )
+        with self._lock:
+            if self._closed or self._generation != generation:
+                return  # the record set changed since the lookup: the plan may name stale records
+            if len(self._plans) >= _MAX_PLANS:
+                del self._plans[next(iter(self._plans))]  # the oldest
+            self._plans[key] = plan
+
+    def _verify_planned(
+        self, plan: _VerifyPlan, priority: Priority, check: Check, full_every_s: float | None
+    ) -> bool:
+        """Verify the batch of ``plan`` with it; False (nothing done) when the plan no longer
+        applies, and the caller verifies from scratch."""
+        presented = plan.presented
+        # The tags: every object still holds exactly the seal fields and tag whose HMAC was
+        # checked against its record's tag when the plan was made (one C-level comparison of the
+        # field tuples, one constant-time comparison of the joined tags). The HMAC of the same
+        # message under the same key against the same record tag (the store's own, fixed for the
+        # record's life) cannot give another answer, so it is not recomputed. A changed or
+        # replaced object (dataclasses.replace, or an in-place edit of the frozen dataclass) does
+        # not match: the whole batch is then verified from scratch, its tags fully checked.
+        try:
+            if list(map(_SEAL_FIELD_VALUES, presented)) != plan.values or not hmac.compare_digest(
+                b"".join(map(_TAG, presented)), plan.tags
+            ):
+                return False
+        except TypeError:  # a tag edited into something that is not bytes: the full check says so
+            return False
+        with self._lock:
+            self.check_open()
+            if self._generation != plan.generation:
+                return False
+        locked: list[threading.Lock] = []
+        try:
+            for lock in plan.locks:
+                lock.acquire()
+                locked.append(lock)
+            if any(map(_CLOSED, plan.bufs)):
+                for sid, rec in plan.records.items():
+                    if rec.buf.closed:
+                        raise NotSealed(f"shard {sid!r} was deallocated")
+            if check == "full":
+                self._verify_full_planned(plan, priority)
+            else:
+                self._verify_held(
+                    list(presented), plan.records, priority, check, full_every_s, tags_checked=True
+                )
+        finally:
+            for lock in reversed(locked):
+                lock.release()
+        return True
+
+    def _verify_full_planned(self, plan: _VerifyPlan, priority: Priority) -> None:
+        # The full check of a planned batch, the caller holding its locks: one digest_many, one
+        # constant-time comparison of all digests at once; shard by shard (as _verify_held does)
+        # only when something differs, to say which and where.
+        segments = plan.segments
+        start = time.perf_counter_ns()
+        digests = self._backend.digest_many(segments, priority=priority)
+        elapsed_ns = time.perf_counter_ns() - start
+        if len(digests) != len(segments):
+            raise IntegrityViolation(
+                "the backend returned a digest count that differs from the segment count"
+            )
+        matched = hmac.compare_digest(b"".join(digests), plan.expected)
+        if not matched or set(map(len, digests)) != _ONLY_32:
+            self._conclude(
+                list(plan.presented), plan.records, {}, plan.record_list, set(), segments, digests, elapsed_ns
+            )
+            return
+        now_ns = time.time_ns()
+        for rec in plan.record_list:
+            rec.last_verified_ns = now_ns
+            rec.last_full_ns = now_ns
+        audit = self._audit
+        if audit is None:
+            return  # no log: nothing is built per shard
+        count = len(segments)
+        for sid, rec in plan.records.items():
+            sealed = rec.shard
+            audit.emit(
+                SEAL_VERIFIED,
+                shard_id=sid,
+                vram_bytes=sealed.vram_bytes,
+                digest_algorithm=sealed.digest_algorithm,
+                check="full",
+                duration_ns=elapsed_ns,
+                batch_shards=count,
+            )
 
     def verify_held(self, shard: SealedShard, record: ShardRecord) -> None:
         """Verify one shard whose ``record.lock`` the caller already holds (repair does)."""
@@ -635,12 +827,21 @@ class ShardStore:
         priority: Priority = "normal",
         check: Check = "full",
         full_every_s: float | None = None,
-    ) -> None:
+        *,
+        tags_checked: bool = False,
+    ) -> tuple[list[tuple[object, ...]], list[bytes]] | None:
+        """Verify ``presented`` (their ``records`` locked by the caller); raises on any failure.
+        Returns the field values and tags whose seal tags it checked (all valid), or None when
+        ``tags_checked`` (a verify plan checked them)."""
         failures: dict[str, ShardFailure] = {}
-        events: list[tuple[str, dict[str, Any]]] = []
-        for s in presented:
-            if s.shard_id not in failures and not self.tag_matches(s, records[s.shard_id]):
-                failures[s.shard_id] = ShardFailure(s.shard_id, tag_valid=False)
+        checked: tuple[list[tuple[object, ...]], list[bytes]] | None = None
+        if not tags_checked:
+            values = list(map(_SEAL_FIELD_VALUES, presented))
+            tags = list(map(_TAG, presented))
+            for s, v, t in zip(presented, values, tags, strict=True):
+                if s.shard_id not in failures and not self._tag_ok(v, t, records[s.shard_id]):
+                    failures[s.shard_id] = ShardFailure(s.shard_id, tag_valid=False)
+            checked = (values, tags)
         todo = [r for sid, r in records.items() if sid not in failures]
         full_every_ns = None if full_every_s is None else int(full_every_s * 1e9)
         plan_ns = time.time_ns()
@@ -650,6 +851,36 @@ class ShardStore:
             if check == "fast"
             else set()
         )
+        segments = (
+            [self.segment(r, NH_FAST_V1 if r.shard.shard_id in fast_ids else None) for r in todo]
+            if fast_ids
+            else [self.segment(r) for r in todo]
+        )
+        start = time.perf_counter_ns()
+        digests = self._backend.digest_many(segments, priority=priority) if segments else []
+        elapsed_ns = time.perf_counter_ns() - start
+        if len(digests) != len(segments):
+            raise IntegrityViolation(
+                "the backend returned a digest count that differs from the segment count"
+            )
+        self._conclude(presented, records, failures, todo, fast_ids, segments, digests, elapsed_ns)
+        return checked
+
+    def _conclude(
+        self,
+        presented: list[SealedShard],
+        records: dict[str, ShardRecord],
+        failures: dict[str, ShardFailure],
+        todo: list[ShardRecord],
+        fast_ids: set[str],
+        segments: list[Segment],
+        digests: list[bytes],
+        elapsed_ns: int,
+    ) -> None:
+        # Compare the digests of ``todo`` (``segments``, in order) with what they must be, find
+        # where the changed ones changed, record the successes, audit every shard, and raise one
+        # SealVerificationFailed naming every failure (``failures`` holds the tag failures).
+        events: list[tuple[str, dict[str, Any]]] = []
 
         def expected_of(r: ShardRecord) -> tuple[str, bytes]:
             # (digest hex, unit digests) the check of `r` compares against.
@@ -661,14 +892,6 @@ class ShardStore:
         def segment_of(r: ShardRecord) -> Segment:
             return self.segment(r, NH_FAST_V1 if r.shard.shard_id in fast_ids else None)
 
-        segments = [segment_of(r) for r in todo] if fast_ids else [self.segment(r) for r in todo]
-        start = time.perf_counter_ns()
-        digests = self._backend.digest_many(segments, priority=priority) if segments else []
-        elapsed_ns = time.perf_counter_ns() - start
-        if len(digests) != len(segments):
-            raise IntegrityViolation(
-                "the backend returned a digest count that differs from the segment count"
-            )
         compare = hmac.compare_digest
         pairs = zip(todo, digests, strict=True)
         if fast_ids:
@@ -765,6 +988,7 @@ class ShardStore:
                 if self._records.get(shard.shard_id) is not record:
                     raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
                 del self._records[shard.shard_id]
+                self._records_changed()
             record.buf.close()
         self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
 
@@ -778,6 +1002,7 @@ class ShardStore:
                 self._idle.wait()
             records = list(self._records.values())
             self._records.clear()
+            self._records_changed()
         errors: list[BaseException] = []
         for record in records:
             with record.lock:

@@ -28,9 +28,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import operator
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from vram_residency._core import ShardStore, TensorSpan
@@ -54,6 +55,13 @@ MODEL_DIGEST_NAME: Final = "vram-model-v1"
 MODEL_RECORD_FORMAT: Final = "vram-model-v1"
 _DOMAIN: Final = b"vram-residency-model-v1"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+_NAME: Final = operator.attrgetter("name")
+_SHARD: Final = operator.attrgetter("shard")
+#: Every field of a part's shard that the binding reads (``_check_binding``), read in one C call.
+_BINDING_FIELDS: Final = operator.attrgetter(
+    "model_ref", "shard_index", "total_shards", "vram_bytes", "digest_algorithm", "digest"
+)
 
 
 def _utf8(what: str, s: object) -> bytes:
@@ -135,6 +143,10 @@ class SealedModel:
     model_digest: str
     digest_algorithm: str
     parts: tuple[ModelPart, ...]
+    #: The last binding found valid, as ``[(model_ref, names, binding fields of each shard)]``
+    #: (empty: none yet); see :meth:`bound_shards`. A cache, not part of the model: not compared,
+    #: hashed or shown, and not copied by ``dataclasses.replace``.
+    _binding: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -142,7 +154,7 @@ class SealedModel:
 
     @property
     def shards(self) -> tuple[SealedShard, ...]:
-        return tuple(p.shard for p in self.parts)
+        return tuple(map(_SHARD, self.parts))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -160,7 +172,24 @@ class SealedModel:
 
     def check_binding(self) -> None:
         """Recompute ``M`` from the parts; ``SealVerificationFailed`` unless it is the one sealed."""
-        _check_binding(self.model_ref, [(p.name, p.shard) for p in self.parts])
+        self.bound_shards()
+
+    def bound_shards(self) -> tuple[SealedShard, ...]:
+        """:meth:`check_binding`, then the shards, in part order (what ``verify_model`` verifies).
+
+        The binding is a pure function of the model_ref, the part names and six fields of each
+        part's shard. Those are read (a few C-level passes over the parts) and compared with the
+        ones last found bound; only when any differs is ``M`` recomputed (a verify of a model of
+        hundreds of parts would otherwise pay most of its host time here). Reading the values,
+        not trusting object identity, keeps this exact even for objects edited in place."""
+        parts = self.parts
+        shards = tuple(map(_SHARD, parts))
+        key = (self.model_ref, list(map(_NAME, parts)), list(map(_BINDING_FIELDS, shards)))
+        cache = self._binding
+        if not cache or cache[0] != key:
+            _check_binding(key[0], list(zip(key[1], shards, strict=True)))
+            cache[:] = [key]
+        return shards
 
     def record(self) -> dict[str, Any]:
         """JSON-ready: the model_ref, ``M``, and each part's name with its seal record."""
