@@ -76,13 +76,21 @@ def test_table_columns_accept_and_refuse_exactly_as_check_segment() -> None:
         buf, n, alg, key = want[1]
         cols = got[1]
         assert got[0] == "ok"
-        assert (cols.bufs, cols.ptrs, cols.lens, cols.algs, cols.keys) == ([buf], [buf._ptr], [n], [alg], [key])
+        assert (cols.bufs, cols.ptrs, cols.lens, cols.algs, cols.keys) == (
+            [buf],
+            [buf._ptr],
+            [n],
+            [alg],
+            [key],
+        )
     assert refused >= 9  # the bad entries above are refused, not waved through
 
 
 def test_first_bad_entry_of_a_long_table_is_the_error() -> None:
     owner: Any = _BackendStandIn()
-    bufs = [CudaBuffer(owner, 0x7F00_0000_0000 + (i << 20), 1 << 20, 1 << 20, owned=False) for i in range(1000)]
+    bufs = [
+        CudaBuffer(owner, 0x7F00_0000_0000 + (i << 20), 1 << 20, 1 << 20, owned=False) for i in range(1000)
+    ]
     table = [Segment(b, 1 << 20, SHA256_TREE_V1) for b in bufs]
     cols = owner._table_columns(table)
     assert cols.ptrs == [b._ptr for b in bufs] and cols.lens == [1 << 20] * 1000
