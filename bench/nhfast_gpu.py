@@ -298,7 +298,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"kernel defines: {r['kernel_defines'] or 'defaults'}",
         "- HBM read: the streaming-read kernel of the same module over the same buffer, same run"
         + (f"; torch.sum at 4 GiB: {torch_gbps:.0f} GB/s" if torch_gbps else ""),
-        "- device: CUDA events around the leaf and unit kernels; wall: the whole nh_fast_hash call",
+        "- device: CUDA events around the kernels; wall: the whole verify-path call (nh_fast_digest)",
         "",
         "| size | HBM read GB/s | device GB/s | device / HBM | wall GB/s | wall / HBM | wall median |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
