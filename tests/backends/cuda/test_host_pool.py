@@ -200,3 +200,17 @@ def test_wait_is_bounded() -> None:
     t0 = time.monotonic()
     assert pool.take(MiB) is None
     assert 0.05 <= time.monotonic() - t0 < 2
+
+
+def test_a_buffer_given_twice_is_pooled_once() -> None:
+    """A second give of a buffer already pooled must not pool it again: two later takes would
+    otherwise get the same memory, and two offloads would write their shards over each other."""
+    pool, freed = make(8 * MiB)
+    b = Plain(2 * MiB)
+    pool.give(b)
+    pool.give(b)
+    assert len(pool) == 1 and pool.pooled_bytes == 2 * MiB
+    assert pool.take(2 * MiB) is b
+    assert pool.take(2 * MiB) is None
+    pool.clear()
+    assert not freed  # taken, so not freed by the pool

@@ -208,6 +208,10 @@ class HostPool(Generic[_B]):
         dropped: list[_B] = []
         with self._cond:
             self._forget(buf)
+            if any(b is buf for b in self._bufs):
+                # Given twice (a close racing another close): pooling it again would hand the
+                # same memory to two takers, one offload's bytes under another's feet.
+                return
             if self._closed or buf.size > self.limit:
                 dropped.append(buf)
             else:
