@@ -580,17 +580,35 @@ def _discard_soon(mgr: ShardStore, copy: _Copy) -> None:
     with _OFFLOADED_LOCK:
         if _DISCARDER is None:
             _DISCARDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vram-discard")
-        pending = [f for f in _PENDING.get(mgr, []) if not f.done()]
+        # Finished discards are dropped, failed ones kept: ``_wait_discards`` reports them at close.
+        pending = [f for f in _PENDING.get(mgr, []) if not f.done() or f.exception() is not None]
         copy.memory.closing_soon()  # a pooling backend's next allocate_host waits for it
-        pending.append(_DISCARDER.submit(copy.discard))
+        try:
+            pending.append(_DISCARDER.submit(copy.discard))
+        except RuntimeError:
+            # The discard thread takes no more work (interpreter shutdown): zero and release the
+            # copy here rather than leave it (and its pool announcement) behind.
+            submitted = False
+        else:
+            submitted = True
         _PENDING[mgr] = pending
+    if not submitted:
+        copy.discard()
 
 
 def _wait_discards(mgr: ShardStore) -> None:
+    """Wait for every pending discard of ``mgr``, then raise the first failure: the backend, whose
+    context owns the pinned pages, is closed right after, so none may still be running then."""
     with _OFFLOADED_LOCK:
         pending = _PENDING.pop(mgr, [])
+    error: BaseException | None = None
     for f in pending:
-        f.result()
+        try:
+            f.result()
+        except BaseException as exc:  # wait for the rest first
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def _restore_into(

@@ -7,6 +7,7 @@ and verifiable, and both devices' free memory is back to what it was before the 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
-from vram_residency.backends.base import COPY_CHUNK, DeviceBuffer
+from vram_residency.backends.base import COPY_CHUNK, DeviceBuffer, HostMemory
 from vram_residency.devices import DeviceGroup
 from vram_residency.errors import (
     ConfigError,
@@ -454,3 +455,79 @@ def test_host_offload_over_chunks_hashes_each_landed_chunk() -> None:
         assert a._entry(s).buf.read(0, n) == payload
         copy = rec.copy
     assert copy.memory is None  # discarded (zeroed, released) by the time close returned
+
+
+class _Discard(HostMemory):
+    """Host memory as a backend hands it out (the manager's own PlainHostMemory inside), whose
+    release first waits ``delay_s`` and then fails when ``fail`` (zeroing or unpinning that
+    raised on the discard thread)."""
+
+    def __init__(self, inner: HostMemory, *, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.fail = fail
+        self.closed = False
+
+    @property
+    def view(self) -> memoryview:
+        return self.inner.view
+
+    def close(self) -> None:
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise OSError("zeroing the host copy failed (injected)")
+        self.inner.close()
+        self.closed = True
+
+
+def _offload_with(a: VramManager, payload: bytes, **kw: Any) -> tuple[Any, _Discard]:
+    s = a.seal_model(payload)
+    a.offload(s, "host")
+    rec = mig._OFFLOADED[a.store][s.shard_id]
+    assert rec.copy.memory is not None
+    mem = _Discard(rec.copy.memory, **kw)
+    rec.copy.memory = mem
+    return s, mem
+
+
+def test_close_waits_for_every_discard_even_after_one_failed() -> None:
+    """A background discard that fails must not let the manager's close return (and the backend
+    go) while later discards are still zeroing; the failure is still reported."""
+    a = VramManager(TOKEN, 0, backend="host", capacity_bytes=8 * MiB)
+    s1, _failing = _offload_with(a, data(MiB, 1), delay_s=0.1, fail=True)
+    s2, slow = _offload_with(a, data(MiB, 2), delay_s=0.5)
+    a.restore(s1)
+    a.restore(s2)
+    with pytest.raises(OSError, match="injected"):
+        a.close()
+    assert slow.closed  # waited for, although the discard before it failed
+
+
+def test_a_failed_discard_is_reported_at_close_though_later_restores_ran() -> None:
+    a = VramManager(TOKEN, 0, backend="host", capacity_bytes=8 * MiB)
+    s1, _failing = _offload_with(a, data(MiB, 1), fail=True)
+    a.restore(s1)
+    deadline = time.monotonic() + 10
+    while not all(f.done() for f in mig._PENDING.get(a.store, [])) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s2 = a.seal_model(data(MiB, 2))
+    a.offload(s2, "host")
+    a.restore(s2)  # its discard is queued after the failed one finished
+    with pytest.raises(OSError, match="injected"):
+        a.close()
+
+
+def test_restore_discards_at_once_when_the_discard_thread_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At interpreter shutdown the discard thread takes no more work: the restored shard's host
+    copy is then zeroed and released on the restoring thread, not left behind (nor the restore,
+    which succeeded, reported as failed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gone = ThreadPoolExecutor(max_workers=1)
+    gone.shutdown()
+    monkeypatch.setattr(mig, "_DISCARDER", gone)
+    with VramManager(TOKEN, 0, backend="host", capacity_bytes=8 * MiB) as a:
+        s, mem = _offload_with(a, data(MiB))
+        assert a.restore(s) == 0
+        a.verify_sealed(s)
+        assert mem.closed
