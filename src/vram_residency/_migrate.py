@@ -249,6 +249,7 @@ class _Copy:
         self.memory = memory
         self.path = path
         self.n = n
+        self._discard_lock = threading.Lock()
 
     def read(self, offset: int, length: int) -> bytes:
         if self.memory is not None:
@@ -264,10 +265,13 @@ class _Copy:
         return data
 
     def discard(self) -> None:
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
-        if self.path is not None:
+        # Taken and cleared under a lock first: a manager close racing a restore can discard the
+        # same host copy as the background discard does, and it must be released once only.
+        with self._discard_lock:
+            memory, self.memory = self.memory, None
+        if memory is not None:
+            memory.close()
+        if self.path is not None:  # files are discarded on the caller's thread only
             with contextlib.suppress(FileNotFoundError):
                 _zero_and_unlink(self.path, self.n)
             self.path = None
@@ -557,9 +561,15 @@ def restore(
                 # Audited SealFailed + VramDeallocated; the shard stays offloaded.
                 mgr.release_unsealed(buf, shard_id=sealed.shard_id, size=n, reason=exc)
                 raise
-        with _OFFLOADED_LOCK:
-            _OFFLOADED.get(mgr, {}).pop(sealed.shard_id, None)
-        _discard_soon(mgr, rec.copy)
+        # The copy goes to the discard thread BEFORE the record leaves the table: a manager
+        # close that pops the table now either finds this record (and waits for its lock, held
+        # here) or runs after the discard is pending, which it then waits for. The other order
+        # left a moment where close saw neither and closed the backend under the discard.
+        try:
+            _discard_soon(mgr, rec.copy)
+        finally:
+            with _OFFLOADED_LOCK:
+                _OFFLOADED.get(mgr, {}).pop(sealed.shard_id, None)
     return rewritten
 
 

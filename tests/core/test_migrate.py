@@ -7,6 +7,7 @@ and verifiable, and both devices' free memory is back to what it was before the 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -531,3 +532,26 @@ def test_restore_discards_at_once_when_the_discard_thread_is_gone(monkeypatch: p
         assert a.restore(s) == 0
         a.verify_sealed(s)
         assert mem.closed
+
+
+def test_close_racing_a_restore_still_waits_for_its_discard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manager closes while a restore, done with the device, is about to hand its host copy
+    to the discard thread (the restoring thread descheduled just then): close must not return,
+    and the backend go, before that copy is zeroed and released."""
+    real = mig._discard_soon
+    handing = threading.Event()
+
+    def descheduled(mgr: Any, copy: Any) -> None:
+        handing.set()
+        time.sleep(0.3)
+        real(mgr, copy)
+
+    monkeypatch.setattr(mig, "_discard_soon", descheduled)
+    a = VramManager(TOKEN, 0, backend="host", capacity_bytes=8 * MiB)
+    s, mem = _offload_with(a, data(MiB))
+    t = threading.Thread(target=a.restore, args=(s,))
+    t.start()
+    assert handing.wait(10)
+    a.close()
+    assert mem.closed  # zeroed and released before close returned
+    t.join()
