@@ -214,3 +214,20 @@ def test_a_buffer_given_twice_is_pooled_once() -> None:
     assert pool.take(2 * MiB) is None
     pool.clear()
     assert not freed  # taken, so not freed by the pool
+
+
+def test_large_host_copies_are_zeroed_even_when_no_thread_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large offload copy is zeroed by several threads; when none can be started (interpreter
+    shutdown: a manager closed from a finalizer), it must still be zeroed, on the caller's thread,
+    not freed with the model's bytes in it."""
+    import concurrent.futures.thread as cft
+    import ctypes
+
+    from vram_residency.backends.cuda._backend import _PARALLEL_ZERO_MIN, _zero_host
+
+    size = _PARALLEL_ZERO_MIN + 4096
+    raw = (ctypes.c_ubyte * size)()
+    ctypes.memset(ctypes.addressof(raw), 0xAB, size)
+    monkeypatch.setattr(cft, "_shutdown", True)  # what the interpreter sets at exit
+    _zero_host(ctypes.addressof(raw), size)
+    assert not any(memoryview(raw).cast("B"))

@@ -266,13 +266,18 @@ def _zero_host(address: int, size: int) -> None:
         ctypes.memset(address, 0, size)
         return
     step = _PARALLEL_ZERO_MIN
-    with ThreadPoolExecutor(max_workers=min(8, default_copy_threads() * 2, -(-size // step))) as pool:
-        futures = [
-            pool.submit(ctypes.memset, address + off, 0, min(step, size - off))
-            for off in range(0, size, step)
-        ]
-        for f in futures:
-            f.result()
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, default_copy_threads() * 2, -(-size // step))) as pool:
+            futures = [
+                pool.submit(ctypes.memset, address + off, 0, min(step, size - off))
+                for off in range(0, size, step)
+            ]
+            for f in futures:
+                f.result()
+    except RuntimeError:
+        # No thread could be started (interpreter shutdown, a thread limit): the caller would
+        # free or pool the memory with the model's bytes still in it. Zero it all here instead.
+        ctypes.memset(address, 0, size)
 
 
 class PinnedHostMemory(HostMemory):
