@@ -126,6 +126,34 @@ def scratch_bytes(n: int) -> int:
     return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + (32 * _CHUNKS_PER_UNIT + 32) * units + 16 + 32
 
 
+def _finalize_work_bytes(units: int) -> int:
+    """Bytes of work area ``nhf_finalize`` uses for ``units`` unit digests: two levels of 32-byte
+    chaining values per 1 KiB chunk of the 32 * units + 8 byte message, none for one chunk."""
+    chunks = -(-(32 * units + 8) // 1024)
+    return 0 if chunks == 1 else 64 * chunks
+
+
+def _job_layout(n: int) -> tuple[int, int, int, int]:
+    """Offsets, from a job's scratch address, of its leaf tags, its chunk chaining values (also
+    ``nhf_finalize``'s work area), its unit digests (followed by the LE64 length slot) and the
+    digest ``nhf_finalize`` writes; all inside :func:`scratch_bytes` (``n``)."""
+    units = unit_count(n)
+    tags = _TAGS_OFF
+    cvs = tags + _align(nhfast.TAG_SIZE * _leaves(n))
+    unit_out = cvs + 32 * _CHUNKS_PER_UNIT * units
+    # nhf_finalize appends LE64(n) to the unit digests and writes the digest after it.
+    return tags, cvs, unit_out, unit_out + 32 * units + 16
+
+
+def _host_layout(down: Sequence[int], rows: int) -> tuple[int, int]:
+    """The pinned result buffer of a table of ``rows`` jobs: the copies back (``down`` bytes per
+    row) from 0, then one key stage of :data:`KEY_STAGE_BYTES` per row from the first offset
+    returned; the second is the buffer size. The stages never overlap the copies back: a row's
+    key upload may still be reading its stage while an earlier row's digests land."""
+    stage_at = _align(sum(down))
+    return stage_at, stage_at + KEY_STAGE_BYTES * rows
+
+
 class NhFastJob:
     """One nh-fast-v1 digest of the ``n`` bytes at device address ``ptr``, queued on ``stream``
     (a cuda.core ``Stream``).
@@ -167,11 +195,11 @@ class NhFastJob:
         self._key_dev = scratch + _KEY_OFF
         self._unit_key_dev = scratch + _UNIT_KEY_OFF
         self._top_key_dev = scratch + _TOP_KEY_OFF
-        self._tags = scratch + _TAGS_OFF
-        self._cvs = self._tags + _align(nhfast.TAG_SIZE * self.leaves)
-        self._unit_out = self._cvs + 32 * _CHUNKS_PER_UNIT * self.units
-        # nhf_finalize appends LE64(n) to the unit digests and writes the digest after it.
-        self._digest_out = self._unit_out + 32 * self.units + 16
+        tags, cvs, unit_out, digest_out = _job_layout(n)
+        self._tags = scratch + tags
+        self._cvs = scratch + cvs
+        self._unit_out = scratch + unit_out
+        self._digest_out = scratch + digest_out
         per_block = (_THREADS // 32) * max(1, inflight)
         self._grid_cap = max(1, int(leaf_blocks))
         self._per_block = per_block
@@ -215,6 +243,10 @@ class NhFastJob:
         """Queue every remaining leaf and unit, then ``nhf_finalize``: the digest on the device,
         at :attr:`digest_out`. The unit kernels' chunk-value scratch is its work area (at least
         64 bytes per 1 KiB chunk of the unit digests: 192 bytes per unit are there)."""
+        if self._cvs + _finalize_work_bytes(self.units) > self._unit_out:  # pragma: no cover
+            # Cannot happen (tests/backends/cuda/test_nh_fast_launcher_nogpu.py has the proof);
+            # checked because the kernel would otherwise overwrite the unit digests it reads.
+            raise IntegrityViolation("nh-fast-v1 finalize work area too small")
         if self._units_done < self.units:
             self.launch_ready(self.n)
         args: list[Arg] = [
@@ -368,13 +400,13 @@ def _run_rows(
     # digests and are finished on the host.
     on_device = [not want_units and unit_count(n) >= DEVICE_FINISH_UNITS for _p, n, _k in rows]
     down = [32 if dev else 32 * unit_count(n) for (_p, n, _k), dev in zip(rows, on_device, strict=True)]
-    stage_at = _align(sum(down))
+    stage_at, host_bytes = _host_layout(down, len(rows))
     with backend.kernel_session() as ks:
         drv = driver()
         base = ks.scratch(sum(sizes))
         backend.last_scratch_bytes = sum(sizes)
         backend.last_units_kernel = "nhf_leaf_tags"
-        host = ks.result_buffer(stage_at + KEY_STAGE_BYTES * len(rows))
+        host = ks.result_buffer(host_bytes)
         view = host.view
         jobs: list[NhFastJob] = []
         record(ks.stream, ks.t0)
