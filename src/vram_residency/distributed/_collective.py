@@ -89,6 +89,11 @@ def verify_shards(mgr: VramManager, shards: Sequence[SealedShard]) -> list[Excep
         mgr.verify_many(shards)
     except SealVerificationFailed as exc:
         failed = {f.shard_id: f for f in exc.failures}
+        if not any(s.shard_id in failed for s in shards):
+            # It names none of these shards (raised by an audit sink, say): not a verdict on
+            # them. Left as is, every entry stayed None and the rank sent its PASS verdict
+            # although its verify raised; each shard is checked alone instead.
+            return _one_by_one(mgr, shards)
         for i, s in enumerate(shards):
             f = failed.get(s.shard_id)
             if f is not None:
@@ -104,11 +109,19 @@ def verify_shards(mgr: VramManager, shards: Sequence[SealedShard]) -> list[Excep
     except Exception:  # any failure must still reach the collective, or the group hangs
         # Not a seal failure (a foreign or freed shard, a device error): one shard at a time, so
         # that each error stays with its shard.
-        for i, s in enumerate(shards):
-            try:
-                mgr.verify_sealed(s)
-            except Exception as one:  # same reason as above
-                out[i] = one
+        return _one_by_one(mgr, shards)
+    return out
+
+
+def _one_by_one(mgr: VramManager, shards: Sequence[SealedShard]) -> list[Exception | None]:
+    """Each shard verified alone, after the batch raised an error that is not a verdict on these
+    shards: a shard that then passes was verified; each error stays with its shard."""
+    out: list[Exception | None] = [None] * len(shards)
+    for i, s in enumerate(shards):
+        try:
+            mgr.verify_sealed(s)
+        except Exception as one:  # any failure must still reach the collective, or the group hangs
+            out[i] = one
     return out
 
 
