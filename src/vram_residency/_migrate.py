@@ -590,8 +590,9 @@ def _discard_soon(mgr: ShardStore, copy: _Copy) -> None:
     with _OFFLOADED_LOCK:
         if _DISCARDER is None:
             _DISCARDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vram-discard")
-        # Finished discards are dropped, failed ones kept: ``_wait_discards`` reports them at close.
-        pending = [f for f in _PENDING.get(mgr, []) if not f.done() or f.exception() is not None]
+        # Discards that finished are dropped, failed (or cancelled) ones kept: ``_wait_discards``
+        # reports them at close.
+        pending = [f for f in _PENDING.get(mgr, []) if not _discarded(f)]
         copy.memory.closing_soon()  # a pooling backend's next allocate_host waits for it
         try:
             pending.append(_DISCARDER.submit(copy.discard))
@@ -604,6 +605,10 @@ def _discard_soon(mgr: ShardStore, copy: _Copy) -> None:
         _PENDING[mgr] = pending
     if not submitted:
         copy.discard()
+
+
+def _discarded(f: Future[None]) -> bool:
+    return f.done() and not f.cancelled() and f.exception() is None
 
 
 def _wait_discards(mgr: ShardStore) -> None:
