@@ -565,11 +565,15 @@ def restore(
         # close that pops the table now either finds this record (and waits for its lock, held
         # here) or runs after the discard is pending, which it then waits for. The other order
         # left a moment where close saw neither and closed the backend under the discard.
+        # Only this record: the shard is resident since ``register``, so another thread may have
+        # offloaded it again meanwhile, and that offload's record must stay.
         try:
             _discard_soon(mgr, rec.copy)
         finally:
             with _OFFLOADED_LOCK:
-                _OFFLOADED.get(mgr, {}).pop(sealed.shard_id, None)
+                table = _OFFLOADED.get(mgr, {})
+                if table.get(sealed.shard_id) is rec:
+                    del table[sealed.shard_id]
     return rewritten
 
 

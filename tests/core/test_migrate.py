@@ -555,3 +555,33 @@ def test_close_racing_a_restore_still_waits_for_its_discard(monkeypatch: pytest.
     a.close()
     assert mem.closed  # zeroed and released before close returned
     t.join()
+
+
+def test_an_offload_right_after_a_restore_keeps_its_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shard is resident again once restore registered it, so another thread may offload it
+    while the restore is still handing its old copy to the discard thread: the restore must then
+    remove only its own record, not the new offload's (the shard would be lost: out of VRAM, its
+    new host copy unreachable)."""
+    real = mig._discard_soon
+    handing, offloaded_again = threading.Event(), threading.Event()
+
+    def descheduled(mgr: Any, copy: Any) -> None:
+        handing.set()
+        assert offloaded_again.wait(10)
+        real(mgr, copy)
+
+    monkeypatch.setattr(mig, "_discard_soon", descheduled)
+    payload = data(MiB)
+    with VramManager(TOKEN, 0, backend="host", capacity_bytes=8 * MiB) as a:
+        s = a.seal_model(payload)
+        a.offload(s, "host")
+        t = threading.Thread(target=a.restore, args=(s,))
+        t.start()
+        assert handing.wait(10)
+        a.offload(s, "host")  # resident again: offloaded anew
+        offloaded_again.set()
+        t.join()
+        monkeypatch.setattr(mig, "_discard_soon", real)
+        assert a.offloaded_shards() == [s]
+        a.restore(s)
+        assert a._entry(s).buf.read(0, len(payload)) == payload
