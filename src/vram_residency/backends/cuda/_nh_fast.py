@@ -23,6 +23,7 @@ the H200); it never appears in an error message.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final, Protocol
@@ -402,34 +403,24 @@ def _run_rows(
     down = [32 if dev else 32 * unit_count(n) for (_p, n, _k), dev in zip(rows, on_device, strict=True)]
     stage_at, host_bytes = _host_layout(down, len(rows))
     with backend.kernel_session() as ks:
-        drv = driver()
         base = ks.scratch(sum(sizes))
         backend.last_scratch_bytes = sum(sizes)
         backend.last_units_kernel = "nhf_leaf_tags"
         host = ks.result_buffer(host_bytes)
         view = host.view
         jobs: list[NhFastJob] = []
-        record(ks.stream, ks.t0)
-        off = 0
-        for i, ((ptr, n, key), size) in enumerate(zip(rows, sizes, strict=True)):
-            at = stage_at + KEY_STAGE_BYTES * i
-            stage = (host.address + at, view[at : at + KEY_STAGE_BYTES])
-            job = new_job(ks, ptr, n, key, scratch=base + off, stage=stage)
-            if on_device[i]:
-                job.launch_finalize()
-            else:
-                job.launch_ready(n)
-            jobs.append(job)
-            off += size
-        record(ks.stream, ks.t1)
-        hoff = 0
-        stream = ks.stream.handle  # cuda-bindings for the copies (byte ranges)
-        for job, nbytes, dev in zip(jobs, down, on_device, strict=True):
-            src = job.digest_out if dev else job.unit_out
-            check(drv.cuMemcpyDtoHAsync(host.address + hoff, src, nbytes, stream), "cuMemcpyDtoHAsync")
-            hoff += nbytes
-        with core_errors("nh-fast-v1 kernels"):
-            ks.stream.sync()
+        staged = KEY_STAGE_BYTES * len(rows)
+        try:
+            _queue_and_wait(ks, rows, sizes, on_device, down, jobs, base, host, stage_at)
+        except BaseException:
+            # Copies into the pinned buffer may still be queued: let them land before the buffer
+            # can be reused or freed (a broken context fails this too, and then copies nothing).
+            with contextlib.suppress(Exception):
+                ks.stream.sync()
+            raise
+        finally:
+            # The staged key schedules are key material; the device has read them by now.
+            view[stage_at : stage_at + staged] = bytes(staged)
         backend.last_device_seconds = elapsed_seconds(ks.t0, ks.t1)
         digests: list[bytes] = []
         hashed: list[HashResult] = []
@@ -444,6 +435,43 @@ def _run_rows(
                 if want_units:
                     hashed.append(HashResult(digests[-1], got))
         return digests, hashed
+
+
+def _queue_and_wait(
+    ks: Session,
+    rows: Sequence[tuple[int, int, bytes]],
+    sizes: Sequence[int],
+    on_device: Sequence[bool],
+    down: Sequence[int],
+    jobs: list[NhFastJob],
+    base: int,
+    host: PinnedHostBuffer,
+    stage_at: int,
+) -> None:
+    """``_run_rows``' device part: one job per row (appended to ``jobs``), the result copies,
+    and the one synchronization."""
+    drv, view = driver(), host.view
+    record(ks.stream, ks.t0)
+    off = 0
+    for i, ((ptr, n, key), size) in enumerate(zip(rows, sizes, strict=True)):
+        at = stage_at + KEY_STAGE_BYTES * i
+        stage = (host.address + at, view[at : at + KEY_STAGE_BYTES])
+        job = new_job(ks, ptr, n, key, scratch=base + off, stage=stage)
+        if on_device[i]:
+            job.launch_finalize()
+        else:
+            job.launch_ready(n)
+        jobs.append(job)
+        off += size
+    record(ks.stream, ks.t1)
+    hoff = 0
+    stream = ks.stream.handle  # cuda-bindings for the copies (byte ranges)
+    for job, nbytes, dev in zip(jobs, down, on_device, strict=True):
+        src = job.digest_out if dev else job.unit_out
+        check(drv.cuMemcpyDtoHAsync(host.address + hoff, src, nbytes, stream), "cuMemcpyDtoHAsync")
+        hoff += nbytes
+    with core_errors("nh-fast-v1 kernels"):
+        ks.stream.sync()
 
 
 def nh_fast_many(backend: Backend, rows: Sequence[tuple[int, int, bytes]]) -> list[HashResult]:
