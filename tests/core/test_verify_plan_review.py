@@ -1,0 +1,98 @@
+"""Adversarial checks of the verify plans and the tag-check cache (review): every edit of a
+presented shard that a verify from scratch refuses is refused by a planned (or cached) verify
+too, whatever its type or however the tags are split."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from vram_residency import SealVerificationFailed, VramManager
+
+TOKEN = "verify-plan-review-token-0123456789"
+CAP = 64 << 20
+
+
+def _shards(mgr: VramManager, n: int = 4) -> list:  # type: ignore[type-arg]
+    return [mgr.seal_model(bytes([i + 1]) * (100 + i)) for i in range(n)]
+
+
+def test_tags_split_differently_across_shards_fail_a_planned_verify() -> None:
+    # The joined tags are the same bytes, but shard 1 holds 31 bytes of its tag and shard 2 the
+    # 33 bytes of the rest: a verify from scratch refuses both tags, so a planned one must too.
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP) as mgr:
+        shards = _shards(mgr)
+        mgr.verify_many(shards)
+        a, b = shards[1], shards[2]
+        ta, tb = a.tag, b.tag
+        object.__setattr__(a, "_signature", ta[:31])
+        object.__setattr__(b, "_signature", ta[31:] + tb)
+        with pytest.raises(SealVerificationFailed) as info:
+            mgr.verify_many(shards)
+        assert info.value.shard_ids == [a.shard_id, b.shard_id]
+        assert not info.value.tag_valid
+        object.__setattr__(a, "_signature", ta)
+        object.__setattr__(b, "_signature", tb)
+        mgr.verify_many(shards)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("gpu_device", False),  # == 0, but a bool is no seal-v1 integer
+        ("vram_bytes", 101.0),  # == 101, but a float is not an integer
+    ],
+)
+def test_an_equal_value_of_another_type_fails_like_a_verify_from_scratch(field: str, value: object) -> None:
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP) as mgr:
+        shards = _shards(mgr)
+        victim = shards[1]
+        original = getattr(victim, field)
+        assert original == value and type(original) is not type(value)
+        edited = dataclasses.replace(victim, **{field: value})
+        # From scratch (nothing cached for the record yet): the edited copy's tag is refused.
+        with pytest.raises(SealVerificationFailed) as info:
+            mgr.verify_many([edited])
+        assert not info.value.tag_valid
+        # Warm (the record's check cached, the batch planned): the same copy is refused ...
+        mgr.verify_many(shards)
+        mgr.verify_many(shards)
+        with pytest.raises(SealVerificationFailed) as info:
+            mgr.verify_many([*shards[:1], edited, *shards[2:]])
+        assert info.value.shard_ids == [victim.shard_id] and not info.value.tag_valid
+        # ... and so is the planned object itself, edited in place.
+        object.__setattr__(victim, field, value)
+        with pytest.raises(SealVerificationFailed) as info:
+            mgr.verify_many(shards)
+        assert info.value.shard_ids == [victim.shard_id] and not info.value.tag_valid
+        object.__setattr__(victim, field, original)
+        mgr.verify_many(shards)
+
+
+class _Liar(str):
+    """A string equal to every string: what an edit in place could hide a changed digest with."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+def test_a_str_subclass_that_equals_everything_fails_the_tag() -> None:
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP) as mgr:
+        shards = _shards(mgr)
+        mgr.verify_many(shards)
+        victim = shards[0]
+        original = victim.digest
+        object.__setattr__(victim, "digest", _Liar("f" * 64))
+        with pytest.raises(SealVerificationFailed) as info:
+            mgr.verify_many(shards)
+        assert info.value.shard_ids == [victim.shard_id] and not info.value.tag_valid
+        object.__setattr__(victim, "digest", original)
+        mgr.verify_many(shards)
