@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from vram_residency import SealVerificationFailed, VramManager
@@ -96,3 +97,40 @@ def test_a_str_subclass_that_equals_everything_fails_the_tag() -> None:
         assert info.value.shard_ids == [victim.shard_id] and not info.value.tag_valid
         object.__setattr__(victim, "digest", original)
         mgr.verify_many(shards)
+
+
+def test_the_binding_cache_refuses_a_name_that_only_compares_equal() -> None:
+    # A part renamed in place to a string equal to everything: the model digest of its real text
+    # is not M, so a binding check from scratch refuses it; a cached binding must too.
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP) as mgr:
+        model = mgr.seal_tensors({f"w{i}": np.arange(50 + i, dtype=np.uint8) for i in range(4)})
+        cold = dataclasses.replace(model)  # no cached binding
+        part = model.parts[1]
+        original = part.name
+        mgr.verify_model(model)
+        object.__setattr__(part, "name", _Liar("renamed"))
+        with pytest.raises(SealVerificationFailed, match="model digest"):
+            cold.check_binding()
+        with pytest.raises(SealVerificationFailed, match="model digest"):
+            model.check_binding()
+        with pytest.raises(SealVerificationFailed, match="model digest"):
+            mgr.verify_model(model)
+        object.__setattr__(part, "name", original)
+        mgr.verify_model(model)
+
+
+def test_a_copied_or_pickled_model_is_bound_by_its_own_parts() -> None:
+    # copy.copy shares the binding cache and pickle carries it: the cache is of values, so a copy
+    # whose parts are then changed is checked against what it holds, not what the original held.
+    import copy
+    import pickle
+
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP) as mgr:
+        model = mgr.seal_tensors({f"w{i}": np.arange(50 + i, dtype=np.uint8) for i in range(4)})
+        mgr.verify_model(model)
+        for twin in (copy.copy(model), pickle.loads(pickle.dumps(model))):
+            twin.check_binding()
+            object.__setattr__(twin, "parts", (twin.parts[1], twin.parts[0], *twin.parts[2:]))
+            with pytest.raises(SealVerificationFailed):
+                twin.check_binding()
+            model.check_binding()
