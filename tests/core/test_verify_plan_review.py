@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from vram_residency import SealVerificationFailed, VramManager
+from vram_residency import NotSealed, SealVerificationFailed, VramManager
 
 TOKEN = "verify-plan-review-token-0123456789"
 CAP = 64 << 20
@@ -134,3 +134,63 @@ def test_a_copied_or_pickled_model_is_bound_by_its_own_parts() -> None:
             with pytest.raises(SealVerificationFailed):
                 twin.check_binding()
             model.check_binding()
+
+
+def test_planned_verifies_race_deallocate_offload_restore_and_migrate() -> None:
+    # Verifiers repeat the same batches (planned) while other threads deallocate and reseal,
+    # offload and restore, and migrate shards of those batches. No verify may fail its seal (the
+    # memory is never corrupted), none may deadlock, and the only acceptable error is NotSealed
+    # for a shard that was gone when it was looked up or locked.
+    import threading
+    import time
+
+    with (
+        VramManager(TOKEN, backend="host", capacity_bytes=CAP) as mgr,
+        VramManager(TOKEN, backend="host", capacity_bytes=CAP, device=1) as other,
+    ):
+        model = mgr.seal_tensors({f"w{i}": np.arange(4000 + i, dtype=np.uint8) for i in range(8)})
+        loose = [mgr.seal_model(bytes([i + 1]) * (3000 + i)) for i in range(8)]
+        stop = time.monotonic() + 2.0
+        errors: list[BaseException] = []
+        counts = {"ok": 0, "gone": 0}
+        guard = threading.Lock()
+
+        def verifier(batch: list) -> None:  # type: ignore[type-arg]
+            while time.monotonic() < stop:
+                try:
+                    mgr.verify_many(batch)
+                    outcome = "ok"
+                except NotSealed:
+                    outcome = "gone"
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+                with guard:
+                    counts[outcome] += 1
+
+        def churn() -> None:
+            moved = model.shards[3]
+            try:
+                while time.monotonic() < stop:
+                    mgr.offload(moved)
+                    mgr.restore(moved)
+                    victim = loose.pop(0)
+                    mgr.deallocate(victim)
+                    loose.append(mgr.seal_model(b"n" * 3001))
+                    back = mgr.migrate(loose.pop(0), other)
+                    loose.append(other.migrate(back, mgr))
+            except BaseException as exc:
+                errors.append(exc)
+
+        batches = [list(model.shards), list(model.shards[2:6]), [*model.shards, *loose[:4]]]
+        threads = [threading.Thread(target=verifier, args=(b,)) for b in batches for _ in range(2)]
+        threads.append(threading.Thread(target=churn))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "deadlock"
+        assert errors == []
+        assert counts["ok"] > 0
+        mgr.verify_model(model)
+        mgr.verify_many(loose)
