@@ -18,7 +18,11 @@ from vram_residency.formats.keys import SecretKey, hmac_sha256
 # RFC 4868 section 2.7.2.1 (PRF/authenticator test vectors for HMAC-SHA-256, 32-byte keys).
 RFC4868_AUTH256 = [
     (b"\x0b" * 32, b"Hi There", "198a607eb44bfbc69903a0f1cf2bbdc5ba0aa3f3d9ae3c1c7a3b1696a0b68cf7"),
-    (b"Jefe" * 8, b"what do ya want for nothing?", "167f928588c5cc2eef8e3093caa0e87c9ff566a14794aa61648d81621a2a40c6"),
+    (
+        b"Jefe" * 8,
+        b"what do ya want for nothing?",
+        "167f928588c5cc2eef8e3093caa0e87c9ff566a14794aa61648d81621a2a40c6",
+    ),
     (b"\xaa" * 32, b"\xdd" * 50, "cdcb1220d1ecccea91e53aba3092f962e549fe6ce9ed7fdc43191fbde45c30b0"),
 ]
 
