@@ -194,3 +194,102 @@ def test_planned_verifies_race_deallocate_offload_restore_and_migrate() -> None:
         assert counts["ok"] > 0
         mgr.verify_model(model)
         mgr.verify_many(loose)
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+        self.fail_on: str | None = None
+
+    def emit(self, event_type: str, **fields: object) -> None:
+        if event_type == self.fail_on:
+            raise OSError(28, "No space left on device")
+        self.events.append((event_type, {k: v for k, v in fields.items() if k != "duration_ns"}))
+
+
+@pytest.mark.parametrize(
+    ("check", "full_every_s"), [("full", None), ("fast", None), ("fast", 0.0), ("fast", 3600.0)]
+)
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_planned_and_unplanned_verifies_audit_and_raise_the_same(
+    check: str, full_every_s: float | None, corrupt: bool
+) -> None:
+    # The same batch (a model's shards, one of them presented twice, plus loose shards) verified
+    # with its plan and with every plan dropped first: the same events (count, order, fields),
+    # the same error, whether the memory is intact or a shard was flipped.
+    from vram_residency.testing import flip_bit
+
+    log = _Log()
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=log, fast_check=True) as mgr:
+        model = mgr.seal_tensors({f"w{i}": np.arange(3000 + i, dtype=np.uint8) for i in range(5)})
+        loose = [mgr.seal_model(bytes([i + 1]) * (2000 + i)) for i in range(3)]
+        batch = [*model.shards, loose[0], model.shards[2], *loose[1:]]
+        mgr.verify_many(batch)  # the plan is made
+        if corrupt:
+            flip_bit(mgr, batch[1], 17)
+            flip_bit(mgr, loose[2], 5)
+
+        def run(planned: bool) -> tuple[list[tuple[str, dict[str, object]]], object]:
+            if not planned:
+                mgr.store._plans.clear()
+            log.events.clear()
+            try:
+                mgr.verify_many(batch, check=check, full_every_s=full_every_s)  # type: ignore[arg-type]
+                outcome: object = None
+            except SealVerificationFailed as exc:
+                outcome = (str(exc), exc.shard_ids, [dataclasses.astuple(f) for f in exc.failures])
+            return list(log.events), outcome
+
+        planned = run(True)
+        unplanned = run(False)
+        assert planned == unplanned
+        assert len(planned[0]) == len(set(map(id, model.shards))) + len(loose)
+        assert (planned[1] is None) == (not corrupt)
+
+
+def test_a_failed_audit_write_on_a_planned_failure_keeps_the_failure() -> None:
+    from vram_residency.testing import flip_bit
+
+    log = _Log()
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=log) as mgr:
+        shards = _shards(mgr)
+        mgr.verify_many(shards)
+        flip_bit(mgr, shards[2], 3)
+        log.fail_on = "SealVerificationFailed"
+        with pytest.raises(SealVerificationFailed) as info:
+            mgr.verify_many(shards)
+        assert info.value.shard_ids == [shards[2].shard_id]
+        assert isinstance(info.value.audit_error, OSError)
+
+
+def test_close_while_planned_verifies_run_frees_everything_and_fails_closed() -> None:
+    import threading
+
+    mgr = VramManager(TOKEN, backend="host", capacity_bytes=CAP)
+    model = mgr.seal_tensors({f"w{i}": np.arange(200_000 + i, dtype=np.uint8) for i in range(6)})
+    mgr.verify_model(model)
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def verifier() -> None:
+        try:
+            while True:
+                mgr.verify_model(model)
+                started.set()
+        except NotSealed:
+            return  # closed (or its shards freed) under it: the only acceptable end
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=verifier) for _ in range(3)]
+    for t in threads:
+        t.start()
+    started.wait(10)
+    mgr.close()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert mgr.store._plans == {}
+    with pytest.raises(NotSealed):
+        mgr.verify_model(model)

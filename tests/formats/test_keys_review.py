@@ -31,10 +31,7 @@ RFC4868_AUTH256 = [
 def test_secret_key_known_answers(key: bytes, message: bytes, want: str) -> None:
     secret = SecretKey(key)
     assert secret.tag(message).hex() == want
-    assert secret.tag(bytearray(message)).hex() == want
-    assert secret.tag(memoryview(message)).hex() == want
     assert secret.verify(message, bytes.fromhex(want))
-    assert secret.verify(message, bytearray.fromhex(want))
     for bad in (bytes.fromhex(want)[:31], bytes.fromhex(want) + b"\0", b"", bytes(32)):
         assert not secret.verify(message, bad)
     flipped = bytearray.fromhex(want)

@@ -105,7 +105,7 @@ def test_key_patterns_that_differ_only_in_which_segments_share_a_key_are_not_con
     # differently between segments: their key shapes differ, so neither reuses the other's plan.
     lane = _lane()
     k1, k2 = b"\x11" * 32, b"\x22" * 32
-    tables = [
+    tables: list[list[tuple[int, str, bytes | None]]] = [
         [(MiB, BLAKE3, k1), (MiB, BLAKE3, k1), (MiB, BLAKE3, k2)],
         [(MiB, BLAKE3, k1), (MiB, BLAKE3, k2), (MiB, BLAKE3, k2)],
         [(MiB, BLAKE3, k2), (MiB, BLAKE3, k1), (MiB, BLAKE3, k1)],
