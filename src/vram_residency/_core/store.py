@@ -135,16 +135,15 @@ class _VerifyPlan:
 
     Valid only while the store's record set is unchanged (``generation``; every registration,
     removal and close bumps it and drops all plans) and while every presented object still holds
-    the seal fields and tag checked then (``values``, ``tags``): a plan holds strong references
+    the seal fields and tag checked then (``flat_values``, ``tags``): a plan holds strong references
     to the ``presented`` objects, so that no other object can take one of their ids."""
 
     generation: int
     presented: tuple[SealedShard, ...]
-    #: Each presented shard's ten seal-v1 field values and (joined) tags, exactly as their HMAC
-    #: tags were checked against the records' tags when the plan was made.
-    values: list[tuple[object, ...]]
-    #: ``values`` flattened: the objects an unedited presented shard still holds (compared by
-    #: identity; the plan keeps them alive, so no other object can take their ids).
+    #: Each presented shard's ten seal-v1 field values, one list for all shards, exactly the
+    #: objects whose HMAC tags were checked against the records' tags when the plan was made:
+    #: an unedited shard still holds these very objects (compared by identity; the plan keeps
+    #: them alive, so no other object can take their ids). And the tags checked, joined.
     flat_values: list[object]
     tags: bytes
     #: The records by shard id, in first-presented order (a shard presented twice is verified once).
@@ -719,7 +718,6 @@ class ShardStore:
         plan = _VerifyPlan(
             generation=generation,
             presented=presented,
-            values=values,
             flat_values=list(chain.from_iterable(values)),
             tags=b"".join(tags),
             records=records,

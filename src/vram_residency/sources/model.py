@@ -144,7 +144,7 @@ class SealedModel:
     model_digest: str
     digest_algorithm: str
     parts: tuple[ModelPart, ...]
-    #: The last binding found valid, as ``[model_ref, *names, *binding fields of each shard]``
+    #: The last binding found valid, as ``[(model_ref, *names, *binding fields of each shard)]``
     #: (empty: none yet); see :meth:`bound_shards`. A cache, not part of the model: not compared,
     #: hashed or shown, and not copied by ``dataclasses.replace``.
     _binding: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -189,11 +189,14 @@ class SealedModel:
         parts = self.parts
         shards = tuple(map(_SHARD, parts))
         names = list(map(_NAME, parts))
-        values = [self.model_ref, *names, *chain.from_iterable(map(_BINDING_FIELDS, shards))]
+        values = (self.model_ref, *names, *chain.from_iterable(map(_BINDING_FIELDS, shards)))
+        # One read of the cached tuple (another thread may replace it meanwhile: a copy.copy of
+        # the model shares this list), so that its length and items are of the same binding.
         cache = self._binding
-        if len(cache) != len(values) or not all(map(operator.is_, values, cache)):
+        bound = cache[0] if cache else ()
+        if len(bound) != len(values) or not all(map(operator.is_, values, bound)):
             _check_binding(self.model_ref, list(zip(names, shards, strict=True)))
-            cache[:] = values
+            cache[:] = [values]
         return shards
 
     def record(self) -> dict[str, Any]:
