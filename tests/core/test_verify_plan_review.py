@@ -293,3 +293,24 @@ def test_close_while_planned_verifies_run_frees_everything_and_fails_closed() ->
     assert mgr.store._plans == {}
     with pytest.raises(NotSealed):
         mgr.verify_model(model)
+
+
+def test_a_plan_of_dropped_copies_never_serves_new_objects() -> None:
+    # A plan is keyed by the ids of the presented objects. Copies verified once and dropped must
+    # not lend their plan to new objects that land at the same addresses: forged copies (another
+    # sealed_at_ns) made right after the originals are collected are refused every time.
+    import gc
+
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP) as mgr:
+        shards = _shards(mgr, 6)
+        for round_ in range(20):
+            batch = [dataclasses.replace(s) for s in shards]
+            mgr.verify_many(batch)
+            mgr.verify_many(batch)
+            del batch
+            gc.collect()
+            forged = [dataclasses.replace(s, sealed_at_ns=s.sealed_at_ns + 1 + round_) for s in shards]
+            with pytest.raises(SealVerificationFailed) as info:
+                mgr.verify_many(forged)
+            assert info.value.shard_ids == [s.shard_id for s in shards]
+            assert not info.value.tag_valid
