@@ -314,3 +314,34 @@ def test_a_plan_of_dropped_copies_never_serves_new_objects() -> None:
                 mgr.verify_many(forged)
             assert info.value.shard_ids == [s.shard_id for s in shards]
             assert not info.value.tag_valid
+
+
+def test_no_verify_plan_or_segment_shows_a_shard_key() -> None:
+    # nh-fast-v1 is keyed per shard (NH: whoever knows the key can make collisions at will).
+    # The verify plan keeps the keyed segments of its batch; neither it nor a segment may show
+    # the key in a repr (a traceback with locals, a debug log), as ShardRecord.segments never does.
+    import traceback
+
+    from vram_residency.formats.tree import NH_FAST_V1
+
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP, fast_check=True) as mgr:
+        shards = [mgr.seal_model(bytes([i + 1]) * 300, digest_algorithm=NH_FAST_V1) for i in range(3)]
+        mgr.verify_many(shards)
+        mgr.verify_many(shards, check="fast")
+        (plan,) = mgr.store._plans.values()
+        keys = [seg.key for seg in plan.segments]
+        assert all(k is not None and len(k) == 32 for k in keys)
+        record = mgr.store.lookup(shards[0])
+        texts = [repr(plan), str(plan), repr(plan.segments), repr(record), repr(mgr.store.segment(record))]
+        try:
+            mgr.store._verify_full_planned(plan, "bogus")  # type: ignore[arg-type]
+        except Exception as exc:
+            # The store's frames and their locals (not this test's own, which holds the keys).
+            inner = exc.with_traceback(exc.__traceback__.tb_next if exc.__traceback__ else None)
+            report = traceback.TracebackException.from_exception(inner, capture_locals=True)
+            texts.append("".join(report.format()))
+            assert "_verify_full_planned" in texts[-1]
+        for text in texts:
+            for k in keys:
+                assert k is not None
+                assert repr(k) not in text and k.hex() not in text

@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final, Literal
 
@@ -153,7 +153,8 @@ class _VerifyPlan:
     #: The records' locks in the global order (by shard id) that keeps batches deadlock-free.
     locks: list[threading.Lock]
     #: The full check's segment table and the 32-byte digests it must give, joined in order.
-    segments: list[Segment]
+    #: A keyed (nh-fast-v1) segment holds its shard's key: never shown.
+    segments: list[Segment] = field(repr=False)
     expected: bytes
 
 
