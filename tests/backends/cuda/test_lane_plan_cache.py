@@ -130,3 +130,9 @@ def test_the_plan_cache_is_bounded_and_a_moved_arena_replans() -> None:
     assert after is not before
     rows = after.upload[after.unit_launches[0].table :].view(np.uint8)
     assert int.from_bytes(rows[48 * 0 + 40 : 48 * 0 + 48].tobytes(), "little") == BASE + (1 << 30)
+
+
+def test_table_columns_never_show_their_keys() -> None:
+    key = bytes(range(7, 39))
+    cols = _columns([(MiB, BLAKE3, key), (4096, SHA256_TREE_V1, None)])
+    assert repr(key) not in repr(cols) and key.hex() not in repr(cols)
