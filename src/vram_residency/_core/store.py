@@ -18,7 +18,8 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Final, Literal
 
 from vram_residency._core.types import AuditSink, ShardRecord, TensorSpan
@@ -82,6 +83,7 @@ _SEAL_FIELD_VALUES: Final = operator.attrgetter(
     "worker_id", "model_ref", "shard_index", "total_shards",
 )  # fmt: skip
 _TAG: Final = operator.attrgetter("tag")
+_IS: Final = operator.is_
 _CLOSED: Final = operator.attrgetter("closed")
 _ONLY_32: Final = frozenset({32})
 
@@ -133,14 +135,16 @@ class _VerifyPlan:
 
     Valid only while the store's record set is unchanged (``generation``; every registration,
     removal and close bumps it and drops all plans) and while every presented object still holds
-    the seal fields and tag checked then (``values``, ``tags``): a plan holds strong references
+    the seal fields and tag checked then (``flat_values``, ``tags``): a plan holds strong references
     to the ``presented`` objects, so that no other object can take one of their ids."""
 
     generation: int
     presented: tuple[SealedShard, ...]
-    #: Each presented shard's ten seal-v1 field values and (joined) tags, exactly as their HMAC
-    #: tags were checked against the records' tags when the plan was made.
-    values: list[tuple[object, ...]]
+    #: Each presented shard's ten seal-v1 field values, one list for all shards, exactly the
+    #: objects whose HMAC tags were checked against the records' tags when the plan was made:
+    #: an unedited shard still holds these very objects (compared by identity; the plan keeps
+    #: them alive, so no other object can take their ids). And the tags checked, joined.
+    flat_values: list[object]
     tags: bytes
     #: The records by shard id, in first-presented order (a shard presented twice is verified once).
     records: dict[str, ShardRecord]
@@ -149,7 +153,8 @@ class _VerifyPlan:
     #: The records' locks in the global order (by shard id) that keeps batches deadlock-free.
     locks: list[threading.Lock]
     #: The full check's segment table and the 32-byte digests it must give, joined in order.
-    segments: list[Segment]
+    #: A keyed (nh-fast-v1) segment holds its shard's key: never shown.
+    segments: list[Segment] = field(repr=False)
     expected: bytes
 
 
@@ -599,9 +604,13 @@ class ShardStore:
         # ``values`` (the ten seal-v1 field values, read once) and ``tag`` are what a shard
         # presented: the HMAC is checked over exactly these, so that a verify plan made from
         # them holds what was checked, even if the object is edited in place meanwhile.
+        #
+        # A cached message is reused only for values equal to the cached ones AND of the same
+        # exact types: ``==`` alone takes False for 0, 101.0 for 101 and a str subclass that
+        # equals everything, none of which seal_message accepts (a cold check refuses them).
         cached = record.checked
-        if cached is not None and cached[0] == values:
-            message = cached[1]
+        if cached is not None and cached[0] == values and tuple(map(type, values)) == cached[1]:
+            message = cached[2]
         else:
             try:
                 message = seal_message(SealFields(*values))  # type: ignore[arg-type]
@@ -609,7 +618,7 @@ class ShardStore:
                 return False
         ok = self._key.verify(message, record.tag) and hmac.compare_digest(tag, record.tag)
         if ok and cached is None:
-            record.checked = (values, message)
+            record.checked = (values, tuple(map(type, values)), message)
         return ok
 
     # -- verification ---------------------------------------------------------------------------
@@ -710,7 +719,7 @@ class ShardStore:
         plan = _VerifyPlan(
             generation=generation,
             presented=presented,
-            values=values,
+            flat_values=list(chain.from_iterable(values)),
             tags=b"".join(tags),
             records=records,
             record_list=record_list,
@@ -739,9 +748,18 @@ class ShardStore:
         # record's life) cannot give another answer, so it is not recomputed. A changed or
         # replaced object (dataclasses.replace, or an in-place edit of the frozen dataclass) does
         # not match: the whole batch is then verified from scratch, its tags fully checked.
+        #
+        # The fields are compared by identity, not equality: an unedited frozen object returns the
+        # very objects checked then, while an equal value of another type (False for 0, 101.0 for
+        # 101, a str subclass equal to everything) is no seal-v1 field and is refused from
+        # scratch. Every tag must be 32 bytes long: the joined tags alone would match tags split
+        # differently across the shards (31 bytes in one, 33 in the next).
+        tags = list(map(_TAG, presented))
         try:
-            if list(map(_SEAL_FIELD_VALUES, presented)) != plan.values or not hmac.compare_digest(
-                b"".join(map(_TAG, presented)), plan.tags
+            if (
+                not all(map(_IS, chain.from_iterable(map(_SEAL_FIELD_VALUES, presented)), plan.flat_values))
+                or set(map(len, tags)) != _ONLY_32
+                or not hmac.compare_digest(b"".join(tags), plan.tags)
             ):
                 return False
         except TypeError:  # a tag edited into something that is not bytes: the full check says so

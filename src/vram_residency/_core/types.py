@@ -55,10 +55,11 @@ class ShardRecord:
     #: ``verify_many(check="fast", full_every_s=...)`` reads it.
     last_full_ns: int = 0
     #: The fields whose tag was last checked (the ten seal-v1 field values, in ``SealFields``
-    #: order, as a plain tuple: comparing two costs one C call), and their seal-v1 message. A
-    #: verify recomputes the HMAC every time; only the message's encoding is reused when the
-    #: presented fields are equal to these, which is most of the per-shard cost of a batched verify.
-    checked: tuple[tuple[object, ...], bytes] | None = None
+    #: order, as a plain tuple: comparing two costs one C call), their exact types, and their
+    #: seal-v1 message. A verify recomputes the HMAC every time; only the message's encoding is
+    #: reused when the presented fields are equal to these and of the same types (``==`` alone
+    #: takes False for 0), which is most of the per-shard cost of a batched verify.
+    checked: tuple[tuple[object, ...], tuple[type, ...], bytes] | None = None
     #: The segment-table entries of this record, by algorithm (``ShardStore.segment``), made once:
     #: the buffer, length and key of a record never change. Not copied by ``dataclasses.replace``
     #: (a restored record has a new buffer), and each use checks it still names ``buf``. Holds a

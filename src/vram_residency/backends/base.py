@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from typing_extensions import Buffer
@@ -101,7 +101,9 @@ class Segment:
     buf: DeviceBuffer
     length: int
     algorithm: str
-    key: bytes | None = None
+    #: Key material (a shard's nh-fast-v1 key, an attestation's probe key): never shown in a
+    #: repr, which tables reach through tracebacks with locals, debug logs and the plans holding them.
+    key: bytes | None = field(default=None, repr=False)
 
 
 class HostMemory(abc.ABC):

@@ -32,6 +32,7 @@ import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Final
 
 from vram_residency._core import ShardStore, TensorSpan
@@ -143,7 +144,7 @@ class SealedModel:
     model_digest: str
     digest_algorithm: str
     parts: tuple[ModelPart, ...]
-    #: The last binding found valid, as ``[(model_ref, names, binding fields of each shard)]``
+    #: The last binding found valid, as ``[(model_ref, *names, *binding fields of each shard)]``
     #: (empty: none yet); see :meth:`bound_shards`. A cache, not part of the model: not compared,
     #: hashed or shown, and not copied by ``dataclasses.replace``.
     _binding: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -181,14 +182,21 @@ class SealedModel:
         part's shard. Those are read (a few C-level passes over the parts) and compared with the
         ones last found bound; only when any differs is ``M`` recomputed (a verify of a model of
         hundreds of parts would otherwise pay most of its host time here). Reading the values,
-        not trusting object identity, keeps this exact even for objects edited in place."""
+        not trusting the parts' or shards' identity, keeps this exact even for objects edited in
+        place; the values themselves are compared by identity (the cache keeps them alive, so no
+        other object can take their ids), because ``==`` would take a value of another type that
+        only compares equal (a str subclass equal to every string) for the one checked."""
         parts = self.parts
         shards = tuple(map(_SHARD, parts))
-        key = (self.model_ref, list(map(_NAME, parts)), list(map(_BINDING_FIELDS, shards)))
+        names = list(map(_NAME, parts))
+        values = (self.model_ref, *names, *chain.from_iterable(map(_BINDING_FIELDS, shards)))
+        # One read of the cached tuple (another thread may replace it meanwhile: a copy.copy of
+        # the model shares this list), so that its length and items are of the same binding.
         cache = self._binding
-        if not cache or cache[0] != key:
-            _check_binding(key[0], list(zip(key[1], shards, strict=True)))
-            cache[:] = [key]
+        bound = cache[0] if cache else ()
+        if len(bound) != len(values) or not all(map(operator.is_, values, bound)):
+            _check_binding(self.model_ref, list(zip(names, shards, strict=True)))
+            cache[:] = [values]
         return shards
 
     def record(self) -> dict[str, Any]:

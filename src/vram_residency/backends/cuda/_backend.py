@@ -21,7 +21,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -1783,7 +1783,8 @@ class TableColumns:
     ptrs: list[int]
     lens: list[int]
     algs: list[str]
-    keys: list[bytes | None]
+    #: Key material (nh-fast-v1 shard keys, attestation probe keys): never shown in a repr.
+    keys: list[bytes | None] = field(repr=False)
 
 
 class _Lane:
