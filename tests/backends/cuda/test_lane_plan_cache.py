@@ -1,4 +1,4 @@
-"""The lane's plan cache (``_Lane.plan``, review), without a GPU: its key leaves the keys' bytes
+"""The lane's plan cache (``_Lane.plan``), without a GPU: its key leaves the keys' bytes
 out and a hit writes the call's keys into the reused plan's upload image. Whatever the table
 (algorithms mixed, keys repeated, shared or absent in any pattern), the plan a call gets must
 upload exactly the bytes a plan built from scratch for that call would, and a plan reused with

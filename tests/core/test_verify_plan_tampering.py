@@ -1,4 +1,4 @@
-"""Adversarial checks of the verify plans and the tag-check cache (review): every edit of a
+"""Adversarial checks of the verify plans and the tag-check cache: every edit of a
 presented shard that a verify from scratch refuses is refused by a planned (or cached) verify
 too, whatever its type or however the tags are split."""
 
@@ -11,7 +11,7 @@ import pytest
 
 from vram_residency import NotSealed, SealVerificationFailed, VramManager
 
-TOKEN = "verify-plan-review-token-0123456789"
+TOKEN = "verify-plan-tamper-token-0123456789"
 CAP = 64 << 20
 
 

@@ -1,4 +1,4 @@
-"""SecretKey's precomputed HMAC pads (review): known answers for 32-byte keys (RFC 4868's
+"""SecretKey's precomputed HMAC pads: known answers for 32-byte keys (RFC 4868's
 HMAC-SHA-256 test cases AUTH256-1..3, the only published ones with the 32-byte keys SecretKey
 takes; RFC 4231's keys are 4, 20, 25 and 131 bytes), agreement with the RFC 4231-checked
 ``hmac_sha256`` from many threads at once (the pad states are copied per call, never updated),
