@@ -52,10 +52,12 @@ __all__ = [
     "AuditRecord",
     "MacKey",
     "RecordFormatError",
+    "RecordSealer",
     "SignedHead",
     "audit_key",
     "canonical_bytes",
     "check_record",
+    "encode_fields",
     "head_message",
     "line_bytes",
     "normalize_fields",
@@ -153,17 +155,41 @@ class AuditKey:
     never shows itself in repr or str, refuses pickling, and does not compare.
     """
 
-    __slots__ = ("__hmac",)
+    __slots__ = ("__hmac", "__inner", "__outer")
 
     def __init__(self, token: str | bytes) -> None:
-        self.__hmac = _stdlib_hmac.new(
-            derive_key(token_bytes(token), AUDIT_KEY_INFO), digestmod=hashlib.sha256
-        )
+        key = derive_key(token_bytes(token), AUDIT_KEY_INFO)
+        self.__hmac = _stdlib_hmac.new(key, digestmod=hashlib.sha256)
+        # The same key's HMAC pad blocks as two SHA-256 states (RFC 2104; a 32-byte key is
+        # shorter than the block, so it is zero-padded, not hashed), for _hex_tagger.
+        block = key.ljust(64, b"\0")
+        self.__inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self.__outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        del key, block
 
     def tag(self, message: bytes) -> bytes:
         h = self.__hmac.copy()
         h.update(message)
         return h.digest()
+
+    def _hex_tagger(self, prefix: bytes) -> Callable[[bytes], str]:
+        """``lambda m: self.tag(prefix + m).hex()``, faster: the log tags every record with the
+        same domain prefix, so its blocks are hashed once here; a tag then costs two SHA-256
+        state copies (HMAC = H(K^opad || H(K^ipad || m)), RFC 2104, with the key's pad blocks
+        already absorbed) and skips building ``prefix + m``. The closure holds hash states of
+        the key, never the key bytes, and shows nothing in a repr."""
+        inner = self.__inner.copy()
+        inner.update(prefix)
+        outer = self.__outer
+
+        def tag_hex(message: bytes) -> str:
+            i = inner.copy()
+            i.update(message)
+            o = outer.copy()
+            o.update(i.digest())
+            return o.hexdigest()
+
+        return tag_hex
 
     def verify(self, message: bytes, tag: bytes) -> bool:
         return _stdlib_hmac.compare_digest(self.tag(message), bytes(tag))
@@ -189,6 +215,7 @@ def audit_key(token: str | bytes | MacKey) -> MacKey:
     return token
 
 
+_sha256: Final = hashlib.sha256
 _esc: Final = json.encoder.encode_basestring  # the escaper JSONEncoder uses with ensure_ascii=False
 _CANON_TEMPLATE: Final = (
     '{{"critical":{},"event":{},"fields":{},"id":{},"prev_hash":{},"seq":{},"time":{},"v":{},"worker_id":{}}}'
@@ -239,19 +266,106 @@ def _normalize(value: Any, depth: int) -> Any:
     raise InvalidInput(f"audit field of type {type(value).__name__} is not JSON data")
 
 
+#: Field names that passed _check_name. A worker uses a few dozen names millions of times; the
+#: set lets normalize_fields check a whole event's names in one C call. Bounded, so that callers
+#: inventing names (a bug, or a test) cannot grow it without limit: past the bound, names are
+#: simply checked every time.
+_CHECKED_NAMES: Final[set[str]] = set()
+_CHECKED_NAMES_MAX: Final = 4096
+
+
 def _check_name(name: str) -> None:
     if name.lower() in _SECRET_NAMES:
         raise InvalidInput(f"audit field name {name!r} looks like a secret and is refused")
+    if len(_CHECKED_NAMES) < _CHECKED_NAMES_MAX:
+        _CHECKED_NAMES.add(name)
 
 
-def normalize_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate and copy event fields to plain JSON data (tuples become lists)."""
+def normalize_fields(fields: Mapping[str, Any], *, owned: bool = False) -> dict[str, Any]:
+    """Validate and copy event fields to plain JSON data (tuples become lists).
+
+    ``owned``: ``fields`` is a dict the caller hands over (an ``emit``'s ``**fields``), returned
+    as is when nothing in it needs converting, instead of copied.
+    """
+    # Fast path: every name checked before and every value a plain scalar (exact types, so an
+    # IntEnum or a str subclass still takes the checked way). Two C-level set checks instead of
+    # a Python loop over the fields; the result is the same dict the loop below would build.
+    if _CHECKED_NAMES.issuperset(fields) and _PLAIN.issuperset(map(type, fields.values())):
+        return fields if owned and type(fields) is dict else dict(fields)
     out: dict[str, Any] = {}
     for name, value in fields.items():
         _check_name(name)
         # Fast path for the scalars most events carry; everything else goes the checked way.
         out[name] = value if type(value) in _PLAIN else _normalize(value, 0)
     return out
+
+
+def encode_fields(fields: Mapping[str, Any]) -> str:
+    """The canonical JSON text of normalized fields, as ``AuditRecord.seal`` embeds it."""
+    try:
+        return _encode(fields)
+    except ValueError as exc:  # a NaN or infinity that slipped past normalisation
+        raise InvalidInput(f"audit fields are not canonical JSON: {exc}") from exc
+
+
+class RecordSealer:
+    """``AuditRecord.seal`` for one log, byte for byte, with the per-log work done once.
+
+    The worker id, the format version and each (event, critical) pair's JSON are escaped once
+    into a ``%``-template of the canonical body; a record then costs one format, one SHA-256 and
+    one HMAC from a state that has the key's pads and ``RECORD_DOMAIN`` absorbed already (for an
+    :class:`AuditKey`; any other :class:`MacKey` is asked for ``tag(RECORD_DOMAIN + canon)``).
+
+    The caller promises that ``id``, ``prev_hash`` and ``time`` hold no character that JSON
+    escapes: the log passes hex ids and hashes and ``_utc_now`` times, which the canonical
+    encoder would write unchanged, so they go into the template without the escaper.
+    ``tests/audit/test_audit_fastpath.py`` holds the output to ``AuditRecord.seal``'s and to
+    known-answer lines written by the code before this class existed.
+    """
+
+    __slots__ = ("_tag_hex", "_tail", "_templates")
+
+    _MAX_TEMPLATES: Final = 256
+
+    def __init__(self, key: MacKey, worker_id: str) -> None:
+        if isinstance(key, AuditKey):
+            self._tag_hex = key._hex_tagger(RECORD_DOMAIN)
+        else:
+
+            def tag_hex(canon: bytes) -> str:
+                return key.tag(RECORD_DOMAIN + canon).hex()
+
+            self._tag_hex = tag_hex
+        # "%" in the escaped constants must survive the later %-format.
+        self._tail = f'"v":{FORMAT_VERSION},"worker_id":{_esc(worker_id)}}}'.replace("%", "%%")
+        self._templates: dict[tuple[str, bool], str] = {}
+
+    def template(self, event: str, critical: bool) -> str:
+        """The canonical body of an ``event`` record with ``%`` slots for (fields JSON, id,
+        prev_hash, seq, time), keys in sorted order as ``canonical_bytes`` writes them."""
+        t = self._templates.get((event, critical))
+        if t is None:
+            head = f'{{"critical":{"true" if critical else "false"},"event":{_esc(event)},"fields":'
+            t = head.replace("%", "%%") + '%s,"id":"%s","prev_hash":"%s","seq":%d,"time":"%s",' + self._tail
+            if len(self._templates) < self._MAX_TEMPLATES:
+                self._templates[(event, critical)] = t
+        return t
+
+    def seal(
+        self, template: str, fields_json: str, seq: int, id: str, time: str, prev_hash: str
+    ) -> tuple[str, str, bytes]:
+        """(hash, hmac, line) of a record: the line is what ``AuditRecord.seal`` returns."""
+        try:
+            canon = (template % (fields_json, id, prev_hash, seq, time)).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInput("audit field text is not valid Unicode") from exc
+        hash_hex = _sha256(canon).hexdigest()
+        mac_hex = self._tag_hex(canon)
+        return hash_hex, mac_hex, b'%s,"hash":"%s","hmac":"%s"}\n' % (
+            canon[:-1],
+            hash_hex.encode(),
+            mac_hex.encode(),
+        )
 
 
 class AuditRecord(NamedTuple):

@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Final
 
 from vram_residency.audit.log import AuditLog
@@ -153,3 +153,12 @@ class CorrelatedAuditLog(AuditLog):
         if cid and "correlation_id" not in fields:
             fields["correlation_id"] = cid
         return super().emit(event_type, critical=critical, **fields)
+
+    def emit_many(
+        self, event_type: str, fields: Iterable[Mapping[str, Any]], *, critical: bool | None = None
+    ) -> list[AuditRecord]:
+        # The same correlation id as emit adds, on every record of the batch.
+        cid = _current.get()
+        if cid:
+            fields = [f if "correlation_id" in f else {**f, "correlation_id": cid} for f in fields]
+        return super().emit_many(event_type, fields, critical=critical)
