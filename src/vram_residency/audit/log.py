@@ -658,36 +658,52 @@ class AuditLog:
 
     def emit_many(
         self, event_type: str, fields: Iterable[Mapping[str, Any]], *, critical: bool | None = None
-    ) -> list[AuditRecord]:
-        """Append one ``event_type`` event per mapping of ``fields``, in order; return the records.
+    ) -> int:
+        """Append one ``event_type`` event per mapping of ``fields``, in order; return how many.
 
-        Writes exactly what ``emit(event_type, **f)`` for each ``f`` in turn would (same records,
-        same order, written out at the same buffer sizes), holding the lock once for the batch
-        instead of once per event: the store's verify path writes one record per shard this way.
-        Every mapping is validated before the first record is appended, so invalid fields
-        (:class:`InvalidInput`) append nothing. A critical batch goes through :meth:`emit` one
-        event at a time: each is on disk before the next is appended, as today. A write failure
-        raises :class:`AuditWriteFailed` there and then; records before it stay in the chain.
+        Writes exactly what ``emit(event_type, **f)`` for each ``f`` in turn would (the same
+        bytes but for each record's random id and its time, in the same order, written out at
+        the same buffer sizes), holding the lock once for the batch instead of once per event:
+        the store's verify path writes one SealVerified record per shard this way. Unlike
+        :meth:`emit` it builds no :class:`AuditRecord` objects (nobody reads them on that path,
+        and they are a measurable share of an event). Every mapping is validated before the
+        first record is appended, so invalid fields (:class:`InvalidInput`) append nothing. A
+        critical batch goes through :meth:`emit` one event at a time: each is on disk before
+        the next is appended, as for single events. A write failure raises
+        :class:`AuditWriteFailed` there and then; the records before it stay in the chain.
         """
         if not valid_event_name(event_type):
             raise InvalidInput(f"invalid audit event name {event_type!r}")
         crit = is_critical(event_type) if critical is None else bool(critical)
+        batch = list(fields)
         cls = type(self)
         if crit or (cls.emit is not AuditLog.emit and cls.emit_many is AuditLog.emit_many):
             # Critical: each event durable before the next, as emit does. A subclass that
             # changes emit (adds fields, say) but not emit_many must see every event: one by one.
-            return [self.emit(event_type, critical=crit, **f) for f in fields]
-        norms = [normalize_fields(f) for f in fields]
-        if not norms:
-            return []
-        jsons = [encode_fields(n) for n in norms]
-        rids = os.urandom(16 * len(norms)).hex()  # one call for the batch's ids, 32 hex each
+            for f in batch:
+                self.emit(event_type, critical=crit, **f)
+            return len(batch)
+        if not batch:
+            return 0
+        # Outside the lock: the canonical text of every record but its id, chain link and time.
+        # batch_template takes only batches of one set of names with plain scalar values, which
+        # normalize_fields would pass through unchanged: checking the first event's names is
+        # then all the normalizing the batch needs. Anything else is normalized event by event.
+        normalize_fields(batch[0])
+        plan = self._sealer.batch_template(event_type, False, batch)
+        if plan is not None:
+            template, rows = plan
+        else:
+            template = self._sealer.template(event_type, False, split_time=True)
+            rows = [(encode_fields(normalize_fields(f)),) for f in batch]
+        rids = os.urandom(16 * len(rows)).hex()  # one call for the batch's ids, 32 hex each
         try:
-            return self._append_many(event_type, norms, jsons, rids)
+            self._append_many(template, rows, rids)
         except AuditWriteFailed as exc:
             if exc.event is None:
                 exc.event = event_type
             raise
+        return len(rows)
 
     def _append(
         self, event_type: str, crit: bool, norm: dict[str, Any], fields_json: str, rid: str
@@ -706,30 +722,37 @@ class AuditLog:
         row = (seq, rid, time_s, self._worker_id, event_type, crit, view, prev, hash_hex, mac_hex)
         return _new_record(AuditRecord, row)
 
-    def _append_many(
-        self, event_type: str, norms: list[dict[str, Any]], jsons: list[str], rids: str
-    ) -> list[AuditRecord]:
-        # _append's work per event, in one lock hold, with the hot attributes in locals. The
-        # chain state (seq, last hash) and the buffer counters go back to self before anything
-        # that reads them (a write out, a rotation) and when the loop ends, by error or not.
-        seal = self._sealer.seal
-        template = self._sealer.template(event_type, False)
-        worker_id = self._worker_id
+    def _append_many(self, template: str, rows: list[tuple[Any, ...]], rids: str) -> None:
+        # _append's work per event, in one lock hold, with the hot attributes in locals and
+        # RecordSealer.finish inlined. Each record's canonical body is template % (row + (id,
+        # prev_hash, seq, time seconds, time microseconds)): the time is _utc_now's, with the
+        # date part formatted once a second. The chain state (seq, last hash) and the buffer
+        # counters go back to self before anything that reads them (a write out, a rotation)
+        # and when the loop ends, by error or not.
+        tag_hex = self._sealer.tag_hex
+        sha256 = hashlib.sha256
+        time_ns = time.time_ns
         max_bytes = self._max_bytes
         batch_bytes = self._batch_bytes
         buf = self._buf
-        proxy, record, now = MappingProxyType, AuditRecord, _utc_now
-        out: list[AuditRecord] = []
+        second, date = -1, ""
         with self._lock:
-            self._check_usable(event_type)
+            self._check_usable()
             seq, prev = self._seq, self._last_hash
             buf_bytes, size = self._buf_bytes, self._size
             dirty = False  # locals ahead of self (lines appended since the last write-back)
             try:
-                for i, fields_json in enumerate(jsons):
-                    rid = rids[32 * i : 32 * i + 32]
-                    time_s = now()
-                    hash_hex, mac_hex, line = seal(template, fields_json, seq, rid, time_s, prev)
+                for i, row in enumerate(rows):
+                    secs, rem = divmod(time_ns(), 1_000_000_000)
+                    if secs != second:
+                        second, date = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+                    text = template % (*row, rids[32 * i : 32 * i + 32], prev, seq, date, rem // 1000)
+                    try:
+                        canon = text.encode("utf-8")
+                    except UnicodeEncodeError as exc:
+                        raise InvalidInput("audit field text is not valid Unicode") from exc
+                    hash_hex = sha256(canon).hexdigest()
+                    line = f'{text[:-1]},"hash":"{hash_hex}","hmac":"{tag_hex(canon)}"}}\n'.encode()
                     n = len(line)
                     if max_bytes is not None and size > 0 and size + n > max_bytes:
                         self._seq, self._last_hash, self._buf_bytes, self._size = seq, prev, buf_bytes, size
@@ -740,9 +763,6 @@ class AuditLog:
                     buf.append(line)
                     buf_bytes += n
                     size += n
-                    view = proxy(norms[i])
-                    row = (seq, rid, time_s, worker_id, event_type, False, view, prev, hash_hex, mac_hex)
-                    out.append(_new_record(record, row))
                     seq += 1
                     prev = hash_hex
                     dirty = True
@@ -754,7 +774,6 @@ class AuditLog:
             finally:
                 if dirty:
                     self._seq, self._last_hash, self._buf_bytes, self._size = seq, prev, buf_bytes, size
-        return out
 
     def _add_line_locked(self, line: bytes, hash_hex: str) -> None:
         # Rotate first when this line would take the active file past max_bytes.

@@ -275,6 +275,8 @@ _CHECKED_NAMES_MAX: Final = 4096
 
 
 def _check_name(name: str) -> None:
+    if not isinstance(name, str):
+        raise InvalidInput("audit field names must be strings")
     if name.lower() in _SECRET_NAMES:
         raise InvalidInput(f"audit field name {name!r} looks like a secret and is refused")
     if len(_CHECKED_NAMES) < _CHECKED_NAMES_MAX:
@@ -325,6 +327,9 @@ class RecordSealer:
 
     __slots__ = ("_tag_hex", "_tail", "_templates")
 
+    #: The hex HMAC of ``RECORD_DOMAIN + canon`` for a record's canonical bytes.
+    _tag_hex: Callable[[bytes], str]
+
     _MAX_TEMPLATES: Final = 256
 
     def __init__(self, key: MacKey, worker_id: str) -> None:
@@ -338,34 +343,110 @@ class RecordSealer:
             self._tag_hex = tag_hex
         # "%" in the escaped constants must survive the later %-format.
         self._tail = f'"v":{FORMAT_VERSION},"worker_id":{_esc(worker_id)}}}'.replace("%", "%%")
-        self._templates: dict[tuple[str, bool], str] = {}
+        self._templates: dict[tuple[str, bool, bool], str] = {}
 
-    def template(self, event: str, critical: bool) -> str:
+    def template(self, event: str, critical: bool, *, split_time: bool = False) -> str:
         """The canonical body of an ``event`` record with ``%`` slots for (fields JSON, id,
-        prev_hash, seq, time), keys in sorted order as ``canonical_bytes`` writes them."""
-        t = self._templates.get((event, critical))
+        prev_hash, seq, time), keys in sorted order as ``canonical_bytes`` writes them.
+        ``split_time``: the time as two slots, its whole seconds (``_utc_now``'s date part) and
+        its microseconds (an int, written as six digits), so a batch formats the date once a
+        second instead of once an event."""
+        t = self._templates.get((event, critical, split_time))
         if t is None:
             head = f'{{"critical":{"true" if critical else "false"},"event":{_esc(event)},"fields":'
-            t = head.replace("%", "%%") + '%s,"id":"%s","prev_hash":"%s","seq":%d,"time":"%s",' + self._tail
+            t = head.replace("%", "%%") + "%s" + self._rest(split_time)
             if len(self._templates) < self._MAX_TEMPLATES:
-                self._templates[(event, critical)] = t
+                self._templates[(event, critical, split_time)] = t
         return t
+
+    def _rest(self, split_time: bool) -> str:
+        time_slot = "%s.%06dZ" if split_time else "%s"
+        return ',"id":"%s","prev_hash":"%s","seq":%d,"time":"' + time_slot + '",' + self._tail
 
     def seal(
         self, template: str, fields_json: str, seq: int, id: str, time: str, prev_hash: str
     ) -> tuple[str, str, bytes]:
         """(hash, hmac, line) of a record: the line is what ``AuditRecord.seal`` returns."""
+        return self.finish(template % (fields_json, id, prev_hash, seq, time))
+
+    @property
+    def tag_hex(self) -> Callable[[bytes], str]:
+        """The hex HMAC of ``RECORD_DOMAIN + canon`` (for a loop that seals many records)."""
+        return self._tag_hex
+
+    def finish(self, canon_text: str) -> tuple[str, str, bytes]:
+        """(hash, hmac, line) of a record whose canonical body is ``canon_text``."""
         try:
-            canon = (template % (fields_json, id, prev_hash, seq, time)).encode("utf-8")
+            canon = canon_text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise InvalidInput("audit field text is not valid Unicode") from exc
         hash_hex = _sha256(canon).hexdigest()
         mac_hex = self._tag_hex(canon)
-        return hash_hex, mac_hex, b'%s,"hash":"%s","hmac":"%s"}\n' % (
-            canon[:-1],
-            hash_hex.encode(),
-            mac_hex.encode(),
-        )
+        # line_bytes(canon, ...) + newline, built as text: the canonical text encoded cleanly
+        # above, so this encode cannot fail, and it is cheaper than formatting bytes.
+        return hash_hex, mac_hex, f'{canon_text[:-1]},"hash":"{hash_hex}","hmac":"{mac_hex}"}}\n'.encode()
+
+    def batch_template(
+        self, event: str, critical: bool, batch: list[Mapping[str, Any]]
+    ) -> tuple[str, list[tuple[Any, ...]]] | None:
+        """A whole-record ``%``-template for a batch of flat events, or None.
+
+        For a batch whose normalized fields all have the same names and only plain scalar
+        values (str, int, bool, None: what the verify path's SealVerified records carry), the
+        fields' canonical JSON is ``{"name":value,...}`` in sorted name order, each string
+        escaped by the encoder's own escaper and each int written by ``int.__repr__``, as the
+        encoder does. Returns the record template with the fields spelled out, and per event
+        the JSON fragments of the values that differ across the batch; the template takes them
+        followed by (id, prev_hash, seq, time seconds, time microseconds), as
+        ``template(..., split_time=True)`` does. Values the same in every event of the batch are
+        written into the template once: a shard-by-shard batch differs only in a few fields.
+        Anything else (nested values, names that differ): None, and the caller encodes each
+        event with the generic encoder.
+        """
+        first = batch[0]
+        count = len(first)
+        if set(map(len, batch)) != {count}:
+            return None
+        parts: list[str] = []
+        columns: list[list[Any]] = []
+        for name in sorted(first):
+            try:
+                column = [fields[name] for fields in batch]
+            except KeyError:  # same number of names, not the same names
+                return None
+            types = set(map(type, column))
+            if len(types) != 1 or not types <= _PLAIN:
+                return None  # mixed or nested: the generic encoder decides (bool vs int, say)
+            kind = types.pop()
+            key = _esc(name).replace("%", "%%") + ":"
+            if column.count(column[0]) == len(column):  # one value (and one type) throughout
+                parts.append(key + _plain_json(column[0]).replace("%", "%%"))
+                continue
+            parts.append(key + "%s")
+            if kind is str:
+                columns.append(list(map(_esc, column)))
+            elif kind is int:
+                columns.append(list(map(int.__repr__, column)))
+            else:  # bool (None is always constant)
+                columns.append(["true" if v else "false" for v in column])
+        fields_part = "{" + ",".join(parts) + "}"
+        head = f'{{"critical":{"true" if critical else "false"},"event":{_esc(event)},"fields":'
+        template = head.replace("%", "%%") + fields_part + self._rest(True)
+        rows = list(zip(*columns, strict=True)) if columns else [()] * len(batch)
+        return template, rows
+
+
+def _plain_json(value: Any) -> str:
+    """The canonical JSON of a plain scalar (str, int, bool or None), as ``_encode`` writes it."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is int:
+        return int.__repr__(value)
+    return str(_esc(value))
 
 
 class AuditRecord(NamedTuple):

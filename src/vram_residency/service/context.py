@@ -156,7 +156,7 @@ class CorrelatedAuditLog(AuditLog):
 
     def emit_many(
         self, event_type: str, fields: Iterable[Mapping[str, Any]], *, critical: bool | None = None
-    ) -> list[AuditRecord]:
+    ) -> int:
         # The same correlation id as emit adds, on every record of the batch.
         cid = _current.get()
         if cid:
