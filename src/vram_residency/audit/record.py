@@ -35,7 +35,7 @@ import hashlib
 import hmac as _stdlib_hmac
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import PurePath
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple, NoReturn, Protocol
@@ -387,7 +387,7 @@ class RecordSealer:
         return hash_hex, mac_hex, f'{canon_text[:-1]},"hash":"{hash_hex}","hmac":"{mac_hex}"}}\n'.encode()
 
     def batch_template(
-        self, event: str, critical: bool, batch: list[Mapping[str, Any]]
+        self, event: str, critical: bool, batch: Sequence[Mapping[str, Any]]
     ) -> tuple[str, list[tuple[Any, ...]]] | None:
         """A whole-record ``%``-template for a batch of flat events, or None.
 
