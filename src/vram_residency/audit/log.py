@@ -696,7 +696,9 @@ class AuditLog:
         else:
             template = self._sealer.template(event_type, False, split_time=True)
             rows = [(encode_fields(normalize_fields(f)),) for f in batch]
-        rids = os.urandom(16 * len(rows)).hex()  # one call for the batch's ids, 32 hex each
+        # One call for the batch's ids: 128 random bits each, as emit's.
+        ids = os.urandom(16 * len(rows)).hex()
+        rids = [ids[i : i + 32] for i in range(0, len(ids), 32)]
         try:
             self._append_many(template, rows, rids)
         except AuditWriteFailed as exc:
@@ -722,7 +724,7 @@ class AuditLog:
         row = (seq, rid, time_s, self._worker_id, event_type, crit, view, prev, hash_hex, mac_hex)
         return _new_record(AuditRecord, row)
 
-    def _append_many(self, template: str, rows: list[tuple[Any, ...]], rids: str) -> None:
+    def _append_many(self, template: str, rows: list[tuple[Any, ...]], rids: list[str]) -> None:
         # _append's work per event, in one lock hold, with the hot attributes in locals and
         # RecordSealer.finish inlined. Each record's canonical body is template % (row + (id,
         # prev_hash, seq, time seconds, time microseconds)): the time is _utc_now's, with the
@@ -742,11 +744,11 @@ class AuditLog:
             buf_bytes, size = self._buf_bytes, self._size
             dirty = False  # locals ahead of self (lines appended since the last write-back)
             try:
-                for i, row in enumerate(rows):
+                for row, rid in zip(rows, rids, strict=True):
                     secs, rem = divmod(time_ns(), 1_000_000_000)
                     if secs != second:
                         second, date = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-                    text = template % (*row, rids[32 * i : 32 * i + 32], prev, seq, date, rem // 1000)
+                    text = template % (*row, rid, prev, seq, date, rem // 1000)
                     try:
                         canon = text.encode("utf-8")
                     except UnicodeEncodeError as exc:
