@@ -110,19 +110,11 @@ KAT_CASES: list[tuple[dict[str, Any], bytes]] = [
 ]
 
 
-def _split(time_s: str) -> tuple[str, int]:
-    date, micro = time_s[:-1].split(".")
-    return date, int(micro)
-
-
 def _sealer_line(sealer: RecordSealer, case: dict[str, Any]) -> bytes:
     fields_json = encode_fields(normalize_fields(case["fields"]))
-    template = sealer.template(case["event"], case["critical"])
-    _, _, line = sealer.seal(template, fields_json, case["seq"], case["id"], case["time"], case["prev_hash"])
-    # The split-time template (emit_many's) gives the same line.
-    split = sealer.template(case["event"], case["critical"], split_time=True)
-    _, _, line2 = sealer.finish(split % (fields_json, case["id"], case["prev_hash"], case["seq"], *_split(case["time"])))
-    assert line2 == line
+    _, _, line = sealer.seal(
+        case["event"], case["critical"], fields_json, case["seq"], case["id"], case["time"], case["prev_hash"]
+    )
     return line
 
 
@@ -217,7 +209,7 @@ _flat = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), _text,
     event=_event,
     start=_time,
 )
-def test_batch_template_equals_the_reference_encoder(
+def test_batch_prefixes_equal_the_reference_encoder(
     names: list[str], data: st.DataObject, worker_id: str, event: str, start: str
 ) -> None:
     n = data.draw(st.integers(1, 5))
@@ -232,23 +224,21 @@ def test_batch_template_equals_the_reference_encoder(
         for d, v in zip(batch, col, strict=True):
             d[name] = v
     sealer = RecordSealer(_KEY, worker_id)
-    plan = sealer.batch_template(event, False, batch)
+    prefixes = sealer.batch_prefixes(event, False, batch)
     kinds = [{type(d[k]) for d in batch} for k in names]
     if any(len(k) > 1 for k in kinds):
-        assert plan is None  # True and 1 in one column: left to the generic encoder
+        assert prefixes is None  # True and 1 in one column: left to the generic encoder
         return
-    assert plan is not None
-    template, rows = plan
-    date, micro = _split(start)
+    assert prefixes is not None and len(prefixes) == n
     prev = "0" * 64
-    for seq, (fields, row) in enumerate(zip(batch, rows, strict=True)):
+    for seq, (fields, prefix) in enumerate(zip(batch, prefixes, strict=True)):
         rid = f"{seq:032x}"
         want = _reference(
             _KEY, seq=seq, id=rid, time=start, worker_id=worker_id, event=event, critical=False,
             fields=normalize_fields(fields), prev_hash=prev,
         )  # fmt: skip
         try:
-            got: bytes | type[InvalidInput] = sealer.finish(template % (*row, rid, prev, seq, date, micro))[2]
+            got: bytes | type[InvalidInput] = sealer.finish(sealer.body(prefix, rid, prev, seq, start))[2]
         except InvalidInput:
             got = InvalidInput
         assert got == want
@@ -256,13 +246,13 @@ def test_batch_template_equals_the_reference_encoder(
             prev = json.loads(want)["hash"]
 
 
-def test_batch_template_refuses_what_it_cannot_spell() -> None:
+def test_batch_prefixes_refuse_what_they_cannot_spell() -> None:
     sealer = RecordSealer(_KEY, "w")
-    assert sealer.batch_template("E", False, [{"a": 1}, {"b": 1}]) is None  # other names
-    assert sealer.batch_template("E", False, [{"a": 1}, {"a": 1, "b": 2}]) is None
-    assert sealer.batch_template("E", False, [{"a": [1]}, {"a": [1]}]) is None  # nested
-    assert sealer.batch_template("E", False, [{"a": 1.5}]) is None  # floats: the encoder's repr
-    assert sealer.batch_template("E", False, [{"a": True}, {"a": 1}]) is None  # equal, not the same
+    assert sealer.batch_prefixes("E", False, [{"a": 1}, {"b": 1}]) is None  # other names
+    assert sealer.batch_prefixes("E", False, [{"a": 1}, {"a": 1, "b": 2}]) is None
+    assert sealer.batch_prefixes("E", False, [{"a": [1]}, {"a": [1]}]) is None  # nested
+    assert sealer.batch_prefixes("E", False, [{"a": 1.5}]) is None  # floats: the encoder's repr
+    assert sealer.batch_prefixes("E", False, [{"a": True}, {"a": 1}]) is None  # equal, not the same
 
 
 def _rebuild(line: bytes) -> bytes:
@@ -292,7 +282,7 @@ def test_a_whole_log_is_the_reference_encoding(tmp_path: Path) -> None:
     # Small files and a small buffer: rotations and size write-outs fall inside batches.
     with AuditLog(path, token=TOKEN, worker_id="w-%d \u00fc", flush_interval=None, max_bytes=8192, batch_bytes=3000) as log:
         log.emit(VRAM_SEALED, shard_id="s0", vram_bytes=1)
-        assert log.emit_many(SEAL_VERIFIED, [_verify_fields(i) for i in range(50)]) == 50  # batch template
+        assert log.emit_many(SEAL_VERIFIED, [_verify_fields(i) for i in range(50)]) == 50  # batch prefixes
         nested = [{**_verify_fields(i), "ranges": [[i, i + 1]]} for i in range(7)]
         assert log.emit_many(SEAL_VERIFIED, nested) == 7  # generic encoder, one event at a time
         mixed: list[dict[str, Any]] = [{"x": 1}, {"x": True}, {"y": "z"}]

@@ -686,37 +686,35 @@ class AuditLog:
         if not batch:
             return 0
         # Outside the lock: the canonical text of every record but its id, chain link and time.
-        # batch_template takes only batches of one set of names with plain scalar values, which
+        # batch_prefixes takes only batches of one set of names with plain scalar values, which
         # normalize_fields would pass through unchanged: checking the first event's names is
         # then all the normalizing the batch needs. Anything else is normalized event by event.
         normalize_fields(batch[0])
-        plan = self._sealer.batch_template(event_type, False, batch)
-        if plan is not None:
-            template, rows = plan
-        else:
-            template = self._sealer.template(event_type, False, split_time=True)
-            rows = [(encode_fields(normalize_fields(f)),) for f in batch]
+        prefixes = self._sealer.batch_prefixes(event_type, False, batch)
+        if prefixes is None:
+            head = self._sealer.head(event_type, False)
+            prefixes = [head + encode_fields(normalize_fields(f)) for f in batch]
         # One call for the batch's ids: 128 random bits each, as emit's.
-        ids = os.urandom(16 * len(rows)).hex()
+        ids = os.urandom(16 * len(prefixes)).hex()
         rids = [ids[i : i + 32] for i in range(0, len(ids), 32)]
         try:
-            self._append_many(template, rows, rids)
+            self._append_many(prefixes, rids)
         except AuditWriteFailed as exc:
             if exc.event is None:
                 exc.event = event_type
             raise
-        return len(rows)
+        return len(prefixes)
 
     def _append(
         self, event_type: str, crit: bool, norm: dict[str, Any], fields_json: str, rid: str
     ) -> AuditRecord:
         sealer = self._sealer
-        template = sealer.template(event_type, crit)
+        prefix = sealer.head(event_type, crit) + fields_json
         with self._lock:
             self._check_usable(event_type)
             seq, prev = self._seq, self._last_hash
             time_s = _utc_now()
-            hash_hex, mac_hex, line = sealer.seal(template, fields_json, seq, rid, time_s, prev)
+            hash_hex, mac_hex, line = sealer.finish(sealer.body(prefix, rid, prev, seq, time_s))
             self._add_line_locked(line, hash_hex)
             if crit or self._buf_bytes >= self._batch_bytes:
                 self._write_out_locked()
@@ -724,14 +722,15 @@ class AuditLog:
         row = (seq, rid, time_s, self._worker_id, event_type, crit, view, prev, hash_hex, mac_hex)
         return _new_record(AuditRecord, row)
 
-    def _append_many(self, template: str, rows: list[tuple[Any, ...]], rids: list[str]) -> None:
+    def _append_many(self, prefixes: list[str], rids: list[str]) -> None:
         # _append's work per event, in one lock hold, with the hot attributes in locals and
-        # RecordSealer.finish inlined. Each record's canonical body is template % (row + (id,
-        # prev_hash, seq, time seconds, time microseconds)): the time is _utc_now's, with the
-        # date part formatted once a second. The chain state (seq, last hash) and the buffer
-        # counters go back to self before anything that reads them (a write out, a rotation)
-        # and when the loop ends, by error or not.
+        # RecordSealer.body and .finish inlined: each record's canonical body is its prefix
+        # (head and fields JSON) joined with its id, chain link, seq and time. The time is
+        # _utc_now's, with the date part formatted once a second. The chain state (seq, last
+        # hash) and the buffer counters go back to self before anything that reads them (a
+        # write out, a rotation) and when the loop ends, by error or not.
         tag_hex = self._sealer.tag_hex
+        tail = self._sealer.tail
         sha256 = hashlib.sha256
         time_ns = time.time_ns
         max_bytes = self._max_bytes
@@ -744,11 +743,14 @@ class AuditLog:
             buf_bytes, size = self._buf_bytes, self._size
             dirty = False  # locals ahead of self (lines appended since the last write-back)
             try:
-                for row, rid in zip(rows, rids, strict=True):
+                for prefix, rid in zip(prefixes, rids, strict=True):
                     secs, rem = divmod(time_ns(), 1_000_000_000)
                     if secs != second:
                         second, date = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-                    text = template % (*row, rid, prev, seq, date, rem // 1000)
+                    text = "".join(
+                        (prefix, ',"id":"', rid, '","prev_hash":"', prev, '","seq":', str(seq),
+                         ',"time":"', date, f".{rem // 1000:06d}Z", '",', tail)
+                    )  # fmt: skip
                     try:
                         canon = text.encode("utf-8")
                     except UnicodeEncodeError as exc:

@@ -314,24 +314,26 @@ def encode_fields(fields: Mapping[str, Any]) -> str:
 class RecordSealer:
     """``AuditRecord.seal`` for one log, byte for byte, with the per-log work done once.
 
-    The worker id, the format version and each (event, critical) pair's JSON are escaped once
-    into a ``%``-template of the canonical body; a record then costs one format, one SHA-256 and
-    one HMAC from a state that has the key's pads and ``RECORD_DOMAIN`` absorbed already (for an
-    :class:`AuditKey`; any other :class:`MacKey` is asked for ``tag(RECORD_DOMAIN + canon)``).
+    The canonical body of a record is, in ``canonical_bytes``' sorted key order,
+    ``head(event, critical) + fields JSON + ',"id":"<id>","prev_hash":"<hash>","seq":<seq>,
+    "time":"<time>",' + tail``: the worker id, the format version and each (event, critical)
+    pair are escaped once, and a record costs one join, one SHA-256 and one HMAC from a state
+    that has the key's pads and ``RECORD_DOMAIN`` absorbed already (for an :class:`AuditKey`;
+    any other :class:`MacKey` is asked for ``tag(RECORD_DOMAIN + canon)``).
 
     The caller promises that ``id``, ``prev_hash`` and ``time`` hold no character that JSON
-    escapes: the log passes hex ids and hashes and ``_utc_now`` times, which the canonical
-    encoder would write unchanged, so they go into the template without the escaper.
+    escapes, and that ``seq`` is an ``int``: the log passes hex ids and hashes and ``_utc_now``
+    times, which the canonical encoder writes unchanged, so they go in without the escaper.
     ``tests/audit/test_audit_fastpath.py`` holds the output to ``AuditRecord.seal``'s and to
     known-answer lines written by the code before this class existed.
     """
 
-    __slots__ = ("_tag_hex", "_tail", "_templates")
+    __slots__ = ("_heads", "_tag_hex", "_tail")
 
     #: The hex HMAC of ``RECORD_DOMAIN + canon`` for a record's canonical bytes.
     _tag_hex: Callable[[bytes], str]
 
-    _MAX_TEMPLATES: Final = 256
+    _MAX_HEADS: Final = 256
 
     def __init__(self, key: MacKey, worker_id: str) -> None:
         if isinstance(key, AuditKey):
@@ -342,38 +344,41 @@ class RecordSealer:
                 return key.tag(RECORD_DOMAIN + canon).hex()
 
             self._tag_hex = tag_hex
-        # "%" in the escaped constants must survive the later %-format.
-        self._tail = f'"v":{FORMAT_VERSION},"worker_id":{_esc(worker_id)}}}'.replace("%", "%%")
-        self._templates: dict[tuple[str, bool, bool], str] = {}
+        self._tail = f'"v":{FORMAT_VERSION},"worker_id":{_esc(worker_id)}}}'
+        self._heads: dict[tuple[str, bool], str] = {}
 
-    def template(self, event: str, critical: bool, *, split_time: bool = False) -> str:
-        """The canonical body of an ``event`` record with ``%`` slots for (fields JSON, id,
-        prev_hash, seq, time), keys in sorted order as ``canonical_bytes`` writes them.
-        ``split_time``: the time as two slots, its whole seconds (``_utc_now``'s date part) and
-        its microseconds (an int, written as six digits), so a batch formats the date once a
-        second instead of once an event."""
-        t = self._templates.get((event, critical, split_time))
-        if t is None:
-            head = f'{{"critical":{"true" if critical else "false"},"event":{_esc(event)},"fields":'
-            t = head.replace("%", "%%") + "%s" + self._rest(split_time)
-            if len(self._templates) < self._MAX_TEMPLATES:
-                self._templates[(event, critical, split_time)] = t
-        return t
-
-    def _rest(self, split_time: bool) -> str:
-        time_slot = "%s.%06dZ" if split_time else "%s"
-        return ',"id":"%s","prev_hash":"%s","seq":%d,"time":"' + time_slot + '",' + self._tail
-
-    def seal(
-        self, template: str, fields_json: str, seq: int, id: str, time: str, prev_hash: str
-    ) -> tuple[str, str, bytes]:
-        """(hash, hmac, line) of a record: the line is what ``AuditRecord.seal`` returns."""
-        return self.finish(template % (fields_json, id, prev_hash, seq, time))
+    @property
+    def tail(self) -> str:
+        """The end of every body: ``"v"`` and ``"worker_id"`` and the closing brace."""
+        return self._tail
 
     @property
     def tag_hex(self) -> Callable[[bytes], str]:
         """The hex HMAC of ``RECORD_DOMAIN + canon`` (for a loop that seals many records)."""
         return self._tag_hex
+
+    def head(self, event: str, critical: bool) -> str:
+        """The start of an ``event`` record's body, up to its fields JSON."""
+        h = self._heads.get((event, critical))
+        if h is None:
+            h = f'{{"critical":{"true" if critical else "false"},"event":{_esc(event)},"fields":'
+            if len(self._heads) < self._MAX_HEADS:
+                self._heads[(event, critical)] = h
+        return h
+
+    def body(self, prefix: str, id: str, prev_hash: str, seq: int, time: str) -> str:
+        """The canonical body text of a record: ``prefix`` is its head and fields JSON."""
+        # str(seq) is int.__repr__ for an int, what the encoder writes.
+        return "".join(
+            (prefix, ',"id":"', id, '","prev_hash":"', prev_hash, '","seq":', str(seq),
+             ',"time":"', time, '",', self._tail)
+        )  # fmt: skip
+
+    def seal(
+        self, event: str, critical: bool, fields_json: str, seq: int, id: str, time: str, prev_hash: str
+    ) -> tuple[str, str, bytes]:
+        """(hash, hmac, line) of a record: the line is what ``AuditRecord.seal`` returns."""
+        return self.finish(self.body(self.head(event, critical) + fields_json, id, prev_hash, seq, time))
 
     def finish(self, canon_text: str) -> tuple[str, str, bytes]:
         """(hash, hmac, line) of a record whose canonical body is ``canon_text``."""
@@ -387,22 +392,19 @@ class RecordSealer:
         # above, so this encode cannot fail, and it is cheaper than formatting bytes.
         return hash_hex, mac_hex, f'{canon_text[:-1]},"hash":"{hash_hex}","hmac":"{mac_hex}"}}\n'.encode()
 
-    def batch_template(
+    def batch_prefixes(
         self, event: str, critical: bool, batch: Sequence[Mapping[str, Any]]
-    ) -> tuple[str, list[tuple[Any, ...]]] | None:
-        """A whole-record ``%``-template for a batch of flat events, or None.
+    ) -> list[str] | None:
+        """Each event's ``head(event, critical) + fields JSON`` for a batch of flat events, or None.
 
         For a batch whose normalized fields all have the same names and only plain scalar
         values (str, int, bool, None: what the verify path's SealVerified records carry), the
         fields' canonical JSON is ``{"name":value,...}`` in sorted name order, each string
         escaped by the encoder's own escaper and each int written by ``int.__repr__``, as the
-        encoder does. Returns the record template with the fields spelled out, and per event
-        the JSON fragments of the values that differ across the batch; the template takes them
-        followed by (id, prev_hash, seq, time seconds, time microseconds), as
-        ``template(..., split_time=True)`` does. Values the same in every event of the batch are
-        written into the template once: a shard-by-shard batch differs only in a few fields.
-        Anything else (nested values, names that differ): None, and the caller encodes each
-        event with the generic encoder.
+        encoder does. Values the same in every event are spelled once into a ``%``-template
+        (a shard-by-shard batch differs in a few fields only), the others column by column.
+        Anything else (nested values, names that differ, an int and a bool in one column):
+        None, and the caller encodes each event with the generic encoder.
         """
         first = batch[0]
         count = len(first)
@@ -435,11 +437,10 @@ class RecordSealer:
                 columns.append(list(map(int.__repr__, column)))
             else:  # bool (None is always constant)
                 columns.append(["true" if v else "false" for v in column])
-        fields_part = "{" + ",".join(parts) + "}"
-        head = f'{{"critical":{"true" if critical else "false"},"event":{_esc(event)},"fields":'
-        template = head.replace("%", "%%") + fields_part + self._rest(True)
-        rows = list(zip(*columns, strict=True)) if columns else [()] * len(batch)
-        return template, rows
+        template = self.head(event, critical).replace("%", "%%") + "{" + ",".join(parts) + "}"
+        if not columns:
+            return [template % ()] * len(batch)  # "%%" back to "%"
+        return [template % row for row in zip(*columns, strict=True)]
 
 
 def _plain_json(value: Any) -> str:
