@@ -401,3 +401,37 @@ def test_correlated_log_tags_batched_events(tmp_path: Path) -> None:
         {"shard_id": "b", "correlation_id": "req-1"},
         {"shard_id": "c", "correlation_id": "own"},
     ]
+
+
+def test_common_fields_are_each_events_fields(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    with CorrelatedAuditLog(path, token=TOKEN, worker_id="w", flush_interval=None) as log:
+        common = {"check": "full", "batch_shards": 2}
+        log.emit_many(SEAL_VERIFIED, [{"shard_id": "a"}, {"shard_id": "b"}], common=common)  # batch path
+        log.emit_many(SEAL_VERIFIED, [{"shard_id": "c", "check": "fast"}], common=common)  # own value wins
+        log.emit_many(SEAL_VERIFIED, [{"shard_id": "d"}], common={"ranges": [[0, 1]]})  # nested: generic
+        log.emit_many(SEAL_VERIFICATION_FAILED, [{"shard_id": "e"}], common={"reason": "r"})  # critical
+        ctx = set_correlation_id("req-2")
+        try:
+            log.emit_many(SEAL_VERIFIED, [{"shard_id": "f"}], common=common)
+            log.emit_many(SEAL_VERIFIED, [{"shard_id": "g"}], common={"correlation_id": "mine"})
+        finally:
+            reset_correlation_id(ctx)
+        with pytest.raises(InvalidInput):
+            log.emit_many(SEAL_VERIFIED, [{"shard_id": "x"}], common={"token": "t"})
+        with pytest.raises(InvalidInput):
+            log.emit_many(SEAL_VERIFIED, [], common={"x": b"raw"})
+        assert log.next_seq == 7
+    lines = read_lines(path)
+    assert [json.loads(line)["fields"] for line in lines] == [
+        {"shard_id": "a", "check": "full", "batch_shards": 2},
+        {"shard_id": "b", "check": "full", "batch_shards": 2},
+        {"shard_id": "c", "check": "fast", "batch_shards": 2},
+        {"shard_id": "d", "ranges": [[0, 1]]},
+        {"shard_id": "e", "reason": "r"},
+        {"shard_id": "f", "check": "full", "batch_shards": 2, "correlation_id": "req-2"},
+        {"shard_id": "g", "correlation_id": "mine"},
+    ]
+    for line in lines:
+        assert _rebuild(line) == line
+    assert verify_log(path, TOKEN).ok

@@ -293,18 +293,19 @@ class ShardStore:
         if self._audit is not None:
             self._audit.emit(event, **fields)
 
-    def _emit_verified(self, batch: list[dict[str, Any]]) -> None:
-        """One SealVerified record per mapping of ``batch``, in order; errors propagate. A sink
-        that takes batches (AuditLog) writes them under one lock hold, at a fraction of the cost
-        of one emit per shard; any other sink gets them one emit at a time."""
+    def _emit_verified(self, batch: list[dict[str, Any]], common: dict[str, Any] | None = None) -> None:
+        """One SealVerified record per mapping of ``batch`` (plus the ``common`` fields), in
+        order; errors propagate. A sink that takes batches (AuditLog) writes them under one lock
+        hold, at a fraction of the cost of one emit per shard; any other sink gets them one emit
+        at a time."""
         audit = self._audit
         if audit is None or not batch:
             return
         if isinstance(audit, BatchAuditSink):
-            audit.emit_many(SEAL_VERIFIED, batch)
+            audit.emit_many(SEAL_VERIFIED, batch, common=common)
         else:
             for fields in batch:
-                audit.emit(SEAL_VERIFIED, **fields)
+                audit.emit(SEAL_VERIFIED, **{**(common or {}), **fields})
 
     # -- sealing --------------------------------------------------------------------------------
     def new_shard_id(self) -> str:
@@ -826,18 +827,16 @@ class ShardStore:
         audit = self._audit
         if audit is None:
             return  # no log: nothing is built per shard
-        count = len(segments)
-        self._emit_verified([
-            {
-                "shard_id": sid,
-                "vram_bytes": rec.shard.vram_bytes,
-                "digest_algorithm": rec.shard.digest_algorithm,
-                "check": "full",
-                "duration_ns": elapsed_ns,
-                "batch_shards": count,
-            }
-            for sid, rec in plan.records.items()
-        ])  # fmt: skip
+        # The fields every record of the batch shares go once, as common fields (the same
+        # records as six fields per shard; fewer dicts to build and read).
+        common = {"check": "full", "duration_ns": elapsed_ns, "batch_shards": len(segments)}
+        self._emit_verified(
+            [
+                {"shard_id": sid, "vram_bytes": sh.vram_bytes, "digest_algorithm": sh.digest_algorithm}
+                for sid, sh in ((sid, r.shard) for sid, r in plan.records.items())
+            ],
+            common,
+        )
 
     def verify_held(self, shard: SealedShard, record: ShardRecord) -> None:
         """Verify one shard whose ``record.lock`` the caller already holds (repair does)."""

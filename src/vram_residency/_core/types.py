@@ -22,11 +22,16 @@ class AuditSink(Protocol):
 @runtime_checkable
 class BatchAuditSink(AuditSink, Protocol):
     """An audit sink that also takes a batch of one event type (``AuditLog.emit_many``): what
-    ``emit(event_type, **f)`` for each ``f`` in turn would write, at less cost per event. The
-    store's verify path uses it for its one SealVerified record per shard."""
+    ``emit(event_type, **common, **f)`` for each ``f`` in turn would write, at less cost per
+    event. The store's verify path uses it for its one SealVerified record per shard."""
 
     def emit_many(
-        self, event_type: str, fields: Iterable[Mapping[str, Any]], *, critical: bool | None = None
+        self,
+        event_type: str,
+        fields: Iterable[Mapping[str, Any]],
+        *,
+        critical: bool | None = None,
+        common: Mapping[str, Any] | None = None,
     ) -> Any: ...
 
 

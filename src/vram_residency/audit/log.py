@@ -657,9 +657,17 @@ class AuditLog:
         return rec
 
     def emit_many(
-        self, event_type: str, fields: Iterable[Mapping[str, Any]], *, critical: bool | None = None
+        self,
+        event_type: str,
+        fields: Iterable[Mapping[str, Any]],
+        *,
+        critical: bool | None = None,
+        common: Mapping[str, Any] | None = None,
     ) -> int:
         """Append one ``event_type`` event per mapping of ``fields``, in order; return how many.
+
+        ``common``: fields of every event, as if each mapping ``f`` were ``{**common, **f}``
+        (``f`` wins a name both have); the verify path passes the batch's shared fields so.
 
         Writes exactly what ``emit(event_type, **f)`` for each ``f`` in turn would (the same
         bytes but for each record's random id and its time, in the same order, written out at
@@ -676,23 +684,33 @@ class AuditLog:
             raise InvalidInput(f"invalid audit event name {event_type!r}")
         crit = is_critical(event_type) if critical is None else bool(critical)
         batch = list(fields)
+        if common:
+            # Validated now, whatever path the batch takes below.
+            common = normalize_fields(common)
+        if not batch:
+            return 0
         cls = type(self)
-        if crit or (cls.emit is not AuditLog.emit and cls.emit_many is AuditLog.emit_many):
+        one_by_one = crit or (cls.emit is not AuditLog.emit and cls.emit_many is AuditLog.emit_many)
+        if common and (one_by_one or not batch[0].keys().isdisjoint(common)):
+            # Merged now, into every event: the paths below then see each event's own fields.
+            batch = [{**common, **f} for f in batch]
+            common = None
+        if one_by_one:
             # Critical: each event durable before the next, as emit does. A subclass that
             # changes emit (adds fields, say) but not emit_many must see every event: one by one.
             for f in batch:
                 self.emit(event_type, critical=crit, **f)
             return len(batch)
-        if not batch:
-            return 0
         # Outside the lock: the canonical text of every record but its id, chain link and time.
         # batch_prefixes takes only batches of one set of names with plain scalar values, which
         # normalize_fields would pass through unchanged: checking the first event's names is
         # then all the normalizing the batch needs. Anything else is normalized event by event.
         normalize_fields(batch[0])
-        prefixes = self._sealer.batch_prefixes(event_type, False, batch)
+        prefixes = self._sealer.batch_prefixes(event_type, False, batch, common)
         if prefixes is None:
             head = self._sealer.head(event_type, False)
+            if common:
+                batch = [{**common, **f} for f in batch]
             prefixes = [head + encode_fields(normalize_fields(f)) for f in batch]
         # One call for the batch's ids: 128 random bits each, as emit's.
         ids = os.urandom(16 * len(prefixes)).hex()

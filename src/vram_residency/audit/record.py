@@ -393,7 +393,11 @@ class RecordSealer:
         return hash_hex, mac_hex, f'{canon_text[:-1]},"hash":"{hash_hex}","hmac":"{mac_hex}"}}\n'.encode()
 
     def batch_prefixes(
-        self, event: str, critical: bool, batch: Sequence[Mapping[str, Any]]
+        self,
+        event: str,
+        critical: bool,
+        batch: Sequence[Mapping[str, Any]],
+        common: Mapping[str, Any] | None = None,
     ) -> list[str] | None:
         """Each event's ``head(event, critical) + fields JSON`` for a batch of flat events, or None.
 
@@ -403,25 +407,34 @@ class RecordSealer:
         escaped by the encoder's own escaper and each int written by ``int.__repr__``, as the
         encoder does. Values the same in every event are spelled once into a ``%``-template
         (a shard-by-shard batch differs in a few fields only), the others column by column.
-        Anything else (nested values, names that differ, an int and a bool in one column):
-        None, and the caller encodes each event with the generic encoder.
+        ``common``: fields every event has besides its own (names none of ``batch`` has).
+        Anything else (nested values, names that differ, an int and a bool in one column, a
+        common name that an event has too): None, and the caller encodes each event with the
+        generic encoder.
         """
         first = batch[0]
         count = len(first)
         if set(map(len, batch)) != {count}:
             return None
-        names = sorted(first)
-        # The batch as columns, one per name in sorted order (itemgetter: one C-level pass).
+        own = sorted(first)
+        # The batch as columns, one per name (itemgetter: one C-level pass over the batch).
         try:
             if count > 1:
-                table: list[tuple[Any, ...]] = list(zip(*map(itemgetter(*names), batch), strict=True))
+                table: list[tuple[Any, ...]] = list(zip(*map(itemgetter(*own), batch), strict=True))
             else:
-                table = [tuple(fields[name] for fields in batch) for name in names]
+                table = [tuple(fields[name] for fields in batch) for name in own]
         except KeyError:  # same number of names, not the same names
             return None
+        by_name: dict[str, Sequence[Any]] = dict(zip(own, table, strict=True))
+        if common:
+            if not first.keys().isdisjoint(common):
+                return None
+            for name, value in common.items():
+                by_name[name] = (value,)  # one value throughout: spelled once
         parts: list[str] = []
         columns: list[list[Any]] = []
-        for name, column in zip(names, table, strict=True):
+        for name in sorted(by_name):
+            column = by_name[name]
             types = set(map(type, column))
             if len(types) != 1 or not types <= _PLAIN:
                 return None  # mixed or nested: the generic encoder decides (bool vs int, say)

@@ -155,10 +155,16 @@ class CorrelatedAuditLog(AuditLog):
         return super().emit(event_type, critical=critical, **fields)
 
     def emit_many(
-        self, event_type: str, fields: Iterable[Mapping[str, Any]], *, critical: bool | None = None
+        self,
+        event_type: str,
+        fields: Iterable[Mapping[str, Any]],
+        *,
+        critical: bool | None = None,
+        common: Mapping[str, Any] | None = None,
     ) -> int:
-        # The same correlation id as emit adds, on every record of the batch.
+        # The same correlation id as emit adds, on every record of the batch; as a common
+        # field, so an event's own correlation_id still wins, as it does in emit.
         cid = _current.get()
-        if cid:
-            fields = [f if "correlation_id" in f else {**f, "correlation_id": cid} for f in fields]
-        return super().emit_many(event_type, fields, critical=critical)
+        if cid and (common is None or "correlation_id" not in common):
+            common = {**(common or {}), "correlation_id": cid}
+        return super().emit_many(event_type, fields, critical=critical, common=common)
