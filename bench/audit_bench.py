@@ -7,6 +7,8 @@ Measures (each the best of ``--repeat`` runs, with the median alongside):
 
 * non-critical events/s: one thread emitting ``VramSealed`` events (batched writes), including
   the final ``close()`` that writes and syncs the tail; target >= 20,000/s;
+* SealVerified events/s written as the store's verify path writes them: ``emit_many`` batches
+  of 149 records (one per shard), for information;
 * critical events/s: one thread emitting ``SealVerificationFailed`` events, each written and
   synced (fdatasync) before ``emit`` returns; target >= 500/s;
 * critical events/s from 8 threads at once (group commit shares syncs), for information;
@@ -33,7 +35,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vram_residency.audit import SEAL_VERIFICATION_FAILED, VRAM_SEALED, AuditLog, rotated_paths, verify_log
+from vram_residency.audit import (
+    SEAL_VERIFICATION_FAILED,
+    SEAL_VERIFIED,
+    VRAM_SEALED,
+    AuditLog,
+    rotated_paths,
+    verify_log,
+)
 
 TOKEN = "audit-bench-token-0123456789abcdef"
 HERE = Path(__file__).resolve().parent
@@ -78,6 +87,28 @@ def bench_non_critical(d: Path, n: int) -> dict[str, float]:
         "bytes_per_event": size / n,
         "verify_records_per_s": n / verify_s,
     }
+
+
+def bench_verified_batches(d: Path, n: int, batch: int = 149) -> dict[str, float]:
+    """SealVerified records the way the store's verify path writes them: ``emit_many`` of one
+    record per shard (149: a Llama's shards), the shared fields passed once as ``common``."""
+    path = d / "verified.jsonl"
+    log = AuditLog(path, token=TOKEN, worker_id="bench-worker")
+    batches = max(1, n // batch)
+    t0 = time.perf_counter()
+    for b in range(batches):
+        log.emit_many(
+            SEAL_VERIFIED,
+            [
+                {"shard_id": f"shard-{b}-{i}", "vram_bytes": 13 << 20, "digest_algorithm": "sha256-tree-v1"}
+                for i in range(batch)
+            ],
+            common={"check": "full", "duration_ns": 1_234_567, "batch_shards": batch},
+        )
+    log.close()
+    wall = time.perf_counter() - t0
+    _check(path, batches * batch)
+    return {"events_per_s": batches * batch / wall, "us_per_event": 1e6 * wall / (batches * batch)}
 
 
 def _critical_event(log: AuditLog, i: int) -> None:
@@ -198,6 +229,7 @@ def _markdown(res: dict[str, Any]) -> str:
     m, r = res["machine"], res["results"]
     fs = m["filesystem"]
     nc, cr, mt = r["non_critical"], r["critical"], r["critical_8_threads"]
+    vb = r["verified_batches"]
 
     def ok(v: float, target: float) -> str:
         return "yes" if v >= target else "**NO**"
@@ -220,6 +252,9 @@ def _markdown(res: dict[str, Any]) -> str:
             f"| non-critical events/s (1 thread, batched, {res['config']['events']:,} events) "
             f"| {nc['best']['events_per_s']:,.0f} ({nc['median']:,.0f}) | >= 20,000 "
             f"| {ok(nc['best']['events_per_s'], TARGET_NON_CRITICAL)} |",
+            f"| SealVerified events/s (emit_many, batches of 149, as verify writes them) "
+            f"| {vb['best']['events_per_s']:,.0f} ({vb['median']:,.0f}); "
+            f"{vb['best']['us_per_event']:.2f} us/event | - | - |",
             f"| critical events/s (1 thread, each synced, {res['config']['critical']:,} events) "
             f"| {cr['best']['events_per_s']:,.0f} ({cr['median']:,.0f}) | >= 500 "
             f"| {ok(cr['best']['events_per_s'], TARGET_CRITICAL)} |",
@@ -250,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             "raw_sync": _repeat(lambda d: bench_raw_sync(d, args.critical), root, args.repeat, "syncs_per_s"),
             "non_critical": _repeat(
                 lambda d: bench_non_critical(d, args.events), root, args.repeat, "events_per_s"
+            ),
+            "verified_batches": _repeat(
+                lambda d: bench_verified_batches(d, args.events), root, args.repeat, "events_per_s"
             ),
             "critical": _repeat(
                 lambda d: bench_critical(d, args.critical), root, args.repeat, "events_per_s"
