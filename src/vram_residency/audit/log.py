@@ -754,7 +754,7 @@ class AuditLog:
         max_bytes = self._max_bytes
         batch_bytes = self._batch_bytes
         buf = self._buf
-        second, date = -1, ""
+        second, next_second, date = 0, 0, ""
         with self._lock:
             self._check_usable()
             seq, prev = self._seq, self._last_hash
@@ -762,12 +762,14 @@ class AuditLog:
             dirty = False  # locals ahead of self (lines appended since the last write-back)
             try:
                 for prefix, rid in zip(prefixes, rids, strict=True):
-                    secs, rem = divmod(time_ns(), 1_000_000_000)
-                    if secs != second:
-                        second, date = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+                    ns = time_ns()
+                    if not second <= ns < next_second:  # a new second (or the clock stepped back)
+                        secs = ns // 1_000_000_000
+                        second, next_second = secs * 1_000_000_000, (secs + 1) * 1_000_000_000
+                        date = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(secs))
                     text = "".join(
                         (prefix, ',"id":"', rid, '","prev_hash":"', prev, '","seq":', str(seq),
-                         ',"time":"', date, f".{rem // 1000:06d}Z", '",', tail)
+                         ',"time":"', date, f"{(ns - second) // 1000:06d}Z", '",', tail)
                     )  # fmt: skip
                     try:
                         canon = text.encode("utf-8")
