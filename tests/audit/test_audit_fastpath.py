@@ -435,3 +435,23 @@ def test_common_fields_are_each_events_fields(tmp_path: Path) -> None:
     for line in lines:
         assert _rebuild(line) == line
     assert verify_log(path, TOKEN).ok
+
+
+def test_emit_many_times_follow_the_clock_across_seconds_and_steps_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = 1_764_000_000 * 10**9
+    clock = [base + 999_999_999, base + 10**9, base + 10**9 + 1_000, base - 5 * 10**9 + 7_000, base + 2 * 10**9]
+    want = [
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9 // 1000:06d}Z" for ns in clock
+    ]
+    with AuditLog(tmp_path / "a.jsonl", token=TOKEN, worker_id="w", flush_interval=None) as log:
+        ticks = iter(clock)
+        monkeypatch.setattr(time, "time_ns", lambda: next(ticks))
+        log.emit_many(SEAL_VERIFIED, [{"i": i} for i in range(len(clock))])
+        monkeypatch.undo()
+    lines = read_lines(tmp_path / "a.jsonl")
+    assert [json.loads(line)["time"] for line in lines] == want
+    assert want[3] < want[0]  # the step back is written as it was read, as emit would
+    for line in lines:
+        assert _rebuild(line) == line
