@@ -35,7 +35,8 @@ import hashlib
 import hmac as _stdlib_hmac
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat
 from operator import itemgetter
 from pathlib import PurePath
 from types import MappingProxyType
@@ -405,7 +406,7 @@ class RecordSealer:
         values (str, int, bool, None: what the verify path's SealVerified records carry), the
         fields' canonical JSON is ``{"name":value,...}`` in sorted name order, each string
         escaped by the encoder's own escaper and each int written by ``int.__repr__``, as the
-        encoder does. Values the same in every event are spelled once into a ``%``-template
+        encoder does. Values the same in every event are spelled once into the literal text
         (a shard-by-shard batch differs in a few fields only), the others column by column.
         ``common``: fields every event has besides its own (names none of ``batch`` has).
         Anything else (nested values, names that differ, an int and a bool in one column, a
@@ -431,29 +432,38 @@ class RecordSealer:
                 return None
             for name, value in common.items():
                 by_name[name] = (value,)  # one value throughout: spelled once
-        parts: list[str] = []
-        columns: list[list[Any]] = []
+        # The prefix as literal text between the varying values: chunks[0] column[0] chunks[1]
+        # ... chunks[-1], each event's prefix joined from its row (no %-template to parse).
+        chunks: list[str] = []
+        columns: list[list[str]] = []
+        text = self.head(event, critical) + "{"
+        sep = ""
         for name in sorted(by_name):
             column = by_name[name]
             types = set(map(type, column))
             if len(types) != 1 or not types <= _PLAIN:
                 return None  # mixed or nested: the generic encoder decides (bool vs int, say)
             kind = types.pop()
-            key = _esc(name).replace("%", "%%") + ":"
+            text += sep + _esc(name) + ":"
+            sep = ","
             if column.count(column[0]) == len(column):  # one value (and one type) throughout
-                parts.append(key + _plain_json(column[0]).replace("%", "%%"))
+                text += _plain_json(column[0])
                 continue
-            parts.append(key + "%s")
+            chunks.append(text)
+            text = ""
             if kind is str:
                 columns.append(list(map(_esc, column)))
             elif kind is int:
                 columns.append(list(map(int.__repr__, column)))
             else:  # bool (None is always constant)
                 columns.append(["true" if v else "false" for v in column])
-        template = self.head(event, critical).replace("%", "%%") + "{" + ",".join(parts) + "}"
+        chunks.append(text + "}")
         if not columns:
-            return [template % ()] * len(batch)  # "%%" back to "%"
-        return [template % row for row in zip(*columns, strict=True)]
+            return [chunks[0]] * len(batch)
+        parts: list[Iterable[str]] = [repeat(chunks[0])]
+        for column, chunk in zip(columns, chunks[1:], strict=True):
+            parts += (column, repeat(chunk))
+        return list(map("".join, zip(*parts, strict=False)))  # the repeats are endless
 
 
 def _plain_json(value: Any) -> str:
