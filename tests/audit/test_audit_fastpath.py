@@ -75,7 +75,8 @@ KAT_CASES: list[tuple[dict[str, Any], bytes]] = [
         b'{"critical":false,"event":"SealVerified","fields":{"batch_shards":149,"check":"full",'
         b'"digest_algorithm":"sha256-tree-v1","duration_ns":123456,"shard_id":"model.layers.0.weight",'
         b'"vram_bytes":13631488},"id":"00112233445566778899aabbccddeeff","prev_hash":"'
-        + b"0" * 64
+        + b"0"
+        * 64
         + b'","seq":0,"time":"2026-11-29T22:00:00.000001Z","v":1,"worker_id":"w0",'
         b'"hash":"59a3c8a1b99574edaa240cfb047b372d9900b282cb40ba74379cb8d218f19e1a",'
         b'"hmac":"f4fe3b338b531c881fe88f8223f71c9868802e955888dca8f50310bcd772337c"}\n',
@@ -180,7 +181,14 @@ _KEY = AuditKey(TOKEN)
     time_s=_time,
 )
 def test_sealer_equals_the_reference_encoder(
-    fields: dict[str, Any], worker_id: str, event: str, critical: bool, seq: int, rid: str, prev: str, time_s: str
+    fields: dict[str, Any],
+    worker_id: str,
+    event: str,
+    critical: bool,
+    seq: int,
+    rid: str,
+    prev: str,
+    time_s: str,
 ) -> None:
     kw = {"seq": seq, "id": rid, "time": time_s, "worker_id": worker_id, "event": event, "critical": critical}
     try:
@@ -198,7 +206,9 @@ def test_sealer_equals_the_reference_encoder(
     assert got == want
 
 
-_flat = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), _text, st.sampled_from(["%s", "%%", "%d"]))
+_flat = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), _text, st.sampled_from(["%s", "%%", "%d"])
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -280,7 +290,9 @@ def _verify_fields(i: int) -> dict[str, Any]:
 def test_a_whole_log_is_the_reference_encoding(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     # Small files and a small buffer: rotations and size write-outs fall inside batches.
-    with AuditLog(path, token=TOKEN, worker_id="w-%d \u00fc", flush_interval=None, max_bytes=8192, batch_bytes=3000) as log:
+    with AuditLog(
+        path, token=TOKEN, worker_id="w-%d \u00fc", flush_interval=None, max_bytes=8192, batch_bytes=3000
+    ) as log:
         log.emit(VRAM_SEALED, shard_id="s0", vram_bytes=1)
         assert log.emit_many(SEAL_VERIFIED, [_verify_fields(i) for i in range(50)]) == 50  # batch prefixes
         nested = [{**_verify_fields(i), "ranges": [[i, i + 1]]} for i in range(7)]
@@ -311,7 +323,9 @@ def test_a_whole_log_is_the_reference_encoding(tmp_path: Path) -> None:
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
     cli = [sys.executable, "-m", "vram_residency.cli.main", "audit", "verify", *map(str, files)]
-    res = subprocess.run([*cli, "--token-file", str(token)], capture_output=True, text=True, timeout=60, check=False)
+    res = subprocess.run(
+        [*cli, "--token-file", str(token)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -340,7 +354,9 @@ def test_emit_many_validates_before_appending(tmp_path: Path) -> None:
     assert verify_log(tmp_path / "a.jsonl", TOKEN).ok
 
 
-def test_emit_many_write_failure_raises_and_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_emit_many_write_failure_raises_and_fails_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     log = AuditLog(tmp_path / "a.jsonl", token=TOKEN, worker_id="w", flush_interval=None, batch_bytes=1000)
     try:
         log.emit(VRAM_SEALED)
@@ -441,9 +457,16 @@ def test_emit_many_times_follow_the_clock_across_seconds_and_steps_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = 1_764_000_000 * 10**9
-    clock = [base + 999_999_999, base + 10**9, base + 10**9 + 1_000, base - 5 * 10**9 + 7_000, base + 2 * 10**9]
+    clock = [
+        base + 999_999_999,
+        base + 10**9,
+        base + 10**9 + 1_000,
+        base - 5 * 10**9 + 7_000,
+        base + 2 * 10**9,
+    ]
     want = [
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9 // 1000:06d}Z" for ns in clock
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9 // 1000:06d}Z"
+        for ns in clock
     ]
     with AuditLog(tmp_path / "a.jsonl", token=TOKEN, worker_id="w", flush_interval=None) as log:
         ticks = iter(clock)
