@@ -233,31 +233,23 @@ def _gib(nbytes: float) -> str:
 def _verdicts(res: dict[str, Any]) -> list[str]:
     """One line per target and transport, naming EVERY measured size with its verdict."""
     world, sizes = res["world_size"], res["sizes"]
+    fixed_us, speedup = overhead_target_ns(world) / 1e3, speedup_target(world)
+    targets = (
+        ("collective", "overhead_us", "{:.0f} us over local",
+         f"(a) collective <= 1.1 x slowest local + {fixed_us:.0f} us"),
+        ("scaling", "speedup", "{:.2f}x", f"(b) same bytes {world} GPUs vs 1 >= {speedup:.2f}x"),
+    )  # fmt: skip
     lines = []
-    for transport in ("gloo", "group"):
-        per = []
-        for z in sizes:
-            (c,) = [c for c in z["collective"] if c["transport"] == transport]
-            per.append(
-                f"{_gib(z['bytes_per_rank'])} GiB/rank {c['overhead_us']:.0f} us over local "
-                f"({'met' if c['meets_target'] else 'MISSED'})"
-            )
-        lines.append(
-            f"- (a) collective <= 1.1 x slowest local + {overhead_target_ns(world) / 1e3:.0f} us, "
-            f"verdict on {transport}: " + "; ".join(per) + "."
-        )
-    for transport in ("gloo", "group"):
-        per = []
-        for z in sizes:
-            (sc,) = [sc for sc in z["scaling"] if sc["transport"] == transport]
-            per.append(
-                f"{_gib(z['bytes_per_rank'])} GiB/rank {sc['speedup']:.2f}x "
-                f"({'met' if sc['meets_target'] else 'MISSED'})"
-            )
-        lines.append(
-            f"- (b) same bytes {world} GPUs vs 1 >= {speedup_target(world):.2f}x, verdict on "
-            f"{transport}: " + "; ".join(per) + "."
-        )
+    for section, value, fmt, title in targets:
+        for transport in ("gloo", "group"):
+            per = []
+            for z in sizes:
+                (row,) = [r for r in z[section] if r["transport"] == transport]
+                per.append(
+                    f"{_gib(z['bytes_per_rank'])} GiB/rank {fmt.format(row[value])} "
+                    f"({'met' if row['meets_target'] else 'MISSED'})"
+                )
+            lines.append(f"- {title}, verdict on {transport}: " + "; ".join(per) + ".")
     for z in res["skipped_sizes"]:
         lines.append(f"- {_gib(z['bytes_per_rank'])} GiB/rank not measured: {z['reason']}.")
     return lines
