@@ -164,3 +164,17 @@ def audit_events(path: Path) -> Iterator[dict[str, Any]]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
+
+
+def wait_for_audit(path: Path, *events: str, timeout: float = 5.0) -> str:
+    """The audit log's text once every event name in ``events`` is in it. Non-critical records
+    reach the file within the log's flush interval (0.2 s), not at once: wait for them instead
+    of reading the file the instant the request returned."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        if all(f'"event":"{e}"' in text for e in events) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.service_helpers import Running, execute, write_token
+from tests.service.service_helpers import Running, execute, wait_for_audit, write_token
 from vram_residency.service.server import ServeOptions, ServerThread, build
 
 NEEDS_MINILM = False  # see conftest.py
@@ -64,7 +64,7 @@ def test_migrate_offload_restore_over_http(w: Running, tmp_path: Path) -> None:
     assert r.status_code == 200 and r.json()["state"] == "resident"
     status, again = execute(w.client, prompt="hello", max_tokens=4)
     assert status == 200 and again[-1][1]["output_sha256"] == before[-1][1]["output_sha256"]
-    audit = w.audit_path.read_text()
+    audit = wait_for_audit(w.audit_path, "ShardMigrated", "ShardOffloaded", "ShardRestored")
     assert "ShardMigrated" in audit and "ShardOffloaded" in audit and "ShardRestored" in audit
 
 
