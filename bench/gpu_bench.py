@@ -666,6 +666,12 @@ def measure_cold_start(device: int) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, VRAM_RESIDENCY_KERNEL_CACHE=os.path.join(tmp, "kernels"))
+        # Python's bytecode cache on, as in any installed package (pip compiles it at install):
+        # the GPU machine's environment sets PYTHONDONTWRITEBYTECODE, and every process there then
+        # compiled the package's modules from source (~0.1-0.3 s of each import and first seal,
+        # measured 2026-11-29). The first ("cold") process writes the bytecode, as it writes the
+        # kernel cache; the warm ones read both.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         for alg in ALGS:
             for run in ("cold", "warm", "warm"):
                 done = subprocess.run(

@@ -145,12 +145,57 @@ def elapsed_seconds(t0: Any, t1: Any) -> float:
         return float(t1 - t0) / 1e3
 
 
+class _PrimaryContextWarmup(threading.Thread):
+    """Creates device ``ordinal``'s primary context on a helper thread (cuDevicePrimaryCtxRetain,
+    which holds no GIL while the driver works) while the caller imports cuda.core (which needs
+    the GIL: Python modules and shared libraries). On an H200 host the two took ~150 ms and
+    ~200-300 ms one after the other, which was most of a new process's first seal. The helper's
+    retain is dropped (:meth:`release`) once cuda.core's ``Device.set_current`` holds its own, so
+    the context's lifetime is cuda.core's, exactly as without the helper. Any failure here is
+    ignored: ``set_current`` then meets it again and reports it as before."""
+
+    def __init__(self, ordinal: int) -> None:
+        super().__init__(name="vram-residency-context", daemon=True)
+        self._ordinal = ordinal
+        self._held: Any = None
+
+    def run(self) -> None:
+        try:
+            drv = driver()
+            err, cudev = drv.cuDeviceGet(self._ordinal)
+            if err != drv.CUresult.CUDA_SUCCESS:
+                return
+            err, _ctx = drv.cuDevicePrimaryCtxRetain(cudev)
+            if err == drv.CUresult.CUDA_SUCCESS:
+                self._held = cudev
+        except Exception:  # a warm-up only: set_current meets and reports real errors
+            return
+
+    def release(self) -> None:
+        self.join()
+        held, self._held = self._held, None
+        if held is not None:
+            driver().cuDevicePrimaryCtxRelease(held)
+
+
 def device(ordinal: int) -> Any:
     """cuda.core's ``Device`` for ``ordinal`` (after our own cuInit, which says why a GPU is
-    unusable as a ConfigError)."""
+    unusable as a ConfigError), current on the calling thread (``set_current``: its primary
+    context, retained by cuda.core for the process)."""
     _driver.init()
-    with core_errors("opening the CUDA device"):
-        return core().Device(ordinal)
+    warmup = _PrimaryContextWarmup(ordinal) if _core is None else None
+    if warmup is not None:
+        warmup.start()
+    try:
+        with core_errors("opening the CUDA device"):
+            dev = core().Device(ordinal)
+            if warmup is not None:
+                warmup.join()
+            dev.set_current()
+    finally:
+        if warmup is not None:
+            warmup.release()
+    return dev
 
 
 _pinned_lock = threading.Lock()
