@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="a toy-size Llama (the CPU smoke path)")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=7, help="generate() runs each way (A and B)")
+    ap.add_argument("--runs", type=int, default=11, help="generate() runs each way (A and B)")
     ap.add_argument("--trials", type=int, default=10, help="bit flips to detect")
     ap.add_argument(
         "--trials-budget-s", type=float, default=25.0, help="no new trial after this (3 at least)"
