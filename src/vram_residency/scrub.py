@@ -1,8 +1,8 @@
 """Background verification for users who run their own engine: a scrubber and a forward pre-hook.
 
-``Scrubber(mgr, budget=DEFAULT_BUDGET)`` (2%) re-verifies every sealed shard, forever, in bounded chunks (about
-``chunk_bytes`` per batched ``verify_many``), and sleeps between chunks so that verification takes
-at most ``budget`` of the wall-clock time: a chunk that took ``t`` is followed by a pause of
+``Scrubber(mgr)`` re-verifies every sealed shard, forever, in bounded chunks (about ``chunk_bytes``
+per batched ``verify_many``), and sleeps between chunks so that verification takes
+at most ``budget`` (default 2%) of the wall-clock time: a chunk that took ``t`` is followed by a pause of
 ``t * (1 - budget) / budget``. The time to detect a change is therefore about one pass over the
 sealed bytes at ``budget`` of the verify throughput. Its verification runs at ``priority="low"``
 (``backends.base.Priority``): on a GPU backend with ``Capabilities.priority_streams`` on a
