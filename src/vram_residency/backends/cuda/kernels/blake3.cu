@@ -175,6 +175,11 @@ VR_HD void b3_chunk_bytes(const u8* p, u32 len, u64 counter, u32 extra, u32 cv[8
     }
 }
 
+// blake3_units_split's piece: 2^17 bytes = 128 chunks, one per thread (outside the kernel guard:
+// the CPU harness emulates the split with the same sizes).
+#define B3_SPLIT_SHIFT 17
+#define B3_SPLIT_CHUNKS 128u
+
 // ---------------------------------------------------------------------------------------------
 // Device-only fast paths and kernels.
 // The CPU harness defines VR_NO_KERNELS and includes this file for the __host__ __device__ core.
@@ -396,8 +401,6 @@ extern "C" __global__ void __launch_bounds__(B3_THREADS)
 //
 // Pieces [first_piece, first_piece + gridDim.x) of an n-byte message at `data` (16-byte aligned);
 // cv_out[p] receives piece p's 32-byte value. 128 threads per block (B3_SPLIT_CHUNKS).
-#define B3_SPLIT_SHIFT 17
-#define B3_SPLIT_CHUNKS 128u
 extern "C" __global__ void __launch_bounds__(B3_SPLIT_CHUNKS)
     blake3_units_split(const u8* __restrict__ data, u64 n, u64 first_piece, u8* __restrict__ cv_out) {
     __shared__ u32 node[8][B3_SPLIT_CHUNKS + 1];
