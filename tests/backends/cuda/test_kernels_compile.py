@@ -106,3 +106,17 @@ def test_program_options_take_defines_and_ptxas_only() -> None:
     for bad in ("-G", "--use_fast_math", "-D", "-I/tmp"):
         with pytest.raises(ValueError, match="unsupported kernel compile option"):
             _compile._program_options("blake3", "sm_90", [bad])
+
+
+def test_blake3_split_piece_matches_the_kernel() -> None:
+    """The host's piece size and block size for blake3_units_split (grid = pieces, 128 threads) are
+    the kernel's: a mismatch would hash the wrong bytes or leave chunks out."""
+    from vram_residency.backends.cuda import _backend
+
+    src = (importlib.resources.files("vram_residency.backends.cuda") / "kernels" / "blake3.cu").read_text()
+    shift = re.search(r"#define B3_SPLIT_SHIFT (\d+)\n", src)
+    chunks = re.search(r"#define B3_SPLIT_CHUNKS (\d+)u\n", src)
+    assert shift is not None and chunks is not None
+    assert _backend._B3_PIECE == 1 << int(shift.group(1)) == 1024 * int(chunks.group(1))
+    assert int(chunks.group(1)) == _backend._B3_PIECE_THREADS
+    assert _backend.UNIT_SIZE % _backend._B3_PIECE == 0

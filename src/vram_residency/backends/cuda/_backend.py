@@ -1123,7 +1123,7 @@ class CudaBackend(Backend):
                 self._module(check_algorithm(alg))
 
     def _scratch(self, nbytes: int) -> int:
-        # One growing device buffer for unit digests and tree levels: 32 to 64 bytes per MiB of
+        # One growing device buffer for unit digests and tree levels: 32 to 288 bytes per MiB of
         # shard plus a little (well under the 1% budget), reused so that hashing allocates nothing
         # in the steady state.
         if nbytes > self._scratch_size:
