@@ -112,6 +112,7 @@ def test_blake3_split_piece_matches_the_kernel() -> None:
     """The host's piece size and block size for blake3_units_split (grid = pieces, 128 threads) are
     the kernel's: a mismatch would hash the wrong bytes or leave chunks out."""
     from vram_residency.backends.cuda import _backend
+    from vram_residency.formats.tree import UNIT_SIZE
 
     src = (importlib.resources.files("vram_residency.backends.cuda") / "kernels" / "blake3.cu").read_text()
     shift = re.search(r"#define B3_SPLIT_SHIFT (\d+)\n", src)
@@ -119,4 +120,4 @@ def test_blake3_split_piece_matches_the_kernel() -> None:
     assert shift is not None and chunks is not None
     assert _backend._B3_PIECE == 1 << int(shift.group(1)) == 1024 * int(chunks.group(1))
     assert int(chunks.group(1)) == _backend._B3_PIECE_THREADS
-    assert _backend.UNIT_SIZE % _backend._B3_PIECE == 0
+    assert UNIT_SIZE % _backend._B3_PIECE == 0
