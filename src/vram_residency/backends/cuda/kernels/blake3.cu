@@ -3,7 +3,8 @@
 // values reduced in shared memory. A second kernel reduces unit chaining values 256 at a time,
 // the last launch setting ROOT on the final parent. BLAKE3's tree (left subtree = the largest
 // power of two of chunks) has the same shape as pairing neighbours from the left with the odd
-// node moving up, so aligned groups reduce independently.
+// node moving up, so aligned groups reduce independently. Small messages run blake3_units_split
+// instead: one block per 128 KiB piece, one chunk per thread (see there).
 //
 // Two values per unit exist and differ:
 //  - the unit's chaining value in the message's tree: chunk counters are the GLOBAL chunk
