@@ -99,8 +99,13 @@ def main() -> int:
     backend = open_backend(0)
     bad = tables(backend)
     bad += nh_fast(backend)
-    for n, split in [(n, False) for n in LENGTHS] + [(n, True) for n in LENGTHS]:
+    # Both unit layouts of both tree digests: split (sha256_tree_units_split; blake3_units_split
+    # for digests, and for hashes of one-unit shards) and one block per unit. 128 KiB + 1 is two
+    # blake3 pieces, the second one chunk of one byte.
+    split_lengths = [*LENGTHS, (128 << 10) + 1]
+    for n, split in [(n, False) for n in split_lengths] + [(n, True) for n in split_lengths]:
         backend.split_max_units = 1 << 30 if split else 0
+        backend.blake3_split_max_units = 1 << 30 if split else 0
         data = np.random.default_rng(n).integers(0, 256, size=n, dtype=np.uint8).tobytes()
         err, dptr = driver.cuMemAlloc(n)
         assert err == driver.CUresult.CUDA_SUCCESS
@@ -110,7 +115,7 @@ def main() -> int:
                 got = backend.write_and_hash(view, data, alg)
                 ok = got == hash_units(data, alg) and backend.digest(view, alg) == got.digest
                 bad += not ok
-                layout = "split" if split and alg == SHA256_TREE_V1 else "plain"
+                layout = "split" if split else "plain"
                 print(f"{alg:15s} {layout} {n:9d} bytes: {'ok' if ok else 'MISMATCH'}", flush=True)
             view.close()
         finally:

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vram_residency.backends.base import Segment
 from vram_residency.backends.cuda import CudaBackend
-from vram_residency.formats.tree import BLAKE3, SHA256_TREE_V1, UNIT_SIZE, hash_units
+from vram_residency.formats.tree import BLAKE3, SHA256_TREE_V1, UNIT_SIZE, HashResult, hash_units
 
 pytestmark = pytest.mark.gpu
 
@@ -100,6 +101,117 @@ def test_sha256_both_unit_layouts(cuda_backend: CudaBackend, n: int, split: bool
         cuda_backend.split_max_units = saved
     want = hash_units(data, SHA256_TREE_V1)
     assert (digest, units, verify_digest) == (want.digest, want.unit_digests, want.digest)
+
+
+KiB = 1 << 10
+# blake3_units_split's edges: one piece (a lone chunk takes ROOT; 1025 bytes: the block's final
+# parent does), 128 KiB pieces with a partial last one (one chunk; one byte), one unit exactly,
+# a unit and a piece, odd tails, and 66 / 67 units (the H200's default threshold and one past it;
+# forced here, so split or not regardless of the device).
+B3_SPLIT_LENGTHS = [
+    0,
+    1,
+    1023,
+    1024,
+    1025,
+    3073,
+    128 * KiB - 1,
+    128 * KiB,
+    128 * KiB + 1,
+    129 * KiB,
+    129 * KiB + 1,
+    MiB - 1,
+    MiB,
+    MiB + 1,
+    MiB + 128 * KiB,
+    2 * MiB + 4097,
+    5 * MiB + 12345,
+    66 * MiB,
+    66 * MiB + 1,
+    67 * MiB + 1025,
+]
+
+
+def _b3_paths(
+    backend: CudaBackend, data: bytes, split: bool
+) -> tuple[HashResult, str, HashResult, bytes, str]:
+    """Seal (write_and_hash), hash and digest (verify) of ``data`` as blake3 with the split layout
+    forced on or off, and the unit kernel that the seal and the verify ran."""
+    n = len(data)
+    saved = backend.blake3_split_max_units
+    backend.blake3_split_max_units = 1 << 30 if split else 0
+    buf = backend.allocate(max(1, n))
+    try:
+        sealed = backend.write_and_hash(buf, data, BLAKE3)
+        seal_kernel = backend.last_units_kernel
+        hashed = backend.hash(buf, BLAKE3, n)
+        verified = backend.digest(buf, BLAKE3, n)
+        verify_kernel = backend.last_units_kernel
+    finally:
+        buf.close()
+        backend.blake3_split_max_units = saved
+    return sealed, seal_kernel, hashed, verified, verify_kernel
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("n", B3_SPLIT_LENGTHS)
+def test_blake3_both_unit_layouts(cuda_backend: CudaBackend, n: int, split: bool) -> None:
+    """blake3 digests by 128 KiB pieces (blake3_units_split) and by 1 MiB units, both, always:
+    bit-identical to the host reference, and the kernel the layout says."""
+    data = random_bytes(n, seed=n + 13)
+    want = hash_units(data, BLAKE3)
+    sealed, seal_kernel, hashed, verified, verify_kernel = _b3_paths(cuda_backend, data, split)
+    assert sealed == want
+    assert hashed == want
+    assert verified == want.digest
+    assert verify_kernel == ("blake3_units_split" if split else "blake3_units")
+    if n <= MiB:  # one unit: its unit digest is the digest, so the seal splits too
+        assert seal_kernel == ("blake3_units_split" if split else "blake3_units")
+    else:  # unit digests of units >= 1 need their own counters: never split
+        assert seal_kernel == "blake3_units_standalone"
+
+
+def test_blake3_split_default_threshold(cuda_backend: CudaBackend) -> None:
+    """By default a verify splits up to half the SMs' count of units (66 on an H200) and runs one
+    block per unit from one unit more."""
+    t = cuda_backend.blake3_split_max_units
+    assert t == max(1, cuda_backend.multiprocessors // 2)
+    for n, kernel in ((t * MiB, "blake3_units_split"), (t * MiB + 1, "blake3_units")):
+        data = random_bytes(n, seed=t)
+        buf = cuda_backend.allocate(n)
+        try:
+            buf.write(0, data)
+            assert cuda_backend.digest(buf, BLAKE3, n) == hash_units(data, BLAKE3).digest
+            assert cuda_backend.last_units_kernel == kernel
+            # A table of one unkeyed segment takes the same single-segment path.
+            assert cuda_backend.digest_many([Segment(buf, n, BLAKE3)]) == [hash_units(data, BLAKE3).digest]
+        finally:
+            buf.close()
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("n", [0, 1, 1025, 128 * KiB + 1, MiB, MiB + 128 * KiB, 3 * MiB + 4097])
+def test_blake3_split_leaves_keyed_and_table_paths(cuda_backend: CudaBackend, n: int, split: bool) -> None:
+    """Keyed BLAKE3 and segment tables of several segments run the table kernels whatever the
+    split threshold says; a single-segment verify in between (split or not) leaves them exact."""
+    key = bytes(range(32))
+    data = random_bytes(n, seed=n + 17)
+    plain, keyed = hash_units(data, BLAKE3), hash_units(data, BLAKE3, key=key)
+    saved = cuda_backend.blake3_split_max_units
+    cuda_backend.blake3_split_max_units = 1 << 30 if split else 0
+    buf = cuda_backend.allocate(max(1, n))
+    try:
+        buf.write(0, data)
+        segs = [Segment(buf, n, BLAKE3, key), Segment(buf, n, BLAKE3)]
+        assert cuda_backend.digest(buf, BLAKE3, n) == plain.digest
+        assert cuda_backend.hash_many(segs) == [keyed, plain]
+        assert cuda_backend.digest_many(segs) == [keyed.digest, plain.digest]
+        assert cuda_backend.hash(buf, BLAKE3, n, key=key) == keyed
+        assert cuda_backend.digest(buf, BLAKE3, n, key=key) == keyed.digest
+        assert cuda_backend.write_and_hash(buf, data, BLAKE3, key=key) == keyed
+    finally:
+        buf.close()
+        cuda_backend.blake3_split_max_units = saved
 
 
 @pytest.mark.parametrize(

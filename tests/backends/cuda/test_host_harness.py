@@ -82,3 +82,38 @@ def test_keyed_core_on_the_cpu(harness: Path, tmp_path: Path, n: int) -> None:
     assert _run(harness, "blake3-keyed", key + data, tmp_path) == blake3.blake3(data, key=key).hexdigest()
     # The IV as a runtime "key" with no flag is the plain hash: what unkeyed table rows run.
     assert _run(harness, "blake3-rt-iv", data, tmp_path) == blake3.blake3(data).hexdigest()
+
+
+KiB = 1 << 10
+MiB = 1 << 20
+# blake3_units_split's edges: one piece (ROOT inside the block: a lone chunk, or the block's final
+# parent), 128 KiB pieces with a partial last one (one chunk, one byte), whole units and more, and
+# over 256 pieces (two blake3_reduce levels, the second group of one node).
+SPLIT_LENGTHS = [
+    0,
+    1,
+    1023,
+    1024,
+    1025,
+    3073,
+    128 * KiB - 1,
+    128 * KiB,
+    128 * KiB + 1,
+    129 * KiB,
+    129 * KiB + 1,
+    MiB - 1,
+    MiB,
+    MiB + 1,
+    MiB + 128 * KiB,
+    3 * MiB + 4097,
+    32 * MiB + 1,
+]
+
+
+@pytest.mark.parametrize("n", SPLIT_LENGTHS)
+def test_split_tree_decomposition_on_the_cpu(harness: Path, tmp_path: Path, n: int) -> None:
+    """The decomposition blake3_units_split relies on (128-chunk pieces with global chunk counters,
+    each reduced as one block reduces it, then reduced 256 at a time with ROOT on the last parent),
+    with the kernels' own compression and parent functions, is BLAKE3."""
+    data = os.urandom(n)
+    assert _run(harness, "blake3-split", data, tmp_path) == blake3.blake3(data).hexdigest()

@@ -30,8 +30,15 @@ UNIT_KERNELS = {
     "blake3": ("blake3_units", 512),
     "nh_fast": ("nhf_leaf_tags", 0),  # the streaming loop must not touch local memory
 }
-# The segment-table kernels (batched digests, keyed BLAKE3) under the same budgets.
-TABLE_KERNELS = [("sha256_tree", "sha256_table_units", 0), ("blake3", "blake3_table_units", 512)]
+# The segment-table kernels (batched digests, keyed BLAKE3) under the same budgets, and the small-
+# shard kernels (one block per part of a unit: sha256_tree_units_split, blake3_units_split with one
+# chunk per thread and no register cap), which must not spill at all.
+TABLE_KERNELS = [
+    ("sha256_tree", "sha256_table_units", 0),
+    ("blake3", "blake3_table_units", 512),
+    ("sha256_tree", "sha256_tree_units_split", 0),
+    ("blake3", "blake3_units_split", 0),
+]
 
 
 def test_kernel_sources_are_package_data() -> None:
@@ -61,7 +68,7 @@ def test_unit_kernels_spill_at_most_budget(name: str) -> None:
 
 @needs_nvrtc
 @pytest.mark.parametrize(("name", "entry", "allowed"), TABLE_KERNELS)
-def test_table_kernels_spill_at_most_budget(name: str, entry: str, allowed: int) -> None:
+def test_table_and_split_kernels_spill_at_most_budget(name: str, entry: str, allowed: int) -> None:
     log = _compile.compile_log(name, "sm_90", ["--ptxas-options=-v"])
     block = log.split(f"Compiling entry function '{entry}'", 1)[1].split("Compiling entry function", 1)[0]
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
@@ -99,3 +106,18 @@ def test_program_options_take_defines_and_ptxas_only() -> None:
     for bad in ("-G", "--use_fast_math", "-D", "-I/tmp"):
         with pytest.raises(ValueError, match="unsupported kernel compile option"):
             _compile._program_options("blake3", "sm_90", [bad])
+
+
+def test_blake3_split_piece_matches_the_kernel() -> None:
+    """The host's piece size and block size for blake3_units_split (grid = pieces, 128 threads) are
+    the kernel's: a mismatch would hash the wrong bytes or leave chunks out."""
+    from vram_residency.backends.cuda import _backend
+    from vram_residency.formats.tree import UNIT_SIZE
+
+    src = (importlib.resources.files("vram_residency.backends.cuda") / "kernels" / "blake3.cu").read_text()
+    shift = re.search(r"#define B3_SPLIT_SHIFT (\d+)\n", src)
+    chunks = re.search(r"#define B3_SPLIT_CHUNKS (\d+)u\n", src)
+    assert shift is not None and chunks is not None
+    assert _backend._B3_PIECE == 1 << int(shift.group(1)) == 1024 * int(chunks.group(1))
+    assert int(chunks.group(1)) == _backend._B3_PIECE_THREADS
+    assert UNIT_SIZE % _backend._B3_PIECE == 0

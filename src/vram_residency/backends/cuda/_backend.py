@@ -84,6 +84,10 @@ PRIORITIES: Final = ("normal", "low")
 
 _THREADS: Final = 256  # per block: 256 leaves (sha256-tree-v1) or 256 x 4 chunks (blake3) per unit
 _GROUP: Final = 256  # nodes reduced per block above the units
+#: blake3_units_split: bytes per piece (128 chunks of 1 KiB, an aligned subtree) and threads per
+#: block (one per chunk); B3_SPLIT_SHIFT and B3_SPLIT_CHUNKS in kernels/blake3.cu.
+_B3_PIECE: Final = 128 * 1024
+_B3_PIECE_THREADS: Final = 128
 _DIRECT_COPY_LIMIT: Final = 1 << 20  # below this, one plain copy beats staging
 _SOURCES: Final = {SHA256_TREE_V1: "sha256_tree", BLAKE3: "blake3"}
 _TREE_NAME: Final = SHA256_TREE_V1.encode("ascii")
@@ -848,6 +852,17 @@ class CudaBackend(Backend):
         #: sha256-tree-v1 shards of at most this many units run eight blocks per unit (see
         #: sha256_tree_units_split): one block per unit would leave most SMs idle.
         self.split_max_units = max(1, self.multiprocessors // 2)
+        #: blake3 digests (verify) of shards of at most this many units, and the digest of a
+        #: one-unit shard however it is asked for, run one block per 128 KiB piece with one chunk
+        #: per thread (blake3_units_split) instead of one block per 1 MiB unit with four chunks
+        #: per thread in series. Up to SMs/2 units the unit kernel has at most half the SMs busy
+        #: with one 256-thread block each, and the split runs eight times the blocks over every
+        #: SM, each thread's serial chain a quarter as long. Above that the unit kernel's blocks
+        #: cover most SMs already, four resident per SM under its 64-register cap (the split
+        #: kernel uses 88 registers), so splitting adds no parallelism and only more nodes to
+        #: reduce. SMs/2 is where sha256-tree-v1's split stops (split_max_units); the blake3
+        #: crossover itself is the benchmark's to measure (tests force this attribute both ways).
+        self.blake3_split_max_units = max(1, self.multiprocessors // 2)
         #: Scratch bytes (VRAM) the last hash needed, and the unit kernel it ran (benchmarks).
         self.last_scratch_bytes = 0
         self.last_units_kernel = ""
@@ -1108,7 +1123,7 @@ class CudaBackend(Backend):
                 self._module(check_algorithm(alg))
 
     def _scratch(self, nbytes: int) -> int:
-        # One growing device buffer for unit digests and tree levels: 32 to 64 bytes per MiB of
+        # One growing device buffer for unit digests and tree levels: 32 to 288 bytes per MiB of
         # shard plus a little (well under the 1% budget), reused so that hashing allocates nothing
         # in the steady state.
         if nbytes > self._scratch_size:
@@ -1643,12 +1658,26 @@ class _HashJob:
         # Small sha256-tree-v1 shards: eight blocks per unit instead of one, so that a 1 MiB
         # verify runs on eight SMs rather than one (sha256_tree_units_split).
         self.split = algorithm == SHA256_TREE_V1 and u <= backend.split_max_units
-        groups = -(-u // _GROUP)
-        # Scratch layout: unit values | unit digests (blake3) or subtree nodes (split) | two tree
-        # levels | root. At most 64 bytes per MiB of shard plus a few hundred bytes.
+        # Small blake3 shards: one block per 128 KiB piece (blake3_units_split). Only where no
+        # unit digest other than the digest itself is wanted: a verify (digest), or a shard of
+        # one unit, whose unit digest is its digest. Unit digests of later units need their own
+        # chunk counters (blake3_units_standalone), which pieces of the message tree do not give.
+        self.b3_split = algorithm == BLAKE3 and u <= backend.blake3_split_max_units and (not units or u == 1)
+        #: Nodes the unit kernels write and _reduce reduces: 128 KiB pieces or 1 MiB units.
+        self.nodes = max(1, -(-n // _B3_PIECE)) if self.b3_split else u
+        groups = -(-self.nodes // _GROUP)
+        # Scratch layout: unit (or piece) values | unit digests (blake3 by units) or subtree
+        # nodes (sha256 split) | two tree levels | root. At most 288 bytes per MiB of shard
+        # (sha256 split: 32 + 8 x 32 per unit; blake3 split: 32 per 128 KiB piece; otherwise 32
+        # or 64 per unit) plus a few hundred bytes.
         self.cv = 0
-        self.unit_digests = 32 * u
-        extra = 32 * u if algorithm == BLAKE3 else (256 * u if self.split else 0)
+        self.unit_digests = 32 * self.nodes
+        if self.b3_split:
+            extra = 0  # the one unit digest (if asked for) is the root
+        elif algorithm == BLAKE3:
+            extra = 32 * u
+        else:
+            extra = 256 * u if self.split else 0
         self.ping = self.unit_digests + extra
         self.pong = self.ping + 32 * groups
         self.root = self.pong + 32 * groups
@@ -1662,6 +1691,8 @@ class _HashJob:
         self.root += base
         if self.split:
             self.units_kernel = "sha256_tree_units_split"
+        elif self.b3_split:
+            self.units_kernel = "blake3_units_split"
         elif algorithm == SHA256_TREE_V1:
             self.units_kernel = backend._sha_units_kernel(self.mod, u)
         else:
@@ -1695,6 +1726,15 @@ class _HashJob:
             else:
                 self._launch(self.units_kernel, end - first, [data, n, (U64, first), (U64, self.cv)])
             return
+        if self.b3_split:
+            # Units [first, end) are pieces [8 first, 8 end), the last unit's clipped to the
+            # message (an empty message is one piece: one empty chunk).
+            per = UNIT_SIZE // _B3_PIECE
+            lo, hi = first * per, min(end * per, self.nodes)
+            if hi > lo:
+                args = [data, n, (U64, lo), (U64, self.cv)]
+                self._launch("blake3_units_split", hi - lo, args, block=_B3_PIECE_THREADS)
+            return
         unit_out = self.unit_digests if self.want_units else 0
         if self.want_units and self.units > 1:
             # Unit 0 shares the tree's counters (one pass, two tops); later units need both sets.
@@ -1720,10 +1760,12 @@ class _HashJob:
 
     def _reduce(self) -> int:
         """Device address of the 32-byte root node (sha256-tree-v1: R; blake3: the digest)."""
-        if self.units == 1:
+        if self.nodes == 1:
             return self.cv
+        # blake3 pieces reduce exactly as units do: both are aligned power-of-two runs of chunks
+        # (the last one partial), i.e. subtrees of BLAKE3's left-complete tree.
         return _reduce_chain(
-            self.b, self.mod, self.algorithm, self.cv, self.units, self.ping, self.pong, self.root
+            self.b, self.mod, self.algorithm, self.cv, self.nodes, self.ping, self.pong, self.root
         )
 
     def finish(self) -> tuple[bytes, HashResult | None]:
@@ -1737,7 +1779,12 @@ class _HashJob:
         stream = b._stream.handle
         check(drv.cuMemcpyDtoHAsync(host.address, root_dev, 32, stream), "cuMemcpyDtoHAsync")
         if nunits:
-            src = self.cv if self.algorithm == SHA256_TREE_V1 else self.unit_digests
+            if self.b3_split:
+                src = root_dev  # one unit (see __init__): its unit digest is the digest
+            elif self.algorithm == SHA256_TREE_V1:
+                src = self.cv
+            else:
+                src = self.unit_digests
             check(drv.cuMemcpyDtoHAsync(host.address + 32, src, nunits, stream), "cuMemcpyDtoHAsync")
         b._sync(b._stream, "digest kernels")
         b.last_device_seconds = _elapsed_seconds(b._t0, b._t1)

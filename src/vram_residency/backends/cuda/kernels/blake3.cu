@@ -3,7 +3,8 @@
 // values reduced in shared memory. A second kernel reduces unit chaining values 256 at a time,
 // the last launch setting ROOT on the final parent. BLAKE3's tree (left subtree = the largest
 // power of two of chunks) has the same shape as pairing neighbours from the left with the odd
-// node moving up, so aligned groups reduce independently.
+// node moving up, so aligned groups reduce independently. Small messages run blake3_units_split
+// instead: one block per 128 KiB piece, one chunk per thread (see there).
 //
 // Two values per unit exist and differ:
 //  - the unit's chaining value in the message's tree: chunk counters are the GLOBAL chunk
@@ -175,6 +176,11 @@ VR_HD void b3_chunk_bytes(const u8* p, u32 len, u64 counter, u32 extra, u32 cv[8
     }
 }
 
+// blake3_units_split's piece: 2^17 bytes = 128 chunks, one per thread (outside the kernel guard:
+// the CPU harness emulates the split with the same sizes).
+#define B3_SPLIT_SHIFT 17
+#define B3_SPLIT_CHUNKS 128u
+
 // ---------------------------------------------------------------------------------------------
 // Device-only fast paths and kernels.
 // The CPU harness defines VR_NO_KERNELS and includes this file for the __host__ __device__ core.
@@ -226,16 +232,17 @@ __device__ __forceinline__ void b3_chunk_full(const uint4* __restrict__ p, const
     }
 }
 
-// The node of thread t's 4-chunk subtree under P counter bases. root[k] (ROOT or 0) is applied to
-// the compression that is the top of the unit's tree, when that compression happens inside this
-// thread (the unit has at most 4 chunks).
-template <int P, class K = b3_plain_key>
+// The node of thread t's CPT-chunk subtree (CPT: 4, or 1 in blake3_units_split; at most 4) under P
+// counter bases. root[k] (ROOT or 0) is applied to the compression that is the top of the unit's
+// tree, when that compression happens inside this thread (the unit has at most CPT chunks).
+template <int P, class K = b3_plain_key, u32 CPT = B3_CPT>
 __device__ __forceinline__ void b3_thread_node(const u8* __restrict__ unit_ptr, u32 unit_len, u32 c_u,
                                                u32 t, const u64 (&base)[P], const u32 (&root)[P],
                                                u32 (&node)[P][8], const K& key = K()) {
-    const u32 first = t * B3_CPT;
-    const u32 nch = c_u - first < B3_CPT ? c_u - first : B3_CPT;
-    const bool top_here = c_u <= B3_CPT;
+    static_assert(CPT == 1 || CPT == 2 || CPT == 4, "the merge below pairs at most four chunks");
+    const u32 first = t * CPT;
+    const u32 nch = c_u - first < CPT ? c_u - first : CPT;
+    const bool top_here = c_u <= CPT;
     u32 p01[P][8];
     u32 cur[P][8];
     for (u32 j = 0; j < nch; ++j) {
@@ -282,9 +289,9 @@ __device__ __forceinline__ void b3_thread_node(const u8* __restrict__ unit_ptr, 
 
 // vr_block_reduce with BLAKE3's parent node: the final compression (count == 2) gets `top` (ROOT
 // or 0). With dual, that thread also writes the top computed with ROOT to root_out (unit 0 in
-// unit-digest mode: same tree, two flags).
-template <class K = b3_plain_key>
-__device__ __forceinline__ void b3_block_reduce(u32 (*node)[B3_THREADS + 1], u32 count, u32 top, bool dual,
+// unit-digest mode: same tree, two flags). W: the node array's row width (block size + 1).
+template <int W, class K = b3_plain_key>
+__device__ __forceinline__ void b3_block_reduce(u32 (*node)[W], u32 count, u32 top, bool dual,
                                                 u32 root_out[8], const K& key = K()) {
     vr_block_reduce(node, count, [=](u32 l[8], u32 r[8], u32 o[8], u32 n) {
         b3_parent(l, r, n == 2 ? top : 0u, o, key);
@@ -376,6 +383,54 @@ extern "C" __global__ void __launch_bounds__(B3_THREADS)
         for (int i = 0; i < 8; ++i) { a[i] = nodeA[i][0]; b[i] = nodeB[i][0]; }
         b3_store(cv_out + unit * 32u, a);
         b3_store(unit_out + unit * 32u, b);
+    }
+}
+
+// Small messages (verify of a shard of a few units, or the digest of a one-unit shard): one block
+// per aligned 128-chunk (128 KiB) piece, ONE chunk per thread, instead of one block per 1 MiB unit
+// with four chunks per thread in series. A 1 MiB message then runs on eight SMs with a quarter of
+// the serial work per thread, rather than on one SM.
+//
+// BLAKE3's tree is left-complete (the left subtree of every parent holds the largest power of two
+// of chunks less than the total), so every aligned run of 128 full chunks is a subtree of the
+// message's tree, and the last piece (possibly partial) is the right-most subtree of what is left.
+// Chunk counters are the GLOBAL chunk indices and no ROOT is set, unless the message is a single
+// piece (n <= 128 KiB): then the piece's top compression is the message's top, gets ROOT, and
+// cv_out[piece 0] is the digest. Otherwise the pieces' chaining values reduce to the root with
+// blake3_reduce exactly as unit values do (pairs from the left, the odd node moving up, groups of
+// 256: aligned power-of-two groups, so subtrees again).
+//
+// Pieces [first_piece, first_piece + gridDim.x) of an n-byte message at `data` (16-byte aligned);
+// cv_out[p] receives piece p's 32-byte value. 128 threads per block (B3_SPLIT_CHUNKS).
+extern "C" __global__ void __launch_bounds__(B3_SPLIT_CHUNKS)
+    blake3_units_split(const u8* __restrict__ data, u64 n, u64 first_piece, u8* __restrict__ cv_out) {
+    __shared__ u32 node[8][B3_SPLIT_CHUNKS + 1];
+    const u64 piece = first_piece + blockIdx.x;
+    const u64 start = piece << B3_SPLIT_SHIFT;
+    const u64 avail = n > start ? n - start : 0;
+    const u32 piece_len = avail > (1u << B3_SPLIT_SHIFT) ? (1u << B3_SPLIT_SHIFT) : (u32)avail;
+    // Chunks in this piece; an empty message is one empty chunk.
+    const u32 c_p = piece_len ? (piece_len + 1023u) / 1024u : 1u;
+    const bool single = n <= (1ull << B3_SPLIT_SHIFT);
+    const u32 t = threadIdx.x;
+    const u64 base[1] = {piece * B3_SPLIT_CHUNKS};
+    const u32 root[1] = {single ? B3_ROOT : 0u};
+    if (t < c_p) {
+        // One chunk (CPT = 1): a lone chunk of a single-piece message is the whole message and
+        // takes ROOT itself (b3_thread_node: c_u == 1).
+        u32 cv[1][8];
+        b3_thread_node<1, b3_plain_key, 1u>(data + start, piece_len, c_p, t, base, root, cv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) node[i][t] = cv[0][i];
+    }
+    __syncthreads();
+    u32 unused[8];
+    b3_block_reduce(node, c_p, root[0], false, unused);
+    if (t == 0) {
+        u32 s[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s[i] = node[i][0];
+        b3_store(cv_out + piece * 32u, s);
     }
 }
 
