@@ -105,6 +105,11 @@ def test_no_driver_call_that_cuda_core_covers(name: str) -> None:
     # API for (pointer attributes, range copies, peer access, memory info) stay on cuda-bindings.
     for module in (*_DEVICE_MODULES, "_core"):
         source = (_DIR / f"{module}.py").read_text(encoding="utf-8")
+        if module == "_core" and name == "cuDevicePrimaryCtxRetain":
+            # The one exception: _PrimaryContextWarmup creates the primary context while cuda.core
+            # is still being imported, so cuda.core cannot do it; cuda.core's own set_current then
+            # retains the same context, and the warm-up's retain is released.
+            source = source.replace("drv.cuDevicePrimaryCtxRetain(cudev)", "", 1)
         assert f"drv.{name}(" not in source and f"driver().{name}(" not in source, (module, name)
 
 
