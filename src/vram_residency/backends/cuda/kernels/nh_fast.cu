@@ -206,14 +206,22 @@ VR_HD void nhf_b3_chunk_t(const u8* p, u32 len, u64 counter, const u32 key[8], b
     for (int i = 0; i < 8; ++i) cv[i] = key[i];
     const u32 blocks = (len + 63u) / 64u;
     u32 cur[16], nxt[16] = {0u};
-    if (L2) nhf_b3_block_l2(p, len, 0, cur);
-    else nhf_b3_block(p, len, 0, cur);
+    if (L2) {  // no prefetch: the fused caller is register-bound (its leaf loop's 128-register cap)
+        for (u32 b = 0; b < blocks; ++b) {
+            nhf_b3_block_l2(p, len, b, cur);
+            u32 flags = NHF_B3_KEYED;
+            if (b == 0) flags |= NHF_B3_CHUNK_START;
+            if (b + 1u == blocks) flags |= NHF_B3_CHUNK_END | (root ? NHF_B3_ROOT : 0u);
+            nhf_b3_compress(cv, cur, counter, (b + 1u < blocks) ? 64u : len - 64u * b, flags, cv);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[i] = cv[i];
+        return;
+    }
+    nhf_b3_block(p, len, 0, cur);
     for (u32 b = 0; b < blocks; ++b) {
         const u32 blen = (b + 1u < blocks) ? 64u : len - 64u * b;
-        if (b + 1u < blocks) {
-            if (L2) nhf_b3_block_l2(p, len, b + 1u, nxt);
-            else nhf_b3_block(p, len, b + 1u, nxt);
-        }
+        if (b + 1u < blocks) nhf_b3_block(p, len, b + 1u, nxt);
         u32 flags = NHF_B3_KEYED;
         if (b == 0) flags |= NHF_B3_CHUNK_START;
         if (b + 1u == blocks) flags |= NHF_B3_CHUNK_END | (root ? NHF_B3_ROOT : 0u);
@@ -419,9 +427,13 @@ __device__ __noinline__ void nhf_units_finish(u32 mask, u64 u0, u64 u1, const u8
     if (mask & 2u) nhf_unit_digest_warp(tags, n, unit_key, u1, unit_out, counters, lane);
 }
 
-// Reader side for the group at gp: `old` is what nhf_group_arrive returned on this lane.
+// Reader side for the group at gp: `old` is what nhf_group_arrive returned on this lane. After a
+// unit's digest the warp reloads its NH key chunks `kc` from `key` (ten 16-byte loads, once per
+// unit): kc is then dead across the call, which would otherwise have to save its 40 registers
+// around it (measured with ptxas -v: 428 bytes of spill stores in the kernel without the reload).
 __device__ __forceinline__ void nhf_group_settle(u32 old, u64 gp, u32 gsize, u64 leaf_end, u64 n, const u8* tags,
-                                                 const u32* unit_key, u8* unit_out, u32* counters, u32 lane) {
+                                                 const u32* unit_key, u8* unit_out, u32* counters, u32 lane,
+                                                 const u8* key, nhf_vec kc[NHF_KCHUNKS]) {
     u64 unit;
     u32 k, expected;
     const bool mine = nhf_group_part(gp, gsize, leaf_end, n, lane, unit, k, expected);
@@ -430,6 +442,11 @@ __device__ __forceinline__ void nhf_group_settle(u32 old, u64 gp, u32 gsize, u64
         const u64 last = (gp + gsize < leaf_end ? gp + gsize : leaf_end) - 1u;
         nhf_units_finish(mask, gp / NHF_LEAVES_PER_UNIT, last / NHF_LEAVES_PER_UNIT, tags, n, unit_key, unit_out,
                          counters);
+        // An opaque copy of `key`: with __restrict__ the compiler may otherwise reuse the loads
+        // from before the call, which keeps kc live across it after all.
+        const u8* kp;
+        asm volatile("mov.b64 %0, %1;" : "=l"(kp) : "l"(key));
+        nhf_key_chunks(kp, lane, kc);
     }
 }
 
@@ -471,14 +488,16 @@ __device__ __forceinline__ void nhf_leaf_loop(const u8* __restrict__ data, u64 n
         }
         if (FUSED) {  // a tuning variant: arrive and settle at once (the atomic's round trip is waited for)
             const u32 old = nhf_group_arrive(g, 1u, leaf_end, n, counters, lane);
-            nhf_group_settle(old, g, 1u, leaf_end, n, tags, unit_key, unit_out, counters, lane);
+            nhf_group_settle(old, g, 1u, leaf_end, n, tags, unit_key, unit_out, counters, lane, key, kc);
         }
 #pragma unroll
         for (int j = 0; j < NHF_ITERS; ++j) cur[j] = nxt[j];
     }
 #else
-    const u64 first = leaf_begin + warp * NHF_INFLIGHT, stride = warps * NHF_INFLIGHT;
-    u64 g = first;
+    // g - stride is this warp's previous group exactly when g - leaf_begin >= stride (its first
+    // group lies below leaf_begin + stride): no register holds the first group.
+    const u32 stride = (u32)warps * NHF_INFLIGHT;  // < 2^32: grid x 8 warps x NHF_INFLIGHT
+    u64 g = leaf_begin + warp * NHF_INFLIGHT;
     for (; g < leaf_end; g += stride) {
         nhf_vec d[NHF_INFLIGHT][NHF_ITERS];
         // Issue every load of the group before any arithmetic.
@@ -490,9 +509,7 @@ __device__ __forceinline__ void nhf_leaf_loop(const u8* __restrict__ data, u64 n
                 nhf_lane_load(data + off, n > off ? n - off : 0, lane, d[f]);
             }
         }
-        // FUSED: the previous group's fence and count, while this group's loads are in flight.
         u32 old = 0u;
-        if (FUSED && g != first) old = nhf_group_arrive(g - stride, NHF_INFLIGHT, leaf_end, n, counters, lane);
 #pragma unroll
         for (int f = 0; f < NHF_INFLIGHT; ++f) {
             const u64 leaf = g + f;
@@ -508,13 +525,18 @@ __device__ __forceinline__ void nhf_leaf_loop(const u8* __restrict__ data, u64 n
                 for (int t = 1; t < NHF_T; ++t) v = lane == (u32)t ? tag[t] : v;
                 reinterpret_cast<u64*>(tags + NHF_TAG * leaf)[lane] = v;
             }
+            // FUSED: the previous group's fence and count after this group's first leaf, whose
+            // registers are free by then (issued with the loads, it spilled: the loop is at its
+            // 128-register cap), and while the group's other loads may still be in flight.
+            if (FUSED && f == 0 && g - leaf_begin >= stride)
+                old = nhf_group_arrive(g - stride, NHF_INFLIGHT, leaf_end, n, counters, lane);
         }
-        if (FUSED && g != first)
-            nhf_group_settle(old, g - stride, NHF_INFLIGHT, leaf_end, n, tags, unit_key, unit_out, counters, lane);
+        if (FUSED && g - leaf_begin >= stride)
+            nhf_group_settle(old, g - stride, NHF_INFLIGHT, leaf_end, n, tags, unit_key, unit_out, counters, lane, key, kc);
     }
-    if (FUSED && g != first) {  // the warp's last group (g - stride: the loop ran at least once)
+    if (FUSED && g - leaf_begin >= stride) {  // the warp's last group (the loop ran at least once)
         const u32 old = nhf_group_arrive(g - stride, NHF_INFLIGHT, leaf_end, n, counters, lane);
-        nhf_group_settle(old, g - stride, NHF_INFLIGHT, leaf_end, n, tags, unit_key, unit_out, counters, lane);
+        nhf_group_settle(old, g - stride, NHF_INFLIGHT, leaf_end, n, tags, unit_key, unit_out, counters, lane, key, kc);
     }
 #endif
 }
