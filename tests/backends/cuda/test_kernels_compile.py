@@ -81,7 +81,8 @@ def test_fused_nh_fast_kernel_keeps_the_leaf_loops_registers() -> None:
     log = _compile.compile_log(name, "sm_90", ["--ptxas-options=-v"])
 
     def usage(kernel: str) -> tuple[int, int, int]:
-        block = log.split(f"Compiling entry function '{kernel}'", 1)[1].split("Compiling entry function", 1)[0]
+        after = log.split(f"Compiling entry function '{kernel}'", 1)[1]
+        block = after.split("Compiling entry function", 1)[0]
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
         regs = re.search(r"Used (\d+) registers", block)
         assert spills is not None and regs is not None, block

@@ -74,9 +74,9 @@ __all__ = [
     "DEVICE_FINISH_UNITS",
     "FUSED_KERNEL",
     "FUSED_UNITS",
-    "UNFUSED_KERNEL",
     "KEY_STAGE_BYTES",
     "SOURCE",
+    "UNFUSED_KERNEL",
     "Backend",
     "NhFastJob",
     "Session",
@@ -137,7 +137,8 @@ def scratch_bytes(n: int) -> int:
     (4 bytes per unit). About 0.6% of the shard (the leaf tags), under the backend's 1% scratch
     budget."""
     units = unit_count(n)
-    return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + (32 * _CHUNKS_PER_UNIT + 32) * units + 16 + 32 + 4 * units
+    per_unit = 32 * _CHUNKS_PER_UNIT + 32 + 4  # chunk values, digest, leaf counter
+    return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + per_unit * units + 16 + 32
 
 
 def _finalize_work_bytes(units: int) -> int:
@@ -421,7 +422,16 @@ def new_job(
     blocks = leaf_blocks(session, mod, FUSED_KERNEL if fused else "nhf_leaf_tags")
     inflight = inflight_for(session)
     return NhFastJob(
-        mod, session.stream, ptr, n, key, scratch, leaf_blocks=blocks, inflight=inflight, stage=stage, fused=fused
+        mod,
+        session.stream,
+        ptr,
+        n,
+        key,
+        scratch,
+        leaf_blocks=blocks,
+        inflight=inflight,
+        stage=stage,
+        fused=fused,
     )
 
 
