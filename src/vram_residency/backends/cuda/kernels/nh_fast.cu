@@ -13,6 +13,10 @@
 //     Tags (24 bytes per leaf, 0.6% of the shard) go to scratch memory.
 //  2. nhf_unit_chunks + nhf_unit_reduce: keyed BLAKE3 of each 1 MiB unit's (<= 6144-byte) tag
 //     string: one thread per 1 KiB chunk, then one thread per unit for the parents.
+//     Or, by default (the launcher's FUSED_UNITS), nhf_leaf_tags_units: nhf_leaf_tags, in which
+//     the warp that counts a unit's last leaf (a per-unit atomic counter) computes that unit's
+//     digest, lanes 0..5 one chunk each, then the parents; see "Fused unit digests" below. The
+//     two-launch path stays for A/B runs and as the fallback.
 //
 //  3. nhf_finalize (the verify path): the digest itself, keyed BLAKE3 over the unit digests and
 //     the length, in one block, so that a verify copies back 32 bytes instead of 32 per MiB and
