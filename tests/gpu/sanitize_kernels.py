@@ -65,7 +65,8 @@ def tables(backend: object) -> int:
 
 def nh_fast(backend: object) -> int:
     """nh-fast-v1's kernels (leaf tags, unit chunks and parents, the device finish) over
-    exact-size allocations, by both result paths and the overlapped seal path."""
+    exact-size allocations, by both result paths and the overlapped seal path, with the fused
+    unit digests (nhf_leaf_tags_units) and with the two-launch path."""
     from vram_residency.backends.cuda import CudaBackend, _nh_fast
     from vram_residency.formats.tree import NH_FAST_V1
 
@@ -74,7 +75,8 @@ def nh_fast(backend: object) -> int:
     finish_at = _nh_fast.DEVICE_FINISH_UNITS
     _nh_fast.DEVICE_FINISH_UNITS = 1  # the device finish at every size, as in the GPU tests
     try:
-        for n in LENGTHS:
+        for fused, n in [(f, n) for f in (True, False) for n in LENGTHS]:
+            _nh_fast.FUSED_UNITS = fused
             data = np.random.default_rng(n + 7).integers(0, 256, size=n, dtype=np.uint8).tobytes()
             err, dptr = driver.cuMemAlloc(n)
             assert err == driver.CUresult.CUDA_SUCCESS
@@ -86,12 +88,14 @@ def nh_fast(backend: object) -> int:
                 ok = ok and backend.hash(view, NH_FAST_V1, key=KEY) == want
                 ok = ok and backend.digest(view, NH_FAST_V1, key=KEY) == want.digest
                 bad += not ok
-                print(f"{NH_FAST_V1:15s} {n:9d} bytes: {'ok' if ok else 'MISMATCH'}", flush=True)
+                path = "fused" if fused else "unfused"
+                print(f"{NH_FAST_V1:15s} {path:7s} {n:9d} bytes: {'ok' if ok else 'MISMATCH'}", flush=True)
                 view.close()
             finally:
                 driver.cuMemFree(dptr)
     finally:
         _nh_fast.DEVICE_FINISH_UNITS = finish_at
+        _nh_fast.FUSED_UNITS = True
     return bad
 
 

@@ -229,7 +229,7 @@ def test_kernel_session_is_the_locked_compute_lane_and_ends_with_its_block(cuda_
     data, key = _bytes(3 * MIB + 5, 9), os.urandom(32)
     assert _gpu_hash(cuda_backend, data, key) == tree.hash_units(data, tree.NH_FAST_V1, key=key)
     assert cuda_backend.last_device_seconds > 0.0  # Event arithmetic around the kernels
-    assert cuda_backend.last_units_kernel == "nhf_leaf_tags"
+    assert cuda_backend.last_units_kernel == _nh_fast.FUSED_KERNEL  # FUSED_UNITS is on by default
 
 
 # -- nh-fast-v1 through the CUDA backend's dispatch and the seal core (issue 15 items 1 and 4) -----
@@ -352,3 +352,116 @@ def test_device_finalize_over_many_units(
         assert got.digest == nhfast.finalize(nhfast.key_schedule(key), got.unit_digests, n)
     finally:
         buf.close()
+
+
+# -- the fused unit digests (nhf_leaf_tags_units) against the two-launch path and the host ------
+
+FUSE_LENGTHS = [
+    0,
+    1,
+    15,
+    16,
+    4095,
+    4096,
+    4097,
+    MIB - 1,
+    MIB,
+    MIB + 1,
+    255 * 4096,
+    256 * 4096,
+    257 * 4096,
+    2 * MIB + 1,  # two units and one leaf
+    7 * MIB + 3 * 4096 + 77,  # an odd multi-unit length
+]
+
+
+@pytest.fixture(params=[True, False], ids=["fused", "unfused"])
+def fused(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    monkeypatch.setattr(_nh_fast, "FUSED_UNITS", request.param)
+    return bool(request.param)
+
+
+@pytest.mark.parametrize("n", FUSE_LENGTHS)
+def test_fused_and_unfused_equal_host(
+    cuda_backend: CudaBackend, n: int, fused: bool, device_finish_always: None
+) -> None:
+    data, key = _bytes(n, n + 3), os.urandom(32)
+    got = _gpu_hash(cuda_backend, data, key)
+    assert got == tree.hash_units(data, tree.NH_FAST_V1, key=key)
+    assert cuda_backend.last_units_kernel == (_nh_fast.FUSED_KERNEL if fused else _nh_fast.UNFUSED_KERNEL)
+
+
+def test_fused_equals_unfused_and_host_at_one_gib(cuda_backend: CudaBackend) -> None:
+    n = 1 << 30
+    data, key = _bytes(n, 30), os.urandom(32)
+    want = tree.hash_units(data, tree.NH_FAST_V1, key=key)
+    buf = cuda_backend.allocate(n)
+    try:
+        buf.write(0, data)
+        for on in (True, False):
+            _nh_fast.FUSED_UNITS = on
+            try:
+                assert nh_fast_hash(cuda_backend, buf.device_pointer, n, key) == want
+                assert nh_fast_digest(cuda_backend, buf.device_pointer, n, key) == want.digest
+            finally:
+                _nh_fast.FUSED_UNITS = True
+    finally:
+        buf.close()
+
+
+def test_fused_counters_are_cleared_whatever_the_scratch_held(cuda_backend: CudaBackend) -> None:
+    # The scratch buffer is shared with the other digests: fill all of it with 0xFF (as an aborted
+    # launch or another digest might leave it), then hash twice; the job's memset must clear the
+    # counters each time (stale counts would finish units early, or never).
+    from cuda.bindings import driver as drv
+
+    n = 3 * MIB + 4097
+    data, key = _bytes(n, 5), os.urandom(32)
+    want = tree.hash_units(data, tree.NH_FAST_V1, key=key)
+    buf = cuda_backend.allocate(n)
+    try:
+        buf.write(0, data)
+        for _ in range(2):
+            with cuda_backend.kernel_session() as ks:
+                size = _nh_fast.scratch_bytes(n)
+                (err,) = drv.cuMemsetD8(ks.scratch(size), 0xFF, size)
+                assert err == drv.CUresult.CUDA_SUCCESS
+            assert nh_fast_hash(cuda_backend, buf.device_pointer, n, key) == want
+    finally:
+        buf.close()
+
+
+@pytest.mark.parametrize("n", [1, 4097, MIB, MIB + 1, 2 * MIB + 4096 + 1, 37 * MIB + 12345])
+def test_seal_path_chunked_launches(cuda_backend: CudaBackend, n: int, fused: bool) -> None:
+    # write_and_hash queues each landed unit's leaves as the copy stream lands them (several
+    # leaf launches per shard, each of whole units); fused, each launch also finishes its units.
+    data, key = _bytes(n, n + 11), os.urandom(32)
+    buf = cuda_backend.allocate(n)
+    try:
+        got = cuda_backend.write_and_hash(buf, data, tree.NH_FAST_V1, key=key)
+        assert got == tree.hash_units(data, tree.NH_FAST_V1, key=key)
+        assert cuda_backend.last_units_kernel == (_nh_fast.FUSED_KERNEL if fused else _nh_fast.UNFUSED_KERNEL)
+    finally:
+        buf.close()
+
+
+def test_tables_of_mixed_lengths(cuda_backend: CudaBackend, fused: bool, device_finish_always: None) -> None:
+    from vram_residency.backends.base import Segment
+
+    lengths = [0, 1, 4095, 4097, 255 * 4096, 257 * 4096, MIB, 2 * MIB + 1, 5 * MIB + 12345]
+    payloads = [_bytes(n, 200 + n) for n in lengths]
+    bufs = [cuda_backend.allocate(max(1, n)) for n in lengths]
+    try:
+        segs, want = [], []
+        for b, p in zip(bufs, payloads, strict=True):
+            if p:
+                b.write(0, p)
+            key = os.urandom(32)
+            segs.append(Segment(b, len(p), tree.NH_FAST_V1, key))
+            want.append(tree.hash_units(p, tree.NH_FAST_V1, key=key))
+        assert cuda_backend.hash_many(segs) == want
+        assert cuda_backend.digest_many(segs) == [w.digest for w in want]
+        assert cuda_backend.digest_many(segs, priority="low") == [w.digest for w in want]
+    finally:
+        for b in bufs:
+            b.close()

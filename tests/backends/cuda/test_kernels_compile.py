@@ -39,6 +39,12 @@ TABLE_KERNELS = [
     ("sha256_tree", "sha256_tree_units_split", 0),
     ("blake3", "blake3_units_split", 0),
 ]
+# nh-fast-v1's fused leaf + unit kernel: the same 128-register cap as nhf_leaf_tags. ptxas (NVRTC
+# 13.0, sm_90) reports 20 bytes of spill stores and 8 of loads: registers saved around the
+# out-of-line unit digest (nhf_units_finish, once per unit) and one word refilled per group of
+# leaves; the loaded data stays in registers (checked in the SASS with nvdisasm: no local loads
+# or stores of the data between its LDG.E.EF.128 loads and the NH arithmetic).
+FUSED_KERNEL = ("nh_fast", "nhf_leaf_tags_units", 64)
 
 
 def test_kernel_sources_are_package_data() -> None:
@@ -77,6 +83,24 @@ def test_table_and_split_kernels_spill_at_most_budget(name: str, entry: str, all
 
 
 @needs_nvrtc
+def test_fused_nh_fast_kernel_keeps_the_leaf_loops_registers() -> None:
+    name, entry, allowed = FUSED_KERNEL
+    log = _compile.compile_log(name, "sm_90", ["--ptxas-options=-v"])
+
+    def usage(kernel: str) -> tuple[int, int, int]:
+        after = log.split(f"Compiling entry function '{kernel}'", 1)[1]
+        block = after.split("Compiling entry function", 1)[0]
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+        regs = re.search(r"Used (\d+) registers", block)
+        assert spills is not None and regs is not None, block
+        return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+    fused, plain = usage(entry), usage("nhf_leaf_tags")
+    assert fused[0] <= plain[0] <= 128  # two blocks of 256 threads per SM (NHF_MIN_BLOCKS)
+    assert max(fused[1:]) <= allowed, (fused, plain)
+
+
+@needs_nvrtc
 @pytest.mark.parametrize(
     ("name", "macro", "values"),
     [
@@ -84,6 +108,7 @@ def test_table_and_split_kernels_spill_at_most_budget(name: str, entry: str, all
         ("blake3", "VR_B3_VARIANT", (0, 2)),
         ("nh_fast", "NHF_PIPELINE", (0, 1)),
         ("nh_fast", "NHF_INFLIGHT", (1, 3, 4)),
+        ("nh_fast", "NHF_FUSED_UNITS", (0,)),
     ],
 )
 def test_tuning_variants_compile(name: str, macro: str, values: tuple[int, ...]) -> None:

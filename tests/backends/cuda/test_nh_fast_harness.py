@@ -47,9 +47,14 @@ def test_lane_cores_match_the_reference(harness: Path, tmp_path: Path, n: int) -
     assert _run(harness, "tags", sched.nh_key, data, tmp_path) == want.hex()
     units = nhfast.unit_digests_from_tags(sched, want, n)
     assert _run(harness, "units", sched.unit_key, want, tmp_path) == units.hex()
+    assert _run(harness, "unitsfused", sched.unit_key, want, tmp_path) == units.hex()
 
 
-@pytest.mark.parametrize("leaves", [1, 2, 42, 43, 85, 86, 128, 255, 256, 257, 512 + 100])
+# 1..6 chunks of tags per unit: 42 | 43, 85 | 86, 128 | 170 | 171, 213 | 214, 256 leaves.
+SHAPES = [1, 2, 42, 43, 44, 85, 86, 128, 170, 171, 213, 214, 255, 256, 257, 512 + 1, 512 + 100]
+
+
+@pytest.mark.parametrize("leaves", SHAPES)
 def test_unit_digest_tree_shapes(harness: Path, tmp_path: Path, leaves: int) -> None:
     # 42/43 leaves: one chunk / two chunks of tags; 85/86: three / four; 256: six full chunks.
     key = os.urandom(32)
@@ -57,6 +62,8 @@ def test_unit_digest_tree_shapes(harness: Path, tmp_path: Path, leaves: int) -> 
     sched = nhfast.key_schedule(key)
     want = nhfast.unit_digests_from_tags(sched, tags, 4096 * leaves)
     assert _run(harness, "units", sched.unit_key, tags, tmp_path) == want.hex()
+    # The fused kernel's order (lane per chunk with L2 loads, then lane per node per level).
+    assert _run(harness, "unitsfused", sched.unit_key, tags, tmp_path) == want.hex()
 
 
 # Unit counts around the top level's chunk boundaries (31 units + the length fit one 1 KiB chunk;

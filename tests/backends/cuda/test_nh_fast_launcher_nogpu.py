@@ -21,7 +21,7 @@ def test_scratch_layout_fits_and_stays_small(n: int) -> None:
     leaves = max(1, -(-n // 4096))
     units = max(1, -(-n // MIB))
     need = _nh_fast.scratch_bytes(n)
-    assert need >= 5376 + 24 * leaves + (6 * 32 + 32) * units
+    assert need >= 5376 + 24 * leaves + (6 * 32 + 32 + 4) * units
     if n >= 64 * MIB:
         assert need / n < 0.01  # the backend's scratch budget: under 1% of the shard
 
@@ -48,15 +48,18 @@ def _fin_chunks(units: int) -> int:
 @settings(max_examples=500, deadline=None)
 def test_job_regions_are_disjoint_and_inside_the_scratch(n: int) -> None:
     """Leaf tags, chunk chaining values, unit digests, the LE64 length slot nhf_finalize writes
-    after them, and the digest: in order, disjoint, aligned, and inside scratch_bytes(n)."""
+    after them, the digest, and the fused kernel's u32 leaf counters (one per unit, cleared by
+    the job's memset, untouched by nhf_finalize's work area): in order, disjoint, aligned, and
+    inside scratch_bytes(n)."""
     units = max(1, -(-n // MIB))
     leaves = max(1, -(-n // 4096))
-    tags, cvs, unit_out, digest_out = _nh_fast._job_layout(n)
+    tags, cvs, unit_out, digest_out, counters = _nh_fast._job_layout(n)
     assert tags >= _nh_fast._KEY_BLOB and tags % 256 == 0
     assert cvs >= tags + 24 * leaves and cvs % 256 == 0
     assert unit_out >= cvs + 192 * units and unit_out % 16 == 0
     assert digest_out >= unit_out + 32 * units + 8 and digest_out % 16 == 0  # past the length slot
-    assert digest_out + 32 <= _nh_fast.scratch_bytes(n)
+    assert counters >= digest_out + 32 and counters % 16 == 0
+    assert counters + 4 * units <= _nh_fast.scratch_bytes(n)
 
 
 @pytest.mark.parametrize("units", [*range(1, 70), 1 << 10, 4095, 4096, 4097, 1 << 14, 1 << 20, (1 << 34) + 1])
@@ -65,7 +68,7 @@ def test_finalize_work_area_fits_in_the_chunk_values(units: int) -> None:
     message, none for a single chunk) fits in the 192 bytes per unit of chunk values before the
     unit digests. Proof for every u >= 1: 64 * ceil((32u + 8) / 1024) <= 64 * (32u + 1031) / 1024
     = 2u + 64.4 < 192u. The parametrized sizes check the formula against the bound directly."""
-    _tags, cvs, unit_out, _ = _nh_fast._job_layout(units * MIB)
+    _tags, cvs, unit_out, _, _ = _nh_fast._job_layout(units * MIB)
     need = _nh_fast._finalize_work_bytes(units)
     assert need == (0 if _fin_chunks(units) == 1 else 64 * _fin_chunks(units))
     assert cvs + need <= unit_out
@@ -93,3 +96,10 @@ def test_key_stages_never_overlap_the_copies_back(rows: list[tuple[int, bool]]) 
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
     assert spans[-1][1] <= total
     assert _nh_fast.KEY_STAGE_BYTES >= _nh_fast._KEY_BLOB
+
+
+def test_fused_path_is_the_default_and_names_its_kernel() -> None:
+    # The lead's switch (module constant) and the names backend.last_units_kernel reports.
+    assert _nh_fast.FUSED_UNITS is True
+    assert _nh_fast.FUSED_KERNEL == "nhf_leaf_tags_units"
+    assert _nh_fast.UNFUSED_KERNEL == "nhf_unit_chunks"

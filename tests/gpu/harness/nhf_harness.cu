@@ -6,6 +6,9 @@
 //
 //   nhf_harness tags NHKEY DATA   -> the leaf tags, hex, one line
 //   nhf_harness units UNITKEY TAGS -> the unit digests, hex, one line
+//   nhf_harness unitsfused UNITKEY TAGS -> the same, in nhf_leaf_tags_units' order: one lane per
+//                                     chunk (nhf_b3_chunk_t<true>, the L2 block loads), then the
+//                                     parents level by level, one lane per node (nhf_level_node)
 //   nhf_harness top TOPKEY UNITS N -> the digest of the unit digests UNITS and length N, in
 //                                     nhf_finalize's order (chunks, then the tree level by level)
 #include <cstdio>
@@ -73,6 +76,33 @@ int main(int argc, char** argv) {
             if (chunks == 1u) std::memcpy(root, cvs[0], 32);
             else nhf_b3_reduce(cvs, chunks, k, root);
             hex(reinterpret_cast<const u8*>(root), 32);
+        }
+    } else if (!std::strcmp(argv[1], "unitsfused")) {
+        if (key.size() != 32 || n % NHF_TAG) return 3;
+        u32 k[8];
+        std::memcpy(k, key.data(), 32);
+        const u64 leaves = n / NHF_TAG;
+        for (u64 first = 0; first < leaves; first += NHF_LEAVES_PER_UNIT) {
+            const u64 count = leaves - first < NHF_LEAVES_PER_UNIT ? leaves - first : NHF_LEAVES_PER_UNIT;
+            const u32 len = (u32)(count * NHF_TAG);
+            const u32 chunks = (len + 1023u) / 1024u;
+            u32 node[32][8] = {};  // node[lane]: the warp's registers
+            for (u32 lane = 0; lane < chunks; ++lane) {
+                const u32 clen = lane + 1u < chunks ? 1024u : len - 1024u * lane;
+                nhf_b3_chunk_t<true>(data.data() + first * NHF_TAG + 1024u * lane, clen, lane, k, chunks == 1u, node[lane]);
+            }
+            for (u32 c = chunks; c > 1u; c = (c >> 1) + (c & 1u)) {
+                u32 next[32][8];
+                for (u32 lane = 0; lane < 32; ++lane) {  // the shuffles: every lane reads 2 lane, 2 lane + 1
+                    u32 l[8], r[8];
+                    std::memcpy(l, node[(2u * lane) & 31u], 32);
+                    std::memcpy(r, node[(2u * lane + 1u) & 31u], 32);
+                    std::memcpy(next[lane], node[lane], 32);
+                    if (lane < (c >> 1) + (c & 1u)) nhf_level_node(l, r, c, lane, k, next[lane]);
+                }
+                std::memcpy(node, next, sizeof node);
+            }
+            hex(reinterpret_cast<const u8*>(node[0]), 32);
         }
     } else if (!std::strcmp(argv[1], "top")) {
         if (key.size() != 32 || n % 32 || n == 0) return 3;

@@ -1493,6 +1493,7 @@ class CudaBackend(Backend):
             buf.check_open()
             with self.kernel_session() as ks:
                 job = _nh_fast.new_job(ks, buf._ptr, n, key)
+                self.last_units_kernel = job.units_kernel
 
                 def landed() -> None:
                     # The compute stream waits for what the copy stream has queued so far.

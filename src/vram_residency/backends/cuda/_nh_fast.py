@@ -72,8 +72,11 @@ class Backend(Protocol):
 
 __all__ = [
     "DEVICE_FINISH_UNITS",
+    "FUSED_KERNEL",
+    "FUSED_UNITS",
     "KEY_STAGE_BYTES",
     "SOURCE",
+    "UNFUSED_KERNEL",
     "Backend",
     "NhFastJob",
     "Session",
@@ -108,6 +111,15 @@ KEY_STAGE_BYTES: Final = _TAGS_OFF
 #: serial chain (16 compressions per 1 KiB chunk, then a level per doubling), ~60 us at 1,024
 #: units and ~120 us at 16,384.
 DEVICE_FINISH_UNITS: int = 4096  # not Final: tests and the sanitizer run set it to 1
+#: The leaf kernel builds the unit digests itself (``nhf_leaf_tags_units``: the warp that counts a
+#: unit's last leaf hashes its tag string), instead of ``nhf_leaf_tags`` followed by
+#: ``nhf_unit_chunks`` + ``nhf_unit_reduce`` (on an H200 at 1 GiB the two unit kernels were a ~40
+#: us serial tail after ~285 us of leaves). Not Final: flip it (or pass ``fused=`` to the job) to
+#: A/B the two paths; a job reads it when it is built. The kernel that ran is reported in the
+#: backend's ``last_units_kernel``.
+FUSED_UNITS: bool = True
+FUSED_KERNEL: Final = "nhf_leaf_tags_units"
+UNFUSED_KERNEL: Final = "nhf_unit_chunks"
 
 
 def _align(x: int) -> int:
@@ -121,10 +133,12 @@ def _leaves(n: int) -> int:
 def scratch_bytes(n: int) -> int:
     """Device scratch an ``n``-byte shard needs: keys (5 KiB), 24 bytes per leaf, then per unit
     192 bytes of chunk chaining values and 32 of digest, then the length (8 bytes, padded to 16)
-    and the 32-byte digest that ``nhf_finalize`` appends. About 0.6% of the shard (the leaf
-    tags), under the backend's 1% scratch budget."""
+    and the 32-byte digest that ``nhf_finalize`` appends, then the fused kernel's leaf counters
+    (4 bytes per unit). About 0.6% of the shard (the leaf tags), under the backend's 1% scratch
+    budget."""
     units = unit_count(n)
-    return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + (32 * _CHUNKS_PER_UNIT + 32) * units + 16 + 32
+    per_unit = 32 * _CHUNKS_PER_UNIT + 32 + 4  # chunk values, digest, leaf counter
+    return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + per_unit * units + 16 + 32
 
 
 def _finalize_work_bytes(units: int) -> int:
@@ -134,16 +148,19 @@ def _finalize_work_bytes(units: int) -> int:
     return 0 if chunks == 1 else 64 * chunks
 
 
-def _job_layout(n: int) -> tuple[int, int, int, int]:
+def _job_layout(n: int) -> tuple[int, int, int, int, int]:
     """Offsets, from a job's scratch address, of its leaf tags, its chunk chaining values (also
-    ``nhf_finalize``'s work area), its unit digests (followed by the LE64 length slot) and the
-    digest ``nhf_finalize`` writes; all inside :func:`scratch_bytes` (``n``)."""
+    ``nhf_finalize``'s work area), its unit digests (followed by the LE64 length slot), the
+    digest ``nhf_finalize`` writes, and the fused kernel's per-unit leaf counters (u32, 16-byte
+    aligned); all inside :func:`scratch_bytes` (``n``). The counters have a region of their own:
+    ``nhf_finalize``, which runs after the leaf kernel, uses the chunk values as its work area."""
     units = unit_count(n)
     tags = _TAGS_OFF
     cvs = tags + _align(nhfast.TAG_SIZE * _leaves(n))
     unit_out = cvs + 32 * _CHUNKS_PER_UNIT * units
     # nhf_finalize appends LE64(n) to the unit digests and writes the digest after it.
-    return tags, cvs, unit_out, unit_out + 32 * units + 16
+    digest_out = unit_out + 32 * units + 16
+    return tags, cvs, unit_out, digest_out, digest_out + 32
 
 
 def _host_layout(down: Sequence[int], rows: int) -> tuple[int, int]:
@@ -180,6 +197,7 @@ class NhFastJob:
         leaf_blocks: int,
         inflight: int = 2,
         stage: tuple[int, memoryview] | None = None,
+        fused: bool | None = None,
     ) -> None:
         if ptr % 16:
             raise InvalidInput("nh-fast-v1 needs 16-byte aligned device memory (16-byte loads)")
@@ -196,7 +214,10 @@ class NhFastJob:
         self._key_dev = scratch + _KEY_OFF
         self._unit_key_dev = scratch + _UNIT_KEY_OFF
         self._top_key_dev = scratch + _TOP_KEY_OFF
-        tags, cvs, unit_out, digest_out = _job_layout(n)
+        tags, cvs, unit_out, digest_out, counters = _job_layout(n)
+        #: The unit digests come from the leaf kernel (``nhf_leaf_tags_units``); see FUSED_UNITS.
+        self.fused = FUSED_UNITS if fused is None else bool(fused)
+        self._counters = scratch + counters
         self._tags = scratch + tags
         self._cvs = scratch + cvs
         self._unit_out = scratch + unit_out
@@ -220,6 +241,17 @@ class NhFastJob:
         copy = driver().cuMemcpyHtoDAsync(self._key_dev, addr, len(blob), stream.handle)
         check(copy, "uploading the nh-fast-v1 key")
         del keep, blob
+        if self.fused:
+            # The fused kernel's leaf counters start at zero for this job: the scratch buffer is
+            # shared with other digests (and a launch aborted earlier may have left counts), so
+            # it is never assumed clean. In stream order, before any leaf launch.
+            zero = driver().cuMemsetD32Async(self._counters, 0, self.units, stream.handle)
+            check(zero, "clearing the nh-fast-v1 unit counters")
+
+    @property
+    def units_kernel(self) -> str:
+        """The kernel that builds the unit digests (for ``backend.last_units_kernel``)."""
+        return FUSED_KERNEL if self.fused else UNFUSED_KERNEL
 
     @property
     def units_done(self) -> int:
@@ -262,7 +294,8 @@ class NhFastJob:
         launch(fn, 1, _FIN_THREADS, self.stream, args, what="nhf_finalize")
 
     def launch_leaves(self, first: int, end: int) -> None:
-        """Queue the leaf tags of leaves ``[first, end)``."""
+        """Queue the leaf tags of leaves ``[first, end)`` (fused: and the digest of every unit whose
+        last uncounted leaf is among them; the counts add up across launches)."""
         if end <= first:
             return
         grid = min(self._grid_cap, -(-(end - first) // self._per_block))
@@ -274,11 +307,19 @@ class NhFastJob:
             (U64, end),
             (U64, self._tags),
         ]
-        launch(self.mod.function("nhf_leaf_tags"), grid, _THREADS, self.stream, args, what="nhf_leaf_tags")
+        name = "nhf_leaf_tags"
+        if self.fused:
+            name = FUSED_KERNEL
+            args += [(U64, self._unit_key_dev), (U64, self._counters), (U64, self._unit_out)]
+        launch(self.mod.function(name), grid, _THREADS, self.stream, args, what=name)
 
     def launch_units(self, first: int, end: int) -> None:
-        """Queue unit digests ``[first, end)``; their leaves must have been queued before."""
+        """Queue unit digests ``[first, end)``; their leaves must have been queued before. Fused,
+        the leaf launches have queued them already: only the count of units done moves."""
         if end <= first:
+            return
+        if self.fused:
+            self._units_done = max(self._units_done, end)
             return
         key, span = (U64, self._unit_key_dev), (end - first)
         chunk_args: list[Arg] = [
@@ -348,9 +389,10 @@ def module_for(session: Session) -> Module:
     return session.module(SOURCE)
 
 
-def leaf_blocks(session: Session, mod: Module) -> int:
-    """The leaf kernel's grid: multiprocessors x resident blocks per multiprocessor."""
-    return int(session.multiprocessors) * session.blocks_per_sm(mod, "nhf_leaf_tags", _THREADS)
+def leaf_blocks(session: Session, mod: Module, kernel: str = "nhf_leaf_tags") -> int:
+    """The leaf kernel's grid: multiprocessors x resident blocks per multiprocessor (of
+    ``kernel``: ``nhf_leaf_tags`` or the fused ``nhf_leaf_tags_units``)."""
+    return int(session.multiprocessors) * session.blocks_per_sm(mod, kernel, _THREADS)
 
 
 def inflight_for(session: Session) -> int:
@@ -368,16 +410,28 @@ def new_job(
     *,
     scratch: int | None = None,
     stage: tuple[int, memoryview] | None = None,
+    fused: bool | None = None,
 ) -> NhFastJob:
     """An :class:`NhFastJob` on the session's stream and module, sized for its device, in the
     session's scratch (or at device address ``scratch``, with :func:`scratch_bytes` (n) bytes);
-    ``stage``: see :class:`NhFastJob`."""
+    ``stage``: see :class:`NhFastJob`; ``fused``: see :data:`FUSED_UNITS` (its value when None)."""
     mod = module_for(session)
     if scratch is None:
         scratch = session.scratch(scratch_bytes(n))
-    blocks, inflight = leaf_blocks(session, mod), inflight_for(session)
+    fused = FUSED_UNITS if fused is None else fused
+    blocks = leaf_blocks(session, mod, FUSED_KERNEL if fused else "nhf_leaf_tags")
+    inflight = inflight_for(session)
     return NhFastJob(
-        mod, session.stream, ptr, n, key, scratch, leaf_blocks=blocks, inflight=inflight, stage=stage
+        mod,
+        session.stream,
+        ptr,
+        n,
+        key,
+        scratch,
+        leaf_blocks=blocks,
+        inflight=inflight,
+        stage=stage,
+        fused=fused,
     )
 
 
@@ -405,7 +459,7 @@ def _run_rows(
     with backend.kernel_session() as ks:
         base = ks.scratch(sum(sizes))
         backend.last_scratch_bytes = sum(sizes)
-        backend.last_units_kernel = "nhf_leaf_tags"
+        backend.last_units_kernel = FUSED_KERNEL if FUSED_UNITS else UNFUSED_KERNEL
         host = ks.result_buffer(host_bytes)
         view = host.view
         jobs: list[NhFastJob] = []

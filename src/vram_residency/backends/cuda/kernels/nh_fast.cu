@@ -13,6 +13,10 @@
 //     Tags (24 bytes per leaf, 0.6% of the shard) go to scratch memory.
 //  2. nhf_unit_chunks + nhf_unit_reduce: keyed BLAKE3 of each 1 MiB unit's (<= 6144-byte) tag
 //     string: one thread per 1 KiB chunk, then one thread per unit for the parents.
+//     Or, by default (the launcher's FUSED_UNITS), nhf_leaf_tags_units: nhf_leaf_tags, in which
+//     the warp that counts a unit's last leaf (a per-unit atomic counter) computes that unit's
+//     digest, lanes 0..5 one chunk each, then the parents; see "Fused unit digests" below. The
+//     two-launch path stays for A/B runs and as the fallback.
 //
 //  3. nhf_finalize (the verify path): the digest itself, keyed BLAKE3 over the unit digests and
 //     the length, in one block, so that a verify copies back 32 bytes instead of 32 per MiB and
@@ -171,6 +175,26 @@ VR_HD void nhf_b3_block(const u8* p, u32 len, u32 b, u32 m[16]) {
     }
 }
 
+// nhf_b3_block's form for the fused unit digests (nhf_leaf_tags_units): the tag string was written
+// by other SMs in the same launch, so every load goes to L2 (ld.global.cg: L1 is not coherent
+// across SMs), and the partial block is filled word by word with constant indices (registers, no
+// local array). `len` must be a multiple of 4 (a tag string is 24 bytes per leaf, so every chunk
+// of one is 1024 bytes or a multiple of 8).
+VR_HD u32 nhf_ld32_l2(const u8* p) {
+#ifdef __CUDA_ARCH__
+    return __ldcg(reinterpret_cast<const unsigned int*>(p));
+#else
+    return *reinterpret_cast<const u32*>(p);
+#endif
+}
+
+VR_HD void nhf_b3_block_l2(const u8* p, u32 len, u32 b, u32 m[16]) {
+    const u32 blen = len - 64u * b < 64u ? len - 64u * b : 64u;
+    const u8* q = p + 64u * b;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) m[i] = 4u * i < blen ? nhf_ld32_l2(q + 4u * i) : 0u;
+}
+
 // Chaining value (or, with `root`, the 32-byte keyed hash) of one chunk of `len` (1..1024) bytes
 // at `p` (4-byte aligned; little-endian words), chunk counter `counter`. The next block's loads
 // are issued before the current block is compressed (a chunk is 16 dependent compressions, and
@@ -178,12 +202,26 @@ VR_HD void nhf_b3_block(const u8* p, u32 len, u32 b, u32 m[16]) {
 // 1 GiB it did not shorten the unit kernels (36.7 us before, 43.8 us after, within run-to-run
 // noise): the chain is the compressions themselves, not the loads. It is what the final
 // benchmark ran, so it stays.
-VR_HD void nhf_b3_chunk(const u8* p, u32 len, u64 counter, const u32 key[8], bool root, u32 out[8]) {
+// L2 = true: the blocks are read with nhf_b3_block_l2 (the fused unit digests; `len` a multiple of 4).
+template <bool L2>
+VR_HD void nhf_b3_chunk_t(const u8* p, u32 len, u64 counter, const u32 key[8], bool root, u32 out[8]) {
     u32 cv[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) cv[i] = key[i];
     const u32 blocks = (len + 63u) / 64u;
     u32 cur[16], nxt[16] = {0u};
+    if (L2) {  // no prefetch: the fused caller is register-bound (its leaf loop's 128-register cap)
+        for (u32 b = 0; b < blocks; ++b) {
+            nhf_b3_block_l2(p, len, b, cur);
+            u32 flags = NHF_B3_KEYED;
+            if (b == 0) flags |= NHF_B3_CHUNK_START;
+            if (b + 1u == blocks) flags |= NHF_B3_CHUNK_END | (root ? NHF_B3_ROOT : 0u);
+            nhf_b3_compress(cv, cur, counter, (b + 1u < blocks) ? 64u : len - 64u * b, flags, cv);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[i] = cv[i];
+        return;
+    }
     nhf_b3_block(p, len, 0, cur);
     for (u32 b = 0; b < blocks; ++b) {
         const u32 blen = (b + 1u < blocks) ? 64u : len - 64u * b;
@@ -197,6 +235,10 @@ VR_HD void nhf_b3_chunk(const u8* p, u32 len, u64 counter, const u32 key[8], boo
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) out[i] = cv[i];
+}
+
+VR_HD void nhf_b3_chunk(const u8* p, u32 len, u64 counter, const u32 key[8], bool root, u32 out[8]) {
+    nhf_b3_chunk_t<false>(p, len, counter, key, root, out);
 }
 
 VR_HD void nhf_b3_parent(const u32 l[8], const u32 r[8], const u32 key[8], bool root, u32 out[8]) {
@@ -219,6 +261,19 @@ VR_HD void nhf_b3_reduce(u32 cvs[8][8], u32 count, const u32 key[8], u32 out[8])
         count = pairs + (count & 1u);
     }
     for (int w = 0; w < 8; ++w) out[w] = cvs[0][w];
+}
+
+// One level of a unit's tree as the fused kernel runs it (one lane per node, nhf_unit_digest_warp;
+// the CPU harness runs the same steps): node i of the next level of a level of `count` nodes, from
+// nodes l = 2i and r = 2i + 1, or l carried up unchanged when 2i + 1 == count. Level by level,
+// pairing from the left with the odd node carried, is nhf_b3_reduce's order (BLAKE3's tree).
+VR_HD void nhf_level_node(const u32 l[8], const u32 r[8], u32 count, u32 i, const u32 key[8], u32 out[8]) {
+    if (2u * i + 1u < count) {
+        nhf_b3_parent(l, r, key, count == 2u, out);
+    } else {
+#pragma unroll
+        for (int w = 0; w < 8; ++w) out[w] = l[w];
+    }
 }
 
 // One level of the top-level tree (nhf_finalize; the CPU harness runs the same steps): node i of
@@ -256,12 +311,158 @@ __device__ __forceinline__ u64 nhf_warp_sum(u64 x) {
 #endif
 }
 
+#define NHF_CHUNKS_PER_UNIT 6u  // ceil(256 * 24 / 1024)
+
+__device__ __forceinline__ u32 nhf_unit_tag_bytes(u64 leaves, u64 unit) {
+    const u64 first = unit * NHF_LEAVES_PER_UNIT;
+    const u64 count = (leaves - first < NHF_LEAVES_PER_UNIT) ? leaves - first : NHF_LEAVES_PER_UNIT;
+    return (u32)(count * NHF_TAG);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused unit digests (nhf_leaf_tags_units): the warp that hashes a unit's last leaf also computes
+// the unit's digest ("last block done"), so no unit kernels run after the leaves: on an H200 at
+// 1 GiB they were a 40 us serial tail after ~285 us of leaves. counters[u] (u32, zeroed by the
+// launcher's memset at job start) counts the leaves of unit u whose tags are written and visible.
+//
+// Writer side (every group of leaves a warp hashes, nhf_group_arrive): each lane fences its own
+// tag stores (__threadfence: visible GPU-wide), __syncwarp orders every lane's fence before lane 0's
+// (and lane 1's) atomicAdd of the group's leaf count to its unit's counter. A group never spans
+// more than two units (NHF_INFLIGHT <= 256), so lane 0 counts the leaves in the first leaf's unit
+// and lane 1 those in the last leaf's unit when that is another one (NHF_INFLIGHT = 3 groups, or a
+// leaf_begin off a unit boundary, do straddle). Reader side (nhf_units_finish): the lane whose add
+// completed the unit's leaf count tells the warp through __ballot_sync; __syncwarp then orders that
+// observation before every lane's __threadfence, and the tags are read with __ldcg (L2; L1 is not
+// coherent across SMs). The counter goes back to 0, so a later launch on the same shard (the seal
+// path's next chunk, another verify) starts from zero; an aborted launch is covered by the memset.
+//
+// The hot loop keeps its registers: the unit work is a __noinline__ call on a path taken once per
+// unit, everything it needs but the group's position comes from kernel parameters (constant
+// bank), and the atomic's result is compared only after the next group's arithmetic (the non-
+// pipelined loop fences and adds for group g after issuing group g + 1's loads, so neither the
+// fence's wait for the tag stores nor the atomic's round trip leaves the warp without loads in
+// flight).
+
+#ifndef NHF_FUSED_UNITS
+#define NHF_FUSED_UNITS 1  // 0: nhf_leaf_tags_units is not built (the launcher's FUSED_UNITS must be off)
+#endif
+
+#if NHF_INFLIGHT > 256 || NHF_INFLIGHT < 1
+#error "NHF_INFLIGHT must be 1..256: a group of leaves must span at most two units"
+#endif
+
+__device__ __forceinline__ u64 nhf_leaf_count(u64 n) { return n == 0 ? 1u : (n + NHF_LEAF - 1u) / NHF_LEAF; }
+
+// Lane 0's and lane 1's part of the group of `gsize` leaves from `gp` (cut at leaf_end): the unit,
+// the number of the group's leaves in it, and that unit's whole leaf count. False on other lanes,
+// and on lane 1 when the group lies in one unit.
+__device__ __forceinline__ bool nhf_group_part(u64 gp, u32 gsize, u64 leaf_end, u64 n, u32 lane, u64& unit, u32& k,
+                                               u32& expected) {
+    const u64 last = (gp + gsize < leaf_end ? gp + gsize : leaf_end) - 1u;
+    const u64 u0 = gp / NHF_LEAVES_PER_UNIT, u1 = last / NHF_LEAVES_PER_UNIT;
+    if (lane > 1u || (lane == 1u && u1 == u0)) return false;
+    unit = lane == 0u ? u0 : u1;
+    const u64 lo = lane == 0u ? gp : u1 * NHF_LEAVES_PER_UNIT;
+    const u64 hi = (lane == 0u && u1 != u0) ? u0 * NHF_LEAVES_PER_UNIT + (NHF_LEAVES_PER_UNIT - 1u) : last;
+    k = (u32)(hi - lo + 1u);
+    expected = nhf_unit_tag_bytes(nhf_leaf_count(n), unit) / NHF_TAG;
+    return true;
+}
+
+// Writer side for the group at gp, whose tag stores this warp has issued: returns the counter's
+// old value on lanes 0/1 (not waited for here; nhf_group_settle compares it).
+__device__ __forceinline__ u32 nhf_group_arrive(u64 gp, u32 gsize, u64 leaf_end, u64 n, u32* counters, u32 lane) {
+    __threadfence();
+    __syncwarp();
+    u64 unit;
+    u32 k, expected;
+    if (!nhf_group_part(gp, gsize, leaf_end, n, lane, unit, k, expected)) return 0u;
+    return atomicAdd(counters + unit, k);
+}
+
+// The digest of unit `unit` by the whole (converged) warp: lanes 0..5 one 1 KiB chunk of its tag
+// string each (nhf_b3_chunk_t, L2 loads; a one-chunk unit gets ROOT on its chunk), then the parents
+// level by level, one lane per node (nhf_level_node), the nodes passed between lanes by shuffles.
+// The same tree as nhf_unit_chunks + nhf_unit_reduce (nhf_b3_reduce pairs the same way); the CPU
+// harness's `unitsfused` mode runs these steps against the reference.
+__device__ void nhf_unit_digest_warp(const u8* __restrict__ tags, u64 n, const u32* __restrict__ unit_key, u64 unit,
+                                     u8* __restrict__ unit_out, u32* __restrict__ counters, u32 lane) {
+    const u32 len = nhf_unit_tag_bytes(nhf_leaf_count(n), unit);
+    const u32 chunks = (len + 1023u) / 1024u;
+    u32 key[8], node[8];
+#pragma unroll
+    for (int w = 0; w < 8; ++w) key[w] = unit_key[w];
+#pragma unroll
+    for (int w = 0; w < 8; ++w) node[w] = 0u;
+    if (lane < chunks) {
+        const u32 clen = (lane + 1u < chunks) ? 1024u : len - 1024u * lane;
+        nhf_b3_chunk_t<true>(tags + unit * NHF_LEAVES_PER_UNIT * NHF_TAG + 1024u * lane, clen, lane, key, chunks == 1u,
+                             node);
+    }
+    __syncwarp();
+    for (u32 count = chunks; count > 1u; count = (count >> 1) + (count & 1u)) {
+        u32 l[8], r[8];
+#pragma unroll
+        for (int w = 0; w < 8; ++w) {
+            l[w] = __shfl_sync(0xffffffffu, node[w], (2u * lane) & 31u);
+            r[w] = __shfl_sync(0xffffffffu, node[w], (2u * lane + 1u) & 31u);
+        }
+        if (lane < (count >> 1) + (count & 1u)) nhf_level_node(l, r, count, lane, key, node);
+        __syncwarp();
+    }
+    if (lane == 0u) {
+        u32* dst = reinterpret_cast<u32*>(unit_out + 32u * unit);
+#pragma unroll
+        for (int w = 0; w < 8; ++w) dst[w] = node[w];
+        counters[unit] = 0u;  // every leaf of the unit has been counted: nothing adds to it again
+    }
+    __syncwarp();
+}
+
+// The rare path (a group completed one or two units): out of line, so the hot loop's register
+// allocation does not carry BLAKE3's state. `mask`: bit 0, unit u0 is complete; bit 1, unit u1.
+__device__ __noinline__ void nhf_units_finish(u32 mask, u64 u0, u64 u1, const u8* __restrict__ tags, u64 n,
+                                              const u32* __restrict__ unit_key, u8* __restrict__ unit_out,
+                                              u32* __restrict__ counters) {
+    const u32 lane = threadIdx.x & 31u;
+    __syncwarp();      // lane 0/1's observation of the final count, before...
+    __threadfence();   // ...every lane's fence, before its L2 loads of the other warps' tags
+    if (mask & 1u) nhf_unit_digest_warp(tags, n, unit_key, u0, unit_out, counters, lane);
+    if (mask & 2u) nhf_unit_digest_warp(tags, n, unit_key, u1, unit_out, counters, lane);
+}
+
+// Reader side for the group at gp: `old` is what nhf_group_arrive returned on this lane. After a
+// unit's digest the warp reloads its NH key chunks `kc` from `key` (ten 16-byte loads, once per
+// unit): kc is then dead across the call, which would otherwise have to save its 40 registers
+// around it (measured with ptxas -v: 428 bytes of spill stores in the kernel without the reload).
+__device__ __forceinline__ void nhf_group_settle(u32 old, u64 gp, u32 gsize, u64 leaf_end, u64 n, const u8* tags,
+                                                 const u32* unit_key, u8* unit_out, u32* counters, u32 lane,
+                                                 const u8* key, nhf_vec kc[NHF_KCHUNKS]) {
+    u64 unit;
+    u32 k, expected;
+    const bool mine = nhf_group_part(gp, gsize, leaf_end, n, lane, unit, k, expected);
+    const u32 mask = __ballot_sync(0xffffffffu, mine && old + k == expected) & 3u;
+    if (mask) {
+        const u64 last = (gp + gsize < leaf_end ? gp + gsize : leaf_end) - 1u;
+        nhf_units_finish(mask, gp / NHF_LEAVES_PER_UNIT, last / NHF_LEAVES_PER_UNIT, tags, n, unit_key, unit_out,
+                         counters);
+        // An opaque copy of `key`: with __restrict__ the compiler may otherwise reuse the loads
+        // from before the call, which keeps kc live across it after all.
+        const u8* kp;
+        asm volatile("mov.b64 %0, %1;" : "=l"(kp) : "l"(key));
+        nhf_key_chunks(kp, lane, kc);
+    }
+}
+
 // Leaf tags of leaves [leaf_begin, leaf_end) of the n-byte shard at `data` (16-byte aligned).
 // `key`: the 5120-byte NH key (device memory, 16-byte aligned). Tag i goes to tags + 24 i.
-// Any grid size works (warps stride over groups of NHF_INFLIGHT leaves).
-extern "C" __global__ void __launch_bounds__(NHF_THREADS, NHF_MIN_BLOCKS)
-nhf_leaf_tags(const u8* __restrict__ data, u64 n, const u8* __restrict__ key, u64 leaf_begin, u64 leaf_end,
-              u8* __restrict__ tags) {
+// Any grid size works (warps stride over groups of NHF_INFLIGHT leaves). FUSED: also every unit
+// digest whose last leaf is counted here (see above; unit_key, counters, unit_out are used only then).
+template <bool FUSED>
+__device__ __forceinline__ void nhf_leaf_loop(const u8* __restrict__ data, u64 n, const u8* __restrict__ key,
+                                              u64 leaf_begin, u64 leaf_end, u8* __restrict__ tags,
+                                              const u32* __restrict__ unit_key, u32* __restrict__ counters,
+                                              u8* __restrict__ unit_out) {
     const u32 lane = threadIdx.x & 31u;
     const u64 warp = ((u64)blockIdx.x * NHF_THREADS + threadIdx.x) >> 5;
     const u64 warps = ((u64)gridDim.x * NHF_THREADS) >> 5;
@@ -289,11 +490,19 @@ nhf_leaf_tags(const u8* __restrict__ data, u64 n, const u8* __restrict__ key, u6
             for (int t = 1; t < NHF_T; ++t) v = lane == (u32)t ? tag[t] : v;
             reinterpret_cast<u64*>(tags + NHF_TAG * g)[lane] = v;
         }
+        if (FUSED) {  // a tuning variant: arrive and settle at once (the atomic's round trip is waited for)
+            const u32 old = nhf_group_arrive(g, 1u, leaf_end, n, counters, lane);
+            nhf_group_settle(old, g, 1u, leaf_end, n, tags, unit_key, unit_out, counters, lane, key, kc);
+        }
 #pragma unroll
         for (int j = 0; j < NHF_ITERS; ++j) cur[j] = nxt[j];
     }
 #else
-    for (u64 g = leaf_begin + warp * NHF_INFLIGHT; g < leaf_end; g += warps * NHF_INFLIGHT) {
+    // g - stride is this warp's previous group exactly when g - leaf_begin >= stride (its first
+    // group lies below leaf_begin + stride): no register holds the first group.
+    const u32 stride = (u32)warps * NHF_INFLIGHT;  // < 2^32: grid x 8 warps x NHF_INFLIGHT
+    u64 g = leaf_begin + warp * NHF_INFLIGHT;
+    for (; g < leaf_end; g += stride) {
         nhf_vec d[NHF_INFLIGHT][NHF_ITERS];
         // Issue every load of the group before any arithmetic.
 #pragma unroll
@@ -304,6 +513,7 @@ nhf_leaf_tags(const u8* __restrict__ data, u64 n, const u8* __restrict__ key, u6
                 nhf_lane_load(data + off, n > off ? n - off : 0, lane, d[f]);
             }
         }
+        u32 old = 0u;
 #pragma unroll
         for (int f = 0; f < NHF_INFLIGHT; ++f) {
             const u64 leaf = g + f;
@@ -319,22 +529,46 @@ nhf_leaf_tags(const u8* __restrict__ data, u64 n, const u8* __restrict__ key, u6
                 for (int t = 1; t < NHF_T; ++t) v = lane == (u32)t ? tag[t] : v;
                 reinterpret_cast<u64*>(tags + NHF_TAG * leaf)[lane] = v;
             }
+            // FUSED: the previous group's fence and count after this group's first leaf, whose
+            // registers are free by then (issued with the loads, it spilled: the loop is at its
+            // 128-register cap), and while the group's other loads may still be in flight.
+            if (FUSED && f == 0 && g - leaf_begin >= stride)
+                old = nhf_group_arrive(g - stride, NHF_INFLIGHT, leaf_end, n, counters, lane);
         }
+        if (FUSED && g - leaf_begin >= stride)
+            nhf_group_settle(old, g - stride, NHF_INFLIGHT, leaf_end, n, tags, unit_key, unit_out, counters, lane, key, kc);
+    }
+    if (FUSED && g - leaf_begin >= stride) {  // the warp's last group (the loop ran at least once)
+        const u32 old = nhf_group_arrive(g - stride, NHF_INFLIGHT, leaf_end, n, counters, lane);
+        nhf_group_settle(old, g - stride, NHF_INFLIGHT, leaf_end, n, tags, unit_key, unit_out, counters, lane, key, kc);
     }
 #endif
 }
+
+extern "C" __global__ void __launch_bounds__(NHF_THREADS, NHF_MIN_BLOCKS)
+nhf_leaf_tags(const u8* __restrict__ data, u64 n, const u8* __restrict__ key, u64 leaf_begin, u64 leaf_end,
+              u8* __restrict__ tags) {
+    nhf_leaf_loop<false>(data, n, key, leaf_begin, leaf_end, tags, nullptr, nullptr, nullptr);
+}
+
+#if NHF_FUSED_UNITS
+// nhf_leaf_tags, and the digest of every unit whose leaves are all counted (see "Fused unit
+// digests"): unit u's digest goes to unit_out + 32 u, as nhf_unit_chunks/nhf_unit_reduce write it.
+// `counters`: one u32 per unit of the shard, zero at the job's start (the launcher's memset);
+// `unit_key`: 8 little-endian words. Launches may cover any leaf ranges in any split (the counts
+// add up across launches on one stream); the seal path's cover whole units.
+extern "C" __global__ void __launch_bounds__(NHF_THREADS, NHF_MIN_BLOCKS)
+nhf_leaf_tags_units(const u8* __restrict__ data, u64 n, const u8* __restrict__ key, u64 leaf_begin, u64 leaf_end,
+                    u8* __restrict__ tags, const u32* __restrict__ unit_key, u32* __restrict__ counters,
+                    u8* __restrict__ unit_out) {
+    nhf_leaf_loop<true>(data, n, key, leaf_begin, leaf_end, tags, unit_key, counters, unit_out);
+}
+#endif
 
 // Unit digests, in two launches so that every lane does useful work: a unit's tag string has at
 // most six 1 KiB BLAKE3 chunks of 16 serial compressions each, so one thread per chunk (not one
 // warp per unit, which left 26 of 32 lanes idle) and then one thread per unit for the (at most
 // five) parent compressions. `leaves`: the shard's leaf count; `unit_key`: 8 little-endian words.
-#define NHF_CHUNKS_PER_UNIT 6u  // ceil(256 * 24 / 1024)
-
-__device__ __forceinline__ u32 nhf_unit_tag_bytes(u64 leaves, u64 unit) {
-    const u64 first = unit * NHF_LEAVES_PER_UNIT;
-    const u64 count = (leaves - first < NHF_LEAVES_PER_UNIT) ? leaves - first : NHF_LEAVES_PER_UNIT;
-    return (u32)(count * NHF_TAG);
-}
 
 // Thread i: chunk i % 6 of unit unit_begin + i / 6. Its chaining value goes to cvs + 32 (6 unit +
 // chunk); a unit of one chunk is finished here (ROOT on its last block) and written to out + 32 unit.
