@@ -279,3 +279,74 @@ def test_planned_audit_records_are_those_of_a_verify_from_scratch() -> None:
         mgr.verify_many(batch)
         assert planned == log.events
         assert len(planned) == len({s.shard_id for s in batch})
+
+
+@pytest.mark.parametrize("when", ["before the call", "while the digests run"])
+@pytest.mark.parametrize(
+    "edit",
+    ["part renamed", "parts' shards swapped", "shard's index edited"],
+)
+def test_a_model_binding_broken_gives_the_from_scratch_verdict(when: str, edit: str) -> None:
+    # verify_model's binding check runs with the plan's tag check while the digests run. A model
+    # whose binding no longer holds fails exactly as from scratch: the binding's
+    # SealVerificationFailed, with no SealVerified (or any) record for its shards.
+    log = _Log()
+    mgr, backend = _manager(log)
+    with mgr:
+        model = mgr.seal_tensors({f"w{i}": np.arange(3000 + i, dtype=np.uint8) for i in range(4)})
+        mgr.verify_model(model)
+        mgr.verify_model(model)
+        assert mgr.store._plans
+        parts = model.parts
+
+        def apply() -> None:
+            if edit == "part renamed":
+                object.__setattr__(parts[1], "name", "w9")
+            elif edit == "parts' shards swapped":
+                a, b = parts[1].shard, parts[2].shard
+                object.__setattr__(parts[1], "shard", b)
+                object.__setattr__(parts[2], "shard", a)
+            else:
+                object.__setattr__(parts[3].shard, "shard_index", 0)
+
+        before = mgr.store.last_verified_ns()
+        log.events.clear()
+        if when == "before the call":
+            apply()
+        else:
+            backend.before = apply
+        planned = _outcome(lambda: mgr.verify_model(model))
+        planned_events = list(log.events)
+        if edit == "parts' shards swapped" and when == "while the digests run":
+            # The shards verified are those the parts held when the call began (read once, as
+            # before the overlap), and they were bound: a valid verdict on them. The next verify
+            # sees the swap.
+            assert planned is None
+            before = mgr.store.last_verified_ns()
+            log.events.clear()
+            planned = _outcome(lambda: mgr.verify_model(model))
+            planned_events = list(log.events)
+        assert planned is not None
+        if edit != "shard's index edited" or when == "before the call":
+            assert planned[0] == "failed" and "model" in planned[1]  # type: ignore[index]
+        mgr.store._plans.clear()
+        model._binding.clear()
+        log.events.clear()
+        scratch = _outcome(lambda: mgr.verify_model(model))
+        assert planned == scratch
+        assert planned_events == log.events
+        assert [e for e, _ in planned_events if e == "SealVerified"] == []
+        assert mgr.store.last_verified_ns() == before
+
+
+def test_an_intact_model_verifies_planned_with_its_binding_checked_once() -> None:
+    log = _Log()
+    mgr, backend = _manager(log)
+    with mgr:
+        model = mgr.seal_tensors({f"w{i}": np.arange(3000 + i, dtype=np.uint8) for i in range(4)})
+        for _ in range(3):
+            backend.calls.clear()
+            log.events.clear()
+            mgr.verify_model(model)
+            assert [e for e, _ in log.events] == ["SealVerified"] * 4
+        assert backend.calls == [True]  # planned: one digest_many, with the gate

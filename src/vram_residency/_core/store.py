@@ -187,18 +187,40 @@ def _plan_applies(plan: _VerifyPlan) -> bool:
         return False
 
 
+class _Once:
+    """A caller's check that must pass before any verdict (``verify_many``'s ``before_verdict``,
+    a model's binding), run at most once per verify: by a plan's gate while the device digests,
+    or by the verify from scratch, whichever comes first. Its exception propagates each time
+    (and it is then not marked done)."""
+
+    __slots__ = ("done", "fn")
+
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self.fn = fn
+        self.done = fn is None
+
+    def __call__(self) -> None:
+        if not self.done:
+            assert self.fn is not None  # done is True without one
+            self.fn()
+            self.done = True
+
+
 class _PlanGate:
     """A verify plan's tag check (``_plan_applies``), run by the backend as ``while_running``:
-    on the host while the device digests, so that it costs no time of its own. With ``audit``,
-    it also builds the SealVerified payloads of a full check's success path (``batch``).
+    on the host while the device digests, so that it costs no time of its own. The caller's
+    ``before`` check (a model's binding) runs first, as it would before the plan's. With
+    ``audit``, it also builds the SealVerified payloads of a full check's success path
+    (``batch``).
 
-    It gives no verdict: the store uses the digests only when ``ok`` (the check ran and passed)
-    and they then match. ``error``: what the check raised, if anything."""
+    It gives no verdict: the store uses the digests only when ``ok`` (both checks ran and
+    passed) and they then match. ``error``: what a check raised, if anything."""
 
-    __slots__ = ("audit", "batch", "error", "ok", "plan", "ran")
+    __slots__ = ("audit", "batch", "before", "error", "ok", "plan", "ran")
 
-    def __init__(self, plan: _VerifyPlan, *, audit: bool) -> None:
+    def __init__(self, plan: _VerifyPlan, before: _Once, *, audit: bool) -> None:
         self.plan = plan
+        self.before = before
         self.audit = audit
         self.ran = False
         self.ok = False
@@ -210,6 +232,7 @@ class _PlanGate:
             return
         self.ran = True
         try:
+            self.before()
             ok = _plan_applies(self.plan)
         except BaseException as exc:
             self.error = exc
@@ -717,6 +740,7 @@ class ShardStore:
         priority: Priority = "normal",
         check: Check = "full",
         full_every_s: float | None = None,
+        before_verdict: Callable[[], None] | None = None,
     ) -> None:
         """Verify every shard: the tags, then ONE ``backend.digest_many`` over all of them, then
         unit digests (one ``hash_many``) only for those whose digest changed, to say where.
@@ -735,7 +759,13 @@ class ShardStore:
         A batch of the same shard objects verified again (a model's shards, verify_model after
         verify_model) reuses what the last successful verify of it worked out (``_VerifyPlan``):
         the lookups, the lock order, the segment table and the expected digests; the tags are not
-        recomputed while every object still holds the fields and tag checked then."""
+        recomputed while every object still holds the fields and tag checked then; that check
+        runs on the host while the device digests (``digest_many``'s ``while_running``).
+
+        ``before_verdict``: a caller's check that must pass before any verdict, record or audit
+        event (``verify_model``'s binding check): it runs before everything else, or, for a
+        planned batch, with the plan's tag check while the device digests. Its exception
+        propagates, and nothing is concluded."""
         if check not in CHECKS:
             raise InvalidInput(f"check must be one of {CHECKS}, not {check!r}")
         if full_every_s is not None and (
@@ -747,8 +777,10 @@ class ShardStore:
         # A plan holds its presented objects, so an id in its key cannot belong to another object
         # while it is stored: a key that matches names these very objects.
         plan = self._plans.get(plan_key)
-        if plan is not None and self._verify_planned(plan, priority, check, full_every_s):
+        before = _Once(before_verdict)
+        if plan is not None and self._verify_planned(plan, priority, check, full_every_s, before):
             return
+        before()  # from scratch: first of all (a no-op when the plan's gate ran it already)
         for s in presented:
             if not isinstance(s, SealedShard):
                 raise InvalidInput(f"expected SealedShard objects, not {type(s).__name__}")
@@ -824,7 +856,12 @@ class ShardStore:
             self._plans[key] = plan
 
     def _verify_planned(
-        self, plan: _VerifyPlan, priority: Priority, check: Check, full_every_s: float | None
+        self,
+        plan: _VerifyPlan,
+        priority: Priority,
+        check: Check,
+        full_every_s: float | None,
+        before: _Once,
     ) -> bool:
         """Verify the batch of ``plan`` with it; False (no verdict, no record, no audit) when the
         plan no longer applies, and the caller verifies from scratch.
@@ -836,8 +873,9 @@ class ShardStore:
         checked when it was made, and no verdict is given before both the tag check and the
         digest comparison succeed. When the check fails, the digests are discarded unread."""
         with self._lock:
-            self.check_open()
-            if self._generation != plan.generation:
+            if self._closed or self._generation != plan.generation:
+                # From scratch, which runs ``before`` first and then says what (NotSealed for a
+                # closed store), in the order a verify without a plan always had.
                 return False
         locked: list[threading.Lock] = []
         try:
@@ -845,30 +883,33 @@ class ShardStore:
                 lock.acquire()
                 locked.append(lock)
             if any(map(_CLOSED, plan.bufs)):
-                # The tag check first, as before the overlap: an edited batch is verified from
+                # The checks first, as before the overlap: an edited batch is verified from
                 # scratch (which then says what it finds), an unedited one names the freed shard.
+                before()
                 if not _plan_applies(plan):
                     return False
                 for sid, rec in plan.records.items():
                     if rec.buf.closed:
                         raise NotSealed(f"shard {sid!r} was deallocated")
             if check == "full":
-                return self._verify_full_planned(plan, priority)
-            gate = _PlanGate(plan, audit=False)
+                return self._verify_full_planned(plan, priority, before)
+            gate = _PlanGate(plan, before, audit=False)
             self._verify_held(list(plan.presented), plan.records, priority, check, full_every_s, gate=gate)
             return gate.ok
         finally:
             for lock in reversed(locked):
                 lock.release()
 
-    def _verify_full_planned(self, plan: _VerifyPlan, priority: Priority) -> bool:
+    def _verify_full_planned(
+        self, plan: _VerifyPlan, priority: Priority, before: _Once | None = None
+    ) -> bool:
         # The full check of a planned batch, the caller holding its locks: one digest_many (the
         # tag check and the audit payloads built meanwhile), one constant-time comparison of all
         # digests at once; shard by shard (as _verify_held does) only when something differs, to
         # say which and where. False: the plan does not apply (nothing concluded).
         segments = plan.segments
         audit = self._audit
-        gate = _PlanGate(plan, audit=audit is not None)
+        gate = _PlanGate(plan, _Once(None) if before is None else before, audit=audit is not None)
         start = time.perf_counter_ns()
         try:
             digests = self._backend.digest_many(segments, priority=priority, while_running=gate)
