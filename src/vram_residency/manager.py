@@ -309,7 +309,10 @@ class VramManager:
             )
         if not isinstance(model, SealedModel):
             raise InvalidInput(f"verify_model takes a SealedModel, not {type(model).__name__}")
-        self._store.verify_many(model.bound_shards())
+        # The binding is checked before any verdict on the shards: on the host while the device
+        # digests them when the batch is planned, before anything else when it is not.
+        shards, binding = model.binding_check()
+        self._store.verify_many(shards, before_verdict=binding)
 
     def repair(
         self, shard: SealedShard, source: str | os.PathLike[str] | Buffer | None = None

@@ -52,9 +52,11 @@ class CountingHost(HostBackend):
         super().__init__(0, CAP)
         self.digest_calls: list[int] = []
 
-    def digest_many(self, segments: Any, *, priority: Any = "normal") -> list[bytes]:
+    def digest_many(
+        self, segments: Any, *, priority: Any = "normal", while_running: Any = None
+    ) -> list[bytes]:
         self.digest_calls.append(len(segments))
-        return super().digest_many(segments, priority=priority)
+        return super().digest_many(segments, priority=priority, while_running=while_running)
 
 
 def test_segment_table_matches_hash_units_on_edges() -> None:

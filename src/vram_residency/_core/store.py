@@ -158,6 +158,103 @@ class _VerifyPlan:
     expected: bytes
 
 
+def _plan_applies(plan: _VerifyPlan) -> bool:
+    """True when every object of ``plan`` still holds exactly the seal fields and tag whose HMAC
+    was checked against its record's tag when the plan was made.
+
+    One C-level comparison of the field tuples, one constant-time comparison of the joined tags.
+    The HMAC of the same message under the same key against the same record tag (the store's
+    own, fixed for the record's life) cannot give another answer, so it is not recomputed. A
+    changed or replaced object (dataclasses.replace, or an in-place edit of the frozen
+    dataclass) does not match: the whole batch is then verified from scratch, its tags fully
+    checked.
+
+    The fields are compared by identity, not equality: an unedited frozen object returns the very
+    objects checked then, while an equal value of another type (False for 0, 101.0 for 101, a
+    str subclass equal to everything) is no seal-v1 field and is refused from scratch. Every tag
+    must be 32 bytes long: the joined tags alone would match tags split differently across the
+    shards (31 bytes in one, 33 in the next). Errors other than TypeError (an attribute deleted
+    from an object) propagate, as a from-scratch check would raise them."""
+    presented = plan.presented
+    tags = list(map(_TAG, presented))
+    try:
+        return not (
+            not all(map(_IS, chain.from_iterable(map(_SEAL_FIELD_VALUES, presented)), plan.flat_values))
+            or set(map(len, tags)) != _ONLY_32
+            or not hmac.compare_digest(b"".join(tags), plan.tags)
+        )
+    except TypeError:  # a tag edited into something that is not bytes: the full check says so
+        return False
+
+
+class _Once:
+    """A caller's check that must pass before any verdict (``verify_many``'s ``before_verdict``,
+    a model's binding), run at most once per verify: by a plan's gate while the device digests,
+    or by the verify from scratch, whichever comes first. Its exception propagates each time
+    (and it is then not marked done)."""
+
+    __slots__ = ("done", "fn")
+
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self.fn = fn
+        self.done = fn is None
+
+    def __call__(self) -> None:
+        if not self.done:
+            assert self.fn is not None  # done is True without one
+            self.fn()
+            self.done = True
+
+
+class _PlanGate:
+    """A verify plan's tag check (``_plan_applies``), run by the backend as ``while_running``:
+    on the host while the device digests, so that it costs no time of its own. The caller's
+    ``before`` check (a model's binding) runs first, as it would before the plan's. With
+    ``audit``, it also builds the SealVerified payloads of a full check's success path
+    (``batch``).
+
+    It gives no verdict: the store uses the digests only when ``ok`` (both checks ran and
+    passed) and they then match. ``error``: what a check raised, if anything."""
+
+    __slots__ = ("audit", "batch", "before", "error", "ok", "plan", "ran")
+
+    def __init__(self, plan: _VerifyPlan, before: _Once, *, audit: bool) -> None:
+        self.plan = plan
+        self.before = before
+        self.audit = audit
+        self.ran = False
+        self.ok = False
+        self.error: BaseException | None = None
+        self.batch: list[dict[str, Any]] = []
+
+    def __call__(self) -> None:
+        if self.ran:  # the contract is once per call; a second call would change nothing
+            return
+        self.ran = True
+        try:
+            self.before()
+            ok = _plan_applies(self.plan)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        if ok and self.audit:
+            self.batch = [
+                {"shard_id": sid, "vram_bytes": sh.vram_bytes, "digest_algorithm": sh.digest_algorithm}
+                for sid, sh in ((sid, r.shard) for sid, r in self.plan.records.items())
+            ]
+        self.ok = ok
+
+    def stale_after(self, exc: Exception) -> bool:
+        """After ``digest_many`` raised ``exc``: True when the plan turned out not to apply (the
+        caller then verifies from scratch, as it would have without the plan, and that verify
+        meets any lasting device error again); False when ``exc`` must propagate. A check that
+        did not run yet (the backend failed before queuing) runs now, as it would have run
+        before the device work."""
+        if not self.ran:
+            self()
+        return self.error is None and not self.ok
+
+
 class ShardStore:
     """Sealed shards on one backend, keyed by shard id; thread-safe.
 
@@ -643,6 +740,7 @@ class ShardStore:
         priority: Priority = "normal",
         check: Check = "full",
         full_every_s: float | None = None,
+        before_verdict: Callable[[], None] | None = None,
     ) -> None:
         """Verify every shard: the tags, then ONE ``backend.digest_many`` over all of them, then
         unit digests (one ``hash_many``) only for those whose digest changed, to say where.
@@ -661,7 +759,13 @@ class ShardStore:
         A batch of the same shard objects verified again (a model's shards, verify_model after
         verify_model) reuses what the last successful verify of it worked out (``_VerifyPlan``):
         the lookups, the lock order, the segment table and the expected digests; the tags are not
-        recomputed while every object still holds the fields and tag checked then."""
+        recomputed while every object still holds the fields and tag checked then; that check
+        runs on the host while the device digests (``digest_many``'s ``while_running``).
+
+        ``before_verdict``: a caller's check that must pass before any verdict, record or audit
+        event (``verify_model``'s binding check): it runs before everything else, or, for a
+        planned batch, with the plan's tag check while the device digests. Its exception
+        propagates, and nothing is concluded."""
         if check not in CHECKS:
             raise InvalidInput(f"check must be one of {CHECKS}, not {check!r}")
         if full_every_s is not None and (
@@ -673,8 +777,10 @@ class ShardStore:
         # A plan holds its presented objects, so an id in its key cannot belong to another object
         # while it is stored: a key that matches names these very objects.
         plan = self._plans.get(plan_key)
-        if plan is not None and self._verify_planned(plan, priority, check, full_every_s):
+        before = _Once(before_verdict)
+        if plan is not None and self._verify_planned(plan, priority, check, full_every_s, before):
             return
+        before()  # from scratch: first of all (a no-op when the plan's gate ran it already)
         for s in presented:
             if not isinstance(s, SealedShard):
                 raise InvalidInput(f"expected SealedShard objects, not {type(s).__name__}")
@@ -750,37 +856,26 @@ class ShardStore:
             self._plans[key] = plan
 
     def _verify_planned(
-        self, plan: _VerifyPlan, priority: Priority, check: Check, full_every_s: float | None
+        self,
+        plan: _VerifyPlan,
+        priority: Priority,
+        check: Check,
+        full_every_s: float | None,
+        before: _Once,
     ) -> bool:
-        """Verify the batch of ``plan`` with it; False (nothing done) when the plan no longer
-        applies, and the caller verifies from scratch."""
-        presented = plan.presented
-        # The tags: every object still holds exactly the seal fields and tag whose HMAC was
-        # checked against its record's tag when the plan was made (one C-level comparison of the
-        # field tuples, one constant-time comparison of the joined tags). The HMAC of the same
-        # message under the same key against the same record tag (the store's own, fixed for the
-        # record's life) cannot give another answer, so it is not recomputed. A changed or
-        # replaced object (dataclasses.replace, or an in-place edit of the frozen dataclass) does
-        # not match: the whole batch is then verified from scratch, its tags fully checked.
-        #
-        # The fields are compared by identity, not equality: an unedited frozen object returns the
-        # very objects checked then, while an equal value of another type (False for 0, 101.0 for
-        # 101, a str subclass equal to everything) is no seal-v1 field and is refused from
-        # scratch. Every tag must be 32 bytes long: the joined tags alone would match tags split
-        # differently across the shards (31 bytes in one, 33 in the next).
-        tags = list(map(_TAG, presented))
-        try:
-            if (
-                not all(map(_IS, chain.from_iterable(map(_SEAL_FIELD_VALUES, presented)), plan.flat_values))
-                or set(map(len, tags)) != _ONLY_32
-                or not hmac.compare_digest(b"".join(tags), plan.tags)
-            ):
-                return False
-        except TypeError:  # a tag edited into something that is not bytes: the full check says so
-            return False
+        """Verify the batch of ``plan`` with it; False (no verdict, no record, no audit) when the
+        plan no longer applies, and the caller verifies from scratch.
+
+        The generation and the records' locks come first; the plan's tag check
+        (``_plan_applies``) then runs on the host while the device digests (``_PlanGate``, the
+        backend's ``while_running``). The digests are used only when that check passed: a plan
+        is used only when every presented object still holds the very field objects and tags
+        checked when it was made, and no verdict is given before both the tag check and the
+        digest comparison succeed. When the check fails, the digests are discarded unread."""
         with self._lock:
-            self.check_open()
-            if self._generation != plan.generation:
+            if self._closed or self._generation != plan.generation:
+                # From scratch, which runs ``before`` first and then says what (NotSealed for a
+                # closed store), in the order a verify without a plan always had.
                 return False
         locked: list[threading.Lock] = []
         try:
@@ -788,28 +883,45 @@ class ShardStore:
                 lock.acquire()
                 locked.append(lock)
             if any(map(_CLOSED, plan.bufs)):
+                # The checks first, as before the overlap: an edited batch is verified from
+                # scratch (which then says what it finds), an unedited one names the freed shard.
+                before()
+                if not _plan_applies(plan):
+                    return False
                 for sid, rec in plan.records.items():
                     if rec.buf.closed:
                         raise NotSealed(f"shard {sid!r} was deallocated")
             if check == "full":
-                self._verify_full_planned(plan, priority)
-            else:
-                self._verify_held(
-                    list(presented), plan.records, priority, check, full_every_s, tags_checked=True
-                )
+                return self._verify_full_planned(plan, priority, before)
+            gate = _PlanGate(plan, before, audit=False)
+            self._verify_held(list(plan.presented), plan.records, priority, check, full_every_s, gate=gate)
+            return gate.ok
         finally:
             for lock in reversed(locked):
                 lock.release()
-        return True
 
-    def _verify_full_planned(self, plan: _VerifyPlan, priority: Priority) -> None:
-        # The full check of a planned batch, the caller holding its locks: one digest_many, one
-        # constant-time comparison of all digests at once; shard by shard (as _verify_held does)
-        # only when something differs, to say which and where.
+    def _verify_full_planned(
+        self, plan: _VerifyPlan, priority: Priority, before: _Once | None = None
+    ) -> bool:
+        # The full check of a planned batch, the caller holding its locks: one digest_many (the
+        # tag check and the audit payloads built meanwhile), one constant-time comparison of all
+        # digests at once; shard by shard (as _verify_held does) only when something differs, to
+        # say which and where. False: the plan does not apply (nothing concluded).
         segments = plan.segments
+        audit = self._audit
+        gate = _PlanGate(plan, _Once(None) if before is None else before, audit=audit is not None)
         start = time.perf_counter_ns()
-        digests = self._backend.digest_many(segments, priority=priority)
+        try:
+            digests = self._backend.digest_many(segments, priority=priority, while_running=gate)
+        except Exception as exc:
+            if gate.stale_after(exc):
+                return False
+            raise
         elapsed_ns = time.perf_counter_ns() - start
+        if not gate.ran:
+            gate()  # a backend that did not call it: the check runs all the same, before any verdict
+        if not gate.ok:
+            return False  # the digests are discarded: the caller verifies from scratch
         if len(digests) != len(segments):
             raise IntegrityViolation(
                 "the backend returned a digest count that differs from the segment count"
@@ -819,24 +931,19 @@ class ShardStore:
             self._conclude(
                 list(plan.presented), plan.records, {}, plan.record_list, set(), segments, digests, elapsed_ns
             )
-            return
+            return True
         now_ns = time.time_ns()
         for rec in plan.record_list:
             rec.last_verified_ns = now_ns
             rec.last_full_ns = now_ns
-        audit = self._audit
         if audit is None:
-            return  # no log: nothing is built per shard
+            return True  # no log: nothing is built per shard
         # The fields every record of the batch shares go once, as common fields (the same
-        # records as six fields per shard; fewer dicts to build and read).
+        # records as six fields per shard; fewer dicts to build and read). The per-shard
+        # payloads were built by the gate while the device worked.
         common = {"check": "full", "duration_ns": elapsed_ns, "batch_shards": len(segments)}
-        self._emit_verified(
-            [
-                {"shard_id": sid, "vram_bytes": sh.vram_bytes, "digest_algorithm": sh.digest_algorithm}
-                for sid, sh in ((sid, r.shard) for sid, r in plan.records.items())
-            ],
-            common,
-        )
+        self._emit_verified(gate.batch, common)
+        return True
 
     def verify_held(self, shard: SealedShard, record: ShardRecord) -> None:
         """Verify one shard whose ``record.lock`` the caller already holds (repair does)."""
@@ -858,14 +965,15 @@ class ShardStore:
         check: Check = "full",
         full_every_s: float | None = None,
         *,
-        tags_checked: bool = False,
+        gate: _PlanGate | None = None,
     ) -> tuple[list[tuple[object, ...]], list[bytes]] | None:
         """Verify ``presented`` (their ``records`` locked by the caller); raises on any failure.
         Returns the field values and tags whose seal tags it checked (all valid), or None when
-        ``tags_checked`` (a verify plan checked them)."""
+        ``gate`` (a verify plan's tag check, run while the device digests) checks them instead:
+        then nothing is concluded, recorded or audited unless ``gate.ok`` after the call."""
         failures: dict[str, ShardFailure] = {}
         checked: tuple[list[tuple[object, ...]], list[bytes]] | None = None
-        if not tags_checked:
+        if gate is None:
             values = list(map(_SEAL_FIELD_VALUES, presented))
             tags = list(map(_TAG, presented))
             for s, v, t in zip(presented, values, tags, strict=True):
@@ -887,7 +995,23 @@ class ShardStore:
             else [self.segment(r) for r in todo]
         )
         start = time.perf_counter_ns()
-        digests = self._backend.digest_many(segments, priority=priority) if segments else []
+        if gate is None:
+            digests = self._backend.digest_many(segments, priority=priority) if segments else []
+        else:
+            try:
+                digests = (
+                    self._backend.digest_many(segments, priority=priority, while_running=gate)
+                    if segments
+                    else []
+                )
+            except Exception as exc:
+                if gate.stale_after(exc):
+                    return None  # gate.ok is False: the caller verifies from scratch
+                raise
+            if not gate.ran:
+                gate()  # no segments, or a backend that did not call it: before any verdict
+            if not gate.ok:
+                return None  # the digests are discarded
         elapsed_ns = time.perf_counter_ns() - start
         if len(digests) != len(segments):
             raise IntegrityViolation(

@@ -29,6 +29,7 @@ __all__ = [
     "PlainHostMemory",
     "Priority",
     "Segment",
+    "WhileRunning",
     "check_range",
 ]
 
@@ -36,6 +37,11 @@ __all__ = [
 #: ``Capabilities.priority_streams`` runs it on a low-priority stream so that serving kernels go
 #: first; the host backend runs it on one thread; a backend without either ignores it.
 Priority = Literal["normal", "low"]
+
+#: ``while_running()``: host work a caller of ``Backend.digest_many`` has the backend run while
+#: the device works (see there): called once, with the digests queued and not yet waited for.
+#: It takes no device memory and must not touch the table's buffers (the backend holds their locks).
+WhileRunning = Callable[[], None]
 
 #: Allocations are rounded up to this many bytes (cudaMalloc's guarantee, kept on every backend
 #: so that kernels can use 16-byte vector loads on any shard).
@@ -283,11 +289,29 @@ class Backend(abc.ABC):
         see ``Priority``."""
         return [self.hash(s.buf, s.algorithm, s.length, key=s.key) for s in segments]
 
-    def digest_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[bytes]:
+    def digest_many(
+        self,
+        segments: Sequence[Segment],
+        *,
+        priority: Priority = "normal",
+        while_running: WhileRunning | None = None,
+    ) -> list[bytes]:
         """``digest`` of every segment, in order: the batched verify path (one launch or a few,
         one synchronization, on backends with ``batched_digests``). ``priority``: see
-        ``Priority``."""
-        return [self.digest(s.buf, s.algorithm, s.length, key=s.key) for s in segments]
+        ``Priority``.
+
+        ``while_running``: host work for the caller to do while the device digests (the store
+        checks a verify plan's tags meanwhile; see ``WhileRunning``). The backend calls it once,
+        after every segment's device work is queued and before it waits for that work; a backend
+        without asynchrony (this default, the host backend) calls it at any point of the call. A
+        call that fails before queuing anything (a bad table, a freed buffer) does not call it.
+        When it raises, the backend waits for and cleans up the queued work exactly as on any
+        other error (nothing left in flight, no buffer reused early, every lock released), then
+        re-raises its exception."""
+        out = [self.digest(s.buf, s.algorithm, s.length, key=s.key) for s in segments]
+        if while_running is not None:
+            while_running()
+        return out
 
     def adopt_host(self, memory: Buffer) -> DeviceBuffer:
         """Wrap host memory someone else owns, in place (``Capabilities.adopt_host``)."""

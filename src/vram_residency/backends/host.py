@@ -28,6 +28,7 @@ from vram_residency.backends.base import (
     DeviceBuffer,
     Priority,
     Segment,
+    WhileRunning,
     check_range,
 )
 from vram_residency.errors import InsufficientVram, IntegrityViolation, InvalidInput, PolicyViolation
@@ -235,11 +236,18 @@ class HostBackend(Backend):
         segments: Sequence[Segment],
         one: Callable[[memoryview, Segment, int | None], _T],
         priority: Priority,
+        while_running: WhileRunning | None = None,
     ) -> list[_T]:
         """``one(view, segment, threads)`` for every segment, in order: large segments one after
         another with every core, the rest batched into tasks of ~_TASK_BYTES on ONE thread pool
         for the whole table (hashlib and blake3 release the GIL on large buffers). Low-priority
-        work (the scrubber) runs on the calling thread alone, leaving the other cores to serving."""
+        work (the scrubber) runs on the calling thread alone, leaving the other cores to serving.
+
+        ``while_running`` (``Backend.digest_many``) runs on the calling thread once the table is
+        checked: while the pool's threads hash when there is a pool (they release the GIL on
+        large buffers, so the two overlap), else before the hashing, which it then cannot
+        delay. If it raises, the pool's tasks finish (the pool is shut down with waiting) before
+        the views are released and its exception propagates."""
         if priority not in ("normal", "low"):
             raise InvalidInput(f"priority must be 'normal' or 'low', not {priority!r}")
         background = priority == "low"
@@ -268,8 +276,15 @@ class HostBackend(Backend):
             workers = 1 if background else min(_cpu_count(), len(tasks))
             if workers > 1:
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vram-hash") as pool:
-                    list(pool.map(run, tasks))
+                    # map submits every task at once; the callback runs while they hash, and a
+                    # raising callback leaves the with-block, which waits for every task.
+                    results = pool.map(run, tasks)
+                    if while_running is not None:
+                        while_running()
+                    list(results)
             else:
+                if while_running is not None:
+                    while_running()
                 for task in tasks:
                     run(task)
             done = [r for r in out if r is not None]
@@ -286,10 +301,20 @@ class HostBackend(Backend):
             segments, lambda v, s, t: hash_units(v, s.algorithm, threads=t, key=s.key), priority
         )
 
-    def digest_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[bytes]:
-        """The digest of every segment, in order (the verify path: no BLAKE3 unit digests)."""
+    def digest_many(
+        self,
+        segments: Sequence[Segment],
+        *,
+        priority: Priority = "normal",
+        while_running: WhileRunning | None = None,
+    ) -> list[bytes]:
+        """The digest of every segment, in order (the verify path: no BLAKE3 unit digests).
+        ``while_running``: see ``Backend.digest_many`` and ``_run_table``."""
         return self._run_table(
-            segments, lambda v, s, t: digest_only(v, s.algorithm, threads=t, key=s.key), priority
+            segments,
+            lambda v, s, t: digest_only(v, s.algorithm, threads=t, key=s.key),
+            priority,
+            while_running,
         )
 
     def read_into(self, buf: DeviceBuffer, offset: int, out: memoryview) -> None:

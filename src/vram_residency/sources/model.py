@@ -186,18 +186,32 @@ class SealedModel:
         place; the values themselves are compared by identity (the cache keeps them alive, so no
         other object can take their ids), because ``==`` would take a value of another type that
         only compares equal (a str subclass equal to every string) for the one checked."""
+        shards, check = self.binding_check()
+        check()
+        return shards
+
+    def binding_check(self) -> tuple[tuple[SealedShard, ...], Callable[[], None]]:
+        """:meth:`bound_shards` in two steps: the shards (in part order, read now) and the check
+        of their binding (``SealVerificationFailed`` when it fails), to be run before any verdict
+        on them. ``verify_model`` hands the check to the store, which runs it on the host while
+        the device digests the shards (``ShardStore.verify_many``'s ``before_verdict``)."""
         parts = self.parts
         shards = tuple(map(_SHARD, parts))
-        names = list(map(_NAME, parts))
-        values = (self.model_ref, *names, *chain.from_iterable(map(_BINDING_FIELDS, shards)))
-        # One read of the cached tuple (another thread may replace it meanwhile: a copy.copy of
-        # the model shares this list), so that its length and items are of the same binding.
-        cache = self._binding
-        bound = cache[0] if cache else ()
-        if len(bound) != len(values) or not all(map(operator.is_, values, bound)):
-            _check_binding(self.model_ref, list(zip(names, shards, strict=True)))
-            cache[:] = [values]
-        return shards
+
+        def check() -> None:
+            # The parts read once above: the names checked are those of the parts whose shards
+            # are verified.
+            names = list(map(_NAME, parts))
+            values = (self.model_ref, *names, *chain.from_iterable(map(_BINDING_FIELDS, shards)))
+            # One read of the cached tuple (another thread may replace it meanwhile: a copy.copy
+            # of the model shares this list), so that its length and items are of one binding.
+            cache = self._binding
+            bound = cache[0] if cache else ()
+            if len(bound) != len(values) or not all(map(operator.is_, values, bound)):
+                _check_binding(self.model_ref, list(zip(names, shards, strict=True)))
+                cache[:] = [values]
+
+        return shards, check
 
     def record(self) -> dict[str, Any]:
         """JSON-ready: the model_ref, ``M``, and each part's name with its seal record."""

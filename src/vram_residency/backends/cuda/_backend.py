@@ -37,6 +37,7 @@ from vram_residency.backends.base import (
     LandedHook,
     Priority,
     Segment,
+    WhileRunning,
     check_range,
 )
 from vram_residency.backends.cuda import _batch, _core, _driver, _nh_fast
@@ -1187,7 +1188,13 @@ class CudaBackend(Backend):
             return self.digest_many([Segment(buf, n, algorithm, key)], priority=priority)[0]
         return self._hash_buffer(buf, algorithm, length, units=False)[0]
 
-    def digest_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[bytes]:
+    def digest_many(
+        self,
+        segments: Sequence[Segment],
+        *,
+        priority: Priority = "normal",
+        while_running: WhileRunning | None = None,
+    ) -> list[bytes]:
         """Digests of every segment, in order, in one pass: one upload of a segment table, one
         launch per (algorithm, kernel) over all units of all segments, one per tree level, one
         copy back and one synchronization. Bit-identical to ``digest`` of each segment.
@@ -1202,12 +1209,22 @@ class CudaBackend(Backend):
 
         A table of one unkeyed sha256-tree-v1 or blake3 segment at normal priority (a single
         shard's verify or attestation) runs on the tuned single-segment path instead: one table
-        of a 16 GiB shard took 20.5 ms against 20.1-20.4 ms there (H200)."""
+        of a 16 GiB shard took 20.5 ms against 20.1-20.4 ms there (H200).
+
+        ``while_running`` (``Backend.digest_many``) is called on every path once the kernels and
+        the copy back are queued, before the one synchronization, with the backend's and the
+        buffers' locks held: it must not call into this backend. If it raises, the stream is
+        synchronized before its exception propagates, so that nothing is left in flight into the
+        pinned buffers or scratch that the next call reuses."""
         if len(segments) == 1 and priority == "normal":
             seg = segments[0]
             if isinstance(seg, Segment) and seg.key is None and seg.algorithm in _SOURCES:
-                return [self._hash_buffer(seg.buf, seg.algorithm, seg.length, units=False)[0]]
-        return self._run_mixed(segments, want_units=False, priority=priority)[0]
+                return [
+                    self._hash_buffer(
+                        seg.buf, seg.algorithm, seg.length, units=False, while_running=while_running
+                    )[0]
+                ]
+        return self._run_mixed(segments, want_units=False, priority=priority, while_running=while_running)[0]
 
     def hash_many(self, segments: Sequence[Segment], *, priority: Priority = "normal") -> list[HashResult]:
         """``hash`` of every segment (digest and unit digests), in one pass like ``digest_many``."""
@@ -1217,18 +1234,33 @@ class CudaBackend(Backend):
         return hashed
 
     def _run_mixed(
-        self, segments: Sequence[Segment], *, want_units: bool, priority: str
+        self,
+        segments: Sequence[Segment],
+        *,
+        want_units: bool,
+        priority: str,
+        while_running: WhileRunning | None = None,
     ) -> tuple[list[bytes], list[HashResult] | None]:
         """A segment table that may hold nh-fast-v1 entries: those go to the nh-fast launcher
         (``_nh_fast.nh_fast_many``: one job per segment on the compute stream, one
         synchronization), the rest to the batched table kernels unchanged; results in order.
-        Every entry is checked before any work starts."""
+        Every entry is checked before any work starts. ``while_running`` runs once, in the last
+        of the (at most two) sub-batches: the nh-fast one when there is one."""
         nh = [i for i, s in enumerate(segments) if isinstance(s, Segment) and s.algorithm == NH_FAST_V1]
         if not nh:
-            return self._run_batch(segments, want_units=want_units, priority=priority)
+            return self._run_batch(
+                segments, want_units=want_units, priority=priority, while_running=while_running
+            )
         if priority not in PRIORITIES:
             raise InvalidInput(f"priority must be one of {PRIORITIES}, not {priority!r}")
         nh_rows = [self._check_nh_segment(segments[i]) for i in nh]
+        if len(nh_rows) == len(segments):
+            # Only nh-fast-v1 entries (a fast verify, a verify_sealed of an nh-fast-v1 shard): no
+            # table part and nothing to interleave.
+            nh_digests, nh_hashed = self._nh_fast_rows(
+                nh_rows, want_units=want_units, while_running=while_running
+            )
+            return nh_digests, (nh_hashed if want_units else None)
         chosen = set(nh)
         rest = [s for i, s in enumerate(segments) if i not in chosen]
         for s in rest:
@@ -1236,7 +1268,9 @@ class CudaBackend(Backend):
         digests_rest, hashed_rest = (
             self._run_batch(rest, want_units=want_units, priority=priority) if rest else ([], [])
         )
-        nh_digests, nh_hashed = self._nh_fast_rows(nh_rows, want_units=want_units)
+        nh_digests, nh_hashed = self._nh_fast_rows(
+            nh_rows, want_units=want_units, while_running=while_running
+        )
         digests: list[bytes] = []
         hashed: list[HashResult] = []
         it_nh, it_hashed, it_rest = iter(nh_digests), iter(nh_hashed), iter(range(len(rest)))
@@ -1267,13 +1301,17 @@ class CudaBackend(Backend):
         return buf, n, key
 
     def _nh_fast_rows(
-        self, rows: Sequence[tuple[CudaBuffer, int, bytes]], *, want_units: bool
+        self,
+        rows: Sequence[tuple[CudaBuffer, int, bytes]],
+        *,
+        want_units: bool,
+        while_running: WhileRunning | None = None,
     ) -> tuple[list[bytes], list[HashResult]]:
         """Digests (and with ``want_units`` the full results) of nh-fast-v1 rows; without unit
         digests the digest is finished on the device (``_nh_fast.nh_fast_digests``)."""
         # Each distinct buffer's lock, in one global order (as _run_batch takes them), then the
         # backend's lock inside the launcher: the order _hash_buffer uses as well.
-        bufs = sorted({id(b): b for b, _, _ in rows}.values(), key=id)
+        bufs = sorted({id(b): b for b, _, _ in rows}.values(), key=id) if len(rows) > 1 else [rows[0][0]]
         held: list[CudaBuffer] = []
         try:
             for b in bufs:
@@ -1282,9 +1320,9 @@ class CudaBackend(Backend):
                 b.check_open()
             table = [(b._ptr, n, k) for b, n, k in rows]
             if want_units:
-                hashed = _nh_fast.nh_fast_many(self, table)
+                hashed = _nh_fast.nh_fast_many(self, table, while_running=while_running)
                 return [r.digest for r in hashed], hashed
-            return _nh_fast.nh_fast_digests(self, table), []
+            return _nh_fast.nh_fast_digests(self, table, while_running=while_running), []
         finally:
             for b in reversed(held):
                 b._lock.release()
@@ -1395,11 +1433,18 @@ class CudaBackend(Backend):
         return TableColumns(bufs, ptrs, lens, algs, keys)
 
     def _run_batch(
-        self, segments: Sequence[Segment], *, want_units: bool, priority: str
+        self,
+        segments: Sequence[Segment],
+        *,
+        want_units: bool,
+        priority: str,
+        while_running: WhileRunning | None = None,
     ) -> tuple[list[bytes], list[HashResult] | None]:
         lane = self._lane(priority)
         cols = self._table_columns(segments)
         if not cols.bufs:
+            if while_running is not None:
+                while_running()  # an empty table: nothing to queue, nothing to wait for
             return [], ([] if want_units else None)
         # Each distinct buffer's lock, in one global order (two batches never wait on each other
         # in a cycle): no buffer can be freed while kernels read it. (Buffers hash and compare
@@ -1416,14 +1461,20 @@ class CudaBackend(Backend):
             with lane.lock:
                 self._activate()
                 plan = lane.plan(cols, want_units, self._pick_table_units)
-                out = lane.run(plan, fns)
+                out = lane.run(plan, fns, while_running)
         finally:
             for b in reversed(held):
                 b._lock.release()
         return _batch.results(plan, out)
 
     def _hash_buffer(
-        self, buf: DeviceBuffer, algorithm: str, length: int | None, *, units: bool
+        self,
+        buf: DeviceBuffer,
+        algorithm: str,
+        length: int | None,
+        *,
+        units: bool,
+        while_running: WhileRunning | None = None,
     ) -> tuple[bytes, HashResult | None]:
         algorithm = check_algorithm(algorithm)
         if not isinstance(buf, CudaBuffer) or buf._backend is not self:
@@ -1436,7 +1487,7 @@ class CudaBackend(Backend):
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, units)
                 job.launch_units(0, job.units)
-                return job.finish()
+                return job.finish(while_running)
 
     def write_and_hash(
         self, buf: DeviceBuffer, data: Buffer, algorithm: str, *, key: bytes | None = None
@@ -1642,6 +1693,21 @@ class CudaBackend(Backend):
         self.close()
 
 
+def _overlap(while_running: WhileRunning | None, wait: Callable[[], None]) -> None:
+    """``while_running()`` (the caller's host work, with the device work queued), then
+    ``wait()``. If ``while_running`` raises, ``wait()`` still runs before its exception
+    propagates: nothing may stay in flight into the pinned result buffer or the scratch, which
+    the next call on this stream reuses (a failing ``wait`` then raises its own error, with the
+    callback's as its context)."""
+    if while_running is not None:
+        try:
+            while_running()
+        except BaseException:
+            wait()
+            raise
+    wait()
+
+
 class _HashJob:
     """One digest computation: unit kernels over [0, n) (possibly launched chunk by chunk), then
     the reduction of unit values to the root, all on the backend's compute stream."""
@@ -1769,7 +1835,9 @@ class _HashJob:
             self.b, self.mod, self.algorithm, self.cv, self.nodes, self.ping, self.pong, self.root
         )
 
-    def finish(self) -> tuple[bytes, HashResult | None]:
+    def finish(self, while_running: WhileRunning | None = None) -> tuple[bytes, HashResult | None]:
+        """Queue the reduction and the copy back, run ``while_running`` (see
+        ``CudaBackend.digest_many``), wait, and return the digest (and unit digests)."""
         b, drv = self.b, driver()
         if self.split:
             self._join_split()
@@ -1787,7 +1855,7 @@ class _HashJob:
             else:
                 src = self.unit_digests
             check(drv.cuMemcpyDtoHAsync(host.address + 32, src, nunits, stream), "cuMemcpyDtoHAsync")
-        b._sync(b._stream, "digest kernels")
+        _overlap(while_running, lambda: b._sync(b._stream, "digest kernels"))
         b.last_device_seconds = _elapsed_seconds(b._t0, b._t1)
         root = bytes(host.view[:32])
         if self.algorithm == SHA256_TREE_V1:
@@ -1935,9 +2003,15 @@ class _Lane:
             self.host = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)), self.b._dev)
         return self.host
 
-    def run(self, plan: _batch.Plan, fns: Mapping[tuple[str, str], Any]) -> bytes:
-        """Upload the tables, launch every kernel of the plan, copy the results back: one
-        synchronization. Returns ``plan.download_bytes`` from ``plan.download_offset``."""
+    def run(
+        self,
+        plan: _batch.Plan,
+        fns: Mapping[tuple[str, str], Any],
+        while_running: WhileRunning | None = None,
+    ) -> bytes:
+        """Upload the tables, launch every kernel of the plan, copy the results back, run
+        ``while_running`` (see ``CudaBackend.digest_many``): one synchronization. Returns
+        ``plan.download_bytes`` from ``plan.download_offset``."""
         drv, b = driver(), self.b
         up = plan.upload
         host = self._pinned(max(up.nbytes, plan.download_bytes))
@@ -1956,7 +2030,7 @@ class _Lane:
             drv.cuMemcpyDtoHAsync(host.address, base + plan.download_offset, plan.download_bytes, stream),
             "cuMemcpyDtoHAsync",
         )
-        self._wait()
+        _overlap(while_running, self._wait)
         b.last_device_seconds = _elapsed_seconds(self.t0, self.t1)
         return bytes(host.view[: plan.download_bytes])
 

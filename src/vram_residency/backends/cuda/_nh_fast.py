@@ -24,7 +24,7 @@ the H200); it never appears in an error message.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final, Protocol
 
@@ -182,7 +182,9 @@ class NhFastJob:
     NHF_INFLIGHT (leaves per warp per round), used only to size small grids. ``stage``: pinned
     host memory of :data:`KEY_STAGE_BYTES` bytes (address, view) that stays untouched until the
     stream has run the job's upload (the callers' one synchronization); without it the key is
-    copied from pageable memory.
+    copied from pageable memory. ``schedule``: ``nhfast.key_schedule(key)`` when the caller has
+    derived it already (before queuing any device work, so that the derivation never sits
+    between two launches); derived here otherwise.
     """
 
     def __init__(
@@ -198,12 +200,14 @@ class NhFastJob:
         inflight: int = 2,
         stage: tuple[int, memoryview] | None = None,
         fused: bool | None = None,
+        schedule: nhfast.KeySchedule | None = None,
     ) -> None:
         if ptr % 16:
             raise InvalidInput("nh-fast-v1 needs 16-byte aligned device memory (16-byte loads)")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise InvalidInput("length must be a non-negative integer")
-        sched = nhfast.key_schedule(nhfast.check_key(key))
+        nhfast.check_key(key)
+        sched = nhfast.key_schedule(key) if schedule is None else schedule
         self.mod = module
         self.stream = stream
         self.ptr = ptr
@@ -411,10 +415,12 @@ def new_job(
     scratch: int | None = None,
     stage: tuple[int, memoryview] | None = None,
     fused: bool | None = None,
+    schedule: nhfast.KeySchedule | None = None,
 ) -> NhFastJob:
     """An :class:`NhFastJob` on the session's stream and module, sized for its device, in the
     session's scratch (or at device address ``scratch``, with :func:`scratch_bytes` (n) bytes);
-    ``stage``: see :class:`NhFastJob`; ``fused``: see :data:`FUSED_UNITS` (its value when None)."""
+    ``stage`` and ``schedule``: see :class:`NhFastJob`; ``fused``: see :data:`FUSED_UNITS` (its
+    value when None)."""
     mod = module_for(session)
     if scratch is None:
         scratch = session.scratch(scratch_bytes(n))
@@ -432,23 +438,37 @@ def new_job(
         inflight=inflight,
         stage=stage,
         fused=fused,
+        schedule=schedule,
     )
 
 
 def _run_rows(
-    backend: Backend, rows: Sequence[tuple[int, int, bytes]], *, want_units: bool
+    backend: Backend,
+    rows: Sequence[tuple[int, int, bytes]],
+    *,
+    want_units: bool,
+    while_running: Callable[[], None] | None = None,
 ) -> tuple[list[bytes], list[HashResult]]:
     """nh-fast-v1 of every ``(ptr, n, key)`` row (memory the caller has checked and holds locked):
     one job per row on the backend's compute stream, each in its own slice of the scratch buffer
     and of the pinned buffer (its key upload), every result copy queued behind its kernels, and
     ONE synchronization for the table. ``want_units``: the unit digests come back and the digest
     is finished on the host; otherwise ``nhf_finalize`` finishes it on the device and 32 bytes
-    per row come back (and the list of results is empty)."""
+    per row come back (and the list of results is empty).
+
+    ``while_running`` (``Backend.digest_many``): called once every job and result copy is
+    queued, before the synchronization; if it raises, the stream is synchronized (as on any
+    error here) before its exception propagates."""
+    # The key schedules (a 5 KiB BLAKE3 XOF each, ~2 us) are derived before the backend's lock is
+    # taken and before any device work is queued, so that they never delay the GPU.
+    scheds: list[nhfast.KeySchedule] = []
     for ptr, _n, key in rows:
-        nhfast.check_key(key)
+        scheds.append(nhfast.key_schedule(nhfast.check_key(key)))
         if ptr % 16:
             raise InvalidInput("nh-fast-v1 needs 16-byte aligned device memory (16-byte loads)")
     if not rows:
+        if while_running is not None:
+            while_running()  # nothing to queue, nothing to wait for
         return [], []
     sizes = [_align(scratch_bytes(n)) for _p, n, _k in rows]
     # Rows the device finishes (the verify path of large shards); the rest come back as unit
@@ -465,7 +485,9 @@ def _run_rows(
         jobs: list[NhFastJob] = []
         staged = KEY_STAGE_BYTES * len(rows)
         try:
-            _queue_and_wait(ks, rows, sizes, on_device, down, jobs, base, host, stage_at)
+            _queue_and_wait(
+                ks, rows, scheds, sizes, on_device, down, jobs, base, host, stage_at, while_running
+            )
         except BaseException:
             # Copies into the pinned buffer may still be queued: let them land before the buffer
             # can be reused or freed (a broken context fails this too, and then copies nothing).
@@ -494,6 +516,7 @@ def _run_rows(
 def _queue_and_wait(
     ks: Session,
     rows: Sequence[tuple[int, int, bytes]],
+    scheds: Sequence[nhfast.KeySchedule],
     sizes: Sequence[int],
     on_device: Sequence[bool],
     down: Sequence[int],
@@ -501,16 +524,18 @@ def _queue_and_wait(
     base: int,
     host: PinnedHostBuffer,
     stage_at: int,
+    while_running: Callable[[], None] | None = None,
 ) -> None:
     """``_run_rows``' device part: one job per row (appended to ``jobs``), the result copies,
-    and the one synchronization."""
+    ``while_running`` (the caller's host work, with everything queued; ``_run_rows`` waits for
+    the stream if it raises), and the one synchronization."""
     drv, view = driver(), host.view
     record(ks.stream, ks.t0)
     off = 0
     for i, ((ptr, n, key), size) in enumerate(zip(rows, sizes, strict=True)):
         at = stage_at + KEY_STAGE_BYTES * i
         stage = (host.address + at, view[at : at + KEY_STAGE_BYTES])
-        job = new_job(ks, ptr, n, key, scratch=base + off, stage=stage)
+        job = new_job(ks, ptr, n, key, scratch=base + off, stage=stage, schedule=scheds[i])
         if on_device[i]:
             job.launch_finalize()
         else:
@@ -524,21 +549,34 @@ def _queue_and_wait(
         src = job.digest_out if dev else job.unit_out
         check(drv.cuMemcpyDtoHAsync(host.address + hoff, src, nbytes, stream), "cuMemcpyDtoHAsync")
         hoff += nbytes
+    if while_running is not None:
+        while_running()
     with core_errors("nh-fast-v1 kernels"):
         ks.stream.sync()
 
 
-def nh_fast_many(backend: Backend, rows: Sequence[tuple[int, int, bytes]]) -> list[HashResult]:
+def nh_fast_many(
+    backend: Backend,
+    rows: Sequence[tuple[int, int, bytes]],
+    *,
+    while_running: Callable[[], None] | None = None,
+) -> list[HashResult]:
     """nh-fast-v1 digest and unit digests of every ``(ptr, n, key)`` row (memory the caller has
     checked and holds locked), in one pass with one synchronization. Each result is
-    bit-identical to :func:`nh_fast_hash` of its row."""
-    return _run_rows(backend, rows, want_units=True)[1]
+    bit-identical to :func:`nh_fast_hash` of its row. ``while_running``: see ``_run_rows``."""
+    return _run_rows(backend, rows, want_units=True, while_running=while_running)[1]
 
 
-def nh_fast_digests(backend: Backend, rows: Sequence[tuple[int, int, bytes]]) -> list[bytes]:
+def nh_fast_digests(
+    backend: Backend,
+    rows: Sequence[tuple[int, int, bytes]],
+    *,
+    while_running: Callable[[], None] | None = None,
+) -> list[bytes]:
     """The verify path: the digest alone of every row, finished on the device (``nhf_finalize``),
-    32 bytes per row copied back; bit-identical to ``nh_fast_many``'s digests."""
-    return _run_rows(backend, rows, want_units=False)[0]
+    32 bytes per row copied back; bit-identical to ``nh_fast_many``'s digests.
+    ``while_running``: see ``_run_rows``."""
+    return _run_rows(backend, rows, want_units=False, while_running=while_running)[0]
 
 
 def nh_fast_hash(backend: Backend, ptr: int, n: int, key: bytes) -> HashResult:
