@@ -95,7 +95,7 @@ def nh_fast(backend: object) -> int:
                 driver.cuMemFree(dptr)
     finally:
         _nh_fast.DEVICE_FINISH_UNITS = finish_at
-        _nh_fast.FUSED_UNITS = True
+        _nh_fast.FUSED_UNITS = False  # the default
     return bad
 
 

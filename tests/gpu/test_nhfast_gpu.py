@@ -229,7 +229,7 @@ def test_kernel_session_is_the_locked_compute_lane_and_ends_with_its_block(cuda_
     data, key = _bytes(3 * MIB + 5, 9), os.urandom(32)
     assert _gpu_hash(cuda_backend, data, key) == tree.hash_units(data, tree.NH_FAST_V1, key=key)
     assert cuda_backend.last_device_seconds > 0.0  # Event arithmetic around the kernels
-    assert cuda_backend.last_units_kernel == _nh_fast.FUSED_KERNEL  # FUSED_UNITS is on by default
+    assert cuda_backend.last_units_kernel == _nh_fast.UNFUSED_KERNEL  # FUSED_UNITS is off by default
 
 
 # -- nh-fast-v1 through the CUDA backend's dispatch and the seal core (issue 15 items 1 and 4) -----
@@ -404,7 +404,7 @@ def test_fused_equals_unfused_and_host_at_one_gib(cuda_backend: CudaBackend) -> 
                 assert nh_fast_hash(cuda_backend, buf.device_pointer, n, key) == want
                 assert nh_fast_digest(cuda_backend, buf.device_pointer, n, key) == want.digest
             finally:
-                _nh_fast.FUSED_UNITS = True
+                _nh_fast.FUSED_UNITS = False  # the default
     finally:
         buf.close()
 

@@ -114,10 +114,14 @@ DEVICE_FINISH_UNITS: int = 4096  # not Final: tests and the sanitizer run set it
 #: The leaf kernel builds the unit digests itself (``nhf_leaf_tags_units``: the warp that counts a
 #: unit's last leaf hashes its tag string), instead of ``nhf_leaf_tags`` followed by
 #: ``nhf_unit_chunks`` + ``nhf_unit_reduce`` (on an H200 at 1 GiB the two unit kernels were a ~40
-#: us serial tail after ~285 us of leaves). Not Final: flip it (or pass ``fused=`` to the job) to
-#: A/B the two paths; a job reads it when it is built. The kernel that ran is reported in the
-#: backend's ``last_units_kernel``.
-FUSED_UNITS: bool = True
+#: us serial tail after ~285 us of leaves). OFF: measured on the H200 (2026-11-29, same process,
+#: alternating) the fused path took 1,741-1,768 us of device time at 1 GiB against 320-333 us for
+#: the two-launch path: the warps that finish units stop streaming for a serial BLAKE3 chain while
+#: their share of leaves waits, so the persistent grid's tail grows instead of shrinking. Kept,
+#: tested bit-exact and sanitizer-clean, for the next attempt (split each compression over lanes).
+#: Not Final: flip it (or pass ``fused=`` to the job) to A/B the two paths; a job reads it when it
+#: is built. The kernel that ran is reported in the backend's ``last_units_kernel``.
+FUSED_UNITS: bool = False
 FUSED_KERNEL: Final = "nhf_leaf_tags_units"
 UNFUSED_KERNEL: Final = "nhf_unit_chunks"
 
