@@ -465,3 +465,44 @@ def test_tables_of_mixed_lengths(cuda_backend: CudaBackend, fused: bool, device_
     finally:
         for b in bufs:
             b.close()
+
+
+# -- background verification: nh-fast-v1 on the low lane -----------------------------------------
+
+
+def test_low_priority_runs_on_the_low_lane_beside_a_held_backend_lock(cuda_backend: CudaBackend) -> None:
+    """``priority="low"`` (the scrubber's fast check) gives the normal digests, on the low lane's
+    stream, buffers and lock: a thread holding the backend's lock (a foreground verify) does not
+    hold it up, and it runs on a share of the SMs (``_LOW_SM_DIVISOR``)."""
+    import threading
+
+    from vram_residency.backends.base import Segment
+    from vram_residency.backends.cuda._backend import _LOW_SM_DIVISOR
+
+    sizes = [5 * MIB + 3, 4097, 1]
+    bufs = [cuda_backend.allocate(n) for n in sizes]
+    try:
+        segs = []
+        for i, (buf, n) in enumerate(zip(bufs, sizes, strict=True)):
+            buf.write(0, _bytes(n, 40 + i))
+            segs.append(Segment(buf, n, tree.NH_FAST_V1, os.urandom(32)))
+        want = cuda_backend.digest_many(segs)
+        assert cuda_backend.digest_many(segs, priority="low") == want  # loads what it needs once
+        assert [r.digest for r in cuda_backend.hash_many(segs, priority="low")] == want
+        with cuda_backend.kernel_session("low") as ks:
+            assert ks.multiprocessors == max(1, cuda_backend.multiprocessors // _LOW_SM_DIVISOR)
+            assert ks.stream is not cuda_backend._stream
+        got: list[list[bytes]] = []
+        with cuda_backend._lock:  # a foreground verify in progress
+            t = threading.Thread(target=lambda: got.append(cuda_backend.digest_many(segs, priority="low")))
+            t.start()
+            t.join(60)
+            assert not t.is_alive(), "the low lane waited for the backend's lock"
+        assert got == [want]
+        # A corrupted byte changes exactly its segment's digest on the low lane too.
+        bufs[0].write(MIB + 7, bytes([bufs[0].read(MIB + 7, 1)[0] ^ 0x10]))
+        low = cuda_backend.digest_many(segs, priority="low")
+        assert low[0] != want[0] and low[1:] == want[1:]
+    finally:
+        for buf in bufs:
+            buf.close()

@@ -103,6 +103,12 @@ _LOW_OCCUPANCY_SPEEDUP: Final = 1.065
 _SIDE_STREAMS: Final = 4
 #: Pinned host memory kept for reuse by later offloads (``HostPool``), by default.
 _HOST_POOL_BYTES: Final = 8 << 30
+#: The low lane's share of the multiprocessors for persistent kernels (nh-fast-v1's leaf kernel,
+#: whose blocks each loop over many leaves and so hold their SM for the whole pass): CUDA does not
+#: preempt running blocks for a stream of higher priority, so a background pass sized for the
+#: whole GPU would leave an engine's kernels no SM until it ends. A quarter of the SMs scrubs, the
+#: rest stays free for serving.
+_LOW_SM_DIVISOR: Final = 4
 _PLAN_CACHE: Final = 8  # segment-table plans kept per lane (a few models, each verified repeatedly)
 
 
@@ -670,8 +676,10 @@ class KernelSession:
     ``t1`` are timing ``Event``s (``t1 - t0`` is milliseconds; ``_core.elapsed_seconds``).
     """
 
-    def __init__(self, backend: CudaBackend) -> None:
+    def __init__(self, backend: CudaBackend, lane: _Lane | None = None) -> None:
         self._b = backend
+        #: The low-priority lane (background verification), or None: the compute lane.
+        self._lane = lane
         self._open = True
 
     def _backend(self) -> CudaBackend:
@@ -681,22 +689,38 @@ class KernelSession:
 
     @property
     def stream(self) -> Any:
-        """The compute stream (cuda.core ``Stream``), the one ``hash`` and ``digest`` run on."""
-        return self._backend()._stream
+        """The session's stream (cuda.core ``Stream``): the compute stream ``hash`` and ``digest``
+        run on, or the low lane's stream of the least priority."""
+        b = self._backend()
+        return b._stream if self._lane is None else self._lane.stream
 
     @property
     def t0(self) -> Any:
         """Timing event recorded before the kernels (cuda.core ``Event``)."""
-        return self._backend()._t0
+        b = self._backend()
+        return b._t0 if self._lane is None else self._lane.t0
 
     @property
     def t1(self) -> Any:
         """Timing event recorded after the kernels (cuda.core ``Event``)."""
-        return self._backend()._t1
+        b = self._backend()
+        return b._t1 if self._lane is None else self._lane.t1
 
     @property
     def multiprocessors(self) -> int:
-        return self._backend().multiprocessors
+        """The multiprocessors a persistent kernel of this session should fill: all of them, or
+        on the low lane a share of them (``_LOW_SM_DIVISOR``)."""
+        b = self._backend()
+        return b.multiprocessors if self._lane is None else max(1, b.multiprocessors // _LOW_SM_DIVISOR)
+
+    def wait(self) -> None:
+        """Wait for everything queued on the session's stream: a synchronization, or on the low
+        lane a poll of an event with sleeps in between (no GIL, no core held while waiting)."""
+        b = self._backend()
+        if self._lane is None:
+            b._sync(b._stream, "nh-fast-v1 kernels")
+        else:
+            self._lane._wait()
 
     def module(self, source: str) -> Module:
         """The loaded kernel module of ``source`` (a name of ``_compile.KERNELS``), compiled once
@@ -713,13 +737,16 @@ class KernelSession:
         return self._backend()._blocks_per_sm(mod, name, threads)
 
     def scratch(self, nbytes: int) -> int:
-        """Device address of at least ``nbytes`` bytes of the backend's digest scratch (not
-        zeroed; grown, never shrunk), the session's to use until the block ends."""
-        return self._backend()._scratch(nbytes)
+        """Device address of at least ``nbytes`` bytes of the lane's digest scratch (the backend's
+        scratch, or the low lane's arena; not zeroed; grown, never shrunk), the session's to use
+        until the block ends."""
+        b = self._backend()
+        return b._scratch(nbytes) if self._lane is None else self._lane.arena(nbytes)
 
     def result_buffer(self, nbytes: int) -> PinnedHostBuffer:
-        """The backend's pinned result buffer, at least ``nbytes`` bytes (grown, never shrunk)."""
-        return self._backend()._result_buffer(nbytes)
+        """The lane's pinned result buffer, at least ``nbytes`` bytes (grown, never shrunk)."""
+        b = self._backend()
+        return b._result_buffer(nbytes) if self._lane is None else self._lane._pinned(nbytes)
 
     @contextlib.contextmanager
     def temporary(self, nbytes: int) -> Iterator[int]:
@@ -892,11 +919,37 @@ class CudaBackend(Backend):
             self._dev.set_current()
 
     @contextlib.contextmanager
-    def kernel_session(self) -> Iterator[KernelSession]:
-        """The compute lane, for this package's kernel launchers in other modules (``_nh_fast``):
-        holds the backend's lock (kernels, scratch, result buffer, module and occupancy caches)
-        with the device current for the whole ``with`` block, and yields a
-        :class:`KernelSession`. Not for applications: use ``hash``/``digest`` and the tables."""
+    def kernel_session(
+        self, priority: str = "normal", *, preload: Sequence[str] = ()
+    ) -> Iterator[KernelSession]:
+        """A lane for this package's kernel launchers in other modules (``_nh_fast``), with the
+        device current for the whole ``with`` block, as a :class:`KernelSession`. Not for
+        applications: use ``hash``/``digest`` and the tables.
+
+        ``priority="normal"``: the compute lane, holding the backend's lock (kernels, scratch,
+        result buffer, module and occupancy caches). ``"low"`` (background verification): the
+        low lane's stream, arena, pinned buffer and lock, so that it never waits for, or holds
+        up, a foreground verify (as the low segment tables do); the kernel modules named in
+        ``preload`` are loaded first under the backend's lock, which the low session then does
+        not take."""
+        if priority == "low":
+            lane = self._lane("low")
+            missing = [source for source in preload if source not in self._modules]
+            if missing:  # once per backend: later low sessions never touch the backend's lock
+                with self._lock:
+                    self._activate()
+                    for source in missing:
+                        self._source_module(source)
+            with lane.lock:
+                self._activate()
+                session = KernelSession(self, lane)
+                try:
+                    yield session
+                finally:
+                    session._open = False
+            return
+        if priority != "normal":
+            raise InvalidInput(f"priority must be one of {PRIORITIES}, not {priority!r}")
         with self._lock:
             self._activate()
             session = KernelSession(self)
@@ -1263,7 +1316,7 @@ class CudaBackend(Backend):
             # Only nh-fast-v1 entries (a fast verify, a verify_sealed of an nh-fast-v1 shard): no
             # table part and nothing to interleave.
             nh_digests, nh_hashed = self._nh_fast_rows(
-                nh_rows, want_units=want_units, while_running=while_running
+                nh_rows, want_units=want_units, while_running=while_running, priority=priority
             )
             return nh_digests, (nh_hashed if want_units else None)
         chosen = set(nh)
@@ -1274,7 +1327,7 @@ class CudaBackend(Backend):
             self._run_batch(rest, want_units=want_units, priority=priority) if rest else ([], [])
         )
         nh_digests, nh_hashed = self._nh_fast_rows(
-            nh_rows, want_units=want_units, while_running=while_running
+            nh_rows, want_units=want_units, while_running=while_running, priority=priority
         )
         digests: list[bytes] = []
         hashed: list[HashResult] = []
@@ -1311,9 +1364,11 @@ class CudaBackend(Backend):
         *,
         want_units: bool,
         while_running: WhileRunning | None = None,
+        priority: str = "normal",
     ) -> tuple[list[bytes], list[HashResult]]:
         """Digests (and with ``want_units`` the full results) of nh-fast-v1 rows; without unit
-        digests the digest is finished on the device (``_nh_fast.nh_fast_digests``)."""
+        digests the digest is finished on the device (``_nh_fast.nh_fast_digests``).
+        ``priority="low"``: on the low lane (``kernel_session``), as the low tables run."""
         # Each distinct buffer's lock, in one global order (as _run_batch takes them), then the
         # backend's lock inside the launcher: the order _hash_buffer uses as well.
         bufs = sorted({id(b): b for b, _, _ in rows}.values(), key=id) if len(rows) > 1 else [rows[0][0]]
@@ -1325,9 +1380,9 @@ class CudaBackend(Backend):
                 b.check_open()
             table = [(b._ptr, n, k) for b, n, k in rows]
             if want_units:
-                hashed = _nh_fast.nh_fast_many(self, table, while_running=while_running)
+                hashed = _nh_fast.nh_fast_many(self, table, while_running=while_running, priority=priority)
                 return [r.digest for r in hashed], hashed
-            return _nh_fast.nh_fast_digests(self, table, while_running=while_running), []
+            return _nh_fast.nh_fast_digests(self, table, while_running=while_running, priority=priority), []
         finally:
             for b in reversed(held):
                 b._lock.release()

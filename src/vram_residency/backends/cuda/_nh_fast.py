@@ -57,6 +57,7 @@ class Session(Protocol):
     def result_buffer(self, nbytes: int) -> PinnedHostBuffer: ...
     def temporary(self, nbytes: int) -> AbstractContextManager[int]: ...
     def copy_out(self, src: int, n: int) -> bytes: ...
+    def wait(self) -> None: ...
 
 
 class Backend(Protocol):
@@ -67,7 +68,9 @@ class Backend(Protocol):
     last_scratch_bytes: int
     last_units_kernel: str
 
-    def kernel_session(self) -> AbstractContextManager[Session]: ...
+    def kernel_session(
+        self, priority: str = ..., *, preload: Sequence[str] = ...
+    ) -> AbstractContextManager[Session]: ...
 
 
 __all__ = [
@@ -452,13 +455,16 @@ def _run_rows(
     *,
     want_units: bool,
     while_running: Callable[[], None] | None = None,
+    priority: str = "normal",
 ) -> tuple[list[bytes], list[HashResult]]:
     """nh-fast-v1 of every ``(ptr, n, key)`` row (memory the caller has checked and holds locked):
-    one job per row on the backend's compute stream, each in its own slice of the scratch buffer
-    and of the pinned buffer (its key upload), every result copy queued behind its kernels, and
-    ONE synchronization for the table. ``want_units``: the unit digests come back and the digest
-    is finished on the host; otherwise ``nhf_finalize`` finishes it on the device and 32 bytes
-    per row come back (and the list of results is empty).
+    one job per row on the backend's compute stream (``priority="low"``: the low lane's stream,
+    buffers and lock, on a share of the SMs; see ``CudaBackend.kernel_session``), each in its own
+    slice of the scratch buffer and of the pinned buffer (its key upload), every result copy
+    queued behind its kernels, and ONE synchronization for the table. ``want_units``: the unit
+    digests come back and the digest is finished on the host; otherwise ``nhf_finalize``
+    finishes it on the device and 32 bytes per row come back (and the list of results is
+    empty).
 
     ``while_running`` (``Backend.digest_many``): called once every job and result copy is
     queued, before the synchronization; if it raises, the stream is synchronized (as on any
@@ -480,7 +486,7 @@ def _run_rows(
     on_device = [not want_units and unit_count(n) >= DEVICE_FINISH_UNITS for _p, n, _k in rows]
     down = [32 if dev else 32 * unit_count(n) for (_p, n, _k), dev in zip(rows, on_device, strict=True)]
     stage_at, host_bytes = _host_layout(down, len(rows))
-    with backend.kernel_session() as ks:
+    with backend.kernel_session(priority, preload=(SOURCE,)) as ks:
         base = ks.scratch(sum(sizes))
         backend.last_scratch_bytes = sum(sizes)
         backend.last_units_kernel = FUSED_KERNEL if FUSED_UNITS else UNFUSED_KERNEL
@@ -555,8 +561,7 @@ def _queue_and_wait(
         hoff += nbytes
     if while_running is not None:
         while_running()
-    with core_errors("nh-fast-v1 kernels"):
-        ks.stream.sync()
+    ks.wait()
 
 
 def nh_fast_many(
@@ -564,11 +569,13 @@ def nh_fast_many(
     rows: Sequence[tuple[int, int, bytes]],
     *,
     while_running: Callable[[], None] | None = None,
+    priority: str = "normal",
 ) -> list[HashResult]:
     """nh-fast-v1 digest and unit digests of every ``(ptr, n, key)`` row (memory the caller has
     checked and holds locked), in one pass with one synchronization. Each result is
-    bit-identical to :func:`nh_fast_hash` of its row. ``while_running``: see ``_run_rows``."""
-    return _run_rows(backend, rows, want_units=True, while_running=while_running)[1]
+    bit-identical to :func:`nh_fast_hash` of its row. ``while_running``, ``priority``: see
+    ``_run_rows``."""
+    return _run_rows(backend, rows, want_units=True, while_running=while_running, priority=priority)[1]
 
 
 def nh_fast_digests(
@@ -576,11 +583,12 @@ def nh_fast_digests(
     rows: Sequence[tuple[int, int, bytes]],
     *,
     while_running: Callable[[], None] | None = None,
+    priority: str = "normal",
 ) -> list[bytes]:
     """The verify path: the digest alone of every row, finished on the device (``nhf_finalize``),
     32 bytes per row copied back; bit-identical to ``nh_fast_many``'s digests.
     ``while_running``: see ``_run_rows``."""
-    return _run_rows(backend, rows, want_units=False, while_running=while_running)[0]
+    return _run_rows(backend, rows, want_units=False, while_running=while_running, priority=priority)[0]
 
 
 def nh_fast_hash(backend: Backend, ptr: int, n: int, key: bytes) -> HashResult:
