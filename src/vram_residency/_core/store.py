@@ -86,6 +86,7 @@ _TAG: Final = operator.attrgetter("tag")
 _IS: Final = operator.is_
 _CLOSED: Final = operator.attrgetter("closed")
 _ONLY_32: Final = frozenset({32})
+_ONLY_BYTES: Final = frozenset({bytes})
 
 #: How many verify plans (``_VerifyPlan``) a store keeps: the batches verified over and over (a
 #: model, the service's shards, a scrubber's chunks) are few; each plan holds only references.
@@ -172,14 +173,17 @@ def _plan_applies(plan: _VerifyPlan) -> bool:
     The fields are compared by identity, not equality: an unedited frozen object returns the very
     objects checked then, while an equal value of another type (False for 0, 101.0 for 101, a
     str subclass equal to everything) is no seal-v1 field and is refused from scratch. Every tag
-    must be 32 bytes long: the joined tags alone would match tags split differently across the
-    shards (31 bytes in one, 33 in the next). Errors other than TypeError (an attribute deleted
+    must be exactly bytes (whose len() cannot lie) and 32 bytes long: the joined tags alone would
+    match tags split differently across the shards (31 bytes in one, 33 in the next). Errors other than TypeError (an attribute deleted
     from an object) propagate, as a from-scratch check would raise them."""
     presented = plan.presented
     tags = list(map(_TAG, presented))
     try:
         return not (
             not all(map(_IS, chain.from_iterable(map(_SEAL_FIELD_VALUES, presented)), plan.flat_values))
+            # Exactly bytes, so that len() is the length of what join reads: a bytes subclass
+            # may override __len__ (a 31-byte tag that says 32).
+            or set(map(type, tags)) != _ONLY_BYTES
             or set(map(len, tags)) != _ONLY_32
             or not hmac.compare_digest(b"".join(tags), plan.tags)
         )
