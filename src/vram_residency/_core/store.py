@@ -174,8 +174,9 @@ def _plan_applies(plan: _VerifyPlan) -> bool:
     objects checked then, while an equal value of another type (False for 0, 101.0 for 101, a
     str subclass equal to everything) is no seal-v1 field and is refused from scratch. Every tag
     must be exactly bytes (whose len() cannot lie) and 32 bytes long: the joined tags alone would
-    match tags split differently across the shards (31 bytes in one, 33 in the next). Errors other than TypeError (an attribute deleted
-    from an object) propagate, as a from-scratch check would raise them."""
+    match tags split differently across the shards (31 bytes in one, 33 in the next). Errors
+    other than TypeError (an attribute deleted from an object) propagate, as a from-scratch
+    check would raise them."""
     presented = plan.presented
     tags = list(map(_TAG, presented))
     try:
