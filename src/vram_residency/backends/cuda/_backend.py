@@ -904,6 +904,8 @@ class CudaBackend(Backend):
         # Segment-table digests: the normal lane shares the compute stream and lock with the
         # single-segment path; the low lane (scrubbing) has its own, created on first use.
         self._lanes: dict[str, _Lane] = {}
+        # The table kernels of each set of algorithms, once loaded (_table_kernels).
+        self._table_fns: dict[frozenset[str], dict[tuple[str, str], Any]] = {}
         # Checked unkeyed tables by the identity of their Segment objects (_prepared_table).
         self._prepared: OrderedDict[tuple[int, int, int], _PreparedTable] = OrderedDict()
         self._prepared_lock = threading.Lock()
@@ -1424,7 +1426,12 @@ class CudaBackend(Backend):
     def _table_kernels(self, algorithms: AbstractSet[str]) -> dict[tuple[str, str], Any]:
         """Every table kernel of these algorithms, loaded, with the occupancy of the units
         kernels known, so that the lanes then launch and choose without the backend's lock (the
-        low lane must never wait for a normal verify)."""
+        low lane must never wait for a normal verify). Once loaded, the set is kept and read
+        without the lock: a foreground verify holds the lock through its synchronization, and a
+        background table must not wait for it."""
+        loaded = self._table_fns.get(frozenset(algorithms))
+        if loaded is not None:
+            return loaded
         fns: dict[tuple[str, str], Any] = {}
         with self._lock:  # module loading and the function caches are shared state
             self._activate()
@@ -1442,6 +1449,7 @@ class CudaBackend(Backend):
                 if spec.units_kernel_occ4 is not None:
                     for name in (spec.units_kernel, spec.units_kernel_occ4):
                         self._blocks_per_sm(mod, name)
+            self._table_fns[frozenset(algorithms)] = fns
         return fns
 
     def _pick_table_units(self, spec: _batch.TableAlgorithm, units: int) -> str:
@@ -1741,6 +1749,7 @@ class CudaBackend(Backend):
             self._lanes.clear()
             with self._prepared_lock:
                 self._prepared.clear()
+            self._table_fns.clear()
             if self._scratch_mem is not None:
                 mem, self._scratch_mem = self._scratch_mem, None
                 self._scratch_ptr, self._scratch_size = 0, 0
