@@ -73,7 +73,7 @@ def test_scrub_generate_measures_detection_on_the_host_backend(tmp_path: Path) -
     # Timing is reported, not asserted: on a shared 2-core machine the duty cycle and the cycle
     # length move with other load (the GPU run reports the real ratios). Only their sanity is
     # checked here.
-    assert 0.0 < pred["duty_during_generate"] < 1.0, pred
+    assert 0.0 < pred["duty_during_generate"] < 1.0, (pred, res["steady"])
     assert det["trials"] == det["found"] == det["named_correctly"] == 3, res["trials"]
     assert det["max_s"] > 0.0 and pred["cycle_from_generate_s"] > 0.0, (det, pred)
 
