@@ -9,9 +9,10 @@ of ``digest_many``: where an edit by another thread could land while a GPU works
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -81,6 +82,18 @@ def _batch(mgr: VramManager) -> list[SealedShard]:
     return [*model.shards, loose[0], model.shards[1], loose[1]]
 
 
+@contextlib.contextmanager
+def _planned() -> Iterator[tuple[_Log, VramManager, EditingHost, list[SealedShard]]]:
+    """An open manager on the editing host backend with a batch of shards verified once (so the
+    next verify of the batch is planned)."""
+    log = _Log()
+    mgr, backend = _manager(log)
+    with mgr:
+        batch = _batch(mgr)
+        mgr.verify_many(batch)
+        yield log, mgr, backend, batch
+
+
 def _outcome(run: Callable[[], None]) -> object:
     try:
         run()
@@ -138,11 +151,7 @@ def test_an_edit_while_the_device_digests_gives_the_from_scratch_verdict(
 ) -> None:
     from vram_residency.testing import flip_bit
 
-    log = _Log()
-    mgr, backend = _manager(log)
-    with mgr:
-        batch = _batch(mgr)
-        mgr.verify_many(batch)
+    with _planned() as (log, mgr, backend, batch):
         mgr.verify_many(batch, check=check)  # type: ignore[arg-type]
         assert mgr.store._plans  # the batch is planned
         if corrupt:
@@ -182,11 +191,7 @@ def test_a_raising_tag_check_leaves_nothing_locked_or_recorded() -> None:
     # An attribute deleted from an object of the plan while the digests run: the tag check
     # raises AttributeError (as a verify from scratch does); no verdict, no audit event, no
     # record changed, every lock released.
-    log = _Log()
-    mgr, backend = _manager(log)
-    with mgr:
-        batch = _batch(mgr)
-        mgr.verify_many(batch)
+    with _planned() as (log, mgr, backend, batch):
         before = mgr.store.last_verified_ns()
         digest = batch[2].digest
         log.events.clear()
@@ -219,11 +224,7 @@ def test_a_raising_tag_check_leaves_nothing_locked_or_recorded() -> None:
 def test_a_device_error_after_a_stale_check_verifies_from_scratch() -> None:
     # The plan turned out stale and the device then failed: as before the overlap, a stale plan
     # gives no verdict of its own; the verify from scratch runs (and meets the device again).
-    log = _Log()
-    mgr, backend = _manager(log)
-    with mgr:
-        batch = _batch(mgr)
-        mgr.verify_many(batch)
+    with _planned() as (_log, mgr, backend, batch):
         backend.before = lambda: object.__setattr__(batch[2], "digest", "0" * 64)
         backend.fail_after = True
         planned = _outcome(lambda: mgr.verify_many(batch))
@@ -232,11 +233,7 @@ def test_a_device_error_after_a_stale_check_verifies_from_scratch() -> None:
 
 
 def test_a_device_error_after_a_passing_check_propagates_without_a_verdict() -> None:
-    log = _Log()
-    mgr, backend = _manager(log)
-    with mgr:
-        batch = _batch(mgr)
-        mgr.verify_many(batch)
+    with _planned() as (log, mgr, backend, batch):
         before = mgr.store.last_verified_ns()
         log.events.clear()
         backend.fail_after = True
