@@ -916,17 +916,10 @@ class ShardStore:
         audit = self._audit
         gate = _PlanGate(plan, _Once(None) if before is None else before, audit=audit is not None)
         start = time.perf_counter_ns()
-        try:
-            digests = self._backend.digest_many(segments, priority=priority, while_running=gate)
-        except Exception as exc:
-            if gate.stale_after(exc):
-                return False
-            raise
+        digests = self._gated_digests(segments, priority, gate)
         elapsed_ns = time.perf_counter_ns() - start
-        if not gate.ran:
-            gate()  # a backend that did not call it: the check runs all the same, before any verdict
-        if not gate.ok:
-            return False  # the digests are discarded: the caller verifies from scratch
+        if digests is None:
+            return False  # the plan does not apply: the caller verifies from scratch
         if len(digests) != len(segments):
             raise IntegrityViolation(
                 "the backend returned a digest count that differs from the segment count"
@@ -949,6 +942,26 @@ class ShardStore:
         common = {"check": "full", "duration_ns": elapsed_ns, "batch_shards": len(segments)}
         self._emit_verified(gate.batch, common)
         return True
+
+    def _gated_digests(
+        self, segments: list[Segment], priority: Priority, gate: _PlanGate
+    ) -> list[bytes] | None:
+        """``digest_many`` of ``segments`` with a plan's tag check (``gate``) running while the
+        device digests; None when the plan turns out not to apply (the digests are discarded
+        unread, and the caller verifies from scratch). The check always runs before any verdict:
+        after the call when there was nothing to digest or the backend did not call it, and when
+        the backend failed before queuing (``_PlanGate.stale_after``)."""
+        try:
+            digests = (
+                self._backend.digest_many(segments, priority=priority, while_running=gate) if segments else []
+            )
+        except Exception as exc:
+            if gate.stale_after(exc):
+                return None
+            raise
+        if not gate.ran:
+            gate()
+        return digests if gate.ok else None
 
     def verify_held(self, shard: SealedShard, record: ShardRecord) -> None:
         """Verify one shard whose ``record.lock`` the caller already holds (repair does)."""
@@ -1003,20 +1016,10 @@ class ShardStore:
         if gate is None:
             digests = self._backend.digest_many(segments, priority=priority) if segments else []
         else:
-            try:
-                digests = (
-                    self._backend.digest_many(segments, priority=priority, while_running=gate)
-                    if segments
-                    else []
-                )
-            except Exception as exc:
-                if gate.stale_after(exc):
-                    return None  # gate.ok is False: the caller verifies from scratch
-                raise
-            if not gate.ran:
-                gate()  # no segments, or a backend that did not call it: before any verdict
-            if not gate.ok:
-                return None  # the digests are discarded
+            gated = self._gated_digests(segments, priority, gate)
+            if gated is None:
+                return None  # gate.ok is False: the caller verifies from scratch
+            digests = gated
         elapsed_ns = time.perf_counter_ns() - start
         if len(digests) != len(segments):
             raise IntegrityViolation(
