@@ -680,6 +680,15 @@ class KernelSession:
         self._b = backend
         #: The low-priority lane (background verification), or None: the compute lane.
         self._lane = lane
+        if lane is None:
+            self._stream, self._t0, self._t1 = backend._stream, backend._t0, backend._t1
+            self._multiprocessors = backend.multiprocessors
+            self._scratch: Callable[[int], int] = backend._scratch
+            self._results: Callable[[int], PinnedHostBuffer] = backend._result_buffer
+        else:
+            self._stream, self._t0, self._t1 = lane.stream, lane.t0, lane.t1
+            self._multiprocessors = max(1, backend.multiprocessors // _LOW_SM_DIVISOR)
+            self._scratch, self._results = lane.arena, lane._pinned
         self._open = True
 
     def _backend(self) -> CudaBackend:
@@ -691,34 +700,34 @@ class KernelSession:
     def stream(self) -> Any:
         """The session's stream (cuda.core ``Stream``): the compute stream ``hash`` and ``digest``
         run on, or the low lane's stream of the least priority."""
-        b = self._backend()
-        return b._stream if self._lane is None else self._lane.stream
+        self._backend()
+        return self._stream
 
     @property
     def t0(self) -> Any:
         """Timing event recorded before the kernels (cuda.core ``Event``)."""
-        b = self._backend()
-        return b._t0 if self._lane is None else self._lane.t0
+        self._backend()
+        return self._t0
 
     @property
     def t1(self) -> Any:
         """Timing event recorded after the kernels (cuda.core ``Event``)."""
-        b = self._backend()
-        return b._t1 if self._lane is None else self._lane.t1
+        self._backend()
+        return self._t1
 
     @property
     def multiprocessors(self) -> int:
         """The multiprocessors a persistent kernel of this session should fill: all of them, or
         on the low lane a share of them (``_LOW_SM_DIVISOR``)."""
-        b = self._backend()
-        return b.multiprocessors if self._lane is None else max(1, b.multiprocessors // _LOW_SM_DIVISOR)
+        self._backend()
+        return self._multiprocessors
 
     def wait(self) -> None:
         """Wait for everything queued on the session's stream: a synchronization, or on the low
         lane a poll of an event with sleeps in between (no GIL, no core held while waiting)."""
         b = self._backend()
         if self._lane is None:
-            b._sync(b._stream, "nh-fast-v1 kernels")
+            b._sync(self._stream, "nh-fast-v1 kernels")
         else:
             self._lane._wait()
 
@@ -740,13 +749,13 @@ class KernelSession:
         """Device address of at least ``nbytes`` bytes of the lane's digest scratch (the backend's
         scratch, or the low lane's arena; not zeroed; grown, never shrunk), the session's to use
         until the block ends."""
-        b = self._backend()
-        return b._scratch(nbytes) if self._lane is None else self._lane.arena(nbytes)
+        self._backend()
+        return self._scratch(nbytes)
 
     def result_buffer(self, nbytes: int) -> PinnedHostBuffer:
         """The lane's pinned result buffer, at least ``nbytes`` bytes (grown, never shrunk)."""
-        b = self._backend()
-        return b._result_buffer(nbytes) if self._lane is None else self._lane._pinned(nbytes)
+        self._backend()
+        return self._results(nbytes)
 
     @contextlib.contextmanager
     def temporary(self, nbytes: int) -> Iterator[int]:
