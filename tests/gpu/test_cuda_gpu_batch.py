@@ -14,6 +14,7 @@ import pytest
 
 from vram_residency.backends.base import Segment
 from vram_residency.backends.cuda import CudaBackend
+from vram_residency.backends.cuda import _backend as cuda_backend_module
 from vram_residency.errors import IntegrityViolation, InvalidInput
 from vram_residency.formats.tree import BLAKE3, SHA256_TREE_V1, UNIT_SIZE, hash_units
 
@@ -151,9 +152,14 @@ def test_same_buffer_in_several_segments(cuda_backend: CudaBackend) -> None:
         buf.close()
 
 
-def test_low_priority_wait_leaves_the_gil_free(cuda_backend: CudaBackend) -> None:
+@pytest.mark.parametrize("wait", ["block", "poll"])
+def test_low_priority_wait_leaves_the_gil_free(
+    cuda_backend: CudaBackend, monkeypatch: pytest.MonkeyPatch, wait: str
+) -> None:
     """While a low-priority pass runs (about 30 ms of sha256-tree-v1 kernels), another Python
-    thread keeps running at close to its solo speed: the wait is a sleep-poll without the GIL."""
+    thread keeps running at close to its solo speed: the wait holds no GIL, whether it blocks in
+    cuEventSynchronize (the default) or polls with sleeps (LOW_WAIT)."""
+    monkeypatch.setattr(cuda_backend_module, "LOW_WAIT", wait)
     buf = cuda_backend.allocate(1 << 30)
     try:
         segs = [Segment(buf, 1 << 30, SHA256_TREE_V1)] * 24

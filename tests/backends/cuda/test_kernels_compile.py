@@ -83,6 +83,19 @@ def test_table_and_split_kernels_spill_at_most_budget(name: str, entry: str, all
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("entry", ["nhf_units", "nhf_top_chunks", "nhf_finalize"])
+def test_nh_fast_tail_kernels_use_no_local_memory(entry: str) -> None:
+    # The serial BLAKE3 chains after the leaf kernel: a message block indexed at run time put
+    # them in local memory (a 128-256 byte stack frame, read on every compression) until
+    # nhf_b3_block filled the words with constant indices.
+    log = _compile.compile_log("nh_fast", "sm_90", ["--ptxas-options=-v"])
+    block = log.split(f"Compiling entry function '{entry}'", 1)[1].split("Compiling entry function", 1)[0]
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", block)
+    assert frame is not None, log
+    assert frame.groups() == ("0", "0", "0"), block
+
+
+@needs_nvrtc
 def test_fused_nh_fast_kernel_keeps_the_leaf_loops_registers() -> None:
     name, entry, allowed = FUSED_KERNEL
     log = _compile.compile_log(name, "sm_90", ["--ptxas-options=-v"])

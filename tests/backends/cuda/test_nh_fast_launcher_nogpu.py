@@ -103,4 +103,4 @@ def test_two_launch_path_is_the_default_and_kernels_are_named() -> None:
     # backend.last_units_kernel reports.
     assert _nh_fast.FUSED_UNITS is False
     assert _nh_fast.FUSED_KERNEL == "nhf_leaf_tags_units"
-    assert _nh_fast.UNFUSED_KERNEL == "nhf_unit_chunks"
+    assert _nh_fast.UNFUSED_KERNEL == "nhf_units"

@@ -1,7 +1,7 @@
 // CPU harness for nh_fast.cu's __host__ __device__ cores: built by nvcc as host code, it runs the
 // kernels' own per-lane load, key and NH functions for all 32 lanes of a warp and adds the lane
 // sums (what the kernel's warp reduction does), and composes the unit digests from the same
-// BLAKE3 chunk/parent functions in the kernels' order (nhf_unit_chunks, then nhf_unit_reduce).
+// BLAKE3 chunk/parent functions (all chunks, then nhf_b3_reduce: the tree nhf_units builds).
 // tests/backends/cuda/test_nh_fast_harness.py compares the output with the pure-Python reference.
 //
 //   nhf_harness tags NHKEY DATA   -> the leaf tags, hex, one line

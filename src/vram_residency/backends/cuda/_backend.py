@@ -81,9 +81,16 @@ from vram_residency.formats.tree import (
 __all__ = ["PRIORITIES", "CudaBackend", "CudaBuffer", "KernelSession", "Priority", "device_count"]
 
 #: ``priority=`` of the digest calls (``backends.base.Priority``): "normal" (the verify path) or
-#: "low" (background scrubbing: a lowest-priority stream of its own, and the wait is a poll that
-#: sleeps without the GIL).
+#: "low" (background scrubbing: a lowest-priority stream of its own, and a wait that leaves the
+#: GIL to the engine's threads: see LOW_WAIT).
 PRIORITIES: Final = ("normal", "low")
+#: How the low lane waits for its kernels. "block": one cuEventSynchronize on an event created
+#: with blocking synchronization (the thread sleeps in the driver, without the GIL, until the GPU
+#: signals; it takes the GIL back once). "poll": cuEventQuery with sleeps from 20 us to 1 ms in
+#: between, which takes the GIL back at every poll: while an engine's thread holds it (a
+#: transformers generate() does, launching kernels), each poll is a forced GIL hand-over. Not
+#: Final: benchmarks A/B the two; a lane reads it when it is built and when it waits.
+LOW_WAIT: str = "block"
 
 _THREADS: Final = 256  # per block: 256 leaves (sha256-tree-v1) or 256 x 4 chunks (blake3) per unit
 _GROUP: Final = 256  # nodes reduced per block above the units
@@ -241,9 +248,12 @@ class CudaBuffer(DeviceBuffer):
 # names this module has always used), shared with the _nh_fast launcher.
 
 
-def _event(dev: Any, *, timing: bool) -> Any:
+def _event(dev: Any, *, timing: bool, blocking: bool = False) -> Any:
+    """A cuda.core event; ``blocking``: created with blocking synchronization (a thread waiting
+    on it sleeps in the driver until the GPU signals, instead of spinning on a core)."""
     with core_errors("cuEventCreate"):
-        return dev.create_event(options=core().EventOptions(timing_enabled=timing))
+        opts = core().EventOptions(timing_enabled=timing, blocking_sync=True) if blocking else None
+        return dev.create_event(options=opts or core().EventOptions(timing_enabled=timing))
 
 
 def _stream(dev: Any, priority: int | None) -> Any:
@@ -724,7 +734,7 @@ class KernelSession:
 
     def wait(self) -> None:
         """Wait for everything queued on the session's stream: a synchronization, or on the low
-        lane a poll of an event with sleeps in between (no GIL, no core held while waiting)."""
+        lane a wait that holds no GIL and no core (``LOW_WAIT``)."""
         b = self._backend()
         if self._lane is None:
             b._sync(self._stream, "nh-fast-v1 kernels")
@@ -1270,9 +1280,9 @@ class CudaBackend(Backend):
 
         ``priority="low"`` (background scrubbing) runs on a stream of the device's lowest priority
         with its own scratch, so that it never waits for, or holds up, the normal verify path's
-        lock; its wait for the kernels is a poll of an event with sleeps, which holds neither the
-        GIL nor a CPU core. Keep each call bounded (a few hundred MiB): it holds the locks of its
-        buffers, which a foreground verify of the same buffers waits for. Note that CUDA's lowest
+        lock; its wait for the kernels (``LOW_WAIT``) holds neither the GIL nor a CPU core. Keep
+        each call bounded (a few hundred MiB): it holds the locks of its buffers, which a
+        foreground verify of the same buffers waits for. Note that CUDA's lowest
         priority is also the default one: a low stream yields only to streams created with a
         higher priority, so the scrubber's GPU-time budget is what protects serving.
 
@@ -2030,8 +2040,8 @@ class _Lane:
     tree levels) and a pinned host buffer (the table image going up, the results coming down).
 
     The normal lane shares the compute stream and lock of the single-segment path. The low lane
-    (scrubbing) has a stream of the lowest priority, a lock and buffers of its own, and waits by
-    polling an event with sleeps in between, so that the waiting thread holds no GIL and no core.
+    (scrubbing) has a stream of the lowest priority, a lock and buffers of its own, and waits
+    (``LOW_WAIT``) without holding the GIL or a core.
     """
 
     def __init__(self, backend: CudaBackend, *, low: bool) -> None:
@@ -2052,7 +2062,7 @@ class _Lane:
             self.stream = backend._stream
             self.lock = backend._lock
             self.owns_stream = False
-        self.done = _event(backend._dev, timing=False)
+        self.done = _event(backend._dev, timing=False, blocking=low and LOW_WAIT == "block")
         self.t0 = _event(backend._dev, timing=True)
         self.t1 = _event(backend._dev, timing=True)
 
@@ -2168,6 +2178,13 @@ class _Lane:
             b._sync(self.stream, "segment-table digests")
             return
         _record(self.stream, self.done)
+        if LOW_WAIT == "block":
+            # cuda-bindings' cuEventSynchronize releases the GIL around the driver call, and the
+            # event's blocking synchronization puts the thread to sleep until the GPU signals:
+            # the engine's threads keep the interpreter for the whole wait (checked on the H200
+            # by tests/gpu: another thread's loop keeps its pace during the wait).
+            check(driver().cuEventSynchronize(self.done.handle), "segment-table digests (low priority)")
+            return
         delay = 20e-6
         while True:
             # Event.is_done is cuEventQuery: True when done, False while not ready, and any other

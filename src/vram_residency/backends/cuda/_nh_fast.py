@@ -85,6 +85,7 @@ __all__ = [
     "Session",
     "inflight_for",
     "key_trials",
+    "launch_shape",
     "leaf_blocks",
     "module_for",
     "new_job",
@@ -98,8 +99,8 @@ __all__ = [
 #: Kernel source name (``kernels/nh_fast.cu``), as listed in ``_compile.KERNELS``.
 SOURCE: Final = "nh_fast"
 _THREADS: Final = 256  # NHF_THREADS
-_UNIT_THREADS: Final = 128  # nhf_unit_chunks / nhf_unit_reduce
 _CHUNKS_PER_UNIT: Final = 6  # 1 KiB BLAKE3 chunks of a full unit's 6144 bytes of leaf tags
+_TOP_THREADS: Final = 32  # NHF_TOP_THREADS (nhf_top_chunks)
 _FIN_THREADS: Final = 512  # NHF_FIN_THREADS
 _KEY_OFF: Final = 0
 _UNIT_KEY_OFF: Final = nhfast.NH_KEY_BYTES  # 5120
@@ -116,8 +117,8 @@ KEY_STAGE_BYTES: Final = _TAGS_OFF
 DEVICE_FINISH_UNITS: int = 4096  # not Final: tests and the sanitizer run set it to 1
 #: The leaf kernel builds the unit digests itself (``nhf_leaf_tags_units``: the warp that counts a
 #: unit's last leaf hashes its tag string), instead of ``nhf_leaf_tags`` followed by
-#: ``nhf_unit_chunks`` + ``nhf_unit_reduce`` (on an H200 at 1 GiB the two unit kernels were a ~40
-#: us serial tail after ~285 us of leaves). OFF: measured on the H200 (2026-11-29, same process,
+#: ``nhf_units`` (on an H200 at 1 GiB the unit kernels of the time, two launches, were a ~40 us
+#: serial tail after ~285 us of leaves). OFF: measured on the H200 (2026-11-29, same process,
 #: alternating) the fused path took 1,741-1,768 us of device time at 1 GiB against 320-333 us for
 #: the two-launch path: the warps that finish units stop streaming for a serial BLAKE3 chain while
 #: their share of leaves waits, so the persistent grid's tail grows instead of shrinking. Kept,
@@ -126,7 +127,7 @@ DEVICE_FINISH_UNITS: int = 4096  # not Final: tests and the sanitizer run set it
 #: is built. The kernel that ran is reported in the backend's ``last_units_kernel``.
 FUSED_UNITS: bool = False
 FUSED_KERNEL: Final = "nhf_leaf_tags_units"
-UNFUSED_KERNEL: Final = "nhf_unit_chunks"
+UNFUSED_KERNEL: Final = "nhf_units"
 
 
 def _align(x: int) -> int:
@@ -208,6 +209,7 @@ class NhFastJob:
         stage: tuple[int, memoryview] | None = None,
         fused: bool | None = None,
         schedule: nhfast.KeySchedule | None = None,
+        units_per_block: int = 8,
     ) -> None:
         if ptr % 16:
             raise InvalidInput("nh-fast-v1 needs 16-byte aligned device memory (16-byte loads)")
@@ -236,6 +238,7 @@ class NhFastJob:
         per_block = (_THREADS // 32) * max(1, inflight)
         self._grid_cap = max(1, int(leaf_blocks))
         self._per_block = per_block
+        self._units_per_block = max(1, int(units_per_block))
         self._units_done = 0
         blob = sched.nh_key + sched.unit_key + sched.top_key
         if stage is not None:
@@ -284,9 +287,10 @@ class NhFastJob:
         return self._digest_out
 
     def launch_finalize(self) -> None:
-        """Queue every remaining leaf and unit, then ``nhf_finalize``: the digest on the device,
-        at :attr:`digest_out`. The unit kernels' chunk-value scratch is its work area (at least
-        64 bytes per 1 KiB chunk of the unit digests: 192 bytes per unit are there)."""
+        """Queue every remaining leaf and unit, then ``nhf_top_chunks`` and (for more than one
+        1 KiB chunk of unit digests) ``nhf_finalize``: the digest on the device, at
+        :attr:`digest_out`. The chunk-value scratch is their work area (at least 64 bytes per
+        1 KiB chunk of the unit digests: 192 bytes per unit are there)."""
         if self._cvs + _finalize_work_bytes(self.units) > self._unit_out:  # pragma: no cover
             # Cannot happen (tests/backends/cuda/test_nh_fast_launcher_nogpu.py has the proof);
             # checked because the kernel would otherwise overwrite the unit digests it reads.
@@ -301,8 +305,15 @@ class NhFastJob:
             (U64, self._cvs),
             (U64, self._digest_out),
         ]
-        fn = self.mod.function("nhf_finalize")
-        launch(fn, 1, _FIN_THREADS, self.stream, args, what="nhf_finalize")
+        chunks = -(-(32 * self.units + 8) // 1024)
+        fn = self.mod.function("nhf_top_chunks")
+        grid = -(-chunks // _TOP_THREADS)
+        launch(fn, grid, _TOP_THREADS, self.stream, args, what="nhf_top_chunks")
+        if chunks > 1:  # one chunk is the digest itself (written by nhf_top_chunks)
+            tree: list[Arg] = [(U64, self.units), (U64, self._top_key_dev), (U64, self._cvs)]
+            tree.append((U64, self._digest_out))
+            fn = self.mod.function("nhf_finalize")
+            launch(fn, 1, _FIN_THREADS, self.stream, tree, what="nhf_finalize")
 
     def launch_leaves(self, first: int, end: int) -> None:
         """Queue the leaf tags of leaves ``[first, end)`` (fused: and the digest of every unit whose
@@ -332,30 +343,18 @@ class NhFastJob:
         if self.fused:
             self._units_done = max(self._units_done, end)
             return
-        key, span = (U64, self._unit_key_dev), (end - first)
-        chunk_args: list[Arg] = [
+        args: list[Arg] = [
             (U64, self._tags),
             (U64, self.leaves),
-            key,
-            (U64, first),
-            (U64, end),
-            (U64, self._cvs),
-            (U64, self._unit_out),
-        ]
-        grid = -(-(span * _CHUNKS_PER_UNIT) // _UNIT_THREADS)
-        fn = self.mod.function("nhf_unit_chunks")
-        launch(fn, grid, _UNIT_THREADS, self.stream, chunk_args, what="nhf_unit_chunks")
-        reduce_args: list[Arg] = [
-            (U64, self.leaves),
-            key,
-            (U64, self._cvs),
+            (U64, self._unit_key_dev),
             (U64, first),
             (U64, end),
             (U64, self._unit_out),
         ]
-        grid = -(-span // _UNIT_THREADS)
-        fn = self.mod.function("nhf_unit_reduce")
-        launch(fn, grid, _UNIT_THREADS, self.stream, reduce_args, what="nhf_unit_reduce")
+        per_block = self._units_per_block
+        fn = self.mod.function(UNFUSED_KERNEL)
+        grid = -(-(end - first) // per_block)
+        launch(fn, grid, per_block * _CHUNKS_PER_UNIT, self.stream, args, what=UNFUSED_KERNEL)
         self._units_done = max(self._units_done, end)
 
     def launch_ready(self, done_bytes: int) -> None:
@@ -407,10 +406,18 @@ def leaf_blocks(session: Session, mod: Module, kernel: str = "nhf_leaf_tags") ->
 
 
 def inflight_for(session: Session) -> int:
+    return launch_shape(session)[0]
+
+
+def launch_shape(session: Session) -> tuple[int, int]:
+    """From the backend's defines for the kernel source: leaves per warp per round (NHF_INFLIGHT,
+    for sizing small grids; NHF_PIPELINE=1 hashes one at a time) and units per ``nhf_units``
+    block (NHF_UNITS_PER_BLOCK; 4 with the NHF_UNITS_SMEM variant, else 8)."""
     defines = session.kernel_defines(SOURCE)
-    # Leaves per warp per round, for sizing small grids: NHF_PIPELINE=1 hashes one at a time.
     pipelined = defines.get("NHF_PIPELINE", "0") not in ("0", "")
-    return 1 if pipelined else int(defines.get("NHF_INFLIGHT", "2"))
+    inflight = 1 if pipelined else int(defines.get("NHF_INFLIGHT", "2"))
+    smem = defines.get("NHF_UNITS_SMEM", "0") not in ("0", "")
+    return inflight, int(defines.get("NHF_UNITS_PER_BLOCK", "4" if smem else "8"))
 
 
 def new_job(
@@ -433,7 +440,7 @@ def new_job(
         scratch = session.scratch(scratch_bytes(n))
     fused = FUSED_UNITS if fused is None else fused
     blocks = leaf_blocks(session, mod, FUSED_KERNEL if fused else "nhf_leaf_tags")
-    inflight = inflight_for(session)
+    inflight, units_per_block = launch_shape(session)
     return NhFastJob(
         mod,
         session.stream,
@@ -446,6 +453,7 @@ def new_job(
         stage=stage,
         fused=fused,
         schedule=schedule,
+        units_per_block=units_per_block,
     )
 
 

@@ -11,17 +11,18 @@
 //     HBM speed). The 32 lane partial sums are added with REDUX (sm_80+) on 21/22-bit slices,
 //     which cannot carry out of 32 bits: 9 reductions per leaf instead of 30 shuffles.
 //     Tags (24 bytes per leaf, 0.6% of the shard) go to scratch memory.
-//  2. nhf_unit_chunks + nhf_unit_reduce: keyed BLAKE3 of each 1 MiB unit's (<= 6144-byte) tag
-//     string: one thread per 1 KiB chunk, then one thread per unit for the parents.
-//     Or, by default (the launcher's FUSED_UNITS), nhf_leaf_tags_units: nhf_leaf_tags, in which
-//     the warp that counts a unit's last leaf (a per-unit atomic counter) computes that unit's
-//     digest, lanes 0..5 one chunk each, then the parents; see "Fused unit digests" below. The
-//     two-launch path stays for A/B runs and as the fallback.
+//  2. nhf_units: keyed BLAKE3 of each 1 MiB unit's (<= 6144-byte) tag string: one thread per 1 KiB
+//     chunk, then the parents level by level through shared memory, in one launch.
+//     Or, with the launcher's FUSED_UNITS (off: measured slower on the H200), nhf_leaf_tags_units:
+//     nhf_leaf_tags, in which the warp that counts a unit's last leaf (a per-unit atomic counter)
+//     computes that unit's digest, lanes 0..5 one chunk each, then the parents; see "Fused unit
+//     digests" below.
 //
-//  3. nhf_finalize (the verify path): the digest itself, keyed BLAKE3 over the unit digests and
-//     the length, in one block, so that a verify copies back 32 bytes instead of 32 per MiB and
-//     hashes nothing on the host (at 16 GiB the host's copy and hash of 512 KiB of unit digests
-//     took ~0.25 ms on the H200's host, 5% of the check). The seal path, which keeps the unit
+//  3. nhf_top_chunks + nhf_finalize (the verify path): the digest itself, keyed BLAKE3 over the
+//     unit digests and the length (chunks across the GPU, then the tree in one block), so that a
+//     verify copies back 32 bytes instead of 32 per MiB and hashes nothing on the host (at 16 GiB
+//     the host's copy and hash of 512 KiB of unit digests took ~0.25 ms on the H200's host, 5% of
+//     the check). The seal path, which keeps the unit
 //     digests, finishes on the host from them (formats/nhfast.finalize); both are tested equal.
 //
 // The cores are __host__ __device__: tests/gpu/harness/nhf_harness.cu runs them on the CPU.
@@ -169,9 +170,20 @@ VR_HD void nhf_b3_block(const u8* p, u32 len, u32 b, u32 m[16]) {
 #pragma unroll
         for (int i = 0; i < 16; ++i) m[i] = w[i];
     } else {
+        // Word by word with constant indices, so that m stays in registers: a byte loop writing
+        // m[i >> 2] indexes it at run time, which put the unit and finalize kernels' message
+        // blocks in local memory (ptxas: a 128-256 byte stack frame) on every compression.
 #pragma unroll
-        for (int i = 0; i < 16; ++i) m[i] = 0u;
-        for (u32 i = 0; i < blen; ++i) m[i >> 2] |= (u32)q[i] << (8u * (i & 3u));
+        for (int i = 0; i < 16; ++i) {
+            const u32 off = 4u * (u32)i;
+            u32 w = 0u;
+            if (off + 4u <= blen) {
+                w = *reinterpret_cast<const u32*>(q + off);
+            } else if (off < blen) {
+                for (u32 k = 0; k < blen - off; ++k) w |= (u32)q[off + k] << (8u * k);
+            }
+            m[i] = w;
+        }
     }
 }
 
@@ -383,7 +395,7 @@ __device__ __forceinline__ u32 nhf_group_arrive(u64 gp, u32 gsize, u64 leaf_end,
 // The digest of unit `unit` by the whole (converged) warp: lanes 0..5 one 1 KiB chunk of its tag
 // string each (nhf_b3_chunk_t, L2 loads; a one-chunk unit gets ROOT on its chunk), then the parents
 // level by level, one lane per node (nhf_level_node), the nodes passed between lanes by shuffles.
-// The same tree as nhf_unit_chunks + nhf_unit_reduce (nhf_b3_reduce pairs the same way); the CPU
+// The same tree as nhf_units (and nhf_b3_reduce, which pairs the same way); the CPU
 // harness's `unitsfused` mode runs these steps against the reference.
 __device__ void nhf_unit_digest_warp(const u8* __restrict__ tags, u64 n, const u32* __restrict__ unit_key, u64 unit,
                                      u8* __restrict__ unit_out, u32* __restrict__ counters, u32 lane) {
@@ -553,7 +565,7 @@ nhf_leaf_tags(const u8* __restrict__ data, u64 n, const u8* __restrict__ key, u6
 
 #if NHF_FUSED_UNITS
 // nhf_leaf_tags, and the digest of every unit whose leaves are all counted (see "Fused unit
-// digests"): unit u's digest goes to unit_out + 32 u, as nhf_unit_chunks/nhf_unit_reduce write it.
+// digests"): unit u's digest goes to unit_out + 32 u, as nhf_units writes it.
 // `counters`: one u32 per unit of the shard, zero at the job's start (the launcher's memset);
 // `unit_key`: 8 little-endian words. Launches may cover any leaf ranges in any split (the counts
 // add up across launches on one stream); the seal path's cover whole units.
@@ -565,94 +577,127 @@ nhf_leaf_tags_units(const u8* __restrict__ data, u64 n, const u8* __restrict__ k
 }
 #endif
 
-// Unit digests, in two launches so that every lane does useful work: a unit's tag string has at
-// most six 1 KiB BLAKE3 chunks of 16 serial compressions each, so one thread per chunk (not one
-// warp per unit, which left 26 of 32 lanes idle) and then one thread per unit for the (at most
-// five) parent compressions. `leaves`: the shard's leaf count; `unit_key`: 8 little-endian words.
-
-// Thread i: chunk i % 6 of unit unit_begin + i / 6. Its chaining value goes to cvs + 32 (6 unit +
-// chunk); a unit of one chunk is finished here (ROOT on its last block) and written to out + 32 unit.
-extern "C" __global__ void __launch_bounds__(128)
-nhf_unit_chunks(const u8* __restrict__ tags, u64 leaves, const u32* __restrict__ unit_key, u64 unit_begin,
-                u64 unit_end, u8* __restrict__ cvs, u8* __restrict__ out) {
-    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    const u64 unit = unit_begin + i / NHF_CHUNKS_PER_UNIT;
-    const u32 c = (u32)(i % NHF_CHUNKS_PER_UNIT);
-    if (unit >= unit_end) return;
-    const u32 len = nhf_unit_tag_bytes(leaves, unit);
-    const u32 chunks = (len + 1023u) / 1024u;
-    if (c >= chunks) return;
+// Unit digests, NHF_UNITS_PER_BLOCK units per block of one thread per 1 KiB chunk: a unit's tag
+// string has at most six BLAKE3 chunks of 16 serial compressions each, so one thread per chunk
+// (one warp per unit left 26 of 32 lanes idle); then the (at most three) levels of parents,
+// pairing from the left with the odd node carried (nhf_level_node), one thread per node, through
+// shared memory between barriers. One launch: the tail after the leaf kernel is the chunks' chain
+// and three parent levels, with no second kernel and no chaining values through global memory.
+// Eight units per block spread a 1 GiB shard's 1,024 units over 128 blocks (the chain is
+// latency-bound there: few warps per SM). `leaves`: the shard's leaf count; `unit_key`: 8
+// little-endian words; unit u's digest goes to out + 32 u.
+// NHF_UNITS_SMEM (a tuning variant): each thread first copies its 1 KiB chunk into shared memory
+// with all 64 of its 16-byte loads in flight at once, then compresses from there.
+#ifndef NHF_UNITS_SMEM
+#define NHF_UNITS_SMEM 0
+#endif
+#ifndef NHF_UNITS_PER_BLOCK
+#define NHF_UNITS_PER_BLOCK (NHF_UNITS_SMEM ? 4u : 8u)
+#endif
+#define NHF_UNITS_THREADS (NHF_UNITS_PER_BLOCK * NHF_CHUNKS_PER_UNIT)
+extern "C" __global__ void __launch_bounds__(NHF_UNITS_THREADS)
+nhf_units(const u8* __restrict__ tags, u64 leaves, const u32* __restrict__ unit_key, u64 unit_begin,
+          u64 unit_end, u8* __restrict__ out) {
+    __shared__ u32 level[2][NHF_UNITS_THREADS][8];
+#if NHF_UNITS_SMEM
+    __shared__ __align__(16) u8 text[NHF_UNITS_THREADS][1024];
+#endif
+    const u32 t = threadIdx.x;
+    const u32 local = t / NHF_CHUNKS_PER_UNIT, c = t % NHF_CHUNKS_PER_UNIT;
+    const u64 unit = unit_begin + (u64)blockIdx.x * NHF_UNITS_PER_BLOCK + local;
     u32 key[8];
 #pragma unroll
     for (int w = 0; w < 8; ++w) key[w] = unit_key[w];
-    const u32 clen = (c + 1u < chunks) ? 1024u : len - 1024u * c;
+    u32 count = 0;  // this unit's node count at the current level (0: no unit, nothing to do)
+    if (unit < unit_end) {
+        const u32 len = nhf_unit_tag_bytes(leaves, unit);
+        count = (len + 1023u) / 1024u;
+        if (c < count) {
+            const u32 clen = (c + 1u < count) ? 1024u : len - 1024u * c;
+            const u8* src = tags + unit * NHF_LEAVES_PER_UNIT * NHF_TAG + 1024u * c;
+#if NHF_UNITS_SMEM
+            // 16-byte aligned (the tags start 256-aligned; units are 6144 bytes, chunks 1024);
+            // clen is a multiple of 8 (24-byte tags): the last 8 bytes may stand alone.
+            const uint4* s16 = reinterpret_cast<const uint4*>(src);
+            uint4* d16 = reinterpret_cast<uint4*>(text[t]);
+#pragma unroll 16
+            for (u32 i = 0; i < clen / 16u; ++i) d16[i] = s16[i];
+            if (clen % 16u) {
+                reinterpret_cast<u64*>(text[t])[clen / 8u - 1u] = reinterpret_cast<const u64*>(src)[clen / 8u - 1u];
+            }
+            src = text[t];
+#endif
+            u32 cv[8];
+            nhf_b3_chunk(src, clen, c, key, count == 1u, cv);
+            u32* dst = count == 1u ? reinterpret_cast<u32*>(out + 32u * unit) : level[0][t];
+#pragma unroll
+            for (int w = 0; w < 8; ++w) dst[w] = cv[w];
+        }
+    }
+    // Six chunks need three levels (6 -> 3 -> 2 -> 1); every thread passes every barrier.
+    const u32 base = local * NHF_CHUNKS_PER_UNIT;
+#pragma unroll 1
+    for (u32 lv = 0; lv < 3u; ++lv) {
+        __syncthreads();
+        const u32 next = (count >> 1) + (count & 1u);
+        if (count > 1u && c < next) {
+            const u32* l = level[lv & 1u][base + 2u * c];
+            const u32* r = level[lv & 1u][base + (2u * c + 1u < count ? 2u * c + 1u : 2u * c)];
+            u32 node[8];
+            nhf_level_node(l, r, count, c, key, node);
+            u32* dst = next == 1u ? reinterpret_cast<u32*>(out + 32u * unit) : level[(lv + 1u) & 1u][base + c];
+#pragma unroll
+            for (int w = 0; w < 8; ++w) dst[w] = node[w];
+        }
+        count = count > 1u ? next : 0u;
+    }
+}
+
+// The digest (spec step 5): D = BLAKE3(key = top_key, U_0 || ... || U_{units-1} || LE64(n)), in two
+// launches so that a verify copies back 32 bytes instead of 32 per MiB and hashes nothing on the
+// host. `msg`: the unit digests (32 * units bytes, 16-byte aligned) with 8 writable bytes after
+// them. `work`: 64 * chunks bytes (two levels of chaining values; the unit kernels' scratch, free
+// by now). `out`: 32 bytes.
+//
+// nhf_top_chunks: one thread per 1 KiB chunk, NHF_TOP_THREADS per block, over as many blocks as
+// it takes (at 16 GiB: 513 chunks, 17 blocks). A single block of 512 threads did this before: a
+// thread took two chunks past 512 and one SM ran every compression, ~120 us at 16,384 units on
+// the H200. The thread of the last chunk writes LE64(n) first (the 8 bytes never cross a chunk:
+// 32 * units % 1024 <= 992), then reads it back in program order. A message of one chunk is the
+// digest itself (ROOT): it goes to `out`, and nhf_finalize is not launched.
+#define NHF_TOP_THREADS 32
+extern "C" __global__ void __launch_bounds__(NHF_TOP_THREADS)
+nhf_top_chunks(u8* __restrict__ msg, u64 units, u64 n, const u32* __restrict__ top_key, u32* __restrict__ work,
+               u32* __restrict__ out) {
+    const u64 len = 32u * units + 8u;
+    const u64 chunks = (len + 1023u) / 1024u;
+    const u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= chunks) return;
+    if (c + 1u == chunks) *reinterpret_cast<u64*>(msg + 32u * units) = n;  // little-endian device
+    u32 key[8];
+#pragma unroll
+    for (int w = 0; w < 8; ++w) key[w] = top_key[w];
+    const u32 clen = (c + 1u < chunks) ? 1024u : (u32)(len - 1024u * c);
     u32 cv[8];
-    nhf_b3_chunk(tags + unit * NHF_LEAVES_PER_UNIT * NHF_TAG + 1024u * c, clen, c, key, chunks == 1u, cv);
-    u8* at = chunks == 1u ? out + 32u * unit : cvs + 32u * (NHF_CHUNKS_PER_UNIT * unit + c);
-    u32* dst = reinterpret_cast<u32*>(at);
+    nhf_b3_chunk(msg + 1024u * c, clen, c, key, chunks == 1u, cv);
+    u32* dst = chunks == 1u ? out : work + 8u * c;
 #pragma unroll
     for (int w = 0; w < 8; ++w) dst[w] = cv[w];
 }
 
-// Thread i: the parents of unit unit_begin + i (units of one chunk were finished above).
-extern "C" __global__ void __launch_bounds__(128)
-nhf_unit_reduce(u64 leaves, const u32* __restrict__ unit_key, const u8* __restrict__ cvs, u64 unit_begin,
-                u64 unit_end, u8* __restrict__ out) {
-    const u64 unit = unit_begin + (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (unit >= unit_end) return;
-    const u32 chunks = (nhf_unit_tag_bytes(leaves, unit) + 1023u) / 1024u;
-    if (chunks == 1u) return;
-    u32 key[8], node[8][8], root[8];
-#pragma unroll
-    for (int w = 0; w < 8; ++w) key[w] = unit_key[w];
-    const u32* src = reinterpret_cast<const u32*>(cvs + 32u * NHF_CHUNKS_PER_UNIT * unit);
-    for (u32 c = 0; c < chunks; ++c)
-#pragma unroll
-        for (int w = 0; w < 8; ++w) node[c][w] = src[8 * c + w];
-    nhf_b3_reduce(node, chunks, key, root);
-    u32* dst = reinterpret_cast<u32*>(out + 32u * unit);
-#pragma unroll
-    for (int w = 0; w < 8; ++w) dst[w] = root[w];
-}
-
-// The digest (spec step 5): D = BLAKE3(key = top_key, U_0 || ... || U_{units-1} || LE64(n)), in one
-// block. `msg`: the unit digests (32 * units bytes, 16-byte aligned) with 8 writable bytes after
-// them, where thread 0 puts LE64(n) before the block's first barrier. `work`: 64 * chunks bytes
-// (two levels of chaining values; the unit kernels' chunk-value scratch, free by now). `out`: 32
-// bytes. One thread per 1 KiB chunk (looping when there are more chunks than threads), then the
-// tree level by level between barriers, ping-ponging between the two halves of `work`.
+// nhf_finalize: the tree over nhf_top_chunks' chaining values (more than one chunk), level by
+// level between barriers in one block, ping-ponging between the two halves of `work`.
 #ifndef NHF_FIN_THREADS
 #define NHF_FIN_THREADS 512
 #endif
 extern "C" __global__ void __launch_bounds__(NHF_FIN_THREADS)
-nhf_finalize(u8* __restrict__ msg, u64 units, u64 n, const u32* __restrict__ top_key, u32* __restrict__ work,
-             u32* __restrict__ out) {
-    const u64 len = 32u * units + 8u;
-    const u64 chunks = (len + 1023u) / 1024u;
-    if (threadIdx.x == 0) *reinterpret_cast<u64*>(msg + 32u * units) = n;  // little-endian device
+nhf_finalize(u64 units, const u32* __restrict__ top_key, u32* __restrict__ work, u32* __restrict__ out) {
+    const u64 chunks = (32u * units + 8u + 1023u) / 1024u;
     u32 key[8];
 #pragma unroll
     for (int w = 0; w < 8; ++w) key[w] = top_key[w];
-    __syncthreads();
-    if (chunks == 1u) {
-        if (threadIdx.x == 0) {
-            u32 cv[8];
-            nhf_b3_chunk(msg, (u32)len, 0, key, true, cv);
-#pragma unroll
-            for (int w = 0; w < 8; ++w) out[w] = cv[w];
-        }
-        return;
-    }
     u32* a = work;
     u32* b = work + 8u * chunks;
-    for (u64 c = threadIdx.x; c < chunks; c += blockDim.x) {
-        const u32 clen = (c + 1u < chunks) ? 1024u : (u32)(len - 1024u * c);
-        u32 cv[8];
-        nhf_b3_chunk(msg + 1024u * c, clen, c, key, false, cv);
-#pragma unroll
-        for (int w = 0; w < 8; ++w) a[8u * c + w] = cv[w];
-    }
-    __syncthreads();
     for (u64 count = chunks; count > 1u; count = (count >> 1) + (count & 1u)) {
         const u64 next = (count >> 1) + (count & 1u);
         for (u64 i = threadIdx.x; i < next; i += blockDim.x) nhf_top_level_node(a, count, i, key, b);
