@@ -177,7 +177,7 @@ def run(
     try:
         rows = []
         for size in sorted(sizes):
-            reps = 50 if size <= 64 * MiB else 20 if size <= GiB else 7
+            reps = 50 if size <= GiB else 15
             hbm = hbm_read(backend, buf, size, reps)
             row = measure(backend, buf, size, reps, host_first[:size] if size <= GiB else None)
             row["hbm_read_GBps"] = hbm

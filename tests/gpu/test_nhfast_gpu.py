@@ -506,3 +506,70 @@ def test_low_priority_runs_on_the_low_lane_beside_a_held_backend_lock(cuda_backe
     finally:
         for buf in bufs:
             buf.close()
+
+
+# -- CUDA graphs of repeated calls (_graphs.GraphCache) ---------------------------------------------
+
+
+@pytest.mark.parametrize("priority", ["normal", "low"])
+def test_repeated_tables_run_as_graphs_and_read_the_live_bytes(
+    cuda_backend: CudaBackend, priority: str, device_finish_always: None
+) -> None:
+    """The same table verified again and again: the first calls enqueue directly, a later one is
+    captured, and the rest are one graph launch each; every result equals the host path's. The
+    graph reads the data when it runs: after a flipped bit the replay gives the new digest."""
+    from vram_residency.backends.base import Segment
+
+    sizes = [3 * MIB + 4097, 4096, 17, 2 * MIB]
+    bufs = [cuda_backend.allocate(n) for n in sizes]
+    try:
+        payloads = [bytearray(_bytes(n, 70 + i)) for i, n in enumerate(sizes)]
+        keys = [os.urandom(32) for _ in sizes]
+        for b, p in zip(bufs, payloads, strict=True):
+            b.write(0, bytes(p))
+        segs = [Segment(b, len(p), tree.NH_FAST_V1, k) for b, p, k in zip(bufs, payloads, keys, strict=True)]
+
+        def want() -> list[bytes]:
+            return [tree.hash_units(bytes(p), tree.NH_FAST_V1, key=k).digest for p, k in zip(payloads, keys, strict=True)]
+
+        with cuda_backend.kernel_session(priority) as ks:
+            graphs = ks.graphs
+            launched0, captured0 = graphs.launched, graphs.captured
+        expected = want()
+        for _ in range(6):
+            assert cuda_backend.digest_many(segs, priority=priority) == expected
+        assert graphs.captured == captured0 + 1
+        assert graphs.launched >= launched0 + 4
+        payloads[0][MIB + 5] ^= 0x10
+        bufs[0].write(MIB + 5, bytes([payloads[0][MIB + 5]]))
+        expected2 = want()
+        assert expected2[0] != expected[0]
+        launched = graphs.launched
+        assert cuda_backend.digest_many(segs, priority=priority) == expected2
+        assert graphs.launched == launched + 1  # the replay, not a new capture
+        # With the keys changed (fresh keys, same addresses): the same graph, the new keys' digests.
+        keys[:] = [os.urandom(32) for _ in sizes]
+        segs = [Segment(b, len(p), tree.NH_FAST_V1, k) for b, p, k in zip(bufs, payloads, keys, strict=True)]
+        assert cuda_backend.digest_many(segs, priority=priority) == want()
+        assert graphs.launched == launched + 2
+    finally:
+        for b in bufs:
+            b.close()
+
+
+def test_single_shard_verify_path_as_a_graph_equals_the_direct_path(
+    cuda_backend: CudaBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = 64 * MIB + 12345
+    data, key = _bytes(n, 5), os.urandom(32)
+    buf = cuda_backend.allocate(n)
+    try:
+        buf.write(0, data)
+        want = tree.hash_units(data, tree.NH_FAST_V1, key=key).digest
+        for finish in (1, 1 << 30):  # the device finish, and the host finish of the unit digests
+            monkeypatch.setattr(_nh_fast, "DEVICE_FINISH_UNITS", finish)
+            assert [nh_fast_digest(cuda_backend, buf.device_pointer, n, key) for _ in range(5)] == [want] * 5
+        monkeypatch.setattr(_nh_fast, "GRAPHS", False)
+        assert nh_fast_digest(cuda_backend, buf.device_pointer, n, key) == want
+    finally:
+        buf.close()

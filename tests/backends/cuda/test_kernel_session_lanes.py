@@ -1,7 +1,7 @@
 """``KernelSession``'s routing, without a GPU: the compute lane's session hands out the backend's
 stream, events, scratch and result buffer and all its multiprocessors; the low lane's session hands
 out the lane's own and a share of the multiprocessors (``_LOW_SM_DIVISOR``), and waits through the
-lane's polling wait. Stand-in objects record which of them was asked; nothing is launched."""
+lane's own wait. Stand-in objects record which of them was asked; nothing is launched."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def _backend(calls: list[str]) -> Any:
         _scratch=_record(calls, "backend scratch", 1000),
         _result_buffer=_record(calls, "backend results", "backend pinned"),
         _sync=_record(calls, "sync", None),
+        _graphs="backend graphs",
     )
 
 
@@ -41,7 +42,8 @@ def _lane(calls: list[str]) -> Any:
         t1="lane t1",
         arena=_record(calls, "arena", 2000),
         _pinned=_record(calls, "lane pinned", "lane pinned"),
-        _wait=_record(calls, "lane poll", None),
+        _wait=_record(calls, "lane wait", None),
+        graphs="lane graphs",
     )
 
 
@@ -55,6 +57,7 @@ def test_the_compute_lane_session_is_the_backends() -> None:
         132,
     )
     assert ks.scratch(64) == 1000 and str(ks.result_buffer(32)) == "backend pinned"
+    assert ks.graphs == "backend graphs"
     ks.wait()
     assert calls == ["backend scratch 64", "backend results 32", "sync compute stream nh-fast-v1 kernels"]
 
@@ -65,8 +68,9 @@ def test_the_low_lane_session_is_the_lanes_on_a_share_of_the_sms() -> None:
     assert (ks.stream, ks.t0, ks.t1) == ("low stream", "lane t0", "lane t1")
     assert ks.multiprocessors == 132 // _LOW_SM_DIVISOR
     assert ks.scratch(64) == 2000 and str(ks.result_buffer(32)) == "lane pinned"
+    assert ks.graphs == "lane graphs"
     ks.wait()
-    assert calls == ["arena 64", "lane pinned 32", "lane poll"]
+    assert calls == ["arena 64", "lane pinned 32", "lane wait"]
 
 
 @pytest.mark.parametrize("low", [False, True])
@@ -74,7 +78,7 @@ def test_a_session_used_after_its_block_refuses(low: bool) -> None:
     calls: list[str] = []
     ks = KernelSession(_backend(calls), _lane(calls) if low else None)
     ks._open = False
-    for use in (lambda: ks.stream, lambda: ks.multiprocessors, lambda: ks.scratch(1), ks.wait):
+    for use in (lambda: ks.stream, lambda: ks.multiprocessors, lambda: ks.scratch(1), lambda: ks.graphs, ks.wait):
         with pytest.raises(IntegrityViolation, match="after its with block"):
             use()
     assert calls == []

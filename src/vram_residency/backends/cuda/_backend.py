@@ -49,6 +49,7 @@ from vram_residency.backends.cuda._core import event_sync as _event_sync
 from vram_residency.backends.cuda._core import record as _record
 from vram_residency.backends.cuda._core import stream_wait as _stream_wait
 from vram_residency.backends.cuda._driver import check, driver, error_name, request_error
+from vram_residency.backends.cuda._graphs import GraphCache
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import (
     HostPool,
@@ -695,10 +696,12 @@ class KernelSession:
             self._multiprocessors = backend.multiprocessors
             self._scratch: Callable[[int], int] = backend._scratch
             self._results: Callable[[int], PinnedHostBuffer] = backend._result_buffer
+            self._graphs = backend._graphs
         else:
             self._stream, self._t0, self._t1 = lane.stream, lane.t0, lane.t1
             self._multiprocessors = max(1, backend.multiprocessors // _LOW_SM_DIVISOR)
             self._scratch, self._results = lane.arena, lane._pinned
+            self._graphs = lane.graphs
         self._open = True
 
     def _backend(self) -> CudaBackend:
@@ -724,6 +727,13 @@ class KernelSession:
         """Timing event recorded after the kernels (cuda.core ``Event``)."""
         self._backend()
         return self._t1
+
+    @property
+    def graphs(self) -> GraphCache:
+        """The lane's CUDA graphs of repeated calls (``_graphs.GraphCache``), used under the
+        session's lock like the stream they launch on."""
+        self._backend()
+        return self._graphs
 
     @property
     def multiprocessors(self) -> int:
@@ -923,6 +933,8 @@ class CudaBackend(Backend):
         # Segment-table digests: the normal lane shares the compute stream and lock with the
         # single-segment path; the low lane (scrubbing) has its own, created on first use.
         self._lanes: dict[str, _Lane] = {}
+        #: CUDA graphs of repeated kernel-session calls on the compute stream (nh-fast tables).
+        self._graphs = GraphCache()
         # The table kernels of each set of algorithms, once loaded (_table_kernels).
         self._table_fns: dict[frozenset[str], dict[tuple[str, str], Any]] = {}
         # Checked unkeyed tables by the identity of their Segment objects (_prepared_table).
@@ -1766,6 +1778,7 @@ class CudaBackend(Backend):
                 with lane.lock:
                     lane.close()
             self._lanes.clear()
+            self._graphs.close()  # before the modules whose kernels they name
             with self._prepared_lock:
                 self._prepared.clear()
             self._table_fns.clear()
@@ -2063,6 +2076,7 @@ class _Lane:
             self.lock = backend._lock
             self.owns_stream = False
         self.done = _event(backend._dev, timing=False, blocking=low and LOW_WAIT == "block")
+        self.graphs = backend._graphs if not low else GraphCache()
         self.t0 = _event(backend._dev, timing=True)
         self.t1 = _event(backend._dev, timing=True)
 
@@ -2201,6 +2215,7 @@ class _Lane:
         if self.owns_stream:
             with quiet:
                 self.stream.sync()
+            self.graphs.close()  # the low lane's own (the normal lane's are the backend's)
         if self.arena_mem is not None:
             mem, self.arena_mem = self.arena_mem, None
             self.arena_ptr, self.arena_size = 0, 0

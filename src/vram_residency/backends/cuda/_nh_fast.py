@@ -30,6 +30,7 @@ from typing import Any, Final, Protocol
 
 from vram_residency.backends.cuda._core import core_errors, elapsed_seconds, record
 from vram_residency.backends.cuda._driver import check, driver
+from vram_residency.backends.cuda._graphs import GraphCache
 from vram_residency.backends.cuda._kernels import U32, U64, Arg, Module, launch
 from vram_residency.backends.cuda._staging import PinnedHostBuffer, host_address
 from vram_residency.errors import IntegrityViolation, InvalidInput
@@ -58,6 +59,8 @@ class Session(Protocol):
     def temporary(self, nbytes: int) -> AbstractContextManager[int]: ...
     def copy_out(self, src: int, n: int) -> bytes: ...
     def wait(self) -> None: ...
+    @property
+    def graphs(self) -> GraphCache: ...
 
 
 class Backend(Protocol):
@@ -77,6 +80,7 @@ __all__ = [
     "DEVICE_FINISH_UNITS",
     "FUSED_KERNEL",
     "FUSED_UNITS",
+    "GRAPHS",
     "KEY_STAGE_BYTES",
     "SOURCE",
     "UNFUSED_KERNEL",
@@ -126,6 +130,10 @@ DEVICE_FINISH_UNITS: int = 4096  # not Final: tests and the sanitizer run set it
 #: Not Final: flip it (or pass ``fused=`` to the job) to A/B the two paths; a job reads it when it
 #: is built. The kernel that ran is reported in the backend's ``last_units_kernel``.
 FUSED_UNITS: bool = False
+#: A table of rows (one shard's verify, a model's, a scrub chunk's) that comes again on a lane
+#: with the same addresses runs as one CUDA graph launch (``_graphs.GraphCache``: captured on
+#: its third call) instead of four to six calls per row. Not Final: benchmarks and tests A/B it.
+GRAPHS: bool = True
 FUSED_KERNEL: Final = "nhf_leaf_tags_units"
 UNFUSED_KERNEL: Final = "nhf_units"
 
@@ -209,7 +217,7 @@ class NhFastJob:
         stage: tuple[int, memoryview] | None = None,
         fused: bool | None = None,
         schedule: nhfast.KeySchedule | None = None,
-        units_per_block: int = 8,
+        units_per_block: int = 4,
     ) -> None:
         if ptr % 16:
             raise InvalidInput("nh-fast-v1 needs 16-byte aligned device memory (16-byte loads)")
@@ -245,7 +253,7 @@ class NhFastJob:
             addr, view = stage
             if len(view) < len(blob):
                 raise InvalidInput("key stage too small")
-            view[: len(blob)] = blob
+            _stage(view, 0, sched)
             keep = None
         else:
             addr, keep = host_address(memoryview(blob))
@@ -412,11 +420,11 @@ def inflight_for(session: Session) -> int:
 def launch_shape(session: Session) -> tuple[int, int]:
     """From the backend's defines for the kernel source: leaves per warp per round (NHF_INFLIGHT,
     for sizing small grids; NHF_PIPELINE=1 hashes one at a time) and units per ``nhf_units``
-    block (NHF_UNITS_PER_BLOCK; 4 with the NHF_UNITS_SMEM variant, else 8)."""
+    block (NHF_UNITS_PER_BLOCK; 4 with NHF_UNITS_SMEM, the default, else 8)."""
     defines = session.kernel_defines(SOURCE)
     pipelined = defines.get("NHF_PIPELINE", "0") not in ("0", "")
     inflight = 1 if pipelined else int(defines.get("NHF_INFLIGHT", "2"))
-    smem = defines.get("NHF_UNITS_SMEM", "0") not in ("0", "")
+    smem = defines.get("NHF_UNITS_SMEM", "1") not in ("0", "")
     return inflight, int(defines.get("NHF_UNITS_PER_BLOCK", "4" if smem else "8"))
 
 
@@ -430,6 +438,7 @@ def new_job(
     stage: tuple[int, memoryview] | None = None,
     fused: bool | None = None,
     schedule: nhfast.KeySchedule | None = None,
+    stream: Any = None,
 ) -> NhFastJob:
     """An :class:`NhFastJob` on the session's stream and module, sized for its device, in the
     session's scratch (or at device address ``scratch``, with :func:`scratch_bytes` (n) bytes);
@@ -443,7 +452,7 @@ def new_job(
     inflight, units_per_block = launch_shape(session)
     return NhFastJob(
         mod,
-        session.stream,
+        session.stream if stream is None else stream,
         ptr,
         n,
         key,
@@ -472,7 +481,8 @@ def _run_rows(
     queued behind its kernels, and ONE synchronization for the table. ``want_units``: the unit
     digests come back and the digest is finished on the host; otherwise ``nhf_finalize``
     finishes it on the device and 32 bytes per row come back (and the list of results is
-    empty).
+    empty). A table that comes again on the lane with the same addresses runs as one CUDA graph
+    launch (:data:`GRAPHS`, ``_graphs.GraphCache``).
 
     ``while_running`` (``Backend.digest_many``): called once every job and result copy is
     queued, before the synchronization; if it raises, the stream is synchronized (as on any
@@ -500,12 +510,9 @@ def _run_rows(
         backend.last_units_kernel = FUSED_KERNEL if FUSED_UNITS else UNFUSED_KERNEL
         host = ks.result_buffer(host_bytes)
         view = host.view
-        jobs: list[NhFastJob] = []
         staged = KEY_STAGE_BYTES * len(rows)
         try:
-            _queue_and_wait(
-                ks, rows, scheds, sizes, on_device, down, jobs, base, host, stage_at, while_running
-            )
+            _queue_and_wait(ks, rows, scheds, sizes, on_device, down, base, host, stage_at, while_running)
         except BaseException:
             # Copies into the pinned buffer may still be queued: let them land before the buffer
             # can be reused or freed (a broken context fails this too, and then copies nothing).
@@ -519,16 +526,22 @@ def _run_rows(
         digests: list[bytes] = []
         hashed: list[HashResult] = []
         hoff = 0
-        for job, nbytes, dev in zip(jobs, down, on_device, strict=True):
+        for (_p, n, _k), sched, nbytes, dev in zip(rows, scheds, down, on_device, strict=True):
             got = bytes(view[hoff : hoff + nbytes])
             hoff += nbytes
             if dev:
                 digests.append(got)
             else:
-                digests.append(nhfast.finalize(job.schedule, got, job.n))
+                digests.append(nhfast.finalize(sched, got, n))
                 if want_units:
                     hashed.append(HashResult(digests[-1], got))
         return digests, hashed
+
+
+def _stage(view: memoryview, at: int, sched: nhfast.KeySchedule) -> None:
+    """Write a job's key upload (NH key, unit key, top key) into the pinned stage at ``at``."""
+    blob = sched.nh_key + sched.unit_key + sched.top_key
+    view[at : at + len(blob)] = blob
 
 
 def _queue_and_wait(
@@ -538,35 +551,57 @@ def _queue_and_wait(
     sizes: Sequence[int],
     on_device: Sequence[bool],
     down: Sequence[int],
-    jobs: list[NhFastJob],
     base: int,
     host: PinnedHostBuffer,
     stage_at: int,
     while_running: Callable[[], None] | None = None,
 ) -> None:
-    """``_run_rows``' device part: one job per row (appended to ``jobs``), the result copies,
-    ``while_running`` (the caller's host work, with everything queued; ``_run_rows`` waits for
-    the stream if it raises), and the one synchronization."""
+    """``_run_rows``' device part: one job per row and the result copies (directly, or as the
+    launch of the lane's graph of this very table), ``while_running`` (the caller's host work,
+    with everything queued; ``_run_rows`` waits for the stream if it raises), and the one
+    synchronization."""
     drv, view = driver(), host.view
+
+    def enqueue(stream: Any) -> None:
+        # Everything on `stream` (the session's, or a capturing one): nothing here waits or
+        # reads a result, so the same calls can be recorded into a graph.
+        jobs = []
+        off = 0
+        for i, ((ptr, n, key), size) in enumerate(zip(rows, sizes, strict=True)):
+            at = stage_at + KEY_STAGE_BYTES * i
+            stage = (host.address + at, view[at : at + KEY_STAGE_BYTES])
+            job = new_job(ks, ptr, n, key, scratch=base + off, stage=stage, schedule=scheds[i], stream=stream)
+            if on_device[i]:
+                job.launch_finalize()
+            else:
+                job.launch_ready(n)
+            jobs.append(job)
+            off += size
+        hoff = 0
+        for job, nbytes, dev in zip(jobs, down, on_device, strict=True):
+            src = job.digest_out if dev else job.unit_out
+            check(drv.cuMemcpyDtoHAsync(host.address + hoff, src, nbytes, stream.handle), "cuMemcpyDtoHAsync")
+            hoff += nbytes
+
     record(ks.stream, ks.t0)
-    off = 0
-    for i, ((ptr, n, key), size) in enumerate(zip(rows, sizes, strict=True)):
-        at = stage_at + KEY_STAGE_BYTES * i
-        stage = (host.address + at, view[at : at + KEY_STAGE_BYTES])
-        job = new_job(ks, ptr, n, key, scratch=base + off, stage=stage, schedule=scheds[i])
-        if on_device[i]:
-            job.launch_finalize()
-        else:
-            job.launch_ready(n)
-        jobs.append(job)
-        off += size
+    graphs = ks.graphs if GRAPHS else None
+    if graphs is None:
+        enqueue(ks.stream)
+    else:
+        # A graph reads the pinned stages when it runs: this call's key uploads go there first
+        # (a direct or capturing enqueue writes them itself, again: the same bytes).
+        for i, sched in enumerate(scheds):
+            _stage(view, stage_at + KEY_STAGE_BYTES * i, sched)
+        key = (
+            tuple((ptr, n) for ptr, n, _k in rows),
+            tuple(on_device),
+            base,
+            host.address,
+            stage_at,
+            FUSED_UNITS,
+        )
+        graphs.run(key, ks.stream, enqueue)
     record(ks.stream, ks.t1)
-    hoff = 0
-    stream = ks.stream.handle  # cuda-bindings for the copies (byte ranges)
-    for job, nbytes, dev in zip(jobs, down, on_device, strict=True):
-        src = job.digest_out if dev else job.unit_out
-        check(drv.cuMemcpyDtoHAsync(host.address + hoff, src, nbytes, stream), "cuMemcpyDtoHAsync")
-        hoff += nbytes
     if while_running is not None:
         while_running()
     ks.wait()

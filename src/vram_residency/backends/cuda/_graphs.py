@@ -1,0 +1,133 @@
+"""CUDA graphs of repeated digest calls, through cuda.core's ``GraphBuilder`` and ``Graph``.
+
+A verify of the same shard (or the same table of shards) enqueues the same work every time:
+per row a key upload from a fixed pinned stage, a leaf kernel, a unit kernel or the device
+finish, and a copy back, all at the same addresses. Each of those calls costs the host 4-15 us
+through cuda.core and cuda-bindings on the H200's host (2026-11-30, checkpointed: the leaf kernel
+started ~50 us into a 1 GiB nh-fast verify). Captured once into a graph, the whole sequence is
+one launch.
+
+When a graph is used: a key (everything the captured work depends on: addresses, sizes, the
+lane's buffers) must have been seen ``after`` times before, so that a one-off call (a seal, a
+first verify) never pays for a capture and an instantiation (hundreds of microseconds). What the
+captured work reads at launch time, it reads then: the data, and the pinned stage that the
+caller rewrites before each launch. Nothing is read at capture time.
+
+Any failure to capture or instantiate is not an error of the digest: the work is enqueued
+directly, as without a graph, and that key is never captured again (a driver or cuda.core that
+cannot capture costs one failed attempt per key, not a failure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, Final
+
+from vram_residency.backends.cuda._core import core_errors
+
+__all__ = ["GraphCache"]
+
+log = logging.getLogger(__name__)
+
+_FAILED: Final = object()
+
+
+class GraphCache:
+    """Executable graphs of one lane (one stream, used under the lane's lock), by key.
+
+    :meth:`run` enqueues ``enqueue``'s work on ``stream``: directly while the key is new, as a
+    launch of the key's graph once the key has come ``after`` times. ``capacity`` graphs are
+    kept, the least recently used one closed first. :meth:`close` closes them all (before the
+    context and the kernel modules the graphs name go away)."""
+
+    def __init__(self, capacity: int = 16, after: int = 2) -> None:
+        self._capacity = max(1, int(capacity))
+        self._after = max(0, int(after))
+        self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
+        self._seen: OrderedDict[Hashable, int] = OrderedDict()
+        # The lane's lock serializes runs; this one only guards the tables against close().
+        self._lock = threading.Lock()
+        self.captured = 0  # graphs built (for tests and benchmarks)
+        self.launched = 0  # runs that were one graph launch
+
+    def __len__(self) -> int:
+        return sum(1 for g in self._graphs.values() if g is not _FAILED)
+
+    def run(self, key: Hashable, stream: Any, enqueue: Callable[[Any], None]) -> bool:
+        """Enqueue the work of ``enqueue(s)`` (which queues everything on ``s``, a cuda.core
+        ``Stream``) on ``stream``; True when it ran as a graph launch. ``enqueue`` may be called
+        on a capturing stream: it must only enqueue work (no synchronization, no reads of
+        results), and it runs on every call that is not a graph launch."""
+        seen = 0
+        with self._lock:
+            graph = self._graphs.get(key)
+            if graph is not None:
+                self._graphs.move_to_end(key)
+            else:
+                seen = self._seen.pop(key, 0) + 1
+                self._seen[key] = seen
+                while len(self._seen) > 4 * self._capacity:
+                    self._seen.popitem(last=False)
+        if graph is _FAILED or (graph is None and seen <= self._after):
+            enqueue(stream)
+            return False
+        if graph is None:
+            graph = self._capture(key, stream, enqueue)
+            if graph is None:
+                enqueue(stream)
+                return False
+        with core_errors("launching a CUDA graph"):
+            graph.launch(stream)
+        self.launched += 1
+        return True
+
+    def _capture(self, key: Hashable, stream: Any, enqueue: Callable[[Any], None]) -> Any:
+        """The executable graph of ``enqueue``'s work, kept under ``key``; None (and the key
+        marked never to capture again) when capturing or instantiating failed."""
+        graph: Any = None
+        builder: Any = None
+        try:
+            builder = stream.create_graph_builder()
+            # "relaxed": other threads (the other lane, an engine) may call CUDA meanwhile.
+            builder.begin_building("relaxed")
+            try:
+                enqueue(builder.stream)
+            finally:
+                if builder.is_building:
+                    builder.end_building()
+            graph = builder.complete()
+        except Exception as exc:  # any failure: the work is enqueued directly instead
+            log.debug("CUDA graph capture failed, enqueuing directly: %s", exc)
+            graph = None
+        finally:
+            if builder is not None:
+                with contextlib.suppress(Exception):
+                    builder.close()
+        with self._lock:
+            self._graphs[key] = graph if graph is not None else _FAILED
+            self._seen.pop(key, None)
+            while len(self._graphs) > self._capacity:
+                _, old = self._graphs.popitem(last=False)
+                _close(old)
+        if graph is not None:
+            self.captured += 1
+        return graph
+
+    def close(self) -> None:
+        """Close every graph (idempotent; errors are not reported: teardown)."""
+        with self._lock:
+            graphs = list(self._graphs.values())
+            self._graphs.clear()
+            self._seen.clear()
+        for g in graphs:
+            _close(g)
+
+
+def _close(graph: Any) -> None:
+    if graph is not _FAILED and graph is not None:
+        with contextlib.suppress(Exception):
+            graph.close()

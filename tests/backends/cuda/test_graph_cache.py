@@ -1,0 +1,120 @@
+"""``_graphs.GraphCache``'s policy, without a GPU: which calls enqueue directly, which one
+captures, which ones launch the graph; a failed capture falls back to direct enqueues for good;
+the least recently used graph is closed beyond capacity; ``close`` closes the rest. Stand-in
+stream, builder and graph objects record what was asked of them; nothing is launched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vram_residency.backends.cuda._graphs import GraphCache
+
+
+class _Graph:
+    def __init__(self, log: list[str], name: str) -> None:
+        self.log, self.name = log, name
+
+    def launch(self, stream: Any) -> None:
+        self.log.append(f"launch {self.name} on {stream.name}")
+
+    def close(self) -> None:
+        self.log.append(f"close {self.name}")
+
+
+class _Builder:
+    def __init__(self, log: list[str], fail: str | None) -> None:
+        self.log, self.fail = log, fail
+        self.stream = _Stream(log, "capturing")
+        self.is_building = False
+
+    def begin_building(self, mode: str) -> _Builder:
+        self.log.append(f"begin {mode}")
+        if self.fail == "begin":
+            raise RuntimeError("capture not supported")
+        self.is_building = True
+        return self
+
+    def end_building(self) -> _Builder:
+        self.log.append("end")
+        self.is_building = False
+        return self
+
+    def complete(self) -> _Graph:
+        if self.fail == "complete":
+            raise RuntimeError("instantiate failed")
+        return _Graph(self.log, f"g{sum(1 for e in self.log if e == 'end')}")
+
+    def close(self) -> None:
+        self.log.append("builder closed")
+
+
+class _Stream:
+    def __init__(self, log: list[str], name: str, fail: str | None = None) -> None:
+        self.log, self.name, self.fail = log, name, fail
+
+    def create_graph_builder(self) -> _Builder:
+        return _Builder(self.log, self.fail)
+
+
+def _enqueue(log: list[str]) -> Any:
+    def enqueue(stream: _Stream) -> None:
+        log.append(f"enqueue on {stream.name}")
+
+    return enqueue
+
+
+def test_direct_until_seen_after_times_then_one_capture_then_launches() -> None:
+    log: list[str] = []
+    cache, s = GraphCache(after=2), _Stream(log, "s")
+    ran = [cache.run("k", s, _enqueue(log)) for _ in range(5)]
+    assert ran == [False, False, True, True, True]
+    assert log == [
+        "enqueue on s",
+        "enqueue on s",
+        "begin relaxed",
+        "enqueue on capturing",
+        "end",
+        "builder closed",
+        "launch g1 on s",
+        "launch g1 on s",
+        "launch g1 on s",
+    ]
+    assert (cache.captured, cache.launched, len(cache)) == (1, 3, 1)
+
+
+@pytest.mark.parametrize("fail", ["begin", "complete"])
+def test_a_failed_capture_falls_back_to_direct_enqueues_for_good(fail: str) -> None:
+    log: list[str] = []
+    cache, s = GraphCache(after=1), _Stream(log, "s", fail=fail)
+    assert [cache.run("k", s, _enqueue(log)) for _ in range(4)] == [False] * 4
+    assert log.count("enqueue on s") == 4
+    assert log.count("builder closed") == 1  # one attempt, never again for this key
+    assert "end" in log or fail == "begin"
+    assert (cache.captured, cache.launched, len(cache)) == (0, 0, 0)
+
+
+def test_an_error_of_the_work_itself_propagates_and_leaves_no_capture_open() -> None:
+    log: list[str] = []
+    cache, s = GraphCache(after=0), _Stream(log, "s")
+
+    def enqueue(stream: _Stream) -> None:
+        log.append(f"enqueue on {stream.name}")
+        raise ValueError("bad row")
+
+    with pytest.raises(ValueError, match="bad row"):
+        cache.run("k", s, enqueue)
+    # The capture was ended and its builder closed before the direct enqueue raised again.
+    assert log == ["begin relaxed", "enqueue on capturing", "end", "builder closed", "enqueue on s"]
+
+
+def test_least_recently_used_graph_is_closed_beyond_capacity_and_close_closes_the_rest() -> None:
+    log: list[str] = []
+    cache, s = GraphCache(capacity=2, after=0), _Stream(log, "s")
+    for key in ("a", "b", "a", "c"):
+        cache.run(key, s, _enqueue(log))
+    assert "close g1" not in log and "close g2" in log  # b was the least recently used
+    assert len(cache) == 2
+    cache.close()
+    assert log[-2:] == ["close g1", "close g3"] and len(cache) == 0
