@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from vram_residency.backends.base import Priority
 from vram_residency.backends.cuda import CudaBackend, _nh_fast, open_backend
 from vram_residency.backends.cuda._nh_fast import key_trials, nh_fast_digest, nh_fast_hash
 from vram_residency.errors import InvalidInput
@@ -513,7 +514,7 @@ def test_low_priority_runs_on_the_low_lane_beside_a_held_backend_lock(cuda_backe
 
 @pytest.mark.parametrize("priority", ["normal", "low"])
 def test_repeated_tables_run_as_graphs_and_read_the_live_bytes(
-    cuda_backend: CudaBackend, priority: str, device_finish_always: None
+    cuda_backend: CudaBackend, priority: Priority, device_finish_always: None
 ) -> None:
     """The same table verified again and again: the first calls enqueue directly, a later one is
     captured, and the rest are one graph launch each; every result equals the host path's. The
@@ -530,7 +531,10 @@ def test_repeated_tables_run_as_graphs_and_read_the_live_bytes(
         segs = [Segment(b, len(p), tree.NH_FAST_V1, k) for b, p, k in zip(bufs, payloads, keys, strict=True)]
 
         def want() -> list[bytes]:
-            return [tree.hash_units(bytes(p), tree.NH_FAST_V1, key=k).digest for p, k in zip(payloads, keys, strict=True)]
+            return [
+                tree.hash_units(bytes(p), tree.NH_FAST_V1, key=k).digest
+                for p, k in zip(payloads, keys, strict=True)
+            ]
 
         with cuda_backend.kernel_session(priority) as ks:
             graphs = ks.graphs

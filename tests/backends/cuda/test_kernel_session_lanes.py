@@ -57,7 +57,7 @@ def test_the_compute_lane_session_is_the_backends() -> None:
         132,
     )
     assert ks.scratch(64) == 1000 and str(ks.result_buffer(32)) == "backend pinned"
-    assert ks.graphs == "backend graphs"
+    assert str(ks.graphs) == "backend graphs"
     ks.wait()
     assert calls == ["backend scratch 64", "backend results 32", "sync compute stream nh-fast-v1 kernels"]
 
@@ -68,7 +68,7 @@ def test_the_low_lane_session_is_the_lanes_on_a_share_of_the_sms() -> None:
     assert (ks.stream, ks.t0, ks.t1) == ("low stream", "lane t0", "lane t1")
     assert ks.multiprocessors == 132 // _LOW_SM_DIVISOR
     assert ks.scratch(64) == 2000 and str(ks.result_buffer(32)) == "lane pinned"
-    assert ks.graphs == "lane graphs"
+    assert str(ks.graphs) == "lane graphs"
     ks.wait()
     assert calls == ["arena 64", "lane pinned 32", "lane wait"]
 
@@ -78,7 +78,13 @@ def test_a_session_used_after_its_block_refuses(low: bool) -> None:
     calls: list[str] = []
     ks = KernelSession(_backend(calls), _lane(calls) if low else None)
     ks._open = False
-    for use in (lambda: ks.stream, lambda: ks.multiprocessors, lambda: ks.scratch(1), lambda: ks.graphs, ks.wait):
+    for use in (
+        lambda: ks.stream,
+        lambda: ks.multiprocessors,
+        lambda: ks.scratch(1),
+        lambda: ks.graphs,
+        ks.wait,
+    ):
         with pytest.raises(IntegrityViolation, match="after its with block"):
             use()
     assert calls == []
