@@ -340,7 +340,7 @@ class VmmRange:
                     if int(prop.type) != int(drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED):
                         raise PolicyViolation("device memory chunk is not plain (pinned) device memory")
                     if int(prop.location.type) != int(drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE):
-                        raise PolicyViolation("memory chunk is not device memory (its location is not a device)")
+                        raise PolicyViolation("memory chunk is not device memory (location not a device)")
                     where = int(prop.location.id)
                     if where != ordinal:
                         raise PolicyViolation(f"memory chunk is on device {where}, not on device {ordinal}")
@@ -351,4 +351,3 @@ class VmmRange:
     def chunk_addresses(self) -> list[int]:
         with self._lock:
             return [c.address for c in self._chunks]
-
