@@ -141,7 +141,9 @@ def test_chunks_released_are_zeroed(backend: HostBackend) -> None:
     chunk_units=st.integers(1, 64),
     steps=st.lists(st.integers(1, 6 * MiB), max_size=6),
 )
-def test_mapping_in_any_steps_takes_what_allocate_takes(size: int, chunk_units: int, steps: list[int]) -> None:
+def test_mapping_in_any_steps_takes_what_allocate_takes(
+    size: int, chunk_units: int, steps: list[int]
+) -> None:
     """However the prefix grows, a whole progressive buffer holds exactly what ``allocate`` would
     (256-byte rounding) and gives all of it back."""
     b = HostBackend(0, capacity_bytes=16 * MiB, progressive_chunk=chunk_units * 64 * 1024)
