@@ -955,6 +955,7 @@ class CudaBackend(Backend):
         #: a size of at most one chunk gets an ordinary allocation (nothing to overlap, and small
         #: shards would each take a whole 2 MiB page of their own).
         self.vmm_chunk = _vmm.DEFAULT_CHUNK
+        self._vmm_ok: bool | None = None
         #: Device time of the last hash's kernels in seconds (CUDA events), for benchmarks.
         self.last_device_seconds = 0.0
         #: sha256-tree-v1 shards of at most this many units run eight blocks per unit (see
@@ -1102,7 +1103,7 @@ class CudaBackend(Backend):
             raise InvalidInput("allocation size must be an integer")
         if size < 1:
             raise InvalidInput(f"allocation size must be at least 1 byte, not {size}")
-        if size <= self.vmm_chunk:
+        if size <= self.vmm_chunk or not self._vmm_supported():
             return self.allocate(size)
         self._activate()
         if size > self.total_memory:
@@ -1121,6 +1122,16 @@ class CudaBackend(Backend):
         buf = VmmBuffer(self, vmm, size)
         self._live.add(buf)
         return buf
+
+    def _vmm_supported(self) -> bool:
+        """Whether the device has virtual memory management (asked once; cuda-bindings:
+        cuda.core 1.2 has no VMM API). Without it, restore allocates as before."""
+        if self._vmm_ok is None:
+            self._activate()
+            attr = driver().CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+            ok = check(driver().cuDeviceGetAttribute(attr, self._cudev), "cuDeviceGetAttribute")
+            self._vmm_ok = bool(ok)
+        return self._vmm_ok
 
     def adopt_pointer(self, ptr: int, size: int) -> CudaBuffer:
         """Wrap ``size`` bytes of existing device memory at ``ptr`` (a framework tensor, say) after
