@@ -531,6 +531,7 @@ class _Mover:
                 src._vmm.allow(db.device)
             if isinstance(dst, VmmBuffer):
                 dst._vmm.allow(sb.device)
+            db._activate()  # allow() made its own device's context current
 
     def issue(self, offset: int, length: int) -> None:
         drv = driver()
