@@ -220,7 +220,7 @@ class DeviceBuffer(abc.ABC):
 
     _check_open = check_open  # the subclasses' own spelling
 
-    def _check_mapped(self, end: int) -> None:
+    def check_mapped(self, end: int) -> None:
         """Open, and ``[0, end)`` mapped: what a write or read of a buffer still being mapped
         needs (a restore writes each chunk as soon as it is mapped; its fault-injection hook
         reads back what landed)."""
@@ -248,13 +248,13 @@ class DeviceBuffer(abc.ABC):
     def write(self, offset: int, data: Buffer) -> None:
         view = memoryview(data).cast("B")
         check_range(self._size, offset, len(view))
-        self._check_mapped(offset + len(view))
+        self.check_mapped(offset + len(view))
         if len(view):
             self._write(offset, view)
 
     def read(self, offset: int, n: int) -> bytes:
         check_range(self._size, offset, n)
-        self._check_mapped(offset + n)
+        self.check_mapped(offset + n)
         return self._read(offset, n) if n else b""
 
     def close(self) -> None:

@@ -234,12 +234,12 @@ class CudaBuffer(DeviceBuffer):
 
     def _write(self, offset: int, view: memoryview) -> None:
         with self._lock:
-            self._check_mapped(offset + len(view))
+            self.check_mapped(offset + len(view))
             self._backend._copy_in(self._ptr + offset, view)
 
     def _read(self, offset: int, n: int) -> bytes:
         with self._lock:
-            self._check_mapped(offset + n)
+            self.check_mapped(offset + n)
             return self._backend._copy_out(self._ptr + offset, n)
 
     def _free(self) -> None:
@@ -1771,7 +1771,7 @@ class CudaBackend(Backend):
         # (_copy_in's prepare): creating chunk k+1 overlaps the copy of chunk k.
         prepare = buf.map_through if buf.mapped < n else None
         with buf._lock:
-            buf._check_mapped(0)  # open; the rest is mapped as the copy advances
+            buf.check_mapped(0)  # open; the rest is mapped as the copy advances
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, True)
@@ -1803,7 +1803,7 @@ class CudaBackend(Backend):
             raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
         prepare = buf.map_through if buf.mapped < n else None  # progressive: see write_and_hash
         with buf._lock:
-            buf._check_mapped(0)
+            buf.check_mapped(0)
             with self.kernel_session() as ks:
                 job = _nh_fast.new_job(ks, buf._ptr, n, key)
                 self.last_units_kernel = job.units_kernel
