@@ -113,6 +113,9 @@ def test_chunk_failure_releases_every_chunk(backend: HostBackend) -> None:
             buf.write(0, b"x")
         with pytest.raises(IntegrityViolation):
             backend.check_policy(buf)
+        with pytest.raises(IntegrityViolation, match="released"):
+            buf.map_through(MiB)  # never maps again, even where memory is free
+        assert backend.mem_info()[0] == before
         buf.close()
         assert backend.mem_info()[0] == before
     finally:

@@ -173,6 +173,8 @@ def test_chunk_allocation_failure_leaves_free_memory_unchanged(cuda_backend: Cud
         assert abs(cuda_backend.mem_info()[0] - free1) <= 2 * MiB  # every chunk released
         with pytest.raises(IntegrityViolation):
             buf.write(0, b"x")
+        with pytest.raises(IntegrityViolation, match="released"):
+            buf.map_through(64 * MiB)  # the range is gone; it never maps again
         buf.close()
         assert abs(cuda_backend.mem_info()[0] - free1) <= 2 * MiB
     finally:

@@ -113,6 +113,8 @@ class ProgressiveHostBuffer(HostBuffer):
         self._chunk = chunk
         #: Bytes from the start taken from the emulated capacity (mapped).
         self._charged = 0
+        #: Set once a chunk failed: everything was released and the buffer maps nothing again.
+        self._failed = False
         self._map_lock = threading.Lock()
 
     @property
@@ -121,12 +123,15 @@ class ProgressiveHostBuffer(HostBuffer):
 
     def _map_more(self, end: int) -> None:
         with self._map_lock:
+            if self._failed:
+                raise IntegrityViolation("device buffer's chunks were released after a failed mapping")
             while self._charged < end:
                 m = min(self._chunk, self._reserved - self._charged)
                 try:
                     self._backend._charge(m)
                 except InsufficientVram as exc:
                     k = self._charged // self._chunk
+                    self._failed = True
                     self._unmap_all()
                     raise InsufficientVram(
                         self._size,
