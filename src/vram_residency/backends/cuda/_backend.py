@@ -2349,11 +2349,11 @@ class _Lane:
             return
         _record(self.stream, self.done)
         if LOW_WAIT == "block":
-            # cuda-bindings' cuEventSynchronize releases the GIL around the driver call, and the
-            # event's blocking synchronization puts the thread to sleep until the GPU signals:
-            # the engine's threads keep the interpreter for the whole wait (checked on the H200
-            # by tests/gpu: another thread's loop keeps its pace during the wait).
-            check(driver().cuEventSynchronize(self.done.handle), "segment-table digests (low priority)")
+            # cuda.core's Event.sync (cuEventSynchronize) without the GIL, and the event's
+            # blocking synchronization puts the thread to sleep until the GPU signals: the
+            # engine's threads keep the interpreter for the whole wait (checked on the H200 by
+            # tests/gpu/test_cuda_gpu_batch.py: another thread's loop keeps its pace meanwhile).
+            _event_sync(self.done, "segment-table digests (low priority)")
             return
         delay = 20e-6
         while True:
