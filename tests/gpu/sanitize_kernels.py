@@ -86,7 +86,9 @@ def nh_fast(backend: object) -> int:
                 got = backend.write_and_hash(view, data, NH_FAST_V1, key=KEY)
                 ok = got == want
                 ok = ok and backend.hash(view, NH_FAST_V1, key=KEY) == want
-                ok = ok and backend.digest(view, NH_FAST_V1, key=KEY) == want.digest
+                # Again and again: the third digest of the same shard is captured into a CUDA
+                # graph and the later ones are its launches (_graphs.GraphCache).
+                ok = ok and all(backend.digest(view, NH_FAST_V1, key=KEY) == want.digest for _ in range(4))
                 bad += not ok
                 path = "fused" if fused else "unfused"
                 print(f"{NH_FAST_V1:15s} {path:7s} {n:9d} bytes: {'ok' if ok else 'MISMATCH'}", flush=True)
@@ -101,6 +103,8 @@ def nh_fast(backend: object) -> int:
 
 def main() -> int:
     backend = open_backend(0)
+    if sys.argv[1:] == ["nh_fast"]:  # that section alone
+        return 1 if nh_fast(backend) else 0
     bad = tables(backend)
     bad += nh_fast(backend)
     # Both unit layouts of both tree digests: split (sha256_tree_units_split; blake3_units_split
