@@ -16,10 +16,7 @@ Sections (each skipped, and said so, when the machine lacks what it needs):
   then 10 more with retries, which must succeed with exactly one unit copied again.
 * ``restore`` (1 GPU): pinned host-to-device bandwidth (raw, same chunks) against
   ``VramManager.restore`` from pinned host memory (allocate, copy with hashing behind it, verify
-  against the seal, register). Target >= 0.9 x. Restore allocates progressively (CUDA virtual
-  memory: each 64 MiB chunk created and mapped while the previous one copies); the same run
-  also restores with the old single cuMemAlloc before the copy, and reports the path used and
-  the allocation time hidden. Offload throughput (device to pinned host, each
+  against the seal, register). Target >= 0.9 x. Offload throughput (device to pinned host, each
   chunk hashed on the CPU before VRAM is freed) is reported for information.
 * ``fragmentation`` (1 GPU): 10,000 sealed shards of 64 KiB, then 4,000 shards of random sizes
   below 2 MiB: VRAM used (cuMemGetInfo delta) against bytes sealed, and the largest block that
@@ -173,7 +170,6 @@ def bench_corruption(n: int, trials: int) -> dict[str, Any]:
 def bench_restore(n: int, repeat: int) -> dict[str, Any]:
     from vram_residency import VramManager
     from vram_residency.backends.base import COPY_CHUNK
-    from vram_residency.backends.cuda._backend import VmmBuffer
     from vram_residency.backends.cuda._driver import check, driver
 
     with VramManager(TOKEN, 0, backend="cuda") as m:
@@ -215,8 +211,8 @@ def bench_restore(n: int, repeat: int) -> dict[str, Any]:
             b.close()
             frees.append(time.perf_counter() - t0)
         s = m.seal_model(pattern(n, seed=3).data)
-
-        def offload_restore(offs: list[float], rests: list[float]) -> Any:
+        offs, rests = [], []
+        for _ in range(repeat):
             t0 = time.perf_counter()
             m.offload(s)
             offs.append(time.perf_counter() - t0)
@@ -224,35 +220,8 @@ def bench_restore(n: int, repeat: int) -> dict[str, Any]:
             m.restore(s)
             rests.append(time.perf_counter() - t0)
             m.verify_sealed(s)
-            return m._entry(s).buf
-
-        # The old path in the same run, as an A/B interleaved with the new one: with the VMM
-        # chunk as large as the shard, allocate_progressive falls back to one plain cuMemAlloc
-        # (zero-filled) before the copy, as every restore allocated before.
-        vmm_chunk = bk.vmm_chunk
-        plain_offs: list[float] = []
-        plain_rests: list[float] = []
-        offs: list[float] = []
-        rests: list[float] = []
-        maps: list[float] = []
-        chunks = 0
-        kind = plain_kind = ""
-        for _ in range(repeat):
-            bk.vmm_chunk = max(vmm_chunk, n)
-            try:
-                plain_kind = offload_restore(plain_offs, plain_rests).allocation_kind
-            finally:
-                bk.vmm_chunk = vmm_chunk
-            rb = offload_restore(offs, rests)
-            kind = rb.allocation_kind
-            if isinstance(rb, VmmBuffer):
-                chunks, maps = rb.chunk_count, [*maps, rb.map_seconds]
-            else:
-                chunks, maps = 1, [*maps, 0.0]
         restore = gbps(n, {"best_s": min(rests), "median_s": statistics.median(rests)})
-        restore_plain = gbps(n, {"best_s": min(plain_rests), "median_s": statistics.median(plain_rests)})
-        all_offs = offs + plain_offs
-        offload = gbps(n, {"best_s": min(all_offs), "median_s": statistics.median(all_offs)})
+        offload = gbps(n, {"best_s": min(offs), "median_s": statistics.median(offs)})
         t0 = time.perf_counter()
         again = bk.allocate_host(n)  # after the restores: a pooled copy, waited for if in flight
         pin_pooled_s = time.perf_counter() - t0
@@ -265,20 +234,6 @@ def bench_restore(n: int, repeat: int) -> dict[str, Any]:
         "offload_to_pinned": offload,
         "offload_each_s": offs,
         "restore_each_s": rests,
-        # Which allocation restore used ("cuMemCreate": VMM chunks mapped while the copy runs;
-        # "cuMemAlloc": one allocation before it), and what that changed in this run.
-        "restore_allocation": {
-            "path": kind,
-            "chunks": chunks,
-            "chunk_bytes": bk.vmm_chunk,
-            # Host time spent creating and mapping the chunks, inside the restore (overlapped).
-            "map_s": {"best_s": min(maps), "median_s": statistics.median(maps)},
-        },
-        "restore_from_pinned_plain_alloc": restore_plain | {"path": plain_kind, "each_s": plain_rests},
-        # The old path's median restore time minus the new one's: the allocation time hidden
-        # behind the copy (compare device_allocate_s, the plain cuMemAlloc + zero fill alone).
-        "allocation_hidden_s": statistics.median(plain_rests) - statistics.median(rests),
-        "plain_restore_over_raw_median": restore_plain["median_gb_s"] / raw["median_gb_s"],
         "device_allocate_s": {"best_s": min(allocs), "median_s": statistics.median(allocs)},
         "device_free_s": {"best_s": min(frees), "median_s": statistics.median(frees)},
         "allocate_host_cold_s": pin_cold_s,
@@ -392,30 +347,11 @@ def markdown(res: dict[str, Any]) -> str:
             "| path | best GB/s | median GB/s |",
             "|---|---|---|",
         ]
-        for k in (
-            "raw_pinned_h2d",
-            "verified_copy_from_pinned",
-            "restore_from_pinned",
-            "restore_from_pinned_plain_alloc",
-            "offload_to_pinned",
-        ):
+        for k in ("raw_pinned_h2d", "verified_copy_from_pinned", "restore_from_pinned", "offload_to_pinned"):
             if k in rst:
                 lines.append(f"| {k} | {rst[k]['best_gb_s']:.1f} | {rst[k]['median_gb_s']:.1f} |")
         ratio = rst["restore_over_raw_median"]
         lines += ["", f"restore / raw (median): {ratio:.3f} (target 0.9, met: {rst['met']})", ""]
-        ra = rst.get("restore_allocation")
-        if isinstance(ra, dict):
-            chunk_mib = ra["chunk_bytes"] / MiB
-            map_ms = ra["map_s"]["median_s"] * 1e3
-            lines += [
-                f"Restore allocation: {ra['path']} ({ra['chunks']} chunk(s) of {chunk_mib:.0f} MiB, "
-                f"{map_ms:.2f} ms creating and mapping them, median, overlapped with the copy); "
-                "the plain cuMemAlloc path in the same run: "
-                f"{rst['restore_from_pinned_plain_alloc']['median_gb_s']:.1f} GB/s "
-                f"({rst['plain_restore_over_raw_median']:.3f} x raw); allocation time hidden "
-                f"{rst['allocation_hidden_s'] * 1e3:.2f} ms (median restore, old minus new).",
-                "",
-            ]
         if "device_allocate_s" in rst:
             ms = 1e3
             lines += [
