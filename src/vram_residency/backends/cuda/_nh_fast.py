@@ -113,11 +113,12 @@ _KEY_BLOB: Final = _TOP_KEY_OFF + 32  # bytes uploaded per job: NH key, unit key
 _TAGS_OFF: Final = 5376  # 256-byte aligned, after the keys
 #: Bytes of pinned host memory a job's key upload needs (see ``NhFastJob``'s ``stage``).
 KEY_STAGE_BYTES: Final = _TAGS_OFF
-#: The verify path finishes a digest on the device (``nhf_finalize``) from this many units (4 GiB)
-#: on, and on the host below. Measured on an H200: the host's copy and keyed BLAKE3 of the unit
-#: digests cost ~15 us per 1,000 units (0.25 ms at 16 GiB); the one-block kernel is bound by its
-#: serial chain (16 compressions per 1 KiB chunk, then a level per doubling), ~60 us at 1,024
-#: units and ~120 us at 16,384.
+#: The verify path finishes a digest on the device (``nhf_top_chunks`` + ``nhf_finalize``) from
+#: this many units (4 GiB) on, and on the host below. Measured on an H200: the host's copy and
+#: keyed BLAKE3 of the unit digests cost ~15 us per 1,000 units (0.25 ms at 16 GiB); the device
+#: finish is bound by its serial chain (16 compressions per 1 KiB chunk, then a level per
+#: doubling): 26 us at 1,024 units and 34 us at 16,384 (2026-11-30; one block did it all before,
+#: ~60 and ~120 us). At 1 GiB the host finish still won (a verify of 367 against 384 us, wall).
 DEVICE_FINISH_UNITS: int = 4096  # not Final: tests and the sanitizer run set it to 1
 #: The leaf kernel builds the unit digests itself (``nhf_leaf_tags_units``: the warp that counts a
 #: unit's last leaf hashes its tag string), instead of ``nhf_leaf_tags`` followed by
