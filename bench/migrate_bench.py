@@ -216,7 +216,9 @@ def bench_restore(n: int, repeat: int) -> dict[str, Any]:
             b.close()
             frees.append(time.perf_counter() - t0)
         s = m.seal_model(pattern(n, seed=3).data)
-        offs, rests, rests_b2b = [], [], []
+        offs: list[float] = []
+        rests: list[float] = []
+        rests_b2b: list[float] = []
         for _ in range(repeat):
             for settle, times in ((SETTLE_S, rests), (0.0, rests_b2b)):
                 t0 = time.perf_counter()
