@@ -583,9 +583,9 @@ nhf_leaf_tags_units(const u8* __restrict__ data, u64 n, const u8* __restrict__ k
 // pairing from the left with the odd node carried (nhf_level_node), one thread per node, through
 // shared memory between barriers. One launch: the tail after the leaf kernel is the chunks' chain
 // and three parent levels, with no second kernel and no chaining values through global memory.
-// Eight units per block spread a 1 GiB shard's 1,024 units over 128 blocks (the chain is
-// latency-bound there: few warps per SM). `leaves`: the shard's leaf count; `unit_key`: 8
-// little-endian words; unit u's digest goes to out + 32 u.
+// Small blocks (NHF_UNITS_PER_BLOCK units) spread a 1 GiB shard's 1,024 units over many SMs (the
+// chain is latency-bound there: few warps per SM). `leaves`: the shard's leaf count; `unit_key`:
+// 8 little-endian words; unit u's digest goes to out + 32 u.
 // NHF_UNITS_SMEM (default 1): each thread first copies its 1 KiB chunk into shared memory with its
 // 16-byte loads in flight together, then compresses from there. Measured on the H200 (2026-11-30,
 // one process, events around the launch): 22.5 us at 1 GiB against 27.2 us reading the chunk
