@@ -253,8 +253,7 @@ def _event(dev: Any, *, timing: bool, blocking: bool = False) -> Any:
     """A cuda.core event; ``blocking``: created with blocking synchronization (a thread waiting
     on it sleeps in the driver until the GPU signals, instead of spinning on a core)."""
     with core_errors("cuEventCreate"):
-        opts = core().EventOptions(timing_enabled=timing, blocking_sync=True) if blocking else None
-        return dev.create_event(options=opts or core().EventOptions(timing_enabled=timing))
+        return dev.create_event(options=core().EventOptions(timing_enabled=timing, blocking_sync=blocking))
 
 
 def _stream(dev: Any, priority: int | None) -> Any:

@@ -87,7 +87,6 @@ __all__ = [
     "Backend",
     "NhFastJob",
     "Session",
-    "inflight_for",
     "key_trials",
     "launch_shape",
     "leaf_blocks",
@@ -158,10 +157,15 @@ def scratch_bytes(n: int) -> int:
     return _TAGS_OFF + _align(nhfast.TAG_SIZE * _leaves(n)) + per_unit * units + 16 + 32
 
 
+def _top_chunks(units: int) -> int:
+    """1 KiB BLAKE3 chunks of the top-level message: ``units`` unit digests and the LE64 length."""
+    return -(-(32 * units + 8) // 1024)
+
+
 def _finalize_work_bytes(units: int) -> int:
     """Bytes of work area ``nhf_finalize`` uses for ``units`` unit digests: two levels of 32-byte
     chaining values per 1 KiB chunk of the 32 * units + 8 byte message, none for one chunk."""
-    chunks = -(-(32 * units + 8) // 1024)
+    chunks = _top_chunks(units)
     return 0 if chunks == 1 else 64 * chunks
 
 
@@ -254,7 +258,7 @@ class NhFastJob:
             addr, view = stage
             if len(view) < len(blob):
                 raise InvalidInput("key stage too small")
-            _stage(view, 0, sched)
+            view[: len(blob)] = blob
             keep = None
         else:
             addr, keep = host_address(memoryview(blob))
@@ -314,13 +318,17 @@ class NhFastJob:
             (U64, self._cvs),
             (U64, self._digest_out),
         ]
-        chunks = -(-(32 * self.units + 8) // 1024)
+        chunks = _top_chunks(self.units)
         fn = self.mod.function("nhf_top_chunks")
         grid = -(-chunks // _TOP_THREADS)
         launch(fn, grid, _TOP_THREADS, self.stream, args, what="nhf_top_chunks")
         if chunks > 1:  # one chunk is the digest itself (written by nhf_top_chunks)
-            tree: list[Arg] = [(U64, self.units), (U64, self._top_key_dev), (U64, self._cvs)]
-            tree.append((U64, self._digest_out))
+            tree: list[Arg] = [
+                (U64, self.units),
+                (U64, self._top_key_dev),
+                (U64, self._cvs),
+                (U64, self._digest_out),
+            ]
             fn = self.mod.function("nhf_finalize")
             launch(fn, 1, _FIN_THREADS, self.stream, tree, what="nhf_finalize")
 
@@ -412,10 +420,6 @@ def leaf_blocks(session: Session, mod: Module, kernel: str = "nhf_leaf_tags") ->
     """The leaf kernel's grid: multiprocessors x resident blocks per multiprocessor (of
     ``kernel``: ``nhf_leaf_tags`` or the fused ``nhf_leaf_tags_units``)."""
     return int(session.multiprocessors) * session.blocks_per_sm(mod, kernel, _THREADS)
-
-
-def inflight_for(session: Session) -> int:
-    return launch_shape(session)[0]
 
 
 def launch_shape(session: Session) -> tuple[int, int]:
