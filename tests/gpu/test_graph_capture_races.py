@@ -1,0 +1,69 @@
+"""Review (review30): a CUDA graph capture on the compute stream meets allocations and frees made
+by other threads.
+
+``GraphCache._capture`` captures on the lane's own stream; for the normal lane that is the
+backend's compute stream, which ``ExactDeviceMemoryResource`` (``backend._mr``) also uses, without
+the backend's lock, to zero every new allocation and every freed one (cuMemsetD8Async on the
+compute stream, then a synchronization of it). While a capture is open, another thread's memset
+joins the capture (it does not run) and its cuStreamSynchronize of a capturing stream fails
+(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED), invalidating the capture: the allocation fails, or the
+free goes ahead with the bytes not zeroed (reported as IntegrityViolation after cuMemFree), and
+the verify's key is marked never to be captured again. Expected to fail before the fix (capture
+on a private non-blocking stream, the graph launched on the lane's stream)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import pytest
+
+from vram_residency.backends.cuda import CudaBackend, _nh_fast
+from vram_residency.backends.cuda._nh_fast import nh_fast_digest
+
+pytestmark = pytest.mark.gpu
+
+MIB = 1 << 20
+
+
+def test_allocations_on_another_thread_survive_graph_captures(cuda_backend: CudaBackend) -> None:
+    assert _nh_fast.GRAPHS
+    buf = cuda_backend.allocate(4 * MIB)
+    key = os.urandom(32)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    churned = 0
+
+    def churn() -> None:
+        nonlocal churned
+        while not stop.is_set():
+            try:
+                b = cuda_backend.allocate(64 << 10)  # zero-filled on the compute stream
+                b.close()  # zeroed on the compute stream before cuMemFree
+                churned += 1
+            except Exception as exc:  # the symptom under test
+                errors.append(exc)
+
+    with cuda_backend.kernel_session() as ks:
+        graphs = ks.graphs
+    captured0 = graphs.captured
+    keys = 120
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over often: the capture window is short
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for i in range(keys):
+            n = 4096 * (i + 1) + 16  # a new table key each time: captured on its third call
+            for _ in range(3):
+                nh_fast_digest(cuda_backend, buf.device_pointer, n, key)
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(old)
+        buf.close()
+    assert churned > 0
+    assert [type(e).__name__ + ": " + str(e) for e in errors] == []
+    # Every key's capture succeeded (an invalidated capture marks the key never to capture).
+    assert graphs.captured - captured0 == keys
