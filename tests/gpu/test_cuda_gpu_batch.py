@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vram_residency.backends.base import Segment
-from vram_residency.backends.cuda import CudaBackend
+from vram_residency.backends.cuda import CudaBackend, open_backend
 from vram_residency.backends.cuda import _backend as cuda_backend_module
 from vram_residency.errors import IntegrityViolation, InvalidInput
 from vram_residency.formats.tree import BLAKE3, SHA256_TREE_V1, UNIT_SIZE, hash_units
@@ -160,10 +160,17 @@ def test_low_priority_wait_leaves_the_gil_free(
     thread keeps running at close to its solo speed: the wait holds no GIL, whether it blocks in
     cuEventSynchronize (the default) or polls with sleeps (LOW_WAIT)."""
     monkeypatch.setattr(cuda_backend_module, "LOW_WAIT", wait)
+    # A lane takes LOW_WAIT when it is built: a backend of its own, opened under this mode.
+    with open_backend(cuda_backend.device) as backend:
+        _gil_free_during_low_pass(backend, blocking=wait == "block")
+
+
+def _gil_free_during_low_pass(cuda_backend: CudaBackend, *, blocking: bool) -> None:
     buf = cuda_backend.allocate(1 << 30)
     try:
         segs = [Segment(buf, 1 << 30, SHA256_TREE_V1)] * 24
         cuda_backend.digest_many(segs, priority="low")  # warm: compile, arena, pinned buffer
+        assert cuda_backend._lane("low").blocking_wait is blocking
 
         def spin_until(ev: threading.Event) -> tuple[int, float]:
             # The same loop body alone and beside the scrub, so that the rates compare.

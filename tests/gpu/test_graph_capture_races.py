@@ -1,15 +1,12 @@
-"""Review (review30): a CUDA graph capture on the compute stream meets allocations and frees made
-by other threads.
+"""CUDA graph captures beside allocations and frees made by other threads (found in review).
 
-``GraphCache._capture`` captures on the lane's own stream; for the normal lane that is the
-backend's compute stream, which ``ExactDeviceMemoryResource`` (``backend._mr``) also uses, without
-the backend's lock, to zero every new allocation and every freed one (cuMemsetD8Async on the
-compute stream, then a synchronization of it). While a capture is open, another thread's memset
-joins the capture (it does not run) and its cuStreamSynchronize of a capturing stream fails
-(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED), invalidating the capture: the allocation fails, or the
-free goes ahead with the bytes not zeroed (reported as IntegrityViolation after cuMemFree), and
-the verify's key is marked never to be captured again. Expected to fail before the fix (capture
-on a private non-blocking stream, the graph launched on the lane's stream)."""
+The memory resource (``backend._mr``) zeroes every new allocation and every freed one on the
+backend's compute stream (cuMemsetD8Async, then a synchronization), without the backend's lock.
+Had the normal lane's graphs been captured on that stream, another thread's memset would have
+joined the capture instead of running, and its synchronization of a capturing stream would have
+failed (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED): the allocation failing, or a free going ahead with
+the bytes not zeroed, and the verify's key marked never to be captured. The compute lane captures
+on a stream of its own (``GraphCache(capture_stream=...)``) and launches on the compute stream."""
 
 from __future__ import annotations
 

@@ -55,6 +55,7 @@ class _Stream:
         self.log, self.name, self.fail = log, name, fail
 
     def create_graph_builder(self) -> _Builder:
+        self.builders = getattr(self, "builders", 0) + 1
         return _Builder(self.log, self.fail)
 
 
@@ -118,3 +119,22 @@ def test_least_recently_used_graph_is_closed_beyond_capacity_and_close_closes_th
     assert len(cache) == 2
     cache.close()
     assert log[-2:] == ["close g1", "close g3"] and len(cache) == 0
+
+
+def test_a_capture_stream_of_its_own_captures_and_the_run_stream_launches() -> None:
+    # The compute lane's cache captures on a stream nothing else queues on (other threads zero
+    # allocations on the run stream), and launches the graph on the run stream.
+    log: list[str] = []
+    capture = _Stream(log, "capture")
+    cache, s = GraphCache(after=0, capture_stream=capture), _Stream(log, "s")
+    assert cache.run("k", s, _enqueue(log)) is True
+    assert cache.run("k", s, _enqueue(log)) is True
+    assert log == [
+        "begin relaxed",
+        "enqueue on capturing",
+        "end",
+        "builder closed",
+        "launch g1 on s",
+        "launch g1 on s",
+    ]
+    assert capture.builders == 1 and not hasattr(s, "builders")

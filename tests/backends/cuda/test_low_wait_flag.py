@@ -1,10 +1,9 @@
-"""Review (review30): the low lane's wait mode (``_backend.LOW_WAIT``) is read twice, when the lane
-is built (the ``done`` event's blocking_sync flag) and when it waits. A lane built under "poll"
-and asked to wait under "block" calls Event.sync on an event WITHOUT blocking synchronization: a
-busy-wait that holds a CPU core for the whole scrub pass, which "block" exists to avoid. Stand-in
-device and events (they record the options they were created with and what was called); nothing
-runs on a GPU. Expected to fail until the lane's wait follows the event it has (or the event is
-made for the mode in force)."""
+"""The low lane's wait mode (``_backend.LOW_WAIT``) is decided once, when the lane is built: its
+``done`` event is created for it (blocking synchronization for "block"). Found in review: the mode
+used to be read again at each wait, so a lane built under "poll" and waiting under "block" called
+Event.sync on an event without blocking synchronization, a busy-wait holding a CPU core for the
+whole scrub pass. Stand-in device and events record the options they were created with and what
+was called; nothing runs on a GPU."""
 
 from __future__ import annotations
 
@@ -48,7 +47,6 @@ def _lane() -> Any:
     return _backend._Lane(backend, low=True)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(strict=True, reason="review30: LOW_WAIT read at build and at wait; spins")
 def test_a_lane_built_under_poll_never_spins_when_the_mode_turns_to_block(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -57,6 +55,7 @@ def test_a_lane_built_under_poll_never_spins_when_the_mode_turns_to_block(
     monkeypatch.setattr(_backend, "LOW_WAIT", "block")
     lane._wait()
     assert "sync (spinning)" not in lane.done.calls
+    assert lane.done.calls == ["query"]  # the poll it was built for
 
 
 def test_a_lane_built_under_block_waits_in_a_blocking_sync(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -90,7 +90,8 @@ PRIORITIES: Final = ("normal", "low")
 #: signals; it takes the GIL back once). "poll": cuEventQuery with sleeps from 20 us to 1 ms in
 #: between, which takes the GIL back at every poll: while an engine's thread holds it (a
 #: transformers generate() does, launching kernels), each poll is a forced GIL hand-over. Not
-#: Final: benchmarks A/B the two; a lane reads it when it is built and when it waits.
+#: Final: benchmarks A/B the two; a lane reads it once, when it is built (its event is made for
+#: the mode), so a change applies to backends opened after it.
 LOW_WAIT: str = "block"
 
 _THREADS: Final = 256  # per block: 256 leaves (sha256-tree-v1) or 256 x 4 chunks (blake3) per unit
@@ -932,8 +933,12 @@ class CudaBackend(Backend):
         # Segment-table digests: the normal lane shares the compute stream and lock with the
         # single-segment path; the low lane (scrubbing) has its own, created on first use.
         self._lanes: dict[str, _Lane] = {}
-        #: CUDA graphs of repeated kernel-session calls on the compute stream (nh-fast tables).
-        self._graphs = GraphCache()
+        #: CUDA graphs of repeated kernel-session calls on the compute stream (nh-fast tables),
+        #: captured on a stream of their own at the compute stream's priority: the memory
+        #: resource zeroes allocations and frees on the compute stream outside the backend's
+        #: lock, and that work must never fall into a capture (``_graphs.GraphCache``).
+        self._capture_stream = _stream(self._dev, 0)
+        self._graphs = GraphCache(capture_stream=self._capture_stream)
         # The table kernels of each set of algorithms, once loaded (_table_kernels).
         self._table_fns: dict[frozenset[str], dict[tuple[str, str], Any]] = {}
         # Checked unkeyed tables by the identity of their Segment objects (_prepared_table).
@@ -1778,6 +1783,8 @@ class CudaBackend(Backend):
                     lane.close()
             self._lanes.clear()
             self._graphs.close()  # before the modules whose kernels they name
+            with quiet:
+                self._capture_stream.close()
             with self._prepared_lock:
                 self._prepared.clear()
             self._table_fns.clear()
@@ -2074,7 +2081,10 @@ class _Lane:
             self.stream = backend._stream
             self.lock = backend._lock
             self.owns_stream = False
-        self.done = _event(backend._dev, timing=False, blocking=low and LOW_WAIT == "block")
+        #: The wait this lane does (LOW_WAIT when it was built): its event is made for it, so a
+        #: later change of LOW_WAIT never makes a blocking wait on an event that spins.
+        self.blocking_wait = low and LOW_WAIT == "block"
+        self.done = _event(backend._dev, timing=False, blocking=self.blocking_wait)
         self.graphs = backend._graphs if not low else GraphCache()
         self.t0 = _event(backend._dev, timing=True)
         self.t1 = _event(backend._dev, timing=True)
@@ -2191,7 +2201,7 @@ class _Lane:
             b._sync(self.stream, "segment-table digests")
             return
         _record(self.stream, self.done)
-        if LOW_WAIT == "block":
+        if self.blocking_wait:
             # cuda.core's Event.sync (cuEventSynchronize) without the GIL, and the event's
             # blocking synchronization puts the thread to sleep until the GPU signals: the
             # engine's threads keep the interpreter for the whole wait (checked on the H200 by

@@ -41,11 +41,17 @@ class GraphCache:
 
     :meth:`run` enqueues ``enqueue``'s work on ``stream``: directly while the key is new, as a
     launch of the key's graph once the key has come ``after`` times. ``capacity`` graphs are
-    kept, the least recently used one closed first. :meth:`close` closes them all (before the
-    context and the kernel modules the graphs name go away)."""
+    kept, the least recently used one closed first. ``capture_stream``: a stream used only for
+    capturing (under the lane's lock), for a lane whose run stream other threads queue on too;
+    it should have the run stream's priority, which captured kernel nodes keep. :meth:`close`
+    closes the graphs (before the context and the kernel modules they name go away); the owner
+    closes its capture stream."""
 
-    def __init__(self, capacity: int = 16, after: int = 2) -> None:
+    def __init__(self, capacity: int = 16, after: int = 2, *, capture_stream: Any = None) -> None:
         self._capacity = max(1, int(capacity))
+        #: Where graphs are captured: a stream used for nothing else (see :meth:`_capture`), or
+        #: None to capture on the stream the work is run on.
+        self._capture_stream = capture_stream
         self._after = max(0, int(after))
         self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
         self._seen: OrderedDict[Hashable, int] = OrderedDict()
@@ -91,7 +97,13 @@ class GraphCache:
         graph: Any = None
         builder: Any = None
         try:
-            builder = stream.create_graph_builder()
+            # Capturing on a stream that other threads also queue on would take their work into
+            # the graph, and their synchronization would fail the capture (the compute stream
+            # zeroes allocations and frees outside the lane's lock: a free would go unzeroed).
+            # So the owner gives a stream of its own when its run stream is shared; the graph
+            # then launches on the run stream like any other work.
+            source = stream if self._capture_stream is None else self._capture_stream
+            builder = source.create_graph_builder()
             # "relaxed": other threads (the other lane, an engine) may call CUDA meanwhile.
             builder.begin_building("relaxed")
             try:
