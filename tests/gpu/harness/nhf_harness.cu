@@ -18,22 +18,7 @@
 
 #define VR_NO_KERNELS 1
 #include "../../../src/vram_residency/backends/cuda/kernels/nh_fast.cu"
-
-static std::vector<u8> slurp(const char* path) {
-    std::vector<u8> v;
-    FILE* f = std::fopen(path, "rb");
-    if (!f) std::exit(2);
-    u8 buf[1 << 16];
-    size_t got;
-    while ((got = std::fread(buf, 1, sizeof buf, f)) > 0) v.insert(v.end(), buf, buf + got);
-    std::fclose(f);
-    v.reserve(v.size() + 64);  // never a zero-size buffer
-    return v;
-}
-
-static void hex(const u8* p, size_t n) {
-    for (size_t i = 0; i < n; ++i) std::printf("%02x", p[i]);
-}
+#include "harness_io.h"
 
 int main(int argc, char** argv) {
     if (argc != 4 && !(argc == 5 && !std::strcmp(argv[1], "top"))) {

@@ -17,6 +17,7 @@
 
 #define VR_NO_KERNELS 1
 #include "nh_fast.cu"
+#include "harness_io.h"
 
 #undef __device__
 #define __device__
@@ -61,25 +62,10 @@ static void run_grid(unsigned grid, unsigned threads, F f) {
     }
 }
 
-static std::vector<u8> slurp(const char* path) {
-    std::vector<u8> v;
-    FILE* f = std::fopen(path, "rb");
-    if (!f) std::exit(2);
-    u8 buf[1 << 16];
-    size_t got;
-    while ((got = std::fread(buf, 1, sizeof buf, f)) > 0) v.insert(v.end(), buf, buf + got);
-    std::fclose(f);
-    return v;
-}
-
 static u8* exact(size_t n) {  // 256-aligned (as scratch is), exactly n bytes for ASan
     void* p = nullptr;
     if (posix_memalign(&p, 256, n ? n : 1)) std::exit(4);
     return static_cast<u8*>(p);
-}
-
-static void hex(const u8* p, size_t n) {
-    for (size_t i = 0; i < n; ++i) std::printf("%02x", p[i]);
 }
 
 int main(int argc, char** argv) {
