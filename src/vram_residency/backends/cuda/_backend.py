@@ -118,6 +118,42 @@ _HOST_POOL_BYTES: Final = 8 << 30
 #: rest stays free for serving.
 _LOW_SM_DIVISOR: Final = 4
 _PLAN_CACHE: Final = 8  # segment-table plans kept per lane (a few models, each verified repeatedly)
+#: A digest that comes again with the same addresses (a verify of the same shard, ``hash`` of
+#: it, the same segment table, the tail of a seal into the same buffer) runs as one CUDA graph
+#: launch (``_graphs.GraphCache``, captured on the key's third call) instead of one cuda.core call
+#: per kernel and copy: each launch costs 9.2-9.6 us of host time through cuda.core on the H200's
+#: host (2026-11-29), against 5.6 us for the prepacked cuLaunchKernel of 2026-11-28, and a 1 MiB
+#: verify's wall time was mostly that host time. Not Final: benchmarks and tests A/B it (read
+#: per call); ``bench/gpu_bench.py`` records it. On the graph path ``last_device_seconds`` also
+#: spans the copy of the result (32 bytes for a verify), which is queued inside the graph.
+GRAPHS: bool = True
+
+
+def digest_graph_key(
+    algorithm: str,
+    ptr: int,
+    n: int,
+    want_units: bool,
+    split: bool,
+    b3_split: bool,
+    units_kernel: str,
+    scratch: int,
+    result: int,
+    *,
+    tail_only: bool = False,
+) -> tuple[object, ...]:
+    """The ``GraphCache`` key of a single-segment digest's device work (``_HashJob``): everything
+    the queued kernels and copies depend on. The data's address and length; the algorithm, unit
+    digests or not, and the kernel choice (the split flags and the unit kernel, which is how
+    ``split_max_units``, ``blake3_split_max_units`` and the occupancy pick reach the launches:
+    the same flags give the same launches whatever the thresholds); the scratch base (the whole
+    scratch layout follows from the above and it); the pinned result buffer's address.
+    ``tail_only``: the seal path's graph, of the join, reduction and copies after its unit
+    kernels. The first element tags the kind, so these keys never meet the nh-fast tables'
+    (``_nh_fast._queue_and_wait``) in the compute lane's cache. No key material: single-segment
+    digests are unkeyed (keyed BLAKE3 runs as a segment table)."""
+    kind = "seal-tail" if tail_only else "digest"
+    return (kind, algorithm, ptr, n, want_units, split, b3_split, units_kernel, scratch, result)
 
 
 def device_count() -> int:
@@ -1614,6 +1650,8 @@ class CudaBackend(Backend):
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, units)
+                if GRAPHS:
+                    return job.run(self._graphs, while_running)
                 job.launch_units(0, job.units)
                 return job.finish(while_running)
 
@@ -1657,7 +1695,10 @@ class CudaBackend(Backend):
                     self._copy_in(buf._ptr, view, on_chunk)
                 if launched < job.units:
                     job.launch_units(launched, job.units)
-                result = job.finish()[1]
+                # The host threads' staged copies cannot be captured; the tail after the unit
+                # kernels (join, reduction, copies back) can: a seal into the same buffer again
+                # (a benchmark, a re-seal) queues it as one graph launch.
+                result = job.finish(graphs=self._graphs if GRAPHS else None)[1]
                 if result is None:  # pragma: no cover - the job was built with units
                     raise IntegrityViolation("digest kernels returned no unit digests")
                 return result
@@ -1753,7 +1794,9 @@ class CudaBackend(Backend):
             addr, _keep = host_address(memoryview(nodes))
             check(drv.cuMemcpyHtoD(base, addr, len(nodes)), "cuMemcpyHtoD")
             ping = base + len(nodes)
-            root = _reduce_chain(self, mod, algorithm, base, count, ping, ping + level, ping + 2 * level)
+            root = _reduce_chain(
+                self._stream, mod, algorithm, base, count, ping, ping + level, ping + 2 * level
+            )
             self._sync(self._stream, "tree reduction")
             return self._copy_out(root, 32)
 
@@ -1899,9 +1942,12 @@ class _HashJob:
         backend.last_units_kernel = self.units_kernel
         _record(backend._stream, backend._t0)
 
+    def _stream(self) -> Any:
+        """The stream the job queues on now: the compute stream, or a side or capturing one."""
+        return self.b._stream if self._on is None else self._on
+
     def _launch(self, name: str, grid: int, args: Sequence[Arg], block: int = _THREADS) -> None:
-        stream = self.b._stream if self._on is None else self._on
-        launch(self.mod.function(name), grid, block, stream, args, what=name)
+        launch(self.mod.function(name), grid, block, self._stream(), args, what=name)
 
     def launch_units(self, first: int, end: int, stream: Any = None) -> None:
         """Unit kernels for units [first, end) on the compute stream, or on ``stream`` (a side
@@ -1964,21 +2010,25 @@ class _HashJob:
         # blake3 pieces reduce exactly as units do: both are aligned power-of-two runs of chunks
         # (the last one partial), i.e. subtrees of BLAKE3's left-complete tree.
         return _reduce_chain(
-            self.b, self.mod, self.algorithm, self.cv, self.nodes, self.ping, self.pong, self.root
+            self._stream(), self.mod, self.algorithm, self.cv, self.nodes, self.ping, self.pong, self.root
         )
 
-    def finish(self, while_running: WhileRunning | None = None) -> tuple[bytes, HashResult | None]:
-        """Queue the reduction and the copy back, run ``while_running`` (see
-        ``CudaBackend.digest_many``), wait, and return the digest (and unit digests)."""
-        b, drv = self.b, driver()
+    def _queue_tail(self) -> int:
+        """Queue what follows the unit kernels (split mode's join, the reduction) on the job's
+        stream; the device address of the root node."""
         if self.split:
             self._join_split()
-        root_dev = self._reduce()
-        _record(b._stream, b._t1)
-        nunits = 32 * self.units if self.want_units else 0
-        host = b._result_buffer(32 + nunits)
-        stream = b._stream.handle
+        return self._reduce()
+
+    def _host_bytes(self) -> int:
+        """Bytes of the pinned result buffer this job's copies fill: the root, unit digests."""
+        return 32 + (32 * self.units if self.want_units else 0)
+
+    def _queue_copies(self, root_dev: int, host: PinnedHostBuffer) -> None:
+        """Queue the copies of the root (and unit digests) into ``host`` on the job's stream."""
+        drv, stream = driver(), self._stream().handle
         check(drv.cuMemcpyDtoHAsync(host.address, root_dev, 32, stream), "cuMemcpyDtoHAsync")
+        nunits = self._host_bytes() - 32
         if nunits:
             if self.b3_split:
                 src = root_dev  # one unit (see __init__): its unit digest is the digest
@@ -1987,6 +2037,74 @@ class _HashJob:
             else:
                 src = self.unit_digests
             check(drv.cuMemcpyDtoHAsync(host.address + 32, src, nunits, stream), "cuMemcpyDtoHAsync")
+
+    def graph_key(self, host: PinnedHostBuffer, *, tail_only: bool = False) -> tuple[object, ...]:
+        """This job's ``GraphCache`` key (``digest_graph_key``) with ``host`` as result buffer."""
+        return digest_graph_key(
+            self.algorithm,
+            self.ptr,
+            self.n,
+            self.want_units,
+            self.split,
+            self.b3_split,
+            self.units_kernel,
+            self.cv,  # the scratch base: every other scratch address is an offset from it
+            host.address,
+            tail_only=tail_only,
+        )
+
+    def _graph_run(self, graphs: GraphCache, host: PinnedHostBuffer, *, tail_only: bool) -> None:
+        """Queue the job's work (with ``tail_only`` only what follows the unit kernels) through
+        the lane's graph cache, then the end timing event. What is queued reads nothing that
+        the host writes per call: the data and the scratch are device memory at the addresses of
+        the key, and the results land in ``host`` at its address in the key."""
+        b = self.b
+
+        def enqueue(stream: Any) -> None:
+            # Only queues work (no synchronization, no result read): it may run on a capturing
+            # stream. The host decisions (kernels, levels) were all made in __init__.
+            self._on = stream
+            try:
+                if not tail_only and self.units:
+                    self._launch_units(0, self.units)
+                self._queue_copies(self._queue_tail(), host)
+            finally:
+                self._on = None
+
+        graphs.run(self.graph_key(host, tail_only=tail_only), b._stream, enqueue)
+        _record(b._stream, b._t1)
+
+    def run(
+        self, graphs: GraphCache, while_running: WhileRunning | None = None
+    ) -> tuple[bytes, HashResult | None]:
+        """The whole digest (the ``digest``/``hash`` path, ``GRAPHS`` on): unit kernels,
+        reduction and copies queued directly or, for a key seen before, as one graph launch;
+        then as :meth:`finish`. The device time then spans the result copies as well."""
+        host = self.b._result_buffer(self._host_bytes())
+        self._graph_run(graphs, host, tail_only=False)
+        return self._complete(host, while_running)
+
+    def finish(
+        self, while_running: WhileRunning | None = None, *, graphs: GraphCache | None = None
+    ) -> tuple[bytes, HashResult | None]:
+        """Queue the reduction and the copy back (through ``graphs`` when given: the seal path's
+        tail), run ``while_running`` (see ``CudaBackend.digest_many``), wait, and return the
+        digest (and unit digests)."""
+        b = self.b
+        host = b._result_buffer(self._host_bytes())
+        if graphs is not None:
+            self._graph_run(graphs, host, tail_only=True)
+        else:
+            root_dev = self._queue_tail()
+            _record(b._stream, b._t1)
+            self._queue_copies(root_dev, host)
+        return self._complete(host, while_running)
+
+    def _complete(
+        self, host: PinnedHostBuffer, while_running: WhileRunning | None
+    ) -> tuple[bytes, HashResult | None]:
+        """Run ``while_running``, wait for the stream, and read the results from ``host``."""
+        b = self.b
         _overlap(while_running, lambda: b._sync(b._stream, "digest kernels"))
         b.last_device_seconds = _elapsed_seconds(b._t0, b._t1)
         root = bytes(host.view[:32])
@@ -1997,11 +2115,12 @@ class _HashJob:
             digest = root
         if not self.want_units:
             return digest, None
+        nunits = self._host_bytes() - 32
         return digest, HashResult(digest, bytes(host.view[32 : 32 + nunits]))
 
 
 def _reduce_chain(
-    b: CudaBackend, mod: Module, algorithm: str, src: int, count: int, ping: int, pong: int, dst: int
+    stream: Any, mod: Module, algorithm: str, src: int, count: int, ping: int, pong: int, dst: int
 ) -> int:
     """Reduce ``count`` >= 2 nodes at ``src`` to one at ``dst``: groups of 256 per block per launch,
     alternating between the two level buffers (each with room for ceil(count / 256) nodes). For
@@ -2017,9 +2136,9 @@ def _reduce_chain(
     while count > _GROUP:
         grid = -(-count // _GROUP)
         out = ping if level % 2 == 0 else pong
-        launch(fn, grid, _THREADS, b._stream, args(src, count, False, out), what="tree reduction")
+        launch(fn, grid, _THREADS, stream, args(src, count, False, out), what="tree reduction")
         src, count, level = out, grid, level + 1
-    launch(fn, 1, _THREADS, b._stream, args(src, count, True, dst), what="tree reduction")
+    launch(fn, 1, _THREADS, stream, args(src, count, True, dst), what="tree reduction")
     return dst
 
 
