@@ -2283,27 +2283,67 @@ class _Lane:
         """Upload the tables, launch every kernel of the plan, copy the results back, run
         ``while_running`` (see ``CudaBackend.digest_many``): one synchronization. Returns
         ``plan.download_bytes`` from ``plan.download_offset``."""
-        drv, b = driver(), self.b
+        b = self.b
         up = plan.upload
         host = self._pinned(max(up.nbytes, plan.download_bytes))
         host.array[: up.nbytes] = up
         base = self.arena_ptr
-        stream = self.stream.handle  # cuda-bindings for the copies (byte ranges, see _copy_in)
-        _record(self.stream, self.t0)
-        if up.nbytes:
-            check(drv.cuMemcpyHtoDAsync(base, host.address, up.nbytes, stream), "cuMemcpyHtoDAsync")
+        try:
+            _record(self.stream, self.t0)
+            if GRAPHS:
+                # A table that comes again at the same addresses (a model verified again and
+                # again, a scrub chunk) is one graph launch. The graph's first node copies the
+                # upload image from the pinned buffer when it runs: the descriptors and keys
+                # just written there are what the kernels read, never values of the capture.
+                key = ("table", self.low, plan.signature(), base, host.address)
+                self.graphs.run(key, self.stream, lambda s: self._enqueue(plan, fns, host, base, s))
+                _record(self.stream, self.t1)
+            else:
+                self._enqueue(plan, fns, host, base, self.stream, t1=self.t1)
+            _overlap(while_running, self._wait)
+        except BaseException:
+            # A launch or copy that failed to queue: what was queued may still read the pinned
+            # buffer or write into it; let it finish before the buffer is zeroed or reused (a
+            # broken context fails this too, and then nothing is in flight).
+            with contextlib.suppress(Exception):
+                self.stream.sync()
+            raise
+        finally:
+            if plan.key_bytes:
+                # Key records (keyed BLAKE3): the device has read them by now (or never will:
+                # a failed run synchronized in _overlap or raised before queuing the copy).
+                host.array[: plan.key_bytes] = 0
+                up[: plan.key_bytes] = 0
+        b.last_device_seconds = _elapsed_seconds(self.t0, self.t1)
+        return bytes(host.view[: plan.download_bytes])
+
+    def _enqueue(
+        self,
+        plan: _batch.Plan,
+        fns: Mapping[tuple[str, str], Any],
+        host: PinnedHostBuffer,
+        base: int,
+        stream: Any,
+        *,
+        t1: Any = None,
+    ) -> None:
+        """Queue a run's upload, kernels and download on ``stream`` (the lane's, or a capturing
+        one: nothing here waits or reads a result); ``t1``: the end timing event, recorded
+        before the download (direct runs; a graph's run records it after the launch)."""
+        drv = driver()
+        handle = stream.handle  # cuda-bindings for the copies (byte ranges, see _copy_in)
+        if plan.upload.nbytes:
+            check(drv.cuMemcpyHtoDAsync(base, host.address, plan.upload.nbytes, handle), "cuMemcpyHtoDAsync")
         for group in [plan.unit_launches, *plan.level_launches]:
             for job in group:
                 fn = fns[job.algorithm, job.kernel]
-                launch(fn, job.count, _THREADS, self.stream, [(U64, base + job.table)], what=job.kernel)
-        _record(self.stream, self.t1)
+                launch(fn, job.count, _THREADS, stream, [(U64, base + job.table)], what=job.kernel)
+        if t1 is not None:
+            _record(stream, t1)
         check(
-            drv.cuMemcpyDtoHAsync(host.address, base + plan.download_offset, plan.download_bytes, stream),
+            drv.cuMemcpyDtoHAsync(host.address, base + plan.download_offset, plan.download_bytes, handle),
             "cuMemcpyDtoHAsync",
         )
-        _overlap(while_running, self._wait)
-        b.last_device_seconds = _elapsed_seconds(self.t0, self.t1)
-        return bytes(host.view[: plan.download_bytes])
 
     def _wait(self) -> None:
         if not self.low:
