@@ -2026,7 +2026,8 @@ class _HashJob:
 
     def _queue_copies(self, root_dev: int, host: PinnedHostBuffer) -> None:
         """Queue the copies of the root (and unit digests) into ``host`` on the job's stream."""
-        drv, stream = driver(), self._stream().handle
+        drv = driver()
+        stream = self._stream().handle
         check(drv.cuMemcpyDtoHAsync(host.address, root_dev, 32, stream), "cuMemcpyDtoHAsync")
         nunits = self._host_bytes() - 32
         if nunits:
