@@ -969,8 +969,12 @@ class CudaBackend(Backend):
         # Segment-table digests: the normal lane shares the compute stream and lock with the
         # single-segment path; the low lane (scrubbing) has its own, created on first use.
         self._lanes: dict[str, _Lane] = {}
-        #: CUDA graphs of repeated kernel-session calls on the compute stream (nh-fast tables).
-        self._graphs = GraphCache()
+        #: CUDA graphs of repeated calls on the compute stream (nh-fast tables, single-segment
+        #: digests, seal tails, segment tables; ``GRAPHS``). 64 rather than the default 16: with
+        #: single shards cached too, a store of a few dozen shards verified one by one would
+        #: otherwise cycle through more keys than the cache holds (an executable graph of a few
+        #: nodes costs the driver a few KiB).
+        self._graphs = GraphCache(capacity=64)
         # The table kernels of each set of algorithms, once loaded (_table_kernels).
         self._table_fns: dict[frozenset[str], dict[tuple[str, str], Any]] = {}
         # Checked unkeyed tables by the identity of their Segment objects (_prepared_table).
