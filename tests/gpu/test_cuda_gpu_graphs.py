@@ -176,7 +176,7 @@ def test_keyed_blake3_tables_read_the_key_when_the_graph_runs(
         other = os.urandom(32)
         check([other] * len(sizes))
         assert (graphs.captured, graphs.launched) == (captured, launched + 1)
-        # A key per segment is another table (more key records): a capture of its own, then
+        # A key per segment (more key records, read when the graph runs like the one key):
         # launches with fresh keys each time.
         for _ in range(CALLS):
             check([os.urandom(32) for _ in sizes])
