@@ -248,3 +248,31 @@ def test_switch_off_launches_no_graph(cuda_backend: CudaBackend, monkeypatch: py
         assert (graphs.launched, graphs.captured) == (launched, captured)
     finally:
         buf.close()
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("alg", ALGS)
+def test_one_copy_seals_from_pinned_and_pageable_memory(
+    cuda_backend: CudaBackend, alg: str, graphs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seals that go up in one copy on the compute stream (``_seal_one_copy``: up to 1 MiB, or
+    pinned up to the staging size) and the staged ones beside them, from a pinned buffer of
+    this backend at an offset (found without the driver: ``_is_pinned``'s own-buffer check),
+    and from pageable memory: each equal to the host reference, again and again with changing
+    bytes (a replayed tail reads the new unit values)."""
+    monkeypatch.setattr(_backend, "GRAPHS", graphs)
+    sizes = [1, 4097, MiB - 1, MiB, MiB + 1, 2 * MiB + 1025, 64 * MiB, 64 * MiB + 1]
+    pinned = cuda_backend.pinned_host_buffer(max(sizes) + 4096)
+    buf = cuda_backend.allocate(max(sizes))
+    try:
+        for n in sizes:
+            for i in range(3):
+                data = random_bytes(n, seed=n + 7 * i)
+                pinned.array[4096 : 4096 + n] = memoryview(data)
+                want = hash_units(data, alg)
+                assert cuda_backend.write_and_hash(buf, pinned.view[4096 : 4096 + n], alg) == want
+                assert cuda_backend.write_and_hash(buf, data, alg) == want
+                assert cuda_backend.digest(buf, alg, n) == want.digest
+    finally:
+        buf.close()
+        pinned.close()

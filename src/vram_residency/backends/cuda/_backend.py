@@ -942,6 +942,8 @@ class CudaBackend(Backend):
         self._lock = threading.RLock()  # kernels, scratch and result buffers
         self._staging_lock = threading.Lock()
         self._live: weakref.WeakSet[CudaBuffer] = weakref.WeakSet()
+        # Pinned buffers handed out by pinned_host_buffer (see _is_pinned).
+        self._own_pinned: weakref.WeakSet[PinnedHostBuffer] = weakref.WeakSet()
         #: Device time of the last hash's kernels in seconds (CUDA events), for benchmarks.
         self.last_device_seconds = 0.0
         #: sha256-tree-v1 shards of at most this many units run eight blocks per unit (see
@@ -1144,6 +1146,13 @@ class CudaBackend(Backend):
     # -- copies ----------------------------------------------------------------------------------
 
     def _is_pinned(self, addr: int, n: int) -> bool:
+        # Our own open pinned buffers (``pinned_host_buffer``: a caller's source for seals) are
+        # known without asking the driver: a cuPointerGetAttributes of five attributes through
+        # cuda-bindings is one more call before a seal's first copy. A closed buffer is skipped
+        # (its memory may be anything now) and any other address is asked as before.
+        for own in self._own_pinned:
+            if not own.closed and own.address <= addr and addr + n <= own.address + own.size:
+                return True
         self._activate()
         mtype, _, _, start, length = _pointer_info(addr)
         return mtype == int(driver().CUmemorytype.CU_MEMORYTYPE_HOST) and addr + n <= start + length
@@ -1207,7 +1216,9 @@ class CudaBackend(Backend):
     def pinned_host_buffer(self, size: int) -> PinnedHostBuffer:
         """Page-locked host memory of ``size`` bytes; writes from it skip staging."""
         self._activate()
-        return PinnedHostBuffer(size, self._dev)
+        pinned = PinnedHostBuffer(size, self._dev)
+        self._own_pinned.add(pinned)
+        return pinned
 
     # -- digests ---------------------------------------------------------------------------------
 
@@ -1684,6 +1695,10 @@ class CudaBackend(Backend):
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, True)
+                if 0 < n <= self._staging_bytes:
+                    addr, keep = host_address(view)
+                    if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
+                        return self._seal_one_copy(job, addr, keep)
                 launched = 0
 
                 def on_chunk(done: int) -> None:
@@ -1706,6 +1721,32 @@ class CudaBackend(Backend):
                 if result is None:  # pragma: no cover - the job was built with units
                     raise IntegrityViolation("digest kernels returned no unit digests")
                 return result
+
+    def _seal_one_copy(self, job: _HashJob, addr: int, keep: object) -> HashResult:
+        """``write_and_hash`` of bytes that go up in one copy without staging (up to 1 MiB, or
+        pinned up to the staging size): the copy is queued on the compute stream itself, ahead
+        of the unit kernels, so stream order replaces the copy stream's event record, the
+        compute stream's wait on it and the copy stream's synchronization (three cuda.core
+        calls of a 1 MiB seal's host time); the one synchronization in ``finish`` covers the
+        copy. Callers hold ``_lock`` with the context current. ``keep``: the source's host
+        array, alive until the copy has run."""
+        stream = self._stream.handle
+        try:
+            # A pageable source (up to 1 MiB here) is staged by the driver before this returns;
+            # a pinned one is read when the copy runs, before finish's synchronization returns.
+            check(driver().cuMemcpyHtoDAsync(job.ptr, addr, job.n, stream), "cuMemcpyHtoDAsync")
+            job.launch_units(0, job.units)
+            result = job.finish(graphs=self._graphs if GRAPHS else None)[1]
+        except BaseException:
+            # Let a queued copy from the caller's memory finish before the caller may reuse it.
+            with contextlib.suppress(Exception):
+                self._stream.sync()
+            raise
+        finally:
+            del keep
+        if result is None:  # pragma: no cover - the job was built with units
+            raise IntegrityViolation("digest kernels returned no unit digests")
+        return result
 
     def _write_and_nh_fast(self, buf: CudaBuffer, view: memoryview, key: bytes) -> HashResult:
         """``write_and_hash`` for nh-fast-v1: each whole unit's leaves and unit digest are queued
