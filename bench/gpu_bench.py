@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from vram_residency.backends.cuda import CudaBackend, open_backend
+from vram_residency.backends.cuda import CudaBackend, _backend, _nh_fast, open_backend
 from vram_residency.backends.cuda._driver import check, driver
 from vram_residency.backends.cuda._staging import PinnedHostBuffer
 from vram_residency.formats.tree import BLAKE3, SHA256_TREE_V1, hash_units
@@ -221,6 +221,19 @@ def measure_one(
 
         t, _ = median_time(verify, max(reps, 10) if size <= GiB else reps)
         need = backend.last_scratch_bytes
+        # The same verify and seal from pinned memory with the other setting of the CUDA graph
+        # switch (``_backend.GRAPHS``), in the same process right after: an A/B of the graph
+        # path's host time that does not depend on two runs' clocks.
+        on = _backend.GRAPHS
+        _backend.GRAPHS = not on
+        try:
+            t_other, _ = median_time(verify, max(reps, 10) if size <= GiB else reps)
+            t_seal_other, _ = median_time(lambda: backend.write_and_hash(buf, src_pinned, alg), reps)
+        finally:
+            _backend.GRAPHS = on
+        other = "off" if on else "on"
+        row[f"verify_GBps_graphs_{other}"] = size / t_other / 1e9
+        row[f"seal_pinned_GBps_graphs_{other}"] = size / t_seal_other / 1e9
         row["verify_units_kernel"] = backend.last_units_kernel
         row["verify_GBps"] = size / t / 1e9
         row["verify_device_GBps"] = size / statistics.median(dev) / 1e9
@@ -962,6 +975,25 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"| {r['verify_GBps']:,.1f} | {r['verify_device_GBps']:,.1f} | {r['hash_with_units_GBps']:,.1f} "
             f"| {r['extra_vram_bytes']:,} B ({r['extra_vram_fraction'] * 100:.4f}%) |"
         )
+    if "graphs" in result:
+        on = bool(result["graphs"])
+        other = "off" if on else "on"
+        lines += [
+            "",
+            f"CUDA graphs of repeated digests (`_backend.GRAPHS`): {'on' if on else 'off'} above. The "
+            f"same verify and pinned seal with graphs {other}, measured right after in the same process:",
+            "",
+            f"| algorithm | shard | verify, graphs {other} | ratio above / {other} "
+            f"| seal pinned, graphs {other} | ratio above / {other} |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in result["gpu"]:
+            size = f"{r['size'] // GiB} GiB" if r["size"] >= GiB else f"{r['size'] // MiB} MiB"
+            v, sp = r[f"verify_GBps_graphs_{other}"], r[f"seal_pinned_GBps_graphs_{other}"]
+            lines.append(
+                f"| {r['algorithm']} | {size} | {v:,.1f} | {r['verify_GBps'] / v:.3f} "
+                f"| {sp:,.1f} | {r['seal_pinned_GBps'] / sp:.3f} |"
+            )
     if result.get("manager"):
         lines += ["", "## Through the public API: VramManager, 1 GiB shard from pageable bytes", ""]
         lines += ["| algorithm | seal_model GB/s | verify_sealed ms (median) | verify_sealed ms (max, 20) |"]
@@ -1048,8 +1080,15 @@ def main() -> int:
         help="core: seal/verify throughput (gpu-DATE.*); batch: segment tables, Llama, keyed probe, "
         "warm kernel cache (gpu-batch-DATE.*)",
     )
+    ap.add_argument(
+        "--graphs",
+        choices=("on", "off"),
+        default="on",
+        help="repeated digests as CUDA graph launches (_backend.GRAPHS and _nh_fast.GRAPHS)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    _backend.GRAPHS = _nh_fast.GRAPHS = args.graphs == "on"
     if args.sections == "batch":
         return run_batch_sections(args)
 
@@ -1080,6 +1119,10 @@ def main() -> int:
         "nvrtc": "{}.{}".format(*nvrtc_version()),
         "host_cpus": os.cpu_count(),
         "python": sys.version.split()[0],
+        # Whether repeated digests ran as CUDA graph launches (``_backend.GRAPHS``; each row
+        # also has its verify and pinned seal with the switch the other way).
+        "graphs": _backend.GRAPHS,
+        "nh_fast_graphs": _nh_fast.GRAPHS,
     }
     log("limits ...")
     result["limits"] = measure_limits(backend, pinned, pageable)

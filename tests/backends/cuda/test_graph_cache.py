@@ -5,6 +5,7 @@ stream, builder and graph objects record what was asked of them; nothing is laun
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -138,3 +139,35 @@ def test_a_capture_stream_of_its_own_captures_and_the_run_stream_launches() -> N
         "launch g1 on s",
     ]
     assert capture.builders == 1 and not hasattr(s, "builders")
+
+
+def test_a_key_evicted_again_and_again_waits_twice_as_long_before_each_capture() -> None:
+    """A round robin over more keys than the cache holds: each eviction doubles the sightings a
+    key needs before its next capture (2, then 5, then 11 with after=2), so captures die out
+    instead of costing one every few calls."""
+    log: list[str] = []
+    cache, s = GraphCache(capacity=2, after=2), _Stream(log, "s")
+    captures: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    for rnd in range(40):
+        for key in ("a", "b", "c"):
+            before = cache.captured
+            cache.run(key, s, _enqueue(log))
+            if cache.captured > before:
+                captures[key].append(rnd)
+    # Round 2: first captures. Each later capture of a key follows an eviction, needing 5, 11,
+    # 23 direct calls (the evicted count of 1, 2, 3) after the eviction: gaps grow.
+    for rounds in captures.values():
+        assert rounds[0] == 2
+        gaps = [b - a for a, b in itertools.pairwise(rounds)]
+        assert gaps == sorted(gaps) and len(rounds) <= 5
+    assert sum(map(len, captures.values())) < 15  # without the backoff: one per key every 3 rounds
+    assert len(cache) == 2
+
+
+def test_eviction_counts_are_forgotten_on_close() -> None:
+    log: list[str] = []
+    cache, s = GraphCache(capacity=1, after=0), _Stream(log, "s")
+    for key in ("a", "b", "a"):
+        cache.run(key, s, _enqueue(log))
+    cache.close()
+    assert cache.run("a", s, _enqueue(log))  # captured at once again: after=0, no backoff

@@ -119,6 +119,42 @@ _HOST_POOL_BYTES: Final = 8 << 30
 #: rest stays free for serving.
 _LOW_SM_DIVISOR: Final = 4
 _PLAN_CACHE: Final = 8  # segment-table plans kept per lane (a few models, each verified repeatedly)
+#: A digest that comes again with the same addresses (a verify of the same shard, ``hash`` of
+#: it, the same segment table, the tail of a seal into the same buffer) runs as one CUDA graph
+#: launch (``_graphs.GraphCache``, captured on the key's third call) instead of one cuda.core call
+#: per kernel and copy: each launch costs 9.2-9.6 us of host time through cuda.core on the H200's
+#: host (2026-11-29), against 5.6 us for the prepacked cuLaunchKernel of 2026-11-28, and a 1 MiB
+#: verify's wall time was mostly that host time. Not Final: benchmarks and tests A/B it (read
+#: per call); ``bench/gpu_bench.py`` records it. On the graph path ``last_device_seconds`` also
+#: spans the copy of the result (32 bytes for a verify), which is queued inside the graph.
+GRAPHS: bool = True
+
+
+def digest_graph_key(
+    algorithm: str,
+    ptr: int,
+    n: int,
+    want_units: bool,
+    split: bool,
+    b3_split: bool,
+    units_kernel: str,
+    scratch: int,
+    result: int,
+    *,
+    tail_only: bool = False,
+) -> tuple[object, ...]:
+    """The ``GraphCache`` key of a single-segment digest's device work (``_HashJob``): everything
+    the queued kernels and copies depend on. The data's address and length; the algorithm, unit
+    digests or not, and the kernel choice (the split flags and the unit kernel, which is how
+    ``split_max_units``, ``blake3_split_max_units`` and the occupancy pick reach the launches:
+    the same flags give the same launches whatever the thresholds); the scratch base (the whole
+    scratch layout follows from the above and it); the pinned result buffer's address.
+    ``tail_only``: the seal path's graph, of the join, reduction and copies after its unit
+    kernels. The first element tags the kind, so these keys never meet the nh-fast tables'
+    (``_nh_fast._queue_and_wait``) in the compute lane's cache. No key material: single-segment
+    digests are unkeyed (keyed BLAKE3 runs as a segment table)."""
+    kind = "seal-tail" if tail_only else "digest"
+    return (kind, algorithm, ptr, n, want_units, split, b3_split, units_kernel, scratch, result)
 
 
 def device_count() -> int:
@@ -906,6 +942,8 @@ class CudaBackend(Backend):
         self._lock = threading.RLock()  # kernels, scratch and result buffers
         self._staging_lock = threading.Lock()
         self._live: weakref.WeakSet[CudaBuffer] = weakref.WeakSet()
+        # Pinned buffers handed out by pinned_host_buffer (see _is_pinned).
+        self._own_pinned: weakref.WeakSet[PinnedHostBuffer] = weakref.WeakSet()
         #: Device time of the last hash's kernels in seconds (CUDA events), for benchmarks.
         self.last_device_seconds = 0.0
         #: sha256-tree-v1 shards of at most this many units run eight blocks per unit (see
@@ -933,12 +971,16 @@ class CudaBackend(Backend):
         # Segment-table digests: the normal lane shares the compute stream and lock with the
         # single-segment path; the low lane (scrubbing) has its own, created on first use.
         self._lanes: dict[str, _Lane] = {}
-        #: CUDA graphs of repeated kernel-session calls on the compute stream (nh-fast tables),
-        #: captured on a stream of their own at the compute stream's priority: the memory
-        #: resource zeroes allocations and frees on the compute stream outside the backend's
-        #: lock, and that work must never fall into a capture (``_graphs.GraphCache``).
+        #: CUDA graphs of repeated calls on the compute stream (nh-fast tables, single-segment
+        #: digests, seal tails, segment tables; ``GRAPHS``), captured on a stream of their own at
+        #: the compute stream's priority: the memory resource zeroes allocations and frees on the
+        #: compute stream outside the backend's lock, and that work must never fall into a
+        #: capture (``_graphs.GraphCache``). 64 graphs rather than the default 16: with single
+        #: shards cached too, a store of a few dozen shards verified one by one would otherwise
+        #: cycle through more keys than the cache holds (an executable graph of a few nodes costs
+        #: the driver a few KiB).
         self._capture_stream = _stream(self._dev, 0)
-        self._graphs = GraphCache(capture_stream=self._capture_stream)
+        self._graphs = GraphCache(capacity=64, capture_stream=self._capture_stream)
         # The table kernels of each set of algorithms, once loaded (_table_kernels).
         self._table_fns: dict[frozenset[str], dict[tuple[str, str], Any]] = {}
         # Checked unkeyed tables by the identity of their Segment objects (_prepared_table).
@@ -1108,6 +1150,13 @@ class CudaBackend(Backend):
     # -- copies ----------------------------------------------------------------------------------
 
     def _is_pinned(self, addr: int, n: int) -> bool:
+        # Our own open pinned buffers (``pinned_host_buffer``: a caller's source for seals) are
+        # known without asking the driver: a cuPointerGetAttributes of five attributes through
+        # cuda-bindings is one more call before a seal's first copy. A closed buffer is skipped
+        # (its memory may be anything now) and any other address is asked as before.
+        for own in self._own_pinned:
+            if not own.closed and own.address <= addr and addr + n <= own.address + own.size:
+                return True
         self._activate()
         mtype, _, _, start, length = _pointer_info(addr)
         return mtype == int(driver().CUmemorytype.CU_MEMORYTYPE_HOST) and addr + n <= start + length
@@ -1171,7 +1220,9 @@ class CudaBackend(Backend):
     def pinned_host_buffer(self, size: int) -> PinnedHostBuffer:
         """Page-locked host memory of ``size`` bytes; writes from it skip staging."""
         self._activate()
-        return PinnedHostBuffer(size, self._dev)
+        pinned = PinnedHostBuffer(size, self._dev)
+        self._own_pinned.add(pinned)
+        return pinned
 
     # -- digests ---------------------------------------------------------------------------------
 
@@ -1618,6 +1669,8 @@ class CudaBackend(Backend):
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, units)
+                if GRAPHS:
+                    return job.run(self._graphs, while_running)
                 job.launch_units(0, job.units)
                 return job.finish(while_running)
 
@@ -1646,6 +1699,10 @@ class CudaBackend(Backend):
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, True)
+                if 0 < n <= self._staging_bytes:
+                    addr, keep = host_address(view)
+                    if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
+                        return self._seal_one_copy(job, addr, keep)
                 launched = 0
 
                 def on_chunk(done: int) -> None:
@@ -1661,10 +1718,39 @@ class CudaBackend(Backend):
                     self._copy_in(buf._ptr, view, on_chunk)
                 if launched < job.units:
                     job.launch_units(launched, job.units)
-                result = job.finish()[1]
+                # The host threads' staged copies cannot be captured; the tail after the unit
+                # kernels (join, reduction, copies back) can: a seal into the same buffer again
+                # (a benchmark, a re-seal) queues it as one graph launch.
+                result = job.finish(graphs=self._graphs if GRAPHS else None)[1]
                 if result is None:  # pragma: no cover - the job was built with units
                     raise IntegrityViolation("digest kernels returned no unit digests")
                 return result
+
+    def _seal_one_copy(self, job: _HashJob, addr: int, keep: object) -> HashResult:
+        """``write_and_hash`` of bytes that go up in one copy without staging (up to 1 MiB, or
+        pinned up to the staging size): the copy is queued on the compute stream itself, ahead
+        of the unit kernels, so stream order replaces the copy stream's event record, the
+        compute stream's wait on it and the copy stream's synchronization (three cuda.core
+        calls of a 1 MiB seal's host time); the one synchronization in ``finish`` covers the
+        copy. Callers hold ``_lock`` with the context current. ``keep``: the source's host
+        array, alive until the copy has run."""
+        stream = self._stream.handle
+        try:
+            # A pageable source (up to 1 MiB here) is staged by the driver before this returns;
+            # a pinned one is read when the copy runs, before finish's synchronization returns.
+            check(driver().cuMemcpyHtoDAsync(job.ptr, addr, job.n, stream), "cuMemcpyHtoDAsync")
+            job.launch_units(0, job.units)
+            result = job.finish(graphs=self._graphs if GRAPHS else None)[1]
+        except BaseException:
+            # Let a queued copy from the caller's memory finish before the caller may reuse it.
+            with contextlib.suppress(Exception):
+                self._stream.sync()
+            raise
+        finally:
+            del keep
+        if result is None:  # pragma: no cover - the job was built with units
+            raise IntegrityViolation("digest kernels returned no unit digests")
+        return result
 
     def _write_and_nh_fast(self, buf: CudaBuffer, view: memoryview, key: bytes) -> HashResult:
         """``write_and_hash`` for nh-fast-v1: each whole unit's leaves and unit digest are queued
@@ -1757,7 +1843,9 @@ class CudaBackend(Backend):
             addr, _keep = host_address(memoryview(nodes))
             check(drv.cuMemcpyHtoD(base, addr, len(nodes)), "cuMemcpyHtoD")
             ping = base + len(nodes)
-            root = _reduce_chain(self, mod, algorithm, base, count, ping, ping + level, ping + 2 * level)
+            root = _reduce_chain(
+                self._stream, mod, algorithm, base, count, ping, ping + level, ping + 2 * level
+            )
             self._sync(self._stream, "tree reduction")
             return self._copy_out(root, 32)
 
@@ -1905,9 +1993,12 @@ class _HashJob:
         backend.last_units_kernel = self.units_kernel
         _record(backend._stream, backend._t0)
 
+    def _stream(self) -> Any:
+        """The stream the job queues on now: the compute stream, or a side or capturing one."""
+        return self.b._stream if self._on is None else self._on
+
     def _launch(self, name: str, grid: int, args: Sequence[Arg], block: int = _THREADS) -> None:
-        stream = self.b._stream if self._on is None else self._on
-        launch(self.mod.function(name), grid, block, stream, args, what=name)
+        launch(self.mod.function(name), grid, block, self._stream(), args, what=name)
 
     def launch_units(self, first: int, end: int, stream: Any = None) -> None:
         """Unit kernels for units [first, end) on the compute stream, or on ``stream`` (a side
@@ -1970,21 +2061,26 @@ class _HashJob:
         # blake3 pieces reduce exactly as units do: both are aligned power-of-two runs of chunks
         # (the last one partial), i.e. subtrees of BLAKE3's left-complete tree.
         return _reduce_chain(
-            self.b, self.mod, self.algorithm, self.cv, self.nodes, self.ping, self.pong, self.root
+            self._stream(), self.mod, self.algorithm, self.cv, self.nodes, self.ping, self.pong, self.root
         )
 
-    def finish(self, while_running: WhileRunning | None = None) -> tuple[bytes, HashResult | None]:
-        """Queue the reduction and the copy back, run ``while_running`` (see
-        ``CudaBackend.digest_many``), wait, and return the digest (and unit digests)."""
-        b, drv = self.b, driver()
+    def _queue_tail(self) -> int:
+        """Queue what follows the unit kernels (split mode's join, the reduction) on the job's
+        stream; the device address of the root node."""
         if self.split:
             self._join_split()
-        root_dev = self._reduce()
-        _record(b._stream, b._t1)
-        nunits = 32 * self.units if self.want_units else 0
-        host = b._result_buffer(32 + nunits)
-        stream = b._stream.handle
+        return self._reduce()
+
+    def _host_bytes(self) -> int:
+        """Bytes of the pinned result buffer this job's copies fill: the root, unit digests."""
+        return 32 + (32 * self.units if self.want_units else 0)
+
+    def _queue_copies(self, root_dev: int, host: PinnedHostBuffer) -> None:
+        """Queue the copies of the root (and unit digests) into ``host`` on the job's stream."""
+        drv = driver()
+        stream = self._stream().handle
         check(drv.cuMemcpyDtoHAsync(host.address, root_dev, 32, stream), "cuMemcpyDtoHAsync")
+        nunits = self._host_bytes() - 32
         if nunits:
             if self.b3_split:
                 src = root_dev  # one unit (see __init__): its unit digest is the digest
@@ -1993,6 +2089,74 @@ class _HashJob:
             else:
                 src = self.unit_digests
             check(drv.cuMemcpyDtoHAsync(host.address + 32, src, nunits, stream), "cuMemcpyDtoHAsync")
+
+    def graph_key(self, host: PinnedHostBuffer, *, tail_only: bool = False) -> tuple[object, ...]:
+        """This job's ``GraphCache`` key (``digest_graph_key``) with ``host`` as result buffer."""
+        return digest_graph_key(
+            self.algorithm,
+            self.ptr,
+            self.n,
+            self.want_units,
+            self.split,
+            self.b3_split,
+            self.units_kernel,
+            self.cv,  # the scratch base: every other scratch address is an offset from it
+            host.address,
+            tail_only=tail_only,
+        )
+
+    def _graph_run(self, graphs: GraphCache, host: PinnedHostBuffer, *, tail_only: bool) -> None:
+        """Queue the job's work (with ``tail_only`` only what follows the unit kernels) through
+        the lane's graph cache, then the end timing event. What is queued reads nothing that
+        the host writes per call: the data and the scratch are device memory at the addresses of
+        the key, and the results land in ``host`` at its address in the key."""
+        b = self.b
+
+        def enqueue(stream: Any) -> None:
+            # Only queues work (no synchronization, no result read): it may run on a capturing
+            # stream. The host decisions (kernels, levels) were all made in __init__.
+            self._on = stream
+            try:
+                if not tail_only and self.units:
+                    self._launch_units(0, self.units)
+                self._queue_copies(self._queue_tail(), host)
+            finally:
+                self._on = None
+
+        graphs.run(self.graph_key(host, tail_only=tail_only), b._stream, enqueue)
+        _record(b._stream, b._t1)
+
+    def run(
+        self, graphs: GraphCache, while_running: WhileRunning | None = None
+    ) -> tuple[bytes, HashResult | None]:
+        """The whole digest (the ``digest``/``hash`` path, ``GRAPHS`` on): unit kernels,
+        reduction and copies queued directly or, for a key seen before, as one graph launch;
+        then as :meth:`finish`. The device time then spans the result copies as well."""
+        host = self.b._result_buffer(self._host_bytes())
+        self._graph_run(graphs, host, tail_only=False)
+        return self._complete(host, while_running)
+
+    def finish(
+        self, while_running: WhileRunning | None = None, *, graphs: GraphCache | None = None
+    ) -> tuple[bytes, HashResult | None]:
+        """Queue the reduction and the copy back (through ``graphs`` when given: the seal path's
+        tail), run ``while_running`` (see ``CudaBackend.digest_many``), wait, and return the
+        digest (and unit digests)."""
+        b = self.b
+        host = b._result_buffer(self._host_bytes())
+        if graphs is not None:
+            self._graph_run(graphs, host, tail_only=True)
+        else:
+            root_dev = self._queue_tail()
+            _record(b._stream, b._t1)
+            self._queue_copies(root_dev, host)
+        return self._complete(host, while_running)
+
+    def _complete(
+        self, host: PinnedHostBuffer, while_running: WhileRunning | None
+    ) -> tuple[bytes, HashResult | None]:
+        """Run ``while_running``, wait for the stream, and read the results from ``host``."""
+        b = self.b
         _overlap(while_running, lambda: b._sync(b._stream, "digest kernels"))
         b.last_device_seconds = _elapsed_seconds(b._t0, b._t1)
         root = bytes(host.view[:32])
@@ -2003,11 +2167,12 @@ class _HashJob:
             digest = root
         if not self.want_units:
             return digest, None
+        nunits = self._host_bytes() - 32
         return digest, HashResult(digest, bytes(host.view[32 : 32 + nunits]))
 
 
 def _reduce_chain(
-    b: CudaBackend, mod: Module, algorithm: str, src: int, count: int, ping: int, pong: int, dst: int
+    stream: Any, mod: Module, algorithm: str, src: int, count: int, ping: int, pong: int, dst: int
 ) -> int:
     """Reduce ``count`` >= 2 nodes at ``src`` to one at ``dst``: groups of 256 per block per launch,
     alternating between the two level buffers (each with room for ceil(count / 256) nodes). For
@@ -2023,9 +2188,9 @@ def _reduce_chain(
     while count > _GROUP:
         grid = -(-count // _GROUP)
         out = ping if level % 2 == 0 else pong
-        launch(fn, grid, _THREADS, b._stream, args(src, count, False, out), what="tree reduction")
+        launch(fn, grid, _THREADS, stream, args(src, count, False, out), what="tree reduction")
         src, count, level = out, grid, level + 1
-    launch(fn, 1, _THREADS, b._stream, args(src, count, True, dst), what="tree reduction")
+    launch(fn, 1, _THREADS, stream, args(src, count, True, dst), what="tree reduction")
     return dst
 
 
@@ -2173,27 +2338,67 @@ class _Lane:
         """Upload the tables, launch every kernel of the plan, copy the results back, run
         ``while_running`` (see ``CudaBackend.digest_many``): one synchronization. Returns
         ``plan.download_bytes`` from ``plan.download_offset``."""
-        drv, b = driver(), self.b
+        b = self.b
         up = plan.upload
         host = self._pinned(max(up.nbytes, plan.download_bytes))
         host.array[: up.nbytes] = up
         base = self.arena_ptr
-        stream = self.stream.handle  # cuda-bindings for the copies (byte ranges, see _copy_in)
-        _record(self.stream, self.t0)
-        if up.nbytes:
-            check(drv.cuMemcpyHtoDAsync(base, host.address, up.nbytes, stream), "cuMemcpyHtoDAsync")
+        try:
+            _record(self.stream, self.t0)
+            if GRAPHS:
+                # A table that comes again at the same addresses (a model verified again and
+                # again, a scrub chunk) is one graph launch. The graph's first node copies the
+                # upload image from the pinned buffer when it runs: the descriptors and keys
+                # just written there are what the kernels read, never values of the capture.
+                key = ("table", self.low, plan.signature(), base, host.address)
+                self.graphs.run(key, self.stream, lambda s: self._enqueue(plan, fns, host, base, s))
+                _record(self.stream, self.t1)
+            else:
+                self._enqueue(plan, fns, host, base, self.stream, t1=self.t1)
+            _overlap(while_running, self._wait)
+        except BaseException:
+            # A launch or copy that failed to queue: what was queued may still read the pinned
+            # buffer or write into it; let it finish before the buffer is zeroed or reused (a
+            # broken context fails this too, and then nothing is in flight).
+            with contextlib.suppress(Exception):
+                self.stream.sync()
+            raise
+        finally:
+            if plan.key_bytes:
+                # Key records (keyed BLAKE3): the device has read them by now (or never will:
+                # a failed run synchronized in _overlap or raised before queuing the copy).
+                host.array[: plan.key_bytes] = 0
+                up[: plan.key_bytes] = 0
+        b.last_device_seconds = _elapsed_seconds(self.t0, self.t1)
+        return bytes(host.view[: plan.download_bytes])
+
+    def _enqueue(
+        self,
+        plan: _batch.Plan,
+        fns: Mapping[tuple[str, str], Any],
+        host: PinnedHostBuffer,
+        base: int,
+        stream: Any,
+        *,
+        t1: Any = None,
+    ) -> None:
+        """Queue a run's upload, kernels and download on ``stream`` (the lane's, or a capturing
+        one: nothing here waits or reads a result); ``t1``: the end timing event, recorded
+        before the download (direct runs; a graph's run records it after the launch)."""
+        drv = driver()
+        handle = stream.handle  # cuda-bindings for the copies (byte ranges, see _copy_in)
+        if plan.upload.nbytes:
+            check(drv.cuMemcpyHtoDAsync(base, host.address, plan.upload.nbytes, handle), "cuMemcpyHtoDAsync")
         for group in [plan.unit_launches, *plan.level_launches]:
             for job in group:
                 fn = fns[job.algorithm, job.kernel]
-                launch(fn, job.count, _THREADS, self.stream, [(U64, base + job.table)], what=job.kernel)
-        _record(self.stream, self.t1)
+                launch(fn, job.count, _THREADS, stream, [(U64, base + job.table)], what=job.kernel)
+        if t1 is not None:
+            _record(stream, t1)
         check(
-            drv.cuMemcpyDtoHAsync(host.address, base + plan.download_offset, plan.download_bytes, stream),
+            drv.cuMemcpyDtoHAsync(host.address, base + plan.download_offset, plan.download_bytes, handle),
             "cuMemcpyDtoHAsync",
         )
-        _overlap(while_running, self._wait)
-        b.last_device_seconds = _elapsed_seconds(self.t0, self.t1)
-        return bytes(host.view[: plan.download_bytes])
 
     def _wait(self) -> None:
         if not self.low:

@@ -150,6 +150,25 @@ class Plan:
     #: The roots of this plan's last run and the digests they finalize to (see :func:`results`),
     #: set as one tuple so that two threads running the same plan never see half of each.
     last: tuple[bytes, tuple[bytes, ...]] | None = None
+    #: Bytes of key records leading ``upload`` (32 per distinct key; 0 for unkeyed tables): key
+    #: material, zeroed in the host images once the device has read it (``_Lane.run``).
+    key_bytes: int = 0
+
+    def signature(self) -> tuple[object, ...]:
+        """What the device work of this plan depends on besides the arena's and the pinned
+        buffer's addresses: the upload and download sizes and offsets and every launch (kernel,
+        grid, descriptor offset). A CUDA graph of a run (``_Lane.run``) is valid for any plan of
+        the same signature at the same addresses: the descriptors and keys themselves are
+        uploaded by the graph's first copy, read from the pinned buffer when the graph runs."""
+        return (
+            int(self.upload.nbytes),
+            self.download_offset,
+            self.download_bytes,
+            tuple((j.algorithm, j.kernel, j.table, j.count) for j in self.unit_launches),
+            tuple(
+                tuple((j.algorithm, j.kernel, j.table, j.count) for j in lvl) for lvl in self.level_launches
+            ),
+        )
 
 
 def _up(n: int) -> int:
@@ -383,6 +402,7 @@ def build_plan_columns(
         vals_offset=vals_off,
         udig_offset=udig_off,
         total_units=total_units,
+        key_bytes=32 * len(key_index),
     )
 
 

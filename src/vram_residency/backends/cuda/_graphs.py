@@ -13,6 +13,12 @@ first verify) never pays for a capture and an instantiation (hundreds of microse
 captured work reads at launch time, it reads then: the data, and the pinned stage that the
 caller rewrites before each launch. Nothing is read at capture time.
 
+A key whose graph was closed to make room (more keys in use than ``capacity``: a verify loop
+over many shards) needs twice as many sightings before each new capture (``after``, then
+``2 after + 1``, ...): a round robin over more keys than the cache holds would otherwise pay a
+capture (hundreds of microseconds) every few calls per key to save ~10-20 us per call, and with
+the backoff its captures die out geometrically (the count is kept for ``16 x capacity`` keys).
+
 Any failure to capture or instantiate is not an error of the digest: the work is enqueued
 directly, as without a graph, and that key is never captured again (a driver or cuda.core that
 cannot capture costs one failed attempt per key, not a failure).
@@ -55,6 +61,8 @@ class GraphCache:
         self._after = max(0, int(after))
         self._graphs: OrderedDict[Hashable, Any] = OrderedDict()
         self._seen: OrderedDict[Hashable, int] = OrderedDict()
+        # Keys whose graph was evicted, and how often: their next capture waits longer.
+        self._evicted: OrderedDict[Hashable, int] = OrderedDict()
         # The lane's lock serializes runs; this one only guards the tables against close().
         self._lock = threading.Lock()
         self.captured = 0  # graphs built (for tests and benchmarks)
@@ -68,7 +76,7 @@ class GraphCache:
         ``Stream``) on ``stream``; True when it ran as a graph launch. ``enqueue`` may be called
         on a capturing stream: it must only enqueue work (no synchronization, no reads of
         results), and it runs on every call that is not a graph launch."""
-        seen = 0
+        seen, after = 0, self._after
         with self._lock:
             graph = self._graphs.get(key)
             if graph is not None:
@@ -78,7 +86,10 @@ class GraphCache:
                 self._seen[key] = seen
                 while len(self._seen) > 4 * self._capacity:
                     self._seen.popitem(last=False)
-        if graph is _FAILED or (graph is None and seen <= self._after):
+                evictions = self._evicted.get(key, 0)
+                if evictions:
+                    after = (after + 1) * (1 << min(evictions, 16)) - 1
+        if graph is _FAILED or (graph is None and seen <= after):
             enqueue(stream)
             return False
         if graph is None:
@@ -123,8 +134,12 @@ class GraphCache:
             self._graphs[key] = graph if graph is not None else _FAILED
             self._seen.pop(key, None)
             while len(self._graphs) > self._capacity:
-                _, old = self._graphs.popitem(last=False)
+                gone, old = self._graphs.popitem(last=False)
                 _close(old)
+                if old is not _FAILED:
+                    self._evicted[gone] = self._evicted.pop(gone, 0) + 1
+                    while len(self._evicted) > 16 * self._capacity:
+                        self._evicted.popitem(last=False)
         if graph is not None:
             self.captured += 1
         return graph
@@ -135,6 +150,7 @@ class GraphCache:
             graphs = list(self._graphs.values())
             self._graphs.clear()
             self._seen.clear()
+            self._evicted.clear()
         for g in graphs:
             _close(g)
 
