@@ -23,6 +23,7 @@ from typing_extensions import Buffer
 
 from vram_residency.backends.base import (
     ALIGNMENT,
+    COPY_CHUNK,
     Backend,
     Capabilities,
     DeviceBuffer,
@@ -34,7 +35,7 @@ from vram_residency.backends.base import (
 from vram_residency.errors import InsufficientVram, IntegrityViolation, InvalidInput, PolicyViolation
 from vram_residency.formats.tree import HashResult, check_algorithm, check_key, digest_only, hash_units
 
-__all__ = ["AdoptedHostBuffer", "HostBackend", "HostBuffer"]
+__all__ = ["AdoptedHostBuffer", "HostBackend", "HostBuffer", "ProgressiveHostBuffer"]
 
 _ZERO_CHUNK = 16 << 20
 #: A segment table is cut into tasks of about this many bytes: small segments share a task (a
@@ -99,6 +100,66 @@ class HostBuffer(DeviceBuffer):
             self._backend._release(self._reserved)
 
 
+class ProgressiveHostBuffer(HostBuffer):
+    """``HostBackend.allocate_progressive``: the emulated counterpart of a CUDA virtual-memory
+    buffer. The address range (an anonymous mapping, committed only where written) exists from
+    the start, like a reserved virtual range; the emulated capacity is taken chunk by chunk in
+    ``map_through``, like ``cuMemCreate`` of each chunk, and so can run out at any chunk (another
+    allocation took the memory meanwhile), which then releases every chunk taken so far. The
+    restore path runs exactly as on CUDA; only the memory behind it is host RAM."""
+
+    def __init__(self, backend: HostBackend, size: int, reserved: int, chunk: int) -> None:
+        super().__init__(backend, size, reserved)
+        self._chunk = chunk
+        #: Bytes from the start taken from the emulated capacity (mapped).
+        self._charged = 0
+        #: Set once a chunk failed: everything was released and the buffer maps nothing again.
+        self._failed = False
+        self._map_lock = threading.Lock()
+
+    @property
+    def mapped(self) -> int:
+        return min(self._charged, self._size)
+
+    def _map_more(self, end: int) -> None:
+        with self._map_lock:
+            if self._failed:
+                raise IntegrityViolation("device buffer's chunks were released after a failed mapping")
+            while self._charged < end:
+                m = min(self._chunk, self._reserved - self._charged)
+                try:
+                    self._backend._charge(m)
+                except InsufficientVram as exc:
+                    k = self._charged // self._chunk
+                    self._failed = True
+                    self._unmap_all()
+                    raise InsufficientVram(
+                        self._size,
+                        exc.available,
+                        f"insufficient VRAM at chunk {k} of a progressive allocation of {self._size} "
+                        f"bytes: {m} bytes needed, {exc.available} available; every chunk released",
+                    ) from exc
+                self._charged += m
+
+    def _unmap_all(self) -> None:
+        """Zero what was mapped and give the capacity back (callers hold ``_map_lock``)."""
+        charged, self._charged = self._charged, 0
+        zeros = bytes(min(_ZERO_CHUNK, charged))
+        for off in range(0, charged, _ZERO_CHUNK):
+            end = min(off + _ZERO_CHUNK, charged)
+            self._map[off:end] = zeros[: end - off]
+        if charged:
+            self._backend._release(charged)
+
+    def _free(self) -> None:
+        with self._map_lock:
+            self._unmap_all()
+        try:
+            self._map.close()
+        except BufferError as exc:
+            raise IntegrityViolation("host buffer freed while a view of it is still in use") from exc
+
+
 class AdoptedHostBuffer(HostBuffer):
     """Host memory owned by someone else (a numpy array, a CPU tensor), seen in place.
 
@@ -135,16 +196,28 @@ class HostBackend(Backend):
         adopt_host=True,
         adopt_pointer=False,
         batched_digests=True,
+        progressive_allocation=True,
     )
 
-    def __init__(self, device: int = 0, capacity_bytes: int | None = None) -> None:
+    def __init__(
+        self, device: int = 0, capacity_bytes: int | None = None, *, progressive_chunk: int = COPY_CHUNK
+    ) -> None:
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise InvalidInput("device must be a non-negative integer")
         if capacity_bytes is None:
             capacity_bytes = _default_capacity()
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise InvalidInput("capacity_bytes must be a positive integer")
+        if (
+            isinstance(progressive_chunk, bool)
+            or not isinstance(progressive_chunk, int)
+            or progressive_chunk <= 0
+            or progressive_chunk % ALIGNMENT
+        ):
+            raise InvalidInput(f"progressive_chunk must be a positive multiple of {ALIGNMENT} bytes")
         super().__init__(device)
+        #: Bytes of emulated capacity each ``map_through`` step of a progressive buffer takes.
+        self.progressive_chunk = progressive_chunk
         self._capacity = capacity_bytes
         self._used = 0
         self._lock = threading.Lock()
@@ -165,6 +238,32 @@ class HostBackend(Backend):
             raise InsufficientVram(
                 reserved, self.mem_info()[0], f"host emulation could not map memory: {exc}"
             ) from exc
+
+    def allocate_progressive(self, size: int) -> ProgressiveHostBuffer:
+        """A buffer whose capacity is taken chunk by chunk (``progressive_chunk`` bytes) as
+        ``map_through`` advances; see ``ProgressiveHostBuffer``. The chunks add up to the same
+        256-byte rounding as ``allocate``, so the memory a restored shard holds does not depend
+        on the path it came back by."""
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidInput("allocation size must be a positive integer")
+        reserved = _round_up(size)
+        with self._lock:
+            if reserved > self._capacity - self._used:  # could never be mapped whole: say so now
+                raise InsufficientVram(reserved, self._capacity - self._used)
+        try:
+            return ProgressiveHostBuffer(self, size, reserved, self.progressive_chunk)
+        except (OSError, MemoryError) as exc:
+            raise InsufficientVram(
+                reserved, self.mem_info()[0], f"host emulation could not map memory: {exc}"
+            ) from exc
+
+    def _charge(self, nbytes: int) -> None:
+        """Take ``nbytes`` of the emulated capacity (InsufficientVram when they are not there)."""
+        with self._lock:
+            available = self._capacity - self._used
+            if nbytes > available:
+                raise InsufficientVram(nbytes, available)
+            self._used += nbytes
 
     def adopt_host(self, memory: Buffer) -> AdoptedHostBuffer:
         """Wrap host memory that someone else owns, without copying it (the host counterpart of
@@ -198,6 +297,8 @@ class HostBackend(Backend):
             raise PolicyViolation("buffer does not belong to this backend")
         if buf.closed:
             raise IntegrityViolation("buffer was freed")
+        # A progressive buffer passes only once every chunk is mapped (taken from the capacity).
+        buf.check_open()
 
     def hash(
         self, buf: DeviceBuffer, algorithm: str, length: int | None = None, *, key: bytes | None = None

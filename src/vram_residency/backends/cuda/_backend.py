@@ -42,7 +42,7 @@ from vram_residency.backends.base import (
     WhileRunning,
     check_range,
 )
-from vram_residency.backends.cuda import _batch, _core, _driver, _nh_fast
+from vram_residency.backends.cuda import _batch, _core, _driver, _nh_fast, _vmm
 from vram_residency.backends.cuda._core import OUT_OF_MEMORY, CuMemAllocFailed, core, core_errors
 from vram_residency.backends.cuda._core import elapsed_seconds as _elapsed_seconds
 from vram_residency.backends.cuda._core import event_sync as _event_sync
@@ -79,7 +79,15 @@ from vram_residency.formats.tree import (
     unit_count,
 )
 
-__all__ = ["PRIORITIES", "CudaBackend", "CudaBuffer", "KernelSession", "Priority", "device_count"]
+__all__ = [
+    "PRIORITIES",
+    "CudaBackend",
+    "CudaBuffer",
+    "KernelSession",
+    "Priority",
+    "VmmBuffer",
+    "device_count",
+]
 
 #: ``priority=`` of the digest calls (``backends.base.Priority``): "normal" (the verify path) or
 #: "low" (background scrubbing: a lowest-priority stream of its own, and a wait that leaves the
@@ -200,6 +208,10 @@ class CudaBuffer(DeviceBuffer):
     belongs to whoever allocated it (a framework tensor, say).
     """
 
+    #: How the memory was allocated (benchmarks, tests): one ``cuMemAlloc``; ``VmmBuffer`` says
+    #: ``"cuMemCreate"`` (chunks mapped into a reserved range).
+    allocation_kind = "cuMemAlloc"
+
     def __init__(
         self, backend: CudaBackend, ptr: int, size: int, capacity: int, *, owned: bool, mem: Any = None
     ) -> None:
@@ -230,16 +242,62 @@ class CudaBuffer(DeviceBuffer):
 
     def _write(self, offset: int, view: memoryview) -> None:
         with self._lock:
-            self._check_open()
+            self.check_mapped(offset + len(view))
             self._backend._copy_in(self._ptr + offset, view)
 
     def _read(self, offset: int, n: int) -> bytes:
         with self._lock:
-            self._check_open()
+            self.check_mapped(offset + n)
             return self._backend._copy_out(self._ptr + offset, n)
 
     def _free(self) -> None:
         self._backend._release(self)
+
+
+class VmmBuffer(CudaBuffer):
+    """``CudaBackend.allocate_progressive``: plain device memory in a reserved virtual range,
+    created and mapped chunk by chunk (``map_through``) through CUDA's virtual memory
+    management (``_vmm.VmmRange``, which says why). The address is the reservation's start from
+    the beginning; until every chunk is mapped only the mapped prefix can be written or read,
+    and digests, the policy check, peers and ``device_pointer`` refuse the buffer
+    (``DeviceBuffer.check_open``): nothing ever touches an unmapped address, which would fault
+    the context. ``close`` zeroes every mapped byte, then unmaps and releases the chunks and
+    frees the reservation."""
+
+    allocation_kind = "cuMemCreate"
+
+    def __init__(self, backend: CudaBackend, vmm: _vmm.VmmRange, size: int) -> None:
+        super().__init__(backend, vmm.base, size, vmm.reserved, owned=True)
+        self._vmm = vmm
+
+    @property
+    def mapped(self) -> int:
+        return min(self._vmm.mapped, self._size)
+
+    @property
+    def chunk_count(self) -> int:
+        """Chunks mapped so far (each its own cuMemCreate)."""
+        return self._vmm.chunk_count
+
+    @property
+    def map_seconds(self) -> float:
+        """Host seconds spent creating and mapping chunks (benchmarks: the time the copy hid)."""
+        return self._vmm.map_seconds
+
+    def _map_more(self, end: int) -> None:
+        try:
+            self._vmm.map_through(end)
+        except _vmm.ChunkAllocationFailed as exc:
+            # The range released every chunk before raising: the same retriable errors as
+            # allocate, InsufficientVram for out of memory, with nothing left allocated.
+            if exc.name == OUT_OF_MEMORY:
+                raise InsufficientVram(
+                    self._size,
+                    self._backend.mem_info()[0],
+                    f"insufficient VRAM at chunk {exc.chunk} of a progressive allocation of "
+                    f"{self._size} bytes; every chunk released",
+                ) from exc
+            raise
 
 
 # -- stream and event helpers (cuda.core, errors mapped to ours) ---------------------------------
@@ -478,6 +536,13 @@ class _Mover:
         self.stage: list[tuple[PinnedHostBuffer, Any]] = []
         if self.peer and not self.same:
             _enable_peer(db, sb)
+            # Peer access to VMM memory (a restored shard) is granted per mapping, not by
+            # cuCtxEnablePeerAccess: give the other device access to whichever side is VMM.
+            if isinstance(src, VmmBuffer):
+                src._vmm.allow(db.device)
+            if isinstance(dst, VmmBuffer):
+                dst._vmm.allow(sb.device)
+            db._activate()  # allow() made its own device's context current
 
     def issue(self, offset: int, length: int) -> None:
         drv = driver()
@@ -820,6 +885,7 @@ class CudaBackend(Backend):
         adopt_pointer=True,
         batched_digests=True,
         priority_streams=True,
+        progressive_allocation=True,
     )
     # Migration, offload and restore copies (peer to peer where allowed): see _peer.py.
     allocate_host, read_into, can_access_peer = _peer_allocate_host, _peer_read_into, _peer_can_access_peer
@@ -906,6 +972,11 @@ class CudaBackend(Backend):
         self._lock = threading.RLock()  # kernels, scratch and result buffers
         self._staging_lock = threading.Lock()
         self._live: weakref.WeakSet[CudaBuffer] = weakref.WeakSet()
+        #: allocate_progressive: bytes per chunk (a multiple of the recommended VMM granularity);
+        #: a size of at most one chunk gets an ordinary allocation (nothing to overlap, and small
+        #: shards would each take a whole 2 MiB page of their own).
+        self.vmm_chunk = _vmm.DEFAULT_CHUNK
+        self._vmm_ok: bool | None = None
         #: Device time of the last hash's kernels in seconds (CUDA events), for benchmarks.
         self.last_device_seconds = 0.0
         #: sha256-tree-v1 shards of at most this many units run eight blocks per unit (see
@@ -1046,6 +1117,45 @@ class CudaBackend(Backend):
         self._live.add(buf)
         return buf
 
+    def allocate_progressive(self, size: int) -> CudaBuffer:
+        """``Backend.allocate_progressive``: a ``VmmBuffer`` (a reserved virtual range whose
+        chunks of ``vmm_chunk`` bytes are created and mapped by ``map_through``) when ``size``
+        spans more than one chunk; an ordinary ``allocate`` otherwise. Not zero-filled, except
+        the rounding tail past ``size`` (the caller writes ``[0, size)``)."""
+        if not _is_int(size):
+            raise InvalidInput("allocation size must be an integer")
+        if size < 1:
+            raise InvalidInput(f"allocation size must be at least 1 byte, not {size}")
+        if size <= self.vmm_chunk or not self._vmm_supported():
+            return self.allocate(size)
+        self._activate()
+        if size > self.total_memory:
+            raise InsufficientVram(size, self.mem_info()[0])
+        try:
+            vmm = _vmm.VmmRange(
+                self.device,
+                size,
+                activate=self._activate,
+                copy_stream=self._copy_stream,
+                zero_stream=self._stream,
+                chunk=self.vmm_chunk,
+            )
+        except CudaAllocationFailed as exc:
+            raise InsufficientVram(size, self.mem_info()[0], f"cuMemAddressReserve failed: {exc}") from exc
+        buf = VmmBuffer(self, vmm, size)
+        self._live.add(buf)
+        return buf
+
+    def _vmm_supported(self) -> bool:
+        """Whether the device has virtual memory management (asked once; cuda-bindings:
+        cuda.core 1.2 has no VMM API). Without it, restore allocates as before."""
+        if self._vmm_ok is None:
+            self._activate()
+            attr = driver().CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+            ok = check(driver().cuDeviceGetAttribute(attr, self._cudev), "cuDeviceGetAttribute")
+            self._vmm_ok = bool(ok)
+        return self._vmm_ok
+
     def adopt_pointer(self, ptr: int, size: int) -> CudaBuffer:
         """Wrap ``size`` bytes of existing device memory at ``ptr`` (a framework tensor, say) after
         the policy check. Closing the result never zeroes or frees that memory."""
@@ -1058,6 +1168,9 @@ class CudaBackend(Backend):
 
     def _release(self, buf: CudaBuffer) -> None:
         self._live.discard(buf)
+        if isinstance(buf, VmmBuffer):
+            buf._vmm.release()  # zeroed (after its copies and kernels), unmapped, released
+            return
         if not buf._owned:
             return
         # Zeroed on the compute stream, synchronized, then cuMemFree (the resource makes the
@@ -1070,8 +1183,34 @@ class CudaBackend(Backend):
     def check_policy(self, buf: DeviceBuffer) -> None:
         if not isinstance(buf, CudaBuffer) or buf._backend is not self:
             raise PolicyViolation("buffer does not belong to this CUDA backend")
-        buf.check_open()
+        buf.check_open()  # a progressive buffer only once every chunk is mapped
+        if isinstance(buf, VmmBuffer):
+            self._check_vmm(buf)
+            return
         self.check_pointer(buf._ptr, buf.size)
+
+    def _check_vmm(self, buf: VmmBuffer) -> None:
+        """The policy for a ``VmmBuffer``: ``check_pointer`` asks whether one range lies inside one
+        allocation, but a VMM range is one driver allocation per chunk. So each chunk is checked
+        on its own: its pointer attributes (memory type DEVICE, not managed, this device's
+        ordinal), and what is mapped there (``VmmRange.check``: the handle we created, plain
+        device memory of this device), and the chunks must cover the buffer contiguously."""
+        if self.integrated and not self._allow_integrated:
+            raise PolicyViolation(
+                f"device {self.device} is an integrated GPU: its memory is host memory, not VRAM "
+                "(pass allow_integrated=True to accept that)"
+            )
+        self._activate()
+        device_type = int(driver().CUmemorytype.CU_MEMORYTYPE_DEVICE)
+        for addr in buf._vmm.chunk_addresses():
+            mtype, managed, ordinal, _start, _length = _pointer_info(addr)
+            if mtype != device_type:
+                raise PolicyViolation("memory chunk is not device memory")
+            if managed:
+                raise PolicyViolation("memory chunk is managed (unified) memory")
+            if ordinal != self.device:
+                raise PolicyViolation(f"memory chunk is on device {ordinal}, not on device {self.device}")
+        buf._vmm.check(self.device, buf.size)
 
     def check_pointer(self, ptr: int, size: int) -> None:
         """Raise PolicyViolation unless ``[ptr, ptr + size)`` is plain device memory (not host,
@@ -1117,9 +1256,17 @@ class CudaBackend(Backend):
                 self._copy_pool = ThreadPoolExecutor(self._copy_threads, thread_name_prefix="vram-stage")
         return self._staging
 
-    def _copy_in(self, dst: int, view: memoryview, on_chunk: Callable[[int], None] | None = None) -> None:
+    def _copy_in(
+        self,
+        dst: int,
+        view: memoryview,
+        on_chunk: Callable[[int], None] | None = None,
+        prepare: Callable[[int], None] | None = None,
+    ) -> None:
         """Host to device, ``len(view)`` bytes to device address ``dst``. ``on_chunk(done)`` runs
-        after each chunk's copy is queued, with ``done`` bytes queued so far.
+        after each chunk's copy is queued, with ``done`` bytes queued so far; ``prepare(end)``
+        before it, with the end of that chunk (a progressive buffer maps its memory there, while
+        the chunks queued before still copy).
 
         cuda-bindings for the copies: cuda.core copies whole Buffers; these are byte ranges of a
         device allocation and of host memory of any origin."""
@@ -1132,6 +1279,8 @@ class CudaBackend(Backend):
             # Small copies go straight through; pinned bytes need no staging.
             for off in range(0, n, step):
                 m = min(step, n - off)
+                if prepare is not None:
+                    prepare(off + m)
                 check(
                     drv.cuMemcpyHtoDAsync(dst + off, addr + off, m, self._copy_stream.handle),
                     "cuMemcpyHtoDAsync",
@@ -1146,6 +1295,8 @@ class CudaBackend(Backend):
                 pinned, done = pool[i % len(pool)]
                 _event_sync(done, "waiting for a staging buffer")
                 m = min(step, n - off)
+                if prepare is not None:
+                    prepare(off + m)
                 parallel_copy(self._copy_pool, pinned.array, src[off : off + m], self._copy_threads)
                 check(
                     drv.cuMemcpyHtoDAsync(dst + off, pinned.address, m, self._copy_stream.handle),
@@ -1635,10 +1786,14 @@ class CudaBackend(Backend):
             return self._write_and_nh_fast(buf, view, key)
         if key is not None:
             # Keyed BLAKE3 has no overlapped single-segment kernels: copy, then a table of one.
+            buf.map_through(n)
             buf.write(0, view)
             return self.hash_many([Segment(buf, n, algorithm, key)])[0]
+        # A progressive buffer (restore) maps each chunk just before its copy is queued
+        # (_copy_in's prepare): creating chunk k+1 overlaps the copy of chunk k.
+        prepare = buf.map_through if buf.mapped < n else None
         with buf._lock:
-            buf.check_open()
+            buf.check_mapped(0)  # open; the rest is mapped as the copy advances
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, True)
@@ -1654,7 +1809,7 @@ class CudaBackend(Backend):
                         launched = ready
 
                 if n:
-                    self._copy_in(buf._ptr, view, on_chunk)
+                    self._copy_in(buf._ptr, view, on_chunk, prepare)
                 if launched < job.units:
                     job.launch_units(launched, job.units)
                 result = job.finish()[1]
@@ -1668,8 +1823,9 @@ class CudaBackend(Backend):
         n = len(view)
         if buf._ptr % 16:
             raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
+        prepare = buf.map_through if buf.mapped < n else None  # progressive: see write_and_hash
         with buf._lock:
-            buf.check_open()
+            buf.check_mapped(0)
             with self.kernel_session() as ks:
                 job = _nh_fast.new_job(ks, buf._ptr, n, key)
                 self.last_units_kernel = job.units_kernel
@@ -1686,7 +1842,7 @@ class CudaBackend(Backend):
                         job.launch_ready(done)
 
                 if n:
-                    self._copy_in(buf._ptr, view, on_chunk)
+                    self._copy_in(buf._ptr, view, on_chunk, prepare)
                 if job.units_done < job.units:
                     landed()  # the copy stream has synchronized; this orders nothing but is cheap
                 return job.finish(ks.result_buffer(32 * job.units))
