@@ -32,6 +32,8 @@ from typing_extensions import Buffer
 from vram_residency.backends.base import (
     ALIGNMENT,
     COPY_CHUNK,
+    PROGRESSIVE_FIRST_CHUNK,
+    PROGRESSIVE_MAX_CHUNK,
     Backend,
     Capabilities,
     DeviceBuffer,
@@ -108,6 +110,9 @@ _GROUP: Final = 256  # nodes reduced per block above the units
 _B3_PIECE: Final = 128 * 1024
 _B3_PIECE_THREADS: Final = 128
 _DIRECT_COPY_LIMIT: Final = 1 << 20  # below this, one plain copy beats staging
+#: allocate_progressive makes an ordinary allocation at or below this size (see
+#: CudaBackend.progressive_min_size); README: "a restored shard larger than 64 MiB".
+PROGRESSIVE_MIN_SIZE: Final = 64 << 20
 _SOURCES: Final = {SHA256_TREE_V1: "sha256_tree", BLAKE3: "blake3"}
 _TREE_NAME: Final = SHA256_TREE_V1.encode("ascii")
 _LOW_OCCUPANCY_SPEEDUP: Final = 1.065
@@ -283,6 +288,11 @@ class VmmBuffer(CudaBuffer):
     def map_seconds(self) -> float:
         """Host seconds spent creating and mapping chunks (benchmarks: the time the copy hid)."""
         return self._vmm.map_seconds
+
+    @property
+    def chunk_log(self) -> list[_vmm.ChunkTiming]:
+        """Each mapped chunk's size and the host seconds of its driver calls (benchmarks)."""
+        return list(self._vmm.chunk_log)
 
     def _map_more(self, end: int) -> None:
         try:
@@ -972,10 +982,15 @@ class CudaBackend(Backend):
         self._lock = threading.RLock()  # kernels, scratch and result buffers
         self._staging_lock = threading.Lock()
         self._live: weakref.WeakSet[CudaBuffer] = weakref.WeakSet()
-        #: allocate_progressive: bytes per chunk (a multiple of the recommended VMM granularity);
-        #: a size of at most one chunk gets an ordinary allocation (nothing to overlap, and small
-        #: shards would each take a whole 2 MiB page of their own).
-        self.vmm_chunk = _vmm.DEFAULT_CHUNK
+        #: allocate_progressive: the chunk schedule (``progressive_chunks``: the first chunk,
+        #: doubling up to the cap, each rounded to the VMM granularity), and the size at or
+        #: below which an ordinary allocation is made instead (a few chunks' driver calls would
+        #: cost about what one cuMemAlloc of that size does, and small shards would each hold
+        #: a 2 MiB granule of their own). Benchmarks set the last to a shard's size for the
+        #: plain path in the same run.
+        self.progressive_first_chunk = PROGRESSIVE_FIRST_CHUNK
+        self.progressive_max_chunk = PROGRESSIVE_MAX_CHUNK
+        self.progressive_min_size = PROGRESSIVE_MIN_SIZE
         self._vmm_ok: bool | None = None
         #: Device time of the last hash's kernels in seconds (CUDA events), for benchmarks.
         self.last_device_seconds = 0.0
@@ -1119,14 +1134,15 @@ class CudaBackend(Backend):
 
     def allocate_progressive(self, size: int) -> CudaBuffer:
         """``Backend.allocate_progressive``: a ``VmmBuffer`` (a reserved virtual range whose
-        chunks of ``vmm_chunk`` bytes are created and mapped by ``map_through``) when ``size``
-        spans more than one chunk; an ordinary ``allocate`` otherwise. Not zero-filled, except
-        the rounding tail past ``size`` (the caller writes ``[0, size)``)."""
+        chunks, ``progressive_chunks`` of ``progressive_first_chunk`` doubling up to
+        ``progressive_max_chunk``, are created and mapped by ``map_through``) when ``size`` is
+        above ``progressive_min_size``; an ordinary ``allocate`` otherwise. Not zero-filled,
+        except the rounding tail past ``size`` (the caller writes ``[0, size)``)."""
         if not _is_int(size):
             raise InvalidInput("allocation size must be an integer")
         if size < 1:
             raise InvalidInput(f"allocation size must be at least 1 byte, not {size}")
-        if size <= self.vmm_chunk or not self._vmm_supported():
+        if size <= self.progressive_min_size or not self._vmm_supported():
             return self.allocate(size)
         self._activate()
         if size > self.total_memory:
@@ -1138,7 +1154,8 @@ class CudaBackend(Backend):
                 activate=self._activate,
                 copy_stream=self._copy_stream,
                 zero_stream=self._stream,
-                chunk=self.vmm_chunk,
+                first=self.progressive_first_chunk,
+                cap=self.progressive_max_chunk,
             )
         except CudaAllocationFailed as exc:
             raise InsufficientVram(size, self.mem_info()[0], f"cuMemAddressReserve failed: {exc}") from exc
@@ -1261,12 +1278,14 @@ class CudaBackend(Backend):
         dst: int,
         view: memoryview,
         on_chunk: Callable[[int], None] | None = None,
-        prepare: Callable[[int], None] | None = None,
+        prepare: Callable[[int], int] | None = None,
     ) -> None:
         """Host to device, ``len(view)`` bytes to device address ``dst``. ``on_chunk(done)`` runs
-        after each chunk's copy is queued, with ``done`` bytes queued so far; ``prepare(end)``
-        before it, with the end of that chunk (a progressive buffer maps its memory there, while
-        the chunks queued before still copy).
+        after each chunk's copy is queued, with ``done`` bytes queued so far. ``prepare(off)``
+        runs before the chunk at ``off`` is queued and returns how far the destination is ready
+        (a progressive buffer's ``map_chunk_at``: it maps the memory chunk holding ``off`` while
+        the copies queued before still run); a copy chunk never crosses that end, so the copy
+        follows the memory chunks (the first copy is the first, small, memory chunk alone).
 
         cuda-bindings for the copies: cuda.core copies whole Buffers; these are byte ranges of a
         device allocation and of host memory of any origin."""
@@ -1275,12 +1294,22 @@ class CudaBackend(Backend):
         n = len(view)
         addr, src = host_address(view)
         step = self._staging_bytes
-        if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
-            # Small copies go straight through; pinned bytes need no staging.
-            for off in range(0, n, step):
+
+        def steps() -> Iterator[tuple[int, int]]:
+            off = 0
+            while off < n:
                 m = min(step, n - off)
                 if prepare is not None:
-                    prepare(off + m)
+                    ready = prepare(off)
+                    if ready <= off:
+                        raise IntegrityViolation(f"destination not ready at byte {off} of the copy")
+                    m = min(m, ready - off)
+                yield off, m
+                off += m
+
+        if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
+            # Small copies go straight through; pinned bytes need no staging.
+            for off, m in steps():
                 check(
                     drv.cuMemcpyHtoDAsync(dst + off, addr + off, m, self._copy_stream.handle),
                     "cuMemcpyHtoDAsync",
@@ -1291,12 +1320,9 @@ class CudaBackend(Backend):
             return
         with self._staging_lock:
             pool = self._staging_pool()
-            for i, off in enumerate(range(0, n, step)):
+            for i, (off, m) in enumerate(steps()):
                 pinned, done = pool[i % len(pool)]
                 _event_sync(done, "waiting for a staging buffer")
-                m = min(step, n - off)
-                if prepare is not None:
-                    prepare(off + m)
                 parallel_copy(self._copy_pool, pinned.array, src[off : off + m], self._copy_threads)
                 check(
                     drv.cuMemcpyHtoDAsync(dst + off, pinned.address, m, self._copy_stream.handle),
@@ -1791,7 +1817,7 @@ class CudaBackend(Backend):
             return self.hash_many([Segment(buf, n, algorithm, key)])[0]
         # A progressive buffer (restore) maps each chunk just before its copy is queued
         # (_copy_in's prepare): creating chunk k+1 overlaps the copy of chunk k.
-        prepare = buf.map_through if buf.mapped < n else None
+        prepare = buf.map_chunk_at if buf.mapped < n else None
         with buf._lock:
             buf.check_mapped(0)  # open; the rest is mapped as the copy advances
             with self._lock:
@@ -1823,7 +1849,7 @@ class CudaBackend(Backend):
         n = len(view)
         if buf._ptr % 16:
             raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
-        prepare = buf.map_through if buf.mapped < n else None  # progressive: see write_and_hash
+        prepare = buf.map_chunk_at if buf.mapped < n else None  # progressive: see write_and_hash
         with buf._lock:
             buf.check_mapped(0)
             with self.kernel_session() as ks:
