@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
-from vram_residency.backends.base import ALIGNMENT, COPY_CHUNK, DeviceBuffer
+from vram_residency.backends.base import ALIGNMENT, COPY_CHUNK, DeviceBuffer, progressive_chunks
 from vram_residency.backends.host import HostBackend, HostBuffer, ProgressiveHostBuffer
 from vram_residency.errors import InsufficientVram, IntegrityViolation, InvalidInput, NotSealed
 from vram_residency.formats.tree import SHA256_TREE_V1, UNIT_SIZE, hash_units
@@ -45,7 +45,8 @@ def _round(n: int) -> int:
 
 @pytest.fixture
 def backend() -> Iterator[HostBackend]:
-    b = HostBackend(0, capacity_bytes=32 * MiB, progressive_chunk=MiB)
+    # Chunks of 1 MiB doubling up to 8 MiB (CUDA: 32 MiB doubling up to 512 MiB).
+    b = HostBackend(0, capacity_bytes=32 * MiB, progressive_first_chunk=MiB, progressive_max_chunk=8 * MiB)
     yield b
     b.close()
 
@@ -55,25 +56,49 @@ def test_declared() -> None:
 
 
 @pytest.mark.parametrize("chunk", [0, -MiB, 100, True, 1.5])
-def test_bad_chunk_size(chunk: Any) -> None:
+@pytest.mark.parametrize("which", ["progressive_first_chunk", "progressive_max_chunk"])
+def test_bad_chunk_size(chunk: Any, which: str) -> None:
     with pytest.raises(InvalidInput):
-        HostBackend(0, capacity_bytes=MiB, progressive_chunk=chunk)
+        HostBackend(0, capacity_bytes=MiB, **{which: chunk})
+
+
+def test_first_chunk_above_the_cap() -> None:
+    with pytest.raises(InvalidInput, match="must not exceed"):
+        HostBackend(0, capacity_bytes=MiB, progressive_first_chunk=2 * MiB, progressive_max_chunk=MiB)
+
+
+def test_chunks_follow_the_schedule(backend: HostBackend) -> None:
+    """1 MiB, doubling, then near-equal parts of the rest; each map_through maps whole chunks
+    and map_chunk_at says how far the prefix reaches (what a copy may queue up to)."""
+    buf = backend.allocate_progressive(20 * MiB + 5)
+    assert isinstance(buf, ProgressiveHostBuffer)
+    assert buf.chunks == [MiB, 2 * MiB, 4 * MiB, 13 * MiB // 2, 13 * MiB // 2 + ALIGNMENT]
+    assert buf.chunks == progressive_chunks(20 * MiB + ALIGNMENT, ALIGNMENT, MiB, 8 * MiB)
+    assert buf.map_chunk_at(0) == MiB and buf.chunk_count == 1
+    assert buf.map_chunk_at(MiB - 1) == MiB
+    assert buf.map_chunk_at(MiB) == 3 * MiB and buf.chunk_count == 2
+    assert buf.map_chunk_at(7 * MiB) == 27 * MiB // 2
+    assert buf.map_chunk_at(20 * MiB + 4) == 20 * MiB + 5 and buf.chunk_count == 5
+    with pytest.raises(InvalidInput):
+        buf.map_chunk_at(20 * MiB + 5)
+    buf.close()
 
 
 def test_partially_mapped_buffer_is_written_in_its_prefix_only(backend: HostBackend) -> None:
     free0 = backend.mem_info()[0]
-    n = 3 * MiB + 5
+    n = 7 * MiB + 5
     buf = backend.allocate_progressive(n)
     assert isinstance(buf, ProgressiveHostBuffer)
+    assert buf.chunks == [MiB, 2 * MiB, 4 * MiB + ALIGNMENT]
     assert buf.mapped == 0 and backend.mem_info()[0] == free0  # nothing taken before mapping
     buf.map_through(MiB + 1)  # two chunks
-    assert buf.mapped == 2 * MiB and backend.mem_info()[0] == free0 - 2 * MiB
-    buf.write(0, b"a" * (2 * MiB))
-    assert buf.read(2 * MiB - 3, 3) == b"aaa"
+    assert buf.mapped == 3 * MiB and backend.mem_info()[0] == free0 - 3 * MiB
+    buf.write(0, b"a" * (3 * MiB))
+    assert buf.read(3 * MiB - 3, 3) == b"aaa"
     with pytest.raises(IntegrityViolation, match="not mapped yet"):
-        buf.write(2 * MiB - 1, b"xy")
+        buf.write(3 * MiB - 1, b"xy")
     with pytest.raises(IntegrityViolation, match="not mapped yet"):
-        buf.read(2 * MiB, 1)
+        buf.read(3 * MiB, 1)
     # Nothing that digests, checks or exposes the buffer accepts it before it is whole.
     with pytest.raises(IntegrityViolation, match="before all of its memory was mapped"):
         backend.hash(buf, SHA256_TREE_V1)
@@ -96,16 +121,18 @@ def test_partially_mapped_buffer_is_written_in_its_prefix_only(backend: HostBack
 
 
 def test_chunk_failure_releases_every_chunk(backend: HostBackend) -> None:
-    """Capacity runs out at chunk 3 while the backend's own write_and_hash fills the buffer chunk
-    by chunk: InsufficientVram, every chunk already taken is zeroed and given back, and the
-    buffer is unusable from then on (closing it frees nothing twice)."""
+    """Capacity runs out at chunk 2 (1 + 2 MiB fit, the 5 MiB chunk does not): InsufficientVram,
+    every chunk already taken is zeroed and given back, and the buffer is unusable from then on
+    (closing it frees nothing twice)."""
     free0 = backend.mem_info()[0]
     n = 8 * MiB
     buf = backend.allocate_progressive(n)
-    blocker = backend.allocate(free0 - 3 * MiB)  # room for three chunks of the eight
+    assert isinstance(buf, ProgressiveHostBuffer)
+    assert buf.chunks == [MiB, 2 * MiB, 5 * MiB]
+    blocker = backend.allocate(free0 - 4 * MiB)  # room for chunks 0 and 1, not for chunk 2
     try:
         before = backend.mem_info()[0]
-        with pytest.raises(InsufficientVram, match="at chunk 3 ") as info:
+        with pytest.raises(InsufficientVram, match="at chunk 2 ") as info:
             buf.map_through(n)
         assert info.value.retriable and info.value.needed == n
         assert buf.mapped == 0 and backend.mem_info()[0] == before
@@ -124,15 +151,15 @@ def test_chunk_failure_releases_every_chunk(backend: HostBackend) -> None:
 
 
 def test_chunks_released_are_zeroed(backend: HostBackend) -> None:
-    buf = backend.allocate_progressive(4 * MiB)
-    buf.map_through(2 * MiB)
-    buf.write(0, b"\xaa" * (2 * MiB))
+    buf = backend.allocate_progressive(4 * MiB)  # chunks of 1 and 3 MiB
+    buf.map_through(MiB)
+    buf.write(0, b"\xaa" * MiB)
     mm = buf._map  # the emulated memory itself, still mapped after its chunks were given back
     blocker = backend.allocate(backend.mem_info()[0])
     try:
         with pytest.raises(InsufficientVram):
             buf.map_through(4 * MiB)
-        assert mm[: 2 * MiB] == bytes(2 * MiB)
+        assert mm[:MiB] == bytes(MiB)
     finally:
         blocker.close()
         buf.close()
@@ -141,22 +168,32 @@ def test_chunks_released_are_zeroed(backend: HostBackend) -> None:
 @settings(max_examples=40, deadline=None)
 @given(
     size=st.integers(1, 6 * MiB),
-    chunk_units=st.integers(1, 64),
+    first_units=st.integers(1, 16),
+    cap_units=st.integers(16, 64),
     steps=st.lists(st.integers(1, 6 * MiB), max_size=6),
 )
 def test_mapping_in_any_steps_takes_what_allocate_takes(
-    size: int, chunk_units: int, steps: list[int]
+    size: int, first_units: int, cap_units: int, steps: list[int]
 ) -> None:
-    """However the prefix grows, a whole progressive buffer holds exactly what ``allocate`` would
-    (256-byte rounding) and gives all of it back."""
-    b = HostBackend(0, capacity_bytes=16 * MiB, progressive_chunk=chunk_units * 64 * 1024)
+    """However the prefix grows, it ends on a chunk boundary of the schedule, and a whole
+    progressive buffer holds exactly what ``allocate`` would (256-byte rounding) and gives all
+    of it back."""
+    b = HostBackend(
+        0,
+        capacity_bytes=16 * MiB,
+        progressive_first_chunk=first_units * 64 * 1024,
+        progressive_max_chunk=cap_units * 64 * 1024,
+    )
     free0 = b.mem_info()[0]
     buf = b.allocate_progressive(size)
+    ends = {sum(buf.chunks[: k + 1]) for k in range(len(buf.chunks))}
     mapped = 0
     for s in steps:
         end = min(s, size)
         buf.map_through(end)
         assert buf.mapped >= end and buf.mapped >= mapped
+        assert buf.mapped == size or buf.mapped in ends
+        assert free0 - b.mem_info()[0] == (_round(size) if buf.mapped == size else buf.mapped)
         mapped = buf.mapped
     buf.map_through(size)
     assert buf.mapped == size and free0 - b.mem_info()[0] == _round(size)
@@ -176,7 +213,7 @@ def _manager(sink: Sink, capacity: int) -> VramManager:
     m = VramManager(TOKEN, 0, backend="host", capacity_bytes=capacity, audit=sink, worker_id="w")
     backend = m.store.backend
     assert isinstance(backend, HostBackend)
-    backend.progressive_chunk = MiB
+    backend.progressive_first_chunk, backend.progressive_max_chunk = MiB, 8 * MiB
     return m
 
 
@@ -203,25 +240,32 @@ def test_restore_uses_progressive_allocation(sink: Sink, tmp_path: Any, to: str)
 
 def test_restore_running_out_at_a_chunk_leaves_the_shard_offloaded(sink: Sink) -> None:
     """Another allocation takes the memory while the restore lands its first copy chunk: mapping
-    fails at chunk 65 (of 1 MiB each), the restore raises the allocation error every allocation
-    failure raises, nothing stays allocated, the shard is still offloaded, and it restores once
-    the memory is back."""
-    n = COPY_CHUNK + 3 * UNIT_SIZE + 11
-    with _manager(sink, COPY_CHUNK + 8 * MiB) as m:
+    fails at the chunk after the next one (1 MiB doubling to 4 MiB, then near-equal parts: the
+    first copy chunk maps chunks 0..k0, the hook leaves room for chunk k0 + 1 only), the restore
+    raises the allocation error every allocation failure raises, nothing stays allocated, the
+    shard is still offloaded, and it restores once the memory is back."""
+    n = COPY_CHUNK + 8 * UNIT_SIZE + 11
+    chunks = progressive_chunks(_round(n), ALIGNMENT, MiB, 4 * MiB)
+    ends = [sum(chunks[: k + 1]) for k in range(len(chunks))]
+    k0 = next(k for k, e in enumerate(ends) if e >= COPY_CHUNK)  # the first copy chunk's last
+    assert k0 + 2 < len(chunks)
+    with _manager(sink, COPY_CHUNK + 16 * MiB) as m:
+        backend = m.store.backend
+        assert isinstance(backend, HostBackend)
+        backend.progressive_max_chunk = 4 * MiB
         payload = os.urandom(n)
         s = m.seal_model(payload)
         m.offload(s)
         before = m.available_vram()
-        backend = m.store.backend
         held: list[DeviceBuffer] = []
 
         def grab(target: DeviceBuffer | memoryview, offset: int, length: int) -> None:
             if offset == 0 and not held:
-                # Leave one chunk's room: chunk 64 maps, chunk 65 does not.
-                held.append(backend.allocate(backend.mem_info()[0] - MiB))
+                # Leave chunk k0 + 1's room: it maps, chunk k0 + 2 does not.
+                held.append(backend.allocate(backend.mem_info()[0] - chunks[k0 + 1]))
 
         sink.events.clear()
-        with pytest.raises(InsufficientVram, match="at chunk 65 ") as info:
+        with pytest.raises(InsufficientVram, match=f"at chunk {k0 + 2} ") as info:
             mig.restore(m.store, s, on_landed=grab)
         assert info.value.retriable
         assert m.offloaded_shards() == [s] and m.shards() == []
