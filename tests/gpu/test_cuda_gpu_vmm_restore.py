@@ -19,8 +19,8 @@ import pytest
 from tests.gpu.conftest import random_bytes
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
-from vram_residency.backends.base import COPY_CHUNK
-from vram_residency.backends.cuda import CudaBackend
+from vram_residency.backends.base import COPY_CHUNK, progressive_chunks
+from vram_residency.backends.cuda import CudaBackend, _vmm
 from vram_residency.backends.cuda._backend import CudaBuffer, VmmBuffer
 from vram_residency.errors import InsufficientVram, IntegrityViolation, NotSealed
 from vram_residency.formats.tree import BLAKE3, NH_FAST_V1, SHA256_TREE_V1, hash_units
@@ -71,7 +71,7 @@ def _device_bytes(ptr: int, n: int) -> np.ndarray:
 def test_restore_through_vmm_is_bit_identical(
     one: VramManager, tmp_path: Any, algorithm: str, to: str
 ) -> None:
-    n = 300 * MiB + 77  # five 64 MiB chunks, the last one partly used
+    n = 300 * MiB + 77  # chunks of 32, 64 and 206 MiB at a 2 MiB granularity, the last partly used
     payload = random_bytes(n, seed=11)
     s = one.seal_model(payload, digest_algorithm=algorithm)
     assert type(one._entry(s).buf) is CudaBuffer  # sealing allocates with cuMemAlloc
@@ -79,7 +79,13 @@ def test_restore_through_vmm_is_bit_identical(
     assert one.restore(s) == 0
     buf = one._entry(s).buf
     assert isinstance(buf, VmmBuffer) and buf.allocation_kind == "cuMemCreate"
-    assert buf.mapped == n and buf.chunk_count == 5
+    gran = _vmm.granularity(0)[1]
+    assert buf.mapped == n and buf.capacity == -(-n // gran) * gran
+    assert buf._vmm.chunks == progressive_chunks(buf.capacity, gran)
+    assert buf.chunk_count == len(buf._vmm.chunks) == len(buf.chunk_log)
+    assert [t.size for t in buf.chunk_log] == buf._vmm.chunks
+    if gran == 2 * MiB:
+        assert buf._vmm.chunks == [32 * MiB, 64 * MiB, 206 * MiB]
     one.verify_sealed(s)  # the original seal, digested on the device
     assert buf.read(0, n) == payload
     _backend(one).check_policy(buf)
@@ -88,27 +94,40 @@ def test_restore_through_vmm_is_bit_identical(
 
 
 def test_restore_repairs_a_unit_in_vmm_memory(one: VramManager) -> None:
+    """One byte flipped in VMM memory after its chunk landed (a transfer that corrupted it): the
+    restore finds the unit, rewrites it from the offloaded copy and the shard verifies.
+
+    The hook flips once, as the plain-path test (test_cuda_gpu_migrate's ``flip``) does: the
+    repair calls the hook again after rewriting the unit, and a hook that flipped every time
+    would corrupt each repair too (a transfer that never lands right), which the restore
+    rightly gives up on after its retries."""
     s = one.seal_model(random_bytes(200 * MiB, seed=12))
     one.offload(s)
+    at = 150 * MiB + 5  # in the third chunk (32 + 64 + 104 MiB at a 2 MiB granularity)
+    flipped: list[int] = []
 
     def flip(target: Any, offset: int, length: int) -> None:
-        at = 150 * MiB + 5
-        if not isinstance(target, memoryview) and offset <= at < offset + length:
+        if not flipped and not isinstance(target, memoryview) and offset <= at < offset + length:
+            flipped.append(offset)
             target.write(at, bytes([target.read(at, 1)[0] ^ 0x20]))
 
     assert mig.restore(one.store, s, on_landed=flip) == 1
+    assert len(flipped) == 1
     assert isinstance(one._entry(s).buf, VmmBuffer)
     one.verify_sealed(s)
 
 
 def test_policy_accepts_whole_vmm_buffer_and_nothing_before(cuda_backend: CudaBackend) -> None:
-    old = cuda_backend.vmm_chunk
-    cuda_backend.vmm_chunk = 2 * MiB
+    bk = cuda_backend
+    old = bk.progressive_first_chunk, bk.progressive_max_chunk, bk.progressive_min_size
+    bk.progressive_first_chunk, bk.progressive_max_chunk, bk.progressive_min_size = 2 * MiB, 4 * MiB, 2 * MiB
     try:
         n = 10 * MiB + 3
         buf = cuda_backend.allocate_progressive(n)
         try:
             assert isinstance(buf, VmmBuffer)
+            assert buf._vmm.chunks == [2 * MiB, 2 * MiB, 4 * MiB, 4 * MiB]
+            assert buf.map_chunk_at(0) == 2 * MiB and buf.chunk_count == 1
             buf.map_through(3 * MiB)  # two 2 MiB chunks
             assert buf.mapped == 4 * MiB and buf.chunk_count == 2
             buf.write(0, b"\x5a" * (4 * MiB))
@@ -123,12 +142,12 @@ def test_policy_accepts_whole_vmm_buffer_and_nothing_before(cuda_backend: CudaBa
             payload = random_bytes(n, seed=13)
             got = cuda_backend.write_and_hash(buf, payload, SHA256_TREE_V1)  # maps the rest
             assert got == hash_units(payload, SHA256_TREE_V1)
-            assert buf.mapped == n and buf.chunk_count == 6
+            assert buf.mapped == n and buf.chunk_count == 4
             cuda_backend.check_policy(buf)
             assert cuda_backend.digest(buf, SHA256_TREE_V1) == got.digest
         finally:
             buf.close()
-        # A size of one chunk or less is an ordinary allocation.
+        # A size of at most progressive_min_size is an ordinary allocation.
         small = cuda_backend.allocate_progressive(2 * MiB)
         try:
             assert type(small) is CudaBuffer and small.mapped == small.size
@@ -136,7 +155,7 @@ def test_policy_accepts_whole_vmm_buffer_and_nothing_before(cuda_backend: CudaBa
         finally:
             small.close()
     finally:
-        cuda_backend.vmm_chunk = old
+        bk.progressive_first_chunk, bk.progressive_max_chunk, bk.progressive_min_size = old
 
 
 def test_free_zeroes_the_range_before_unmapping(cuda_backend: CudaBackend) -> None:
@@ -182,9 +201,10 @@ def test_chunk_allocation_failure_leaves_free_memory_unchanged(cuda_backend: Cud
 
 
 def test_restore_running_out_at_a_chunk_keeps_the_shard_offloaded(one: VramManager) -> None:
-    """Another allocation takes the device's free memory while the restore lands its first chunk:
-    cuMemCreate fails at a later chunk, the restore raises InsufficientVram, free memory is what
-    it was, the shard stays offloaded, and it restores once the memory is back."""
+    """Another allocation takes the device's free memory while the restore lands its first copy
+    chunk (64 MiB: memory chunks 0 and 1, 32 + 64 MiB, are mapped by then): cuMemCreate fails at
+    chunk 2 (160 MiB, more than the 64 MiB left), the restore raises InsufficientVram, free memory
+    is what it was, the shard stays offloaded, and it restores once the memory is back."""
     bk = _backend(one)
     n = 256 * MiB
     s = one.seal_model(random_bytes(n, seed=15))
@@ -196,9 +216,10 @@ def test_restore_running_out_at_a_chunk_keeps_the_shard_offloaded(one: VramManag
 
     def grab(target: Any, offset: int, length: int) -> None:
         if offset == 0 and not held:
-            held.append(bk.allocate(bk.mem_info()[0] - 64 * MiB))  # room for one more chunk
+            held.append(bk.allocate(bk.mem_info()[0] - 64 * MiB))  # less than chunk 2
 
-    with pytest.raises(InsufficientVram, match="at chunk"):
+    expect = "at chunk 2 " if _vmm.granularity(bk.device)[1] == 2 * MiB else "at chunk"
+    with pytest.raises(InsufficientVram, match=expect):
         mig.restore(one.store, s, on_landed=grab)
     assert one.offloaded_shards() == [s]
     with pytest.raises(NotSealed):
