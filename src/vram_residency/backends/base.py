@@ -64,10 +64,11 @@ LandedHook = Callable[["DeviceBuffer | memoryview", int, int], None]
 
 #: ``progressive_chunks``' defaults (``Backend.allocate_progressive``). The first chunk is small so
 #: that the copy starts at once (32 MiB: ~0.6 ms of copy at 55 GB/s); each next one doubles, so
-#: that creating chunk k+1 (a fixed ~1.1 ms of driver calls per chunk on an H200, 2026-11-30)
-#: hides behind the copy of chunk k, which grows; the cap bounds what one failure or one driver
-#: call holds. A 2 GiB shard maps in 8 chunks (32, 64, 128, 256 MiB, then 4 of 392 MiB), where
-#: 32 chunks of 64 MiB cost 35 ms of host time, about the whole 39 ms copy.
+#: that creating chunk k+1 hides behind the copy of chunk k, which grows; the cap bounds what one
+#: failure or one driver call holds. A 2 GiB shard maps in 8 chunks (32, 64, 128, 256 MiB, then
+#: 4 of 392 MiB), where 32 chunks of 64 MiB cost 35 ms of host time (~1.1 ms each, read as a
+#: per-call cost: H200, 2026-11-30), about the whole 39 ms copy. The migrate bench's chunk log
+#: separates per-call from per-byte cost on the GPU.
 PROGRESSIVE_FIRST_CHUNK: Final = 32 << 20
 PROGRESSIVE_MAX_CHUNK: Final = 512 << 20
 

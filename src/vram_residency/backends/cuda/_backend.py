@@ -1159,8 +1159,12 @@ class CudaBackend(Backend):
             )
         except CudaAllocationFailed as exc:
             raise InsufficientVram(size, self.mem_info()[0], f"cuMemAddressReserve failed: {exc}") from exc
-        buf = VmmBuffer(self, vmm, size)
-        self._live.add(buf)
+        try:
+            buf = VmmBuffer(self, vmm, size)
+            self._live.add(buf)
+        except BaseException:
+            vmm.release()  # nothing mapped yet: frees the reservation
+            raise
         return buf
 
     def _vmm_supported(self) -> bool:
