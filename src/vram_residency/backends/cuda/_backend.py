@@ -310,6 +310,23 @@ class VmmBuffer(CudaBuffer):
             raise
 
 
+def _copy_steps(n: int, step: int, prepare: Callable[[int], int] | None) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` of each copy ``_copy_in`` queues for ``n`` bytes: at most ``step``
+    bytes, and, with ``prepare``, never past the end it returns for the copy's offset. A
+    generator on purpose: ``prepare`` for the next copy runs only once the previous copy is
+    queued, so a progressive buffer creates chunk k+1 while the copy engine moves chunk k."""
+    off = 0
+    while off < n:
+        m = min(step, n - off)
+        if prepare is not None:
+            ready = prepare(off)
+            if ready <= off:
+                raise IntegrityViolation(f"destination not ready at byte {off} of the copy")
+            m = min(m, ready - off)
+        yield off, m
+        off += m
+
+
 # -- stream and event helpers (cuda.core, errors mapped to ours) ---------------------------------
 
 
@@ -1299,21 +1316,9 @@ class CudaBackend(Backend):
         addr, src = host_address(view)
         step = self._staging_bytes
 
-        def steps() -> Iterator[tuple[int, int]]:
-            off = 0
-            while off < n:
-                m = min(step, n - off)
-                if prepare is not None:
-                    ready = prepare(off)
-                    if ready <= off:
-                        raise IntegrityViolation(f"destination not ready at byte {off} of the copy")
-                    m = min(m, ready - off)
-                yield off, m
-                off += m
-
         if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
             # Small copies go straight through; pinned bytes need no staging.
-            for off, m in steps():
+            for off, m in _copy_steps(n, step, prepare):
                 check(
                     drv.cuMemcpyHtoDAsync(dst + off, addr + off, m, self._copy_stream.handle),
                     "cuMemcpyHtoDAsync",
@@ -1324,7 +1329,7 @@ class CudaBackend(Backend):
             return
         with self._staging_lock:
             pool = self._staging_pool()
-            for i, (off, m) in enumerate(steps()):
+            for i, (off, m) in enumerate(_copy_steps(n, step, prepare)):
                 pinned, done = pool[i % len(pool)]
                 _event_sync(done, "waiting for a staging buffer")
                 parallel_copy(self._copy_pool, pinned.array, src[off : off + m], self._copy_threads)
