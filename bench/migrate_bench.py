@@ -2,6 +2,7 @@
 """Verified migration, offload/restore and fragmentation on real GPUs (issue 13).
 
     PYTHONPATH=src python3 bench/migrate_bench.py --out DIR [--size-gib 4] [--trials 100]
+        [--only restore] [--restore-first-mib 32] [--restore-max-mib 512]
 
 Sections (each skipped, and said so, when the machine lacks what it needs):
 
@@ -177,7 +178,7 @@ def bench_corruption(n: int, trials: int) -> dict[str, Any]:
 SETTLE_S = 0.05
 
 
-def bench_restore(n: int, repeat: int) -> dict[str, Any]:
+def bench_restore(n: int, repeat: int, first: int | None = None, cap: int | None = None) -> dict[str, Any]:
     from vram_residency import VramManager
     from vram_residency.backends.base import COPY_CHUNK
     from vram_residency.backends.cuda._backend import CudaBuffer, VmmBuffer
@@ -185,6 +186,12 @@ def bench_restore(n: int, repeat: int) -> dict[str, Any]:
 
     with VramManager(TOKEN, 0, backend="cuda") as m:
         bk = cast("CudaBackend", m._backend)
+        # The chunk schedule (--restore-first-mib, --restore-max-mib); the backend's defaults
+        # otherwise (32 MiB doubling up to 512 MiB).
+        if first is not None:
+            bk.progressive_first_chunk = first
+        if cap is not None:
+            bk.progressive_max_chunk = cap
         bk.warm_up()
         # Cold: page-locking new host memory (what every offload paid before the pool).
         t0 = time.perf_counter()
@@ -511,6 +518,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--trial-mib", type=int, default=256, help="shard size of the corruption trials")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--restore-first-mib", type=int, help="restore's first VMM chunk (default 32)")
+    ap.add_argument("--restore-max-mib", type=int, help="restore's largest VMM chunk (default 512)")
     ap.add_argument("--shards-64k", type=int, default=10_000)
     ap.add_argument("--shards-small", type=int, default=4_000)
     sections = ["migration", "corruption", "restore", "fragmentation"]
@@ -540,7 +549,9 @@ def main() -> None:
         res["corruption"] = bench_corruption(args.trial_mib * MiB, args.trials) if gpus >= 2 else two
         log(f"corruption: {json.dumps(res['corruption'])}")
     if "restore" in want:
-        res["restore"] = bench_restore(n, args.repeat)
+        first = args.restore_first_mib * MiB if args.restore_first_mib else None
+        cap = args.restore_max_mib * MiB if args.restore_max_mib else None
+        res["restore"] = bench_restore(n, args.repeat, first, cap)
         log(f"restore: {json.dumps(res['restore'])}")
     if "fragmentation" in want:
         res["fragmentation"] = bench_fragmentation(args.shards_64k, args.shards_small)
