@@ -9,7 +9,7 @@ copy is queued, so the host creates chunk k+1 while the copy engine moves chunk 
 
 Chunk sizes (``backends.base.progressive_chunks``): small first, then doubling, capped. A first
 attempt with 32 equal chunks of 64 MiB for a 2 GiB shard spent 35 ms of host time creating and
-mapping them (~1.1 ms per chunk whatever its size: per-call cost), about the whole 39 ms copy,
+mapping them (~1.1 ms per chunk, read as a per-call cost), about the whole 39 ms copy,
 and ran at 0.863 x the raw copy (H200, 2026-11-30). Doubling keeps the first copy starting
 after one small chunk and brings the count to 8, with each chunk's creation behind a copy at
 least half its size. ``chunk_log`` records each chunk's calls, so a GPU run shows whether the
@@ -21,7 +21,8 @@ result checked (``_driver.check``).
 
 What the memory is: ``CU_MEM_ALLOCATION_TYPE_PINNED`` (in VMM terms: not migratable, the same
 plain device memory ``cuMemAlloc`` gives) at ``CU_MEM_LOCATION_TYPE_DEVICE`` of this backend's
-device, read-write from that device only. ``CudaBackend.check_policy`` checks each mapped chunk
+device, read-write from that device only (and from a peer a migration gives access, ``allow``).
+``CudaBackend.check_policy`` checks each mapped chunk
 (``VmmRange.check``).
 
 Release (``VmmRange.release``): every byte mapped is zeroed first (the project zeroes device
