@@ -2,6 +2,7 @@
 """Verified migration, offload/restore and fragmentation on real GPUs (issue 13).
 
     PYTHONPATH=src python3 bench/migrate_bench.py --out DIR [--size-gib 4] [--trials 100]
+        [--only restore] [--restore-first-mib 32] [--restore-max-mib 512]
 
 Sections (each skipped, and said so, when the machine lacks what it needs):
 
@@ -17,8 +18,13 @@ Sections (each skipped, and said so, when the machine lacks what it needs):
 * ``restore`` (1 GPU): pinned host-to-device bandwidth (raw, same chunks) against
   ``VramManager.restore`` from pinned host memory (allocate, copy with hashing behind it, verify
   against the seal, register), 50 ms after the offload (and, reported too, at once after it).
-  Target >= 0.9 x. Offload throughput (device to pinned host, each
-  chunk hashed on the CPU before VRAM is freed) is reported for information.
+  Target >= 0.9 x. Restore allocates progressively (CUDA virtual memory: a first chunk of 32 MiB,
+  each next one double the last up to 512 MiB, each created and mapped while the previous one
+  copies); the same run also restores with one plain cuMemAlloc before the copy (the A/B), and
+  reports the chunk count, the host time spent creating and mapping the chunks, each chunk's
+  driver calls and a fit of that time to a per-call plus a per-byte cost. Offload throughput
+  (device to pinned host, each chunk hashed on the CPU before VRAM is freed) is reported for
+  information.
 * ``fragmentation`` (1 GPU): 10,000 sealed shards of 64 KiB, then 4,000 shards of random sizes
   below 2 MiB: VRAM used (cuMemGetInfo delta) against bytes sealed, and the largest block that
   can still be allocated against the free memory.
@@ -172,13 +178,20 @@ def bench_corruption(n: int, trials: int) -> dict[str, Any]:
 SETTLE_S = 0.05
 
 
-def bench_restore(n: int, repeat: int) -> dict[str, Any]:
+def bench_restore(n: int, repeat: int, first: int | None = None, cap: int | None = None) -> dict[str, Any]:
     from vram_residency import VramManager
     from vram_residency.backends.base import COPY_CHUNK
+    from vram_residency.backends.cuda._backend import CudaBuffer, VmmBuffer
     from vram_residency.backends.cuda._driver import check, driver
 
     with VramManager(TOKEN, 0, backend="cuda") as m:
         bk = cast("CudaBackend", m._backend)
+        # The chunk schedule (--restore-first-mib, --restore-max-mib); the backend's defaults
+        # otherwise (32 MiB doubling up to 512 MiB).
+        if first is not None:
+            bk.progressive_first_chunk = first
+        if cap is not None:
+            bk.progressive_max_chunk = cap
         bk.warm_up()
         # Cold: page-locking new host memory (what every offload paid before the pool).
         t0 = time.perf_counter()
@@ -217,26 +230,65 @@ def bench_restore(n: int, repeat: int) -> dict[str, Any]:
             frees.append(time.perf_counter() - t0)
         s = m.seal_model(pattern(n, seed=3).data)
         offs: list[float] = []
-        rests: list[float] = []
-        rests_b2b: list[float] = []
-        for _ in range(repeat):
-            for settle, times in ((SETTLE_S, rests), (0.0, rests_b2b)):
-                t0 = time.perf_counter()
-                m.offload(s)
-                offs.append(time.perf_counter() - t0)
-                # A restore comes after the offload's sleep period (an engine frees the GPU for a
-                # while). Right after a large cuMemFree the driver holds the next host-to-device
-                # copy back: measured on the H200 (2026-11-30), a 2 GiB copy issued at once after
-                # a 2 GiB free took 44.0 ms, after a 5 ms pause 39.3 ms, as with no free before.
-                # Both are reported; the target is taken after the pause.
-                time.sleep(settle)
+        times: dict[tuple[str, float], list[float]] = {}
+        maps: list[float] = []
+        chunk_log: list[tuple[int, float, float, float]] = []
+        paths: dict[str, str] = {}
+        min_size = bk.progressive_min_size
+        chunk_sizes: list[int] = []
+
+        def offload_restore(path: str, settle: float) -> None:
+            t0 = time.perf_counter()
+            m.offload(s)
+            offs.append(time.perf_counter() - t0)
+            # A restore comes after the offload's sleep period (an engine frees the GPU for a
+            # while). Right after a large cuMemFree the driver holds the next host-to-device
+            # copy back: measured on the H200 (2026-11-30), a 2 GiB copy issued at once after
+            # a 2 GiB free took 44.0 ms, after a 5 ms pause 39.3 ms, as with no free before.
+            # Both are reported; the target is taken after the pause.
+            time.sleep(settle)
+            # The A/B: "plain" restores with one cuMemAlloc (zero-filled) before the copy, as
+            # every restore allocated before; allocate_progressive makes an ordinary allocation
+            # for a size at or below progressive_min_size.
+            bk.progressive_min_size = max(min_size, n) if path == "plain" else min_size
+            try:
                 t0 = time.perf_counter()
                 m.restore(s)
-                times.append(time.perf_counter() - t0)
-                m.verify_sealed(s)
-        restore = gbps(n, {"best_s": min(rests), "median_s": statistics.median(rests)})
-        restore_b2b = gbps(n, {"best_s": min(rests_b2b), "median_s": statistics.median(rests_b2b)})
+                times.setdefault((path, settle), []).append(time.perf_counter() - t0)
+            finally:
+                bk.progressive_min_size = min_size
+            m.verify_sealed(s)
+            rb = m._entry(s).buf
+            if isinstance(rb, CudaBuffer):
+                paths[path] = rb.allocation_kind
+            if isinstance(rb, VmmBuffer):
+                maps.append(rb.map_seconds)
+                chunk_log.extend((t.size, t.create_s, t.map_s, t.access_s) for t in rb.chunk_log)
+                chunk_sizes[:] = list(rb._vmm.chunks)
+
+        for _ in range(repeat):
+            # Interleaved, so that drift in the machine's state hits both paths alike.
+            for path, settle in (("plain", SETTLE_S), ("vmm", SETTLE_S), ("vmm", 0.0), ("plain", 0.0)):
+                offload_restore(path, settle)
+
+        def rate(key: tuple[str, float]) -> dict[str, float]:
+            ts = times[key]
+            return gbps(n, {"best_s": min(ts), "median_s": statistics.median(ts)})
+
+        restore = rate(("vmm", SETTLE_S))
+        restore_b2b = rate(("vmm", 0.0))
+        restore_plain = rate(("plain", SETTLE_S))
+        restore_plain_b2b = rate(("plain", 0.0))
         offload = gbps(n, {"best_s": min(offs), "median_s": statistics.median(offs)})
+        # Each chunk's driver calls against its size: seconds = per_call + per_byte * size. The
+        # first attempt (32 x 64 MiB) saw ~1.1 ms a chunk; growing chunks help only if most of
+        # that is per call. Needs two distinct sizes (a shard above 64 MiB has them).
+        fit: dict[str, float] | None = None
+        if len({c[0] for c in chunk_log}) >= 2:
+            sizes = np.array([c[0] for c in chunk_log], dtype=np.float64)
+            secs = np.array([c[1] + c[2] + c[3] for c in chunk_log], dtype=np.float64)
+            slope, intercept = np.polyfit(sizes, secs, 1)
+            fit = {"per_call_ms": float(intercept) * 1e3, "per_gib_ms": float(slope) * GiB * 1e3}
         t0 = time.perf_counter()
         again = bk.allocate_host(n)  # after the restores: a pooled copy, waited for if in flight
         pin_pooled_s = time.perf_counter() - t0
@@ -251,7 +303,32 @@ def bench_restore(n: int, repeat: int) -> dict[str, Any]:
         "restore_back_to_back_over_raw_median": restore_b2b["median_gb_s"] / raw["median_gb_s"],
         "offload_to_pinned": offload,
         "offload_each_s": offs,
-        "restore_each_s": rests,
+        "restore_each_s": times[("vmm", SETTLE_S)],
+        # Which allocation restore used ("cuMemCreate": VMM chunks mapped while the copy runs;
+        # "cuMemAlloc": one allocation before it), and what it cost in this run.
+        "restore_allocation": {
+            "path": paths.get("vmm", ""),
+            "chunks": len(chunk_sizes) or 1,
+            "chunk_bytes": chunk_sizes,
+            "first_chunk": bk.progressive_first_chunk,
+            "max_chunk": bk.progressive_max_chunk,
+            # Host time spent creating and mapping the chunks, inside the restore (overlapped).
+            "map_s": {"best_s": min(maps), "median_s": statistics.median(maps)} if maps else None,
+            # (size, cuMemCreate s, cuMemMap s, cuMemSetAccess s) of every chunk of every restore.
+            "chunk_log": chunk_log,
+            "chunk_cost_fit": fit,
+        },
+        # The plain path (one cuMemAlloc before the copy) in the same run, after the same pause
+        # and at once after the offload.
+        "restore_from_pinned_plain_alloc": restore_plain
+        | {"path": paths.get("plain", ""), "each_s": times[("plain", SETTLE_S)]},
+        "restore_back_to_back_plain_alloc": restore_plain_b2b,
+        "plain_restore_over_raw_median": restore_plain["median_gb_s"] / raw["median_gb_s"],
+        "plain_back_to_back_over_raw_median": restore_plain_b2b["median_gb_s"] / raw["median_gb_s"],
+        # The plain path's median restore time minus the VMM one's (after the pause): the
+        # allocation time hidden behind the copy (compare device_allocate_s).
+        "allocation_hidden_s": statistics.median(times[("plain", SETTLE_S)])
+        - statistics.median(times[("vmm", SETTLE_S)]),
         "device_allocate_s": {"best_s": min(allocs), "median_s": statistics.median(allocs)},
         "device_free_s": {"best_s": min(frees), "median_s": statistics.median(frees)},
         "allocate_host_cold_s": pin_cold_s,
@@ -370,6 +447,8 @@ def markdown(res: dict[str, Any]) -> str:
             "verified_copy_from_pinned",
             "restore_from_pinned",
             "restore_back_to_back",
+            "restore_from_pinned_plain_alloc",
+            "restore_back_to_back_plain_alloc",
             "offload_to_pinned",
         ):
             if k in rst:
@@ -382,6 +461,25 @@ def markdown(res: dict[str, Any]) -> str:
                 "(an engine's sleep period); restore_back_to_back starts at once after it, when the "
                 "driver still holds copies back after the offload's cuMemFree: "
                 f"{rst['restore_back_to_back_over_raw_median']:.3f} x raw.",
+                "",
+            ]
+        ra = rst.get("restore_allocation")
+        if isinstance(ra, dict) and ra.get("map_s"):
+            sizes = ", ".join(str(b // MiB) for b in ra["chunk_bytes"])
+            fit = ra.get("chunk_cost_fit")
+            lines += [
+                f"Restore allocation: {ra['path']}, {ra['chunks']} chunk(s) of {sizes} MiB; "
+                f"{ra['map_s']['median_s'] * 1e3:.2f} ms creating and mapping them (median, "
+                "overlapped with the copy)"
+                + (
+                    f"; per chunk {fit['per_call_ms']:.3f} ms + {fit['per_gib_ms']:.2f} ms per GiB (fit)"
+                    if isinstance(fit, dict)
+                    else ""
+                )
+                + ". The plain cuMemAlloc path in the same run: "
+                f"{rst['plain_restore_over_raw_median']:.3f} x raw after the pause, "
+                f"{rst['plain_back_to_back_over_raw_median']:.3f} x at once; allocation time "
+                f"hidden {rst['allocation_hidden_s'] * 1e3:.2f} ms (median restore, plain minus VMM).",
                 "",
             ]
         if "device_allocate_s" in rst:
@@ -420,6 +518,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--trial-mib", type=int, default=256, help="shard size of the corruption trials")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--restore-first-mib", type=int, help="restore's first VMM chunk (default 32)")
+    ap.add_argument("--restore-max-mib", type=int, help="restore's largest VMM chunk (default 512)")
     ap.add_argument("--shards-64k", type=int, default=10_000)
     ap.add_argument("--shards-small", type=int, default=4_000)
     sections = ["migration", "corruption", "restore", "fragmentation"]
@@ -449,7 +549,9 @@ def main() -> None:
         res["corruption"] = bench_corruption(args.trial_mib * MiB, args.trials) if gpus >= 2 else two
         log(f"corruption: {json.dumps(res['corruption'])}")
     if "restore" in want:
-        res["restore"] = bench_restore(n, args.repeat)
+        first = args.restore_first_mib * MiB if args.restore_first_mib else None
+        cap = args.restore_max_mib * MiB if args.restore_max_mib else None
+        res["restore"] = bench_restore(n, args.repeat, first, cap)
         log(f"restore: {json.dumps(res['restore'])}")
     if "fragmentation" in want:
         res["fragmentation"] = bench_fragmentation(args.shards_64k, args.shards_small)

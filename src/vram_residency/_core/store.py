@@ -448,14 +448,22 @@ class ShardStore:
             raise InvalidInput("expected_digest must be 64 hex characters")
         return expected_digest.lower()
 
-    def allocate(self, size: int, *, shard_id: str | None = None) -> DeviceBuffer:
+    def allocate(self, size: int, *, shard_id: str | None = None, progressive: bool = False) -> DeviceBuffer:
         """An exact allocation of ``size`` bytes, audited as ``VramAllocated`` with the id of the
-        shard it is for, so that a later ``SealFailed``/``VramDeallocated`` pairs with it."""
+        shard it is for, so that a later ``SealFailed``/``VramDeallocated`` pairs with it.
+
+        ``progressive``: where the backend declares ``Capabilities.progressive_allocation``, a
+        buffer mapped chunk by chunk as the caller fills it (``Backend.allocate_progressive``;
+        restore); the caller must map every chunk (``DeviceBuffer.map_through``) before the
+        buffer is digested or registered. Elsewhere an ordinary allocation."""
         free = self._backend.mem_info()[0]
         try:
             if size > free:
                 raise InsufficientVram(size, free)
-            buf = self._backend.allocate(size)
+            if progressive and self._backend.capabilities.progressive_allocation:
+                buf = self._backend.allocate_progressive(size)
+            else:
+                buf = self._backend.allocate(size)
         except (InsufficientVram, CudaAllocationFailed) as exc:
             self.emit(
                 VRAM_ALLOCATION_FAILED, requested_bytes=size, reason=str(exc), backend=self._backend.name

@@ -31,6 +31,7 @@ __all__ = [
     "Segment",
     "WhileRunning",
     "check_range",
+    "progressive_chunks",
 ]
 
 #: How urgent a segment table is. ``"low"`` is background work (the scrubber): a GPU backend with
@@ -59,6 +60,54 @@ COPY_CHUNK: Final = 64 * UNIT_SIZE
 #: for fault injection only (tests, the GPU corruption trials): a hook that changes the landed
 #: bytes plays a transfer that corrupted them. Production callers pass None.
 LandedHook = Callable[["DeviceBuffer | memoryview", int, int], None]
+
+
+#: ``progressive_chunks``' defaults (``Backend.allocate_progressive``). The first chunk is small so
+#: that the copy starts at once (32 MiB: ~0.6 ms of copy at 55 GB/s); each next one doubles, so
+#: that creating chunk k+1 hides behind the copy of chunk k, which grows; the cap bounds what one
+#: failure or one driver call holds. A 2 GiB shard maps in 8 chunks (32, 64, 128, 256 MiB, then
+#: 4 of 392 MiB), where 32 chunks of 64 MiB cost 35 ms of host time (~1.1 ms each, read as a
+#: per-call cost: H200, 2026-11-30), about the whole 39 ms copy. The migrate bench's chunk log
+#: separates per-call from per-byte cost on the GPU.
+PROGRESSIVE_FIRST_CHUNK: Final = 32 << 20
+PROGRESSIVE_MAX_CHUNK: Final = 512 << 20
+
+
+def progressive_chunks(
+    total: int, granularity: int, first: int = PROGRESSIVE_FIRST_CHUNK, cap: int = PROGRESSIVE_MAX_CHUNK
+) -> list[int]:
+    """The sizes of the chunks a progressive allocation of ``total`` bytes maps, in order.
+
+    ``total`` must be a positive multiple of ``granularity`` (the caller rounds it). ``first``
+    and ``cap`` are rounded to the granularity (``first`` up, ``cap`` down, at least one
+    granularity each; ``first`` at most ``cap``). The result covers ``total`` exactly, every
+    chunk a multiple of ``granularity``, never larger than the cap, never smaller than the chunk
+    before it (a small chunk late in the copy would cost a whole driver call's overhead for
+    little copy to hide it behind), the first one ``first`` (or, for a total below twice that,
+    the whole total, or near-equal parts of it under the cap).
+
+    How: chunks of ``first``, ``2 first``, ``4 first``... are taken while the rest stays at
+    least as large as the chunk just taken and the chunk is at most half the cap; the rest is
+    then cut into the fewest near-equal parts under the cap (the larger ones last). Each of
+    those parts is over half the cap, so at least the last doubling chunk: sizes never fall."""
+    for name, v in (("total", total), ("granularity", granularity), ("first", first), ("cap", cap)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InvalidInput(f"{name} must be a positive integer")
+    if total % granularity:
+        raise InvalidInput(f"total ({total}) must be a multiple of the granularity ({granularity})")
+    # Everything in granularity units from here on.
+    t = total // granularity
+    c = max(1, cap // granularity)
+    s = min(-(-first // granularity), c)
+    out: list[int] = []
+    while 2 * s <= c and t - s >= s:
+        out.append(s)
+        t -= s
+        s *= 2
+    parts = -(-t // c)
+    base, extra = divmod(t, parts)
+    out += [base] * (parts - extra) + [base + 1] * extra
+    return [u * granularity for u in out]
 
 
 def check_range(size: int, offset: int, n: int) -> None:
@@ -96,6 +145,10 @@ class Capabilities:
     batched_digests: bool
     #: ``hash_many``/``digest_many`` honour ``priority="low"`` on the device (a low-priority stream).
     priority_streams: bool = False
+    #: ``Backend.allocate_progressive``: a buffer whose memory is created and mapped chunk by chunk
+    #: as a copy into it advances (``DeviceBuffer.map_through``), so that allocating overlaps the
+    #: copy (restore from host memory; CUDA's virtual memory management).
+    progressive_allocation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,23 +252,67 @@ class DeviceBuffer(abc.ABC):
         executor run on the very bytes that were verified. UnsupportedOperation elsewhere."""
         raise UnsupportedOperation(f"{type(self).__name__} has no host view")
 
+    @property
+    def mapped(self) -> int:
+        """How many bytes from the start are backed by memory: ``size``, except for a buffer from
+        ``Backend.allocate_progressive`` whose chunks are still being mapped (``map_through``)."""
+        return self._size
+
     def check_open(self) -> None:
-        """Raise IntegrityViolation once the buffer was freed (backends check before device work)."""
+        """Raise IntegrityViolation once the buffer was freed, or while part of it is not mapped
+        yet (backends check before device work: a progressive buffer is digested, checked
+        against the policy, read by peers or handed out by pointer only once it is whole)."""
         if self._closed:
             raise IntegrityViolation("device buffer used after it was freed")
+        if self.mapped < self._size:
+            raise IntegrityViolation("device buffer used before all of its memory was mapped")
 
     _check_open = check_open  # the subclasses' own spelling
+
+    def check_mapped(self, end: int) -> None:
+        """Open, and ``[0, end)`` mapped: what a write or read of a buffer still being mapped
+        needs (a restore writes each chunk as soon as it is mapped; its fault-injection hook
+        reads back what landed)."""
+        if self._closed:
+            raise IntegrityViolation("device buffer used after it was freed")
+        if end > self.mapped:
+            raise IntegrityViolation(f"device buffer range ending at {end} is not mapped yet")
+
+    def map_through(self, end: int) -> None:
+        """Make sure ``[0, end)`` is backed by memory. A no-op on an ordinary allocation (mapped
+        whole); on a progressive one (``Backend.allocate_progressive``) it creates and maps the
+        chunks up to ``end``. If that fails (out of memory at chunk k), everything the buffer had
+        created is zeroed and released at once and the backend's allocation error (InsufficientVram,
+        CudaAllocationFailed) is raised; the buffer is then unusable and ``close`` only forgets it."""
+        check_range(self._size, 0, end)
+        if self._closed:
+            raise IntegrityViolation("device buffer used after it was freed")
+        if end > self.mapped:
+            self._map_more(end)
+
+    def map_chunk_at(self, offset: int) -> int:
+        """Map the chunk holding byte ``offset`` (and every chunk before it, as ``map_through``);
+        returns the end of the mapped prefix (``mapped``). A copy into a progressive buffer
+        queues at most up to that end before it asks for the next chunk: mapping chunk k+1
+        before chunk k's copy is queued would put the two in a row instead of side by side."""
+        check_range(self._size, offset, 1)
+        self.map_through(offset + 1)
+        return self.mapped
+
+    def _map_more(self, end: int) -> None:
+        """Map chunks until ``[0, end)`` is mapped (progressive buffers override it)."""
+        raise IntegrityViolation("an ordinary device buffer is mapped whole; nothing to map")
 
     def write(self, offset: int, data: Buffer) -> None:
         view = memoryview(data).cast("B")
         check_range(self._size, offset, len(view))
-        self._check_open()
+        self.check_mapped(offset + len(view))
         if len(view):
             self._write(offset, view)
 
     def read(self, offset: int, n: int) -> bytes:
         check_range(self._size, offset, n)
-        self._check_open()
+        self.check_mapped(offset + n)
         return self._read(offset, n) if n else b""
 
     def close(self) -> None:
@@ -260,6 +357,17 @@ class Backend(abc.ABC):
         """An exact allocation of ``size`` bytes (1 <= size), zero-filled or not; never pooled,
         never managed or host memory. Raises InsufficientVram or CudaAllocationFailed, both
         retriable, and leaves nothing allocated on failure."""
+
+    def allocate_progressive(self, size: int) -> DeviceBuffer:
+        """``Capabilities.progressive_allocation``: a buffer of ``size`` bytes whose memory is
+        created and mapped chunk by chunk by ``DeviceBuffer.map_through``, so that a copy into it
+        can start after the first chunk and the rest is allocated while the copy runs. Until it
+        is mapped whole it can be written and read only where mapped, and nothing else (digests,
+        the policy check, pointers) accepts it. Its contents are not zero-filled: the caller
+        writes every byte of ``[0, size)`` (restore does). Same plain device memory, same errors
+        and same release (zeroed, then freed) as ``allocate``; a backend may hand out a buffer
+        that is mapped whole from the start (a size too small to be worth chunking)."""
+        raise UnsupportedOperation(f"the {self.name} backend has no progressive allocation")
 
     @abc.abstractmethod
     def mem_info(self) -> tuple[int, int]:
@@ -328,7 +436,12 @@ class Backend(abc.ABC):
         in device memory* (``key``: see ``Segment``). Backends override it to overlap copying
         with hashing."""
         view = memoryview(data).cast("B")
-        buf.write(0, view)
+        # Chunk by chunk, each mapped first: a progressive buffer (restore) is filled as its
+        # memory comes; an ordinary one is mapped whole and map_through does nothing.
+        for off in range(0, len(view), COPY_CHUNK):
+            m = min(COPY_CHUNK, len(view) - off)
+            buf.map_through(off + m)
+            buf.write(off, view[off : off + m])
         return self.hash(buf, algorithm, len(view), key=key)
 
     # -- copies between devices and to and from host memory (migration, offload, restore) --------

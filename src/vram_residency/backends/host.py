@@ -23,6 +23,8 @@ from typing_extensions import Buffer
 
 from vram_residency.backends.base import (
     ALIGNMENT,
+    PROGRESSIVE_FIRST_CHUNK,
+    PROGRESSIVE_MAX_CHUNK,
     Backend,
     Capabilities,
     DeviceBuffer,
@@ -30,11 +32,12 @@ from vram_residency.backends.base import (
     Segment,
     WhileRunning,
     check_range,
+    progressive_chunks,
 )
 from vram_residency.errors import InsufficientVram, IntegrityViolation, InvalidInput, PolicyViolation
 from vram_residency.formats.tree import HashResult, check_algorithm, check_key, digest_only, hash_units
 
-__all__ = ["AdoptedHostBuffer", "HostBackend", "HostBuffer"]
+__all__ = ["AdoptedHostBuffer", "HostBackend", "HostBuffer", "ProgressiveHostBuffer"]
 
 _ZERO_CHUNK = 16 << 20
 #: A segment table is cut into tasks of about this many bytes: small segments share a task (a
@@ -99,6 +102,76 @@ class HostBuffer(DeviceBuffer):
             self._backend._release(self._reserved)
 
 
+class ProgressiveHostBuffer(HostBuffer):
+    """``HostBackend.allocate_progressive``: the emulated counterpart of a CUDA virtual-memory
+    buffer. The address range (an anonymous mapping, committed only where written) exists from
+    the start, like a reserved virtual range; the emulated capacity is taken chunk by chunk in
+    ``map_through``, in the very chunk sizes CUDA maps (``progressive_chunks``, at the 256-byte
+    allocation granularity), like ``cuMemCreate`` of each chunk, and so can run out at any chunk
+    (another allocation took the memory meanwhile), which then releases every chunk taken so
+    far. The restore path runs exactly as on CUDA; only the memory behind it is host RAM."""
+
+    def __init__(self, backend: HostBackend, size: int, reserved: int, first: int, cap: int) -> None:
+        super().__init__(backend, size, reserved)
+        #: The chunk sizes, in order (``progressive_chunks`` of the rounded size).
+        self.chunks = progressive_chunks(reserved, ALIGNMENT, first, cap)
+        #: Bytes from the start taken from the emulated capacity (mapped).
+        self._charged = 0
+        #: Chunks taken so far.
+        self._taken = 0
+        #: Set once a chunk failed: everything was released and the buffer maps nothing again.
+        self._failed = False
+        self._map_lock = threading.Lock()
+
+    @property
+    def mapped(self) -> int:
+        return min(self._charged, self._size)
+
+    @property
+    def chunk_count(self) -> int:
+        """Chunks taken so far."""
+        return self._taken
+
+    def _map_more(self, end: int) -> None:
+        with self._map_lock:
+            if self._failed:
+                raise IntegrityViolation("device buffer's chunks were released after a failed mapping")
+            while self._charged < end:
+                k = self._taken
+                m = self.chunks[k]
+                try:
+                    self._backend._charge(m)
+                except InsufficientVram as exc:
+                    self._failed = True
+                    self._unmap_all()
+                    raise InsufficientVram(
+                        self._size,
+                        exc.available,
+                        f"insufficient VRAM at chunk {k} of a progressive allocation of {self._size} "
+                        f"bytes: {m} bytes needed, {exc.available} available; every chunk released",
+                    ) from exc
+                self._charged += m
+                self._taken += 1
+
+    def _unmap_all(self) -> None:
+        """Zero what was mapped and give the capacity back (callers hold ``_map_lock``)."""
+        charged, self._charged, self._taken = self._charged, 0, 0
+        zeros = bytes(min(_ZERO_CHUNK, charged))
+        for off in range(0, charged, _ZERO_CHUNK):
+            end = min(off + _ZERO_CHUNK, charged)
+            self._map[off:end] = zeros[: end - off]
+        if charged:
+            self._backend._release(charged)
+
+    def _free(self) -> None:
+        with self._map_lock:
+            self._unmap_all()
+        try:
+            self._map.close()
+        except BufferError as exc:
+            raise IntegrityViolation("host buffer freed while a view of it is still in use") from exc
+
+
 class AdoptedHostBuffer(HostBuffer):
     """Host memory owned by someone else (a numpy array, a CPU tensor), seen in place.
 
@@ -135,16 +208,36 @@ class HostBackend(Backend):
         adopt_host=True,
         adopt_pointer=False,
         batched_digests=True,
+        progressive_allocation=True,
     )
 
-    def __init__(self, device: int = 0, capacity_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        device: int = 0,
+        capacity_bytes: int | None = None,
+        *,
+        progressive_first_chunk: int = PROGRESSIVE_FIRST_CHUNK,
+        progressive_max_chunk: int = PROGRESSIVE_MAX_CHUNK,
+    ) -> None:
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise InvalidInput("device must be a non-negative integer")
         if capacity_bytes is None:
             capacity_bytes = _default_capacity()
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise InvalidInput("capacity_bytes must be a positive integer")
+        for name, v in (
+            ("progressive_first_chunk", progressive_first_chunk),
+            ("progressive_max_chunk", progressive_max_chunk),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % ALIGNMENT:
+                raise InvalidInput(f"{name} must be a positive multiple of {ALIGNMENT} bytes")
+        if progressive_first_chunk > progressive_max_chunk:
+            raise InvalidInput("progressive_first_chunk must not exceed progressive_max_chunk")
         super().__init__(device)
+        #: A progressive buffer's chunk schedule (``progressive_chunks``): its first chunk and the
+        #: cap, as on CUDA; tests shrink them to run out of emulated capacity at a chosen chunk.
+        self.progressive_first_chunk = progressive_first_chunk
+        self.progressive_max_chunk = progressive_max_chunk
         self._capacity = capacity_bytes
         self._used = 0
         self._lock = threading.Lock()
@@ -165,6 +258,35 @@ class HostBackend(Backend):
             raise InsufficientVram(
                 reserved, self.mem_info()[0], f"host emulation could not map memory: {exc}"
             ) from exc
+
+    def allocate_progressive(self, size: int) -> ProgressiveHostBuffer:
+        """A buffer whose capacity is taken chunk by chunk (``progressive_chunks`` with this
+        backend's first chunk and cap) as ``map_through`` advances; see
+        ``ProgressiveHostBuffer``. The chunks add up to the same 256-byte rounding as
+        ``allocate``, so the memory a restored shard holds does not depend on the path it came
+        back by."""
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidInput("allocation size must be a positive integer")
+        reserved = _round_up(size)
+        with self._lock:
+            if reserved > self._capacity - self._used:  # could never be mapped whole: say so now
+                raise InsufficientVram(reserved, self._capacity - self._used)
+        try:
+            return ProgressiveHostBuffer(
+                self, size, reserved, self.progressive_first_chunk, self.progressive_max_chunk
+            )
+        except (OSError, MemoryError) as exc:
+            raise InsufficientVram(
+                reserved, self.mem_info()[0], f"host emulation could not map memory: {exc}"
+            ) from exc
+
+    def _charge(self, nbytes: int) -> None:
+        """Take ``nbytes`` of the emulated capacity (InsufficientVram when they are not there)."""
+        with self._lock:
+            available = self._capacity - self._used
+            if nbytes > available:
+                raise InsufficientVram(nbytes, available)
+            self._used += nbytes
 
     def adopt_host(self, memory: Buffer) -> AdoptedHostBuffer:
         """Wrap host memory that someone else owns, without copying it (the host counterpart of
@@ -198,6 +320,8 @@ class HostBackend(Backend):
             raise PolicyViolation("buffer does not belong to this backend")
         if buf.closed:
             raise IntegrityViolation("buffer was freed")
+        # A progressive buffer passes only once every chunk is mapped (taken from the capacity).
+        buf.check_open()
 
     def hash(
         self, buf: DeviceBuffer, algorithm: str, length: int | None = None, *, key: bytes | None = None

@@ -59,11 +59,12 @@ def test_the_module_list_is_what_the_port_covers() -> None:
         "_kernels",
         "_nh_fast",
         "_staging",
+        "_vmm",
     }
 
 
 #: The modules that do device work: streams, events, launches and pinned memory through cuda.core.
-_DEVICE_MODULES = ("_backend", "_graphs", "_kernels", "_nh_fast", "_staging")
+_DEVICE_MODULES = ("_backend", "_graphs", "_kernels", "_nh_fast", "_staging", "_vmm")
 
 
 def test_core_module_imports_cuda_core() -> None:

@@ -32,6 +32,8 @@ from typing_extensions import Buffer
 from vram_residency.backends.base import (
     ALIGNMENT,
     COPY_CHUNK,
+    PROGRESSIVE_FIRST_CHUNK,
+    PROGRESSIVE_MAX_CHUNK,
     Backend,
     Capabilities,
     DeviceBuffer,
@@ -42,7 +44,7 @@ from vram_residency.backends.base import (
     WhileRunning,
     check_range,
 )
-from vram_residency.backends.cuda import _batch, _core, _driver, _nh_fast
+from vram_residency.backends.cuda import _batch, _core, _driver, _nh_fast, _vmm
 from vram_residency.backends.cuda._core import OUT_OF_MEMORY, CuMemAllocFailed, core, core_errors
 from vram_residency.backends.cuda._core import elapsed_seconds as _elapsed_seconds
 from vram_residency.backends.cuda._core import event_sync as _event_sync
@@ -79,7 +81,15 @@ from vram_residency.formats.tree import (
     unit_count,
 )
 
-__all__ = ["PRIORITIES", "CudaBackend", "CudaBuffer", "KernelSession", "Priority", "device_count"]
+__all__ = [
+    "PRIORITIES",
+    "CudaBackend",
+    "CudaBuffer",
+    "KernelSession",
+    "Priority",
+    "VmmBuffer",
+    "device_count",
+]
 
 #: ``priority=`` of the digest calls (``backends.base.Priority``): "normal" (the verify path) or
 #: "low" (background scrubbing: a lowest-priority stream of its own, and a wait that leaves the
@@ -101,6 +111,9 @@ _GROUP: Final = 256  # nodes reduced per block above the units
 _B3_PIECE: Final = 128 * 1024
 _B3_PIECE_THREADS: Final = 128
 _DIRECT_COPY_LIMIT: Final = 1 << 20  # below this, one plain copy beats staging
+#: allocate_progressive makes an ordinary allocation at or below this size (see
+#: CudaBackend.progressive_min_size); README: "a restored shard larger than 64 MiB".
+PROGRESSIVE_MIN_SIZE: Final = 64 << 20
 _SOURCES: Final = {SHA256_TREE_V1: "sha256_tree", BLAKE3: "blake3"}
 _TREE_NAME: Final = SHA256_TREE_V1.encode("ascii")
 _LOW_OCCUPANCY_SPEEDUP: Final = 1.065
@@ -237,6 +250,10 @@ class CudaBuffer(DeviceBuffer):
     belongs to whoever allocated it (a framework tensor, say).
     """
 
+    #: How the memory was allocated (benchmarks, tests): one ``cuMemAlloc``; ``VmmBuffer`` says
+    #: ``"cuMemCreate"`` (chunks mapped into a reserved range).
+    allocation_kind = "cuMemAlloc"
+
     def __init__(
         self, backend: CudaBackend, ptr: int, size: int, capacity: int, *, owned: bool, mem: Any = None
     ) -> None:
@@ -267,16 +284,84 @@ class CudaBuffer(DeviceBuffer):
 
     def _write(self, offset: int, view: memoryview) -> None:
         with self._lock:
-            self._check_open()
+            self.check_mapped(offset + len(view))
             self._backend._copy_in(self._ptr + offset, view)
 
     def _read(self, offset: int, n: int) -> bytes:
         with self._lock:
-            self._check_open()
+            self.check_mapped(offset + n)
             return self._backend._copy_out(self._ptr + offset, n)
 
     def _free(self) -> None:
         self._backend._release(self)
+
+
+class VmmBuffer(CudaBuffer):
+    """``CudaBackend.allocate_progressive``: plain device memory in a reserved virtual range,
+    created and mapped chunk by chunk (``map_through``) through CUDA's virtual memory
+    management (``_vmm.VmmRange``, which says why). The address is the reservation's start from
+    the beginning; until every chunk is mapped only the mapped prefix can be written or read,
+    and digests, the policy check, peers and ``device_pointer`` refuse the buffer
+    (``DeviceBuffer.check_open``): nothing ever touches an unmapped address, which would fault
+    the context. ``close`` zeroes every mapped byte, then unmaps and releases the chunks and
+    frees the reservation."""
+
+    allocation_kind = "cuMemCreate"
+
+    def __init__(self, backend: CudaBackend, vmm: _vmm.VmmRange, size: int) -> None:
+        super().__init__(backend, vmm.base, size, vmm.reserved, owned=True)
+        self._vmm = vmm
+
+    @property
+    def mapped(self) -> int:
+        return min(self._vmm.mapped, self._size)
+
+    @property
+    def chunk_count(self) -> int:
+        """Chunks mapped so far (each its own cuMemCreate)."""
+        return self._vmm.chunk_count
+
+    @property
+    def map_seconds(self) -> float:
+        """Host seconds spent creating and mapping chunks (benchmarks: the time the copy hid)."""
+        return self._vmm.map_seconds
+
+    @property
+    def chunk_log(self) -> list[_vmm.ChunkTiming]:
+        """Each mapped chunk's size and the host seconds of its driver calls (benchmarks)."""
+        return list(self._vmm.chunk_log)
+
+    def _map_more(self, end: int) -> None:
+        try:
+            self._vmm.map_through(end)
+        except _vmm.ChunkAllocationFailed as exc:
+            # The range released every chunk before raising: the same retriable errors as
+            # allocate, InsufficientVram for out of memory, with nothing left allocated.
+            if exc.name == OUT_OF_MEMORY:
+                raise InsufficientVram(
+                    self._size,
+                    self._backend.mem_info()[0],
+                    f"insufficient VRAM at chunk {exc.chunk} of a progressive allocation of "
+                    f"{self._size} bytes; every chunk released",
+                ) from exc
+            raise
+
+
+def _copy_steps(n: int, step: int, prepare: Callable[[int], int] | None) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` of each copy ``_copy_in`` queues for ``n`` bytes: at most ``step``
+    bytes, and, with ``prepare``, never past the end it returns for the copy's offset. A
+    generator on purpose: ``prepare`` for the next copy runs only once the previous copy is
+    queued, so a progressive buffer creates chunk k+1 while the copy engine moves chunk k."""
+    off = 0
+    while off < n:
+        m = min(step, n - off)
+        if prepare is not None:
+            ready = prepare(off)
+            if ready <= off:
+                raise IntegrityViolation(f"destination not ready at byte {off} of the copy")
+            m = min(m, ready - off)
+        yield off, m
+        off += m
 
 
 # -- stream and event helpers (cuda.core, errors mapped to ours) ---------------------------------
@@ -514,6 +599,13 @@ class _Mover:
         self.stage: list[tuple[PinnedHostBuffer, Any]] = []
         if self.peer and not self.same:
             _enable_peer(db, sb)
+            # Peer access to VMM memory (a restored shard) is granted per mapping, not by
+            # cuCtxEnablePeerAccess: give the other device access to whichever side is VMM.
+            if isinstance(src, VmmBuffer):
+                src._vmm.allow(db.device)
+            if isinstance(dst, VmmBuffer):
+                dst._vmm.allow(sb.device)
+            db._activate()  # allow() made its own device's context current
 
     def issue(self, offset: int, length: int) -> None:
         drv = driver()
@@ -856,6 +948,7 @@ class CudaBackend(Backend):
         adopt_pointer=True,
         batched_digests=True,
         priority_streams=True,
+        progressive_allocation=True,
     )
     # Migration, offload and restore copies (peer to peer where allowed): see _peer.py.
     allocate_host, read_into, can_access_peer = _peer_allocate_host, _peer_read_into, _peer_can_access_peer
@@ -944,6 +1037,16 @@ class CudaBackend(Backend):
         self._live: weakref.WeakSet[CudaBuffer] = weakref.WeakSet()
         # Pinned buffers handed out by pinned_host_buffer (see _is_pinned).
         self._own_pinned: weakref.WeakSet[PinnedHostBuffer] = weakref.WeakSet()
+        #: allocate_progressive: the chunk schedule (``progressive_chunks``: the first chunk,
+        #: doubling up to the cap, each rounded to the VMM granularity), and the size at or
+        #: below which an ordinary allocation is made instead (a few chunks' driver calls would
+        #: cost about what one cuMemAlloc of that size does, and small shards would each hold
+        #: a 2 MiB granule of their own). Benchmarks set the last to a shard's size for the
+        #: plain path in the same run.
+        self.progressive_first_chunk = PROGRESSIVE_FIRST_CHUNK
+        self.progressive_max_chunk = PROGRESSIVE_MAX_CHUNK
+        self.progressive_min_size = PROGRESSIVE_MIN_SIZE
+        self._vmm_ok: bool | None = None
         #: Device time of the last hash's kernels in seconds (CUDA events), for benchmarks.
         self.last_device_seconds = 0.0
         #: sha256-tree-v1 shards of at most this many units run eight blocks per unit (see
@@ -1092,6 +1195,51 @@ class CudaBackend(Backend):
         self._live.add(buf)
         return buf
 
+    def allocate_progressive(self, size: int) -> CudaBuffer:
+        """``Backend.allocate_progressive``: a ``VmmBuffer`` (a reserved virtual range whose
+        chunks, ``progressive_chunks`` of ``progressive_first_chunk`` doubling up to
+        ``progressive_max_chunk``, are created and mapped by ``map_through``) when ``size`` is
+        above ``progressive_min_size``; an ordinary ``allocate`` otherwise. Not zero-filled,
+        except the rounding tail past ``size`` (the caller writes ``[0, size)``)."""
+        if not _is_int(size):
+            raise InvalidInput("allocation size must be an integer")
+        if size < 1:
+            raise InvalidInput(f"allocation size must be at least 1 byte, not {size}")
+        if size <= self.progressive_min_size or not self._vmm_supported():
+            return self.allocate(size)
+        self._activate()
+        if size > self.total_memory:
+            raise InsufficientVram(size, self.mem_info()[0])
+        try:
+            vmm = _vmm.VmmRange(
+                self.device,
+                size,
+                activate=self._activate,
+                copy_stream=self._copy_stream,
+                zero_stream=self._stream,
+                first=self.progressive_first_chunk,
+                cap=self.progressive_max_chunk,
+            )
+        except CudaAllocationFailed as exc:
+            raise InsufficientVram(size, self.mem_info()[0], f"cuMemAddressReserve failed: {exc}") from exc
+        try:
+            buf = VmmBuffer(self, vmm, size)
+            self._live.add(buf)
+        except BaseException:
+            vmm.release()  # nothing mapped yet: frees the reservation
+            raise
+        return buf
+
+    def _vmm_supported(self) -> bool:
+        """Whether the device has virtual memory management (asked once; cuda-bindings:
+        cuda.core 1.2 has no VMM API). Without it, restore allocates as before."""
+        if self._vmm_ok is None:
+            self._activate()
+            attr = driver().CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+            ok = check(driver().cuDeviceGetAttribute(attr, self._cudev), "cuDeviceGetAttribute")
+            self._vmm_ok = bool(ok)
+        return self._vmm_ok
+
     def adopt_pointer(self, ptr: int, size: int) -> CudaBuffer:
         """Wrap ``size`` bytes of existing device memory at ``ptr`` (a framework tensor, say) after
         the policy check. Closing the result never zeroes or frees that memory."""
@@ -1104,6 +1252,9 @@ class CudaBackend(Backend):
 
     def _release(self, buf: CudaBuffer) -> None:
         self._live.discard(buf)
+        if isinstance(buf, VmmBuffer):
+            buf._vmm.release()  # zeroed (after its copies and kernels), unmapped, released
+            return
         if not buf._owned:
             return
         # Zeroed on the compute stream, synchronized, then cuMemFree (the resource makes the
@@ -1116,8 +1267,34 @@ class CudaBackend(Backend):
     def check_policy(self, buf: DeviceBuffer) -> None:
         if not isinstance(buf, CudaBuffer) or buf._backend is not self:
             raise PolicyViolation("buffer does not belong to this CUDA backend")
-        buf.check_open()
+        buf.check_open()  # a progressive buffer only once every chunk is mapped
+        if isinstance(buf, VmmBuffer):
+            self._check_vmm(buf)
+            return
         self.check_pointer(buf._ptr, buf.size)
+
+    def _check_vmm(self, buf: VmmBuffer) -> None:
+        """The policy for a ``VmmBuffer``: ``check_pointer`` asks whether one range lies inside one
+        allocation, but a VMM range is one driver allocation per chunk. So each chunk is checked
+        on its own: its pointer attributes (memory type DEVICE, not managed, this device's
+        ordinal), and what is mapped there (``VmmRange.check``: the handle we created, plain
+        device memory of this device), and the chunks must cover the buffer contiguously."""
+        if self.integrated and not self._allow_integrated:
+            raise PolicyViolation(
+                f"device {self.device} is an integrated GPU: its memory is host memory, not VRAM "
+                "(pass allow_integrated=True to accept that)"
+            )
+        self._activate()
+        device_type = int(driver().CUmemorytype.CU_MEMORYTYPE_DEVICE)
+        for addr in buf._vmm.chunk_addresses():
+            mtype, managed, ordinal, _start, _length = _pointer_info(addr)
+            if mtype != device_type:
+                raise PolicyViolation("memory chunk is not device memory")
+            if managed:
+                raise PolicyViolation("memory chunk is managed (unified) memory")
+            if ordinal != self.device:
+                raise PolicyViolation(f"memory chunk is on device {ordinal}, not on device {self.device}")
+        buf._vmm.check(self.device, buf.size)
 
     def check_pointer(self, ptr: int, size: int) -> None:
         """Raise PolicyViolation unless ``[ptr, ptr + size)`` is plain device memory (not host,
@@ -1170,9 +1347,19 @@ class CudaBackend(Backend):
                 self._copy_pool = ThreadPoolExecutor(self._copy_threads, thread_name_prefix="vram-stage")
         return self._staging
 
-    def _copy_in(self, dst: int, view: memoryview, on_chunk: Callable[[int], None] | None = None) -> None:
+    def _copy_in(
+        self,
+        dst: int,
+        view: memoryview,
+        on_chunk: Callable[[int], None] | None = None,
+        prepare: Callable[[int], int] | None = None,
+    ) -> None:
         """Host to device, ``len(view)`` bytes to device address ``dst``. ``on_chunk(done)`` runs
-        after each chunk's copy is queued, with ``done`` bytes queued so far.
+        after each chunk's copy is queued, with ``done`` bytes queued so far. ``prepare(off)``
+        runs before the chunk at ``off`` is queued and returns how far the destination is ready
+        (a progressive buffer's ``map_chunk_at``: it maps the memory chunk holding ``off`` while
+        the copies queued before still run); a copy chunk never crosses that end, so the copy
+        follows the memory chunks (the first copy is the first, small, memory chunk alone).
 
         cuda-bindings for the copies: cuda.core copies whole Buffers; these are byte ranges of a
         device allocation and of host memory of any origin."""
@@ -1181,10 +1368,10 @@ class CudaBackend(Backend):
         n = len(view)
         addr, src = host_address(view)
         step = self._staging_bytes
+
         if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
             # Small copies go straight through; pinned bytes need no staging.
-            for off in range(0, n, step):
-                m = min(step, n - off)
+            for off, m in _copy_steps(n, step, prepare):
                 check(
                     drv.cuMemcpyHtoDAsync(dst + off, addr + off, m, self._copy_stream.handle),
                     "cuMemcpyHtoDAsync",
@@ -1195,10 +1382,9 @@ class CudaBackend(Backend):
             return
         with self._staging_lock:
             pool = self._staging_pool()
-            for i, off in enumerate(range(0, n, step)):
+            for i, (off, m) in enumerate(_copy_steps(n, step, prepare)):
                 pinned, done = pool[i % len(pool)]
                 _event_sync(done, "waiting for a staging buffer")
-                m = min(step, n - off)
                 parallel_copy(self._copy_pool, pinned.array, src[off : off + m], self._copy_threads)
                 check(
                     drv.cuMemcpyHtoDAsync(dst + off, pinned.address, m, self._copy_stream.handle),
@@ -1692,10 +1878,14 @@ class CudaBackend(Backend):
             return self._write_and_nh_fast(buf, view, key)
         if key is not None:
             # Keyed BLAKE3 has no overlapped single-segment kernels: copy, then a table of one.
+            buf.map_through(n)
             buf.write(0, view)
             return self.hash_many([Segment(buf, n, algorithm, key)])[0]
+        # A progressive buffer (restore) maps each chunk just before its copy is queued
+        # (_copy_in's prepare): creating chunk k+1 overlaps the copy of chunk k.
+        prepare = buf.map_chunk_at if buf.mapped < n else None
         with buf._lock:
-            buf.check_open()
+            buf.check_mapped(0)  # open; the rest is mapped as the copy advances
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, True)
@@ -1715,7 +1905,7 @@ class CudaBackend(Backend):
                         launched = ready
 
                 if n:
-                    self._copy_in(buf._ptr, view, on_chunk)
+                    self._copy_in(buf._ptr, view, on_chunk, prepare)
                 if launched < job.units:
                     job.launch_units(launched, job.units)
                 # The host threads' staged copies cannot be captured; the tail after the unit
@@ -1758,8 +1948,9 @@ class CudaBackend(Backend):
         n = len(view)
         if buf._ptr % 16:
             raise UnsupportedOperation("nh-fast-v1 on CUDA needs 16-byte aligned device memory")
+        prepare = buf.map_chunk_at if buf.mapped < n else None  # progressive: see write_and_hash
         with buf._lock:
-            buf.check_open()
+            buf.check_mapped(0)
             with self.kernel_session() as ks:
                 job = _nh_fast.new_job(ks, buf._ptr, n, key)
                 self.last_units_kernel = job.units_kernel
@@ -1776,7 +1967,7 @@ class CudaBackend(Backend):
                         job.launch_ready(done)
 
                 if n:
-                    self._copy_in(buf._ptr, view, on_chunk)
+                    self._copy_in(buf._ptr, view, on_chunk, prepare)
                 if job.units_done < job.units:
                     landed()  # the copy stream has synchronized; this orders nothing but is cheap
                 return job.finish(ks.result_buffer(32 * job.units))
