@@ -2547,6 +2547,9 @@ class _Lane:
             else:
                 self._enqueue(plan, fns, host, base, self.stream, t1=self.t1)
             _overlap(while_running, self._wait)
+            # Read before the finally clause zeroes the key records: the download landed at the
+            # start of the same pinned buffer, over the upload image (keys first).
+            out = bytes(host.view[: plan.download_bytes])
         except BaseException:
             # A launch or copy that failed to queue: what was queued may still read the pinned
             # buffer or write into it; let it finish before the buffer is zeroed or reused (a
@@ -2561,7 +2564,7 @@ class _Lane:
                 host.array[: plan.key_bytes] = 0
                 up[: plan.key_bytes] = 0
         b.last_device_seconds = _elapsed_seconds(self.t0, self.t1)
-        return bytes(host.view[: plan.download_bytes])
+        return out
 
     def _enqueue(
         self,
