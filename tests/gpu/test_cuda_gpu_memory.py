@@ -93,8 +93,7 @@ def test_device_range_checked() -> None:
 
 def test_out_of_memory_is_clean_and_retriable(cuda_backend: CudaBackend) -> None:
     # Device memory that earlier tests left to the garbage collector (a buffer or a CUDA graph in
-    # a reference cycle) is released first: freed during the test, it would raise the free
-    # figures between two readings (seen: 4 MiB, after the graph tests).
+    # a reference cycle) is released first, so that nothing of ours is freed between readings.
     gc.collect()
     free0, total = cuda_backend.mem_info()
     # More than the whole device: refused before the driver is asked.
@@ -111,7 +110,10 @@ def test_out_of_memory_is_clean_and_retriable(cuda_backend: CudaBackend) -> None
             cuda_backend.allocate(want)
         err = info.value
         assert err.retriable and not err.fatal
-        assert err.needed == want and 0 < err.available <= free1 + 2 * MiB
+        # The driver may give back memory of its own when an allocation fails: with CUDA graphs
+        # instantiated in the process (the backend caches them), the free figure read after the
+        # refusal was exactly 4 MiB above the one before it, on two H200 machines (2026-11-30).
+        assert err.needed == want and 0 < err.available <= free1 + 16 * MiB
         assert cuda_backend.mem_info()[0] >= free1 - 2 * MiB  # nothing was left allocated
     finally:
         hold.close()
