@@ -434,7 +434,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         )
         if "median_s" in det:
             # A flip at a uniformly random moment waits a uniformly random part of one cycle:
-            # with ~10 trials the median lands within half to one and a half of C/2 (the
+            # with 10-20 trials the median lands within half to one and a half of C/2 (the
             # median of 10 uniform draws has a spread of about 0.14 C), and none may exceed one
             # cycle plus the chunk in progress (10% allowed for the localization and timers).
             ratio = det["median_s"] / det["predicted_mean_s"]
@@ -593,8 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="a toy-size Llama (the CPU smoke path)")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=15, help="generate() runs each way (A and B)")
-    ap.add_argument("--trials", type=int, default=10, help="bit flips to detect")
+    ap.add_argument("--runs", type=int, default=30, help="generate() runs each way (A and B)")
+    ap.add_argument("--trials", type=int, default=20, help="bit flips to detect")
     ap.add_argument(
         "--trials-budget-s", type=float, default=25.0, help="no new trial after this (3 at least)"
     )
