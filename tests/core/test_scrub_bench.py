@@ -76,9 +76,17 @@ def test_scrub_generate_measures_detection_on_the_host_backend(tmp_path: Path) -
     assert 0.0 < pred["duty_during_generate"] < 1.0, (pred, res["steady"])
     assert det["trials"] == det["found"] == det["named_correctly"] == 3, res["trials"]
     assert det["max_s"] > 0.0 and pred["cycle_from_generate_s"] > 0.0, (det, pred)
+    # Each flip's own prediction: the chunk it landed in and where the scrubber stood, from the
+    # scrubber's counters; the trials' throughput gives the cycle of the target rows.
+    for t in res["trials"]:
+        assert t["chunk_of_flip"] >= 0 and t["chunks_done_at_flip"] >= 0, t
+        assert t["predicted_s"] is not None and t["predicted_s"] > 0.0, t
+        assert t["trial_bytes"] > 0 and t["trial_busy_s"] > 0.0, t
+    assert pred["throughput_trials_gbps"] > 0.0 and det["own_prediction_trials"] == 3, (det, pred)
 
     md = bench.write_results(res, tmp_path)
     assert "Detection of a bit flipped" in md.read_text()
+    assert "Each flip against its own prediction" in md.read_text()
     saved = json.loads(md.with_suffix(".json").read_text())
     assert saved["detection"]["found"] == 3
     assert {t["target"].split(" ")[0] for t in saved["targets"]} >= {"generate()", "flips", "detection"}
