@@ -545,6 +545,10 @@ def write_results(res: dict[str, Any], out: Path) -> Path:
     Path(f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     goal = 1.0 - res["within"]
     old, new = res["old"], res["new"]
+
+    def rev(side: dict[str, Any], missing: str) -> str:
+        return str(side["revision"])[:12] if side["revision"] else missing
+
     how = (
         "each process times `write_and_hash`, `digest` and `hash` the way `gpu_bench.measure_one` does "
         "(its repetitions, one warm-up, the median)"
@@ -555,8 +559,8 @@ def write_results(res: dict[str, Any], out: Path) -> Path:
     lines = [
         f"# Port A/B: raw-driver backend against cuda.core ({res['device']}, {res['date']})",
         "",
-        f"Old: `{old['tree']}` at {(old['revision'] or 'unknown revision')[:12]}; new: `{new['tree']}` at "
-        f"{(new['revision'] or 'unknown revision (no .git)')[:12]}. One run of `bench/port_ab.py --mode "
+        f"Old: `{old['tree']}` at {rev(old, 'unknown revision')}; new: `{new['tree']}` at "
+        f"{rev(new, 'unknown revision (no .git)')}. One run of `bench/port_ab.py --mode "
         f"{res['mode']}`: {res['rounds']} rounds, {len(res['order'])} processes in the order "
         f"{', '.join(res['order'])}; {how}. Below, each side's median over its processes (GB/s), "
         f"and new / old against the issue 10 target (new >= {goal:.2f} x old).",
