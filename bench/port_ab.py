@@ -1,0 +1,663 @@
+#!/usr/bin/env python3
+"""Same-run A/B of the CUDA backend's port to cuda.core (issue 10): the raw-driver backend (the
+old tree, ``scripts/portab-prepare`` puts it in ``.portab/old``) and this tree's backend, measured
+alternately on one machine in one run, so that a difference between them is not a difference
+between two lent machines or two days (bench/compare_gpu.py compares against a file measured
+elsewhere; host-bound figures such as pageable H2D move more than 3% between machines).
+
+Each measurement is a separate process that imports one tree's ``vram_residency`` only (two
+trees' packages cannot share one interpreter: they have the same name). The processes run in the
+order old, new, new, old, old, new, ... (``--rounds`` pairs), so a slow drift of the machine
+(clocks, heat, page cache, neighbours) falls on both sides alike.
+
+``--mode rows`` (default, about 25-35 s a process with the 16 GiB shard): each process opens the
+tree's backend, fills pinned and pageable host memory as gpu_bench.py does, and times
+``write_and_hash`` (seal from pinned and from pageable memory), ``digest`` (verify) and ``hash``
+(hash with unit digests) the way ``gpu_bench.measure_one`` does: same repetitions, one warm-up,
+the median of each process's repetitions. The seal digests of every process must agree.
+
+``--mode gpu-bench``: each process is the tree's whole ``bench/gpu_bench.py`` (about 60-90 s;
+the old one has no flag to measure only the seal and verify rows), and its ``gpu`` rows are read.
+
+The report is, per algorithm, shard size and wall figure (those bench/compare_gpu.py counts), the
+median over each side's processes, new / old, and whether that is within the issue's target
+(new >= 0.97 x old). Writes port-ab-DATE.json and port-ab-DATE.md to --out; exit code 1 when a
+wall figure misses or the digests disagree.
+
+    scripts/portab-prepare
+    PYTHONPATH=src python3 bench/port_ab.py --out /tmp/results [--rounds 4] [--sizes 1M,64M,1G,16G]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+MiB = 1 << 20
+GiB = 1 << 30
+SIDES = ("old", "new")
+ALGS = ("sha256-tree-v1", "blake3")
+DEFAULT_SIZES = (MiB, 64 * MiB, GiB, 16 * GiB)
+#: The sizes gpu_bench.py measures (``--quick``: the first three); --mode gpu-bench can report no other.
+GPU_BENCH_SIZES = (MiB, 64 * MiB, GiB, 16 * GiB)
+#: The wall-clock figures bench/compare_gpu.py holds to the 3% target, in its order.
+WALL = ("seal_pinned_GBps", "seal_pageable_GBps", "verify_GBps", "hash_with_units_GBps")
+#: Kept in the JSON, not a target: the verify kernels' device time (CUDA events).
+DEVICE = ("verify_device_GBps",)
+FIGURE_NAMES = {
+    "seal_pinned_GBps": "seal pinned",
+    "seal_pageable_GBps": "seal pageable",
+    "verify_GBps": "verify (wall)",
+    "hash_with_units_GBps": "hash + unit digests",
+    "verify_device_GBps": "verify (device)",
+}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- arguments ----------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """``1M``, ``64MiB``, ``1G``, ``16GiB`` or a byte count; binary units, as gpu_bench's sizes."""
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise ValueError(f"not a size: {text!r} (examples: 1M, 64MiB, 1G, 16GiB, 4096)")
+    n = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if n <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return n
+
+
+def parse_sizes(text: str) -> list[int]:
+    """Comma-separated sizes, ascending and without repeats (the order gpu_bench measures in)."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("no sizes given")
+    return sorted({parse_size(p) for p in parts})
+
+
+def parse_algorithms(text: str) -> list[str]:
+    algs = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in algs if a not in ALGS]
+    if not algs or unknown:
+        raise ValueError(f"algorithms must be among {', '.join(ALGS)}; got {text!r}")
+    return [a for a in ALGS if a in algs]
+
+
+def size_name(size: int) -> str:
+    return (
+        f"{size // GiB} GiB" if size % GiB == 0 else f"{size // MiB} MiB" if size % MiB == 0 else f"{size} B"
+    )
+
+
+def _arg_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def wrapped(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return wrapped
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError(f"must be at least 1: {text}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path, help="directory for port-ab-DATE.json/.md")
+    ap.add_argument(
+        "--old", type=Path, default=Path(".portab/old"), help="the old tree (scripts/portab-prepare)"
+    )
+    ap.add_argument("--new", type=Path, default=Path("."), help="the new tree (default: this one)")
+    ap.add_argument("--mode", choices=("rows", "gpu-bench"), default="rows")
+    ap.add_argument(
+        "--rounds",
+        type=_arg_type(_positive_int),
+        default=4,
+        help="pairs of processes (old+new); 4 gives each side 4 (default 4)",
+    )
+    ap.add_argument(
+        "--sizes",
+        type=_arg_type(parse_sizes),
+        default=list(DEFAULT_SIZES),
+        help="shard sizes, comma-separated (default 1M,64M,1G,16G)",
+    )
+    ap.add_argument(
+        "--algorithms",
+        type=_arg_type(parse_algorithms),
+        default=list(ALGS),
+        help="comma-separated (default sha256-tree-v1,blake3)",
+    )
+    ap.add_argument("--within", type=float, default=0.03, help="allowed shortfall of new against old (0.03)")
+    ap.add_argument("--device", type=int, default=0)
+    ap.add_argument("--date", default=dt.date.today().isoformat())
+    ap.add_argument(
+        "--run-timeout",
+        type=_arg_type(_positive_int),
+        default=400,
+        help="seconds one process may take (default 400)",
+    )
+    ap.add_argument("--python", default=sys.executable, help="interpreter for the processes")
+    return ap
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.within < 1.0:
+        ap.error(f"--within must be in [0, 1): {args.within}")
+    for side in SIDES:
+        tree: Path = getattr(args, side)
+        if not (tree / "src" / "vram_residency" / "__init__.py").is_file():
+            hint = " (make it with scripts/portab-prepare)" if side == "old" else ""
+            ap.error(f"--{side} {tree}: no src/vram_residency there{hint}")
+        if args.mode == "gpu-bench" and not (tree / "bench" / "gpu_bench.py").is_file():
+            ap.error(f"--{side} {tree}: no bench/gpu_bench.py there (needed by --mode gpu-bench)")
+    if args.mode == "gpu-bench":
+        others = [s for s in args.sizes if s not in GPU_BENCH_SIZES]
+        if others:
+            ap.error(f"--mode gpu-bench measures only 1M,64M,1G,16G; not {','.join(map(size_name, others))}")
+    return args
+
+
+def alternation(rounds: int) -> list[str]:
+    """old, new, new, old, old, new, ...: each round is a pair with one process of each side, and
+    the pair's order flips every round, so that a drift over the run falls on both sides alike."""
+    if rounds < 1:
+        raise ValueError("rounds must be at least 1")
+    return [s for r in range(rounds) for s in (SIDES if r % 2 == 0 else SIDES[::-1])]
+
+
+def child_env(tree: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process measuring ``tree``: its ``src`` first on PYTHONPATH, and no
+    other directory that holds a ``vram_residency`` package (gpu-check puts the new tree's src on
+    PYTHONPATH; the old tree's process must not import that one). Other entries, such as the
+    wheels gpu-check installs into /tmp/site, stay."""
+    env = dict(os.environ if base is None else base)
+    keep = [
+        p
+        for p in env.get("PYTHONPATH", "").split(os.pathsep)
+        if p and not (Path(p) / "vram_residency").is_dir()
+    ]
+    env["PYTHONPATH"] = os.pathsep.join([str((tree / "src").resolve()), *keep])
+    return env
+
+
+def tree_revision(tree: Path) -> str | None:
+    """The commit a tree is at: REVISION (written by scripts/portab-prepare), else git's HEAD
+    (a GPU machine's copy has no .git: then None)."""
+    marker = tree / "REVISION"
+    if marker.is_file():
+        return marker.read_text().strip()
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+# -- one process: one tree's backend -------------------------------------------------------------------
+
+
+def reps_for(size: int) -> int:
+    """gpu_bench.reps_for: the repetitions measure_one times at each size."""
+    return 50 if size <= MiB else 20 if size <= 64 * MiB else 5 if size <= GiB else 3
+
+
+def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """gpu_bench.median_time."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def fill_random(dst: npt.NDArray[np.uint8], seed: int = 1) -> None:
+    """gpu_bench.fill_random (the same bytes, so every process seals the same data and the
+    digests of old and new can be compared): a 64 MiB random block tiled, each tile perturbed."""
+    rng = np.random.default_rng(seed)
+    block = rng.integers(0, 256, size=min(64 * MiB, len(dst)), dtype=np.uint8)
+    for i, off in enumerate(range(0, len(dst), len(block))):
+        m = min(len(block), len(dst) - off)
+        np.copyto(dst[off : off + m], block[:m])
+        dst[off] ^= np.uint8(i & 0xFF)
+
+
+def import_tree(tree: Path) -> Any:
+    """Import ``tree``'s vram_residency and refuse any other: a process that silently measured
+    the other tree would report a ratio of 1.0 and pass."""
+    src = (tree / "src").resolve()
+    sys.path.insert(0, str(src))
+    import vram_residency
+
+    found = Path(vram_residency.__file__ or "").resolve()
+    if not found.is_relative_to(src):
+        raise SystemExit(f"port_ab worker: vram_residency came from {found}, not from {src}")
+    return vram_residency
+
+
+def measure_row(
+    backend: Any, pinned: Any, pageable: npt.NDArray[np.uint8], size: int, alg: str
+) -> dict[str, Any]:
+    """gpu_bench.measure_one's seal, verify and hash timings, in its order, without its extras
+    (the graph-switch A/B, the 200-call latency, the host reference digest)."""
+    row: dict[str, Any] = {"algorithm": alg, "size": size}
+    times: dict[str, list[float]] = {}
+    buf = backend.allocate(size)
+    try:
+        reps = reps_for(size)
+        src_pinned = pinned.view[:size]
+        src_pageable = pageable[:size].data
+        sealed = backend.write_and_hash(buf, src_pinned, alg)
+        t, times["seal_pinned_s"] = median_time(lambda: backend.write_and_hash(buf, src_pinned, alg), reps)
+        row["seal_pinned_GBps"] = size / t / 1e9
+        again = backend.write_and_hash(buf, src_pageable, alg)
+        t, times["seal_pageable_s"] = median_time(
+            lambda: backend.write_and_hash(buf, src_pageable, alg), reps
+        )
+        row["seal_pageable_GBps"] = size / t / 1e9
+        if again != sealed:
+            raise RuntimeError(f"{alg} {size_name(size)}: seal from pinned and pageable memory disagree")
+        dev: list[float] = []
+
+        def verify() -> None:
+            if backend.digest(buf, alg) != sealed.digest:
+                raise RuntimeError(f"{alg} {size_name(size)}: verify does not give the sealed digest")
+            dev.append(backend.last_device_seconds)
+
+        t, times["verify_s"] = median_time(verify, max(reps, 10) if size <= GiB else reps)
+        row["verify_GBps"] = size / t / 1e9
+        row["verify_device_GBps"] = size / statistics.median(dev) / 1e9
+        t, times["hash_with_units_s"] = median_time(lambda: backend.hash(buf, alg), reps)
+        row["hash_with_units_GBps"] = size / t / 1e9
+        row["digest"] = bytes(sealed.digest).hex()
+        # The spread of each process's repetitions (seconds), not every one: the JSON stays the
+        # size of the other results in bench/results/.
+        row["times"] = {
+            k: {"n": len(v), "min": min(v), "median": statistics.median(v), "max": max(v)}
+            for k, v in times.items()
+        }
+    finally:
+        buf.close()
+    log(
+        f"  {alg:15s} {size_name(size):>7s}  seal pinned {row['seal_pinned_GBps']:7.2f} GB/s  "
+        f"pageable {row['seal_pageable_GBps']:6.2f}  verify {row['verify_GBps']:8.1f}  "
+        f"hash+units {row['hash_with_units_GBps']:8.1f}"
+    )
+    return row
+
+
+def worker_main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog="port_ab.py worker", description="one process of the A/B (internal)")
+    ap.add_argument("--tree", type=Path, required=True)
+    ap.add_argument("--result", type=Path, help="where to write the rows (JSON)")
+    ap.add_argument("--sizes", type=_arg_type(parse_sizes), default=list(DEFAULT_SIZES))
+    ap.add_argument("--algorithms", type=_arg_type(parse_algorithms), default=list(ALGS))
+    ap.add_argument("--device", type=int, default=0)
+    ap.add_argument(
+        "--import-only",
+        action="store_true",
+        help="import the tree's package, print where from and which of its modules loaded, exit",
+    )
+    args = ap.parse_args(argv)
+    vr = import_tree(args.tree)
+    from vram_residency.backends.cuda import open_backend
+
+    if args.import_only:
+        src = (args.tree / "src").resolve()
+        loaded = sorted(
+            str(Path(f).resolve())
+            for m in list(sys.modules.values())
+            if (f := getattr(m, "__file__", None)) and Path(f).resolve().is_relative_to(src)
+        )
+        print(json.dumps({"vram_residency": str(Path(vr.__file__).resolve()), "modules": loaded}))
+        return 0
+    if args.result is None:
+        ap.error("--result is required unless --import-only")
+    started = time.perf_counter()
+    backend = open_backend(args.device)
+    backend.warm_up()
+    biggest = max(args.sizes)
+    pinned = backend.pinned_host_buffer(biggest)
+    try:
+        fill_random(pinned.array)
+        pageable = np.empty(biggest, dtype=np.uint8)
+        np.copyto(pageable, pinned.array)
+        log(
+            f"  {backend.describe()} from {Path(vr.__file__).parent}; host memory filled "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
+        rows = [measure_row(backend, pinned, pageable, s, a) for s in args.sizes for a in args.algorithms]
+        out = {
+            "device": backend.device_name,
+            "describe": backend.describe(),
+            "rows": rows,
+            "seconds": time.perf_counter() - started,
+        }
+    finally:
+        pinned.close()
+        backend.close()
+    args.result.write_text(json.dumps(out) + "\n")
+    return 0
+
+
+# -- the alternation ---------------------------------------------------------------------------------
+
+
+class ClockSampler:
+    """nvidia-smi's SM clock and power draw every 250 ms while one process runs: a side that ran
+    at lower clocks shows it here (the same sampling as gpu_bench.ClockSampler)."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        self.samples: list[tuple[float, float]] = []
+
+    def __enter__(self) -> ClockSampler:
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            self._proc = subprocess.Popen(
+                [smi, "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "250"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        out, _ = self._proc.communicate(timeout=10)
+        for line in out.splitlines():
+            try:
+                mhz, watts = (float(x) for x in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((mhz, watts))
+
+    def summary(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        return {
+            "sm_mhz_median": statistics.median(s[0] for s in self.samples),
+            "power_w_median": statistics.median(s[1] for s in self.samples),
+        }
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: int, what: str) -> float:
+    t0 = time.perf_counter()
+    try:
+        rc = subprocess.run(cmd, env=env, timeout=timeout, check=False).returncode
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what} took more than {timeout} s") from None
+    if rc != 0:
+        raise RuntimeError(f"{what} failed with exit code {rc} (its output is above)")
+    return time.perf_counter() - t0
+
+
+def run_rows(args: argparse.Namespace, side: str, tree: Path, work: Path, index: int) -> dict[str, Any]:
+    result = work / f"{index:02d}-{side}.json"
+    cmd = [
+        args.python,
+        str(Path(__file__).resolve()),
+        "worker",
+        "--tree",
+        str(tree),
+        "--result",
+        str(result),
+        "--sizes",
+        ",".join(map(str, args.sizes)),
+        "--algorithms",
+        ",".join(args.algorithms),
+        "--device",
+        str(args.device),
+    ]
+    wall = _run(cmd, child_env(tree), args.run_timeout, f"{side} run {index}")
+    run: dict[str, Any] = json.loads(result.read_text())
+    run["wall_s"] = wall
+    return run
+
+
+def run_gpu_bench(args: argparse.Namespace, side: str, tree: Path, work: Path, index: int) -> dict[str, Any]:
+    out = work / f"{index:02d}-{side}"
+    cmd = [
+        args.python,
+        str(tree / "bench" / "gpu_bench.py"),
+        "--out",
+        str(out),
+        "--date",
+        args.date,
+        "--device",
+        str(args.device),
+    ]
+    if max(args.sizes) <= GiB:
+        cmd.append("--quick")
+    wall = _run(cmd, child_env(tree), args.run_timeout, f"{side} gpu_bench run {index}")
+    res: dict[str, Any] = json.loads((out / f"gpu-{args.date}.json").read_text())
+    keys = ("algorithm", "size", *WALL, *DEVICE)
+    rows = [
+        {k: r[k] for k in keys}
+        for r in res["gpu"]
+        if r["size"] in args.sizes and r["algorithm"] in args.algorithms
+    ]
+    return {
+        "device": res["device"],
+        "describe": res["device"],
+        "rows": rows,
+        "wall_s": wall,
+        "limits": res.get("limits"),
+    }
+
+
+def summarize(
+    runs: list[dict[str, Any]], sizes: Sequence[int], algs: Sequence[str], within: float
+) -> list[dict[str, Any]]:
+    """Per size, algorithm and figure: each side's per-process values, their medians, new / old,
+    and the ratio of each round's pair (new / old of the two processes of one round, which drift
+    cannot separate)."""
+    out = []
+    for size in sizes:
+        for alg in algs:
+            for key in (*WALL, *DEVICE):
+                vals: dict[str, list[float]] = {side: [] for side in SIDES}
+                rounds: dict[int, dict[str, float]] = {}
+                for run in runs:
+                    for r in run["rows"]:
+                        if r["algorithm"] == alg and r["size"] == size:
+                            vals[run["side"]].append(float(r[key]))
+                            rounds.setdefault(run["round"], {})[run["side"]] = float(r[key])
+                if not vals["old"] or not vals["new"]:
+                    raise ValueError(f"no {key} for {alg} at {size_name(size)} from both sides")
+                old, new = statistics.median(vals["old"]), statistics.median(vals["new"])
+                ratio = new / old
+                wall = key in WALL
+                out.append(
+                    {
+                        "algorithm": alg,
+                        "size": size,
+                        "figure": key,
+                        "wall": wall,
+                        "old_runs": vals["old"],
+                        "new_runs": vals["new"],
+                        "old_median": old,
+                        "new_median": new,
+                        "new_over_old": ratio,
+                        "round_ratios": [
+                            p["new"] / p["old"] for _, p in sorted(rounds.items()) if len(p) == 2
+                        ],
+                        "within": (ratio >= 1.0 - within) if wall else None,
+                    }
+                )
+    return out
+
+
+def digests_agree(runs: list[dict[str, Any]]) -> bool | None:
+    """Whether every process sealed every (algorithm, size) to the same digest; None when the
+    processes do not report digests (--mode gpu-bench: each checks itself against the host)."""
+    seen: dict[tuple[str, int], set[str]] = {}
+    for run in runs:
+        for r in run["rows"]:
+            if "digest" in r:
+                seen.setdefault((r["algorithm"], r["size"]), set()).add(r["digest"])
+    return None if not seen else all(len(d) == 1 for d in seen.values())
+
+
+def _gbps(v: float) -> str:
+    return f"{v:,.2f}" if v < 100 else f"{v:,.1f}"
+
+
+def write_results(res: dict[str, Any], out: Path) -> Path:
+    """port-ab-DATE.json (everything) and port-ab-DATE.md (the table); returns the .md path."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"port-ab-{res['date']}{'-gpu-bench' if res['mode'] == 'gpu-bench' else ''}"
+    Path(f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    goal = 1.0 - res["within"]
+    old, new = res["old"], res["new"]
+
+    def rev(side: dict[str, Any], missing: str) -> str:
+        return str(side["revision"])[:12] if side["revision"] else missing
+
+    how = (
+        "each process times `write_and_hash`, `digest` and `hash` the way `gpu_bench.measure_one` does "
+        "(its repetitions, one warm-up, the median)"
+        if res["mode"] == "rows"
+        else "each process is the tree's whole `bench/gpu_bench.py`"
+    )
+    agree = {True: "yes", False: "**NO**", None: "not compared (each run checks its own against the host)"}
+    lines = [
+        f"# Port A/B: raw-driver backend against cuda.core ({res['device']}, {res['date']})",
+        "",
+        f"Old: `{old['tree']}` at {rev(old, 'unknown revision')}; new: `{new['tree']}` at "
+        f"{rev(new, 'unknown revision (no .git)')}. One run of `bench/port_ab.py --mode "
+        f"{res['mode']}`: {res['rounds']} rounds, {len(res['order'])} processes in the order "
+        f"{', '.join(res['order'])}; {how}. Below, each side's median over its processes (GB/s), "
+        f"and new / old against the issue 10 target (new >= {goal:.2f} x old).",
+        "",
+        f"Seal digests of old and new agree: {agree[res['digests_agree']]}. "
+        f"Wall figures below {goal:.2f}: {res['missed']} of {sum(r['wall'] for r in res['rows'])}.",
+        "",
+        f"| algorithm | shard | figure | old | new | new/old | within {goal:.2f} | old runs | new runs |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for r in res["rows"]:
+        if not r["wall"]:
+            continue
+        lines.append(
+            f"| {r['algorithm']} | {size_name(r['size'])} | {FIGURE_NAMES[r['figure']]} | "
+            f"{_gbps(r['old_median'])} | {_gbps(r['new_median'])} | {r['new_over_old']:.3f} | "
+            f"{'yes' if r['within'] else '**no**'} | {', '.join(map(_gbps, r['old_runs']))} | "
+            f"{', '.join(map(_gbps, r['new_runs']))} |"
+        )
+    clocks = [(run["side"], run["clock"]["sm_mhz_median"]) for run in res["runs"] if run.get("clock")]
+    if clocks:
+        lines += [
+            "",
+            "SM clock while each process ran (median MHz): "
+            + ", ".join(f"{side} {mhz:.0f}" for side, mhz in clocks)
+            + ".",
+        ]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return Path(f"{stem}.md")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        return worker_main(argv[1:])
+    args = parse_args(argv)
+    trees = {"old": args.old, "new": args.new}
+    order = alternation(args.rounds)
+    run_one = run_rows if args.mode == "rows" else run_gpu_bench
+    if args.mode == "gpu-bench":
+        # gpu_bench checks every seal against the host; without the native tree hasher that check
+        # runs in Python. gpu-check builds the new tree's; build the old tree's the same way.
+        for tree in trees.values():
+            subprocess.run(
+                [args.python, "-m", "vram_residency.formats._native", "--build"],
+                env=child_env(tree),
+                capture_output=True,
+                timeout=300,
+                check=False,
+            )
+    log(
+        f"port A/B ({args.mode}): {len(order)} processes, order {' '.join(order)}; "
+        f"sizes {', '.join(map(size_name, args.sizes))}"
+    )
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="port-ab-") as tmp:
+        for i, side in enumerate(order):
+            log(f"== {side} ({i + 1}/{len(order)}): {trees[side]}")
+            try:
+                with ClockSampler() as clock:
+                    run = run_one(args, side, trees[side], Path(tmp), i)
+            except RuntimeError as e:
+                log(f"port_ab: {e}")
+                return 2
+            run.update(side=side, index=i, round=i // 2, clock=clock.summary())
+            log(f"   {run['wall_s']:.1f} s")
+            runs.append(run)
+    rows = summarize(runs, args.sizes, args.algorithms, args.within)
+    res: dict[str, Any] = {
+        "date": args.date,
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": runs[0]["device"],
+        "mode": args.mode,
+        "sizes": args.sizes,
+        "algorithms": args.algorithms,
+        "rounds": args.rounds,
+        "order": order,
+        "within": args.within,
+        "old": {"tree": str(args.old), "revision": tree_revision(args.old)},
+        "new": {"tree": str(args.new), "revision": tree_revision(args.new)},
+        "host_cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "digests_agree": digests_agree(runs),
+        "missed": sum(1 for r in rows if r["within"] is False),
+        "rows": rows,
+        "runs": runs,
+    }
+    md = write_results(res, args.out)
+    log("")
+    log(md.read_text())
+    return 1 if res["missed"] or res["digests_agree"] is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
