@@ -1889,7 +1889,10 @@ class CudaBackend(Backend):
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, True)
-                if 0 < n <= self._staging_bytes:
+                # The one-copy path maps nothing: only for a destination mapped through n (a
+                # progressive buffer still being mapped goes through _copy_in's prepare; one
+                # copy into its unmapped range would fault the context).
+                if 0 < n <= self._staging_bytes and buf.mapped >= n:
                     addr, keep = host_address(view)
                     if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
                         return self._seal_one_copy(job, addr, keep)
