@@ -2534,10 +2534,13 @@ class _Lane:
         ``plan.download_bytes`` from ``plan.download_offset``."""
         b = self.b
         up = plan.upload
-        host = self._pinned(max(up.nbytes, plan.download_bytes))
-        host.array[: up.nbytes] = up
+        host: PinnedHostBuffer | None = None
         base = self.arena_ptr
         try:
+            # Inside the try: a pinned buffer that cannot be had (or grown) must still leave no
+            # key record in the plan's image, which the plan cache keeps.
+            host = self._pinned(max(up.nbytes, plan.download_bytes))
+            host.array[: up.nbytes] = up
             _record(self.stream, self.t0)
             if GRAPHS:
                 # A table that comes again at the same addresses (a model verified again and
@@ -2557,14 +2560,16 @@ class _Lane:
             # A launch or copy that failed to queue: what was queued may still read the pinned
             # buffer or write into it; let it finish before the buffer is zeroed or reused (a
             # broken context fails this too, and then nothing is in flight).
-            with contextlib.suppress(Exception):
-                self.stream.sync()
+            if host is not None:
+                with contextlib.suppress(Exception):
+                    self.stream.sync()
             raise
         finally:
             if plan.key_bytes:
                 # Key records (keyed BLAKE3): the device has read them by now (or never will:
                 # a failed run synchronized in _overlap or raised before queuing the copy).
-                host.array[: plan.key_bytes] = 0
+                if host is not None:
+                    host.array[: plan.key_bytes] = 0
                 up[: plan.key_bytes] = 0
         b.last_device_seconds = _elapsed_seconds(self.t0, self.t1)
         return out
