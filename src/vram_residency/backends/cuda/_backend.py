@@ -347,6 +347,15 @@ class VmmBuffer(CudaBuffer):
             raise
 
 
+def _one_copy_seal(buf: DeviceBuffer, n: int, staging_bytes: int) -> bool:
+    """Whether ``write_and_hash`` may queue its ``n`` bytes into ``buf`` as one copy
+    (``_seal_one_copy``, for a source that needs no staging): at most the staging size, and
+    only into memory mapped through ``n``. That path maps nothing: a progressive buffer still
+    being mapped (a restore) goes through ``_copy_in``'s ``prepare`` instead, since one copy
+    into its unmapped range faults the context."""
+    return 0 < n <= staging_bytes and buf.mapped >= n
+
+
 def _copy_steps(n: int, step: int, prepare: Callable[[int], int] | None) -> Iterator[tuple[int, int]]:
     """``(offset, length)`` of each copy ``_copy_in`` queues for ``n`` bytes: at most ``step``
     bytes, and, with ``prepare``, never past the end it returns for the copy's offset. A
@@ -1889,10 +1898,7 @@ class CudaBackend(Backend):
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, True)
-                # The one-copy path maps nothing: only for a destination mapped through n (a
-                # progressive buffer still being mapped goes through _copy_in's prepare; one
-                # copy into its unmapped range would fault the context).
-                if 0 < n <= self._staging_bytes and buf.mapped >= n:
+                if _one_copy_seal(buf, n, self._staging_bytes):
                     addr, keep = host_address(view)
                     if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
                         return self._seal_one_copy(job, addr, keep)
