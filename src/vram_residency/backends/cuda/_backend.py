@@ -1046,6 +1046,8 @@ class CudaBackend(Backend):
         self._live: weakref.WeakSet[CudaBuffer] = weakref.WeakSet()
         # Pinned buffers handed out by pinned_host_buffer (see _is_pinned).
         self._own_pinned: weakref.WeakSet[PinnedHostBuffer] = weakref.WeakSet()
+        #: Guards _own_pinned: added to on any thread, scanned by _is_pinned.
+        self._own_pinned_lock = threading.Lock()
         #: allocate_progressive: the chunk schedule (``progressive_chunks``: the first chunk,
         #: doubling up to the cap, each rounded to the VMM granularity), and the size at or
         #: below which an ordinary allocation is made instead (a few chunks' driver calls would
@@ -1340,7 +1342,12 @@ class CudaBackend(Backend):
         # known without asking the driver: a cuPointerGetAttributes of five attributes through
         # cuda-bindings is one more call before a seal's first copy. A closed buffer is skipped
         # (its memory may be anything now) and any other address is asked as before.
-        for own in self._own_pinned:
+        # Over a snapshot taken under the set's lock: a WeakSet is iterated by Python code, and
+        # a pinned_host_buffer() on another thread meanwhile failed the scan ("Set changed size
+        # during iteration").
+        with self._own_pinned_lock:
+            owned = list(self._own_pinned)
+        for own in owned:
             if not own.closed and own.address <= addr and addr + n <= own.address + own.size:
                 return True
         self._activate()
@@ -1416,7 +1423,8 @@ class CudaBackend(Backend):
         """Page-locked host memory of ``size`` bytes; writes from it skip staging."""
         self._activate()
         pinned = PinnedHostBuffer(size, self._dev)
-        self._own_pinned.add(pinned)
+        with self._own_pinned_lock:
+            self._own_pinned.add(pinned)
         return pinned
 
     # -- digests ---------------------------------------------------------------------------------
