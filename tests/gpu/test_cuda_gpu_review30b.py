@@ -84,6 +84,7 @@ def test_pinned_seal_past_the_mapped_prefix_of_a_progressive_buffer() -> None:
         bk.check_policy(buf)
         assert bk.digest(buf, SHA256_TREE_V1) == got.digest
         buf.close()
+        pinned.close()
         bk.close()
         """
     )
