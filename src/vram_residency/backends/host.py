@@ -121,6 +121,8 @@ class ProgressiveHostBuffer(HostBuffer):
         self._taken = 0
         #: Set once a chunk failed: everything was released and the buffer maps nothing again.
         self._failed = False
+        #: Set by ``_free`` (under ``_map_lock``): the buffer maps nothing again.
+        self._released = False
         self._map_lock = threading.Lock()
 
     @property
@@ -136,6 +138,10 @@ class ProgressiveHostBuffer(HostBuffer):
         with self._map_lock:
             if self._failed:
                 raise IntegrityViolation("device buffer's chunks were released after a failed mapping")
+            if self._released:
+                # A map_through that passed its open check before another thread's close: the
+                # buffer is gone; charging chunks now would take capacity nothing gives back.
+                raise IntegrityViolation("device buffer used after it was freed")
             while self._charged < end:
                 k = self._taken
                 m = self.chunks[k]
@@ -165,6 +171,7 @@ class ProgressiveHostBuffer(HostBuffer):
 
     def _free(self) -> None:
         with self._map_lock:
+            self._released = True
             self._unmap_all()
         try:
             self._map.close()

@@ -97,3 +97,31 @@ def test_steps_cover_the_copy_and_never_cross_a_chunk(
 def test_a_destination_that_is_not_ready_is_refused() -> None:
     with pytest.raises(IntegrityViolation, match="not ready at byte 4"):
         list(_copy_steps(10, 4, lambda off: 4))
+
+
+def test_the_one_copy_seal_only_into_memory_mapped_through_its_end() -> None:
+    """``write_and_hash``'s one-copy path (``_seal_one_copy``) maps nothing. Before review30b it
+    was taken for any source up to 1 MiB (or pinned, up to the staging size) whatever the
+    destination, so a restore into a progressive buffer with its chunks still to map copied
+    into the unmapped range (tests/gpu/test_cuda_gpu_review30b.py shows the fault on a GPU).
+    Checked here against real buffers of the host backend: ordinary, and progressive before,
+    during and after mapping."""
+    from vram_residency.backends.cuda._backend import _one_copy_seal
+
+    b = HostBackend(0, capacity_bytes=64 * MiB, progressive_first_chunk=MiB, progressive_max_chunk=4 * MiB)
+    staging = 8 * MiB
+    plain = b.allocate(10 * MiB)
+    assert _one_copy_seal(plain, 512 << 10, staging)
+    assert _one_copy_seal(plain, staging, staging)
+    assert not _one_copy_seal(plain, staging + 1, staging)  # staged: more than one copy
+    assert not _one_copy_seal(plain, 0, staging)
+    prog = b.allocate_progressive(10 * MiB)
+    assert isinstance(prog, ProgressiveHostBuffer) and prog.mapped == 0
+    assert not _one_copy_seal(prog, 512 << 10, staging)  # nothing mapped yet
+    prog.map_chunk_at(0)
+    assert _one_copy_seal(prog, MiB, staging)  # inside the first chunk
+    assert not _one_copy_seal(prog, MiB + 1, staging)  # past it
+    prog.map_through(6 * MiB)
+    assert _one_copy_seal(prog, prog.mapped, staging) and not _one_copy_seal(prog, prog.mapped + 1, staging)
+    plain.close()
+    prog.close()

@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vram_residency.backends.cuda import _batch
 from vram_residency.backends.cuda._backend import _PLAN_CACHE, TableColumns, _Lane
+from vram_residency.errors import CudaAllocationFailed
 from vram_residency.formats.tree import BLAKE3, SHA256_TREE_V1
 
 MiB = 1 << 20
@@ -136,3 +138,24 @@ def test_table_columns_never_show_their_keys() -> None:
     key = bytes(range(7, 39))
     cols = _columns([(MiB, BLAKE3, key), (4096, SHA256_TREE_V1, None)])
     assert repr(key) not in repr(cols) and key.hex() not in repr(cols)
+
+
+def test_a_run_that_fails_before_queuing_leaves_no_key_in_the_plan_image() -> None:
+    """``_Lane.run`` zeroed the key records of a keyed table only from inside its try block: a
+    run that failed before it (the pinned buffer could not be grown: cuMemHostAlloc out of
+    memory) left the call's keys in the cached plan's upload image, where they stayed until
+    the plan was evicted or reused. ``_pinned`` is replaced by a test double that raises as a
+    failed pinned allocation does; nothing reaches the device (no lane stream, no backend)."""
+    lane = _lane()
+    key = bytes(range(100, 132))
+    plan = lane.plan(_columns([(MiB + 1, BLAKE3, key), (4096, SHA256_TREE_V1, None)]), False, _pick)
+    assert plan.key_bytes == 32 and plan.upload[:32].tobytes() == key
+
+    def no_pinned_memory(nbytes: int) -> object:  # test double of a failed cuMemHostAlloc
+        raise CudaAllocationFailed("allocating pinned host memory: CUDA_ERROR_OUT_OF_MEMORY")
+
+    lane._pinned = no_pinned_memory  # type: ignore[assignment,method-assign]
+    lane.b = None  # type: ignore[assignment]  # no backend: the run must fail before using it
+    with pytest.raises(CudaAllocationFailed):
+        lane.run(plan, {})
+    assert not plan.upload[: plan.key_bytes].any()

@@ -347,6 +347,15 @@ class VmmBuffer(CudaBuffer):
             raise
 
 
+def _one_copy_seal(buf: DeviceBuffer, n: int, staging_bytes: int) -> bool:
+    """Whether ``write_and_hash`` may queue its ``n`` bytes into ``buf`` as one copy
+    (``_seal_one_copy``, for a source that needs no staging): at most the staging size, and
+    only into memory mapped through ``n``. That path maps nothing: a progressive buffer still
+    being mapped (a restore) goes through ``_copy_in``'s ``prepare`` instead, since one copy
+    into its unmapped range faults the context."""
+    return 0 < n <= staging_bytes and buf.mapped >= n
+
+
 def _copy_steps(n: int, step: int, prepare: Callable[[int], int] | None) -> Iterator[tuple[int, int]]:
     """``(offset, length)`` of each copy ``_copy_in`` queues for ``n`` bytes: at most ``step``
     bytes, and, with ``prepare``, never past the end it returns for the copy's offset. A
@@ -1037,6 +1046,8 @@ class CudaBackend(Backend):
         self._live: weakref.WeakSet[CudaBuffer] = weakref.WeakSet()
         # Pinned buffers handed out by pinned_host_buffer (see _is_pinned).
         self._own_pinned: weakref.WeakSet[PinnedHostBuffer] = weakref.WeakSet()
+        #: Guards _own_pinned: added to on any thread, scanned by _is_pinned.
+        self._own_pinned_lock = threading.Lock()
         #: allocate_progressive: the chunk schedule (``progressive_chunks``: the first chunk,
         #: doubling up to the cap, each rounded to the VMM granularity), and the size at or
         #: below which an ordinary allocation is made instead (a few chunks' driver calls would
@@ -1331,7 +1342,12 @@ class CudaBackend(Backend):
         # known without asking the driver: a cuPointerGetAttributes of five attributes through
         # cuda-bindings is one more call before a seal's first copy. A closed buffer is skipped
         # (its memory may be anything now) and any other address is asked as before.
-        for own in self._own_pinned:
+        # Over a snapshot taken under the set's lock: a WeakSet is iterated by Python code, and
+        # a pinned_host_buffer() on another thread meanwhile failed the scan ("Set changed size
+        # during iteration").
+        with self._own_pinned_lock:
+            owned = list(self._own_pinned)
+        for own in owned:
             if not own.closed and own.address <= addr and addr + n <= own.address + own.size:
                 return True
         self._activate()
@@ -1407,7 +1423,8 @@ class CudaBackend(Backend):
         """Page-locked host memory of ``size`` bytes; writes from it skip staging."""
         self._activate()
         pinned = PinnedHostBuffer(size, self._dev)
-        self._own_pinned.add(pinned)
+        with self._own_pinned_lock:
+            self._own_pinned.add(pinned)
         return pinned
 
     # -- digests ---------------------------------------------------------------------------------
@@ -1889,7 +1906,7 @@ class CudaBackend(Backend):
             with self._lock:
                 self._activate()
                 job = _HashJob(self, algorithm, buf._ptr, n, True)
-                if 0 < n <= self._staging_bytes:
+                if _one_copy_seal(buf, n, self._staging_bytes):
                     addr, keep = host_address(view)
                     if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
                         return self._seal_one_copy(job, addr, keep)
@@ -2531,10 +2548,13 @@ class _Lane:
         ``plan.download_bytes`` from ``plan.download_offset``."""
         b = self.b
         up = plan.upload
-        host = self._pinned(max(up.nbytes, plan.download_bytes))
-        host.array[: up.nbytes] = up
+        host: PinnedHostBuffer | None = None
         base = self.arena_ptr
         try:
+            # Inside the try: a pinned buffer that cannot be had (or grown) must still leave no
+            # key record in the plan's image, which the plan cache keeps.
+            host = self._pinned(max(up.nbytes, plan.download_bytes))
+            host.array[: up.nbytes] = up
             _record(self.stream, self.t0)
             if GRAPHS:
                 # A table that comes again at the same addresses (a model verified again and
@@ -2554,14 +2574,16 @@ class _Lane:
             # A launch or copy that failed to queue: what was queued may still read the pinned
             # buffer or write into it; let it finish before the buffer is zeroed or reused (a
             # broken context fails this too, and then nothing is in flight).
-            with contextlib.suppress(Exception):
-                self.stream.sync()
+            if host is not None:
+                with contextlib.suppress(Exception):
+                    self.stream.sync()
             raise
         finally:
             if plan.key_bytes:
                 # Key records (keyed BLAKE3): the device has read them by now (or never will:
                 # a failed run synchronized in _overlap or raised before queuing the copy).
-                host.array[: plan.key_bytes] = 0
+                if host is not None:
+                    host.array[: plan.key_bytes] = 0
                 up[: plan.key_bytes] = 0
         b.last_device_seconds = _elapsed_seconds(self.t0, self.t1)
         return out
