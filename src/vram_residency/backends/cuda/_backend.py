@@ -916,7 +916,7 @@ class KernelSession:
 
     @contextlib.contextmanager
     def temporary(self, nbytes: int) -> Iterator[int]:
-        """Device address of an allocation of its own (``nbytes`` rounded up to 256, not zeroed)
+        """Device address of an allocation of its own (``nbytes`` rounded up to 256, zero-filled)
         for the ``with`` block, freed after it: large test inputs that must not grow the
         scratch, which is kept for the backend's life."""
         mr = self._backend()._scratch_mr
@@ -1020,11 +1020,14 @@ class CudaBackend(Backend):
         self._xfer_event = _event(self._dev, timing=False)
         self._t0 = _event(self._dev, timing=True)
         self._t1 = _event(self._dev, timing=True)
-        # Exact allocations (zero-filled, zeroed before free) for buffers; the same without the
-        # zeroing for scratch space (digests and tables, nothing sealed), both zeroing on the
-        # compute stream.
+        # Exact allocations (zero-filled, zeroed before free), zeroing on the compute stream, for
+        # buffers and for scratch space alike. Scratch holds no sealed bytes, but it does hold
+        # key material: nh-fast-v1 shard keys and keyed-BLAKE3 key records (derived from the
+        # worker token) are uploaded there, and freed unzeroed they would be readable by the
+        # next allocation in the process (torch's allocator, say). Scratch is freed only when it
+        # grows and at close, so the zeroing costs nothing per digest.
         self._mr = _core.exact_resource(self._dev, self._stream, zero=True)
-        self._scratch_mr = _core.exact_resource(self._dev, self._stream, zero=False)
+        self._scratch_mr = _core.exact_resource(self._dev, self._stream, zero=True)
         self._kernel_defines = {k: dict(v) for k, v in (kernel_defines or {}).items()}
         self._modules: dict[str, Module] = {}
         self._staging_bytes = staging_bytes
