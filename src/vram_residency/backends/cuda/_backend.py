@@ -905,8 +905,7 @@ class KernelSession:
     def scratch(self, nbytes: int) -> int:
         """Device address of at least ``nbytes`` bytes of the lane's digest scratch (the backend's
         scratch, or the low lane's arena; zeroed when allocated and freed, not between uses; grown,
-        never shrunk), the session's to use
-        until the block ends."""
+        never shrunk), the session's to use until the block ends."""
         self._backend()
         return self._scratch(nbytes)
 
