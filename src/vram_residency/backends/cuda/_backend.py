@@ -1047,6 +1047,9 @@ class CudaBackend(Backend):
         self._lock = threading.RLock()  # kernels, scratch and result buffers
         self._staging_lock = threading.Lock()
         self._live: weakref.WeakSet[CudaBuffer] = weakref.WeakSet()
+        #: Guards _live: buffers are added and dropped on any thread, and close() iterates it
+        #: (a WeakSet is iterated by Python code: an add meanwhile fails the iteration).
+        self._live_lock = threading.Lock()
         # Pinned buffers handed out by pinned_host_buffer (see _is_pinned).
         self._own_pinned: weakref.WeakSet[PinnedHostBuffer] = weakref.WeakSet()
         #: Guards _own_pinned: added to on any thread, scanned by _is_pinned.
@@ -1206,7 +1209,8 @@ class CudaBackend(Backend):
                 raise InsufficientVram(size, self.mem_info()[0]) from exc
             raise CudaAllocationFailed(f"cuMemAlloc of {capacity} bytes failed: {exc.name}") from exc
         buf = CudaBuffer(self, int(mem.handle), size, capacity, owned=True, mem=mem)
-        self._live.add(buf)
+        with self._live_lock:
+            self._live.add(buf)
         return buf
 
     def allocate_progressive(self, size: int) -> CudaBuffer:
@@ -1238,7 +1242,8 @@ class CudaBackend(Backend):
             raise InsufficientVram(size, self.mem_info()[0], f"cuMemAddressReserve failed: {exc}") from exc
         try:
             buf = VmmBuffer(self, vmm, size)
-            self._live.add(buf)
+            with self._live_lock:
+                self._live.add(buf)
         except BaseException:
             vmm.release()  # nothing mapped yet: frees the reservation
             raise
@@ -1261,11 +1266,13 @@ class CudaBackend(Backend):
         if ptr % 16:
             raise InvalidInput("adopted device memory must be 16-byte aligned (the kernels load 16 bytes)")
         buf = CudaBuffer(self, ptr, size, size, owned=False)
-        self._live.add(buf)
+        with self._live_lock:
+            self._live.add(buf)
         return buf
 
     def _release(self, buf: CudaBuffer) -> None:
-        self._live.discard(buf)
+        with self._live_lock:
+            self._live.discard(buf)
         if isinstance(buf, VmmBuffer):
             buf._vmm.release()  # zeroed (after its copies and kernels), unmapped, released
             return
@@ -1390,29 +1397,46 @@ class CudaBackend(Backend):
 
         if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
             # Small copies go straight through; pinned bytes need no staging.
-            for off, m in _copy_steps(n, step, prepare):
-                check(
-                    drv.cuMemcpyHtoDAsync(dst + off, addr + off, m, self._copy_stream.handle),
-                    "cuMemcpyHtoDAsync",
-                )
-                if on_chunk is not None:
-                    on_chunk(off + m)
+            try:
+                for off, m in _copy_steps(n, step, prepare):
+                    check(
+                        drv.cuMemcpyHtoDAsync(dst + off, addr + off, m, self._copy_stream.handle),
+                        "cuMemcpyHtoDAsync",
+                    )
+                    if on_chunk is not None:
+                        on_chunk(off + m)
+            except BaseException:
+                self._drain_copies()
+                raise
             self._sync(self._copy_stream, "host-to-device copy")
             return
         with self._staging_lock:
             pool = self._staging_pool()
-            for i, (off, m) in enumerate(_copy_steps(n, step, prepare)):
-                pinned, done = pool[i % len(pool)]
-                _event_sync(done, "waiting for a staging buffer")
-                parallel_copy(self._copy_pool, pinned.array, src[off : off + m], self._copy_threads)
-                check(
-                    drv.cuMemcpyHtoDAsync(dst + off, pinned.address, m, self._copy_stream.handle),
-                    "cuMemcpyHtoDAsync",
-                )
-                _record(self._copy_stream, done)
-                if on_chunk is not None:
-                    on_chunk(off + m)
+            try:
+                for i, (off, m) in enumerate(_copy_steps(n, step, prepare)):
+                    pinned, done = pool[i % len(pool)]
+                    _event_sync(done, "waiting for a staging buffer")
+                    parallel_copy(self._copy_pool, pinned.array, src[off : off + m], self._copy_threads)
+                    check(
+                        drv.cuMemcpyHtoDAsync(dst + off, pinned.address, m, self._copy_stream.handle),
+                        "cuMemcpyHtoDAsync",
+                    )
+                    _record(self._copy_stream, done)
+                    if on_chunk is not None:
+                        on_chunk(off + m)
+            except BaseException:
+                self._drain_copies()
+                raise
             self._sync(self._copy_stream, "host-to-device copy")
+
+    def _drain_copies(self) -> None:
+        """After a failure part-way through ``_copy_in`` (a launch in ``on_chunk``, a mapping in
+        ``prepare``, a copy that failed to queue): let the copies already queued finish before
+        the error reaches the caller, who may then reuse its source memory or free the buffer
+        (whose zeroing runs on the compute stream and would not wait for a late copy). A broken
+        context fails this too, and then nothing is in flight."""
+        with contextlib.suppress(Exception):
+            self._copy_stream.sync()
 
     def _copy_out(self, src: int, n: int) -> bytes:
         self._activate()
@@ -2067,7 +2091,9 @@ class CudaBackend(Backend):
         the device context. Idempotent."""
         if self._closed:
             return
-        for buf in list(self._live):
+        with self._live_lock:
+            live = list(self._live)
+        for buf in live:
             buf.close()
         with self._lock, self._staging_lock:
             # As before, teardown reports nothing: each step runs whatever the previous one did.
