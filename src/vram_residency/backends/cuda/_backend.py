@@ -1973,8 +1973,15 @@ class CudaBackend(Backend):
             # A pageable source (up to 1 MiB here) is staged by the driver before this returns;
             # a pinned one is read when the copy runs, before finish's synchronization returns.
             check(driver().cuMemcpyHtoDAsync(job.ptr, addr, job.n, stream), "cuMemcpyHtoDAsync")
-            job.launch_units(0, job.units)
-            result = job.finish(graphs=self._graphs if GRAPHS else None)[1]
+            if GRAPHS:
+                # Everything after the copy (unit kernels, reduction, copies back) is what a
+                # hash() of the same bytes queues: one graph launch for a seal into the same
+                # buffer again. The copy itself stays outside the graph: its source is the
+                # caller's memory, at an address that means nothing the next time.
+                result = job.run(self._graphs)[1]
+            else:
+                job.launch_units(0, job.units)
+                result = job.finish()[1]
         except BaseException:
             # Let a queued copy from the caller's memory finish before the caller may reuse it.
             with contextlib.suppress(Exception):
