@@ -149,6 +149,71 @@ def test_compile_only_blocks_exist(section: str) -> None:
     assert section in PYTHON, f"COMPILE_ONLY names {section!r}, which has no python block in README.md"
 
 
+# Calls in the prose that are the engine's or torch's, not this library's.
+NOT_OURS = {"generate", "named_parameters", "model", "serve", "handle.remove"}
+
+
+def _library_callable(dotted: str) -> tuple[Any, bool] | None:
+    """The library object a prose call names, and whether it is a method taken from its class
+    (its ``self`` is then not among the call's arguments). Bare method names (``seal_file``,
+    ``digest_many``) are looked up on VramManager and the Backend interface."""
+    import vram_residency.attest as attest
+    import vram_residency.backends.cuda as cuda
+    import vram_residency.distributed as distributed
+    from vram_residency.backends.base import Backend
+
+    head, _, rest = dotted.partition(".")
+    for module in (vram_residency, attest, distributed, cuda):
+        obj = getattr(module, head, None)
+        if obj is not None:
+            if not rest:
+                return obj, False
+            attr = getattr(obj, rest, None)
+            return (attr, True) if attr is not None else None
+    for cls in (VramManager, Backend):
+        if not rest and callable(getattr(cls, head, None)):
+            return getattr(cls, head), True
+    return None
+
+
+def _dotted(node: ast.expr) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return "?"
+
+
+def test_calls_in_the_prose_match_the_api() -> None:
+    """``verify_before_forward(model, mgr, sealed, every_ms=0)``, ``Scrubber(check="fast")``,
+    ``CudaBackend(host_pool_bytes=...)`` and the like: each names a real callable that takes
+    those keywords and that many positional arguments (missing ones are allowed: fragments)."""
+    checked = 0
+    for span in SPANS:
+        try:
+            tree = ast.parse(span)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = _dotted(node.func)
+            found = _library_callable(name)
+            if found is None:
+                assert name in NOT_OURS, f"README: {span!r}: {name} is not in the library"
+                continue
+            fn, unbound = found
+            sig = inspect.signature(fn)
+            args = [None] * (len(node.args) + unbound)
+            kws = dict.fromkeys(k.arg for k in node.keywords if k.arg is not None)
+            try:
+                sig.bind_partial(*args, **kws)
+            except TypeError as exc:
+                raise AssertionError(f"README: {span!r}: {name}{sig}: {exc}") from None
+            checked += 1
+    assert checked >= 5
+
+
 # -- running the blocks -----------------------------------------------------------------------
 def _substitute(code: str, replacements: dict[str, str]) -> str:
     for old, new in replacements.items():
@@ -184,15 +249,15 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _tensors(seed: int, n: int = 2) -> dict[str, np.ndarray[Any, Any]]:
+def _tensors(seed: int, prefix: str = "") -> dict[str, np.ndarray[Any, Any]]:
     rng = np.random.default_rng(seed)
-    return {f"layer{i}.weight": rng.standard_normal((64, 1024), dtype=np.float32) for i in range(n)}
+    return {f"{prefix}layer{i}.weight": rng.standard_normal((64, 1024), dtype=np.float32) for i in range(2)}
 
 
-def _write_safetensors(path: Path, seed: int) -> dict[str, np.ndarray[Any, Any]]:
+def _write_safetensors(path: Path, seed: int, prefix: str = "") -> dict[str, np.ndarray[Any, Any]]:
     from safetensors.numpy import save_file
 
-    tensors = _tensors(seed)
+    tensors = _tensors(seed, prefix)
     save_file(tensors, str(path))
     return tensors
 
@@ -203,14 +268,7 @@ def _write_sharded(directory: Path) -> Path:
     weight_map: dict[str, str] = {}
     for k in (1, 2):
         name = f"model-0000{k}-of-00002.safetensors"
-        for t in _write_safetensors(directory / name, seed=k):
-            weight_map[f"shard{k}.{t}"] = name
-    # The index names each file's tensors; rewrite the files with those names.
-    from safetensors.numpy import save_file
-
-    for k in (1, 2):
-        name = f"model-0000{k}-of-00002.safetensors"
-        save_file({f"shard{k}.{t}": a for t, a in _tensors(k).items()}, str(directory / name))
+        weight_map.update(dict.fromkeys(_write_safetensors(directory / name, k, f"part{k}."), name))
     index = directory / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return index
@@ -261,7 +319,9 @@ def run_library(tmp: Path) -> None:
     assert ns["token"] == TOKEN
     assert ns["record"]["format"] == "seal-v1"
     assert ns["statement"]["verdict"] == "ok"
-    assert [s["shard_id"] for s in ns["statement"]["shards"]][0] == ns["shard"].shard_id
+    # The statement covers every seal held: the bytes-sealed shard and the adopted tensors.
+    attested = {s["shard_id"] for s in ns["statement"]["shards"]}
+    assert attested == {ns["shard"].shard_id, *(s.shard_id for s in ns["model"].shards)}
 
 
 def run_files(tmp: Path) -> None:
@@ -277,7 +337,7 @@ def run_files(tmp: Path) -> None:
             {"mgr": mgr, "torch_module": _torch_module()},
             {"/models/": f"{models}/"},
         )
-        assert ns["model"].names == tuple(json.loads(index.read_text())["weight_map"].values())[::2]
+        assert ns["model"].names == tuple(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
         assert ns["report"].repaired_units == 0
         assert len(mgr.shards()) == 2 + 1 + len(ns["adopted"].shards)
 
@@ -351,19 +411,30 @@ def _commands() -> list[str]:
 
 
 def _subcommand_options(words: list[str]) -> tuple[list[str], set[str]]:
-    """The subcommand path (``['audit', 'verify']``) and its parser's option strings."""
+    """The subcommand path that ``words`` start with (``['audit', 'verify']``) and its options."""
     parser = build_parser()
     path: list[str] = []
     for word in words:
-        subs = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
-        if not subs:
-            break
-        choices: dict[str, Any] = subs[0].choices  # type: ignore[assignment]
+        choices = _choices(parser)
         if word not in choices:
             break
         path.append(word)
         parser = choices[word]
     return path, {s for a in parser._actions for s in a.option_strings}
+
+
+def _subcommand_choices() -> list[str]:
+    """Every subcommand path: ``digest``, ..., ``audit verify``, ``audit show``."""
+    out: list[str] = []
+    for top in _choices(build_parser()):
+        subs = _choices(_choices(build_parser())[top])
+        out.extend([f"{top} {s}" for s in subs] or [top])
+    return out
+
+
+def _choices(parser: Any) -> dict[str, Any]:
+    subs = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return dict(subs[0].choices) if subs else {}
 
 
 def test_every_documented_flag_exists() -> None:
@@ -372,6 +443,10 @@ def test_every_documented_flag_exists() -> None:
     spans = [*_commands()]
     spans += [s for s in SPANS if re.match(r"(serve|audit verify|attest) --", s)]
     spans += [s for s in SPANS if "vram_residency.cli.main serve" in s]
+    # A bare ``--flag`` in the prose must be an option of some subcommand.
+    every = {o for cmd in _subcommand_choices() for o in _subcommand_options(cmd.split())[1]}
+    for flag in (s for s in SPANS if re.fullmatch(r"--[\w-]+", s)):
+        assert flag in every, f"README: no vram-residency subcommand has the option {flag}"
     assert len(spans) >= 10
     for text in spans:
         words = shlex.split(text.replace("[", " ").replace("]", " ").replace("|", " "))
