@@ -27,7 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,64 +99,15 @@ def test_every_python_block_is_known() -> None:
 MANAGER_NAMES = {"mgr", "src_mgr", "dst_mgr", "worker_mgr"}
 
 
-def _api_calls(code: str) -> Iterator[tuple[str, str, list[str], int]]:
-    """(object, method, keyword names, positional count) of every ``name.method(...)`` call."""
-    for node in ast.walk(ast.parse(code)):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and isinstance(node.func.value, ast.Name)
-        ):
-            kws = [k.arg for k in node.keywords if k.arg is not None]
-            yield node.func.value.id, node.func.attr, kws, len(node.args)
-
-
-def _known_classes() -> dict[str, type[Any]]:
-    from vram_residency.attest import NonceStore
-    from vram_residency.distributed import TPModel
-
-    return {"TPModel": TPModel, "NonceStore": NonceStore}
-
-
-def check_api(block: Block) -> None:
-    """Every call on a manager or a known library class names a real method with real keywords."""
-    compile(block.code, f"README.md:{block.line}", "exec")
-    classes = _known_classes()
-    checked = 0
-    for obj, method, kws, nargs in _api_calls(block.code):
-        cls: type[Any] | None = VramManager if obj in MANAGER_NAMES else classes.get(obj)
-        if cls is None:
-            continue
-        fn = getattr(cls, method, None)
-        assert fn is not None, f"README.md:{block.line}: {cls.__name__} has no method {method!r}"
-        sig = inspect.signature(fn)
-        bound_self = 0 if isinstance(inspect.getattr_static(cls, method), (classmethod, staticmethod)) else 1
-        try:
-            sig.bind(*([None] * (nargs + bound_self)), **dict.fromkeys(kws))
-        except TypeError as exc:
-            raise AssertionError(f"README.md:{block.line}: {cls.__name__}.{method}{sig}: {exc}") from None
-        checked += 1
-    assert checked, f"README.md:{block.line}: no library call found to check"
-
-
-@pytest.mark.parametrize("section", sorted(PYTHON))
-def test_block_compiles_and_calls_real_api(section: str) -> None:
-    check_api(PYTHON[section])
-
-
-@pytest.mark.parametrize("section", sorted(COMPILE_ONLY))
-def test_compile_only_blocks_exist(section: str) -> None:
-    assert section in PYTHON, f"COMPILE_ONLY names {section!r}, which has no python block in README.md"
-
-
 # Calls in the prose that are the engine's or torch's, not this library's.
 NOT_OURS = {"generate", "named_parameters", "model", "serve", "handle.remove"}
 
 
 def _library_callable(dotted: str) -> tuple[Any, bool] | None:
-    """The library object a prose call names, and whether it is a method taken from its class
-    (its ``self`` is then not among the call's arguments). Bare method names (``seal_file``,
-    ``digest_many``) are looked up on VramManager and the Backend interface."""
+    """The library object a call names, and whether it is a method taken from its class (its
+    ``self`` is then not among the call's arguments). Top-level names are looked up among what
+    the package, ``attest``, ``distributed`` and ``backends.cuda`` export; bare method names
+    (``seal_file``, ``digest_many``) on VramManager and the Backend interface."""
     import vram_residency.attest as attest
     import vram_residency.backends.cuda as cuda
     import vram_residency.distributed as distributed
@@ -164,12 +115,18 @@ def _library_callable(dotted: str) -> tuple[Any, bool] | None:
 
     head, _, rest = dotted.partition(".")
     for module in (vram_residency, attest, distributed, cuda):
+        exported = getattr(module, "__all__", None)
+        if exported is not None and head not in exported:
+            continue
         obj = getattr(module, head, None)
-        if obj is not None:
-            if not rest:
-                return obj, False
-            attr = getattr(obj, rest, None)
-            return (attr, True) if attr is not None else None
+        if obj is None or inspect.ismodule(obj):
+            continue
+        if not rest:
+            return obj, False
+        attr = getattr(obj, rest, None)
+        assert attr is not None, f"{dotted}: {head} has no attribute {rest!r}"
+        static = inspect.getattr_static(obj, rest) if inspect.isclass(obj) else None
+        return attr, inspect.isclass(obj) and not isinstance(static, (classmethod, staticmethod))
     for cls in (VramManager, Backend):
         if not rest and callable(getattr(cls, head, None)):
             return getattr(cls, head), True
@@ -182,6 +139,46 @@ def _dotted(node: ast.expr) -> str:
     if isinstance(node, ast.Attribute):
         return f"{_dotted(node.value)}.{node.attr}"
     return "?"
+
+
+def check_api(block: Block) -> None:
+    """Every call on a manager (``mgr.seal_model(...)``) or on a name the library exports
+    (``check_seal_record(...)``, ``TPModel.seal(...)``) names a real callable, with the
+    keywords and the number of positional arguments it takes."""
+    compile(block.code, f"README.md:{block.line}", "exec")
+    checked = 0
+    for node in ast.walk(ast.parse(block.code)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        obj, _, method = name.partition(".")
+        if obj in MANAGER_NAMES:
+            fn = getattr(VramManager, method, None)
+            assert fn is not None, f"README.md:{block.line}: VramManager has no method {method!r}"
+            found: tuple[Any, bool] | None = (fn, True)
+        else:
+            found = _library_callable(name)
+        if found is None:
+            continue
+        fn, unbound = found
+        sig = inspect.signature(fn)
+        args = [None] * (len(node.args) + unbound)
+        try:
+            sig.bind(*args, **dict.fromkeys(k.arg for k in node.keywords if k.arg is not None))
+        except TypeError as exc:
+            raise AssertionError(f"README.md:{block.line}: {name}{sig}: {exc}") from None
+        checked += 1
+    assert checked, f"README.md:{block.line}: no library call found to check"
+
+
+@pytest.mark.parametrize("section", sorted(PYTHON))
+def test_block_compiles_and_calls_real_api(section: str) -> None:
+    check_api(PYTHON[section])
+
+
+@pytest.mark.parametrize("section", sorted(COMPILE_ONLY))
+def test_compile_only_blocks_exist(section: str) -> None:
+    assert section in PYTHON, f"COMPILE_ONLY names {section!r}, which has no python block in README.md"
 
 
 def test_calls_in_the_prose_match_the_api() -> None:
