@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -37,7 +38,7 @@ import pytest
 from markdown_it import MarkdownIt
 
 import vram_residency
-from vram_residency import VramManager
+from vram_residency import VramManager, check_seal_record
 from vram_residency.audit import AuditLog
 from vram_residency.cli.main import build_parser
 from vram_residency.formats import digest
@@ -316,6 +317,7 @@ def run_library(tmp: Path) -> None:
     assert ns["token"] == TOKEN
     assert ns["record"]["format"] == "seal-v1"
     assert ns["statement"]["verdict"] == "ok"
+    check_seal_record(json.dumps(ns["record"]), TOKEN)  # "dict or JSON text", as the block says
     # The statement covers every seal held: the bytes-sealed shard and the adopted tensors.
     attested = {s["shard_id"] for s in ns["statement"]["shards"]}
     assert attested == {ns["shard"].shard_id, *(s.shard_id for s in ns["model"].shards)}
@@ -527,6 +529,28 @@ def test_audit_commands(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SealVerificationFailed" in out.stdout
     assert "VramSealed" not in out.stdout
+
+
+def test_attest_fleet_command_fails_on_no_answer(tmp_path: Path) -> None:
+    """The fleet line, run as written against workers that do not answer (loopback ports bound
+    by this test and never listened on, so the connection is refused at once): one row per
+    worker and a non-zero exit, as the README promises for "any failure or late answer". A
+    worker that answers is tests/attest/test_attest_http.py's subject (it needs ``serve``)."""
+    cmd = _one(r"vram-residency attest --workers-file ")
+    (tmp_path / "TOKEN").write_text(TOKEN + "\n")
+    (tmp_path / "TOKEN").chmod(0o600)
+    with contextlib.ExitStack() as stack:
+        urls = []
+        for _ in range(2):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            urls.append(f"http://127.0.0.1:{sock.getsockname()[1]}")
+        (tmp_path / "fleet.txt").write_text("# two workers\n" + "\n".join(urls) + "\n")
+        out = _shell(cmd, tmp_path, tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    rows = [line for line in out.stdout.splitlines() if "127.0.0.1:" in line]
+    assert len(rows) == 2 and all("NO ANSWER" in r for r in rows), out.stdout
+    assert TOKEN not in out.stdout + out.stderr
 
 
 def test_dev_py_commands_exist() -> None:
