@@ -465,7 +465,9 @@ def _shell(command: str, cwd: Path, home: Path) -> subprocess.CompletedProcess[s
     first on PATH and HOME in the test's directory (for ``~/...`` paths)."""
     bindir = Path(sys.executable).parent
     assert (bindir / "vram-residency").exists(), "the console script is not installed beside python"
-    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", HOME=str(home), COLUMNS="200")
+    env = dict(
+        os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}", HOME=str(home), COLUMNS="200"
+    )
     return subprocess.run(
         ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
