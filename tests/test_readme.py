@@ -480,8 +480,7 @@ def _one(pattern: str) -> str:
 
 
 def test_digest_and_manifest_commands(tmp_path: Path) -> None:
-    tensors = _write_safetensors(tmp_path / "model.safetensors", seed=11)
-    assert tensors
+    _write_safetensors(tmp_path / "model.safetensors", seed=11)
     data = (tmp_path / "model.safetensors").read_bytes()
     cmd = _one(r"vram-residency digest ")
     out = _shell(cmd, tmp_path, tmp_path)
@@ -496,6 +495,10 @@ def test_digest_and_manifest_commands(tmp_path: Path) -> None:
     # What the README says it is for: seal_file(..., manifest=...) accepts these bytes.
     with VramManager(TOKEN, backend="host") as mgr:
         mgr.seal_file(tmp_path / "model.safetensors", manifest=tmp_path / "manifest.json")
+        _write_safetensors(tmp_path / "model.safetensors", seed=12)  # same shape, other bytes
+        with pytest.raises(vram_residency.InvalidInput):
+            mgr.seal_file(tmp_path / "model.safetensors", manifest=tmp_path / "manifest.json")
+        assert mgr.shards() and len(mgr.shards()) == 1  # the refused seal left nothing behind
 
 
 def test_audit_commands(tmp_path: Path) -> None:
