@@ -4,6 +4,7 @@
     python3 dev.py serve [ARGS...]   # the worker service (the project's main job)
     python3 dev.py test  [ARGS...]   # lint, type-check and the test suite
     python3 dev.py run CMD [ARGS...] # any command inside the project's environment
+    python3 dev.py demo              # seal a sample, flip one bit behind the seal's back, detect it
 
 It installs uv (pinned) into .tools/, syncs .venv/ to uv.lock (every locked package at its locked
 version; for `test` also torch, from a local CPU wheel where the machine has one; with the CUDA extra:
