@@ -29,3 +29,16 @@ def cuda_backend() -> Iterator[CudaBackend]:
 def random_bytes(n: int, seed: int) -> bytes:
     """Reproducible random bytes (never zeros: zeros hide unwritten memory)."""
     return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
+
+
+def _gpus() -> int:
+    try:
+        from vram_residency.backends.cuda import device_count
+
+        return device_count()
+    except Exception:
+        return 0
+
+
+#: Tests that move shards between two GPUs (peer to peer).
+two_gpus = pytest.mark.skipif(_gpus() < 2, reason="peer-to-peer migration needs 2 GPUs")

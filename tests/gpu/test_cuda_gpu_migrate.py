@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.gpu.conftest import random_bytes
+from tests.gpu.conftest import random_bytes, two_gpus
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
 from vram_residency.backends.cuda import _backend as cuda_backend
@@ -22,18 +22,6 @@ pytestmark = pytest.mark.gpu
 
 TOKEN = "gpu-migrate-token-0123456789abcdef"
 MiB = 1 << 20
-
-
-def _gpus() -> int:
-    try:
-        from vram_residency.backends.cuda import device_count
-
-        return device_count()
-    except Exception:
-        return 0
-
-
-two_gpus = pytest.mark.skipif(_gpus() < 2, reason="peer-to-peer migration needs 2 GPUs")
 
 
 def flip(at: int, times: int = 1) -> Any:

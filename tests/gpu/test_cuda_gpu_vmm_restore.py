@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.gpu.conftest import random_bytes
+from tests.gpu.conftest import random_bytes, two_gpus
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
 from vram_residency.backends.base import COPY_CHUNK, progressive_chunks
@@ -30,18 +30,6 @@ pytestmark = pytest.mark.gpu
 TOKEN = "gpu-vmm-restore-token-0123456789abcd"
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-def _gpus() -> int:
-    try:
-        from vram_residency.backends.cuda import device_count
-
-        return device_count()
-    except Exception:
-        return 0
-
-
-two_gpus = pytest.mark.skipif(_gpus() < 2, reason="peer-to-peer migration needs 2 GPUs")
 
 
 @pytest.fixture
