@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.sources.conftest import Recorder
 from vram_residency import VramManager
 from vram_residency import _migrate as mig
 from vram_residency.backends.base import ALIGNMENT, COPY_CHUNK, DeviceBuffer, progressive_chunks
@@ -26,17 +27,6 @@ from vram_residency.formats.tree import SHA256_TREE_V1, UNIT_SIZE, hash_units
 
 TOKEN = "progressive-restore-token-0123456789ab"
 MiB = 1 << 20
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, event_type: str, *, critical: bool | None = None, **fields: Any) -> None:
-        self.events.append((event_type, fields))
-
-    def names(self) -> list[str]:
-        return [e for e, _ in self.events]
 
 
 def _round(n: int) -> int:
@@ -205,11 +195,11 @@ def test_mapping_in_any_steps_takes_what_allocate_takes(
 
 
 @pytest.fixture
-def sink() -> Sink:
-    return Sink()
+def sink() -> Recorder:
+    return Recorder()
 
 
-def _manager(sink: Sink, capacity: int) -> VramManager:
+def _manager(sink: Recorder, capacity: int) -> VramManager:
     m = VramManager(TOKEN, 0, backend="host", capacity_bytes=capacity, audit=sink, worker_id="w")
     backend = m.store.backend
     assert isinstance(backend, HostBackend)
@@ -218,7 +208,7 @@ def _manager(sink: Sink, capacity: int) -> VramManager:
 
 
 @pytest.mark.parametrize("to", ["host", "file"])
-def test_restore_uses_progressive_allocation(sink: Sink, tmp_path: Any, to: str) -> None:
+def test_restore_uses_progressive_allocation(sink: Recorder, tmp_path: Any, to: str) -> None:
     payload = os.urandom(5 * MiB + 3)
     with _manager(sink, 32 * MiB) as m:
         s = m.seal_model(payload)
@@ -238,7 +228,7 @@ def test_restore_uses_progressive_allocation(sink: Sink, tmp_path: Any, to: str)
             other.verify_sealed(t)
 
 
-def test_restore_running_out_at_a_chunk_leaves_the_shard_offloaded(sink: Sink) -> None:
+def test_restore_running_out_at_a_chunk_leaves_the_shard_offloaded(sink: Recorder) -> None:
     """Another allocation takes the memory while the restore lands its first copy chunk: mapping
     fails at the chunk after the next one (1 MiB doubling to 4 MiB, then near-equal parts: the
     first copy chunk maps chunks 0..k0, the hook leaves room for chunk k0 + 1 only), the restore
@@ -280,7 +270,7 @@ def test_restore_running_out_at_a_chunk_leaves_the_shard_offloaded(sink: Sink) -
         assert m._entry(s).buf.read(n - 11, 11) == payload[-11:]
 
 
-def test_restore_that_does_not_fit_allocates_nothing(sink: Sink) -> None:
+def test_restore_that_does_not_fit_allocates_nothing(sink: Recorder) -> None:
     with _manager(sink, 16 * MiB) as m:
         s = m.seal_model(os.urandom(6 * MiB))
         m.offload(s)
