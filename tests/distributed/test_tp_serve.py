@@ -97,8 +97,16 @@ class Serve:
                 p.wait()
 
 
-def _start(root: Path, world: int, *, flip_dir: Path | None = None, extra: tuple[str, ...] = ()) -> Serve:
-    """``world`` ranks of ``serve`` in torchrun's environment (what torchrun would set)."""
+def _start(
+    root: Path,
+    world: int,
+    *,
+    flip_dir: Path | None = None,
+    extra: tuple[str, ...] = (),
+    rank_extra: dict[int, tuple[str, ...]] | None = None,
+) -> Serve:
+    """``world`` ranks of ``serve`` in torchrun's environment (what torchrun would set);
+    ``rank_extra``: options for one rank only (after ``extra``)."""
     root.mkdir(parents=True, exist_ok=True)
     models = _model_dir(root)
     token = _token_file(root)
@@ -125,6 +133,7 @@ def _start(root: Path, world: int, *, flip_dir: Path | None = None, extra: tuple
             sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", BACKEND, "--port", "0",
             "--token-file", str(token), "--state-dir", str(root / "state"), "--model-dir", str(models),
             "--model", MODEL, "--scrub-interval", "0", "--tp-timeout", str(TIMEOUT_S), *extra,
+            *(rank_extra or {}).get(r, ()),
         ]  # fmt: skip
         log = root / f"rank{r}.log"
         with log.open("wb") as out:
@@ -331,6 +340,38 @@ def test_tp_serve_rank_1_lost_rank_0_stops_within_the_timeout(tmp_path: Path, ho
             os.kill(group.procs[1].pid, signal.SIGCONT)
             assert group.procs[1].wait(3 * TIMEOUT_S) == 3, group.log(1)
             assert "RankUnresponsive" in group.log(1)
+    finally:
+        group.kill()
+
+
+@pytest.mark.skipif(BACKEND != "host", reason="--host-capacity-gib sizes the host emulation only")
+def test_tp_plan_counts_the_free_memory_of_every_rank(tmp_path: Path) -> None:
+    # Rank 1's device is much smaller than rank 0's (emulated: 64 MiB against 1 GiB). A part that
+    # fits on rank 0 but not on rank 1 must not be planned as feasible: rank 1's free memory
+    # reaches rank 0 with every message (the startup commit's, then the heartbeats').
+    mib = 2**20
+    small = ("--host-capacity-gib", str(64 / 1024))
+    group = _start(tmp_path / "tp", 2, rank_extra={0: ("--host-capacity-gib", "1"), 1: small})
+    try:
+        group.wait_listening(90)
+        c = group.client
+
+        def plan(n: int) -> dict[str, Any]:
+            body = {"vram_bytes": n, "shard_layout": "tensor_parallel", "tp_degree": 2}
+            r = c.post("/worker/plan", json=body)
+            assert r.status_code == 200, r.text
+            out: dict[str, Any] = r.json()
+            return out
+
+        held = c.get("/worker/ready").json()["handles"][1]["vram_bytes"]  # rank 1's part
+        free = plan(mib)["available_bytes"]
+        assert 64 * mib - 2 * held <= free <= 64 * mib - held
+        assert plan(2 * 32 * mib)["feasible"] is True
+        over = plan(2 * (free + mib))  # each part fits rank 0's ~1 GiB, not rank 1's 64 MiB
+        assert over["feasible"] is False, over
+        # After a heartbeat (a quarter of the timeout) the figure is still rank 1's.
+        time.sleep(TIMEOUT_S / 4 + 0.5)
+        assert plan(mib)["available_bytes"] == free
     finally:
         group.kill()
 

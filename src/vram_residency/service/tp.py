@@ -163,11 +163,17 @@ def init_group(env: TPEnv, backend: BackendName, timeout_s: float) -> TPGroup:
 
 
 class _Channel:
-    """Variable-size JSON objects, one from every rank, in one exchange (two all_gathers)."""
+    """Variable-size JSON objects, one from every rank, in one exchange (two all_gathers).
 
-    def __init__(self, group: Any, timeout_s: float) -> None:
+    ``report`` (a follower's): fields added to every object this rank sends, so that rank 0
+    learns them from every exchange without a collective of its own (its free device memory)."""
+
+    def __init__(
+        self, group: Any, timeout_s: float, report: Callable[[], dict[str, Any]] | None = None
+    ) -> None:
         self._group = group
         self._timeout = timedelta(seconds=timeout_s)
+        self.report = report
 
     def _fixed(self, payload: bytes) -> list[bytes]:
         import torch
@@ -186,6 +192,8 @@ class _Channel:
         return [flat[i * n : (i + 1) * n] for i in range(world)]
 
     def exchange(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.report is not None:
+            obj = {**self.report(), **obj}
         raw = json.dumps(obj, separators=(",", ":")).encode()
         sizes = [int.from_bytes(s, "little") for s in self._fixed(len(raw).to_bytes(8, "little"))]
         padded = self._fixed(raw + bytes(max(sizes) - len(raw)))
@@ -235,6 +243,10 @@ class TPLeader:
         self.lock = threading.RLock()
         self._held: _Held | None = None
         self._broken: TPIncident | None = None
+        #: Each follower's free device memory as its last message reported it (rank k at index
+        #: k; None until heard from). Every exchange carries it, the idle heartbeat included, so
+        #: it is at most about a quarter of the timeout old when nothing runs.
+        self._free: list[int | None] = [None] * group.env.world
         #: Called with the incident when the heartbeat finds the group broken (the worker's
         #: ``lifecycle.report_failure``: Stopped, audited).
         self.on_failure: Callable[[BaseException], object] | None = None
@@ -272,9 +284,20 @@ class TPLeader:
         if self._broken is not None:
             raise self._broken
         try:
-            return self._channel.exchange(obj)
+            replies = self._channel.exchange(obj)
         except Exception as exc:  # DistBackendError, a timeout, a peer gone: all the same here
             self._lost(exc, what)
+        for rank, reply in enumerate(replies[1:], start=1):
+            free = reply.get("free")
+            if isinstance(free, int) and not isinstance(free, bool) and free >= 0:
+                self._free[rank] = free
+        return replies
+
+    def group_free(self, own: int) -> int:
+        """The least free device memory of any rank: ``own`` (rank 0's, read now) and each
+        follower's as last reported. A follower not heard from yet counts as rank 0 (the group
+        starts with an exchange, so that lasts until the first command or heartbeat only)."""
+        return min([own, *(f for f in self._free[1:] if f is not None)])
 
     def _send(self, op: str, **fields: Any) -> None:
         self._exchange({"op": op, **fields}, f"the {op!r} command")
@@ -573,11 +596,14 @@ class TPWorker(Worker):
 
     def plan(self, model: str | None, vram_bytes: int | None) -> dict[str, Any]:
         """As one worker's, but each rank holds about 1/N of the model: it fits when that part
-        fits in rank 0's free device memory (which stands for every rank's: finding the others'
-        would take a collective, and a plan must never wait on the group)."""
+        fits in the free device memory of every rank. ``available_bytes`` is the least of rank
+        0's (read now) and each other rank's as its last message to rank 0 reported it (a plan
+        never waits on the group; see ``TPLeader.group_free``)."""
         out = super().plan(model, vram_bytes)
+        free = self._leader.group_free(out["available_bytes"])
+        out["available_bytes"] = free
         per_rank = self.needed_bytes(-(-out["model_bytes"] // self.tp_degree))
-        out["fits"] = 0 < per_rank <= out["available_bytes"] and per_rank <= self.manager.max_model_bytes
+        out["fits"] = 0 < per_rank <= free and per_rank <= self.manager.max_model_bytes
         return out
 
     # -- commit, verify, free ----------------------------------------------------------------------
@@ -829,6 +855,17 @@ def run_follower(
             capacity_bytes=capacity_bytes,
             audit=audit,
         ) as mgr:
+
+            def report() -> dict[str, Any]:
+                # Rank 0 plans with every rank's free memory (TPWorker.plan): it rides on every
+                # message this rank sends. A failed read leaves the field out; it never fails
+                # the exchange.
+                try:
+                    return {"free": mgr.available_vram()}
+                except VramError:
+                    return {}
+
+            channel.report = report
             try:
                 while True:
                     _flip_if_asked(flip_dir, rank, mgr, held)
