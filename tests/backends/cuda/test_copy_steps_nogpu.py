@@ -100,10 +100,10 @@ def test_a_destination_that_is_not_ready_is_refused() -> None:
 
 
 def test_the_one_copy_seal_only_into_memory_mapped_through_its_end() -> None:
-    """``write_and_hash``'s one-copy path (``_seal_one_copy``) maps nothing. Before review30b it
+    """``write_and_hash``'s one-copy path (``_seal_one_copy``) maps nothing. Before a review of 2026-11-30 it
     was taken for any source up to 1 MiB (or pinned, up to the staging size) whatever the
     destination, so a restore into a progressive buffer with its chunks still to map copied
-    into the unmapped range (tests/gpu/test_cuda_gpu_review30b.py shows the fault on a GPU).
+    into the unmapped range (tests/gpu/test_cuda_gpu_vmm_restore.py shows the fault on a GPU).
     Checked here against real buffers of the host backend: ordinary, and progressive before,
     during and after mapping."""
     from vram_residency.backends.cuda._backend import _one_copy_seal
