@@ -26,6 +26,14 @@ wall figure misses or the digests disagree.
 
     scripts/portab-prepare
     PYTHONPATH=src python3 bench/port_ab.py --out /tmp/results [--rounds 4] [--sizes 1M,64M,1G,16G]
+
+``pool``: several runs' port-ab-DATE.json files (the same trees, sizes and algorithms; e.g. the
+runs of several GPU sessions) summarized as one run of all their processes, each run's rounds
+numbered after the previous run's. Writes port-ab-DATE-pooled.json/.md (DATE: the last run's)
+and exits as a run does. Pooling adds processes, not a new measurement: the report names its
+runs, and each run's own file stays the record of that run.
+
+    python3 bench/port_ab.py pool --out bench/results RUN_A.json RUN_B.json
 """
 
 from __future__ import annotations
@@ -544,9 +552,14 @@ def _gbps(v: float) -> str:
 
 
 def write_results(res: dict[str, Any], out: Path) -> Path:
-    """port-ab-DATE.json (everything) and port-ab-DATE.md (the table); returns the .md path."""
+    """port-ab-DATE.json (everything) and port-ab-DATE.md (the table); returns the .md path.
+    A pooled result (``pooled_from``: the runs' files) is port-ab-DATE[-gpu-bench]-pooled."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"port-ab-{res['date']}{'-gpu-bench' if res['mode'] == 'gpu-bench' else ''}"
+    pooled: list[str] = res.get("pooled_from") or []
+    stem = out / (
+        f"port-ab-{res['date']}{'-gpu-bench' if res['mode'] == 'gpu-bench' else ''}"
+        f"{'-pooled' if pooled else ''}"
+    )
     Path(f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     goal = 1.0 - res["within"]
     old, new = res["old"], res["new"]
@@ -561,13 +574,21 @@ def write_results(res: dict[str, Any], out: Path) -> Path:
         else "each process is the tree's whole `bench/gpu_bench.py`"
     )
     agree = {True: "yes", False: "**NO**", None: "not compared (each run checks its own against the host)"}
+    runs_said = (
+        f"{len(pooled)} runs of `bench/port_ab.py --mode {res['mode']}` pooled "
+        f"({', '.join(f'`{f}`' for f in pooled)}; `port_ab.py pool`): {res['rounds']} rounds in all, "
+        f"{len(res['order'])} processes, each run in the order"
+        if pooled
+        else f"One run of `bench/port_ab.py --mode {res['mode']}`: {res['rounds']} rounds, "
+        f"{len(res['order'])} processes in the order"
+    )
+    order = res["order"][: len(res["order"]) // len(pooled)] if pooled else res["order"]
     lines = [
         f"# Port A/B: raw-driver backend against cuda.core ({res['device']}, {res['date']})",
         "",
         f"Old: `{old['tree']}` at {rev(old, 'unknown revision')}; new: `{new['tree']}` at "
-        f"{rev(new, 'unknown revision (no .git)')}. One run of `bench/port_ab.py --mode "
-        f"{res['mode']}`: {res['rounds']} rounds, {len(res['order'])} processes in the order "
-        f"{', '.join(res['order'])}; {how}. Below, each side's median over its processes (GB/s), "
+        f"{rev(new, 'unknown revision (no .git)')}. {runs_said} "
+        f"{', '.join(order)}; {how}. Below, each side's median over its processes (GB/s), "
         f"and new / old against the issue 10 target (new >= {goal:.2f} x old).",
         "",
         f"Seal digests of old and new agree: {agree[res['digests_agree']]}. "
@@ -597,10 +618,81 @@ def write_results(res: dict[str, Any], out: Path) -> Path:
     return Path(f"{stem}.md")
 
 
+#: What the runs of a pool must share (``pool``): they measured the same thing.
+_POOL_SAME = ("mode", "sizes", "algorithms", "within", "device")
+
+
+def pool_results(results: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """One result from several runs' (see the module's ``pool``). Refuses (ValueError) runs that
+    differ in what they measured or in the trees' revisions, or a run that recorded none."""
+    if len(results) < 2:
+        raise ValueError("pool needs at least two runs")
+    first = results[0]
+    for name, res in zip(names, results, strict=True):
+        for key in _POOL_SAME:
+            if res.get(key) != first.get(key):
+                raise ValueError(
+                    f"{name}: {key} {res.get(key)!r} differs from the first run's {first.get(key)!r}"
+                )
+        for side in SIDES:
+            rev = res[side]["revision"]
+            if not rev or rev != first[side]["revision"]:
+                raise ValueError(f"{name}: the {side} tree's revision {rev!r} is not the first run's")
+        if len(res["order"]) != len(first["order"]):
+            raise ValueError(
+                f"{name}: {len(res['order'])} processes, the first run had {len(first['order'])}"
+            )
+    runs: list[dict[str, Any]] = []
+    rounds = 0
+    for res in results:
+        runs += [
+            {**run, "round": run["round"] + rounds, "index": len(runs) + i}
+            for i, run in enumerate(res["runs"])
+        ]
+        rounds += res["rounds"]
+    rows = summarize(runs, first["sizes"], first["algorithms"], first["within"])
+    return {
+        **{key: first[key] for key in _POOL_SAME},
+        "date": results[-1]["date"],
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "rounds": rounds,
+        "order": [side for res in results for side in res["order"]],
+        "old": first["old"],
+        "new": first["new"],
+        "host_cpus": [res.get("host_cpus") for res in results],
+        "python": [res.get("python") for res in results],
+        "pooled_from": list(names),
+        "digests_agree": digests_agree(runs),
+        "missed": sum(1 for r in rows if r["within"] is False),
+        "rows": rows,
+        "runs": runs,
+    }
+
+
+def pool_main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="port_ab.py pool", description="several runs' port-ab-DATE.json as one (see the module)"
+    )
+    ap.add_argument("--out", required=True, type=Path, help="directory for port-ab-DATE-pooled.json/.md")
+    ap.add_argument("results", nargs="+", type=Path, help="port-ab-DATE.json files of the runs")
+    args = ap.parse_args(argv)
+    try:
+        loaded = [json.loads(p.read_text()) for p in args.results]
+        res = pool_results(loaded, [str(p) for p in args.results])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"port_ab pool: {type(e).__name__}: {e}")
+        return 2
+    md = write_results(res, args.out)
+    log(md.read_text())
+    return 1 if res["missed"] or res["digests_agree"] is False else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
         return worker_main(argv[1:])
+    if argv[:1] == ["pool"]:
+        return pool_main(argv[1:])
     args = parse_args(argv)
     trees = {"old": args.old, "new": args.new}
     order = alternation(args.rounds)

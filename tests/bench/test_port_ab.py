@@ -437,3 +437,79 @@ def test_fill_matches_gpu_bench() -> None:
     ns["fill_random"](a)
     pab.fill_random(b)
     assert np.array_equal(a, b)
+
+
+def _result(
+    runs: list[dict[str, Any]], *, new_rev: str = "a" * 40, date: str = "2026-12-01"
+) -> dict[str, Any]:
+    rows = pab.summarize(runs, [MiB], ["sha256-tree-v1", "blake3"], 0.03)
+    return {
+        "date": date,
+        "timestamp": f"{date}T00:00:00+00:00",
+        "device": "NVIDIA H200",
+        "mode": "rows",
+        "sizes": [MiB],
+        "algorithms": ["sha256-tree-v1", "blake3"],
+        "rounds": 2,
+        "order": ["old", "new", "new", "old"],
+        "within": 0.03,
+        "old": {"tree": ".portab/old", "revision": "8d48eb5dc427121125fc6a91be568740c138069d"},
+        "new": {"tree": ".", "revision": new_rev},
+        "host_cpus": 16,
+        "python": "3.12.3",
+        "digests_agree": True,
+        "missed": sum(1 for r in rows if r["within"] is False),
+        "rows": rows,
+        "runs": runs,
+    }
+
+
+def test_pool_is_one_summary_of_every_process_with_rounds_numbered_on(tmp_path: Path) -> None:
+    # Run a: new 1.0 / 1.0 x old per round (old 50 and 55: new/old 0.952, a miss). Run b: new
+    # 1.04 and 1.06 x. Pooled: old 50, 55, 50, 55 (median 52.5), new 50, 50, 52, 53 (median 51).
+    a, b = _result(_runs([1.0, 1.0])), _result(_runs([1.04, 1.06]), date="2026-12-02")
+    res = pab.pool_results([a, b], ["a.json", "b.json"])
+    assert res["rounds"] == 4 and res["date"] == "2026-12-02" and res["pooled_from"] == ["a.json", "b.json"]
+    assert [r["round"] for r in res["runs"]] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [r["index"] for r in res["runs"]] == list(range(8))
+    assert res["order"] == a["order"] + b["order"]
+    r = next(
+        r for r in res["rows"] if r["algorithm"] == "sha256-tree-v1" and r["figure"] == "seal_pinned_GBps"
+    )
+    assert r["old_median"] == pytest.approx(52.5) and r["new_median"] == pytest.approx(51.0)
+    assert r["round_ratios"] == pytest.approx([1.0, 50 / 55, 52 / 50, 53 / 55])
+    assert res["missed"] == sum(1 for r in res["rows"] if r["within"] is False)
+    # The runs' own records are unchanged (each stays the record of its run).
+    assert [run["round"] for run in b["runs"]] == [0, 0, 1, 1]
+    md = pab.write_results(res, tmp_path)
+    assert md.name == "port-ab-2026-12-02-pooled.md"
+    text = md.read_text()
+    assert "2 runs of `bench/port_ab.py --mode rows` pooled (`a.json`, `b.json`" in text
+    assert "4 rounds in all, 8 processes, each run in the order old, new, new, old;" in text
+    assert json.loads((tmp_path / "port-ab-2026-12-02-pooled.json").read_text()) == res
+
+
+def test_pool_main_writes_the_pooled_files_and_exits_as_a_run(tmp_path: Path) -> None:
+    files = []
+    for name, factors in (("a", [1.04, 1.06]), ("b", [1.02, 1.05])):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(_result(_runs(factors))))
+        files.append(str(path))
+    assert pab.main(["pool", "--out", str(tmp_path / "out"), *files]) == 0
+    assert (tmp_path / "out" / "port-ab-2026-12-01-pooled.md").is_file()
+    missing = str(tmp_path / "missing.json")
+    assert pab.main(["pool", "--out", str(tmp_path / "out"), files[0], missing]) == 2
+
+
+def test_pool_refuses_runs_of_different_things() -> None:
+    a = _result(_runs([1.0, 1.0]))
+    with pytest.raises(ValueError, match="at least two"):
+        pab.pool_results([a], ["a"])
+    with pytest.raises(ValueError, match="new tree's revision"):
+        pab.pool_results([a, _result(_runs([1.0, 1.0]), new_rev="b" * 40)], ["a", "b"])
+    with pytest.raises(ValueError, match="new tree's revision None"):
+        pab.pool_results([a, {**a, "new": {"tree": ".", "revision": None}}], ["a", "b"])
+    with pytest.raises(ValueError, match="sizes"):
+        pab.pool_results([a, {**a, "sizes": [MiB, GiB]}], ["a", "b"])
+    with pytest.raises(ValueError, match="device"):
+        pab.pool_results([a, {**a, "device": "NVIDIA H100"}], ["a", "b"])
