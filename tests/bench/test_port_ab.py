@@ -370,27 +370,7 @@ def test_digests_agree() -> None:
 
 
 def test_write_results_from_a_fixed_input(tmp_path: Path) -> None:
-    runs = _runs([1.0, 1.0])
-    rows = pab.summarize(runs, [MiB], ["sha256-tree-v1", "blake3"], 0.03)
-    res = {
-        "date": "2026-12-01",
-        "timestamp": "2026-12-01T00:00:00+00:00",
-        "device": "NVIDIA H200",
-        "mode": "rows",
-        "sizes": [MiB],
-        "algorithms": ["sha256-tree-v1", "blake3"],
-        "rounds": 2,
-        "order": ["old", "new", "new", "old"],
-        "within": 0.03,
-        "old": {"tree": ".portab/old", "revision": "8d48eb5dc427121125fc6a91be568740c138069d"},
-        "new": {"tree": ".", "revision": None},
-        "host_cpus": 16,
-        "python": "3.12.3",
-        "digests_agree": True,
-        "missed": sum(1 for r in rows if r["within"] is False),
-        "rows": rows,
-        "runs": runs,
-    }
+    res = _result(_runs([1.0, 1.0]), new_rev=None)
     md = pab.write_results(res, tmp_path / "out")
     assert md == tmp_path / "out" / "port-ab-2026-12-01.md"
     assert json.loads((tmp_path / "out" / "port-ab-2026-12-01.json").read_text()) == res
@@ -440,7 +420,7 @@ def test_fill_matches_gpu_bench() -> None:
 
 
 def _result(
-    runs: list[dict[str, Any]], *, new_rev: str = "a" * 40, date: str = "2026-12-01"
+    runs: list[dict[str, Any]], *, new_rev: str | None = "a" * 40, date: str = "2026-12-01"
 ) -> dict[str, Any]:
     rows = pab.summarize(runs, [MiB], ["sha256-tree-v1", "blake3"], 0.03)
     return {
