@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.audit.audit_helpers import TOKEN
+from tests.audit.audit_helpers import TOKEN, write_token_file
 from vram_residency.audit import AuditLog
 
 
@@ -24,3 +24,9 @@ def audit_log(log_path: Path) -> Iterator[AuditLog]:
         yield log
     finally:
         log.close()  # a failed log closes without raising; its error was raised already
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    """A private token file holding TOKEN (and a newline, as editors write it)."""
+    return write_token_file(tmp_path)

@@ -1,4 +1,5 @@
-"""audit verify / audit show command functions."""
+"""audit verify / audit show command functions, and how the files given (a shell glob) are sorted
+into rotation sets with their sidecars skipped."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines
+from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines, run_cli, write_records
 from vram_residency.audit import (
     SEAL_VERIFICATION_FAILED,
     VRAM_ALLOCATED,
@@ -22,6 +23,7 @@ from vram_residency.audit.cli import (
     EXIT_OK,
     EXIT_USAGE,
     configure_parser,
+    log_sets,
     run,
     show_command,
     verify_command,
@@ -48,14 +50,6 @@ def logged(tmp_path: Path) -> Path:
         )
         log.emit(VRAM_ALLOCATED, shard_id="shard-2", vram_bytes=1)
     return path
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    p = tmp_path / "token"
-    p.write_text(TOKEN + "\n")
-    p.chmod(0o600)
-    return p
 
 
 def _set(path: Path) -> list[str]:
@@ -173,3 +167,16 @@ def test_register_in_the_main_cli_style(logged: Path, token_file: Path) -> None:
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["audit", "verify", *_set(logged), "--token-file", str(token_file)])
     assert args.func(args) == EXIT_OK
+
+
+def test_log_sets_skip_sidecars_and_find_rotations(tmp_path: Path, token_file: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_records(path, 40, max_bytes=2048)
+    (tmp_path / "audit.jsonl.torn-7").write_bytes(b'{"crit')
+    glob = sorted(tmp_path.glob("audit.jsonl*"))
+    sets, skipped = log_sets(glob)
+    assert {p.name for p in skipped} == {"audit.jsonl.head", "audit.jsonl.torn-7"}
+    assert len(sets) == 1 and sets[0][-1] == path and len(sets[0]) > 2
+    assert log_sets([path])[0] == sets  # the active file alone brings its rotation set
+    res = run_cli("audit", "verify", *glob, "--require-head", "--token-file", token_file)
+    assert res.returncode == EXIT_OK and "skipped 2" in res.stdout, res.stdout + res.stderr

@@ -1,4 +1,8 @@
-"""AuditLog: record format, durability classes, rotation, recovery, head, fail-closed."""
+"""AuditLog: record format, durability classes, rotation, recovery, head, fail-closed.
+
+A restart after records were cut (head deleted, emptied, kept or foreign) records the mismatch
+instead of laundering it; every I/O error on the audit path (injected, or a real fd or file-size
+limit) and a dying flusher fail closed with an AuditWriteFailed that names the lost event."""
 
 from __future__ import annotations
 
@@ -8,13 +12,19 @@ import itertools
 import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
-from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines, records
+from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines, records, run_cli, write_records
 from vram_residency.audit import (
+    AUDIT_HEAD_MISMATCH,
     CRITICAL_EVENTS,
     GENESIS_HASH,
     LOG_RECOVERED,
@@ -33,6 +43,8 @@ from vram_residency.audit import (
     verify_log,
 )
 from vram_residency.audit import log as log_module
+from vram_residency.audit.cli import EXIT_BROKEN
+from vram_residency.audit.files import default_head_path
 from vram_residency.audit.record import RECORD_DOMAIN
 from vram_residency.errors import ConfigError, InvalidInput, SealVerificationFailed
 from vram_residency.formats.keys import AUDIT_KEY_INFO, SEAL_KEY_INFO, SecretKey
@@ -310,6 +322,113 @@ def test_torn_first_record(log_path: Path) -> None:
     assert verify_log(log_path, TOKEN).ok
 
 
+# ---------------------------------------------------------------------------- head at a restart
+
+
+@pytest.mark.parametrize("attack", ["delete_head", "cut_keep_head", "empty_head", "foreign_head"])
+def test_restart_after_removed_records_is_recorded_and_verify_stays_broken(
+    tmp_path: Path, token_file: Path, attack: str
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_records(path, 6)
+    with AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None) as log:
+        log.emit(SEAL_VERIFICATION_FAILED, shard_id="s1", corrupted_ranges=[[0, 8]])
+    lines = read_lines(path)
+    if attack == "foreign_head":
+        other = tmp_path / "other.jsonl"
+        with AuditLog(other, token=OTHER_TOKEN, worker_id="w", flush_interval=None) as o:
+            o.emit(VRAM_SEALED)
+        default_head_path(path).write_bytes(default_head_path(other).read_bytes())
+    else:
+        path.write_bytes(b"".join(lines[:-1]))  # the incident is cut away
+        if attack == "delete_head":
+            default_head_path(path).unlink()
+        elif attack == "empty_head":
+            default_head_path(path).write_bytes(b"")
+    before = verify_log(path, TOKEN, require_head=True)
+    assert not before.ok
+
+    with AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None) as log:  # the restart
+        assert log.head_mismatch is not None
+        kind = log.head_mismatch.kind
+        incident = log.head_mismatch_incident_id
+    assert (
+        kind
+        == {
+            "delete_head": "missing",
+            "empty_head": "missing",
+            "cut_keep_head": "truncated",
+            "foreign_head": "unsigned",
+        }[attack]
+    )
+    objs = records(path)
+    assert [o["event"] for o in objs[-2:]] == [AUDIT_HEAD_MISMATCH, SECURITY_INCIDENT]
+    assert objs[-2]["critical"] and objs[-1]["critical"]
+    assert objs[-1]["fields"]["incident_id"] == incident == objs[-2]["fields"]["incident_id"]
+
+    after = verify_log(path, TOKEN, require_head=True)
+    assert after.first_break is None  # the chain and the new head verify ...
+    assert not after.ok and [a.seq for a in after.alarms] == [objs[-2]["seq"]]  # ... but not ok
+    res = run_cli("audit", "verify", path, "--require-head", "--token-file", token_file)
+    assert res.returncode == EXIT_BROKEN and "TAMPERED" in res.stdout, res.stdout + res.stderr
+
+    # A second restart does not launder it either: the record stays in the chain.
+    AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None).close()
+    assert not verify_log(path, TOKEN, require_head=True).ok
+
+
+def test_a_failed_mismatch_record_leaves_the_head_alone(tmp_path: Path) -> None:
+    """If the AuditHeadMismatch record cannot be written, the head must not move on: the next
+    start must find the mismatch again (or the restart would have laundered it after all)."""
+    path = tmp_path / "audit.jsonl"
+    write_records(path, 4)
+    path.write_bytes(b"".join(read_lines(path)[:-1]))
+    old_head = default_head_path(path).read_bytes()
+    code = textwrap.dedent(
+        f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        size = {path.stat().st_size}
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        from vram_residency.audit import AuditLog, AuditWriteFailed
+        try:
+            AuditLog({str(path)!r}, token={TOKEN!r}, worker_id="w", flush_interval=None)
+        except AuditWriteFailed as exc:
+            print("FAILED", exc.operation, exc.errno)
+            sys.exit(0)
+        print("OPENED")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.split()[:2] == ["FAILED", "write"], res.stdout + res.stderr
+    assert default_head_path(path).read_bytes() == old_head
+    with AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None) as log:
+        assert log.head_mismatch is not None and log.head_mismatch.kind == "truncated"
+
+
+def test_a_new_log_gets_a_signed_empty_head_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None)
+    # Before any record is synced, the head already says "empty log, signed": a crash between
+    # the first sync of the log and the first head update can no longer look like a deleted head.
+    head = json.loads(default_head_path(path).read_bytes())
+    assert head["seq"] == -1 and head["hash"] == "0" * 64
+    log.emit(VRAM_SEALED)  # buffered, never synced: as if killed now
+    log._close_fds()  # drop the descriptors without the close-time flush
+    log._closed = True
+    with AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None) as again:
+        assert again.head_mismatch is None
+    assert verify_log(path, TOKEN, require_head=True).ok
+
+
+def test_clean_restarts_record_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    for _ in range(3):
+        write_records(path, 2)
+    assert AUDIT_HEAD_MISMATCH not in {o["event"] for o in records(path)}
+    assert verify_log(path, TOKEN, require_head=True).ok
+
+
 # ---------------------------------------------------------------------------- rotation
 
 
@@ -455,6 +574,167 @@ def test_rotation_failure_fails_closed(monkeypatch: pytest.MonkeyPatch, log_path
         fill()
     assert log.failed
     log.close()
+
+
+def _raise(exc: BaseException) -> Callable[..., NoReturn]:
+    def f(*_a: object, **_k: object) -> NoReturn:
+        raise exc
+
+    return f
+
+
+def test_signed_head_of_a_failed_log_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with AuditLog(tmp_path / "a.jsonl", token=TOKEN, worker_id="w", flush_interval=None) as log:
+        log.emit(VRAM_SEALED)
+        monkeypatch.setattr(log_module, "_datasync", _raise(OSError(errno.EIO, "I/O error")))
+        with pytest.raises(AuditWriteFailed):
+            log.signed_head()
+
+
+@pytest.mark.parametrize("site", ["dup", "write", "datasync", "pwrite", "close", "rename", "open"])
+def test_every_io_error_on_the_audit_path_is_an_audit_write_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, site: str
+) -> None:
+    log = AuditLog(tmp_path / "a.jsonl", token=TOKEN, worker_id="w", flush_interval=None, max_bytes=2048)
+    try:
+        log.emit(VRAM_SEALED)
+        log.flush()
+        err = OSError(errno.EMFILE if site in ("dup", "open") else errno.ENOSPC, "injected")
+        real_close = os.close
+        if site == "datasync":
+            monkeypatch.setattr(log_module, "_datasync", _raise(err))
+        elif site == "close":
+            # Fail the close of the duplicate descriptor only (after its sync).
+            monkeypatch.setattr(os, "close", lambda fd: (real_close(fd), _raise(err)())[1])
+        else:
+            monkeypatch.setattr(os, site, _raise(err))
+        # Enough to force a rotation (rename/open sites) and a critical sync (the others).
+        with pytest.raises(AuditWriteFailed) as info:
+            _emit_many(log, 40)
+        monkeypatch.undo()
+        assert info.value.errno == err.errno and info.value.event == SEAL_VERIFICATION_FAILED
+        assert info.value.operation in {"write", "sync", "rotation"}
+        assert log.failed
+        with pytest.raises(AuditWriteFailed) as later:
+            log.emit(VRAM_SEALED)
+        assert later.value.event == VRAM_SEALED and later.value.errno == err.errno
+    finally:
+        monkeypatch.undo()
+        log.close()
+
+
+def _emit_many(log: AuditLog, n: int) -> None:
+    for i in range(n):
+        log.emit(SEAL_VERIFICATION_FAILED, shard_id=f"s{i}", corrupted_ranges=[[0, 8]])
+
+
+def test_open_errors_are_audit_write_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.jsonl"
+    write_records(path, 2)
+    monkeypatch.setattr(log_module, "_last_line", _raise(OSError(errno.EIO, "injected")))
+    with pytest.raises(AuditWriteFailed) as info:
+        AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None)
+    assert info.value.operation == "open" and info.value.errno == errno.EIO
+
+
+def test_the_flusher_never_dies_silently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = AuditLog(tmp_path / "a.jsonl", token=TOKEN, worker_id="w", flush_interval=0.02)
+    try:
+        monkeypatch.setattr(log_module, "_datasync", _raise(ValueError("not an OSError")))
+        log.emit(VRAM_SEALED)
+        deadline = time.monotonic() + 10
+        while not log.failed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert log.failed  # marked failed: the next emit raises (fail closed)
+        with pytest.raises(AuditWriteFailed) as info:
+            log.emit(VRAM_SEALED)
+        assert info.value.operation == "flush"
+    finally:
+        monkeypatch.undo()
+        log.close()
+
+
+_CHILD_PRELUDE = """
+import errno, json, os, resource, signal, sys
+from vram_residency.audit import AuditLog, AuditWriteFailed
+from vram_residency.errors import SealVerificationFailed
+"""
+
+
+def test_real_fd_exhaustion_fails_closed(tmp_path: Path) -> None:
+    code = _CHILD_PRELUDE + textwrap.dedent(
+        f"""
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        log = AuditLog({str(tmp_path / "a.jsonl")!r}, token={TOKEN!r}, worker_id="w", flush_interval=0.05)
+        log.emit("VramSealed")
+        held = []
+        try:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE
+        out = {{}}
+        try:
+            log.emit("SealVerificationFailed", shard_id="s0")
+            out["first"] = "returned"
+        except AuditWriteFailed as exc:
+            out["first"] = ["AuditWriteFailed", exc.errno, exc.event]
+        except OSError as exc:
+            out["first"] = ["raw OSError", exc.errno]
+        for fd in held:
+            os.close(fd)
+        try:
+            log.emit("VramSealed")
+            out["later"] = "returned"
+        except AuditWriteFailed:
+            out["later"] = "AuditWriteFailed"
+        out["flusher_alive"] = log._thread.is_alive() or log.failed
+        print(json.dumps(out))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
+    assert out[0]["first"] == ["AuditWriteFailed", errno.EMFILE, "SealVerificationFailed"], out
+    assert out[0]["later"] == "AuditWriteFailed" and out[0]["flusher_alive"], out
+
+
+def test_a_full_file_keeps_what_the_caller_needs(tmp_path: Path) -> None:
+    """A real EFBIG (RLIMIT_FSIZE, the nearest thing to a full disk a test can make): the error
+    names the event that was lost, so the caller still raises its own error with it attached."""
+    path = tmp_path / "a.jsonl"
+    code = _CHILD_PRELUDE + textwrap.dedent(
+        f"""
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        log = AuditLog({str(path)!r}, token={TOKEN!r}, worker_id="w", flush_interval=None)
+        log.emit("VramSealed")
+        log.flush()
+        size = os.path.getsize({str(path)!r})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, size + 10))
+        original = SealVerificationFailed("seal check failed", shard_id="s9", corrupted_ranges=[(0, 8)])
+        try:
+            try:
+                log.emit("SealVerificationFailed", shard_id="s9", corrupted_ranges=[[0, 8]])
+            except AuditWriteFailed as audit_exc:
+                raise original from audit_exc
+        except SealVerificationFailed as exc:
+            cause = exc.__cause__
+            print(json.dumps([type(exc).__name__, exc.shard_id, list(map(list, exc.corrupted_ranges)),
+                              type(cause).__name__, cause.errno, cause.event, cause.operation]))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == [
+        "SealVerificationFailed",
+        "s9",
+        [[0, 8]],
+        "AuditWriteFailed",
+        errno.EFBIG,
+        "SealVerificationFailed",
+        "write",
+    ]
+    assert verify_log(path, TOKEN).ok  # the partial write was cut back: still a valid chain
 
 
 def test_audit_key_matches_the_hkdf_secret_key_and_hides_itself() -> None:

