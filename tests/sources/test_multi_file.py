@@ -160,16 +160,35 @@ def _tamper(record: dict[str, Any], how: str) -> dict[str, Any]:
         parts.append(copy.deepcopy(parts[0]))
     elif how == "model_digest":
         r["model_digest"] = "0" * 64
+    elif how == "digest_algorithm":
+        # Untagged, like model_digest: an accepted record must not say another algorithm.
+        r["digest_algorithm"] = "blake3"
     return r
 
 
-@pytest.mark.parametrize("how", ["drop_last", "drop_first", "swap", "rename", "duplicate", "model_digest"])
+@pytest.mark.parametrize(
+    "how", ["drop_last", "drop_first", "swap", "rename", "duplicate", "model_digest", "digest_algorithm"]
+)
 def test_record_tampering_is_detected(
     mgr: VramManager, ckpt: tuple[Path, list[Path]], token: str, how: str
 ) -> None:
     model = mgr.seal_files(ckpt[0])
     with pytest.raises(SealVerificationFailed):
         check_model_record(_tamper(model.record(), how), token)
+
+
+def test_part_seal_given_as_json_text_is_refused(
+    mgr: VramManager, ckpt: tuple[Path, list[Path]], token: str
+) -> None:
+    """A part's seal is the JSON object the record holds; its text (a second spelling of the same
+    record, nested JSON inside JSON) is refused, as is any other non-object."""
+    record = mgr.seal_files(ckpt[0]).record()
+    for seal in (json.dumps(record["parts"][0]["seal"]), None, ["x"]):
+        bad = copy.deepcopy(record)
+        bad["parts"][0]["seal"] = seal
+        with pytest.raises(InvalidInput, match="needs a name and a seal"):
+            check_model_record(bad, token)
+    check_model_record(record, token)
 
 
 def test_part_from_another_model_is_detected(
