@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,25 @@ def test_resolution_errors(mgr: VramManager, tmp_path: Path, ckpt: tuple[Path, l
     _, paths = ckpt
     with pytest.raises(InvalidInput, match="distinct"):
         mgr.seal_files([paths[0], paths[0]])
+
+
+def test_hostile_index_files_are_invalid_input(mgr: VramManager, tmp_path: Path) -> None:
+    """An index that is a FIFO hung seal_files forever (a plain open waits for a writer); deep
+    nesting was a RecursionError and a lone-surrogate file name a UnicodeEncodeError."""
+    free = mgr.available_vram()
+    fifo = tmp_path / "fifo.safetensors.index.json"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidInput, match="not a regular file"):
+        mgr.seal_files(fifo)
+    bad = tmp_path / "bad.safetensors.index.json"
+    for text in ('{"weight_map":' + "[" * 100_000, '{"weight_map": {"a": "\\ud800.safetensors"}}'):
+        bad.write_text(text)
+        with pytest.raises(InvalidInput, match=r"corrupt index|not valid Unicode"):
+            mgr.seal_files(bad)
+    bad.write_text('{"weight_map": {"a": "x.safetensors"}, "weight_map": {"a": "y.safetensors"}}')
+    with pytest.raises(InvalidInput, match="duplicate key 'weight_map'"):
+        mgr.seal_files(bad)
+    assert mgr.available_vram() == free and mgr.shards() == []
 
 
 def test_model_larger_than_free_memory_is_refused_up_front(
