@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import secrets
+import stat
 import threading
 import time
 import urllib.error
@@ -238,9 +239,14 @@ def probe_file(path: str | os.PathLike[str], kp: bytes) -> bytes:
         if populate is None:
             hasher.update_mmap(name)
             return hasher.digest()
-        with open(name, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK and a regular-file check on the descriptor: a plain open of a FIFO waits for
+        # a writer forever (the descriptor's flag does not affect reads of regular files).
+        with open(os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK), "rb") as f:
             fd = f.fileno()
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidInput(f"model file {name!r} is not a regular file")
+            size = st.st_size
 
             def window(offset: int) -> mmap.mmap:
                 n = min(PROBE_WINDOW_BYTES, size - offset)

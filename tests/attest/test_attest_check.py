@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -480,5 +481,10 @@ def test_probe_file_windows_match_blake3_package(
 def test_probe_file_missing_file_is_invalid_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput):
         probe_file(tmp_path / "absent.bin", bytes(32))
+    # A FIFO was opened with a plain open(), which waits for a writer forever.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidInput, match="not a regular file"):
+        probe_file(fifo, bytes(32))
     with pytest.raises(InvalidInput):
         probe_file(tmp_path / "absent.bin", bytes(31))
