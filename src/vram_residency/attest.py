@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import secrets
+import stat
 import threading
 import time
 import urllib.error
@@ -48,7 +49,7 @@ from vram_residency.formats.attest import (
     verify_statement_tag,
 )
 from vram_residency.formats.seal import fields_from_record, seal_key, verify_tag
-from vram_residency.shard import SealedShard, check_seal_record
+from vram_residency.shard import SealedShard, check_seal_record, parse_record_text
 
 __all__ = [
     "AttestationRefused",
@@ -120,21 +121,36 @@ class NonceStore:
     def _load(self, path: Path) -> None:
         if not path.exists():
             return
-        with path.open("r", encoding="utf-8") as f:
+        # Read as bytes and check every field's type: the file is the orchestrator's own, but a
+        # damaged one (not UTF-8, a directory, nested or out-of-range JSON) must be refused as
+        # InvalidInput, not crash the orchestrator with whatever json or int() raises.
+        try:
+            f = path.open("rb")
+        except OSError as exc:
+            raise InvalidInput(f"nonce store {path}: cannot open it ({exc.strerror})") from None
+        with f:
             for n, line in enumerate(f, 1):
-                if not line.endswith("\n"):
+                if not line.endswith(b"\n"):
                     break  # a torn last line from a crash: that write never returned
                 try:
-                    rec = json.loads(line)
+                    rec = json.loads(line.decode("utf-8"))
+                    if not isinstance(rec, dict):
+                        raise TypeError("not a JSON object")
                     nonce = bytes.fromhex(rec["nonce"])
+                    t = rec["t"]
+                    if isinstance(t, bool) or not isinstance(t, int):
+                        raise TypeError("t is not an integer")
                     if rec["op"] == "issue":
-                        self._pending[nonce] = IssuedNonce(nonce, str(rec["worker_id"]), int(rec["t"]))
+                        wid = rec["worker_id"]
+                        if not isinstance(wid, str):
+                            raise TypeError("worker_id is not a string")
+                        self._pending[nonce] = IssuedNonce(nonce, wid, t)
                     elif rec["op"] == "use":
                         self._pending.pop(nonce, None)
-                        self._used[nonce] = int(rec["t"])
+                        self._used[nonce] = t
                     else:
                         raise ValueError(rec["op"])
-                except (ValueError, KeyError, TypeError) as exc:
+                except (ValueError, KeyError, TypeError, RecursionError) as exc:
                     raise InvalidInput(f"nonce store {path}: line {n} is malformed ({exc})") from None
 
     def _append(self, op: str, nonce: bytes, t: int, worker_id: str | None = None) -> None:
@@ -223,9 +239,14 @@ def probe_file(path: str | os.PathLike[str], kp: bytes) -> bytes:
         if populate is None:
             hasher.update_mmap(name)
             return hasher.digest()
-        with open(name, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK and a regular-file check on the descriptor: a plain open of a FIFO waits for
+        # a writer forever (the descriptor's flag does not affect reads of regular files).
+        with open(os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK), "rb") as f:
             fd = f.fileno()
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidInput(f"model file {name!r} is not a regular file")
+            size = st.st_size
 
             def window(offset: int) -> mmap.mmap:
                 n = min(PROBE_WINDOW_BYTES, size - offset)
@@ -283,7 +304,7 @@ def _records(seal_records: Mapping[str, Any] | Iterable[Any]) -> dict[str, dict[
 
 
 def check_attestation(
-    statement: Mapping[str, Any] | str | bytes,
+    statement: Mapping[str, Any] | str | bytes | bytearray,
     token: str | bytes,
     nonce: bytes,
     seal_records: Mapping[str, Any] | Iterable[Any],
@@ -310,11 +331,10 @@ def check_attestation(
     across calls and, with a file, across restarts); without it the caller must make sure that
     each nonce is checked once. ``worker_id``: the worker the nonce was issued for (default: the
     ``worker_id`` of the seal records, which must all agree)."""
-    if isinstance(statement, (str, bytes)):
-        try:
-            statement = json.loads(statement)
-        except ValueError:
-            raise InvalidInput("attestation is not valid JSON") from None
+    if isinstance(statement, (str, bytes, bytearray)):
+        # The strict parser of seal records: no duplicate keys (two parsers could read different
+        # values from the same tagged text), and deep nesting is InvalidInput, not RecursionError.
+        statement = parse_record_text(statement, "attestation")
     s, tag = statement_from_json(statement)
     nonce = check_nonce(nonce)
     for name, v in (("issued_at_ns", issued_at_ns), ("max_delay_ns", max_delay_ns)):

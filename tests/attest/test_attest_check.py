@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -350,6 +351,23 @@ def test_shards_reordered_or_duplicated_refused(
             check_attestation(doc, TOKEN, nonce, records, t0, 100 * SECOND)
 
 
+
+def test_statement_text_nested_or_with_duplicate_keys_refused(
+    signed: tuple[dict[str, Any], bytes, list[dict[str, Any]], int],
+) -> None:
+    """The JSON text form is parsed as strictly as a seal record: nesting deeper than the JSON
+    parser's recursion limit is InvalidInput (not RecursionError), and a repeated key (here a
+    second ``verdict`` after the tagged one) is refused rather than read as its last value."""
+    doc0, nonce, records, t0 = signed
+    for text in ("[" * 100_000, b'{"a":' * 100_000, bytearray(b"[" * 100_000)):
+        with pytest.raises(InvalidInput, match="not valid JSON"):
+            check_attestation(text, TOKEN, nonce, records, t0, 100 * SECOND)
+    good = json.dumps(doc0)
+    check_attestation(good, TOKEN, nonce, records, t0, 100 * SECOND)  # the text itself passes
+    repeated = good[:-1] + ', "verdict": "ok"}'
+    with pytest.raises(InvalidInput, match="duplicate key 'verdict'"):
+        check_attestation(repeated, TOKEN, nonce, records, t0, 100 * SECOND)
+
 # -- the nonce store ----------------------------------------------------------------------------------
 def test_nonce_store_persists_used_nonces(tmp_path: Path) -> None:
     path = tmp_path / "nonces.jsonl"
@@ -383,6 +401,32 @@ def test_nonce_store_refuses_unknown_expired_and_bad_lengths(tmp_path: Path) -> 
     with pytest.raises(InvalidInput):
         NonceStore(bad)
 
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xff\xfe not utf-8\n",
+        b"[" * 100_000 + b"\n",
+        b'{"op":"issue","nonce":"00","t":1e400,"worker_id":"w"}\n',
+        b'{"op":"issue","nonce":"00","t":"12","worker_id":"w"}\n',
+        b'{"op":"issue","nonce":"00","t":1,"worker_id":7}\n',
+        b'["op","issue"]\n',
+        b'{"op":"use","nonce":5,"t":1}\n',
+    ],
+)
+def test_nonce_store_damaged_file_is_invalid_input(tmp_path: Path, content: bytes) -> None:
+    """A damaged store file is refused with InvalidInput naming the line, never a bare
+    UnicodeDecodeError, RecursionError or OverflowError, and never read with guessed types."""
+    path = tmp_path / "nonces.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(InvalidInput, match="line 1 is malformed"):
+        NonceStore(path)
+
+
+def test_nonce_store_path_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="cannot open"):
+        NonceStore(tmp_path)
 
 # -- manager inputs and seal age ---------------------------------------------------------------------
 def test_attest_refuses_bad_input(mgr: VramManager) -> None:
@@ -437,5 +481,10 @@ def test_probe_file_windows_match_blake3_package(
 def test_probe_file_missing_file_is_invalid_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput):
         probe_file(tmp_path / "absent.bin", bytes(32))
+    # A FIFO was opened with a plain open(), which waits for a writer forever.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidInput, match="not a regular file"):
+        probe_file(fifo, bytes(32))
     with pytest.raises(InvalidInput):
         probe_file(tmp_path / "absent.bin", bytes(31))

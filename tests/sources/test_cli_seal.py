@@ -103,3 +103,16 @@ def test_seal_errors_exit_1(tmp_path: Path, st_file: tuple[Path, dict[str, Any]]
     assert "x" * 40 not in out.stderr  # the token never shows
     out = run("seal", "--backend", "host", "--staging-mib", "1024", str(st_file[0]))
     assert out.returncode == 2
+
+
+def test_seal_bad_manifest_or_lone_public_key_exit_1(tmp_path: Path, st_file: tuple[Path, dict[str, Any]]) -> None:
+    """A manifest nested past the JSON parser's limit was a RecursionError traceback; a
+    ``--public-key`` without ``--manifest`` was ignored, so the files were sealed unchecked."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    out = run("seal", "--backend", "host", "--manifest", str(deep), str(st_file[0]))
+    assert out.returncode == 1 and "InvalidInput" in out.stderr and "not valid JSON" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run("seal", "--backend", "host", "--public-key", str(deep), str(st_file[0]))
+    assert out.returncode == 1 and "no --manifest given" in out.stderr
+    assert out.stdout == ""  # nothing was sealed

@@ -132,6 +132,12 @@ def test_corrupt_safetensors_headers(tmp_path: Path, header: object, data: bytes
         (b"{not json", "corrupt safetensors header"),
         (b"\xff\xfe{}", "corrupt safetensors header"),
         (b'{"a": {}, "a": {}}', "duplicate key"),
+        # A lone surrogate (which the safetensors library's JSON parser refuses) has no UTF-8
+        # form: as a tensor name it would later break every record of that name, e.g. the
+        # critical SealVerificationFailed audit event naming the corrupted tensor.
+        (b'{"\\ud800": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}', "lone surrogate"),
+        (b'{"__metadata__": {"\\udfff": "v"}}', "lone surrogate"),
+        (b'{"__metadata__": {"k": "a\\ud800b"}}', "lone surrogate"),
     ],
 )
 def test_unparseable_safetensors_headers(tmp_path: Path, raw: bytes, why: str) -> None:

@@ -104,6 +104,25 @@ def test_manifest_problems(mgr: VramManager, tmp_path: Path, st_file: tuple[Path
         load_manifest(out, public_key=out)
 
 
+def test_manifest_nested_or_with_repeated_keys_is_invalid_input(
+    tmp_path: Path, st_file: tuple[Path, dict[str, Any]]
+) -> None:
+    """Nesting past the JSON parser's recursion limit was a RecursionError traceback (also from
+    ``vram-residency seal --manifest``); a repeated key was read as its last value."""
+    path, _ = st_file
+    out = tmp_path / "m.json"
+    for deep in ("[" * 100_000, '{"a":' * 100_000):
+        out.write_text(deep)
+        with pytest.raises(InvalidInput, match="not valid JSON"):
+            load_manifest(out)
+    write_manifest(build_manifest(path), out)
+    text = out.read_text().rstrip()
+    load_manifest(out)
+    out.write_text(text[:-1] + ', "name": "another"}')
+    with pytest.raises(InvalidInput, match="duplicate key 'name'"):
+        load_manifest(out)
+
+
 def test_manifest_matches_by_relative_path(tmp_path: Path) -> None:
     man = Manifest(
         "m",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -160,16 +161,35 @@ def _tamper(record: dict[str, Any], how: str) -> dict[str, Any]:
         parts.append(copy.deepcopy(parts[0]))
     elif how == "model_digest":
         r["model_digest"] = "0" * 64
+    elif how == "digest_algorithm":
+        # Untagged, like model_digest: an accepted record must not say another algorithm.
+        r["digest_algorithm"] = "blake3"
     return r
 
 
-@pytest.mark.parametrize("how", ["drop_last", "drop_first", "swap", "rename", "duplicate", "model_digest"])
+@pytest.mark.parametrize(
+    "how", ["drop_last", "drop_first", "swap", "rename", "duplicate", "model_digest", "digest_algorithm"]
+)
 def test_record_tampering_is_detected(
     mgr: VramManager, ckpt: tuple[Path, list[Path]], token: str, how: str
 ) -> None:
     model = mgr.seal_files(ckpt[0])
     with pytest.raises(SealVerificationFailed):
         check_model_record(_tamper(model.record(), how), token)
+
+
+def test_part_seal_given_as_json_text_is_refused(
+    mgr: VramManager, ckpt: tuple[Path, list[Path]], token: str
+) -> None:
+    """A part's seal is the JSON object the record holds; its text (a second spelling of the same
+    record, nested JSON inside JSON) is refused, as is any other non-object."""
+    record = mgr.seal_files(ckpt[0]).record()
+    for seal in (json.dumps(record["parts"][0]["seal"]), None, ["x"]):
+        bad = copy.deepcopy(record)
+        bad["parts"][0]["seal"] = seal
+        with pytest.raises(InvalidInput, match="needs a name and a seal"):
+            check_model_record(bad, token)
+    check_model_record(record, token)
 
 
 def test_part_from_another_model_is_detected(
@@ -218,6 +238,25 @@ def test_resolution_errors(mgr: VramManager, tmp_path: Path, ckpt: tuple[Path, l
     _, paths = ckpt
     with pytest.raises(InvalidInput, match="distinct"):
         mgr.seal_files([paths[0], paths[0]])
+
+
+def test_hostile_index_files_are_invalid_input(mgr: VramManager, tmp_path: Path) -> None:
+    """An index that is a FIFO hung seal_files forever (a plain open waits for a writer); deep
+    nesting was a RecursionError and a lone-surrogate file name a UnicodeEncodeError."""
+    free = mgr.available_vram()
+    fifo = tmp_path / "fifo.safetensors.index.json"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidInput, match="not a regular file"):
+        mgr.seal_files(fifo)
+    bad = tmp_path / "bad.safetensors.index.json"
+    for text in ('{"weight_map":' + "[" * 100_000, '{"weight_map": {"a": "\\ud800.safetensors"}}'):
+        bad.write_text(text)
+        with pytest.raises(InvalidInput, match=r"corrupt index|not valid Unicode"):
+            mgr.seal_files(bad)
+    bad.write_text('{"weight_map": {"a": "x.safetensors"}, "weight_map": {"a": "y.safetensors"}}')
+    with pytest.raises(InvalidInput, match="duplicate key 'weight_map'"):
+        mgr.seal_files(bad)
+    assert mgr.available_vram() == free and mgr.shards() == []
 
 
 def test_model_larger_than_free_memory_is_refused_up_front(

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 
 from vram_residency._tokenfile import read_token_file
 from vram_residency.cli._args import device_ordinal
+from vram_residency.errors import InvalidInput
 from vram_residency.formats.tree import SEAL_ALGORITHMS, SHA256_TREE_V1
 from vram_residency.manager import VramManager
 from vram_residency.sources.index import INDEX_SUFFIX, resolve_model_files, total_size
@@ -51,6 +52,10 @@ def _is_model(files: list[str]) -> bool:
 
 def _run(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if args.public_key and not args.manifest:
+        # Without a bundle there is no signature to check: sealing anyway would let the user
+        # believe the files were checked against the signer's key.
+        raise InvalidInput("--public-key checks the signature of a --manifest bundle; no --manifest given")
     token, ephemeral = _token(args, err)
     manifest = load_manifest(args.manifest, public_key=args.public_key) if args.manifest else None
     as_model = _is_model(args.files)

@@ -9,13 +9,14 @@ hold; anything else is a list of files taken in the order given.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from vram_residency.errors import InvalidInput
+from vram_residency.shard import parse_record_text
+from vram_residency.sources.layout import open_model_file, pread_exact
 
 __all__ = ["INDEX_SUFFIX", "ModelFile", "PathArg", "resolve_model_files", "total_size"]
 
@@ -46,6 +47,10 @@ def _as_path(p: object) -> Path:
 def _safe_name(name: object, index: Path) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"{index}: file names in weight_map must be non-empty strings")
+    try:
+        name.encode("utf-8")  # a JSON escape can spell a lone surrogate, which no path can hold
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{index}: file name {name[:64]!r} is not valid Unicode text") from None
     pure = PurePosixPath(name)
     if pure.is_absolute() or ".." in pure.parts or "\\" in name:
         raise InvalidInput(f"{index}: file name {name!r} leaves the model directory")
@@ -53,16 +58,16 @@ def _safe_name(name: object, index: Path) -> str:
 
 
 def _read_index(index: Path) -> list[ModelFile]:
+    # Opened as model files are (regular files only, without blocking): a FIFO named like an
+    # index made a plain open() wait for a writer forever.
+    with open_model_file(index, "raw") as opened:
+        if opened.size > _MAX_INDEX_BYTES:
+            raise InvalidInput(f"{index} is larger than {_MAX_INDEX_BYTES} bytes")
+        raw = pread_exact(opened.fd, 0, opened.size, str(index))
+    # Strictly: deep nesting is InvalidInput (not RecursionError), a repeated key is refused.
     try:
-        with index.open("rb") as f:
-            raw = f.read(_MAX_INDEX_BYTES + 1)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {index}: {exc.strerror}") from None
-    if len(raw) > _MAX_INDEX_BYTES:
-        raise InvalidInput(f"{index} is larger than {_MAX_INDEX_BYTES} bytes")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        doc = parse_record_text(raw.decode("utf-8"), "index")
+    except (UnicodeDecodeError, InvalidInput) as exc:
         raise InvalidInput(f"{index}: corrupt index: {exc}") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:

@@ -184,6 +184,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for k, v in pairs:
         if k in out:
             raise InvalidInput(f"duplicate key {k!r} in safetensors header")
+        # JSON escapes can spell lone surrogates, which have no UTF-8 form (the safetensors
+        # library refuses them): a tensor name like that could never be written to an audit
+        # record or a report. Every string of a valid header is a key or a value of an object.
+        for text in (k, v) if isinstance(v, str) else (k,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(f"safetensors header holds a lone surrogate in {text[:64]!r}") from None
         out[k] = v
     return out
 

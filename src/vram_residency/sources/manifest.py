@@ -42,6 +42,7 @@ from typing import Any, Final
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.stream import StreamHasher
 from vram_residency.formats.tree import ALGORITHMS, BLAKE3, SHA256_TREE_V1, check_algorithm
+from vram_residency.shard import parse_record_text
 from vram_residency.sources.index import PathArg, resolve_model_files
 from vram_residency.sources.layout import open_model_file
 from vram_residency.sources.model import MODEL_DIGEST_NAME, model_digest
@@ -270,9 +271,12 @@ def load_manifest(path: PathArg, *, public_key: PathArg | None = None) -> Manife
         if opened.size > _MAX_MANIFEST_BYTES:
             raise InvalidInput(f"{path}: a manifest of {opened.size} bytes is not plausible")
         raw = os.pread(opened.fd, opened.size, 0)
+    # The strict parser of every JSON document checked here: nesting deeper than the parser's
+    # recursion limit is InvalidInput (not a RecursionError traceback), and a repeated key (which
+    # another tool could read as its first value and this one as its last) is refused.
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        doc = parse_record_text(raw.decode("utf-8"), f"{path}: manifest")
+    except UnicodeDecodeError as exc:
         raise InvalidInput(f"{path}: manifest is not JSON: {exc}") from None
     if isinstance(doc, dict) and "sigstore.bundle" in str(doc.get("mediaType", "")):
         if public_key is None:

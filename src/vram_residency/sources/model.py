@@ -271,13 +271,23 @@ def check_model_record(record: dict[str, Any] | str | bytes, worker_token: str |
         raise InvalidInput("model record needs a model_ref and a non-empty list of parts")
     checked: list[tuple[str, SealedShard]] = []
     for part in parts:
+        # The seal is the JSON object SealedModel.record writes, not its text: a record has one
+        # spelling, as every other JSON form checked here.
         if not isinstance(part, dict) or not isinstance(part.get("name"), str):
             raise InvalidInput("each part of a model record needs a name and a seal")
-        checked.append((part["name"], check_seal_record(part.get("seal"), worker_token)))  # type: ignore[arg-type]
+        if not isinstance(part.get("seal"), dict):
+            raise InvalidInput("each part of a model record needs a name and a seal")
+        checked.append((part["name"], check_seal_record(part["seal"], worker_token)))
     want = _check_binding(model_ref, checked)
     if record.get("model_digest") not in (None, want):
         raise SealVerificationFailed(f"model record's model_digest does not match its model_ref {model_ref}")
     algorithm = checked[0][1].digest_algorithm
+    # Not covered by any tag, like model_digest: when present it must say what the tagged parts
+    # say, so that whoever reads the accepted record's field reads the checked value.
+    if record.get("digest_algorithm") not in (None, algorithm):
+        raise SealVerificationFailed(
+            f"model record's digest_algorithm is not its parts' ({algorithm}) in model_ref {model_ref}"
+        )
     return SealedModel(model_ref, want, algorithm, tuple(ModelPart(n, s) for n, s in checked))
 
 
