@@ -39,6 +39,12 @@ from vram_residency.service.executors.example_model import EXAMPLE_NAMES, ensure
 
 NEEDS_MINILM = False
 MODEL = EXAMPLE_NAMES["small"]
+AUTH_FAILED_BODY = {
+    "code": "AUTH_FAILED",
+    "message": "missing or invalid bearer token",
+    "retriable": False,
+    "retry_after_ms": None,
+}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,10 @@ def test_worker_4200_4203_every_endpoint_needs_the_bearer_token(env: dict[str, A
     ]:
         assert httpx.request(method, w.url + path, json={}).status_code == 401
         bad = httpx.request(method, w.url + path, json={}, headers={"Authorization": "Bearer nope"})
-        assert bad.status_code == 401 and bad.json() == {"code": "AUTH_FAILED"}
+        # 4950-4952: the 401 is an error like any other, in the contract's envelope (a client
+        # that parses {code, message, retriable, retry_after_ms} must be able to parse it too),
+        # and it says nothing about why the token did not match.
+        assert bad.status_code == 401 and bad.json() == AUTH_FAILED_BODY
     assert httpx.get(w.url + "/health").status_code == 200  # the one open endpoint
 
 
@@ -212,6 +221,36 @@ def test_worker_4220_4221_commit_takes_bytes_and_prefixed_digests(env: dict[str,
     assert outside.status_code == 403 and "outside" in outside.json()["message"]
 
 
+def test_worker_4221_model_ref_is_any_reference_when_the_bytes_are_given(env: dict[str, Any]) -> None:
+    # model_ref is "str" in the contract: with model_bytes given it names the model, it does not
+    # locate it, so an orchestrator's own reference forms (llama-orch writes file:/path and
+    # hf:org/repo) are never refused for their shape.
+    w = _w(env)
+    blob: Path = env["models"] / "blob.bin"
+    for ref in ["hf:example-org/Blob-7B-Instruct", "file:/models/blob.bin", "blob 7b (q4)"]:
+        r = w.client.post(
+            "/worker/commit",
+            json={
+                "model_ref": ref,
+                "shard_id": "ref-shard",
+                "shard_index": 0,
+                "model_bytes": str(blob),
+                "expected_digest": _sha256(blob),
+            },
+        )
+        assert r.status_code == 200, (ref, r.text)
+        assert r.json()["handle"]["model_ref"] == ref
+        handles = w.client.get("/worker/ready").json()["handles"]
+        assert [h["model_ref"] for h in handles if h["shard_id"] == "ref-shard"] == [ref]
+        assert w.client.delete("/worker/shards/ref-shard").status_code == 200
+    # Control characters are still refused (they would forge log lines), as is a name that the
+    # model directory would have to resolve without bytes.
+    bad = w.client.post("/worker/commit", json={"model_ref": "x\ny", "model_bytes": str(blob)})
+    assert bad.status_code == 400 and bad.json()["code"] == "INVALID_PARAMS"
+    unresolvable = w.client.post("/worker/commit", json={"model_ref": "hf:org/none", "shard_id": "n"})
+    assert unresolvable.status_code == 400 and "model name" in unresolvable.json()["message"]
+
+
 def test_worker_4222_signature_is_verified_before_loading(env: dict[str, Any]) -> None:
     w = _w(env)
     blob: Path = env["models"] / "blob.bin"
@@ -286,6 +325,21 @@ def test_worker_4241_4243_limits_nul_and_unknown_params(env: dict[str, Any]) -> 
         status, events, _ = execute(c, {"handle_id": "shard-0", **body})
         err = events[0][1]
         assert status == 400 and err["code"] == "INVALID_PARAMS" and fragment in err["message"], err
+
+
+def test_worker_4242_a_prompt_at_the_limit_is_never_refused_for_its_body_size(env: dict[str, Any]) -> None:
+    # 100,000 characters is the contract's prompt limit, whatever the characters: JSON as Python's
+    # json.dumps writes it by default escapes each astral character to 12 bytes (a surrogate
+    # pair), 1.2 MB for the whole prompt, far above the 256 KiB default body limit. The body
+    # limit must not cut a valid prompt short (413): the request reaches the prompt's own checks.
+    c = _w(env).client
+    for n, fragment in [(100_000, "context"), (100_001, "100000")]:
+        raw = json.dumps({"handle_id": "shard-0", "prompt": "\U0001f600" * n, "params": {"max_tokens": 1}})
+        r = c.post("/worker/execute", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and fragment in r.json()["message"], (n, r.status_code, r.text[:200])
+    # Other routes keep the configured limit.
+    big = c.post("/worker/plan", content=b" " * (300 * 1024), headers={"Content-Type": "application/json"})
+    assert big.status_code == 413
 
 
 def test_worker_4999_same_seed_same_tokens(env: dict[str, Any]) -> None:
