@@ -565,6 +565,9 @@ def test_worker_4980_4991_config_file_env_and_callbacks(env: dict[str, Any], tmp
         ({"surprise": 1}, {}, "unknown keys surprise"),
         ({}, {"WORKER_BIND_ADDR": "nowhere"}, "WORKER_BIND_ADDR"),
         ({}, {"WORKER_LOG_LEVEL": "loud"}, "WORKER_LOG_LEVEL"),
+        # Checked even though the file's gpu_device wins over it.
+        ({}, {"WORKER_GPU_DEVICE": "gpu0"}, "WORKER_GPU_DEVICE"),
+        ({}, {"WORKER_GPU_DEVICE": "\u0663"}, "WORKER_GPU_DEVICE"),  # an Arabic-Indic 3: isdigit()
     ],
 )
 def test_worker_4980_4991_bad_config_fails_fast_with_a_clear_error(

@@ -95,7 +95,7 @@ def check_port(port: object, what: str = "port") -> int:
 def parse_bind_addr(value: str, what: str = "WORKER_BIND_ADDR") -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a valid address and port."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ConfigError(f"{what} must be HOST:PORT, not {value!r}")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if host != "localhost":
@@ -144,11 +144,13 @@ def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecCo
     level_name = env.get("WORKER_LOG_LEVEL", "info").lower()
     if level_name not in _LOG_LEVELS:
         raise ConfigError(f"WORKER_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, not {level_name!r}")
+    # Checked whenever it is set, also when the file's gpu_device wins over it: a bad value is
+    # a configuration error to say at start (4991), not one to ignore.
+    text = env.get("WORKER_GPU_DEVICE", "0")
+    if not (text.isascii() and text.isdigit()):
+        raise ConfigError(f"WORKER_GPU_DEVICE must be a GPU ordinal (0, 1, ...), not {text!r}")
     gpu = raw.get("gpu_device")
     if gpu is None:
-        text = env.get("WORKER_GPU_DEVICE", "0")
-        if not text.isdigit():
-            raise ConfigError(f"WORKER_GPU_DEVICE must be a GPU ordinal (0, 1, ...), not {text!r}")
         gpu = int(text)
     if isinstance(gpu, bool) or not isinstance(gpu, int) or not 0 <= gpu <= 1023:
         raise ConfigError(f"config gpu_device must be a GPU ordinal, not {gpu!r}")
