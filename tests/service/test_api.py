@@ -70,7 +70,7 @@ def test_metrics_auth_option(worker_factory: Callable[..., Running]) -> None:
 
 
 def test_openapi_schema_is_served(shared: Running) -> None:
-    schema = httpx.get(shared.url + "/openapi.json").json()
+    schema = shared.client.get("/openapi.json").json()
     paths = schema["paths"]
     for p in (
         "/worker/plan",

@@ -7,10 +7,11 @@ Authentication: every path needs ``Authorization: Bearer <worker token>`` except
 * ``/metrics``: Prometheus scrapers are usually configured without credentials, and the metrics
   are counts and sizes only (no shard ids, digests or model names). ``metrics_auth=True``
   (``serve --metrics-auth``) puts it behind the token as well;
-* ``/openapi.json``: the API's contract, the same for every worker;
 * ``/worker/ready`` only when ``ready_public=True`` (WORKER-4233: configurable, off by default).
 
-The interactive docs pages are off: they load scripts from a CDN, which a worker must not do.
+``/openapi.json`` needs the token like every endpoint the contract does not name as open
+(WORKER-4200): it holds no secret, but the contract's rule has exactly two exceptions. The
+interactive docs pages are off: they load scripts from a CDN, which a worker must not do.
 
 Registered here as well, behind the token: ``POST /worker/attest`` (``attest_routes``, always)
 and the shard moves ``POST /worker/shards/{id}/migrate|offload|restore`` (``migrate_routes``),
@@ -197,7 +198,7 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=max_body_bytes, path_max={"/worker/execute": execute_max}
     )
-    public = {"/health", "/openapi.json"} | (set() if metrics_auth else {"/metrics"})
+    public = {"/health"} | (set() if metrics_auth else {"/metrics"})
     if ready_public:
         public.add("/worker/ready")
     app.add_middleware(AuthMiddleware, check=bearer, public=public, refusal=AUTH_FAILED_BODY)
