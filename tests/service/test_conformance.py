@@ -354,6 +354,10 @@ def test_worker_4999_same_seed_same_tokens(env: dict[str, Any]) -> None:
     runs = [[d["t"] for e, d in execute(c, body)[1] if e == "token"] for _ in range(2)]
     other = dict(body, params={"max_tokens": 24, "temperature": 0.9, "seed": 8})
     assert runs[0] == runs[1] and len(runs[0]) > 0
+    # Any unsigned 64-bit seed is a seed: the largest too, with the same guarantee.
+    top = dict(body, params={"max_tokens": 8, "temperature": 0.9, "seed": 2**64 - 1})
+    tops = [[d["t"] for e, d in execute(c, top)[1] if e == "token"] for _ in range(2)]
+    assert tops[0] == tops[1] and len(tops[0]) > 0
     assert [d["t"] for e, d in execute(c, other)[1] if e == "token"] != runs[0]
     env["seeded"] = (body, runs[0])  # compared with another process in the drain test
 

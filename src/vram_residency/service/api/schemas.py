@@ -51,7 +51,8 @@ TpDegree = Annotated[int, Field(ge=1, le=1024), BeforeValidator(_no_bool)]
 SizeBytes = Annotated[int, Field(ge=1, le=1 << 50), BeforeValidator(_no_bool)]
 ShardIndex = Annotated[int, Field(ge=0, le=0), BeforeValidator(_no_bool)]
 MaxTokens = Annotated[int, Field(ge=1), BeforeValidator(_no_bool)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(_no_bool)]
+#: Any unsigned 64-bit seed: an orchestrator may draw its seeds as u64 (PCG64 takes up to 128 bits).
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1), BeforeValidator(_no_bool)]
 _B64: Final = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
 
