@@ -247,8 +247,9 @@ def test_worker_4221_model_ref_is_any_reference_when_the_bytes_are_given(env: di
         assert w.client.delete("/worker/shards/ref-shard").status_code == 200
     # Control characters are still refused (they would forge log lines), as is a name that the
     # model directory would have to resolve without bytes.
-    bad = w.client.post("/worker/commit", json={"model_ref": "x\ny", "model_bytes": str(blob)})
-    assert bad.status_code == 400 and bad.json()["code"] == "INVALID_PARAMS"
+    for sep in ("\n", "\x85", "\u2028"):
+        bad = w.client.post("/worker/commit", json={"model_ref": f"x{sep}y", "model_bytes": str(blob)})
+        assert bad.status_code == 400 and bad.json()["code"] == "INVALID_PARAMS", sep
     unresolvable = w.client.post("/worker/commit", json={"model_ref": "hf:org/none", "shard_id": "n"})
     assert unresolvable.status_code == 400 and "model name" in unresolvable.json()["message"]
 

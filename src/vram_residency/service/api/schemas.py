@@ -31,8 +31,8 @@ __all__ = [
 
 _MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}){0,7}$"
 #: A model reference an orchestrator chose (llama-orch writes ``file:/path``, ``hf:org/repo``):
-#: any text without control characters, which would forge log lines.
-_MODEL_REF = r"^[^\x00-\x1f\x7f]{1,1024}$"
+#: any text without control characters or line separators, which would forge log lines.
+_MODEL_REF = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]{1,1024}$"
 _SHARD_ID = r"^shard-[0-9a-f]{32}$"
 _JOB_ID = r"^[A-Za-z0-9._:\-]{1,128}$"
 _DIGEST = r"^([0-9a-fA-F]{64}|(sha256-tree-v1|blake3):[0-9a-fA-F]{64})$"
