@@ -598,6 +598,28 @@ def test_worker_4980_4991_bad_config_fails_fast_with_a_clear_error(
     assert "Traceback" not in r.stderr + r.stdout
 
 
+def test_worker_4991_a_repeated_config_key_fails_fast(tmp_path: Path) -> None:
+    # Two values for one key: JSON parsers disagree on which one counts (Python's takes the last),
+    # so the worker says so at start instead of silently picking one.
+    import subprocess
+    import sys
+
+    token = tmp_path / "token"
+    write_token(token)
+    text = json.dumps(_spec_config(tmp_path, token, "http://127.0.0.1:9/cb"))
+    cfg = tmp_path / "worker.json"
+    cfg.write_text(text[:-1] + ', "rpc_port": 9000}')
+    r = subprocess.run(
+        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
+    )
+    assert r.returncode != 0 and "duplicate key 'rpc_port'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
 def test_worker_4960_4972_sigterm_drains_streams_end_then_exit_0(env: dict[str, Any], tmp_path: Path) -> None:
     shutil.copytree(env["models"] / MODEL, tmp_path / "models" / MODEL)
     w = run_serve(

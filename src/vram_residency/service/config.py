@@ -19,7 +19,6 @@ This is the *spec mode*: the token file defaults to ``/etc/llorch/worker-token``
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -27,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from vram_residency.errors import ConfigError
+from vram_residency.errors import ConfigError, InvalidInput
 from vram_residency.service.callbacks import check_callback_url
+from vram_residency.shard import parse_record_text
 
 __all__ = [
     "DEFAULT_BIND_ADDR",
@@ -126,13 +126,15 @@ def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecCo
     """Read and validate the JSON config file and the ``WORKER_*`` environment."""
     env = os.environ if env is None else env
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object")
+    try:
+        # Strict: a repeated key ({"rpc_port": 8001, "rpc_port": 9000}) is refused, not read as
+        # its last value (4991: validated at start, nothing ambiguous taken).
+        raw = parse_record_text(text, f"config file {path}")
+    except InvalidInput as exc:
+        raise ConfigError(str(exc)) from None
     unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys {', '.join(unknown)}")
