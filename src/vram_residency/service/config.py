@@ -126,13 +126,13 @@ def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecCo
     """Read and validate the JSON config file and the ``WORKER_*`` environment."""
     env = os.environ if env is None else env
     try:
-        text = path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
         # Strict: a repeated key ({"rpc_port": 8001, "rpc_port": 9000}) is refused, not read as
         # its last value (4991: validated at start, nothing ambiguous taken).
-        raw = parse_record_text(text, f"config file {path}")
+        raw = parse_record_text(data, f"config file {path}")
     except InvalidInput as exc:
         raise ConfigError(str(exc)) from None
     unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL))
