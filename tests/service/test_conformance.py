@@ -14,6 +14,8 @@ import json
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +83,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _spec_commit(model_ref: str, shard_id: str, path: Path) -> dict[str, Any]:
+    """A commit as the contract writes it: every field of 4221, the digest as sha256sum prints it."""
+    return {
+        "model_ref": model_ref,
+        "shard_id": shard_id,
+        "shard_index": 0,
+        "model_bytes": str(path),
+        "expected_digest": _sha256(path),
+    }
+
+
 # -- authentication (4200-4203, 4202/4822, 4910-4913, 4812) --------------------------------------
 def test_worker_4200_4203_every_endpoint_needs_the_bearer_token(env: dict[str, Any]) -> None:
     w = _w(env)
@@ -118,18 +131,9 @@ def test_worker_4202_4822_fp6_breadcrumb_and_never_the_token(env: dict[str, Any]
 
 
 def test_worker_4910_4913_token_from_a_file_and_fail_fast_when_missing(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     cfg = tmp_path / "worker.json"
     cfg.write_text(json.dumps(_spec_config(tmp_path, tmp_path / "no-such-token", "http://127.0.0.1:9/cb")))
-    r = subprocess.run(
-        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=120,
-    )
+    r = _serve_config(cfg)
     assert r.returncode != 0 and "no-such-token" in r.stderr and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout and "listening" not in r.stdout
 
@@ -173,16 +177,8 @@ def test_worker_4210_4214_plan_answers_feasible_vram_and_shard_plan(env: dict[st
 def test_worker_4223_4113_bare_hex_digest_is_sha256(env: dict[str, Any]) -> None:
     w = _w(env)
     weights: Path = env["weights"]
-    r = w.client.post(
-        "/worker/commit",
-        json={
-            "model_ref": MODEL,
-            "shard_id": "shard-0",
-            "shard_index": 0,
-            "model_bytes": str(weights),
-            "expected_digest": _sha256(weights),  # what sha256sum prints
-        },
-    )
+    # expected_digest is what sha256sum prints.
+    r = w.client.post("/worker/commit", json=_spec_commit(MODEL, "shard-0", weights))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["sealed"] is True
@@ -230,16 +226,7 @@ def test_worker_4221_model_ref_is_any_reference_when_the_bytes_are_given(env: di
     w = _w(env)
     blob: Path = env["models"] / "blob.bin"
     for ref in ["hf:example-org/Blob-7B-Instruct", "file:/models/blob.bin", "blob 7b (q4)"]:
-        r = w.client.post(
-            "/worker/commit",
-            json={
-                "model_ref": ref,
-                "shard_id": "ref-shard",
-                "shard_index": 0,
-                "model_bytes": str(blob),
-                "expected_digest": _sha256(blob),
-            },
-        )
+        r = w.client.post("/worker/commit", json=_spec_commit(ref, "ref-shard", blob))
         assert r.status_code == 200, (ref, r.text)
         assert r.json()["handle"]["model_ref"] == ref
         handles = w.client.get("/worker/ready").json()["handles"]
@@ -512,6 +499,17 @@ def test_worker_4020_4032_states_and_one_model_per_process(env: dict[str, Any], 
         assert w.stop() == 0
 
 
+def _serve_config(cfg: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``serve --config cfg`` as a process of its own, for a configuration that must not start."""
+    return subprocess.run(
+        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=clean_env(env_extra),
+        timeout=120,
+    )
+
+
 def _spec_config(tmp: Path, token_file: Path, callback: str, **extra: Any) -> dict[str, Any]:
     return {
         "worker_id": "worker-conf-0",
@@ -580,20 +578,11 @@ def test_worker_4980_4991_config_file_env_and_callbacks(env: dict[str, Any], tmp
 def test_worker_4980_4991_bad_config_fails_fast_with_a_clear_error(
     tmp_path: Path, change: dict[str, Any], env_extra: dict[str, str], fragment: str
 ) -> None:
-    import subprocess
-    import sys
-
     token = tmp_path / "token"
     write_token(token)
     cfg = tmp_path / "worker.json"
     cfg.write_text(json.dumps({**_spec_config(tmp_path, token, "http://127.0.0.1:9/cb"), **change}))
-    r = subprocess.run(
-        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=clean_env(env_extra),
-        timeout=120,
-    )
+    r = _serve_config(cfg, env_extra)
     assert r.returncode != 0 and fragment in r.stderr, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
 
@@ -601,21 +590,12 @@ def test_worker_4980_4991_bad_config_fails_fast_with_a_clear_error(
 def test_worker_4991_a_repeated_config_key_fails_fast(tmp_path: Path) -> None:
     # Two values for one key: JSON parsers disagree on which one counts (Python's takes the last),
     # so the worker says so at start instead of silently picking one.
-    import subprocess
-    import sys
-
     token = tmp_path / "token"
     write_token(token)
     text = json.dumps(_spec_config(tmp_path, token, "http://127.0.0.1:9/cb"))
     cfg = tmp_path / "worker.json"
     cfg.write_text(text[:-1] + ', "rpc_port": 9000}')
-    r = subprocess.run(
-        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=120,
-    )
+    r = _serve_config(cfg)
     assert r.returncode != 0 and "duplicate key 'rpc_port'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
 
