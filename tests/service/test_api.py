@@ -16,6 +16,7 @@ from tests.service.service_helpers import HELLO_WORLD_REFERENCE, Running, audit_
 from vram_residency import check_seal_record
 from vram_residency.audit.verify import verify_log
 from vram_residency.formats import digest
+from vram_residency.service.api.errors import AUTH_FAILED_BODY
 
 WORKER_PATHS = [
     ("POST", "/worker/plan", {"vram_bytes": 1}),
@@ -69,7 +70,7 @@ def test_metrics_auth_option(worker_factory: Callable[..., Running]) -> None:
 
 
 def test_openapi_schema_is_served(shared: Running) -> None:
-    schema = httpx.get(shared.url + "/openapi.json").json()
+    schema = shared.client.get("/openapi.json").json()
     paths = schema["paths"]
     for p in (
         "/worker/plan",
@@ -103,7 +104,7 @@ def test_worker_endpoints_refuse_without_the_token(
 ) -> None:
     r = httpx.request(method, shared.url + path, json=body, headers=headers)
     assert r.status_code == 401
-    assert r.json() == {"code": "AUTH_FAILED"}  # no detail at all
+    assert r.json() == AUTH_FAILED_BODY  # the contract's envelope, no detail at all
     assert r.headers["www-authenticate"] == "Bearer"
 
 
@@ -124,7 +125,7 @@ def test_auth_comes_before_parsing(shared: Running) -> None:
         shared.url + "/worker/execute", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert r.status_code == 401
-    assert r.json() == {"code": "AUTH_FAILED"}
+    assert r.json() == AUTH_FAILED_BODY
 
 
 # -- ready, plan, verify -------------------------------------------------------------------------
@@ -225,16 +226,41 @@ def test_execute_max_tokens_truncates_input(shared: Running) -> None:
 
 
 def test_body_limit(shared: Running) -> None:
-    big = json.dumps({"prompt": "x" * 300_000}).encode()
+    # Execute takes what a prompt at the character limit can need (12 bytes a character, escaped);
+    # a body above even that is refused before it is parsed.
+    big = json.dumps({"prompt": "x" * 1_300_000}).encode()
     r = shared.client.post("/worker/execute", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["code"] == "INVALID_PARAMS"
 
     def chunks() -> Iterator[bytes]:
-        for _ in range(64):
+        for _ in range(192):
             yield b"x" * 8192  # no Content-Length: chunked transfer, counted as it arrives
 
     r = shared.client.post("/worker/execute", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
+    r = shared.client.post(
+        "/worker/verify", content=b"x" * 300_000, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413
+
+
+def test_an_oversized_body_gets_its_413_not_a_reset(shared: Running) -> None:
+    # The worker answers 413 before the body is all in; closing with the rest unread would reset
+    # the connection, and the client would never see the answer. Each round: a keep-alive request
+    # first (the worker's read buffer is then warm), then a body just over the limit.
+    seen: dict[str, int] = {}
+    for _ in range(20):
+        with httpx.Client(base_url=shared.url, headers={"Authorization": f"Bearer {shared.token}"}) as c:
+            c.get("/worker/ready")
+            try:
+                r = c.post(
+                    "/worker/plan", content=b" " * (2 << 20), headers={"content-type": "application/json"}
+                )
+                key = str(r.status_code)
+            except httpx.TransportError as exc:
+                key = type(exc).__name__
+            seen[key] = seen.get(key, 0) + 1
+    assert seen == {"413": 20}
 
 
 # -- commit and deallocate -----------------------------------------------------------------------

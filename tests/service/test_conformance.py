@@ -14,6 +14,8 @@ import json
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +41,12 @@ from vram_residency.service.executors.example_model import EXAMPLE_NAMES, ensure
 
 NEEDS_MINILM = False
 MODEL = EXAMPLE_NAMES["small"]
+AUTH_FAILED_BODY = {
+    "code": "AUTH_FAILED",
+    "message": "missing or invalid bearer token",
+    "retriable": False,
+    "retry_after_ms": None,
+}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +83,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _spec_commit(model_ref: str, shard_id: str, path: Path) -> dict[str, Any]:
+    """A commit as the contract writes it: every field of 4221, the digest as sha256sum prints it."""
+    return {
+        "model_ref": model_ref,
+        "shard_id": shard_id,
+        "shard_index": 0,
+        "model_bytes": str(path),
+        "expected_digest": _sha256(path),
+    }
+
+
 # -- authentication (4200-4203, 4202/4822, 4910-4913, 4812) --------------------------------------
 def test_worker_4200_4203_every_endpoint_needs_the_bearer_token(env: dict[str, Any]) -> None:
     w = _w(env)
@@ -84,10 +103,15 @@ def test_worker_4200_4203_every_endpoint_needs_the_bearer_token(env: dict[str, A
         ("POST", "/worker/commit"),
         ("POST", "/worker/execute"),
         ("POST", "/worker/cancel"),
+        # Not in the contract, so not among its two open endpoints: the schema too needs the token.
+        ("GET", "/openapi.json"),
     ]:
         assert httpx.request(method, w.url + path, json={}).status_code == 401
         bad = httpx.request(method, w.url + path, json={}, headers={"Authorization": "Bearer nope"})
-        assert bad.status_code == 401 and bad.json() == {"code": "AUTH_FAILED"}
+        # 4950-4952: the 401 is an error like any other, in the contract's envelope (a client
+        # that parses {code, message, retriable, retry_after_ms} must be able to parse it too),
+        # and it says nothing about why the token did not match.
+        assert bad.status_code == 401 and bad.json() == AUTH_FAILED_BODY
     assert httpx.get(w.url + "/health").status_code == 200  # the one open endpoint
 
 
@@ -107,18 +131,9 @@ def test_worker_4202_4822_fp6_breadcrumb_and_never_the_token(env: dict[str, Any]
 
 
 def test_worker_4910_4913_token_from_a_file_and_fail_fast_when_missing(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     cfg = tmp_path / "worker.json"
     cfg.write_text(json.dumps(_spec_config(tmp_path, tmp_path / "no-such-token", "http://127.0.0.1:9/cb")))
-    r = subprocess.run(
-        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=120,
-    )
+    r = _serve_config(cfg)
     assert r.returncode != 0 and "no-such-token" in r.stderr and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout and "listening" not in r.stdout
 
@@ -162,16 +177,8 @@ def test_worker_4210_4214_plan_answers_feasible_vram_and_shard_plan(env: dict[st
 def test_worker_4223_4113_bare_hex_digest_is_sha256(env: dict[str, Any]) -> None:
     w = _w(env)
     weights: Path = env["weights"]
-    r = w.client.post(
-        "/worker/commit",
-        json={
-            "model_ref": MODEL,
-            "shard_id": "shard-0",
-            "shard_index": 0,
-            "model_bytes": str(weights),
-            "expected_digest": _sha256(weights),  # what sha256sum prints
-        },
-    )
+    # expected_digest is what sha256sum prints.
+    r = w.client.post("/worker/commit", json=_spec_commit(MODEL, "shard-0", weights))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["sealed"] is True
@@ -210,6 +217,28 @@ def test_worker_4220_4221_commit_takes_bytes_and_prefixed_digests(env: dict[str,
     assert wrong.status_code == 422 and wrong.json()["code"] == "MODEL_LOAD_FAILED"
     outside = w.client.post("/worker/commit", json={"model_ref": "x", "model_bytes": "/etc/passwd"})
     assert outside.status_code == 403 and "outside" in outside.json()["message"]
+
+
+def test_worker_4221_model_ref_is_any_reference_when_the_bytes_are_given(env: dict[str, Any]) -> None:
+    # model_ref is "str" in the contract: with model_bytes given it names the model, it does not
+    # locate it, so an orchestrator's own reference forms (llama-orch writes file:/path and
+    # hf:org/repo) are never refused for their shape.
+    w = _w(env)
+    blob: Path = env["models"] / "blob.bin"
+    for ref in ["hf:example-org/Blob-7B-Instruct", "file:/models/blob.bin", "blob 7b (q4)"]:
+        r = w.client.post("/worker/commit", json=_spec_commit(ref, "ref-shard", blob))
+        assert r.status_code == 200, (ref, r.text)
+        assert r.json()["handle"]["model_ref"] == ref
+        handles = w.client.get("/worker/ready").json()["handles"]
+        assert [h["model_ref"] for h in handles if h["shard_id"] == "ref-shard"] == [ref]
+        assert w.client.delete("/worker/shards/ref-shard").status_code == 200
+    # Control characters are still refused (they would forge log lines), as is a name that the
+    # model directory would have to resolve without bytes.
+    for sep in ("\n", "\x85", "\u2028"):
+        bad = w.client.post("/worker/commit", json={"model_ref": f"x{sep}y", "model_bytes": str(blob)})
+        assert bad.status_code == 400 and bad.json()["code"] == "INVALID_PARAMS", sep
+    unresolvable = w.client.post("/worker/commit", json={"model_ref": "hf:org/none", "shard_id": "n"})
+    assert unresolvable.status_code == 400 and "model name" in unresolvable.json()["message"]
 
 
 def test_worker_4222_signature_is_verified_before_loading(env: dict[str, Any]) -> None:
@@ -288,6 +317,21 @@ def test_worker_4241_4243_limits_nul_and_unknown_params(env: dict[str, Any]) -> 
         assert status == 400 and err["code"] == "INVALID_PARAMS" and fragment in err["message"], err
 
 
+def test_worker_4242_a_prompt_at_the_limit_is_never_refused_for_its_body_size(env: dict[str, Any]) -> None:
+    # 100,000 characters is the contract's prompt limit, whatever the characters: JSON as Python's
+    # json.dumps writes it by default escapes each astral character to 12 bytes (a surrogate
+    # pair), 1.2 MB for the whole prompt, far above the 256 KiB default body limit. The body
+    # limit must not cut a valid prompt short (413): the request reaches the prompt's own checks.
+    c = _w(env).client
+    for n, fragment in [(100_000, "context"), (100_001, "100000")]:
+        raw = json.dumps({"handle_id": "shard-0", "prompt": "\U0001f600" * n, "params": {"max_tokens": 1}})
+        r = c.post("/worker/execute", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and fragment in r.json()["message"], (n, r.status_code, r.text[:200])
+    # Other routes keep the configured limit.
+    big = c.post("/worker/plan", content=b" " * (300 * 1024), headers={"Content-Type": "application/json"})
+    assert big.status_code == 413
+
+
 def test_worker_4999_same_seed_same_tokens(env: dict[str, Any]) -> None:
     c = _w(env).client
     body = {
@@ -298,6 +342,10 @@ def test_worker_4999_same_seed_same_tokens(env: dict[str, Any]) -> None:
     runs = [[d["t"] for e, d in execute(c, body)[1] if e == "token"] for _ in range(2)]
     other = dict(body, params={"max_tokens": 24, "temperature": 0.9, "seed": 8})
     assert runs[0] == runs[1] and len(runs[0]) > 0
+    # Any unsigned 64-bit seed is a seed: the largest too, with the same guarantee.
+    top = dict(body, params={"max_tokens": 8, "temperature": 0.9, "seed": 2**64 - 1})
+    tops = [[d["t"] for e, d in execute(c, top)[1] if e == "token"] for _ in range(2)]
+    assert tops[0] == tops[1] and len(tops[0]) > 0
     assert [d["t"] for e, d in execute(c, other)[1] if e == "token"] != runs[0]
     env["seeded"] = (body, runs[0])  # compared with another process in the drain test
 
@@ -451,6 +499,17 @@ def test_worker_4020_4032_states_and_one_model_per_process(env: dict[str, Any], 
         assert w.stop() == 0
 
 
+def _serve_config(cfg: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``serve --config cfg`` as a process of its own, for a configuration that must not start."""
+    return subprocess.run(
+        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=clean_env(env_extra),
+        timeout=120,
+    )
+
+
 def _spec_config(tmp: Path, token_file: Path, callback: str, **extra: Any) -> dict[str, Any]:
     return {
         "worker_id": "worker-conf-0",
@@ -511,26 +570,33 @@ def test_worker_4980_4991_config_file_env_and_callbacks(env: dict[str, Any], tmp
         ({"surprise": 1}, {}, "unknown keys surprise"),
         ({}, {"WORKER_BIND_ADDR": "nowhere"}, "WORKER_BIND_ADDR"),
         ({}, {"WORKER_LOG_LEVEL": "loud"}, "WORKER_LOG_LEVEL"),
+        # Checked even though the file's gpu_device wins over it.
+        ({}, {"WORKER_GPU_DEVICE": "gpu0"}, "WORKER_GPU_DEVICE"),
+        ({}, {"WORKER_GPU_DEVICE": "\u0663"}, "WORKER_GPU_DEVICE"),  # an Arabic-Indic 3: isdigit()
     ],
 )
 def test_worker_4980_4991_bad_config_fails_fast_with_a_clear_error(
     tmp_path: Path, change: dict[str, Any], env_extra: dict[str, str], fragment: str
 ) -> None:
-    import subprocess
-    import sys
-
     token = tmp_path / "token"
     write_token(token)
     cfg = tmp_path / "worker.json"
     cfg.write_text(json.dumps({**_spec_config(tmp_path, token, "http://127.0.0.1:9/cb"), **change}))
-    r = subprocess.run(
-        [sys.executable, "-m", "vram_residency.cli.main", "serve", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=clean_env(env_extra),
-        timeout=120,
-    )
+    r = _serve_config(cfg, env_extra)
     assert r.returncode != 0 and fragment in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_worker_4991_a_repeated_config_key_fails_fast(tmp_path: Path) -> None:
+    # Two values for one key: JSON parsers disagree on which one counts (Python's takes the last),
+    # so the worker says so at start instead of silently picking one.
+    token = tmp_path / "token"
+    write_token(token)
+    text = json.dumps(_spec_config(tmp_path, token, "http://127.0.0.1:9/cb"))
+    cfg = tmp_path / "worker.json"
+    cfg.write_text(text[:-1] + ', "rpc_port": 9000}')
+    r = _serve_config(cfg)
+    assert r.returncode != 0 and "duplicate key 'rpc_port'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
 
 

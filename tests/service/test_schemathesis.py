@@ -48,7 +48,9 @@ def fuzz_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 
 @pytest.fixture(scope="module")
 def api_schema(fuzz_worker: Running) -> Any:
-    return schemathesis.openapi.from_url(fuzz_worker.url + "/openapi.json")
+    return schemathesis.openapi.from_url(
+        fuzz_worker.url + "/openapi.json", headers={"Authorization": f"Bearer {fuzz_worker.token}"}
+    )
 
 
 def test_every_operation_is_fuzzed(api_schema: Any) -> None:

@@ -19,7 +19,6 @@ This is the *spec mode*: the token file defaults to ``/etc/llorch/worker-token``
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -27,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from vram_residency.errors import ConfigError
+from vram_residency.errors import ConfigError, InvalidInput
 from vram_residency.service.callbacks import check_callback_url
+from vram_residency.shard import parse_record_text
 
 __all__ = [
     "DEFAULT_BIND_ADDR",
@@ -95,7 +95,7 @@ def check_port(port: object, what: str = "port") -> int:
 def parse_bind_addr(value: str, what: str = "WORKER_BIND_ADDR") -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) with a valid address and port."""
     host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ConfigError(f"{what} must be HOST:PORT, not {value!r}")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if host != "localhost":
@@ -126,13 +126,15 @@ def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecCo
     """Read and validate the JSON config file and the ``WORKER_*`` environment."""
     env = os.environ if env is None else env
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object")
+    try:
+        # Strict: a repeated key ({"rpc_port": 8001, "rpc_port": 9000}) is refused, not read as
+        # its last value (4991: validated at start, nothing ambiguous taken).
+        raw = parse_record_text(data, f"config file {path}")
+    except InvalidInput as exc:
+        raise ConfigError(str(exc)) from None
     unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys {', '.join(unknown)}")
@@ -144,11 +146,13 @@ def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecCo
     level_name = env.get("WORKER_LOG_LEVEL", "info").lower()
     if level_name not in _LOG_LEVELS:
         raise ConfigError(f"WORKER_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, not {level_name!r}")
+    # Checked whenever it is set, also when the file's gpu_device wins over it: a bad value is
+    # a configuration error to say at start (4991), not one to ignore.
+    text = env.get("WORKER_GPU_DEVICE", "0")
+    if not (text.isascii() and text.isdigit()):
+        raise ConfigError(f"WORKER_GPU_DEVICE must be a GPU ordinal (0, 1, ...), not {text!r}")
     gpu = raw.get("gpu_device")
     if gpu is None:
-        text = env.get("WORKER_GPU_DEVICE", "0")
-        if not text.isdigit():
-            raise ConfigError(f"WORKER_GPU_DEVICE must be a GPU ordinal (0, 1, ...), not {text!r}")
         gpu = int(text)
     if isinstance(gpu, bool) or not isinstance(gpu, int) or not 0 <= gpu <= 1023:
         raise ConfigError(f"config gpu_device must be a GPU ordinal, not {gpu!r}")

@@ -7,16 +7,23 @@ oversized body is refused with 413 after at most ``max_bytes`` of it were receiv
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping, Sequence
+from typing import Any, Final
 
 from vram_residency.service.auth import BearerCheck
 
 __all__ = ["AuthMiddleware", "BodyLimitMiddleware"]
 
 log = logging.getLogger("vram_residency.service.auth")
+
+#: Body bytes past the limit that are read and thrown away before the 413 is sent, and for at most
+#: how long: a client still sending when the worker answers and closes would otherwise see the
+#: connection reset (unread data) instead of the 413. A larger body is cut off at once.
+DRAIN_MAX_BYTES: Final = 8 * 1024 * 1024
+DRAIN_SECONDS: Final = 5.0
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -43,13 +50,33 @@ async def _json(
     await send({"type": "http.response.body", "body": raw})
 
 
-class AuthMiddleware:
-    """401 ``{"code": "AUTH_FAILED"}`` for every path outside ``public`` without the token."""
+async def _discard(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a refused request's body: at most ``budget`` bytes, for at most
+    ``DRAIN_SECONDS``."""
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while budget > 0:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left
+                budget -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return
 
-    def __init__(self, app: ASGIApp, check: BearerCheck, public: Collection[str]) -> None:
+
+class AuthMiddleware:
+    """401 with the body ``refusal`` (the API's AUTH_FAILED error) for every path outside
+    ``public`` without the token."""
+
+    def __init__(
+        self, app: ASGIApp, check: BearerCheck, public: Collection[str], refusal: Mapping[str, Any]
+    ) -> None:
         self.app = app
         self._check = check
         self._public = frozenset(public)
+        self._refusal = dict(refusal)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in self._public:
@@ -67,27 +94,32 @@ class AuthMiddleware:
             )
             await self.app(scope, receive, send)
             return
-        await _json(send, 401, {"code": "AUTH_FAILED"}, [(b"www-authenticate", b"Bearer")])
+        await _json(send, 401, self._refusal, [(b"www-authenticate", b"Bearer")])
 
 
 class BodyLimitMiddleware:
-    """413 for a declared or received body larger than ``max_bytes``.
+    """413 for a declared or received body larger than ``max_bytes`` (``path_max`` may give a
+    path its own limit).
 
     The body is read here, in full, before the app sees it: bodies of this API are small, and an
     error raised from inside the app's own body reading would be turned into a 400 by FastAPI.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, path_max: Mapping[str, int] | None = None) -> None:
         self.app = app
         self._max = max_bytes
+        self._path_max = dict(path_max or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._path_max.get(scope.get("path", ""), self._max)
         for k, v in scope.get("headers", ()):
-            if k == b"content-length" and (not v.isdigit() or int(v) > self._max):
-                await self._refuse(send)
+            if k == b"content-length" and (not v.isdigit() or int(v) > limit):
+                if v.isdigit() and int(v) - limit <= DRAIN_MAX_BYTES:
+                    await _discard(receive, int(v))
+                await self._refuse(send, limit)
                 return
         chunks: list[bytes] = []
         total = 0
@@ -97,8 +129,10 @@ class BodyLimitMiddleware:
                 return  # the client left; nothing to answer
             body = message.get("body", b"")
             total += len(body)
-            if total > self._max:
-                await self._refuse(send)
+            if total > limit:
+                if message.get("more_body", False):
+                    await _discard(receive, DRAIN_MAX_BYTES)
+                await self._refuse(send, limit)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -114,13 +148,13 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay_receive, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, limit: int) -> None:
         await _json(
             send,
             413,
             {
                 "code": "INVALID_PARAMS",
-                "message": f"request body larger than {self._max} bytes",
+                "message": f"request body larger than {limit} bytes",
                 "retriable": False,
                 "retry_after_ms": None,
             },

@@ -7,10 +7,11 @@ Authentication: every path needs ``Authorization: Bearer <worker token>`` except
 * ``/metrics``: Prometheus scrapers are usually configured without credentials, and the metrics
   are counts and sizes only (no shard ids, digests or model names). ``metrics_auth=True``
   (``serve --metrics-auth``) puts it behind the token as well;
-* ``/openapi.json``: the API's contract, the same for every worker;
 * ``/worker/ready`` only when ``ready_public=True`` (WORKER-4233: configurable, off by default).
 
-The interactive docs pages are off: they load scripts from a CDN, which a worker must not do.
+``/openapi.json`` needs the token like every endpoint the contract does not name as open
+(WORKER-4200): it holds no secret, but the contract's rule has exactly two exceptions. The
+interactive docs pages are off: they load scripts from a CDN, which a worker must not do.
 
 Registered here as well, behind the token: ``POST /worker/attest`` (``attest_routes``, always)
 and the shard moves ``POST /worker/shards/{id}/migrate|offload|restore`` (``migrate_routes``),
@@ -37,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vram_residency import __version__
 from vram_residency.errors import VramError
-from vram_residency.service.api.errors import ErrorCode, ServiceError, from_exception
+from vram_residency.service.api.errors import AUTH_FAILED_BODY, ErrorCode, ServiceError, from_exception
 from vram_residency.service.api.routes import execute_router, public_router, worker_router
 from vram_residency.service.attest_routes import register_attest_routes
 from vram_residency.service.auth import BearerCheck
@@ -51,6 +52,11 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 log = logging.getLogger("vram_residency.service")
 
 DEFAULT_MAX_BODY_BYTES: Final = 256 * 1024
+#: The most bytes one prompt character can take in a JSON body: an astral character escaped as a
+#: surrogate pair (``\\ud83d\\ude00``, what Python's json.dumps writes by default).
+JSON_BYTES_PER_CHAR: Final = 12
+#: Room for an execute body's other fields (handle id, params, job id) beside the prompt.
+EXECUTE_BODY_SLACK: Final = 16 * 1024
 
 
 def create_app(
@@ -110,7 +116,7 @@ def create_app(
     def error_response(err: ServiceError) -> JSONResponse:
         if err.code is ErrorCode.AUTH_FAILED:
             return JSONResponse(
-                {"code": "AUTH_FAILED"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                dict(AUTH_FAILED_BODY), status_code=401, headers={"WWW-Authenticate": "Bearer"}
             )
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
@@ -185,10 +191,16 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
 
     # Outermost first: correlation id, authentication, then the size limit, then FastAPI.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
-    public = {"/health", "/openapi.json"} | (set() if metrics_auth else {"/metrics"})
+    # WORKER-4242: a prompt within the worker's character limit is never refused for the size of
+    # its JSON (100,000 astral characters, escaped, are 1.2 MB): execute takes at least that.
+    prompt_body = JSON_BYTES_PER_CHAR * worker.config.max_prompt_chars + EXECUTE_BODY_SLACK
+    execute_max = max(max_body_bytes, prompt_body)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=max_body_bytes, path_max={"/worker/execute": execute_max}
+    )
+    public = {"/health"} | (set() if metrics_auth else {"/metrics"})
     if ready_public:
         public.add("/worker/ready")
-    app.add_middleware(AuthMiddleware, check=bearer, public=public)
+    app.add_middleware(AuthMiddleware, check=bearer, public=public, refusal=AUTH_FAILED_BODY)
     app.add_middleware(CorrelationMiddleware)
     return app

@@ -2,16 +2,17 @@
 
 Every error response (and every SSE ``error`` event) is a JSON object ``{"code", "message",
 "retriable", "retry_after_ms"}`` (WORKER-4950s; ``retry_after_ms`` is null unless retrying this
-worker later can succeed), plus ``details`` where there are facts to give. A 401 is
-``{"code": "AUTH_FAILED"}`` and nothing else. Messages come from the library's errors, which never
-carry a token, a key, a tag or a pointer.
+worker later can succeed), plus ``details`` where there are facts to give. A 401 is that envelope
+with one fixed message (``AUTH_FAILED_BODY``): nothing about why the token did not match.
+Messages come from the library's errors, which never carry a token, a key, a tag or a pointer.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 from vram_residency.audit.errors import AuditWriteFailed
 from vram_residency.distributed import RankUnresponsive, TPVerificationFailed
@@ -42,7 +43,7 @@ from vram_residency.service.errors import (
 )
 from vram_residency.service.lifecycle import WorkerNotReady, WorkerStopped
 
-__all__ = ["ErrorCode", "ServiceError", "from_exception"]
+__all__ = ["AUTH_FAILED_BODY", "ErrorCode", "ServiceError", "from_exception"]
 
 
 class ErrorCode(enum.StrEnum):
@@ -61,6 +62,17 @@ class ErrorCode(enum.StrEnum):
     CANCELLED = "CANCELLED"
     TIMEOUT = "TIMEOUT"
 
+
+#: Every 401's body, the same whatever was wrong (missing, malformed, wrong scheme, wrong token):
+#: the contract's envelope, so a client that parses errors parses this one too.
+AUTH_FAILED_BODY: Final[Mapping[str, Any]] = MappingProxyType(
+    {
+        "code": ErrorCode.AUTH_FAILED.value,
+        "message": "missing or invalid bearer token",
+        "retriable": False,
+        "retry_after_ms": None,
+    }
+)
 
 #: How long a client should wait before retrying a worker that is loading or busy.
 RETRY_AFTER_MS_BUSY = 250

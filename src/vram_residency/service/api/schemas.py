@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 _MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._+\-]{0,127}){0,7}$"
+#: A model reference an orchestrator chose (llama-orch writes ``file:/path``, ``hf:org/repo``):
+#: any text without control characters or line separators, which would forge log lines.
+_MODEL_REF = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]{1,1024}$"
 _SHARD_ID = r"^shard-[0-9a-f]{32}$"
 _JOB_ID = r"^[A-Za-z0-9._:\-]{1,128}$"
 _DIGEST = r"^([0-9a-fA-F]{64}|(sha256-tree-v1|blake3):[0-9a-fA-F]{64})$"
@@ -48,7 +51,8 @@ TpDegree = Annotated[int, Field(ge=1, le=1024), BeforeValidator(_no_bool)]
 SizeBytes = Annotated[int, Field(ge=1, le=1 << 50), BeforeValidator(_no_bool)]
 ShardIndex = Annotated[int, Field(ge=0, le=0), BeforeValidator(_no_bool)]
 MaxTokens = Annotated[int, Field(ge=1), BeforeValidator(_no_bool)]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1), BeforeValidator(_no_bool)]
+#: Any unsigned 64-bit seed: an orchestrator may draw its seeds as u64 (PCG64 takes up to 128 bits).
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1), BeforeValidator(_no_bool)]
 _B64: Final = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
 
@@ -145,7 +149,11 @@ class CommitRequest(BaseModel):
         json_schema_extra={"oneOf": [_given("model_ref", "string"), _given("model", "string")]},
     )
 
-    model_ref: str | None = Field(None, pattern=_MODEL_NAME)
+    model_ref: str | None = Field(
+        None,
+        pattern=_MODEL_REF,
+        description="the model's reference; without model_bytes, a name in the model directory",
+    )
     shard_id: str | None = Field(None, pattern=_JOB_ID, description="the handle id, chosen by the caller")
     shard_index: ShardIndex = Field(0, description="0: one shard per model until tensor parallelism")
     model_bytes: str | ModelBytesInline | None = Field(None, description="a path, or {base64: bytes}")
