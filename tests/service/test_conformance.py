@@ -171,6 +171,18 @@ def test_worker_4210_4214_plan_answers_feasible_vram_and_shard_plan(env: dict[st
     assert tp.status_code == 200 and tp.json()["feasible"] is False and "tensor" in tp.json()["reason"]
     missing = w.client.post("/worker/plan", json={"model_ref": MODEL, "shard_layout": "tensor_parallel"})
     assert missing.status_code == 200 and "tp_degree" in missing.json()["reason"]
+    # A model this worker does not have, by any reference an orchestrator uses (its bytes come
+    # with the commit): a plan that is not feasible, with the reason, never an error for the
+    # request's shape ("A spec-shaped request must never be refused for its shape").
+    for ref in ("no-such-model", "hf:org/some-repo", "file:/models/x.gguf", "../outside"):
+        r = w.client.post("/worker/plan", json={"model_ref": ref, "shard_layout": "single"})
+        assert r.status_code == 200, r.text
+        p = r.json()
+        assert p["feasible"] is False and p["shard_plan"] == [] and p["vram_required"] == 0
+        assert "model_bytes" in p["reason"], p
+    # A control character in a reference is refused (it would forge log lines).
+    bad = w.client.post("/worker/plan", json={"model_ref": "a\nb", "shard_layout": "single"})
+    assert bad.status_code == 400 and bad.json()["code"] == "INVALID_PARAMS"
 
 
 # -- commit (4220-4227, 4110-4113) ---------------------------------------------------------------

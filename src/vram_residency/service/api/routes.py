@@ -54,6 +54,24 @@ log = logging.getLogger("vram_residency.service")
 _SHARD_PATH = r"^[A-Za-z0-9._:\-]{1,128}$"
 
 
+def _unplannable(worker: Worker, model_ref: str, reason: str) -> dict[str, Any]:
+    """A plan for a model this worker does not have: not feasible, nothing required, the reason;
+    the memory figures as any plan gives them (a tensor-parallel group's least free rank)."""
+    out = worker.plan(None, 1)
+    return {
+        **out,
+        "feasible": False,
+        "vram_required": 0,
+        "shard_plan": [],
+        "reason": reason,
+        "executable": None,
+        "model": model_ref,
+        "model_bytes": 0,
+        "needed_bytes": 0,
+        "fits": False,
+    }
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorBody, "description": "error (see code)"} for s in statuses}
 
@@ -126,6 +144,15 @@ def worker_router(worker: Worker, *, auth: list[Any], ready_public: bool = False
     def plan(req: PlanRequest) -> dict[str, Any]:
         """Can this worker hold and run the model? (WORKER-4210: VRAM and capabilities.)"""
         name = req.model_ref or req.model
+        if req.model_ref is not None:
+            # The contract's model_ref is any reference the orchestrator uses (its bytes come
+            # with the commit): one this worker cannot find or name is a plan that is not
+            # feasible, with the reason, never an error for the request's shape. The ``model``
+            # addition keeps answering 404 / 400.
+            try:
+                worker.catalog.resolve(req.model_ref)
+            except InvalidInput as exc:  # not a name here, or not found (ModelNotFound)
+                return _unplannable(worker, req.model_ref, f"{exc}; commit it with model_bytes")
         out = worker.plan(name, req.vram_bytes)
         feasible = out["fits"]
         reason: str | None = None

@@ -91,7 +91,11 @@ class PlanRequest(BaseModel):
         },
     )
 
-    model_ref: str | None = Field(None, pattern=_MODEL_NAME, description="the model, by name")
+    model_ref: str | None = Field(
+        None,
+        pattern=_MODEL_REF,
+        description="the model: a name in the model directory (any other reference plans as not feasible)",
+    )
     shard_layout: Literal["single", "tensor_parallel"] = "single"
     tp_degree: TpDegree | None = Field(None, description="required for tensor_parallel")
     model: str | None = Field(None, pattern=_MODEL_NAME, description="addition: same as model_ref")
