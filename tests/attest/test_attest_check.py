@@ -351,7 +351,6 @@ def test_shards_reordered_or_duplicated_refused(
             check_attestation(doc, TOKEN, nonce, records, t0, 100 * SECOND)
 
 
-
 def test_statement_text_nested_or_with_duplicate_keys_refused(
     signed: tuple[dict[str, Any], bytes, list[dict[str, Any]], int],
 ) -> None:
@@ -367,6 +366,7 @@ def test_statement_text_nested_or_with_duplicate_keys_refused(
     repeated = good[:-1] + ', "verdict": "ok"}'
     with pytest.raises(InvalidInput, match="duplicate key 'verdict'"):
         check_attestation(repeated, TOKEN, nonce, records, t0, 100 * SECOND)
+
 
 # -- the nonce store ----------------------------------------------------------------------------------
 def test_nonce_store_persists_used_nonces(tmp_path: Path) -> None:
@@ -402,7 +402,6 @@ def test_nonce_store_refuses_unknown_expired_and_bad_lengths(tmp_path: Path) -> 
         NonceStore(bad)
 
 
-
 @pytest.mark.parametrize(
     "content",
     [
@@ -427,6 +426,7 @@ def test_nonce_store_damaged_file_is_invalid_input(tmp_path: Path, content: byte
 def test_nonce_store_path_is_a_directory(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="cannot open"):
         NonceStore(tmp_path)
+
 
 # -- manager inputs and seal age ---------------------------------------------------------------------
 def test_attest_refuses_bad_input(mgr: VramManager) -> None:

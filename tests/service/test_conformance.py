@@ -322,6 +322,13 @@ def test_worker_4241_4243_limits_nul_and_unknown_params(env: dict[str, Any]) -> 
         ({"prompt": "a", "params": {"max_tokens": 4097}}, "4096"),
         ({"prompt": "a\x00b"}, "NUL"),
         ({"prompt": "a", "params": {"top_k": 3}}, "top_k"),
+        # The contract's types: max_tokens and seed are JSON integers, temperature a JSON number;
+        # a string or a boolean in their place is refused, not read as a number.
+        ({"prompt": "a", "params": {"max_tokens": "5"}}, "max_tokens"),
+        ({"prompt": "a", "params": {"max_tokens": True}}, "max_tokens"),
+        ({"prompt": "a", "params": {"seed": "7"}}, "seed"),
+        ({"prompt": "a", "params": {"temperature": "0.5"}}, "temperature"),
+        ({"prompt": "a", "params": {"temperature": True}}, "temperature"),
     ]
     for body, fragment in cases:
         status, events, _ = execute(c, {"handle_id": "shard-0", **body})

@@ -105,7 +105,9 @@ def test_seal_errors_exit_1(tmp_path: Path, st_file: tuple[Path, dict[str, Any]]
     assert out.returncode == 2
 
 
-def test_seal_bad_manifest_or_lone_public_key_exit_1(tmp_path: Path, st_file: tuple[Path, dict[str, Any]]) -> None:
+def test_seal_bad_manifest_or_lone_public_key_exit_1(
+    tmp_path: Path, st_file: tuple[Path, dict[str, Any]]
+) -> None:
     """A manifest nested past the JSON parser's limit was a RecursionError traceback; a
     ``--public-key`` without ``--manifest`` was ignored, so the files were sealed unchecked."""
     deep = tmp_path / "deep.json"

@@ -39,9 +39,17 @@ _DIGEST = r"^([0-9a-fA-F]{64}|(sha256-tree-v1|blake3):[0-9a-fA-F]{64})$"
 
 
 def _no_bool(value: object) -> object:
-    # JSON Schema's integer takes 5 and 5.0, never true: pydantic's lax int would take true as 1.
-    if isinstance(value, bool):
+    # JSON Schema's integer takes 5 and 5.0, never true or "5": pydantic's lax int would take
+    # true as 1 and "5" as 5.
+    if isinstance(value, (bool, str, bytes)):
         raise ValueError("Input should be a valid integer")
+    return value
+
+
+def _json_number(value: object) -> object:
+    # JSON Schema's number: never true or "0.5" (pydantic's lax float takes both).
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError("Input should be a valid number")
     return value
 
 
@@ -294,7 +302,9 @@ class ExecuteParams(_Strict):
     max_tokens: MaxTokens | None = Field(
         None, description="most tokens to generate (an encoder: most input tokens read)"
     )
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy")
+    temperature: Annotated[float, BeforeValidator(_json_number)] = Field(
+        0.0, ge=0.0, le=100.0, description="0: greedy"
+    )
     seed: Seed | None = Field(None, description="same seed, same tokens")
 
 
