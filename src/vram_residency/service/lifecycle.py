@@ -313,17 +313,21 @@ class WorkerLifecycle:
         self._guarded(change)
 
     @contextmanager
-    def executing(self) -> Iterator[None]:
+    def executing(self, *, accepted: bool = False) -> Iterator[None]:
         """Wrap one unit of work: Ready -> Executing, and back to Ready when the last one ends.
 
-        Refuses to start unless the worker can work. A fatal error escaping the block is
-        reported (the worker stops, an incident is raised) and then re-raised.
+        Refuses to start unless the worker can work. ``accepted``: work taken before a drain
+        began (a queued job) also runs while Draining, which it leaves as it is: a drain lets
+        in-flight jobs finish (WORKER-4960), and a job waiting in the queue is in flight for the
+        client that sent it. A fatal error escaping the block is reported (the worker stops, an
+        incident is raised) and then re-raised.
         """
         try:
             with self._cond:
-                self.ensure_can_work()
-                if self._executing == 0:
-                    self._move(S.EXECUTING, "work started")
+                if not (accepted and self._state is S.DRAINING):
+                    self.ensure_can_work()
+                    if self._executing == 0:
+                        self._move(S.EXECUTING, "work started")
                 self._executing += 1
         except VramError as exc:
             self._report_if_fatal(exc)

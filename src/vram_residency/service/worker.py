@@ -885,7 +885,9 @@ class Worker:
     def _run_batch_locked(self, jobs: list[ExecuteJob], pending: list[ExecuteJob]) -> None:
         with self._exec_lock:
             try:
-                with self.lifecycle.executing():
+                # Every job of the batch was accepted by submit(): it runs even if a drain
+                # began while it waited (begin_drain: queued jobs go on).
+                with self.lifecycle.executing(accepted=True):
                     info = (
                         self._verify_all("execute", check=self.config.pre_verify_check)
                         if self.config.pre_verify
