@@ -41,6 +41,9 @@ def test_health_needs_no_token_and_says_emulation(shared: Running) -> None:
         "pre_verify": True,
         "audit_head_mismatch": None,  # the signed head vouched for the audit log at start
     }
+    # HEAD, as load balancers probe: the same status, no body, no token.
+    head = httpx.head(shared.url + "/health")
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_metrics_need_no_token_by_default(shared: Running) -> None:
