@@ -215,6 +215,25 @@ def test_gguf_truncated_or_corrupt(tmp_path: Path) -> None:
         open_model_file(p)
 
 
+def test_gguf_tensors_over_the_same_bytes_are_refused(tmp_path: Path) -> None:
+    # b's tensor info says it starts where a does (offset 0 of the data section), as no GGUF
+    # writer would: llama.cpp refuses such a file, and so do we.
+    good = tmp_path / "g.gguf"
+    write_gguf(good, {"a": np.arange(1000, dtype=np.float32), "b": np.ones(10, dtype=np.float32)})
+    raw = bytearray(good.read_bytes())
+    name_end = raw.index(struct.pack("<Q", 1) + b"b") + 9
+    # name, then n_dims (u32, 1 here), the dims (u64 each), the type (u32), then the offset (u64).
+    (n_dims,) = struct.unpack_from("<I", raw, name_end)
+    at = name_end + 4 + 8 * n_dims + 4
+    assert struct.unpack_from("<Q", raw, at)[0] > 0
+    struct.pack_into("<Q", raw, at, 0)
+    bad = tmp_path / "overlap.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(InvalidInput, match="'a' and 'b' overlap"):
+        open_model_file(bad)
+    assert set(spans_of(good)) == {"a", "b", HEADER_SPAN}
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_gguf_header_fuzz(tmp_path: Path, data: st.DataObject) -> None:

@@ -13,6 +13,7 @@ spans are absolute byte offsets inside the file. The header gets a span of its o
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -398,6 +399,12 @@ def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], f
             )
         if n:
             spans.append(TensorSpan(name, start, start + n))
+    # Two tensors over the same bytes: llama.cpp refuses such a file, and a change there would be
+    # reported under both names; a GGUF writer never makes one.
+    by_start = sorted(spans[1:], key=lambda sp: sp.start)
+    for prev, cur in itertools.pairwise(by_start):
+        if cur.start < prev.end:
+            raise InvalidInput(f"{what}: tensors {prev.name!r} and {cur.name!r} overlap in GGUF file")
     return tuple(spans), frozenset(seen)
 
 
