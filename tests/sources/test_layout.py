@@ -119,6 +119,8 @@ def _header_file(tmp_path: Path, header: object, data: bytes = b"", raw_header: 
         ),
         ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
         ({"a": "x"}, b"", "not an object"),
+        # The name reports use for the header's own bytes: "(header) changed" must mean one thing.
+        ({"(header)": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "reserved"),
     ],
 )
 def test_corrupt_safetensors_headers(tmp_path: Path, header: object, data: bytes, why: str) -> None:
@@ -215,7 +217,7 @@ def test_gguf_truncated_or_corrupt(tmp_path: Path) -> None:
         open_model_file(p)
 
 
-def test_gguf_tensors_over_the_same_bytes_are_refused(tmp_path: Path) -> None:
+def test_gguf_tensors_over_the_same_bytes_or_named_as_the_header_are_refused(tmp_path: Path) -> None:
     # b's tensor info says it starts where a does (offset 0 of the data section), as no GGUF
     # writer would: llama.cpp refuses such a file, and so do we.
     good = tmp_path / "g.gguf"
@@ -232,6 +234,11 @@ def test_gguf_tensors_over_the_same_bytes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="'a' and 'b' overlap"):
         open_model_file(bad)
     assert set(spans_of(good)) == {"a", "b", HEADER_SPAN}
+    # Nor may a tensor take the name reports give the header's bytes.
+    reserved = tmp_path / "reserved.gguf"
+    write_gguf(reserved, {HEADER_SPAN: np.ones(10, dtype=np.float32)})
+    with pytest.raises(InvalidInput, match="reserved for the header"):
+        open_model_file(reserved)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

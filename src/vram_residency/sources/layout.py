@@ -304,6 +304,10 @@ def parse_safetensors_header(head: bytes | memoryview, size: int, what: str) -> 
             continue
         if not isinstance(info, dict):
             raise InvalidInput(f"{what}: entry {name!r} is not an object")
+        if name == HEADER_SPAN:
+            # The name reports give the header's bytes: a tensor of that name would make "what
+            # changed" ambiguous.
+            raise InvalidInput(f"{what}: the tensor name {HEADER_SPAN!r} is reserved for the header")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str):
             raise InvalidInput(f"{what}: tensor {name!r} has no dtype")
@@ -392,6 +396,8 @@ def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], f
     for name, start, n in raw:
         if name in seen:
             raise InvalidInput(f"{what}: duplicate tensor name {name!r} in GGUF file")
+        if name == HEADER_SPAN:  # as in a safetensors header: the name of the header's bytes
+            raise InvalidInput(f"{what}: the tensor name {HEADER_SPAN!r} is reserved for the header")
         seen.add(name)
         if start < header_end or start + n > size:
             raise InvalidInput(
