@@ -155,8 +155,13 @@ def worker_router(worker: Worker, *, auth: list[Any], ready_public: bool = False
             # addition keeps answering 404 / 400.
             try:
                 worker.catalog.resolve(req.model_ref)
-            except InvalidInput as exc:  # not a name here, or not found (ModelNotFound)
-                return _unplannable(worker, req.model_ref, f"{exc}; commit it with model_bytes")
+            except InvalidInput:  # not a name here, or not found (ModelNotFound)
+                return _unplannable(
+                    worker,
+                    req.model_ref,
+                    f"model_ref {req.model_ref!r} is not a model in this worker's model directory; "
+                    "commit it with model_bytes (a path or the bytes)",
+                )
         out = worker.plan(name, req.vram_bytes)
         feasible = out["fits"]
         reason: str | None = None
