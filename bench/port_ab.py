@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ FIGURE_NAMES = {
     "hash_with_units_GBps": "hash + unit digests",
     "verify_device_GBps": "verify (device)",
 }
+#: Threads that fill and copy each process's host memory (at most; fewer on fewer cores).
+FILL_THREADS = 16
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB}
 
@@ -257,15 +260,48 @@ def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> tuple[floa
     return statistics.median(times), times
 
 
+def _tiles(n: int, tile: int) -> list[tuple[int, int, int]]:
+    """(index, offset, length) of ``n`` bytes in ``tile``-byte pieces."""
+    return [(i, off, min(tile, n - off)) for i, off in enumerate(range(0, n, tile))]
+
+
+def _parallel(work: Callable[[tuple[int, int, int]], None], tiles: list[tuple[int, int, int]]) -> None:
+    """``work`` on every tile from a few threads: numpy's copies release the GIL, so the 2 x 16 GiB
+    of host memory each process fills (and faults in) is written by several cores, not one."""
+    threads = max(1, min(FILL_THREADS, os.cpu_count() or 1, len(tiles)))
+    if threads == 1:
+        for t in tiles:
+            work(t)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, tiles))
+
+
 def fill_random(dst: npt.NDArray[np.uint8], seed: int = 1) -> None:
     """gpu_bench.fill_random (the same bytes, so every process seals the same data and the
-    digests of old and new can be compared): a 64 MiB random block tiled, each tile perturbed."""
+    digests of old and new can be compared): a 64 MiB random block tiled, each tile perturbed.
+    The tiles are written by several threads; the bytes do not depend on their order."""
     rng = np.random.default_rng(seed)
     block = rng.integers(0, 256, size=min(64 * MiB, len(dst)), dtype=np.uint8)
-    for i, off in enumerate(range(0, len(dst), len(block))):
-        m = min(len(block), len(dst) - off)
+
+    def tile(t: tuple[int, int, int]) -> None:
+        i, off, m = t
         np.copyto(dst[off : off + m], block[:m])
         dst[off] ^= np.uint8(i & 0xFF)
+
+    _parallel(tile, _tiles(len(dst), len(block)))
+
+
+def copy_parallel(dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8]) -> None:
+    """``dst[:] = src`` by several threads (a fresh pageable buffer's first touch included)."""
+    if len(dst) != len(src):
+        raise ValueError("copy_parallel: lengths differ")
+
+    def tile(t: tuple[int, int, int]) -> None:
+        _, off, m = t
+        np.copyto(dst[off : off + m], src[off : off + m])
+
+    _parallel(tile, _tiles(len(dst), 64 * MiB))
 
 
 def import_tree(tree: Path) -> Any:
@@ -367,7 +403,7 @@ def worker_main(argv: Sequence[str]) -> int:
     try:
         fill_random(pinned.array)
         pageable = np.empty(biggest, dtype=np.uint8)
-        np.copyto(pageable, pinned.array)
+        copy_parallel(pageable, pinned.array)
         log(
             f"  {backend.describe()} from {Path(vr.__file__).parent}; host memory filled "
             f"in {time.perf_counter() - started:.1f} s"

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -400,7 +401,6 @@ def test_write_results_from_a_fixed_input(tmp_path: Path) -> None:
 
 def test_fill_matches_gpu_bench() -> None:
     """The processes seal the bytes gpu_bench seals (the 2026-11-28 rows were measured on them)."""
-    import numpy as np
 
     old_bench = subprocess.run(
         ["git", "-C", str(ROOT), "show", f"{OLD_REV}:bench/gpu_bench.py"], capture_output=True, text=True
@@ -417,6 +417,27 @@ def test_fill_matches_gpu_bench() -> None:
     ns["fill_random"](a)
     pab.fill_random(b)
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threaded_fill_and_copy_give_the_same_bytes(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    # The tiles are written by several threads in any order; the bytes are those of one thread
+    # writing them in order (which test_fill_matches_gpu_bench holds to gpu_bench's).
+    monkeypatch.setattr(pab, "FILL_THREADS", threads)
+    n = 5 * 64 * MiB + 777
+    a = np.empty(n, dtype=np.uint8)
+    pab.fill_random(a)
+    block = np.random.default_rng(1).integers(0, 256, size=64 * MiB, dtype=np.uint8)
+    for i in range(6):
+        off = i * 64 * MiB
+        want = block[: min(64 * MiB, n - off)].copy()
+        want[0] ^= np.uint8(i)
+        assert np.array_equal(a[off : off + len(want)], want), i
+    b = np.empty_like(a)
+    pab.copy_parallel(b, a)
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="lengths differ"):
+        pab.copy_parallel(b[:-1], a)
 
 
 def _result(
