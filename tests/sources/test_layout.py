@@ -147,6 +147,18 @@ def test_unparseable_safetensors_headers(tmp_path: Path, raw: bytes, why: str) -
         open_model_file(_header_file(tmp_path, None, raw_header=raw))
 
 
+def test_error_messages_cut_names_from_the_header(tmp_path: Path) -> None:
+    # A header may be 100 MB: a name, dtype or shape from it goes into the message (and so into
+    # logs and HTTP answers) cut short, with its length.
+    name = "n" * (1 << 20)
+    header = {name: {"dtype": "X" * 5000, "shape": [1], "data_offsets": [0, 4]}}
+    with pytest.raises(InvalidInput) as err:
+        open_model_file(_header_file(tmp_path, header, b"\0" * 4))
+    msg = str(err.value)
+    assert len(msg) < len(str(tmp_path)) + 400, len(msg)
+    assert "unknown dtype" in msg and f"({len(name) + 2} characters)" in msg and "(5002 characters)" in msg
+
+
 @pytest.mark.parametrize(
     ("blob", "why"),
     [

@@ -180,11 +180,19 @@ def _detect(fd: int, path: Path, size: int) -> Literal["raw", "safetensors", "gg
     return "raw"
 
 
+def _shown(value: object, limit: int = 120) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters: names, dtypes and
+    shapes come from untrusted headers (up to 100 MB), and a message carries them into logs and
+    HTTP answers."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise InvalidInput(f"duplicate key {k!r} in safetensors header")
+            raise InvalidInput(f"duplicate key {_shown(k)} in safetensors header")
         # JSON escapes can spell lone surrogates, which have no UTF-8 form (the safetensors
         # library refuses them): a tensor name like that could never be written to an audit
         # record or a report. Every string of a valid header is a key or a value of an object.
@@ -303,34 +311,35 @@ def parse_safetensors_header(head: bytes | memoryview, size: int, what: str) -> 
             metadata = info
             continue
         if not isinstance(info, dict):
-            raise InvalidInput(f"{what}: entry {name!r} is not an object")
+            raise InvalidInput(f"{what}: entry {_shown(name)} is not an object")
         if name == HEADER_SPAN:
             # The name reports give the header's bytes: a tensor of that name would make "what
             # changed" ambiguous.
             raise InvalidInput(f"{what}: the tensor name {HEADER_SPAN!r} is reserved for the header")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str):
-            raise InvalidInput(f"{what}: tensor {name!r} has no dtype")
+            raise InvalidInput(f"{what}: tensor {_shown(name)} has no dtype")
         bits = _DTYPE_BITS.get(dtype)
         if bits is None:
             # The safetensors library refuses a dtype it does not know; so do we, since the size
             # of such a tensor could not be checked against its shape.
-            raise InvalidInput(f"{what}: tensor {name!r} has unknown dtype {dtype!r}")
+            raise InvalidInput(f"{what}: tensor {_shown(name)} has unknown dtype {_shown(dtype)}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-            raise InvalidInput(f"{what}: tensor {name!r} has an invalid shape")
+            raise InvalidInput(f"{what}: tensor {_shown(name)} has an invalid shape")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
-            raise InvalidInput(f"{what}: tensor {name!r} has invalid data_offsets")
+            raise InvalidInput(f"{what}: tensor {_shown(name)} has invalid data_offsets")
         begin, end = offsets
         if begin > end or end > data_len:
             raise InvalidInput(
-                f"{what}: tensor {name!r} spans [{begin}, {end}) outside the data section of "
+                f"{what}: tensor {_shown(name)} spans [{begin}, {end}) outside the data section of "
                 f"{data_len} bytes (truncated file?)"
             )
         count = _element_count(shape, 8 * (end - begin))
         nbits = None if count is None else count * bits
         if nbits is None or nbits % 8 or nbits // 8 != end - begin:
             raise InvalidInput(
-                f"{what}: tensor {name!r} of dtype {dtype} and shape {shape} cannot take {end - begin} bytes"
+                f"{what}: tensor {_shown(name)} of dtype {_shown(dtype)} and shape {_shown(shape)} "
+                f"cannot take {end - begin} bytes"
             )
         entries.append((begin, end, name, dtype, tuple(shape)))
     entries.sort()
@@ -338,7 +347,7 @@ def parse_safetensors_header(head: bytes | memoryview, size: int, what: str) -> 
     for begin, end, name, _, _ in entries:
         if begin != pos:
             kind = "overlaps another tensor" if begin < pos else "leaves a gap before it"
-            raise InvalidInput(f"{what}: tensor {name!r} {kind} (offset {begin}, expected {pos})")
+            raise InvalidInput(f"{what}: tensor {_shown(name)} {kind} (offset {begin}, expected {pos})")
         pos = end
     if pos != data_len:
         raise InvalidInput(
@@ -390,18 +399,20 @@ def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], f
     except Exception as exc:
         # gguf's reader raises whatever numpy raises on malformed input (ValueError, IndexError,
         # struct errors, ...); for an untrusted file every one of them means a corrupt header.
-        raise InvalidInput(f"{what}: corrupt GGUF file: {type(exc).__name__}: {exc}") from None
+        raise InvalidInput(
+            f"{what}: corrupt GGUF file: {type(exc).__name__}: {_shown(str(exc), 300)}"
+        ) from None
     spans = [TensorSpan(HEADER_SPAN, 0, min(header_end, size))]
     seen: set[str] = set()
     for name, start, n in raw:
         if name in seen:
-            raise InvalidInput(f"{what}: duplicate tensor name {name!r} in GGUF file")
+            raise InvalidInput(f"{what}: duplicate tensor name {_shown(name)} in GGUF file")
         if name == HEADER_SPAN:  # as in a safetensors header: the name of the header's bytes
             raise InvalidInput(f"{what}: the tensor name {HEADER_SPAN!r} is reserved for the header")
         seen.add(name)
         if start < header_end or start + n > size:
             raise InvalidInput(
-                f"{what}: tensor {name!r} spans [{start}, {start + n}) outside the file (truncated?)"
+                f"{what}: tensor {_shown(name)} spans [{start}, {start + n}) outside the file (truncated?)"
             )
         if n:
             spans.append(TensorSpan(name, start, start + n))
@@ -410,7 +421,9 @@ def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], f
     by_start = sorted(spans[1:], key=lambda sp: sp.start)
     for prev, cur in itertools.pairwise(by_start):
         if cur.start < prev.end:
-            raise InvalidInput(f"{what}: tensors {prev.name!r} and {cur.name!r} overlap in GGUF file")
+            raise InvalidInput(
+                f"{what}: tensors {_shown(prev.name)} and {_shown(cur.name)} overlap in GGUF file"
+            )
     return tuple(spans), frozenset(seen)
 
 
