@@ -8,7 +8,9 @@ elsewhere; host-bound figures such as pageable H2D move more than 3% between mac
 Each measurement is a separate process that imports one tree's ``vram_residency`` only (two
 trees' packages cannot share one interpreter: they have the same name). The processes run in the
 order old, new, new, old, old, new, ... (``--rounds`` pairs), so a slow drift of the machine
-(clocks, heat, page cache, neighbours) falls on both sides alike.
+(clocks, heat, page cache, neighbours) falls on both sides alike. With ``--budget-s`` (seconds for
+the whole run; a lent GPU machine's call is bounded) more rounds follow, two at a time, while the
+slowest process so far says they fit: more processes per side narrow the spread between them.
 
 ``--mode rows`` (default, about 25-35 s a process with the 16 GiB shard): each process opens the
 tree's backend, fills pinned and pageable host memory as gpu_bench.py does, and times
@@ -164,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(ALGS),
         help="comma-separated (default sha256-tree-v1,blake3)",
     )
+    ap.add_argument(
+        "--budget-s",
+        type=_arg_type(_positive_int),
+        help="seconds the run may take: after --rounds, more rounds (two at a time, so each side "
+        "still goes first as often) while the slowest process so far says they fit",
+    )
     ap.add_argument("--within", type=float, default=0.03, help="allowed shortfall of new against old (0.03)")
     ap.add_argument("--device", type=int, default=0)
     ap.add_argument("--date", default=dt.date.today().isoformat())
@@ -202,6 +210,25 @@ def alternation(rounds: int) -> list[str]:
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
     return [s for r in range(rounds) for s in (SIDES if r % 2 == 0 else SIDES[::-1])]
+
+
+def another_block(
+    rounds_done: int, min_rounds: int, elapsed: float, slowest: float, budget: float | None
+) -> bool:
+    """Whether to run another round. Always until ``min_rounds``; after that only with a
+    ``budget`` (seconds for the whole run), two rounds at a time (old, new, new, old or its
+    mirror, so that each side still goes first as often): a block starts when its four processes,
+    each as slow as the ``slowest`` so far plus 15%, fit in after ``elapsed``, and a block once
+    started is finished. An odd ``min_rounds`` is evened up by one round when its two fit."""
+    if rounds_done < min_rounds:
+        return True
+    if budget is None:
+        return False
+    odd = rounds_done % 2 == 1
+    if odd and rounds_done > min_rounds:
+        return True
+    need = (2 if odd else 4) * slowest * 1.15
+    return elapsed + need <= budget
 
 
 def child_env(tree: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -744,23 +771,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timeout=300,
                 check=False,
             )
+    budget = f"; up to {args.budget_s} s, more rounds while they fit" if args.budget_s else ""
     log(
-        f"port A/B ({args.mode}): {len(order)} processes, order {' '.join(order)}; "
+        f"port A/B ({args.mode}): at least {len(order)} processes, order {' '.join(order)}{budget}; "
         f"sizes {', '.join(map(size_name, args.sizes))}"
     )
     runs: list[dict[str, Any]] = []
+    start = time.monotonic()
+    slowest = 0.0
     with tempfile.TemporaryDirectory(prefix="port-ab-") as tmp:
-        for i, side in enumerate(order):
-            log(f"== {side} ({i + 1}/{len(order)}): {trees[side]}")
-            try:
-                with ClockSampler() as clock:
-                    run = run_one(args, side, trees[side], Path(tmp), i)
-            except RuntimeError as e:
-                log(f"port_ab: {e}")
-                return 2
-            run.update(side=side, index=i, round=i // 2, clock=clock.summary())
-            log(f"   {run['wall_s']:.1f} s")
-            runs.append(run)
+        rounds = 0
+        while another_block(rounds, args.rounds, time.monotonic() - start, slowest, args.budget_s):
+            order = alternation(rounds + 1)
+            for i in (2 * rounds, 2 * rounds + 1):
+                side = order[i]
+                log(f"== {side} ({i + 1}/{max(len(order), 2 * args.rounds)}): {trees[side]}")
+                t0 = time.monotonic()
+                try:
+                    with ClockSampler() as clock:
+                        run = run_one(args, side, trees[side], Path(tmp), i)
+                except RuntimeError as e:
+                    log(f"port_ab: {e}")
+                    return 2
+                slowest = max(slowest, time.monotonic() - t0)
+                run.update(side=side, index=i, round=i // 2, clock=clock.summary())
+                log(f"   {run['wall_s']:.1f} s")
+                runs.append(run)
+            rounds += 1
     rows = summarize(runs, args.sizes, args.algorithms, args.within)
     res: dict[str, Any] = {
         "date": args.date,
@@ -769,7 +806,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mode": args.mode,
         "sizes": args.sizes,
         "algorithms": args.algorithms,
-        "rounds": args.rounds,
+        "rounds": rounds,
+        "budget_s": args.budget_s,
         "order": order,
         "within": args.within,
         "old": {"tree": str(args.old), "revision": tree_revision(args.old)},

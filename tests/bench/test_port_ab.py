@@ -173,6 +173,54 @@ def test_alternation_pairs_each_side_once_per_round(rounds: int) -> None:
     assert sum(p[0] == "old" for p in pairs) == (rounds + 1) // 2
 
 
+@pytest.mark.parametrize(
+    ("done", "least", "elapsed", "slowest", "budget", "want"),
+    [
+        (0, 4, 0.0, 0.0, None, True),  # below the least: always
+        (3, 4, 1e9, 30.0, 10.0, True),  # even past the budget: the least is asked for
+        (4, 4, 100.0, 30.0, None, False),  # no budget: exactly the least
+        (4, 4, 100.0, 30.0, 238.0, True),  # 4 x 30 x 1.15 = 138 more fits in 238
+        (4, 4, 100.0, 30.0, 237.0, False),
+        (5, 4, 1e9, 30.0, 237.0, True),  # a block once begun is finished
+        (3, 3, 100.0, 30.0, 169.0, True),  # an odd least is evened up by one round: 2 x 34.5
+        (3, 3, 100.0, 30.0, 168.0, False),
+    ],
+)
+def test_another_block_known_answers(
+    done: int, least: int, elapsed: float, slowest: float, budget: float | None, want: bool
+) -> None:
+    assert pab.another_block(done, least, elapsed, slowest, budget) is want
+
+
+def test_a_budget_adds_balanced_rounds_while_they_fit(
+    old_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """main with a clock that moves 10 s a process and a 120 s budget: the 2 rounds asked for take
+    40 s, two more fit (40 + 4 x 10 x 1.15 = 86 <= 120), and two more would not (80 + 46 > 120)."""
+    clock = [0.0]
+    monkeypatch.setattr(pab.time, "monotonic", lambda: clock[0])
+
+    def fake_run(args: Any, side: str, tree: Path, work: Path, index: int) -> dict[str, Any]:
+        clock[0] += 10.0
+        scale = 1.0 if side == "old" else 0.99
+        return {
+            "device": "NVIDIA H200",
+            "wall_s": 10.0,
+            "rows": [_row("sha256-tree-v1", MiB, scale, "aa")],
+        }
+
+    monkeypatch.setattr(pab, "run_rows", fake_run)
+    argv = ["--out", str(tmp_path), "--old", str(old_tree), "--new", str(ROOT), "--sizes", "1M"]
+    argv += ["--algorithms", "sha256-tree-v1", "--rounds", "2", "--budget-s", "120"]
+    assert pab.main(argv) == 0
+    res = json.loads(next(tmp_path.glob("port-ab-*.json")).read_text())
+    assert res["rounds"] == 4 and res["budget_s"] == 120
+    assert res["order"] == pab.alternation(4)
+    assert [r["side"] for r in res["runs"]] == pab.alternation(4)
+    assert [r["round"] for r in res["runs"]] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert "4 rounds, 8 processes" in next(tmp_path.glob("port-ab-*.md")).read_text()
+
+
 def test_child_env_puts_the_tree_first_and_drops_other_packages(tmp_path: Path) -> None:
     tree, other, site = tmp_path / "tree", tmp_path / "other", tmp_path / "site"
     (other / "src" / "vram_residency").mkdir(parents=True)
