@@ -245,3 +245,57 @@ def test_exact_resource_implements_the_whole_interface() -> None:
     assert mr.is_device_accessible is True
     assert mr.is_host_accessible is False
     assert mr.device_id == 3
+
+
+def test_capture_gate_is_one_reentrant_lock_per_device() -> None:
+    from vram_residency.backends.cuda import _core
+
+    gate = _core.capture_gate(5)
+    assert _core.capture_gate(5) is gate and _core.capture_gate(6) is not gate
+    with gate, gate:  # reentrant: the capturing thread's own work is not blocked by it
+        pass
+
+
+def test_exact_resource_allocates_and_frees_under_the_capture_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    # cuMemAlloc and cuMemFree (calls CUDA calls potentially unsafe beside a capture) run only
+    # with the device's capture gate held, so none falls inside this process's graph captures.
+    from vram_residency.backends.cuda import _core
+
+    gate = _core.capture_gate(7)
+    calls: list[tuple[str, bool]] = []
+
+    class _Result:
+        CUDA_SUCCESS = 0
+
+    class _Drv:
+        CUresult = _Result
+
+        def cuMemAlloc(self, size: int) -> tuple[int, int]:
+            calls.append(("cuMemAlloc", gate._is_owned()))  # type: ignore[attr-defined]
+            return 0, 0x1000
+
+        def cuMemFree(self, ptr: int) -> tuple[int]:
+            calls.append(("cuMemFree", gate._is_owned()))  # type: ignore[attr-defined]
+            return (0,)
+
+    class _Dev:
+        device_id = 7
+
+        def set_current(self) -> None:
+            pass
+
+    mr = _core.exact_resource(_Dev(), None, zero=False)
+    monkeypatch.setattr(_core, "driver", lambda: _Drv())
+
+    class _NoBuffers:  # wrapping the pointer fails: the allocation is freed again, under the gate
+        class Buffer:
+            @staticmethod
+            def from_handle(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("no driver here")
+
+    monkeypatch.setattr(_core, "core", lambda: _NoBuffers)
+    with pytest.raises(RuntimeError, match="no driver here"):
+        mr.allocate(4096)
+    mr.deallocate(0x2000, 0)  # what cuda.core calls when a Buffer is closed
+    assert calls == [("cuMemAlloc", True), ("cuMemFree", True), ("cuMemFree", True)]
+    assert not gate._is_owned()  # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from vram_residency.backends.cuda._graphs import GraphCache
+from vram_residency.errors import IntegrityViolation
 
 
 class _Graph:
@@ -171,3 +172,84 @@ def test_eviction_counts_are_forgotten_on_close() -> None:
         cache.run(key, s, _enqueue(log))
     cache.close()
     assert cache.run("a", s, _enqueue(log))  # captured at once again: after=0, no backoff
+
+
+class _FailingGraph(_Graph):
+    def launch(self, stream: Any) -> None:
+        self.log.append(f"launch {self.name} on {stream.name} failed")
+        raise IntegrityViolation("launching a CUDA graph failed: CUDA_ERROR_UNKNOWN")
+
+
+def test_a_failed_launch_queues_the_work_directly_and_the_key_is_not_captured_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A launch that returns an error queued nothing (seen once on an H200 beside another thread's
+    # allocations): the same work queued directly gives the digest; the graph is closed.
+    log: list[str] = []
+    monkeypatch.setattr(_Builder, "complete", lambda self: _FailingGraph(self.log, "g1"))
+    cache, s = GraphCache(after=0), _Stream(log, "s")
+    with caplog.at_level("WARNING", logger="vram_residency.backends.cuda._graphs"):
+        assert [cache.run("k", s, _enqueue(log)) for _ in range(3)] == [False] * 3
+    assert log == [
+        "begin relaxed",
+        "enqueue on capturing",
+        "end",
+        "builder closed",
+        "launch g1 on s failed",
+        "close g1",
+        "enqueue on s",
+        "enqueue on s",  # never captured again
+        "enqueue on s",
+    ]
+    assert (cache.captured, cache.launched, cache.launch_failed, len(cache)) == (1, 0, 1, 0)
+    assert "CUDA_ERROR_UNKNOWN" in caplog.text
+
+
+def test_a_failed_launch_whose_direct_work_fails_too_raises_that_error() -> None:
+    # A broken context fails the direct work as well; its error reaches the caller.
+    log: list[str] = []
+    cache, s = GraphCache(after=0), _Stream(log, "s")
+
+    def enqueue(stream: _Stream) -> None:
+        log.append(f"enqueue on {stream.name}")
+        if stream.name == "s":
+            raise IntegrityViolation("context is broken")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Builder, "complete", lambda self: _FailingGraph(self.log, "g1"))
+        with pytest.raises(IntegrityViolation, match="context is broken"):
+            cache.run("k", s, enqueue)
+    assert cache.launch_failed == 1
+
+
+class _Gate:
+    """A context manager that logs when it is taken and given back."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def __enter__(self) -> None:
+        self.log.append("gate taken")
+
+    def __exit__(self, *exc: object) -> None:
+        self.log.append("gate given back")
+
+
+def test_the_gate_is_held_from_the_start_of_a_capture_to_the_instantiated_graph() -> None:
+    # The gate (_core.capture_gate) keeps the process's own cuMemAlloc and cuMemFree out of
+    # the capture window; launches and direct enqueues do not take it.
+    log: list[str] = []
+    cache, s = GraphCache(after=1, gate=_Gate(log)), _Stream(log, "s")
+    for _ in range(3):
+        cache.run("k", s, _enqueue(log))
+    assert log == [
+        "enqueue on s",
+        "gate taken",
+        "begin relaxed",
+        "enqueue on capturing",
+        "end",
+        "builder closed",
+        "gate given back",
+        "launch g1 on s",
+        "launch g1 on s",
+    ]

@@ -43,7 +43,7 @@ class _Dev:
 
 
 def _lane() -> Any:
-    backend = SimpleNamespace(_dev=_Dev(), _stream=_Stream(), _lock=None, _graphs=None)
+    backend = SimpleNamespace(_dev=_Dev(), _stream=_Stream(), _lock=None, _graphs=None, _capture_gate=None)
     return _backend._Lane(backend, low=True)  # type: ignore[arg-type]
 
 

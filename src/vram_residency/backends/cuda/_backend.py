@@ -1100,7 +1100,8 @@ class CudaBackend(Backend):
         #: cycle through more keys than the cache holds (an executable graph of a few nodes costs
         #: the driver a few KiB).
         self._capture_stream = _stream(self._dev, 0)
-        self._graphs = GraphCache(capacity=64, capture_stream=self._capture_stream)
+        self._capture_gate = _core.capture_gate(int(self._dev.device_id))
+        self._graphs = GraphCache(capacity=64, capture_stream=self._capture_stream, gate=self._capture_gate)
         # The table kernels of each set of algorithms, once loaded (_table_kernels).
         self._table_fns: dict[frozenset[str], dict[tuple[str, str], Any]] = {}
         # Checked unkeyed tables by the identity of their Segment objects (_prepared_table).
@@ -2494,7 +2495,7 @@ class _Lane:
         #: later change of LOW_WAIT never makes a blocking wait on an event that spins.
         self.blocking_wait = low and LOW_WAIT == "block"
         self.done = _event(backend._dev, timing=False, blocking=self.blocking_wait)
-        self.graphs = backend._graphs if not low else GraphCache()
+        self.graphs = backend._graphs if not low else GraphCache(gate=backend._capture_gate)
         self.t0 = _event(backend._dev, timing=True)
         self.t1 = _event(backend._dev, timing=True)
 

@@ -47,6 +47,7 @@ class CuMemAllocFailed(CudaAllocationFailed):
 __all__ = [
     "OUT_OF_MEMORY",
     "CuMemAllocFailed",
+    "capture_gate",
     "core",
     "core_errors",
     "device",
@@ -198,6 +199,30 @@ def device(ordinal: int) -> Any:
     return dev
 
 
+_gates: dict[int, threading.RLock] = {}
+_gates_lock = threading.Lock()
+
+
+def capture_gate(device_id: int) -> threading.RLock:
+    """The lock that keeps this process's own ``cuMemAlloc`` and ``cuMemFree`` on a device out of
+    its CUDA graph captures there (``_graphs.GraphCache`` holds it from the start of a capture to
+    the instantiated graph; the exact memory resource around each allocation and free).
+
+    Why: graphs are captured in "relaxed" mode, so that another thread's allocation is not refused
+    during a capture (the "global" mode's CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED), but an allocation
+    or a free (calls that may synchronize the device) beside a capture is what CUDA calls
+    potentially unsafe. On an H200 (driver 580.159, 2026-11-30) a graph captured while another
+    thread allocated and freed once failed its launch with CUDA_ERROR_UNKNOWN
+    (``tests/gpu/test_graph_capture_races.py``). A capture takes tens to hundreds of
+    microseconds and happens once per key, so an allocation seldom waits. Reentrant: work
+    enqueued during a capture on the capturing thread is not blocked by its own gate."""
+    with _gates_lock:
+        gate = _gates.get(device_id)
+        if gate is None:
+            gate = _gates[device_id] = threading.RLock()
+        return gate
+
+
 _pinned_lock = threading.Lock()
 _pinned: Any = None
 
@@ -253,6 +278,7 @@ def exact_resource_class() -> type:
                 self._zero = zero
                 self._failures: dict[int, VramError] = {}
                 self._lock = threading.Lock()
+                self._gate = capture_gate(int(dev.device_id))
 
             # -- cuda.core's MemoryResource interface -------------------------------------------
 
@@ -263,7 +289,8 @@ def exact_resource_class() -> type:
                 out of memory)."""
                 drv = driver()
                 self._dev.set_current()
-                err, dptr = drv.cuMemAlloc(size)
+                with self._gate:
+                    err, dptr = drv.cuMemAlloc(size)
                 if err != drv.CUresult.CUDA_SUCCESS:
                     raise CuMemAllocFailed(size, _driver.error_name(err))
                 ptr = int(dptr)
@@ -275,13 +302,15 @@ def exact_resource_class() -> type:
                         with core_errors("zeroing a new allocation"):
                             self._zero_stream.sync()
                     except BaseException:
-                        drv.cuMemFree(ptr)
+                        with self._gate:
+                            drv.cuMemFree(ptr)
                         raise
                 try:
                     with core_errors("wrapping a device allocation"):
                         return core().Buffer.from_handle(ptr, size, mr=self)
                 except BaseException:
-                    drv.cuMemFree(ptr)
+                    with self._gate:
+                        drv.cuMemFree(ptr)
                     raise
 
             def deallocate(self, ptr: Any, size: int, stream: Any = None) -> None:
@@ -304,7 +333,8 @@ def exact_resource_class() -> type:
                         else IntegrityViolation(f"zeroing before free failed: {type(exc).__name__}")
                     )
                 finally:
-                    (err,) = drv.cuMemFree(p)
+                    with self._gate:
+                        (err,) = drv.cuMemFree(p)
                     if err != drv.CUresult.CUDA_SUCCESS and failure is None:
                         failure = _driver.map_error(err, "cuMemFree")
                 if failure is not None:

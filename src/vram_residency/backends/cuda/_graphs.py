@@ -21,7 +21,11 @@ the backoff its captures die out geometrically (the count is kept for ``16 x cap
 
 Any failure to capture or instantiate is not an error of the digest: the work is enqueued
 directly, as without a graph, and that key is never captured again (a driver or cuda.core that
-cannot capture costs one failed attempt per key, not a failure).
+cannot capture costs one failed attempt per key, not a failure). The same holds for a graph
+whose launch fails: a launch that returns an error has queued nothing, so the work is queued
+directly instead; if the context itself is broken, that fails too and its error is raised. A
+``gate`` (``_core.capture_gate``) keeps the process's own allocations and frees out of the
+capture window.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
 from typing import Any, Final
 
 from vram_residency.backends.cuda._core import core_errors
+from vram_residency.errors import VramError
 
 __all__ = ["GraphCache"]
 
@@ -53,8 +59,17 @@ class GraphCache:
     closes the graphs (before the context and the kernel modules they name go away); the owner
     closes its capture stream."""
 
-    def __init__(self, capacity: int = 16, after: int = 2, *, capture_stream: Any = None) -> None:
+    def __init__(
+        self,
+        capacity: int = 16,
+        after: int = 2,
+        *,
+        capture_stream: Any = None,
+        gate: AbstractContextManager[Any] | None = None,
+    ) -> None:
         self._capacity = max(1, int(capacity))
+        #: Held from the start of a capture to its instantiated graph (``_core.capture_gate``).
+        self._gate: AbstractContextManager[Any] = gate if gate is not None else contextlib.nullcontext()
         #: Where graphs are captured: a stream used for nothing else (see :meth:`_capture`), or
         #: None to capture on the stream the work is run on.
         self._capture_stream = capture_stream
@@ -67,6 +82,7 @@ class GraphCache:
         self._lock = threading.Lock()
         self.captured = 0  # graphs built (for tests and benchmarks)
         self.launched = 0  # runs that were one graph launch
+        self.launch_failed = 0  # graph launches that failed, their work then queued directly
 
     def __len__(self) -> int:
         return sum(1 for g in self._graphs.values() if g is not _FAILED)
@@ -97,14 +113,44 @@ class GraphCache:
             if graph is None:
                 enqueue(stream)
                 return False
-        with core_errors("launching a CUDA graph"):
-            graph.launch(stream)
+        try:
+            with core_errors("launching a CUDA graph"):
+                graph.launch(stream)
+        except VramError as exc:
+            # An error returned by the launch means nothing was queued; the same work queued
+            # directly gives the digest (or fails with the context's own error, which is raised).
+            log.warning("a CUDA graph launch failed, enqueuing directly (not captured again): %s", exc)
+            with self._lock:
+                if self._graphs.get(key) is graph:
+                    self._graphs[key] = _FAILED
+            _close(graph)
+            self.launch_failed += 1
+            enqueue(stream)
+            return False
         self.launched += 1
         return True
 
     def _capture(self, key: Hashable, stream: Any, enqueue: Callable[[Any], None]) -> Any:
         """The executable graph of ``enqueue``'s work, kept under ``key``; None (and the key
         marked never to capture again) when capturing or instantiating failed."""
+        with self._gate:
+            graph = self._build(stream, enqueue)
+        with self._lock:
+            self._graphs[key] = graph if graph is not None else _FAILED
+            self._seen.pop(key, None)
+            while len(self._graphs) > self._capacity:
+                gone, old = self._graphs.popitem(last=False)
+                _close(old)
+                if old is not _FAILED:
+                    self._evicted[gone] = self._evicted.pop(gone, 0) + 1
+                    while len(self._evicted) > 16 * self._capacity:
+                        self._evicted.popitem(last=False)
+        if graph is not None:
+            self.captured += 1
+        return graph
+
+    def _build(self, stream: Any, enqueue: Callable[[Any], None]) -> Any:
+        """Capture and instantiate ``enqueue``'s work; None when either failed."""
         graph: Any = None
         builder: Any = None
         try:
@@ -130,18 +176,6 @@ class GraphCache:
             if builder is not None:
                 with contextlib.suppress(Exception):
                     builder.close()
-        with self._lock:
-            self._graphs[key] = graph if graph is not None else _FAILED
-            self._seen.pop(key, None)
-            while len(self._graphs) > self._capacity:
-                gone, old = self._graphs.popitem(last=False)
-                _close(old)
-                if old is not _FAILED:
-                    self._evicted[gone] = self._evicted.pop(gone, 0) + 1
-                    while len(self._evicted) > 16 * self._capacity:
-                        self._evicted.popitem(last=False)
-        if graph is not None:
-            self.captured += 1
         return graph
 
     def close(self) -> None:
