@@ -10,9 +10,10 @@ on a stream of its own (``GraphCache(capture_stream=...)``) and launches on the 
 
 A later run (H200, 2026-11-30) failed one graph's launch with CUDA_ERROR_UNKNOWN in this test: a
 graph captured while the other thread's cuMemAlloc and cuMemFree ran (calls CUDA names as
-potentially unsafe beside a relaxed capture). The capture gate (``_core.capture_gate``) now keeps
-the backend's own allocations and frees out of the capture window, and a launch that fails
-anyway queues its work directly; the test counts such launches, so the gate must keep them at 0."""
+potentially unsafe beside a relaxed capture; the graph's first launch uploads it). The capture
+gate (``_core.capture_gate``) now keeps the backend's own allocations and frees out of the capture
+window and out of every launch, and a launch that fails anyway queues its work directly; the test
+counts such launches, so the gate must keep them at 0."""
 
 from __future__ import annotations
 

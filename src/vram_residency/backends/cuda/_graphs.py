@@ -25,7 +25,7 @@ cannot capture costs one failed attempt per key, not a failure). The same holds 
 whose launch fails: a launch that returns an error has queued nothing, so the work is queued
 directly instead; if the context itself is broken, that fails too and its error is raised. A
 ``gate`` (``_core.capture_gate``) keeps the process's own allocations and frees out of the
-capture window.
+capture window and out of every launch.
 """
 
 from __future__ import annotations
@@ -114,7 +114,11 @@ class GraphCache:
                 enqueue(stream)
                 return False
         try:
-            with core_errors("launching a CUDA graph"):
+            # Under the gate too: a graph's first launch uploads it to the device, and on an H200
+            # (2026-11-30) launches beside another thread's cuMemAlloc/cuMemFree still failed with
+            # CUDA_ERROR_UNKNOWN, 16 in 78,120, when the gate covered the capture alone. A launch
+            # holds it for microseconds; an allocation seldom waits.
+            with self._gate, core_errors("launching a CUDA graph"):
                 graph.launch(stream)
         except VramError as exc:
             # An error returned by the launch means nothing was queued; the same work queued
