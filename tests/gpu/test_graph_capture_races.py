@@ -10,10 +10,12 @@ on a stream of its own (``GraphCache(capture_stream=...)``) and launches on the 
 
 A later run (H200, 2026-11-30) failed one graph's launch with CUDA_ERROR_UNKNOWN in this test: a
 graph captured while the other thread's cuMemAlloc and cuMemFree ran (calls CUDA names as
-potentially unsafe beside a relaxed capture; the graph's first launch uploads it). The capture
-gate (``_core.capture_gate``) now keeps the backend's own allocations and frees out of the capture
-window and out of every launch, and a launch that fails anyway queues its work directly; the test
-counts such launches, so the gate must keep them at 0."""
+potentially unsafe beside a relaxed capture). Measured there with this test's churn and no pause:
+93 of 37,200 first launches failed without a gate, 16 of 78,120 with the capture gate
+(``_core.capture_gate``: the backend's own cuMemAlloc and cuMemFree wait for a capture), 0 of
+39,360 with no other thread. A launch that fails queued nothing, and ``GraphCache.run`` queues the
+same work directly: every digest must still be right, and such launches stay rare (at most 2 of
+the 120 here; about 1 in 5,000 was measured)."""
 
 from __future__ import annotations
 
@@ -60,8 +62,8 @@ def test_allocations_on_another_thread_survive_graph_captures(cuda_backend: Cuda
     try:
         for i in range(keys):
             n = 4096 * (i + 1) + 16  # a new table key each time: captured on its third call
-            for _ in range(3):
-                nh_fast_digest(cuda_backend, buf.device_pointer, n, key)
+            digests = {nh_fast_digest(cuda_backend, buf.device_pointer, n, key) for _ in range(3)}
+            assert len(digests) == 1, n  # direct, direct, then the graph: the same digest
     finally:
         stop.set()
         thread.join()
@@ -71,4 +73,4 @@ def test_allocations_on_another_thread_survive_graph_captures(cuda_backend: Cuda
     assert [type(e).__name__ + ": " + str(e) for e in errors] == []
     # Every key's capture succeeded (an invalidated capture marks the key never to capture).
     assert graphs.captured - captured0 == keys
-    assert graphs.launch_failed == failed0
+    assert graphs.launch_failed - failed0 <= 2

@@ -205,20 +205,24 @@ _gates_lock = threading.Lock()
 
 def capture_gate(device_id: int) -> threading.RLock:
     """The lock that keeps this process's own ``cuMemAlloc`` and ``cuMemFree`` on a device out of
-    its CUDA graph captures and launches there (``_graphs.GraphCache`` holds it from the start of
-    a capture to the instantiated graph, and around each launch; the exact memory resource around
-    each allocation and free).
+    its CUDA graph captures there (``_graphs.GraphCache`` holds it from the start of a capture to
+    the instantiated graph; the exact memory resource around each allocation and free).
 
     Why: graphs are captured in "relaxed" mode, so that another thread's allocation is not refused
     during a capture (the "global" mode's CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED), but an allocation
     or a free (calls that may synchronize the device) beside a capture is what CUDA calls
-    potentially unsafe. On an H200 (driver 580.159, 2026-11-30), with another thread allocating
-    and freeing 64 KiB without a pause, 93 of 37,200 freshly captured graphs failed their first
-    launch with CUDA_ERROR_UNKNOWN; with the gate around the capture alone, 16 of 78,120
-    (``tests/gpu/test_graph_capture_races.py``; the first launch uploads the graph). A capture
-    takes tens to hundreds of microseconds and happens once per key, a launch a few
-    microseconds, so an allocation seldom waits. Reentrant: work enqueued during a capture on
-    the capturing thread is not blocked by its own gate."""
+    potentially unsafe. Measured on an H200 (driver 580.159, 2026-11-30) with another thread
+    allocating, zeroing and freeing 64 KiB without a pause (the diagnostic of
+    ``tests/gpu/test_graph_capture_races.py``, bench/results/logs/graph-capture-race-2026-11-30d.log),
+    freshly captured graphs whose first launch failed with CUDA_ERROR_UNKNOWN: 93 of 37,200
+    without the gate, 16 of 78,120 with it, 0 of 39,360 with no other thread at work. Gating the
+    launches too, or uploading each graph inside the gate, left the rest (45 of 80,760; 4 of
+    24,480). What remains may go with the other thread's zeroing on the compute stream, which the
+    gate does not cover (a verify would then wait for a seal's zeroing); that was not measured
+    alone. A launch that failed queued nothing, and ``GraphCache.run`` queues its work directly
+    instead. A capture takes tens to hundreds of microseconds and happens once per key, so an
+    allocation seldom waits. Reentrant: work enqueued during a capture on the
+    capturing thread is not blocked by its own gate."""
     with _gates_lock:
         gate = _gates.get(device_id)
         if gate is None:
