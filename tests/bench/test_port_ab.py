@@ -192,6 +192,12 @@ def test_another_block_known_answers(
     assert pab.another_block(done, least, elapsed, slowest, budget) is want
 
 
+def test_slowest_leaves_out_the_first_process_when_there_are_others() -> None:
+    assert pab._slowest([]) == 0.0
+    assert pab._slowest([38.0]) == 38.0
+    assert pab._slowest([38.0, 22.3, 21.0, 23.0]) == 23.0
+
+
 def test_a_budget_adds_balanced_rounds_while_they_fit(
     old_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
