@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -255,8 +256,9 @@ def child_env(tree: Path, base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def tree_revision(tree: Path) -> str | None:
-    """The commit a tree is at: REVISION (written by scripts/portab-prepare), else git's HEAD
-    (a GPU machine's copy has no .git: then None)."""
+    """The commit a tree is at: REVISION (written by scripts/portab-prepare), else git's HEAD,
+    with "+changes" when tracked files under src/ or bench/ differ from it; None without
+    either."""
     marker = tree / "REVISION"
     if marker.is_file():
         return marker.read_text().strip()
@@ -272,7 +274,32 @@ def tree_revision(tree: Path) -> str | None:
         return None
     if out.returncode != 0:
         return None
-    return out.stdout.strip() or None
+    head = out.stdout.strip()
+    if not head:
+        return None
+    # A lent GPU machine's copy of the working tree can carry a .git whose HEAD is older than the
+    # files: say so, and src_digest below tells which tree the files were.
+    dirty = subprocess.run(
+        ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no", "--", "src", "bench"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return head if dirty.returncode == 0 and not dirty.stdout.strip() else f"{head}+changes"
+
+
+def src_digest(tree: Path) -> str:
+    """SHA-256 over the tree's package sources (each file's path under src/ and its bytes, in
+    path order): the same files give the same digest on any machine, so a result can be matched
+    to a commit (``git worktree``/``git archive`` of it, then this function) whatever its .git."""
+    h = hashlib.sha256()
+    root = tree / "src"
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        rel = f.relative_to(root).as_posix().encode()
+        data = f.read_bytes()
+        h.update(len(rel).to_bytes(8, "big") + rel + len(data).to_bytes(8, "big") + data)
+    return h.hexdigest()
 
 
 # -- one process: one tree's backend -------------------------------------------------------------------
@@ -636,7 +663,10 @@ def write_results(res: dict[str, Any], out: Path) -> Path:
     old, new = res["old"], res["new"]
 
     def rev(side: dict[str, Any], missing: str) -> str:
-        return str(side["revision"])[:12] if side["revision"] else missing
+        if not side["revision"]:
+            return missing
+        rev = str(side["revision"])
+        return rev[:12] + (" with changes to its files" if rev.endswith("+changes") else "")
 
     how = (
         "each process times `write_and_hash`, `digest` and `hash` the way `gpu_bench.measure_one` does "
@@ -818,8 +848,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budget_s": args.budget_s,
         "order": order,
         "within": args.within,
-        "old": {"tree": str(args.old), "revision": tree_revision(args.old)},
-        "new": {"tree": str(args.new), "revision": tree_revision(args.new)},
+        "old": {
+            "tree": str(args.old),
+            "revision": tree_revision(args.old),
+            "src_digest": src_digest(args.old),
+        },
+        "new": {
+            "tree": str(args.new),
+            "revision": tree_revision(args.new),
+            "src_digest": src_digest(args.new),
+        },
         "host_cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "digests_agree": digests_agree(runs),

@@ -10,6 +10,7 @@ set of per-process figures (medians, new / old, the 0.97 target, the digest cros
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import json
 import os
@@ -568,3 +569,41 @@ def test_pool_refuses_runs_of_different_things() -> None:
         pab.pool_results([a, {**a, "sizes": [MiB, GiB]}], ["a", "b"])
     with pytest.raises(ValueError, match="device"):
         pab.pool_results([a, {**a, "device": "NVIDIA H100"}], ["a", "b"])
+
+
+def _git(repo: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=60
+    )
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_tree_revision_marks_files_that_differ_from_head(tmp_path: Path) -> None:
+    # A lent GPU machine's copy carried a .git at an older commit than its files (2026-11-30):
+    # the result must not name that commit as if the files were it.
+    repo = tmp_path / "tree"
+    (repo / "src" / "vram_residency").mkdir(parents=True)
+    (repo / "src" / "vram_residency" / "__init__.py").write_text("A = 1\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = _git(repo, "rev-parse", "HEAD")
+    assert pab.tree_revision(repo) == head
+    before = pab.src_digest(repo)
+    (repo / "src" / "vram_residency" / "__init__.py").write_text("A = 2\n")
+    assert pab.tree_revision(repo) == f"{head}+changes"
+    assert pab.src_digest(repo) != before
+    (repo / "src" / "vram_residency" / "__init__.py").write_text("A = 1\n")
+    (repo / "src" / "vram_residency" / "__pycache__").mkdir()
+    (repo / "src" / "vram_residency" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    assert pab.src_digest(repo) == before  # the same sources, whatever was compiled beside them
+    assert pab.tree_revision(repo) == head
+
+
+def test_src_digest_known_answer(tmp_path: Path) -> None:
+    (tmp_path / "src" / "p").mkdir(parents=True)
+    (tmp_path / "src" / "p" / "a.py").write_bytes(b"x")
+    rel = b"p/a.py"
+    want = hashlib.sha256(len(rel).to_bytes(8, "big") + rel + (1).to_bytes(8, "big") + b"x").hexdigest()
+    assert pab.src_digest(tmp_path) == want
