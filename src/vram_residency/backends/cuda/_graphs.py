@@ -116,8 +116,9 @@ class GraphCache:
                 return False
         try:
             # Not under the gate: on an H200 (2026-11-30) first launches beside another thread's
-            # allocations failed as often with the launch gated as without (45 in 80,760 and 17
-            # in 24,120, against 16 in 78,120), and a verify should not wait for a seal's zeroing.
+            # allocations failed no less often with the launches gated too (45 in 80,760; 17 in
+            # 24,120) than with the captures alone gated (16 in 78,120). Lock order: the lane's
+            # lock, then the gate; whoever holds the gate takes no other lock.
             with core_errors("launching a CUDA graph"):
                 graph.launch(stream)
         except VramError as exc:
