@@ -19,6 +19,7 @@ import hmac
 import json
 import random
 import struct
+import time
 from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
@@ -608,3 +609,260 @@ def test_seal_tags_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) ->
 def test_error_types_are_the_librarys() -> None:
     assert issubclass(InvalidInput, VramError) and issubclass(SealVerificationFailed, VramError)
     assert issubclass(ConfigError, VramError)
+
+
+# ================================================================================================
+# attest-v1
+# ================================================================================================
+
+from vram_residency.attest import AttestationRefused, NonceStore, check_attestation  # noqa: E402
+from vram_residency.formats.attest import (  # noqa: E402
+    AttestedShard,
+    Statement,
+    attest_key,
+    attest_message,
+    attest_tag,
+    probe_key,
+    statement_from_json,
+    verify_statement_tag,
+)
+
+NONCE = bytes(range(32))
+KA_HEX = "91cf9fc1292edf3e7a0c48bf754865a6799091362c4b6a2253ed184f038892c3"
+KP_HEX = "1bb8c0715c74375fc1684e7b89baff04b32ca6995967c83074593ec35b76f923"
+PROBE_HEX = "9d0f3e484d9110cb761916595fb6d1d0c76aa3234617a44293e60e24802baa85"
+ATTEST_TAGS = [
+    (False, True, "adf3449b899ac5ea22fcf1d2f58df350f7503a454357ea74406882f44452cffa"),
+    (True, True, "d52224af1d780afa441d1775e9d1545c0a71078a4de9480dcbbaf58946111ff4"),
+    (True, False, "2f8ae8f4429863bb6c4413f753c1b748d9ebe18238596ec4ca6dbd6e6ff41de4"),
+]
+
+
+def ref_attest_json(
+    nonce: bytes, worker_id: str, attested_at_ns: int, shards: list[RefShard], ok: bool, ka: bytes
+) -> dict[str, Any]:
+    """The spec's JSON form, as an independent worker would write it."""
+    tag = ref_hmac(ka, ref_attest_message(nonce, worker_id, attested_at_ns, shards, ok))
+    return {
+        "format": "attest-v1",
+        "nonce": nonce.hex(),
+        "worker_id": worker_id,
+        "attested_at_ns": attested_at_ns,
+        "shards": [
+            {
+                "shard_id": sid,
+                "seal_signature": sig.hex(),
+                "digest_now": now.hex(),
+                "probe": None if probe is None else probe.hex(),
+                "verified_at_ns": t,
+            }
+            for sid, sig, now, probe, t in shards
+        ],
+        "verdict": "ok" if ok else "mismatch",
+        "tag": tag.hex(),
+    }
+
+
+def _lib_statement(nonce: bytes, worker_id: str, at: int, shards: list[RefShard], ok: bool) -> Statement:
+    return Statement(
+        nonce=nonce,
+        worker_id=worker_id,
+        attested_at_ns=at,
+        shards=tuple(AttestedShard(*s) for s in shards),
+        verdict="ok" if ok else "mismatch",
+    )
+
+
+def test_attest_keys_and_probe_known_answers() -> None:
+    ka = ref_attest_key(TOKEN)
+    kp = ref_probe_key(ka, NONCE)
+    assert (ka.hex(), kp.hex()) == (KA_HEX, KP_HEX)
+    assert ref_probe(kp, P(4097)).hex() == PROBE_HEX
+    lib_ka = attest_key(TOKEN)
+    assert lib_ka._expose_for_tests().hex() == KA_HEX
+    assert probe_key(lib_ka, NONCE).hex() == KP_HEX
+
+
+@pytest.mark.parametrize(("with_probe", "ok", "expected"), ATTEST_TAGS)
+def test_attest_tag_known_answers(with_probe: bool, ok: bool, expected: str) -> None:
+    shards: list[RefShard] = [
+        (
+            SHARD_A,
+            bytes.fromhex(SEAL_TAG_FULL),
+            ref_tree(P(4097)),
+            bytes.fromhex(PROBE_HEX) if with_probe else None,
+            1764331259000000000,
+        )
+    ]
+    args = (NONCE, "worker-a", 1764331260000000000, shards, ok)
+    msg = ref_attest_message(*args)
+    assert ref_hmac(ref_attest_key(TOKEN), msg).hex() == expected
+    st_ = _lib_statement(*args)
+    assert attest_message(st_) == msg
+    assert attest_tag(attest_key(TOKEN), st_).hex() == expected
+    parsed, tag = statement_from_json(ref_attest_json(*args, ref_attest_key(TOKEN)))
+    assert parsed == st_ and tag.hex() == expected
+    assert verify_statement_tag(attest_key(TOKEN), parsed, tag)
+
+
+_ref_shard = st.tuples(
+    _utf8_text.filter(bool),
+    st.binary(min_size=32, max_size=32),
+    st.binary(min_size=32, max_size=32),
+    st.none() | st.binary(min_size=32, max_size=32),
+    _u64,
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    nonce=st.binary(min_size=16, max_size=64),
+    worker=_utf8_text,
+    at=_u64,
+    shards=st.lists(_ref_shard, max_size=4),
+    ok=st.booleans(),
+    token=st.binary(min_size=16, max_size=64),
+)
+def test_attest_property_library_equals_reference(
+    nonce: bytes, worker: str, at: int, shards: list[RefShard], ok: bool, token: bytes
+) -> None:
+    ka = ref_hkdf(token, b"llorch-vram-attest-v1")
+    msg = ref_attest_message(nonce, worker, at, shards, ok)
+    s = _lib_statement(nonce, worker, at, shards, ok)
+    lib_ka = attest_key(token)
+    assert attest_message(s) == msg
+    assert attest_tag(lib_ka, s) == ref_hmac(ka, msg)
+    assert probe_key(lib_ka, nonce) == ref_probe_key(ka, nonce)
+    parsed, tag = statement_from_json(json.loads(json.dumps(ref_attest_json(nonce, worker, at, shards, ok, ka))))
+    assert parsed == s and verify_statement_tag(lib_ka, parsed, tag)
+    assert not verify_statement_tag(lib_ka, parsed, tag[:31])
+    assert not verify_statement_tag(lib_ka, parsed, tag + b"\x00")
+
+
+def _good_doc() -> dict[str, Any]:
+    shards: list[RefShard] = [
+        (SHARD_A, bytes.fromhex(SEAL_TAG_FULL), ref_tree(P(4097)), bytes.fromhex(PROBE_HEX), 1764331259000000000)
+    ]
+    return ref_attest_json(NONCE, "worker-a", 1764331260000000000, shards, True, ref_attest_key(TOKEN))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(format="attest-v0"),
+        lambda d: d.update(nonce=NONCE.hex()[:-1]),  # odd number of hex digits
+        lambda d: d.update(nonce="00" * 15),  # 15 bytes: below the spec's 16
+        lambda d: d.update(nonce="00" * 65),  # 65 bytes: above the spec's 64
+        lambda d: d.update(nonce=" " + NONCE.hex()),
+        lambda d: d.update(tag=d["tag"][:62]),
+        lambda d: d.update(tag=d["tag"] + "00"),
+        lambda d: d.update(tag=d["tag"].upper()),
+        lambda d: d["shards"][0].update(probe=PROBE_HEX[:62]),
+        lambda d: d["shards"][0].update(probe=""),  # an empty probe is JSON null, never ""
+        lambda d: d["shards"][0].update(seal_signature=SEAL_TAG_FULL + "00"),
+        lambda d: d["shards"][0].update(digest_now=None),
+        lambda d: d["shards"][0].update(verified_at_ns=-1),
+        lambda d: d["shards"][0].update(shard_id="\ud800"),
+        lambda d: d.update(verdict=1),
+        lambda d: d.update(verdict="mismatch ", extra=None),
+        lambda d: d.update(attested_at_ns=str(d["attested_at_ns"])),
+    ],
+)
+def test_attest_json_out_of_spec_refused(edit: Callable[[dict[str, Any]], object]) -> None:
+    d = _good_doc()
+    edit(d)
+    with pytest.raises(InvalidInput):
+        statement_from_json(d)
+
+
+def _seal_record_for(token: str, worker_id: str = "worker-a") -> dict[str, Any]:
+    a = {**_seal_args(), "worker_id": worker_id}
+    sig = ref_hmac(ref_seal_key(token), ref_seal_message(**a))
+    return {"format": "seal-v1", **a, "digest": a["digest"].hex(), "signature": sig.hex()}
+
+
+def _statement_for(nonce: bytes, issued: int, probe: bytes | None, *, delay: int = 1000) -> dict[str, Any]:
+    rec = _seal_record_for(TOKEN)
+    shards: list[RefShard] = [
+        (SHARD_A, bytes.fromhex(rec["signature"]), ref_tree(P(4097)), probe, issued + delay // 2)
+    ]
+    return ref_attest_json(nonce, "worker-a", issued + delay, shards, True, ref_attest_key(TOKEN))
+
+
+def test_attest_full_check_of_an_independent_statement(tmp_path: Any) -> None:
+    """A statement and seal record written by the reference pass every check of the spec's list,
+    probe included (recomputed by the library from a real file); the same nonce again is refused."""
+    store = NonceStore()
+    issued = store.issue("worker-a", 32)
+    model = tmp_path / "shard.bin"
+    model.write_bytes(P(4097))
+    probe = ref_probe(ref_probe_key(ref_attest_key(TOKEN), issued.nonce), P(4097))
+    doc = _statement_for(issued.nonce, issued.issued_at_ns, probe)
+    res = check_attestation(
+        json.dumps(doc), TOKEN, issued.nonce, [_seal_record_for(TOKEN)], issued.issued_at_ns, 10**9,
+        {SHARD_A: model}, nonces=store,
+    )
+    assert res.probed == (SHARD_A,)
+    with pytest.raises(AttestationRefused) as exc:  # the same nonce, a second time: a replay
+        check_attestation(doc, TOKEN, issued.nonce, [_seal_record_for(TOKEN)], issued.issued_at_ns, 10**9,
+                          nonces=store)
+    assert exc.value.check == 2
+    # A wrong probe (another nonce's) is refused at check 6.
+    store2 = NonceStore()
+    i2 = store2.issue("worker-a", 16)
+    doc2 = _statement_for(i2.nonce, i2.issued_at_ns, probe)
+    with pytest.raises(AttestationRefused) as exc:
+        check_attestation(doc2, TOKEN, i2.nonce, [_seal_record_for(TOKEN)], i2.issued_at_ns, 10**9,
+                          {SHARD_A: model}, nonces=store2)
+    assert exc.value.check == 6
+
+
+def test_attest_expired_nonce_refused() -> None:
+    store = NonceStore(ttl_ns=1)
+    issued = store.issue("worker-a")
+    doc = _statement_for(issued.nonce, issued.issued_at_ns, None)
+    time.sleep(0.002)  # past the 1 ns lifetime
+    with pytest.raises(AttestationRefused) as exc:
+        check_attestation(doc, TOKEN, issued.nonce, [_seal_record_for(TOKEN)], issued.issued_at_ns, 10**9,
+                          nonces=store)
+    assert exc.value.check == 2
+
+
+@pytest.mark.parametrize(("delay", "allowed", "check"), [(10**9 + 1, 10**9, 3), (10**6, 10**6, 0)])
+def test_attest_delay_window(delay: int, allowed: int, check: int) -> None:
+    issued = 1764331200000000000
+    doc = _statement_for(NONCE, issued, None, delay=delay)
+
+    def call() -> Any:
+        return check_attestation(doc, TOKEN, NONCE, [_seal_record_for(TOKEN)], issued, allowed)
+
+    if check == 0:
+        assert call().statement.attested_at_ns == issued + delay  # exactly the edge: accepted
+    else:
+        with pytest.raises(AttestationRefused) as exc:
+            call()
+        assert exc.value.check == check
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps(_good_doc()) + " []",
+        json.dumps(_good_doc()) + "\x00",
+        json.dumps(_good_doc())[:-1] + ', "verdict": "ok"}',  # duplicate key
+        json.dumps([_good_doc()]),
+    ],
+    ids=["trailing-json", "trailing-nul", "duplicate-key", "array"],
+)
+def test_attest_text_out_of_spec_refused(text: str) -> None:
+    with pytest.raises(InvalidInput):
+        check_attestation(text, TOKEN, NONCE, [_seal_record_for(TOKEN)], 1764331200000000000, 10**12)
+
+
+def test_attest_tags_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy_compare_digest(monkeypatch)
+    d = _good_doc()
+    s, tag = statement_from_json(d)
+    wrong = bytes(32)
+    assert not verify_statement_tag(attest_key(TOKEN), s, wrong)
+    assert any(wrong in c and tag in c for c in calls)
