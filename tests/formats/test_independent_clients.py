@@ -866,3 +866,125 @@ def test_attest_tags_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) 
     wrong = bytes(32)
     assert not verify_statement_tag(attest_key(TOKEN), s, wrong)
     assert any(wrong in c and tag in c for c in calls)
+
+
+# ================================================================================================
+# nh-fast-v1 (our own format: docs/specs/nh-fast-v1.md)
+# ================================================================================================
+
+from vram_residency.formats import _nhfast_native, nhfast  # noqa: E402
+
+NH_KEY = bytes(range(32))
+NH_KAT = [  # input, D, U_0
+    (b"", "c8f0a12c84783c497f14a66fa124dd968fe4c4411a23af13844ee9e9948ad82f",
+     "81ac16b7a50f758caa4c1ff1157379cd9baf37d1784bb4892f34eacc54dd2e05"),
+    (b"abc", "340ef17825027a657fc820b11d756de16bcdc11291057921cd811e3d390a8982",
+     "aad069153000993828d4568d9270390259f9022cb01f38df301bdddb498c7b21"),
+    (P(4096), "7d71eb4a4bfbbc8e4946c00db86a8806f3b9de4756d3141a005625be185c50d0",
+     "bb2d39aa1f97b259d6691cda098e28dbc2f2e0b437ae9cacf12a4645b65db4a1"),
+    (P(4097), "b1db44a3ca5d6f9d7bf7c610195cd2f8efcf041a161be4cfe72c224b01a8ff67",
+     "26488743297b99385947b02dcbdceb47df0a33b2361752ab889cb075b5f4b469"),
+    (P(1048576), "96ba2e397e692c2f250797ef9f15638113ba9bbbe28d2d559d4a086857089d42",
+     "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11"),
+    (P(1052673), "61e54277ce1b595c0ffe3cc91c17b5e8498c2a78d401e38498465a898a9fa3f7",
+     "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11"),
+]
+_nh_ids = [str(len(m)) for m, _, _ in NH_KAT]
+
+
+def _library_nh_paths(m: bytes, key: bytes, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, bytes, bytes]]:
+    """(path, digest, unit digests) from every public host path of nh-fast-v1."""
+    d, u = nhfast.hash_units(m, key, threads=1)
+    yield "nhfast.hash_units/1", d, u
+    d, u = nhfast.hash_units(memoryview(m), key, threads=3)
+    yield "nhfast.hash_units/3", d, u
+    r = tree.hash_units(bytearray(m), tree.NH_FAST_V1, key=key)
+    yield "tree.hash_units", r.digest, r.unit_digests
+    yield "digest_only", tree.digest_only(m, tree.NH_FAST_V1, key=key), u
+    yield "reduce_units", nhfast.reduce_units(u, len(m), key), u
+    with monkeypatch.context() as mp:  # the numpy path (when the native library is absent)
+        mp.setattr(_nhfast_native, "available", lambda: False)
+        d, u = nhfast.hash_units(m, key, threads=2)
+        yield "numpy", d, u
+
+
+def test_nh_key_schedule_and_leaf_known_answers() -> None:
+    k_unit, k_top, k = ref_nh_schedule(NH_KEY)
+    nh_bytes = struct.pack("<1280I", *k)
+    assert k_unit.hex() == "c7a9fe560d44841778c22120ce1b526366609eee92b4ff3696e96a1b445bd921"
+    assert k_top.hex() == "1a5a85550446f71b8af4a80528c165dd8ac7f9c7407b26cd92db82d575065092"
+    assert nh_bytes[:32].hex() == "9e630d8e292148e32cad13aa5339585ce8478c8780ed81b4384b5e015bd1b697"
+    assert nh_bytes[5088:].hex() == "d656b005ec5cc168cc6a000911817635597886e73b30cd0ec180cc59a90d0d49"
+    sched = nhfast.key_schedule(NH_KEY)
+    assert (sched.unit_key, sched.top_key, sched.nh_key) == (k_unit, k_top, nh_bytes)
+    for chunk, want in ((P(4096), "77683a70e669eda286a6ebd26adf3fe807f4b959f4c7fa44"),
+                        (b"", "d6a871b4f5b9d55f79d760d54630eeab2f545bb5b0dfffd2")):
+        assert ref_nh_leaf(chunk, k).hex() == want
+        assert nhfast.leaf_tags(memoryview(chunk), sched, 1).hex() == want
+
+
+@pytest.mark.parametrize(("m", "d", "u0"), NH_KAT, ids=_nh_ids)
+def test_nh_known_answers(m: bytes, d: str, u0: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    rd, ru = ref_nh_fast(NH_KEY, m)
+    assert (rd.hex(), ru[0].hex()) == (d, u0)
+    for path, ld, lu in _library_nh_paths(m, NH_KEY, monkeypatch):
+        assert (ld.hex(), lu[:32].hex()) == (d, u0), path
+        assert lu == b"".join(ru), path
+
+
+def test_nh_second_unit_and_token_keys() -> None:
+    _, ru = ref_nh_fast(NH_KEY, P(1052673))
+    assert ru[1].hex() == "26488743297b99385947b02dcbdceb47df0a33b2361752ab889cb075b5f4b469"
+    kw = ref_hkdf(TOKEN.encode(), b"llorch-vram-nhfast-v1")
+    assert kw.hex() == "254baa21cdac400f500bd872fa2ab707d977f84cbbf84a7c2ecb7f2ce83636bd"
+    k = ref_nh_shard_key(TOKEN, SHARD_A)
+    assert k.hex() == "8054cf4f7e705576f3a00d520ef0e103999ba3025b83ef2876b557b35995e66b"
+    assert nhfast.manager_key(TOKEN.encode()) == kw and nhfast.shard_key(kw, SHARD_A) == k
+    want = "7d0e599795e404949c3bb30a98a6cd493a2ab920a24358dbf13a652cef525839"
+    assert ref_nh_fast(k, P(4097))[0].hex() == want
+    assert tree.digest(P(4097), tree.NH_FAST_V1, key=k).hex() == want
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=sizes, seed=st.integers(0, 2**32), key=st.binary(min_size=32, max_size=32))
+@example(n=0, seed=0, key=bytes(32))
+def test_nh_property_library_equals_reference(
+    n: int, seed: int, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = _bytes(n, seed)
+    rd, ru = ref_nh_fast(key, m)
+    for path, ld, lu in _library_nh_paths(m, key, monkeypatch):
+        assert (ld, lu) == (rd, b"".join(ru)), path
+
+
+@settings(max_examples=25, deadline=None)
+@given(shard_id=_utf8_text.filter(bool), token=st.binary(min_size=16, max_size=64))
+def test_nh_shard_key_property(shard_id: str, token: bytes) -> None:
+    kw = ref_hkdf(token, b"llorch-vram-nhfast-v1")
+    raw = shard_id.encode("utf-8")
+    want = ref_hmac(kw, b"nh-fast-v1 shard" + struct.pack("<I", len(raw)) + raw)
+    assert nhfast.shard_key(nhfast.manager_key(token), shard_id) == want
+
+
+@pytest.mark.parametrize("key", [b"", bytes(31), bytes(33), "0" * 32, None], ids=["0", "31", "33", "str", "none"])
+def test_nh_bad_keys_refused(key: Any) -> None:
+    with pytest.raises(InvalidInput):
+        nhfast.hash_units(b"abc", key)
+    with pytest.raises(InvalidInput):
+        tree.digest(b"abc", tree.NH_FAST_V1, key=key)
+
+
+@pytest.mark.parametrize(
+    "units",
+    [[bytes(31), bytes(33)], [bytes(32), bytes(32), b""], bytes(63), [bytes(32)]],
+    ids=["31+33", "32+32+0", "packed63", "one-unit"],
+)
+def test_nh_reduce_refuses_malformed_unit_digests(units: list[bytes] | bytes) -> None:
+    with pytest.raises(InvalidInput):
+        nhfast.reduce_units(units, UNIT + 1, NH_KEY)
+
+
+@pytest.mark.parametrize("shard_id", ["", "\ud800"])
+def test_nh_shard_key_refuses_bad_ids(shard_id: str) -> None:
+    with pytest.raises(InvalidInput):
+        nhfast.shard_key(bytes(32), shard_id)
