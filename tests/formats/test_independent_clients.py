@@ -988,3 +988,143 @@ def test_nh_reduce_refuses_malformed_unit_digests(units: list[bytes] | bytes) ->
 def test_nh_shard_key_refuses_bad_ids(shard_id: str) -> None:
     with pytest.raises(InvalidInput):
         nhfast.shard_key(bytes(32), shard_id)
+
+
+# ================================================================================================
+# tp-record-v1 (our own format: docs/specs/tp-record-v1.md)
+# ================================================================================================
+
+from vram_residency.distributed import check_tp_record  # noqa: E402
+from vram_residency.distributed._record import RankPart, TPRecord, tp_key, tp_message  # noqa: E402
+
+K_TP = "09051100f628dba89af29cb3e418f777565f8426448f6e003d9caa8c4bc0d556"
+SEAL_TAG_B = "ca33419ea273080260ac740e8e2f7109bc5a61d6ac1640de39a43fb50e9bb232"
+TP_MSG_HEX = (
+    "6c6c6f7263682d7672616d2d74702d7265636f72642d76310a006d6f64656c5f6e616d650a0000006c6c616d612d332d"
+    "38620a00776f726c645f73697a650400000002000000040072616e6b0400000000000000060064657669636504000000"
+    "000000000900776f726b65725f696408000000776f726b65722d610600736861726473040000000100000004007365616c"
+    "20000000511ade73fd72447321eceac8b86ed28dd2a976dfbb68a0dafb7e43f29236fac2040072616e6b040000000100"
+    "0000060064657669636504000000010000000900776f726b65725f696408000000776f726b65722d61060073686172647304"
+    "0000000100000004007365616c20000000ca33419ea273080260ac740e8e2f7109bc5a61d6ac1640de39a43fb50e9bb232"
+)
+
+
+def ref_seal_record(token: str | bytes, a: dict[str, Any]) -> dict[str, Any]:
+    sig = ref_hmac(ref_seal_key(token), ref_seal_message(**a))
+    return {"format": "seal-v1", **a, "digest": a["digest"].hex(), "signature": sig.hex()}
+
+
+def _shard_b() -> dict[str, Any]:
+    return {**_seal_args(), "shard_id": "shard-ffeeddccbbaa99887766554433221100", "gpu_device": 1, "shard_index": 1}
+
+
+def ref_tp_record(token: str | bytes, model: str, parts: list[tuple[int, str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    recs = [(dev, wid, [ref_seal_record(token, a) for a in seals]) for dev, wid, seals in parts]
+    msg = ref_tp_message(model, [(dev, wid, [bytes.fromhex(r["signature"]) for r in rs]) for dev, wid, rs in recs])
+    tp_k = ref_hkdf(token.encode("utf-8") if isinstance(token, str) else token, b"llorch-vram-tp-record-v1")
+    return {
+        "format": "tp-record-v1",
+        "model_name": model,
+        "world_size": len(parts),
+        "parts": [{"rank": r, "device": dev, "worker_id": wid, "seals": rs} for r, (dev, wid, rs) in enumerate(recs)],
+        "signature": ref_hmac(tp_k, msg).hex(),
+    }
+
+
+def _lib_parts(rec: dict[str, Any], token: str | bytes) -> list[RankPart]:
+    return [
+        RankPart(p["rank"], p["device"], p["worker_id"], tuple(check_seal_record(s, token) for s in p["seals"]))
+        for p in rec["parts"]
+    ]
+
+
+def test_tp_known_answers() -> None:
+    assert ref_hkdf(TOKEN.encode(), b"llorch-vram-tp-record-v1").hex() == K_TP
+    assert tp_key(TOKEN)._expose_for_tests().hex() == K_TP
+    a, b = _seal_args(), _shard_b()
+    assert ref_seal_record(TOKEN, a)["signature"] == SEAL_TAG_FULL
+    assert ref_seal_record(TOKEN, b)["signature"] == SEAL_TAG_B
+    two = ref_tp_record(TOKEN, "llama-3-8b", [(0, "worker-a", [a]), (1, "worker-a", [b])])
+    msg = ref_tp_message("llama-3-8b", [(0, "worker-a", [bytes.fromhex(SEAL_TAG_FULL)]),
+                                        (1, "worker-a", [bytes.fromhex(SEAL_TAG_B)])])
+    assert len(msg) == 292 and msg.hex() == TP_MSG_HEX
+    assert sha256(msg).hex() == "b5db7b081ec1e623304be5ad2071e516e16f75d41869042adf7cc3da1a00420c"
+    assert two["signature"] == "fb9fc203a7bee8aa13c352b2ef9da58799b69219742d29fcbc0ea601bc461b8c"
+    parts = _lib_parts(two, TOKEN)
+    assert tp_message("llama-3-8b", parts) == msg
+    assert TPRecord.make(tp_key(TOKEN), "llama-3-8b", parts).record() == two
+    assert check_tp_record(json.loads(json.dumps(two)), TOKEN).signature == two["signature"]
+    # W = 1 with [A, B]: an encoding vector only (B's device is 1, so it does not check).
+    one = ref_tp_message("llama-3-8b", [(0, "worker-a", [bytes.fromhex(SEAL_TAG_FULL), bytes.fromhex(SEAL_TAG_B)])])
+    assert sha256(one).hex() == "cce8292f6452517fd46ec2bb78fbf68e9f01844cedd42dbfdd9bc91c1d903631"
+    assert ref_hmac(bytes.fromhex(K_TP), one).hex() == "d9ffb5a0b31e7f3b01f3a4c7801801a1a2885a55575549ecafd47d812a1498be"
+    lib_one = [RankPart(0, 0, "worker-a", tuple(parts[0].shards) + tuple(parts[1].shards))]
+    assert tp_message("llama-3-8b", lib_one) == one
+    with pytest.raises(SealVerificationFailed):
+        check_tp_record(ref_tp_record(TOKEN, "llama-3-8b", [(0, "worker-a", [a, b])]), TOKEN)
+
+
+@st.composite
+def tp_parts(draw: st.DrawFn) -> list[tuple[int, str, list[dict[str, Any]]]]:
+    out = []
+    for _ in range(draw(st.integers(1, 3))):
+        dev, wid = draw(_u32), draw(_utf8_text)
+        seals = [
+            {**draw(seal_args()), "gpu_device": dev, "worker_id": wid} for _ in range(draw(st.integers(1, 3)))
+        ]
+        out.append((dev, wid, seals))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(model=_utf8_text.filter(bool), parts=tp_parts(), token=st.binary(min_size=16, max_size=48))
+def test_tp_property_library_equals_reference(
+    model: str, parts: list[tuple[int, str, list[dict[str, Any]]]], token: bytes
+) -> None:
+    rec = ref_tp_record(token, model, parts)
+    lib = _lib_parts(rec, token)
+    assert TPRecord.make(tp_key(token), model, lib).record() == rec
+    assert check_tp_record(json.loads(json.dumps(rec)), token).signature == rec["signature"]
+
+
+def _two_rank() -> dict[str, Any]:
+    return ref_tp_record(TOKEN, "llama-3-8b", [(0, "worker-a", [_seal_args()]), (1, "worker-a", [_shard_b()])])
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        (lambda d: d.update(format="tp-record-v2"), InvalidInput),
+        (lambda d: d.update(model_name=""), InvalidInput),
+        (lambda d: d.update(model_name="\ud800"), InvalidInput),
+        (lambda d: d.update(world_size=0), InvalidInput),
+        (lambda d: d.update(world_size=65537), InvalidInput),
+        (lambda d: d.update(world_size=True), InvalidInput),
+        (lambda d: d.update(world_size=2.0), InvalidInput),
+        (lambda d: d.update(signature=d["signature"].upper()), InvalidInput),
+        (lambda d: d.update(signature=d["signature"][:62]), InvalidInput),
+        (lambda d: d.update(signature=d["signature"] + "00"), InvalidInput),
+        (lambda d: d["parts"][0].update(seals=[]), InvalidInput),
+        (lambda d: d["parts"][0].update(rank=-1), InvalidInput),
+        (lambda d: d.update(world_size=1), SealVerificationFailed),  # a rank extra
+        (lambda d: d.update(parts=d["parts"][::-1]), SealVerificationFailed),  # ranks swapped
+        (lambda d: d["parts"][1].update(device=0), SealVerificationFailed),  # not the seal's device
+        (lambda d: d.update(model_name="llama-3-8B"), SealVerificationFailed),
+        (lambda d: d.update(signature=SEAL_TAG_FULL), SealVerificationFailed),  # a seal tag is no tp tag
+    ],
+)
+def test_tp_out_of_spec_refused(edit: Callable[[dict[str, Any]], object], error: type[Exception]) -> None:
+    d = _two_rank()
+    assert check_tp_record(json.loads(json.dumps(d)), TOKEN)
+    edit(d)
+    with pytest.raises(error):
+        check_tp_record(d, TOKEN)
+
+
+def test_tp_tags_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = _two_rank()
+    d["signature"] = "00" * 32
+    calls = _spy_compare_digest(monkeypatch)
+    with pytest.raises(SealVerificationFailed):
+        check_tp_record(d, TOKEN)
+    assert any(bytes(32) in c for c in calls)
