@@ -1128,3 +1128,53 @@ def test_tp_tags_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(SealVerificationFailed):
         check_tp_record(d, TOKEN)
     assert any(bytes(32) in c for c in calls)
+
+
+# ================================================================================================
+# The worker's own output (host backend), checked by the reference alone
+# ================================================================================================
+
+from vram_residency import VramManager  # noqa: E402
+
+
+def ref_digest(algorithm: str, shard_id: str, m: bytes) -> bytes:
+    if algorithm == "sha256-tree-v1":
+        return ref_tree(m)
+    if algorithm == "blake3":
+        return blake3.blake3(m).digest()
+    return ref_nh_fast(ref_nh_shard_key(TOKEN, shard_id), m)[0]
+
+
+@pytest.mark.parametrize("algorithm", ["sha256-tree-v1", "blake3", "nh-fast-v1"])
+def test_worker_records_and_statement_check_by_the_reference(algorithm: str) -> None:
+    """Seal records and an attest-v1 statement (with probes) that a worker writes are accepted by
+    an orchestrator that has only the specs: tags, digests, probes and encodings recomputed here."""
+    # (An empty model is refused by the manager, so the smallest shard is one byte.)
+    datas = [_bytes(n, n) for n in (1, LEAF - 1, LEAF, LEAF + 1, 3 * LEAF)]
+    with VramManager(TOKEN, backend="host", worker_id="wörker-ü") as mgr:
+        shards = [
+            mgr.seal_model(m, model_ref="mödel@ref", shard_index=i, total_shards=len(datas), digest_algorithm=algorithm)
+            for i, m in enumerate(datas)
+        ]
+        recs = [json.loads(json.dumps(s.record())) for s in shards]
+        nonce = bytes(range(64))
+        doc = json.loads(json.dumps(mgr.attest(nonce, probe=True)))
+    ks = ref_seal_key(TOKEN)
+    for rec, m in zip(recs, datas, strict=True):
+        a = {k: rec[k] for k in rec if k not in ("format", "signature")}
+        assert rec["format"] == "seal-v1" and a["digest_algorithm"] == algorithm
+        assert bytes.fromhex(a["digest"]) == ref_digest(algorithm, a["shard_id"], m)
+        a["digest"] = bytes.fromhex(a["digest"])
+        assert hmac.compare_digest(ref_hmac(ks, ref_seal_message(**a)).hex(), rec["signature"])
+    ka = ref_attest_key(TOKEN)
+    kp = ref_probe_key(ka, nonce)
+    assert doc["format"] == "attest-v1" and doc["nonce"] == nonce.hex() and doc["verdict"] == "ok"
+    shards_ref: list[RefShard] = []
+    for sd, rec, m in zip(doc["shards"], recs, datas, strict=True):
+        assert sd["shard_id"] == rec["shard_id"] and sd["seal_signature"] == rec["signature"]
+        assert sd["digest_now"] == rec["digest"] and sd["probe"] == ref_probe(kp, m).hex()
+        shards_ref.append((sd["shard_id"], bytes.fromhex(sd["seal_signature"]), bytes.fromhex(sd["digest_now"]),
+                           bytes.fromhex(sd["probe"]), sd["verified_at_ns"]))
+    msg = ref_attest_message(nonce, doc["worker_id"], doc["attested_at_ns"], shards_ref, True)
+    assert doc["worker_id"] == "wörker-ü"
+    assert hmac.compare_digest(ref_hmac(ka, msg).hex(), doc["tag"])
