@@ -1178,3 +1178,15 @@ def test_worker_records_and_statement_check_by_the_reference(algorithm: str) -> 
     msg = ref_attest_message(nonce, doc["worker_id"], doc["attested_at_ns"], shards_ref, True)
     assert doc["worker_id"] == "wörker-ü"
     assert hmac.compare_digest(ref_hmac(ka, msg).hex(), doc["tag"])
+
+
+@pytest.mark.parametrize("tag", [SEAL_TAG_FULL, 32, 1 << 62, None, [0] * 32], ids=["hex-str", "int32", "int-huge", "none", "list"])
+def test_tag_of_wrong_type_is_invalid_input(tag: Any) -> None:
+    """A tag that is not bytes is a caller error (InvalidInput), not a TypeError, and never turned
+    into bytes by ``bytes(tag)``: ``bytes(32)`` is 32 zero bytes, ``bytes(1 << 62)`` a MemoryError (a terabyte-sized int an allocation)."""
+    f = _lib_fields(_seal_args())
+    with pytest.raises(InvalidInput):
+        verify_tag(seal_key(TOKEN), f, tag)
+    s, _ = statement_from_json(_good_doc())
+    with pytest.raises(InvalidInput):
+        verify_statement_tag(attest_key(TOKEN), s, tag)
