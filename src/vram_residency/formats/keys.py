@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from vram_residency.errors import ConfigError
+from vram_residency.errors import ConfigError, InvalidInput
 
 __all__ = [
     "AUDIT_KEY_INFO",
@@ -98,6 +98,10 @@ class SecretKey:
 
     def verify(self, message: bytes, tag: bytes) -> bool:
         """Constant-time check of ``tag`` against HMAC-SHA256 of ``message``."""
+        # Bytes-like only: ``bytes(tag)`` of an int is that many zero bytes (``bytes(32)`` a
+        # zero tag, a huge int a huge allocation), and of a str a TypeError.
+        if not isinstance(tag, (bytes, bytearray, memoryview)):
+            raise InvalidInput(f"a tag is bytes, not {type(tag).__name__}")
         # hmac.compare_digest is constant-time too, and one C call (cryptography's bytes_eq
         # is a Python wrapper around one): a verify pays this once per shard.
         return hmac.compare_digest(self.tag(message), bytes(tag))

@@ -233,7 +233,14 @@ def hash_units(
 
 def reduce_units(unit_digests: Sequence[bytes] | bytes, n: int, key: bytes) -> bytes:
     """The digest from unit digests (a device computed those), as the spec's step 5."""
-    raw = unit_digests if isinstance(unit_digests, bytes) else b"".join(unit_digests)
+    if not isinstance(unit_digests, bytes):
+        # Each piece must be one 32-byte digest: pieces of 31 and 33 bytes would join to the
+        # right total and be hashed as digests no device ever produced.
+        units = [bytes(u) for u in unit_digests]
+        if any(len(u) != 32 for u in units):
+            raise InvalidInput("every unit digest must be 32 bytes")
+        unit_digests = b"".join(units)
+    raw = unit_digests
     if len(raw) != 32 * max(1, -(-n // UNIT_SIZE)):
         raise InvalidInput("unit digest count does not match the message length")
     return finalize(key_schedule(key), raw, n)

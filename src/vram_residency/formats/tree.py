@@ -127,7 +127,12 @@ def reduce_sha256_tree(unit_digests: Sequence[bytes] | bytes, n: int) -> bytes:
         raw = bytes(unit_digests)
         units = [raw[i : i + 32] for i in range(0, len(raw), 32)]
     else:
-        units = list(unit_digests)
+        units = [bytes(u) for u in unit_digests]
+    # Each unit digest is a 32-byte node of the tree: a short or long one (a packed buffer that is
+    # not a multiple of 32, or a list of odd pieces) would be hashed as a node of another size and
+    # give a digest that no message has, instead of a clear refusal.
+    if any(len(u) != DIGEST_SIZE for u in units):
+        raise InvalidInput("every unit digest must be 32 bytes")
     if len(units) != unit_count(n):
         raise InvalidInput("unit digest count does not match the message length")
     return _finalize_sha256_tree(_reduce(units), n)
