@@ -189,7 +189,9 @@ def ref_probe(kp: bytes, data: bytes) -> bytes:
 RefShard = tuple[str, bytes, bytes, "bytes | None", int]  # shard_id, seal_sig, digest_now, probe, t
 
 
-def ref_attest_message(nonce: bytes, worker_id: str, attested_at_ns: int, shards: list[RefShard], ok: bool) -> bytes:
+def ref_attest_message(
+    nonce: bytes, worker_id: str, attested_at_ns: int, shards: list[RefShard], ok: bool
+) -> bytes:
     out = (
         b"llorch-vram-attest-v1"
         + F("nonce", nonce)
@@ -355,7 +357,9 @@ def test_tree_unit_digests_are_aligned_subtree_roots() -> None:
     m = _bytes(2 * UNIT + LEAF + 1, 7)
     res = tree.hash_units(m, tree.SHA256_TREE_V1)
     leaves = ref_leaves(m)
-    assert [res.unit(j) for j in range(3)] == [ref_root_levels(leaves[256 * j : 256 * j + 256]) for j in range(3)]
+    assert [res.unit(j) for j in range(3)] == [
+        ref_root_levels(leaves[256 * j : 256 * j + 256]) for j in range(3)
+    ]
     assert res.digest == ref_tree(m)
 
 
@@ -733,7 +737,9 @@ def test_attest_property_library_equals_reference(
     assert attest_message(s) == msg
     assert attest_tag(lib_ka, s) == ref_hmac(ka, msg)
     assert probe_key(lib_ka, nonce) == ref_probe_key(ka, nonce)
-    parsed, tag = statement_from_json(json.loads(json.dumps(ref_attest_json(nonce, worker, at, shards, ok, ka))))
+    parsed, tag = statement_from_json(
+        json.loads(json.dumps(ref_attest_json(nonce, worker, at, shards, ok, ka)))
+    )
     assert parsed == s and verify_statement_tag(lib_ka, parsed, tag)
     assert not verify_statement_tag(lib_ka, parsed, tag[:31])
     assert not verify_statement_tag(lib_ka, parsed, tag + b"\x00")
@@ -741,7 +747,13 @@ def test_attest_property_library_equals_reference(
 
 def _good_doc() -> dict[str, Any]:
     shards: list[RefShard] = [
-        (SHARD_A, bytes.fromhex(SEAL_TAG_FULL), ref_tree(P(4097)), bytes.fromhex(PROBE_HEX), 1764331259000000000)
+        (
+            SHARD_A,
+            bytes.fromhex(SEAL_TAG_FULL),
+            ref_tree(P(4097)),
+            bytes.fromhex(PROBE_HEX),
+            1764331259000000000,
+        )
     ]
     return ref_attest_json(NONCE, "worker-a", 1764331260000000000, shards, True, ref_attest_key(TOKEN))
 
@@ -799,21 +811,36 @@ def test_attest_full_check_of_an_independent_statement(tmp_path: Any) -> None:
     probe = ref_probe(ref_probe_key(ref_attest_key(TOKEN), issued.nonce), P(4097))
     doc = _statement_for(issued.nonce, issued.issued_at_ns, probe)
     res = check_attestation(
-        json.dumps(doc), TOKEN, issued.nonce, [_seal_record_for(TOKEN)], issued.issued_at_ns, 10**9,
-        {SHARD_A: model}, nonces=store,
+        json.dumps(doc),
+        TOKEN,
+        issued.nonce,
+        [_seal_record_for(TOKEN)],
+        issued.issued_at_ns,
+        10**9,
+        {SHARD_A: model},
+        nonces=store,
     )
     assert res.probed == (SHARD_A,)
     with pytest.raises(AttestationRefused) as exc:  # the same nonce, a second time: a replay
-        check_attestation(doc, TOKEN, issued.nonce, [_seal_record_for(TOKEN)], issued.issued_at_ns, 10**9,
-                          nonces=store)
+        check_attestation(
+            doc, TOKEN, issued.nonce, [_seal_record_for(TOKEN)], issued.issued_at_ns, 10**9, nonces=store
+        )
     assert exc.value.check == 2
     # A wrong probe (another nonce's) is refused at check 6.
     store2 = NonceStore()
     i2 = store2.issue("worker-a", 16)
     doc2 = _statement_for(i2.nonce, i2.issued_at_ns, probe)
     with pytest.raises(AttestationRefused) as exc:
-        check_attestation(doc2, TOKEN, i2.nonce, [_seal_record_for(TOKEN)], i2.issued_at_ns, 10**9,
-                          {SHARD_A: model}, nonces=store2)
+        check_attestation(
+            doc2,
+            TOKEN,
+            i2.nonce,
+            [_seal_record_for(TOKEN)],
+            i2.issued_at_ns,
+            10**9,
+            {SHARD_A: model},
+            nonces=store2,
+        )
     assert exc.value.check == 6
 
 
@@ -823,8 +850,9 @@ def test_attest_expired_nonce_refused() -> None:
     doc = _statement_for(issued.nonce, issued.issued_at_ns, None)
     time.sleep(0.002)  # past the 1 ns lifetime
     with pytest.raises(AttestationRefused) as exc:
-        check_attestation(doc, TOKEN, issued.nonce, [_seal_record_for(TOKEN)], issued.issued_at_ns, 10**9,
-                          nonces=store)
+        check_attestation(
+            doc, TOKEN, issued.nonce, [_seal_record_for(TOKEN)], issued.issued_at_ns, 10**9, nonces=store
+        )
     assert exc.value.check == 2
 
 
@@ -876,23 +904,43 @@ from vram_residency.formats import _nhfast_native, nhfast  # noqa: E402
 
 NH_KEY = bytes(range(32))
 NH_KAT = [  # input, D, U_0
-    (b"", "c8f0a12c84783c497f14a66fa124dd968fe4c4411a23af13844ee9e9948ad82f",
-     "81ac16b7a50f758caa4c1ff1157379cd9baf37d1784bb4892f34eacc54dd2e05"),
-    (b"abc", "340ef17825027a657fc820b11d756de16bcdc11291057921cd811e3d390a8982",
-     "aad069153000993828d4568d9270390259f9022cb01f38df301bdddb498c7b21"),
-    (P(4096), "7d71eb4a4bfbbc8e4946c00db86a8806f3b9de4756d3141a005625be185c50d0",
-     "bb2d39aa1f97b259d6691cda098e28dbc2f2e0b437ae9cacf12a4645b65db4a1"),
-    (P(4097), "b1db44a3ca5d6f9d7bf7c610195cd2f8efcf041a161be4cfe72c224b01a8ff67",
-     "26488743297b99385947b02dcbdceb47df0a33b2361752ab889cb075b5f4b469"),
-    (P(1048576), "96ba2e397e692c2f250797ef9f15638113ba9bbbe28d2d559d4a086857089d42",
-     "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11"),
-    (P(1052673), "61e54277ce1b595c0ffe3cc91c17b5e8498c2a78d401e38498465a898a9fa3f7",
-     "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11"),
+    (
+        b"",
+        "c8f0a12c84783c497f14a66fa124dd968fe4c4411a23af13844ee9e9948ad82f",
+        "81ac16b7a50f758caa4c1ff1157379cd9baf37d1784bb4892f34eacc54dd2e05",
+    ),
+    (
+        b"abc",
+        "340ef17825027a657fc820b11d756de16bcdc11291057921cd811e3d390a8982",
+        "aad069153000993828d4568d9270390259f9022cb01f38df301bdddb498c7b21",
+    ),
+    (
+        P(4096),
+        "7d71eb4a4bfbbc8e4946c00db86a8806f3b9de4756d3141a005625be185c50d0",
+        "bb2d39aa1f97b259d6691cda098e28dbc2f2e0b437ae9cacf12a4645b65db4a1",
+    ),
+    (
+        P(4097),
+        "b1db44a3ca5d6f9d7bf7c610195cd2f8efcf041a161be4cfe72c224b01a8ff67",
+        "26488743297b99385947b02dcbdceb47df0a33b2361752ab889cb075b5f4b469",
+    ),
+    (
+        P(1048576),
+        "96ba2e397e692c2f250797ef9f15638113ba9bbbe28d2d559d4a086857089d42",
+        "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
+    ),
+    (
+        P(1052673),
+        "61e54277ce1b595c0ffe3cc91c17b5e8498c2a78d401e38498465a898a9fa3f7",
+        "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
+    ),
 ]
 _nh_ids = [str(len(m)) for m, _, _ in NH_KAT]
 
 
-def _library_nh_paths(m: bytes, key: bytes, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, bytes, bytes]]:
+def _library_nh_paths(
+    m: bytes, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, bytes, bytes]]:
     """(path, digest, unit digests) from every public host path of nh-fast-v1."""
     d, u = nhfast.hash_units(m, key, threads=1)
     yield "nhfast.hash_units/1", d, u
@@ -917,8 +965,10 @@ def test_nh_key_schedule_and_leaf_known_answers() -> None:
     assert nh_bytes[5088:].hex() == "d656b005ec5cc168cc6a000911817635597886e73b30cd0ec180cc59a90d0d49"
     sched = nhfast.key_schedule(NH_KEY)
     assert (sched.unit_key, sched.top_key, sched.nh_key) == (k_unit, k_top, nh_bytes)
-    for chunk, want in ((P(4096), "77683a70e669eda286a6ebd26adf3fe807f4b959f4c7fa44"),
-                        (b"", "d6a871b4f5b9d55f79d760d54630eeab2f545bb5b0dfffd2")):
+    for chunk, want in (
+        (P(4096), "77683a70e669eda286a6ebd26adf3fe807f4b959f4c7fa44"),
+        (b"", "d6a871b4f5b9d55f79d760d54630eeab2f545bb5b0dfffd2"),
+    ):
         assert ref_nh_leaf(chunk, k).hex() == want
         assert nhfast.leaf_tags(memoryview(chunk), sched, 1).hex() == want
 
@@ -966,7 +1016,9 @@ def test_nh_shard_key_property(shard_id: str, token: bytes) -> None:
     assert nhfast.shard_key(nhfast.manager_key(token), shard_id) == want
 
 
-@pytest.mark.parametrize("key", [b"", bytes(31), bytes(33), "0" * 32, None], ids=["0", "31", "33", "str", "none"])
+@pytest.mark.parametrize(
+    "key", [b"", bytes(31), bytes(33), "0" * 32, None], ids=["0", "31", "33", "str", "none"]
+)
 def test_nh_bad_keys_refused(key: Any) -> None:
     with pytest.raises(InvalidInput):
         nhfast.hash_units(b"abc", key)
@@ -1015,25 +1067,38 @@ def ref_seal_record(token: str | bytes, a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shard_b() -> dict[str, Any]:
-    return {**_seal_args(), "shard_id": "shard-ffeeddccbbaa99887766554433221100", "gpu_device": 1, "shard_index": 1}
+    return {
+        **_seal_args(),
+        "shard_id": "shard-ffeeddccbbaa99887766554433221100",
+        "gpu_device": 1,
+        "shard_index": 1,
+    }
 
 
-def ref_tp_record(token: str | bytes, model: str, parts: list[tuple[int, str, list[dict[str, Any]]]]) -> dict[str, Any]:
+def ref_tp_record(
+    token: str | bytes, model: str, parts: list[tuple[int, str, list[dict[str, Any]]]]
+) -> dict[str, Any]:
     recs = [(dev, wid, [ref_seal_record(token, a) for a in seals]) for dev, wid, seals in parts]
-    msg = ref_tp_message(model, [(dev, wid, [bytes.fromhex(r["signature"]) for r in rs]) for dev, wid, rs in recs])
+    msg = ref_tp_message(
+        model, [(dev, wid, [bytes.fromhex(r["signature"]) for r in rs]) for dev, wid, rs in recs]
+    )
     tp_k = ref_hkdf(token.encode("utf-8") if isinstance(token, str) else token, b"llorch-vram-tp-record-v1")
     return {
         "format": "tp-record-v1",
         "model_name": model,
         "world_size": len(parts),
-        "parts": [{"rank": r, "device": dev, "worker_id": wid, "seals": rs} for r, (dev, wid, rs) in enumerate(recs)],
+        "parts": [
+            {"rank": r, "device": dev, "worker_id": wid, "seals": rs} for r, (dev, wid, rs) in enumerate(recs)
+        ],
         "signature": ref_hmac(tp_k, msg).hex(),
     }
 
 
 def _lib_parts(rec: dict[str, Any], token: str | bytes) -> list[RankPart]:
     return [
-        RankPart(p["rank"], p["device"], p["worker_id"], tuple(check_seal_record(s, token) for s in p["seals"]))
+        RankPart(
+            p["rank"], p["device"], p["worker_id"], tuple(check_seal_record(s, token) for s in p["seals"])
+        )
         for p in rec["parts"]
     ]
 
@@ -1045,8 +1110,10 @@ def test_tp_known_answers() -> None:
     assert ref_seal_record(TOKEN, a)["signature"] == SEAL_TAG_FULL
     assert ref_seal_record(TOKEN, b)["signature"] == SEAL_TAG_B
     two = ref_tp_record(TOKEN, "llama-3-8b", [(0, "worker-a", [a]), (1, "worker-a", [b])])
-    msg = ref_tp_message("llama-3-8b", [(0, "worker-a", [bytes.fromhex(SEAL_TAG_FULL)]),
-                                        (1, "worker-a", [bytes.fromhex(SEAL_TAG_B)])])
+    msg = ref_tp_message(
+        "llama-3-8b",
+        [(0, "worker-a", [bytes.fromhex(SEAL_TAG_FULL)]), (1, "worker-a", [bytes.fromhex(SEAL_TAG_B)])],
+    )
     assert len(msg) == 292 and msg.hex() == TP_MSG_HEX
     assert sha256(msg).hex() == "b5db7b081ec1e623304be5ad2071e516e16f75d41869042adf7cc3da1a00420c"
     assert two["signature"] == "fb9fc203a7bee8aa13c352b2ef9da58799b69219742d29fcbc0ea601bc461b8c"
@@ -1055,9 +1122,14 @@ def test_tp_known_answers() -> None:
     assert TPRecord.make(tp_key(TOKEN), "llama-3-8b", parts).record() == two
     assert check_tp_record(json.loads(json.dumps(two)), TOKEN).signature == two["signature"]
     # W = 1 with [A, B]: an encoding vector only (B's device is 1, so it does not check).
-    one = ref_tp_message("llama-3-8b", [(0, "worker-a", [bytes.fromhex(SEAL_TAG_FULL), bytes.fromhex(SEAL_TAG_B)])])
+    one = ref_tp_message(
+        "llama-3-8b", [(0, "worker-a", [bytes.fromhex(SEAL_TAG_FULL), bytes.fromhex(SEAL_TAG_B)])]
+    )
     assert sha256(one).hex() == "cce8292f6452517fd46ec2bb78fbf68e9f01844cedd42dbfdd9bc91c1d903631"
-    assert ref_hmac(bytes.fromhex(K_TP), one).hex() == "d9ffb5a0b31e7f3b01f3a4c7801801a1a2885a55575549ecafd47d812a1498be"
+    assert (
+        ref_hmac(bytes.fromhex(K_TP), one).hex()
+        == "d9ffb5a0b31e7f3b01f3a4c7801801a1a2885a55575549ecafd47d812a1498be"
+    )
     lib_one = [RankPart(0, 0, "worker-a", tuple(parts[0].shards) + tuple(parts[1].shards))]
     assert tp_message("llama-3-8b", lib_one) == one
     with pytest.raises(SealVerificationFailed):
@@ -1088,7 +1160,9 @@ def test_tp_property_library_equals_reference(
 
 
 def _two_rank() -> dict[str, Any]:
-    return ref_tp_record(TOKEN, "llama-3-8b", [(0, "worker-a", [_seal_args()]), (1, "worker-a", [_shard_b()])])
+    return ref_tp_record(
+        TOKEN, "llama-3-8b", [(0, "worker-a", [_seal_args()]), (1, "worker-a", [_shard_b()])]
+    )
 
 
 @pytest.mark.parametrize(
@@ -1153,7 +1227,9 @@ def test_worker_records_and_statement_check_by_the_reference(algorithm: str) -> 
     datas = [_bytes(n, n) for n in (1, LEAF - 1, LEAF, LEAF + 1, 3 * LEAF)]
     with VramManager(TOKEN, backend="host", worker_id="wörker-ü") as mgr:
         shards = [
-            mgr.seal_model(m, model_ref="mödel@ref", shard_index=i, total_shards=len(datas), digest_algorithm=algorithm)
+            mgr.seal_model(
+                m, model_ref="mödel@ref", shard_index=i, total_shards=len(datas), digest_algorithm=algorithm
+            )
             for i, m in enumerate(datas)
         ]
         recs = [json.loads(json.dumps(s.record())) for s in shards]
@@ -1173,14 +1249,23 @@ def test_worker_records_and_statement_check_by_the_reference(algorithm: str) -> 
     for sd, rec, m in zip(doc["shards"], recs, datas, strict=True):
         assert sd["shard_id"] == rec["shard_id"] and sd["seal_signature"] == rec["signature"]
         assert sd["digest_now"] == rec["digest"] and sd["probe"] == ref_probe(kp, m).hex()
-        shards_ref.append((sd["shard_id"], bytes.fromhex(sd["seal_signature"]), bytes.fromhex(sd["digest_now"]),
-                           bytes.fromhex(sd["probe"]), sd["verified_at_ns"]))
+        shards_ref.append(
+            (
+                sd["shard_id"],
+                bytes.fromhex(sd["seal_signature"]),
+                bytes.fromhex(sd["digest_now"]),
+                bytes.fromhex(sd["probe"]),
+                sd["verified_at_ns"],
+            )
+        )
     msg = ref_attest_message(nonce, doc["worker_id"], doc["attested_at_ns"], shards_ref, True)
     assert doc["worker_id"] == "wörker-ü"
     assert hmac.compare_digest(ref_hmac(ka, msg).hex(), doc["tag"])
 
 
-@pytest.mark.parametrize("tag", [SEAL_TAG_FULL, 32, 1 << 62, None, [0] * 32], ids=["hex-str", "int32", "int-huge", "none", "list"])
+@pytest.mark.parametrize(
+    "tag", [SEAL_TAG_FULL, 32, 1 << 62, None, [0] * 32], ids=["hex-str", "int32", "int-huge", "none", "list"]
+)
 def test_tag_of_wrong_type_is_invalid_input(tag: Any) -> None:
     """A tag that is not bytes is a caller error (InvalidInput), not a TypeError, and never turned
     into bytes by ``bytes(tag)``: ``bytes(32)`` is 32 zero bytes, ``bytes(1 << 62)`` a MemoryError (a terabyte-sized int an allocation)."""
