@@ -131,6 +131,41 @@ def test_auth_comes_before_parsing(shared: Running) -> None:
     assert r.json() == AUTH_FAILED_BODY
 
 
+@pytest.mark.parametrize(
+    ("path", "raw", "fragment"),
+    [
+        # Two values for one key: a proxy or a signer that reads the first and a worker that reads
+        # the last would act on different requests. Refused, whichever route and nesting level.
+        ("/worker/plan", b'{"model_ref":"a","model_ref":"b"}', "duplicate key 'model_ref'"),
+        (
+            "/worker/execute",
+            b'{"prompt":"hi","params":{"max_tokens":1,"max_tokens":4096}}',
+            "duplicate key 'max_tokens'",
+        ),
+        ("/worker/commit", b'{"model":"x","model":"all-minilm-l6-v2"}', "duplicate key 'model'"),
+        # NaN and Infinity are not JSON (RFC 8259), though Python's json module reads them.
+        ("/worker/execute", b'{"prompt":"hi","params":{"temperature":NaN}}', "NaN"),
+        ("/worker/plan", b'{"vram_bytes":-Infinity}', "-Infinity"),
+    ],
+)
+def test_ambiguous_json_bodies_are_refused(shared: Running, path: str, raw: bytes, fragment: str) -> None:
+    r = shared.client.post(path, content=raw, headers={"content-type": "application/json"})
+    body = r.json()
+    assert r.status_code == 400 and body["code"] == "INVALID_PARAMS", body
+    assert fragment in body["message"] and body["retry_after_ms"] is None
+
+
+def test_the_same_json_once_is_still_read(shared: Running) -> None:
+    # The strict reading changes nothing for ordinary bodies: escapes, unicode, nesting, numbers.
+    raw = json.dumps({"prompt": 'h\u00e9 "x" \U0001f600', "params": {"max_tokens": 2, "seed": 7}})
+    status, events = execute(shared.client, **json.loads(raw))
+    r = shared.client.post(
+        "/worker/execute", content=raw.encode(), headers={"content-type": "application/json"}
+    )
+    assert status == 200 and r.status_code == 200, r.text
+    assert r.text.count("event: token") == sum(e == "token" for e, _ in events)
+
+
 # -- ready, plan, verify -------------------------------------------------------------------------
 def test_ready_lists_models_and_seal_records_that_check(shared: Running) -> None:
     r = shared.client.get("/worker/ready")

@@ -3,6 +3,9 @@
 Both run before FastAPI reads or parses a body, so an unauthenticated client cannot make the
 worker parse anything (it gets 401 and nothing else, not a 422 describing the schema), and an
 oversized body is refused with 413 after at most ``max_bytes`` of it were received.
+
+The body limit also refuses a JSON body that is ambiguous (a key given twice in one object) or
+not JSON at all though Python's ``json`` reads it (``NaN``, ``Infinity``): 400 INVALID_PARAMS.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Final
 
 from vram_residency.service.auth import BearerCheck
 
-__all__ = ["AuthMiddleware", "BodyLimitMiddleware"]
+__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "ambiguous_json"]
 
 log = logging.getLogger("vram_residency.service.auth")
 
@@ -66,6 +69,46 @@ async def _discard(receive: Receive, budget: int) -> None:
         return
 
 
+class _Ambiguous(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Ambiguous(f"duplicate key {key!r} in the JSON body")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise _Ambiguous(f"{name} is not a JSON number")
+
+
+def _is_json(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether FastAPI will read the body as JSON: no content type, or a JSON one."""
+    values = [v for k, v in headers if k == b"content-type"]
+    if not values:
+        return True
+    media = values[0].split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def ambiguous_json(body: bytes) -> str | None:
+    """Why ``body`` is JSON that two readers could read differently, or None. Two values for one
+    key (RFC 8259 leaves the meaning open: Python keeps the last, other parsers the first, so a
+    proxy or a signer and the worker could act on different requests), and ``NaN``/``Infinity``,
+    which are not JSON. A body that is not JSON at all is left to FastAPI, which says so."""
+    try:
+        json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _Ambiguous as exc:
+        return str(exc)
+    except (ValueError, RecursionError):  # not JSON (or too deep, or too long a number)
+        return None
+    return None
+
+
 class AuthMiddleware:
     """401 with the body ``refusal`` (the API's AUTH_FAILED error) for every path outside
     ``public`` without the token."""
@@ -99,7 +142,7 @@ class AuthMiddleware:
 
 class BodyLimitMiddleware:
     """413 for a declared or received body larger than ``max_bytes`` (``path_max`` may give a
-    path its own limit).
+    path its own limit); 400 for an ambiguous JSON body (``ambiguous_json``).
 
     The body is read here, in full, before the app sees it: bodies of this API are small, and an
     error raised from inside the app's own body reading would be turned into a 400 by FastAPI.
@@ -137,7 +180,17 @@ class BodyLimitMiddleware:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
-        replay: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        body = b"".join(chunks)
+        if body and _is_json(scope.get("headers", ())):
+            why = ambiguous_json(body)
+            if why is not None:
+                await _json(
+                    send,
+                    400,
+                    {"code": "INVALID_PARAMS", "message": why, "retriable": False, "retry_after_ms": None},
+                )
+                return
+        replay: Message | None = {"type": "http.request", "body": body, "more_body": False}
 
         async def replay_receive() -> Message:
             nonlocal replay
