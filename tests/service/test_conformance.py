@@ -644,9 +644,14 @@ def test_worker_4960_4972_sigterm_drains_streams_end_then_exit_0(env: dict[str, 
                 during["health"] = httpx.get(w.url + "/health").json()
                 during["ready"] = c.get("/worker/ready").json()
                 during["new"] = execute(c, {"prompt": "no", "params": {"max_tokens": 2}})
+                during["plan"] = c.post("/worker/plan", json={"model_ref": MODEL, "shard_layout": "single"})
     assert during["health"]["status"] == "draining" and during["ready"]["state"] == "Draining"
     status, err, headers = during["new"]
     assert status == 503 and err[0][1]["retry_after_ms"] is not None and "retry-after" in headers
+    # A draining worker takes no new work: its plan must not promise what a commit would refuse.
+    plan = during["plan"].json()
+    assert during["plan"].status_code == 200 and plan["feasible"] is False and plan["shard_plan"] == []
+    assert "Draining" in plan["reason"]
     assert events[-1][0] == "end" and events[-1][1]["tokens_out"] > 3
     assert w.proc.wait(60) == 0
     assert "stopped (shards zeroed and freed)" in w.log()

@@ -202,6 +202,11 @@ def worker_router(worker: Worker, *, auth: list[Any], ready_public: bool = False
                     f'shard_layout "tensor_parallel" and tp_degree {degree}'
                 ),
             )
+        state = worker.lifecycle.state
+        if feasible and state in (WorkerState.DRAINING, WorkerState.STOPPED):
+            # WORKER-4960s: no new work while draining (nor ever after Stopped); a plan that said
+            # feasible would send the orchestrator to a commit this worker refuses.
+            feasible, reason = False, f"worker is {state.value} and takes no new work"
         # Each rank holds about 1/degree of the model (its slice of every split weight).
         split = -(-out["model_bytes"] // degree)
         per_rank = worker.needed_bytes(split) if degree > 1 else out["needed_bytes"]
