@@ -46,6 +46,22 @@ def test_health_needs_no_token_and_says_emulation(shared: Running) -> None:
     assert head.status_code == 200 and head.content == b""
 
 
+def test_head_wherever_get_and_allow_lists_both(shared: Running) -> None:
+    # RFC 9110 (9.3.2): HEAD is GET without the body, on every resource that answers GET, behind
+    # the same token; (15.5.6) a 405's Allow lists every method the resource supports.
+    for path in ("/worker/ready", "/metrics", "/worker/audit/head", "/openapi.json"):
+        get = shared.client.get(path)
+        head = shared.client.head(path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert httpx.head(shared.url + "/worker/ready").status_code == 401  # no token
+    r = shared.client.post("/health")
+    assert r.status_code == 405 and r.json()["code"] == "INVALID_PARAMS"
+    assert sorted(m.strip() for m in r.headers["allow"].split(",")) == ["GET", "HEAD"]
+    r = shared.client.head("/worker/execute")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"  # no GET, so no HEAD either
+
+
 def test_metrics_need_no_token_by_default(shared: Running) -> None:
     r = httpx.get(shared.url + "/metrics")
     assert r.status_code == 200

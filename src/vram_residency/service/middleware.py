@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from vram_residency.service.auth import BearerCheck
 
-__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "ambiguous_json"]
+__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "HeadMiddleware", "ambiguous_json"]
 
 log = logging.getLogger("vram_residency.service.auth")
 
@@ -213,3 +213,36 @@ class BodyLimitMiddleware:
             },
             [(b"connection", b"close")],
         )
+
+
+class HeadMiddleware:
+    """HEAD wherever GET is answered (RFC 9110, 9.3.2), and ``HEAD`` in a 405's ``Allow`` wherever
+    ``GET`` is (15.5.6: Allow lists every supported method). FastAPI's routes take only the methods
+    they declare; declaring HEAD on each would put a HEAD operation for each in the OpenAPI schema.
+
+    A HEAD request is served as GET to the app; the server (uvicorn keeps its own scope, where the
+    method is still HEAD) sends the headers, Content-Length included, and no body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") == "HEAD":
+            scope = {**scope, "method": "GET"}
+
+        async def send_allow(message: Message) -> None:
+            if message["type"] == "http.response.start" and message.get("status") == 405:
+                headers = []
+                for k, v in message.get("headers", ()):
+                    if k.lower() == b"allow":
+                        methods = [m.strip() for m in v.split(b",")]
+                        if b"GET" in methods and b"HEAD" not in methods:
+                            v = b", ".join([*methods, b"HEAD"])
+                    headers.append((k, v))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_allow)

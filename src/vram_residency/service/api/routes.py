@@ -116,9 +116,8 @@ def public_router(worker: Worker, *, metrics_auth: bool, auth: list[Any]) -> API
             audit_head_mismatch=AuditHeadMismatchInfo(**info) if (info := head_mismatch(worker)) else None,
         )
 
-    # HEAD as well (load balancers and uptime checkers often probe with it); not in the API's
-    # schema, which describes what clients send.
-    router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+    # HEAD as well (load balancers and uptime checkers often probe with it): HeadMiddleware serves
+    # HEAD as GET on every path, keeping it out of the API's schema.
 
     def metrics_endpoint() -> Response:
         return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
