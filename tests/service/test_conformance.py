@@ -253,6 +253,28 @@ def test_worker_4221_model_ref_is_any_reference_when_the_bytes_are_given(env: di
     assert unresolvable.status_code == 400 and "model name" in unresolvable.json()["message"]
 
 
+def test_worker_4113_4223_handle_digest_reads_as_an_expected_digest(env: dict[str, Any]) -> None:
+    # 4113/4223: 64 bare hex characters mean SHA-256 of the model bytes. A handle's digest is in
+    # the same forms: bare hex only when it is that SHA-256 (a commit with a bare expected_digest),
+    # else prefixed by its algorithm, so an orchestrator that commits again with the digest the
+    # worker gave it (after a restart, on another worker) gets its bytes checked, not refused.
+    w = _w(env)
+    blob: Path = env["models"] / "blob.bin"
+    r = w.client.post("/worker/commit", json={"model_ref": "blob.bin", "shard_id": "d-0", "shard_index": 0})
+    assert r.status_code == 200, r.text
+    digest = r.json()["handle"]["digest"]
+    assert digest == _sha256(blob) or (":" in digest and digest != _sha256(blob)), digest
+    (listed,) = [h for h in w.client.get("/worker/ready").json()["handles"] if h["shard_id"] == "d-0"]
+    assert listed["digest"] == digest
+    assert w.client.delete("/worker/shards/d-0").status_code == 200
+    again = w.client.post(
+        "/worker/commit", json={"model_ref": "blob.bin", "shard_id": "d-0", "expected_digest": digest}
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["handle"]["digest"] == digest
+    assert w.client.delete("/worker/shards/d-0").status_code == 200
+
+
 def test_worker_4222_signature_is_verified_before_loading(env: dict[str, Any]) -> None:
     w = _w(env)
     blob: Path = env["models"] / "blob.bin"
