@@ -26,7 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from vram_residency.errors import ConfigError
+from vram_residency.errors import ConfigError, VramError
 from vram_residency.manager import BackendName
 from vram_residency.service.api.app import DEFAULT_MAX_BODY_BYTES, create_app
 from vram_residency.service.auth import (
@@ -303,8 +303,14 @@ def build(opts: ServeOptions) -> Built:
             token=token,
             devices=(opts.device, *opts.devices),
         )
-    except BaseException:
+    except BaseException as exc:
         worker.close()
+        if callbacks is not None and isinstance(exc, Exception):
+            # WORKER-4020s: failure is reported to the pool manager like readiness, which it
+            # waits for; the process then exits non-zero (fail fast). Library and service errors
+            # say what failed without secrets; anything else is named by its type only.
+            what = str(exc) if isinstance(exc, VramError) else type(exc).__name__
+            callbacks.stopped(worker.lifecycle.state.value, f"startup failed: {what}", failed=True)
         raise
     built = Built(
         options=opts,
