@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -427,6 +428,47 @@ def test_worker_4253_client_disconnect_cancels_the_job(env: dict[str, Any]) -> N
     t1 = time.monotonic()
     status, _, _ = execute(c, {"handle_id": "shard-0", "prompt": "z", "params": {"max_tokens": 2}})
     assert status == 200 and time.monotonic() - t1 < 20
+
+
+def test_worker_4253_a_client_gone_while_queued_cancels_before_any_work(env: dict[str, Any]) -> None:
+    # A job whose client left while it waited behind another ends in the queue: no verification
+    # pass, no start, no tokens for nobody (the scheduler skips a cancelled queued job for free).
+    w = _w(env)
+    c = w.client
+    events: list[str] = []
+
+    def long_job() -> None:
+        body = {"handle_id": "shard-0", "prompt": "w", "params": {"max_tokens": 1200}}
+        with c.stream("POST", "/worker/execute", json=body) as r:
+            events.extend(e for e, _ in sse(r.iter_lines()))
+
+    first = threading.Thread(target=long_job)
+    first.start()
+    t0 = time.monotonic()
+    while "token" not in events:
+        assert time.monotonic() - t0 < 20
+        time.sleep(0.01)
+    impatient = httpx.Client(base_url=w.url, headers={"Authorization": f"Bearer {w.token}"}, timeout=0.5)
+    with pytest.raises(httpx.ReadTimeout):
+        impatient.post(
+            "/worker/execute",
+            json={
+                "handle_id": "shard-0",
+                "job_id": "gone-while-queued",
+                "prompt": "v",
+                "params": {"max_tokens": 5},
+            },
+        )
+    impatient.close()
+    deadline = time.monotonic() + 20
+    while "job gone-while-queued cancelled: client disconnected" not in w.log():
+        assert time.monotonic() < deadline, "the queued job of a client that left was not cancelled"
+        time.sleep(0.05)
+    assert first.is_alive(), "the first job ended before the queued one was seen to be cancelled"
+    first.join()
+    assert events[-1] == "end"
+    time.sleep(0.3)
+    assert "job gone-while-queued started" not in w.log()
 
 
 def test_worker_4251_job_ownership_is_the_shared_token(env: dict[str, Any]) -> None:

@@ -402,12 +402,29 @@ def execute_router(worker: Worker) -> APIRouter:
         )
         t0 = time.perf_counter()
         worker.submit(job)
+
+        async def client_left() -> None:
+            # The body is read: what can come now is the client going away. Nothing else reads
+            # it before the stream starts (StreamingResponse watches for it from then on).
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watch = asyncio.ensure_future(client_left())
         try:
+            await asyncio.wait({verified, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not verified.done() and job.cancel():
+                # WORKER-4253: the client left while the job waited in the queue; the scheduler
+                # skips a cancelled queued job before any verification (a running one stops at
+                # its next token).
+                worker.metrics.jobs_cancelled.labels(reason="disconnect").inc()
+                log.info("job %s cancelled: client disconnected", job_id, extra={"correlation_id": cid})
             v = await verified
         except BaseException:
             job.cancel()  # the client left while the job waited
             worker.scheduler.done(job)
             raise
+        finally:
+            watch.cancel()
         if isinstance(v, BaseException):
             worker.scheduler.done(job)
             worker.metrics.executions.labels(result="refused").inc()
