@@ -721,6 +721,42 @@ def test_worker_4960_4972_sigterm_drains_streams_end_then_exit_0(env: dict[str, 
     assert "stopped (shards zeroed and freed)" in w.log()
 
 
+def test_worker_4960_4972_sigterm_while_the_startup_model_loads_exits_0(tmp_path: Path) -> None:
+    # A pool manager may stop a worker that is still loading its model (minutes for a large
+    # one). SIGTERM then stops the load, frees what it had allocated (zeroed) and exits 0, as a
+    # drain does: it neither dies by the signal (-15) nor leaves the allocation to the driver.
+    models = tmp_path / "models"
+    models.mkdir()
+    with (models / "big.bin").open("wb") as f:
+        f.truncate(256 << 20)  # sparse: costs no disk, but every byte is read, copied and hashed
+    token = tmp_path / "token"
+    write_token(token)
+    log_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", "host", "--port", "0"]
+    cmd += ["--token-file", str(token), "--state-dir", str(tmp_path / "state")]
+    cmd += ["--model-dir", str(models), "--model", "big.bin", "--scrub-interval", "0"]
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=clean_env())
+    try:
+        deadline = time.monotonic() + 60
+        while "Loading model big.bin" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert rc == 0, log[-2000:]
+    assert "listening" not in log and "Traceback" not in log
+    events = [json.loads(line)["event"] for line in (tmp_path / "state" / "audit.jsonl").open()]
+    if "VramAllocated" in events:  # the signal came while the bytes were being loaded
+        assert events.index("VramDeallocated") > events.index("VramAllocated")
+    assert events[-1] == "WorkerStateChanged" and "ModelCommitted" not in events
+
+
 def test_worker_4960_4972_drain_timeout_ends_streams_with_error(env: dict[str, Any], tmp_path: Path) -> None:
     shutil.copytree(env["models"] / MODEL, tmp_path / "models" / MODEL)
     w = run_serve(

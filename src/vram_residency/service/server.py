@@ -428,10 +428,13 @@ class DrainingServer(uvicorn.Server):
     A second signal stops at once. The signal is not re-raised afterwards (uvicorn's default),
     which would make a SIGTERM drain exit with -15 instead of 0."""
 
-    def __init__(self, config: uvicorn.Config, built: Built) -> None:
+    def __init__(
+        self, config: uvicorn.Config, built: Built, stop_pending: Callable[[], bool] | None = None
+    ) -> None:
         super().__init__(config)
         self._built = built
         self._draining = False
+        self._stop_pending = stop_pending
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining:
@@ -459,6 +462,11 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        if self._stop_pending is not None and self._stop_pending():
+            # A SIGTERM came after the worker was built and before uvicorn took the signal over
+            # (serve's caller remembered it): drain now, as if it had come just now.
+            self.handle_exit(signal.SIGTERM, None)
+            return
         cb = self._built.callbacks
         if self.started and cb is not None:
             w = self._built.worker
@@ -487,10 +495,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(built: Built, sock: socket.socket | None = None) -> int:
+def serve(
+    built: Built, sock: socket.socket | None = None, *, stop_pending: Callable[[], bool] | None = None
+) -> int:
     """Run uvicorn in the foreground until SIGINT/SIGTERM (a drain); the worker is closed on the
-    way out. Returns the exit status: 0 after a clean shutdown, 1 when the shutdown failed."""
-    server = DrainingServer(_uvicorn_config(built.app, built.options), built)
+    way out. Returns the exit status: 0 after a clean shutdown, 1 when the shutdown failed.
+    ``stop_pending``: whether a SIGTERM came before uvicorn handled signals (then it drains at
+    once)."""
+    server = DrainingServer(_uvicorn_config(built.app, built.options), built, stop_pending)
     w = built.worker
 
     def committed(model: CommittedModel) -> None:
