@@ -757,6 +757,44 @@ def test_worker_4960_4972_sigterm_while_the_startup_model_loads_exits_0(tmp_path
     assert events[-1] == "WorkerStateChanged" and "ModelCommitted" not in events
 
 
+def test_worker_4960_4972_sigterm_during_a_commit_stops_the_load(tmp_path: Path) -> None:
+    # A commit in flight when SIGTERM comes is new work the worker will never serve: the load
+    # stops at its next chunk (nothing left allocated) and the commit is answered 503, instead of
+    # loading on (minutes for a large model) past uvicorn's graceful timeout, which drops the
+    # answer and logs a traceback, and holding the exit until the load is done.
+    models = tmp_path / "models"
+    models.mkdir()
+    with (models / "big.bin").open("wb") as f:
+        f.truncate(512 << 20)
+    w = run_serve(tmp_path / "w", "--model-dir", str(models), "--scrub-interval", "0")
+    answer: dict[str, Any] = {}
+
+    def commit() -> None:
+        r = w.client.post("/worker/commit", json={"model_ref": "big.bin", "shard_id": "big"})
+        answer.update(status=r.status_code, body=r.json())
+
+    t = threading.Thread(target=commit)
+    t.start()
+    deadline = time.monotonic() + 60
+    while "Loading model big.bin" not in w.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(60) == 0
+    t.join(60)
+    log = w.log()
+    assert "Traceback" not in log and "timeout graceful shutdown exceeded" not in log, log[-3000:]
+    if answer["status"] == 200:  # only when the load was over before the signal was handled
+        assert log.index("committed big.bin") < log.index("draining: signal SIGTERM")
+    else:
+        assert answer["status"] == 503 and answer["body"]["code"] == "WORKER_NOT_READY", answer
+        assert "Draining" in answer["body"]["message"] or "draining" in answer["body"]["message"]
+        events = [json.loads(line)["event"] for line in (tmp_path / "w" / "state" / "audit.jsonl").open()]
+        assert "ModelCommitted" not in events and events.count("VramDeallocated") == events.count(
+            "VramAllocated"
+        )
+
+
 def test_worker_4960_4972_drain_timeout_ends_streams_with_error(env: dict[str, Any], tmp_path: Path) -> None:
     shutil.copytree(env["models"] / MODEL, tmp_path / "models" / MODEL)
     w = run_serve(
