@@ -10,6 +10,7 @@ benchmarks).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from vram_residency.errors import ConfigError, VramError
 from vram_residency.manager import BackendName
 from vram_residency.service.api.app import DEFAULT_MAX_BODY_BYTES, create_app
+from vram_residency.service.api.errors import RETRY_AFTER_MS_BUSY, ErrorCode
 from vram_residency.service.auth import (
     BearerCheck,
     TokenOrigin,
@@ -375,12 +377,58 @@ def harden_process() -> int:
     return int(soft)
 
 
+#: The 503 over the connection limit, in the API's error envelope (WORKER-4950s), where uvicorn
+#: would answer a text/plain "Service Unavailable" that a client parsing errors cannot read.
+_BUSY_BODY: Final = json.dumps(
+    {
+        "code": ErrorCode.WORKER_NOT_READY.value,
+        "message": "too many connections to this worker; retry later",
+        "retriable": True,
+        "retry_after_ms": RETRY_AFTER_MS_BUSY,
+    },
+    separators=(",", ":"),
+).encode()
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for a new connection's first request: a client that
     connects and sends nothing (or not a whole request head) is closed after ``header_timeout``,
-    so half-open connections cannot pin file descriptors (#17.7)."""
+    so half-open connections cannot pin file descriptors (#17.7). The connection limit
+    (``limit_concurrency``) is checked here too, with uvicorn's rule, so that its 503 is the
+    API's error envelope."""
 
     header_timeout: float = 10.0
+
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self._limit: int | None = self.limit_concurrency
+        self.limit_concurrency = None  # uvicorn's own check would answer text/plain
+        self.app = self._gate(self.app)
+
+    def _gate(self, app: Any) -> Any:
+        async def gate(scope: Any, receive: Any, send: Any) -> None:
+            # uvicorn's rule: this connection counts among the connections; this request's task
+            # is already among the tasks (uvicorn checks before creating it).
+            limit = self._limit
+            if limit is not None and (len(self.connections) >= limit or len(self.tasks) - 1 >= limit):
+                log.warning("Exceeded concurrency limit.")
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 503,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(_BUSY_BODY)).encode()),
+                            (b"retry-after", str(max(1, -(-RETRY_AFTER_MS_BUSY // 1000))).encode()),
+                            (b"connection", b"close"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": _BUSY_BODY, "more_body": False})
+                return
+            await app(scope, receive, send)
+
+        return gate
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
