@@ -276,6 +276,17 @@ def test_worker_4113_4223_handle_digest_reads_as_an_expected_digest(env: dict[st
     assert w.client.delete("/worker/shards/d-0").status_code == 200
 
 
+def test_worker_4221_a_model_bytes_path_with_a_nul_is_invalid_params(env: dict[str, Any]) -> None:
+    # A path no file system can hold: bad input (400 INVALID_PARAMS), never a 500 INTERNAL.
+    w = _w(env)
+    blob = str(env["models"] / "blob.bin")
+    for path in (blob + "\x00.txt", "\x00"):
+        r = w.client.post("/worker/commit", json={"model_ref": "nul", "shard_id": "nul", "model_bytes": path})
+        assert r.status_code == 400 and r.json()["code"] == "INVALID_PARAMS", r.text
+        assert "NUL" in r.json()["message"]
+    assert w.client.get("/worker/ready").json()["ready"] is True  # nothing changed
+
+
 def test_worker_4222_signature_is_verified_before_loading(env: dict[str, Any]) -> None:
     w = _w(env)
     blob: Path = env["models"] / "blob.bin"
