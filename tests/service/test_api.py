@@ -16,7 +16,7 @@ from tests.service.service_helpers import HELLO_WORLD_REFERENCE, Running, audit_
 from vram_residency import check_seal_record
 from vram_residency.audit.verify import verify_log
 from vram_residency.formats import digest
-from vram_residency.service.api.errors import AUTH_FAILED_BODY
+from vram_residency.service.api.errors import AUTH_FAILED_BODY, ErrorCode
 
 WORKER_PATHS = [
     ("POST", "/worker/plan", {"vram_bytes": 1}),
@@ -80,6 +80,19 @@ def test_metrics_need_no_token_by_default(shared: Running) -> None:
         assert name in text, name
     # Nothing that names a model, a shard or a digest.
     assert "shard-" not in text and "minilm" not in text
+
+
+def test_job_failure_and_cancel_counters_exist_before_the_first_one(
+    worker_factory: Callable[..., Running],
+) -> None:
+    # WORKER-4800s: jobs failed is a metric from the start. A labelled counter has no series
+    # until a label is used: a scraper would see no worker_jobs_failed_total at all (no data,
+    # not 0) until the first failure, and rate() or absent()-based alerts misread it.
+    text = httpx.get(worker_factory().url + "/metrics").text
+    for code in ErrorCode:
+        assert f'worker_jobs_failed_total{{code="{code.value}"}} 0.0' in text, code
+    for reason in ("request", "disconnect"):
+        assert f'worker_jobs_cancelled_total{{reason="{reason}"}} 0.0' in text, reason
 
 
 def test_metrics_auth_option(worker_factory: Callable[..., Running]) -> None:
