@@ -95,6 +95,15 @@ def test_job_failure_and_cancel_counters_exist_before_the_first_one(
         assert f'worker_jobs_cancelled_total{{reason="{reason}"}} 0.0' in text, reason
 
 
+def test_openapi_error_body_names_every_code(shared: Running) -> None:
+    # WORKER-4950s: the codes are stable, so a client generated from the schema must learn all
+    # of them: the contract's seven, this worker's additions, and attest's RATE_LIMITED.
+    schema = shared.client.get("/openapi.json").json()
+    described = schema["components"]["schemas"]["ErrorBody"]["properties"]["code"]["description"]
+    for code in [*(c.value for c in ErrorCode), "RATE_LIMITED"]:
+        assert code in described, code
+
+
 def test_metrics_auth_option(worker_factory: Callable[..., Running]) -> None:
     w = worker_factory(metrics_auth=True)
     assert httpx.get(w.url + "/metrics").status_code == 401
