@@ -193,6 +193,24 @@ def test_ambiguous_json_bodies_are_refused(shared: Running, path: str, raw: byte
     assert fragment in body["message"] and body["retry_after_ms"] is None
 
 
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "text/plain", "text/json", None]
+)
+def test_a_body_that_is_not_declared_json_is_415(shared: Running, content_type: str | None) -> None:
+    # curl -d without -H 'Content-Type: application/json' sends form encoding, and FastAPI reads
+    # no body without a JSON content type as JSON: the answer says what to send, instead of
+    # "Input should be a valid dictionary" about a body that is one.
+    headers = {"content-type": content_type} if content_type else {}
+    r = shared.client.post("/worker/plan", content=b'{"vram_bytes": 1}', headers=headers)
+    body = r.json()
+    assert r.status_code == 415 and body["code"] == "INVALID_PARAMS", body
+    assert "application/json" in body["message"] and body["retry_after_ms"] is None
+    # JSON with parameters, and a +json type, are read as JSON.
+    for ct in ("application/json; charset=utf-8", "application/vnd.x+json"):
+        ok = shared.client.post("/worker/plan", content=b'{"vram_bytes": 1}', headers={"content-type": ct})
+        assert ok.status_code == 200, (ct, ok.text)
+
+
 def test_the_same_json_once_is_still_read(shared: Running) -> None:
     # The strict reading changes nothing for ordinary bodies: escapes, unicode, nesting, numbers.
     raw = json.dumps({"prompt": 'h\u00e9 "x" \U0001f600', "params": {"max_tokens": 2, "seed": 7}})

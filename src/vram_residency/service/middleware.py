@@ -5,7 +5,8 @@ worker parse anything (it gets 401 and nothing else, not a 422 describing the sc
 oversized body is refused with 413 after at most ``max_bytes`` of it were received.
 
 The body limit also refuses a JSON body that is ambiguous (a key given twice in one object) or
-not JSON at all though Python's ``json`` reads it (``NaN``, ``Infinity``): 400 INVALID_PARAMS.
+not JSON at all though Python's ``json`` reads it (``NaN``, ``Infinity``): 400 INVALID_PARAMS;
+and a body declared as anything but JSON: 415 INVALID_PARAMS.
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ def _no_constant(name: str) -> Any:
 
 
 def _is_json(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Whether FastAPI will read the body as JSON: no content type, or a JSON one."""
+    """Whether FastAPI will read the body as JSON: a JSON content type (FastAPI's strict content
+    type: a body without one is not JSON to it). Every body this API takes is JSON."""
     values = [v for k, v in headers if k == b"content-type"]
     if not values:
-        return True
+        return False
     media = values[0].split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
@@ -142,7 +144,8 @@ class AuthMiddleware:
 
 class BodyLimitMiddleware:
     """413 for a declared or received body larger than ``max_bytes`` (``path_max`` may give a
-    path its own limit); 400 for an ambiguous JSON body (``ambiguous_json``).
+    path its own limit); 400 for an ambiguous JSON body (``ambiguous_json``), 415 for a body
+    declared as another type.
 
     The body is read here, in full, before the app sees it: bodies of this API are small, and an
     error raised from inside the app's own body reading would be turned into a 400 by FastAPI.
@@ -181,12 +184,19 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if body and _is_json(scope.get("headers", ())):
-            why = ambiguous_json(body)
+        if body:
+            # FastAPI would hand a body of another type to the schema as bytes, and answer that
+            # it "should be a valid dictionary": say what to send instead (curl -d sends form
+            # encoding unless told otherwise).
+            status, why = (
+                (400, ambiguous_json(body))
+                if _is_json(scope.get("headers", ()))
+                else (415, "request bodies are JSON: send Content-Type: application/json")
+            )
             if why is not None:
                 await _json(
                     send,
-                    400,
+                    status,
                     {"code": "INVALID_PARAMS", "message": why, "retriable": False, "retry_after_ms": None},
                 )
                 return
