@@ -482,6 +482,46 @@ def test_worker_4253_a_client_gone_while_queued_cancels_before_any_work(env: dic
     assert "job gone-while-queued started" not in w.log()
 
 
+def test_health_answers_while_every_request_thread_waits(env: dict[str, Any]) -> None:
+    # /health is what liveness probes ask: it must answer while the worker is busy, also when
+    # every thread that serves plain requests waits for the worker (here: deallocations waiting
+    # for a long generation to release the execution lock). A probe that times out gets a busy
+    # worker restarted by its supervisor.
+    w = _w(env)
+    events: list[str] = []
+
+    def long_job() -> None:
+        body = {"handle_id": "shard-0", "prompt": "h", "params": {"max_tokens": 1800}}
+        with w.client.stream("POST", "/worker/execute", json=body) as r:
+            events.extend(e for e, _ in sse(r.iter_lines()))
+
+    runner = threading.Thread(target=long_job)
+    runner.start()
+    t0 = time.monotonic()
+    while "token" not in events:
+        assert time.monotonic() - t0 < 20
+        time.sleep(0.01)
+
+    def waiting_delete(i: int) -> None:
+        with httpx.Client(base_url=w.url, headers={"Authorization": f"Bearer {w.token}"}, timeout=120) as c:
+            c.delete(f"/worker/shards/no-such-shard-{i}")
+
+    waiters = [threading.Thread(target=waiting_delete, args=(i,)) for i in range(48)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.5)
+    asked_while_running = "end" not in events
+    t1 = time.monotonic()
+    health = httpx.get(w.url + "/health", timeout=30)
+    took = time.monotonic() - t1
+    for t in waiters:
+        t.join()
+    runner.join()
+    assert asked_while_running, "the generation ended before /health was asked: nothing was tested"
+    assert health.status_code == 200 and took < 2.0, (health.status_code, took)
+    assert health.json()["state"] == "Executing"
+
+
 def test_worker_4251_job_ownership_is_the_shared_token(env: dict[str, Any]) -> None:
     # One bearer token per worker: whoever holds it may cancel any job (README, "Job ownership").
     c = _w(env).client

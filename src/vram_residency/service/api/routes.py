@@ -96,8 +96,11 @@ def public_router(worker: Worker, *, metrics_auth: bool, auth: list[Any]) -> API
     router = APIRouter()
 
     @router.get("/health", response_model=HealthResponse, tags=["public"])
-    def health() -> HealthResponse:
-        state = worker.state
+    async def health() -> HealthResponse:
+        # On the event loop, never in the thread pool, and without waiting for any lock: liveness
+        # probes must get their answer while every request thread waits for the worker (commits
+        # queued behind a long load, deallocations behind a long generation).
+        state = worker.lifecycle.state_snapshot
         status: Literal["ok", "degraded", "draining", "stopped"]
         if state is WorkerState.STOPPED:
             status = "stopped"
