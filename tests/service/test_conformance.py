@@ -482,7 +482,7 @@ def test_worker_4253_a_client_gone_while_queued_cancels_before_any_work(env: dic
     assert "job gone-while-queued started" not in w.log()
 
 
-def test_health_answers_while_every_request_thread_waits(env: dict[str, Any]) -> None:
+def test_worker_4812_health_and_metrics_answer_while_every_request_thread_waits(env: dict[str, Any]) -> None:
     # /health is what liveness probes ask: it must answer while the worker is busy, also when
     # every thread that serves plain requests waits for the worker (here: deallocations waiting
     # for a long generation to release the execution lock). A probe that times out gets a busy
@@ -514,12 +514,21 @@ def test_health_answers_while_every_request_thread_waits(env: dict[str, Any]) ->
     t1 = time.monotonic()
     health = httpx.get(w.url + "/health", timeout=30)
     took = time.monotonic() - t1
+    # WORKER-4812: /metrics stays open for scraping, and a scrape that times out while the
+    # worker is busy is a gap in exactly the graphs that would show why.
+    t2 = time.monotonic()
+    metrics = httpx.get(w.url + "/metrics", timeout=30)
+    took_metrics = time.monotonic() - t2
+    scraped_while_running = "end" not in events
     for t in waiters:
         t.join()
     runner.join()
     assert asked_while_running, "the generation ended before /health was asked: nothing was tested"
     assert health.status_code == 200 and took < 2.0, (health.status_code, took)
     assert health.json()["state"] == "Executing"
+    assert metrics.status_code == 200 and took_metrics < 2.0, (metrics.status_code, took_metrics)
+    assert scraped_while_running or took_metrics < 2.0
+    assert 'vram_worker_state{state="Executing"} 1.0' in metrics.text
 
 
 def test_worker_4251_job_ownership_is_the_shared_token(env: dict[str, Any]) -> None:

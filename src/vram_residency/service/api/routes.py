@@ -7,6 +7,7 @@ and mapped to HTTP in ``api.errors`` (through the app's exception handlers).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import secrets
@@ -122,8 +123,16 @@ def public_router(worker: Worker, *, metrics_auth: bool, auth: list[Any]) -> API
     # HEAD as well (load balancers and uptime checkers often probe with it): HeadMiddleware serves
     # HEAD as GET on every path, keeping it out of the API's schema.
 
-    def metrics_endpoint() -> Response:
-        return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Scrapes run on a thread of their own, not in the pool that serves plain requests: when
+    # every thread of that pool waits for the worker (commits behind a long load), a scrape
+    # there would time out, and the graphs would have a gap exactly where they are needed.
+    scraper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vram-metrics")
+
+    async def metrics_endpoint() -> Response:
+        body = await asyncio.get_running_loop().run_in_executor(
+            scraper, generate_latest, worker.metrics.registry
+        )
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     router.add_api_route(
         "/metrics",
