@@ -205,6 +205,9 @@ def test_a_body_that_is_not_declared_json_is_415(shared: Running, content_type: 
     body = r.json()
     assert r.status_code == 415 and body["code"] == "INVALID_PARAMS", body
     assert "application/json" in body["message"] and body["retry_after_ms"] is None
+    # Only bodies the API reads are checked: a GET with some body is still just a GET.
+    odd = shared.client.request("GET", "/worker/ready", content=b"x", headers={"content-type": "text/plain"})
+    assert odd.status_code == 200, odd.text
     # JSON with parameters, and a +json type, are read as JSON.
     for ct in ("application/json; charset=utf-8", "application/vnd.x+json"):
         ok = shared.client.post("/worker/plan", content=b'{"vram_bytes": 1}', headers={"content-type": ct})

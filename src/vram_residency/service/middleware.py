@@ -70,6 +70,10 @@ async def _discard(receive: Receive, budget: int) -> None:
         return
 
 
+#: The methods whose bodies this API reads (the others ignore a body, as FastAPI does).
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+
+
 class _Ambiguous(ValueError):
     pass
 
@@ -184,7 +188,7 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if body:
+        if body and scope.get("method") in _BODY_METHODS:
             # FastAPI would hand a body of another type to the schema as bytes, and answer that
             # it "should be a valid dictionary": say what to send instead (curl -d sends form
             # encoding unless told otherwise).
