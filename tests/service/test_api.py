@@ -16,7 +16,7 @@ from tests.service.service_helpers import HELLO_WORLD_REFERENCE, Running, audit_
 from vram_residency import check_seal_record
 from vram_residency.audit.verify import verify_log
 from vram_residency.formats import digest
-from vram_residency.service.api.errors import AUTH_FAILED_BODY
+from vram_residency.service.api.errors import AUTH_FAILED_BODY, ErrorCode
 
 WORKER_PATHS = [
     ("POST", "/worker/plan", {"vram_bytes": 1}),
@@ -46,6 +46,22 @@ def test_health_needs_no_token_and_says_emulation(shared: Running) -> None:
     assert head.status_code == 200 and head.content == b""
 
 
+def test_head_wherever_get_and_allow_lists_both(shared: Running) -> None:
+    # RFC 9110 (9.3.2): HEAD is GET without the body, on every resource that answers GET, behind
+    # the same token; (15.5.6) a 405's Allow lists every method the resource supports.
+    for path in ("/worker/ready", "/metrics", "/worker/audit/head", "/openapi.json"):
+        get = shared.client.get(path)
+        head = shared.client.head(path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert httpx.head(shared.url + "/worker/ready").status_code == 401  # no token
+    r = shared.client.post("/health")
+    assert r.status_code == 405 and r.json()["code"] == "INVALID_PARAMS"
+    assert sorted(m.strip() for m in r.headers["allow"].split(",")) == ["GET", "HEAD"]
+    r = shared.client.head("/worker/execute")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"  # no GET, so no HEAD either
+
+
 def test_metrics_need_no_token_by_default(shared: Running) -> None:
     r = httpx.get(shared.url + "/metrics")
     assert r.status_code == 200
@@ -64,6 +80,28 @@ def test_metrics_need_no_token_by_default(shared: Running) -> None:
         assert name in text, name
     # Nothing that names a model, a shard or a digest.
     assert "shard-" not in text and "minilm" not in text
+
+
+def test_job_failure_and_cancel_counters_exist_before_the_first_one(
+    worker_factory: Callable[..., Running],
+) -> None:
+    # WORKER-4800s: jobs failed is a metric from the start. A labelled counter has no series
+    # until a label is used: a scraper would see no worker_jobs_failed_total at all (no data,
+    # not 0) until the first failure, and rate() or absent()-based alerts misread it.
+    text = httpx.get(worker_factory().url + "/metrics").text
+    for code in ErrorCode:
+        assert f'worker_jobs_failed_total{{code="{code.value}"}} 0.0' in text, code
+    for reason in ("request", "disconnect"):
+        assert f'worker_jobs_cancelled_total{{reason="{reason}"}} 0.0' in text, reason
+
+
+def test_openapi_error_body_names_every_code(shared: Running) -> None:
+    # WORKER-4950s: the codes are stable, so a client generated from the schema must learn all
+    # of them: the contract's seven, this worker's additions, and attest's RATE_LIMITED.
+    schema = shared.client.get("/openapi.json").json()
+    described = schema["components"]["schemas"]["ErrorBody"]["properties"]["code"]["description"]
+    for code in [*(c.value for c in ErrorCode), "RATE_LIMITED"]:
+        assert code in described, code
 
 
 def test_metrics_auth_option(worker_factory: Callable[..., Running]) -> None:
@@ -129,6 +167,62 @@ def test_auth_comes_before_parsing(shared: Running) -> None:
     )
     assert r.status_code == 401
     assert r.json() == AUTH_FAILED_BODY
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "fragment"),
+    [
+        # Two values for one key: a proxy or a signer that reads the first and a worker that reads
+        # the last would act on different requests. Refused, whichever route and nesting level.
+        ("/worker/plan", b'{"model_ref":"a","model_ref":"b"}', "duplicate key 'model_ref'"),
+        (
+            "/worker/execute",
+            b'{"prompt":"hi","params":{"max_tokens":1,"max_tokens":4096}}',
+            "duplicate key 'max_tokens'",
+        ),
+        ("/worker/commit", b'{"model":"x","model":"all-minilm-l6-v2"}', "duplicate key 'model'"),
+        # NaN and Infinity are not JSON (RFC 8259), though Python's json module reads them.
+        ("/worker/execute", b'{"prompt":"hi","params":{"temperature":NaN}}', "NaN"),
+        ("/worker/plan", b'{"vram_bytes":-Infinity}', "-Infinity"),
+    ],
+)
+def test_ambiguous_json_bodies_are_refused(shared: Running, path: str, raw: bytes, fragment: str) -> None:
+    r = shared.client.post(path, content=raw, headers={"content-type": "application/json"})
+    body = r.json()
+    assert r.status_code == 400 and body["code"] == "INVALID_PARAMS", body
+    assert fragment in body["message"] and body["retry_after_ms"] is None
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "text/plain", "text/json", None]
+)
+def test_a_body_that_is_not_declared_json_is_415(shared: Running, content_type: str | None) -> None:
+    # curl -d without -H 'Content-Type: application/json' sends form encoding, and FastAPI reads
+    # no body without a JSON content type as JSON: the answer says what to send, instead of
+    # "Input should be a valid dictionary" about a body that is one.
+    headers = {"content-type": content_type} if content_type else {}
+    r = shared.client.post("/worker/plan", content=b'{"vram_bytes": 1}', headers=headers)
+    body = r.json()
+    assert r.status_code == 415 and body["code"] == "INVALID_PARAMS", body
+    assert "application/json" in body["message"] and body["retry_after_ms"] is None
+    # Only bodies the API reads are checked: a GET with some body is still just a GET.
+    odd = shared.client.request("GET", "/worker/ready", content=b"x", headers={"content-type": "text/plain"})
+    assert odd.status_code == 200, odd.text
+    # JSON with parameters, and a +json type, are read as JSON.
+    for ct in ("application/json; charset=utf-8", "application/vnd.x+json"):
+        ok = shared.client.post("/worker/plan", content=b'{"vram_bytes": 1}', headers={"content-type": ct})
+        assert ok.status_code == 200, (ct, ok.text)
+
+
+def test_the_same_json_once_is_still_read(shared: Running) -> None:
+    # The strict reading changes nothing for ordinary bodies: escapes, unicode, nesting, numbers.
+    raw = json.dumps({"prompt": 'h\u00e9 "x" \U0001f600', "params": {"max_tokens": 2, "seed": 7}})
+    status, events = execute(shared.client, **json.loads(raw))
+    r = shared.client.post(
+        "/worker/execute", content=raw.encode(), headers={"content-type": "application/json"}
+    )
+    assert status == 200 and r.status_code == 200, r.text
+    assert r.text.count("event: token") == sum(e == "token" for e, _ in events)
 
 
 # -- ready, plan, verify -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,6 +254,39 @@ def test_worker_4221_model_ref_is_any_reference_when_the_bytes_are_given(env: di
     assert unresolvable.status_code == 400 and "model name" in unresolvable.json()["message"]
 
 
+def test_worker_4113_4223_handle_digest_reads_as_an_expected_digest(env: dict[str, Any]) -> None:
+    # 4113/4223: 64 bare hex characters mean SHA-256 of the model bytes. A handle's digest is in
+    # the same forms: bare hex only when it is that SHA-256 (a commit with a bare expected_digest),
+    # else prefixed by its algorithm, so an orchestrator that commits again with the digest the
+    # worker gave it (after a restart, on another worker) gets its bytes checked, not refused.
+    w = _w(env)
+    blob: Path = env["models"] / "blob.bin"
+    r = w.client.post("/worker/commit", json={"model_ref": "blob.bin", "shard_id": "d-0", "shard_index": 0})
+    assert r.status_code == 200, r.text
+    digest = r.json()["handle"]["digest"]
+    assert digest == _sha256(blob) or (":" in digest and digest != _sha256(blob)), digest
+    (listed,) = [h for h in w.client.get("/worker/ready").json()["handles"] if h["shard_id"] == "d-0"]
+    assert listed["digest"] == digest
+    assert w.client.delete("/worker/shards/d-0").status_code == 200
+    again = w.client.post(
+        "/worker/commit", json={"model_ref": "blob.bin", "shard_id": "d-0", "expected_digest": digest}
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["handle"]["digest"] == digest
+    assert w.client.delete("/worker/shards/d-0").status_code == 200
+
+
+def test_worker_4221_a_model_bytes_path_with_a_nul_is_invalid_params(env: dict[str, Any]) -> None:
+    # A path no file system can hold: bad input (400 INVALID_PARAMS), never a 500 INTERNAL.
+    w = _w(env)
+    blob = str(env["models"] / "blob.bin")
+    for path in (blob + "\x00.txt", "\x00"):
+        r = w.client.post("/worker/commit", json={"model_ref": "nul", "shard_id": "nul", "model_bytes": path})
+        assert r.status_code == 400 and r.json()["code"] == "INVALID_PARAMS", r.text
+        assert "NUL" in r.json()["message"]
+    assert w.client.get("/worker/ready").json()["ready"] is True  # nothing changed
+
+
 def test_worker_4222_signature_is_verified_before_loading(env: dict[str, Any]) -> None:
     w = _w(env)
     blob: Path = env["models"] / "blob.bin"
@@ -405,6 +439,96 @@ def test_worker_4253_client_disconnect_cancels_the_job(env: dict[str, Any]) -> N
     t1 = time.monotonic()
     status, _, _ = execute(c, {"handle_id": "shard-0", "prompt": "z", "params": {"max_tokens": 2}})
     assert status == 200 and time.monotonic() - t1 < 20
+
+
+def test_worker_4253_a_client_gone_while_queued_cancels_before_any_work(env: dict[str, Any]) -> None:
+    # A job whose client left while it waited behind another ends in the queue: no verification
+    # pass, no start, no tokens for nobody (the scheduler skips a cancelled queued job for free).
+    w = _w(env)
+    c = w.client
+    events: list[str] = []
+
+    def long_job() -> None:
+        body = {"handle_id": "shard-0", "prompt": "w", "params": {"max_tokens": 1200}}
+        with c.stream("POST", "/worker/execute", json=body) as r:
+            events.extend(e for e, _ in sse(r.iter_lines()))
+
+    first = threading.Thread(target=long_job)
+    first.start()
+    t0 = time.monotonic()
+    while "token" not in events:
+        assert time.monotonic() - t0 < 20
+        time.sleep(0.01)
+    impatient = httpx.Client(base_url=w.url, headers={"Authorization": f"Bearer {w.token}"}, timeout=0.5)
+    with pytest.raises(httpx.ReadTimeout):
+        impatient.post(
+            "/worker/execute",
+            json={
+                "handle_id": "shard-0",
+                "job_id": "gone-while-queued",
+                "prompt": "v",
+                "params": {"max_tokens": 5},
+            },
+        )
+    impatient.close()
+    deadline = time.monotonic() + 20
+    while "job gone-while-queued cancelled: client disconnected" not in w.log():
+        assert time.monotonic() < deadline, "the queued job of a client that left was not cancelled"
+        time.sleep(0.05)
+    assert first.is_alive(), "the first job ended before the queued one was seen to be cancelled"
+    first.join()
+    assert events[-1] == "end"
+    time.sleep(0.3)
+    assert "job gone-while-queued started" not in w.log()
+
+
+def test_worker_4812_health_and_metrics_answer_while_every_request_thread_waits(env: dict[str, Any]) -> None:
+    # /health is what liveness probes ask: it must answer while the worker is busy, also when
+    # every thread that serves plain requests waits for the worker (here: deallocations waiting
+    # for a long generation to release the execution lock). A probe that times out gets a busy
+    # worker restarted by its supervisor.
+    w = _w(env)
+    events: list[str] = []
+
+    def long_job() -> None:
+        body = {"handle_id": "shard-0", "prompt": "h", "params": {"max_tokens": 1800}}
+        with w.client.stream("POST", "/worker/execute", json=body) as r:
+            events.extend(e for e, _ in sse(r.iter_lines()))
+
+    runner = threading.Thread(target=long_job)
+    runner.start()
+    t0 = time.monotonic()
+    while "token" not in events:
+        assert time.monotonic() - t0 < 20
+        time.sleep(0.01)
+
+    def waiting_delete(i: int) -> None:
+        with httpx.Client(base_url=w.url, headers={"Authorization": f"Bearer {w.token}"}, timeout=120) as c:
+            c.delete(f"/worker/shards/no-such-shard-{i}")
+
+    waiters = [threading.Thread(target=waiting_delete, args=(i,)) for i in range(48)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.5)
+    asked_while_running = "end" not in events
+    t1 = time.monotonic()
+    health = httpx.get(w.url + "/health", timeout=30)
+    took = time.monotonic() - t1
+    # WORKER-4812: /metrics stays open for scraping, and a scrape that times out while the
+    # worker is busy is a gap in exactly the graphs that would show why.
+    t2 = time.monotonic()
+    metrics = httpx.get(w.url + "/metrics", timeout=30)
+    took_metrics = time.monotonic() - t2
+    scraped_while_running = "end" not in events
+    for t in waiters:
+        t.join()
+    runner.join()
+    assert asked_while_running, "the generation ended before /health was asked: nothing was tested"
+    assert health.status_code == 200 and took < 2.0, (health.status_code, took)
+    assert health.json()["state"] == "Executing"
+    assert metrics.status_code == 200 and took_metrics < 2.0, (metrics.status_code, took_metrics)
+    assert scraped_while_running or took_metrics < 2.0
+    assert 'vram_worker_state{state="Executing"} 1.0' in metrics.text
 
 
 def test_worker_4251_job_ownership_is_the_shared_token(env: dict[str, Any]) -> None:
@@ -644,12 +768,91 @@ def test_worker_4960_4972_sigterm_drains_streams_end_then_exit_0(env: dict[str, 
                 during["health"] = httpx.get(w.url + "/health").json()
                 during["ready"] = c.get("/worker/ready").json()
                 during["new"] = execute(c, {"prompt": "no", "params": {"max_tokens": 2}})
+                during["plan"] = c.post("/worker/plan", json={"model_ref": MODEL, "shard_layout": "single"})
     assert during["health"]["status"] == "draining" and during["ready"]["state"] == "Draining"
     status, err, headers = during["new"]
     assert status == 503 and err[0][1]["retry_after_ms"] is not None and "retry-after" in headers
+    # A draining worker takes no new work: its plan must not promise what a commit would refuse.
+    plan = during["plan"].json()
+    assert during["plan"].status_code == 200 and plan["feasible"] is False and plan["shard_plan"] == []
+    assert "Draining" in plan["reason"]
     assert events[-1][0] == "end" and events[-1][1]["tokens_out"] > 3
     assert w.proc.wait(60) == 0
     assert "stopped (shards zeroed and freed)" in w.log()
+
+
+def test_worker_4960_4972_sigterm_while_the_startup_model_loads_exits_0(tmp_path: Path) -> None:
+    # A pool manager may stop a worker that is still loading its model (minutes for a large
+    # one). SIGTERM then stops the load, frees what it had allocated (zeroed) and exits 0, as a
+    # drain does: it neither dies by the signal (-15) nor leaves the allocation to the driver.
+    models = tmp_path / "models"
+    models.mkdir()
+    with (models / "big.bin").open("wb") as f:
+        f.truncate(256 << 20)  # sparse: costs no disk, but every byte is read, copied and hashed
+    token = tmp_path / "token"
+    write_token(token)
+    log_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", "host", "--port", "0"]
+    cmd += ["--token-file", str(token), "--state-dir", str(tmp_path / "state")]
+    cmd += ["--model-dir", str(models), "--model", "big.bin", "--scrub-interval", "0"]
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=clean_env())
+    try:
+        deadline = time.monotonic() + 60
+        while "Loading model big.bin" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert rc == 0, log[-2000:]
+    assert "listening" not in log and "Traceback" not in log
+    events = [json.loads(line)["event"] for line in (tmp_path / "state" / "audit.jsonl").open()]
+    if "VramAllocated" in events:  # the signal came while the bytes were being loaded
+        assert events.index("VramDeallocated") > events.index("VramAllocated")
+    assert events[-1] == "WorkerStateChanged" and "ModelCommitted" not in events
+
+
+def test_worker_4960_4972_sigterm_during_a_commit_stops_the_load(tmp_path: Path) -> None:
+    # A commit in flight when SIGTERM comes is new work the worker will never serve: the load
+    # stops at its next chunk (nothing left allocated) and the commit is answered 503, instead of
+    # loading on (minutes for a large model) past uvicorn's graceful timeout, which drops the
+    # answer and logs a traceback, and holding the exit until the load is done.
+    models = tmp_path / "models"
+    models.mkdir()
+    with (models / "big.bin").open("wb") as f:
+        f.truncate(512 << 20)
+    w = run_serve(tmp_path / "w", "--model-dir", str(models), "--scrub-interval", "0")
+    answer: dict[str, Any] = {}
+
+    def commit() -> None:
+        r = w.client.post("/worker/commit", json={"model_ref": "big.bin", "shard_id": "big"})
+        answer.update(status=r.status_code, body=r.json())
+
+    t = threading.Thread(target=commit)
+    t.start()
+    deadline = time.monotonic() + 60
+    while "Loading model big.bin" not in w.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.proc.wait(60) == 0
+    t.join(60)
+    log = w.log()
+    assert "Traceback" not in log and "timeout graceful shutdown exceeded" not in log, log[-3000:]
+    if answer["status"] == 200:  # only when the load was over before the signal was handled
+        assert log.index("committed big.bin") < log.index("draining: signal SIGTERM")
+    else:
+        assert answer["status"] == 503 and answer["body"]["code"] == "WORKER_NOT_READY", answer
+        assert "Draining" in answer["body"]["message"] or "draining" in answer["body"]["message"]
+        events = [json.loads(line)["event"] for line in (tmp_path / "w" / "state" / "audit.jsonl").open()]
+        assert "ModelCommitted" not in events and events.count("VramDeallocated") == events.count(
+            "VramAllocated"
+        )
 
 
 def test_worker_4960_4972_drain_timeout_ends_streams_with_error(env: dict[str, Any], tmp_path: Path) -> None:

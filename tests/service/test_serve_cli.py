@@ -244,3 +244,27 @@ def test_a_failed_shutdown_exits_non_zero(tmp_path: Path) -> None:
     out = b"".join(lines).decode(errors="replace")
     assert "stopped (shards zeroed and freed)" not in out
     assert "SHUTDOWN FAILED" in out, out[-2000:]
+
+
+# -- WORKER-4950s: the connection limit's 503 is the API's error envelope --------------------------
+def test_over_the_connection_limit_the_503_is_the_error_envelope(tmp_path: Path) -> None:
+    w = run_serve(tmp_path, "--max-connections", "16", "--header-timeout", "30")
+    host, port = w.url.removeprefix("http://").split(":")
+    held = []
+    try:
+        for _ in range(15):  # 15 connections open (answered once, kept alive); the 16th is over
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            held.append(s)
+        r = httpx.get(w.url + "/worker/ready", headers={"Authorization": f"Bearer {w.token}"}, timeout=10)
+        assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+        body = r.json()
+        assert body["code"] == "WORKER_NOT_READY" and body["retriable"] is True, body
+        assert isinstance(body["retry_after_ms"], int) and body["retry_after_ms"] > 0
+        assert int(r.headers["retry-after"]) >= 1 and r.headers["connection"] == "close"
+    finally:
+        for s in held:
+            s.close()
+    assert httpx.get(w.url + "/health", timeout=10).status_code == 200  # the limit frees up
+    assert w.stop() == 0

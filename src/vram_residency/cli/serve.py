@@ -13,7 +13,9 @@ import contextlib
 import dataclasses
 import ipaddress
 import shlex
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -206,15 +208,23 @@ def _run(args: argparse.Namespace) -> int:
     # Bound before anything is printed: a busy port fails here, not after the banner (#17.19).
     sock = bind_socket(opts.host, opts.port)
     opts = dataclasses.replace(opts, port=int(sock.getsockname()[1]))  # --port 0: the port taken
+    term = _TermBeforeServing()
     try:
         fds = harden_process()
         _say("vram-residency worker: starting")
         if group is not None:
             opts = _lead(opts, group, args.tp_timeout)
         built = build(opts)
+    except _Terminated:
+        sock.close()
+        term.restore()
+        _say("vram-residency worker: stopped by SIGTERM before it served (nothing left allocated)")
+        return 0
     except BaseException:
         sock.close()
+        term.restore()
         raise
+    term.built = True
     w = built.worker
     _say(f"  backend:    {w.backend_description}")
     if w.emulated:
@@ -276,12 +286,39 @@ def _run(args: argparse.Namespace) -> int:
     # SIGTERM/SIGINT drain (see DrainingServer); a second Ctrl-C stops at once.
     status = 1
     with contextlib.suppress(KeyboardInterrupt):
-        status = serve(built, sock)
+        status = serve(built, sock, stop_pending=lambda: term.pending)
+    term.restore()
     if status == 0:
         _say("vram-residency worker: stopped (shards zeroed and freed)")
     else:
         _say("vram-residency worker: SHUTDOWN FAILED (see the log); exit status 1")
     return status
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM while the worker starts: unwinds the startup commit as Ctrl-C does (whatever was
+    allocated is zeroed and freed, the worker closed)."""
+
+
+class _TermBeforeServing:
+    """SIGTERM from the start of ``build`` until uvicorn takes the signal over (WORKER-4960s:
+    SIGTERM stops cleanly and exits 0, also while the startup model loads). While building it
+    raises ``_Terminated`` in the main thread; once built it is remembered (``pending``), and the
+    server drains as soon as it starts."""
+
+    def __init__(self) -> None:
+        self.built = False
+        self.pending = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.built:
+            self.pending = True
+            return
+        raise _Terminated
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -146,6 +146,9 @@ def files_for_path(name: str, path: Path, roots: Sequence[Path]) -> ModelFiles:
     """A model file given by path: it must resolve (symlinks followed) inside one of ``roots``,
     the directories this worker loads models from. Side files next to it (``config.json``,
     ``tokenizer.json``) are used when present."""
+    if "\x00" in str(path):
+        # No file system path holds one (os calls raise ValueError, which would be a 500).
+        raise InvalidInput("model_bytes path contains a NUL character")
     try:
         real = path.resolve(strict=True)
     except (OSError, RuntimeError):

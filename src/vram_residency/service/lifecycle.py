@@ -177,6 +177,13 @@ class WorkerLifecycle:
             return self._state
 
     @property
+    def state_snapshot(self) -> WorkerState:
+        """The state read without the lock (one attribute read: a state that was current a moment
+        ago). For the event loop: the lock is held across an audited transition, whose write may
+        wait for the disk, and nothing on the loop may wait for that."""
+        return self._state
+
+    @property
     def worker_id(self) -> str:
         return self._worker_id
 

@@ -12,6 +12,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from vram_residency.service.api.errors import ErrorCode
+
 __all__ = ["Metrics"]
 
 _STATES: Final = ("Starting", "Loading", "Ready", "Executing", "Draining", "Stopped")
@@ -71,6 +73,12 @@ class Metrics:
         self.jobs_cancelled = Counter(
             "worker_jobs_cancelled", "Execute jobs cancelled, by reason", ["reason"], registry=r
         )
+        # Every known label from the start, at 0: a labelled counter has no series until a label
+        # is used, and a scraper would read "no data" instead of 0 until the first failure.
+        for code in ErrorCode:
+            self.jobs_failed.labels(code=code.value)
+        for reason in ("request", "disconnect"):
+            self.jobs_cancelled.labels(reason=reason)
         self.tokens_generated = Counter("worker_tokens_generated", "Tokens sent to clients", registry=r)
         self.cuda_errors = Counter("worker_cuda_errors", "CUDA or driver errors seen", registry=r)
         self.incidents = Counter("vram_security_incidents", "Security incidents raised", registry=r)

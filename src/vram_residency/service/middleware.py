@@ -3,6 +3,10 @@
 Both run before FastAPI reads or parses a body, so an unauthenticated client cannot make the
 worker parse anything (it gets 401 and nothing else, not a 422 describing the schema), and an
 oversized body is refused with 413 after at most ``max_bytes`` of it were received.
+
+The body limit also refuses a JSON body that is ambiguous (a key given twice in one object) or
+not JSON at all though Python's ``json`` reads it (``NaN``, ``Infinity``): 400 INVALID_PARAMS;
+and a body declared as anything but JSON: 415 INVALID_PARAMS.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Final
 
 from vram_residency.service.auth import BearerCheck
 
-__all__ = ["AuthMiddleware", "BodyLimitMiddleware"]
+__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "HeadMiddleware", "ambiguous_json"]
 
 log = logging.getLogger("vram_residency.service.auth")
 
@@ -66,6 +70,51 @@ async def _discard(receive: Receive, budget: int) -> None:
         return
 
 
+#: The methods whose bodies this API reads (the others ignore a body, as FastAPI does).
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+
+
+class _Ambiguous(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Ambiguous(f"duplicate key {key!r} in the JSON body")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise _Ambiguous(f"{name} is not a JSON number")
+
+
+def _is_json(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether FastAPI will read the body as JSON: a JSON content type (FastAPI's strict content
+    type: a body without one is not JSON to it). Every body this API takes is JSON."""
+    values = [v for k, v in headers if k == b"content-type"]
+    if not values:
+        return False
+    media = values[0].split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def ambiguous_json(body: bytes) -> str | None:
+    """Why ``body`` is JSON that two readers could read differently, or None. Two values for one
+    key (RFC 8259 leaves the meaning open: Python keeps the last, other parsers the first, so a
+    proxy or a signer and the worker could act on different requests), and ``NaN``/``Infinity``,
+    which are not JSON. A body that is not JSON at all is left to FastAPI, which says so."""
+    try:
+        json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _Ambiguous as exc:
+        return str(exc)
+    except (ValueError, RecursionError):  # not JSON (or too deep, or too long a number)
+        return None
+    return None
+
+
 class AuthMiddleware:
     """401 with the body ``refusal`` (the API's AUTH_FAILED error) for every path outside
     ``public`` without the token."""
@@ -99,7 +148,8 @@ class AuthMiddleware:
 
 class BodyLimitMiddleware:
     """413 for a declared or received body larger than ``max_bytes`` (``path_max`` may give a
-    path its own limit).
+    path its own limit); 400 for an ambiguous JSON body (``ambiguous_json``), 415 for a body
+    declared as another type.
 
     The body is read here, in full, before the app sees it: bodies of this API are small, and an
     error raised from inside the app's own body reading would be turned into a 400 by FastAPI.
@@ -137,7 +187,24 @@ class BodyLimitMiddleware:
             chunks.append(body)
             if not message.get("more_body", False):
                 break
-        replay: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        body = b"".join(chunks)
+        if body and scope.get("method") in _BODY_METHODS:
+            # FastAPI would hand a body of another type to the schema as bytes, and answer that
+            # it "should be a valid dictionary": say what to send instead (curl -d sends form
+            # encoding unless told otherwise).
+            status, why = (
+                (400, ambiguous_json(body))
+                if _is_json(scope.get("headers", ()))
+                else (415, "request bodies are JSON: send Content-Type: application/json")
+            )
+            if why is not None:
+                await _json(
+                    send,
+                    status,
+                    {"code": "INVALID_PARAMS", "message": why, "retriable": False, "retry_after_ms": None},
+                )
+                return
+        replay: Message | None = {"type": "http.request", "body": body, "more_body": False}
 
         async def replay_receive() -> Message:
             nonlocal replay
@@ -160,3 +227,36 @@ class BodyLimitMiddleware:
             },
             [(b"connection", b"close")],
         )
+
+
+class HeadMiddleware:
+    """HEAD wherever GET is answered (RFC 9110, 9.3.2), and ``HEAD`` in a 405's ``Allow`` wherever
+    ``GET`` is (15.5.6: Allow lists every supported method). FastAPI's routes take only the methods
+    they declare; declaring HEAD on each would put a HEAD operation for each in the OpenAPI schema.
+
+    A HEAD request is served as GET to the app; the server (uvicorn keeps its own scope, where the
+    method is still HEAD) sends the headers, Content-Length included, and no body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") == "HEAD":
+            scope = {**scope, "method": "GET"}
+
+        async def send_allow(message: Message) -> None:
+            if message["type"] == "http.response.start" and message.get("status") == 405:
+                headers = []
+                for k, v in message.get("headers", ()):
+                    if k.lower() == b"allow":
+                        methods = [m.strip() for m in v.split(b",")]
+                        if b"GET" in methods and b"HEAD" not in methods:
+                            v = b", ".join([*methods, b"HEAD"])
+                    headers.append((k, v))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_allow)

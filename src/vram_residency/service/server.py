@@ -10,6 +10,7 @@ benchmarks).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -26,9 +27,10 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from vram_residency.errors import ConfigError
+from vram_residency.errors import ConfigError, VramError
 from vram_residency.manager import BackendName
 from vram_residency.service.api.app import DEFAULT_MAX_BODY_BYTES, create_app
+from vram_residency.service.api.errors import RETRY_AFTER_MS_BUSY, ErrorCode
 from vram_residency.service.auth import (
     BearerCheck,
     TokenOrigin,
@@ -303,8 +305,14 @@ def build(opts: ServeOptions) -> Built:
             token=token,
             devices=(opts.device, *opts.devices),
         )
-    except BaseException:
+    except BaseException as exc:
         worker.close()
+        if callbacks is not None and isinstance(exc, Exception):
+            # WORKER-4020s: failure is reported to the pool manager like readiness, which it
+            # waits for; the process then exits non-zero (fail fast). Library and service errors
+            # say what failed without secrets; anything else is named by its type only.
+            what = str(exc) if isinstance(exc, VramError) else type(exc).__name__
+            callbacks.stopped(worker.lifecycle.state.value, f"startup failed: {what}", failed=True)
         raise
     built = Built(
         options=opts,
@@ -369,12 +377,58 @@ def harden_process() -> int:
     return int(soft)
 
 
+#: The 503 over the connection limit, in the API's error envelope (WORKER-4950s), where uvicorn
+#: would answer a text/plain "Service Unavailable" that a client parsing errors cannot read.
+_BUSY_BODY: Final = json.dumps(
+    {
+        "code": ErrorCode.WORKER_NOT_READY.value,
+        "message": "too many connections to this worker; retry later",
+        "retriable": True,
+        "retry_after_ms": RETRY_AFTER_MS_BUSY,
+    },
+    separators=(",", ":"),
+).encode()
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for a new connection's first request: a client that
     connects and sends nothing (or not a whole request head) is closed after ``header_timeout``,
-    so half-open connections cannot pin file descriptors (#17.7)."""
+    so half-open connections cannot pin file descriptors (#17.7). The connection limit
+    (``limit_concurrency``) is checked here too, with uvicorn's rule, so that its 503 is the
+    API's error envelope."""
 
     header_timeout: float = 10.0
+
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self._limit: int | None = self.limit_concurrency
+        self.limit_concurrency = None  # uvicorn's own check would answer text/plain
+        self.app = self._gate(self.app)
+
+    def _gate(self, app: Any) -> Any:
+        async def gate(scope: Any, receive: Any, send: Any) -> None:
+            # uvicorn's rule: this connection counts among the connections; this request's task
+            # is already among the tasks (uvicorn checks before creating it).
+            limit = self._limit
+            if limit is not None and (len(self.connections) >= limit or len(self.tasks) - 1 >= limit):
+                log.warning("Exceeded concurrency limit.")
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 503,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(_BUSY_BODY)).encode()),
+                            (b"retry-after", str(max(1, -(-RETRY_AFTER_MS_BUSY // 1000))).encode()),
+                            (b"connection", b"close"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": _BUSY_BODY, "more_body": False})
+                return
+            await app(scope, receive, send)
+
+        return gate
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -422,10 +476,13 @@ class DrainingServer(uvicorn.Server):
     A second signal stops at once. The signal is not re-raised afterwards (uvicorn's default),
     which would make a SIGTERM drain exit with -15 instead of 0."""
 
-    def __init__(self, config: uvicorn.Config, built: Built) -> None:
+    def __init__(
+        self, config: uvicorn.Config, built: Built, stop_pending: Callable[[], bool] | None = None
+    ) -> None:
         super().__init__(config)
         self._built = built
         self._draining = False
+        self._stop_pending = stop_pending
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining:
@@ -453,6 +510,11 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        if self._stop_pending is not None and self._stop_pending():
+            # A SIGTERM came after the worker was built and before uvicorn took the signal over
+            # (serve's caller remembered it): drain now, as if it had come just now.
+            self.handle_exit(signal.SIGTERM, None)
+            return
         cb = self._built.callbacks
         if self.started and cb is not None:
             w = self._built.worker
@@ -481,10 +543,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(built: Built, sock: socket.socket | None = None) -> int:
+def serve(
+    built: Built, sock: socket.socket | None = None, *, stop_pending: Callable[[], bool] | None = None
+) -> int:
     """Run uvicorn in the foreground until SIGINT/SIGTERM (a drain); the worker is closed on the
-    way out. Returns the exit status: 0 after a clean shutdown, 1 when the shutdown failed."""
-    server = DrainingServer(_uvicorn_config(built.app, built.options), built)
+    way out. Returns the exit status: 0 after a clean shutdown, 1 when the shutdown failed.
+    ``stop_pending``: whether a SIGTERM came before uvicorn handled signals (then it drains at
+    once)."""
+    server = DrainingServer(_uvicorn_config(built.app, built.options), built, stop_pending)
     w = built.worker
 
     def committed(model: CommittedModel) -> None:

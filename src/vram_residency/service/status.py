@@ -41,7 +41,11 @@ def handle(worker: Worker, m: CommittedModel, known: dict[str, int] | None = Non
         "gpu_device": worker.config.device,
         "vram_bytes": m.shard.vram_bytes,
         "sealed": True,
-        "digest": m.sha256 or m.shard.digest,
+        # WORKER-4113/4223: bare hex is SHA-256 of the model bytes, here as in expected_digest.
+        # Without that SHA-256 (it is computed only when a commit asks for it, as the bytes
+        # stream in), the seal's digest with its algorithm: the form expected_digest takes for
+        # it, never a bare hex that a client would read, and check, as SHA-256.
+        "digest": m.sha256 or f"{m.shard.digest_algorithm}:{m.shard.digest}",
         "model_ref": m.name,
         "shard_index": m.shard_index,
         "total_shards": m.total_shards,

@@ -581,7 +581,8 @@ class TPWorker(Worker):
                         "gpu_device": part.device,
                         "vram_bytes": s.vram_bytes,
                         "sealed": True,
-                        "digest": s.digest,
+                        # Prefixed: bare hex would read as SHA-256 of the bytes (status.handle).
+                        "digest": f"{s.digest_algorithm}:{s.digest}",
                         "model_ref": m.name,
                         "shard_index": part.rank,
                         "total_shards": held.tp.world_size,

@@ -637,6 +637,16 @@ class Worker:
         )
         return model
 
+    def _stop_load_when_draining(self, _copied: int) -> None:
+        """Called as each chunk of a commit is copied: a drain (SIGTERM) stops the load there,
+        with nothing left allocated (WORKER-4960s: no new work). Loading on would hold the exit
+        for as long as the model takes to load (minutes for a large one) for a model the worker
+        frees at once, past uvicorn's graceful timeout, which drops the commit's answer."""
+        if self._closing:
+            raise WorkerNotReady(
+                "worker is draining and takes no new work: the commit was stopped", state="Draining"
+            )
+
     def _commit_files(self, files: ModelFiles, check: DigestCheck, spec: CommitSpec) -> CommittedModel:
         mgr = self.manager
         side: dict[str, str] = {}
@@ -666,6 +676,7 @@ class Worker:
                 expected_digest=expected,
                 digest_algorithm=algorithm,
                 observe=observer,
+                progress=self._stop_load_when_draining,
             )
         except OSError as exc:
             raise ModelLoadFailed(f"cannot read model files: {exc.strerror}") from None

@@ -43,7 +43,7 @@ from vram_residency.service.api.routes import execute_router, public_router, wor
 from vram_residency.service.attest_routes import register_attest_routes
 from vram_residency.service.auth import BearerCheck
 from vram_residency.service.context import CorrelationMiddleware
-from vram_residency.service.middleware import AuthMiddleware, BodyLimitMiddleware
+from vram_residency.service.middleware import AuthMiddleware, BodyLimitMiddleware, HeadMiddleware
 from vram_residency.service.migrate_routes import register_migrate_routes
 from vram_residency.service.worker import Worker
 
@@ -190,11 +190,13 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    # Outermost first: correlation id, authentication, then the size limit, then FastAPI.
+    # Outermost first: correlation id, authentication, then the size limit, HEAD as GET, then
+    # FastAPI.
     # WORKER-4242: a prompt within the worker's character limit is never refused for the size of
     # its JSON (100,000 astral characters, escaped, are 1.2 MB): execute takes at least that.
     prompt_body = JSON_BYTES_PER_CHAR * worker.config.max_prompt_chars + EXECUTE_BODY_SLACK
     execute_max = max(max_body_bytes, prompt_body)
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=max_body_bytes, path_max={"/worker/execute": execute_max}
     )

@@ -7,6 +7,7 @@ and mapped to HTTP in ``api.errors`` (through the app's exception handlers).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import secrets
@@ -96,8 +97,11 @@ def public_router(worker: Worker, *, metrics_auth: bool, auth: list[Any]) -> API
     router = APIRouter()
 
     @router.get("/health", response_model=HealthResponse, tags=["public"])
-    def health() -> HealthResponse:
-        state = worker.state
+    async def health() -> HealthResponse:
+        # On the event loop, never in the thread pool, and without waiting for any lock: liveness
+        # probes must get their answer while every request thread waits for the worker (commits
+        # queued behind a long load, deallocations behind a long generation).
+        state = worker.lifecycle.state_snapshot
         status: Literal["ok", "degraded", "draining", "stopped"]
         if state is WorkerState.STOPPED:
             status = "stopped"
@@ -116,12 +120,19 @@ def public_router(worker: Worker, *, metrics_auth: bool, auth: list[Any]) -> API
             audit_head_mismatch=AuditHeadMismatchInfo(**info) if (info := head_mismatch(worker)) else None,
         )
 
-    # HEAD as well (load balancers and uptime checkers often probe with it); not in the API's
-    # schema, which describes what clients send.
-    router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+    # HEAD as well (load balancers and uptime checkers often probe with it): HeadMiddleware serves
+    # HEAD as GET on every path, keeping it out of the API's schema.
 
-    def metrics_endpoint() -> Response:
-        return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Scrapes run on a thread of their own, not in the pool that serves plain requests: when
+    # every thread of that pool waits for the worker (commits behind a long load), a scrape
+    # there would time out, and the graphs would have a gap exactly where they are needed.
+    scraper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vram-metrics")
+
+    async def metrics_endpoint() -> Response:
+        body = await asyncio.get_running_loop().run_in_executor(
+            scraper, generate_latest, worker.metrics.registry
+        )
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     router.add_api_route(
         "/metrics",
@@ -202,6 +213,11 @@ def worker_router(worker: Worker, *, auth: list[Any], ready_public: bool = False
                     f'shard_layout "tensor_parallel" and tp_degree {degree}'
                 ),
             )
+        state = worker.lifecycle.state
+        if feasible and state in (WorkerState.DRAINING, WorkerState.STOPPED):
+            # WORKER-4960s: no new work while draining (nor ever after Stopped); a plan that said
+            # feasible would send the orchestrator to a commit this worker refuses.
+            feasible, reason = False, f"worker is {state.value} and takes no new work"
         # Each rank holds about 1/degree of the model (its slice of every split weight).
         split = -(-out["model_bytes"] // degree)
         per_rank = worker.needed_bytes(split) if degree > 1 else out["needed_bytes"]
@@ -398,12 +414,29 @@ def execute_router(worker: Worker) -> APIRouter:
         )
         t0 = time.perf_counter()
         worker.submit(job)
+
+        async def client_left() -> None:
+            # The body is read: what can come now is the client going away. Nothing else reads
+            # it before the stream starts (StreamingResponse watches for it from then on).
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watch = asyncio.ensure_future(client_left())
         try:
+            await asyncio.wait({verified, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not verified.done() and job.cancel():
+                # WORKER-4253: the client left while the job waited in the queue; the scheduler
+                # skips a cancelled queued job before any verification (a running one stops at
+                # its next token).
+                worker.metrics.jobs_cancelled.labels(reason="disconnect").inc()
+                log.info("job %s cancelled: client disconnected", job_id, extra={"correlation_id": cid})
             v = await verified
         except BaseException:
             job.cancel()  # the client left while the job waited
             worker.scheduler.done(job)
             raise
+        finally:
+            watch.cancel()
         if isinstance(v, BaseException):
             worker.scheduler.done(job)
             worker.metrics.executions.labels(result="refused").inc()

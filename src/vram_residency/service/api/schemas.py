@@ -75,8 +75,10 @@ class _Strict(BaseModel):
 
 class ErrorBody(BaseModel):
     code: str = Field(
-        description="VRAM_OOM, CUDA_ERROR, MODEL_LOAD_FAILED, SEAL_VERIFICATION_FAILED, "
-        "INVALID_PARAMS, AUTH_FAILED, INTERNAL, WORKER_NOT_READY or WORKER_STOPPED"
+        description="the contract's VRAM_OOM, CUDA_ERROR, MODEL_LOAD_FAILED, "
+        "SEAL_VERIFICATION_FAILED, INVALID_PARAMS, AUTH_FAILED, INTERNAL; this worker's "
+        "WORKER_NOT_READY (retry later), WORKER_STOPPED, CANCELLED, TIMEOUT (a job's end); "
+        "RATE_LIMITED (POST /worker/attest only)"
     )
     message: str | None = None
     retriable: bool | None = None
