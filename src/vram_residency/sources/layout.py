@@ -108,12 +108,16 @@ class OpenedFile:
         return self.layout.size
 
     def check_unchanged(self) -> None:
-        """Raise ``InvalidInput`` if the file changed size or mtime since it was opened.
+        """Raise ``InvalidInput`` if the file changed size, mtime or ctime since it was opened.
 
         Streaming takes time; a file rewritten meanwhile would be sealed as a mix of old and new
-        bytes, with a layout parsed from the old ones."""
+        bytes, with a layout parsed from the old ones. The inode change time is compared too:
+        anyone who can write the file can set its mtime back (``os.utime``), but no one can set
+        back its ctime, which every write (and that ``utime``) moves. A chmod or rename during
+        the seal then refuses it as well: safe, and the caller can seal again."""
         st = os.fstat(self.fd)
-        if (st.st_size, st.st_mtime_ns) != (self._stat.st_size, self._stat.st_mtime_ns):
+        was = self._stat
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (was.st_size, was.st_mtime_ns, was.st_ctime_ns):
             raise InvalidInput(f"{self.path} changed while it was being read")
 
     def close(self) -> None:
