@@ -224,6 +224,59 @@ def test_one_writer_per_log(audit_log: AuditLog, log_path: Path) -> None:
         AuditLog(log_path, token=TOKEN, worker_id="w2")
 
 
+@pytest.mark.parametrize("alias", ["symlink", "symlinked-dir", "hardlink"])
+def test_one_writer_per_log_through_another_path(tmp_path: Path, alias: str) -> None:
+    """Two worker processes given two names of one log file (a symlink to it, a symlinked
+    directory, a hard link): the second is refused, as it is under the same name. Each name
+    has its own head file, so a lock on the head alone let both append to one file and
+    interleave two chains in it."""
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    path = real_dir / "audit.jsonl"
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from vram_residency.audit import AuditLog
+        log = AuditLog({str(path)!r}, token={TOKEN!r}, worker_id="first", flush_interval=None)
+        log.emit({VRAM_SEALED!r})
+        log.flush()
+        print("OPEN", flush=True)
+        sys.stdin.readline()
+        for _ in range(50):
+            log.emit({VRAM_SEALED!r})
+        log.close()
+        print("CLOSED", flush=True)
+        """
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout is not None and first.stdin is not None
+        assert first.stdout.readline().strip() == "OPEN"
+        if alias == "symlink":
+            other = tmp_path / "current.jsonl"
+            other.symlink_to(path)
+        elif alias == "symlinked-dir":
+            (tmp_path / "logs").symlink_to(real_dir, target_is_directory=True)
+            other = tmp_path / "logs" / "audit.jsonl"
+        else:
+            other = tmp_path / "linked.jsonl"
+            os.link(path, other)
+        with pytest.raises(ConfigError, match="in use"):
+            AuditLog(other, token=TOKEN, worker_id="second", flush_interval=None)
+        first.stdin.write("go\n")
+        first.stdin.flush()
+        assert first.stdout.readline().strip() == "CLOSED"
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    report = verify_log(path, TOKEN)
+    assert report.ok and report.records == 51, report
+
+
 # ---------------------------------------------------------------------------- reopen, recovery
 
 
