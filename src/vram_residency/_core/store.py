@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import math
 import operator
 import re
 import secrets
@@ -782,9 +783,12 @@ class ShardStore:
         if check not in CHECKS:
             raise InvalidInput(f"check must be one of {CHECKS}, not {check!r}")
         if full_every_s is not None and (
-            isinstance(full_every_s, bool) or not isinstance(full_every_s, (int, float)) or full_every_s < 0
+            isinstance(full_every_s, bool)
+            or not isinstance(full_every_s, (int, float))
+            # NaN and infinity have no nanoseconds (a ValueError or OverflowError below)
+            or not 0 <= full_every_s < math.inf
         ):
-            raise InvalidInput("full_every_s must be a non-negative number or None")
+            raise InvalidInput("full_every_s must be a finite non-negative number or None")
         presented = tuple(shards)
         plan_key = tuple(map(id, presented))
         # A plan holds its presented objects, so an id in its key cannot belong to another object
