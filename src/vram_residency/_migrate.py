@@ -432,7 +432,9 @@ def offload(
     if (to == "file") != (path is not None):
         raise InvalidInput("a path is required for to='file' and not allowed for to='host'")
     entry = mgr.lookup(shard)
-    with entry.lock:
+    # in_flight: a manager close waits for this offload before it discards the offloaded copies
+    # (this one included), as it waits for a restore.
+    with mgr.in_flight(), entry.lock:
         if entry.buf.closed:
             raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
         _check_tag(mgr, shard, entry, "offloaded")

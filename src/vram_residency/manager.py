@@ -471,10 +471,10 @@ class VramManager:
             return
         from vram_residency._migrate import discard_offloaded
 
-        try:
-            discard_offloaded(self._store)  # offloaded copies (host memory, files) go with the manager
-        finally:
-            self._store.close()
+        # Offloaded copies (host memory, files) go with the manager: discarded once no offload
+        # or restore is still running (one that ran on would file its copy after the discard).
+        store = self._store
+        store.close(drain=lambda: discard_offloaded(store))
 
     def __enter__(self) -> VramManager:
         return self

@@ -413,6 +413,47 @@ def test_close_discards_offloaded_files(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+@pytest.mark.parametrize("to", ["file", "host"])
+def test_close_racing_an_offload_leaves_no_copy_behind(tmp_path: Path, to: str) -> None:
+    """The manager closes while an offload is copying the shard out: close discarded the
+    offloaded copies first, then waited for the shard's lock, and the offload, done copying,
+    filed its copy in a fresh table no close would ever look at again (a file of the model's
+    bytes left on disk; host memory, pinned on CUDA, kept past the backend's context). Every
+    copy is gone once close returns, whichever of the two finished first."""
+    path = tmp_path / "s.bin"
+    copying, go = threading.Event(), threading.Event()
+
+    def held(_where: Any, _offset: int, _length: int) -> None:
+        copying.set()
+        assert go.wait(10)
+
+    a = VramManager(TOKEN, 0, backend="host", capacity_bytes=8 * MiB)
+    s = a.seal_model(data(MiB))
+    outcome: list[BaseException | None] = []
+
+    def offload() -> None:
+        try:
+            mig.offload(a.store, s, to, path if to == "file" else None, on_landed=held)  # type: ignore[arg-type]
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=offload)
+    t.start()
+    assert copying.wait(10)
+    closer = threading.Thread(target=a.close)
+    closer.start()
+    time.sleep(0.2)  # close is under way: it has discarded what it found and waits
+    go.set()
+    t.join(10)
+    closer.join(10)
+    assert not t.is_alive() and not closer.is_alive()
+    assert outcome == [None] or isinstance(outcome[0], NotSealed), outcome
+    assert not path.exists()
+    assert not mig._OFFLOADED.get(a.store), "an offloaded copy outlived its manager"
+    assert a._backend.mem_info()[0] == 8 * MiB
+
+
 def test_large_shard_spans_chunks(tmp_path: Path) -> None:
     n = COPY_CHUNK + 3 * UNIT_SIZE + 11
     with (

@@ -1170,8 +1170,13 @@ class ShardStore:
             record.buf.close()
         self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
 
-    def close(self) -> None:
-        """Zero and free every shard, then release the backend. Idempotent."""
+    def close(self, *, drain: Callable[[], None] | None = None) -> None:
+        """Zero and free every shard, then release the backend. Idempotent.
+
+        ``drain`` runs once the operations in flight (``in_flight``: seals, offloads, restores)
+        have ended and before anything is freed: what they made outside the store (offloaded
+        copies) is then complete, and no new one can start. Its error is raised after the
+        shards and the backend are released."""
         with self._lock:
             if self._closed:
                 return
@@ -1182,6 +1187,11 @@ class ShardStore:
             self._records.clear()
             self._records_changed()
         errors: list[BaseException] = []
+        if drain is not None:
+            try:
+                drain()
+            except BaseException as exc:  # the shards and the backend are released all the same
+                errors.append(exc)
         for record in records:
             with record.lock:
                 try:
