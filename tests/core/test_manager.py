@@ -259,6 +259,38 @@ def test_shards_list_is_snapshot(mgr: VramManager) -> None:
     assert isinstance(mgr.shards()[0], SealedShard)
 
 
+class Events:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, event_type: str, *, critical: bool | None = None, **fields: Any) -> None:
+        self.events.append((event_type, fields))
+
+
+@pytest.mark.parametrize("how", ["deallocate", "offload"])
+def test_freeing_a_shard_whose_view_is_still_held_is_still_audited(how: str) -> None:
+    """A caller still holds ``device_buffer(shard).host_view()`` when the shard is deallocated
+    (or offloaded): the memory is zeroed and given back, and the free raises IntegrityViolation
+    because the view keeps the mapping alive. The shard is gone all the same, so the audit log
+    must say so (``VramDeallocated``), as close() does in the same case; it said nothing."""
+    audit = Events()
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=audit) as mgr:
+        start = mgr.available_vram()
+        s = mgr.seal_model(os.urandom(5000))
+        view = mgr.device_buffer(s).host_view()
+        free_it = mgr.deallocate if how == "deallocate" else mgr.offload
+        with pytest.raises(E.IntegrityViolation, match="view"):
+            free_it(s)
+        assert bytes(view) == bytes(len(view))  # zeroed
+        assert mgr.available_vram() == start and mgr.shards() == []
+        freed = [f for e, f in audit.events if e == "VramDeallocated"]
+        assert [f["shard_id"] for f in freed] == [s.shard_id]
+        view.release()
+        if how == "offload":
+            mgr.restore(s)  # the verified copy is kept: the shard comes back
+            mgr.verify_sealed(s)
+
+
 # -- an audit sink that fails: nothing sealed stays allocated, close frees everything ------------
 
 

@@ -702,9 +702,7 @@ class ShardStore:
         ``record.lock``. False (nothing done) when the record was no longer registered."""
         if not self.forget(record):
             return False
-        record.buf.close()
-        shard = record.shard
-        self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes, reason=reason)
+        self._free_audited(record, reason=reason)
         return True
 
     # -- lookup ---------------------------------------------------------------------------------
@@ -1167,8 +1165,23 @@ class ShardStore:
                     raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
                 del self._records[shard.shard_id]
                 self._records_changed()
+            self._free_audited(record)
+
+    def _free_audited(self, record: ShardRecord, **fields: Any) -> None:
+        # Zero and free the buffer of a record just unregistered, then audit VramDeallocated.
+        # A free that raises (a host view still held: the memory is zeroed and given back, the
+        # mapping lives on with the view) still removed the shard: audited all the same, as
+        # close() does, and the free's error raised.
+        shard = record.shard
+        try:
             record.buf.close()
-        self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
+        except BaseException as exc:
+            try:
+                self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes, **fields)
+            except Exception as audit_exc:
+                _note_audit_failure(exc, audit_exc)
+            raise
+        self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes, **fields)
 
     def close(self, *, drain: Callable[[], None] | None = None) -> None:
         """Zero and free every shard, then release the backend. Idempotent.
