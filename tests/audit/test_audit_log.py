@@ -18,7 +18,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -275,6 +275,52 @@ def test_one_writer_per_log_through_another_path(tmp_path: Path, alias: str) -> 
             first.wait()
     report = verify_log(path, TOKEN)
     assert report.ok and report.records == 51, report
+
+
+def _interrupt_write_at(source_line: str) -> Callable[[], None]:
+    """Install a trace that raises KeyboardInterrupt (a Ctrl-C arriving just then) when
+    ``_write_all`` reaches the line whose source is ``source_line``; returns the uninstaller."""
+    import inspect
+
+    code = log_module._write_all.__code__
+    lines, first = inspect.getsourcelines(log_module._write_all)
+    (lineno,) = [first + i for i, ln in enumerate(lines) if ln.strip() == source_line]
+
+    def local(frame: Any, event: str, _arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == lineno:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame: Any, _event: str, _arg: Any) -> Any:
+        return local if frame.f_code is code else None
+
+    sys.settrace(tracer)
+    return lambda: sys.settrace(None)
+
+
+@pytest.mark.parametrize("at", ["view = view[n:]", "n = os.write(fd, view)"])
+def test_a_write_interrupted_by_ctrl_c_leaves_one_chain(tmp_path: Path, at: str) -> None:
+    """Ctrl-C lands in the write of a batch, just after the bytes went out (or just before),
+    and the program then shuts down cleanly (close flushes). Every record must be in the file
+    exactly once: the batch written whole was still buffered, and close wrote it a second time
+    (a duplicated record: the chain breaks, the log reads as tampered with)."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None)
+    log.emit(VRAM_SEALED, shard_id="a")
+    log.flush()
+    log.emit(VRAM_SEALED, shard_id="b")
+    uninstall = _interrupt_write_at(at)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            log.flush()
+    finally:
+        uninstall()
+    log.emit(VRAM_SEALED, shard_id="c")
+    log.close()
+    report = verify_log(path, TOKEN)
+    assert report.ok and report.records == 3, report
+    assert [json.loads(ln)["fields"]["shard_id"] for ln in read_lines(path)] == ["a", "b", "c"]
 
 
 # ---------------------------------------------------------------------------- reopen, recovery

@@ -898,10 +898,39 @@ class AuditLog:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, start)
             raise err from None
+        except BaseException as exc:
+            # Interrupted (a KeyboardInterrupt) somewhere in the write: how much landed is not
+            # known here. A batch that landed whole is recorded as written, else the next write
+            # appends it again (a duplicated record breaks the chain); a part is cut off and the
+            # batch stays buffered for the next write. Where that cannot be told (not a regular
+            # file, fstat failing) the log fails closed.
+            if not self._settle_interrupted_locked(start, len(data)):
+                self._fail_locked(exc, "write")
+            raise
+        self._written_locked()
+
+    def _written_locked(self) -> None:
         self._buf.clear()
         self._buf_bytes = 0
         self._written_seq = self._seq - 1
         self._written_hash = self._last_hash
+
+    def _settle_interrupted_locked(self, start: int, n: int) -> bool:
+        """After an interrupted write of ``n`` bytes at ``start``: True once the file holds the
+        batch whole (recorded as written) or none of it (a part is truncated away)."""
+        if not self._regular:
+            return False
+        try:
+            size = os.fstat(self._fd).st_size
+            if size == start + n:
+                self._written_locked()
+                return True
+            if start <= size < start + n:
+                os.ftruncate(self._fd, start)
+                return True
+        except OSError:
+            pass
+        return False
 
     def _rotate_locked(self) -> None:
         """Sync and rename the active file, start a new one. Called with everything written."""
