@@ -291,6 +291,35 @@ def test_freeing_a_shard_whose_view_is_still_held_is_still_audited(how: str) -> 
             mgr.verify_sealed(s)
 
 
+class InterruptedAudit:
+    """An audit sink where Ctrl-C lands while the first ``VramDeallocated`` is written."""
+
+    def __init__(self) -> None:
+        self.freed = 0
+
+    def emit(self, event_type: str, *, critical: bool | None = None, **fields: Any) -> None:
+        if event_type == "VramDeallocated":
+            self.freed += 1
+            if self.freed == 1:
+                raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_close_still_frees_every_shard() -> None:
+    """Ctrl-C lands while close() audits the first shard's release: the other shards must be
+    zeroed and freed and the backend released all the same, and the KeyboardInterrupt raised
+    at the end. close() stopped at the first shard, and being idempotent, never freed the rest."""
+    audit = InterruptedAudit()
+    mgr = VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=audit)
+    shards = [mgr.seal_model(os.urandom(5000)) for _ in range(3)]
+    bufs = [mgr.device_buffer(s) for s in shards]
+    with pytest.raises(KeyboardInterrupt):
+        mgr.close()
+    assert all(b.closed for b in bufs)
+    assert mgr._backend.mem_info() == (CAP, CAP)
+    assert audit.freed == 3  # every release audited, the interrupted one included
+    mgr.close()  # idempotent
+
+
 # -- an audit sink that fails: nothing sealed stays allocated, close frees everything ------------
 
 

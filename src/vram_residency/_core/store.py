@@ -1205,23 +1205,26 @@ class ShardStore:
                 drain()
             except BaseException as exc:  # the shards and the backend are released all the same
                 errors.append(exc)
+        # Every step runs whatever the one before raised, a Ctrl-C (KeyboardInterrupt) included:
+        # close() is idempotent, so a shard skipped now would stay resident (unzeroed) for good.
         for record in records:
             with record.lock:
                 try:
                     record.buf.close()
-                except VramError as exc:  # keep freeing the rest; report afterwards
+                except BaseException as exc:  # keep freeing the rest; report afterwards
                     errors.append(exc)
             shard = record.shard
             try:
                 self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
-            except Exception as exc:  # a failed audit log must not keep the other shards resident
+            except BaseException as exc:  # a failed audit log must not keep the other shards resident
                 errors.append(exc)
         try:
             self._backend.close()
-        except Exception as exc:
+        except BaseException as exc:
             errors.append(exc)
         if errors:
-            raise errors[0]
+            # An interruption is raised before any error: the caller asked to stop.
+            raise next((e for e in errors if not isinstance(e, Exception)), errors[0])
 
 
 def _failure_error(failures: list[ShardFailure]) -> SealVerificationFailed:
