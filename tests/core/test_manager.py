@@ -196,6 +196,16 @@ def test_bad_config() -> None:
         VramManager(TOKEN, backend="host", max_model_bytes=0)
 
 
+@pytest.mark.parametrize("device", [2**32, 2**63, 2**70])
+def test_device_beyond_the_seal_format_is_config_error(device: int) -> None:
+    """seal-v1 binds the device as a 32-bit field: a manager for device 2**32 could never seal
+    anything (every seal allocated, then failed on the record). Refused when it is made."""
+    with pytest.raises(ConfigError, match="device"):
+        VramManager(TOKEN, device=device, backend="host")
+    with VramManager(TOKEN, device=2**32 - 1, backend="host", capacity_bytes=CAP) as m:
+        assert m.seal_model(b"x" * 10).gpu_device == 2**32 - 1
+
+
 def test_insufficient_vram(mgr: VramManager) -> None:
     mgr.seal_model(b"x" * (30 << 20))
     mgr.seal_model(b"y" * (30 << 20))
