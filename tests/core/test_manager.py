@@ -206,6 +206,26 @@ def test_device_beyond_the_seal_format_is_config_error(device: int) -> None:
         assert m.seal_model(b"x" * 10).gpu_device == 2**32 - 1
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"model_ref": "a\ud800b"},
+        {"shard_index": 2**64, "total_shards": 2**64 + 1},
+        {"shard_index": 0, "total_shards": 2**70},
+    ],
+    ids=["surrogate model_ref", "shard_index 2**64", "total_shards 2**70"],
+)
+def test_seal_fields_the_record_cannot_hold_are_refused_before_allocating(kw: dict[str, Any]) -> None:
+    """A model_ref with no UTF-8 form, a shard index beyond seal-v1's 64-bit field: refused
+    before any memory is allocated (they were refused only when the record was built, after
+    the allocation and the copy, audited as an allocation and a failed seal)."""
+    audit = Events()
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=audit) as m:
+        with pytest.raises(InvalidInput):
+            m.seal_model(b"x" * 10, **kw)
+        assert audit.events == []
+
+
 def test_insufficient_vram(mgr: VramManager) -> None:
     mgr.seal_model(b"x" * (30 << 20))
     mgr.seal_model(b"y" * (30 << 20))

@@ -441,6 +441,13 @@ class ShardStore:
         if shard_index is not None and total_shards is not None and shard_index >= total_shards:
             raise InvalidInput(f"shard_index {shard_index} must be < total_shards {total_shards}")
         check_algorithm(digest_algorithm, keyed=True)
+        # Everything the record will hold, checked now as seal-v1 checks it when the record is
+        # built (a model_ref with no UTF-8 form, an index beyond 64 bits): before allocating.
+        SealFields(
+            shard_id="shard-0", gpu_device=self._device, vram_bytes=size, digest_algorithm=digest_algorithm,
+            digest="0" * 64, sealed_at_ns=0, worker_id=self._worker_id, model_ref=model_ref,
+            shard_index=shard_index, total_shards=total_shards,
+        ).validate()  # fmt: skip
         if digest_algorithm == NH_FAST_V1 and self._fast_key is None:
             raise InvalidInput("nh-fast-v1 seals need the store's nh-fast-v1 key (fast_key)")
         if expected_digest is None:
