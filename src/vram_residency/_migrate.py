@@ -245,21 +245,22 @@ def migrate(
 class _Copy:
     """The offloaded bytes: host memory (pinned on CUDA) or a file we created."""
 
-    def __init__(self, memory: HostMemory | None, path: str | None, n: int) -> None:
+    def __init__(self, memory: HostMemory | None, path: str | None, n: int, fd: int = -1) -> None:
         self.memory = memory
         self.path = path
         self.n = n
+        #: The offload file, open since we created it: read and zeroed through this descriptor,
+        #: never reopened by name (the path may name something else by then: a symlink to
+        #: another file, a FIFO). Holding it open also keeps its inode from being reused.
+        self.fd = fd
         self._discard_lock = threading.Lock()
 
     def read(self, offset: int, length: int) -> bytes:
         if self.memory is not None:
             return bytes(self.memory.view[offset : offset + length])
-        assert self.path is not None
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            data = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
+        if self.fd < 0:
+            raise NotSealed("the offloaded copy was discarded")
+        data = os.pread(self.fd, length, offset)
         if len(data) != length:
             raise SealVerificationFailed(f"offload file {self.path} was truncated")
         return data
@@ -272,22 +273,29 @@ class _Copy:
         if memory is not None:
             memory.close()
         if self.path is not None:  # files are discarded on the caller's thread only
-            with contextlib.suppress(FileNotFoundError):
-                _zero_and_unlink(self.path, self.n)
+            fd, self.fd = self.fd, -1
+            if fd >= 0:
+                _zero_and_unlink(fd, self.path, self.n)
             self.path = None
 
 
-def _zero_and_unlink(path: str, n: int) -> None:
-    # Best effort against the bytes lingering in the page cache or on disk blocks the file owned.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
+def _zero_and_unlink(fd: int, path: str, n: int) -> None:
+    """Zero the offload file we created (open as ``fd``), remove it from ``path`` if the path
+    still names it, and close ``fd``. Through the descriptor, never by name: whatever took the
+    file's place at the path (a symlink to someone's file, a FIFO) is neither written nor
+    removed."""
+    try:
+        # Best effort against the bytes lingering in the page cache or on disk blocks the file owned.
+        with contextlib.suppress(OSError):
             zeros = bytes(min(n, COPY_CHUNK))
             for off in range(0, n, COPY_CHUNK):
                 os.pwrite(fd, zeros[: min(COPY_CHUNK, n - off)], off)
-        finally:
-            os.close(fd)
-    os.unlink(path)
+        with contextlib.suppress(OSError):
+            ours, there = os.fstat(fd), os.lstat(path)
+            if (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
+                os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -432,7 +440,9 @@ def offload(
     if (to == "file") != (path is not None):
         raise InvalidInput("a path is required for to='file' and not allowed for to='host'")
     entry = mgr.lookup(shard)
-    with entry.lock:
+    # in_flight: a manager close waits for this offload before it discards the offloaded copies
+    # (this one included), as it waits for a restore.
+    with mgr.in_flight(), entry.lock:
         if entry.buf.closed:
             raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
         _check_tag(mgr, shard, entry, "offloaded")
@@ -484,7 +494,7 @@ def _offload_copy(
     assert path is not None
     target = os.fspath(path)
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     except FileExistsError:
         raise InvalidInput(f"offload file {target} exists already; not overwriting it") from None
     except OSError as exc:
@@ -501,15 +511,12 @@ def _offload_copy(
                 done += os.pwrite(fd, piece[done:], off + done)
         os.fsync(fd)
     except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            _zero_and_unlink(target, n)
+        _zero_and_unlink(fd, target, n)
         raise
     finally:
         if stage is not None:
             stage.close()
-    os.close(fd)
-    return _Copy(None, target, n)
+    return _Copy(None, target, n, fd)
 
 
 def restore(

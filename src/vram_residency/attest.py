@@ -479,7 +479,7 @@ def _call(
         raise InvalidInput(f"{url}: answer larger than {MAX_ANSWER_BYTES} bytes")
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting from a hostile worker: RecursionError
         raise InvalidInput(f"{url}: the answer is not JSON") from None
     if not isinstance(doc, dict):
         raise InvalidInput(f"{url}: the answer is not a JSON object")

@@ -76,6 +76,8 @@ class VramManager:
             raise ConfigError("fast_check must be True, False or None")
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise ConfigError("device must be a non-negative integer")
+        if device > 0xFFFFFFFF:  # seal-v1 binds it as a 32-bit field: no seal could be made
+            raise ConfigError(f"device {device} does not fit seal-v1's 32-bit gpu_device field")
         if not isinstance(worker_id, str):
             raise ConfigError("worker_id must be a string")
         try:
@@ -471,10 +473,10 @@ class VramManager:
             return
         from vram_residency._migrate import discard_offloaded
 
-        try:
-            discard_offloaded(self._store)  # offloaded copies (host memory, files) go with the manager
-        finally:
-            self._store.close()
+        # Offloaded copies (host memory, files) go with the manager: discarded once no offload
+        # or restore is still running (one that ran on would file its copy after the discard).
+        store = self._store
+        store.close(drain=lambda: discard_offloaded(store))
 
     def __enter__(self) -> VramManager:
         return self

@@ -107,8 +107,12 @@ class Scrubber:
             raise InvalidInput("budget must be a fraction in (0, 1]")
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
             raise InvalidInput("chunk_bytes must be a positive integer")
-        if not isinstance(min_pass_interval_s, (int, float)) or min_pass_interval_s < 0:
-            raise InvalidInput("min_pass_interval_s must be a non-negative number")
+        if (
+            isinstance(min_pass_interval_s, bool)
+            or not isinstance(min_pass_interval_s, (int, float))
+            or not 0 <= min_pass_interval_s < float("inf")  # Event.wait(inf) kills the thread
+        ):
+            raise InvalidInput("min_pass_interval_s must be a finite non-negative number")
         if check not in CHECKS:
             raise InvalidInput(f"check must be one of {CHECKS}, not {check!r}")
         self._check: Check = check
@@ -255,8 +259,12 @@ def verify_before_forward(
     if check not in CHECKS:
         raise InvalidInput(f"check must be one of {CHECKS}, not {check!r}")
     full_every = check_full_every(full_every_s)
-    if isinstance(every_ms, bool) or not isinstance(every_ms, (int, float)) or every_ms < 0:
-        raise InvalidInput("every_ms must be a non-negative number")
+    if (
+        isinstance(every_ms, bool)
+        or not isinstance(every_ms, (int, float))
+        or not 0 <= every_ms < float("inf")  # NaN and infinity have no nanoseconds
+    ):
+        raise InvalidInput("every_ms must be a finite non-negative number")
     register = getattr(module, "register_forward_pre_hook", None)
     if not callable(register):
         raise InvalidInput(f"{type(module).__name__} has no register_forward_pre_hook (not a torch module)")

@@ -462,6 +462,11 @@ def test_seal_age_bookkeeping_and_policy(mgr: VramManager) -> None:
     assert mgr.check_seal_age(SECOND, now_ns=later) == [s.shard_id]  # re-verified now
     with pytest.raises(InvalidInput):
         mgr.check_seal_age(0)
+    # A clock reading that is no integer (a float NaN compares false with everything, so no
+    # shard was ever stale; a string raised TypeError): InvalidInput.
+    for bad in (float("nan"), "later", True, -1):
+        with pytest.raises(InvalidInput, match="now_ns"):
+            mgr.check_seal_age(SECOND, now_ns=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("n", [0, 1, 65535, 65536, 65537, 3 * 65536, 3 * 65536 + 4097])

@@ -4,6 +4,7 @@ the ``vram-residency attest`` command, one and as a fleet."""
 
 from __future__ import annotations
 
+import http.server
 import io
 import os
 import secrets
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import redirect_stdout
@@ -28,6 +30,7 @@ from vram_residency.attest import (
     request_attestation,
 )
 from vram_residency.cli.main import main
+from vram_residency.errors import InvalidInput
 from vram_residency.service.server import ServeOptions, ServerThread, build
 
 SECOND = 10**9
@@ -370,3 +373,53 @@ def test_cli_waits_out_the_rate_limit(inproc: tuple[Any, ServerThread, str, Path
         pass
     rc, out = _cli(server.url, "--token-file", str(tmp_path / "token"), "--timeout", "0.05")
     assert rc == 1 and "rate limited" in out, out
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_a_hostile_worker_answering_deeply_nested_json_is_invalid_input(status: int) -> None:
+    """The orchestrator asks a worker it does not trust yet: an answer of 100 000 nested
+    brackets (well under the answer size cap) is InvalidInput, as any answer that is not JSON
+    is; the 200 answer raised RecursionError out of request_attestation and fetch_seal_records."""
+    body = b"[" * 100_000
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._answer()
+
+        def do_POST(self) -> None:
+            self._answer()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        token = "hostile-worker-test-token-0123456789"
+        with pytest.raises(InvalidInput):
+            request_attestation(url, token, secrets.token_bytes(32), timeout=10)
+        with pytest.raises(InvalidInput):
+            fetch_seal_records(url, token, timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_cli_seal_records_file_deeply_nested_is_refused(tmp_path: Path) -> None:
+    """``attest --seals FILE`` whose text nests 100 000 deep: refused like any file that is not
+    seal records (exit status, message), not a RecursionError traceback out of the CLI."""
+    token_file = tmp_path / "token"
+    _token_file(token_file)
+    seals = tmp_path / "seals.json"
+    seals.write_text("[" * 100_000)
+    rc, _out = _cli("http://127.0.0.1:9", "--token-file", str(token_file), "--seals", str(seals))
+    assert rc != 0

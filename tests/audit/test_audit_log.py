@@ -18,7 +18,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -222,6 +222,105 @@ def test_key_instead_of_token(log_path: Path) -> None:
 def test_one_writer_per_log(audit_log: AuditLog, log_path: Path) -> None:
     with pytest.raises(ConfigError, match="in use"):
         AuditLog(log_path, token=TOKEN, worker_id="w2")
+
+
+@pytest.mark.parametrize("alias", ["symlink", "symlinked-dir", "hardlink"])
+def test_one_writer_per_log_through_another_path(tmp_path: Path, alias: str) -> None:
+    """Two worker processes given two names of one log file (a symlink to it, a symlinked
+    directory, a hard link): the second is refused, as it is under the same name. Each name
+    has its own head file, so a lock on the head alone let both append to one file and
+    interleave two chains in it."""
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    path = real_dir / "audit.jsonl"
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from vram_residency.audit import AuditLog
+        log = AuditLog({str(path)!r}, token={TOKEN!r}, worker_id="first", flush_interval=None)
+        log.emit({VRAM_SEALED!r})
+        log.flush()
+        print("OPEN", flush=True)
+        sys.stdin.readline()
+        for _ in range(50):
+            log.emit({VRAM_SEALED!r})
+        log.close()
+        print("CLOSED", flush=True)
+        """
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout is not None and first.stdin is not None
+        assert first.stdout.readline().strip() == "OPEN"
+        if alias == "symlink":
+            other = tmp_path / "current.jsonl"
+            other.symlink_to(path)
+        elif alias == "symlinked-dir":
+            (tmp_path / "logs").symlink_to(real_dir, target_is_directory=True)
+            other = tmp_path / "logs" / "audit.jsonl"
+        else:
+            other = tmp_path / "linked.jsonl"
+            os.link(path, other)
+        with pytest.raises(ConfigError, match="in use"):
+            AuditLog(other, token=TOKEN, worker_id="second", flush_interval=None)
+        first.stdin.write("go\n")
+        first.stdin.flush()
+        assert first.stdout.readline().strip() == "CLOSED"
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    report = verify_log(path, TOKEN)
+    assert report.ok and report.records == 51, report
+
+
+def _interrupt_write_at(source_line: str) -> Callable[[], None]:
+    """Install a trace that raises KeyboardInterrupt (a Ctrl-C arriving just then) when
+    ``_write_all`` reaches the line whose source is ``source_line``; returns the uninstaller."""
+    import inspect
+
+    code = log_module._write_all.__code__
+    lines, first = inspect.getsourcelines(log_module._write_all)
+    (lineno,) = [first + i for i, ln in enumerate(lines) if ln.strip() == source_line]
+
+    def local(frame: Any, event: str, _arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == lineno:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame: Any, _event: str, _arg: Any) -> Any:
+        return local if frame.f_code is code else None
+
+    sys.settrace(tracer)
+    return lambda: sys.settrace(None)
+
+
+@pytest.mark.parametrize("at", ["view = view[n:]", "n = os.write(fd, view)"])
+def test_a_write_interrupted_by_ctrl_c_leaves_one_chain(tmp_path: Path, at: str) -> None:
+    """Ctrl-C lands in the write of a batch, just after the bytes went out (or just before),
+    and the program then shuts down cleanly (close flushes). Every record must be in the file
+    exactly once: the batch written whole was still buffered, and close wrote it a second time
+    (a duplicated record: the chain breaks, the log reads as tampered with)."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None)
+    log.emit(VRAM_SEALED, shard_id="a")
+    log.flush()
+    log.emit(VRAM_SEALED, shard_id="b")
+    uninstall = _interrupt_write_at(at)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            log.flush()
+    finally:
+        uninstall()
+    log.emit(VRAM_SEALED, shard_id="c")
+    log.close()
+    report = verify_log(path, TOKEN)
+    assert report.ok and report.records == 3, report
+    assert [json.loads(ln)["fields"]["shard_id"] for ln in read_lines(path)] == ["a", "b", "c"]
 
 
 # ---------------------------------------------------------------------------- reopen, recovery

@@ -23,6 +23,7 @@ from vram_residency.audit import (
     SEAL_VERIFICATION_FAILED,
     VRAM_SEALED,
     AuditLog,
+    AuditLogCorrupt,
     AuditRecord,
     SignedHead,
     canonical_bytes,
@@ -221,6 +222,35 @@ def test_malformed_lines_are_breaks(base_log: tuple[list[bytes], bytes]) -> None
         report = _verify_lines([*lines[:3], bad, *lines[3:]], head)
         assert report.first_break is not None and report.first_break.position == 3
         assert "malformed" in report.first_break.reason
+
+
+_DEEP = (b"[" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000)
+
+
+@pytest.mark.parametrize("deep", _DEEP, ids=["array", "object"])
+def test_deeply_nested_lines_are_breaks_not_crashes(
+    base_log: tuple[list[bytes], bytes], tmp_path: Path, deep: bytes
+) -> None:
+    """A line of 100 000 nested brackets (anyone who can write the file can add one) is a
+    malformed record where it lies, in the middle or at the end: the verifier reports the
+    break; it raised RecursionError. The writer reopening such a log, or a head file or anchor
+    of such text, fails with the audit's typed errors, not a RecursionError."""
+    lines, head = base_log
+    for at in (3, len(lines)):
+        report = _verify_lines([*lines[:at], deep + b"\n", *lines[at:]], head)
+        assert report.first_break is not None and report.first_break.position == at
+        assert "malformed" in report.first_break.reason
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"".join([*lines, deep + b"\n"]))
+    default_head_path(path).write_bytes(head)
+    with pytest.raises(AuditLogCorrupt):
+        AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None)
+    path.write_bytes(b"".join(lines))
+    default_head_path(path).write_bytes(deep)
+    with AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None) as log:
+        assert log.head_mismatch is not None  # an unreadable head: recorded as a mismatch
+    with pytest.raises(InvalidInput, match="anchor"):
+        read_anchor(deep.decode())
 
 
 def test_unreadable_file_is_a_break(tmp_path: Path) -> None:

@@ -196,6 +196,36 @@ def test_bad_config() -> None:
         VramManager(TOKEN, backend="host", max_model_bytes=0)
 
 
+@pytest.mark.parametrize("device", [2**32, 2**63, 2**70])
+def test_device_beyond_the_seal_format_is_config_error(device: int) -> None:
+    """seal-v1 binds the device as a 32-bit field: a manager for device 2**32 could never seal
+    anything (every seal allocated, then failed on the record). Refused when it is made."""
+    with pytest.raises(ConfigError, match="device"):
+        VramManager(TOKEN, device=device, backend="host")
+    with VramManager(TOKEN, device=2**32 - 1, backend="host", capacity_bytes=CAP) as m:
+        assert m.seal_model(b"x" * 10).gpu_device == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"model_ref": "a\ud800b"},
+        {"shard_index": 2**64, "total_shards": 2**64 + 1},
+        {"shard_index": 0, "total_shards": 2**70},
+    ],
+    ids=["surrogate model_ref", "shard_index 2**64", "total_shards 2**70"],
+)
+def test_seal_fields_the_record_cannot_hold_are_refused_before_allocating(kw: dict[str, Any]) -> None:
+    """A model_ref with no UTF-8 form, a shard index beyond seal-v1's 64-bit field: refused
+    before any memory is allocated (they were refused only when the record was built, after
+    the allocation and the copy, audited as an allocation and a failed seal)."""
+    audit = Events()
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=audit) as m:
+        with pytest.raises(InvalidInput):
+            m.seal_model(b"x" * 10, **kw)
+        assert audit.events == []
+
+
 def test_insufficient_vram(mgr: VramManager) -> None:
     mgr.seal_model(b"x" * (30 << 20))
     mgr.seal_model(b"y" * (30 << 20))
@@ -257,6 +287,67 @@ def test_shards_list_is_snapshot(mgr: VramManager) -> None:
     b = mgr.seal_model(b"b" * 100)
     assert {s.shard_id for s in mgr.shards()} == {a.shard_id, b.shard_id}
     assert isinstance(mgr.shards()[0], SealedShard)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, event_type: str, *, critical: bool | None = None, **fields: Any) -> None:
+        self.events.append((event_type, fields))
+
+
+@pytest.mark.parametrize("how", ["deallocate", "offload"])
+def test_freeing_a_shard_whose_view_is_still_held_is_still_audited(how: str) -> None:
+    """A caller still holds ``device_buffer(shard).host_view()`` when the shard is deallocated
+    (or offloaded): the memory is zeroed and given back, and the free raises IntegrityViolation
+    because the view keeps the mapping alive. The shard is gone all the same, so the audit log
+    must say so (``VramDeallocated``), as close() does in the same case; it said nothing."""
+    audit = Events()
+    with VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=audit) as mgr:
+        start = mgr.available_vram()
+        s = mgr.seal_model(os.urandom(5000))
+        view = mgr.device_buffer(s).host_view()
+        free_it = mgr.deallocate if how == "deallocate" else mgr.offload
+        with pytest.raises(E.IntegrityViolation, match="view"):
+            free_it(s)
+        assert bytes(view) == bytes(len(view))  # zeroed
+        assert mgr.available_vram() == start and mgr.shards() == []
+        freed = [f for e, f in audit.events if e == "VramDeallocated"]
+        assert [f["shard_id"] for f in freed] == [s.shard_id]
+        view.release()
+        if how == "offload":
+            mgr.restore(s)  # the verified copy is kept: the shard comes back
+            mgr.verify_sealed(s)
+
+
+class InterruptedAudit:
+    """An audit sink where Ctrl-C lands while the first ``VramDeallocated`` is written."""
+
+    def __init__(self) -> None:
+        self.freed = 0
+
+    def emit(self, event_type: str, *, critical: bool | None = None, **fields: Any) -> None:
+        if event_type == "VramDeallocated":
+            self.freed += 1
+            if self.freed == 1:
+                raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_close_still_frees_every_shard() -> None:
+    """Ctrl-C lands while close() audits the first shard's release: the other shards must be
+    zeroed and freed and the backend released all the same, and the KeyboardInterrupt raised
+    at the end. close() stopped at the first shard, and being idempotent, never freed the rest."""
+    audit = InterruptedAudit()
+    mgr = VramManager(TOKEN, backend="host", capacity_bytes=CAP, audit=audit)
+    shards = [mgr.seal_model(os.urandom(5000)) for _ in range(3)]
+    bufs = [mgr.device_buffer(s) for s in shards]
+    with pytest.raises(KeyboardInterrupt):
+        mgr.close()
+    assert all(b.closed for b in bufs)
+    assert mgr._backend.mem_info() == (CAP, CAP)
+    assert audit.freed == 3  # every release audited, the interrupted one included
+    mgr.close()  # idempotent
 
 
 # -- an audit sink that fails: nothing sealed stays allocated, close frees everything ------------

@@ -413,6 +413,92 @@ def test_close_discards_offloaded_files(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+@pytest.mark.parametrize("to", ["file", "host"])
+def test_close_racing_an_offload_leaves_no_copy_behind(tmp_path: Path, to: str) -> None:
+    """The manager closes while an offload is copying the shard out: close discarded the
+    offloaded copies first, then waited for the shard's lock, and the offload, done copying,
+    filed its copy in a fresh table no close would ever look at again (a file of the model's
+    bytes left on disk; host memory, pinned on CUDA, kept past the backend's context). Every
+    copy is gone once close returns, whichever of the two finished first."""
+    path = tmp_path / "s.bin"
+    copying, go = threading.Event(), threading.Event()
+
+    def held(_where: Any, _offset: int, _length: int) -> None:
+        copying.set()
+        assert go.wait(10)
+
+    a = VramManager(TOKEN, 0, backend="host", capacity_bytes=8 * MiB)
+    s = a.seal_model(data(MiB))
+    outcome: list[BaseException | None] = []
+
+    def offload() -> None:
+        try:
+            mig.offload(a.store, s, to, path if to == "file" else None, on_landed=held)  # type: ignore[arg-type]
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=offload)
+    t.start()
+    assert copying.wait(10)
+    closer = threading.Thread(target=a.close)
+    closer.start()
+    time.sleep(0.2)  # close is under way: it has discarded what it found and waits
+    go.set()
+    t.join(10)
+    closer.join(10)
+    assert not t.is_alive() and not closer.is_alive()
+    assert outcome == [None] or isinstance(outcome[0], NotSealed), outcome
+    assert not path.exists()
+    assert not mig._OFFLOADED.get(a.store), "an offloaded copy outlived its manager"
+    assert a._backend.mem_info()[0] == 8 * MiB
+
+
+@pytest.mark.parametrize("swap", ["symlink", "fifo", "other file"])
+def test_an_offload_file_replaced_on_disk_is_never_written_through(tmp_path: Path, swap: str) -> None:
+    """The offload file is replaced while the shard is offloaded (a symlink to someone's file,
+    a FIFO, another file at its name). The path was reopened by name: close() zeroed the
+    symlink's target (the victim's file lost its first bytes), and a restore or a close with a
+    FIFO there blocked forever. The file is now read and zeroed through the descriptor it was
+    created with: the restore reads the copy it wrote, and whatever is at the path is left
+    alone."""
+    path = tmp_path / "s.bin"
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious" * 1000)
+    payload = data(MiB)
+    a = VramManager(TOKEN, 0, backend="host", capacity_bytes=8 * MiB)
+    try:
+        for restore_first in (True, False):
+            s = a.seal_model(payload)
+            a.offload(s, "file", path)
+            path.unlink()
+            if swap == "symlink":
+                path.symlink_to(victim)
+            elif swap == "fifo":
+                os.mkfifo(path)
+            else:
+                path.write_bytes(data(MiB, seed=9))
+            if not restore_first:
+                break  # close() discards it
+            t = threading.Thread(target=a.restore, args=(s,), daemon=True)
+            t.start()
+            t.join(10)
+            assert not t.is_alive(), "restore blocked on what replaced the offload file"
+            assert a.device_buffer(s).read(0, len(payload)) == payload
+            a.verify_sealed(s)
+            assert victim.read_bytes() == b"precious" * 1000
+            path.unlink()
+    finally:
+        closer = threading.Thread(target=a.close, daemon=True)
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive(), "close blocked on what replaced the offload file"
+    assert victim.read_bytes() == b"precious" * 1000
+    assert path.is_symlink() or path.exists()  # not ours: left where it is
+    if swap == "other file":
+        assert path.read_bytes() == data(MiB, seed=9)
+
+
 def test_large_shard_spans_chunks(tmp_path: Path) -> None:
     n = COPY_CHUNK + 3 * UNIT_SIZE + 11
     with (

@@ -22,7 +22,7 @@ from vram_residency.backends.base import Segment
 from vram_residency.errors import InvalidInput, SealVerificationFailed
 from vram_residency.formats import keys, nhfast
 from vram_residency.formats.tree import BLAKE3, NH_FAST_V1, SHA256_TREE_V1, hash_units
-from vram_residency.scrub import Scrubber
+from vram_residency.scrub import Scrubber, verify_before_forward
 from vram_residency.shard import check_seal_record
 
 TOKEN = "nh-fast-seal-test-token-0123456789"
@@ -205,6 +205,28 @@ def test_scrubber_defaults_to_fast_and_catches_a_flip(mgr: VramManager, sink: Si
         Scrubber(mgr, check="quick")  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
         Scrubber(mgr, full_every_s=-1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1, True])
+def test_non_finite_intervals_are_invalid_input(mgr: VramManager, bad: float) -> None:
+    """NaN and infinity as a cadence: a typed error before any work, never a ValueError or
+    OverflowError from converting them to nanoseconds (verify_many, verify_before_forward), nor
+    a scrubber thread that dies in Event.wait(inf)."""
+    s = mgr.seal_model(data(MiB))
+
+    class Module:  # just what verify_before_forward needs of a torch module
+        def register_forward_pre_hook(self, hook: Any) -> Any:
+            return hook
+
+    with pytest.raises(InvalidInput, match="full_every_s"):
+        mgr.verify_many([s], check="fast", full_every_s=bad)
+    with pytest.raises(InvalidInput, match="full_every_s"):
+        mgr.verify_many([], check="fast", full_every_s=bad)
+    with pytest.raises(InvalidInput, match="every_ms"):
+        verify_before_forward(Module(), mgr, [s], every_ms=bad)
+    with pytest.raises(InvalidInput, match="min_pass_interval_s"):
+        Scrubber(mgr, min_pass_interval_s=bad)
+    mgr.verify_many([s], check="fast", full_every_s=0.5)  # a finite cadence still works
 
 
 def test_attest_digest_now_equals_orchestrator_recomputation(mgr: VramManager, tmp_path: Path) -> None:

@@ -6,6 +6,9 @@ import itertools
 import json
 import os
 import struct
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +230,61 @@ def test_gguf_truncated_or_corrupt(tmp_path: Path) -> None:
     p.write_bytes(wrong_version)
     with pytest.raises(InvalidInput, match="corrupt GGUF"):
         open_model_file(p)
+
+
+def _gguf_kv(key: bytes, vtype: int, value: bytes) -> bytes:
+    return struct.pack("<Q", len(key)) + key + struct.pack("<I", vtype) + value
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "array of 2**62 uint8",
+        "array of 2**40 arrays",
+        "array of 2**60 float64",
+        "2**62 tensors",
+        "2**62 keys",
+    ],
+)
+def test_gguf_absurd_counts_fail_fast_without_allocating(tmp_path: Path, case: str) -> None:
+    """A GGUF file of a few dozen bytes whose header claims 2**62 array elements: gguf's reader
+    loops once per claimed element (an element past the end of the file reads as empty, so
+    nothing stops it), growing a list until the process is killed for memory (24 GB in a minute
+    here). Counts are checked against the bytes the file holds first: InvalidInput at once.
+
+    Parsed in a child process under a 2 GiB address-space limit and a time limit, so that the
+    unfixed behaviour fails the test instead of taking the machine's memory."""
+    u8, f64, arr = 0, 12, 9
+    header = {
+        "array of 2**62 uint8": (0, 1, _gguf_kv(b"k", arr, struct.pack("<IQ", u8, 2**62))),
+        "array of 2**40 arrays": (0, 1, _gguf_kv(b"k", arr, struct.pack("<IQ", arr, 2**40))),
+        "array of 2**60 float64": (0, 1, _gguf_kv(b"k", arr, struct.pack("<IQ", f64, 2**60))),
+        "2**62 tensors": (2**62, 0, b""),
+        "2**62 keys": (0, 2**62, b""),
+    }[case]
+    n_tensors, n_kv, body = header
+    path = tmp_path / "absurd.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + body + bytes(64))
+    code = textwrap.dedent(
+        f"""
+        import resource, time
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+        from vram_residency import InvalidInput
+        from vram_residency.sources.layout import open_model_file
+        t0 = time.monotonic()
+        try:
+            open_model_file({str(path)!r})
+        except InvalidInput as exc:
+            print("REFUSED", round(time.monotonic() - t0, 3), "MemoryError" in str(exc))
+        """
+    )
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("parsing a 100-byte GGUF file ran for a minute")
+    words = res.stdout.split()
+    assert words[:1] == ["REFUSED"], res.stdout + res.stderr[-2000:]
+    assert float(words[1]) < 2.0 and words[2] == "False", res.stdout
 
 
 def test_gguf_tensors_over_the_same_bytes_or_named_as_the_header_are_refused(tmp_path: Path) -> None:

@@ -92,6 +92,20 @@ def test_repair_after_the_file_changed_on_disk(mgr: VramManager, tmp_path: Path)
     mgr.verify_sealed(shard)
 
 
+def test_a_bad_source_is_refused_even_when_nothing_is_damaged(mgr: VramManager) -> None:
+    """A source that could never repair the shard (not a path or bytes, the wrong length, not
+    contiguous) is refused whether or not the shard is damaged: it was accepted, reporting
+    nothing to repair, as long as the shard was intact, and refused only once it was not."""
+    import numpy as np
+
+    data = os.urandom(UNIT_SIZE + 3)
+    shard = mgr.seal_model(data)
+    for bad in (12, b"short", np.zeros((64, 64))[:, ::2]):
+        with pytest.raises(InvalidInput):
+            mgr.repair(shard, bad)  # type: ignore[arg-type]
+    assert mgr.repair(shard, data).repaired_units == 0
+
+
 def test_memory_sealed_shards_need_an_explicit_source(mgr: VramManager) -> None:
     data = os.urandom(UNIT_SIZE + 3)
     shard = mgr.seal_model(data)

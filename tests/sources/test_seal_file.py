@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -274,3 +275,46 @@ def test_paths_with_nul_bytes_are_invalid_input(tmp_path: Path) -> None:
         with pytest.raises(InvalidInput):
             mgr.seal_file(good, manifest="manifest\x00.json")
         assert mgr.available_vram() == start
+
+
+def test_file_rewritten_with_its_mtime_restored_is_refused(
+    mgr: VramManager, audit: Any, tmp_path: Path
+) -> None:
+    """A safetensors file rewritten in place (same size, another layout) while it streams, its
+    mtime then set back: size and mtime alone say nothing changed, and the shard would hold a
+    mix of the old bytes and the new, which no file ever held. The inode change time cannot be
+    set back: refused, nothing kept."""
+    nx, ny = 4 * 300_000, 4 * 500_000
+
+    def st_bytes(order: list[tuple[str, int]]) -> bytes:
+        entries, off = {}, 0
+        for name, n in order:
+            entries[name] = {"dtype": "F32", "shape": [n // 4], "data_offsets": [off, off + n]}
+            off += n
+        header = json.dumps(entries).encode().ljust(256)  # both headers 256 bytes long
+        return len(header).to_bytes(8, "little") + header + os.urandom(off)
+
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(st_bytes([("x", nx), ("y", ny)]))
+    # Same names and file length, the tensors in the other order: another layout.
+    raw_q = st_bytes([("y", ny), ("x", nx)])
+    st0 = p.stat()
+    assert len(raw_q) == st0.st_size
+    free = mgr.available_vram()
+    done = False
+
+    def rewrite(_n: int) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fd = os.open(p, os.O_WRONLY)
+            try:
+                os.pwrite(fd, raw_q, 0)
+            finally:
+                os.close(fd)
+            os.utime(p, ns=(st0.st_atime_ns, st0.st_mtime_ns))
+
+    with pytest.raises(InvalidInput, match="changed while it was being read"):
+        mgr.seal_file(p, staging_bytes=2 << 20, progress=rewrite)
+    assert mgr.available_vram() == free and mgr.shards() == []
+    assert audit.names()[-2:] == ["SealFailed", "VramDeallocated"]

@@ -201,6 +201,8 @@ def check_seal_age(
         raise InvalidInput("max_age_ns must be a positive integer")
     if policy not in ("reverify", "refuse"):
         raise InvalidInput("policy must be 'reverify' or 'refuse'")
+    if now_ns is not None and (isinstance(now_ns, bool) or not isinstance(now_ns, int) or now_ns < 0):
+        raise InvalidInput("now_ns must be a non-negative integer (ns since the epoch) or None")
     now = time.time_ns() if now_ns is None else now_ns
     last = store.last_verified_ns()
     stale = [s for s in store.shards() if now - last.get(s.shard_id, now) > max_age_ns]

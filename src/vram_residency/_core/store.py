@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import math
 import operator
 import re
 import secrets
@@ -440,6 +441,13 @@ class ShardStore:
         if shard_index is not None and total_shards is not None and shard_index >= total_shards:
             raise InvalidInput(f"shard_index {shard_index} must be < total_shards {total_shards}")
         check_algorithm(digest_algorithm, keyed=True)
+        # Everything the record will hold, checked now as seal-v1 checks it when the record is
+        # built (a model_ref with no UTF-8 form, an index beyond 64 bits): before allocating.
+        SealFields(
+            shard_id="shard-0", gpu_device=self._device, vram_bytes=size, digest_algorithm=digest_algorithm,
+            digest="0" * 64, sealed_at_ns=0, worker_id=self._worker_id, model_ref=model_ref,
+            shard_index=shard_index, total_shards=total_shards,
+        ).validate()  # fmt: skip
         if digest_algorithm == NH_FAST_V1 and self._fast_key is None:
             raise InvalidInput("nh-fast-v1 seals need the store's nh-fast-v1 key (fast_key)")
         if expected_digest is None:
@@ -701,9 +709,7 @@ class ShardStore:
         ``record.lock``. False (nothing done) when the record was no longer registered."""
         if not self.forget(record):
             return False
-        record.buf.close()
-        shard = record.shard
-        self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes, reason=reason)
+        self._free_audited(record, reason=reason)
         return True
 
     # -- lookup ---------------------------------------------------------------------------------
@@ -782,9 +788,12 @@ class ShardStore:
         if check not in CHECKS:
             raise InvalidInput(f"check must be one of {CHECKS}, not {check!r}")
         if full_every_s is not None and (
-            isinstance(full_every_s, bool) or not isinstance(full_every_s, (int, float)) or full_every_s < 0
+            isinstance(full_every_s, bool)
+            or not isinstance(full_every_s, (int, float))
+            # NaN and infinity have no nanoseconds (a ValueError or OverflowError below)
+            or not 0 <= full_every_s < math.inf
         ):
-            raise InvalidInput("full_every_s must be a non-negative number or None")
+            raise InvalidInput("full_every_s must be a finite non-negative number or None")
         presented = tuple(shards)
         plan_key = tuple(map(id, presented))
         # A plan holds its presented objects, so an id in its key cannot belong to another object
@@ -1163,11 +1172,31 @@ class ShardStore:
                     raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
                 del self._records[shard.shard_id]
                 self._records_changed()
-            record.buf.close()
-        self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
+            self._free_audited(record)
 
-    def close(self) -> None:
-        """Zero and free every shard, then release the backend. Idempotent."""
+    def _free_audited(self, record: ShardRecord, **fields: Any) -> None:
+        # Zero and free the buffer of a record just unregistered, then audit VramDeallocated.
+        # A free that raises (a host view still held: the memory is zeroed and given back, the
+        # mapping lives on with the view) still removed the shard: audited all the same, as
+        # close() does, and the free's error raised.
+        shard = record.shard
+        try:
+            record.buf.close()
+        except BaseException as exc:
+            try:
+                self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes, **fields)
+            except Exception as audit_exc:
+                _note_audit_failure(exc, audit_exc)
+            raise
+        self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes, **fields)
+
+    def close(self, *, drain: Callable[[], None] | None = None) -> None:
+        """Zero and free every shard, then release the backend. Idempotent.
+
+        ``drain`` runs once the operations in flight (``in_flight``: seals, offloads, restores)
+        have ended and before anything is freed: what they made outside the store (offloaded
+        copies) is then complete, and no new one can start. Its error is raised after the
+        shards and the backend are released."""
         with self._lock:
             if self._closed:
                 return
@@ -1178,23 +1207,31 @@ class ShardStore:
             self._records.clear()
             self._records_changed()
         errors: list[BaseException] = []
+        if drain is not None:
+            try:
+                drain()
+            except BaseException as exc:  # the shards and the backend are released all the same
+                errors.append(exc)
+        # Every step runs whatever the one before raised, a Ctrl-C (KeyboardInterrupt) included:
+        # close() is idempotent, so a shard skipped now would stay resident (unzeroed) for good.
         for record in records:
             with record.lock:
                 try:
                     record.buf.close()
-                except VramError as exc:  # keep freeing the rest; report afterwards
+                except BaseException as exc:  # keep freeing the rest; report afterwards
                     errors.append(exc)
             shard = record.shard
             try:
                 self.emit(VRAM_DEALLOCATED, shard_id=shard.shard_id, vram_bytes=shard.vram_bytes)
-            except Exception as exc:  # a failed audit log must not keep the other shards resident
+            except BaseException as exc:  # a failed audit log must not keep the other shards resident
                 errors.append(exc)
         try:
             self._backend.close()
-        except Exception as exc:
+        except BaseException as exc:
             errors.append(exc)
         if errors:
-            raise errors[0]
+            # An interruption is raised before any error: the caller asked to stop.
+            raise next((e for e in errors if not isinstance(e, Exception)), errors[0])
 
 
 def _failure_error(failures: list[ShardFailure]) -> SealVerificationFailed:

@@ -92,7 +92,7 @@ def read_anchor(text: str) -> SignedHead:
             raise InvalidInput(f"cannot read anchor file {text}: {why}") from None
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: RecursionError
         raise InvalidInput("anchor is not JSON") from None
     if isinstance(obj, dict) and isinstance(obj.get("head"), dict):
         obj = obj["head"]

@@ -357,6 +357,18 @@ class AuditLog:
                 raise ConfigError(f"audit log {self._path} is in use by another process") from None
             except OSError as exc:
                 raise self._open_error(exc, "lock") from None
+            # The head file's lock covers one name of the log; a symlink or a hard link to the
+            # same file has a head file of its own. So the data file is locked too, before it is
+            # read (a second writer must not "recover" the first's batch in flight as a torn
+            # tail, nor write a head-mismatch record into its chain).
+            try:
+                self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            except FileNotFoundError:
+                pass  # created below, and locked then
+            except OSError as exc:
+                raise self._open_error(exc, "open") from None
+            else:
+                self._lock_data()
             if verify_on_open:
                 self._verify_existing()
             try:
@@ -366,9 +378,13 @@ class AuditLog:
             mismatch = self._check_head(tail.last)
             if mismatch is not None and self._on_head_mismatch == "refuse":
                 raise mismatch
-            created = not self._path.exists()
+            created = self._fd < 0
             try:
-                self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                if created:
+                    self._fd = os.open(
+                        self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                    )
+                    self._lock_data()
                 st = os.fstat(self._fd)
                 self._regular = stat.S_ISREG(st.st_mode)
                 if created or not head_existed:
@@ -405,6 +421,19 @@ class AuditLog:
         except BaseException:
             self._close_fds()
             raise
+
+    def _lock_data(self) -> None:
+        """Take the data file's own process lock (see ``_open``); ConfigError when another
+        writer holds it, under whatever name it opened the log."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"audit log {self._path} is in use by another process (under another name: "
+                "a symlink or hard link to the same file)"
+            ) from None
+        except OSError as exc:
+            raise self._open_error(exc, "lock") from None
 
     def _open_error(self, exc: OSError, what: str) -> AuditWriteFailed:
         return AuditWriteFailed(
@@ -869,10 +898,39 @@ class AuditLog:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, start)
             raise err from None
+        except BaseException as exc:
+            # Interrupted (a KeyboardInterrupt) somewhere in the write: how much landed is not
+            # known here. A batch that landed whole is recorded as written, else the next write
+            # appends it again (a duplicated record breaks the chain); a part is cut off and the
+            # batch stays buffered for the next write. Where that cannot be told (not a regular
+            # file, fstat failing) the log fails closed.
+            if not self._settle_interrupted_locked(start, len(data)):
+                self._fail_locked(exc, "write")
+            raise
+        self._written_locked()
+
+    def _written_locked(self) -> None:
         self._buf.clear()
         self._buf_bytes = 0
         self._written_seq = self._seq - 1
         self._written_hash = self._last_hash
+
+    def _settle_interrupted_locked(self, start: int, n: int) -> bool:
+        """After an interrupted write of ``n`` bytes at ``start``: True once the file holds the
+        batch whole (recorded as written) or none of it (a part is truncated away)."""
+        if not self._regular:
+            return False
+        try:
+            size = os.fstat(self._fd).st_size
+            if size == start + n:
+                self._written_locked()
+                return True
+            if start <= size < start + n:
+                os.ftruncate(self._fd, start)
+                return True
+        except OSError:
+            pass
+        return False
 
     def _rotate_locked(self) -> None:
         """Sync and rename the active file, start a new one. Called with everything written."""
@@ -884,6 +942,8 @@ class AuditLog:
             self._fd = -1
             os.rename(self._path, target)
             self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # The new file is locked as the first one was (see _open); no one else can hold it.
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _fsync_dir(self._path.parent)
         except OSError as exc:
             raise self._fail_locked(exc, "rotation") from None

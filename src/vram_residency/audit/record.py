@@ -671,7 +671,7 @@ def parse_line(line: bytes) -> tuple[AuditRecord, bytes]:
         obj = _STRICT.decode(line.decode("utf-8"))
     except RecordFormatError:
         raise
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting: RecursionError
         raise RecordFormatError(f"not valid JSON: {type(exc).__name__}") from exc
     rec, canon = record_from_json(obj)
     if line != line_bytes(canon, rec.hash, rec.hmac):
@@ -742,7 +742,7 @@ def parse_signed_head(raw: bytes | str, key: MacKey) -> SignedHead | None:
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         obj = _STRICT.decode(text.strip())
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # deep nesting: RecursionError
         return None
     head = signed_head_from_json(obj)
     if head is None or not head.verify(key):

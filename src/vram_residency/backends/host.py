@@ -85,6 +85,9 @@ class HostBuffer(DeviceBuffer):
         lets a CPU executor run on the very bytes that were verified."""
         self._check_open()
         n = self._size if length is None else length
+        # Within the shard: a slice would take a negative length from the end, and a length
+        # past the end would hand out the rounding's padding, which no digest covers.
+        check_range(self._size, 0, n)
         return memoryview(self._map)[:n]
 
     def _free(self) -> None:

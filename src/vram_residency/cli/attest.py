@@ -52,7 +52,7 @@ class FleetRow:
 def _load_seals(path: Path) -> list[dict[str, Any]]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # deep nesting: RecursionError
         raise InvalidInput(f"cannot read seal records from {path}: {exc}") from None
     if isinstance(doc, dict) and isinstance(doc.get("seals"), list):
         doc = doc["seals"]  # a saved /worker/ready answer

@@ -108,12 +108,16 @@ class OpenedFile:
         return self.layout.size
 
     def check_unchanged(self) -> None:
-        """Raise ``InvalidInput`` if the file changed size or mtime since it was opened.
+        """Raise ``InvalidInput`` if the file changed size, mtime or ctime since it was opened.
 
         Streaming takes time; a file rewritten meanwhile would be sealed as a mix of old and new
-        bytes, with a layout parsed from the old ones."""
+        bytes, with a layout parsed from the old ones. The inode change time is compared too:
+        anyone who can write the file can set its mtime back (``os.utime``), but no one can set
+        back its ctime, which every write (and that ``utime``) moves. A chmod or rename during
+        the seal then refuses it as well: safe, and the caller can seal again."""
         st = os.fstat(self.fd)
-        if (st.st_size, st.st_mtime_ns) != (self._stat.st_size, self._stat.st_mtime_ns):
+        was = self._stat
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (was.st_size, was.st_mtime_ns, was.st_ctime_ns):
             raise InvalidInput(f"{self.path} changed while it was being read")
 
     def close(self) -> None:
@@ -371,6 +375,90 @@ def parse_safetensors(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, 
     return header.spans(), header.names
 
 
+#: Bytes of each fixed-size GGUF value type (GGUFValueType: UINT8 .. FLOAT64), and the fewest
+#: bytes a string (its u64 length) or an array (u32 type, u64 count) can take.
+_GGUF_FIXED: Final = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MIN: Final = {**_GGUF_FIXED, _GGUF_STRING: 8, _GGUF_ARRAY: 12}
+#: Arrays of arrays nested deeper than this are refused (no GGUF writer nests them at all).
+_GGUF_MAX_NESTING: Final = 16
+#: The fewest bytes one tensor info takes: name length, dimension count, type, offset.
+_GGUF_MIN_TENSOR_INFO: Final = 24
+
+
+def _check_gguf_counts(fd: int, size: int, what: str) -> None:
+    """Check every count in a GGUF header against the bytes the file holds, before gguf's reader
+    sees it: the reader loops once per element an array claims, and an element past the end of
+    the file reads as empty instead of failing, so a 50-byte file claiming 2**62 elements grows
+    a list until the process is killed for memory. A count that cannot fit is ``InvalidInput``;
+    whatever else is wrong is left for the reader to find."""
+    # Read through pread, not a memory map: a file truncated meanwhile must be an error, not
+    # a SIGBUS. The reads are a few bytes each; one 1 MiB window serves thousands of them.
+    window = (0, b"")
+
+    def unpack(fmt: str, off: int) -> tuple[int, ...]:
+        nonlocal window
+        n = struct.calcsize(fmt)
+        base, data = window
+        if off < base or off + n > base + len(data):
+            try:
+                data = os.pread(fd, max(n, 1 << 20), off)
+            except OSError as exc:
+                raise InvalidInput(f"cannot read {what}: {exc.strerror}") from None
+            if len(data) < n:
+                raise InvalidInput(f"{what} is truncated: it changed while its header was read")
+            window = base, data = off, data
+        return struct.unpack_from(fmt, data, off - base)
+
+    if size < 24:
+        return  # too short to hold its counts: the reader says so
+    (version,) = unpack("<I", 4)
+    order = ">" if version and not version & 0xFFFF else "<"  # as gguf's reader decides
+    if unpack(order + "I", 4)[0] not in (2, 3):
+        return  # a version the reader does not take (v1's counts are 32-bit): it says so
+    n_tensors, n_kv = unpack(order + "QQ", 8)
+
+    def need(off: int, n: int, each: int) -> None:
+        if n * each > size - off:
+            raise InvalidInput(
+                f"{what}: corrupt GGUF file: the header claims {n} entries of at least {each} "
+                f"bytes at offset {off}, beyond the end of the file"
+            )
+
+    def skip(off: int, vtype: int, depth: int) -> int:
+        # The offset after one value of ``vtype`` at ``off`` (strings and arrays bounded).
+        if vtype in _GGUF_FIXED:
+            need(off, 1, _GGUF_FIXED[vtype])
+            return off + _GGUF_FIXED[vtype]
+        if vtype == _GGUF_STRING:
+            need(off, 1, 8)
+            (n,) = unpack(order + "Q", off)
+            need(off + 8, n, 1)
+            return off + 8 + n
+        if vtype != _GGUF_ARRAY or depth >= _GGUF_MAX_NESTING:
+            raise InvalidInput(f"{what}: corrupt GGUF file: value type {vtype} at offset {off}")
+        need(off, 1, 12)
+        itype, n = unpack(order + "IQ", off)
+        off += 12
+        if itype not in _GGUF_MIN:
+            raise InvalidInput(f"{what}: corrupt GGUF file: array of value type {itype} at offset {off}")
+        need(off, n, _GGUF_MIN[itype])
+        if itype in _GGUF_FIXED:
+            return off + n * _GGUF_FIXED[itype]
+        for _ in range(n):  # at most (size - off) / 8 elements: bounded by the file
+            off = skip(off, itype, depth + 1)
+        return off
+
+    off = 24
+    need(off, n_kv, 8 + 4 + 1)  # key length, type, the smallest value
+    for _ in range(n_kv):
+        off = skip(off, _GGUF_STRING, 0)  # the key
+        need(off, 1, 4)
+        (vtype,) = unpack(order + "I", off)
+        off = skip(off + 4, vtype, 0)
+    need(off, n_tensors, _GGUF_MIN_TENSOR_INFO)
+
+
 def _read_gguf(reader_cls: Any, path: Path) -> tuple[int, list[tuple[str, int, int]]]:
     # Only plain integers and names leave this function, so the reader and its memory map of
     # the whole file are gone when it returns.
@@ -393,6 +481,7 @@ def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], f
 
     # Parse the descriptor already opened and checked, not the path again: on Linux
     # /proc/self/fd/N opens the same inode even if the path was replaced meanwhile.
+    _check_gguf_counts(fd, size, what)
     proc = Path(f"/proc/self/fd/{fd}")
     try:
         header_end, raw = _read_gguf(GGUFReader, proc if proc.exists() else Path(what))

@@ -87,8 +87,27 @@ def _reader(source: RepairSource, recorded: Any, n: int) -> Iterator[tuple[str, 
         view.release()
 
 
+def _check_source(source: RepairSource, n: int) -> None:
+    # What can be known of the source without opening a file, checked before the shard is: a
+    # source that could never repair it is refused whether or not the shard is damaged now.
+    if source is None or isinstance(source, (str, os.PathLike)):
+        return
+    try:
+        with memoryview(source) as view:
+            size = view.nbytes if view.c_contiguous else -1
+    except TypeError:
+        size = -1
+    if size < 0:
+        raise InvalidInput(
+            f"source must be a path or a contiguous bytes-like object, not {type(source).__name__}"
+        )
+    if size != n:
+        raise InvalidInput(f"source holds {size} bytes; the shard holds {n}")
+
+
 def repair(store: ShardStore, shard: SealedShard, source: RepairSource = None) -> RepairReport:
     entry = store.lookup(shard)
+    _check_source(source, entry.shard.vram_bytes)
     with entry.lock:
         if entry.buf.closed:
             raise NotSealed(f"shard {shard.shard_id!r} was deallocated")
