@@ -16,7 +16,7 @@ def test_host_view_length_is_checked(adopted: bool) -> None:
     the 256-byte rounding, memory the seal does not cover, where writes go unseen."""
     backend = HostBackend(capacity_bytes=1 << 20)
     owner = np.zeros(1000, dtype=np.uint8)
-    buf = backend.adopt_host(owner) if adopted else backend.allocate(1000)
+    buf = backend.adopt_host(memoryview(owner)) if adopted else backend.allocate(1000)
     try:
         assert len(buf.host_view()) == 1000
         assert len(buf.host_view(10)) == 10
