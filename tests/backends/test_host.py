@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ def test_host_view_length_is_checked(adopted: bool) -> None:
     sliced from the end (999 bytes for -1) and a length past the end handed out the padding of
     the 256-byte rounding, memory the seal does not cover, where writes go unseen."""
     backend = HostBackend(capacity_bytes=1 << 20)
-    owner = np.zeros(1000, dtype=np.uint8)
+    owner: Any = np.zeros(1000, dtype=np.uint8)  # an ndarray is a buffer; its stubs do not say so
     buf = backend.adopt_host(memoryview(owner)) if adopted else backend.allocate(1000)
     try:
         assert len(buf.host_view()) == 1000
