@@ -8,6 +8,7 @@ holding that token sealed, or attested as ``digest_now``, for that shard."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+from vram_residency._regularfile import open_regular
 from vram_residency.cli._args import output_path
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.stream import StreamHasher
@@ -29,7 +31,8 @@ def hash_file(path: Path, algorithm: str = SHA256_TREE_V1, *, show_progress: boo
     if path.is_dir():
         raise InvalidInput(f"{path} is a directory")
     try:
-        f = path.open("rb", buffering=0)
+        # Regular files only: a FIFO would block, /dev/zero never ends (and has size 0).
+        f = open_regular(path)
     except OSError as exc:
         raise InvalidInput(f"cannot open {path}: {exc.strerror}") from None
     with f:
@@ -69,7 +72,8 @@ def keyed_hash_file(path: Path, token: str | bytes, shard_id: str) -> HashResult
     if path.is_dir():
         raise InvalidInput(f"{path} is a directory")
     try:
-        f = path.open("rb", buffering=0)
+        # Regular files only: a FIFO would block, /dev/zero never ends (and has size 0).
+        f = open_regular(path)
     except OSError as exc:
         raise InvalidInput(f"cannot open {path}: {exc.strerror}") from None
     with f:
@@ -87,8 +91,14 @@ def keyed_hash_file(path: Path, token: str | bytes, shard_id: str) -> HashResult
                 dig, units = nhfast.hash_units(view, key)
             finally:
                 view.release()
-        finally:
-            mm.close()
+        except BaseException:
+            # An interrupt (Ctrl-C) inside the hash: views made there live on in the traceback,
+            # and closing the map under them raises BufferError over the real error. The map
+            # goes with the last view.
+            with contextlib.suppress(BufferError):
+                mm.close()
+            raise
+        mm.close()
         return HashResult(dig, units)
 
 
