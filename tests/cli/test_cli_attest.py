@@ -1,0 +1,44 @@
+"""``vram-residency attest``'s options given out-of-range values: a usage error (exit 2, one line
+naming the option), never a traceback from deep inside urllib or int(). Real processes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "vram_residency.cli.main"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--timeout", "nan"),
+        ("--timeout", "inf"),
+        ("--timeout", "1e308"),
+        ("--timeout", "0"),
+        ("--timeout", "-1"),
+        ("--max-delay-ms", "nan"),
+        ("--max-delay-ms", "inf"),
+        ("--max-delay-ms", "0"),
+        ("--concurrency", "0"),
+        ("--concurrency", "x"),
+    ],
+)
+def test_attest_bad_numbers_are_usage_errors(tmp_path: Path, option: str, value: str) -> None:
+    token = tmp_path / "token"
+    token.write_text(secrets.token_urlsafe(32))
+    token.chmod(0o600)
+    out = run("attest", "http://127.0.0.1:9", "--token-file", str(token), option, value)
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr and option in out.stderr, out.stderr
+    assert out.stdout == ""
