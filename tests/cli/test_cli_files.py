@@ -63,7 +63,9 @@ def test_digest_refuses_endless_files(endless: Path, algorithm: str) -> None:
 
 def test_digest_nh_fast_refuses_endless_files(endless: Path, token_file: Path) -> None:
     # /dev/zero has st_size 0: it was hashed as the empty file and a digest printed for it.
-    out = run("digest", "-a", "nh-fast-v1", "--token-file", str(token_file), "--shard-id", "shard-1", str(endless))
+    out = run(
+        "digest", "-a", "nh-fast-v1", "--token-file", str(token_file), "--shard-id", "shard-1", str(endless)
+    )
     refused(out, 1)
     assert out.stdout == ""
 
@@ -93,7 +95,16 @@ def test_digest_nh_fast_sigint_exits_130_without_traceback(tmp_path: Path, token
 @pytest.mark.parametrize("option", ["--workers-file", "--seals", "--nonce-store"])
 def test_attest_refuses_endless_files(endless: Path, token_file: Path, option: str) -> None:
     # /dev/zero as --workers-file was read into memory until the kernel killed the process.
-    out = run("attest", "http://127.0.0.1:9", "--token-file", str(token_file), "--timeout", "1", option, str(endless))
+    out = run(
+        "attest",
+        "http://127.0.0.1:9",
+        "--token-file",
+        str(token_file),
+        "--timeout",
+        "1",
+        option,
+        str(endless),
+    )
     refused(out, 1)
     assert out.stdout == ""
 
@@ -113,7 +124,11 @@ def test_audit_verify_directory_is_a_usage_problem_not_a_broken_log(tmp_path: Pa
 def test_audit_verify_refuses_endless_anchor(endless: Path, tmp_path: Path, token_file: Path) -> None:
     log = tmp_path / "audit.jsonl"
     log.write_bytes(b"")
-    refused(run("audit", "verify", str(log), "--token-file", str(token_file), "--anchor", str(endless)), 2, "stdout")
+    refused(
+        run("audit", "verify", str(log), "--token-file", str(token_file), "--anchor", str(endless)),
+        2,
+        "stdout",
+    )
 
 
 def test_audit_show_refuses_endless_logs(endless: Path) -> None:

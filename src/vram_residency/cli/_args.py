@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["device_ordinal", "mib", "output_path"]
+__all__ = ["device_ordinal", "integer_in", "mib", "output_path", "positive"]
 
 
 def device_ordinal(text: str) -> int:
@@ -23,8 +23,10 @@ def device_ordinal(text: str) -> int:
     return v
 
 
-def mib(high: float) -> Callable[[str], float]:
-    """A size in MiB (fractions allowed), finite, more than 0 and at most ``high``."""
+def positive(high: float, unit: str) -> Callable[[str], float]:
+    """A number of ``unit`` (fractions allowed), finite, more than 0 and at most ``high``. NaN
+    passes every ``<=`` check and infinity every ``>`` check: both are refused by name here,
+    before they reach ``int()`` or a socket timeout."""
 
     def parse(text: str) -> float:
         try:
@@ -32,7 +34,27 @@ def mib(high: float) -> Callable[[str], float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if not math.isfinite(v) or not 0 < v <= high:
-            raise argparse.ArgumentTypeError(f"must be more than 0 and at most {high:g} MiB")
+            raise argparse.ArgumentTypeError(f"must be more than 0 and at most {high:g} {unit}")
+        return v
+
+    return parse
+
+
+def mib(high: float) -> Callable[[str], float]:
+    """A size in MiB (fractions allowed), finite, more than 0 and at most ``high``."""
+    return positive(high, "MiB")
+
+
+def integer_in(low: int, high: int) -> Callable[[str], int]:
+    """An integer from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}")
         return v
 
     return parse

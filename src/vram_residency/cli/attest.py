@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vram_residency._regularfile import read_regular
 from vram_residency._tokenfile import read_token_file
 from vram_residency.attest import (
     AttestationRefused,
@@ -34,9 +35,16 @@ from vram_residency.attest import (
     fetch_seal_records,
     request_attestation,
 )
+from vram_residency.cli._args import integer_in, positive
 from vram_residency.errors import ConfigError, InvalidInput, VramError
 
 __all__ = ["FleetRow", "attest_fleet", "register"]
+
+#: The most bytes read from --seals or --workers-file: far more than any fleet's records or URLs,
+#: and a bound on what a wrong path (a disk image, a log) can make this command load.
+_MAX_FILE_BYTES = 64 << 20
+#: The longest --timeout and --max-delay-ms: a day (a socket timeout must fit the platform's time).
+_DAY_S = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +59,7 @@ class FleetRow:
 
 def _load_seals(path: Path) -> list[dict[str, Any]]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_regular(path, _MAX_FILE_BYTES).decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise InvalidInput(f"cannot read seal records from {path}: {exc}") from None
     if isinstance(doc, dict) and isinstance(doc.get("seals"), list):
@@ -199,9 +207,11 @@ def _urls(args: argparse.Namespace) -> list[str]:
     urls = list(args.url)
     if args.workers_file is not None:
         try:
-            lines = args.workers_file.read_text(encoding="utf-8").splitlines()
+            lines = read_regular(args.workers_file, _MAX_FILE_BYTES).decode("utf-8").splitlines()
         except OSError as exc:
             raise ConfigError(f"cannot read {args.workers_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"cannot read {args.workers_file}: not UTF-8 text") from None
         urls += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not urls:
         raise InvalidInput("name at least one worker URL (arguments or --workers-file)")
@@ -216,8 +226,6 @@ def _run(args: argparse.Namespace) -> int:
     urls = _urls(args)
     held = _load_seals(args.seals) if args.seals is not None else None
     store = NonceStore(args.nonce_store)
-    if args.max_delay_ms <= 0 or args.timeout <= 0:
-        raise InvalidInput("--max-delay-ms and --timeout must be positive")
     rows = attest_fleet(
         urls,
         token,
@@ -274,11 +282,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--nonce-store", type=Path, help="file that keeps issued and used nonces across runs")
     p.add_argument(
         "--max-delay-ms",
-        type=float,
+        type=positive(_DAY_S * 1e3, "ms"),
         default=30_000.0,
         help="latest accepted attested_at after the nonce was issued (default 30000)",
     )
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer (default 30)")
-    p.add_argument("--concurrency", type=int, default=8, help="workers asked at once (default 8)")
+    p.add_argument(
+        "--timeout",
+        type=positive(_DAY_S, "s"),
+        default=30.0,
+        help="seconds to wait for each answer (default 30)",
+    )
+    p.add_argument(
+        "--concurrency", type=integer_in(1, 1024), default=8, help="workers asked at once (default 8)"
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.set_defaults(func=_run)
