@@ -138,3 +138,12 @@ def test_audit_show_refuses_endless_logs(endless: Path) -> None:
 def test_serve_refuses_endless_config(endless: Path, tmp_path: Path) -> None:
     out = run("serve", "--config", str(endless), "--port", "0", "--state-dir", str(tmp_path / "state"))
     refused(out, 1)
+
+
+def test_audit_verify_head_file_fifo_is_refused_not_waited_on(tmp_path: Path, token_file: Path) -> None:
+    # The signed head beside the log (``audit.jsonl.head``) is read too: a FIFO there blocked.
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(b"")
+    os.mkfifo(tmp_path / "audit.jsonl.head")
+    out = run("audit", "verify", str(log), "--token-file", str(token_file))
+    assert "Traceback" not in out.stderr and "not a regular file" in out.stdout, (out.stdout, out.stderr)
