@@ -166,7 +166,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--manifest",
         metavar="OUT",
         type=output_path,
-        help="also write a manifest of the files' and the model's digests to OUT "
-        "(both algorithms: the 'manifest' command)",
+        help="also write a manifest of the files' and the model's digests under --algorithm to OUT "
+        "(for both algorithms: the 'manifest' command)",
     )
     p.set_defaults(func=_run)
