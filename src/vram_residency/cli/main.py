@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if sys.stdout is None and args.command != "serve":
+        # File descriptor 1 closed (`>&-`): Python then drops every print() silently, and a
+        # digest or seal would "succeed" with its result lost. (The worker only prints a banner.)
+        print("vram-residency: standard output is closed; the result would be lost", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
