@@ -42,3 +42,33 @@ def test_attest_bad_numbers_are_usage_errors(tmp_path: Path, option: str, value:
     assert out.returncode == 2, (out.returncode, out.stderr)
     assert "Traceback" not in out.stderr and option in out.stderr, out.stderr
     assert out.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/\u00e9",  # not ASCII: UnicodeEncodeError inside http.client
+        "http://127.0.0.1:9/\udcff",  # a non-UTF-8 argument byte
+        "http://127.0.0.1:9/a b",  # http.client.InvalidURL
+        "http://127.0.0.1:9/\n",
+        "http://[::1",  # ValueError: Invalid IPv6 URL
+        "http://",
+        "http://:9",
+        "http://127.0.0.1:99999",
+    ],
+)
+def test_attest_malformed_worker_urls_are_refused_by_name(tmp_path: Path, url: str) -> None:
+    token = tmp_path / "token"
+    token.write_text(secrets.token_urlsafe(32))
+    token.chmod(0o600)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run(
+        [*CLI, "attest", os.fsencode(url).decode("utf-8", "surrogateescape"), "--token-file", str(token)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr and "worker URL" in out.stderr, out.stderr
+    assert out.stdout == ""
