@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -216,9 +217,24 @@ def _urls(args: argparse.Namespace) -> list[str]:
     if not urls:
         raise InvalidInput("name at least one worker URL (arguments or --workers-file)")
     for u in urls:
-        if not u.startswith(("http://", "https://")):
-            raise InvalidInput(f"worker URL must start with http:// or https://: {u!r}")
+        _check_url(u)
     return urls
+
+
+def _check_url(url: str) -> None:
+    """A base URL http.client can send: printable ASCII (a non-ASCII or spaced URL was a
+    traceback from inside http.client), http or https, a host, a valid port."""
+    if not url.startswith(("http://", "https://")):
+        raise InvalidInput(f"worker URL must start with http:// or https://: {url!r}")
+    if any(not 0x21 <= ord(c) <= 0x7E for c in url):
+        raise InvalidInput(f"worker URL must be printable ASCII without spaces: {url!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError when out of range
+    except ValueError as exc:
+        raise InvalidInput(f"worker URL {url!r} is malformed: {exc}") from None
+    if not parts.hostname or port == 0:
+        raise InvalidInput(f"worker URL names no host and port: {url!r}")
 
 
 def _run(args: argparse.Namespace) -> int:
