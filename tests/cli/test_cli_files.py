@@ -148,3 +148,19 @@ def test_audit_verify_head_file_fifo_is_refused_not_waited_on(tmp_path: Path, to
     os.mkfifo(tmp_path / "audit.jsonl.head")
     out = run("audit", "verify", str(log), "--token-file", str(token_file))
     assert "Traceback" not in out.stderr and "not a regular file" in out.stdout, (out.stdout, out.stderr)
+
+
+def test_serve_refuses_endless_commit_signing_key(endless: Path, tmp_path: Path) -> None:
+    # /dev/zero was read until the kernel killed the worker; a FIFO held its start forever.
+    out = run(
+        "serve",
+        "--backend",
+        "host",
+        "--port",
+        "0",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--commit-signing-key",
+        str(endless),
+    )
+    refused(out, 1)
