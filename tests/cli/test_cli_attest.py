@@ -69,6 +69,6 @@ def test_attest_malformed_worker_urls_are_refused_by_name(tmp_path: Path, url: s
         timeout=60,
         env=env,
     )
-    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert out.returncode == 2, (out.returncode, out.stderr)
     assert "Traceback" not in out.stderr and "worker URL" in out.stderr, out.stderr
     assert out.stdout == ""

@@ -106,7 +106,7 @@ def test_attest_refuses_endless_files(endless: Path, token_file: Path, option: s
         option,
         str(endless),
     )
-    refused(out, 1)
+    refused(out, 2)  # usage: no worker was asked
     assert out.stdout == ""
 
 

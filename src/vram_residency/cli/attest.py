@@ -9,7 +9,8 @@ the spec, with the probes recomputed from ``--files`` when given.
 
 Several workers are asked concurrently, at most ``--concurrency`` at a time. One line per worker:
 worker | verdict | age | time taken. The exit status is 0 only if every worker answered in time
-with an accepted statement.
+with an accepted statement; 1 if any did not; 2 if no worker was asked (a bad option, an
+unusable token file, URL, --seals, --workers-file or --nonce-store).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = ["FleetRow", "attest_fleet", "register"]
 _MAX_FILE_BYTES = 64 << 20
 #: The longest --timeout and --max-delay-ms: a day (a socket timeout must fit the platform's time).
 _DAY_S = 86_400.0
+_EXIT_USAGE = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,10 +240,16 @@ def _check_url(url: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    token = read_token_file(args.token_file)  # the one reader: same checks as serve and audit
-    urls = _urls(args)
-    held = _load_seals(args.seals) if args.seals is not None else None
-    store = NonceStore(args.nonce_store)
+    try:
+        token = read_token_file(args.token_file)  # the one reader: same checks as serve and audit
+        urls = _urls(args)
+        held = _load_seals(args.seals) if args.seals is not None else None
+        store = NonceStore(args.nonce_store)
+    except (ConfigError, InvalidInput) as exc:
+        # No worker was asked: exit 2 (usage), as audit verify does, so that 1 only ever means
+        # a worker refused, answered late or did not answer.
+        print(f"vram-residency: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return _EXIT_USAGE
     rows = attest_fleet(
         urls,
         token,

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+from typing import Final
 
 from vram_residency import __version__
 from vram_residency.errors import VramError
@@ -26,10 +28,31 @@ _COMMANDS = [
 ]
 
 
+#: Exit statuses of every command. The verifiers (attest, audit verify) keep 1 for a failed
+#: check only, so that a script can tell "tampered or refused" from "called wrongly" and from a bug.
+EXIT_INTERNAL: Final = 70  # EX_SOFTWARE (sysexits.h)
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports it
+
+EXIT_STATUS_HELP: Final = """\
+exit status:
+  0    success
+  1    a check failed, or the input was refused (the message on stderr): seal or
+       manifest mismatch, a worker refused, late or not answering (attest), a broken
+       audit log (audit verify), an unreadable or invalid file
+  2    usage: a bad option or value; for attest and audit verify also a token, log,
+       anchor, seals or nonce file they cannot use (there 1 is a failed check only)
+  70   internal error: a bug (the traceback on stderr)
+  130  interrupted (SIGINT); SIGTERM ends a command by the signal. A manifest is
+       written atomically: an interrupted command leaves none half-written.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vram-residency",
         description="Keep model weights resident in VRAM, sealed, and verified on the GPU.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vram-residency {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug information")
@@ -63,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vram-residency: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception:
+        # A bug: the traceback is what a report needs, and the status is not 1, which the
+        # verifiers use for a failed check.
+        traceback.print_exc()
+        print("vram-residency: internal error (a bug; please report the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL
     return rc
 
 
