@@ -66,3 +66,30 @@ def test_seal_json_on_stdout_is_clean_with_verbose_logging(model: Path, token_fi
     doc = json.loads(out.stdout)  # nothing but the JSON document
     assert doc["verified"] is True and len(doc["records"]) == 1
     assert "backend:" in out.stderr
+
+
+FORGED = "0" * 64 + "  sha256-tree-v1  passwd"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize("command", [["digest"], ["digest", "-a", "nh-fast-v1"], ["manifest"]])
+def test_a_file_name_cannot_forge_a_digest_line(tmp_path: Path, token_file: Path, command: list[str]) -> None:
+    # "evil\n<64 zeros>  sha256-tree-v1  passwd" printed a second, forged line. As sha256sum does:
+    # a name with a backslash, CR or LF is escaped and its line starts with a backslash.
+    evil = tmp_path / f"evil\\\r\n{FORGED}"
+    evil.write_bytes(os.urandom(100))
+    extra: list[str] = []
+    if "nh-fast-v1" in command:
+        extra = ["--token-file", str(token_file), "--shard-id", "shard-1"]
+    elif command == ["manifest"]:
+        extra = ["-o", str(tmp_path / "m.json")]
+    out = run(*command, *extra, str(evil))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert not any(line.startswith("0" * 64) for line in lines), out.stdout
+    first = lines[0]
+    assert first.startswith("\\") and first.endswith("evil\\\\\\r\\n" + FORGED), first
