@@ -18,6 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 
 from vram_residency._regularfile import open_regular
 from vram_residency.cli._args import output_path
+from vram_residency.cli._output import digest_line
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.stream import StreamHasher
 from vram_residency.formats.tree import ALGORITHMS, NH_FAST_V1, SHA256_TREE_V1, HashResult
@@ -117,7 +118,7 @@ def _run_keyed(args: argparse.Namespace) -> int:
     token = read_token_file(args.token_file)
     name = args.files[0]
     res = keyed_hash_file(Path(name), token, args.shard_id)
-    print(f"{res.digest.hex()}  {args.algorithm}  {name}")
+    print(digest_line(res.digest.hex(), args.algorithm, name))
     return 0
 
 
@@ -136,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"vram-residency digest: {exc}", file=sys.stderr)
             rc = 1
             continue
-        print(f"{res.digest.hex()}  {args.algorithm}  {name}")
+        print(digest_line(res.digest.hex(), args.algorithm, name))
     return rc
 
 
@@ -147,7 +148,7 @@ def _run_manifest(args: argparse.Namespace) -> int:
 
     manifest = make_manifest(args.files, args.manifest, [args.algorithm], None)
     for entry in manifest.files:
-        print(f"{entry.digests[args.algorithm]}  {args.algorithm}  {entry.name}")
+        print(digest_line(entry.digests[args.algorithm], args.algorithm, entry.name))
     print(f"wrote manifest {args.manifest}", file=sys.stderr)
     return 0
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from vram_residency.cli._args import output_path
+from vram_residency.cli._output import digest_line
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.tree import ALGORITHMS
 from vram_residency.sources.index import resolve_model_files, total_size
@@ -61,9 +62,9 @@ def _run(args: argparse.Namespace) -> int:
     manifest = make_manifest(args.files, args.out, algorithms, args.name)
     for entry in manifest.files:
         for alg, dig in entry.digests.items():
-            print(f"{dig}  {alg}  {entry.name}")
+            print(digest_line(dig, alg, entry.name))
     for alg, dig in manifest.model_digests.items():
-        print(f"{dig}  {alg}  (model {manifest.name}, {len(manifest.files)} files)")
+        print(digest_line(dig, alg, f"(model {manifest.name}, {len(manifest.files)} files)"))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
