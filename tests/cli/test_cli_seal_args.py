@@ -30,4 +30,6 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_staging_mib_errors_name_what_is_accepted(value: str, says: str) -> None:
     out = run("seal", "--backend", "host", "--staging-mib", value, "weights.bin")
     assert out.returncode == 2, out.stderr
-    assert "argument --staging-mib" in out.stderr and says in out.stderr and "_mib" not in out.stderr, out.stderr
+    assert "argument --staging-mib" in out.stderr and says in out.stderr and "_mib" not in out.stderr, (
+        out.stderr
+    )
