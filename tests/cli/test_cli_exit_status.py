@@ -30,7 +30,14 @@ def token_file(tmp_path: Path) -> Path:
 
 def test_help_documents_the_exit_statuses() -> None:
     text = " ".join(run("--help").stdout.split())
-    for line in ("0 success", "1 a check failed", "2 usage", "70 internal error", "130 interrupted"):
+    for line in (
+        "0 success",
+        "1 a check failed",
+        "2 usage",
+        "70 internal error",
+        "130 interrupted",
+        "143 terminated",
+    ):
         assert line in text, text
 
 

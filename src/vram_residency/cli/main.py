@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 import traceback
+from types import FrameType
 from typing import Final
 
 from vram_residency import __version__
@@ -32,6 +34,7 @@ _COMMANDS = [
 #: check only, so that a script can tell "tampered or refused" from "called wrongly" and from a bug.
 EXIT_INTERNAL: Final = 70  # EX_SOFTWARE (sysexits.h)
 EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports it
+EXIT_TERMINATED: Final = 143  # 128 + SIGTERM
 
 EXIT_STATUS_HELP: Final = """\
 exit status:
@@ -42,9 +45,19 @@ exit status:
   2    usage: a bad option or value; for attest and audit verify also a token, log,
        anchor, seals or nonce file they cannot use (there 1 is a failed check only)
   70   internal error: a bug (the traceback on stderr)
-  130  interrupted (SIGINT); SIGTERM ends a command by the signal. A manifest is
-       written atomically: an interrupted command leaves none half-written.
+  130  interrupted (SIGINT)
+  143  terminated (SIGTERM). Either way the command unwinds first: device memory
+       is zeroed and freed, and no manifest is left half-written.
 """
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so that every ``with``
+    unwinds: killed outright, a seal never zeroes the device memory it filled."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command != "serve":  # the worker drains on SIGTERM its own way
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         rc: int = args.func(args)
     except VramError as exc:
@@ -85,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {exc.filename}" if exc.filename else ""
         print(f"vram-residency: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    except _Terminated:
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception:
