@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["device_ordinal", "integer_in", "mib", "output_path", "positive"]
+__all__ = ["device_ordinal", "finite", "integer_in", "mib", "output_path", "positive"]
 
 
 def device_ordinal(text: str) -> int:
@@ -20,6 +20,19 @@ def device_ordinal(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
+    return v
+
+
+def finite(text: str) -> float:
+    """A finite number; its range is the command's to check. NaN passes every range check written
+    as ``not x < low`` and fails every other: refused here, by name, before it reaches a timeout
+    or an ``int()``."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return v
 
 
