@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,28 @@ def test_digest_manifest_help_says_what_it_writes(tmp_path: Path) -> None:
     assert list(json.loads(man.read_text())["files"][0]["digests"]) == ["blake3"]
     help_text = " ".join(run("digest", "--help").stdout.split())
     assert "both algorithms" not in help_text or "for both algorithms" in help_text, help_text
+
+
+@pytest.mark.parametrize("command", [["manifest", "-o"], ["digest", "--manifest"]])
+@pytest.mark.parametrize("kind", ["device", "fifo", "link-to-dev-null"])
+def test_manifest_never_replaces_a_device_or_fifo(tmp_path: Path, command: list[str], kind: str) -> None:
+    # The manifest is written to a temp file renamed over OUT: `-o /dev/null` (run as root)
+    # replaced /dev/null itself with a regular file. Shown here on a null device node of the
+    # test's own, never on the machine's /dev/null.
+    model = tmp_path / "weights.bin"
+    model.write_bytes(os.urandom(100))
+    out_path = tmp_path / "out"
+    if kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(out_path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    elif kind == "fifo":
+        os.mkfifo(out_path)
+    else:
+        out_path.symlink_to("/dev/null")
+    before = os.lstat(out_path)
+    out = run(*command, str(out_path), str(model))
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "not a regular file" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    after = os.lstat(out_path)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
