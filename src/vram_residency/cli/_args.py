@@ -4,8 +4,10 @@ one line naming the option), never as a traceback from deep inside the library."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,4 +85,22 @@ def output_path(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"directory {parent} is not writable")
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{p} is a directory")
+    # The file is written to a temporary file renamed over the path: over a device, a FIFO or a
+    # link to one that replaces the node itself (`-o /dev/null` run as root replaced /dev/null).
+    for st in _stats(p):
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise argparse.ArgumentTypeError(
+                f"{p} is not a regular file (a device, FIFO or socket, or a link to one): "
+                "it would be replaced"
+            )
     return p
+
+
+def _stats(p: Path) -> list[os.stat_result]:
+    """The path's own status and, through a symbolic link, its target's (none if absent)."""
+    out = []
+    for follow in (False, True):
+        # Absent (or a dangling link): nothing there to replace but the link.
+        with contextlib.suppress(OSError):
+            out.append(os.stat(p, follow_symlinks=follow))
+    return out
