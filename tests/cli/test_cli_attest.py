@@ -72,3 +72,16 @@ def test_attest_malformed_worker_urls_are_refused_by_name(tmp_path: Path, url: s
     assert out.returncode == 2, (out.returncode, out.stderr)
     assert "Traceback" not in out.stderr and "worker URL" in out.stderr, out.stderr
     assert out.stdout == ""
+
+
+def test_attest_nonce_store_in_a_missing_directory_is_refused_before_any_worker_is_asked(
+    tmp_path: Path,
+) -> None:
+    # It was found only when the first nonce was written, after a worker had been asked.
+    token = tmp_path / "token"
+    token.write_text(secrets.token_urlsafe(32))
+    token.chmod(0o600)
+    store = tmp_path / "missing" / "nonces.jsonl"
+    out = run("attest", "http://127.0.0.1:9", "--token-file", str(token), "--nonce-store", str(store))
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    assert "--nonce-store" in out.stderr and "does not exist" in out.stderr and out.stdout == "", out.stderr
