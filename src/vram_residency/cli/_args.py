@@ -90,8 +90,7 @@ def output_path(text: str) -> Path:
     for st in _stats(p):
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             raise argparse.ArgumentTypeError(
-                f"{p} is not a regular file (a device, FIFO or socket, or a link to one): "
-                "it would be replaced"
+                f"{p} is not a regular file (a device, FIFO or socket, or a link to one)"
             )
     return p
 

@@ -37,7 +37,7 @@ from vram_residency.attest import (
     fetch_seal_records,
     request_attestation,
 )
-from vram_residency.cli._args import integer_in, positive
+from vram_residency.cli._args import integer_in, output_path, positive
 from vram_residency.errors import ConfigError, InvalidInput, VramError
 
 __all__ = ["FleetRow", "attest_fleet", "register"]
@@ -303,7 +303,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seal records this orchestrator kept (a record, a list, or a saved /worker/ready); "
         "default: the records each worker shows, tags checked with the token",
     )
-    p.add_argument("--nonce-store", type=Path, help="file that keeps issued and used nonces across runs")
+    p.add_argument(
+        "--nonce-store", type=output_path, help="file that keeps issued and used nonces across runs"
+    )
     p.add_argument(
         "--max-delay-ms",
         type=positive(_DAY_S * 1e3, "ms"),
