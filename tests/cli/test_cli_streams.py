@@ -93,3 +93,17 @@ def test_a_file_name_cannot_forge_a_digest_line(tmp_path: Path, token_file: Path
     assert not any(line.startswith("0" * 64) for line in lines), out.stdout
     first = lines[0]
     assert first.startswith("\\") and first.endswith("evil\\\\\\r\\n" + FORGED), first
+
+
+@pytest.mark.parametrize("algorithm", ["sha256-tree-v1", "blake3"])
+def test_a_non_utf8_file_name_is_printed_as_its_bytes(tmp_path: Path, algorithm: str) -> None:
+    # Under a UTF-8 locale other than C/POSIX (here forced with PYTHONIOENCODING) Python's stdout
+    # is strict: the name's undecodable byte was a UnicodeEncodeError traceback. As coreutils do,
+    # the name's own bytes are written back. (A manifest refuses such names: they are not text.)
+    name = os.fsencode(str(tmp_path)) + b"/bad\xffname.bin"
+    with open(name, "wb") as f:
+        f.write(os.urandom(100))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+    out = subprocess.run([*CLI, "digest", "-a", algorithm, name], capture_output=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    assert out.stdout.endswith(b"/bad\xffname.bin\n"), out.stdout
