@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import signal
 import sys
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # File names are bytes: one that is not UTF-8 arrives as lone surrogates, and a strict
+        # UTF-8 stdout (any UTF-8 locale but C/POSIX) raised UnicodeEncodeError printing it.
+        # Written back as its own bytes, as coreutils do.
+        sys.stdout.reconfigure(errors="surrogateescape")
     if sys.stdout is None and args.command != "serve":
         # File descriptor 1 closed (`>&-`): Python then drops every print() silently, and a
         # digest or seal would "succeed" with its result lost. (The worker only prints a banner.)
