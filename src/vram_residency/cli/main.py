@@ -40,15 +40,18 @@ EXIT_TERMINATED: Final = 143  # 128 + SIGTERM
 EXIT_STATUS_HELP: Final = """\
 exit status:
   0    success
-  1    a check failed, or the input was refused (the message on stderr): seal or
-       manifest mismatch, a worker refused, late or not answering (attest), a broken
-       audit log (audit verify), an unreadable or invalid file
+  1    a check failed, or the input was refused (one line on stderr; audit prints
+       on stdout): seal or manifest mismatch, a worker refused, late or not
+       answering (attest), a broken audit log (audit verify), an unreadable or
+       invalid file
   2    usage: a bad option or value; for attest and audit verify also a token, log,
        anchor, seals or nonce file they cannot use (there 1 is a failed check only)
   70   internal error: a bug (the traceback on stderr)
   130  interrupted (SIGINT)
   143  terminated (SIGTERM). Either way the command unwinds first: device memory
        is zeroed and freed, and no manifest is left half-written.
+serve drains on SIGTERM or SIGINT and exits 0; 1 if its start or its shutdown failed
+(docs/worker-api.md).
 """
 
 
