@@ -280,8 +280,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     token_path = shlex.quote(str(built.token_source.path))
     _say("  try:")
+    # The header reaches curl as a config on stdin (-K -), written by the shell's builtin printf:
+    # a token in curl's arguments is in `ps` and /proc/PID/cmdline for every user of the machine.
     _say(
-        f"    curl -N -H \"Authorization: Bearer $(cat {token_path})\" -H 'Content-Type: application/json' "
+        f'    printf \'header = "Authorization: Bearer %s"\\n\' "$(cat {token_path})" | '
+        f"curl -N -K - -H 'Content-Type: application/json' "
         f'-d \'{{"prompt": "hello world"}}\' {url}/worker/execute'
     )
     _say("    (without handle_id, execute runs the first model committed; name another with handle_id)")
