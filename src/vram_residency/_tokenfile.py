@@ -37,6 +37,23 @@ MAX_TOKEN_FILE_BYTES: Final = 4096
 _WHITESPACE: Final = b" \t\r\n\x0b\x0c"
 
 
+def _shown(name: str) -> str:
+    """The path for an error that could not open it. The usual slip is the token itself given
+    where its file is expected (``--token-file "$TOKEN"``); naming that "file" would print the
+    token into terminals and CI logs. A name of 16 characters or more (a token's minimum) with
+    no ``.``, not starting with ``/`` or ``~``, and with no existing directory part (a base64
+    token holds ``/``) is not shown; a token file's path seldom looks like that."""
+    looks_like_token = (
+        len(name) >= 16
+        and "." not in name
+        and not name.startswith(("/", "~"))
+        and ("/" not in name or not os.path.isdir(os.path.dirname(name)))
+    )
+    if looks_like_token:
+        return f"(not shown: the {len(name)} characters given look like a token, not a path)"
+    return name
+
+
 def read_token_file(path: str | os.PathLike[str]) -> str:
     """Read, check and return the worker token in ``path`` (see the module docstring)."""
     name = os.fspath(path)
@@ -44,9 +61,9 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
     try:
         fd = os.open(name, flags)
     except FileNotFoundError:
-        raise ConfigError(f"worker token file {name} does not exist") from None
+        raise ConfigError(f"worker token file {_shown(name)} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"cannot open worker token file {name}: {exc.strerror}") from None
+        raise ConfigError(f"cannot open worker token file {_shown(name)}: {exc.strerror}") from None
     try:
         try:
             st = os.fstat(fd)

@@ -37,6 +37,7 @@ from typing import Any, Final
 
 import blake3 as _blake3
 
+from vram_residency._regularfile import open_regular
 from vram_residency.errors import InvalidInput, VramError
 from vram_residency.formats.attest import (
     MAX_NONCE_BYTES,
@@ -125,7 +126,8 @@ class NonceStore:
         # damaged one (not UTF-8, a directory, nested or out-of-range JSON) must be refused as
         # InvalidInput, not crash the orchestrator with whatever json or int() raises.
         try:
-            f = path.open("rb")
+            # Regular files only: a FIFO would block here, /dev/zero is one endless line.
+            f = open_regular(path)
         except OSError as exc:
             raise InvalidInput(f"nonce store {path}: cannot open it ({exc.strerror})") from None
         with f:

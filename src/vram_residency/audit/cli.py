@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from vram_residency._regularfile import open_regular, read_regular
 from vram_residency._tokenfile import read_token_file
 from vram_residency.audit.files import chain_order, rotated_paths, split_rotation
 from vram_residency.audit.record import AuditKey, SignedHead, signed_head_from_json
@@ -54,6 +55,9 @@ EXIT_OK: Final = 0
 EXIT_BROKEN: Final = 1
 EXIT_USAGE: Final = 2
 
+
+#: A signed head (or a saved /worker/audit/head answer) is a few hundred bytes.
+_MAX_ANCHOR_BYTES: Final = 64 << 10
 
 #: Files that sit beside a log but are not one: the signed head, torn-tail sidecars, temp files.
 _SIDECAR = re.compile(r"\.(head|lock|tmp)$|\.torn-[0-9]+(-[0-9a-f]+)?$")
@@ -86,7 +90,7 @@ def read_anchor(text: str) -> SignedHead:
     raw = text.strip()
     if not raw.startswith("{"):
         try:
-            raw = Path(text).read_text(encoding="utf-8").strip()
+            raw = read_regular(text, _MAX_ANCHOR_BYTES).decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise InvalidInput(f"cannot read anchor file {text}: {why}") from None
@@ -154,10 +158,15 @@ def _verify_set(
     *,
     named: bool,
 ) -> int:
-    missing = [p for p in ordered if not p.exists()]
-    if missing:
-        out.print(f"[red]error:[/] cannot read {escape(str(missing[0]))}: no such file")
-        return EXIT_USAGE
+    for p in ordered:
+        # A log that cannot be opened (missing, a directory, a FIFO or device) is a usage
+        # problem, exit 2: verify_log would call it a break, the exit status of tampering.
+        try:
+            open_regular(p).close()
+        except OSError as exc:
+            why = "no such file" if isinstance(exc, FileNotFoundError) else str(exc.strerror)
+            out.print(f"[red]error:[/] cannot read {escape(str(p))}: {escape(why)}")
+            return EXIT_USAGE
     report = verify_log(ordered, key, require_head=require_head, anchors=heads)
     label = f"{escape(str(ordered[-1]))}: " if named else ""
     for w in report.warnings:

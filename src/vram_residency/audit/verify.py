@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vram_residency._regularfile import open_regular, read_regular
 from vram_residency.audit.events import AUDIT_HEAD_MISMATCH
 from vram_residency.audit.files import default_head_path, split_rotation
 from vram_residency.audit.record import (
@@ -96,7 +97,8 @@ class VerifyReport:
 
 
 def _lines(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
+    # Regular files only: a FIFO in a glob would block, /dev/zero is one endless line.
+    with open_regular(path) as f:
         yield from f
 
 
@@ -114,10 +116,14 @@ def iter_records(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[Path
             yield path, index, rec
 
 
+#: A signed head is one short JSON line; anything much longer is not one.
+_MAX_HEAD_BYTES = 64 << 10
+
+
 def _read_head(path: Path, key: MacKey) -> tuple[tuple[int, str] | None, str | None]:
     """((seq, hash) or None, problem or None). An empty or missing head is (None, None)."""
     try:
-        raw = path.read_bytes().strip()
+        raw = read_regular(path, _MAX_HEAD_BYTES).strip()
     except FileNotFoundError:
         return None, None
     except OSError as exc:
@@ -332,7 +338,7 @@ def _check(
 
 def _count_lines(path: Path) -> int:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return sum(1 for _ in f)
     except OSError:
         return 0

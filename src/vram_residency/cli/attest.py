@@ -9,7 +9,8 @@ the spec, with the probes recomputed from ``--files`` when given.
 
 Several workers are asked concurrently, at most ``--concurrency`` at a time. One line per worker:
 worker | verdict | age | time taken. The exit status is 0 only if every worker answered in time
-with an accepted statement.
+with an accepted statement; 1 if any did not; 2 if no worker was asked (a bad option, an
+unusable token file, URL, --seals, --workers-file or --nonce-store).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vram_residency._regularfile import read_regular
 from vram_residency._tokenfile import read_token_file
 from vram_residency.attest import (
     AttestationRefused,
@@ -34,9 +37,17 @@ from vram_residency.attest import (
     fetch_seal_records,
     request_attestation,
 )
+from vram_residency.cli._args import integer_in, output_path, positive
 from vram_residency.errors import ConfigError, InvalidInput, VramError
 
 __all__ = ["FleetRow", "attest_fleet", "register"]
+
+#: The most bytes read from --seals or --workers-file: far more than any fleet's records or URLs,
+#: and a bound on what a wrong path (a disk image, a log) can make this command load.
+_MAX_FILE_BYTES = 64 << 20
+#: The longest --timeout and --max-delay-ms: a day (a socket timeout must fit the platform's time).
+_DAY_S = 86_400.0
+_EXIT_USAGE = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +62,7 @@ class FleetRow:
 
 def _load_seals(path: Path) -> list[dict[str, Any]]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_regular(path, _MAX_FILE_BYTES).decode("utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # deep nesting: RecursionError
         raise InvalidInput(f"cannot read seal records from {path}: {exc}") from None
     if isinstance(doc, dict) and isinstance(doc.get("seals"), list):
@@ -199,25 +210,46 @@ def _urls(args: argparse.Namespace) -> list[str]:
     urls = list(args.url)
     if args.workers_file is not None:
         try:
-            lines = args.workers_file.read_text(encoding="utf-8").splitlines()
+            lines = read_regular(args.workers_file, _MAX_FILE_BYTES).decode("utf-8").splitlines()
         except OSError as exc:
             raise ConfigError(f"cannot read {args.workers_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"cannot read {args.workers_file}: not UTF-8 text") from None
         urls += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not urls:
         raise InvalidInput("name at least one worker URL (arguments or --workers-file)")
     for u in urls:
-        if not u.startswith(("http://", "https://")):
-            raise InvalidInput(f"worker URL must start with http:// or https://: {u!r}")
+        _check_url(u)
     return urls
 
 
+def _check_url(url: str) -> None:
+    """A base URL http.client can send: printable ASCII (a non-ASCII or spaced URL was a
+    traceback from inside http.client), http or https, a host, a valid port."""
+    if not url.startswith(("http://", "https://")):
+        raise InvalidInput(f"worker URL must start with http:// or https://: {url!r}")
+    if any(not 0x21 <= ord(c) <= 0x7E for c in url):
+        raise InvalidInput(f"worker URL must be printable ASCII without spaces: {url!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # ValueError when out of range
+    except ValueError as exc:
+        raise InvalidInput(f"worker URL {url!r} is malformed: {exc}") from None
+    if not parts.hostname or port == 0:
+        raise InvalidInput(f"worker URL names no host and port: {url!r}")
+
+
 def _run(args: argparse.Namespace) -> int:
-    token = read_token_file(args.token_file)  # the one reader: same checks as serve and audit
-    urls = _urls(args)
-    held = _load_seals(args.seals) if args.seals is not None else None
-    store = NonceStore(args.nonce_store)
-    if args.max_delay_ms <= 0 or args.timeout <= 0:
-        raise InvalidInput("--max-delay-ms and --timeout must be positive")
+    try:
+        token = read_token_file(args.token_file)  # the one reader: same checks as serve and audit
+        urls = _urls(args)
+        held = _load_seals(args.seals) if args.seals is not None else None
+        store = NonceStore(args.nonce_store)
+    except (ConfigError, InvalidInput) as exc:
+        # No worker was asked: exit 2 (usage), as audit verify does, so that 1 only ever means
+        # a worker refused, answered late or did not answer.
+        print(f"vram-residency: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return _EXIT_USAGE
     rows = attest_fleet(
         urls,
         token,
@@ -271,14 +303,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seal records this orchestrator kept (a record, a list, or a saved /worker/ready); "
         "default: the records each worker shows, tags checked with the token",
     )
-    p.add_argument("--nonce-store", type=Path, help="file that keeps issued and used nonces across runs")
+    p.add_argument(
+        "--nonce-store", type=output_path, help="file that keeps issued and used nonces across runs"
+    )
     p.add_argument(
         "--max-delay-ms",
-        type=float,
+        type=positive(_DAY_S * 1e3, "ms"),
         default=30_000.0,
         help="latest accepted attested_at after the nonce was issued (default 30000)",
     )
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer (default 30)")
-    p.add_argument("--concurrency", type=int, default=8, help="workers asked at once (default 8)")
+    p.add_argument(
+        "--timeout",
+        type=positive(_DAY_S, "s"),
+        default=30.0,
+        help="seconds to wait for each answer (default 30)",
+    )
+    p.add_argument(
+        "--concurrency", type=integer_in(1, 1024), default=8, help="workers asked at once (default 8)"
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.set_defaults(func=_run)

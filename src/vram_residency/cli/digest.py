@@ -8,6 +8,7 @@ holding that token sealed, or attested as ``digest_now``, for that shard."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import sys
@@ -15,7 +16,9 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+from vram_residency._regularfile import open_regular
 from vram_residency.cli._args import output_path
+from vram_residency.cli._output import digest_line
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.stream import StreamHasher
 from vram_residency.formats.tree import ALGORITHMS, NH_FAST_V1, SHA256_TREE_V1, HashResult
@@ -29,7 +32,8 @@ def hash_file(path: Path, algorithm: str = SHA256_TREE_V1, *, show_progress: boo
     if path.is_dir():
         raise InvalidInput(f"{path} is a directory")
     try:
-        f = path.open("rb", buffering=0)
+        # Regular files only: a FIFO would block, /dev/zero never ends (and has size 0).
+        f = open_regular(path)
     except OSError as exc:
         raise InvalidInput(f"cannot open {path}: {exc.strerror}") from None
     with f:
@@ -69,7 +73,8 @@ def keyed_hash_file(path: Path, token: str | bytes, shard_id: str) -> HashResult
     if path.is_dir():
         raise InvalidInput(f"{path} is a directory")
     try:
-        f = path.open("rb", buffering=0)
+        # Regular files only: a FIFO would block, /dev/zero never ends (and has size 0).
+        f = open_regular(path)
     except OSError as exc:
         raise InvalidInput(f"cannot open {path}: {exc.strerror}") from None
     with f:
@@ -87,8 +92,14 @@ def keyed_hash_file(path: Path, token: str | bytes, shard_id: str) -> HashResult
                 dig, units = nhfast.hash_units(view, key)
             finally:
                 view.release()
-        finally:
-            mm.close()
+        except BaseException:
+            # An interrupt (Ctrl-C) inside the hash: views made there live on in the traceback,
+            # and closing the map under them raises BufferError over the real error. The map
+            # goes with the last view.
+            with contextlib.suppress(BufferError):
+                mm.close()
+            raise
+        mm.close()
         return HashResult(dig, units)
 
 
@@ -107,7 +118,7 @@ def _run_keyed(args: argparse.Namespace) -> int:
     token = read_token_file(args.token_file)
     name = args.files[0]
     res = keyed_hash_file(Path(name), token, args.shard_id)
-    print(f"{res.digest.hex()}  {args.algorithm}  {name}")
+    print(digest_line(res.digest.hex(), args.algorithm, name))
     return 0
 
 
@@ -126,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"vram-residency digest: {exc}", file=sys.stderr)
             rc = 1
             continue
-        print(f"{res.digest.hex()}  {args.algorithm}  {name}")
+        print(digest_line(res.digest.hex(), args.algorithm, name))
     return rc
 
 
@@ -137,7 +148,7 @@ def _run_manifest(args: argparse.Namespace) -> int:
 
     manifest = make_manifest(args.files, args.manifest, [args.algorithm], None)
     for entry in manifest.files:
-        print(f"{entry.digests[args.algorithm]}  {args.algorithm}  {entry.name}")
+        print(digest_line(entry.digests[args.algorithm], args.algorithm, entry.name))
     print(f"wrote manifest {args.manifest}", file=sys.stderr)
     return 0
 
@@ -156,7 +167,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--manifest",
         metavar="OUT",
         type=output_path,
-        help="also write a manifest of the files' and the model's digests to OUT "
-        "(both algorithms: the 'manifest' command)",
+        help="also write a manifest of the files' and the model's digests under --algorithm to OUT "
+        "(for both algorithms: the 'manifest' command)",
     )
     p.set_defaults(func=_run)

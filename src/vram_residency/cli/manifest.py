@@ -9,6 +9,8 @@ in this order. Pass it back as ``--manifest`` (or ``manifest=``) to refuse any o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,16 +18,29 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from vram_residency.cli._args import output_path
+from vram_residency.cli._output import digest_line
+from vram_residency.errors import InvalidInput
 from vram_residency.formats.tree import ALGORITHMS
 from vram_residency.sources.index import resolve_model_files, total_size
 from vram_residency.sources.manifest import Manifest, build_manifest, write_manifest
+
+
+def _not_an_input(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse to write the manifest over a file it describes (``manifest -o w.bin w.bin``
+    replaced the weights with their own manifest), under any name: a symlink, a hard link."""
+    for p in inputs:
+        with contextlib.suppress(OSError):  # what does not exist yet cannot be overwritten
+            if os.path.samefile(out, p):
+                raise InvalidInput(f"{out} is one of the model files ({p}); write the manifest elsewhere")
 
 
 def make_manifest(files: Sequence[str], out: str, algorithms: Sequence[str], name: str | None) -> Manifest:
     """Build and write the manifest, with a progress bar on a terminal. Shared with ``digest``."""
     err = Console(stderr=True, highlight=False)
     paths = files[0] if len(files) == 1 else list(files)
-    total = total_size(resolve_model_files(paths))
+    resolved = resolve_model_files(paths)
+    _not_an_input(out, [*files, *(f.path for f in resolved)])
+    total = total_size(resolved)
     progress = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -47,9 +62,9 @@ def _run(args: argparse.Namespace) -> int:
     manifest = make_manifest(args.files, args.out, algorithms, args.name)
     for entry in manifest.files:
         for alg, dig in entry.digests.items():
-            print(f"{dig}  {alg}  {entry.name}")
+            print(digest_line(dig, alg, entry.name))
     for alg, dig in manifest.model_digests.items():
-        print(f"{dig}  {alg}  (model {manifest.name}, {len(manifest.files)} files)")
+        print(digest_line(dig, alg, f"(model {manifest.name}, {len(manifest.files)} files)"))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

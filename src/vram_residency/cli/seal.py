@@ -128,10 +128,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mib(text: str) -> float:
-    v = float(text)
+def _staging_mib(text: str) -> float:
+    # Named for argparse's message on a non-number; NaN fails the range check (every comparison
+    # with it is False), infinity its upper bound.
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 1 <= v * (1 << 20) <= MAX_STAGING_BYTES:
-        raise argparse.ArgumentTypeError(f"staging must be between 1 and {MAX_STAGING_BYTES >> 20} MiB")
+        raise argparse.ArgumentTypeError(
+            f"staging must be at least 1 byte and at most {MAX_STAGING_BYTES >> 20} MiB"
+        )
     return v
 
 
@@ -158,5 +165,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--device", type=device_ordinal, default=0, help="GPU ordinal (default 0)")
     p.add_argument("--worker-id", default="", help="worker id recorded in the seals")
     p.add_argument("--model-name", help="model name (several files) or model_ref (one file)")
-    p.add_argument("--staging-mib", type=_mib, default=128.0, help="host staging memory in MiB (max 256)")
+    p.add_argument(
+        "--staging-mib", type=_staging_mib, default=128.0, help="host staging memory in MiB (max 256)"
+    )
     p.set_defaults(func=_run)

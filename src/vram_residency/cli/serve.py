@@ -18,6 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from vram_residency.cli._args import finite
+
 if TYPE_CHECKING:
     from vram_residency.service.server import ServeOptions
     from vram_residency.service.tp import TPEnv
@@ -278,8 +280,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     token_path = shlex.quote(str(built.token_source.path))
     _say("  try:")
+    # The header reaches curl as a config on stdin (-K -), written by the shell's builtin printf:
+    # a token in curl's arguments is in `ps` and /proc/PID/cmdline for every user of the machine.
     _say(
-        f"    curl -N -H \"Authorization: Bearer $(cat {token_path})\" -H 'Content-Type: application/json' "
+        f'    printf \'header = "Authorization: Bearer %s"\\n\' "$(cat {token_path})" | '
+        f"curl -N -K - -H 'Content-Type: application/json' "
         f'-d \'{{"prompt": "hello world"}}\' {url}/worker/execute'
     )
     _say("    (without handle_id, execute runs the first model committed; name another with handle_id)")
@@ -359,7 +364,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--drain-timeout",
-        type=float,
+        type=finite,
         default=30.0,
         metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long running jobs may take to finish (default 30)",
@@ -367,7 +372,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-connections", type=int, default=512, help="concurrent connections (default 512)")
     p.add_argument(
         "--header-timeout",
-        type=float,
+        type=finite,
         default=10.0,
         metavar="SECONDS",
         help="a connection's time to send its request head; idle keep-alive time (default 10)",
@@ -408,14 +413,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--audit-log", type=Path, help="audit log file (default STATE_DIR/audit.jsonl)")
     p.add_argument(
         "--scrub-interval",
-        type=float,
+        type=finite,
         default=60.0,
         metavar="SECONDS",
         help="seconds between background verifications of every shard (default 60; 0 disables)",
     )
     p.add_argument(
         "--scrub-budget",
-        type=float,
+        type=finite,
         default=5.0,
         metavar="PERCENT",
         help="most of the wall time the scrubber may spend verifying (default 5)",
@@ -432,7 +437,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--max-seal-age",
-        type=float,
+        type=finite,
         default=0.0,
         metavar="SECONDS",
         help="with --benchmark-skip-pre-verify: oldest verification an execution may rely on "
@@ -450,7 +455,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--host-capacity-gib",
-        type=float,
+        type=finite,
         help="host emulation only: emulated device memory size (default half of RAM)",
     )
     p.add_argument("--max-batch", type=int, default=64, help="most jobs per verified batch (default 64)")
@@ -476,7 +481,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--tp-timeout",
-        type=float,
+        type=finite,
         default=30.0,
         metavar="SECONDS",
         help="under torchrun (a tensor-parallel group, rank 0 serves HTTP): how long a command, "

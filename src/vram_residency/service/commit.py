@@ -31,6 +31,7 @@ from typing import Final
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from vram_residency._regularfile import read_regular
 from vram_residency.errors import ConfigError, InvalidInput
 from vram_residency.formats.tree import ALGORITHMS
 from vram_residency.service.catalog import ModelNotFound
@@ -104,7 +105,9 @@ def load_public_keys(paths: Sequence[Path]) -> tuple[Ed25519PublicKey, ...]:
     keys = []
     for p in paths:
         try:
-            raw = p.read_bytes()
+            # Regular files only: a FIFO would hold the start, /dev/zero fill the memory. A PEM
+            # public key is a few hundred bytes.
+            raw = read_regular(p, 64 << 10)
         except OSError as exc:
             raise ConfigError(f"cannot read commit signing key {p}: {exc.strerror}") from None
         try:

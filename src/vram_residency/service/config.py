@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from vram_residency._regularfile import read_regular
 from vram_residency.errors import ConfigError, InvalidInput
 from vram_residency.service.callbacks import check_callback_url
 from vram_residency.shard import parse_record_text
@@ -122,11 +123,16 @@ def _str(raw: Mapping[str, Any], key: str) -> str:
     return v
 
 
+_MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecConfig:
     """Read and validate the JSON config file and the ``WORKER_*`` environment."""
     env = os.environ if env is None else env
     try:
-        data = path.read_bytes()
+        # Regular files only (a FIFO would block the start, /dev/zero fill the memory); a config
+        # is a few hundred bytes.
+        data = read_regular(path, _MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:

@@ -1,0 +1,71 @@
+"""The worker token never shows: not in errors, not in --help. The classic slip is giving the
+token itself where its file is expected (``--token-file "$TOKEN"``): the error then named the
+"file", printing the token into terminals and CI logs. Real processes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "vram_residency.cli.main"]
+TOKEN = secrets.token_urlsafe(32)
+
+
+def run(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "WORKER_API_TOKEN_FILE"}
+    env.update(PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    p = tmp_path / "weights.bin"
+    p.write_bytes(os.urandom(4096))
+    return p
+
+
+#: Tokens as people make them: URL-safe base64, hex, and base64 with '/', '+' and '='.
+TOKENS = [TOKEN, secrets.token_hex(32), "q3/9+Zx0dG8vYmFzZTY0L3Rva2VuK3dpdGgvc2xhc2g="]
+
+
+@pytest.mark.parametrize("command", ["seal", "attest", "audit", "digest", "serve"])
+def test_a_token_given_as_its_file_is_not_echoed(tmp_path: Path, model: Path, command: str) -> None:
+    args = {
+        "seal": ["seal", "--backend", "host", "--token-file", TOKEN, str(model)],
+        "attest": ["attest", "http://127.0.0.1:9", "--token-file", TOKEN],
+        "audit": ["audit", "verify", str(model), "--token-file", TOKEN],
+        "digest": ["digest", "-a", "nh-fast-v1", "--shard-id", "s", "--token-file", TOKEN, str(model)],
+        "serve": [
+            "serve",
+            "--backend",
+            "host",
+            "--port",
+            "0",
+            "--state-dir",
+            str(tmp_path),
+            "--token-file",
+            TOKEN,
+        ],
+    }[command]
+    for token in TOKENS:
+        out = run(*[token if a == TOKEN else a for a in args])
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "does not exist" in text, text
+        assert token not in text, text
+
+
+def test_a_token_in_the_environment_variable_is_not_echoed(model: Path) -> None:
+    out = run("seal", "--backend", "host", str(model), env_extra={"WORKER_API_TOKEN_FILE": TOKEN})
+    assert out.returncode == 1 and "does not exist" in out.stderr, out.stderr
+    assert TOKEN not in out.stdout + out.stderr
+
+
+def test_a_real_path_is_still_named(tmp_path: Path, model: Path) -> None:
+    missing = tmp_path / "worker-token"
+    out = run("seal", "--backend", "host", "--token-file", str(missing), str(model))
+    assert out.returncode == 1 and f"{missing} does not exist" in out.stderr, out.stderr
