@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from vram_residency._strictjson import unique_keys
 from vram_residency.errors import InvalidInput, SealVerificationFailed
 from vram_residency.formats.seal import (
     SealFields,
@@ -93,15 +94,7 @@ class SealedShard:
 def parse_record_text(record: str | bytes | bytearray, what: str = "seal record") -> dict[str, Any]:
     """A JSON record given as text, parsed strictly: one JSON object, no duplicate keys (a
     repeated key would let two parsers read different values from the same signed text)."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise InvalidInput(f"duplicate key {k!r} in the {what}")
-            out[k] = v
-        return out
-
+    no_duplicates = unique_keys(lambda key: InvalidInput(f"duplicate key {key!r} in the {what}"))
     try:
         parsed = json.loads(record, object_pairs_hook=no_duplicates)
     except InvalidInput:

@@ -42,6 +42,7 @@ from pathlib import PurePath
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple, NoReturn, Protocol
 
+from vram_residency._strictjson import unique_keys
 from vram_residency.errors import InvalidInput
 from vram_residency.formats.keys import AUDIT_KEY_INFO, SecretKey, derive_key, token_bytes
 
@@ -633,15 +634,8 @@ def record_from_json(obj: object) -> tuple[AuditRecord, bytes]:
     return rec, canon
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads keeps the *last* of duplicate keys, other parsers (and grep) see the first: a
-    # record with two "event" keys would show a reader text that was never signed.
-    obj: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in obj:
-            raise RecordFormatError(f"duplicate key {k!r}")
-        obj[k] = v
-    return obj
+# A record with two "event" keys would show a reader text that was never signed.
+_unique_keys: Final = unique_keys(lambda key: RecordFormatError(f"duplicate key {key!r}"))
 
 
 def _no_constant(name: str) -> NoReturn:

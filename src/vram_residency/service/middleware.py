@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping, Sequence
 from typing import Any, Final
 
+from vram_residency._strictjson import unique_keys
 from vram_residency.service.auth import BearerCheck
 
 __all__ = ["AuthMiddleware", "BodyLimitMiddleware", "HeadMiddleware", "ambiguous_json"]
@@ -78,13 +79,7 @@ class _Ambiguous(ValueError):
     pass
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Ambiguous(f"duplicate key {key!r} in the JSON body")
-        out[key] = value
-    return out
+_unique_keys: Final = unique_keys(lambda key: _Ambiguous(f"duplicate key {key!r} in the JSON body"))
 
 
 def _no_constant(name: str) -> Any:
