@@ -5,7 +5,6 @@ line must not read as a tampered worker or log. Real processes."""
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,6 @@ CLI = [sys.executable, "-m", "vram_residency.cli.main"]
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=env)
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    p = tmp_path / "token"
-    p.write_text(secrets.token_urlsafe(32))
-    p.chmod(0o600)
-    return p
 
 
 def test_help_documents_the_exit_statuses() -> None:

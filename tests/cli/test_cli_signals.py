@@ -5,7 +5,6 @@ without half-written output. Real processes, signals sent while the work runs.""
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -23,14 +22,6 @@ def big(tmp_path: Path) -> Path:
     p = tmp_path / "big.bin"
     with p.open("wb") as f:
         f.truncate(6 << 30)
-    return p
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    p = tmp_path / "token"
-    p.write_text(secrets.token_urlsafe(32))
-    p.chmod(0o600)
     return p
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -28,14 +27,6 @@ def run_closed_stdout(*args: str) -> subprocess.CompletedProcess[str]:
 def model(tmp_path: Path) -> Path:
     p = tmp_path / "weights.bin"
     p.write_bytes(os.urandom(4096))
-    return p
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    p = tmp_path / "token"
-    p.write_text(secrets.token_urlsafe(32))
-    p.chmod(0o600)
     return p
 
 
