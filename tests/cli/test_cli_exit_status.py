@@ -4,19 +4,13 @@ line must not read as a tampered worker or log. Real processes."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "vram_residency.cli.main"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=env)
+from tests.cli.cli_helpers import run
 
 
 def test_help_documents_the_exit_statuses() -> None:

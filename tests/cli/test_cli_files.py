@@ -9,20 +9,20 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "vram_residency.cli.main"]
+from tests.cli.cli_helpers import CLI
+from tests.cli.cli_helpers import run as run_cli
+
 #: A refused file is refused before anything slow happens: far below this.
 QUICK_S = 30
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=QUICK_S, env=env)
+    return run_cli(*args, timeout=QUICK_S)
 
 
 @pytest.fixture

@@ -6,18 +6,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "vram_residency.cli.main"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=env)
+from tests.cli.cli_helpers import run
 
 
 @pytest.mark.parametrize("command", [["manifest", "-o"], ["digest", "--manifest"]])

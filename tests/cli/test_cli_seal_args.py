@@ -3,18 +3,9 @@ operator reads (exit 2), no internal names, and a range that says what is accept
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-CLI = [sys.executable, "-m", "vram_residency.cli.main"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=env)
+from tests.cli.cli_helpers import run
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "vram_residency.cli.main"]
+from tests.cli.cli_helpers import CLI
 
 OPTIONS = [
     "--drain-timeout",

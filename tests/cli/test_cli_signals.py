@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "vram_residency.cli.main"]
+from tests.cli.cli_helpers import CLI
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "vram_residency.cli.main"]
+from tests.cli.cli_helpers import CLI, run
 
 
 def run_closed_stdout(*args: str) -> subprocess.CompletedProcess[str]:
@@ -60,11 +59,6 @@ def test_seal_json_on_stdout_is_clean_with_verbose_logging(model: Path, token_fi
 
 
 FORGED = "0" * 64 + "  sha256-tree-v1  passwd"
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.mark.parametrize("command", [["digest"], ["digest", "-a", "nh-fast-v1"], ["manifest"]])

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "vram_residency.cli.main"]
+from tests.cli.cli_helpers import CLI
+
 TOKEN = secrets.token_urlsafe(32)
 
 

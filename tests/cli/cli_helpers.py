@@ -1,0 +1,16 @@
+"""The CLI as the tests run it: a real ``vram-residency`` process (``python -m``, so that the
+tests use this tree's package whatever is on PATH)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+CLI = [sys.executable, "-m", "vram_residency.cli.main"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``vram-residency ARGS`` to completion, its output captured as text."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
