@@ -18,6 +18,15 @@ tree's backend, fills pinned and pageable host memory as gpu_bench.py does, and 
 (hash with unit digests) the way ``gpu_bench.measure_one`` does: same repetitions, one warm-up,
 the median of each process's repetitions. The seal digests of every process must agree.
 
+``--mode interleaved`` (gpu-check's default): one process imports both trees, the old one under
+another name (``alias_tree``: a copy of its package with the package name rewritten in its
+sources), opens both backends on the device and measures every row with each side in turn, round
+after round, the side that goes first flipping from row to row and round to round. Separate
+processes differ in where their host memory lies and which cores they run on: their 1 MiB
+pageable seals spread by up to 35% from process to process (port-ab-2026-11-30-e), more than the
+3% the target allows between medians of a few processes. In one process both sides seal the same
+pageable array; each keeps its own pinned buffer and device buffers.
+
 ``--mode gpu-bench``: each process is the tree's whole ``bench/gpu_bench.py`` (about 60-90 s;
 the old one has no flag to measure only the seal and verify rows), and its ``gpu`` rows are read.
 
@@ -27,7 +36,8 @@ median over each side's processes, new / old, and whether that is within the iss
 wall figure misses or the digests disagree.
 
     scripts/portab-prepare
-    PYTHONPATH=src python3 bench/port_ab.py --out /tmp/results [--rounds 4] [--sizes 1M,64M,1G,16G]
+    PYTHONPATH=src python3 bench/port_ab.py --out /tmp/results [--rounds 4] [--sizes 1M,64M,1G,16G] \
+        [--mode rows|interleaved|gpu-bench] [--budget-s S]
 
 ``pool``: several runs' port-ab-DATE.json files (the same trees, sizes and algorithms; e.g. the
 runs of several GPU sessions) summarized as one run of all their processes, each run's rounds
@@ -43,6 +53,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -148,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--old", type=Path, default=Path(".portab/old"), help="the old tree (scripts/portab-prepare)"
     )
     ap.add_argument("--new", type=Path, default=Path("."), help="the new tree (default: this one)")
-    ap.add_argument("--mode", choices=("rows", "gpu-bench"), default="rows")
+    ap.add_argument("--mode", choices=("rows", "interleaved", "gpu-bench"), default="rows")
     ap.add_argument(
         "--rounds",
         type=_arg_type(_positive_int),
@@ -384,46 +395,52 @@ def measure_row(
 ) -> dict[str, Any]:
     """gpu_bench.measure_one's seal, verify and hash timings, in its order, without its extras
     (the graph-switch A/B, the 200-call latency, the host reference digest)."""
-    row: dict[str, Any] = {"algorithm": alg, "size": size}
-    times: dict[str, list[float]] = {}
     buf = backend.allocate(size)
     try:
-        reps = reps_for(size)
-        src_pinned = pinned.view[:size]
-        src_pageable = pageable[:size].data
-        sealed = backend.write_and_hash(buf, src_pinned, alg)
-        t, times["seal_pinned_s"] = median_time(lambda: backend.write_and_hash(buf, src_pinned, alg), reps)
-        row["seal_pinned_GBps"] = size / t / 1e9
-        again = backend.write_and_hash(buf, src_pageable, alg)
-        t, times["seal_pageable_s"] = median_time(
-            lambda: backend.write_and_hash(buf, src_pageable, alg), reps
-        )
-        row["seal_pageable_GBps"] = size / t / 1e9
-        if again != sealed:
-            raise RuntimeError(f"{alg} {size_name(size)}: seal from pinned and pageable memory disagree")
-        dev: list[float] = []
-
-        def verify() -> None:
-            if backend.digest(buf, alg) != sealed.digest:
-                raise RuntimeError(f"{alg} {size_name(size)}: verify does not give the sealed digest")
-            dev.append(backend.last_device_seconds)
-
-        t, times["verify_s"] = median_time(verify, max(reps, 10) if size <= GiB else reps)
-        row["verify_GBps"] = size / t / 1e9
-        row["verify_device_GBps"] = size / statistics.median(dev) / 1e9
-        t, times["hash_with_units_s"] = median_time(lambda: backend.hash(buf, alg), reps)
-        row["hash_with_units_GBps"] = size / t / 1e9
-        row["digest"] = bytes(sealed.digest).hex()
-        # The spread of each process's repetitions (seconds), not every one: the JSON stays the
-        # size of the other results in bench/results/.
-        row["times"] = {
-            k: {"n": len(v), "min": min(v), "median": statistics.median(v), "max": max(v)}
-            for k, v in times.items()
-        }
+        return measure_into(backend, buf, pinned, pageable, size, alg)
     finally:
         buf.close()
+
+
+def measure_into(
+    backend: Any, buf: Any, pinned: Any, pageable: npt.NDArray[np.uint8], size: int, alg: str, tag: str = ""
+) -> dict[str, Any]:
+    """measure_row's timings into ``buf`` (at least ``size`` bytes of ``backend``), which the
+    caller allocated: the interleaved mode keeps one buffer per side and size for all its rounds."""
+    row: dict[str, Any] = {"algorithm": alg, "size": size}
+    times: dict[str, list[float]] = {}
+    reps = reps_for(size)
+    src_pinned = pinned.view[:size]
+    src_pageable = pageable[:size].data
+    sealed = backend.write_and_hash(buf, src_pinned, alg)
+    t, times["seal_pinned_s"] = median_time(lambda: backend.write_and_hash(buf, src_pinned, alg), reps)
+    row["seal_pinned_GBps"] = size / t / 1e9
+    again = backend.write_and_hash(buf, src_pageable, alg)
+    t, times["seal_pageable_s"] = median_time(lambda: backend.write_and_hash(buf, src_pageable, alg), reps)
+    row["seal_pageable_GBps"] = size / t / 1e9
+    if again != sealed:
+        raise RuntimeError(f"{alg} {size_name(size)}: seal from pinned and pageable memory disagree")
+    dev: list[float] = []
+
+    def verify() -> None:
+        if backend.digest(buf, alg) != sealed.digest:
+            raise RuntimeError(f"{alg} {size_name(size)}: verify does not give the sealed digest")
+        dev.append(backend.last_device_seconds)
+
+    t, times["verify_s"] = median_time(verify, max(reps, 10) if size <= GiB else reps)
+    row["verify_GBps"] = size / t / 1e9
+    row["verify_device_GBps"] = size / statistics.median(dev) / 1e9
+    t, times["hash_with_units_s"] = median_time(lambda: backend.hash(buf, alg), reps)
+    row["hash_with_units_GBps"] = size / t / 1e9
+    row["digest"] = bytes(sealed.digest).hex()
+    # The spread of each process's repetitions (seconds), not every one: the JSON stays the
+    # size of the other results in bench/results/.
+    row["times"] = {
+        k: {"n": len(v), "min": min(v), "median": statistics.median(v), "max": max(v)}
+        for k, v in times.items()
+    }
     log(
-        f"  {alg:15s} {size_name(size):>7s}  seal pinned {row['seal_pinned_GBps']:7.2f} GB/s  "
+        f"  {tag}{alg:15s} {size_name(size):>7s}  seal pinned {row['seal_pinned_GBps']:7.2f} GB/s  "
         f"pageable {row['seal_pageable_GBps']:6.2f}  verify {row['verify_GBps']:8.1f}  "
         f"hash+units {row['hash_with_units_GBps']:8.1f}"
     )
@@ -480,6 +497,149 @@ def worker_main(argv: Sequence[str]) -> int:
     finally:
         pinned.close()
         backend.close()
+    args.result.write_text(json.dumps(out) + "\n")
+    return 0
+
+
+# -- one process: both trees' backends, interleaved ------------------------------------------------
+
+#: The name the old tree's package is imported under in the interleaved process, beside this
+#: tree's ``vram_residency``.
+OLD_ALIAS = "vram_residency_portab_old"
+_PKG_WORD = re.compile(r"\bvram_residency\b")
+
+
+def alias_tree(tree: Path, dest: Path, name: str = OLD_ALIAS) -> Path:
+    """Copy ``tree``'s package to ``dest/name`` with every ``vram_residency`` word of its Python
+    sources (its absolute imports, its module names in docstrings and loggers) made ``name``, so
+    that one interpreter can import it beside this tree's package; returns ``dest`` (for
+    sys.path). Files other than ``.py`` (kernel sources, a built native library) are copied as
+    they are: each tree finds them beside its own modules."""
+    pkg = tree / "src" / "vram_residency"
+    if not (pkg / "__init__.py").is_file():
+        raise ValueError(f"{tree}: no src/vram_residency there")
+    target = dest / name
+    shutil.copytree(pkg, target, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in target.rglob("*.py"):
+        text = f.read_text(encoding="utf-8")
+        renamed = _PKG_WORD.sub(name, text)
+        if renamed != text:
+            f.write_text(renamed, encoding="utf-8")
+    return dest
+
+
+def import_both(old_tree: Path, new_tree: Path, work: Path) -> tuple[Any, Any]:
+    """The old tree's package (as OLD_ALIAS, from a renamed copy under ``work``) and the new
+    tree's ``vram_residency``, in this interpreter; refuses (SystemExit) when any loaded module of
+    either name came from elsewhere: a side that silently ran the other's code would give 1.0."""
+    root = alias_tree(old_tree, work)
+    sys.path.insert(0, str(root))
+    old = importlib.import_module(OLD_ALIAS)
+    importlib.import_module(f"{OLD_ALIAS}.backends.cuda")
+    new = import_tree(new_tree)
+    importlib.import_module("vram_residency.backends.cuda")
+    homes = {OLD_ALIAS: (root / OLD_ALIAS).resolve(), "vram_residency": (new_tree / "src").resolve()}
+    for mod_name, mod in list(sys.modules.items()):
+        top = mod_name.partition(".")[0]
+        f = getattr(mod, "__file__", None)
+        if top in homes and f and not Path(f).resolve().is_relative_to(homes[top]):
+            raise SystemExit(f"port_ab interleaved: {mod_name} came from {f}, not from {homes[top]}")
+    return old, new
+
+
+def interleaved_main(argv: Sequence[str]) -> int:
+    """``--mode interleaved``: one process opens both trees' backends on one device and measures
+    every row with each in turn, round after round, the order flipping from row to row and round
+    to round. Each side has its own backend, pinned buffer (the kind its own gpu_bench seals
+    from) and device buffers; the pageable source is one array, the same bytes at the same pages
+    for both. What differed between two processes (their host memory's pages and NUMA node, the
+    cores they ran on, the state of the machine between them) is then the same for both sides;
+    only the code differs."""
+    ap = argparse.ArgumentParser(prog="port_ab.py interleaved", description="the interleaved A/B (internal)")
+    ap.add_argument("--old", type=Path, required=True)
+    ap.add_argument("--new", type=Path, required=True)
+    ap.add_argument("--result", type=Path, required=True)
+    ap.add_argument("--sizes", type=_arg_type(parse_sizes), default=list(DEFAULT_SIZES))
+    ap.add_argument("--algorithms", type=_arg_type(parse_algorithms), default=list(ALGS))
+    ap.add_argument("--device", type=int, default=0)
+    ap.add_argument("--rounds", type=_arg_type(_positive_int), default=4)
+    ap.add_argument("--budget-s", type=_arg_type(_positive_int))
+    args = ap.parse_args(argv)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="port-ab-old-") as tmp:
+        old_pkg, new_pkg = import_both(args.old, args.new, Path(tmp))
+        opened = {
+            "old": importlib.import_module(f"{OLD_ALIAS}.backends.cuda").open_backend,
+            "new": importlib.import_module("vram_residency.backends.cuda").open_backend,
+        }
+        backends: dict[str, Any] = {}
+        pinned: dict[str, Any] = {}
+        bufs: dict[tuple[str, int], Any] = {}
+        biggest = max(args.sizes)
+        try:
+            for side in SIDES:
+                backends[side] = opened[side](args.device)
+                backends[side].warm_up()
+                pinned[side] = backends[side].pinned_host_buffer(biggest)
+            fill_random(pinned["new"].array)
+            copy_parallel(pinned["old"].array, pinned["new"].array)
+            pageable = np.empty(biggest, dtype=np.uint8)
+            copy_parallel(pageable, pinned["new"].array)
+            for side in SIDES:
+                for size in args.sizes:
+                    bufs[side, size] = backends[side].allocate(size)
+            log(
+                f"  old {backends['old'].describe()} from {Path(old_pkg.__file__).parent}; new from "
+                f"{Path(new_pkg.__file__).parent}; host memory filled in {time.monotonic() - started:.1f} s"
+            )
+            runs: list[dict[str, Any]] = []
+            round_times: list[float] = []
+            rounds = 0
+            measuring = time.monotonic()
+            while another_block(
+                rounds,
+                args.rounds,
+                time.monotonic() - started,
+                # A round is one "process" of each side: another_block's block is two rounds.
+                max(round_times, default=0.0) / 2,
+                args.budget_s,
+            ):
+                t0 = time.monotonic()
+                rows: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+                spent = dict.fromkeys(SIDES, 0.0)
+                log(f"== round {rounds + 1}")
+                for j, (size, alg) in enumerate((s, a) for s in args.sizes for a in args.algorithms):
+                    for side in SIDES if (rounds + j) % 2 == 0 else SIDES[::-1]:
+                        t1 = time.monotonic()
+                        be, buf = backends[side], bufs[side, size]
+                        row = measure_into(be, buf, pinned[side], pageable, size, alg, f"{side} ")
+                        rows[side].append(row)
+                        spent[side] += time.monotonic() - t1
+                first = SIDES[rounds % 2]
+                for k, side in enumerate((first, *(s for s in SIDES if s != first))):
+                    runs.append(
+                        {
+                            "device": backends[side].device_name,
+                            "describe": backends[side].describe(),
+                            "rows": rows[side],
+                            "seconds": spent[side],
+                            "wall_s": spent[side],
+                            "side": side,
+                            "index": 2 * rounds + k,
+                            "round": rounds,
+                        }
+                    )
+                round_times.append(time.monotonic() - t0)
+                rounds += 1
+                log(f"   {round_times[-1]:.1f} s")
+            out = {"rounds": rounds, "runs": runs, "measuring_s": time.monotonic() - measuring}
+        finally:
+            for buf in bufs.values():
+                buf.close()
+            for host in pinned.values():
+                host.close()
+            for backend in backends.values():
+                backend.close()
     args.result.write_text(json.dumps(out) + "\n")
     return 0
 
@@ -559,6 +719,40 @@ def run_rows(args: argparse.Namespace, side: str, tree: Path, work: Path, index:
     run: dict[str, Any] = json.loads(result.read_text())
     run["wall_s"] = wall
     return run
+
+
+def run_interleaved(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+    """``--mode interleaved``: the one process of interleaved_main; its runs (a side's rows of one
+    round each) and the rounds it measured."""
+    with tempfile.TemporaryDirectory(prefix="port-ab-") as tmp:
+        result = Path(tmp) / "interleaved.json"
+        cmd = [
+            args.python,
+            str(Path(__file__).resolve()),
+            "interleaved",
+            "--old",
+            str(args.old),
+            "--new",
+            str(args.new),
+            "--result",
+            str(result),
+            "--sizes",
+            ",".join(map(str, args.sizes)),
+            "--algorithms",
+            ",".join(args.algorithms),
+            "--device",
+            str(args.device),
+            "--rounds",
+            str(args.rounds),
+        ]
+        if args.budget_s:
+            cmd += ["--budget-s", str(args.budget_s)]
+        # The process is bounded by the budget when there is one (plus its last round, which a
+        # budget never starts unless it fits), else by --run-timeout for each round.
+        timeout = args.budget_s + 60 if args.budget_s else args.run_timeout * args.rounds
+        _run(cmd, child_env(args.new), timeout, "the interleaved process")
+        out: dict[str, Any] = json.loads(result.read_text())
+    return list(out["runs"]), int(out["rounds"])
 
 
 def run_gpu_bench(args: argparse.Namespace, side: str, tree: Path, work: Path, index: int) -> dict[str, Any]:
@@ -668,18 +862,28 @@ def write_results(res: dict[str, Any], out: Path) -> Path:
         rev = str(side["revision"])
         return rev[:12] + (" with changes to its files" if rev.endswith("+changes") else "")
 
-    how = (
-        "each process times `write_and_hash`, `digest` and `hash` the way `gpu_bench.measure_one` does "
+    measure = (
+        "times `write_and_hash`, `digest` and `hash` the way `gpu_bench.measure_one` does "
         "(its repetitions, one warm-up, the median)"
-        if res["mode"] == "rows"
-        else "each process is the tree's whole `bench/gpu_bench.py`"
     )
+    how = {
+        "rows": f"each process {measure}",
+        "interleaved": f"one process imports both trees (the old one renamed `{OLD_ALIAS}`), opens both "
+        "backends on the device and, round after round, measures every row with each side in turn "
+        "(the side that goes first flips from row to row and round to round); each side seals from "
+        "its own pinned buffer and into its own device buffers, and both seal the same pageable "
+        f"array; each measurement {measure}",
+        "gpu-bench": "each process is the tree's whole `bench/gpu_bench.py`",
+    }[res["mode"]]
     agree = {True: "yes", False: "**NO**", None: "not compared (each run checks its own against the host)"}
     runs_said = (
         f"{len(pooled)} runs of `bench/port_ab.py --mode {res['mode']}` pooled "
         f"({', '.join(f'`{f}`' for f in pooled)}; `port_ab.py pool`): {res['rounds']} rounds in all, "
         f"{len(res['order'])} processes, each run in the order"
         if pooled
+        else f"One run of `bench/port_ab.py --mode interleaved`: {res['rounds']} rounds in one process, "
+        "each side's measurements of a round counted as one of its runs (below), in the order"
+        if res["mode"] == "interleaved"
         else f"One run of `bench/port_ab.py --mode {res['mode']}`: {res['rounds']} rounds, "
         f"{len(res['order'])} processes in the order"
     )
@@ -689,7 +893,8 @@ def write_results(res: dict[str, Any], out: Path) -> Path:
         "",
         f"Old: `{old['tree']}` at {rev(old, 'unknown revision')}; new: `{new['tree']}` at "
         f"{rev(new, 'unknown revision (no .git)')}. {runs_said} "
-        f"{', '.join(order)}; {how}. Below, each side's median over its processes (GB/s), "
+        f"{', '.join(order)}; {how}. Below, each side's median over its "
+        f"{'runs' if res['mode'] == 'interleaved' else 'processes'} (GB/s), "
         f"and new / old against the issue 10 target (new >= {goal:.2f} x old).",
         "",
         f"Seal digests of old and new agree: {agree[res['digests_agree']]}. "
@@ -715,6 +920,8 @@ def write_results(res: dict[str, Any], out: Path) -> Path:
             + ", ".join(f"{side} {mhz:.0f}" for side, mhz in clocks)
             + ".",
         ]
+    if res.get("clock"):
+        lines += ["", f"SM clock over the whole run (median MHz): {res['clock']['sm_mhz_median']:.0f}."]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     return Path(f"{stem}.md")
 
@@ -794,6 +1001,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(argv[1:])
     if argv[:1] == ["pool"]:
         return pool_main(argv[1:])
+    if argv[:1] == ["interleaved"]:
+        return interleaved_main(argv[1:])
     args = parse_args(argv)
     trees = {"old": args.old, "new": args.new}
     order = alternation(args.rounds)
@@ -817,9 +1026,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     start = time.monotonic()
     times: list[float] = []
+    clock_all: dict[str, float] = {}
+    if args.mode == "interleaved":
+        try:
+            with ClockSampler() as sampler:
+                runs, rounds = run_interleaved(args)
+        except RuntimeError as e:
+            log(f"port_ab: {e}")
+            return 2
+        clock_all = sampler.summary()
+        order = [run["side"] for run in runs]
     with tempfile.TemporaryDirectory(prefix="port-ab-") as tmp:
-        rounds = 0
-        while another_block(rounds, args.rounds, time.monotonic() - start, _slowest(times), args.budget_s):
+        rounds = rounds if args.mode == "interleaved" else 0
+        while args.mode != "interleaved" and another_block(
+            rounds, args.rounds, time.monotonic() - start, _slowest(times), args.budget_s
+        ):
             order = alternation(rounds + 1)
             for i in (2 * rounds, 2 * rounds + 1):
                 side = order[i]
@@ -860,6 +1081,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "host_cpus": os.cpu_count(),
         "python": sys.version.split()[0],
+        **({"clock": clock_all} if clock_all else {}),
         "digests_agree": digests_agree(runs),
         "missed": sum(1 for r in rows if r["within"] is False),
         "rows": rows,

@@ -358,6 +358,109 @@ def test_a_failing_process_stops_the_run_and_writes_nothing(old_tree: Path, tmp_
     assert not (tmp_path / "res").exists()
 
 
+# -- the interleaved mode ---------------------------------------------------------------------------
+
+
+def test_alias_tree_renames_the_package_word_and_nothing_else(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    pkg = tree / "src" / "vram_residency"
+    (pkg / "sub" / "kernels").mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""vram_residency."""\nfrom vram_residency.sub import x\n')
+    (pkg / "sub" / "__init__.py").write_text(
+        "import vram_residency.sub.y as y\nVRAM_RESIDENCY_X = 'vram_residency_other'\nx = 1\n"
+    )
+    (pkg / "sub" / "kernels" / "k.cu").write_text("// vram_residency kernel\n")
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "stale.pyc").write_bytes(b"\0")
+    root = pab.alias_tree(tree, tmp_path / "alias", "vr_old")
+    assert root == tmp_path / "alias"
+    out = root / "vr_old"
+    assert (out / "__init__.py").read_text() == '"""vr_old."""\nfrom vr_old.sub import x\n'
+    # A longer word that starts with the name, and an upper-case one, are other words.
+    assert (out / "sub" / "__init__.py").read_text() == (
+        "import vr_old.sub.y as y\nVRAM_RESIDENCY_X = 'vram_residency_other'\nx = 1\n"
+    )
+    assert (out / "sub" / "kernels" / "k.cu").read_text() == "// vram_residency kernel\n"  # not Python
+    assert not (out / "__pycache__").exists()
+    assert (pkg / "__init__.py").read_text().startswith('"""vram_residency."""')  # the source is untouched
+    with pytest.raises(ValueError, match="no src/vram_residency"):
+        pab.alias_tree(tmp_path / "nothing", tmp_path / "alias2")
+
+
+def test_import_both_loads_each_tree_from_its_own_files(old_tree: Path, tmp_path: Path) -> None:
+    # In a real process: this test process already holds this tree's vram_residency.
+    code = (
+        "import importlib.util, json, sys\n"
+        f"spec = importlib.util.spec_from_file_location('pab', {str(BENCH)!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['pab'] = m; spec.loader.exec_module(m)\n"
+        "from pathlib import Path\n"
+        f"old, new = m.import_both(Path({str(old_tree)!r}), Path({str(ROOT)!r}), Path({str(tmp_path)!r}))\n"
+        "import importlib\n"
+        "oc = importlib.import_module(m.OLD_ALIAS + '.backends.cuda')\n"
+        "import vram_residency.backends.cuda as nc\n"
+        "print(json.dumps({'old': old.__file__, 'new': new.__file__, 'oc': oc.__file__, 'nc': nc.__file__,"
+        " 'differ': oc.open_backend is not nc.open_backend,"
+        " 'old_mods': sorted(k for k in sys.modules if k.startswith(m.OLD_ALIAS))}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=pab.child_env(ROOT, dict(os.environ)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    got = json.loads(out.stdout.splitlines()[-1])
+    alias = (tmp_path / pab.OLD_ALIAS).resolve()
+    assert Path(got["old"]).resolve().is_relative_to(alias)
+    assert Path(got["oc"]).resolve().is_relative_to(alias)
+    assert Path(got["new"]).resolve().is_relative_to((ROOT / "src").resolve())
+    assert Path(got["nc"]).resolve().is_relative_to((ROOT / "src").resolve())
+    assert got["differ"] and f"{pab.OLD_ALIAS}.backends.cuda" in got["old_mods"]
+
+
+@pytest.mark.skipif(
+    shutil.which("nvidia-smi") is not None, reason="on a GPU machine the process would measure, not fail"
+)
+def test_interleaved_without_a_gpu_fails_and_writes_nothing(old_tree: Path, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--out",
+            str(tmp_path / "res"),
+            "--old",
+            str(old_tree),
+            "--new",
+            str(ROOT),
+            "--mode",
+            "interleaved",
+            "--rounds",
+            "1",
+            "--sizes",
+            "1M",
+        ],
+        env=pab.child_env(ROOT, dict(os.environ)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2
+    assert "the interleaved process failed" in out.stdout and "ConfigError" in out.stderr
+    assert not (tmp_path / "res").exists()
+
+
+def test_write_results_of_an_interleaved_run(tmp_path: Path) -> None:
+    runs = [{k: v for k, v in run.items() if k != "clock"} for run in _runs([1.0, 1.0])]
+    res = {**_result(runs), "mode": "interleaved", "clock": {"sm_mhz_median": 1980.0, "power_w_median": 1.0}}
+    text = pab.write_results(res, tmp_path).read_text()
+    assert "`bench/port_ab.py --mode interleaved`: 2 rounds in one process" in text
+    assert f"the old one renamed `{pab.OLD_ALIAS}`" in text
+    assert "each side's median over its runs (GB/s)" in text
+    assert "SM clock over the whole run (median MHz): 1980." in text
+    assert "while each process ran" not in text
+
+
 # -- the report ---------------------------------------------------------------------------------------
 
 
