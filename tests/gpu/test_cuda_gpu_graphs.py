@@ -8,7 +8,7 @@ and that the switch off still works and launches no graph."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -285,3 +285,71 @@ def test_one_copy_seals_from_pinned_and_pageable_memory(
     finally:
         buf.close()
         pinned.close()
+
+
+def _buffer_sizes(b: CudaBackend) -> tuple[int, int, int]:
+    """The compute lane's scratch, pinned result buffer and table arena, in bytes."""
+    return (b._scratch_size, b._results.size if b._results else 0, b._lane("normal").arena_size)
+
+
+@pytest.mark.parametrize(
+    ("grown", "call"),
+    [
+        # A blake3 verify of 4,096 units: 64 bytes of scratch a unit, 32 bytes come back.
+        ("scratch", lambda b, big: b.digest(big, BLAKE3)),
+        # 2,048 unit digests come back (past the 64 KiB result buffer); less scratch than above.
+        ("results", lambda b, big: b.hash(big, SHA256_TREE_V1, 2048 * MiB)),
+        # A table of 4,096 units on the normal lane: its arena.
+        ("arena", lambda b, big: b.digest_many([Segment(big, 4096 * MiB, BLAKE3)])),
+    ],
+)
+def test_no_graph_outlives_the_buffers_it_names(
+    monkeypatch: pytest.MonkeyPatch, grown: str, call: Callable[[CudaBackend, object], object]
+) -> None:
+    """A graph names the scratch, the pinned result buffer and a lane's table arena, which grow
+    by being freed and allocated again and may come back at the same address (the scratch did,
+    on an H200): the grown buffer then matches the keys of graphs captured with the freed one.
+    On an H200 (2026-11-30) the first launch of such a stale graph crashed the process (SIGSEGV)
+    or failed the context (CUDA_ERROR_LAUNCH_FAILED): a 1 MiB shard verified again after a
+    larger shard had grown the scratch. A growth must close the graphs first
+    (``GraphCache.invalidate``), and the small shard's calls must still give the host's digests
+    through graphs captured anew. A fresh backend: the session's has grown its buffers for other
+    tests already. For "results", the scratch is grown first (by the "scratch" call) so that only
+    the result buffer grows."""
+    from vram_residency.backends.cuda import open_backend
+
+    monkeypatch.setattr(_backend, "GRAPHS", True)
+    data = random_bytes(MiB, seed=4242)
+    want = hash_units(data, SHA256_TREE_V1)
+    with open_backend(0) as b:
+        graphs = b._graphs
+        small = b.allocate(MiB)
+        big = b.allocate(4096 * MiB)  # zeros: only its size matters here
+        try:
+            small.write(0, data)
+
+            def small_calls() -> None:
+                # Enough calls for each key to be captured and launched: verify, hash, a seal's
+                # tail, and a table of the shard on the normal lane.
+                for _ in range(CALLS):
+                    assert b.digest(small, SHA256_TREE_V1) == want.digest
+                    assert b.hash(small, SHA256_TREE_V1) == want
+                    assert b.write_and_hash(small, data, SHA256_TREE_V1) == want
+                    assert b.digest_many([Segment(small, MiB, SHA256_TREE_V1)]) == [want.digest]
+
+            if grown == "results":
+                b.digest(big, BLAKE3)
+            small_calls()
+            assert len(graphs) >= 4 and graphs.launched
+            before, invalidated = _buffer_sizes(b), graphs.invalidated
+            call(b, big)
+            after = _buffer_sizes(b)
+            names = ("scratch", "results", "arena")
+            assert [n for n, x, y in zip(names, before, after, strict=True) if y > x] == [grown]
+            assert graphs.invalidated > invalidated and len(graphs) == 0
+            launched = graphs.launched
+            small_calls()  # before the fix: the first stale launch crashed here
+            assert graphs.launched > launched and graphs.launch_failed == 0
+        finally:
+            small.close()
+            big.close()

@@ -123,6 +123,35 @@ def test_least_recently_used_graph_is_closed_beyond_capacity_and_close_closes_th
     assert log[-2:] == ["close g1", "close g3"] and len(cache) == 0
 
 
+def test_invalidate_closes_every_graph_and_forgets_every_key() -> None:
+    # The owner frees memory the graphs name (a grown scratch, result or stage buffer) and the new
+    # allocation may come back at the same address: the same key must then capture anew.
+    log: list[str] = []
+    cache, s = GraphCache(after=1), _Stream(log, "s")
+    for key in ("a", "a", "b", "b"):
+        cache.run(key, s, _enqueue(log))
+    failing = _Stream(log, "f", fail="begin")
+    cache.run("c", failing, _enqueue(log))
+    cache.run("c", failing, _enqueue(log))  # capture fails: "c" is never captured again
+    assert (cache.captured, len(cache), cache.invalidated) == (2, 2, 0)
+    log.clear()
+    cache.invalidate()
+    assert sorted(log) == ["close g1", "close g2"] and len(cache) == 0 and cache.invalidated == 1
+    log.clear()
+    # Seen anew: one direct call (after=1), then a new capture and its launch.
+    assert [cache.run("a", s, _enqueue(log)) for _ in range(3)] == [False, True, True]
+    assert log[:3] == ["enqueue on s", "begin relaxed", "enqueue on capturing"]
+    assert cache.captured == 3 and len(cache) == 1
+    # A key whose capture had failed is tried again (once more, failing again here).
+    log.clear()
+    cache.run("c", failing, _enqueue(log))
+    cache.run("c", failing, _enqueue(log))
+    assert log.count("begin relaxed") == 1
+    log.clear()
+    cache.invalidate()  # and again: no graph of the old allocation is ever launched
+    assert cache.invalidated == 2 and log == ["close g1"] and len(cache) == 0
+
+
 def test_a_capture_stream_of_its_own_captures_and_the_run_stream_launches() -> None:
     # The compute lane's cache captures on a stream nothing else queues on (other threads zero
     # allocations on the run stream), and launches the graph on the run stream.

@@ -1506,6 +1506,8 @@ class CudaBackend(Backend):
         # in the steady state.
         if nbytes > self._scratch_size:
             if self._scratch_mem is not None:
+                # Graphs name the scratch; the grown one may come back at the same address.
+                self._graphs.invalidate()
                 mem, self._scratch_mem = self._scratch_mem, None
                 self._scratch_ptr, self._scratch_size = 0, 0
                 self._scratch_mr.free(mem)
@@ -1524,6 +1526,7 @@ class CudaBackend(Backend):
     def _result_buffer(self, nbytes: int) -> PinnedHostBuffer:
         if self._results is None or self._results.size < nbytes:
             if self._results is not None:
+                self._graphs.invalidate()  # graphs' copies land in it (see _scratch)
                 self._results.close()
             self._results = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)), self._dev)
         return self._results
@@ -2550,6 +2553,7 @@ class _Lane:
         if nbytes > self.arena_size:
             mr = self.b._scratch_mr
             if self.arena_mem is not None:
+                self.graphs.invalidate()  # graphs name the arena (see CudaBackend._scratch)
                 mem, self.arena_mem = self.arena_mem, None
                 self.arena_ptr, self.arena_size = 0, 0
                 mr.free(mem)
@@ -2569,6 +2573,7 @@ class _Lane:
     def _pinned(self, nbytes: int) -> PinnedHostBuffer:
         if self.host is None or self.host.size < nbytes:
             if self.host is not None:
+                self.graphs.invalidate()  # graphs copy from and into it (see CudaBackend._scratch)
                 self.host.close()
                 self.host = None
             self.host = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)), self.b._dev)

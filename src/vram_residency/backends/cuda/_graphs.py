@@ -84,6 +84,7 @@ class GraphCache:
         self.captured = 0  # graphs built (for tests and benchmarks)
         self.launched = 0  # runs that were one graph launch
         self.launch_failed = 0  # graph launches that failed, their work then queued directly
+        self.invalidated = 0  # invalidate() calls: memory the graphs named was about to be freed
 
     def __len__(self) -> int:
         return sum(1 for g in self._graphs.values() if g is not _FAILED)
@@ -182,6 +183,26 @@ class GraphCache:
                 with contextlib.suppress(Exception):
                     builder.close()
         return graph
+
+    def invalidate(self) -> None:
+        """Close every graph and forget every key: the owner calls this before it frees memory
+        that graphs of this cache may name (a scratch, result or stage buffer it grows). A key
+        holds addresses, but a new allocation can come back at a freed one's address (a grown
+        scratch did, from cuMemAlloc, on an H200) and then matches the old key, while the graph
+        captured with it still refers to the freed allocation: CUDA requires the memory a graph
+        uses to outlive it. On an H200 (2026-11-30) such a stale graph's launch crashed the
+        process (SIGSEGV) or failed the context with CUDA_ERROR_LAUNCH_FAILED: a verify of a
+        small shard after a larger one had grown the scratch. Keys that had failed to capture
+        may be tried again. A graph still running when it is closed is freed when it completes
+        (cuGraphExecDestroy)."""
+        with self._lock:
+            graphs = list(self._graphs.values())
+            self._graphs.clear()
+            self._seen.clear()
+            self._evicted.clear()
+            self.invalidated += 1
+        for g in graphs:
+            _close(g)
 
     def close(self) -> None:
         """Close every graph (idempotent; errors are not reported: teardown)."""
