@@ -302,11 +302,18 @@ def tree_revision(tree: Path) -> str | None:
 
 def src_digest(tree: Path) -> str:
     """SHA-256 over the tree's package sources (each file's path under src/ and its bytes, in
-    path order): the same files give the same digest on any machine, so a result can be matched
-    to a commit (``git worktree``/``git archive`` of it, then this function) whatever its .git."""
+    path order; built native libraries, ``*.so``, left out): the same files give the same digest
+    on any machine, so a result can be matched to a commit (``git worktree``/``git archive`` of
+    it, then this function) whatever its .git. Results written before the ``*.so`` files were
+    left out (port-ab-2026-11-30-f to -h) counted the libraries the GPU machine had built."""
     h = hashlib.sha256()
     root = tree / "src"
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for f in sorted(
+        p
+        for p in root.rglob("*")
+        # Native libraries are built on each machine (gpu-check builds them there): not sources.
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".so"
+    ):
         rel = f.relative_to(root).as_posix().encode()
         data = f.read_bytes()
         h.update(len(rel).to_bytes(8, "big") + rel + len(data).to_bytes(8, "big") + data)
@@ -616,10 +623,11 @@ def interleaved_main(argv: Sequence[str]) -> int:
     args = ap.parse_args(argv)
     started = time.monotonic()
     # On the GPU's own NUMA node, before any host memory is touched: every thread made later (the
-    # backends' staging copiers, the fill) inherits this, so both sides' pinned and staging
-    # buffers and the pageable source land on one node. Left to the scheduler, the main thread
-    # can move between nodes between the old side's first staging allocation and the new side's
-    # (run g, 2026-11-30: one side's 64 MiB pageable seals 5% slower in every one of 12 rounds).
+    # backends' staging copiers, the fill) inherits this, so on a host of several nodes both
+    # sides' pinned and staging buffers and the pageable source land on the GPU's node, and the
+    # main thread cannot move to another node between the old side's first staging allocation
+    # and the new side's. (The lent nvidia-h200-x2 machines of 2026-11-30 have one node, so this
+    # did not explain run g's 64 MiB pageable seals, 5% apart in 11 of 12 rounds.)
     cpus = None if args.no_pin else gpu_local_cpus(args.device)
     if cpus:
         os.sched_setaffinity(0, cpus)

@@ -459,6 +459,9 @@ def test_write_results_of_an_interleaved_run(tmp_path: Path) -> None:
     assert "each side's median over its runs (GB/s)" in text
     assert "SM clock over the whole run (median MHz): 1980." in text
     assert "while each process ran" not in text
+    assert "CPUs of the process: not pinned." in text
+    text = pab.write_results({**res, "cpus": "0-15"}, tmp_path).read_text()
+    assert "CPUs of the process: the GPU NUMA node, 0-15." in text
 
 
 # -- the report ---------------------------------------------------------------------------------------
@@ -710,3 +713,30 @@ def test_src_digest_known_answer(tmp_path: Path) -> None:
     rel = b"p/a.py"
     want = hashlib.sha256(len(rel).to_bytes(8, "big") + rel + (1).to_bytes(8, "big") + b"x").hexdigest()
     assert pab.src_digest(tmp_path) == want
+    # Built native libraries and bytecode are not sources: the digest does not see them.
+    (tmp_path / "src" / "p" / "_lib.so").write_bytes(b"built here")
+    (tmp_path / "src" / "p" / "__pycache__").mkdir()
+    (tmp_path / "src" / "p" / "__pycache__" / "a.cpython-312.pyc").write_bytes(b"\0")
+    assert pab.src_digest(tmp_path) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [("0-3", {0, 1, 2, 3}), ("0-3,8,10-11\n", {0, 1, 2, 3, 8, 10, 11}), ("5", {5}), ("", set())],
+)
+def test_parse_cpulist_known_answers(text: str, want: set[int]) -> None:
+    assert pab.parse_cpulist(text) == want
+
+
+@given(st.sets(st.integers(min_value=0, max_value=300), min_size=1))
+def test_cpulist_round_trips(cpus: set[int]) -> None:
+    text = pab._cpulist(cpus)
+    assert pab.parse_cpulist(text) == cpus
+    assert text == ",".join(text.split(","))  # no empty parts
+    assert pab._cpulist({0, 1, 2, 3, 5, 7, 8}) == "0-3,5,7-8"
+
+
+def test_gpu_local_cpus_is_none_without_a_driver() -> None:
+    if shutil.which("nvidia-smi") is not None:
+        pytest.skip("a GPU machine has a driver")
+    assert pab.gpu_local_cpus(0) is None

@@ -124,7 +124,11 @@ def test_out_of_memory_is_clean_and_retriable(cuda_backend: CudaBackend) -> None
         assert again.read(want - 3, 3) == b"end"
     finally:
         again.close()
-    assert abs(cuda_backend.mem_info()[0] - free0) <= 2 * MiB
+    # Nothing of ours is left allocated. The free figure may end above where it started by what
+    # the driver gave back of its own at the refusal (above): 4 MiB more, on an H200, in a run
+    # (2026-11-30, fifth session) whose earlier tests had instantiated and closed more graphs.
+    free_end = cuda_backend.mem_info()[0]
+    assert free0 - 2 * MiB <= free_end <= free0 + 16 * MiB
 
 
 def test_ten_thousand_cycles_leave_free_vram_where_it_started(cuda_backend: CudaBackend) -> None:
