@@ -698,7 +698,11 @@ def test_every_io_error_on_the_audit_path_is_an_audit_write_failure(
     try:
         log.emit(VRAM_SEALED)
         log.flush()
-        err = OSError(errno.EMFILE if site in ("dup", "open") else errno.ENOSPC, "injected")
+        # dup and open: an error other than running out of descriptors (EMFILE and ENFILE are
+        # waited out, see the test after this one).
+        err = OSError(
+            errno.EBADF if site == "dup" else errno.EACCES if site == "open" else errno.ENOSPC, "injected"
+        )
         real_close = os.close
         if site == "datasync":
             monkeypatch.setattr(log_module, "_datasync", _raise(err))
@@ -720,6 +724,53 @@ def test_every_io_error_on_the_audit_path_is_an_audit_write_failure(
     finally:
         monkeypatch.undo()
         log.close()
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE])
+def test_running_out_of_descriptors_neither_fails_the_log_nor_loses_a_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """A flood of half-open connections can take every descriptor for a second. The sync then
+    runs on the log's own descriptor (no dup), and a rotation that cannot open its new file is
+    undone and tried again by a later append; the log stays usable and its chain whole. Before,
+    either failed the log, and the worker stopped itself (a CI run of
+    test_half_open_flood_under_a_low_fd_limit_keeps_health_answering, 2026-11-30)."""
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None, max_bytes=2048)
+    try:
+        log.emit(VRAM_SEALED)
+        log.flush()
+        err = OSError(code, "injected")
+        synced: list[int] = []
+        real_datasync = log_module._datasync
+        monkeypatch.setattr(os, "dup", _raise(err))
+
+        def datasync(fd: int) -> None:
+            synced.append(fd)
+            real_datasync(fd)
+
+        monkeypatch.setattr(log_module, "_datasync", datasync)
+        real_open = os.open
+
+        def open_no_new_files(file: object, flags: int, *a: object, **k: object) -> int:
+            if Path(str(file)) == path:
+                raise err
+            return real_open(file, flags, *a, **k)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", open_no_new_files)
+        _emit_many(log, 40)  # past max_bytes several times: each rotation is put off
+        log.flush()
+        assert not log.failed and synced  # synced through the log's own descriptor
+        assert not rotated_paths(path) and path.stat().st_size > 2048  # grown past the limit
+        monkeypatch.undo()
+        _emit_many(log, 1)  # descriptors are back: this append rotates
+        log.flush()
+        assert len(rotated_paths(path)) == 1 and not log.failed
+    finally:
+        monkeypatch.undo()
+        log.close()
+    report = verify_log(_all_files(path), TOKEN)
+    assert report.ok and report.records == 42  # every record, in one chain over both files
 
 
 def _emit_many(log: AuditLog, n: int) -> None:
@@ -760,11 +811,17 @@ from vram_residency.errors import SealVerificationFailed
 """
 
 
-def test_real_fd_exhaustion_fails_closed(tmp_path: Path) -> None:
+def test_real_fd_exhaustion_keeps_every_record_durable(tmp_path: Path) -> None:
+    """Every descriptor taken (RLIMIT_NOFILE 64, then /dev/null opened until EMFILE), as a flood
+    of half-open connections does to a worker: a critical event still returns, synced through
+    the log's own descriptor, and the log stays usable. (Until 2026-11-30 the sync needed a
+    duplicate descriptor, and this failed the log closed; a worker then stopped itself because
+    of a connection flood: test_half_open_flood_under_a_low_fd_limit_keeps_health_answering.)"""
+    path = tmp_path / "a.jsonl"
     code = _CHILD_PRELUDE + textwrap.dedent(
         f"""
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        log = AuditLog({str(tmp_path / "a.jsonl")!r}, token={TOKEN!r}, worker_id="w", flush_interval=0.05)
+        log = AuditLog({str(path)!r}, token={TOKEN!r}, worker_id="w", flush_interval=0.05)
         log.emit("VramSealed")
         held = []
         try:
@@ -774,27 +831,32 @@ def test_real_fd_exhaustion_fails_closed(tmp_path: Path) -> None:
             assert exc.errno == errno.EMFILE
         out = {{}}
         try:
-            log.emit("SealVerificationFailed", shard_id="s0")
+            log.emit("SealVerificationFailed", shard_id="s0")  # critical: synced before it returns
             out["first"] = "returned"
-        except AuditWriteFailed as exc:
-            out["first"] = ["AuditWriteFailed", exc.errno, exc.event]
-        except OSError as exc:
-            out["first"] = ["raw OSError", exc.errno]
+        except (AuditWriteFailed, OSError) as exc:
+            out["first"] = [type(exc).__name__, exc.errno]
+        out["failed_during"] = log.failed
         for fd in held:
             os.close(fd)
+        with open({str(path)!r}, "rb") as f:
+            out["lines"] = [json.loads(line)["event"] for line in f]
         try:
             log.emit("VramSealed")
             out["later"] = "returned"
         except AuditWriteFailed:
             out["later"] = "AuditWriteFailed"
-        out["flusher_alive"] = log._thread.is_alive() or log.failed
+        out["flusher_alive"] = log._thread.is_alive()
+        log.close()
         print(json.dumps(out))
         """
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     out = json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
-    assert out[0]["first"] == ["AuditWriteFailed", errno.EMFILE, "SealVerificationFailed"], out
-    assert out[0]["later"] == "AuditWriteFailed" and out[0]["flusher_alive"], out
+    assert out[0]["first"] == "returned" and out[0]["failed_during"] is False, out
+    # Written and synced while every descriptor was taken (the critical event's sync returned).
+    assert out[0]["lines"][-2:] == ["VramSealed", "SealVerificationFailed"], out
+    assert out[0]["later"] == "returned" and out[0]["flusher_alive"], out
+    assert verify_log(path, TOKEN).ok
 
 
 def test_a_full_file_keeps_what_the_caller_needs(tmp_path: Path) -> None:

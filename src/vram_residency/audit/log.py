@@ -48,10 +48,13 @@ Head mismatch at open (a restart must not launder deleted records)
     :class:`AuditHeadMismatch` instead, for operators who prefer a stopped worker.
 
 Fail closed
-    Every I/O error on the audit path (open, write, sync, ``dup``, head update, rotation, close,
-    ``EMFILE``) becomes :class:`AuditWriteFailed`; after the first one the log refuses every
-    event. The background flusher never dies silently: any error it meets marks the log failed,
-    so the next ``emit`` raises.
+    Every I/O error on the audit path (open, write, sync, ``dup``, head update, rotation, close)
+    becomes :class:`AuditWriteFailed`; after the first one the log refuses every event. The
+    background flusher never dies silently: any error it meets marks the log failed, so the
+    next ``emit`` raises. Running out of file descriptors (``EMFILE``, ``ENFILE``: a flood of
+    half-open connections does it for a second) loses nothing and is not a failure: a sync
+    then runs on the log's own descriptor, and a rotation waits for a free one (the active
+    file grows past ``max_bytes`` meanwhile); the log's directory stays open for rotations.
 
 Secrets: the token is turned into the audit key at construction and dropped; the key lives in a
 :class:`AuditKey`, which never prints itself. Field names that look like secrets, and any bytes
@@ -275,6 +278,9 @@ class AuditLog:
         self._closed = False
         self._fd = -1
         self._head_fd = -1
+        #: The log's directory, open for the log's life: a rotation syncs the directory entries
+        #: through it instead of opening the directory while descriptors may have run out.
+        self._dir_fd = -1
         self._regular = True
         # While True, syncs do not rewrite the head: set while a head mismatch is pending, so the
         # head can only move on once the AuditHeadMismatch record is on disk.
@@ -357,6 +363,10 @@ class AuditLog:
                 raise ConfigError(f"audit log {self._path} is in use by another process") from None
             except OSError as exc:
                 raise self._open_error(exc, "lock") from None
+            try:
+                self._dir_fd = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise self._open_error(exc, "open") from None
             # The head file's lock covers one name of the log; a symlink or a hard link to the
             # same file has a head file of its own. So the data file is locked too, before it is
             # read (a second writer must not "recover" the first's batch in flight as a torn
@@ -933,20 +943,47 @@ class AuditLog:
         return False
 
     def _rotate_locked(self) -> None:
-        """Sync and rename the active file, start a new one. Called with everything written."""
+        """Sync and rename the active file, start a new one. Called with everything written.
+
+        The new file is opened before the old descriptor is closed, and the directory is synced
+        through the descriptor kept for it: a rotation needs one free descriptor, not two. When
+        none is free (a flood of connections has taken them all; EMFILE or ENFILE) the rename is
+        undone and the active file grows past ``max_bytes`` until a later append finds one: a
+        full descriptor table for a second must not fail the audit log, which would stop the
+        worker."""
         target = self._path.with_name(f"{self._path.name}.{self._next_rotation}")
         try:
             if self._regular:
                 _datasync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
             os.rename(self._path, target)
-            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            # The new file is locked as the first one was (see _open); no one else can hold it.
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _fsync_dir(self._path.parent)
         except OSError as exc:
             raise self._fail_locked(exc, "rotation") from None
+        try:
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno not in (_errno.EMFILE, _errno.ENFILE):
+                raise self._fail_locked(exc, "rotation") from None
+            try:
+                os.rename(target, self._path)
+            except OSError as undo:
+                raise self._fail_locked(undo, "rotation") from None
+            logger.warning(
+                "audit log %s: no file descriptor free for its rotation (%s); it grows past its "
+                "size limit until one is",
+                self._path,
+                exc.strerror,
+            )
+            return
+        try:
+            # The new file is locked as the first one was (see _open); no one else can hold it.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fsync(self._dir_fd)
+        except OSError as exc:
+            os.close(fd)
+            raise self._fail_locked(exc, "rotation") from None
+        old, self._fd = self._fd, fd
+        with contextlib.suppress(OSError):  # synced above; a failed close loses nothing
+            os.close(old)
         self._next_rotation += 1
         self._size = 0
 
@@ -962,18 +999,28 @@ class AuditLog:
                 target_hash = self._written_hash
                 # A duplicate descriptor stays valid even if a rotation closes ours meanwhile;
                 # syncing outside _lock lets other threads keep appending during the sync. dup
-                # fails with EMFILE when descriptors run out: that is an audit failure like any
-                # other I/O error, never a raw OSError that skips the fail-closed path.
+                # fails with EMFILE or ENFILE when descriptors run out (a flood of connections):
+                # then the sync runs here, under _lock, on our own descriptor, which no rotation
+                # can close meanwhile. Any other error is an audit failure like any other I/O
+                # error, never a raw OSError that skips the fail-closed path.
                 try:
                     fd = os.dup(self._fd)
                 except OSError as exc:
-                    raise self._fail_locked(exc, "sync") from None
+                    if exc.errno not in (_errno.EMFILE, _errno.ENFILE):
+                        raise self._fail_locked(exc, "sync") from None
+                    fd = -1
+                    try:
+                        if self._regular:
+                            _datasync(self._fd)
+                    except OSError as sync_exc:
+                        raise self._fail_locked(sync_exc, "sync") from None
             try:
-                try:
-                    if self._regular:
-                        _datasync(fd)
-                finally:
-                    os.close(fd)
+                if fd >= 0:
+                    try:
+                        if self._regular:
+                            _datasync(fd)
+                    finally:
+                        os.close(fd)
                 if target >= 0 and not self._hold_head:
                     self._write_head(target, target_hash)
             except OSError as exc:
@@ -1034,7 +1081,7 @@ class AuditLog:
             _open_logs.discard(self)
 
     def _close_fds(self) -> None:
-        for name in ("_fd", "_head_fd"):
+        for name in ("_fd", "_head_fd", "_dir_fd"):
             fd = getattr(self, name, -1)
             if fd >= 0:
                 with contextlib.suppress(OSError):
