@@ -992,6 +992,8 @@ class CudaBackend(Backend):
         super().__init__(device)
         drv = driver()
         self._closed = False
+        #: Set by close() before it closes the lanes (``_activate`` refuses from then on).
+        self._closing = False
         self._allow_integrated = bool(allow_integrated)
         # cuda.core's Device: set_current() retains the device's primary context and makes it
         # current (cuDevicePrimaryCtxRetain + cuCtxSetCurrent, as before); cuda.core keeps that
@@ -1113,7 +1115,7 @@ class CudaBackend(Backend):
     def _activate(self) -> None:
         # Driver calls act on the calling thread's current context; callers come from any thread,
         # and with several GPUs each backend must make its own device's context current.
-        if self._closed:
+        if self._closed or self._closing:
             raise ConfigError("the CUDA backend is closed")
         with core_errors("cuCtxSetCurrent"):
             self._dev.set_current()
@@ -1527,7 +1529,16 @@ class CudaBackend(Backend):
         if self._results is None or self._results.size < nbytes:
             if self._results is not None:
                 self._graphs.invalidate()  # graphs' copies land in it (see _scratch)
-                self._results.close()
+                # Forgotten before it is closed: a close that fails must not leave a closed
+                # buffer here, whose size would still satisfy later calls.
+                old, self._results = self._results, None
+                # cuMemFreeHost does not wait for our streams (cuda.core synchronizes the
+                # context's legacy default stream, which non-blocking streams never join), and a
+                # call that failed or was interrupted between queuing its copies into this
+                # buffer and its synchronization (an error of the end event's record after a
+                # graph launch, say) left them in flight: they would land in freed host memory.
+                _drain(self._stream)
+                old.close()
             self._results = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)), self._dev)
         return self._results
 
@@ -2107,6 +2118,13 @@ class CudaBackend(Backend):
         for buf in live:
             buf.close()
         with self._lock, self._staging_lock:
+            # Set before any lane is closed: the low lane's users hold its lock, not the
+            # backend's, and one that was waiting for that lock while close() closed the lane
+            # would otherwise find ``_activate`` passing (``_closed`` is set only at the end) and
+            # run on the closed lane: a new arena and pinned buffer that nobody frees, launches
+            # on its closed stream, kernels of modules unloaded meanwhile, graphs captured into
+            # its closed cache. Every user of a lane calls ``_activate`` under the lane's lock.
+            self._closing = True
             # As before, teardown reports nothing: each step runs whatever the previous one did.
             quiet = contextlib.suppress(Exception)
             with quiet:
@@ -2165,6 +2183,14 @@ class CudaBackend(Backend):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _drain(stream: Any) -> None:
+    """Wait for everything queued on ``stream`` before memory its work may use is freed (a buffer
+    grown). A failure is not raised: a broken context fails this too, and then nothing is in
+    flight; the free that follows reports what it must."""
+    with contextlib.suppress(Exception):
+        stream.sync()
 
 
 def _overlap(while_running: WhileRunning | None, wait: Callable[[], None]) -> None:
@@ -2554,6 +2580,10 @@ class _Lane:
             mr = self.b._scratch_mr
             if self.arena_mem is not None:
                 self.graphs.invalidate()  # graphs name the arena (see CudaBackend._scratch)
+                # The free zeroes the arena on the compute stream, which the low lane's stream
+                # is not ordered with: work of this lane still in flight (a call that failed or
+                # was interrupted before its synchronization) must be done first.
+                _drain(self.stream)
                 mem, self.arena_mem = self.arena_mem, None
                 self.arena_ptr, self.arena_size = 0, 0
                 mr.free(mem)
@@ -2574,8 +2604,9 @@ class _Lane:
         if self.host is None or self.host.size < nbytes:
             if self.host is not None:
                 self.graphs.invalidate()  # graphs copy from and into it (see CudaBackend._scratch)
-                self.host.close()
-                self.host = None
+                old, self.host = self.host, None  # forgotten first (see CudaBackend._result_buffer)
+                _drain(self.stream)  # no copy of this lane may still read or fill it (same place)
+                old.close()
             self.host = PinnedHostBuffer(max(64 << 10, -(-nbytes // (64 << 10)) * (64 << 10)), self.b._dev)
         return self.host
 

@@ -85,6 +85,8 @@ class GraphCache:
         self.launched = 0  # runs that were one graph launch
         self.launch_failed = 0  # graph launches that failed, their work then queued directly
         self.invalidated = 0  # invalidate() calls: memory the graphs named was about to be freed
+        #: Set by close(): no graph is captured any more (see :meth:`run`).
+        self._closed = False
 
     def __len__(self) -> int:
         return sum(1 for g in self._graphs.values() if g is not _FAILED)
@@ -96,10 +98,11 @@ class GraphCache:
         results), and it runs on every call that is not a graph launch."""
         seen, after = 0, self._after
         with self._lock:
-            graph = self._graphs.get(key)
+            closed = self._closed
+            graph = None if closed else self._graphs.get(key)
             if graph is not None:
                 self._graphs.move_to_end(key)
-            else:
+            elif not closed:
                 seen = self._seen.pop(key, 0) + 1
                 self._seen[key] = seen
                 while len(self._seen) > 4 * self._capacity:
@@ -107,7 +110,9 @@ class GraphCache:
                 evictions = self._evicted.get(key, 0)
                 if evictions:
                     after = (after + 1) * (1 << min(evictions, 16)) - 1
-        if graph is _FAILED or (graph is None and seen <= after):
+        if closed or graph is _FAILED or (graph is None and seen <= after):
+            # Closed (its lane or backend is closing): a graph captured now would be closed by
+            # nobody and would name memory and kernel modules freed right after; queued directly.
             enqueue(stream)
             return False
         if graph is None:
@@ -142,6 +147,11 @@ class GraphCache:
         with self._gate:
             graph = self._build(stream, enqueue)
         with self._lock:
+            if self._closed:
+                # Closed while this capture ran (close() does not wait for the owner's lock):
+                # the graph is not kept, and this run queues its work directly.
+                _close(graph)
+                return None
             self._graphs[key] = graph if graph is not None else _FAILED
             self._seen.pop(key, None)
             while len(self._graphs) > self._capacity:
@@ -205,8 +215,10 @@ class GraphCache:
             _close(g)
 
     def close(self) -> None:
-        """Close every graph (idempotent; errors are not reported: teardown)."""
+        """Close every graph (idempotent; errors are not reported: teardown). Later runs queue
+        their work directly and capture nothing."""
         with self._lock:
+            self._closed = True
             graphs = list(self._graphs.values())
             self._graphs.clear()
             self._seen.clear()
