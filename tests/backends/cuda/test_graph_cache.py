@@ -194,12 +194,13 @@ def test_a_key_evicted_again_and_again_waits_twice_as_long_before_each_capture()
     assert len(cache) == 2
 
 
-def test_eviction_counts_are_forgotten_on_close() -> None:
+def test_eviction_counts_are_forgotten_on_invalidate() -> None:
+    # (Formerly on close; a closed cache now captures nothing at all, see below.)
     log: list[str] = []
     cache, s = GraphCache(capacity=1, after=0), _Stream(log, "s")
     for key in ("a", "b", "a"):
         cache.run(key, s, _enqueue(log))
-    cache.close()
+    cache.invalidate()
     assert cache.run("a", s, _enqueue(log))  # captured at once again: after=0, no backoff
 
 
@@ -282,3 +283,42 @@ def test_the_gate_is_held_from_the_start_of_a_capture_to_the_instantiated_graph(
         "launch g1 on s",
         "launch g1 on s",
     ]
+
+
+def test_a_closed_cache_captures_nothing_and_queues_the_work_directly() -> None:
+    # A lane closed while one of its users waited for the lane's lock: a graph captured after
+    # close() would be closed by nobody and would name the lane's freed memory and the
+    # backend's unloaded kernel modules.
+    log: list[str] = []
+    cache, s = GraphCache(after=1), _Stream(log, "s")
+    for _ in range(3):
+        cache.run("k", s, _enqueue(log))
+    cache.close()
+    log.clear()
+    ran = [cache.run(k, s, _enqueue(log)) for k in ("k", "k", "k", "new", "new", "new")]
+    assert ran == [False] * 6
+    assert log == ["enqueue on s"] * 6
+    assert len(cache) == 0 and cache.captured == 1
+
+
+def test_a_cache_closed_while_a_capture_runs_keeps_no_graph() -> None:
+    # close() takes only the cache's own lock: a capture in progress on the owner's thread
+    # finishes after it, and its graph must be closed rather than kept.
+    log: list[str] = []
+    cache, s = GraphCache(after=0), _Stream(log, "s")
+
+    def enqueue(stream: _Stream) -> None:
+        log.append(f"enqueue on {stream.name}")
+        if stream.name == "capturing":
+            cache.close()
+
+    assert cache.run("k", s, enqueue) is False
+    assert log == [
+        "begin relaxed",
+        "enqueue on capturing",
+        "end",
+        "builder closed",
+        "close g1",
+        "enqueue on s",
+    ]
+    assert len(cache) == 0 and cache.captured == 0
