@@ -606,6 +606,8 @@ class _Mover:
         self.same = db.device == sb.device
         self.peer = self.same or _peer_can_access_peer(db, sb)
         self.stage: list[tuple[PinnedHostBuffer, Any]] = []
+        #: Copies queued on ``db``'s copy stream since the last :meth:`wait` (see :meth:`close`).
+        self.pending = False
         if self.peer and not self.same:
             _enable_peer(db, sb)
             # Peer access to VMM memory (a restored shard) is granted per mapping, not by
@@ -620,6 +622,8 @@ class _Mover:
         drv = driver()
         db, sb = self.db, self.sb
         d, s = self.dst._ptr + offset, self.src._ptr + offset
+        # Set before queuing: whatever this call queues must be waited for by close().
+        self.pending = True
         if self.same:
             db._activate()
             check(drv.cuMemcpyDtoDAsync(d, s, length, db._copy_stream.handle), "cuMemcpyDtoDAsync")
@@ -657,8 +661,20 @@ class _Mover:
     def wait(self) -> None:
         self.db._activate()
         self.db._sync(self.db._copy_stream, "migration copy")
+        self.pending = False
 
     def close(self) -> None:
+        if self.pending and not self.stage:
+            # A failure (or an interrupt) after some chunks' peer or device-to-device copies were
+            # queued: the callers release both buffers' locks right after, and neither buffer's
+            # free waits for this copy stream (a cuMemAlloc buffer is zeroed on its own
+            # backend's compute stream, a VMM range waits for its own backend's streams), so a
+            # late copy would read freed (or unmapped) memory, or write into memory already
+            # zeroed and freed. A broken context fails this too, and then nothing is in flight.
+            with contextlib.suppress(Exception):
+                self.db._activate()
+                self.db._copy_stream.sync()
+            self.pending = False
         if self.stage:
             self.db._activate()
             self.db._sync(self.db._copy_stream, "migration copy")
