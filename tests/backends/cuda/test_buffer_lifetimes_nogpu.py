@@ -31,6 +31,7 @@ from vram_residency.errors import ConfigError, IntegrityViolation
 class _Stream:
     def __init__(self, log: list[str], name: str) -> None:
         self.log, self.name = log, name
+        self.handle = name
 
     def sync(self) -> None:
         self.log.append(f"sync {self.name}")
@@ -234,3 +235,62 @@ def test_a_low_lane_user_waiting_while_close_closes_the_lane_is_refused(log: lis
     assert seen == ["refused: the CUDA backend is closed"]
     assert lane.arena_mem is None and not any(e.startswith("allocate") for e in log)
     assert b._closed
+
+
+class _Driver:
+    """Stands in for cuda-bindings' driver: device-to-device copies that succeed until
+    ``fail_at`` (then return an error, as a failed launch of a copy does)."""
+
+    def __init__(self, log: list[str], fail_at: int) -> None:
+        self.log, self.fail_at, self.calls = log, fail_at, 0
+
+    def cuMemcpyDtoDAsync(self, dst: int, src: int, n: int, stream: object) -> tuple[str]:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            return ("CUDA_ERROR_LAUNCH_FAILED",)
+        self.log.append(f"copy {n} at {dst - 0x1000:#x}")
+        return ("ok",)
+
+
+def _mover(log: list[str], monkeypatch: pytest.MonkeyPatch, fail_at: int) -> Any:
+    drv = _Driver(log, fail_at)
+    monkeypatch.setattr(_backend, "driver", lambda: drv)
+
+    def check(result: tuple[str], what: str) -> None:
+        if result[0] != "ok":
+            raise IntegrityViolation(f"{what} failed: {result[0]}")
+
+    monkeypatch.setattr(_backend, "check", check)
+    db = SimpleNamespace(_activate=lambda: None, _copy_stream=_Stream(log, "copy"))
+    db._sync = lambda stream, what: stream.sync()
+    mover: Any = _backend._Mover.__new__(_backend._Mover)
+    mover.db = mover.sb = db
+    mover.dst = SimpleNamespace(_ptr=0x1000)
+    mover.src = SimpleNamespace(_ptr=0x9000)
+    mover.same, mover.peer, mover.stage, mover.pending = True, True, [], False
+    return mover
+
+
+def test_a_copy_that_fails_part_way_leaves_nothing_in_flight(
+    log: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _peer_peer_copy_raw's pattern: chunks issued one by one, close() in a finally clause, then
+    # both buffers' locks released (the caller may free them; neither free waits for this
+    # backend's copy stream).
+    mover = _mover(log, monkeypatch, fail_at=3)
+    with pytest.raises(IntegrityViolation):
+        try:
+            for off in range(0, 4 << 20, 1 << 20):
+                mover.issue(off, 1 << 20)
+            mover.wait()
+        finally:
+            mover.close()
+    assert log == ["copy 1048576 at 0x0", "copy 1048576 at 0x100000", "sync copy"]
+
+
+def test_a_copy_waited_for_is_not_waited_for_again(log: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    mover = _mover(log, monkeypatch, fail_at=0)
+    mover.issue(0, 1 << 20)
+    mover.wait()
+    mover.close()
+    assert log == ["copy 1048576 at 0x0", "sync copy"]
