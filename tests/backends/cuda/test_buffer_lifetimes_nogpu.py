@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -43,8 +43,8 @@ class _Stream:
 class _Pinned:
     """Stands in for ``PinnedHostBuffer`` (same constructor arguments)."""
 
-    log: list[str] = []
-    fail_close = False
+    log: ClassVar[list[str]] = []
+    fail_close: ClassVar[bool] = False
 
     def __init__(self, size: int, dev: Any = None) -> None:
         self.size = size
@@ -96,7 +96,9 @@ def test_a_grown_result_buffer_is_freed_after_the_compute_stream_is_drained(log:
     assert log == ["invalidate graphs", "sync compute", f"unpin {64 << 10}", f"pin {128 << 10}"]
 
 
-def test_a_result_buffer_whose_close_fails_is_not_kept(log: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_result_buffer_whose_close_fails_is_not_kept(
+    log: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     b = _backend_with_results(log, 64 << 10)
     monkeypatch.setattr(_Pinned, "fail_close", True)
     with pytest.raises(IntegrityViolation):
@@ -278,13 +280,17 @@ def test_a_copy_that_fails_part_way_leaves_nothing_in_flight(
     # both buffers' locks released (the caller may free them; neither free waits for this
     # backend's copy stream).
     mover = _mover(log, monkeypatch, fail_at=3)
-    with pytest.raises(IntegrityViolation):
+
+    def copy_raw() -> None:
         try:
             for off in range(0, 4 << 20, 1 << 20):
                 mover.issue(off, 1 << 20)
             mover.wait()
         finally:
             mover.close()
+
+    with pytest.raises(IntegrityViolation):
+        copy_raw()
     assert log == ["copy 1048576 at 0x0", "copy 1048576 at 0x100000", "sync copy"]
 
 
