@@ -300,3 +300,24 @@ def test_a_copy_waited_for_is_not_waited_for_again(log: list[str], monkeypatch: 
     mover.wait()
     mover.close()
     assert log == ["copy 1048576 at 0x0", "sync copy"]
+
+
+def test_close_closes_the_backends_graphs_before_the_normal_lanes_arena_is_freed(log: list[str]) -> None:
+    # The normal lane's table graphs live in the backend's cache and name the lane's arena.
+    b, low = _closable_backend(log)
+
+    class _LoggedGraphs(GraphCache):
+        def close(self) -> None:
+            log.append("close backend graphs")
+            super().close()
+
+    b._graphs = _LoggedGraphs()
+    normal = _low_lane(log)
+    normal.b, normal.low, normal.owns_stream = b, False, False
+    normal.lock = b._lock
+    normal.graphs = b._graphs
+    normal.done = normal.t0 = normal.t1 = _Stream(log, "normal lane event")
+    normal.arena_mem = SimpleNamespace(handle=0x7000_0000, size=1 << 16)
+    b._lanes = {"normal": normal, "low": low}
+    b.close()
+    assert log.index("close backend graphs") < log.index(f"free {1 << 16} (zeroed on the compute stream)")

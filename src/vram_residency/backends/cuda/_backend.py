@@ -2148,11 +2148,14 @@ class CudaBackend(Backend):
             for stream in (self._stream, self._copy_stream):
                 with quiet:
                     stream.sync()
+            # Before the lanes: the normal lane's table graphs are in this cache and name its
+            # arena, which lane.close() frees (CUDA wants memory to outlive the graphs using
+            # it); and before the modules whose kernels they name.
+            self._graphs.close()
             for lane in self._lanes.values():
                 with lane.lock:
                     lane.close()
             self._lanes.clear()
-            self._graphs.close()  # before the modules whose kernels they name
             with quiet:
                 self._capture_stream.close()
             with self._prepared_lock:
