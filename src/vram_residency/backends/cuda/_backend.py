@@ -1131,7 +1131,14 @@ class CudaBackend(Backend):
     def _activate(self) -> None:
         # Driver calls act on the calling thread's current context; callers come from any thread,
         # and with several GPUs each backend must make its own device's context current.
-        if self._closed or self._closing:
+        if self._closing:  # (see close(): lanes' users must not run on closed lanes)
+            raise ConfigError("the CUDA backend is closed")
+        self._make_current()
+
+    def _make_current(self) -> None:
+        """``_activate`` without the refusal while close() runs: what frees memory (a VMM
+        range's release, which zeroes it first) must still reach the device then."""
+        if self._closed:
             raise ConfigError("the CUDA backend is closed")
         with core_errors("cuCtxSetCurrent"):
             self._dev.set_current()
@@ -1251,7 +1258,9 @@ class CudaBackend(Backend):
             vmm = _vmm.VmmRange(
                 self.device,
                 size,
-                activate=self._activate,
+                # Not _activate: the range's release (zeroing, unmapping) must work while the
+                # backend closes, when _activate refuses.
+                activate=self._make_current,
                 copy_stream=self._copy_stream,
                 zero_stream=self._stream,
                 first=self.progressive_first_chunk,
