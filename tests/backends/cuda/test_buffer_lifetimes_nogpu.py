@@ -321,3 +321,17 @@ def test_close_closes_the_backends_graphs_before_the_normal_lanes_arena_is_freed
     b._lanes = {"normal": normal, "low": low}
     b.close()
     assert log.index("close backend graphs") < log.index(f"free {1 << 16} (zeroed on the compute stream)")
+
+
+def test_while_close_runs_new_work_is_refused_but_memory_can_still_be_released(log: list[str]) -> None:
+    # A VMM range released while the backend closes (its zeroing and unmapping) makes the device
+    # current through _make_current, which only a finished close refuses.
+    b, _lane = _closable_backend(log)
+    b._closing = True
+    with pytest.raises(ConfigError):
+        b._activate()
+    b._make_current()
+    assert log == ["set current"]
+    b._closed = True
+    with pytest.raises(ConfigError):
+        b._make_current()
