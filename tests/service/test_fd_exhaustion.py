@@ -42,7 +42,9 @@ def no_free_descriptor(pid: int) -> Iterator[None]:
     """Every new descriptor of process ``pid`` fails with EMFILE inside the block."""
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     # Twice, the lower: a descriptor the worker held for an instant (a dup) is not counted.
-    low = min(_lowest_free(pid), (time.sleep(0.05), _lowest_free(pid))[1])
+    first = _lowest_free(pid)
+    time.sleep(0.05)
+    low = min(first, _lowest_free(pid))
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (low, hard))
     try:
         yield
