@@ -8,6 +8,8 @@ The lifecycle's own errors (``WorkerNotReady``, ``WorkerStopped``, ``IllegalTran
 
 from __future__ import annotations
 
+import errno
+
 from vram_residency.errors import InvalidInput, VramError
 
 __all__ = [
@@ -20,8 +22,10 @@ __all__ = [
     "ModelNotExecutable",
     "PathNotAllowed",
     "QueueFull",
+    "ResourcesExhausted",
     "SignatureInvalid",
     "WorkerBusy",
+    "out_of_descriptors",
 ]
 
 
@@ -77,3 +81,21 @@ class WorkerBusy(VramError):
     instead of queueing behind inference."""
 
     _retriable = True
+
+
+class ResourcesExhausted(VramError):
+    """The process ran out of file descriptors (EMFILE, ENFILE) while serving a request: a flood
+    of connections holds them all. Transient: nothing was left allocated, the worker keeps
+    running, and the same request succeeds once descriptors are free again. Not the client's
+    fault and not the model's (which a MODEL_LOAD_FAILED would say, for good)."""
+
+    _retriable = True
+
+
+#: The errnos of "no descriptor free": this process's limit (EMFILE) or the system's (ENFILE).
+_NO_DESCRIPTOR: frozenset[int] = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError saying that no file descriptor was free."""
+    return isinstance(exc, OSError) and exc.errno in _NO_DESCRIPTOR

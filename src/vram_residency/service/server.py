@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, Literal
 
+import h11
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -390,6 +391,11 @@ _BUSY_BODY: Final = json.dumps(
 ).encode()
 
 
+#: The slowest average rate (bytes/s) a request body may come at once its first ``header_timeout``
+#: seconds are over (a 256 KiB body then has 16 s more; a link slower than this is not served).
+_MIN_BODY_RATE: Final = 16 * 1024
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for a new connection's first request: a client that
     connects and sends nothing (or not a whole request head) is closed after ``header_timeout``,
@@ -433,13 +439,51 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer = self.loop.call_later(self.header_timeout, self._header_deadline)
+        self._watched: object = None
+        self._body_bytes = 0
+        self._body_timer: asyncio.TimerHandle = self.loop.call_later(0, lambda: None)
 
     def _header_deadline(self) -> None:
         if self.cycle is None and not self.transport.is_closing():
             self.transport.close()
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._body_bytes += len(data)
+        cycle = self.cycle
+        if cycle is not None and cycle is not self._watched and self.conn.their_state is h11.SEND_BODY:
+            # A request whose body is still coming: it gets the head's time limit, then must keep
+            # up an average of _MIN_BODY_RATE (see _watch_body).
+            self._watched = cycle
+            self._body_bytes = 0
+            self._body_timer.cancel()
+            self._body_timer = self.loop.call_later(1.0, self._watch_body, cycle, self.loop.time())
+
+    def _watch_body(self, cycle: object, started: float) -> None:
+        """A request body trickled in (a byte a second of a large Content-Length) held its
+        connection for ever: the body middleware waits for all of it before anything answers,
+        and after an early answer (a 401 without the token) uvicorn reads the rest to throw it
+        away, each byte restarting its keep-alive timer. Enough such clients, without the token,
+        kept the worker at its connection limit: 503 to everyone, /health included. So a body
+        gets ``header_timeout`` seconds, then must have come at _MIN_BODY_RATE on average since
+        its request began, or the connection is closed."""
+        if (
+            self.cycle is not cycle
+            or self.transport.is_closing()
+            or self.conn.their_state is not h11.SEND_BODY
+        ):
+            return  # the body is complete (or a later request runs): nothing to watch
+        elapsed = self.loop.time() - started
+        if self._body_bytes < _MIN_BODY_RATE * (elapsed - self.header_timeout):
+            # Debug only: one line per such connection would be a way to flood the log.
+            log.debug("closed a connection whose request body came too slowly")
+            self.transport.close()
+            return
+        self._body_timer = self.loop.call_later(1.0, self._watch_body, cycle, started)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._header_timer.cancel()
+        self._body_timer.cancel()
         super().connection_lost(exc)
 
 

@@ -69,7 +69,9 @@ from vram_residency.service.errors import (
     ModelLoadFailed,
     ModelNotCommitted,
     ModelNotExecutable,
+    ResourcesExhausted,
     WorkerBusy,
+    out_of_descriptors,
 )
 from vram_residency.service.executor import (
     DeviceMemory,
@@ -582,9 +584,19 @@ class Worker:
                     if spec.data is not None:
                         if self.config.spool_dir is None:
                             raise InvalidInput("this worker takes model bytes by path only")
-                        path = stack.enter_context(
-                            bytes_to_file(spec.data, self.config.spool_dir, _sniff_suffix(spec.data))
-                        )
+                        try:
+                            path = stack.enter_context(
+                                bytes_to_file(spec.data, self.config.spool_dir, _sniff_suffix(spec.data))
+                            )
+                        except OSError as exc:
+                            if not out_of_descriptors(exc):
+                                raise
+                            # The spool file could not be opened: no descriptor free (a flood
+                            # of connections). Retriable; a raw OSError would be a 500 "internal
+                            # error" with a traceback in the log.
+                            raise ResourcesExhausted(
+                                f"cannot spool the model bytes now: {exc.strerror}; retry later"
+                            ) from None
                         files = ModelFiles(
                             name=spec.name, weights=path, format=_format(path), root=path.parent
                         )
@@ -679,6 +691,12 @@ class Worker:
                 progress=self._stop_load_when_draining,
             )
         except OSError as exc:
+            if out_of_descriptors(exc):
+                # A flood of connections holds every descriptor: retriable (503), not a model
+                # that cannot be loaded (422, which a client would not retry).
+                raise ResourcesExhausted(
+                    f"cannot open the model files now: {exc.strerror}; retry later"
+                ) from None
             raise ModelLoadFailed(f"cannot read model files: {exc.strerror}") from None
         except ModelLoadFailed:
             raise

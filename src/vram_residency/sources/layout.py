@@ -13,6 +13,7 @@ spans are absolute byte offsets inside the file. The header gets a span of its o
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -160,6 +161,11 @@ def _open_regular(path: Path) -> tuple[int, os.stat_result]:
     except NotADirectoryError:
         raise InvalidInput(f"{path}: a component of the path is not a directory") from None
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            # No descriptor free (a flood of connections in a server): nothing is wrong with the
+            # path or the file, and the same open succeeds later. Raised as it is, so that a
+            # caller can tell "retry" from "bad input" (the worker answers 503, not 422).
+            raise
         raise InvalidInput(f"cannot open {path}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
@@ -529,7 +535,8 @@ def inspect_file(fd: int, path: Path, size: int, fmt: str) -> FileLayout:
 
 
 def open_model_file(path: str | os.PathLike[str], fmt: str = "auto") -> OpenedFile:
-    """Open ``path`` as a regular file and parse its layout; ``InvalidInput`` on any problem."""
+    """Open ``path`` as a regular file and parse its layout; ``InvalidInput`` on any problem with
+    the path or the file; OSError (EMFILE, ENFILE) when no file descriptor is free (transient)."""
     p = _fspath(path)
     fd, st = _open_regular(p)
     try:

@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vram_residency import __version__
@@ -43,6 +44,7 @@ from vram_residency.service.api.routes import execute_router, public_router, wor
 from vram_residency.service.attest_routes import register_attest_routes
 from vram_residency.service.auth import BearerCheck
 from vram_residency.service.context import CorrelationMiddleware
+from vram_residency.service.errors import out_of_descriptors
 from vram_residency.service.middleware import AuthMiddleware, BodyLimitMiddleware, HeadMiddleware
 from vram_residency.service.migrate_routes import register_migrate_routes
 from vram_residency.service.worker import Worker
@@ -79,6 +81,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # anyio imports its event-loop backend on the first call into the thread pool, which
+        # every synchronous route makes. Were that first call made during a flood of
+        # connections, the import's open() would fail with EMFILE and the request (a
+        # /worker/ready, a commit) would end as a 500 with a traceback. Made here, at startup,
+        # the import is done before any client can take the descriptors.
+        await run_in_threadpool(lambda: None)
         try:
             yield
         finally:
@@ -153,6 +161,16 @@ def create_app(
         if err.code is ErrorCode.INTERNAL:
             log.error("request failed: %s: %s", type(exc).__name__, exc)
         return error_response(err)
+
+    @app.exception_handler(OSError)
+    async def _os_error(_: Request, exc: OSError) -> JSONResponse:
+        if not out_of_descriptors(exc):
+            raise exc  # a bug, handled as any other below (500, traceback in the log)
+        # No descriptor free (a flood of connections): a retriable 503, one line in the log, and
+        # the connection kept (an unhandled error would close it, and a new one cannot be
+        # accepted while no descriptor is free).
+        log.warning("request failed: out of file descriptors: %s", exc.strerror)
+        return error_response(from_exception(exc))
 
     @app.exception_handler(Exception)
     async def _any_error(_: Request, exc: Exception) -> JSONResponse:

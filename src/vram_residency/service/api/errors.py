@@ -39,7 +39,9 @@ from vram_residency.service.errors import (
     ModelNotExecutable,
     PathNotAllowed,
     QueueFull,
+    ResourcesExhausted,
     WorkerBusy,
+    out_of_descriptors,
 )
 from vram_residency.service.lifecycle import WorkerNotReady, WorkerStopped
 
@@ -191,6 +193,19 @@ def from_exception(exc: BaseException) -> ServiceError:
             str(exc),
             retry_after_ms=RETRY_AFTER_MS_NOT_READY,
             details={"state": exc.state},
+        )
+    if isinstance(exc, ResourcesExhausted) or out_of_descriptors(exc):
+        # No file descriptor was free (a flood of connections): transient, like the connection
+        # limit's 503 (the same code), never a 500 "internal error" or a 422 that says "do not
+        # retry". The worker keeps running and auditing.
+        return ServiceError(
+            503,
+            ErrorCode.WORKER_NOT_READY,
+            str(exc)
+            if isinstance(exc, ResourcesExhausted)
+            else "the worker is out of file descriptors; retry later",
+            retry_after_ms=RETRY_AFTER_MS_NOT_READY,
+            details={"reason": "file descriptors exhausted"},
         )
     if isinstance(exc, QueueFull):
         return ServiceError(503, ErrorCode.WORKER_NOT_READY, str(exc), retry_after_ms=RETRY_AFTER_MS_BUSY)
