@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -378,3 +380,66 @@ def test_moved_names_stay_importable_from_audit(name: str) -> None:
     import vram_residency.service.lifecycle
 
     assert getattr(vram_residency.audit, name) is getattr(vram_residency.service.lifecycle, name)
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_background_flush_that_fails_the_log_stops_the_worker_at_once(tmp_path: Path) -> None:
+    """A real full device (/dev/full): the events of a worker that is Ready and idle sit in the
+    buffer until the background flush, which fails. No caller of emit sees that error, so before
+    the failure callback the worker kept answering Ready until its next event. Now the worker
+    is Stopped with one incident as soon as the flush fails."""
+    log = AuditLog("/dev/full", token=TOKEN, worker_id="w", head_path=tmp_path / "h", flush_interval=0.05)
+    seen: list[Incident] = []
+    lc = WorkerLifecycle(log, "w", on_incident=seen.append)
+    assert _wait_for(lambda: lc.stopped), "the worker kept going with a failed audit log"
+    assert _wait_for(lambda: len(seen) == 1)
+    assert seen[0].error_type == "AuditWriteFailed" and seen[0].stopped
+    assert len(lc.incidents) == 1
+    with pytest.raises(WorkerStopped):
+        lc.ensure_can_work()
+    time.sleep(0.2)  # no second incident from the same failure
+    assert len(seen) == 1
+    log.close()
+
+
+def test_failure_callbacks_run_once_and_late_ones_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = AuditLog("/dev/full", token=TOKEN, worker_id="w", head_path=tmp_path / "h", flush_interval=0.05)
+    got: list[AuditWriteFailed] = []
+
+    def broken(exc: AuditWriteFailed) -> None:
+        raise RuntimeError("a callback's own bug")
+
+    log.add_failure_callback(broken)  # raises: logged, and the next callback still runs
+    log.add_failure_callback(got.append)
+    log.emit(WORKER_STATE_CHANGED, from_state=None, to_state="Starting", reason="r")  # buffered
+    assert _wait_for(lambda: len(got) == 1)
+    assert got[0].errno is not None and log.failed
+    assert "a failure callback raised" in caplog.text
+    late: list[AuditWriteFailed] = []
+    log.add_failure_callback(late.append)  # after the failure: called at once
+    assert late == got
+    time.sleep(0.2)
+    assert len(got) == 1  # once
+    log.close()
+
+
+def test_an_error_raised_to_the_caller_is_not_a_background_failure(tmp_path: Path) -> None:
+    # A critical event is written and synced by emit itself: its failure reaches the caller, who
+    # reports it; the callback is for failures no caller sees.
+    log = AuditLog("/dev/full", token=TOKEN, worker_id="w", head_path=tmp_path / "h", flush_interval=None)
+    got: list[AuditWriteFailed] = []
+    log.add_failure_callback(got.append)
+    with pytest.raises(AuditWriteFailed):
+        log.emit(SECURITY_INCIDENT, critical=True, incident_id="0" * 32, state_before="Ready")
+    assert got == []
+    log.close()

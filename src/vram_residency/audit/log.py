@@ -207,9 +207,10 @@ def _flusher(ref: weakref.ReferenceType[AuditLog], stop: threading.Event, interv
             return
         try:
             log._timed_flush()
-        except AuditWriteFailed:
+        except AuditWriteFailed as exc:
             # The log is marked failed already (the next emit raises); nothing left to flush.
             logger.error("audit log %s: background flush failed; the log refuses further events", log.path)
+            log._notify_failure(exc)
             return
         except BaseException as exc:
             # Anything else (MemoryError, a bug): never die silently with the log still taking
@@ -218,6 +219,10 @@ def _flusher(ref: weakref.ReferenceType[AuditLog], stop: threading.Event, interv
             logger.exception(
                 "audit log %s: background flush crashed; the log refuses further events", log.path
             )
+            try:
+                log._check_usable()
+            except AuditWriteFailed as failed:
+                log._notify_failure(failed)
             return
         finally:
             del log
@@ -278,6 +283,9 @@ class AuditLog:
         self._closed = False
         self._fd = -1
         self._head_fd = -1
+        #: add_failure_callback's callbacks (a background flush that fails the log calls them).
+        self._failure_callbacks: list[Callable[[AuditWriteFailed], object]] = []
+        self._background_failure: AuditWriteFailed | None = None
         #: The log's directory, open for the log's life: a rotation syncs the directory entries
         #: through it instead of opening the directory while descriptors may have run out.
         self._dir_fd = -1
@@ -887,6 +895,33 @@ class AuditLog:
             self._failed = err
         logger.error("audit log %s: %s failed (%s); refusing further events", self._path, what, why)
         return err
+
+    def add_failure_callback(self, callback: Callable[[AuditWriteFailed], object]) -> None:
+        """Call ``callback(error)`` when a background flush fails the log, once, on the
+        flusher's thread, with no lock of the log held. Events buffered then are lost, and no
+        caller of ``emit`` has seen an error yet: without this, the owner would learn of it only
+        at its next event (a worker kept answering Ready meanwhile). Failures that ``emit``,
+        ``flush`` or ``close`` raise to their caller are not reported here. A callback that
+        raises is logged and the others still run. A callback added after such a failure is
+        called at once, on the caller's thread."""
+        with self._lock:
+            self._failure_callbacks.append(callback)
+            already = self._background_failure
+        if already is not None:
+            self._call_back(callback, already)
+
+    def _notify_failure(self, exc: AuditWriteFailed) -> None:
+        with self._lock:
+            self._background_failure = exc
+            callbacks = list(self._failure_callbacks)
+        for callback in callbacks:
+            self._call_back(callback, exc)
+
+    def _call_back(self, callback: Callable[[AuditWriteFailed], object], exc: AuditWriteFailed) -> None:
+        try:
+            callback(exc)
+        except Exception:
+            logger.exception("audit log %s: a failure callback raised", self._path)
 
     def _fail_unexpected(self, exc: BaseException, what: str) -> None:
         """Mark the log failed from outside the write path (the background flusher)."""

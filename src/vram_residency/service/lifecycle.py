@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
+from vram_residency.audit.errors import AuditWriteFailed
 from vram_residency.audit.events import SECURITY_INCIDENT, WORKER_STATE_CHANGED, error_fields
 from vram_residency.audit.log import AuditLog
 from vram_residency.errors import IntegrityViolation, PolicyViolation, SealVerificationFailed, VramError
@@ -167,7 +168,21 @@ class WorkerLifecycle:
         self._executing = 0
         self._stop_reason = ""
         self._incidents: list[Incident] = []
+        if audit is not None:
+            # A background flush that fails the log (a full disk between two requests) stops the
+            # worker now, as an event that could not be written would: /health and
+            # /worker/ready must not answer as if the trail were still kept. Before the first
+            # event, whose flush may be the one that fails.
+            audit.add_failure_callback(self._audit_failed)
         self._audit_transition(None, S.STARTING, "lifecycle created")
+
+    def _audit_failed(self, exc: AuditWriteFailed) -> None:
+        """The audit log's background flush failed it: an incident, unless the worker is
+        Stopped already (a request's event met the failed log first and reported it)."""
+        with self._cond:
+            if self._state is S.STOPPED:
+                return
+        self.report_failure(exc)
 
     # ------------------------------------------------------------------ queries
 
