@@ -56,7 +56,7 @@ def test_growing_the_result_buffer_waits_for_copies_queued_into_it(cuda_backend:
             job._queue_copies(job._queue_tail(), host)
             queued = _event_after(b, b._stream)
             # Not synchronized: as after a failure between queuing and the synchronization.
-            b._result_buffer(host.size + 1)
+            assert b._result_buffer(host.size + 1) is not host  # grown: the old one freed
             assert queued.is_done, "the old result buffer was freed with copies into it queued"
             queued.close()
         small = random_bytes(3 * MiB + 5, seed=72)
@@ -84,10 +84,18 @@ def test_growing_a_low_lane_buffer_waits_for_the_low_stream(cuda_backend: CudaBa
             host = ks.result_buffer(32 * job.units)
             job.queue_copy_back(host)  # every kernel, and the copy into the lane's pinned buffer
             queued = _event_after(b, ks.stream)
+            # Past the buffer's present size, whatever earlier tests of the session grew it to
+            # (the low arena is shared by every low table and nh-fast verify of the backend): a
+            # request that fits frees nothing, and the check below would then only time the GPU.
+            lane = b._lanes["low"]
             if grow == "arena":
-                ks.scratch(_nh_fast.scratch_bytes(n) + (64 << 20))
+                before = lane.arena_size
+                ks.scratch(before + (64 << 20))  # at least scratch_bytes(n): the job is in it
+                assert lane.arena_size > before
             else:
+                before = host.size
                 ks.result_buffer(host.size + (1 << 20))
+                assert lane.host is not None and lane.host.size > before
             assert queued.is_done, f"the low lane's {grow} was freed with its work queued"
             queued.close()
         small = random_bytes(5 * MiB + 16, seed=74)
