@@ -728,7 +728,7 @@ def test_every_io_error_on_the_audit_path_is_an_audit_write_failure(
 
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE])
 def test_running_out_of_descriptors_neither_fails_the_log_nor_loses_a_record(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A flood of half-open connections can take every descriptor for a second. The sync then
     runs on the log's own descriptor (no dup), and a rotation that cannot open its new file is
@@ -762,7 +762,11 @@ def test_running_out_of_descriptors_neither_fails_the_log_nor_loses_a_record(
         log.flush()
         assert not log.failed and synced  # synced through the log's own descriptor
         assert not rotated_paths(path) and path.stat().st_size > 2048  # grown past the limit
+        # Each put-off rotation waits _ROTATION_RETRY_S before the next attempt; 40 appends tried
+        # once (one warning), not 40 times.
+        assert caplog.text.count("no file descriptor free for its rotation") == 1
         monkeypatch.undo()
+        log._rotation_retry_at = 0.0  # as if the wait were over
         _emit_many(log, 1)  # descriptors are back: this append rotates
         log.flush()
         assert len(rotated_paths(path)) == 1 and not log.failed

@@ -112,6 +112,8 @@ from vram_residency.errors import ConfigError, InvalidInput
 __all__ = ["DEFAULT_AUDIT_PATH", "AuditLog", "LogRecovery"]
 
 logger = logging.getLogger("vram_residency.audit")
+#: Seconds between attempts at a rotation that found no free file descriptor.
+_ROTATION_RETRY_S: Final = 1.0
 incident_logger = logging.getLogger("vram_residency.incident")
 
 DEFAULT_AUDIT_PATH: Final = Path("audit.jsonl")
@@ -286,6 +288,9 @@ class AuditLog:
         #: add_failure_callback's callbacks (a background flush that fails the log calls them).
         self._failure_callbacks: list[Callable[[AuditWriteFailed], object]] = []
         self._background_failure: AuditWriteFailed | None = None
+        #: A rotation put off for want of a descriptor is not tried again before this
+        #: (``time.monotonic()``; see ``_rotate_locked``).
+        self._rotation_retry_at = 0.0
         #: The log's directory, open for the log's life: a rotation syncs the directory entries
         #: through it instead of opening the directory while descriptors may have run out.
         self._dir_fd = -1
@@ -986,6 +991,8 @@ class AuditLog:
         undone and the active file grows past ``max_bytes`` until a later append finds one: a
         full descriptor table for a second must not fail the audit log, which would stop the
         worker."""
+        if time.monotonic() < self._rotation_retry_at:
+            return  # put off a moment ago for want of a descriptor (below): not on every append
         target = self._path.with_name(f"{self._path.name}.{self._next_rotation}")
         try:
             if self._regular:
@@ -1008,6 +1015,8 @@ class AuditLog:
                 self._path,
                 exc.strerror,
             )
+            # Each attempt costs a sync and two renames: the next one waits a little.
+            self._rotation_retry_at = time.monotonic() + _ROTATION_RETRY_S
             return
         try:
             # The new file is locked as the first one was (see _open); no one else can hold it.
