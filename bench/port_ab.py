@@ -769,22 +769,30 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int, what: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_rows(args: argparse.Namespace, side: str, tree: Path, work: Path, index: int) -> dict[str, Any]:
-    result = work / f"{index:02d}-{side}.json"
-    cmd = [
+def _self_command(args: argparse.Namespace, sub: str) -> list[str]:
+    """This script's ``sub`` command (``worker``, ``interleaved``) with the run's sizes,
+    algorithms and device."""
+    return [
         args.python,
         str(Path(__file__).resolve()),
-        "worker",
-        "--tree",
-        str(tree),
-        "--result",
-        str(result),
+        sub,
         "--sizes",
         ",".join(map(str, args.sizes)),
         "--algorithms",
         ",".join(args.algorithms),
         "--device",
         str(args.device),
+    ]
+
+
+def run_rows(args: argparse.Namespace, side: str, tree: Path, work: Path, index: int) -> dict[str, Any]:
+    result = work / f"{index:02d}-{side}.json"
+    cmd = [
+        *_self_command(args, "worker"),
+        "--tree",
+        str(tree),
+        "--result",
+        str(result),
     ]
     wall = _run(cmd, child_env(tree), args.run_timeout, f"{side} run {index}")
     run: dict[str, Any] = json.loads(result.read_text())
@@ -798,21 +806,13 @@ def run_interleaved(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int
     with tempfile.TemporaryDirectory(prefix="port-ab-") as tmp:
         result = Path(tmp) / "interleaved.json"
         cmd = [
-            args.python,
-            str(Path(__file__).resolve()),
-            "interleaved",
+            *_self_command(args, "interleaved"),
             "--old",
             str(args.old),
             "--new",
             str(args.new),
             "--result",
             str(result),
-            "--sizes",
-            ",".join(map(str, args.sizes)),
-            "--algorithms",
-            ",".join(args.algorithms),
-            "--device",
-            str(args.device),
             "--rounds",
             str(args.rounds),
         ]

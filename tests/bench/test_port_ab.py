@@ -331,8 +331,13 @@ def test_each_process_imports_its_own_tree(old_tree: Path) -> None:
 @pytest.mark.skipif(
     shutil.which("nvidia-smi") is not None, reason="on a GPU machine the processes would measure, not fail"
 )
-def test_a_failing_process_stops_the_run_and_writes_nothing(old_tree: Path, tmp_path: Path) -> None:
-    # Without a GPU the old tree's process fails to open its backend (a real ConfigError).
+@pytest.mark.parametrize(
+    ("mode", "failed"), [("rows", "old run 0 failed"), ("interleaved", "the interleaved process failed")]
+)
+def test_a_failing_process_stops_the_run_and_writes_nothing(
+    old_tree: Path, tmp_path: Path, mode: str, failed: str
+) -> None:
+    # Without a GPU the old tree's backend fails to open (a real ConfigError).
     out = subprocess.run(
         [
             sys.executable,
@@ -343,6 +348,8 @@ def test_a_failing_process_stops_the_run_and_writes_nothing(old_tree: Path, tmp_
             str(old_tree),
             "--new",
             str(ROOT),
+            "--mode",
+            mode,
             "--rounds",
             "1",
             "--sizes",
@@ -354,7 +361,7 @@ def test_a_failing_process_stops_the_run_and_writes_nothing(old_tree: Path, tmp_
         timeout=300,
     )
     assert out.returncode == 2
-    assert "old run 0 failed" in out.stdout and "ConfigError" in out.stderr
+    assert failed in out.stdout and "ConfigError" in out.stderr
     assert not (tmp_path / "res").exists()
 
 
@@ -417,37 +424,6 @@ def test_import_both_loads_each_tree_from_its_own_files(old_tree: Path, tmp_path
     assert Path(got["new"]).resolve().is_relative_to((ROOT / "src").resolve())
     assert Path(got["nc"]).resolve().is_relative_to((ROOT / "src").resolve())
     assert got["differ"] and f"{pab.OLD_ALIAS}.backends.cuda" in got["old_mods"]
-
-
-@pytest.mark.skipif(
-    shutil.which("nvidia-smi") is not None, reason="on a GPU machine the process would measure, not fail"
-)
-def test_interleaved_without_a_gpu_fails_and_writes_nothing(old_tree: Path, tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "--out",
-            str(tmp_path / "res"),
-            "--old",
-            str(old_tree),
-            "--new",
-            str(ROOT),
-            "--mode",
-            "interleaved",
-            "--rounds",
-            "1",
-            "--sizes",
-            "1M",
-        ],
-        env=pab.child_env(ROOT, dict(os.environ)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 2
-    assert "the interleaved process failed" in out.stdout and "ConfigError" in out.stderr
-    assert not (tmp_path / "res").exists()
 
 
 def test_write_results_of_an_interleaved_run(tmp_path: Path) -> None:
