@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.cli_helpers import CLI
+from tests.cli.cli_helpers import CLI, host_serve
 from tests.cli.cli_helpers import run as run_cli
 
 #: A refused file is refused before anything slow happens: far below this.
@@ -152,15 +152,5 @@ def test_audit_verify_head_file_fifo_is_refused_not_waited_on(tmp_path: Path, to
 
 def test_serve_refuses_endless_commit_signing_key(endless: Path, tmp_path: Path) -> None:
     # /dev/zero was read until the kernel killed the worker; a FIFO held its start forever.
-    out = run(
-        "serve",
-        "--backend",
-        "host",
-        "--port",
-        "0",
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--commit-signing-key",
-        str(endless),
-    )
+    out = run(*host_serve(tmp_path / "state"), "--commit-signing-key", str(endless))
     refused(out, 1)

@@ -5,13 +5,11 @@ the timeout and fails the test."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.cli.cli_helpers import CLI
+from tests.cli.cli_helpers import host_serve, run
 
 OPTIONS = [
     "--drain-timeout",
@@ -27,24 +25,7 @@ OPTIONS = [
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("option", OPTIONS)
 def test_serve_refuses_non_finite_numbers(tmp_path: Path, option: str, value: str) -> None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    out = subprocess.run(
-        [
-            *CLI,
-            "serve",
-            "--backend",
-            "host",
-            "--port",
-            "0",
-            "--state-dir",
-            str(tmp_path),
-            f"{option}={value}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-    )
+    out = run(*host_serve(tmp_path), f"{option}={value}", timeout=30)
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     assert f"argument {option}" in out.stderr and "not a finite number" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and out.stdout == ""

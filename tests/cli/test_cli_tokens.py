@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.cli_helpers import CLI
+from tests.cli.cli_helpers import CLI, host_serve
 
 TOKEN = secrets.token_urlsafe(32)
 
@@ -40,17 +40,7 @@ def test_a_token_given_as_its_file_is_not_echoed(tmp_path: Path, model: Path, co
         "attest": ["attest", "http://127.0.0.1:9", "--token-file", TOKEN],
         "audit": ["audit", "verify", str(model), "--token-file", TOKEN],
         "digest": ["digest", "-a", "nh-fast-v1", "--shard-id", "s", "--token-file", TOKEN, str(model)],
-        "serve": [
-            "serve",
-            "--backend",
-            "host",
-            "--port",
-            "0",
-            "--state-dir",
-            str(tmp_path),
-            "--token-file",
-            TOKEN,
-        ],
+        "serve": [*host_serve(tmp_path), "--token-file", TOKEN],
     }[command]
     for token in TOKENS:
         out = run(*[token if a == TOKEN else a for a in args])
