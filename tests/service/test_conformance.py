@@ -441,24 +441,32 @@ def test_worker_4253_client_disconnect_cancels_the_job(env: dict[str, Any]) -> N
     assert status == 200 and time.monotonic() - t1 < 20
 
 
-def test_worker_4253_a_client_gone_while_queued_cancels_before_any_work(env: dict[str, Any]) -> None:
-    # A job whose client left while it waited behind another ends in the queue: no verification
-    # pass, no start, no tokens for nobody (the scheduler skips a cancelled queued job for free).
-    w = _w(env)
-    c = w.client
+def _long_job_streaming(
+    client: httpx.Client, prompt: str, max_tokens: int
+) -> tuple[threading.Thread, list[str]]:
+    """An execute of shard-0 on a thread of its own, returned once its first token has come: the
+    thread, and the SSE event names it collects (``end`` last when it is done)."""
     events: list[str] = []
 
     def long_job() -> None:
-        body = {"handle_id": "shard-0", "prompt": "w", "params": {"max_tokens": 1200}}
-        with c.stream("POST", "/worker/execute", json=body) as r:
+        body = {"handle_id": "shard-0", "prompt": prompt, "params": {"max_tokens": max_tokens}}
+        with client.stream("POST", "/worker/execute", json=body) as r:
             events.extend(e for e, _ in sse(r.iter_lines()))
 
-    first = threading.Thread(target=long_job)
-    first.start()
+    thread = threading.Thread(target=long_job)
+    thread.start()
     t0 = time.monotonic()
     while "token" not in events:
         assert time.monotonic() - t0 < 20
         time.sleep(0.01)
+    return thread, events
+
+
+def test_worker_4253_a_client_gone_while_queued_cancels_before_any_work(env: dict[str, Any]) -> None:
+    # A job whose client left while it waited behind another ends in the queue: no verification
+    # pass, no start, no tokens for nobody (the scheduler skips a cancelled queued job for free).
+    w = _w(env)
+    first, events = _long_job_streaming(w.client, "w", 1200)
     impatient = httpx.Client(base_url=w.url, headers={"Authorization": f"Bearer {w.token}"}, timeout=0.5)
     with pytest.raises(httpx.ReadTimeout):
         impatient.post(
@@ -488,19 +496,7 @@ def test_worker_4812_health_and_metrics_answer_while_every_request_thread_waits(
     # for a long generation to release the execution lock). A probe that times out gets a busy
     # worker restarted by its supervisor.
     w = _w(env)
-    events: list[str] = []
-
-    def long_job() -> None:
-        body = {"handle_id": "shard-0", "prompt": "h", "params": {"max_tokens": 1800}}
-        with w.client.stream("POST", "/worker/execute", json=body) as r:
-            events.extend(e for e, _ in sse(r.iter_lines()))
-
-    runner = threading.Thread(target=long_job)
-    runner.start()
-    t0 = time.monotonic()
-    while "token" not in events:
-        assert time.monotonic() - t0 < 20
-        time.sleep(0.01)
+    runner, events = _long_job_streaming(w.client, "h", 1800)
 
     def waiting_delete(i: int) -> None:
         with httpx.Client(base_url=w.url, headers={"Authorization": f"Bearer {w.token}"}, timeout=120) as c:
