@@ -602,6 +602,36 @@ def gpu_local_cpus(device: int) -> set[int] | None:
     return both or None
 
 
+def open_sides(device: int, host_bytes: int, backends: dict[str, Any], pinned: dict[str, Any]) -> Any:
+    """Each side's backend (warmed up) and pinned buffer of ``host_bytes``, old first, into
+    ``backends`` and ``pinned`` as they are made (the caller closes what is there, also after a
+    failure part-way); both pinned buffers hold fill_random's bytes, and so does the pageable
+    array returned, the one source both sides seal pageable memory from. After import_both."""
+    opened = {
+        "old": importlib.import_module(f"{OLD_ALIAS}.backends.cuda").open_backend,
+        "new": importlib.import_module("vram_residency.backends.cuda").open_backend,
+    }
+    for side in SIDES:
+        backends[side] = opened[side](device)
+        backends[side].warm_up()
+        pinned[side] = backends[side].pinned_host_buffer(host_bytes)
+    fill_random(pinned["new"].array)
+    copy_parallel(pinned["old"].array, pinned["new"].array)
+    pageable = np.empty(host_bytes, dtype=np.uint8)
+    copy_parallel(pageable, pinned["new"].array)
+    return pageable
+
+
+def close_sides(bufs: dict[Any, Any], pinned: dict[str, Any], backends: dict[str, Any]) -> None:
+    """Close what open_sides and the caller made: device buffers, pinned buffers, backends."""
+    for buf in bufs.values():
+        buf.close()
+    for host in pinned.values():
+        host.close()
+    for backend in backends.values():
+        backend.close()
+
+
 def interleaved_main(argv: Sequence[str]) -> int:
     """``--mode interleaved``: one process opens both trees' backends on one device and measures
     every row with each in turn, round after round, the order flipping from row to row and round
@@ -634,23 +664,11 @@ def interleaved_main(argv: Sequence[str]) -> int:
     log(f"  CPUs: {'the GPU node' if cpus else 'any'} ({_cpulist(cpus or os.sched_getaffinity(0))})")
     with tempfile.TemporaryDirectory(prefix="port-ab-old-") as tmp:
         old_pkg, new_pkg = import_both(args.old, args.new, Path(tmp))
-        opened = {
-            "old": importlib.import_module(f"{OLD_ALIAS}.backends.cuda").open_backend,
-            "new": importlib.import_module("vram_residency.backends.cuda").open_backend,
-        }
         backends: dict[str, Any] = {}
         pinned: dict[str, Any] = {}
         bufs: dict[tuple[str, int], Any] = {}
-        biggest = max(args.sizes)
         try:
-            for side in SIDES:
-                backends[side] = opened[side](args.device)
-                backends[side].warm_up()
-                pinned[side] = backends[side].pinned_host_buffer(biggest)
-            fill_random(pinned["new"].array)
-            copy_parallel(pinned["old"].array, pinned["new"].array)
-            pageable = np.empty(biggest, dtype=np.uint8)
-            copy_parallel(pageable, pinned["new"].array)
+            pageable = open_sides(args.device, max(args.sizes), backends, pinned)
             for side in SIDES:
                 for size in args.sizes:
                     bufs[side, size] = backends[side].allocate(size)
@@ -705,12 +723,7 @@ def interleaved_main(argv: Sequence[str]) -> int:
                 "cpus": _cpulist(cpus) if cpus else None,
             }
         finally:
-            for buf in bufs.values():
-                buf.close()
-            for host in pinned.values():
-                host.close()
-            for backend in backends.values():
-                backend.close()
+            close_sides(bufs, pinned, backends)
     args.result.write_text(json.dumps(out) + "\n")
     return 0
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -20,13 +19,14 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.bench.bench_helpers import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "port_ab.py"
@@ -35,16 +35,7 @@ OLD_REV = "8d48eb5"
 MiB, GiB = 1 << 20, 1 << 30
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("port_ab_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pab = _load()
+pab = load_bench("port_ab")
 
 
 def _have_commit(rev: str) -> bool:
