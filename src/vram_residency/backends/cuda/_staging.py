@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -96,21 +96,47 @@ def parallel_copy(
     dst: npt.NDArray[np.uint8],
     src: npt.NDArray[np.uint8],
     threads: int = 1,
+    meanwhile: Callable[[], None] | None = None,
 ) -> None:
-    """dst[:] = src, split across the pool's threads (NumPy releases the GIL while copying)."""
+    """dst[:] = src, split across the pool's threads (NumPy releases the GIL while copying).
+
+    ``meanwhile`` runs on the calling thread while the pool's threads copy: a staged seal
+    launches the unit kernels of the chunk before this one there, which took the calling
+    thread's time between two chunks' copies before (with pageable sources the host copy is the
+    seal's critical path). Every piece has finished when this returns or raises, an error in
+    ``meanwhile`` or in a piece included (the first is raised), so neither buffer is still
+    being written or read by a pool thread afterwards."""
     n = len(src)
     # One piece per thread (at least 1 MiB each, 4 KiB aligned), so that every thread works.
     share = -(-n // max(1, threads))
     piece = max(1 << 20, -(-share // 4096) * 4096)
     if pool is None or n <= piece:
         np.copyto(dst[:n], src)
+        if meanwhile is not None:
+            meanwhile()
         return
-    futures = [
-        pool.submit(np.copyto, dst[off : min(off + piece, n)], src[off : min(off + piece, n)])
-        for off in range(0, n, piece)
-    ]
+    futures: list[Future[None]] = []
+    error: BaseException | None = None
+    try:
+        for off in range(0, n, piece):
+            futures.append(
+                pool.submit(np.copyto, dst[off : min(off + piece, n)], src[off : min(off + piece, n)])
+            )
+        if meanwhile is not None:
+            meanwhile()
+    except BaseException as exc:  # wait for the submitted pieces below, then raise this
+        error = exc
     for f in futures:
-        f.result()
+        while True:
+            try:
+                f.result()
+                break
+            except BaseException as exc:
+                error = error or exc
+                if f.done():  # the piece's own error; an interrupt of the wait waits again
+                    break
+    if error is not None:
+        raise error
 
 
 def default_copy_threads() -> int:
