@@ -116,6 +116,57 @@ def test_a_failed_piece_is_raised_after_the_others_have_ended() -> None:
     assert (dst[2 * MiB :] == 1).all() and not dst[: 2 * MiB].any()
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [RuntimeError("can't start new thread"), KeyboardInterrupt()],
+    ids=["thread-start-failed", "interrupted"],
+)
+def test_a_piece_queued_by_a_failing_submit_never_copies_after_the_error(failure: BaseException) -> None:
+    """``ThreadPoolExecutor.submit`` queues the piece, then starts a worker thread: a thread that
+    cannot start (RuntimeError) or a KeyboardInterrupt while ``Thread.start`` waits for it makes
+    submit raise with the piece queued and its future lost. The pool's other worker runs it
+    later; it must not write the staging buffer after parallel_copy has raised (the next chunk's
+    copy, or another write, fills that buffer then, and the caller may free the source)."""
+    src = np.ones(8 * MiB, dtype=np.uint8)
+    dst = np.zeros(8 * MiB, dtype=np.uint8)
+    ran: list[int] = []
+
+    class Pool(ThreadPoolExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            index = len(ran)
+            ran.append(index)
+
+            def late() -> Any:
+                if index == 1:
+                    threading.Event().wait(0.1)  # still queued when parallel_copy raises
+                return fn(*args, **kwargs)
+
+            f = super().submit(late)
+            if index == 1:
+                raise failure  # as _adjust_thread_count's Thread.start would, after the put
+            return f
+
+    with Pool(4) as pool:
+        with pytest.raises(type(failure)):
+            parallel_copy(pool, dst, src, 4)
+        after_error = dst.copy()
+    # The pool has shut down (every queued piece has run): nothing was written after the error.
+    assert ran == [0, 1]
+    assert np.array_equal(dst, after_error)
+    assert (dst[: 2 * MiB] == 1).all()  # the piece with a future ran and was waited for
+
+
+def test_a_shut_down_pool_raises_and_copies_nothing() -> None:
+    src = np.ones(8 * MiB, dtype=np.uint8)
+    dst = np.zeros(8 * MiB, dtype=np.uint8)
+    pool = ThreadPoolExecutor(4)
+    pool.shutdown()
+    called: list[int] = []
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        parallel_copy(pool, dst, src, 4, lambda: called.append(1))
+    assert not called and not dst.any()
+
+
 # -- CudaBackend._copy_in ------------------------------------------------------------------------------
 
 

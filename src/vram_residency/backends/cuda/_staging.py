@@ -91,6 +91,48 @@ def host_address(view: memoryview) -> tuple[int, npt.NDArray[np.uint8]]:
     return int(arr.ctypes.data), arr
 
 
+class _Pieces:
+    """The pieces one ``parallel_copy`` hands to the pool, counted as they run, so that the copy
+    can end every one of them without their futures. ``ThreadPoolExecutor.submit`` queues the
+    piece before it starts a worker thread (``_adjust_thread_count``); a thread that fails to
+    start (``RuntimeError: can't start new thread``) or a KeyboardInterrupt while ``Thread.start``
+    waits for it makes ``submit`` raise with the piece already queued, and its future lost: an
+    idle worker would run it later, writing the staging buffer while the next copy fills it (and
+    reading a source the caller may have freed). :meth:`close` stops pieces that have not
+    started from ever copying and waits for those that have."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._closed = False
+
+    def run(self, dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8]) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._running += 1
+        try:
+            np.copyto(dst, src)
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    def close(self) -> BaseException | None:
+        """No piece starts from now on; returns once none is running (an interrupt of the wait
+        waits again, and is returned)."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                with self._cond:
+                    self._closed = True
+                    while self._running:
+                        self._cond.wait()
+                return interrupted
+            except BaseException as exc:
+                interrupted = interrupted or exc
+
+
 def parallel_copy(
     pool: ThreadPoolExecutor | None,
     dst: npt.NDArray[np.uint8],
@@ -103,9 +145,9 @@ def parallel_copy(
     ``meanwhile`` runs on the calling thread while the pool's threads copy: a staged seal
     launches the unit kernels of the chunk before this one there, which took the calling
     thread's time between two chunks' copies before (with pageable sources the host copy is the
-    seal's critical path). Every piece has finished when this returns or raises, an error in
-    ``meanwhile`` or in a piece included (the first is raised), so neither buffer is still
-    being written or read by a pool thread afterwards."""
+    seal's critical path). Every piece has finished, or will never start, when this returns or
+    raises, an error in ``meanwhile``, in a piece or in ``submit`` included (the first is
+    raised), so neither buffer is still being written or read by a pool thread afterwards."""
     n = len(src)
     # One piece per thread (at least 1 MiB each, 4 KiB aligned), so that every thread works.
     share = -(-n // max(1, threads))
@@ -115,12 +157,13 @@ def parallel_copy(
         if meanwhile is not None:
             meanwhile()
         return
+    pieces = _Pieces()
     futures: list[Future[None]] = []
     error: BaseException | None = None
     try:
         for off in range(0, n, piece):
             futures.append(
-                pool.submit(np.copyto, dst[off : min(off + piece, n)], src[off : min(off + piece, n)])
+                pool.submit(pieces.run, dst[off : min(off + piece, n)], src[off : min(off + piece, n)])
             )
         if meanwhile is not None:
             meanwhile()
@@ -135,6 +178,9 @@ def parallel_copy(
                 error = error or exc
                 if f.done():  # the piece's own error; an interrupt of the wait waits again
                     break
+    # A piece whose submit raised after queuing it has no future above (see _Pieces).
+    interrupted = pieces.close()
+    error = error or interrupted
     if error is not None:
         raise error
 
