@@ -24,11 +24,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Final
 
 import numpy as np
-import numpy.typing as npt
 from typing_extensions import Buffer
 
 from vram_residency.backends.base import (
@@ -1411,9 +1409,7 @@ class CudaBackend(Backend):
         prepare: Callable[[int], int] | None = None,
     ) -> None:
         """Host to device, ``len(view)`` bytes to device address ``dst``. ``on_chunk(done)`` runs
-        after each chunk's copy is queued, with ``done`` bytes queued so far: at once for copies
-        that need no staging; for staged copies, while the host threads fill the next chunk's
-        staging buffer (before that chunk's copy is queued), and after the last chunk's. ``prepare(off)``
+        after each chunk's copy is queued, with ``done`` bytes queued so far. ``prepare(off)``
         runs before the chunk at ``off`` is queued and returns how far the destination is ready
         (a progressive buffer's ``map_chunk_at``: it maps the memory chunk holding ``off`` while
         the copies queued before still run); a copy chunk never crosses that end, so the copy
@@ -1445,27 +1441,17 @@ class CudaBackend(Backend):
         with self._staging_lock:
             pool = self._staging_pool()
             try:
-                queued = 0  # bytes whose copy is queued and whose on_chunk has not run yet
                 for i, (off, m) in enumerate(_copy_steps(n, step, prepare)):
                     pinned, done = pool[i % len(pool)]
                     _event_sync(done, "waiting for a staging buffer")
-                    # The chunk before this one gets its on_chunk (a seal's unit-kernel launch:
-                    # cuda.core calls, host time) while the host threads copy this one: with a
-                    # pageable source the host copy is the critical path. The copy stream then
-                    # holds the copies up to that chunk's and no further, as before.
-                    earlier = partial(on_chunk, queued) if on_chunk is not None and queued else None
-                    parallel_copy(
-                        self._copy_pool, pinned.array, src[off : off + m], self._copy_threads, earlier
-                    )
-                    queued = 0
+                    parallel_copy(self._copy_pool, pinned.array, src[off : off + m], self._copy_threads)
                     check(
                         drv.cuMemcpyHtoDAsync(dst + off, pinned.address, m, self._copy_stream.handle),
                         "cuMemcpyHtoDAsync",
                     )
                     _record(self._copy_stream, done)
-                    queued = off + m
-                if on_chunk is not None and queued:
-                    on_chunk(queued)
+                    if on_chunk is not None:
+                        on_chunk(off + m)
             except BaseException:
                 self._drain_copies()
                 raise
@@ -1991,7 +1977,6 @@ class CudaBackend(Backend):
                     addr, keep = host_address(view)
                     if n <= _DIRECT_COPY_LIMIT or self._is_pinned(addr, n):
                         return self._seal_one_copy(job, addr, keep)
-                    return self._seal_staged(job, keep)
                 launched = 0
 
                 def on_chunk(done: int) -> None:
@@ -2047,21 +2032,6 @@ class CudaBackend(Backend):
         if result is None:  # pragma: no cover - the job was built with units
             raise IntegrityViolation("digest kernels returned no unit digests")
         return result
-
-    def _seal_staged(self, job: _HashJob, src: npt.NDArray[np.uint8]) -> HashResult:
-        """``write_and_hash`` of pageable bytes that fit one staging buffer: the host threads fill
-        the buffer, and the copy from it then goes as in ``_seal_one_copy`` (on the compute
-        stream, the unit kernels and the tail one graph launch). Through ``_copy_in`` it took the
-        copy stream's event record, the compute stream's wait, a separate launch of the unit
-        kernels and the copy stream's synchronization, all after the host copy (the critical
-        path: the units can start only once the one chunk has landed), and a second pointer
-        query (``_is_pinned``). Callers hold ``_lock`` with the context current. The staging
-        lock is held until the compute stream has synchronized, so the buffer is free after."""
-        with self._staging_lock:
-            pinned, done = self._staging_pool()[0]
-            _event_sync(done, "waiting for a staging buffer")
-            parallel_copy(self._copy_pool, pinned.array, src, self._copy_threads)
-            return self._seal_one_copy(job, pinned.address, None)
 
     def _write_and_nh_fast(self, buf: CudaBuffer, view: memoryview, key: bytes) -> HashResult:
         """``write_and_hash`` for nh-fast-v1: each whole unit's leaves and unit digest are queued

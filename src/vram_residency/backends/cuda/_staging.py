@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -91,98 +91,26 @@ def host_address(view: memoryview) -> tuple[int, npt.NDArray[np.uint8]]:
     return int(arr.ctypes.data), arr
 
 
-class _Pieces:
-    """The pieces one ``parallel_copy`` hands to the pool, counted as they run, so that the copy
-    can end every one of them without their futures. ``ThreadPoolExecutor.submit`` queues the
-    piece before it starts a worker thread (``_adjust_thread_count``); a thread that fails to
-    start (``RuntimeError: can't start new thread``) or a KeyboardInterrupt while ``Thread.start``
-    waits for it makes ``submit`` raise with the piece already queued, and its future lost: an
-    idle worker would run it later, writing the staging buffer while the next copy fills it (and
-    reading a source the caller may have freed). :meth:`close` stops pieces that have not
-    started from ever copying and waits for those that have."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._running = 0
-        self._closed = False
-
-    def run(self, dst: npt.NDArray[np.uint8], src: npt.NDArray[np.uint8]) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._running += 1
-        try:
-            np.copyto(dst, src)
-        finally:
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
-
-    def close(self) -> BaseException | None:
-        """No piece starts from now on; returns once none is running (an interrupt of the wait
-        waits again, and is returned)."""
-        interrupted: BaseException | None = None
-        while True:
-            try:
-                with self._cond:
-                    self._closed = True
-                    while self._running:
-                        self._cond.wait()
-                return interrupted
-            except BaseException as exc:
-                interrupted = interrupted or exc
-
-
 def parallel_copy(
     pool: ThreadPoolExecutor | None,
     dst: npt.NDArray[np.uint8],
     src: npt.NDArray[np.uint8],
     threads: int = 1,
-    meanwhile: Callable[[], None] | None = None,
 ) -> None:
-    """dst[:] = src, split across the pool's threads (NumPy releases the GIL while copying).
-
-    ``meanwhile`` runs on the calling thread while the pool's threads copy: a staged seal
-    launches the unit kernels of the chunk before this one there, which took the calling
-    thread's time between two chunks' copies before (with pageable sources the host copy is the
-    seal's critical path). Every piece has finished, or will never start, when this returns or
-    raises, an error in ``meanwhile``, in a piece or in ``submit`` included (the first is
-    raised), so neither buffer is still being written or read by a pool thread afterwards."""
+    """dst[:] = src, split across the pool's threads (NumPy releases the GIL while copying)."""
     n = len(src)
     # One piece per thread (at least 1 MiB each, 4 KiB aligned), so that every thread works.
     share = -(-n // max(1, threads))
     piece = max(1 << 20, -(-share // 4096) * 4096)
     if pool is None or n <= piece:
         np.copyto(dst[:n], src)
-        if meanwhile is not None:
-            meanwhile()
         return
-    pieces = _Pieces()
-    futures: list[Future[None]] = []
-    error: BaseException | None = None
-    try:
-        for off in range(0, n, piece):
-            futures.append(
-                pool.submit(pieces.run, dst[off : min(off + piece, n)], src[off : min(off + piece, n)])
-            )
-        if meanwhile is not None:
-            meanwhile()
-    except BaseException as exc:  # wait for the submitted pieces below, then raise this
-        error = exc
+    futures = [
+        pool.submit(np.copyto, dst[off : min(off + piece, n)], src[off : min(off + piece, n)])
+        for off in range(0, n, piece)
+    ]
     for f in futures:
-        while True:
-            try:
-                f.result()
-                break
-            except BaseException as exc:
-                error = error or exc
-                if f.done():  # the piece's own error; an interrupt of the wait waits again
-                    break
-    # A piece whose submit raised after queuing it has no future above (see _Pieces).
-    interrupted = pieces.close()
-    error = error or interrupted
-    if error is not None:
-        raise error
+        f.result()
 
 
 def default_copy_threads() -> int:
