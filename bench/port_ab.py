@@ -602,7 +602,9 @@ def gpu_local_cpus(device: int) -> set[int] | None:
     return both or None
 
 
-def open_sides(device: int, host_bytes: int, backends: dict[str, Any], pinned: dict[str, Any]) -> Any:
+def open_sides(
+    device: int, host_bytes: int, backends: dict[str, Any], pinned: dict[str, Any]
+) -> npt.NDArray[np.uint8]:
     """Each side's backend (warmed up) and pinned buffer of ``host_bytes``, old first, into
     ``backends`` and ``pinned`` as they are made (the caller closes what is there, also after a
     failure part-way); both pinned buffers hold fill_random's bytes, and so does the pageable
