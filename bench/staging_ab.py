@@ -47,14 +47,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import port_ab
-from port_ab import OLD_ALIAS, SIDES, GiB, MiB
+from port_ab import OLD_ALIAS, SIDES, GiB, MiB, log
 
 SEAL_SIZES = (64 * MiB, GiB)
 ALG = "sha256-tree-v1"
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def smaps_range(addr: int, size: int, smaps: str | None = None) -> dict[str, Any]:
@@ -166,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--old", type=Path, required=True)
     ap.add_argument("--new", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=port_ab._arg_type(port_ab._positive_int), default=20)
     ap.add_argument(
         "--host-bytes",
         type=port_ab.parse_size,
