@@ -39,6 +39,7 @@ import blake3 as _blake3
 
 from vram_residency._regularfile import open_regular
 from vram_residency.errors import InvalidInput, VramError
+from vram_residency.formats._fields import check_utf8 as _check_utf8
 from vram_residency.formats.attest import (
     MAX_NONCE_BYTES,
     MIN_NONCE_BYTES,
@@ -292,16 +293,41 @@ class AttestationResult:
 
 
 def _records(seal_records: Mapping[str, Any] | Iterable[Any]) -> dict[str, dict[str, Any]]:
+    if isinstance(seal_records, (str, bytes, bytearray, memoryview)) or not isinstance(
+        seal_records, (Mapping, Iterable)
+    ):
+        raise InvalidInput(
+            f"seal_records must be a list or mapping of seal records, not {type(seal_records).__name__}"
+        )
     items: Iterable[Any] = seal_records.values() if isinstance(seal_records, Mapping) else seal_records
     out: dict[str, dict[str, Any]] = {}
     for r in items:
         rec = r.record() if isinstance(r, SealedShard) else r
         if not isinstance(rec, dict):
             raise InvalidInput("seal records must be seal-v1 JSON objects or SealedShard values")
-        sid = rec.get("shard_id")
-        if not isinstance(sid, str) or sid in out:
-            raise InvalidInput(f"seal records: missing or duplicate shard_id {sid!r}")
-        out[sid] = rec
+        # Every field's type and encoding checked up front (not only for the shards the
+        # statement names): the worker id is read from the records before any shard is looked
+        # at, and a list there or a lone surrogate must be InvalidInput, not a TypeError from a
+        # set or a UnicodeEncodeError from a comparison.
+        fields, _ = fields_from_record(rec)
+        if fields.shard_id in out:
+            raise InvalidInput(f"seal records: duplicate shard_id {fields.shard_id!r}")
+        out[fields.shard_id] = rec
+    return out
+
+
+def _check_files(files: object) -> dict[str, str | os.PathLike[str]]:
+    if files is None:
+        return {}
+    if not isinstance(files, Mapping):
+        raise InvalidInput(f"files must map shard ids to paths, not {type(files).__name__}")
+    out: dict[str, str | os.PathLike[str]] = {}
+    for sid, path in files.items():
+        # Text paths only: an int is a file descriptor to os.stat (it would stat whatever that
+        # descriptor is), and bytes paths are not part of this API.
+        if not isinstance(sid, str) or not isinstance(path, (str, os.PathLike)):
+            raise InvalidInput("files must map shard ids (str) to paths (str or os.PathLike)")
+        out[sid] = path
     return out
 
 
@@ -342,17 +368,23 @@ def check_attestation(
     for name, v in (("issued_at_ns", issued_at_ns), ("max_delay_ns", max_delay_ns)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise InvalidInput(f"{name} must be a non-negative integer")
+    if not isinstance(probe, bool):
+        raise InvalidInput("probe must be True or False")
+    if now_ns is not None and (isinstance(now_ns, bool) or not isinstance(now_ns, int) or now_ns < 0):
+        raise InvalidInput("now_ns must be a non-negative integer (ns since the Unix epoch) or None")
+    files = _check_files(files)
     records = _records(seal_records)
     if not records:
         raise InvalidInput("no seal records: nothing to check the statement against")
     if worker_id is None:
-        ids = {r.get("worker_id") for r in records.values()}
+        ids = {r["worker_id"] for r in records.values()}  # strings: _records checked every field
         if len(ids) != 1:
             raise InvalidInput("the seal records name several workers; pass worker_id")
-        (wid,) = ids
-        if not isinstance(wid, str):
-            raise InvalidInput("seal record worker_id must be a string")
-        worker_id = wid
+        (worker_id,) = ids
+    elif not isinstance(worker_id, str):
+        raise InvalidInput(f"worker_id must be a string, not {type(worker_id).__name__}")
+    else:
+        _check_utf8("worker_id", worker_id)
 
     # 1. The tag, before anything in the statement is believed.
     if not verify_statement_tag(attest_key(token), s, tag):
@@ -404,7 +436,6 @@ def check_attestation(
     if s.verdict != "ok":
         raise AttestationRefused(5, "the worker's verdict is 'mismatch'")
     # 6. Probes, last: the only check that costs a pass over the model bytes.
-    files = dict(files or {})
     unknown = sorted(set(files) - seen)
     if unknown:
         raise InvalidInput(f"files given for shards not in the statement: {', '.join(unknown)}")
