@@ -23,6 +23,7 @@ import hmac
 import json
 import mmap
 import os
+import re
 import secrets
 import stat
 import threading
@@ -96,6 +97,18 @@ class IssuedNonce:
     issued_at_ns: int
 
 
+_LOWER_HEX: Final = re.compile(r"(?:[0-9a-f]{2})+")
+
+
+def _check_worker_id(worker_id: object) -> str:
+    """A worker id as the nonce store keeps it: text that has a UTF-8 encoding (it is compared
+    as UTF-8 bytes, in constant time)."""
+    if not isinstance(worker_id, str):
+        raise InvalidInput(f"worker_id must be a string, not {type(worker_id).__name__}")
+    _check_utf8("worker_id", worker_id)
+    return worker_id
+
+
 class NonceStore:
     """Issues nonces, remembers for which worker and when, and accepts each at most once.
 
@@ -136,17 +149,20 @@ class NonceStore:
                 if not line.endswith(b"\n"):
                     break  # a torn last line from a crash: that write never returned
                 try:
-                    rec = json.loads(line.decode("utf-8"))
-                    if not isinstance(rec, dict):
-                        raise TypeError("not a JSON object")
-                    nonce = bytes.fromhex(rec["nonce"])
+                    # The strict parser: a repeated key ("op" twice) has no single meaning.
+                    rec = parse_record_text(line, "nonce store line")
+                    hexed = rec["nonce"]
+                    # One spelling, as _append writes it (bytes.fromhex would also take upper
+                    # case and spaces), and the length every issued nonce has.
+                    if not isinstance(hexed, str) or not _LOWER_HEX.fullmatch(hexed):
+                        raise ValueError("nonce is not lower-case hex")
+                    nonce = check_nonce(bytes.fromhex(hexed))
                     t = rec["t"]
-                    if isinstance(t, bool) or not isinstance(t, int):
-                        raise TypeError("t is not an integer")
+                    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                        raise TypeError("t is not a non-negative integer")
                     if rec["op"] == "issue":
-                        wid = rec["worker_id"]
-                        if not isinstance(wid, str):
-                            raise TypeError("worker_id is not a string")
+                        # A lone surrogate here would pass the load and crash take() later.
+                        wid = _check_worker_id(rec["worker_id"])
                         self._pending[nonce] = IssuedNonce(nonce, wid, t)
                     elif rec["op"] == "use":
                         self._pending.pop(nonce, None)
@@ -171,8 +187,7 @@ class NonceStore:
 
     def issue(self, worker_id: str, nbytes: int = DEFAULT_NONCE_BYTES) -> IssuedNonce:
         """A fresh random nonce for ``worker_id``, recorded with the time it was issued."""
-        if not isinstance(worker_id, str):
-            raise InvalidInput("worker_id must be a string")
+        _check_worker_id(worker_id)
         if (
             isinstance(nbytes, bool)
             or not isinstance(nbytes, int)
@@ -191,6 +206,10 @@ class NonceStore:
         """Consume ``nonce`` for ``worker_id``: AttestationRefused (check 2) unless it was issued
         for that worker and never taken before. The nonce is used up even when the statement it
         came with fails a later check."""
+        # Both checked before the lock: a malformed argument uses nothing up. The nonce as bytes
+        # (a bytearray is unhashable as a dict key).
+        nonce = check_nonce(nonce)
+        _check_worker_id(worker_id)
         with self._lock:
             self._expire(time.time_ns())
             if nonce in self._used:
@@ -381,10 +400,8 @@ def check_attestation(
         if len(ids) != 1:
             raise InvalidInput("the seal records name several workers; pass worker_id")
         (worker_id,) = ids
-    elif not isinstance(worker_id, str):
-        raise InvalidInput(f"worker_id must be a string, not {type(worker_id).__name__}")
     else:
-        _check_utf8("worker_id", worker_id)
+        _check_worker_id(worker_id)
 
     # 1. The tag, before anything in the statement is believed.
     if not verify_statement_tag(attest_key(token), s, tag):

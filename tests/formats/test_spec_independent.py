@@ -36,7 +36,7 @@ from vram_residency import (
     VramManager,
     check_seal_record,
 )
-from vram_residency.attest import AttestationRefused, check_attestation
+from vram_residency.attest import AttestationRefused, NonceStore, check_attestation
 
 # ================================================================================================
 # The reference, from the specs alone
@@ -645,3 +645,51 @@ def _iter_copy(x: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 def test_seal_records_may_be_any_iterable() -> None:
     args = _ka_args()
     check_attestation(**{**args, "seal_records": _iter_copy(args["seal_records"])})
+
+
+# ================================================================================================
+# The nonce store: its arguments and its file, typed errors too
+# ================================================================================================
+
+
+@pytest.mark.parametrize("worker_id", ["\ud800", "w\udfff", 1, None, b"w"])
+def test_nonce_store_refuses_unusable_worker_ids(worker_id: Any) -> None:
+    store = NonceStore()
+    with pytest.raises(InvalidInput):
+        store.issue(worker_id)
+    issued = store.issue("w")
+    with pytest.raises(InvalidInput):
+        store.take(issued.nonce, worker_id)
+    assert store.take(issued.nonce, "w") == issued  # a refused take did not use the nonce up
+
+
+@pytest.mark.parametrize("nonce", [bytearray(32), memoryview(bytes(32))])
+def test_nonce_store_takes_any_bytes_like_nonce(nonce: Any) -> None:
+    store = NonceStore()
+    with pytest.raises(AttestationRefused):
+        store.take(nonce, "w")
+
+
+@pytest.mark.parametrize("nonce", ["00" * 32, 5, None, bytes(15), bytes(65)])
+def test_nonce_store_refuses_non_nonces(nonce: Any) -> None:
+    with pytest.raises(VramError):
+        NonceStore().take(nonce, "w")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"op":"issue","nonce":"' + "00" * 32 + '","t":1,"worker_id":"\\ud800"}',
+        '{"op":"issue","nonce":"' + "00" * 32 + '","t":-5,"worker_id":"w"}',
+        '{"op":"issue","nonce":"' + "00" * 32 + '","t":1,"worker_id":"w","op":"use"}',
+        '{"op":"issue","nonce":"' + "AB" * 32 + '","t":1,"worker_id":"w"}',
+        '{"op":"issue","nonce":"zz","t":1,"worker_id":"w"}',
+        '{"op":"issue","nonce":"' + "00" * 32 + '","t":NaN,"worker_id":"w"}',
+        "[" * 100_000,
+    ],
+)
+def test_nonce_store_file_refuses_malformed_lines(line: str, tmp_path: Any) -> None:
+    path = tmp_path / "nonces.json"
+    path.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(InvalidInput):
+        NonceStore(path)
