@@ -693,3 +693,11 @@ def test_nonce_store_file_refuses_malformed_lines(line: str, tmp_path: Any) -> N
     path.write_text(line + "\n", encoding="utf-8")
     with pytest.raises(InvalidInput):
         NonceStore(path)
+
+
+@pytest.mark.parametrize("shards", [True, 0, 1.5, float("nan"), 2**64, b"shard", object()])
+def test_attest_refuses_a_shards_argument_that_is_no_list(shards: Any) -> None:
+    with VramManager(TOKEN, backend="host", fast_check=False) as mgr:
+        mgr.seal_model(b"abc")
+        with pytest.raises(InvalidInput):
+            mgr.attest(NONCE, shards)
