@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from vram_residency._core.store import ShardStore, changed_units, merge_ranges
@@ -46,7 +46,9 @@ def _records(store: ShardStore, shards: Sequence[SealedShard | str] | None) -> l
     held = {s.shard_id: s for s in store.shards()}
     if shards is None:
         return [store.lookup(s) for s in held.values()]
-    if isinstance(shards, (str, SealedShard)):
+    # Not iterable at all (an int, a bool) would be a TypeError from the loop below; bytes
+    # would iterate as ints.
+    if isinstance(shards, (str, bytes, bytearray, SealedShard)) or not isinstance(shards, Iterable):
         raise InvalidInput("shards must be a sequence of shards or shard ids")
     out: list[ShardRecord] = []
     for s in shards:
