@@ -135,11 +135,11 @@ def test_seal_files_bounds_the_model_total(tmp_path: Path) -> None:
     with manager(max_tensors=SMALL) as m:
         free = m.available_vram
         with pytest.raises(InvalidInput, match=f"more than {SMALL} tensors"):
-            m.seal_files(d)
+            m.seal_files(sorted(d.iterdir()))
         assert m.shards() == [] and m.available_vram == free
         (d / "b.safetensors").unlink()
         write_tiny(d / "b.safetensors", SMALL // 2, first=SMALL)
-        m.verify_model(m.seal_files(d))
+        m.verify_model(m.seal_files(sorted(d.iterdir())))
 
 
 def test_seal_tensors_bounds_the_count(tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ def test_seal_files_holds_one_model_file_open_at_a_time(tmp_path: Path) -> None:
         write_tiny(d / f"part-{i:03d}.safetensors", 3, first=3 * i)
     seen: list[int] = []
     with manager() as m:
-        model = m.seal_files(d, progress=lambda _n: seen.append(_fds_under(d)))
+        model = m.seal_files(sorted(d.iterdir()), progress=lambda _n: seen.append(_fds_under(d)))
         m.verify_model(model)
     assert seen and max(seen) == 1, seen
     assert _fds_under(d) == 0
@@ -194,7 +194,7 @@ for i in range(int(sys.argv[3])):
 m = manager()  # imported and started before the limit: only the seal itself is measured
 open_now = len(os.listdir("/proc/self/fd"))
 resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 12, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-model = m.seal_files(d)
+model = m.seal_files(sorted(d.iterdir()))
 m.verify_model(model)
 print(len(model.parts), open_now)
 """
@@ -243,7 +243,7 @@ def test_a_file_rewritten_before_its_turn_is_refused(tmp_path: Path, how: str) -
     with manager() as m:
         free = m.available_vram
         with pytest.raises(InvalidInput, match="changed"):
-            m.seal_files(d, progress=rewrite)
+            m.seal_files(sorted(d.iterdir()), progress=rewrite)
         assert done and m.shards() == [] and m.available_vram == free
 
 
