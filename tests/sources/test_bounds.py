@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pytest
 from vram_residency import ConfigError, InvalidInput, VramManager
 from vram_residency.sources import (
     DEFAULT_MAX_TENSORS,
+    open_model_file,
     parse_safetensors_header,
     safetensors_header_size,
 )
@@ -253,3 +255,26 @@ def test_records_stay_json(tmp_path: Path) -> None:
     with manager(max_tensors=SMALL) as m:
         shard = m.seal_file(write_tiny(tmp_path / "at.safetensors", SMALL))
         assert len(json.dumps(shard.record())) < 2000
+
+
+def test_check_header_compares_the_copied_header_bytes(tmp_path: Path) -> None:
+    # The exact check behind reopen's timestamps: header bytes that differ from those parsed are
+    # refused, the same ones (with any data after them) pass.
+    path = write_tiny(tmp_path / "a.safetensors", 4)
+    other = write_tiny(tmp_path / "b.safetensors", 4, first=1)
+    with open_model_file(path) as opened:
+        opened.check_header(path.read_bytes())
+        with pytest.raises(InvalidInput, match="header differs"):
+            opened.check_header(other.read_bytes())
+    with opened.reopen() as again:
+        assert again.layout == opened.layout and again.fd >= 0
+    # The same bytes written again: only the ctime moves (on a clock of coarse ticks, once a tick
+    # has passed since the file was parsed: written again until it shows).
+    was = os.stat(path).st_ctime_ns
+    for _ in range(200):
+        path.write_bytes(path.read_bytes())
+        if os.stat(path).st_ctime_ns != was:
+            break
+        time.sleep(0.005)
+    with pytest.raises(InvalidInput, match="changed between its check and its copy"):
+        opened.reopen()

@@ -3,7 +3,14 @@
 Every file is opened once, as a regular file, before anything is allocated: a missing file, a
 directory, a FIFO or device, a path under a non-directory, or a truncated or corrupt header is an
 ``InvalidInput`` with no device memory touched. The descriptor opened here is the one that is
-parsed and then streamed, so a rename between the two cannot swap the bytes under the parser.
+parsed and then streamed, so a rename between the two cannot swap the bytes under the parser;
+``seal_files`` instead closes each file once checked and streams it through
+:meth:`OpenedFile.reopen` (one descriptor at a time, whatever the number of files), which refuses
+another inode or a moved size, mtime or ctime, and :meth:`OpenedFile.check_header`, which
+compares the header bytes that were copied with those parsed.
+
+A header may list at most ``max_tensors`` tensors (``DEFAULT_MAX_TENSORS``, 262,144, unless the
+manager sets another): each costs about 1 KiB of Python objects while it is checked.
 
 A shard sealed from a file holds the *whole* file, header included, so its digest is the digest
 of the file as it lies on disk (what ``vram-residency digest`` and manifests record), and tensor
