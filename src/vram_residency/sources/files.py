@@ -179,7 +179,7 @@ def seal_files(
 ) -> SealedModel:
     check_algorithm(digest_algorithm, keyed=True)
     man = _resolve_manifest(manifest)
-    files = resolve_model_files(paths)
+    files = resolve_model_files(paths, max_tensors=store.max_tensors)
     if man is not None and man.is_complete_model:
         man.check_file_list([f.name for f in files])
     # Open, parse and check every file first: a missing, unreadable or corrupt file, one the
