@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from typing_extensions import Buffer
 
 from vram_residency._core import (
+    DEFAULT_MAX_TENSORS,
     AuditSink,
     BackendName,
     Check,
@@ -60,6 +61,7 @@ class VramManager:
         worker_id: str = "",
         capacity_bytes: int | None = None,
         max_model_bytes: int = _DEFAULT_MAX_MODEL_BYTES,
+        max_tensors: int = DEFAULT_MAX_TENSORS,
         audit: AuditSink | None = None,
         allow_integrated: bool = False,
         fast_check: bool | None = None,
@@ -67,7 +69,12 @@ class VramManager:
         """``fast_check``: also keep a keyed ``nh-fast-v1`` digest of every shard at seal time (one
         more memory-speed pass), which ``verify_many(check="fast")``, the scrubber and the
         service's pre-execute check compare instead of the seal's digest. None (the default):
-        on for a real device, off for the host emulation (where the pass costs CPU time)."""
+        on for a real device, off for the host emulation (where the pass costs CPU time).
+
+        ``max_tensors``: the most tensors one model file's header, or one model (``seal_files``
+        over all its files, ``seal_tensors``), may list; more is ``InvalidInput`` before any
+        device memory is touched. ``DEFAULT_MAX_TENSORS`` (262,144) is above every public
+        checkpoint; the bound keeps a hostile header from costing gigabytes of host memory."""
         # Derive the keys first: a bad token must fail before any device is touched.
         seal_key_obj = seal_key(worker_token)
         self._attest_key: SecretKey = attest_key(worker_token)
@@ -86,6 +93,8 @@ class VramManager:
             raise ConfigError("worker_id is not encodable as UTF-8") from None
         if isinstance(max_model_bytes, bool) or not isinstance(max_model_bytes, int) or max_model_bytes <= 0:
             raise ConfigError("max_model_bytes must be a positive integer")
+        if isinstance(max_tensors, bool) or not isinstance(max_tensors, int) or max_tensors <= 0:
+            raise ConfigError("max_tensors must be a positive integer")
         if capacity_bytes is not None and backend == "cuda":
             raise ConfigError("capacity_bytes applies to the host backend only")
         try:
@@ -96,7 +105,8 @@ class VramManager:
             fast_check = not backend_obj.capabilities.emulated
         self._store = ShardStore(
             seal_key_obj, backend_obj, device=device, worker_id=worker_id,
-            max_model_bytes=max_model_bytes, audit=audit, fast_key=fast_key, fast_check=fast_check,
+            max_model_bytes=max_model_bytes, max_tensors=max_tensors, audit=audit,
+            fast_key=fast_key, fast_check=fast_check,
         )  # fmt: skip
 
     # -- properties ---------------------------------------------------------------------------
@@ -136,6 +146,10 @@ class VramManager:
     @property
     def max_model_bytes(self) -> int:
         return self._store.max_model_bytes
+
+    @property
+    def max_tensors(self) -> int:
+        return self._store.max_tensors
 
     def __repr__(self) -> str:
         return (

@@ -8,10 +8,11 @@ modules directly, and nothing anywhere reads another module's underscore-private
 from vram_residency._core.attest import attest_shards, check_seal_age
 from vram_residency._core.backend_select import BackendName, open_backend
 from vram_residency._core.store import CHECKS, SEAL_FAILED, Check, ShardStore, changed_units, merge_ranges
-from vram_residency._core.types import AuditSink, ShardRecord, TensorSpan
+from vram_residency._core.types import DEFAULT_MAX_TENSORS, AuditSink, ShardRecord, TensorSpan
 
 __all__ = [
     "CHECKS",
+    "DEFAULT_MAX_TENSORS",
     "SEAL_FAILED",
     "AuditSink",
     "BackendName",

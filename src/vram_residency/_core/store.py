@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final, Literal
 
-from vram_residency._core.types import AuditSink, BatchAuditSink, ShardRecord, TensorSpan
+from vram_residency._core.types import DEFAULT_MAX_TENSORS, AuditSink, BatchAuditSink, ShardRecord, TensorSpan
 from vram_residency.audit.events import (
     POLICY_VIOLATION,
     SEAL_VERIFICATION_FAILED,
@@ -276,6 +276,7 @@ class ShardStore:
         device: int,
         worker_id: str,
         max_model_bytes: int,
+        max_tensors: int = DEFAULT_MAX_TENSORS,
         audit: AuditSink | None = None,
         fast_key: SecretKey | None = None,
         fast_check: bool = False,
@@ -292,6 +293,7 @@ class ShardStore:
         self._device = device
         self._worker_id = worker_id
         self._max_model_bytes = max_model_bytes
+        self._max_tensors = max_tensors
         self._audit = audit
         self._records: dict[str, ShardRecord] = {}
         self._lock = threading.RLock()
@@ -321,6 +323,11 @@ class ShardStore:
     @property
     def max_model_bytes(self) -> int:
         return self._max_model_bytes
+
+    @property
+    def max_tensors(self) -> int:
+        """The most tensors a file's header or a model may list (``DEFAULT_MAX_TENSORS``)."""
+        return self._max_tensors
 
     @property
     def closed(self) -> bool:

@@ -16,6 +16,7 @@ Manifests of expected digests (``manifest``) are written with ``vram-residency d
 
 from vram_residency.sources.files import FileSource
 from vram_residency.sources.layout import (
+    DEFAULT_MAX_TENSORS,
     MAX_SAFETENSORS_HEADER,
     SAFETENSORS_DTYPES,
     FileLayout,
@@ -44,6 +45,7 @@ from vram_residency.sources.repair import RepairReport
 from vram_residency.sources.tensors import AdoptedSource
 
 __all__ = [
+    "DEFAULT_MAX_TENSORS",
     "MAX_SAFETENSORS_HEADER",
     "MODEL_DIGEST_NAME",
     "SAFETENSORS_DTYPES",

@@ -94,6 +94,25 @@ def _fill(
     return fill
 
 
+def _fill_reopened(
+    checked: OpenedFile, staging: Staging, progress: Progress | None
+) -> Callable[[DeviceBuffer], None]:
+    """The fill of a file parsed and closed earlier: reopened only for its own copy, so one model
+    file is open at a time. Refused (``InvalidInput``, and seal_parts frees every part) if the
+    path now names another file or the file was written since it was parsed (``reopen``), if it
+    changes while it streams (``check_unchanged``), or if the header bytes that landed in the
+    buffer are not the ones parsed (``check_header``: exact, where timestamps of a coarse
+    clock could miss a write in the same tick)."""
+
+    def fill(buf: DeviceBuffer) -> None:
+        with checked.reopen() as opened:
+            _fill(opened, staging, progress)(buf)
+            if opened.layout.header_sha256 is not None:
+                opened.check_header(buf.read(0, opened.layout.tensors[0].end))
+
+    return fill
+
+
 def seal_file(
     store: ShardStore,
     path: PathArg,
@@ -113,7 +132,7 @@ def seal_file(
 ) -> SealedShard:
     check_algorithm(digest_algorithm, keyed=True)
     man = _resolve_manifest(manifest)
-    with open_model_file(path, format) as opened:
+    with open_model_file(path, format, max_tensors=store.max_tensors) as opened:
         expected = _expected_for(opened, None, digest_algorithm, expected_digest, man)
         backend = store.backend
         staging = Staging(plan_staging(opened.size, staging_bytes, staging_buffers, backend=backend), backend)
@@ -160,22 +179,32 @@ def seal_files(
 ) -> SealedModel:
     check_algorithm(digest_algorithm, keyed=True)
     man = _resolve_manifest(manifest)
-    files = resolve_model_files(paths)
+    files = resolve_model_files(paths, max_tensors=store.max_tensors)
     if man is not None and man.is_complete_model:
         man.check_file_list([f.name for f in files])
+    # Open, parse and check every file first: a missing, unreadable or corrupt file, one the
+    # index does not describe, or a model of more than max_tensors tensors, is refused before any
+    # device memory is touched. Each is closed again once checked, and reopened for its copy
+    # (_fill_reopened): a model of hundreds of files would otherwise hold hundreds of
+    # descriptors through the whole seal, and a worker running at its RLIMIT_NOFILE (1024 by
+    # default) would fail with EMFILE. What the held descriptor guaranteed, that the bytes
+    # sealed are those of the file parsed, is kept by OpenedFile.reopen and check_header.
     opened: list[OpenedFile] = []
+    expected: list[str | None] = []
+    tensors = 0
+    for mf in files:
+        with open_model_file(mf.path, format, max_tensors=store.max_tensors) as o:
+            _check_against_index(o, mf)
+            expected.append(_expected_for(o, mf.name, digest_algorithm, None, man))
+        opened.append(o)
+        tensors += len(o.layout.tensor_names)
+        if tensors > store.max_tensors:
+            raise InvalidInput(
+                f"the model lists more than {store.max_tensors} tensors in its first {len(opened)} "
+                "files (max_tensors; VramManager(max_tensors=...) raises it); nothing was sealed"
+            )
     staging: Staging | None = None
     try:
-        # Open and parse every file first: a missing, unreadable or corrupt file, or one the
-        # index does not describe, is refused before any device memory is touched.
-        for mf in files:
-            o = open_model_file(mf.path, format)
-            opened.append(o)
-            _check_against_index(o, mf)
-        expected = [
-            _expected_for(o, mf.name, digest_algorithm, None, man)
-            for o, mf in zip(opened, files, strict=True)
-        ]
         need = sum(o.size for o in opened)
         store.check_open()
         free = store.backend.mem_info()[0]
@@ -196,7 +225,7 @@ def seal_files(
                 name=mf.name,
                 size=o.size,
                 acquire=_allocator(store, o.size),
-                fill=_fill(o, staging, progress),
+                fill=_fill_reopened(o, staging, progress),
                 tensors=o.layout.tensors,
                 source=FileSource(str(o.path.resolve()), 0, o.size),
                 expected_digest=e,
@@ -218,8 +247,6 @@ def seal_files(
     finally:
         if staging is not None:
             staging.close()
-        for o in opened:
-            o.close()
 
 
 def _allocator(store: ShardStore, size: int) -> Callable[[str], DeviceBuffer]:

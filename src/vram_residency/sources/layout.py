@@ -3,7 +3,14 @@
 Every file is opened once, as a regular file, before anything is allocated: a missing file, a
 directory, a FIFO or device, a path under a non-directory, or a truncated or corrupt header is an
 ``InvalidInput`` with no device memory touched. The descriptor opened here is the one that is
-parsed and then streamed, so a rename between the two cannot swap the bytes under the parser.
+parsed and then streamed, so a rename between the two cannot swap the bytes under the parser;
+``seal_files`` instead closes each file once checked and streams it through
+:meth:`OpenedFile.reopen` (one descriptor at a time, whatever the number of files), which refuses
+another inode or a moved size, mtime or ctime, and :meth:`OpenedFile.check_header`, which
+compares the header bytes that were copied with those parsed.
+
+A header may list at most ``max_tensors`` tensors (``DEFAULT_MAX_TENSORS``, 262,144, unless the
+manager sets another): each costs about 1 KiB of Python objects while it is checked.
 
 A shard sealed from a file holds the *whole* file, header included, so its digest is the digest
 of the file as it lies on disk (what ``vram-residency digest`` and manifests record), and tensor
@@ -14,21 +21,24 @@ spans are absolute byte offsets inside the file. The header gets a span of its o
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import itertools
 import json
 import os
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from vram_residency._core import TensorSpan
+from vram_residency._core import DEFAULT_MAX_TENSORS, TensorSpan
 from vram_residency.errors import ConfigError, InvalidInput
 
 __all__ = [
+    "DEFAULT_MAX_TENSORS",
     "FORMATS",
     "HEADER_SPAN",
     "MAX_SAFETENSORS_HEADER",
@@ -77,6 +87,9 @@ class FileLayout:
     tensors: tuple[TensorSpan, ...]
     #: Every tensor's name, zero-byte tensors included.
     tensor_names: frozenset[str] = frozenset()
+    #: SHA-256 of the header's bytes as they were parsed (``None`` for a raw file): what a file
+    #: reopened later must still hold for ``tensors`` to describe it (``OpenedFile.reopen``).
+    header_sha256: bytes | None = None
 
 
 def pread_exact(fd: int, offset: int, n: int, what: str) -> bytes:
@@ -120,6 +133,42 @@ class OpenedFile:
         was = self._stat
         if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (was.st_size, was.st_mtime_ns, was.st_ctime_ns):
             raise InvalidInput(f"{self.path} changed while it was being read")
+
+    def reopen(self) -> OpenedFile:
+        """The file parsed here, opened again (this one may be closed meanwhile), with the same
+        layout; ``InvalidInput`` if its path no longer names it unchanged: another inode (a
+        rename over it), or the same one written since (size, mtime or ctime moved).
+
+        ``seal_files`` parses every file first and then streams them one at a time through a
+        reopened descriptor, so that a model of many files never holds all of them open. The
+        checks on this reopened descriptor are those a held one gets (``check_unchanged`` after
+        streaming), plus this identity check; a held descriptor also pins the inode, which this
+        replaces with the header check of :func:`check_header` on the bytes that were copied."""
+        fd, st = _open_regular(self.path)
+        was = self._stat
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+            was.st_dev,
+            was.st_ino,
+            was.st_size,
+            was.st_mtime_ns,
+            was.st_ctime_ns,
+        ):
+            os.close(fd)
+            raise InvalidInput(f"{self.path} changed between its check and its copy; nothing was sealed")
+        return OpenedFile(self.path, fd, was, self.layout)
+
+    def check_header(self, copied: bytes) -> None:
+        """``InvalidInput`` unless ``copied`` (the first bytes of the file as they were copied,
+        at least the header's span) hashes to the header that was parsed: exact, whatever the
+        file system's timestamps can show, so the tensor spans describe the bytes sealed."""
+        want = self.layout.header_sha256
+        if want is None:
+            return
+        got = hashlib.sha256(copied[: self.layout.tensors[0].end]).digest()
+        if not hmac.compare_digest(got, want):
+            raise InvalidInput(
+                f"{self.path} changed between its check and its copy (its header differs); nothing was sealed"
+            )
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -196,6 +245,33 @@ def _shown(value: object, limit: int = 120) -> str:
     HTTP answers."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _object_hook(max_tensors: int) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """The ``object_pairs_hook`` of a header parse: :func:`_no_duplicates`, and a count of the
+    objects built so far. A valid header holds one object per tensor, plus the header itself and
+    ``__metadata__``; past that, decoding stops at once, so a header listing millions of tensors
+    costs the memory of ``max_tensors`` of them, not of all (about 1 KiB of Python objects per
+    ~70 bytes of header text)."""
+    count = 0
+    limit = max_tensors + 2
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal count
+        count += 1
+        if count > limit:
+            # Prefixed with ``what`` where json.loads' errors are caught.
+            raise InvalidInput(_too_many("", max_tensors))
+        return _no_duplicates(pairs)
+
+    return hook
+
+
+def _too_many(what: str, max_tensors: int) -> str:
+    return (
+        f"{what}: " * bool(what) + f"the header lists more than {max_tensors} tensors "
+        "(max_tensors; VramManager(max_tensors=...) raises it)"
+    )
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -285,7 +361,9 @@ def safetensors_header_size(prefix: bytes | memoryview, size: int, what: str) ->
     return int(8 + n)
 
 
-def parse_safetensors_header(head: bytes | memoryview, size: int, what: str) -> SafetensorsHeader:
+def parse_safetensors_header(
+    head: bytes | memoryview, size: int, what: str, *, max_tensors: int = DEFAULT_MAX_TENSORS
+) -> SafetensorsHeader:
     """Parse and validate the header of a ``size``-byte safetensors file from its leading bytes.
 
     ``head`` holds at least the first :func:`safetensors_header_size` bytes of the file (more is
@@ -294,7 +372,8 @@ def parse_safetensors_header(head: bytes | memoryview, size: int, what: str) -> 
     writer all call it), so what is checked when a file is sealed is exactly what is trusted when
     its sealed bytes are run: no duplicate keys, known dtypes only, sizes matching dtype and
     shape, offsets in bounds, and the data section covered exactly (no overlap, gap or trailing
-    bytes). Any problem is an ``InvalidInput`` naming ``what``.
+    bytes), and at most ``max_tensors`` tensors (counted while decoding: refused early). Any
+    problem is an ``InvalidInput`` naming ``what``.
     """
     header_end = safetensors_header_size(head, size, what)
     if len(head) < header_end:
@@ -303,13 +382,16 @@ def parse_safetensors_header(head: bytes | memoryview, size: int, what: str) -> 
         )
     raw = bytes(head[8:header_end])
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object_hook(max_tensors))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         if isinstance(exc, InvalidInput):
             raise InvalidInput(f"{what}: {exc}") from None
         raise InvalidInput(f"{what}: corrupt safetensors header: {exc}") from None
     if not isinstance(header, dict):
         raise InvalidInput(f"{what}: safetensors header is not a JSON object")
+    if len(header) - ("__metadata__" in header) > max_tensors:
+        # The hook's count allows for __metadata__ even when there is none: the exact count.
+        raise InvalidInput(_too_many(what, max_tensors))
     data_start = header_end
     data_len = size - data_start
     metadata: dict[str, str] = {}
@@ -374,11 +456,15 @@ def parse_safetensors_header(head: bytes | memoryview, size: int, what: str) -> 
     )
 
 
-def parse_safetensors(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], frozenset[str]]:
-    """Tensor spans of a safetensors file (see :func:`parse_safetensors_header`)."""
+def parse_safetensors(
+    fd: int, size: int, what: str, max_tensors: int = DEFAULT_MAX_TENSORS
+) -> tuple[tuple[TensorSpan, ...], frozenset[str], bytes]:
+    """Tensor spans of a safetensors file (see :func:`parse_safetensors_header`), its tensor names
+    and the SHA-256 of the header bytes parsed."""
     header_end = safetensors_header_size(pread_exact(fd, 0, min(size, 8), what), size, what)
-    header = parse_safetensors_header(pread_exact(fd, 0, header_end, what), size, what)
-    return header.spans(), header.names
+    head = pread_exact(fd, 0, header_end, what)
+    header = parse_safetensors_header(head, size, what, max_tensors=max_tensors)
+    return header.spans(), header.names, hashlib.sha256(head).digest()
 
 
 #: Bytes of each fixed-size GGUF value type (GGUFValueType: UINT8 .. FLOAT64), and the fewest
@@ -392,7 +478,7 @@ _GGUF_MAX_NESTING: Final = 16
 _GGUF_MIN_TENSOR_INFO: Final = 24
 
 
-def _check_gguf_counts(fd: int, size: int, what: str) -> None:
+def _check_gguf_counts(fd: int, size: int, what: str, max_tensors: int) -> None:
     """Check every count in a GGUF header against the bytes the file holds, before gguf's reader
     sees it: the reader loops once per element an array claims, and an element past the end of
     the file reads as empty instead of failing, so a 50-byte file claiming 2**62 elements grows
@@ -423,6 +509,10 @@ def _check_gguf_counts(fd: int, size: int, what: str) -> None:
     if unpack(order + "I", 4)[0] not in (2, 3):
         return  # a version the reader does not take (v1's counts are 32-bit): it says so
     n_tensors, n_kv = unpack(order + "QQ", 8)
+    if n_tensors > max_tensors:
+        # Before the reader builds one object per tensor info (it is much slower per tensor
+        # than the safetensors parser).
+        raise InvalidInput(_too_many(what, max_tensors))
 
     def need(off: int, n: int, each: int) -> None:
         if n * each > size - off:
@@ -474,8 +564,11 @@ def _read_gguf(reader_cls: Any, path: Path) -> tuple[int, list[tuple[str, int, i
     ]
 
 
-def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], frozenset[str]]:
-    """Tensor spans of a GGUF file, read with the ``gguf`` package's own reader."""
+def parse_gguf(
+    fd: int, size: int, what: str, max_tensors: int = DEFAULT_MAX_TENSORS
+) -> tuple[tuple[TensorSpan, ...], frozenset[str], bytes]:
+    """Tensor spans of a GGUF file, read with the ``gguf`` package's own reader, its tensor names
+    and the SHA-256 of its header (the bytes before the tensor data)."""
     if size < 4 or pread_exact(fd, 0, 4, what) != _GGUF_MAGIC:
         raise InvalidInput(f"{what}: not a GGUF file (bad magic)")
     try:
@@ -487,7 +580,7 @@ def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], f
 
     # Parse the descriptor already opened and checked, not the path again: on Linux
     # /proc/self/fd/N opens the same inode even if the path was replaced meanwhile.
-    _check_gguf_counts(fd, size, what)
+    _check_gguf_counts(fd, size, what, max_tensors)
     proc = Path(f"/proc/self/fd/{fd}")
     try:
         header_end, raw = _read_gguf(GGUFReader, proc if proc.exists() else Path(what))
@@ -497,6 +590,8 @@ def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], f
         raise InvalidInput(
             f"{what}: corrupt GGUF file: {type(exc).__name__}: {_shown(str(exc), 300)}"
         ) from None
+    if len(raw) > max_tensors:  # a header _check_gguf_counts left to the reader
+        raise InvalidInput(_too_many(what, max_tensors))
     spans = [TensorSpan(HEADER_SPAN, 0, min(header_end, size))]
     seen: set[str] = set()
     for name, start, n in raw:
@@ -519,28 +614,43 @@ def parse_gguf(fd: int, size: int, what: str) -> tuple[tuple[TensorSpan, ...], f
             raise InvalidInput(
                 f"{what}: tensors {_shown(prev.name)} and {_shown(cur.name)} overlap in GGUF file"
             )
-    return tuple(spans), frozenset(seen)
+    return tuple(spans), frozenset(seen), _sha256_at(fd, 0, spans[0].end, what)
 
 
-def inspect_file(fd: int, path: Path, size: int, fmt: str) -> FileLayout:
+def _sha256_at(fd: int, offset: int, n: int, what: str) -> bytes:
+    h = hashlib.sha256()
+    pos = offset
+    while pos < offset + n:
+        step = min(1 << 20, offset + n - pos)
+        h.update(pread_exact(fd, pos, step, what))
+        pos += step
+    return h.digest()
+
+
+def inspect_file(
+    fd: int, path: Path, size: int, fmt: str, max_tensors: int = DEFAULT_MAX_TENSORS
+) -> FileLayout:
     if fmt not in FORMATS:
         raise InvalidInput(f"format must be one of {FORMATS}, not {fmt!r}")
     kind = _detect(fd, path, size) if fmt == "auto" else fmt
     what = str(path)
     if kind == "safetensors":
-        return FileLayout("safetensors", size, *parse_safetensors(fd, size, what))
+        return FileLayout("safetensors", size, *parse_safetensors(fd, size, what, max_tensors))
     if kind == "gguf":
-        return FileLayout("gguf", size, *parse_gguf(fd, size, what))
+        return FileLayout("gguf", size, *parse_gguf(fd, size, what, max_tensors))
     return FileLayout("raw", size, ())
 
 
-def open_model_file(path: str | os.PathLike[str], fmt: str = "auto") -> OpenedFile:
-    """Open ``path`` as a regular file and parse its layout; ``InvalidInput`` on any problem with
-    the path or the file; OSError (EMFILE, ENFILE) when no file descriptor is free (transient)."""
+def open_model_file(
+    path: str | os.PathLike[str], fmt: str = "auto", *, max_tensors: int = DEFAULT_MAX_TENSORS
+) -> OpenedFile:
+    """Open ``path`` as a regular file and parse its layout (at most ``max_tensors`` tensors);
+    ``InvalidInput`` on any problem with the path or the file; OSError (EMFILE, ENFILE) when no
+    file descriptor is free (transient)."""
     p = _fspath(path)
     fd, st = _open_regular(p)
     try:
-        layout = inspect_file(fd, p, st.st_size, fmt)
+        layout = inspect_file(fd, p, st.st_size, fmt, max_tensors)
     except BaseException:
         os.close(fd)
         raise

@@ -329,6 +329,8 @@ def seal_parts(
     n = len(parts)
     if n == 0:
         raise InvalidInput("nothing to seal: the model has no parts")
+    if n > store.max_tensors:  # each part is at least one tensor (seal_tensors checks first)
+        raise InvalidInput(f"a model of {n} parts lists more than {store.max_tensors} tensors (max_tensors)")
     names = [p.name for p in parts]
     for name in names:
         _utf8("part name", name)

@@ -367,6 +367,13 @@ def seal_tensors(
     named = named_tensors(tensors)
     if not named:
         raise InvalidInput("no tensors to seal")
+    if len(named) > store.max_tensors:
+        # Each distinct region becomes a shard with its own seal and audit records: 100,000
+        # tensors took 10 s to seal and made a 54 MB model record.
+        raise InvalidInput(
+            f"{len(named)} tensors: more than {store.max_tensors} tensors (max_tensors; "
+            "VramManager(max_tensors=...) raises it)"
+        )
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise InvalidInput("tensor names must be unique")
