@@ -442,14 +442,20 @@ def test_worker_4253_client_disconnect_cancels_the_job(env: dict[str, Any]) -> N
 
 
 def _long_job_streaming(
-    client: httpx.Client, prompt: str, max_tokens: int
+    client: httpx.Client, prompt: str, max_tokens: int, job_id: str | None = None
 ) -> tuple[threading.Thread, list[str]]:
     """An execute of shard-0 on a thread of its own, returned once its first token has come: the
     thread, and the SSE event names it collects (``end`` last when it is done)."""
     events: list[str] = []
 
     def long_job() -> None:
-        body = {"handle_id": "shard-0", "prompt": prompt, "params": {"max_tokens": max_tokens}}
+        body: dict[str, Any] = {
+            "handle_id": "shard-0",
+            "prompt": prompt,
+            "params": {"max_tokens": max_tokens},
+        }
+        if job_id is not None:
+            body["job_id"] = job_id
         with client.stream("POST", "/worker/execute", json=body) as r:
             events.extend(e for e, _ in sse(r.iter_lines()))
 
@@ -488,6 +494,49 @@ def test_worker_4253_a_client_gone_while_queued_cancels_before_any_work(env: dic
     assert events[-1] == "end"
     time.sleep(0.3)
     assert "job gone-while-queued started" not in w.log()
+
+
+def _jobs_started(w: ServeProcess) -> float:
+    m = re.search(r"^worker_jobs_started_total (\S+)$", httpx.get(w.url + "/metrics").text, re.M)
+    assert m is not None
+    return float(m.group(1))
+
+
+def test_worker_4240_jobs_batched_together_all_end_with_end(env: dict[str, Any]) -> None:
+    # Two jobs queued behind a running one run as one batch when it ends. The one with the long
+    # prompt asks for 2 tokens, the other for 60: the first row is finished long before the
+    # batch is, and every job must still end with ``end`` (the finished row was stepped past its
+    # cache: IndexError, both streams ended with an INTERNAL error).
+    w = _w(env)
+    before = _jobs_started(w)
+    first, events = _long_job_streaming(w.client, "w", 1200, job_id="batch-ahead")
+    jobs = {"long-prompt": ("p" * 300, 2), "short-prompt": ("q", 60)}
+    got: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+
+    def run(job_id: str) -> None:
+        prompt, n = jobs[job_id]
+        body = {"handle_id": "shard-0", "job_id": job_id, "prompt": prompt, "params": {"max_tokens": n}}
+        got[job_id] = execute(w.client, body)[1]
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while _jobs_started(w) < before + 3:  # the long job and both queued ones
+        assert time.monotonic() < deadline and first.is_alive(), "the two jobs were not queued in time"
+        time.sleep(0.02)
+    # Let the long one go: the two queued jobs start together.
+    assert w.client.post("/worker/cancel", json={"job_id": "batch-ahead"}).json()["cancelled"] is True
+    first.join(30)
+    assert events[-1] == "error"  # CANCELLED
+    for t in threads:
+        t.join(60)
+    for job_id, (_, n) in jobs.items():
+        names = [e for e, _ in got[job_id]]
+        assert names[0] == "started" and names[-1] == "end", (job_id, got[job_id][-1])
+        metrics = dict(got[job_id])["metrics"]
+        assert metrics["batch_size"] == 2
+        assert dict(got[job_id])["end"]["tokens_out"] <= n
 
 
 def test_worker_4812_health_and_metrics_answer_while_every_request_thread_waits(env: dict[str, Any]) -> None:
