@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -606,6 +607,49 @@ def test_worker_4950_4952_error_body_has_code_message_retriable_retry_after(env:
     body = r.json()
     assert r.status_code == 400 and set(body) >= {"code", "message", "retriable", "retry_after_ms"}
     assert body["code"] == "INVALID_PARAMS" and body["retriable"] is False and body["retry_after_ms"] is None
+
+
+def _raw_http(w: ServeProcess, *parts: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``parts`` one after another on one connection; the answer's status, headers and body
+    (the worker closes the connection after it)."""
+    host, port = w.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        for part in parts:
+            s.sendall(part)
+            time.sleep(0.05)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        (b"FOO BAR\r\n\r\n",),  # not an HTTP request line
+        (b"POST /worker/plan HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",),
+        # A request head larger than the worker reads (16 KiB), arriving in pieces.
+        (b"GET /worker/ready HTTP/1.1\r\nHost: x\r\nX-Big: ", b"a" * 20000, b"\r\n\r\n"),
+    ],
+    ids=["request-line", "content-length", "head-too-large"],
+)
+def test_worker_4950_a_malformed_http_request_gets_the_error_envelope(
+    env: dict[str, Any], parts: tuple[bytes, ...]
+) -> None:
+    # 4950-4952: every error body is {code, message, retriable, retry_after_ms}; uvicorn's own
+    # answer to a request it cannot parse was text/plain "Invalid HTTP request received.".
+    status, headers, body = _raw_http(_w(env), *parts)
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == {
+        "code": "INVALID_PARAMS",
+        "message": "invalid HTTP request",
+        "retriable": False,
+        "retry_after_ms": None,
+    }
 
 
 # -- observability (4800-4822) -------------------------------------------------------------------
