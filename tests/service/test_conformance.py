@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -442,14 +443,20 @@ def test_worker_4253_client_disconnect_cancels_the_job(env: dict[str, Any]) -> N
 
 
 def _long_job_streaming(
-    client: httpx.Client, prompt: str, max_tokens: int
+    client: httpx.Client, prompt: str, max_tokens: int, job_id: str | None = None
 ) -> tuple[threading.Thread, list[str]]:
     """An execute of shard-0 on a thread of its own, returned once its first token has come: the
     thread, and the SSE event names it collects (``end`` last when it is done)."""
     events: list[str] = []
 
     def long_job() -> None:
-        body = {"handle_id": "shard-0", "prompt": prompt, "params": {"max_tokens": max_tokens}}
+        body: dict[str, Any] = {
+            "handle_id": "shard-0",
+            "prompt": prompt,
+            "params": {"max_tokens": max_tokens},
+        }
+        if job_id is not None:
+            body["job_id"] = job_id
         with client.stream("POST", "/worker/execute", json=body) as r:
             events.extend(e for e, _ in sse(r.iter_lines()))
 
@@ -488,6 +495,49 @@ def test_worker_4253_a_client_gone_while_queued_cancels_before_any_work(env: dic
     assert events[-1] == "end"
     time.sleep(0.3)
     assert "job gone-while-queued started" not in w.log()
+
+
+def _jobs_started(w: ServeProcess) -> float:
+    m = re.search(r"^worker_jobs_started_total (\S+)$", httpx.get(w.url + "/metrics").text, re.M)
+    assert m is not None
+    return float(m.group(1))
+
+
+def test_worker_4240_jobs_batched_together_all_end_with_end(env: dict[str, Any]) -> None:
+    # Two jobs queued behind a running one run as one batch when it ends. The one with the long
+    # prompt asks for 2 tokens, the other for 60: the first row is finished long before the
+    # batch is, and every job must still end with ``end`` (the finished row was stepped past its
+    # cache: IndexError, both streams ended with an INTERNAL error).
+    w = _w(env)
+    before = _jobs_started(w)
+    first, events = _long_job_streaming(w.client, "w", 1200, job_id="batch-ahead")
+    jobs = {"long-prompt": ("p" * 300, 2), "short-prompt": ("q", 60)}
+    got: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+
+    def run(job_id: str) -> None:
+        prompt, n = jobs[job_id]
+        body = {"handle_id": "shard-0", "job_id": job_id, "prompt": prompt, "params": {"max_tokens": n}}
+        got[job_id] = execute(w.client, body)[1]
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while _jobs_started(w) < before + 3:  # the long job and both queued ones
+        assert time.monotonic() < deadline and first.is_alive(), "the two jobs were not queued in time"
+        time.sleep(0.02)
+    # Let the long one go: the two queued jobs start together.
+    assert w.client.post("/worker/cancel", json={"job_id": "batch-ahead"}).json()["cancelled"] is True
+    first.join(30)
+    assert events[-1] == "error"  # CANCELLED
+    for t in threads:
+        t.join(60)
+    for job_id, (_, n) in jobs.items():
+        names = [e for e, _ in got[job_id]]
+        assert names[0] == "started" and names[-1] == "end", (job_id, got[job_id][-1])
+        metrics = dict(got[job_id])["metrics"]
+        assert metrics["batch_size"] == 2
+        assert dict(got[job_id])["end"]["tokens_out"] <= n
 
 
 def test_worker_4812_health_and_metrics_answer_while_every_request_thread_waits(env: dict[str, Any]) -> None:
@@ -557,6 +607,49 @@ def test_worker_4950_4952_error_body_has_code_message_retriable_retry_after(env:
     body = r.json()
     assert r.status_code == 400 and set(body) >= {"code", "message", "retriable", "retry_after_ms"}
     assert body["code"] == "INVALID_PARAMS" and body["retriable"] is False and body["retry_after_ms"] is None
+
+
+def _raw_http(w: ServeProcess, *parts: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``parts`` one after another on one connection; the answer's status, headers and body
+    (the worker closes the connection after it)."""
+    host, port = w.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        for part in parts:
+            s.sendall(part)
+            time.sleep(0.05)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        (b"FOO BAR\r\n\r\n",),  # not an HTTP request line
+        (b"POST /worker/plan HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",),
+        # A request head larger than the worker reads (16 KiB), arriving in pieces.
+        (b"GET /worker/ready HTTP/1.1\r\nHost: x\r\nX-Big: ", b"a" * 20000, b"\r\n\r\n"),
+    ],
+    ids=["request-line", "content-length", "head-too-large"],
+)
+def test_worker_4950_a_malformed_http_request_gets_the_error_envelope(
+    env: dict[str, Any], parts: tuple[bytes, ...]
+) -> None:
+    # 4950-4952: every error body is {code, message, retriable, retry_after_ms}; uvicorn's own
+    # answer to a request it cannot parse was text/plain "Invalid HTTP request received.".
+    status, headers, body = _raw_http(_w(env), *parts)
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == {
+        "code": "INVALID_PARAMS",
+        "message": "invalid HTTP request",
+        "retriable": False,
+        "retry_after_ms": None,
+    }
 
 
 # -- observability (4800-4822) -------------------------------------------------------------------

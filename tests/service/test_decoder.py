@@ -178,6 +178,20 @@ def test_batched_run_equals_runs_one_by_one_and_streams_in_order(sealed: Any) ->
     assert alone[0] == alone[3]  # deterministic
 
 
+def test_a_batch_whose_long_prompt_ends_first_runs_to_its_end(sealed: Any) -> None:
+    """A batch where the row with the longest prompt asks for the fewest tokens: once it is done,
+    the other rows keep stepping, and the finished row must not be stepped past its own cache (it
+    was: IndexError at the cache's end, every job of the batch ended with INTERNAL, found as eight
+    concurrent executes against a real serve)."""
+    _, _, lm, _ = sealed
+    jobs = [("a long prompt, longer than the other one by far", 2), ("x", 40)]
+    alone = [lm.run([lm.prepare(p, n)])[0].end for p, n in jobs]
+    batch = lm.run([lm.prepare(p, n) for p, n in jobs])
+    assert [b.end for b in batch] == alone
+    # The short row stepped 40 times: well past the long row's end (its prompt is 47 bytes).
+    assert [(e["tokens_out"], e["stop_reason"]) for e in alone] == [(2, "max_tokens"), (40, "max_tokens")]
+
+
 def test_prepare_validates(sealed: Any) -> None:
     _, _, lm, _ = sealed
     assert lm.prepare("hi", None).data.max_tokens == DEFAULT_MAX_TOKENS

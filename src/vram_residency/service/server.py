@@ -391,6 +391,20 @@ _BUSY_BODY: Final = json.dumps(
 ).encode()
 
 
+#: The 400 for a request that is not HTTP (a bad request line, a Content-Length that is not a
+#: number, a head past h11's 16 KiB): the API's error envelope (WORKER-4950s), where uvicorn
+#: answers a text/plain "Invalid HTTP request received." that a client parsing errors cannot read.
+_BAD_REQUEST_BODY: Final = json.dumps(
+    {
+        "code": ErrorCode.INVALID_PARAMS.value,
+        "message": "invalid HTTP request",
+        "retriable": False,
+        "retry_after_ms": None,
+    },
+    separators=(",", ":"),
+).encode()
+
+
 #: The slowest average rate (bytes/s) a request body may come at once its first ``header_timeout``
 #: seconds are over (a 256 KiB body then has 16 s more; a link slower than this is not served).
 _MIN_BODY_RATE: Final = 16 * 1024
@@ -435,6 +449,22 @@ class GuardedH11Protocol(H11Protocol):
             await app(scope, receive, send)
 
         return gate
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse, in the API's error envelope; as
+        uvicorn's, it closes the connection (nothing after a broken request can be trusted)."""
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(_BAD_REQUEST_BODY)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=_BAD_REQUEST_BODY),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -393,9 +393,11 @@ class ByteLM(InPlaceExecutor):
             if not active.any():
                 return
             # Finished rows keep running until the group ends (their results are dropped): the
-            # step costs one pass over the weights either way.
+            # step costs one pass over the weights either way. Their position stays where it
+            # ended, inside their own part of the cache: a row with a long prompt and few tokens
+            # would otherwise step past the cache's end while a longer row still runs.
             tokens = self._pick(self._decode_step(tokens, pos, caches), temps, rngs)
-            pos += 1
+            pos += active
 
     def _pick(
         self, logits: F32, temps: Sequence[float] = (), rngs: Sequence[np.random.Generator] = ()
