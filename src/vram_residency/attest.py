@@ -40,7 +40,7 @@ import blake3 as _blake3
 
 from vram_residency._regularfile import open_regular
 from vram_residency.errors import InvalidInput, VramError
-from vram_residency.formats._fields import check_utf8 as _check_utf8
+from vram_residency.formats import check_utf8 as _check_utf8
 from vram_residency.formats.attest import (
     MAX_NONCE_BYTES,
     MIN_NONCE_BYTES,

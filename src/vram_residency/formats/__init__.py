@@ -3,6 +3,7 @@
 No I/O and no CUDA here: an orchestrator can import this layer alone to check seal records.
 """
 
+from vram_residency.formats._fields import check_utf8
 from vram_residency.formats._fields import field as encode_field
 from vram_residency.formats.keys import AUDIT_KEY_INFO, SEAL_KEY_INFO, SecretKey, derive_key
 from vram_residency.formats.seal import SealFields, seal_key, seal_message, seal_tag, verify_tag
@@ -28,6 +29,7 @@ __all__ = [
     "HashResult",
     "SealFields",
     "SecretKey",
+    "check_utf8",
     "derive_key",
     "digest",
     "encode_field",
