@@ -130,7 +130,12 @@ def test_config_file_keys_reach_the_serve_options(tmp_path: Path) -> None:
     opts = _spec_options(args)
     assert opts["max_tensors"] == 7 and opts["strict_params"] is True
     plain = _spec_options(build_parser().parse_args(["serve", "--config", str(_config(tmp_path / "b"))]))
-    assert "max_tensors" not in plain and plain["strict_params"] is False  # the defaults stay
+    # Keys not in the file leave the command line's values (and their defaults) standing.
+    assert "max_tensors" not in plain and "strict_params" not in plain
+    off = _spec_options(
+        build_parser().parse_args(["serve", "--config", str(_config(tmp_path / "c", strict_params=False))])
+    )
+    assert off["strict_params"] is False
 
 
 @pytest.mark.parametrize(

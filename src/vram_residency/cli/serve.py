@@ -72,7 +72,6 @@ def _spec_options(args: argparse.Namespace) -> dict[str, object]:
         "token_file": cfg.token_file,
         "spec_mode": True,
         "ready_public": cfg.ready_public,
-        "strict_params": cfg.strict_params,
     }
     optional = {
         "max_batch": cfg.slots_total,
@@ -84,6 +83,7 @@ def _spec_options(args: argparse.Namespace) -> dict[str, object]:
         "state_dir": cfg.state_dir,
         "max_models": cfg.max_models,
         "max_tensors": cfg.max_tensors,
+        "strict_params": cfg.strict_params,
     }
     out.update({k: v for k, v in optional.items() if v is not None})
     return out

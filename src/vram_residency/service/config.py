@@ -88,7 +88,9 @@ class SpecConfig:
     max_models: int | None = None
     ready_public: bool = False
     max_tensors: int | None = None
-    strict_params: bool = False
+    #: None: not in the file (the command line's --strict-params then stands, as for the other
+    #: optional keys).
+    strict_params: bool | None = None
 
 
 def check_port(port: object, what: str = "port") -> int:
@@ -183,8 +185,8 @@ def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecCo
     ready_public = raw.get("ready_public", False)
     if not isinstance(ready_public, bool):
         raise ConfigError("config ready_public must be true or false")
-    strict_params = raw.get("strict_params", False)
-    if not isinstance(strict_params, bool):
+    strict_params = raw.get("strict_params")
+    if strict_params is not None and not isinstance(strict_params, bool):
         raise ConfigError("config strict_params must be true or false")
 
     def opt_path(key: str) -> Path | None:
