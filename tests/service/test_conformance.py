@@ -356,7 +356,11 @@ def test_worker_4241_4243_limits_nul_and_unknown_params(env: dict[str, Any]) -> 
         ({"prompt": "a" * 100_001}, "100000"),
         ({"prompt": "a", "params": {"max_tokens": 4097}}, "4096"),
         ({"prompt": "a\x00b"}, "NUL"),
-        ({"prompt": "a", "params": {"top_k": 3}}, "top_k"),
+        # Other params are accepted unused (below), within bounds: at most 64, identifier names.
+        ({"prompt": "a", "params": {f"p{i}": i for i in range(65)}}, "more than 64 params"),
+        ({"prompt": "a", "params": {"p" * 65: 1}}, "not an identifier of at most 64"),
+        ({"prompt": "a", "params": {"top-k": 1}}, "not an identifier"),
+        ({"prompt": "a", "params": {"x\nforged": 1}}, "not an identifier"),
         # The contract's types: max_tokens and seed are JSON integers, temperature a JSON number;
         # a string or a boolean in their place is refused, not read as a number.
         ({"prompt": "a", "params": {"max_tokens": "5"}}, "max_tokens"),
@@ -364,11 +368,43 @@ def test_worker_4241_4243_limits_nul_and_unknown_params(env: dict[str, Any]) -> 
         ({"prompt": "a", "params": {"seed": "7"}}, "seed"),
         ({"prompt": "a", "params": {"temperature": "0.5"}}, "temperature"),
         ({"prompt": "a", "params": {"temperature": True}}, "temperature"),
+        # A known param keeps its type beside unknown ones.
+        ({"prompt": "a", "params": {"seed": "7", "top_k": 3}}, "seed"),
     ]
     for body, fragment in cases:
         status, events, _ = execute(c, {"handle_id": "shard-0", **body})
         err = events[0][1]
         assert status == 400 and err["code"] == "INVALID_PARAMS" and fragment in err["message"], err
+
+
+def test_worker_4241_spec_shaped_params_are_accepted_and_named_as_not_used(env: dict[str, Any]) -> None:
+    # WORKER-4241's params are "max_tokens, temperature, seed, etc.": an orchestrator's sampler
+    # options are a spec-shaped request, never refused for their shape. They are not used, and
+    # the started event names them (sorted); the log line names them, never their values.
+    w = _w(env)
+    c = w.client
+    base = {"handle_id": "shard-0", "prompt": "a"}
+    ok, events, _ = execute(c, {**base, "params": {"max_tokens": 1}})
+    assert ok == 200 and events[0][0] == "started" and events[0][1]["ignored_params"] == []
+    secret = "stop-value-never-logged-5e1f"
+    params = {"max_tokens": 2, "seed": 3, "top_p": 0.9, "top_k": 40, "stop": [secret], "repetition_penalty": 1.1}
+    ok, events, _ = execute(c, {**base, "job_id": "job-ignored-params", "params": params})
+    assert ok == 200 and events[-1][0] == "end", events[-1]
+    started = events[0][1]
+    assert started["ignored_params"] == ["repetition_penalty", "stop", "top_k", "top_p"]
+    # The known params still count: max_tokens 2 bounds the tokens.
+    assert 1 <= events[-1][1]["tokens_out"] <= 2
+    ok, events, _ = execute(c, {**base, "params": {"top_k": 3}})
+    assert ok == 200 and events[0][1]["ignored_params"] == ["top_k"]
+    time.sleep(0.2)
+    log = w.log()
+    line = next(ln for ln in log.splitlines() if "job job-ignored-params started" in ln)
+    assert "params not used: repetition_penalty, stop, top_k, top_p" in line
+    assert secret not in log
+    # The schema says so: params is open, with the bounds on names.
+    schema = c.get("/openapi.json").json()["components"]["schemas"]["ExecuteParams"]
+    assert schema["additionalProperties"] is True
+    assert schema["propertyNames"]["maxLength"] == 64
 
 
 def test_worker_4242_a_prompt_at_the_limit_is_never_refused_for_its_body_size(env: dict[str, Any]) -> None:

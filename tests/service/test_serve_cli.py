@@ -134,6 +134,7 @@ def _serve_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (("--audit-log", "/proc/x/audit.jsonl"), "--audit-log /proc/x/audit.jsonl"),
         (("--max-models", "0"), "--max-models must be at least 1"),
         (("--scrub-budget", "0"), "--scrub-budget"),
+        (("--max-tensors", "0"), "--max-tensors must be at least 1"),
     ],
 )
 def test_bad_options_are_clear_errors(tmp_path: Path, args: tuple[str, ...], fragment: str) -> None:

@@ -82,6 +82,8 @@ def _spec_options(args: argparse.Namespace) -> dict[str, object]:
         "audit_log": cfg.audit_log,
         "state_dir": cfg.state_dir,
         "max_models": cfg.max_models,
+        "max_tensors": cfg.max_tensors,
+        "strict_params": cfg.strict_params,
     }
     out.update({k: v for k, v in optional.items() if v is not None})
     return out
@@ -188,11 +190,13 @@ def _run(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         header_timeout=args.header_timeout,
         ready_public=args.ready_public,
+        strict_params=args.strict_params,
         pool_id=args.pool_id,
         readiness_callback_url=args.readiness_callback_url,
         commit_keys=tuple(args.commit_signing_key or ()),
         **({"max_tokens": args.max_tokens} if args.max_tokens is not None else {}),
         **({"max_model_bytes": args.max_model_bytes} if args.max_model_bytes is not None else {}),
+        **({"max_tensors": args.max_tensors} if args.max_tensors is not None else {}),
         **({"max_prompt_chars": args.max_prompt_chars} if args.max_prompt_chars is not None else {}),
     )
     # Spec mode: the config file's values are used; of the command line only --host/--port win.
@@ -358,6 +362,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--max-model-bytes",
         type=int,
         help="largest model a commit may load, checked before anything is read (default 100 GB)",
+    )
+    p.add_argument(
+        "--max-tensors",
+        type=int,
+        help="most tensors a committed model file's header may list, checked before anything is "
+        "sealed (default 262144)",
+    )
+    p.add_argument(
+        "--strict-params",
+        action="store_true",
+        help="refuse execute params other than max_tokens, temperature and seed, by name (default: "
+        "accept them unused and name them in the started event's ignored_params)",
     )
     p.add_argument(
         "--max-prompt-chars", type=int, help="longest prompt of an execute, in characters (default 100000)"

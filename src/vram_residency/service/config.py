@@ -5,7 +5,7 @@ JSON file (``serve --config FILE``): required ``worker_id``, ``pool_id``, ``mode
 ``rpc_port``, ``readiness_callback_url``, ``gpu_device``; optional ``slots_total`` (the batch
 size), ``max_tokens``, ``max_prompt_len``, ``execution_timeout_ms``, ``api_token_file``, and this
 project's ``bind_addr``, ``audit_log``, ``state_dir``, ``drain_timeout_ms``, ``max_models``,
-``ready_public``. Unknown keys are refused by name.
+``ready_public``, ``max_tensors``, ``strict_params``. Unknown keys are refused by name.
 
 Environment: ``WORKER_API_TOKEN_FILE``, ``WORKER_BIND_ADDR`` (default ``127.0.0.1:8001``),
 ``WORKER_GPU_DEVICE`` (default 0), ``WORKER_LOG_LEVEL`` (default ``info``). The file wins over the
@@ -62,6 +62,8 @@ _OPTIONAL: Final = (
     "drain_timeout_ms",
     "max_models",
     "ready_public",
+    "max_tensors",
+    "strict_params",
 )
 
 
@@ -85,6 +87,10 @@ class SpecConfig:
     drain_timeout_ms: int | None = None
     max_models: int | None = None
     ready_public: bool = False
+    max_tensors: int | None = None
+    #: None: not in the file (the command line's --strict-params then stands, as for the other
+    #: optional keys).
+    strict_params: bool | None = None
 
 
 def check_port(port: object, what: str = "port") -> int:
@@ -179,6 +185,9 @@ def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecCo
     ready_public = raw.get("ready_public", False)
     if not isinstance(ready_public, bool):
         raise ConfigError("config ready_public must be true or false")
+    strict_params = raw.get("strict_params")
+    if strict_params is not None and not isinstance(strict_params, bool):
+        raise ConfigError("config strict_params must be true or false")
 
     def opt_path(key: str) -> Path | None:
         v = raw.get(key)
@@ -207,4 +216,6 @@ def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecCo
         drain_timeout_ms=_int(raw, "drain_timeout_ms", 0, 1 << 40),
         max_models=_int(raw, "max_models", 1, 64),
         ready_public=ready_public,
+        max_tensors=_int(raw, "max_tensors", 1, 1 << 31),
+        strict_params=strict_params,
     )

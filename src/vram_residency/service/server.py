@@ -28,6 +28,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from vram_residency._core import DEFAULT_MAX_TENSORS
 from vram_residency.errors import ConfigError, VramError
 from vram_residency.manager import BackendName
 from vram_residency.service.api.app import DEFAULT_MAX_BODY_BYTES, create_app
@@ -111,6 +112,10 @@ class ServeOptions:
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
     max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    #: The most tensors a committed file's header may list (WorkerConfig.max_tensors).
+    max_tensors: int = DEFAULT_MAX_TENSORS
+    #: Refuse execute params other than max_tokens, temperature, seed (WorkerConfig.strict_params).
+    strict_params: bool = False
     drain_timeout: float = 30.0
     execution_timeout: float = 0.0
     ready_public: bool = False
@@ -182,6 +187,8 @@ def check_options(opts: ServeOptions) -> None:
         raise ConfigError("--drain-timeout and the execution timeout must be >= 0")
     if opts.max_model_bytes < 1 or opts.max_tokens < 1 or opts.max_prompt_chars < 1:
         raise ConfigError("--max-model-bytes, --max-tokens and --max-prompt-chars must be at least 1")
+    if opts.max_tensors < 1:
+        raise ConfigError(f"--max-tensors must be at least 1, not {opts.max_tensors}")
     if opts.max_connections < 16:
         raise ConfigError(f"--max-connections must be at least 16, not {opts.max_connections}")
     if opts.header_timeout <= 0:
@@ -255,6 +262,8 @@ def build(opts: ServeOptions) -> Built:
         max_prompt_chars=opts.max_prompt_chars,
         max_tokens=opts.max_tokens,
         max_model_bytes=opts.max_model_bytes,
+        max_tensors=opts.max_tensors,
+        strict_params=opts.strict_params,
         drain_timeout=opts.drain_timeout,
         execution_timeout=opts.execution_timeout,
         max_seal_age=opts.max_seal_age,

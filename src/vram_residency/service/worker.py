@@ -38,7 +38,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from vram_residency._core import CHECKS, Check
+from vram_residency._core import CHECKS, DEFAULT_MAX_TENSORS, Check
 from vram_residency.audit.errors import AuditWriteFailed
 from vram_residency.audit.log import AuditLog
 from vram_residency.backends.base import ALIGNMENT
@@ -164,6 +164,13 @@ class WorkerConfig:
     pre_verify_check: Check = "full"
     #: Seconds a shard may go on fast checks alone before its seal's digest is re-checked.
     full_every: float = DEFAULT_FULL_EVERY_S
+    #: Refuse an execute whose params name something other than max_tokens, temperature and seed
+    #: (400 INVALID_PARAMS, by name). Off by default: the contract's params are open ("etc."),
+    #: so other names are accepted, not used, and named in the started event.
+    strict_params: bool = False
+    #: The most tensors one model file's header may list (``VramManager(max_tensors=...)``): a
+    #: commit of a file listing more is refused before any device memory is touched.
+    max_tensors: int = DEFAULT_MAX_TENSORS
 
     def check(self) -> None:
         if not self.worker_id:
@@ -193,6 +200,11 @@ class WorkerConfig:
             raise ConfigError("max_seal_age must be >= 0 (0: no limit)")
         if self.seal_age_policy not in ("reverify", "refuse"):
             raise ConfigError("seal_age_policy must be 'reverify' or 'refuse'")
+        if not isinstance(self.strict_params, bool):
+            raise ConfigError("strict_params must be true or false")
+        tensors = self.max_tensors
+        if isinstance(tensors, bool) or not isinstance(tensors, int) or tensors < 1:
+            raise ConfigError(f"max_tensors must be at least 1, not {self.max_tensors!r}")
 
 
 @dataclass(slots=True)
@@ -292,6 +304,7 @@ class Worker:
                 capacity_bytes=config.capacity_bytes,
                 audit=self._audit,
                 fast_check=config.fast_check,
+                max_tensors=config.max_tensors,
             )
         except BaseException:
             self._close_audit()

@@ -203,6 +203,16 @@ def create_app(
                 for alt in mt.get("anyOf", [mt]):
                     if alt.get("type") == "integer":
                         alt["maximum"] = cfg.max_tokens
+            params = comps.get("ExecuteParams", {})
+            if cfg.strict_params:
+                # This worker refuses other names: the schema says so.
+                params["additionalProperties"] = False
+                params.pop("propertyNames", None)
+                params["description"] = (
+                    "max_tokens, temperature, seed; any other name is refused (strict_params)"
+                )
+            else:
+                params["additionalProperties"] = True
             app.openapi_schema = schema
         return app.openapi_schema
 

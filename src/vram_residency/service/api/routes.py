@@ -361,8 +361,9 @@ def execute_router(worker: Worker) -> APIRouter:
         response_class=StreamingResponse,
         responses={
             200: {
-                "description": "Server-Sent Events: started; token {t, i} (a generator: each token as it "
-                "is produced; an encoder: its input tokens, after the run); metrics; end {tokens_out, "
+                "description": "Server-Sent Events: started {job_id, ..., ignored_params: the names "
+                "of params accepted and not used}; token {t, i} (a generator: each token as it is "
+                "produced; an encoder: its input tokens, after the run); metrics; end {tokens_out, "
                 "decode_time_ms, ...}; or error {code, message, retriable, retry_after_ms}. Nothing "
                 "follows end or error.",
                 "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
@@ -373,6 +374,12 @@ def execute_router(worker: Worker) -> APIRouter:
     async def execute(req: ExecuteRequest, request: Request) -> StreamingResponse:
         """Verify every shard, then run the model on the sealed weights; stream the result."""
         cfg = worker.config
+        ignored = req.params.ignored
+        if ignored and cfg.strict_params:
+            raise InvalidInput(
+                f"params: {', '.join(ignored)} not used by this worker (strict_params refuses "
+                "params other than max_tokens, temperature and seed)"
+            )
         if len(req.prompt) > cfg.max_prompt_chars:
             raise InvalidInput(f"prompt is longer than {cfg.max_prompt_chars} characters")
         if "\x00" in req.prompt:
@@ -451,7 +458,14 @@ def execute_router(worker: Worker) -> APIRouter:
             "gpu_device": cfg.device,
             "correlation_id": cid,
         }
-        log.info("job %s started", job_id, extra={**fields, "human": f"Started inference on {model.name}"})
+        # The names of params not used, never their values (a stop list, a logit bias: the
+        # client's text). The names are identifiers (ExecuteParams checked them): nothing to forge.
+        log.info(
+            "job %s started%s",
+            job_id,
+            f"; params not used: {', '.join(ignored)}" if ignored else "",
+            extra={**fields, "human": f"Started inference on {model.name}"},
+        )
         return StreamingResponse(
             _events(
                 worker,
@@ -464,6 +478,7 @@ def execute_router(worker: Worker) -> APIRouter:
                 t_verified,
                 stream,
                 fields,
+                ignored,
             ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
@@ -483,6 +498,7 @@ async def _events(
     t_verified: float,
     stream: asyncio.Queue[Token | JobOutput | BaseException],
     fields: dict[str, Any],
+    ignored_params: list[str],
 ) -> AsyncIterator[str]:
     """The job's SSE stream. Before each token leaves, the job's cancel flag and the worker's
     Stopped state are checked: no token produced after a cancel or a detected seal failure
@@ -502,6 +518,8 @@ async def _events(
                 if info is None
                 else {"shards": info.shards, "bytes": info.bytes, "verify_ms": _ms(info.seconds)},
                 "pre_verify": worker.config.pre_verify,
+                # Params the request named that this worker accepted and did not use (sorted).
+                "ignored_params": ignored_params,
             },
         )
         n = 0

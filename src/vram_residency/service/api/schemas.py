@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 __all__ = [
+    "MAX_IGNORED_PARAMS",
+    "MAX_PARAM_NAME",
     "SSE_EVENT_SCHEMA",
     "CancelRequest",
     "CancelResponse",
@@ -298,8 +301,33 @@ class ReadyResponse(BaseModel):
     audit_head_mismatch: AuditHeadMismatchInfo | None = None
 
 
-class ExecuteParams(_Strict):
-    """Generation parameters; any other name is refused, by name."""
+#: Most params with names this worker does not use, and the shape of such a name: enough for
+#: any sampler's options (top_p, top_k, stop, repetition_penalty, ...), and no room to make the
+#: worker hold, list and log thousands of names or names that are not names.
+MAX_IGNORED_PARAMS: Final = 64
+MAX_PARAM_NAME: Final = 64
+_PARAM_NAME: Final = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_PARAM_NAME - 1}}}")
+
+
+class ExecuteParams(BaseModel):
+    """Generation parameters: ``max_tokens``, ``temperature``, ``seed`` (strictly typed), and
+    others by name (WORKER-4241: "params (max_tokens, temperature, seed, etc.)").
+
+    Params with other names are accepted and not used: a spec-shaped request is never refused
+    for its shape, and an orchestrator sends its sampler's options (top_p, stop, ...) to every
+    worker. They are named in the job's ``started`` event (``ignored_params``) and its log line;
+    ``WorkerConfig.strict_params`` (``serve --strict-params``) refuses them by name instead.
+    Either way at most 64 of them, each named like an identifier of at most 64 characters."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "propertyNames": {"pattern": f"^{_PARAM_NAME.pattern}$", "maxLength": MAX_PARAM_NAME},
+            "description": "max_tokens, temperature, seed; any other param (at most 64, named "
+            "[A-Za-z_][A-Za-z0-9_]*, at most 64 characters) is accepted and not used, and named in "
+            "the started event's ignored_params (a worker started with strict_params refuses it)",
+        },
+    )
 
     max_tokens: MaxTokens | None = Field(
         None, description="most tokens to generate (an encoder: most input tokens read)"
@@ -308,6 +336,26 @@ class ExecuteParams(_Strict):
         0.0, ge=0.0, le=100.0, description="0: greedy"
     )
     seed: Seed | None = Field(None, description="same seed, same tokens")
+
+    @model_validator(mode="after")
+    def _bounded_extras(self) -> ExecuteParams:
+        extra = self.model_extra or {}
+        if len(extra) > MAX_IGNORED_PARAMS:
+            raise ValueError(f"more than {MAX_IGNORED_PARAMS} params this worker does not use")
+        bad = sum(1 for name in extra if _PARAM_NAME.fullmatch(name) is None)
+        if bad:
+            # The name itself is not echoed: it is not a name (control characters, 10 KB of
+            # text), and error messages reach logs.
+            raise ValueError(
+                f"{bad} param name(s) not an identifier of at most {MAX_PARAM_NAME} characters "
+                "([A-Za-z_][A-Za-z0-9_]*)"
+            )
+        return self
+
+    @property
+    def ignored(self) -> list[str]:
+        """The names of the params this worker does not use, sorted (never their values)."""
+        return sorted(self.model_extra or {})
 
 
 class ExecuteRequest(_Strict):
