@@ -387,7 +387,14 @@ def test_worker_4241_spec_shaped_params_are_accepted_and_named_as_not_used(env: 
     ok, events, _ = execute(c, {**base, "params": {"max_tokens": 1}})
     assert ok == 200 and events[0][0] == "started" and events[0][1]["ignored_params"] == []
     secret = "stop-value-never-logged-5e1f"
-    params = {"max_tokens": 2, "seed": 3, "top_p": 0.9, "top_k": 40, "stop": [secret], "repetition_penalty": 1.1}
+    params = {
+        "max_tokens": 2,
+        "seed": 3,
+        "top_p": 0.9,
+        "top_k": 40,
+        "stop": [secret],
+        "repetition_penalty": 1.1,
+    }
     ok, events, _ = execute(c, {**base, "job_id": "job-ignored-params", "params": params})
     assert ok == 200 and events[-1][0] == "end", events[-1]
     started = events[0][1]

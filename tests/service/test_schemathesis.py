@@ -77,7 +77,11 @@ def _tolerated(label: str, status: int, text: str) -> bool:
     # The top-level max_tokens (an addition) and params.max_tokens must agree when both are given:
     # a rule between two fields that JSON Schema cannot state. (Found once params took other
     # names, which changed what the derandomized generator draws.)
-    if label == "POST /worker/execute" and status == 400 and "max_tokens and params.max_tokens differ" in text:
+    if (
+        label == "POST /worker/execute"
+        and status == 400
+        and "max_tokens and params.max_tokens differ" in text
+    ):
         return True
     # A seed at the top of its range drawn as a double: 2^64 - 1 is not a double, the nearest is
     # 2^64, which the worker reads exactly (an integer past the maximum) and refuses; the

@@ -131,7 +131,12 @@ def _follow(opts: ServeOptions, env: TPEnv, timeout_s: float) -> int:
     audit = log_path.with_name(f"{log_path.stem}-rank{env.rank}{log_path.suffix}")
     print(f"vram-residency rank {env.rank} of {env.world}: following rank 0 ({backend})", flush=True)
     status = run_follower(
-        group, token, worker_id=worker_id, audit_path=audit, capacity_bytes=opts.capacity_bytes
+        group,
+        token,
+        worker_id=worker_id,
+        audit_path=audit,
+        capacity_bytes=opts.capacity_bytes,
+        max_tensors=opts.max_tensors,
     )
     sys.stdout.flush()
     sys.stderr.flush()

@@ -51,7 +51,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from vram_residency._core import Check
+from vram_residency._core import DEFAULT_MAX_TENSORS, Check
 from vram_residency.distributed import (
     RankUnresponsive,
     TPByteLM,
@@ -823,6 +823,7 @@ def run_follower(
     worker_id: str,
     audit_path: Path | None,
     capacity_bytes: int | None = None,
+    max_tensors: int = DEFAULT_MAX_TENSORS,
 ) -> int:
     """Rank k >= 1: hold and verify this rank's part, run what rank 0 sends, until told to stop
     (0) or until the group fails (3: Stopped, the incident is logged and audited)."""
@@ -855,6 +856,7 @@ def run_follower(
             worker_id=worker_id,
             capacity_bytes=capacity_bytes,
             audit=audit,
+            max_tensors=max_tensors,  # the same bound as rank 0's (serve --max-tensors)
         ) as mgr:
 
             def report() -> dict[str, Any]:
