@@ -147,9 +147,9 @@ def verify_log(
 ) -> VerifyReport:
     """Verify a log or a rotation set given in chain order (see ``files.chain_order``).
 
-    ``token`` is the worker token (or its audit key). ``head="auto"`` uses
-    ``<active>.head`` when the last path is an active file (not a numbered rotated one);
-    ``None`` skips the head. ``require_genesis=False`` verifies a set whose older files were
+    ``token`` is the worker token (or its audit key). ``head="auto"`` uses ``<active>.head``
+    of the last path's set (``audit.jsonl.3`` -> ``audit.jsonl.head``), so a set whose active
+    file was deleted is still held to its head; ``None`` skips the head. ``require_genesis=False`` verifies a set whose older files were
     archived away: the first record may then link to any hash. ``anchors`` are signed heads
     kept outside the worker: each must be signed by this token and name a record the files
     given contain (same seq and hash), or the report has a break.
@@ -166,9 +166,11 @@ def verify_log(
 
     head_path: Path | None
     if head == "auto":
-        head_path = None
-        if files and split_rotation(files[-1])[1] is None:
-            head_path = default_head_path(files[-1])
+        # The head of the set's active file, even when the files given end with a rotated one:
+        # deleting the active file (the newest records) must not also switch the head check off.
+        # A legitimate set ending in a rotated file (a crash between a rotation's rename and the
+        # next write) reaches the head's record all the same.
+        head_path = default_head_path(split_rotation(files[-1])[0]) if files else None
     elif head is None:
         head_path = None
     else:
