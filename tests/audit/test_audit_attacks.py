@@ -89,3 +89,52 @@ def test_crash_between_rotation_rename_and_new_active_file_still_verifies(tmp_pa
     rc, out = _verify(_glob(tmp_path), token_file)
     assert rc == EXIT_OK, out
     assert "head checked" in out
+
+
+# ------------------------------------------------------------------ a cut passed off as a crash
+
+
+def _plain_log(directory: Path, n: int = 10) -> Path:
+    path = directory / "audit.jsonl"
+    with AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None) as log:
+        for i in range(n):
+            log.emit(VRAM_SEALED, shard_id=f"s{i}")
+    return path
+
+
+def test_cutting_synced_records_mid_line_is_not_reported_as_a_crash(tmp_path: Path) -> None:
+    # Records 5..9 were synced (the signed head names seq 9). Cutting the file in the middle of
+    # record 5 leaves a "torn" last line; a crash can only tear a record after the head's, so this
+    # is a removal, not a crash, and must not read as one (ok_until_torn, "torn ... from a crash").
+    path = _plain_log(tmp_path)
+    token_file = write_token_file(tmp_path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:5]) + lines[5][:40])
+    report = verify_log(path, TOKEN)
+    assert not report.ok and not report.ok_until_torn and not report.torn_tail
+    assert report.first_break is not None and "signed head names seq 9" in report.first_break.reason
+    rc, out = _verify(_glob(tmp_path), token_file)
+    assert rc == EXIT_BROKEN and "from a crash" not in out and "removed" in out
+
+
+def test_cutting_anchored_records_mid_line_is_not_reported_as_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, token=TOKEN, worker_id="w", flush_interval=None) as log:
+        for i in range(10):
+            log.emit(VRAM_SEALED, shard_id=f"s{i}")
+        anchor = log.signed_head()
+    Path(str(path) + ".head").unlink()  # no head to help: the anchor alone must tell
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:5]) + lines[5][:40])
+    report = verify_log(path, TOKEN, anchors=[anchor])
+    assert not report.ok_until_torn and not report.torn_tail
+    assert report.first_break is not None and "anchored head names seq 9" in report.first_break.reason
+
+
+def test_a_real_torn_tail_after_the_head_is_still_a_crash(tmp_path: Path) -> None:
+    # The legitimate case keeps its diagnosis: torn bytes after the head's record.
+    path = _plain_log(tmp_path)
+    with open(path, "ab") as f:
+        f.write(b'{"critical":false,"ev')
+    report = verify_log(path, TOKEN)
+    assert report.torn_tail and report.ok_until_torn and report.records == 10

@@ -210,6 +210,22 @@ def verify_log(
             anchors_checked=len(anchors_seen),
         )
 
+    def removed_past(at: int) -> str | None:
+        """Why the log must once have held a record past seq ``at`` (an anchor or the signed
+        head names one), or None."""
+        for a in anchor_list:
+            if a.seq > at:
+                return (
+                    f"the log ends at seq {at} but an anchored head names seq {a.seq}: records were "
+                    "removed (a rollback to an earlier state)"
+                )
+        if head_val is not None and head_val[0] > at:
+            return (
+                f"the log ends at seq {at} but the signed head names seq {head_val[0]}: "
+                "records were removed from the end"
+            )
+        return None
+
     if head_problem is not None:
         # A head that is present but forged or unreadable is itself evidence of tampering.
         return report(VerifyBreak(file=str(head_path or ""), index=0, position=0, reason=head_problem))
@@ -230,6 +246,11 @@ def verify_log(
                 torn = False
                 if not line.endswith(b"\n"):
                     reason, torn = TORN_REASON, path == last_file
+                    cut = removed_past(prev_seq if prev_seq is not None else -1) if torn else None
+                    if cut is not None:
+                        # A crash tears only a record after the newest synced one, which the
+                        # head (and any anchor) names: this file was cut, not torn by a crash.
+                        reason, torn = f"{cut}; its last line is cut short, which no crash leaves", False
                 else:
                     try:
                         rec, canon = parse_line(line[:-1])
