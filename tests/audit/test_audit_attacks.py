@@ -138,3 +138,44 @@ def test_a_real_torn_tail_after_the_head_is_still_a_crash(tmp_path: Path) -> Non
         f.write(b'{"critical":false,"ev')
     report = verify_log(path, TOKEN)
     assert report.torn_tail and report.ok_until_torn and report.records == 10
+
+
+# ------------------------------------------------------------------ huge lines
+
+
+def test_a_huge_line_is_refused_without_being_read_whole(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from vram_residency.audit.record import MAX_LINE_BYTES
+
+    path = _plain_log(tmp_path)
+    token_file = write_token_file(tmp_path)
+    with open(path, "ab") as f:  # three times the limit, then a newline and one more line
+        for _ in range(3):
+            f.write(b"x" * MAX_LINE_BYTES)
+        f.write(b"\n{}\n")
+    tracemalloc.start()
+    try:
+        report = verify_log(path, TOKEN)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.first_break is not None and "longer than" in report.first_break.reason
+    assert report.records == 10 and not report.torn_tail
+    assert peak < 3 * MAX_LINE_BYTES  # about one limit's worth, never the whole line
+    rc, out = _verify(_glob(tmp_path), token_file)
+    assert rc == EXIT_BROKEN and "longer than" in out
+
+
+def test_the_writer_refuses_fields_a_reader_would_not_take(tmp_path: Path) -> None:
+    from vram_residency.audit.record import MAX_FIELDS_CHARS
+    from vram_residency.errors import InvalidInput
+
+    with AuditLog(tmp_path / "audit.jsonl", token=TOKEN, worker_id="w", flush_interval=None) as log:
+        with pytest.raises(InvalidInput, match="too large"):
+            log.emit(VRAM_SEALED, note="\u00e9" * MAX_FIELDS_CHARS)
+        with pytest.raises(InvalidInput, match="too large"):  # the batch fast path too
+            log.emit_many(VRAM_SEALED, [{"note": "a"}, {"note": "b" * MAX_FIELDS_CHARS}])
+        assert log.next_seq == 0  # nothing appended
+        log.emit(VRAM_SEALED, note="\u00e9" * 1000)
+    assert verify_log(tmp_path / "audit.jsonl", TOKEN).ok

@@ -93,12 +93,14 @@ from vram_residency.audit.events import (
 from vram_residency.audit.files import default_head_path, rotated_paths, rotation_index
 from vram_residency.audit.record import (
     GENESIS_HASH,
+    MAX_FIELDS_CHARS,
     AuditKey,
     AuditRecord,
     MacKey,
     RecordFormatError,
     RecordSealer,
     SignedHead,
+    check_fields_size,
     check_record,
     encode_fields,
     head_message,
@@ -764,6 +766,8 @@ class AuditLog:
             if common:
                 batch = [{**common, **f} for f in batch]
             prefixes = [head + encode_fields(normalize_fields(f)) for f in batch]
+        if max(map(len, prefixes)) > MAX_FIELDS_CHARS:  # the batch path skips encode_fields
+            check_fields_size(max(prefixes, key=len))
         # One call for the batch's ids: 128 random bits each, as emit's.
         ids = os.urandom(16 * len(prefixes)).hex()
         rids = [ids[i : i + 32] for i in range(0, len(ids), 32)]

@@ -50,6 +50,8 @@ __all__ = [
     "FORMAT_VERSION",
     "GENESIS_HASH",
     "HEAD_DOMAIN",
+    "MAX_FIELDS_CHARS",
+    "MAX_LINE_BYTES",
     "RECORD_DOMAIN",
     "AuditKey",
     "AuditRecord",
@@ -59,6 +61,7 @@ __all__ = [
     "SignedHead",
     "audit_key",
     "canonical_bytes",
+    "check_fields_size",
     "check_record",
     "encode_fields",
     "head_message",
@@ -101,6 +104,12 @@ _SECRET_NAMES: Final = frozenset(
     }
 )
 _MAX_DEPTH: Final = 16
+#: The longest line a reader takes as a record. A longer one is refused without being read
+#: whole: a multi-gigabyte "line" must not exhaust the verifier's memory.
+MAX_LINE_BYTES: Final = 64 << 20
+#: The longest fields JSON (in characters) the writer accepts. UTF-8 takes at most 4 bytes a
+#: character, so every record it writes stays well under ``MAX_LINE_BYTES``.
+MAX_FIELDS_CHARS: Final = 8 << 20
 _PLAIN: Final = frozenset({str, int, bool, type(None)})
 
 
@@ -308,9 +317,18 @@ def normalize_fields(fields: Mapping[str, Any], *, owned: bool = False) -> dict[
 def encode_fields(fields: Mapping[str, Any]) -> str:
     """The canonical JSON text of normalized fields, as ``AuditRecord.seal`` embeds it."""
     try:
-        return _encode(fields)
+        text = _encode(fields)
     except ValueError as exc:  # a NaN or infinity that slipped past normalisation
         raise InvalidInput(f"audit fields are not canonical JSON: {exc}") from exc
+    check_fields_size(text)
+    return text
+
+
+def check_fields_size(text: str) -> None:
+    """Refuse an event whose fields JSON is longer than ``MAX_FIELDS_CHARS`` (its record would
+    be longer than a reader takes; see ``MAX_LINE_BYTES``)."""
+    if len(text) > MAX_FIELDS_CHARS:
+        raise InvalidInput(f"audit fields are too large ({len(text)} characters, at most {MAX_FIELDS_CHARS})")
 
 
 class RecordSealer:

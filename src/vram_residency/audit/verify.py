@@ -44,6 +44,7 @@ from vram_residency.audit.events import AUDIT_HEAD_MISMATCH
 from vram_residency.audit.files import default_head_path, split_rotation
 from vram_residency.audit.record import (
     GENESIS_HASH,
+    MAX_LINE_BYTES,
     AuditRecord,
     MacKey,
     RecordFormatError,
@@ -97,9 +98,15 @@ class VerifyReport:
 
 
 def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of ``path``; one longer than ``MAX_LINE_BYTES`` comes as its first
+    ``MAX_LINE_BYTES + 1`` bytes (no record is that long), the rest of it is skipped unread."""
     # Regular files only: a FIFO in a glob would block, /dev/zero is one endless line.
     with open_regular(path) as f:
-        yield from f
+        while line := f.readline(MAX_LINE_BYTES + 1):
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+            yield line
 
 
 def iter_records(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[Path, int, AuditRecord | None]]:
@@ -108,6 +115,9 @@ def iter_records(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[Path
     for p in paths:
         path = Path(p)
         for index, line in enumerate(_lines(path)):
+            if len(line) > MAX_LINE_BYTES:
+                yield path, index, None
+                continue
             try:
                 rec, _ = parse_line(line.rstrip(b"\n"))
             except RecordFormatError:
@@ -149,9 +159,9 @@ def verify_log(
 
     ``token`` is the worker token (or its audit key). ``head="auto"`` uses ``<active>.head``
     of the last path's set (``audit.jsonl.3`` -> ``audit.jsonl.head``), so a set whose active
-    file was deleted is still held to its head; ``None`` skips the head. ``require_genesis=False`` verifies a set whose older files were
-    archived away: the first record may then link to any hash. ``anchors`` are signed heads
-    kept outside the worker: each must be signed by this token and name a record the files
+    file was deleted is still held to its head; ``None`` skips the head.
+    ``require_genesis=False`` verifies a set whose older files were archived away: the first
+    record may then link to any hash. ``anchors`` are signed heads kept outside the worker: each must be signed by this token and name a record the files
     given contain (same seq and hash), or the report has a break.
     """
     files = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
@@ -244,7 +254,9 @@ def verify_log(
                 rid: str | None = None
                 reason: str | None = None
                 torn = False
-                if not line.endswith(b"\n"):
+                if len(line) > MAX_LINE_BYTES:
+                    reason = f"line longer than {MAX_LINE_BYTES} bytes: not a record (no writer's is)"
+                elif not line.endswith(b"\n"):
                     reason, torn = TORN_REASON, path == last_file
                     cut = removed_past(prev_seq if prev_seq is not None else -1) if torn else None
                     if cut is not None:
