@@ -161,8 +161,9 @@ def verify_log(
     of the last path's set (``audit.jsonl.3`` -> ``audit.jsonl.head``), so a set whose active
     file was deleted is still held to its head; ``None`` skips the head.
     ``require_genesis=False`` verifies a set whose older files were archived away: the first
-    record may then link to any hash. ``anchors`` are signed heads kept outside the worker: each must be signed by this token and name a record the files
-    given contain (same seq and hash), or the report has a break.
+    record may then link to any hash. ``anchors`` are signed heads kept outside the worker:
+    each must be signed by this token and name a record the files given contain (same seq and
+    hash), or the report has a break.
     """
     files = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     key = audit_key(token)
