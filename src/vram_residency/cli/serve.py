@@ -309,7 +309,10 @@ def _run(args: argparse.Namespace) -> int:
         _say("vram-residency worker: stopped (shards zeroed and freed)")
     elif status == EXIT_STOPPED:
         freed = "SHUTDOWN FAILED (see the log)" if built.shutdown_error else "shards zeroed and freed"
-        _say(f"vram-residency worker: Stopped by a security incident (--exit-on-stop): {freed}; exit status {status}")
+        _say(
+            f"vram-residency worker: Stopped by a security incident (--exit-on-stop): {freed}; "
+            f"exit status {status}"
+        )
     else:
         _say("vram-residency worker: SHUTDOWN FAILED (see the log); exit status 1")
     return status
