@@ -22,6 +22,7 @@ def test_help_documents_the_exit_statuses() -> None:
         "70 internal error",
         "130 interrupted",
         "143 terminated",
+        "3 with --exit-on-stop once the worker entered Stopped",
     ):
         assert line in text, text
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,15 +68,17 @@ def run_serve(
     env: Mapping[str, str] | None = None,
     timeout: float = 120,
     preexec: Callable[[], None] | None = None,
+    program: Sequence[str] = ("-m", "vram_residency.cli.main"),
 ) -> ServeProcess:
-    """Start serve and wait for its banner's URL and a /health answer."""
+    """Start serve and wait for its banner's URL and a /health answer. ``program``: what the
+    interpreter runs (a test wrapper of the CLI, such as serve_fault_child.py)."""
     tmp.mkdir(parents=True, exist_ok=True)
     token_file = tmp / "worker.token"
     token = write_token(token_file) if not token_file.exists() else token_file.read_text().strip()
     log_path = tmp / f"serve-{time.monotonic_ns()}.log"
     # VRAM_RESIDENCY_TEST_BACKEND=cuda runs the same processes on the GPU.
     backend = os.environ.get("VRAM_RESIDENCY_TEST_BACKEND", "host")
-    cmd = [sys.executable, "-m", "vram_residency.cli.main", "serve", "--backend", backend, "--port", "0"]
+    cmd = [sys.executable, *program, "serve", "--backend", backend, "--port", "0"]
     if "--config" not in args:
         cmd += ["--token-file", str(token_file), "--state-dir", str(tmp / "state")]
     with log_path.open("wb") as out:

@@ -50,8 +50,9 @@ exit status:
   130  interrupted (SIGINT)
   143  terminated (SIGTERM). Either way the command unwinds first: device memory
        is zeroed and freed, and no manifest is left half-written.
-serve drains on SIGTERM or SIGINT and exits 0; 1 if its start or its shutdown failed
-(docs/worker-api.md).
+serve drains on SIGTERM or SIGINT and exits 0; 1 if its start or its shutdown failed;
+3 with --exit-on-stop once the worker entered Stopped (a seal failure, a CUDA/driver
+error), after the same shutdown (docs/worker-api.md).
 """
 
 

@@ -84,6 +84,7 @@ def _spec_options(args: argparse.Namespace) -> dict[str, object]:
         "max_models": cfg.max_models,
         "max_tensors": cfg.max_tensors,
         "strict_params": cfg.strict_params,
+        "exit_on_stop": cfg.exit_on_stop,
     }
     out.update({k: v for k, v in optional.items() if v is not None})
     return out
@@ -148,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     from vram_residency.service.executors.example_model import EXAMPLE_NAMES
     from vram_residency.service.server import (
         DEFAULT_PORT,
+        EXIT_STOPPED,
         ServeOptions,
         bind_socket,
         build,
@@ -196,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         header_timeout=args.header_timeout,
         ready_public=args.ready_public,
         strict_params=args.strict_params,
+        exit_on_stop=args.exit_on_stop,
         pool_id=args.pool_id,
         readiness_callback_url=args.readiness_callback_url,
         commit_keys=tuple(args.commit_signing_key or ()),
@@ -304,6 +307,12 @@ def _run(args: argparse.Namespace) -> int:
     term.restore()
     if status == 0:
         _say("vram-residency worker: stopped (shards zeroed and freed)")
+    elif status == EXIT_STOPPED:
+        freed = "SHUTDOWN FAILED (see the log)" if built.shutdown_error else "shards zeroed and freed"
+        _say(
+            f"vram-residency worker: Stopped by a security incident (--exit-on-stop): {freed}; "
+            f"exit status {status}"
+        )
     else:
         _say("vram-residency worker: SHUTDOWN FAILED (see the log); exit status 1")
     return status
@@ -397,6 +406,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=10.0,
         metavar="SECONDS",
         help="a connection's time to send its request head; idle keep-alive time (default 10)",
+    )
+    p.add_argument(
+        "--exit-on-stop",
+        action="store_true",
+        help="when the worker enters Stopped (a seal failure, a CUDA/driver error), shut down as a "
+        "drain does (within --drain-timeout) and exit with status 3, for a supervisor to restart it "
+        "(default: stay up, Stopped, for pool-managerd to inspect and restart)",
     )
     p.add_argument("--ready-public", action="store_true", help="answer GET /worker/ready without the token")
     p.add_argument(

@@ -103,6 +103,13 @@ class Callbacks:
         t.start()
         self._threads.append(t)
 
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds in all for the background callbacks to be delivered (or
+        to give up): before the process exits, which would end their daemon threads."""
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
     def stopped(self, state: str, reason: str, *, failed: bool) -> bool:
         """The failure (or stop) callback, sent now; True when delivered."""
         for t in self._threads:

@@ -5,7 +5,8 @@ JSON file (``serve --config FILE``): required ``worker_id``, ``pool_id``, ``mode
 ``rpc_port``, ``readiness_callback_url``, ``gpu_device``; optional ``slots_total`` (the batch
 size), ``max_tokens``, ``max_prompt_len``, ``execution_timeout_ms``, ``api_token_file``, and this
 project's ``bind_addr``, ``audit_log``, ``state_dir``, ``drain_timeout_ms``, ``max_models``,
-``ready_public``, ``max_tensors``, ``strict_params``. Unknown keys are refused by name.
+``ready_public``, ``max_tensors``, ``strict_params``, ``exit_on_stop``. Unknown keys are refused
+by name.
 
 Environment: ``WORKER_API_TOKEN_FILE``, ``WORKER_BIND_ADDR`` (default ``127.0.0.1:8001``),
 ``WORKER_GPU_DEVICE`` (default 0), ``WORKER_LOG_LEVEL`` (default ``info``). The file wins over the
@@ -64,6 +65,7 @@ _OPTIONAL: Final = (
     "ready_public",
     "max_tensors",
     "strict_params",
+    "exit_on_stop",
 )
 
 
@@ -91,6 +93,8 @@ class SpecConfig:
     #: None: not in the file (the command line's --strict-params then stands, as for the other
     #: optional keys).
     strict_params: bool | None = None
+    #: ``serve --exit-on-stop`` (None: not in the file, the command line's flag stands).
+    exit_on_stop: bool | None = None
 
 
 def check_port(port: object, what: str = "port") -> int:
@@ -188,6 +192,9 @@ def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecCo
     strict_params = raw.get("strict_params")
     if strict_params is not None and not isinstance(strict_params, bool):
         raise ConfigError("config strict_params must be true or false")
+    exit_on_stop = raw.get("exit_on_stop")
+    if exit_on_stop is not None and not isinstance(exit_on_stop, bool):
+        raise ConfigError("config exit_on_stop must be true or false")
 
     def opt_path(key: str) -> Path | None:
         v = raw.get(key)
@@ -218,4 +225,5 @@ def load_spec_config(path: Path, env: Mapping[str, str] | None = None) -> SpecCo
         ready_public=ready_public,
         max_tensors=_int(raw, "max_tensors", 1, 1 << 31),
         strict_params=strict_params,
+        exit_on_stop=exit_on_stop,
     )

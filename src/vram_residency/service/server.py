@@ -63,11 +63,16 @@ from vram_residency.service.worker import (
     default_factories,
 )
 
-__all__ = ["DEFAULT_PORT", "Built", "ServeOptions", "ServerThread", "build", "serve"]
+__all__ = ["DEFAULT_PORT", "EXIT_STOPPED", "Built", "ServeOptions", "ServerThread", "build", "serve"]
 
 log = logging.getLogger("vram_residency.service")
 
 DEFAULT_PORT: Final = 8321
+
+#: ``serve --exit-on-stop``'s exit status once the worker entered Stopped (a seal failure, a
+#: CUDA/driver error): the same 3 as a tensor-parallel follower's on Stopped (tp.run_follower), and
+#: none of the CLI's others (0, 1, 2, 70, 130, 143), so a supervisor can tell it from a failed start.
+EXIT_STOPPED: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,10 @@ class ServeOptions:
     max_tensors: int = DEFAULT_MAX_TENSORS
     #: Refuse execute params other than max_tokens, temperature, seed (WorkerConfig.strict_params).
     strict_params: bool = False
+    #: On entering Stopped, shut down as a drain does and exit with EXIT_STOPPED, for supervisors
+    #: other than pool-managerd (systemd, Kubernetes). Off: the Stopped worker stays up (the
+    #: contract's WORKER-4032: pool-managerd inspects and restarts it).
+    exit_on_stop: bool = False
     drain_timeout: float = 30.0
     execution_timeout: float = 0.0
     ready_public: bool = False
@@ -147,6 +156,9 @@ class Built:
     callbacks: Callbacks | None = None
     #: Set when the app's shutdown failed (the process must then exit non-zero).
     shutdown_error: BaseException | None = None
+    #: Called (from whichever thread reported it) after each incident that stopped the worker,
+    #: once the worker's own incident handling is done; ``serve --exit-on-stop`` sets it.
+    on_stopped: Callable[[Incident], object] | None = field(default=None, repr=False)
 
 
 def _resolve_token(opts: ServeOptions, state_dir: Path) -> tuple[TokenSource, bytes, bool]:
@@ -283,6 +295,20 @@ def build(opts: ServeOptions) -> Built:
     catalog = ModelCatalog(
         model_dir, builtin, {example: provider}, generated_root=state_dir / "example-models"
     )
+    built_ref: list[Built] = []
+    incident_hook = _incident_hook(opts.on_incident, callbacks)
+
+    def on_incident(incident: Incident) -> None:
+        # The failure callback and the user's hook first (a user hook that raises is logged by
+        # the worker, and must not keep --exit-on-stop from shutting the worker down).
+        try:
+            if incident_hook is not None:
+                incident_hook(incident)
+        finally:
+            stopped = built_ref[0].on_stopped if built_ref else None
+            if incident.stopped and stopped is not None:
+                stopped(incident)
+
     worker = (opts.make_worker or Worker)(
         config,
         token,
@@ -290,9 +316,8 @@ def build(opts: ServeOptions) -> Built:
         audit_path=audit_path,
         metrics=Metrics(),
         factories=tuple(default_factories()),
-        on_incident=_incident_hook(opts.on_incident, callbacks),
+        on_incident=on_incident,
     )
-    built_ref: list[Built] = []
 
     def shutdown_failed(exc: BaseException) -> None:
         if built_ref:
@@ -564,20 +589,44 @@ class DrainingServer(uvicorn.Server):
     ) -> None:
         super().__init__(config)
         self._built = built
+        # A signal (main thread) and an incident (any thread) may both start the drain: one does.
+        self._drain_lock = threading.Lock()
         self._draining = False
         self._stop_pending = stop_pending
+        #: ``--exit-on-stop`` took the worker's Stopped as the reason to exit (serve's status 3).
+        self.exiting_stopped = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining:
+        if self.drain_in_background(f"signal {signal.Signals(sig).name}") is None:
             self.should_exit = True
             if sig == signal.SIGINT:
                 self.force_exit = True
-            return
-        self._draining = True
-        self.drain_in_background(f"signal {signal.Signals(sig).name}")
 
-    def drain_in_background(self, reason: str) -> threading.Thread:
-        self._draining = True
+    def exit_on_stop(self, incident: Incident) -> None:
+        """``--exit-on-stop``: the worker is Stopped; shut down as a drain does (the jobs the
+        incident ended get ``drain_timeout`` to send their ``error`` events; then uvicorn stops and
+        the shards are zeroed and freed) and have ``serve`` return EXIT_STOPPED. Once, however
+        many failures arrive together; a drain already under way (a SIGTERM) just ends the same
+        way. Never waits: it may run on a request's thread, the scheduler's or the scrubber's."""
+        with self._drain_lock:
+            if self.exiting_stopped:
+                return
+            self.exiting_stopped = True
+        log.error(
+            "worker Stopped by security incident %s (%s); --exit-on-stop: shutting down, then "
+            "exiting with status %d",
+            incident.id,
+            incident.error_type,
+            EXIT_STOPPED,
+        )
+        self.drain_in_background(f"stopped: security incident {incident.id}")
+
+    def drain_in_background(self, reason: str) -> threading.Thread | None:
+        """Start the drain on a thread of its own; None if one was started already."""
+        with self._drain_lock:
+            if self._draining:
+                return None
+            self._draining = True
         self._built.worker.begin_drain(reason)
         log.info("draining: %s", reason, extra={"human": f"Draining ({reason}): no new work, finishing jobs"})
 
@@ -630,11 +679,17 @@ def serve(
     built: Built, sock: socket.socket | None = None, *, stop_pending: Callable[[], bool] | None = None
 ) -> int:
     """Run uvicorn in the foreground until SIGINT/SIGTERM (a drain); the worker is closed on the
-    way out. Returns the exit status: 0 after a clean shutdown, 1 when the shutdown failed.
+    way out. Returns the exit status: 0 after a clean shutdown, 1 when the shutdown failed, and
+    with ``exit_on_stop`` EXIT_STOPPED once the worker entered Stopped (never 0 then).
     ``stop_pending``: whether a SIGTERM came before uvicorn handled signals (then it drains at
     once)."""
     server = DrainingServer(_uvicorn_config(built.app, built.options), built, stop_pending)
     w = built.worker
+    if built.options.exit_on_stop:
+        built.on_stopped = server.exit_on_stop
+        # An incident between build() and here (a scrub pass) found no hook: act on it now.
+        if w.lifecycle.incidents:
+            server.exit_on_stop(w.lifecycle.incidents[0])
 
     def committed(model: CommittedModel) -> None:
         if built.callbacks is not None and server.started:
@@ -652,6 +707,14 @@ def serve(
         if built.shutdown_error is not None:
             log.error("shutdown failed: %s", built.shutdown_error)
             status = 1
+        if built.options.exit_on_stop and w.lifecycle.incidents:
+            # Stopped wins over a failed shutdown (logged above): either way a restart is due,
+            # and the supervisor should see why. Also when a SIGTERM drain raced the incident.
+            status = EXIT_STOPPED
+        if built.callbacks is not None and built.callbacks.failure_sent:
+            # The failure callback went out at the incident, on a thread of its own: give it
+            # the drain timeout to be delivered before the process exits.
+            built.callbacks.join(built.options.drain_timeout)
         if built.callbacks is not None and not built.callbacks.failure_sent:
             incidents = w.lifecycle.incidents
             failed = bool(incidents) or status != 0
