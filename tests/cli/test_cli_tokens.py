@@ -29,8 +29,9 @@ def model(tmp_path: Path) -> Path:
     return p
 
 
-#: Tokens as people make them: URL-safe base64, hex, and base64 with '/', '+' and '='.
-TOKENS = [TOKEN, secrets.token_hex(32), "q3/9+Zx0dG8vYmFzZTY0L3Rva2VuK3dpdGgvc2xhc2g="]
+#: Tokens as people make them: URL-safe base64, hex, and base64 with '/', '+' and '='; and one
+#: that starts with '-', as one URL-safe token in 64 does (``TOKEN`` itself may be one).
+TOKENS = [TOKEN, secrets.token_hex(32), "q3/9+Zx0dG8vYmFzZTY0L3Rva2VuK3dpdGgvc2xhc2g=", "-" + TOKEN[1:]]
 
 
 @pytest.mark.parametrize("command", ["seal", "attest", "audit", "digest", "serve"])
@@ -45,7 +46,10 @@ def test_a_token_given_as_its_file_is_not_echoed(tmp_path: Path, model: Path, co
     for token in TOKENS:
         out = run(*[token if a == TOKEN else a for a in args])
         text = out.stdout + out.stderr
-        assert out.returncode != 0 and "does not exist" in text, text
+        # A token that starts with '-' is an option to argparse, which then says the flag lacks
+        # its argument (without the token); any other is taken as a path that does not exist.
+        expected = "expected one argument" if token.startswith("-") else "does not exist"
+        assert out.returncode != 0 and expected in text, text
         assert token not in text, text
 
 
