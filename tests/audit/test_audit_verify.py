@@ -333,6 +333,11 @@ def test_anchor_checks(tmp_path: Path, token_file: Path) -> None:
     assert not verify_log(path, TOKEN, anchors=[other]).ok
     with pytest.raises(Exception, match="signed head"):
         read_anchor('{"seq": 1}')
+    # Two values for one key: refused, not read as the last one (json.loads' way).
+    once = f'{{"v": 1, "seq": {first.seq}, "hash": "{first.hash}", "hmac": "{first.hmac}"}}'
+    assert read_anchor(once) == first
+    with pytest.raises(InvalidInput, match="'seq' twice"):
+        read_anchor(once.replace('"seq":', '"seq": 0, "seq":'))
     res = run_cli("audit", "verify", path, "--anchor", tmp_path / "none", "--token-file", token_file)
     assert res.returncode == EXIT_USAGE and "Traceback" not in res.stderr
 

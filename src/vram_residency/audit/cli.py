@@ -32,6 +32,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vram_residency._regularfile import open_regular, read_regular
+from vram_residency._strictjson import unique_keys
 from vram_residency._tokenfile import read_token_file
 from vram_residency.audit.files import chain_order, rotated_paths, split_rotation
 from vram_residency.audit.record import AuditKey, SignedHead, signed_head_from_json
@@ -95,7 +96,12 @@ def read_anchor(text: str) -> SignedHead:
             why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise InvalidInput(f"cannot read anchor file {text}: {why}") from None
     try:
-        obj = json.loads(raw)
+        # A key given twice is refused, as in audit lines and records: two readers of one anchor
+        # must not see two different heads.
+        twice = unique_keys(lambda k: InvalidInput(f"anchor gives {k!r} twice"))
+        obj = json.loads(raw, object_pairs_hook=twice)
+    except InvalidInput:
+        raise
     except (ValueError, RecursionError):  # deep nesting: RecursionError
         raise InvalidInput("anchor is not JSON") from None
     if isinstance(obj, dict) and isinstance(obj.get("head"), dict):
