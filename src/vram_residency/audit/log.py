@@ -1151,20 +1151,27 @@ class AuditLog:
 def _last_line(path: Path, size: int) -> tuple[bytes | None, bytes, int]:
     """Return (last complete line without its newline, torn bytes after it, offset of torn)."""
     with open(path, "rb") as f:
+        # Find the last newline and the one before it, reading backwards a chunk at a time and
+        # keeping only the offsets: a file whose last line is huge costs one pass over it, not
+        # a copy of everything read so far at each step (quadratic in the line's length).
+        newlines: list[int] = []
         pos = size
-        chunk = b""
-        # Read backwards until the chunk holds the last newline and the one before it.
-        while True:
+        while len(newlines) < 2 and pos > 0:
             step = min(_TAIL_CHUNK, pos)
             pos -= step
             f.seek(pos)
-            chunk = f.read(step) + chunk
-            last_nl = chunk.rfind(b"\n")
-            if last_nl >= 0:
-                prev_nl = chunk.rfind(b"\n", 0, last_nl)
-                if prev_nl >= 0 or pos == 0:
-                    torn = chunk[last_nl + 1 :]
-                    line = chunk[prev_nl + 1 : last_nl]
-                    return line, torn, pos + last_nl + 1
-            elif pos == 0:
-                return None, chunk, 0
+            data = f.read(step)
+            end = len(data)
+            while len(newlines) < 2 and (at := data.rfind(b"\n", 0, end)) >= 0:
+                newlines.append(pos + at)
+                end = at
+        if not newlines:
+            f.seek(0)
+            return None, f.read(size), 0
+        last_nl = newlines[0]
+        start = newlines[1] + 1 if len(newlines) > 1 else 0
+        f.seek(start)
+        line = f.read(last_nl - start)
+        f.seek(last_nl + 1)
+        torn = f.read(size - last_nl - 1)
+        return line, torn, last_nl + 1
