@@ -165,3 +165,108 @@ def test_nh_known_answers(name: str, data: bytes, digest: str, units: list[str])
     assert nhfast.hash_units(data, KAT_KEY) == (d, b"".join(u))
     if len(data) <= 4097:
         assert nhfast.reference_hash(data, KAT_KEY) == (d, b"".join(u))
+
+
+def test_nh_keys_from_token_known_answers() -> None:
+    k_worker = nh_worker_key(TOKEN.encode())
+    assert k_worker.hex() == "254baa21cdac400f500bd872fa2ab707d977f84cbbf84a7c2ecb7f2ce83636bd"
+    k = nh_shard_key(k_worker, SHARD_A)
+    assert k.hex() == "8054cf4f7e705576f3a00d520ef0e103999ba3025b83ef2876b557b35995e66b"
+    assert nh_fast_v1(pattern(4097), k)[0].hex() == "7d0e599795e404949c3bb30a98a6cd493a2ab920a24358dbf13a652cef525839"
+    assert nhfast.manager_key(TOKEN.encode()) == k_worker
+    assert nhfast.shard_key(k_worker, SHARD_A) == k
+
+
+# Shard ids as the spec allows them: any non-empty UTF-8 text (non-ASCII, NUL, long ones too).
+_shard_ids = st.text(min_size=1, max_size=300)
+_tokens = st.binary(min_size=16, max_size=200)
+
+
+@FAST
+@given(token=_tokens, shard_id=_shard_ids)
+def test_nh_key_derivation_matches(token: bytes, shard_id: str) -> None:
+    k_worker = nh_worker_key(token)
+    assert nhfast.manager_key(token) == k_worker
+    assert nhfast.shard_key(k_worker, shard_id) == nh_shard_key(k_worker, shard_id)
+
+
+def test_nh_empty_shard_id_is_refused() -> None:
+    # The doc says the id is the seal record's shard_id, which is never empty; the library refuses it.
+    with pytest.raises(InvalidInput):
+        nhfast.shard_key(bytes(32), "")
+
+
+# Lengths at every boundary the format has: 0, a leaf +-1, a unit +-1, two units +-1.
+_EDGES = [0, 1, 3, 4, 4095, 4096, 4097, 8191, 8192, MIB - 1, MIB, MIB + 1, 2 * MIB - 1, 2 * MIB, 2 * MIB + 1]
+# Near a boundary: hypothesis alone mostly draws small lengths, which would leave units untested.
+_lengths = st.builds(
+    lambda base, delta: max(0, base + delta), st.sampled_from([0, 4096, MIB, 2 * MIB]), st.integers(-4100, 4100)
+)
+
+
+def _check_library(n: int, seed: int, key: bytes) -> None:
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+    d, units = nh_fast_v1(data, key)
+    assert nhfast.hash_units(data, key) == (d, b"".join(units))
+    assert nhfast.reduce_units(units, n, key) == d
+    assert tree.hash_units(data, tree.NH_FAST_V1, key=key).digest == d
+
+
+@pytest.mark.parametrize("n", _EDGES)
+def test_nh_library_matches_independent_at_edges(n: int) -> None:
+    _check_library(n, n, hashlib.sha256(le(n, 8)).digest())
+
+
+@FAST
+@given(n=_lengths, seed=st.integers(0, 2**32 - 1), key=st.binary(min_size=32, max_size=32))
+def test_nh_library_matches_independent(n: int, seed: int, key: bytes) -> None:
+    _check_library(n, seed, key)
+
+
+@FAST
+@given(n=st.sampled_from([1, 4095, 4096, 4097, MIB, MIB + 1]), pos=st.integers(0, 2**31), bit=st.integers(0, 7))
+def test_nh_host_backend_matches_independent(n: int, pos: int, bit: int) -> None:
+    """The host backend's keyed digest of device-held bytes, with one bit flipped somewhere."""
+    data = bytearray(pattern(n))
+    data[pos % n] ^= 1 << bit
+    key = hashlib.sha256(bytes(data[:64])).digest()
+    backend = HostBackend(capacity_bytes=2 * MIB)
+    buf = backend.allocate(n)
+    try:
+        buf.write(0, bytes(data))
+        d, units = nh_fast_v1(bytes(data), key)
+        res = backend.hash(buf, tree.NH_FAST_V1, key=key)
+        assert (res.digest, res.unit_digests) == (d, b"".join(units))
+        cut = pos % (n + 1)
+        assert backend.digest(buf, tree.NH_FAST_V1, cut, key=key) == nh_fast_v1(bytes(data[:cut]), key)[0]
+    finally:
+        buf.close()
+        backend.close()
+
+
+def _cli_digest(path: Path, token_file: Path, shard_id: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "vram_residency.cli.main", "digest", "-a", "nh-fast-v1", "--token-file", str(token_file),
+         "--shard-id", shard_id, str(path)],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    hex_digest, algorithm, name = out.split()
+    assert (algorithm, name) == ("nh-fast-v1", str(path))
+    return hex_digest
+
+
+def test_nh_cli_digest_matches_independent(tmp_path: Path) -> None:
+    """``vram-residency digest -a nh-fast-v1``: the doc's token/shard known answer, and a file of
+    two units and a byte under a non-ASCII shard id."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")  # a token file's trailing newline is not part of the token
+    token_file.chmod(0o600)
+    kat = tmp_path / "p4097"
+    kat.write_bytes(pattern(4097))
+    assert _cli_digest(kat, token_file, SHARD_A) == "7d0e599795e404949c3bb30a98a6cd493a2ab920a24358dbf13a652cef525839"
+    big = tmp_path / "big"
+    data = os.urandom(2 * MIB + 1)
+    big.write_bytes(data)
+    sid = "shard-é\u00ff-2"
+    want = nh_fast_v1(data, nh_shard_key(nh_worker_key(TOKEN.encode()), sid))[0].hex()
+    assert _cli_digest(big, token_file, sid) == want
