@@ -270,3 +270,164 @@ def test_nh_cli_digest_matches_independent(tmp_path: Path) -> None:
     sid = "shard-é\u00ff-2"
     want = nh_fast_v1(data, nh_shard_key(nh_worker_key(TOKEN.encode()), sid))[0].hex()
     assert _cli_digest(big, token_file, sid) == want
+
+
+# ------------------------------------------------------- tp-record-v1, from the text alone
+
+
+def field(name: str, value: bytes) -> bytes:
+    """``F(name, value) = LE16(len(name)) || name || LE32(len(value)) || value``."""
+    raw = name.encode("ascii")
+    return le(len(raw), 2) + raw + le(len(value), 4) + value
+
+
+def seal_record(key: bytes, fields: dict[str, Any]) -> dict[str, Any]:
+    """A ``seal-v1`` JSON record (the keys documented in tp-record-v1.md) with its tag."""
+    msg = b"llorch-vram-seal-v1" + b"".join(
+        [
+            field("shard_id", fields["shard_id"].encode()),
+            field("gpu_device", le(fields["gpu_device"], 4)),
+            field("vram_bytes", le(fields["vram_bytes"], 8)),
+            field("digest_algorithm", fields["digest_algorithm"].encode()),
+            field("digest", bytes.fromhex(fields["digest"])),
+            field("sealed_at_ns", le(fields["sealed_at_ns"], 8)),
+            field("worker_id", fields["worker_id"].encode()),
+            field("model_ref", b"" if fields["model_ref"] is None else fields["model_ref"].encode()),
+            field("shard_index", b"" if fields["shard_index"] is None else le(fields["shard_index"], 8)),
+            field("total_shards", b"" if fields["total_shards"] is None else le(fields["total_shards"], 8)),
+        ]
+    )
+    tag = hmac.new(key, msg, hashlib.sha256).hexdigest()
+    return {"format": "seal-v1", **fields, "signature": tag}
+
+
+def tp_message_ref(model_name: str, parts: list[tuple[int, str, list[bytes]]]) -> bytes:
+    """The message; ``parts[r] = (device, worker_id, [seal tags])`` in rank order."""
+    out = b"llorch-vram-tp-record-v1" + field("model_name", model_name.encode()) + field("world_size", le(len(parts), 4))
+    for rank, (device, worker_id, tags) in enumerate(parts):
+        out += field("rank", le(rank, 4)) + field("device", le(device, 4)) + field("worker_id", worker_id.encode())
+        out += field("shards", le(len(tags), 4)) + b"".join(field("seal", t) for t in tags)
+    return out
+
+
+def tp_record_ref(token: bytes, model_name: str, parts: list[tuple[int, str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    msg = tp_message_ref(model_name, [(d, w, [bytes.fromhex(s["signature"]) for s in seals]) for d, w, seals in parts])
+    tag = hmac.new(hkdf_sha256(token, b"llorch-vram-tp-record-v1"), msg, hashlib.sha256).hexdigest()
+    return {
+        "format": "tp-record-v1",
+        "model_name": model_name,
+        "world_size": len(parts),
+        "parts": [{"rank": r, "device": d, "worker_id": w, "seals": seals} for r, (d, w, seals) in enumerate(parts)],
+        "signature": tag,
+    }
+
+
+KAT_FIELDS: dict[str, Any] = {
+    "shard_id": SHARD_A,
+    "gpu_device": 0,
+    "vram_bytes": 4097,
+    "digest_algorithm": "sha256-tree-v1",
+    "digest": "5e1fd3dc2db57d1b502c092c8851726417dea5bda061ba6b8987bb7f885580b5",
+    "sealed_at_ns": 1764331200000000000,
+    "worker_id": "worker-a",
+    "model_ref": "llama-3-8b@sha256:abc",
+    "shard_index": 0,
+    "total_shards": 2,
+}
+SEAL_KEY = hkdf_sha256(TOKEN.encode(), b"llorch-vram-seal-v1")
+SEAL_A = seal_record(SEAL_KEY, KAT_FIELDS)
+SEAL_B = seal_record(SEAL_KEY, {**KAT_FIELDS, "shard_id": SHARD_B, "gpu_device": 1, "shard_index": 1})
+MSG_292_HEX = (
+    "6c6c6f7263682d7672616d2d74702d7265636f72642d76310a006d6f64656c5f6e616d650a0000006c6c616d612d332d38620a00776f"
+    "726c645f73697a650400000002000000040072616e6b0400000000000000060064657669636504000000000000000900776f726b6572"
+    "5f696408000000776f726b65722d610600736861726473040000000100000004007365616c20000000511ade73fd72447321eceac8b8"
+    "6ed28dd2a976dfbb68a0dafb7e43f29236fac2040072616e6b0400000001000000060064657669636504000000010000000900776f72"
+    "6b65725f696408000000776f726b65722d610600736861726473040000000100000004007365616c20000000ca33419ea273080260ac"
+    "740e8e2f7109bc5a61d6ac1640de39a43fb50e9bb232"
+)
+
+
+def _rank_part(rank: int, device: int, worker_id: str, seals: list[dict[str, Any]]) -> RankPart:
+    return RankPart(rank, device, worker_id, tuple(check_seal_record(s, TOKEN) for s in seals))
+
+
+def test_tp_known_answers() -> None:
+    assert SEAL_A["signature"] == "511ade73fd72447321eceac8b86ed28dd2a976dfbb68a0dafb7e43f29236fac2"
+    assert SEAL_B["signature"] == "ca33419ea273080260ac740e8e2f7109bc5a61d6ac1640de39a43fb50e9bb232"
+    k_tp = hkdf_sha256(TOKEN.encode(), b"llorch-vram-tp-record-v1")
+    assert k_tp.hex() == "09051100f628dba89af29cb3e418f777565f8426448f6e003d9caa8c4bc0d556"
+    tags = [bytes.fromhex(SEAL_A["signature"]), bytes.fromhex(SEAL_B["signature"])]
+    two = tp_message_ref("llama-3-8b", [(0, "worker-a", tags[:1]), (1, "worker-a", tags[1:])])
+    assert (len(two), two.hex()) == (292, MSG_292_HEX)
+    assert hashlib.sha256(two).hexdigest() == "b5db7b081ec1e623304be5ad2071e516e16f75d41869042adf7cc3da1a00420c"
+    assert hmac.new(k_tp, two, hashlib.sha256).hexdigest() == "fb9fc203a7bee8aa13c352b2ef9da58799b69219742d29fcbc0ea601bc461b8c"
+    one = tp_message_ref("llama-3-8b", [(0, "worker-a", tags)])
+    assert hashlib.sha256(one).hexdigest() == "cce8292f6452517fd46ec2bb78fbf68e9f01844cedd42dbfdd9bc91c1d903631"
+    assert hmac.new(k_tp, one, hashlib.sha256).hexdigest() == "d9ffb5a0b31e7f3b01f3a4c7801801a1a2885a55575549ecafd47d812a1498be"
+    # The library: the same message bytes, and the independently built record checks.
+    parts = [_rank_part(0, 0, "worker-a", [SEAL_A]), _rank_part(1, 1, "worker-a", [SEAL_B])]
+    assert tp_message("llama-3-8b", parts) == two
+    assert tp_key(TOKEN).tag(two).hex() == "fb9fc203a7bee8aa13c352b2ef9da58799b69219742d29fcbc0ea601bc461b8c"
+    assert tp_message("llama-3-8b", [_rank_part(0, 0, "worker-a", [SEAL_A, SEAL_B])]) == one
+    record = tp_record_ref(TOKEN.encode(), "llama-3-8b", [(0, "worker-a", [SEAL_A]), (1, "worker-a", [SEAL_B])])
+    assert record["signature"] == "fb9fc203a7bee8aa13c352b2ef9da58799b69219742d29fcbc0ea601bc461b8c"
+    checked = check_tp_record(json.loads(json.dumps(record)), TOKEN)
+    assert checked.record() == record
+
+
+_names = st.text(alphabet="abcXYZ019-_.@:/ éü中", min_size=1, max_size=40)
+
+
+@FAST
+@given(
+    model_name=_names,
+    worker_id=st.one_of(st.just(""), _names),
+    shape=st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 3)), min_size=1, max_size=4),
+    seed=st.binary(min_size=8, max_size=8),
+)
+def test_tp_library_matches_independent(
+    model_name: str, worker_id: str, shape: list[tuple[int, int]], seed: bytes
+) -> None:
+    """Any group shape: the library's message is ours, it accepts our record and rebuilds it, and a
+    record with two ranks' parts swapped (each still consistent with its seals) fails the tag."""
+    total = sum(n for _, n in shape)
+    parts: list[tuple[int, str, list[dict[str, Any]]]] = []
+    index = 0
+    for device, n in shape:
+        seals = []
+        for _ in range(n):
+            digest = hashlib.sha256(seed + le(index, 4)).hexdigest()
+            seals.append(seal_record(SEAL_KEY, {
+                **KAT_FIELDS, "shard_id": f"shard-{digest[:32]}", "gpu_device": device, "worker_id": worker_id,
+                "vram_bytes": index, "digest": digest, "shard_index": index, "total_shards": total,
+            }))
+            index += 1
+        parts.append((device, worker_id, seals))
+    record = tp_record_ref(TOKEN.encode(), model_name, parts)
+    lib_parts = [_rank_part(r, d, w, s) for r, (d, w, s) in enumerate(parts)]
+    assert tp_message(model_name, lib_parts) == tp_message_ref(
+        model_name, [(d, w, [bytes.fromhex(x["signature"]) for x in s]) for d, w, s in parts]
+    )
+    assert check_tp_record(json.loads(json.dumps(record)), TOKEN).record() == record
+    if len(parts) >= 2 and parts[0] != parts[1]:
+        swapped = json.loads(json.dumps(record))
+        swapped["parts"][0]["seals"], swapped["parts"][1]["seals"] = record["parts"][1]["seals"], record["parts"][0]["seals"]
+        swapped["parts"][0]["device"], swapped["parts"][1]["device"] = parts[1][0], parts[0][0]
+        with pytest.raises(SealVerificationFailed):
+            check_tp_record(swapped, TOKEN)
+
+
+def test_tp_record_shape_rules() -> None:
+    """What the doc's "Checking a record" says a checker refuses, and what it ignores."""
+    token = TOKEN.encode()
+    good = tp_record_ref(token, "llama-3-8b", [(0, "worker-a", [SEAL_A]), (1, "worker-a", [SEAL_B])])
+    with pytest.raises(InvalidInput):
+        check_tp_record(tp_record_ref(token, "m", [(0, "worker-a", [])]), TOKEN)  # n_r >= 1
+    for key, value in [("world_size", True), ("world_size", 0), ("model_name", ""), ("format", "tp-record-v2"),
+                       ("signature", good["signature"].upper())]:
+        with pytest.raises(InvalidInput):
+            check_tp_record({**good, key: value}, TOKEN)
+    # Other keys are not in the message: ignored, and not covered by the tag.
+    check_tp_record({**good, "note": "anything"}, TOKEN)
+    # model_name is the record's own label: not compared with the seals' model_ref.
+    check_tp_record(tp_record_ref(token, "another name", [(0, "worker-a", [SEAL_A]), (1, "worker-a", [SEAL_B])]), TOKEN)
