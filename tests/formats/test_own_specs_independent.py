@@ -173,7 +173,9 @@ def test_nh_keys_from_token_known_answers() -> None:
     k = nh_shard_key(k_worker, SHARD_A)
     assert k.hex() == "8054cf4f7e705576f3a00d520ef0e103999ba3025b83ef2876b557b35995e66b"
     assert nh_fast_v1(pattern(4097), k)[0].hex() == "7d0e599795e404949c3bb30a98a6cd493a2ab920a24358dbf13a652cef525839"
+    assert nh_fast_v1(bytes(4097), k)[0].hex() == "e740d288d242e45c52057693babbf939a088b6f7a67a17a16d6e7bb3e4b09928"
     assert nhfast.manager_key(TOKEN.encode()) == k_worker
+    assert nhfast.hash_units(bytes(4097), k)[0] == nh_fast_v1(bytes(4097), k)[0]
     assert nhfast.shard_key(k_worker, SHARD_A) == k
 
 
@@ -362,6 +364,7 @@ def test_tp_known_answers() -> None:
     assert hashlib.sha256(two).hexdigest() == "b5db7b081ec1e623304be5ad2071e516e16f75d41869042adf7cc3da1a00420c"
     assert hmac.new(k_tp, two, hashlib.sha256).hexdigest() == "fb9fc203a7bee8aa13c352b2ef9da58799b69219742d29fcbc0ea601bc461b8c"
     one = tp_message_ref("llama-3-8b", [(0, "worker-a", tags)])
+    assert len(one) == 223
     assert hashlib.sha256(one).hexdigest() == "cce8292f6452517fd46ec2bb78fbf68e9f01844cedd42dbfdd9bc91c1d903631"
     assert hmac.new(k_tp, one, hashlib.sha256).hexdigest() == "d9ffb5a0b31e7f3b01f3a4c7801801a1a2885a55575549ecafd47d812a1498be"
     # The library: the same message bytes, and the independently built record checks.
