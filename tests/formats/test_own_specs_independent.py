@@ -107,32 +107,80 @@ def nh_shard_key(worker_key: bytes, shard_id: str) -> bytes:
 # Every known answer of docs/specs/nh-fast-v1.md: (input, D, [U_0, ..]) under K = 00 01 .. 1f.
 # The last five rows were added from this reference and confirmed by the library (below).
 NH_KATS: list[tuple[str, bytes, str, list[str]]] = [
-    ("empty", b"", "c8f0a12c84783c497f14a66fa124dd968fe4c4411a23af13844ee9e9948ad82f",
-     ["81ac16b7a50f758caa4c1ff1157379cd9baf37d1784bb4892f34eacc54dd2e05"]),
-    ("abc", b"abc", "340ef17825027a657fc820b11d756de16bcdc11291057921cd811e3d390a8982",
-     ["aad069153000993828d4568d9270390259f9022cb01f38df301bdddb498c7b21"]),
-    ("P(4096)", pattern(4096), "7d71eb4a4bfbbc8e4946c00db86a8806f3b9de4756d3141a005625be185c50d0",
-     ["bb2d39aa1f97b259d6691cda098e28dbc2f2e0b437ae9cacf12a4645b65db4a1"]),
-    ("P(4097)", pattern(4097), "b1db44a3ca5d6f9d7bf7c610195cd2f8efcf041a161be4cfe72c224b01a8ff67",
-     ["26488743297b99385947b02dcbdceb47df0a33b2361752ab889cb075b5f4b469"]),
-    ("P(1048576)", pattern(MIB), "96ba2e397e692c2f250797ef9f15638113ba9bbbe28d2d559d4a086857089d42",
-     ["cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11"]),
-    ("P(1052673)", pattern(MIB + 4097), "61e54277ce1b595c0ffe3cc91c17b5e8498c2a78d401e38498465a898a9fa3f7",
-     ["cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
-      "26488743297b99385947b02dcbdceb47df0a33b2361752ab889cb075b5f4b469"]),
+    (
+        "empty",
+        b"",
+        "c8f0a12c84783c497f14a66fa124dd968fe4c4411a23af13844ee9e9948ad82f",
+        ["81ac16b7a50f758caa4c1ff1157379cd9baf37d1784bb4892f34eacc54dd2e05"],
+    ),
+    (
+        "abc",
+        b"abc",
+        "340ef17825027a657fc820b11d756de16bcdc11291057921cd811e3d390a8982",
+        ["aad069153000993828d4568d9270390259f9022cb01f38df301bdddb498c7b21"],
+    ),
+    (
+        "P(4096)",
+        pattern(4096),
+        "7d71eb4a4bfbbc8e4946c00db86a8806f3b9de4756d3141a005625be185c50d0",
+        ["bb2d39aa1f97b259d6691cda098e28dbc2f2e0b437ae9cacf12a4645b65db4a1"],
+    ),
+    (
+        "P(4097)",
+        pattern(4097),
+        "b1db44a3ca5d6f9d7bf7c610195cd2f8efcf041a161be4cfe72c224b01a8ff67",
+        ["26488743297b99385947b02dcbdceb47df0a33b2361752ab889cb075b5f4b469"],
+    ),
+    (
+        "P(1048576)",
+        pattern(MIB),
+        "96ba2e397e692c2f250797ef9f15638113ba9bbbe28d2d559d4a086857089d42",
+        ["cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11"],
+    ),
+    (
+        "P(1052673)",
+        pattern(MIB + 4097),
+        "61e54277ce1b595c0ffe3cc91c17b5e8498c2a78d401e38498465a898a9fa3f7",
+        [
+            "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
+            "26488743297b99385947b02dcbdceb47df0a33b2361752ab889cb075b5f4b469",
+        ],
+    ),
     # Added: one byte short of a leaf, one byte past a unit, exactly two units, two units and a leaf.
-    ("P(4095)", pattern(4095), "5ad3169dea5e1b05cedc85b99c1fc768195b73dfaac6fb9ad0a49dbebb5b2ffb",
-     ["f4bec3ddfcf8f18fe4acac9ad48c38efdabbca165d5da1fc892d3d4cbcf41e5b"]),
-    ("P(1048577)", pattern(MIB + 1), "517da3c18f8afdbdd93dcd7f568a05bcd9049b655de16af14ba8b534b3ed536a",
-     ["cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
-      "6fdcc28a0bc07d39718854f3afe8ba01eccb57c30e61a3f83416d1b595114cd7"]),
-    ("P(2097152)", pattern(2 * MIB), "1f4a9c2e2d71c4997c30246829b3cd518869d525e5861dd24500449e075f308a",
-     ["cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
-      "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11"]),
-    ("P(2101248)", pattern(2 * MIB + 4096), "06a4787db8b829a40df49da731d3aef483a7eba1e761395500bac56f578f7b1a",
-     ["cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
-      "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
-      "bb2d39aa1f97b259d6691cda098e28dbc2f2e0b437ae9cacf12a4645b65db4a1"]),
+    (
+        "P(4095)",
+        pattern(4095),
+        "5ad3169dea5e1b05cedc85b99c1fc768195b73dfaac6fb9ad0a49dbebb5b2ffb",
+        ["f4bec3ddfcf8f18fe4acac9ad48c38efdabbca165d5da1fc892d3d4cbcf41e5b"],
+    ),
+    (
+        "P(1048577)",
+        pattern(MIB + 1),
+        "517da3c18f8afdbdd93dcd7f568a05bcd9049b655de16af14ba8b534b3ed536a",
+        [
+            "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
+            "6fdcc28a0bc07d39718854f3afe8ba01eccb57c30e61a3f83416d1b595114cd7",
+        ],
+    ),
+    (
+        "P(2097152)",
+        pattern(2 * MIB),
+        "1f4a9c2e2d71c4997c30246829b3cd518869d525e5861dd24500449e075f308a",
+        [
+            "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
+            "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
+        ],
+    ),
+    (
+        "P(2101248)",
+        pattern(2 * MIB + 4096),
+        "06a4787db8b829a40df49da731d3aef483a7eba1e761395500bac56f578f7b1a",
+        [
+            "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
+            "cbc9438bcef250d6637b63f02e859e0f27711260ac8493a4da2d6ac5b44e6c11",
+            "bb2d39aa1f97b259d6691cda098e28dbc2f2e0b437ae9cacf12a4645b65db4a1",
+        ],
+    ),
 ]
 
 
@@ -172,8 +220,14 @@ def test_nh_keys_from_token_known_answers() -> None:
     assert k_worker.hex() == "254baa21cdac400f500bd872fa2ab707d977f84cbbf84a7c2ecb7f2ce83636bd"
     k = nh_shard_key(k_worker, SHARD_A)
     assert k.hex() == "8054cf4f7e705576f3a00d520ef0e103999ba3025b83ef2876b557b35995e66b"
-    assert nh_fast_v1(pattern(4097), k)[0].hex() == "7d0e599795e404949c3bb30a98a6cd493a2ab920a24358dbf13a652cef525839"
-    assert nh_fast_v1(bytes(4097), k)[0].hex() == "e740d288d242e45c52057693babbf939a088b6f7a67a17a16d6e7bb3e4b09928"
+    assert (
+        nh_fast_v1(pattern(4097), k)[0].hex()
+        == "7d0e599795e404949c3bb30a98a6cd493a2ab920a24358dbf13a652cef525839"
+    )
+    assert (
+        nh_fast_v1(bytes(4097), k)[0].hex()
+        == "e740d288d242e45c52057693babbf939a088b6f7a67a17a16d6e7bb3e4b09928"
+    )
     assert nhfast.manager_key(TOKEN.encode()) == k_worker
     assert nhfast.hash_units(bytes(4097), k)[0] == nh_fast_v1(bytes(4097), k)[0]
     assert nhfast.shard_key(k_worker, SHARD_A) == k
@@ -202,7 +256,9 @@ def test_nh_empty_shard_id_is_refused() -> None:
 _EDGES = [0, 1, 3, 4, 4095, 4096, 4097, 8191, 8192, MIB - 1, MIB, MIB + 1, 2 * MIB - 1, 2 * MIB, 2 * MIB + 1]
 # Near a boundary: hypothesis alone mostly draws small lengths, which would leave units untested.
 _lengths = st.builds(
-    lambda base, delta: max(0, base + delta), st.sampled_from([0, 4096, MIB, 2 * MIB]), st.integers(-4100, 4100)
+    lambda base, delta: max(0, base + delta),
+    st.sampled_from([0, 4096, MIB, 2 * MIB]),
+    st.integers(-4100, 4100),
 )
 
 
@@ -226,7 +282,9 @@ def test_nh_library_matches_independent(n: int, seed: int, key: bytes) -> None:
 
 
 @FAST
-@given(n=st.sampled_from([1, 4095, 4096, 4097, MIB, MIB + 1]), pos=st.integers(0, 2**31), bit=st.integers(0, 7))
+@given(
+    n=st.sampled_from([1, 4095, 4096, 4097, MIB, MIB + 1]), pos=st.integers(0, 2**31), bit=st.integers(0, 7)
+)
 def test_nh_host_backend_matches_independent(n: int, pos: int, bit: int) -> None:
     """The host backend's keyed digest of device-held bytes, with one bit flipped somewhere."""
     data = bytearray(pattern(n))
@@ -248,9 +306,23 @@ def test_nh_host_backend_matches_independent(n: int, pos: int, bit: int) -> None
 
 def _cli_digest(path: Path, token_file: Path, shard_id: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "vram_residency.cli.main", "digest", "-a", "nh-fast-v1", "--token-file", str(token_file),
-         "--shard-id", shard_id, str(path)],
-        capture_output=True, text=True, check=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "vram_residency.cli.main",
+            "digest",
+            "-a",
+            "nh-fast-v1",
+            "--token-file",
+            str(token_file),
+            "--shard-id",
+            shard_id,
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     hex_digest, algorithm, name = out.split()
     assert (algorithm, name) == ("nh-fast-v1", str(path))
@@ -265,7 +337,10 @@ def test_nh_cli_digest_matches_independent(tmp_path: Path) -> None:
     token_file.chmod(0o600)
     kat = tmp_path / "p4097"
     kat.write_bytes(pattern(4097))
-    assert _cli_digest(kat, token_file, SHARD_A) == "7d0e599795e404949c3bb30a98a6cd493a2ab920a24358dbf13a652cef525839"
+    assert (
+        _cli_digest(kat, token_file, SHARD_A)
+        == "7d0e599795e404949c3bb30a98a6cd493a2ab920a24358dbf13a652cef525839"
+    )
     big = tmp_path / "big"
     data = os.urandom(2 * MIB + 1)
     big.write_bytes(data)
@@ -305,21 +380,35 @@ def seal_record(key: bytes, fields: dict[str, Any]) -> dict[str, Any]:
 
 def tp_message_ref(model_name: str, parts: list[tuple[int, str, list[bytes]]]) -> bytes:
     """The message; ``parts[r] = (device, worker_id, [seal tags])`` in rank order."""
-    out = b"llorch-vram-tp-record-v1" + field("model_name", model_name.encode()) + field("world_size", le(len(parts), 4))
+    out = (
+        b"llorch-vram-tp-record-v1"
+        + field("model_name", model_name.encode())
+        + field("world_size", le(len(parts), 4))
+    )
     for rank, (device, worker_id, tags) in enumerate(parts):
-        out += field("rank", le(rank, 4)) + field("device", le(device, 4)) + field("worker_id", worker_id.encode())
+        out += (
+            field("rank", le(rank, 4))
+            + field("device", le(device, 4))
+            + field("worker_id", worker_id.encode())
+        )
         out += field("shards", le(len(tags), 4)) + b"".join(field("seal", t) for t in tags)
     return out
 
 
-def tp_record_ref(token: bytes, model_name: str, parts: list[tuple[int, str, list[dict[str, Any]]]]) -> dict[str, Any]:
-    msg = tp_message_ref(model_name, [(d, w, [bytes.fromhex(s["signature"]) for s in seals]) for d, w, seals in parts])
+def tp_record_ref(
+    token: bytes, model_name: str, parts: list[tuple[int, str, list[dict[str, Any]]]]
+) -> dict[str, Any]:
+    msg = tp_message_ref(
+        model_name, [(d, w, [bytes.fromhex(s["signature"]) for s in seals]) for d, w, seals in parts]
+    )
     tag = hmac.new(hkdf_sha256(token, b"llorch-vram-tp-record-v1"), msg, hashlib.sha256).hexdigest()
     return {
         "format": "tp-record-v1",
         "model_name": model_name,
         "world_size": len(parts),
-        "parts": [{"rank": r, "device": d, "worker_id": w, "seals": seals} for r, (d, w, seals) in enumerate(parts)],
+        "parts": [
+            {"rank": r, "device": d, "worker_id": w, "seals": seals} for r, (d, w, seals) in enumerate(parts)
+        ],
         "signature": tag,
     }
 
@@ -361,18 +450,30 @@ def test_tp_known_answers() -> None:
     tags = [bytes.fromhex(SEAL_A["signature"]), bytes.fromhex(SEAL_B["signature"])]
     two = tp_message_ref("llama-3-8b", [(0, "worker-a", tags[:1]), (1, "worker-a", tags[1:])])
     assert (len(two), two.hex()) == (292, MSG_292_HEX)
-    assert hashlib.sha256(two).hexdigest() == "b5db7b081ec1e623304be5ad2071e516e16f75d41869042adf7cc3da1a00420c"
-    assert hmac.new(k_tp, two, hashlib.sha256).hexdigest() == "fb9fc203a7bee8aa13c352b2ef9da58799b69219742d29fcbc0ea601bc461b8c"
+    assert (
+        hashlib.sha256(two).hexdigest() == "b5db7b081ec1e623304be5ad2071e516e16f75d41869042adf7cc3da1a00420c"
+    )
+    assert (
+        hmac.new(k_tp, two, hashlib.sha256).hexdigest()
+        == "fb9fc203a7bee8aa13c352b2ef9da58799b69219742d29fcbc0ea601bc461b8c"
+    )
     one = tp_message_ref("llama-3-8b", [(0, "worker-a", tags)])
     assert len(one) == 223
-    assert hashlib.sha256(one).hexdigest() == "cce8292f6452517fd46ec2bb78fbf68e9f01844cedd42dbfdd9bc91c1d903631"
-    assert hmac.new(k_tp, one, hashlib.sha256).hexdigest() == "d9ffb5a0b31e7f3b01f3a4c7801801a1a2885a55575549ecafd47d812a1498be"
+    assert (
+        hashlib.sha256(one).hexdigest() == "cce8292f6452517fd46ec2bb78fbf68e9f01844cedd42dbfdd9bc91c1d903631"
+    )
+    assert (
+        hmac.new(k_tp, one, hashlib.sha256).hexdigest()
+        == "d9ffb5a0b31e7f3b01f3a4c7801801a1a2885a55575549ecafd47d812a1498be"
+    )
     # The library: the same message bytes, and the independently built record checks.
     parts = [_rank_part(0, 0, "worker-a", [SEAL_A]), _rank_part(1, 1, "worker-a", [SEAL_B])]
     assert tp_message("llama-3-8b", parts) == two
     assert tp_key(TOKEN).tag(two).hex() == "fb9fc203a7bee8aa13c352b2ef9da58799b69219742d29fcbc0ea601bc461b8c"
     assert tp_message("llama-3-8b", [_rank_part(0, 0, "worker-a", [SEAL_A, SEAL_B])]) == one
-    record = tp_record_ref(TOKEN.encode(), "llama-3-8b", [(0, "worker-a", [SEAL_A]), (1, "worker-a", [SEAL_B])])
+    record = tp_record_ref(
+        TOKEN.encode(), "llama-3-8b", [(0, "worker-a", [SEAL_A]), (1, "worker-a", [SEAL_B])]
+    )
     assert record["signature"] == "fb9fc203a7bee8aa13c352b2ef9da58799b69219742d29fcbc0ea601bc461b8c"
     checked = check_tp_record(json.loads(json.dumps(record)), TOKEN)
     assert checked.record() == record
@@ -400,10 +501,21 @@ def test_tp_library_matches_independent(
         seals = []
         for _ in range(n):
             digest = hashlib.sha256(seed + le(index, 4)).hexdigest()
-            seals.append(seal_record(SEAL_KEY, {
-                **KAT_FIELDS, "shard_id": f"shard-{digest[:32]}", "gpu_device": device, "worker_id": worker_id,
-                "vram_bytes": index, "digest": digest, "shard_index": index, "total_shards": total,
-            }))
+            seals.append(
+                seal_record(
+                    SEAL_KEY,
+                    {
+                        **KAT_FIELDS,
+                        "shard_id": f"shard-{digest[:32]}",
+                        "gpu_device": device,
+                        "worker_id": worker_id,
+                        "vram_bytes": index,
+                        "digest": digest,
+                        "shard_index": index,
+                        "total_shards": total,
+                    },
+                )
+            )
             index += 1
         parts.append((device, worker_id, seals))
     record = tp_record_ref(TOKEN.encode(), model_name, parts)
@@ -414,7 +526,10 @@ def test_tp_library_matches_independent(
     assert check_tp_record(json.loads(json.dumps(record)), TOKEN).record() == record
     if len(parts) >= 2 and parts[0] != parts[1]:
         swapped = json.loads(json.dumps(record))
-        swapped["parts"][0]["seals"], swapped["parts"][1]["seals"] = record["parts"][1]["seals"], record["parts"][0]["seals"]
+        swapped["parts"][0]["seals"], swapped["parts"][1]["seals"] = (
+            record["parts"][1]["seals"],
+            record["parts"][0]["seals"],
+        )
         swapped["parts"][0]["device"], swapped["parts"][1]["device"] = parts[1][0], parts[0][0]
         with pytest.raises(SealVerificationFailed):
             check_tp_record(swapped, TOKEN)
@@ -426,11 +541,18 @@ def test_tp_record_shape_rules() -> None:
     good = tp_record_ref(token, "llama-3-8b", [(0, "worker-a", [SEAL_A]), (1, "worker-a", [SEAL_B])])
     with pytest.raises(InvalidInput):
         check_tp_record(tp_record_ref(token, "m", [(0, "worker-a", [])]), TOKEN)  # n_r >= 1
-    for key, value in [("world_size", True), ("world_size", 0), ("model_name", ""), ("format", "tp-record-v2"),
-                       ("signature", good["signature"].upper())]:
+    for key, value in [
+        ("world_size", True),
+        ("world_size", 0),
+        ("model_name", ""),
+        ("format", "tp-record-v2"),
+        ("signature", good["signature"].upper()),
+    ]:
         with pytest.raises(InvalidInput):
             check_tp_record({**good, key: value}, TOKEN)
     # Other keys are not in the message: ignored, and not covered by the tag.
     check_tp_record({**good, "note": "anything"}, TOKEN)
     # model_name is the record's own label: not compared with the seals' model_ref.
-    check_tp_record(tp_record_ref(token, "another name", [(0, "worker-a", [SEAL_A]), (1, "worker-a", [SEAL_B])]), TOKEN)
+    check_tp_record(
+        tp_record_ref(token, "another name", [(0, "worker-a", [SEAL_A]), (1, "worker-a", [SEAL_B])]), TOKEN
+    )
