@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -64,6 +64,9 @@ UNIT = MiB  # the seal's localization unit (formats.tree.UNIT_SIZE), restated as
 ALIGN = 256  # the host backend rounds every allocation up to 256 bytes (backends.base.ALIGNMENT)
 CAPACITY = (4 * MiB, 3 * MiB)  # two emulated devices, small enough that OOM is common
 ALGORITHMS = ("sha256-tree-v1", "blake3", "nh-fast-v1")
+#: A shard-directed call goes to the manager the shard lives (or lived) on, one time in four to
+#: the other one: the NotSealed paths are reached without starving the resident ones.
+ELSEWHERE = st.sampled_from((False, False, False, True))
 SIZES = (1, 255, 257, 4096, 65_537, MiB - 1, MiB + 7, 2 * MiB + 123)
 
 Where = Literal["resident", "offloaded", "gone"]
@@ -194,6 +197,7 @@ class ApiMachine(RuleBasedStateMachine):
     def seal_model(self, m: int, size: int, seed: int, algorithm: str) -> Any:
         mgr, data = self.managers[m], payload(seed, size)
         if rounded(size) > self._free(m):
+            event("seal_model: InsufficientVram")
             with pytest.raises(InsufficientVram):
                 mgr.seal_model(data, digest_algorithm=algorithm)
             return multiple()
@@ -206,6 +210,7 @@ class ApiMachine(RuleBasedStateMachine):
         path, data = self._new_path(".bin"), payload(seed, size)
         path.write_bytes(data)
         if rounded(size) > self._free(m):
+            event("seal_raw_file: InsufficientVram")
             with pytest.raises(InsufficientVram):
                 self.managers[m].seal_file(path, format="raw")
             return multiple()
@@ -225,6 +230,7 @@ class ApiMachine(RuleBasedStateMachine):
         path = self._new_path(".safetensors")
         path.write_bytes(data)
         if rounded(len(data)) > self._free(m):
+            event("seal_safetensors: InsufficientVram")
             with pytest.raises(InsufficientVram):
                 self.managers[m].seal_file(path)
             return multiple()
@@ -247,6 +253,7 @@ class ApiMachine(RuleBasedStateMachine):
             blobs.append(data)
         if sum(rounded(n) for n in sizes) > self._free(m):
             # All or nothing: no part may stay allocated (the invariants check the capacity).
+            event("seal_files: InsufficientVram")
             with pytest.raises(InsufficientVram):
                 self.managers[m].seal_files(paths, model_name=f"model-{seed}", format="raw")
             return multiple()
@@ -262,25 +269,30 @@ class ApiMachine(RuleBasedStateMachine):
         return multiple(*model.shards)
 
     # -- damage and verification --------------------------------------------------------------
-    @rule(shard=shards, m=st.integers(0, 1), where=st.floats(0, 1, exclude_max=True))
-    def flip(self, shard: SealedShard, m: int, where: float) -> None:
+    @rule(shard=shards, other=ELSEWHERE, where=st.floats(0, 1, exclude_max=True))
+    def flip(self, shard: SealedShard, other: bool, where: float) -> None:
         s = self.state[shard.shard_id]
+        m = s.manager ^ other
         bit = int(where * 8 * shard.vram_bytes)
         if not self._is_at(s, m, "resident"):
+            event("flip: NotSealed")
             with pytest.raises(NotSealed):
                 flip_bit(self.managers[m], shard, bit)
             return
         flip_bit(self.managers[m], shard, bit)
         s.current[bit // 8] ^= 1 << (bit % 8)
 
-    @rule(shard=shards, m=st.integers(0, 1))
-    def verify_sealed(self, shard: SealedShard, m: int) -> None:
+    @rule(shard=shards, other=ELSEWHERE)
+    def verify_sealed(self, shard: SealedShard, other: bool) -> None:
         s = self.state[shard.shard_id]
+        m = s.manager ^ other
         mgr = self.managers[m]
         if not self._is_at(s, m, "resident"):
+            event("verify_sealed: NotSealed")
             with pytest.raises(NotSealed):
                 mgr.verify_sealed(shard)
         elif s.damaged:
+            event("verify_sealed: SealVerificationFailed")
             with pytest.raises(SealVerificationFailed) as exc:
                 mgr.verify_sealed(shard)
             self._check_failure(exc.value, [s])
@@ -296,6 +308,7 @@ class ApiMachine(RuleBasedStateMachine):
         batch = data.draw(st.lists(st.sampled_from(resident), min_size=1, unique_by=lambda s: s.shard.shard_id))
         damaged = [s for s in batch if s.damaged]
         if damaged:
+            event("verify_many: SealVerificationFailed")
             with pytest.raises(SealVerificationFailed) as exc:
                 self.managers[m].verify_many([s.shard for s in batch])
             self._check_failure(exc.value, damaged)
@@ -307,13 +320,16 @@ class ApiMachine(RuleBasedStateMachine):
         parts = [self.state[sid] for sid in self.model_parts[id(model)]]
         mgr = self.managers[m]
         if not all(self._is_at(p, m, "resident") for p in parts):
+            event("verify_model: NotSealed")
             with pytest.raises(NotSealed):
                 mgr.verify_model(model)
         elif any(p.damaged for p in parts):
+            event("verify_model: SealVerificationFailed")
             with pytest.raises(SealVerificationFailed) as exc:
                 mgr.verify_model(model)
             self._check_failure(exc.value, [p for p in parts if p.damaged])
         else:
+            event("verify_model: passed")
             mgr.verify_model(model)
 
     @rule(m=st.integers(0, 1), nonce=st.binary(min_size=16, max_size=64))
@@ -322,6 +338,7 @@ class ApiMachine(RuleBasedStateMachine):
         damaged = [s for s in resident if s.damaged]
         mgr = self.managers[m]
         if damaged:
+            event("attest: AttestationMismatch")
             with pytest.raises(AttestationMismatch) as exc:
                 mgr.attest(nonce)
             statement = exc.value.attestation
@@ -344,12 +361,14 @@ class ApiMachine(RuleBasedStateMachine):
             check_seal_record(given, OTHER_TOKEN)
 
     # -- repair, moves, release ---------------------------------------------------------------
-    @rule(shard=shards, m=st.integers(0, 1), pass_bytes=st.booleans())
-    def repair(self, shard: SealedShard, m: int, pass_bytes: bool) -> None:
+    @rule(shard=shards, other=ELSEWHERE, pass_bytes=st.booleans())
+    def repair(self, shard: SealedShard, other: bool, pass_bytes: bool) -> None:
         s = self.state[shard.shard_id]
+        m = s.manager ^ other
         mgr = self.managers[m]
         source = s.original if pass_bytes else None
         if not self._is_at(s, m, "resident"):
+            event("repair: NotSealed")
             with pytest.raises(NotSealed):
                 mgr.repair(shard, source)
             return
@@ -358,48 +377,58 @@ class ApiMachine(RuleBasedStateMachine):
             assert report.repaired_ranges == () and report.repaired_units == 0
             return
         if source is None and s.source is None:
+            event("repair: InvalidInput")
             with pytest.raises(InvalidInput):
                 mgr.repair(shard)
             return
         ranges = changed_ranges(s.original, s.current)
+        event("repair: repaired")
         report = mgr.repair(shard, source)
         assert list(report.repaired_ranges) == ranges and report.shard_id == shard.shard_id
         s.current[:] = s.original
         mgr.verify_sealed(shard)
 
-    @rule(shard=shards, m=st.integers(0, 1), to_file=st.booleans())
-    def offload(self, shard: SealedShard, m: int, to_file: bool) -> None:
+    @rule(shard=shards, other=ELSEWHERE, to_file=st.booleans())
+    def offload(self, shard: SealedShard, other: bool, to_file: bool) -> None:
         s = self.state[shard.shard_id]
+        m = s.manager ^ other
         mgr = self.managers[m]
         path = self._new_path(".offload") if to_file else None
         to: Literal["host", "file"] = "file" if to_file else "host"
         if not self._is_at(s, m, "resident"):
+            event("offload: NotSealed")
             with pytest.raises(NotSealed):
                 mgr.offload(shard, to, path)
             assert path is None or not path.exists()
             return
         if s.damaged:
             # The copy is proven against the seal before the VRAM goes: a damaged shard stays.
+            event("offload: SealVerificationFailed")
             with pytest.raises(SealVerificationFailed) as exc:
                 mgr.offload(shard, to, path)
             self._check_failure(exc.value, [s])
             assert path is None or not path.exists()
             return
+        event(f"offload: to {to}")
         mgr.offload(shard, to, path)
         s.where, s.offload_path = "offloaded", path
 
-    @rule(shard=shards, m=st.integers(0, 1))
-    def restore(self, shard: SealedShard, m: int) -> None:
+    @rule(shard=shards, other=ELSEWHERE)
+    def restore(self, shard: SealedShard, other: bool) -> None:
         s = self.state[shard.shard_id]
+        m = s.manager ^ other
         mgr = self.managers[m]
         if not self._is_at(s, m, "offloaded"):
+            event("restore: NotSealed")
             with pytest.raises(NotSealed):
                 mgr.restore(shard)
             return
         if rounded(shard.vram_bytes) > self._free(m):
+            event("restore: InsufficientVram")
             with pytest.raises(InsufficientVram):
                 mgr.restore(shard)
             return
+        event("restore: restored")
         assert mgr.restore(shard) == 0
         s.where = "resident"
         # Files are discarded at once ("callers see the file gone when restore returns").
@@ -407,23 +436,28 @@ class ApiMachine(RuleBasedStateMachine):
         s.offload_path = None
         mgr.verify_sealed(shard)
 
-    @rule(target=shards, shard=shards, m=st.integers(0, 1))
-    def migrate(self, shard: SealedShard, m: int) -> Any:
+    @rule(target=shards, shard=shards, other=ELSEWHERE)
+    def migrate(self, shard: SealedShard, other: bool) -> Any:
         s = self.state[shard.shard_id]
+        m = s.manager ^ other
         src, dst = self.managers[m], self.managers[1 - m]
         if not self._is_at(s, m, "resident"):
+            event("migrate: NotSealed")
             with pytest.raises(NotSealed):
                 src.migrate(shard, dst)
             return multiple()
         if rounded(shard.vram_bytes) > self._free(1 - m):
+            event("migrate: InsufficientVram")
             with pytest.raises(InsufficientVram):
                 src.migrate(shard, dst)
             return multiple()
         if s.damaged:
+            event("migrate: SealVerificationFailed")
             with pytest.raises(SealVerificationFailed) as exc:
                 src.migrate(shard, dst)
             self._check_failure(exc.value, [s])
             return multiple()
+        event("migrate: migrated")
         new = src.migrate(shard, dst)
         assert new.shard_id != shard.shard_id and new.digest_algorithm == shard.digest_algorithm
         assert (new.model_ref, new.shard_index, new.total_shards) == (
@@ -435,20 +469,24 @@ class ApiMachine(RuleBasedStateMachine):
         self._track(new, 1 - m, s.original, s.source, s.spans)
         return new
 
-    @rule(shard=shards, m=st.integers(0, 1))
-    def deallocate(self, shard: SealedShard, m: int) -> None:
+    @rule(shard=shards, other=ELSEWHERE)
+    def deallocate(self, shard: SealedShard, other: bool) -> None:
         s = self.state[shard.shard_id]
+        m = s.manager ^ other
         mgr = self.managers[m]
         if not self._is_at(s, m, "resident"):
+            event("deallocate: NotSealed")
             with pytest.raises(NotSealed):
                 mgr.deallocate(shard)
             return
+        event("deallocate: freed")
         mgr.deallocate(shard)
         s.where = "gone"
 
     @precondition(lambda self: any(s.where != "gone" for s in self.state.values()))
     @rule(m=st.integers(0, 1))
     def close_and_reopen(self, m: int) -> None:
+        event("close_and_reopen")
         old = self.managers[m]
         held = [s for s in self.state.values() if s.manager == m and s.generation == self.generation[m]]
         with old:  # the context manager closes it
