@@ -361,6 +361,26 @@ class ApiMachine(RuleBasedStateMachine):
         assert statement["nonce"] == nonce.hex()
         assert {x["shard_id"] for x in statement["shards"]} == {s.shard.shard_id for s in resident}
 
+    @rule(shard=shards, other=ELSEWHERE, nonce=st.binary(min_size=16, max_size=64), by_id=st.booleans())
+    def attest_one(self, shard: SealedShard, other: bool, nonce: bytes, by_id: bool) -> None:
+        s = self.state[shard.shard_id]
+        m = s.manager ^ other
+        mgr = self.managers[m]
+        named: SealedShard | str = shard.shard_id if by_id else shard
+        if not self._is_at(s, m, "resident"):
+            event("attest_one: NotSealed")
+            with pytest.raises(NotSealed):
+                mgr.attest(nonce, [named])
+            return
+        if s.damaged:
+            with pytest.raises(AttestationMismatch) as exc:
+                mgr.attest(nonce, [named])
+            self._check_failure(exc.value, [s])
+            return
+        statement = mgr.attest(nonce, [named], probe=True)
+        assert statement["verdict"] == "ok"
+        assert [x["shard_id"] for x in statement["shards"]] == [shard.shard_id]
+
     @rule(shard=shards, as_text=st.booleans())
     def check_record(self, shard: SealedShard, as_text: bool) -> None:
         # A record stays checkable whatever happened to the shard since: it is the seal, not
