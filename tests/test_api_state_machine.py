@@ -316,7 +316,9 @@ class ApiMachine(RuleBasedStateMachine):
         if not resident:
             self.managers[m].verify_many([])
             return
-        batch = data.draw(st.lists(st.sampled_from(resident), min_size=1, unique_by=lambda s: s.shard.shard_id))
+        batch = data.draw(
+            st.lists(st.sampled_from(resident), min_size=1, unique_by=lambda s: s.shard.shard_id)
+        )
         damaged = [s for s in batch if s.damaged]
         if damaged:
             event("verify_many: SealVerificationFailed")
@@ -609,4 +611,3 @@ ApiMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestApiStateMachine = ApiMachine.TestCase
-
