@@ -164,6 +164,11 @@ def reference_check(record: dict[str, Any], token: str) -> str:
     ref, parts = record.get("model_ref"), record.get("parts")
     if not isinstance(ref, str) or not isinstance(parts, list) or not parts:
         return "InvalidInput"
+    digest, alg = record.get("model_digest"), record.get("digest_algorithm")
+    if digest is not None and not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+        return "InvalidInput"
+    if alg is not None and not isinstance(alg, str):
+        return "InvalidInput"
     for p in parts:  # step 4 (seal records here are well formed: only their tags are checked)
         if (
             not isinstance(p, dict)
@@ -401,6 +406,26 @@ def _edited_algorithm(r: dict[str, Any]) -> None:
     r["digest_algorithm"] = "blake3"
 
 
+def _model_digest_not_text(r: dict[str, Any]) -> None:
+    r["model_digest"] = 5
+
+
+def _model_digest_a_list(r: dict[str, Any]) -> None:
+    r["model_digest"] = [r["model_digest"]]
+
+
+def _model_digest_upper_case(r: dict[str, Any]) -> None:
+    r["model_digest"] = r["model_digest"].upper()
+
+
+def _model_digest_short(r: dict[str, Any]) -> None:
+    r["model_digest"] = r["model_digest"][:63]
+
+
+def _algorithm_not_text(r: dict[str, Any]) -> None:
+    r["digest_algorithm"] = ["sha256-tree-v1"]
+
+
 def _empty_name(r: dict[str, Any]) -> None:
     r["parts"][0]["name"] = ""
 
@@ -431,6 +456,11 @@ TAMPERS = {
     "not a vram-model-v1 ref": (_not_a_model_ref, "InvalidInput"),
     "edited model_digest": (_edited_model_digest, "SealVerificationFailed"),
     "edited digest_algorithm": (_edited_algorithm, "SealVerificationFailed"),
+    "model_digest not a string": (_model_digest_not_text, "InvalidInput"),
+    "model_digest a list": (_model_digest_a_list, "InvalidInput"),
+    "model_digest upper-case hex": (_model_digest_upper_case, "InvalidInput"),
+    "model_digest 63 hex": (_model_digest_short, "InvalidInput"),
+    "digest_algorithm not a string": (_algorithm_not_text, "InvalidInput"),
     "empty part name": (_empty_name, "InvalidInput"),
     "part name not a string": (_name_not_text, "InvalidInput"),
     "wrong format": (_wrong_format, "InvalidInput"),
@@ -495,9 +525,11 @@ def test_what_the_checker_does_not_refuse() -> None:
     record["extra"] = {"anything": 1}
     record["parts"][0]["extra"] = "ignored"
     assert library_check(record) == "ok"
-    # A model_digest of the wrong type is compared, not parsed: SealVerificationFailed.
-    record["model_digest"] = 5
-    assert library_check(record) == "SealVerificationFailed"
+    # An unknown key of a wrong type anywhere is still ignored (only the two conveniences are
+    # parsed, at step 3).
+    record["extra"] = 5
+    record["parts"][1]["model_digest"] = 5
+    assert reference_check(record, TOKEN) == library_check(record) == "ok"
 
 
 def test_error_order() -> None:
@@ -510,6 +542,14 @@ def test_error_order() -> None:
     _empty_name(record)
     _swap(record)
     assert reference_check(record, TOKEN) == library_check(record) == "SealVerificationFailed"
+    # A malformed convenience key is found at step 3, before any tag: InvalidInput even with a
+    # bad tag, and even as JSON text.
+    for malformed in (_model_digest_not_text, _algorithm_not_text):
+        record = model_record(TOKEN, THREE[0], THREE[1], kat_ids(3))
+        _edited_size(record)
+        malformed(record)
+        assert reference_check(record, TOKEN) == library_check(record) == "InvalidInput"
+        assert library_check(json.dumps(record)) == "InvalidInput"
 
 
 def test_sealer_refuses_empty_and_repeated_parts(tmp_path: Path) -> None:

@@ -269,6 +269,16 @@ def check_model_record(record: dict[str, Any] | str | bytes, worker_token: str |
     model_ref, parts = record.get("model_ref"), record.get("parts")
     if not isinstance(model_ref, str) or not isinstance(parts, list) or not parts:
         raise InvalidInput("model record needs a model_ref and a non-empty list of parts")
+    # The two conveniences are parsed here, with the rest of the record's shape, before any tag
+    # is checked: a value of the wrong type is a malformed record (InvalidInput), never a
+    # "mismatch" (SealVerificationFailed) that would send the caller looking for a forger.
+    claimed_digest, claimed_algorithm = record.get("model_digest"), record.get("digest_algorithm")
+    if claimed_digest is not None and not (
+        isinstance(claimed_digest, str) and _HEX64.fullmatch(claimed_digest)
+    ):
+        raise InvalidInput("model record's model_digest must be 64 lower-case hex characters or null")
+    if claimed_algorithm is not None and not isinstance(claimed_algorithm, str):
+        raise InvalidInput("model record's digest_algorithm must be a string or null")
     checked: list[tuple[str, SealedShard]] = []
     for part in parts:
         # The seal is the JSON object SealedModel.record writes, not its text: a record has one
@@ -279,12 +289,12 @@ def check_model_record(record: dict[str, Any] | str | bytes, worker_token: str |
             raise InvalidInput("each part of a model record needs a name and a seal")
         checked.append((part["name"], check_seal_record(part["seal"], worker_token)))
     want = _check_binding(model_ref, checked)
-    if record.get("model_digest") not in (None, want):
+    if claimed_digest not in (None, want):
         raise SealVerificationFailed(f"model record's model_digest does not match its model_ref {model_ref}")
     algorithm = checked[0][1].digest_algorithm
     # Not covered by any tag, like model_digest: when present it must say what the tagged parts
     # say, so that whoever reads the accepted record's field reads the checked value.
-    if record.get("digest_algorithm") not in (None, algorithm):
+    if claimed_algorithm not in (None, algorithm):
         raise SealVerificationFailed(
             f"model record's digest_algorithm is not its parts' ({algorithm}) in model_ref {model_ref}"
         )
