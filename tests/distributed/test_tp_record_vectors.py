@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -166,3 +167,16 @@ def test_tampered_record_refused(edit: str) -> None:
 def test_malformed_record(bad: Any) -> None:
     with pytest.raises(InvalidInput):
         check_tp_record(bad, TOKEN)
+
+
+def test_seal_given_as_text_is_malformed() -> None:
+    """A seal record is an object in the doc (and in every record the library writes): the same
+    seal as JSON text, with its tag still valid, is refused as malformed, as a client built from
+    the doc would refuse it."""
+    rec = _real_record(3)
+    check_tp_record(rec, TOKEN)
+    for encode in (json.dumps, lambda s: json.dumps(s).encode()):
+        bad = copy.deepcopy(rec)
+        bad["parts"][1]["seals"][0] = encode(bad["parts"][1]["seals"][0])
+        with pytest.raises(InvalidInput, match="seal"):
+            check_tp_record(bad, TOKEN)

@@ -12,6 +12,7 @@ code; both must change together.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import json
@@ -550,6 +551,13 @@ def test_tp_record_shape_rules() -> None:
     ]:
         with pytest.raises(InvalidInput):
             check_tp_record({**good, key: value}, TOKEN)
+    # A seal record is an object ("SEAL-RECORD ... an object"): not its JSON text, even with a
+    # valid tag.
+    for seal in (json.dumps(SEAL_A), json.dumps(SEAL_A).encode()):
+        as_text = copy.deepcopy(good)
+        as_text["parts"][0]["seals"] = [seal]
+        with pytest.raises(InvalidInput):
+            check_tp_record(as_text, TOKEN)
     # Other keys are not in the message: ignored, and not covered by the tag.
     check_tp_record({**good, "note": "anything"}, TOKEN)
     # model_name is the record's own label: not compared with the seals' model_ref.

@@ -186,6 +186,11 @@ def check_tp_record(record: dict[str, Any], worker_token: str | bytes) -> TPReco
     for i, p in enumerate(raw_parts):
         if not isinstance(p, dict) or not isinstance(p.get("seals"), list) or not p["seals"]:
             raise InvalidInput(f"part {i} of the tp record needs a non-empty list of seals")
+        # Each seal is the object RankPart.record writes (the doc's SEAL-RECORD), never its JSON
+        # text, though check_seal_record alone takes both: a record has one spelling, and a client
+        # built from the doc refuses the text.
+        if not all(isinstance(s, dict) for s in p["seals"]):
+            raise InvalidInput(f"part {i} of the tp record: each seal must be a seal-v1 JSON object")
         rank, device, worker_id = p.get("rank"), p.get("device"), p.get("worker_id")
         _u32("rank", rank)
         _u32("device", device)
