@@ -3,6 +3,7 @@ audited; the scrubber finds it without any execute; the scrubber keeps to its ti
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.service.serve_process import Receiver
 from tests.service.service_helpers import EXAMPLE_DIR, Running, audit_events, execute
+from vram_residency import SealVerificationFailed
 from vram_residency.audit.verify import verify_log
 from vram_residency.service.executors.safetensors_view import parse_header
 from vram_residency.service.lifecycle import Incident
@@ -90,6 +93,75 @@ def test_corruption_fails_the_next_execute_and_stops_the_worker(
         r for r in records if r["event"] == "WorkerStateChanged" and r["fields"]["to_state"] == "Stopped"
     ]
     assert stopped
+    assert verify_log([path], token).ok
+
+
+def test_simultaneous_failures_one_failure_callback_every_detection_audited(
+    worker_factory: Callable[..., Running],
+) -> None:
+    """Several verifications fail at the same moment: each detection is evidence (its
+    SealVerificationFailed and SecurityIncident records, its incident callback), but the worker
+    enters Stopped once, so the pool manager gets one failure callback; the later incidents'
+    records say the worker was already Stopped, and by which incident."""
+    pool = Receiver()
+    pool.fail_first = 0
+    incidents: list[Incident] = []
+    w = worker_factory(on_incident=incidents.append, readiness_callback_url=pool.url)
+    try:
+        mgr = w.worker.manager
+        (shard,) = mgr.shards()
+        flip_bit(mgr, shard, _tensor_bit(TENSOR))
+        n = 4
+        # Each thread makes a real detection (a verification of the flipped shard, as
+        # Worker.verify runs it), then all report theirs at once, as concurrent requests do.
+        gate = threading.Barrier(n)
+        reported: list[Incident | None] = []
+
+        def detect_and_report() -> None:
+            try:
+                mgr.verify_sealed(shard)
+            except SealVerificationFailed as exc:
+                gate.wait(30)
+                reported.append(w.worker.lifecycle.report_failure(exc))
+
+        threads = [threading.Thread(target=detect_and_report) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(reported) == n and all(i is not None for i in reported), reported
+        callbacks = w.built.callbacks
+        assert callbacks is not None
+        callbacks.join(30)
+    finally:
+        pool.shutdown()
+    # Exactly one failure callback, for the incident that stopped the worker.
+    failed = [b for b in pool.received if b["event"] == "failed"]
+    assert len(failed) == 1 and failed[0]["state"] == "Stopped", pool.received
+    first = [i for i in incidents if not i.already_stopped]
+    assert len(incidents) == n and len(first) == 1, incidents
+    assert first[0].id in failed[0]["reason"]
+    later = [i for i in incidents if i.already_stopped]
+    assert all(i.state_before.value == "Stopped" for i in later)
+
+    path, token = w.audit_path, w.token
+    w.close()
+    records = list(audit_events(path))
+    detections = [r for r in records if r["event"] == "SealVerificationFailed"]
+    audited = [r for r in records if r["event"] == "SecurityIncident"]
+    assert len(detections) == n and len(audited) == n, [r["event"] for r in records]
+    assert {r["fields"]["incident_id"] for r in audited} == {i.id for i in incidents}
+    by_id = {r["fields"]["incident_id"]: r["fields"] for r in audited}
+    assert by_id[first[0].id]["already_stopped"] is False
+    assert by_id[first[0].id]["state_before"] == "Ready"
+    for i in later:
+        f = by_id[i.id]
+        assert f["already_stopped"] is True and f["state_before"] == "Stopped"
+        assert first[0].id in f["stop_reason"]
+    stopped = [
+        r for r in records if r["event"] == "WorkerStateChanged" and r["fields"]["to_state"] == "Stopped"
+    ]
+    assert len(stopped) == 1
     assert verify_log([path], token).ok
 
 

@@ -17,7 +17,10 @@ States and legal moves::
   PolicyViolation (or any other fatal ``VramError``) moves there at once and raises a security
   incident: a critical ``SecurityIncident`` audit event, an ERROR line on the logger
   ``vram_residency.incident``, and the user's ``on_incident`` callback. Only constructing a new
-  lifecycle (a restart) leaves Stopped.
+  lifecycle (a restart) leaves Stopped. A failure reported when the worker is Stopped already
+  (several verifications failing at once) is still an incident of its own, audited with
+  ``already_stopped`` true and the ``stop_reason``; :attr:`Incident.already_stopped` tells
+  callbacks that must act once per stop (the pool manager's failure callback) to skip it.
 
 Every transition is a ``WorkerStateChanged`` audit event (critical when it enters Stopped).
 Transitions into Stopped happen in memory *before* anything that can fail (audit writes, the
@@ -141,6 +144,11 @@ class Incident:
     #: was opened (the log itself wrote its SecurityIncident record, under ``incident_id`` =
     #: ``id``; see ``AuditLog``), reported so that someone looks, while the worker keeps serving.
     stopped: bool = True
+    #: True for a detection reported when the worker was Stopped already (several verifications
+    #: failing at the same moment, or one after a shutdown): still evidence, audited and given to
+    #: ``on_incident``, but it did not stop the worker, so whatever is sent once per transition
+    #: to Stopped (the pool manager's failure callback) is not sent again for it.
+    already_stopped: bool = False
 
 
 IncidentCallback = Callable[[Incident], object]
@@ -430,6 +438,14 @@ class WorkerLifecycle:
         shard_id = str(fields.get("shard_id", ""))
         incident_id = os.urandom(16).hex()
         old, transition_exc = self._stop(f"security incident {incident_id}: {type(exc).__name__}")
+        # _stop changes the state under the lock, so exactly one report per transition sees a
+        # state other than Stopped; every later one is a further detection of a stopped worker.
+        already_stopped = old is S.STOPPED
+        with self._cond:
+            stop_reason = self._stop_reason
+        # The later records name what stopped the worker, so that a reader of the log sees these
+        # as further evidence of one stop, not as stops of their own.
+        stop_fields = {"stop_reason": stop_reason} if already_stopped else {}
         record_id: str | None = None
         audit_error: str | None = None
         if transition_exc is not None:
@@ -441,6 +457,8 @@ class WorkerLifecycle:
                     critical=True,
                     incident_id=incident_id,
                     state_before=old.value,
+                    already_stopped=already_stopped,
+                    **stop_fields,
                     **fields,
                 )
                 record_id = rec.id
@@ -457,17 +475,19 @@ class WorkerLifecycle:
             details=MappingProxyType(fields),
             audit_record_id=record_id,
             audit_error=audit_error,
+            already_stopped=already_stopped,
         )
         with self._cond:
             self._incidents.append(incident)
         incident_logger.error(
-            "SECURITY INCIDENT %s on worker %s: %s: %s (shard %s, was %s); worker Stopped%s",
+            "SECURITY INCIDENT %s on worker %s: %s: %s (shard %s, was %s); %s%s",
             incident_id,
             self._worker_id,
             incident.error_type,
             incident.message,
             shard_id or "-",
             old.value,
+            f"worker already Stopped ({stop_reason})" if already_stopped else "worker Stopped",
             f"; AUDIT WRITE FAILED: {audit_error}" if audit_error else "",
         )
         if self._on_incident is not None:

@@ -228,7 +228,10 @@ def _incident_hook(
         return user
 
     def hook(incident: Incident) -> None:
-        if incident.stopped:  # the failure callback says "Stopped": not for one it survives
+        # The failure callback says "Stopped": not for an incident the worker survives, and once
+        # per transition to Stopped (several verifications failing at once are one stop; the
+        # later detections are in the audit log and go to the user's hook).
+        if incident.stopped and not incident.already_stopped:
             callbacks.failed_now(f"security incident {incident.id}: {incident.error_type}")
         if user is not None:
             user(incident)
