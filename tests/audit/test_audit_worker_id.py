@@ -18,7 +18,7 @@ import pytest
 from rich.console import Console
 
 from tests.audit.audit_helpers import TOKEN, read_lines, run_cli
-from vram_residency.audit import VRAM_ALLOCATED, VRAM_SEALED, AuditLog, rotated_paths, verify_log
+from vram_residency.audit import VRAM_ALLOCATED, VRAM_SEALED, AuditLog, chain_order, rotated_paths, verify_log
 from vram_residency.audit.cli import EXIT_BROKEN, EXIT_OK, EXIT_USAGE, configure_parser, run, verify_command
 from vram_residency.errors import InvalidInput
 
@@ -50,7 +50,7 @@ def ranks(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _set(path: Path) -> list[Path]:
-    return [*reversed(rotated_paths(path)), path]
+    return chain_order([*rotated_paths(path), path])
 
 
 # --- library -------------------------------------------------------------------------------

@@ -26,9 +26,18 @@ Anchors: a signed head kept *outside* the worker (``AuditLog.signed_head()``, se
 very record (same seq and hash) and so extends it. What no check here can detect without an
 anchor: cutting records from the end *and* putting back an older genuine head file (a rollback
 to any earlier synced state); deleting the whole log and its head (it looks like a new worker);
-replacing the log set with another genuine log of the same token; non-critical records still
+replacing the log set with another genuine log of the same token (unless ``worker_id=`` is
+given and the other log is another worker's: see below); non-critical records still
 buffered (at most ``flush_interval`` seconds of them) when the process was killed; and anything
 done by someone who holds the token, who can sign whatever they like.
+
+Worker ids: every record's signed body holds its writer's ``worker_id``, but the head does not
+(it signs only ``(seq, hash)``), and every tensor-parallel rank signs its own log with the one
+group token, so rank 1's genuine log verifies as well as rank 0's. ``worker_id=W`` holds the
+log to one worker: the first record (whose hash and HMAC verify) with another id is a break.
+An anchor binds the worker too, through the hashes: the record it names covers ``worker_id``
+and links back to every earlier one. :attr:`VerifyReport.worker_ids` lists the ids seen, so a
+caller without either can still show them.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from vram_residency.audit.record import (
     parse_line,
     parse_signed_head,
 )
+from vram_residency.errors import InvalidInput
 
 __all__ = ["VerifyBreak", "VerifyReport", "iter_records", "verify_log"]
 
@@ -86,6 +96,9 @@ class VerifyReport:
     alarms: tuple[VerifyBreak, ...] = field(default=())
     #: How many anchors were given and found in the log (all of them, when ok).
     anchors_checked: int = 0
+    #: The distinct ``worker_id``s of the records that verified, in order of first appearance
+    #: (one, for a log one worker wrote; none for an empty log).
+    worker_ids: tuple[str, ...] = field(default=())
 
     @property
     def ok(self) -> bool:
@@ -154,6 +167,7 @@ def verify_log(
     require_head: bool = False,
     require_genesis: bool = True,
     anchors: Iterable[SignedHead] = (),
+    worker_id: str | None = None,
 ) -> VerifyReport:
     """Verify a log or a rotation set given in chain order (see ``files.chain_order``).
 
@@ -163,8 +177,13 @@ def verify_log(
     ``require_genesis=False`` verifies a set whose older files were archived away: the first
     record may then link to any hash. ``anchors`` are signed heads kept outside the worker:
     each must be signed by this token and name a record the files given contain (same seq and
-    hash), or the report has a break.
+    hash), or the report has a break. ``worker_id``: every record must carry this id, or the
+    first that does not is a break (another worker's log, or its records spliced in).
     """
+    if worker_id is not None and (not isinstance(worker_id, str) or not worker_id):
+        # An empty id matches no record an AuditLog writes (it refuses one): a caller's mistake,
+        # not a verdict on the log.
+        raise InvalidInput("worker_id must be a non-empty string (or None to accept any)")
     files = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     key = audit_key(token)
     warnings: list[str] = []
@@ -172,6 +191,8 @@ def verify_log(
     anchor_list = list(anchors)
     anchors_seen: set[int] = set()
     anchor_at: dict[int, list[SignedHead]] = {}
+    # A dict keeps first-appearance order; a log one worker wrote adds one key.
+    seen_ids: dict[str, None] = {}
     for a in anchor_list:
         anchor_at.setdefault(a.seq, []).append(a)
 
@@ -219,6 +240,7 @@ def verify_log(
             warnings=tuple(warnings),
             alarms=tuple(alarms),
             anchors_checked=len(anchors_seen),
+            worker_ids=tuple(seen_ids),
         )
 
     def removed_past(at: int) -> str | None:
@@ -272,6 +294,13 @@ def verify_log(
                     else:
                         seq, rid = rec.seq, rec.id
                         reason = _check(key, rec, canon, prev_hash, prev_seq, require_genesis)
+                        # After the signature and links: an edited id is reported as tampering,
+                        # a genuine record of another worker as what it is.
+                        if reason is None and worker_id is not None and rec.worker_id != worker_id:
+                            reason = (
+                                f"worker_id {quote_id(rec.worker_id)} where {quote_id(worker_id)} was "
+                                "expected: another worker's log, or its records spliced in"
+                            )
                         if reason is None and head_val is not None and rec.seq == head_val[0]:
                             if rec.hash != head_val[1]:
                                 reason = "record differs from the one the signed head names"
@@ -298,6 +327,7 @@ def verify_log(
                         )
                     )
                 prev_hash, prev_seq = rec.hash, rec.seq
+                seen_ids.setdefault(rec.worker_id, None)
                 position += 1
                 good += 1
         except OSError as exc:
@@ -370,6 +400,17 @@ def _check(
     if prev_seq is None and require_genesis and rec.seq != 0:
         return f"the first record has seq {rec.seq}, not 0"
     return None
+
+
+#: How much of a worker id a message shows: ids are any non-empty string, a verdict is one line.
+_MAX_SHOWN_ID = 120
+
+
+def quote_id(worker_id: str) -> str:
+    """A worker id for a one-line message: quoted, control and invisible characters escaped
+    (``repr``), long ones shortened."""
+    shown = repr(worker_id)
+    return shown if len(shown) <= _MAX_SHOWN_ID else shown[: _MAX_SHOWN_ID - 4] + "..." + shown[0]
 
 
 def _count_lines(path: Path) -> int:
