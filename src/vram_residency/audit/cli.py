@@ -12,9 +12,14 @@ files given are sorted out first. Sidecars (``.head``, ``.torn-N``, a lock or te
 skipped with a note; every log file is grouped with its rotation set (an active file given alone
 brings its rotated files ``.1``, ``.2``...), and each set is verified on its own, with its head.
 
+Worker ids: every tensor-parallel rank signs its own log with the one token, so one rank's
+genuine log verifies as another's. ``--worker-id W`` fails unless every record is W's; without
+it, the OK line names the worker id(s) the records carry, so a person sees a swapped log.
+
 Exit codes: 0 verified (or shown); 1 the log has a break (tampering, a torn record left by a
-crash, an ``AuditHeadMismatch`` record, an anchor it does not extend); 2 a usage problem
-(unreadable token file, anchor or log, bad token).
+crash, an ``AuditHeadMismatch`` record, an anchor it does not extend, a record of a worker other
+than ``--worker-id``'s); 2 a usage problem (unreadable token file, anchor or log, bad token,
+empty ``--worker-id``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from vram_residency._strictjson import unique_keys
 from vram_residency._tokenfile import read_token_file
 from vram_residency.audit.files import chain_order, rotated_paths, split_rotation
 from vram_residency.audit.record import AuditKey, SignedHead, signed_head_from_json
-from vram_residency.audit.verify import iter_records, verify_log
+from vram_residency.audit.verify import VerifyReport, iter_records, quote_id, verify_log
 from vram_residency.errors import ConfigError, InvalidInput
 
 __all__ = [
@@ -120,14 +125,19 @@ def verify_command(
     *,
     require_head: bool = False,
     anchors: Sequence[str] = (),
+    worker_id: str | None = None,
     console: Console | None = None,
 ) -> int:
-    """``audit verify FILE... --token-file F [--require-head] [--anchor HEAD]...``: check chain,
-    hashes, HMACs, the signed head and any anchors of each log set given."""
+    """``audit verify FILE... --token-file F [--require-head] [--anchor HEAD]... [--worker-id W]``:
+    check chain, hashes, HMACs, the signed head, any anchors and (with ``worker_id``) the
+    records' worker id, of each log set given."""
     # No wrapping: a verdict is one line per finding, for people and for grep alike.
     out = console or Console(soft_wrap=True, highlight=False)
     if not files:
         out.print("[red]error:[/] no log files given")
+        return EXIT_USAGE
+    if worker_id is not None and not worker_id:
+        out.print("[red]error:[/] --worker-id must not be empty (no worker has an empty id)")
         return EXIT_USAGE
     try:
         key = AuditKey(read_token_file(token_file))
@@ -151,7 +161,7 @@ def verify_command(
         return EXIT_USAGE
     rc = EXIT_OK
     for ordered in sets:
-        rc = max(rc, _verify_set(ordered, key, require_head, heads, out, named=len(sets) > 1))
+        rc = max(rc, _verify_set(ordered, key, require_head, heads, worker_id, out, named=len(sets) > 1))
     return rc
 
 
@@ -160,6 +170,7 @@ def _verify_set(
     key: AuditKey,
     require_head: bool,
     heads: list[SignedHead],
+    worker_id: str | None,
     out: Console,
     *,
     named: bool,
@@ -173,17 +184,24 @@ def _verify_set(
             why = "no such file" if isinstance(exc, FileNotFoundError) else str(exc.strerror)
             out.print(f"[red]error:[/] cannot read {escape(str(p))}: {escape(why)}")
             return EXIT_USAGE
-    report = verify_log(ordered, key, require_head=require_head, anchors=heads)
+    report = verify_log(ordered, key, require_head=require_head, anchors=heads, worker_id=worker_id)
     label = f"{escape(str(ordered[-1]))}: " if named else ""
     for w in report.warnings:
         out.print(f"[yellow]warning:[/] {label}{escape(w)}")
+    if len(report.worker_ids) > 1:
+        # Legitimate (a worker reopened its log under a new id) or a swap: a person must look.
+        out.print(
+            f"[yellow]warning:[/] {label}the records carry {_ids(report)}: more than one worker "
+            "wrote this log (use --worker-id to require one)"
+        )
     brk = report.first_break
     if brk is None and not report.alarms:
         anchored = f", {report.anchors_checked} anchor(s) extended" if heads else ""
         checked = "checked" if report.head_checked else "not checked"
+        required = " as required" if worker_id is not None and report.worker_ids else ""
         out.print(
             f"{label}[green]OK[/]: {report.records} records in {len(ordered)} file(s) verify "
-            f"(last seq {report.last_seq}, head {checked}{anchored})"
+            f"({_ids(report)}{required}, last seq {report.last_seq}, head {checked}{anchored})"
         )
         return EXIT_OK
     for alarm in report.alarms:
@@ -201,6 +219,22 @@ def _verify_set(
         if report.torn_tail:
             out.print("This is a torn last record from a crash; opening the log recovers it with a marker.")
     return EXIT_BROKEN
+
+
+#: How many worker ids a summary names; the rest are counted.
+_MAX_IDS_SHOWN: Final = 5
+
+
+def _ids(report: VerifyReport) -> str:
+    """The worker ids a report saw, for a one-line summary (escaped for rich markup too)."""
+    ids = report.worker_ids
+    if not ids:
+        return "no worker_id: no records"
+    if len(ids) == 1:
+        return f"worker_id {escape(quote_id(ids[0]))}"
+    shown = ", ".join(escape(quote_id(w)) for w in ids[:_MAX_IDS_SHOWN])
+    more = f" and {len(ids) - _MAX_IDS_SHOWN} more" if len(ids) > _MAX_IDS_SHOWN else ""
+    return f"{len(ids)} worker ids: {shown}{more}"
 
 
 def _details(fields: dict[str, Any], skip: frozenset[str]) -> str:
@@ -276,6 +310,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="a signed head kept outside the worker (JSON text or a file, e.g. a saved "
         "GET /worker/audit/head answer): fail unless the log contains and extends it; repeatable",
     )
+    v.add_argument(
+        "--worker-id",
+        metavar="W",
+        help="fail unless every record was written by worker W (every tensor-parallel rank signs "
+        "its log with the one token: without this, one rank's log passes as another's)",
+    )
     s = sub.add_parser("show", help="print audit records as a table")
     s.add_argument("files", nargs="+", metavar="FILE")
     s.add_argument("--event", metavar="TYPE", help="only this event type")
@@ -293,7 +333,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace, console: Console | None = None) -> int:
     if args.audit_command == "verify":
         return verify_command(
-            args.files, args.token_file, require_head=args.require_head, anchors=args.anchor, console=console
+            args.files,
+            args.token_file,
+            require_head=args.require_head,
+            anchors=args.anchor,
+            worker_id=args.worker_id,
+            console=console,
         )
     if args.audit_command == "show":
         return show_command(args.files, event=args.event, shard=args.shard, console=console)
