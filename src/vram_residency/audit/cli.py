@@ -191,8 +191,8 @@ def _verify_set(
     if len(report.worker_ids) > 1:
         # Legitimate (a worker reopened its log under a new id) or a swap: a person must look.
         out.print(
-            f"[yellow]warning:[/] {label}the records carry {_ids(report)}: more than one worker "
-            "wrote this log (use --worker-id to require one)"
+            f"[yellow]warning:[/] {label}records of more than one worker in this log ({_ids(report)}); "
+            "--worker-id W requires one"
         )
     brk = report.first_break
     if brk is None and not report.alarms:
@@ -201,7 +201,7 @@ def _verify_set(
         required = " as required" if worker_id is not None and report.worker_ids else ""
         out.print(
             f"{label}[green]OK[/]: {report.records} records in {len(ordered)} file(s) verify "
-            f"({_ids(report)}{required}, last seq {report.last_seq}, head {checked}{anchored})"
+            f"({_ids(report)}{required}; last seq {report.last_seq}, head {checked}{anchored})"
         )
         return EXIT_OK
     for alarm in report.alarms:
