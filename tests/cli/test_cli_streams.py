@@ -92,3 +92,27 @@ def test_a_non_utf8_file_name_is_printed_as_its_bytes(tmp_path: Path, algorithm:
     out = subprocess.run([*CLI, "digest", "-a", algorithm, name], capture_output=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr.decode(errors="replace")
     assert out.stdout.endswith(b"/bad\xffname.bin\n"), out.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (["-a", "nh-fast-v1"], "give --token-file and --shard-id"),
+        (["-a", "nh-fast-v1", "--shard-id", "s"], "give --token-file and --shard-id"),
+        (["-a", "blake3", "--shard-id", "s"], "apply to --algorithm nh-fast-v1 only"),
+        (["-a", "nh-fast-v1", "--shard-id", "s", "TOKEN", "EXTRA"], "exactly one FILE"),
+    ],
+)
+def test_digest_options_that_do_not_go_together_are_a_usage_error(
+    tmp_path: Path, token_file: Path, options: list[str], fragment: str
+) -> None:
+    # The CLI's help: "2 usage: a bad option or value". These were InvalidInput, exit 1, which
+    # the help keeps for a digest that could not be made or a file refused.
+    model = tmp_path / "m.bin"
+    model.write_bytes(os.urandom(100))
+    args = [a for a in options if a not in ("TOKEN", "EXTRA")]
+    if "TOKEN" in options:
+        args += ["--token-file", str(token_file)]
+    files = [str(model), str(model)] if "EXTRA" in options else [str(model)]
+    out = run("digest", *args, *files)
+    assert out.returncode == 2 and fragment in out.stderr and out.stdout == "", out.stderr

@@ -13,6 +13,7 @@ import mmap
 import os
 import sys
 from pathlib import Path
+from typing import Final
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -103,18 +104,28 @@ def keyed_hash_file(path: Path, token: str | bytes, shard_id: str) -> HashResult
         return HashResult(dig, units)
 
 
+_EXIT_USAGE: Final = 2
+
+
+def _usage(message: str) -> int:
+    """Options that do not go together: a usage error, exit 2, as the CLI's help says of a bad
+    option (1 is a digest that could not be made or a file refused)."""
+    print(f"vram-residency digest: error: {message}", file=sys.stderr)
+    return _EXIT_USAGE
+
+
 def _run_keyed(args: argparse.Namespace) -> int:
     from vram_residency._tokenfile import read_token_file
 
     if not args.token_file or not args.shard_id:
-        raise InvalidInput(
+        return _usage(
             "nh-fast-v1 is keyed by the worker token and the shard id: give --token-file and "
             "--shard-id (the seal record's shard_id)"
         )
     if len(args.files) != 1:
-        raise InvalidInput("nh-fast-v1 is keyed per shard: give exactly one FILE with its --shard-id")
+        return _usage("nh-fast-v1 is keyed per shard: give exactly one FILE with its --shard-id")
     if args.manifest:
-        raise InvalidInput("manifests record unkeyed digests; nh-fast-v1 cannot be written to one")
+        return _usage("manifests record unkeyed digests; nh-fast-v1 cannot be written to one")
     token = read_token_file(args.token_file)
     name = args.files[0]
     res = keyed_hash_file(Path(name), token, args.shard_id)
@@ -126,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.algorithm == NH_FAST_V1:
         return _run_keyed(args)
     if args.token_file or args.shard_id:
-        raise InvalidInput("--token-file and --shard-id apply to --algorithm nh-fast-v1 only")
+        return _usage("--token-file and --shard-id apply to --algorithm nh-fast-v1 only")
     if args.manifest:
         return _run_manifest(args)
     rc = 0
