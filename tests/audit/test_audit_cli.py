@@ -115,7 +115,17 @@ def test_verify_require_head(logged: Path, token_file: Path) -> None:
     con, buf = _console()
     assert verify_command(_set(logged), token_file, console=con) == EXIT_OK
     assert "warning" in buf.getvalue()
+    con, buf = _console()
     assert verify_command(_set(logged), token_file, require_head=True, console=con) == EXIT_BROKEN
+    # Refused for the head before any record was read: said so, not "first broken record is
+    # index 0 of audit.jsonl.head ... 0 record(s) before it verify".
+    text = buf.getvalue()
+    assert "BROKEN: the head file" in text and "no head file at" in text, text
+    assert "No record was checked." in text and "first broken record" not in text, text
+    Path(str(logged) + ".head").write_bytes(b"")  # an empty head counts as a missing one
+    con, buf = _console()
+    assert verify_command(_set(logged), token_file, require_head=True, console=con) == EXIT_BROKEN
+    assert "BROKEN: the head file" in buf.getvalue() and "No record was checked." in buf.getvalue()
 
 
 def test_show_table_and_filters(logged: Path) -> None:

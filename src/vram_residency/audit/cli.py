@@ -209,7 +209,12 @@ def _verify_set(
             f"{label}[red]TAMPERED[/]: record seq {alarm.seq} (index {alarm.index} of {escape(alarm.file)}) "
             f"is an AuditHeadMismatch: {escape(alarm.reason)}"
         )
-    if brk is not None:
+    if brk is not None and brk.kind != "record":
+        # Refused before any record was read: no record is "first broken", none was checked.
+        what = f"the head file {escape(brk.file)}" if brk.kind == "head" else f"anchor {brk.index}"
+        out.print(f"{label}[red]BROKEN[/]: {what}: {escape(brk.reason)}")
+        out.print("No record was checked.")
+    elif brk is not None:
         seq = f", seq {brk.seq}" if brk.seq is not None else ""
         out.print(
             f"{label}[red]BROKEN[/]: first broken record is index {brk.index} of {escape(brk.file)} "

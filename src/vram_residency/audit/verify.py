@@ -80,6 +80,9 @@ class VerifyBreak:
     reason: str
     seq: int | None = None  # the record's own seq, when it could be parsed
     record_id: str | None = None
+    #: What broke: a record of the log, or, before any record was read, the head file (missing
+    #: under require_head, unreadable or not signed) or an anchor (not signed by this key).
+    kind: Literal["record", "head", "anchor"] = "record"
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,12 +264,18 @@ def verify_log(
 
     if head_problem is not None:
         # A head that is present but forged or unreadable is itself evidence of tampering.
-        return report(VerifyBreak(file=str(head_path or ""), index=0, position=0, reason=head_problem))
+        return report(
+            VerifyBreak(file=str(head_path or ""), index=0, position=0, reason=head_problem, kind="head")
+        )
     for i, a in enumerate(anchor_list):
         if not a.verify(key):
             return report(
                 VerifyBreak(
-                    file="", index=i, position=0, reason=f"anchor {i} is not signed by this token's audit key"
+                    file="",
+                    index=i,
+                    position=0,
+                    reason=f"anchor {i} is not signed by this token's audit key",
+                    kind="anchor",
                 )
             )
 
