@@ -274,7 +274,8 @@ def test_digest_cli_needs_token_and_shard_id(mgr: VramManager, tmp_path: Path) -
     s = mgr.seal_file(path, digest_algorithm=NH_FAST_V1)
     cmd = [sys.executable, "-m", "vram_residency.cli.main", "digest", "-a", NH_FAST_V1, str(path)]
     missing = subprocess.run(cmd, capture_output=True, text=True)
-    assert missing.returncode == 1 and "--token-file" in missing.stderr
+    # Options that do not go together are a usage error (the CLI's help: 2 for a bad option).
+    assert missing.returncode == 2 and "--token-file" in missing.stderr
     ok = subprocess.run(
         [*cmd, "--token-file", str(tok), "--shard-id", s.shard_id], capture_output=True, text=True
     )
@@ -285,5 +286,5 @@ def test_digest_cli_needs_token_and_shard_id(mgr: VramManager, tmp_path: Path) -
         capture_output=True,
         text=True,
     )
-    assert unkeyed.returncode == 1
+    assert unkeyed.returncode == 2 and "nh-fast-v1 only" in unkeyed.stderr
     assert json.dumps(s.digest) not in missing.stderr
