@@ -417,3 +417,34 @@ def test_seal_record_with_lone_surrogate_is_invalid_input(field: str) -> None:
 def test_worker_id_with_lone_surrogate_is_config_error() -> None:
     with pytest.raises(ConfigError):
         VramManager(TOKEN, backend="host", capacity_bytes=CAP, worker_id="w\udc00")
+
+
+def test_an_interrupt_inside_the_allocation_record_still_audits_the_release(tmp_path: Path) -> None:
+    # serve's SIGTERM during the startup load (or Ctrl-C in a CLI seal) is raised in the main
+    # thread at any bytecode, so also inside the store's emit of VramAllocated, after the record
+    # was written. The buffer is freed there; the trail must show that release too (a CI run of
+    # test_worker_4960_4972_sigterm_while_the_startup_model_loads_exits_0 found it missing).
+    import json
+
+    from vram_residency.audit import VRAM_ALLOCATED, AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    with (
+        AuditLog(path, token=TOKEN, worker_id="w-1", flush_interval=None) as log,
+        VramManager(TOKEN, backend="host", worker_id="w-1", capacity_bytes=CAP, audit=log) as m,
+    ):
+        free = m.available_vram()
+        real_emit = m.store.emit
+
+        def emit(event: str, **fields: Any) -> Any:
+            out = real_emit(event, **fields)
+            if event == VRAM_ALLOCATED:
+                raise KeyboardInterrupt  # as if the signal came just after the record was written
+            return out
+
+        m.store.emit = emit  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            m.seal_model(os.urandom(4096))
+        assert m.available_vram() == free and m.shards() == []
+    events = [json.loads(line)["event"] for line in path.read_text().splitlines()]
+    assert events.index("VramDeallocated") > events.index("VramAllocated"), events

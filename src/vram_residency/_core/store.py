@@ -489,8 +489,14 @@ class ShardStore:
             if shard_id is not None:
                 fields["shard_id"] = shard_id
             self.emit(VRAM_ALLOCATED, **fields)
-        except BaseException:
+        except BaseException as exc:
             buf.close()  # the caller never gets the buffer: free it here
+            if not isinstance(exc, Exception):
+                # An interrupt (Ctrl-C, serve's SIGTERM during the startup load) can land inside
+                # emit after the VramAllocated record was written: the trail must then show the
+                # release too. (An audit write that failed wrote nothing, and would fail again.)
+                with contextlib.suppress(Exception):
+                    self.emit(VRAM_DEALLOCATED, shard_id=shard_id, vram_bytes=size, reason="interrupted")
             raise
         return buf
 
