@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.formats.test_spec_independent import KA_FIELDS  # seal-v1's known-answer fields
 from vram_residency import check_seal_record
 from vram_residency.backends.host import HostBackend
 from vram_residency.distributed import RankPart, check_tp_record, tp_key, tp_message
@@ -414,21 +415,9 @@ def tp_record_ref(
     }
 
 
-KAT_FIELDS: dict[str, Any] = {
-    "shard_id": SHARD_A,
-    "gpu_device": 0,
-    "vram_bytes": 4097,
-    "digest_algorithm": "sha256-tree-v1",
-    "digest": "5e1fd3dc2db57d1b502c092c8851726417dea5bda061ba6b8987bb7f885580b5",
-    "sealed_at_ns": 1764331200000000000,
-    "worker_id": "worker-a",
-    "model_ref": "llama-3-8b@sha256:abc",
-    "shard_index": 0,
-    "total_shards": 2,
-}
 SEAL_KEY = hkdf_sha256(TOKEN.encode(), b"llorch-vram-seal-v1")
-SEAL_A = seal_record(SEAL_KEY, KAT_FIELDS)
-SEAL_B = seal_record(SEAL_KEY, {**KAT_FIELDS, "shard_id": SHARD_B, "gpu_device": 1, "shard_index": 1})
+SEAL_A = seal_record(SEAL_KEY, KA_FIELDS)
+SEAL_B = seal_record(SEAL_KEY, {**KA_FIELDS, "shard_id": SHARD_B, "gpu_device": 1, "shard_index": 1})
 MSG_292_HEX = (
     "6c6c6f7263682d7672616d2d74702d7265636f72642d76310a006d6f64656c5f6e616d650a0000006c6c616d612d332d38620a00776f"
     "726c645f73697a650400000002000000040072616e6b0400000000000000060064657669636504000000000000000900776f726b6572"
@@ -506,7 +495,7 @@ def test_tp_library_matches_independent(
                 seal_record(
                     SEAL_KEY,
                     {
-                        **KAT_FIELDS,
+                        **KA_FIELDS,
                         "shard_id": f"shard-{digest[:32]}",
                         "gpu_device": device,
                         "worker_id": worker_id,

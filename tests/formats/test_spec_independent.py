@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.formats.test_spec_vectors import TREE_VECTORS
 from vram_residency import (
     InvalidInput,
     SealVerificationFailed,
@@ -146,21 +147,13 @@ NONCE = bytes(range(32))
 
 @pytest.mark.parametrize(
     ("m", "hexd"),
-    [
-        (b"", "37e2f51ed116754f5bccd9726e3adb0b4c84af27df70df0fe0684b022975db58"),
-        (b"abc", "16889f98eeb0e2e16ee2e640cb6eea840349415a15a1c2a69d6766f0b0b3d896"),
-        (P(4096), "2ef4a69a251c059b70d2e2b7aab99bf8bcb0a1822d208604dcc0b1dd501c2d23"),
-        (P(4097), "5e1fd3dc2db57d1b502c092c8851726417dea5bda061ba6b8987bb7f885580b5"),
-        (P(12288), "4ce8a6713e2cbf90adb1a8b539c84b1512c7450fe7895619e8bcdd5bb805803f"),
-        (P(20481), "ffcdcd1f12bcb420959af918506ad32aebd2bea01e69c08e48065db574fa6833"),
-        (P(1048576), "34bc5f0978eec0aeccac1445e6a9adda7494a3ee898ee4ee94ce128e91970c16"),
-    ],
+    TREE_VECTORS,  # the spec's known answers, as listed in test_spec_vectors
 )
 def test_reference_tree_known_answers(m: bytes, hexd: str) -> None:
     assert ref_tree(m).hex() == hexd
 
 
-_KA_FIELDS: dict[str, Any] = {
+KA_FIELDS: dict[str, Any] = {
     "shard_id": SHARD,
     "gpu_device": 0,
     "vram_bytes": 4097,
@@ -172,7 +165,7 @@ _KA_FIELDS: dict[str, Any] = {
     "shard_index": 0,
     "total_shards": 2,
 }
-_KA_SHORT = {**_KA_FIELDS, "worker_id": "", "model_ref": None, "shard_index": None, "total_shards": None}
+_KA_SHORT = {**KA_FIELDS, "worker_id": "", "model_ref": None, "shard_index": None, "total_shards": None}
 SEAL_KA_1 = "511ade73fd72447321eceac8b86ed28dd2a976dfbb68a0dafb7e43f29236fac2"
 SEAL_KA_2 = "cdcac52608ca1258b1c9987a02f6c95b18749db5ec4e02c51c05a0fb028b4a20"
 
@@ -181,7 +174,7 @@ def test_reference_seal_known_answers_and_library_accepts_them() -> None:
     assert ref_hkdf(TOKEN_B, b"llorch-vram-seal-v1").hex() == (
         "31b83883f044ed633900ca9da7d42fd1fa22af86a56680a4f9f42f73908a18a7"
     )
-    for fields, tag in ((_KA_FIELDS, SEAL_KA_1), (_KA_SHORT, SEAL_KA_2)):
+    for fields, tag in ((KA_FIELDS, SEAL_KA_1), (_KA_SHORT, SEAL_KA_2)):
         rec = ref_seal_record(TOKEN_B, **fields)
         assert rec["signature"] == tag
         shard = check_seal_record(rec, TOKEN)  # the public checker, from the dict and the text
@@ -199,7 +192,7 @@ def _ka_statement(probe: bool, verdict: str) -> dict[str, Any]:
             {
                 "shard_id": SHARD,
                 "seal_signature": SEAL_KA_1,
-                "digest_now": _KA_FIELDS["digest"],
+                "digest_now": KA_FIELDS["digest"],
                 "probe": ref_probe(TOKEN_B, NONCE, P(4097)).hex() if probe else None,
                 "verified_at_ns": 1764331259000000000,
             }
@@ -231,7 +224,7 @@ def test_reference_attest_known_answers_and_library_checks_them(
     model.write_bytes(P(4097))
     issued = 1764331258000000000
     files = {SHARD: model} if probe else None
-    rec = ref_seal_record(TOKEN_B, **_KA_FIELDS)
+    rec = ref_seal_record(TOKEN_B, **KA_FIELDS)
     if verdict == "ok":
         res = check_attestation(doc, TOKEN, NONCE, [rec], issued, 10**10, files, now_ns=issued + 10**10)
         assert res.probed == ((SHARD,) if probe else ())
@@ -360,7 +353,7 @@ def _other_value(key: str, v: Any) -> Any:
 
 
 @settings(max_examples=60, deadline=None)
-@given(fields=_any_seal_fields(), key=st.sampled_from(sorted(_KA_FIELDS)))
+@given(fields=_any_seal_fields(), key=st.sampled_from(sorted(KA_FIELDS)))
 def test_any_valid_edit_of_a_record_fails_its_tag(fields: dict[str, Any], key: str) -> None:
     rec = ref_seal_record(TOKEN_B, **fields)
     edited = {**rec, key: _other_value(key, rec[key])}
@@ -451,7 +444,7 @@ def _typed_or_unchanged(call: Callable[[], object], unchanged: bool) -> None:
     assert unchanged, "an edited input was accepted"
 
 
-_SEAL_REC = ref_seal_record(TOKEN_B, **_KA_FIELDS)
+_SEAL_REC = ref_seal_record(TOKEN_B, **KA_FIELDS)
 
 
 @settings(max_examples=150, deadline=None)
@@ -506,7 +499,7 @@ def _ka_args() -> dict[str, Any]:
         "statement": _ka_statement(False, "ok"),
         "token": TOKEN,
         "nonce": NONCE,
-        "seal_records": [ref_seal_record(TOKEN_B, **_KA_FIELDS)],
+        "seal_records": [ref_seal_record(TOKEN_B, **KA_FIELDS)],
         "issued_at_ns": 1764331258000000000,
         "max_delay_ns": 10**10,
     }

@@ -415,31 +415,20 @@ def harden_process() -> int:
     return int(soft)
 
 
-#: The 503 over the connection limit, in the API's error envelope (WORKER-4950s), where uvicorn
-#: would answer a text/plain "Service Unavailable" that a client parsing errors cannot read.
-_BUSY_BODY: Final = json.dumps(
-    {
-        "code": ErrorCode.WORKER_NOT_READY.value,
-        "message": "too many connections to this worker; retry later",
-        "retriable": True,
-        "retry_after_ms": RETRY_AFTER_MS_BUSY,
-    },
-    separators=(",", ":"),
-).encode()
+def _envelope(code: ErrorCode, message: str, retry_after_ms: int | None) -> bytes:
+    """An error body in the API's envelope (WORKER-4950s), for the answers uvicorn itself would
+    give as text/plain, which a client parsing errors cannot read; retriable when it says when."""
+    body = {"code": code.value, "message": message, "retriable": retry_after_ms is not None}
+    return json.dumps({**body, "retry_after_ms": retry_after_ms}, separators=(",", ":")).encode()
 
 
+#: The 503 over the connection limit.
+_BUSY_BODY: Final = _envelope(
+    ErrorCode.WORKER_NOT_READY, "too many connections to this worker; retry later", RETRY_AFTER_MS_BUSY
+)
 #: The 400 for a request that is not HTTP (a bad request line, a Content-Length that is not a
-#: number, a head past h11's 16 KiB): the API's error envelope (WORKER-4950s), where uvicorn
-#: answers a text/plain "Invalid HTTP request received." that a client parsing errors cannot read.
-_BAD_REQUEST_BODY: Final = json.dumps(
-    {
-        "code": ErrorCode.INVALID_PARAMS.value,
-        "message": "invalid HTTP request",
-        "retriable": False,
-        "retry_after_ms": None,
-    },
-    separators=(",", ":"),
-).encode()
+#: number, a head past h11's 16 KiB).
+_BAD_REQUEST_BODY: Final = _envelope(ErrorCode.INVALID_PARAMS, "invalid HTTP request", None)
 
 
 #: The slowest average rate (bytes/s) a request body may come at once its first ``header_timeout``
